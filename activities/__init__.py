@@ -1,0 +1,1 @@
+"""Activities: every side effect of a lifecycle (runtimes, tests, inventory, notifications)."""

@@ -1,0 +1,54 @@
+"""Settings read from the environment, in one place.
+
+Every process (CLI, worker, model server launcher) builds ``Settings.from_env()`` so
+``MLC_HOME``, ``MLC_DATABASE_URL`` and ``TEMPORAL_ADDRESS`` mean the same everywhere.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+DEFAULT_TASK_QUEUE = "mlc"
+"""The task queue of the main worker and of the default local runtimes (type it in the UI)."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Where state lives and which servers to talk to."""
+
+    home: Path
+    """All local state: artifacts, runtime working dirs, embedded servers' data."""
+    database_url: str | None
+    """PostgreSQL DSN; None means "the embedded server under ``home``" (``mlc dev``)."""
+    temporal_address: str
+    temporal_namespace: str
+    task_queue: str
+
+    @classmethod
+    def from_env(cls, *, home: Path | None = None) -> Settings:
+        """Build settings from ``MLC_*`` and ``TEMPORAL_*`` variables."""
+        root = home or Path(os.environ.get("MLC_HOME", Path.home() / ".mlc"))
+        return cls(
+            home=root.expanduser().resolve(),
+            database_url=os.environ.get("MLC_DATABASE_URL") or None,
+            temporal_address=os.environ.get("TEMPORAL_ADDRESS", "127.0.0.1:7233"),
+            temporal_namespace=os.environ.get("TEMPORAL_NAMESPACE", "default"),
+            task_queue=os.environ.get("MLC_TASK_QUEUE", DEFAULT_TASK_QUEUE),
+        )
+
+    @property
+    def artifact_dir(self) -> Path:
+        """Immutable snapshot archives, addressed by sha256."""
+        return self.home / "artifacts"
+
+    @property
+    def runtime_dir(self) -> Path:
+        """Working directories of deployments, one folder per runtime."""
+        return self.home / "runtimes"
+
+    @property
+    def cache_dir(self) -> Path:
+        """Rebuildable caches (wheelhouses for container images)."""
+        return self.home / "cache"

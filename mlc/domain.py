@@ -1,0 +1,297 @@
+"""Domain types shared by workflows, activities, the CLI and the store.
+
+Only pydantic and the standard library are imported here, so workflow code can pass
+this module through Temporal's sandbox. Every model is frozen and forbids unknown
+fields; new fields must get defaults because running histories hold old payloads.
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import datetime, timedelta
+from enum import StrEnum
+from typing import Any, ClassVar
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+DEFAULT_STAGES: tuple[str, ...] = ("DEV", "SIT", "UAT", "PROD")
+"""The standard promotion path; a lifecycle may declare another ordered list."""
+
+ANY_SERVICE_TAG = "*"
+"""A runtime serving this tag accepts snapshots of every service tag."""
+
+_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
+
+
+def check_name(value: str, what: str) -> str:
+    """Return ``value`` if it is a valid model/runtime/lifecycle name, else raise ValueError.
+
+    Names end up in workflow ids, container names and file paths, so they are kept to a
+    conservative alphabet.
+    """
+    if not _NAME.match(value):
+        raise ValueError(
+            f"{what} {value!r} is not valid: use lower-case letters, digits, '.', '_' or '-', "
+            "starting with a letter or digit (at most 63 characters)"
+        )
+    return value
+
+
+class Frozen(BaseModel):
+    """Base for every payload: immutable, and strict about unknown fields."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class Mode(StrEnum):
+    """How a model is consumed in a stage (the seed's consumption modes)."""
+
+    ONLINE = "online"
+    BATCH = "batch"
+
+
+class RuntimeKind(StrEnum):
+    """Which driver acts on a runtime."""
+
+    LOCAL = "local"
+    DOCKER = "docker"
+
+
+class DeploymentState(StrEnum):
+    """Life of one deployment, as recorded in the inventory."""
+
+    DEPLOYING = "deploying"
+    SERVING = "serving"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    RETIRED = "retired"
+
+
+class LifecycleState(StrEnum):
+    """Where a lifecycle run stands."""
+
+    STARTING = "starting"
+    DEPLOYING = "deploying"
+    TESTING = "testing"
+    AWAITING_APPROVAL = "awaiting_approval"
+    PROMOTING = "promoting"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+
+
+class Decision(StrEnum):
+    """Outcome of an approval gate."""
+
+    APPROVED = "approved"
+    REJECTED = "rejected"
+    EXPIRED = "expired"
+
+
+class TestKind(StrEnum):
+    """Built-in stage tests."""
+
+    __test__: ClassVar[bool] = False  # not a pytest test class
+
+    SMOKE = "smoke"
+    METRICS = "metrics"
+
+
+# --- models and snapshots -------------------------------------------------------------
+
+
+class ModelRef(Frozen):
+    """``model@version``: the business key of a snapshot."""
+
+    model: str
+    version: int = Field(ge=1)
+
+    def __str__(self) -> str:
+        return f"{self.model}@{self.version}"
+
+    @classmethod
+    def parse(cls, text: str) -> ModelRef:
+        """Parse ``name@version`` as typed on the command line."""
+        name, sep, version = text.partition("@")
+        if not sep or not version.isdigit():
+            raise ValueError(f"{text!r} is not MODEL@VERSION (for example cc-fraud@1)")
+        return cls(model=name, version=int(version))
+
+
+class ModelSnapshot(Frozen):
+    """An immutable, numbered, content-addressed version of a model package."""
+
+    model: str
+    version: int
+    sha256: str
+    service_tags: tuple[str, ...]
+    entry_module: str
+    requirements: tuple[str, ...] = ()
+    created_at: datetime | None = None
+
+    @property
+    def ref(self) -> ModelRef:
+        """The snapshot's ``model@version`` key."""
+        return ModelRef(model=self.model, version=self.version)
+
+
+# --- runtimes -------------------------------------------------------------------------
+
+
+class DockerSettings(Frozen):
+    """How a docker runtime reaches its engine and shapes its containers."""
+
+    base_url: str | None = None
+    """``DOCKER_HOST``-style URL (``unix://``, ``tcp://``, ``ssh://``); None uses the env."""
+    tls_verify: bool = False
+    tls_ca_cert: str | None = None
+    tls_client_cert: str | None = None
+    tls_client_key: str | None = None
+    base_image: str = "python:3.11-slim"
+    network_mode: str = "host"
+    """``host`` (the container binds 127.0.0.1 on the engine's host) or a network name."""
+    publish_host: str = "127.0.0.1"
+    """Address the endpoint is reported on (and published ports bind to)."""
+    cpus: float = 1.0
+    memory: str = "1g"
+    user: str = "65534:65534"
+    restart_policy: str = "unless-stopped"
+    health_timeout_seconds: float = 60.0
+
+
+class Runtime(Frozen):
+    """A place a model can run: tagged with the stage and service tags it serves."""
+
+    name: str
+    kind: RuntimeKind = RuntimeKind.LOCAL
+    stage: str
+    service_tags: tuple[str, ...] = (ANY_SERVICE_TAG,)
+    modes: tuple[Mode, ...] = (Mode.ONLINE, Mode.BATCH)
+    task_queue: str = "mlc"
+    docker: DockerSettings | None = None
+
+    @field_validator("name")
+    @classmethod
+    def _valid_name(cls, value: str) -> str:
+        return check_name(value, "runtime name")
+
+    def serves(self, *, stage: str, service_tags: tuple[str, ...], mode: Mode) -> bool:
+        """True when this runtime takes a snapshot with these tags in ``stage`` and ``mode``."""
+        tag_match = ANY_SERVICE_TAG in self.service_tags or bool(
+            set(self.service_tags) & set(service_tags)
+        )
+        return self.stage == stage and tag_match and mode in self.modes
+
+
+# --- deployments ----------------------------------------------------------------------
+
+
+class Deployment(Frozen):
+    """Which snapshot runs on which runtime, in which stage and mode, and where."""
+
+    id: str
+    model: str
+    version: int
+    runtime: str
+    stage: str
+    mode: Mode
+    state: DeploymentState
+    endpoint: str | None = None
+    workflow_id: str | None = None
+    details: dict[str, Any] = Field(default_factory=dict)
+    created_at: datetime | None = None
+    updated_at: datetime | None = None
+
+
+# --- lifecycle specs ------------------------------------------------------------------
+
+
+class ApprovalGate(Frozen):
+    """Who may let a lifecycle leave a stage, and how long they have."""
+
+    approvers: tuple[str, ...] = ("role:approver",)
+    """Identities, or ``role:NAME`` for everyone holding that role in the inventory."""
+    timeout: timedelta = timedelta(days=7)
+
+
+class StageSpec(Frozen):
+    """What happens in one stage."""
+
+    name: str
+    mode: Mode = Mode.ONLINE
+    tests: tuple[TestKind, ...] = (TestKind.SMOKE,)
+    gate: ApprovalGate | None = None
+
+
+class LifecycleSpec(Frozen):
+    """An ordered list of stages; the order is the promotion path."""
+
+    stages: tuple[StageSpec, ...]
+
+    @field_validator("stages")
+    @classmethod
+    def _unique(cls, stages: tuple[StageSpec, ...]) -> tuple[StageSpec, ...]:
+        names = [s.name for s in stages]
+        if not names:
+            raise ValueError("a lifecycle needs at least one stage")
+        if len(set(names)) != len(names):
+            raise ValueError(f"stage names must be unique, got {names}")
+        return stages
+
+    def stage(self, name: str) -> StageSpec:
+        """Return the spec of stage ``name`` or raise KeyError naming the known stages."""
+        for spec in self.stages:
+            if spec.name == name:
+                return spec
+        raise KeyError(f"unknown stage {name!r}; this lifecycle has {[s.name for s in self.stages]}")
+
+
+# --- tests and approvals --------------------------------------------------------------
+
+
+class TestResult(Frozen):
+    """One test against one deployment."""
+
+    __test__: ClassVar[bool] = False  # not a pytest test class
+
+    test: TestKind
+    deployment_id: str
+    passed: bool
+    summary: str
+    metrics: dict[str, float] = Field(default_factory=dict)
+
+
+class StageTestReport(Frozen):
+    """All tests of one stage."""
+
+    __test__: ClassVar[bool] = False  # not a pytest test class
+
+    stage: str
+    results: tuple[TestResult, ...] = ()
+
+    @property
+    def passed(self) -> bool:
+        """True when every test passed (a stage with no tests passes)."""
+        return all(r.passed for r in self.results)
+
+    def failures(self) -> str:
+        """One line naming each failed test, for error messages."""
+        return "; ".join(f"{r.test.value} on {r.deployment_id}: {r.summary}" for r in self.results if not r.passed)
+
+
+class ApprovalRequest(Frozen):
+    """A decision sent to a gate (the Workflow Update's and the signal's input)."""
+
+    stage: str
+    approver: str
+    comment: str = ""
+
+
+class ApprovalRecord(Frozen):
+    """A decision as recorded: who, when, what, and the evidence it was made on."""
+
+    stage: str
+    decision: Decision
+    approver: str
+    comment: str = ""
+    decided_at: datetime
+    evidence: StageTestReport | None = None
