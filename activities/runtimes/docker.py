@@ -1,0 +1,458 @@
+"""The docker runtime: each deployment is a container of a per-snapshot model image.
+
+Containers carry ``mlc.*`` labels (deployment id, runtime, model, version, stage, mode),
+and the labels, not the driver's memory, are the source of truth: redeploying finds the
+running container again, undeploy and cleanup find what to remove, and a worker that
+crashed between starting a container and reporting it loses nothing.
+
+Containers run hardened: non-root (``docker.user``), read-only root filesystem with a
+tmpfs ``/tmp``, CPU and memory limits, and batch jobs without any network.
+
+Networking: with ``network_mode: host`` the server binds ``publish_host`` on a port the
+driver picks free *on the worker's host*, which is right when the engine is local (the
+default setup). With any other network the container listens on 8080 and the engine
+publishes it on ``publish_host`` at a random port, which also suits a remote engine.
+
+Batch jobs bind-mount the deployment's working directory (on the worker's host) at
+``/data``. With a remote engine that path must exist on the engine's host too (a shared
+mount at the same path); the same holds for a worker running in a container, whose
+``MLC_HOME`` must be mounted at the same path as on the host.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import os
+import re
+import shutil
+import socket
+import time
+from pathlib import Path
+from typing import Any
+
+import docker.errors
+import httpx
+import orjson
+
+from activities.runtimes.base import (
+    BatchJobRequest,
+    BatchJobResult,
+    CleanupRequest,
+    CleanupResult,
+    Heartbeat,
+    OnlineDeployRequest,
+    OnlineDeployResult,
+    RuntimeDriver,
+    UndeployRequest,
+)
+from activities.runtimes.docker_engine import HEARTBEAT_SECONDS, connect, docker_settings
+from activities.runtimes.docker_images import PACKAGE_DIR, ModelImage, ensure_image
+from mlc.artifacts import ArtifactStore
+from mlc.domain import DockerSettings, ModelSnapshot, Runtime
+from mlc.errors import DeploymentFailedError
+from mlc.evaluation import test_dataset
+from mlc.manifest import load_manifest
+
+CONTAINER_PORT = 8080
+"""Where the server listens inside a container that is not on the host network."""
+
+LOG_TAIL_LINES = 40
+"""Container log lines quoted in errors."""
+
+_POLL_SECONDS = 0.25
+_TMPFS = {"/tmp": "rw,nosuid,nodev,size=64m"}
+_UNSAFE_NAME_CHARS = re.compile(r"[^a-zA-Z0-9_.-]+")
+
+
+def container_name(deployment_id: str, *, suffix: str = "") -> str:
+    """``mlc-<deployment_id><suffix>``, made a valid docker name.
+
+    When characters had to be replaced, a short hash of the original id keeps two ids that
+    differ only in those characters from colliding.
+    """
+    safe = _UNSAFE_NAME_CHARS.sub("-", deployment_id).strip("-.") or "deployment"
+    if safe != deployment_id:
+        safe = f"{safe[:100]}-{hashlib.sha256(deployment_id.encode()).hexdigest()[:8]}"
+    return f"mlc-{safe}{suffix}"
+
+
+def _labels(
+    *, deployment_id: str, runtime: Runtime, snapshot: ModelSnapshot, stage: str, mode: str
+) -> dict[str, str]:
+    return {
+        "mlc.deployment-id": deployment_id,
+        "mlc.runtime": runtime.name,
+        "mlc.model": snapshot.model,
+        "mlc.version": str(snapshot.version),
+        "mlc.sha256": snapshot.sha256,
+        "mlc.stage": stage,
+        "mlc.mode": mode,
+    }
+
+
+def _restart_policy(value: str) -> dict[str, Any]:
+    """docker-py's form of ``no``, ``always``, ``unless-stopped`` or ``on-failure[:N]``."""
+    name, _, retries = value.partition(":")
+    policy: dict[str, Any] = {"Name": "" if name == "no" else name}
+    if retries:
+        policy["MaximumRetryCount"] = int(retries)
+    return policy
+
+
+def _limits(settings: DockerSettings) -> dict[str, Any]:
+    """Resource and hardening options shared by online and batch containers."""
+    return {
+        "nano_cpus": int(settings.cpus * 1e9),
+        "mem_limit": settings.memory,
+        "user": settings.user,
+        "read_only": True,
+        "tmpfs": _TMPFS,
+        "security_opt": ["no-new-privileges"],
+        "cap_drop": ["ALL"],
+    }
+
+
+def _free_port(host: str) -> int:
+    """A port nobody listens on right now at ``host`` (the server binds it moments later)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind((host, 0))
+        return int(probe.getsockname()[1])
+
+
+def _tail(container: Any, *, lines: int = LOG_TAIL_LINES) -> str:
+    """The container's last log lines (stdout and stderr), or why there are none."""
+    try:
+        return bytes(container.logs(tail=lines)).decode(errors="replace").rstrip()
+    except docker.errors.APIError as exc:
+        return f"(no logs: {exc.explanation or exc})"
+
+
+def _remove(container: Any) -> None:
+    """Force-remove ``container``; gone already is fine."""
+    with contextlib.suppress(docker.errors.NotFound):
+        container.remove(force=True)
+
+
+class DockerDriver(RuntimeDriver):
+    """Deploys snapshots as containers on a Docker engine (local or remote)."""
+
+    async def deploy_online(
+        self, request: OnlineDeployRequest, heartbeat: Heartbeat
+    ) -> OnlineDeployResult:
+        """Start the deployment's container (or find the running one) and wait for ``/health``.
+
+        Raises:
+            DeploymentFailedError: the image could not be built, or the container exited or
+                stayed unhealthy past ``docker.health_timeout_seconds`` (it is then removed
+                and the error quotes its last log lines).
+            RuntimeUnavailableError: the engine cannot be reached.
+        """
+        runtime, snapshot = request.runtime, request.snapshot
+        settings = docker_settings(runtime)
+        async with connect(runtime, f"deploy {snapshot.ref}") as client:
+            container = await self._reusable(client, request)
+            image: ModelImage | None = None
+            if container is None:
+                image = await ensure_image(
+                    client,
+                    settings=self.settings,
+                    runtime=runtime,
+                    snapshot=snapshot,
+                    heartbeat=heartbeat,
+                    log_path=self.workdir(runtime, request.deployment_id) / "build.log",
+                )
+                container = await self._start_online(client, request, settings, image)
+            endpoint = await asyncio.to_thread(self._endpoint, container)
+            await self._wait_healthy(container, endpoint, request, heartbeat)
+            details: dict[str, Any] = {
+                "container_id": container.id,
+                "container_name": container.name,
+                "image": image.tag if image else container.attrs["Config"]["Image"],
+                "image_id": image.id if image else container.attrs["Image"],
+                "reused": image is None,
+            }
+            if image is not None:
+                details["image_built"] = image.built
+                details["image_seconds"] = round(image.seconds, 3)
+            return OnlineDeployResult(endpoint=endpoint, details=details)
+
+    async def _reusable(self, client: Any, request: OnlineDeployRequest) -> Any:
+        """The deployment's running container of this snapshot, after removing stale ones."""
+        found = await asyncio.to_thread(
+            client.containers.list,
+            all=True,
+            filters={"label": [f"mlc.deployment-id={request.deployment_id}", "mlc.mode=online"]},
+        )
+        keep = None
+        for container in found:
+            labels = container.labels
+            if (
+                keep is None
+                and container.status == "running"
+                and labels.get("mlc.sha256") == request.snapshot.sha256
+                and labels.get("mlc.runtime") == request.runtime.name
+            ):
+                keep = container
+            else:
+                await asyncio.to_thread(_remove, container)
+        return keep
+
+    async def _start_online(
+        self, client: Any, request: OnlineDeployRequest, settings: DockerSettings, image: ModelImage
+    ) -> Any:
+        """Create and start the container; on a name clash (a concurrent deploy) use theirs."""
+        labels = _labels(
+            deployment_id=request.deployment_id,
+            runtime=request.runtime,
+            snapshot=request.snapshot,
+            stage=request.stage,
+            mode="online",
+        )
+        options: dict[str, Any] = {}
+        if settings.network_mode == "host":
+            port = _free_port(settings.publish_host)
+            bind_host = settings.publish_host
+            labels["mlc.endpoint"] = f"http://{settings.publish_host}:{port}"
+        else:
+            port, bind_host = CONTAINER_PORT, "0.0.0.0"  # published on publish_host
+            options["ports"] = {f"{CONTAINER_PORT}/tcp": (settings.publish_host, None)}
+        command = [
+            "python3", "-m", "mlc.serving", "serve",
+            "--package", PACKAGE_DIR, "--host", bind_host, "--port", str(port),
+        ]  # fmt: skip
+        name = container_name(request.deployment_id)
+        try:
+            return await asyncio.to_thread(
+                client.containers.run,
+                image.id,
+                command,
+                name=name,
+                labels=labels,
+                detach=True,
+                network_mode=settings.network_mode,
+                restart_policy=_restart_policy(settings.restart_policy),
+                **_limits(settings),
+                **options,
+            )
+        except docker.errors.APIError as exc:
+            if exc.status_code != 409:
+                raise
+            return await asyncio.to_thread(client.containers.get, name)
+
+    @staticmethod
+    def _endpoint(container: Any) -> str:
+        """The endpoint from the container's label (host network) or its published port."""
+        container.reload()
+        if endpoint := container.labels.get("mlc.endpoint"):
+            return str(endpoint)
+        bindings = container.attrs["NetworkSettings"]["Ports"].get(f"{CONTAINER_PORT}/tcp") or []
+        if not bindings:
+            raise DeploymentFailedError(
+                f"container {container.name} publishes no port {CONTAINER_PORT}; "
+                f"last log lines:\n{_tail(container)}"
+            )
+        binding = bindings[0]
+        return f"http://{binding['HostIp'] or '127.0.0.1'}:{binding['HostPort']}"
+
+    async def _wait_healthy(
+        self, container: Any, endpoint: str, request: OnlineDeployRequest, heartbeat: Heartbeat
+    ) -> None:
+        """Poll ``/health`` until it answers 200; fail fast when the container stops or restarts."""
+        settings = docker_settings(request.runtime)
+        what = f"{request.snapshot.ref} in {request.stage} on runtime {request.runtime.name}"
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + settings.health_timeout_seconds
+        next_beat = loop.time()
+        restarts = int(container.attrs["RestartCount"])
+        async with httpx.AsyncClient(timeout=2.0, trust_env=False) as http:
+            while True:
+                await asyncio.to_thread(container.reload)
+                state = container.attrs["State"]
+                if state["Status"] != "running" or int(container.attrs["RestartCount"]) > restarts:
+                    await self._fail(
+                        container,
+                        f"{what}: container {container.name} exited with code "
+                        f"{state.get('ExitCode')} before {endpoint}/health answered",
+                    )
+                with contextlib.suppress(httpx.HTTPError):
+                    if (await http.get(f"{endpoint}/health")).status_code == 200:
+                        return
+                now = loop.time()
+                if now > deadline:
+                    await self._fail(
+                        container,
+                        f"{what}: {endpoint}/health did not answer 200 within "
+                        f"{settings.health_timeout_seconds:.0f} s (docker.health_timeout_seconds)",
+                    )
+                if now >= next_beat:
+                    heartbeat(f"waiting for {endpoint}/health ({container.name})")
+                    next_beat = now + HEARTBEAT_SECONDS
+                await asyncio.sleep(_POLL_SECONDS)
+
+    @staticmethod
+    async def _fail(container: Any, message: str) -> None:
+        """Remove ``container`` and raise ``message`` with its last log lines."""
+        tail = await asyncio.to_thread(_tail, container)
+        await asyncio.to_thread(_remove, container)
+        raise DeploymentFailedError(f"{message}; container removed. Last log lines:\n{tail}")
+
+    async def run_batch(self, request: BatchJobRequest, heartbeat: Heartbeat) -> BatchJobResult:
+        """Score the input in a one-off container with no network; remove it in every case.
+
+        Raises:
+            DeploymentFailedError: the image could not be built or the job failed (quoting
+                the container's last log lines).
+            RuntimeUnavailableError: the engine cannot be reached.
+        """
+        runtime, snapshot = request.runtime, request.snapshot
+        settings = docker_settings(runtime)
+        workdir = self.workdir(runtime, request.deployment_id)
+        input_path, output_path = workdir / "input.jsonl", workdir / "output.jsonl"
+        records = await asyncio.to_thread(self._prepare_input, request, workdir, input_path)
+        async with connect(runtime, f"run a batch job of {snapshot.ref}") as client:
+            name = container_name(request.deployment_id, suffix="-batch")
+            leftovers = await asyncio.to_thread(
+                client.containers.list,
+                all=True,
+                filters={"label": [f"mlc.deployment-id={request.deployment_id}", "mlc.mode=batch"]},
+            )
+            for leftover in leftovers:  # from an attempt whose worker died: start afresh
+                await asyncio.to_thread(_remove, leftover)
+            image = await ensure_image(
+                client,
+                settings=self.settings,
+                runtime=runtime,
+                snapshot=snapshot,
+                heartbeat=heartbeat,
+                log_path=workdir / "build.log",
+            )
+            command = [
+                "python3", "-m", "mlc.serving", "batch", "--package", PACKAGE_DIR,
+                "--input", "/data/input.jsonl", "--output", "/data/output.jsonl",
+            ]  # fmt: skip
+            started = time.monotonic()
+            container = await asyncio.to_thread(
+                client.containers.run,
+                image.id,
+                command,
+                name=name,
+                labels=_labels(
+                    deployment_id=request.deployment_id,
+                    runtime=runtime,
+                    snapshot=snapshot,
+                    stage=request.stage,
+                    mode="batch",
+                ),
+                detach=True,
+                network_mode="none",
+                volumes={str(workdir): {"bind": "/data", "mode": "rw"}},
+                **_limits(settings),
+            )
+            try:
+                summary = await self._wait_batch(container, request, heartbeat)
+            finally:
+                await asyncio.to_thread(_remove, container)
+        return BatchJobResult(
+            output_path=str(output_path),
+            records=int(summary.get("records", records)),
+            seconds=float(summary.get("seconds", time.monotonic() - started)),
+            details={
+                "image": image.tag,
+                "image_id": image.id,
+                "image_built": image.built,
+                "image_seconds": round(image.seconds, 3),
+                "container_seconds": round(time.monotonic() - started, 3),
+                "load_seconds": summary.get("load_seconds"),
+            },
+        )
+
+    def _prepare_input(self, request: BatchJobRequest, workdir: Path, input_path: Path) -> int:
+        """Put the job's input at ``input_path`` and return its record count.
+
+        The working directory is made world-writable because the job runs as an
+        unprivileged user (``docker.user``) that owns nothing on the host, and must create
+        its output there.
+        """
+        workdir.mkdir(parents=True, exist_ok=True)
+        os.chmod(workdir, 0o777)
+        (workdir / "output.jsonl").unlink(missing_ok=True)
+        if request.input_path is not None:
+            shutil.copyfile(request.input_path, input_path)
+            with input_path.open("rb") as fh:
+                count = sum(1 for line in fh if line.strip())
+        else:
+            package = ArtifactStore(self.settings.artifact_dir).unpack(
+                request.snapshot.sha256, workdir / "package"
+            )
+            dataset = test_dataset(load_manifest(package), package)
+            input_path.write_bytes(
+                b"".join(orjson.dumps(r, option=orjson.OPT_APPEND_NEWLINE) for r in dataset)
+            )
+            count = len(dataset)
+        os.chmod(input_path, 0o644)
+        return count
+
+    @staticmethod
+    async def _wait_batch(
+        container: Any, request: BatchJobRequest, heartbeat: Heartbeat
+    ) -> dict[str, Any]:
+        """Wait for the job to exit and return its summary (its last stdout line)."""
+        started = time.monotonic()
+        while True:
+            await asyncio.to_thread(container.reload)
+            state = container.attrs["State"]
+            if state["Status"] in ("exited", "dead"):
+                break
+            heartbeat(f"batch job {container.name} running for {time.monotonic() - started:.0f} s")
+            await asyncio.sleep(min(HEARTBEAT_SECONDS, 0.1 + (time.monotonic() - started) / 4))
+        what = (
+            f"batch job of {request.snapshot.ref} in {request.stage} "
+            f"on runtime {request.runtime.name}"
+        )
+        if state["ExitCode"] != 0:
+            tail = await asyncio.to_thread(_tail, container)
+            raise DeploymentFailedError(
+                f"{what} failed: container {container.name} exited with code {state['ExitCode']}. "
+                f"Last log lines:\n{tail}"
+            )
+        stdout = await asyncio.to_thread(container.logs, stdout=True, stderr=False, tail=5)
+        for line in reversed(bytes(stdout).decode(errors="replace").splitlines()):
+            with contextlib.suppress(json.JSONDecodeError):
+                summary = json.loads(line)
+                if isinstance(summary, dict):
+                    return summary
+        tail = await asyncio.to_thread(_tail, container)
+        raise DeploymentFailedError(
+            f"{what}: container {container.name} exited 0 but printed no JSON summary. "
+            f"Last log lines:\n{tail}"
+        )
+
+    async def undeploy(self, request: UndeployRequest) -> None:
+        """Force-remove every container labelled with the deployment id (none is fine)."""
+        async with connect(request.runtime, f"undeploy {request.deployment_id}") as client:
+            found = await asyncio.to_thread(
+                client.containers.list,
+                all=True,
+                filters={"label": f"mlc.deployment-id={request.deployment_id}"},
+            )
+            for container in found:
+                await asyncio.to_thread(_remove, container)
+
+    async def cleanup(self, request: CleanupRequest) -> CleanupResult:
+        """Remove the runtime's containers whose deployment is not in ``request.keep``."""
+        runtime = request.runtime
+        keep = set(request.keep)
+        removed: set[str] = set()
+        async with connect(runtime, "clean up leftover containers") as client:
+            found = await asyncio.to_thread(
+                client.containers.list, all=True, filters={"label": f"mlc.runtime={runtime.name}"}
+            )
+            for container in found:
+                deployment_id = container.labels.get("mlc.deployment-id", "")
+                if deployment_id not in keep:
+                    await asyncio.to_thread(_remove, container)
+                    removed.add(deployment_id)
+        return CleanupResult(removed=tuple(sorted(removed)))

@@ -1,0 +1,332 @@
+"""The local runtime: model servers and batch jobs as processes on the worker's host.
+
+Each deployment owns ``<runtime_dir>/<runtime>/<deployment id>/``: the unpacked package,
+``server.log`` and ``deployment.json`` (pid and port). That file is what makes deploys
+idempotent across activity retries and worker restarts: a live, healthy server found
+there is reused instead of started twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections import deque
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+import mlc
+from activities.runtimes.base import (
+    BatchJobRequest,
+    BatchJobResult,
+    CleanupRequest,
+    CleanupResult,
+    Heartbeat,
+    OnlineDeployRequest,
+    OnlineDeployResult,
+    RuntimeDriver,
+    UndeployRequest,
+)
+from mlc.artifacts import ArtifactStore
+from mlc.domain import ModelSnapshot
+from mlc.errors import DeploymentFailedError
+from mlc.evaluation import test_dataset
+from mlc.manifest import load_manifest
+from mlc.serving.app import SHA256_ENV, VERSION_ENV
+
+HOST = "127.0.0.1"
+HEALTH_TIMEOUT_SECONDS = 60.0
+STOP_TIMEOUT_SECONDS = 10.0
+HEARTBEAT_INTERVAL_SECONDS = 1.0
+LOG_TAIL_LINES = 20
+
+STATE_FILE = "deployment.json"
+SERVER_LOG = "server.log"
+BATCH_LOG = "batch.log"
+PACKAGE_DIR = "package"
+
+_children: dict[int, subprocess.Popen[bytes]] = {}
+"""Servers this process started, kept so exits are reaped (no zombies look alive)."""
+
+
+class LocalDriver(RuntimeDriver):
+    """Runs ``python -m mlc.serving`` with this interpreter, bound to 127.0.0.1."""
+
+    async def deploy_online(
+        self, request: OnlineDeployRequest, heartbeat: Heartbeat
+    ) -> OnlineDeployResult:
+        """Reuse the deployment's live server, or unpack and start one, then wait for health.
+
+        Raises:
+            DeploymentFailedError: the server exited or stayed unhealthy; carries its log tail.
+        """
+        workdir = self.workdir(request.runtime, request.deployment_id)
+        state = _read_state(workdir)
+        if state is not None and not (
+            state.get("sha256") == request.snapshot.sha256 and _alive(int(state["pid"]))
+        ):
+            await _stop(int(state["pid"]))
+            state = None
+        if state is None:
+            state = await asyncio.to_thread(self._start, request, workdir)
+        pid, port = int(state["pid"]), int(state["port"])
+        endpoint = f"http://{HOST}:{port}"
+        await _wait_healthy(request, endpoint, pid, workdir, heartbeat)
+        return OnlineDeployResult(
+            endpoint=endpoint,
+            details={"pid": pid, "port": port, "log": str(workdir / SERVER_LOG)},
+        )
+
+    def _start(self, request: OnlineDeployRequest, workdir: Path) -> dict[str, Any]:
+        """Unpack the snapshot, start a detached server on a free port and record it."""
+        package = self._unpack(request.snapshot, workdir)
+        port = _free_port()
+        command = [
+            sys.executable, "-m", "mlc.serving", "serve",
+            "--package", str(package), "--host", HOST, "--port", str(port),
+        ]  # fmt: skip
+        with (workdir / SERVER_LOG).open("ab") as log:
+            process = subprocess.Popen(
+                command,
+                cwd=workdir,
+                env=_child_env(request.snapshot),
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        _children[process.pid] = process
+        state = {
+            "pid": process.pid,
+            "port": port,
+            "sha256": request.snapshot.sha256,
+            "model": str(request.snapshot.ref),
+            "started_at": time.time(),
+        }
+        tmp = workdir / f".{STATE_FILE}.tmp"
+        tmp.write_text(json.dumps(state))
+        tmp.replace(workdir / STATE_FILE)
+        return state
+
+    def _unpack(self, snapshot: ModelSnapshot, workdir: Path) -> Path:
+        """Extract the snapshot's archive into ``workdir/package``."""
+        workdir.mkdir(parents=True, exist_ok=True)
+        return ArtifactStore(self.settings.artifact_dir).unpack(
+            snapshot.sha256, workdir / PACKAGE_DIR
+        )
+
+    async def run_batch(self, request: BatchJobRequest, heartbeat: Heartbeat) -> BatchJobResult:
+        """Score the input (or the package's test dataset) with a child process, then clear up.
+
+        Raises:
+            DeploymentFailedError: the job exited non-zero; carries its log tail.
+        """
+        workdir = self.workdir(request.runtime, request.deployment_id)
+        package = await asyncio.to_thread(self._unpack, request.snapshot, workdir)
+        try:
+            if request.input_path is not None:
+                input_path = Path(request.input_path)
+            else:
+                input_path = workdir / "input.jsonl"
+                await asyncio.to_thread(_write_test_dataset, package, input_path)
+            output_path = workdir / "output.jsonl"
+            log_path = workdir / BATCH_LOG
+            summary = await _run_job(request, package, input_path, output_path, log_path, heartbeat)
+        finally:
+            await asyncio.to_thread(shutil.rmtree, package, True)
+        return BatchJobResult(
+            output_path=str(output_path),
+            records=int(summary["records"]),
+            seconds=float(summary["seconds"]),
+            details={"input": str(input_path), "log": str(log_path)},
+        )
+
+    async def undeploy(self, request: UndeployRequest) -> None:
+        """Stop the deployment's server (TERM, then KILL) and remove its folder."""
+        workdir = self.workdir(request.runtime, request.deployment_id)
+        state = _read_state(workdir)
+        if state is not None:
+            await _stop(int(state["pid"]))
+        await asyncio.to_thread(shutil.rmtree, workdir, True)
+
+    async def cleanup(self, request: CleanupRequest) -> CleanupResult:
+        """Undeploy every deployment folder of the runtime that is not in ``keep``."""
+        root = self.settings.runtime_dir / request.runtime.name
+        keep = set(request.keep)
+        orphans = (
+            sorted(p.name for p in root.iterdir() if p.is_dir() and p.name not in keep)
+            if root.is_dir()
+            else []
+        )
+        for deployment_id in orphans:
+            await self.undeploy(
+                UndeployRequest(deployment_id=deployment_id, runtime=request.runtime)
+            )
+        return CleanupResult(removed=tuple(orphans))
+
+
+def _child_env(snapshot: ModelSnapshot) -> dict[str, str]:
+    """The worker's environment plus what the server reports and needs to import ``mlc``."""
+    source_root = str(Path(mlc.__file__).resolve().parent.parent)
+    python_path = os.pathsep.join(p for p in (source_root, os.environ.get("PYTHONPATH")) if p)
+    return {
+        **os.environ,
+        "PYTHONPATH": python_path,
+        VERSION_ENV: str(snapshot.version),
+        SHA256_ENV: snapshot.sha256,
+    }
+
+
+def _write_test_dataset(package: Path, path: Path) -> None:
+    records = test_dataset(load_manifest(package), package)
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+
+
+async def _run_job(
+    request: BatchJobRequest,
+    package: Path,
+    input_path: Path,
+    output_path: Path,
+    log_path: Path,
+    heartbeat: Heartbeat,
+) -> dict[str, Any]:
+    """Run ``python -m mlc.serving batch`` to completion, heartbeating; return its summary."""
+    with log_path.open("ab") as log:
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "mlc.serving", "batch",
+            "--package", str(package), "--input", str(input_path), "--output", str(output_path),
+            cwd=log_path.parent,
+            env=_child_env(request.snapshot),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=log,
+        )  # fmt: skip
+    try:
+        communicate = asyncio.ensure_future(process.communicate())
+        started = time.monotonic()
+        while not communicate.done():
+            heartbeat(f"batch job for {request.snapshot.ref}: {time.monotonic() - started:.0f} s")
+            await asyncio.wait({communicate}, timeout=HEARTBEAT_INTERVAL_SECONDS)
+        stdout, _ = communicate.result()
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+    if process.returncode != 0:
+        raise DeploymentFailedError(
+            f"batch job for {request.snapshot.ref} on runtime {request.runtime.name} "
+            f"(deployment {request.deployment_id}) exited with code {process.returncode}; "
+            f"last lines of {log_path}:\n{_tail(log_path)}"
+        )
+    lines = stdout.decode().strip().splitlines()
+    return dict(json.loads(lines[-1]))
+
+
+async def _wait_healthy(
+    request: OnlineDeployRequest, endpoint: str, pid: int, workdir: Path, heartbeat: Heartbeat
+) -> None:
+    """Poll ``/health`` until it answers 200; stop the server and raise if it never does."""
+    where = (
+        f"model server for {request.snapshot.ref} (deployment {request.deployment_id}, "
+        f"runtime {request.runtime.name})"
+    )
+    deadline = time.monotonic() + HEALTH_TIMEOUT_SECONDS
+    async with httpx.AsyncClient(timeout=2.0) as client:
+        while True:
+            if not _alive(pid):
+                message = (
+                    f"{where} exited during start{_exit_code(pid)}; "
+                    f"last lines of {workdir / SERVER_LOG}:\n{_tail(workdir / SERVER_LOG)}"
+                )
+                await _stop(pid)
+                raise DeploymentFailedError(message)
+            try:
+                response = await client.get(f"{endpoint}/health")
+                if response.status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                await _stop(pid)
+                raise DeploymentFailedError(
+                    f"{where} did not become healthy at {endpoint} within "
+                    f"{HEALTH_TIMEOUT_SECONDS:.0f} s and was stopped; last lines of "
+                    f"{workdir / SERVER_LOG}:\n{_tail(workdir / SERVER_LOG)}"
+                )
+            heartbeat(f"waiting for {endpoint}/health")
+            await asyncio.sleep(0.2)
+
+
+def _read_state(workdir: Path) -> dict[str, Any] | None:
+    try:
+        return dict(json.loads((workdir / STATE_FILE).read_text()))
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+
+
+def _alive(pid: int) -> bool:
+    """True when ``pid`` runs a model server (reaping it first if it is our exited child)."""
+    child = _children.get(pid)
+    if child is not None:
+        return child.poll() is None
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return False  # some other user's process reusing the pid: not ours
+    cmdline = Path(f"/proc/{pid}/cmdline")
+    return not cmdline.exists() or b"mlc.serving" in cmdline.read_bytes()
+
+
+def _exit_code(pid: int) -> str:
+    child = _children.get(pid)
+    return (
+        f" with code {child.returncode}"
+        if child is not None and child.returncode is not None
+        else ""
+    )
+
+
+async def _stop(pid: int) -> None:
+    """SIGTERM the server's process group, SIGKILL it if still there after a grace period."""
+    if _alive(pid):
+        _signal_group(pid, signal.SIGTERM)
+        deadline = time.monotonic() + STOP_TIMEOUT_SECONDS
+        while _alive(pid) and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        if _alive(pid):
+            _signal_group(pid, signal.SIGKILL)
+            while _alive(pid):
+                await asyncio.sleep(0.05)
+    _children.pop(pid, None)
+
+
+def _signal_group(pid: int, signum: signal.Signals) -> None:
+    try:
+        os.killpg(pid, signum)
+    except ProcessLookupError:
+        pass
+
+
+def _free_port() -> int:
+    """A port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((HOST, 0))
+        return int(sock.getsockname()[1])
+
+
+def _tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:
+    try:
+        with path.open(errors="replace") as fh:
+            return "".join(deque(fh, maxlen=lines)).rstrip()
+    except FileNotFoundError:
+        return "(no log written)"

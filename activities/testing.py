@@ -1,0 +1,216 @@
+"""The ``run_stage_tests`` activity: smoke and metrics tests against a deployment.
+
+Online deployments are tested through their HTTP endpoint and batch deployments through
+the job's output file; either way the verdicts come from :mod:`mlc.evaluation`. A test
+that fails is a result with ``passed=False`` for the approval gate to show, never an
+exception: exceptions are for "could not test" (retryable when the endpoint is
+unreachable, final when the snapshot's artifact is missing).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any, ClassVar
+
+import httpx
+import orjson
+from temporalio import activity
+from temporalio.exceptions import ApplicationError
+
+from mlc.artifacts import ArtifactStore
+from mlc.config import Settings
+from mlc.domain import Deployment, Mode, TestKind, TestResult
+from mlc.errors import MLCError
+from mlc.evaluation import EvaluationSet, check_samples, evaluate_outputs, load_evaluation
+from mlc.manifest import ModelManifest, load_manifest
+from mlc.test_payloads import RunStageTestsInput, RunStageTestsResult
+
+METRICS_CHUNK_SIZE = 500
+"""Evaluation records per ``POST /score`` array."""
+
+HTTP_TIMEOUT = httpx.Timeout(30.0, connect=5.0)
+
+_UNAVAILABLE_STATUS = frozenset({502, 503, 504})
+
+
+class TestingActivities:
+    """Runs stage tests; owns the HTTP client it scores through."""
+
+    __test__: ClassVar[bool] = False  # not a pytest test class
+
+    def __init__(self, settings: Settings, *, client: httpx.AsyncClient | None = None) -> None:
+        """Create the activities.
+
+        Args:
+            settings: Where artifacts are and where to unpack them.
+            client: Shared HTTP client (the worker opens and closes it); None makes one
+                per activity run.
+        """
+        self.settings = settings
+        self.client = client
+
+    @activity.defn(name="run_stage_tests")
+    async def run_stage_tests(self, input: RunStageTestsInput) -> RunStageTestsResult:
+        """Run ``input.tests`` against ``input.deployment`` and return one result each.
+
+        Raises:
+            ApplicationError: non-retryable when the artifact or package is bad, the
+                deployment has no endpoint/output, or the output file is missing;
+                retryable when the endpoint cannot be reached.
+        """
+        deployment = input.deployment
+        manifest, evaluation = await asyncio.to_thread(self._prepare, input)
+        if deployment.mode is Mode.BATCH:
+            outputs = await asyncio.to_thread(self._read_batch_output, input)
+            split = len(manifest.samples)
+            sample_outputs, eval_outputs = outputs[:split], outputs[split:]
+            results = [
+                check_samples(manifest, sample_outputs, deployment_id=deployment.id)
+                if kind is TestKind.SMOKE
+                else evaluate_outputs(
+                    manifest, evaluation.labels, eval_outputs, deployment_id=deployment.id
+                )
+                for kind in input.tests
+            ]
+            return RunStageTestsResult(results=tuple(results))
+        if not deployment.endpoint:
+            raise ApplicationError(
+                f"stage {input.stage}: online deployment {deployment.id} of "
+                f"{input.snapshot.ref} has no endpoint to test; was it deployed?",
+                type="NotFoundError",
+                non_retryable=True,
+            )
+        if self.client is not None:
+            return await self._online(
+                self.client, input, manifest, evaluation.records, evaluation.labels
+            )
+        async with httpx.AsyncClient(timeout=HTTP_TIMEOUT) as client:
+            return await self._online(
+                client, input, manifest, evaluation.records, evaluation.labels
+            )
+
+    def _prepare(self, input: RunStageTestsInput) -> tuple[ModelManifest, EvaluationSet]:
+        """Unpack the snapshot's package and read its manifest and evaluation data."""
+        sha = input.snapshot.sha256
+        dest = self.settings.runtime_dir / "_tests" / sha
+        try:
+            package_dir = ArtifactStore(self.settings.artifact_dir).unpack(sha, dest)
+            manifest = load_manifest(package_dir)
+            return manifest, load_evaluation(manifest, package_dir)
+        except MLCError as exc:
+            raise _final(exc, f"cannot test {input.snapshot.ref} in stage {input.stage}: ") from exc
+
+    def _read_batch_output(self, input: RunStageTestsInput) -> list[Any]:
+        path = input.batch_output
+        if path is None:
+            raise ApplicationError(
+                f"stage {input.stage}: batch deployment {input.deployment.id} of "
+                f"{input.snapshot.ref} has no batch_output to test",
+                type="NotFoundError",
+                non_retryable=True,
+            )
+        try:
+            with open(path, "rb") as lines:
+                return [_decode(line) for line in lines if line.strip()]
+        except FileNotFoundError as exc:
+            raise ApplicationError(
+                f"stage {input.stage}: batch output {path} of deployment {input.deployment.id} "
+                "is missing on this worker; tests must run on the runtime's task queue",
+                type="NotFoundError",
+                non_retryable=True,
+            ) from exc
+
+    async def _online(
+        self,
+        client: httpx.AsyncClient,
+        input: RunStageTestsInput,
+        manifest: ModelManifest,
+        records: list[dict[str, Any]],
+        labels: list[int],
+    ) -> RunStageTestsResult:
+        deployment = input.deployment
+        url = f"{deployment.endpoint}/score"
+        results: list[TestResult] = []
+        for kind in input.tests:
+            if kind is TestKind.SMOKE:
+                outputs: list[Any] = []
+                for index, case in enumerate(manifest.samples):
+                    activity.heartbeat(f"smoke: sample {index + 1}/{len(manifest.samples)}")
+                    outputs.append(await _post(client, url, case.input, deployment))
+                results.append(check_samples(manifest, outputs, deployment_id=deployment.id))
+            else:
+                results.append(
+                    await self._online_metrics(client, url, input, manifest, records, labels)
+                )
+        return RunStageTestsResult(results=tuple(results))
+
+    async def _online_metrics(
+        self,
+        client: httpx.AsyncClient,
+        url: str,
+        input: RunStageTestsInput,
+        manifest: ModelManifest,
+        records: list[dict[str, Any]],
+        labels: list[int],
+    ) -> TestResult:
+        deployment = input.deployment
+        outputs: list[Any] = []
+        for start in range(0, len(records), METRICS_CHUNK_SIZE):
+            activity.heartbeat(f"metrics: {start}/{len(records)} records scored")
+            chunk = records[start : start + METRICS_CHUNK_SIZE]
+            answer = await _post(client, url, chunk, deployment)
+            if not isinstance(answer, list):
+                return TestResult(
+                    test=TestKind.METRICS,
+                    deployment_id=deployment.id,
+                    passed=False,
+                    summary=f"scoring evaluation records {start}-{start + len(chunk) - 1} "
+                    f"failed: {answer}",
+                )
+            outputs.extend(answer)
+        return evaluate_outputs(manifest, labels, outputs, deployment_id=deployment.id)
+
+
+async def _post(client: httpx.AsyncClient, url: str, body: Any, deployment: Deployment) -> Any:
+    """POST ``body`` as JSON; return the decoded answer, or a one-line error text for 4xx/5xx.
+
+    Raises:
+        ApplicationError: retryable, when the endpoint cannot be reached or is overloaded.
+    """
+    try:
+        response = await client.post(
+            url, content=orjson.dumps(body), headers={"content-type": "application/json"}
+        )
+    except httpx.TransportError as exc:
+        raise ApplicationError(
+            f"deployment {deployment.id} at {deployment.endpoint} is unreachable: "
+            f"{type(exc).__name__}: {exc}",
+            type="RuntimeUnavailableError",
+        ) from exc
+    if response.status_code in _UNAVAILABLE_STATUS:
+        raise ApplicationError(
+            f"deployment {deployment.id} at {deployment.endpoint} answered "
+            f"{response.status_code}; will retry",
+            type="RuntimeUnavailableError",
+        )
+    if response.status_code != 200:
+        return f"HTTP {response.status_code}: {response.text[:300]}"
+    try:
+        return orjson.loads(response.content)
+    except orjson.JSONDecodeError:
+        return f"HTTP 200 with a body that is not JSON: {response.text[:100]!r}"
+
+
+def _decode(line: bytes) -> Any:
+    """One output line; a line that is not JSON becomes a text the tests report."""
+    try:
+        return orjson.loads(line)
+    except orjson.JSONDecodeError:
+        return f"not JSON: {line[:100]!r}"
+
+
+def _final(exc: MLCError, prefix: str = "") -> ApplicationError:
+    """A non-retryable ApplicationError typed after the project error it wraps."""
+    return ApplicationError(
+        f"{prefix}{exc}", type=type(exc).__name__, non_retryable=not exc.retryable
+    )

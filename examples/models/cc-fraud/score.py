@@ -1,0 +1,87 @@
+"""Scoring module of the cc-fraud model: the contract the model server calls.
+
+``init()`` loads the trained pipeline once per process; ``score`` handles one record and
+``score_batch`` many at once, vectorised, because per-record numpy calls dominate the
+cost of large batches. ``features`` is shared with ``train.py`` so training and serving
+can never disagree on the feature order or transforms.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import joblib
+import numpy as np
+from sklearn.metrics import roc_auc_score
+
+MODEL_FILE = Path(__file__).resolve().parent / "model.joblib"
+FEATURES = (
+    "amount",
+    "hour",
+    "merchant_risk",
+    "distance_from_home",
+    "foreign",
+    "card_present",
+    "velocity_24h",
+)
+LABEL = "is_fraud"
+
+_model: Any = None
+_threshold = 0.5
+
+
+def features(records: Sequence[dict[str, Any]]) -> np.ndarray:
+    """Turn records into the model's feature matrix (log amounts, a night flag, 0/1 flags)."""
+    rows = [
+        (
+            math.log1p(r["amount"]),
+            1.0 if r["hour"] < 6 else 0.0,
+            r["merchant_risk"],
+            math.log1p(r["distance_from_home"]),
+            1.0 if r["foreign"] else 0.0,
+            1.0 if r["card_present"] else 0.0,
+            r["velocity_24h"],
+        )
+        for r in records
+    ]
+    return np.asarray(rows, dtype=np.float64).reshape(len(rows), 7)
+
+
+def init() -> None:
+    """Load the trained pipeline and its decision threshold (written by ``train.py``)."""
+    global _model, _threshold
+    bundle = joblib.load(MODEL_FILE)
+    _model = bundle["pipeline"]
+    _threshold = float(bundle["threshold"])
+
+
+def score(record: dict[str, Any]) -> dict[str, Any]:
+    """Score one transaction."""
+    return score_batch([record])[0]
+
+
+def score_batch(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Score many transactions with one ``predict_proba`` call."""
+    if not records:
+        return []
+    probabilities = _model.predict_proba(features(records))[:, 1].tolist()
+    return [{"probability": p, "is_fraud": int(p >= _threshold)} for p in probabilities]
+
+
+def metrics(records: list[dict[str, Any]]) -> dict[str, float]:
+    """AUC, precision and recall over labelled records (the model's own view of itself)."""
+    labels = [int(r[LABEL]) for r in records]
+    outputs = score_batch([{k: r[k] for k in FEATURES} for r in records])
+    predicted = [o["is_fraud"] for o in outputs]
+    hits = sum(1 for y, p in zip(labels, predicted, strict=True) if y == 1 and p == 1)
+    result = {
+        "records": float(len(records)),
+        "precision": hits / max(1, sum(predicted)),
+        "recall": hits / max(1, sum(labels)),
+    }
+    if 0 < sum(labels) < len(labels):
+        result["auc"] = float(roc_auc_score(labels, [o["probability"] for o in outputs]))
+    return result

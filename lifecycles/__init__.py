@@ -1,0 +1,1 @@
+"""Lifecycle definitions, and the authoring API (:mod:`lifecycles.api`) they are written with."""

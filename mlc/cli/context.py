@@ -1,0 +1,96 @@
+"""What every command needs: settings, the inventory pool, the Temporal client, output."""
+
+from __future__ import annotations
+
+import asyncio
+import getpass
+import json
+import os
+from collections.abc import AsyncIterator, Coroutine, Sequence
+from contextlib import asynccontextmanager
+from typing import Any, TypeVar
+
+import asyncpg
+from pydantic import BaseModel
+from rich.console import Console
+from rich.table import Table
+from temporalio.client import Client
+
+from mlc.config import Settings
+from mlc.devstack import discover
+from mlc.errors import RuntimeUnavailableError
+from mlc.store import connect
+
+console = Console()
+err_console = Console(stderr=True)
+T = TypeVar("T")
+
+
+class State:
+    """Options shared by every command (set by the top-level callback)."""
+
+    debug: bool = False
+    home: str | None = None
+
+
+STATE = State()
+
+
+def settings() -> Settings:
+    """Settings from the environment, pointed at a running ``mlc dev`` if there is one."""
+    from pathlib import Path
+
+    return discover(Settings.from_env(home=Path(STATE.home) if STATE.home else None))
+
+
+def identity(explicit: str | None) -> str:
+    """Who is acting: ``--as``, else ``MLC_USER``, else the OS user."""
+    return explicit or os.environ.get("MLC_USER") or getpass.getuser()
+
+
+def run(coro: Coroutine[Any, Any, T]) -> T:
+    """Run a command's coroutine."""
+    return asyncio.run(coro)
+
+
+@asynccontextmanager
+async def inventory(cfg: Settings) -> AsyncIterator[asyncpg.Pool]:
+    """A migrated pool for the command's duration."""
+    if not cfg.database_url:
+        raise RuntimeUnavailableError(
+            "no inventory database: start `mlc dev` (in another terminal) or set MLC_DATABASE_URL"
+        )
+    pool = await connect(cfg.database_url, max_size=4)
+    try:
+        yield pool
+    finally:
+        await pool.close()
+
+
+async def client(cfg: Settings) -> Client:
+    """A Temporal client with the project's data converter."""
+    from workers.client import connect as connect_client
+
+    return await connect_client(cfg)
+
+
+def emit(rows: Sequence[BaseModel | dict[str, Any]], *, as_json: bool, columns: Sequence[str], title: str) -> None:
+    """Print ``rows`` as JSON (``--json``) or as a rich table of ``columns``."""
+    dicts = [r.model_dump(mode="json") if isinstance(r, BaseModel) else r for r in rows]
+    if as_json:
+        print(json.dumps(dicts, indent=2, default=str))
+        return
+    table = Table(title=title)
+    for column in columns:
+        table.add_column(column)
+    for row in dicts:
+        table.add_row(*(_cell(row.get(c)) for c in columns))
+    console.print(table)
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, list | tuple):
+        return ", ".join(str(v) for v in value)
+    return str(value)

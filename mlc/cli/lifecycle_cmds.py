@@ -1,0 +1,136 @@
+"""Commands that drive lifecycles: start, status, approve, reject."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from mlc import names
+from mlc.cli.context import client, console, emit, identity, inventory, run, settings
+from mlc.domain import ApprovalRequest, LifecycleSpec, ModelRef
+from mlc.operations import find_handle, read_status, send_decision, start_lifecycle
+from mlc.payloads import LifecycleStatus
+from mlc.store import runs
+
+lifecycle_app = typer.Typer(help="Start lifecycles (and manage custom lifecycle code).",
+                            no_args_is_help=True)
+
+REF = Annotated[str, typer.Argument(help="MODEL@VERSION, e.g. cc-fraud@1.")]
+JSON = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
+
+
+def register(app: typer.Typer) -> None:
+    """Attach these commands to the root app."""
+    app.add_typer(lifecycle_app, name="lifecycle")
+    app.command("status")(status)
+    app.command("approve")(approve)
+    app.command("reject")(reject)
+
+
+@lifecycle_app.command("start")
+def start(
+    ref: REF,
+    lifecycle: Annotated[str, typer.Option(help="Lifecycle (workflow type) to run.")] = names.STANDARD_LIFECYCLE,
+    spec: Annotated[Path | None, typer.Option(help="JSON file overriding the stages.")] = None,
+) -> None:
+    """Start a lifecycle for a registered snapshot."""
+    model_ref = ModelRef.parse(ref)
+    override = LifecycleSpec.model_validate_json(spec.read_text()) if spec else None
+
+    async def go() -> None:
+        cfg = settings()
+        handle = await start_lifecycle(
+            await client(cfg), model_ref, task_queue=cfg.task_queue, lifecycle=lifecycle,
+            spec=override,
+        )
+        console.print(f"started {lifecycle} for {model_ref}: workflow {handle.id}; "
+                      f"follow it with `mlc status {model_ref}`")
+    run(go())
+
+
+def status(ref: Annotated[str | None, typer.Argument(help="MODEL@VERSION; all runs if omitted.")] = None,
+           as_json: JSON = False) -> None:
+    """Show lifecycle runs, or one run's stage, state, tests, gate and decisions."""
+    async def go() -> None:
+        cfg = settings()
+        async with inventory(cfg) as pool:
+            if ref is None:
+                rows = await runs.read_runs(pool)
+                emit(rows, as_json=as_json, title="Lifecycle runs", columns=[
+                    "model", "version", "lifecycle", "state", "stage", "reason", "workflow_id"])
+                return
+            model_ref = ModelRef.parse(ref)
+            handle = await find_handle(await client(cfg), pool, model_ref)
+        current = await read_status(handle)
+        if current is None:
+            console.print(f"{model_ref}: starting")
+        elif as_json:
+            print(current.model_dump_json(indent=2))
+        else:
+            render_status(current)
+    run(go())
+
+
+def render_status(current: LifecycleStatus) -> None:
+    """Print one run's status as people read it."""
+    console.print(f"[bold]{current.model}@{current.version}[/bold] ({current.lifecycle}): "
+                  f"{current.state.value}" + (f" in {current.stage}" if current.stage else ""))
+    if current.reason:
+        console.print(f"  reason: {current.reason}")
+    if current.pending_gate:
+        gate = current.pending_gate
+        console.print(f"  waiting for approval at {gate.stage} by {', '.join(gate.approvers) or 'nobody'}"
+                      f" until {gate.deadline:%Y-%m-%d %H:%M} UTC")
+    table = Table(title="Tests")
+    for column in ("stage", "test", "deployment", "passed", "summary"):
+        table.add_column(column)
+    for report in current.reports:
+        for r in report.results:
+            table.add_row(report.stage, r.test.value, r.deployment_id, "yes" if r.passed else "NO", r.summary)
+    if current.reports:
+        console.print(table)
+    for d in current.decisions:
+        console.print(f"  {d.stage}: {d.decision.value} by {d.approver} at {d.decided_at:%Y-%m-%d %H:%M:%S}"
+                      + (f" ({d.comment})" if d.comment else ""))
+    for note in current.refused:
+        console.print(f"  [yellow]refused signal:[/yellow] {note}")
+
+
+def _decide(ref: str, stage: str, comment: str, who: str | None, *, approve_it: bool) -> None:
+    model_ref = ModelRef.parse(ref)
+
+    async def go() -> None:
+        cfg = settings()
+        async with inventory(cfg) as pool:
+            handle = await find_handle(await client(cfg), pool, model_ref)
+        record = await send_decision(
+            handle, model_ref,
+            ApprovalRequest(stage=stage, approver=identity(who), comment=comment),
+            approve=approve_it,
+        )
+        console.print(f"{model_ref}: {stage} {record.decision.value} by {record.approver}")
+    run(go())
+
+
+def approve(
+    ref: REF,
+    stage: Annotated[str, typer.Option(help="The gate's stage (guards against approving the wrong one).")],
+    comment: Annotated[str, typer.Option(help="Why; kept in the audit trail.")] = "",
+    who: Annotated[str | None, typer.Option("--as", help="Approver identity (default $MLC_USER or OS user).")] = None,
+) -> None:
+    """Approve the gate a lifecycle is waiting at."""
+    _decide(ref, stage, comment, who, approve_it=True)
+
+
+def reject(
+    ref: REF,
+    stage: Annotated[str, typer.Option(help="The gate's stage.")],
+    comment: Annotated[str, typer.Option(help="Why; kept in the audit trail.")] = "",
+    who: Annotated[str | None, typer.Option("--as", help="Approver identity (default $MLC_USER or OS user).")] = None,
+) -> None:
+    """Reject: the lifecycle undeploys that stage and ends as failed."""
+    _decide(ref, stage, comment, who, approve_it=False)
+

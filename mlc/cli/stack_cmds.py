@@ -1,0 +1,202 @@
+"""Commands that run things: ``dev`` (embedded stack + worker), ``worker`` and ``demo``."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+from collections.abc import AsyncIterator
+from typing import Annotated
+
+import asyncpg
+import httpx
+import typer
+from rich.table import Table
+
+from mlc.artifacts import ArtifactStore
+from mlc.cli.context import client, console, identity, settings
+from mlc.cli.lifecycle_cmds import render_status
+from mlc.config import Settings
+from mlc.devstack import DevStack, dev_running
+from mlc.domain import ApprovalRequest, LifecycleState, ModelRef
+from mlc.operations import read_status, send_decision, start_lifecycle
+from mlc.registry import ensure_dev_runtimes, register_package
+from mlc.store import connect, deployments, principals, runtimes
+
+
+def register(app: typer.Typer) -> None:
+    """Attach these commands to the root app."""
+    app.command("dev")(dev)
+    app.command("worker")(worker)
+    app.command("demo")(demo)
+
+
+def _stop_event() -> asyncio.Event:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    return stop
+
+
+@contextlib.asynccontextmanager
+async def embedded(cfg: Settings, *, temporal_port: int, ui_port: int, headless: bool) -> AsyncIterator[Settings]:
+    """Start the embedded servers, a migrated inventory with dev runtimes, and a worker."""
+    from workers.worker import build_main_worker
+
+    stack = DevStack(cfg, temporal_port=temporal_port, ui_port=ui_port, headless=headless)
+    try:
+        with console.status("starting Temporal and PostgreSQL"):
+            ready = await stack.start()
+            assert ready.database_url is not None
+            pool = await connect(ready.database_url)
+        try:
+            await ensure_dev_runtimes(pool, ready.task_queue)
+            await principals.grant_roles(pool, identity(None), ["approver", "lifecycle-author"])
+            temporal = await client(ready)
+            async with build_main_worker(temporal, ready, pool):
+                yield ready
+            await _stop_local_deployments(ready, pool)
+        finally:
+            await pool.close()
+    finally:
+        stack.stop()
+
+
+async def _stop_local_deployments(cfg: Settings, pool: asyncpg.Pool) -> None:
+    """Stop local model servers with the stack, and say so in the inventory."""
+    from activities.runtimes import driver_for
+    from activities.runtimes.base import UndeployRequest
+    from mlc.domain import DeploymentState, RuntimeKind
+
+    for d in await deployments.read_deployments(pool):
+        runtime = await runtimes.read_runtime(pool, d.runtime)
+        if runtime.kind is RuntimeKind.LOCAL:
+            await driver_for(runtime, cfg).undeploy(UndeployRequest(deployment_id=d.id, runtime=runtime))
+            await deployments.upsert_deployment(pool, d.model_copy(update={
+                "state": DeploymentState.RETIRED, "details": {"retired_by": "mlc dev stopped"}}))
+
+
+def dev(
+    temporal_port: Annotated[int, typer.Option(help="Temporal frontend port.")] = 7233,
+    ui_port: Annotated[int, typer.Option(help="Temporal Web UI port.")] = 8233,
+    headless: Annotated[bool, typer.Option(help="No Web UI.")] = False,
+) -> None:
+    """Run Temporal (with its Web UI), PostgreSQL, a worker and local runtimes for every
+    stage, all state under --home. Ctrl-C stops everything."""
+    async def go() -> None:
+        stop = _stop_event()
+        async with embedded(settings(), temporal_port=temporal_port, ui_port=ui_port,
+                            headless=headless) as ready:
+            table = Table(title="mlc dev is running (Ctrl-C stops it)", show_header=False)
+            table.add_row("Temporal", ready.temporal_address)
+            if not headless:
+                table.add_row("Web UI", f"http://127.0.0.1:{ui_port}")
+            table.add_row("Task queue", ready.task_queue)
+            table.add_row("Inventory", ready.database_url or "-")
+            table.add_row("State", str(ready.home))
+            table.add_row("Approver", identity(None))
+            console.print(table)
+            await stop.wait()
+        console.print("stopped")
+    asyncio.run(go())
+
+
+def worker(
+    runtime: Annotated[str | None, typer.Option(help="Serve only this runtime's task queue "
+                                                "(a worker next to its Docker engine).")] = None,
+) -> None:
+    """Run a worker against TEMPORAL_ADDRESS / MLC_DATABASE_URL."""
+    from workers.worker import build_main_worker, build_runtime_worker, run_until
+
+    async def go() -> None:
+        cfg = settings()
+        stop = _stop_event()
+        temporal = await client(cfg)
+        if runtime is None:
+            assert cfg.database_url, "set MLC_DATABASE_URL"
+            pool = await connect(cfg.database_url)
+            try:
+                await run_until(build_main_worker(temporal, cfg, pool), stop)
+            finally:
+                await pool.close()
+            return
+        if cfg.database_url:
+            pool = await connect(cfg.database_url, max_size=1)
+            try:
+                queue = (await runtimes.read_runtime(pool, runtime)).task_queue
+            finally:
+                await pool.close()
+        else:
+            queue = f"runtime-{runtime}"
+        console.print(f"serving runtime {runtime} on task queue {queue}")
+        await run_until(build_runtime_worker(temporal, cfg, queue), stop)
+    asyncio.run(go())
+
+
+def demo(
+    yes: Annotated[bool, typer.Option("--yes", help="Approve every gate automatically.")] = False,
+    temporal_port: Annotated[int, typer.Option(help="Temporal port of the embedded stack.")] = 7233,
+    ui_port: Annotated[int, typer.Option(help="Web UI port of the embedded stack.")] = 8233,
+) -> None:
+    """Register the example fraud model and walk it DEV -> PROD on an embedded stack."""
+    async def go() -> int:
+        cfg = settings()
+        if dev_running(cfg):
+            console.print("using the running `mlc dev` stack")
+            return await _walk(cfg, yes=yes)
+        async with embedded(cfg, temporal_port=temporal_port, ui_port=ui_port, headless=False) as ready:
+            return await _walk(ready, yes=yes)
+
+    raise typer.Exit(asyncio.run(go()))
+
+
+async def _walk(cfg: Settings, *, yes: bool) -> int:
+    from mlc.examples import prepare_example_model
+
+    assert cfg.database_url
+    me = identity(None)
+    with console.status("training the example credit-card-fraud model"):
+        package = await asyncio.to_thread(prepare_example_model)
+    pool = await connect(cfg.database_url, max_size=2)
+    try:
+        snap, _ = await register_package(pool, ArtifactStore(cfg.artifact_dir), package, registered_by=me)
+        ref = ModelRef(model=snap.model, version=snap.version)
+        console.print(f"registered {ref} (sha256 {snap.sha256[:12]}); Web UI: http://127.0.0.1:8233")
+        handle = await start_lifecycle(await client(cfg), ref, task_queue=cfg.task_queue)
+        console.print(f"started ModelLifecycle {handle.id}")
+        announced: set[str] = set()
+        with console.status("lifecycle running") as spinner:
+            while True:
+                current = await read_status(handle)
+                if current is not None:
+                    spinner.update(f"{ref}: {current.state.value} in {current.stage}")
+                    if current.state in (LifecycleState.SUCCEEDED, LifecycleState.FAILED):
+                        break
+                    gate = current.pending_gate
+                    if gate and gate.stage not in announced:
+                        announced.add(gate.stage)
+                        if yes:
+                            await send_decision(handle, ref, ApprovalRequest(
+                                stage=gate.stage, approver=me, comment="approved by mlc demo --yes"),
+                                approve=True)
+                            console.print(f"approved {gate.stage} as {me}")
+                        else:
+                            console.print(f"{ref} waits at {gate.stage}; approve with:\n"
+                                          f"  mlc approve {ref} --stage {gate.stage} --comment 'looks good'")
+                await asyncio.sleep(0.3)
+        render_status(current)
+        if current.state is LifecycleState.FAILED:
+            return 1
+        prod = await deployments.read_deployments(pool, model=ref.model, stage=current.stages[-1])
+        for d in prod:
+            if d.endpoint:
+                async with httpx.AsyncClient() as http:
+                    sample = await http.get(f"{d.endpoint}/metadata")
+                    console.print(f"{d.stage} endpoint {d.endpoint} serves "
+                                  f"{sample.json().get('name', ref.model)}@{d.version}")
+        console.print(f"[green]{ref} serves in {current.stages[-1]}[/green]")
+        return 0
+    finally:
+        await pool.close()
+

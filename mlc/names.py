@@ -1,0 +1,48 @@
+"""Names that are part of the persisted contract: activities, workflows, search attributes.
+
+Workflows call activities by these names so that workflow modules never import activity
+code (asyncpg, docker, httpx) into Temporal's sandbox.
+"""
+
+from __future__ import annotations
+
+from temporalio.common import SearchAttributeKey
+
+STANDARD_LIFECYCLE = "ModelLifecycle"
+"""The standard lifecycle's workflow type: what people type in the Web UI."""
+
+# Inventory activities (main task queue).
+BEGIN_RUN = "begin_lifecycle_run"
+RECORD_RUN = "record_lifecycle_run"
+RESOLVE_RUNTIMES = "resolve_runtimes"
+RECORD_DEPLOYMENT = "record_deployment"
+FIND_DEPLOYMENTS = "find_live_deployments"
+RECORD_TESTS = "record_test_report"
+RECORD_DECISION = "record_decision"
+RESOLVE_APPROVERS = "resolve_approvers"
+NOTIFY = "notify"
+LOAD_LIFECYCLE = "load_lifecycle_definition"
+
+# Runtime activities (each runtime's task queue).
+DEPLOY_ONLINE = "deploy_online"
+RUN_BATCH_JOB = "run_batch_job"
+UNDEPLOY = "undeploy"
+RUN_STAGE_TESTS = "run_stage_tests"
+
+# Custom search attributes: filter lifecycles in the Web UI.
+SA_MODEL = SearchAttributeKey.for_keyword("MlcModel")
+SA_VERSION = SearchAttributeKey.for_int("MlcVersion")
+SA_STAGE = SearchAttributeKey.for_keyword("MlcStage")
+SA_SERVICE_TAG = SearchAttributeKey.for_keyword_list("MlcServiceTag")
+SEARCH_ATTRIBUTES = {
+    SA_MODEL.name: "Keyword",
+    SA_VERSION.name: "Int",
+    SA_STAGE.name: "Keyword",
+    SA_SERVICE_TAG.name: "KeywordList",
+}
+"""Name -> type, as ``temporal server start-dev --search-attribute`` takes them."""
+
+
+def workflow_id_for(model: str, version: int) -> str:
+    """The business-key workflow id of a snapshot's lifecycle (one run at a time)."""
+    return f"mlc-{model}-v{version}"

@@ -1,0 +1,95 @@
+"""Client-side lifecycle operations shared by the CLI, the demo, tests and benchmarks:
+start a run, find it, query it, and send decisions to its gates."""
+
+from __future__ import annotations
+
+import asyncpg
+from temporalio.client import (
+    Client,
+    WorkflowExecutionStatus,
+    WorkflowHandle,
+    WorkflowUpdateFailedError,
+)
+from temporalio.common import WorkflowIDConflictPolicy
+from temporalio.exceptions import WorkflowAlreadyStartedError
+from temporalio.service import RPCError
+
+from mlc import names
+from mlc.domain import ApprovalRecord, ApprovalRequest, LifecycleSpec, ModelRef
+from mlc.errors import ConflictError, MLCError, NotFoundError
+from mlc.payloads import LifecycleStatus, StartLifecycleInput
+from mlc.store import runs
+
+
+async def start_lifecycle(
+    client: Client, ref: ModelRef, *, task_queue: str, lifecycle: str = names.STANDARD_LIFECYCLE,
+    spec: LifecycleSpec | None = None,
+) -> WorkflowHandle[object, object]:
+    """Start ``lifecycle`` for a snapshot under its business-key workflow id."""
+    workflow_id = names.workflow_id_for(ref.model, ref.version)
+    try:
+        return await client.start_workflow(
+            lifecycle,
+            StartLifecycleInput(model=ref.model, version=ref.version, spec=spec),
+            id=workflow_id,
+            task_queue=task_queue,
+            id_conflict_policy=WorkflowIDConflictPolicy.FAIL,
+        )
+    except WorkflowAlreadyStartedError:
+        raise ConflictError(
+            f"{ref} already has a running lifecycle ({workflow_id}); see `mlc status {ref}`"
+        ) from None
+
+
+async def find_handle(client: Client, pool: asyncpg.Pool, ref: ModelRef) -> WorkflowHandle[object, object]:
+    """The newest run of a snapshot, however it was started (CLI or Web UI with any id)."""
+    active = await runs.find_active_run(pool, ref.model, ref.version)
+    if active is None:
+        recent = await runs.read_runs(pool, model=ref.model, version=ref.version)
+        if not recent:
+            raise NotFoundError(
+                f"{ref} has no lifecycle run; start one with `mlc lifecycle start {ref}`"
+            )
+        active = recent[0]
+    return client.get_workflow_handle(active["workflow_id"], run_id=active["run_id"])
+
+
+async def read_status(handle: WorkflowHandle[object, object]) -> LifecycleStatus | None:
+    """The run's ``status`` query result (None before the run has begun)."""
+    status: LifecycleStatus | None = await handle.query(
+        "status", result_type=LifecycleStatus  # type: ignore[arg-type]
+    )
+    return status
+
+
+async def send_decision(
+    handle: WorkflowHandle[object, object], ref: ModelRef, request: ApprovalRequest, *, approve: bool
+) -> ApprovalRecord:
+    """Approve or reject a gate through the validated Workflow Update.
+
+    Raises:
+        ConflictError: the lifecycle refused the decision (its message says why) or has
+            already finished.
+    """
+    try:
+        record: ApprovalRecord = await handle.execute_update(
+            "approve" if approve else "reject", request, result_type=ApprovalRecord
+        )
+        return record
+    except WorkflowUpdateFailedError as exc:
+        cause = exc.cause
+        raise ConflictError(getattr(cause, "message", None) or str(cause or exc)) from None
+    except RPCError as exc:
+        described = await _describe_status(handle)
+        if described is not None and described != WorkflowExecutionStatus.RUNNING:
+            raise ConflictError(
+                f"{ref}: the lifecycle has already finished ({described.name.lower()})"
+            ) from None
+        raise MLCError(f"{ref}: {exc.message}") from exc
+
+
+async def _describe_status(handle: WorkflowHandle[object, object]) -> WorkflowExecutionStatus | None:
+    try:
+        return (await handle.describe()).status
+    except RPCError:
+        return None

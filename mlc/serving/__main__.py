@@ -1,0 +1,71 @@
+"""Command line of the model server: ``serve`` an endpoint or run one ``batch`` job.
+
+Used by the local runtime (as a child process) and as the entry point of model
+containers, so failures print one readable line to stderr and exit non-zero.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+import orjson
+
+from mlc.errors import MLCError
+from mlc.serving.app import DEFAULT_MAX_BATCH, create_app
+from mlc.serving.batch import DEFAULT_CHUNK_SIZE, run_batch
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m mlc.serving", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    serve = commands.add_parser("serve", help="serve the model over HTTP until stopped")
+    serve.add_argument("--package", type=Path, required=True, help="model package directory")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8080)
+    serve.add_argument(
+        "--max-batch", type=int, default=DEFAULT_MAX_BATCH, help="largest /score array"
+    )
+    batch = commands.add_parser("batch", help="score a JSON-lines file and exit")
+    batch.add_argument("--package", type=Path, required=True, help="model package directory")
+    batch.add_argument("--input", type=Path, required=True, help="JSON-lines records")
+    batch.add_argument(
+        "--output", type=Path, required=True, help="JSON-lines outputs, line for line"
+    )
+    batch.add_argument("--chunk-size", type=int, default=DEFAULT_CHUNK_SIZE)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the command; return the process exit code."""
+    args = _parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        if args.command == "serve":
+            app = create_app(args.package, max_batch=args.max_batch)
+            logging.getLogger("mlc.serving").info("model loaded from %s", args.package)
+            import uvicorn
+
+            uvicorn.run(
+                app,
+                host=args.host,
+                port=args.port,
+                access_log=False,
+                log_level="info",
+                timeout_graceful_shutdown=5,
+            )
+            return 0
+        summary = run_batch(args.package, args.input, args.output, chunk_size=args.chunk_size)
+    except MLCError as exc:
+        print(f"mlc.serving {args.command}: {exc}", file=sys.stderr)
+        return 1
+    print(orjson.dumps(summary).decode())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,214 @@
+"""The scoring HTTP API: ``/health``, ``/metadata``, ``/score`` and ``/metrics``.
+
+Built on bare Starlette endpoints with orjson so a request costs little more than the
+model itself: records are checked by a precompiled :class:`RecordValidator`, arrays go
+to the model's vectorised ``score_batch``, and big batches run in a worker thread so
+``/health`` keeps answering while they score.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import orjson
+from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from mlc.serving.loader import LoadedModel, Record, load_model
+from mlc.serving.validation import Problem, RecordValidator
+
+DEFAULT_MAX_BATCH = 10_000
+"""Largest array ``/score`` accepts; bigger ones get 413 (use a batch job instead)."""
+
+THREAD_BATCH_SIZE = 256
+"""Batches larger than this score in a worker thread instead of on the event loop."""
+
+VERSION_ENV = "MLC_MODEL_VERSION"
+SHA256_ENV = "MLC_SNAPSHOT_SHA256"
+
+_log = logging.getLogger("mlc.serving")
+_DUMPS_OPTIONS = orjson.OPT_SERIALIZE_NUMPY
+
+
+class JSONResponse(Response):
+    """A response rendered by orjson (numpy scalars and arrays included)."""
+
+    media_type = "application/json"
+
+    def render(self, content: Any) -> bytes:
+        """Serialise ``content``; raises ``orjson.JSONEncodeError`` for non-JSON values."""
+        return orjson.dumps(content, option=_DUMPS_OPTIONS)
+
+
+def _error(status: int, message: str, details: list[Problem] | None = None) -> JSONResponse:
+    body: dict[str, Any] = {"error": message}
+    if details is not None:
+        body["details"] = details
+    return JSONResponse(body, status_code=status)
+
+
+class _ScoringService:
+    """Request handlers bound to one loaded model."""
+
+    def __init__(self, model: LoadedModel, *, max_batch: int) -> None:
+        self.model = model
+        self.max_batch = max_batch
+        self.validator = RecordValidator(model.manifest.input_schema)
+        manifest = model.manifest
+        version = os.environ.get(VERSION_ENV) or None
+        sha256 = os.environ.get(SHA256_ENV) or None
+        self.health_body = orjson.dumps(
+            {"status": "ok", "model": manifest.name, "version": version, "sha256": sha256}
+        )
+        self.metadata_body = orjson.dumps(
+            {
+                "name": manifest.name,
+                "description": manifest.description,
+                "service_tags": manifest.service_tags,
+                "entry_module": manifest.entry_module,
+                "requirements": manifest.requirements,
+                "input_schema": [f.model_dump() for f in manifest.input_schema],
+                "version": version,
+                "sha256": sha256,
+                "max_batch": max_batch,
+                "vectorised": model.vectorised,
+                "metrics": model.metrics is not None,
+            }
+        )
+
+    async def health(self, request: Request) -> Response:
+        """Liveness and identity: which model (and snapshot) this server runs."""
+        return Response(self.health_body, media_type="application/json")
+
+    async def metadata(self, request: Request) -> Response:
+        """The manifest facts a client needs to build valid requests."""
+        return Response(self.metadata_body, media_type="application/json")
+
+    async def score(self, request: Request) -> Response:
+        """Score one record (a JSON object) or many (a JSON array of objects)."""
+        payload = await self._read_json(request)
+        if isinstance(payload, Response):
+            return payload
+        name = self.model.name
+        if type(payload) is dict:
+            problems = self.validator.problems((payload,))
+            if problems:
+                return _error(
+                    422, f"the record does not match the input schema of model {name}", problems
+                )
+            try:
+                output = self.model.score(payload)
+            except Exception as exc:
+                return self._model_failed("score()", exc)
+            if type(output) is not dict:
+                return _error(
+                    500, f"model {name}: score() returned {type(output).__name__}, expected a dict"
+                )
+            return self._render(output)
+        if type(payload) is list:
+            if len(payload) > self.max_batch:
+                return _error(
+                    413,
+                    f"batch of {len(payload)} records exceeds this server's limit of "
+                    f"{self.max_batch}; split it or run a batch job",
+                )
+            problems = self.validator.problems(payload)
+            if problems:
+                return _error(
+                    422,
+                    f"{len({p['record'] for p in problems})} of {len(payload)} records do not "
+                    f"match the input schema of model {name}",
+                    problems,
+                )
+            try:
+                outputs = await self._score_many(payload)
+            except Exception as exc:
+                return self._model_failed("score_batch()", exc)
+            if (
+                type(outputs) is not list
+                or len(outputs) != len(payload)
+                or not all(type(o) is dict for o in outputs)
+            ):
+                return _error(
+                    500,
+                    f"model {name}: score_batch() must return a list of {len(payload)} dicts, "
+                    f"got {_describe(outputs)}",
+                )
+            return self._render(outputs)
+        return _error(
+            400,
+            f"expected a JSON object (one record) or an array of records, got {_describe(payload)}",
+        )
+
+    async def metrics(self, request: Request) -> Response:
+        """The model's own ``metrics(records)`` over a JSON array of labelled records."""
+        if self.model.metrics is None:
+            return _error(404, f"model {self.model.name} has no metrics(records) function")
+        payload = await self._read_json(request)
+        if isinstance(payload, Response):
+            return payload
+        if type(payload) is not list or not all(type(r) is dict for r in payload):
+            return _error(400, "expected a JSON array of labelled records")
+        try:
+            result = await run_in_threadpool(self.model.metrics, payload)
+        except Exception as exc:
+            return self._model_failed("metrics()", exc)
+        return self._render(result)
+
+    async def _read_json(self, request: Request) -> Any:
+        """The decoded body, or a 400 response saying why there is none."""
+        body = await request.body()
+        if not body.strip():
+            return _error(400, "empty body: send a JSON object (one record) or an array of records")
+        try:
+            return orjson.loads(body)
+        except orjson.JSONDecodeError as exc:
+            return _error(400, f"body is not valid JSON: {exc}")
+
+    async def _score_many(self, records: list[Record]) -> Any:
+        if self.model.vectorised and len(records) > THREAD_BATCH_SIZE:
+            return await run_in_threadpool(self.model.score_batch, records)
+        return self.model.score_batch(records)
+
+    def _render(self, content: Any) -> Response:
+        try:
+            return JSONResponse(content)
+        except orjson.JSONEncodeError as exc:
+            return _error(500, f"model {self.model.name} returned output that is not JSON: {exc}")
+
+    def _model_failed(self, call: str, exc: Exception) -> Response:
+        _log.exception("model %s: %s raised", self.model.name, call)
+        return _error(500, f"model {self.model.name}: {call} raised {type(exc).__name__}: {exc}")
+
+
+def _describe(value: Any) -> str:
+    if type(value) is list:
+        kinds = sorted({type(v).__name__ for v in value})
+        return f"a list of {len(value)} ({', '.join(kinds) or 'empty'})"
+    return type(value).__name__
+
+
+def create_app(package_dir: Path, *, max_batch: int = DEFAULT_MAX_BATCH) -> Starlette:
+    """Load the package at ``package_dir`` (calling its ``init()`` once) and return the app.
+
+    Loading happens here, not on startup, so a broken package fails before the server
+    binds its port and the process exits with the reason in its log.
+
+    Raises:
+        InvalidPackageError: bad manifest or missing requirement.
+        ScoringError: the model's import or ``init()`` raised.
+    """
+    service = _ScoringService(load_model(package_dir), max_batch=max_batch)
+    routes = [
+        Route("/health", service.health, methods=["GET"]),
+        Route("/metadata", service.metadata, methods=["GET"]),
+        Route("/score", service.score, methods=["POST"]),
+        Route("/metrics", service.metrics, methods=["POST"]),
+    ]
+    return Starlette(routes=routes)

@@ -1,0 +1,110 @@
+"""Fast checks of scoring records against a manifest's ``input_schema``.
+
+Runs on every request, so the schema is compiled once into per-field type checks and a
+record costs a few dict and ``type()`` look-ups; no pydantic model per request.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, TypedDict
+
+from mlc.errors import MLCError
+from mlc.manifest import FieldType, InputField
+
+_TYPES: dict[FieldType, tuple[type, ...]] = {
+    # bool is a subclass of int, so exact type() membership keeps true/false out of numbers.
+    "number": (int, float),
+    "integer": (int,),
+    "string": (str,),
+    "boolean": (bool,),
+}
+_JSON_NAMES: dict[type, str] = {
+    int: "integer",
+    float: "number",
+    str: "string",
+    bool: "boolean",
+    list: "array",
+    dict: "object",
+    type(None): "null",
+}
+
+
+class Problem(TypedDict):
+    """One reason a record was rejected (a 422 ``details`` entry)."""
+
+    record: int
+    field: str | None
+    problem: str
+
+
+class InvalidRecordsError(MLCError):
+    """Records do not match the model's input schema; ``problems`` says where and why."""
+
+    def __init__(self, message: str, problems: list[Problem]) -> None:
+        super().__init__(message)
+        self.problems = problems
+
+
+class RecordValidator:
+    """Checks records against one input schema; an empty schema accepts any object."""
+
+    def __init__(self, schema: Sequence[InputField]) -> None:
+        self._types = {f.name: _TYPES[f.type] for f in schema}
+        self._names = {f.name: f.type for f in schema}
+        self._required = frozenset(f.name for f in schema if f.required)
+        self._enabled = bool(schema)
+
+    def problems(self, records: Sequence[Any], *, first_index: int = 0) -> list[Problem]:
+        """Every problem in ``records`` (empty when all are valid).
+
+        Args:
+            records: Decoded JSON values, expected to be objects.
+            first_index: Index reported for ``records[0]`` (batch jobs number lines).
+        """
+        found: list[Problem] = []
+        types = self._types
+        for offset, record in enumerate(records):
+            index = first_index + offset
+            if type(record) is not dict:
+                found.append(
+                    {
+                        "record": index,
+                        "field": None,
+                        "problem": f"expected an object, got {_name(record)}",
+                    }
+                )
+                continue
+            if not self._enabled:
+                continue
+            missing = self._required.difference(record)
+            for name in sorted(missing):
+                found.append(
+                    {"record": index, "field": name, "problem": "required field is missing"}
+                )
+            for name, value in record.items():
+                allowed = types.get(name)
+                if allowed is None:
+                    found.append(
+                        {
+                            "record": index,
+                            "field": name,
+                            "problem": "unknown field (not in the input schema)",
+                        }
+                    )
+                elif type(value) not in allowed and not (
+                    value is None and name not in self._required
+                ):
+                    found.append(
+                        {
+                            "record": index,
+                            "field": name,
+                            "problem": f"expected {self._names[name]}, got {_name(value)}",
+                        }
+                    )
+        return found
+
+
+def _name(value: Any) -> str:
+    """JSON name of ``value``'s type, for messages people read."""
+    return _JSON_NAMES.get(type(value), type(value).__name__)

@@ -1,0 +1,72 @@
+"""Lifecycle runs: one row per workflow run, at most one active per snapshot."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import asyncpg
+
+from mlc.errors import ConflictError
+from mlc.store.db import row_dict
+
+
+async def start_run(
+    pool: asyncpg.Pool, *, workflow_id: str, run_id: str, model: str, version: int, lifecycle: str
+) -> None:
+    """Record a run as active; refuse a second active run for the same snapshot."""
+    try:
+        await pool.execute(
+            """INSERT INTO lifecycle_runs (workflow_id, run_id, model, version, lifecycle, state)
+               VALUES ($1, $2, $3, $4, $5, 'starting')
+               ON CONFLICT (workflow_id, run_id) DO NOTHING""",
+            workflow_id, run_id, model, version, lifecycle,
+        )
+    except asyncpg.UniqueViolationError:
+        other = await find_active_run(pool, model, version)
+        where = other["workflow_id"] if other else "another workflow"
+        raise ConflictError(
+            f"{model}@{version} already has a running lifecycle ({where}); a snapshot runs one "
+            "lifecycle at a time: wait for it or terminate it"
+        ) from None
+
+
+async def update_run(
+    pool: asyncpg.Pool,
+    *,
+    workflow_id: str,
+    run_id: str,
+    state: str,
+    stage: str | None,
+    reason: str | None = None,
+    ended: bool = False,
+) -> None:
+    """Record where a run stands; ``ended`` frees the snapshot for a new run."""
+    await pool.execute(
+        """UPDATE lifecycle_runs SET state = $3, stage = $4, reason = $5,
+               ended_at = CASE WHEN $6 THEN COALESCE(ended_at, now()) ELSE NULL END
+           WHERE workflow_id = $1 AND run_id = $2""",
+        workflow_id, run_id, state, stage, reason, ended,
+    )
+
+
+async def find_active_run(pool: asyncpg.Pool, model: str, version: int) -> dict[str, Any] | None:
+    """The active run of a snapshot, if any."""
+    row = await pool.fetchrow(
+        "SELECT * FROM lifecycle_runs WHERE model = $1 AND version = $2 AND ended_at IS NULL",
+        model, version,
+    )
+    return row_dict(row)
+
+
+async def read_runs(
+    pool: asyncpg.Pool, *, model: str | None = None, version: int | None = None
+) -> list[dict[str, Any]]:
+    """Runs, newest first, optionally of one model or snapshot."""
+    rows = await pool.fetch(
+        """SELECT * FROM lifecycle_runs
+           WHERE ($1::text IS NULL OR model = $1) AND ($2::int IS NULL OR version = $2)
+           ORDER BY started_at DESC""",
+        model, version,
+    )
+    return [r for r in (row_dict(x) for x in rows) if r is not None]
+

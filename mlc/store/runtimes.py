@@ -1,0 +1,69 @@
+"""Runtimes: where models can run, tagged with a stage and service tags."""
+
+from __future__ import annotations
+
+import asyncpg
+
+from mlc.domain import Runtime
+from mlc.errors import ConflictError, NotFoundError
+from mlc.store.db import row_dict
+
+_COLUMNS = "name, kind, stage, service_tags, modes, task_queue, docker"
+
+
+def _runtime(row: asyncpg.Record) -> Runtime:
+    return Runtime.model_validate(row_dict(row))
+
+
+async def create_runtime(pool: asyncpg.Pool, runtime: Runtime, *, replace: bool = False) -> Runtime:
+    """Add a runtime; with ``replace`` an existing one of the same name is overwritten."""
+    data = runtime.model_dump(mode="json")
+    conflict = (
+        "ON CONFLICT (name) DO UPDATE SET kind = EXCLUDED.kind, stage = EXCLUDED.stage, "
+        "service_tags = EXCLUDED.service_tags, modes = EXCLUDED.modes, "
+        "task_queue = EXCLUDED.task_queue, docker = EXCLUDED.docker"
+        if replace
+        else "ON CONFLICT (name) DO NOTHING"
+    )
+    row = await pool.fetchrow(
+        f"INSERT INTO runtimes ({_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7) {conflict} "
+        f"RETURNING {_COLUMNS}",
+        data["name"], data["kind"], data["stage"], data["service_tags"], data["modes"],
+        data["task_queue"], data["docker"],
+    )
+    if row is None:
+        raise ConflictError(
+            f"runtime {runtime.name} already exists; use --replace to overwrite it"
+        )
+    return _runtime(row)
+
+
+async def read_runtime(pool: asyncpg.Pool, name: str) -> Runtime:
+    """Return runtime ``name`` or raise NotFoundError."""
+    row = await pool.fetchrow(f"SELECT {_COLUMNS} FROM runtimes WHERE name = $1", name)
+    if row is None:
+        raise NotFoundError(f"runtime {name} does not exist; see `mlc runtime list`")
+    return _runtime(row)
+
+
+async def read_runtimes(pool: asyncpg.Pool, *, stage: str | None = None) -> list[Runtime]:
+    """All runtimes, optionally only those of one stage."""
+    rows = await pool.fetch(
+        f"SELECT {_COLUMNS} FROM runtimes WHERE $1::text IS NULL OR stage = $1 "
+        "ORDER BY stage, name",
+        stage,
+    )
+    return [_runtime(r) for r in rows]
+
+
+async def delete_runtime(pool: asyncpg.Pool, name: str) -> None:
+    """Remove a runtime that has no live deployments."""
+    live = await pool.fetchval(
+        "SELECT count(*) FROM deployments WHERE runtime = $1 AND state IN ('deploying','serving')",
+        name,
+    )
+    if live:
+        raise ConflictError(f"runtime {name} still has {live} live deployment(s); retire them first")
+    status = await pool.execute("DELETE FROM runtimes WHERE name = $1", name)
+    if status.endswith(" 0"):
+        raise NotFoundError(f"runtime {name} does not exist")

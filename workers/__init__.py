@@ -1,0 +1,1 @@
+"""Workers: wiring clients, pools and activities into Temporal workers."""

@@ -1,0 +1,1 @@
+"""Workflows: deterministic orchestration only (no I/O, clocks or randomness)."""

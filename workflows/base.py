@@ -1,0 +1,154 @@
+"""What every lifecycle workflow shares: its message handlers and how a run begins and ends.
+
+The built-in lifecycles and the dynamic workflow that runs uploaded ones subclass
+:class:`LifecycleWorkflow`, so approvals, queries and the audit trail behave the same
+whichever lifecycle code drives the run.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+
+from temporalio import workflow
+from temporalio.exceptions import ActivityError, ApplicationError
+
+with workflow.unsafe.imports_passed_through():
+    from lifecycles.api import (
+        INVENTORY_TIMEOUT,
+        RETRY,
+        Lifecycle,
+        LifecycleFailure,
+        cause_message,
+    )
+    from mlc import names
+    from mlc.domain import ApprovalRecord, ApprovalRequest, Decision, LifecycleSpec, LifecycleState
+    from mlc.payloads import (
+        BeginRunInput,
+        BeginRunResult,
+        LifecycleResult,
+        LifecycleStatus,
+        SignalDecision,
+        StartLifecycleInput,
+    )
+
+LifecycleFunction = Callable[[Lifecycle], Awaitable[None]]
+
+
+class LifecycleWorkflow:
+    """Handlers and the begin/run/finish frame around a lifecycle function."""
+
+    def __init__(self) -> None:
+        self._mlc: Lifecycle | None = None
+
+    # --- queries, updates, signals --------------------------------------------------------
+
+    @workflow.query(name="status")
+    def status(self) -> LifecycleStatus | None:
+        """Current stage, state, test reports, pending gate and decisions."""
+        return self._mlc.status() if self._mlc else None
+
+    @workflow.update(name="approve")
+    async def approve(self, request: ApprovalRequest) -> ApprovalRecord:
+        """Approve the pending gate; returns the decision once it is in the audit trail."""
+        return await self._lifecycle.recorded(self._lifecycle.decide(request, Decision.APPROVED))
+
+    @approve.validator
+    def _check_approve(self, request: ApprovalRequest) -> None:
+        self._lifecycle.check_decision(request)
+
+    @workflow.update(name="reject")
+    async def reject(self, request: ApprovalRequest) -> ApprovalRecord:
+        """Reject the pending gate; the run undeploys that stage and fails."""
+        return await self._lifecycle.recorded(self._lifecycle.decide(request, Decision.REJECTED))
+
+    @reject.validator
+    def _check_reject(self, request: ApprovalRequest) -> None:
+        self._lifecycle.check_decision(request)
+
+    @workflow.signal(name="decide")
+    def decide(self, signal: SignalDecision) -> None:
+        """The same decision as a signal, for ``temporal workflow signal``.
+
+        A signal cannot be refused to its sender, so an invalid one is ignored and listed
+        under ``refused`` in the status query.
+        """
+        request = ApprovalRequest(stage=signal.stage, approver=signal.approver, comment=signal.comment)
+        try:
+            self._lifecycle.decide(request, Decision(signal.decision))
+        except ValueError as exc:
+            self._lifecycle.refuse(str(exc))
+
+    @property
+    def _lifecycle(self) -> Lifecycle:
+        if self._mlc is None:
+            raise ValueError("the lifecycle has not started yet; try again in a moment")
+        return self._mlc
+
+    # --- the run frame --------------------------------------------------------------------
+
+    async def run_lifecycle(
+        self,
+        request: StartLifecycleInput,
+        *,
+        name: str,
+        default_spec: LifecycleSpec,
+        body: LifecycleFunction,
+    ) -> LifecycleResult:
+        """Claim the snapshot, run ``body``, and record how the run ended.
+
+        On any failure the current stage's live deployments are undeployed, so a failed
+        run leaves nothing half-done behind, and the workflow fails with the reason.
+        """
+        mlc = Lifecycle(
+            name=name, model=request.model, version=request.version,
+            spec=request.spec or default_spec,
+        )
+        self._mlc = mlc
+        info = workflow.info()
+        workflow.upsert_search_attributes([
+            names.SA_MODEL.value_set(request.model),
+            names.SA_VERSION.value_set(request.version),
+        ])
+        try:
+            begun: BeginRunResult = await workflow.execute_activity(
+                names.BEGIN_RUN,
+                BeginRunInput(
+                    workflow_id=info.workflow_id, run_id=info.run_id, model=request.model,
+                    version=request.version, lifecycle=name,
+                ),
+                result_type=BeginRunResult,
+                start_to_close_timeout=INVENTORY_TIMEOUT, retry_policy=RETRY,
+            )
+        except ActivityError as exc:
+            raise ApplicationError(cause_message(exc), type="LifecycleNotStarted") from exc
+        mlc.snapshot = begun.snapshot
+        workflow.upsert_search_attributes(
+            [names.SA_SERVICE_TAG.value_set(list(begun.snapshot.service_tags))]
+        )
+        try:
+            await body(mlc)
+        except (LifecycleFailure, ActivityError) as exc:
+            kind = exc.kind if isinstance(exc, LifecycleFailure) else "LifecycleFailed"
+            reason = exc.reason if isinstance(exc, LifecycleFailure) else cause_message(exc)
+            await self._fail(mlc, reason)
+            raise ApplicationError(reason, type=kind, non_retryable=True) from exc
+        mlc.state = LifecycleState.SUCCEEDED
+        workflow.set_current_details(f"**{mlc.model}@{mlc.version}** finished: succeeded")
+        await mlc.record_run(ended=True)
+        await mlc.notify(f"{mlc.model}@{mlc.version} completed {name}")
+        await workflow.wait_condition(workflow.all_handlers_finished)
+        last = mlc.stages[-1].name
+        return LifecycleResult(
+            model=mlc.model, version=mlc.version, stages=tuple(s.name for s in mlc.stages),
+            deployments=tuple(mlc.deployments(last, live=False)),
+        )
+
+    async def _fail(self, mlc: Lifecycle, reason: str) -> None:
+        if mlc.stage is not None:
+            await mlc.undeploy(mlc.deployments(mlc.stage))
+        mlc.reason = reason
+        mlc.state = LifecycleState.FAILED
+        workflow.set_current_details(f"**{mlc.model}@{mlc.version}** failed: {reason}")
+        await mlc.record_run(ended=True)
+        await mlc.notify(f"{mlc.model}@{mlc.version} failed: {reason}")
+        await workflow.wait_condition(workflow.all_handlers_finished)
