@@ -50,7 +50,9 @@ RUN set -eu; \
     fi; \
     /opt/mlc/bin/pip install --quiet $index_opts "/src${EXTRAS:+[$EXTRAS]}"; \
     /opt/mlc/bin/mlc --help >/dev/null 2>&1 || echo "note: 'mlc --help' failed (is mlc.cli written yet?)"; \
-    install -m 0644 /src/deploy/worker/healthcheck.py /opt/mlc/healthcheck.py
+    install -m 0644 /src/deploy/worker/healthcheck.py /opt/mlc/healthcheck.py; \
+    mkdir -p /opt/mlc/examples; \
+    if [ -d /src/examples/models ]; then cp -r /src/examples/models /opt/mlc/examples/; fi
 
 FROM ${BASE}
 ARG MLC_UID=10001
@@ -67,6 +69,12 @@ RUN set -eu; \
     mkdir -p /var/lib/mlc; \
     chown mlc:mlc /var/lib/mlc
 COPY --from=build /opt/mlc /opt/mlc
+# The example models for `mlc demo`: mlc.examples looks for examples/models next to the
+# installed packages, and trains the example in place, so its folder belongs to mlc.
+RUN set -eu; \
+    site="$(/opt/mlc/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"; \
+    mv /opt/mlc/examples "$site/examples"; \
+    chown -R mlc:mlc "$site/examples"
 USER mlc
 WORKDIR /home/mlc
 # Healthy when Temporal answers and some worker polls $MLC_TASK_QUEUE.

@@ -67,9 +67,7 @@ class TestingActivities:
             results = [
                 check_samples(manifest, sample_outputs, deployment_id=deployment.id)
                 if kind is TestKind.SMOKE
-                else evaluate_outputs(
-                    manifest, evaluation.labels, eval_outputs, deployment_id=deployment.id
-                )
+                else evaluate_outputs(manifest, evaluation.labels, eval_outputs, deployment_id=deployment.id)
                 for kind in input.tests
             ]
             return RunStageTestsResult(results=tuple(results))
@@ -81,13 +79,9 @@ class TestingActivities:
                 non_retryable=True,
             )
         if self.client is not None:
-            return await self._online(
-                self.client, input, manifest, evaluation.records, evaluation.labels
-            )
+            return await self._online(self.client, input, manifest, evaluation.records, evaluation.labels)
         async with httpx.AsyncClient(timeout=HTTP_TIMEOUT) as client:
-            return await self._online(
-                client, input, manifest, evaluation.records, evaluation.labels
-            )
+            return await self._online(client, input, manifest, evaluation.records, evaluation.labels)
 
     def _prepare(self, input: RunStageTestsInput) -> tuple[ModelManifest, EvaluationSet]:
         """Unpack the snapshot's package and read its manifest and evaluation data."""
@@ -139,9 +133,7 @@ class TestingActivities:
                     outputs.append(await _post(client, url, case.input, deployment))
                 results.append(check_samples(manifest, outputs, deployment_id=deployment.id))
             else:
-                results.append(
-                    await self._online_metrics(client, url, input, manifest, records, labels)
-                )
+                results.append(await self._online_metrics(client, url, input, manifest, records, labels))
         return RunStageTestsResult(results=tuple(results))
 
     async def _online_metrics(
@@ -164,8 +156,7 @@ class TestingActivities:
                     test=TestKind.METRICS,
                     deployment_id=deployment.id,
                     passed=False,
-                    summary=f"scoring evaluation records {start}-{start + len(chunk) - 1} "
-                    f"failed: {answer}",
+                    summary=f"scoring evaluation records {start}-{start + len(chunk) - 1} failed: {answer}",
                 )
             outputs.extend(answer)
         return evaluate_outputs(manifest, labels, outputs, deployment_id=deployment.id)
@@ -211,6 +202,4 @@ def _decode(line: bytes) -> Any:
 
 def _final(exc: MLCError, prefix: str = "") -> ApplicationError:
     """A non-retryable ApplicationError typed after the project error it wraps."""
-    return ApplicationError(
-        f"{prefix}{exc}", type=type(exc).__name__, non_retryable=not exc.retryable
-    )
+    return ApplicationError(f"{prefix}{exc}", type=type(exc).__name__, non_retryable=not exc.retryable)

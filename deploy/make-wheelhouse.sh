@@ -16,7 +16,8 @@
 #   PYTHON       interpreter whose pip downloads the wheels (default: .venv/bin/python
 #                when it exists, else python3)
 #   WHEELHOUSE   output folder (default: build/wheelhouse); the Dockerfiles only look there
-#   MLC_EXTRAS   extras of the project to include, e.g. "embedded" (default: none)
+#   MLC_EXTRAS   extras of the project to include, as for the worker image in compose
+#                (default "models"; "" for none)
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
@@ -24,8 +25,9 @@ if [ -z "${PYTHON:-}" ]; then
     if [ -x .venv/bin/python ]; then PYTHON=.venv/bin/python; else PYTHON=python3; fi
 fi
 WHEELHOUSE="${WHEELHOUSE:-build/wheelhouse}"
+extras="${MLC_EXTRAS-models}"
 project="."
-if [ -n "${MLC_EXTRAS:-}" ]; then project=".[${MLC_EXTRAS}]"; fi
+if [ -n "$extras" ]; then project=".[${extras}]"; fi
 
 mkdir -p "$WHEELHOUSE"
 WHEELHOUSE="$(cd "$WHEELHOUSE" && pwd)"

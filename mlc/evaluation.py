@@ -73,9 +73,7 @@ def test_dataset(manifest: ModelManifest, package_dir: Path) -> list[Record]:
 test_dataset.__test__ = False  # type: ignore[attr-defined]  # not a pytest test
 
 
-def check_samples(
-    manifest: ModelManifest, outputs: Sequence[Any], *, deployment_id: str
-) -> TestResult:
+def check_samples(manifest: ModelManifest, outputs: Sequence[Any], *, deployment_id: str) -> TestResult:
     """The smoke test: does each sample's output match its expected fields?
 
     Only fields named in ``expected`` are compared; numbers within the sample's
@@ -115,7 +113,8 @@ def _sample_problem(case: SampleCase, output: Any) -> str | None:
         actual = output[field]
         if _is_number(expected) and _is_number(actual):
             if abs(float(actual) - float(expected)) > case.tolerance:
-                return f"{field} = {actual}, expected {expected} ± {case.tolerance:g}"
+                margin = f" ± {case.tolerance:g}" if isinstance(expected, float) else ""
+                return f"{field} = {actual}, expected {expected}{margin}"
         elif actual != expected:
             return f"{field} = {_short(actual)}, expected {_short(expected)}"
     return None
@@ -198,9 +197,7 @@ def check_thresholds(
     for name, minimum in thresholds.items():
         value = metrics.get(name)
         if value is None or math.isnan(value):
-            failed.append(
-                f"{name} not computed (needs both classes and, for decisions, a prediction field)"
-            )
+            failed.append(f"{name} not computed (needs both classes and, for decisions, a prediction field)")
         elif value < minimum:
             failed.append(f"{name} {value:.3f} < {minimum:.3f}")
         else:
@@ -250,8 +247,7 @@ def evaluate_outputs(
         if not _is_number(score):
             return _metrics_failure(
                 deployment_id,
-                f"evaluation record {index}: output {_short(output)} "
-                f"has no numeric {spec.score_field!r}",
+                f"evaluation record {index}: output {_short(output)} has no numeric {spec.score_field!r}",
             )
         scores.append(float(score))
         if predictions is not None:
@@ -264,6 +260,4 @@ def evaluate_outputs(
 
 
 def _metrics_failure(deployment_id: str, summary: str) -> TestResult:
-    return TestResult(
-        test=TestKind.METRICS, deployment_id=deployment_id, passed=False, summary=summary
-    )
+    return TestResult(test=TestKind.METRICS, deployment_id=deployment_id, passed=False, summary=summary)

@@ -48,9 +48,7 @@ def prepare_example_model(dest: Path | None = None, *, name: str = "cc-fraud") -
         _train(source)
     if dest is None:
         return source
-    shutil.copytree(
-        source, dest, dirs_exist_ok=True, ignore=shutil.ignore_patterns("__pycache__", "*.tmp")
-    )
+    shutil.copytree(source, dest, dirs_exist_ok=True, ignore=shutil.ignore_patterns("__pycache__", "*.tmp"))
     _train(dest)
     return dest
 

@@ -55,6 +55,7 @@ from mlc.domain import DockerSettings, ModelSnapshot, Runtime
 from mlc.errors import DeploymentFailedError
 from mlc.evaluation import test_dataset
 from mlc.manifest import load_manifest
+from mlc.serving.app import SHA256_ENV, VERSION_ENV
 
 CONTAINER_PORT = 8080
 """Where the server listens inside a container that is not on the host network."""
@@ -102,9 +103,10 @@ def _restart_policy(value: str) -> dict[str, Any]:
     return policy
 
 
-def _limits(settings: DockerSettings) -> dict[str, Any]:
-    """Resource and hardening options shared by online and batch containers."""
+def _container_options(settings: DockerSettings, snapshot: ModelSnapshot) -> dict[str, Any]:
+    """Options shared by online and batch containers: identity, limits and hardening."""
     return {
+        "environment": {VERSION_ENV: str(snapshot.version), SHA256_ENV: snapshot.sha256},
         "nano_cpus": int(settings.cpus * 1e9),
         "mem_limit": settings.memory,
         "user": settings.user,
@@ -139,9 +141,7 @@ def _remove(container: Any) -> None:
 class DockerDriver(RuntimeDriver):
     """Deploys snapshots as containers on a Docker engine (local or remote)."""
 
-    async def deploy_online(
-        self, request: OnlineDeployRequest, heartbeat: Heartbeat
-    ) -> OnlineDeployResult:
+    async def deploy_online(self, request: OnlineDeployRequest, heartbeat: Heartbeat) -> OnlineDeployResult:
         """Start the deployment's container (or find the running one) and wait for ``/health``.
 
         Raises:
@@ -234,7 +234,7 @@ class DockerDriver(RuntimeDriver):
                 detach=True,
                 network_mode=settings.network_mode,
                 restart_policy=_restart_policy(settings.restart_policy),
-                **_limits(settings),
+                **_container_options(settings, request.snapshot),
                 **options,
             )
         except docker.errors.APIError as exc:
@@ -349,7 +349,7 @@ class DockerDriver(RuntimeDriver):
                 detach=True,
                 network_mode="none",
                 volumes={str(workdir): {"bind": "/data", "mode": "rw"}},
-                **_limits(settings),
+                **_container_options(settings, snapshot),
             )
             try:
                 summary = await self._wait_batch(container, request, heartbeat)
@@ -396,9 +396,7 @@ class DockerDriver(RuntimeDriver):
         return count
 
     @staticmethod
-    async def _wait_batch(
-        container: Any, request: BatchJobRequest, heartbeat: Heartbeat
-    ) -> dict[str, Any]:
+    async def _wait_batch(container: Any, request: BatchJobRequest, heartbeat: Heartbeat) -> dict[str, Any]:
         """Wait for the job to exit and return its summary (its last stdout line)."""
         started = time.monotonic()
         while True:
@@ -408,10 +406,7 @@ class DockerDriver(RuntimeDriver):
                 break
             heartbeat(f"batch job {container.name} running for {time.monotonic() - started:.0f} s")
             await asyncio.sleep(min(HEARTBEAT_SECONDS, 0.1 + (time.monotonic() - started) / 4))
-        what = (
-            f"batch job of {request.snapshot.ref} in {request.stage} "
-            f"on runtime {request.runtime.name}"
-        )
+        what = f"batch job of {request.snapshot.ref} in {request.stage} on runtime {request.runtime.name}"
         if state["ExitCode"] != 0:
             tail = await asyncio.to_thread(_tail, container)
             raise DeploymentFailedError(

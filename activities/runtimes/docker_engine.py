@@ -67,9 +67,7 @@ def _open_client(settings: DockerSettings) -> Any:
     """
     if settings.base_url is None:
         return docker.from_env(version="auto")
-    return docker.DockerClient(
-        base_url=settings.base_url, tls=_tls_config(settings), version="auto"
-    )
+    return docker.DockerClient(base_url=settings.base_url, tls=_tls_config(settings), version="auto")
 
 
 @contextlib.contextmanager
@@ -125,9 +123,7 @@ class Progress:
         self.note = note
 
 
-async def run_with_heartbeats(
-    fn: Callable[[Progress], T], heartbeat: Heartbeat, *, first_note: str
-) -> T:
+async def run_with_heartbeats(fn: Callable[[Progress], T], heartbeat: Heartbeat, *, first_note: str) -> T:
     """Run blocking ``fn(progress)`` in a thread, heartbeating its latest note meanwhile.
 
     Heartbeats are sent from the event loop, never from the thread, because Temporal's

@@ -85,18 +85,37 @@ class PythonTarget:
 
     major: int
     minor: int
-    platform: str
-    """A manylinux tag such as ``manylinux_2_36_x86_64``; pip also accepts older ones for it."""
+    platforms: tuple[str, ...]
+    """Wheel platform tags it accepts, most specific first."""
 
     def pip_args(self) -> list[str]:
         """``pip download`` options selecting wheels for this interpreter."""
-        version = f"{self.major}{self.minor}"
-        return [
+        args = [
             "--python-version", f"{self.major}.{self.minor}",
             "--implementation", "cp",
-            "--abi", f"cp{version}",
-            "--platform", self.platform,
+            "--abi", f"cp{self.major}{self.minor}",
         ]  # fmt: skip
+        for platform in self.platforms:
+            args += ["--platform", platform]
+        return args
+
+
+_LEGACY_MANYLINUX = {17: "manylinux2014", 12: "manylinux2010", 5: "manylinux1"}
+
+
+def manylinux_platforms(glibc: str, machine: str) -> tuple[str, ...]:
+    """Every manylinux tag a glibc ``glibc`` (e.g. ``2.36``) system on ``machine`` runs.
+
+    pip does not widen an explicit ``--platform manylinux_2_36_x86_64`` to older glibc
+    versions (which is what most wheels are built for), so the list is spelled out.
+    """
+    major, _, minor = glibc.partition(".")
+    tags: list[str] = []
+    for version in range(int(minor), 4, -1):
+        tags.append(f"manylinux_{major}_{version}_{machine}")
+        if major == "2" and version in _LEGACY_MANYLINUX:
+            tags.append(f"{_LEGACY_MANYLINUX[version]}_{machine}")
+    return tuple(tags)
 
 
 def image_tag(snapshot: ModelSnapshot) -> str:
@@ -142,8 +161,7 @@ def render_dockerfile(base_image: str, requirements: list[str]) -> str:
             f"COPY model {PACKAGE_DIR}",
             # Containers run with a read-only root: compile now, never write bytecode later.
             f"RUN {json.dumps(compile_sources)}",
-            "ENV PYTHONPATH=/opt/mlc:/opt/site HOME=/tmp "
-            "PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1",
+            "ENV PYTHONPATH=/opt/mlc:/opt/site HOME=/tmp PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1",
             "USER 65534:65534",
             "WORKDIR /tmp",
             "",
@@ -293,11 +311,8 @@ async def _probe_python(client: Any, runtime: Runtime, base: str) -> PythonTarge
             f"runtime {runtime.name}: base image {base!r} has {' '.join(words) or 'no python3'}; "
             "model images need CPython >= 3.11 on glibc (manylinux wheels)"
         )
-    glibc_major, _, glibc_minor = words[5].partition(".")
     return PythonTarget(
-        major=int(words[1]),
-        minor=int(words[2]),
-        platform=f"manylinux_{glibc_major}_{glibc_minor}_{words[3]}",
+        major=int(words[1]), minor=int(words[2]), platforms=manylinux_platforms(words[5], words[3])
     )
 
 
@@ -332,9 +347,7 @@ def download_wheelhouse(
         "--dest", str(partial), *target.pip_args(), *requirements,
     ]  # fmt: skip
     tail: collections.deque[str] = collections.deque(maxlen=_LOG_TAIL_LINES)
-    with subprocess.Popen(
-        command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-    ) as pip:
+    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as pip:
         assert pip.stdout is not None  # stdout=PIPE
         for line in pip.stdout:
             tail.append(line.rstrip())
@@ -343,7 +356,7 @@ def download_wheelhouse(
         shutil.rmtree(partial, ignore_errors=True)
         raise DeploymentFailedError(
             f"{snapshot.ref}: could not download wheels for Python {target.major}.{target.minor} "
-            f"({target.platform}) with `pip download --only-binary=:all:`; check the model's "
+            f"(glibc, {target.platforms[0]}) with `pip download --only-binary=:all:`; check the model's "
             "requirements in manifest.yaml and that the package index is reachable. pip said:\n"
             + "\n".join(tail)
         )
@@ -403,9 +416,7 @@ def _build(
     error: str | None = None
     with tempfile.TemporaryDirectory(dir=builds) as tmp, log_path.open("w") as log:
         context = Path(tmp)
-        _write_context(
-            context, settings=settings, snapshot=snapshot, wheels=wheels, dockerfile=dockerfile
-        )
+        _write_context(context, settings=settings, snapshot=snapshot, wheels=wheels, dockerfile=dockerfile)
         stream = client.api.build(
             path=str(context),
             tag=tag,

@@ -60,9 +60,7 @@ _children: dict[int, subprocess.Popen[bytes]] = {}
 class LocalDriver(RuntimeDriver):
     """Runs ``python -m mlc.serving`` with this interpreter, bound to 127.0.0.1."""
 
-    async def deploy_online(
-        self, request: OnlineDeployRequest, heartbeat: Heartbeat
-    ) -> OnlineDeployResult:
+    async def deploy_online(self, request: OnlineDeployRequest, heartbeat: Heartbeat) -> OnlineDeployResult:
         """Reuse the deployment's live server, or unpack and start one, then wait for health.
 
         Raises:
@@ -70,20 +68,16 @@ class LocalDriver(RuntimeDriver):
         """
         workdir = self.workdir(request.runtime, request.deployment_id)
         state = _read_state(workdir)
-        if state is not None and not (
-            state.get("sha256") == request.snapshot.sha256 and _alive(int(state["pid"]))
-        ):
-            await _stop(int(state["pid"]))
-            state = None
-        if state is None:
-            state = await asyncio.to_thread(self._start, request, workdir)
-        pid, port = int(state["pid"]), int(state["port"])
-        endpoint = f"http://{HOST}:{port}"
-        await _wait_healthy(request, endpoint, pid, workdir, heartbeat)
-        return OnlineDeployResult(
-            endpoint=endpoint,
-            details={"pid": pid, "port": port, "log": str(workdir / SERVER_LOG)},
-        )
+        if state is not None:
+            if state.get("sha256") == request.snapshot.sha256 and _alive(int(state["pid"])):
+                try:
+                    return await _wait_healthy(request, state, workdir, heartbeat)
+                except DeploymentFailedError:
+                    pass  # it died or hung since it was recorded (and is stopped now): replace it
+            else:
+                await _stop(int(state["pid"]))
+        state = await asyncio.to_thread(self._start, request, workdir)
+        return await _wait_healthy(request, state, workdir, heartbeat)
 
     def _start(self, request: OnlineDeployRequest, workdir: Path) -> dict[str, Any]:
         """Unpack the snapshot, start a detached server on a free port and record it."""
@@ -119,9 +113,7 @@ class LocalDriver(RuntimeDriver):
     def _unpack(self, snapshot: ModelSnapshot, workdir: Path) -> Path:
         """Extract the snapshot's archive into ``workdir/package``."""
         workdir.mkdir(parents=True, exist_ok=True)
-        return ArtifactStore(self.settings.artifact_dir).unpack(
-            snapshot.sha256, workdir / PACKAGE_DIR
-        )
+        return ArtifactStore(self.settings.artifact_dir).unpack(snapshot.sha256, workdir / PACKAGE_DIR)
 
     async def run_batch(self, request: BatchJobRequest, heartbeat: Heartbeat) -> BatchJobResult:
         """Score the input (or the package's test dataset) with a child process, then clear up.
@@ -167,9 +159,7 @@ class LocalDriver(RuntimeDriver):
             else []
         )
         for deployment_id in orphans:
-            await self.undeploy(
-                UndeployRequest(deployment_id=deployment_id, runtime=request.runtime)
-            )
+            await self.undeploy(UndeployRequest(deployment_id=deployment_id, runtime=request.runtime))
         return CleanupResult(removed=tuple(orphans))
 
 
@@ -227,13 +217,20 @@ async def _run_job(
             f"last lines of {log_path}:\n{_tail(log_path)}"
         )
     lines = stdout.decode().strip().splitlines()
+    if not lines:
+        raise DeploymentFailedError(
+            f"batch job for {request.snapshot.ref} (deployment {request.deployment_id}) exited "
+            f"without printing its summary; see {log_path}"
+        )
     return dict(json.loads(lines[-1]))
 
 
 async def _wait_healthy(
-    request: OnlineDeployRequest, endpoint: str, pid: int, workdir: Path, heartbeat: Heartbeat
-) -> None:
-    """Poll ``/health`` until it answers 200; stop the server and raise if it never does."""
+    request: OnlineDeployRequest, state: dict[str, Any], workdir: Path, heartbeat: Heartbeat
+) -> OnlineDeployResult:
+    """Poll ``/health`` of the recorded server until it answers 200; stop it and raise if not."""
+    pid, port = int(state["pid"]), int(state["port"])
+    endpoint = f"http://{HOST}:{port}"
     where = (
         f"model server for {request.snapshot.ref} (deployment {request.deployment_id}, "
         f"runtime {request.runtime.name})"
@@ -251,7 +248,10 @@ async def _wait_healthy(
             try:
                 response = await client.get(f"{endpoint}/health")
                 if response.status_code == 200:
-                    return
+                    return OnlineDeployResult(
+                        endpoint=endpoint,
+                        details={"pid": pid, "port": port, "log": str(workdir / SERVER_LOG)},
+                    )
             except httpx.TransportError:
                 pass
             if time.monotonic() > deadline:
@@ -289,11 +289,7 @@ def _alive(pid: int) -> bool:
 
 def _exit_code(pid: int) -> str:
     child = _children.get(pid)
-    return (
-        f" with code {child.returncode}"
-        if child is not None and child.returncode is not None
-        else ""
-    )
+    return f" with code {child.returncode}" if child is not None and child.returncode is not None else ""
 
 
 async def _stop(pid: int) -> None:

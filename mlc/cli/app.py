@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import os
 import sys
+import traceback
 from typing import Annotated
 
+import click
 import typer
 from temporalio.service import RPCError
 
@@ -36,24 +39,32 @@ stack_cmds.register(app)
 
 
 def main() -> None:
-    """Entry point: run the app; errors become one red line and exit code 1."""
+    """Entry point: run the app; errors become one red line and exit code 1.
+
+    The process ends with ``os._exit`` once output is flushed: the Temporal client's
+    native threads can otherwise abort the interpreter while it finalizes.
+    """
+    code = _run()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+def _run() -> int:
     try:
-        app(standalone_mode=False)
+        result = app(standalone_mode=False)
+        return result if isinstance(result, int) else 0
     except (MLCError, RPCError, ValueError) as exc:
         if STATE.debug:
-            raise
+            traceback.print_exc()
         message = exc.message if isinstance(exc, RPCError) else str(exc)
         err_console.print(f"[red]error:[/red] {message}", highlight=False)
-        sys.exit(1)
-    except typer.Abort:
+        return 1
+    except (typer.Abort, KeyboardInterrupt):
         err_console.print("aborted")
-        sys.exit(130)
+        return 130
     except typer.Exit as exc:
-        sys.exit(exc.exit_code)
-    except Exception as exc:  # click usage errors carry their own exit code
-        import click
-
-        if isinstance(exc, click.ClickException):
-            exc.show()
-            sys.exit(exc.exit_code)
-        raise
+        return int(exc.exit_code)
+    except click.ClickException as exc:
+        exc.show()
+        return exc.exit_code

@@ -25,15 +25,11 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--package", type=Path, required=True, help="model package directory")
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8080)
-    serve.add_argument(
-        "--max-batch", type=int, default=DEFAULT_MAX_BATCH, help="largest /score array"
-    )
+    serve.add_argument("--max-batch", type=int, default=DEFAULT_MAX_BATCH, help="largest /score array")
     batch = commands.add_parser("batch", help="score a JSON-lines file and exit")
     batch.add_argument("--package", type=Path, required=True, help="model package directory")
     batch.add_argument("--input", type=Path, required=True, help="JSON-lines records")
-    batch.add_argument(
-        "--output", type=Path, required=True, help="JSON-lines outputs, line for line"
-    )
+    batch.add_argument("--output", type=Path, required=True, help="JSON-lines outputs, line for line")
     batch.add_argument("--chunk-size", type=int, default=DEFAULT_CHUNK_SIZE)
     return parser
 
@@ -41,9 +37,7 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Run the command; return the process exit code."""
     args = _parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         if args.command == "serve":
             app = create_app(args.package, max_batch=args.max_batch)

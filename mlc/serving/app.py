@@ -99,17 +99,13 @@ class _ScoringService:
         if type(payload) is dict:
             problems = self.validator.problems((payload,))
             if problems:
-                return _error(
-                    422, f"the record does not match the input schema of model {name}", problems
-                )
+                return _error(422, f"the record does not match the input schema of model {name}", problems)
             try:
                 output = self.model.score(payload)
             except Exception as exc:
                 return self._model_failed("score()", exc)
             if type(output) is not dict:
-                return _error(
-                    500, f"model {name}: score() returned {type(output).__name__}, expected a dict"
-                )
+                return _error(500, f"model {name}: score() returned {type(output).__name__}, expected a dict")
             return self._render(output)
         if type(payload) is list:
             if len(payload) > self.max_batch:

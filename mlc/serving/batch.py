@@ -62,9 +62,7 @@ def run_batch(
                 _validate(validator, model, input_path, lines, records)
                 for output in _score(model, records, input_path, lines):
                     sink.write(
-                        orjson.dumps(
-                            output, option=orjson.OPT_SERIALIZE_NUMPY | orjson.OPT_APPEND_NEWLINE
-                        )
+                        orjson.dumps(output, option=orjson.OPT_SERIALIZE_NUMPY | orjson.OPT_APPEND_NEWLINE)
                     )
                 count += len(records)
         os.replace(tmp, output_path)
@@ -124,11 +122,7 @@ def _score(model: LoadedModel, records: list[Record], path: Path, lines: list[in
             f"model {model.name} raised {type(exc).__name__}: {exc} while scoring "
             f"{path} lines {lines[0]}-{lines[-1]}"
         ) from exc
-    if (
-        type(outputs) is not list
-        or len(outputs) != len(records)
-        or not all(type(o) is dict for o in outputs)
-    ):
+    if type(outputs) is not list or len(outputs) != len(records) or not all(type(o) is dict for o in outputs):
         raise ScoringError(
             f"model {model.name}: score_batch() must return a list of {len(records)} dicts "
             f"(scoring {path} lines {lines[0]}-{lines[-1]})"

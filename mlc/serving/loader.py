@@ -108,8 +108,7 @@ def load_model(package_dir: Path) -> LoadedModel:
     score = getattr(module, "score", None)
     if not callable(score):
         raise InvalidPackageError(
-            f"model {manifest.name}: entry module {manifest.entry_module!r} "
-            "has no score(record) function"
+            f"model {manifest.name}: entry module {manifest.entry_module!r} has no score(record) function"
         )
     init = getattr(module, "init", None)
     if callable(init):

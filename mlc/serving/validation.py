@@ -79,9 +79,7 @@ class RecordValidator:
                 continue
             missing = self._required.difference(record)
             for name in sorted(missing):
-                found.append(
-                    {"record": index, "field": name, "problem": "required field is missing"}
-                )
+                found.append({"record": index, "field": name, "problem": "required field is missing"})
             for name, value in record.items():
                 allowed = types.get(name)
                 if allowed is None:
@@ -92,9 +90,7 @@ class RecordValidator:
                             "problem": "unknown field (not in the input schema)",
                         }
                     )
-                elif type(value) not in allowed and not (
-                    value is None and name not in self._required
-                ):
+                elif type(value) not in allowed and not (value is None and name not in self._required):
                     found.append(
                         {
                             "record": index,

@@ -60,8 +60,9 @@ def generate(rows: int, rng: np.random.Generator) -> list[dict[str, object]]:
 
 def _hour_weights() -> np.ndarray:
     """Daytime-heavy distribution of transaction hours."""
-    weights = np.array([1, 1, 1, 1, 1, 2, 3, 5, 7, 8, 8, 9, 10, 9, 8, 8, 8, 9, 9, 8, 6, 4, 3, 2])
-    return weights / weights.sum()
+    weights = np.array([1, 1, 1, 1, 1, 2, 3, 5, 7, 8, 8, 9, 10, 9, 8, 8, 8, 9, 9, 8, 6, 4, 3, 2], dtype=float)
+    normalised: np.ndarray = weights / weights.sum()
+    return normalised
 
 
 def write_jsonl(path: Path, records: list[dict[str, object]]) -> None:
@@ -80,9 +81,7 @@ def main() -> None:
     write_jsonl(DATA_DIR / "train.jsonl", train)
     write_jsonl(DATA_DIR / "eval.jsonl", evaluation)
     rate = sum(r["is_fraud"] == 1 for r in train) / len(train)
-    print(
-        f"wrote {len(train)} training and {len(evaluation)} evaluation rows; fraud rate {rate:.3f}"
-    )
+    print(f"wrote {len(train)} training and {len(evaluation)} evaluation rows; fraud rate {rate:.3f}")
 
 
 if __name__ == "__main__":

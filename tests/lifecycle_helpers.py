@@ -1,0 +1,50 @@
+"""Helpers for lifecycle tests: start like the Web UI, wait for gates, read the inventory."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+from temporalio.api.common.v1 import Payload
+from temporalio.client import Client, WorkflowHandle
+from temporalio.common import RawValue
+
+from mlc.domain import LifecycleState
+from mlc.operations import read_status
+from mlc.payloads import LifecycleResult, LifecycleStatus
+
+
+async def start_like_ui(
+    client: Client, body: dict[str, Any], *, workflow_id: str, task_queue: str,
+    workflow: str = "ModelLifecycle",
+) -> WorkflowHandle[Any, Any]:
+    """Start a workflow the way the Web UI's start form does: one raw json/plain payload."""
+    raw = Payload(metadata={"encoding": b"json/plain"}, data=json.dumps(body).encode())
+    return await client.start_workflow(
+        workflow, RawValue(raw), id=workflow_id, task_queue=task_queue, result_type=LifecycleResult
+    )
+
+
+async def wait_for(
+    handle: WorkflowHandle[Any, Any], predicate: Any, *, timeout: float = 90.0, what: str = "state"
+) -> LifecycleStatus:
+    """Poll the status query until ``predicate(status)`` holds."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    last: LifecycleStatus | None = None
+    while asyncio.get_running_loop().time() < deadline:
+        last = await read_status(handle)
+        if last is not None and predicate(last):
+            return last
+        if last is not None and last.state is LifecycleState.FAILED:
+            raise AssertionError(f"lifecycle failed while waiting for {what}: {last.reason}")
+        await asyncio.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}; last status: {last}")
+
+
+async def wait_for_gate(handle: WorkflowHandle[Any, Any], stage: str) -> LifecycleStatus:
+    """Wait until the run waits for a decision at ``stage``."""
+    return await wait_for(
+        handle, lambda s: s.pending_gate is not None and s.pending_gate.stage == stage,
+        what=f"the gate at {stage}",
+    )

@@ -1,0 +1,309 @@
+"""DockerDriver against a real Docker engine and the local base image.
+
+Needs dockerd and ``mlc-python:3.11-bookworm`` (``scripts/docker-engine.sh`` provides
+both). Without them the module is skipped locally, but fails under ``CI=true``: a CI run
+that silently skipped the container tests would prove nothing.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import docker
+import httpx
+import pytest
+
+from activities.runtimes.base import (
+    BatchJobRequest,
+    CleanupRequest,
+    OnlineDeployRequest,
+    UndeployRequest,
+)
+from activities.runtimes.docker import DockerDriver, container_name
+from activities.runtimes.docker_images import manylinux_platforms
+from mlc import evaluation
+from mlc.artifacts import ArtifactStore, build_archive
+from mlc.config import Settings
+from mlc.domain import DockerSettings, ModelSnapshot, Runtime, RuntimeKind
+from mlc.errors import DeploymentFailedError, RuntimeUnavailableError
+from mlc.examples import prepare_example_model
+from mlc.manifest import load_manifest
+
+BASE_IMAGE = "mlc-python:3.11-bookworm"
+CRASH_MODEL = Path(__file__).parent / "fixtures" / "models" / "crash-model"
+CC_FRAUD_SAMPLE = {
+    "amount": 2450.0,
+    "hour": 3,
+    "merchant_risk": 0.85,
+    "distance_from_home": 4200.0,
+    "foreign": True,
+    "card_present": False,
+    "velocity_24h": 9,
+}
+
+
+@pytest.fixture(scope="module")
+def engine() -> Iterator[Any]:
+    """A client of the local engine, after checking it has the base image."""
+    try:
+        client = docker.from_env(version="auto")
+        client.images.get(BASE_IMAGE)
+    except docker.errors.DockerException as exc:
+        reason = f"docker engine or base image {BASE_IMAGE} unavailable ({exc}); run scripts/docker-engine.sh"
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(f"CI=true: {reason}")
+        pytest.skip(reason)
+    yield client
+    client.close()
+
+
+@pytest.fixture(scope="module")
+def settings(tmp_path_factory: pytest.TempPathFactory) -> Settings:
+    """One MLC_HOME for the module: the wheelhouse is downloaded once."""
+    return Settings.from_env(home=tmp_path_factory.mktemp("mlc-home"))
+
+
+def _runtime(name: str, **docker_options: Any) -> Runtime:
+    return Runtime(
+        name=name,
+        kind=RuntimeKind.DOCKER,
+        stage="DEV",
+        docker=DockerSettings(base_image=BASE_IMAGE, network_mode="host", **docker_options),
+    )
+
+
+@pytest.fixture(scope="module")
+def runtime(engine: Any) -> Iterator[Runtime]:
+    """A runtime with a name unique to this run, whose containers are all removed at the end."""
+    rt = _runtime(f"docker-test-{uuid.uuid4().hex[:8]}", memory="512m")
+    yield rt
+    for container in engine.containers.list(all=True, filters={"label": f"mlc.runtime={rt.name}"}):
+        container.remove(force=True)
+
+
+def _snapshot(settings: Settings, package: Path) -> ModelSnapshot:
+    manifest = load_manifest(package)
+    sha = ArtifactStore(settings.artifact_dir).put(build_archive(package))
+    return ModelSnapshot(
+        model=manifest.name,
+        version=1,
+        sha256=sha,
+        service_tags=manifest.service_tags,
+        entry_module=manifest.entry_module,
+        requirements=manifest.requirements,
+    )
+
+
+@pytest.fixture(scope="module")
+def cc_fraud(settings: Settings) -> ModelSnapshot:
+    """The trained cc-fraud example, registered in the module's artifact store."""
+    return _snapshot(settings, prepare_example_model())
+
+
+@pytest.fixture
+def notes() -> list[str]:
+    """Heartbeat notes of one test."""
+    return []
+
+
+def _containers(engine: Any, deployment_id: str) -> list[Any]:
+    return engine.containers.list(all=True, filters={"label": f"mlc.deployment-id={deployment_id}"})
+
+
+async def test_online_deploy_scores_in_a_hardened_container(
+    engine: Any, settings: Settings, runtime: Runtime, cc_fraud: ModelSnapshot, notes: list[str]
+) -> None:
+    driver = DockerDriver(settings)
+    deployment_id = f"cc-fraud-1-dev-{uuid.uuid4().hex[:6]}"
+    request = OnlineDeployRequest(
+        deployment_id=deployment_id, snapshot=cc_fraud, runtime=runtime, stage="DEV"
+    )
+
+    result = await driver.deploy_online(request, notes.append)
+
+    assert notes, "deploy sent no heartbeat"
+    async with httpx.AsyncClient(trust_env=False) as http:
+        response = await http.post(f"{result.endpoint}/score", json=CC_FRAUD_SAMPLE)
+    assert response.status_code == 200, response.text
+    assert response.json()["is_fraud"] == 1
+    container = engine.containers.get(result.details["container_id"])
+    host_config = container.attrs["HostConfig"]
+    assert host_config["ReadonlyRootfs"] is True
+    assert host_config["Memory"] == 512 * 1024**2
+    assert host_config["NanoCpus"] == 1_000_000_000
+    assert container.attrs["Config"]["User"] == "65534:65534"
+    assert container.exec_run(["python3", "-c", "import os; print(os.getuid())"]).output == b"65534\n"
+    assert container.labels["mlc.deployment-id"] == deployment_id
+    assert container.labels["mlc.runtime"] == runtime.name
+    assert container.labels["mlc.model"] == "cc-fraud"
+    assert container.labels["mlc.version"] == "1"
+    assert container.labels["mlc.stage"] == "DEV"
+    assert container.labels["mlc.mode"] == "online"
+    assert container.labels["mlc.endpoint"] == result.endpoint
+    image = engine.images.get(result.details["image_id"])
+    assert image.labels["mlc.sha256"] == cc_fraud.sha256
+    assert image.labels["mlc.base-image"] == BASE_IMAGE
+
+    again = await driver.deploy_online(request, notes.append)
+
+    assert again.endpoint == result.endpoint
+    assert again.details["container_id"] == result.details["container_id"]
+    assert again.details["reused"] is True
+    assert [c.id for c in _containers(engine, deployment_id)] == [container.id]
+
+    await driver.undeploy(UndeployRequest(deployment_id=deployment_id, runtime=runtime))
+    await driver.undeploy(UndeployRequest(deployment_id=deployment_id, runtime=runtime))
+    assert _containers(engine, deployment_id) == []
+
+
+async def test_online_deploy_on_a_network_publishes_a_port(
+    engine: Any, settings: Settings, cc_fraud: ModelSnapshot, notes: list[str]
+) -> None:
+    network = engine.networks.create(f"mlc-test-{uuid.uuid4().hex[:8]}")
+    runtime = Runtime(
+        name=f"docker-net-{uuid.uuid4().hex[:8]}",
+        kind=RuntimeKind.DOCKER,
+        stage="DEV",
+        docker=DockerSettings(base_image=BASE_IMAGE, network_mode=network.name),
+    )
+    driver = DockerDriver(settings)
+    request = OnlineDeployRequest(
+        deployment_id="cc-fraud-net", snapshot=cc_fraud, runtime=runtime, stage="DEV"
+    )
+    try:
+        result = await driver.deploy_online(request, notes.append)
+        again = await driver.deploy_online(request, notes.append)
+
+        assert result.endpoint.startswith("http://127.0.0.1:")
+        assert again.endpoint == result.endpoint and again.details["reused"] is True
+        async with httpx.AsyncClient(trust_env=False) as http:
+            response = await http.post(f"{result.endpoint}/score", json=CC_FRAUD_SAMPLE)
+        assert response.status_code == 200, response.text
+    finally:
+        await driver.undeploy(UndeployRequest(deployment_id="cc-fraud-net", runtime=runtime))
+        network.remove()
+
+
+async def test_batch_job_writes_output_and_leaves_no_container(
+    engine: Any, settings: Settings, runtime: Runtime, cc_fraud: ModelSnapshot, notes: list[str]
+) -> None:
+    driver = DockerDriver(settings)
+    deployment_id = f"cc-fraud-1-batch-{uuid.uuid4().hex[:6]}"
+    package = ArtifactStore(settings.artifact_dir).unpack(
+        cc_fraud.sha256, settings.home / "expected" / cc_fraud.sha256
+    )
+    expected = len(evaluation.test_dataset(load_manifest(package), package))
+
+    result = await driver.run_batch(
+        BatchJobRequest(deployment_id=deployment_id, snapshot=cc_fraud, runtime=runtime, stage="DEV"),
+        notes.append,
+    )
+
+    output = Path(result.output_path)
+    assert output.parent == driver.workdir(runtime, deployment_id)
+    assert len(output.read_bytes().splitlines()) == expected
+    assert result.records == expected
+    assert result.seconds > 0
+    assert _containers(engine, deployment_id) == []
+
+
+async def test_crashing_model_fails_with_log_tail_and_is_removed(
+    engine: Any, settings: Settings, runtime: Runtime, notes: list[str]
+) -> None:
+    driver = DockerDriver(settings)
+    deployment_id = f"crash-model-1-dev-{uuid.uuid4().hex[:6]}"
+    request = OnlineDeployRequest(
+        deployment_id=deployment_id,
+        snapshot=_snapshot(settings, CRASH_MODEL),
+        runtime=runtime,
+        stage="DEV",
+    )
+
+    with pytest.raises(DeploymentFailedError) as failure:
+        await driver.deploy_online(request, notes.append)
+
+    message = str(failure.value)
+    assert "crash-model@1" in message
+    assert "init() fails on purpose" in message  # from the container's log
+    assert _containers(engine, deployment_id) == []
+
+
+async def test_cleanup_removes_orphans_and_keeps_kept(
+    engine: Any, settings: Settings, cc_fraud: ModelSnapshot, notes: list[str]
+) -> None:
+    runtime = _runtime(f"docker-cleanup-{uuid.uuid4().hex[:8]}")
+    driver = DockerDriver(settings)
+    kept, orphan = (f"cc-fraud-1-{name}-{uuid.uuid4().hex[:6]}" for name in ("kept", "orphan"))
+    try:
+        for deployment_id in (kept, orphan):
+            await driver.deploy_online(
+                OnlineDeployRequest(
+                    deployment_id=deployment_id, snapshot=cc_fraud, runtime=runtime, stage="DEV"
+                ),
+                notes.append,
+            )
+
+        first = await driver.cleanup(CleanupRequest(runtime=runtime, keep=(kept,)))
+
+        assert first.removed == (orphan,)
+        assert _containers(engine, orphan) == []
+        assert [c.status for c in _containers(engine, kept)] == ["running"]
+
+        second = await driver.cleanup(CleanupRequest(runtime=runtime, keep=()))
+
+        assert second.removed == (kept,)
+        assert _containers(engine, kept) == []
+    finally:
+        for container in engine.containers.list(all=True, filters={"label": f"mlc.runtime={runtime.name}"}):
+            container.remove(force=True)
+
+
+async def test_missing_base_image_says_how_to_get_one(
+    engine: Any, settings: Settings, cc_fraud: ModelSnapshot, notes: list[str]
+) -> None:
+    runtime = Runtime(
+        name="docker-no-base",
+        kind=RuntimeKind.DOCKER,
+        stage="DEV",
+        docker=DockerSettings(base_image="mlc-test/no-such-image:0"),
+    )
+    request = OnlineDeployRequest(deployment_id="no-base", snapshot=cc_fraud, runtime=runtime, stage="DEV")
+
+    with pytest.raises(DeploymentFailedError, match="scripts/docker-engine.sh") as failure:
+        await DockerDriver(settings).deploy_online(request, notes.append)
+
+    assert "mlc-test/no-such-image:0" in str(failure.value)
+    assert _containers(engine, "no-base") == []
+
+
+async def test_unreachable_engine_is_retryable_and_named(tmp_path: Path, notes: list[str]) -> None:
+    url = f"unix://{tmp_path}/no-engine.sock"
+    runtime = Runtime(
+        name="docker-away", kind=RuntimeKind.DOCKER, stage="DEV", docker=DockerSettings(base_url=url)
+    )
+
+    with pytest.raises(RuntimeUnavailableError) as failure:
+        await DockerDriver(Settings.from_env(home=tmp_path)).undeploy(
+            UndeployRequest(deployment_id="anything", runtime=runtime)
+        )
+
+    assert failure.value.retryable
+    assert "docker-away" in str(failure.value) and url in str(failure.value)
+
+
+def test_wheel_platforms_cover_older_glibc_and_legacy_tags() -> None:
+    platforms = manylinux_platforms("2.36", "x86_64")
+
+    assert platforms[0] == "manylinux_2_36_x86_64"  # most specific first
+    assert {"manylinux_2_17_x86_64", "manylinux2014_x86_64", "manylinux1_x86_64"} <= set(platforms)
+
+
+def test_container_names_are_valid_and_keep_ids_apart() -> None:
+    assert container_name("cc-fraud-1-dev") == "mlc-cc-fraud-1-dev"
+    odd = container_name("cc-fraud@1/DEV")
+    assert odd.startswith("mlc-cc-fraud-1-DEV-")
+    assert odd != container_name("cc-fraud@1:DEV")
