@@ -86,6 +86,23 @@ class ArtifactStore:
             raise InvalidPackageError(f"artifact {path} is corrupt: its sha256 does not match")
         dest.mkdir(parents=True, exist_ok=True)
         with tarfile.open(fileobj=io.BytesIO(data), mode="r:gz") as tar:
-            tar.extractall(dest, filter="data")
+            _safe_extract(tar, dest)
         marker.write_text(sha256)
         return dest
+
+
+def _safe_extract(tar: tarfile.TarFile, dest: Path) -> None:
+    """Extract only regular files and folders that stay inside ``dest``.
+
+    Uses tarfile's "data" filter where it exists (Python >= 3.11.4); older 3.11 builds
+    (Debian bookworm's python3 in model images) get the same checks done here.
+    """
+    if hasattr(tarfile, "data_filter"):
+        tar.extractall(dest, filter="data")
+        return
+    root = dest.resolve()
+    for member in tar.getmembers():
+        target = (root / member.name).resolve()
+        if not (member.isfile() or member.isdir()) or not target.is_relative_to(root):
+            raise InvalidPackageError(f"archive member {member.name!r} is not allowed in a model package")
+    tar.extractall(dest)

@@ -25,6 +25,7 @@
 #   MLC_HOME_PATH         host folder behind mlc-home (default: a fresh folder under /tmp,
 #                         removed at the end unless KEEP=1)
 #   MLC_SMOKE_TIMEOUT     seconds to wait for health (default 300)
+#   MLC_SMOKE_DEMO_TIMEOUT  seconds `mlc demo --yes` may take (default 600)
 #   KEEP                  1 keeps the stack up at the end
 set -euo pipefail
 
@@ -175,7 +176,11 @@ step_end "verify"
 
 if [ "$have_cli" -eq 1 ]; then
     step_start "mlc demo --yes (worker container)"
-    compose exec -T worker mlc demo --yes
+    # A failing activity is retried forever, so bound the demo: a hang is a failure.
+    timeout "${MLC_SMOKE_DEMO_TIMEOUT:-600}" \
+        docker-compose -p "$PROJECT" -f docker-compose.yml -f docker-compose.local.yml \
+        exec -T worker mlc demo --yes \
+        || die "mlc demo --yes failed or took over ${MLC_SMOKE_DEMO_TIMEOUT:-600}s (worker logs below)"
     step_end "mlc demo --yes"
 else
     say "skipped the lifecycle run: no mlc.cli yet"

@@ -147,6 +147,10 @@ def test_worker_mounts_docker_and_sets_env(profile: str) -> None:
     mounts = dict((target, source) for source, target in _volume_sources(worker))
     assert mounts.get("/var/run/docker.sock") == "/var/run/docker.sock"
     assert mounts.get(env["MLC_HOME"]) == "mlc-home", "MLC_HOME must be the mlc-home named volume"
+    # Docker runtimes bind-mount folders under MLC_HOME into model containers, and the
+    # host's engine resolves them on the host: the volume must be that same host folder.
+    device = data["volumes"]["mlc-home"]["driver_opts"]["device"]
+    assert device == env["MLC_HOME"], f"mlc-home is backed by {device}, MLC_HOME is {env['MLC_HOME']}"
     assert worker.get("group_add"), "worker needs the docker socket's group (DOCKER_GID)"
     assert "build" in worker and worker.get("image")
     assert env["MLC_DATABASE_URL"].startswith("postgresql://mlc:")

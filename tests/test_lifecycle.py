@@ -9,6 +9,7 @@ import pytest
 from temporalio.client import WorkflowFailureError
 
 from mlc.domain import Decision, DeploymentState, LifecycleState
+from mlc.operations import read_status
 from mlc.store import audit, deployments, runs
 from tests.conftest import APPROVER, FIXTURES, Stack
 from tests.lifecycle_helpers import start_like_ui, wait_for_gate
@@ -171,7 +172,7 @@ async def test_one_snapshot_runs_one_lifecycle_at_a_time(stack: Stack, example_p
     with pytest.raises(WorkflowFailureError) as failure:
         await second.result()
     assert "already has a running lifecycle" in str(failure.value.cause)
-    assert (await first.query("status")).state is LifecycleState.AWAITING_APPROVAL
+    assert (await read_status(first)).state is LifecycleState.AWAITING_APPROVAL
     await first.terminate("test over")
 
 

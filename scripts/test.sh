@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Fresh machine -> the whole test suite against real Temporal, PostgreSQL and Docker.
+# Installs the project, installs/starts a Docker engine and builds the local base image
+# when needed (scripts/docker-engine.sh), lints, type-checks, then runs pytest.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+./scripts/setup.sh
+./scripts/docker-engine.sh
+if ! command -v docker-compose >/dev/null 2>&1; then
+  echo "==> installing docker-compose"
+  apt-get install -y -qq docker-compose >/dev/null
+fi
+echo "==> ruff"
+.venv/bin/ruff check .
+echo "==> mypy"
+.venv/bin/mypy mlc workflows activities workers lifecycles
+echo "==> pytest"
+exec .venv/bin/pytest "$@"

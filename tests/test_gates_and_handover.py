@@ -1,0 +1,97 @@
+"""Approval gates that expire (time-skipping server) and the PROD handover."""
+
+from __future__ import annotations
+
+import shutil
+import uuid
+from dataclasses import replace
+from datetime import timedelta
+from pathlib import Path
+
+import httpx
+import pytest
+from temporalio.client import WorkflowFailureError
+from temporalio.contrib.pydantic import pydantic_data_converter
+from temporalio.testing import WorkflowEnvironment
+
+from mlc.domain import ApprovalGate, DeploymentState, LifecycleSpec, StageSpec, TestKind
+from mlc.store import audit, connect, deployments
+from tests.conftest import Stack
+from tests.lifecycle_helpers import start_like_ui, wait_for_gate
+from workers.client import ensure_search_attributes
+from workers.worker import build_main_worker
+
+ONE_GATE = LifecycleSpec(stages=(
+    StageSpec(name="UAT", tests=(TestKind.SMOKE,), gate=ApprovalGate(timeout=timedelta(days=3))),
+))
+
+
+async def test_gate_expires_on_time_skipping_server(stack: Stack, example_package: Path) -> None:
+    snap = await stack.register(example_package)
+    await stack.add_local_runtimes(("UAT",))
+    server = str(Path(shutil.which("temporal-test-server") or
+                      Path(__import__("sys").executable).parent / "temporal-test-server"))
+    async with await WorkflowEnvironment.start_time_skipping(
+        test_server_existing_path=server, data_converter=pydantic_data_converter
+    ) as env:
+        await ensure_search_attributes(env.client)
+        pool = await connect(stack.settings.database_url)
+        settings = replace(stack.settings, temporal_address="time-skipping")
+        try:
+            async with build_main_worker(env.client, settings, pool, task_queue=stack.task_queue):
+                handle = await start_like_ui(
+                    env.client,
+                    {"model": snap.model, "version": snap.version,
+                     "spec": ONE_GATE.model_dump(mode="json")},
+                    workflow_id=f"expire-{uuid.uuid4().hex[:8]}", task_queue=stack.task_queue,
+                )
+                with pytest.raises(WorkflowFailureError) as failure:
+                    await handle.result()
+        finally:
+            await pool.close()
+    assert "UAT gate expired by system" in str(failure.value.cause)
+    decisions = await audit.read_decisions(stack.pool, snap.model, snap.version)
+    assert [d["decision"] for d in decisions] == ["expired"]
+    uat = await deployments.read_deployments(stack.pool, model=snap.model, live_only=False)
+    assert uat and all(d.state is DeploymentState.RETIRED for d in uat), "expired gate undeploys"
+
+
+async def test_prod_handover_keeps_old_version_serving_until_new_is_healthy(
+    stack: Stack, example_package: Path, tmp_path: Path
+) -> None:
+    await stack.add_local_runtimes(("PROD",))
+    v1 = await stack.register(example_package)
+    prod_only = LifecycleSpec(stages=(StageSpec(name="PROD", tests=(TestKind.SMOKE,)),))
+    first = await start_like_ui(
+        stack.client, {"model": v1.model, "version": v1.version, "spec": prod_only.model_dump(mode="json")},
+        workflow_id=f"v1-{uuid.uuid4().hex[:8]}", task_queue=stack.task_queue,
+    )
+    await first.result()
+    (old,) = await deployments.read_deployments(stack.pool, model=v1.model, stage="PROD")
+
+    changed = tmp_path / "cc-fraud-v2"
+    shutil.copytree(example_package, changed)
+    (changed / "NOTES.md").write_text("v2: same model, new snapshot\n")
+    v2 = await stack.register(changed)
+    assert v2.version == v1.version + 1
+    gated = LifecycleSpec(stages=(StageSpec(name="PROD", tests=(TestKind.SMOKE,), gate=ApprovalGate()),))
+    second = await start_like_ui(
+        stack.client, {"model": v2.model, "version": v2.version, "spec": gated.model_dump(mode="json")},
+        workflow_id=f"v2-{uuid.uuid4().hex[:8]}", task_queue=stack.task_queue,
+    )
+    status = await wait_for_gate(second, "PROD")
+    assert status.reports[0].passed, "v2 is deployed, healthy and tested"
+    live = await deployments.read_deployments(stack.pool, model=v1.model, stage="PROD")
+    assert {d.version for d in live} == {v1.version, v2.version}, "both serve during the handover"
+    async with httpx.AsyncClient() as http:
+        assert (await http.get(f"{old.endpoint}/health")).status_code == 200
+
+    approved = await stack.mlc("approve", f"{v2.model}@{v2.version}", "--stage", "PROD")
+    assert approved.returncode == 0, approved.stderr
+    await second.result()
+    (new,) = await deployments.read_deployments(stack.pool, model=v1.model, stage="PROD")
+    assert new.version == v2.version and new.state is DeploymentState.SERVING
+    async with httpx.AsyncClient() as http:
+        with pytest.raises(httpx.TransportError):
+            await http.get(f"{old.endpoint}/health", timeout=2)
+        assert (await http.get(f"{new.endpoint}/health")).status_code == 200
