@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+from pathlib import Path
 from typing import Any
 
 from temporalio.api.common.v1 import Payload
@@ -48,3 +50,15 @@ async def wait_for_gate(handle: WorkflowHandle[Any, Any], stage: str) -> Lifecyc
         handle, lambda s: s.pending_gate is not None and s.pending_gate.stage == stage,
         what=f"the gate at {stage}",
     )
+
+
+HISTORIES = Path(__file__).parent / "histories"
+
+
+async def keep_history(handle: WorkflowHandle[Any, Any], workflow: str, name: str) -> None:
+    """With MLC_RECORD_HISTORIES=1, save the run's history for the replay test."""
+    if os.environ.get("MLC_RECORD_HISTORIES") != "1":
+        return
+    target = HISTORIES / workflow / f"{name}.json"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text((await handle.fetch_history()).to_json())

@@ -12,7 +12,7 @@ from mlc.domain import Decision, DeploymentState, LifecycleState
 from mlc.operations import read_status
 from mlc.store import audit, deployments, runs
 from tests.conftest import APPROVER, FIXTURES, Stack
-from tests.lifecycle_helpers import start_like_ui, wait_for_gate
+from tests.lifecycle_helpers import keep_history, start_like_ui, wait_for_gate
 
 
 def wid() -> str:
@@ -39,6 +39,7 @@ async def test_happy_path_reaches_prod_with_cli_approvals(stack: Stack, example_
         assert report.passed and report.results, report
         await approve(stack, ref, stage)
     result = await handle.result()
+    await keep_history(handle, "ModelLifecycle", "happy_path")
     assert result.stages == ("DEV", "SIT", "UAT", "PROD")
 
     live = await deployments.read_deployments(stack.pool, model=snap.model)
@@ -81,6 +82,7 @@ async def test_rejection_at_uat_undeploys_uat_and_fails(stack: Stack, example_pa
     assert result.returncode == 0, result.stderr
     with pytest.raises(WorkflowFailureError) as failure:
         await handle.result()
+    await keep_history(handle, "ModelLifecycle", "rejected_at_uat")
     assert "UAT gate rejected by alice: drift too high" in str(failure.value.cause)
     live = {d.stage for d in await deployments.read_deployments(stack.pool, model=snap.model)}
     assert live == {"DEV", "SIT"}
