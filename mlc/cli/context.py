@@ -82,7 +82,7 @@ def emit(rows: Sequence[BaseModel | dict[str, Any]], *, as_json: bool, columns: 
         return
     table = Table(title=title)
     for column in columns:
-        table.add_column(column)
+        table.add_column(column, overflow="fold")
     for row in dicts:
         table.add_row(*(_cell(row.get(c)) for c in columns))
     console.print(table)

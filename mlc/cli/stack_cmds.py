@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import signal
 from collections.abc import AsyncIterator
 from typing import Annotated
@@ -14,7 +15,7 @@ import typer
 from rich.table import Table
 
 from mlc.artifacts import ArtifactStore
-from mlc.cli.context import client, console, identity, settings
+from mlc.cli.context import client, console, emit, identity, settings
 from mlc.cli.lifecycle_cmds import render_status
 from mlc.config import Settings
 from mlc.devstack import DevStack, dev_running
@@ -142,16 +143,17 @@ def demo(
     """Register the example fraud model and walk it DEV -> PROD on an embedded stack."""
     async def go() -> int:
         cfg = settings()
-        if dev_running(cfg):
-            console.print("using the running `mlc dev` stack")
-            return await _walk(cfg, yes=yes)
+        external = "TEMPORAL_ADDRESS" in os.environ and cfg.database_url is not None
+        if dev_running(cfg) or external:
+            console.print(f"using the running stack at {cfg.temporal_address} and its workers")
+            return await _walk(cfg, yes=yes, ui=None)
         async with embedded(cfg, temporal_port=temporal_port, ui_port=ui_port, headless=False) as ready:
-            return await _walk(ready, yes=yes)
+            return await _walk(ready, yes=yes, ui=f"http://127.0.0.1:{ui_port}")
 
     raise typer.Exit(asyncio.run(go()))
 
 
-async def _walk(cfg: Settings, *, yes: bool) -> int:
+async def _walk(cfg: Settings, *, yes: bool, ui: str | None) -> int:
     from mlc.examples import prepare_example_model
 
     assert cfg.database_url
@@ -160,9 +162,12 @@ async def _walk(cfg: Settings, *, yes: bool) -> int:
         package = await asyncio.to_thread(prepare_example_model)
     pool = await connect(cfg.database_url, max_size=2)
     try:
+        await ensure_dev_runtimes(pool, cfg.task_queue)
+        await principals.grant_roles(pool, me, ["approver"])
         snap, _ = await register_package(pool, ArtifactStore(cfg.artifact_dir), package, registered_by=me)
         ref = ModelRef(model=snap.model, version=snap.version)
-        console.print(f"registered {ref} (sha256 {snap.sha256[:12]}); Web UI: http://127.0.0.1:8233")
+        console.print(f"registered {ref} (sha256 {snap.sha256[:12]})"
+                      + (f"; watch it in the Web UI: {ui}" if ui else ""))
         handle = await start_lifecycle(await client(cfg), ref, task_queue=cfg.task_queue)
         console.print(f"started ModelLifecycle {handle.id}")
         announced: set[str] = set()
@@ -188,14 +193,16 @@ async def _walk(cfg: Settings, *, yes: bool) -> int:
         render_status(current)
         if current.state is LifecycleState.FAILED:
             return 1
-        prod = await deployments.read_deployments(pool, model=ref.model, stage=current.stages[-1])
-        for d in prod:
-            if d.endpoint:
-                async with httpx.AsyncClient() as http:
-                    sample = await http.get(f"{d.endpoint}/metadata")
-                    console.print(f"{d.stage} endpoint {d.endpoint} serves "
-                                  f"{sample.json().get('name', ref.model)}@{d.version}")
-        console.print(f"[green]{ref} serves in {current.stages[-1]}[/green]")
+        live = await deployments.read_deployments(pool, model=ref.model)
+        emit(live, as_json=False, title="Deployments (mlc deployments)",
+             columns=["model", "version", "stage", "runtime", "mode", "state", "endpoint"])
+        last = current.stages[-1]
+        async with httpx.AsyncClient() as http:
+            for d in live:
+                if d.stage == last and d.endpoint:
+                    health = await http.get(f"{d.endpoint}/health")
+                    health.raise_for_status()
+                    console.print(f"[green]{ref} serves in {last} at {d.endpoint}[/green]")
         return 0
     finally:
         await pool.close()
