@@ -16,6 +16,7 @@ import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import asyncpg
 import pytest
@@ -23,6 +24,8 @@ from temporalio.client import Client
 from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.testing import WorkflowEnvironment
 
+from activities.runtimes import driver_for
+from activities.runtimes.base import CleanupRequest
 from mlc.artifacts import ArtifactStore
 from mlc.config import Settings
 from mlc.devstack import temporal_cli
@@ -63,6 +66,30 @@ async def temporal_env() -> AsyncIterator[WorkflowEnvironment]:
 def example_package(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The trained cc-fraud example package (trained once per session)."""
     return prepare_example_model(tmp_path_factory.mktemp("models") / "cc-fraud")
+
+
+DOCKER_BASE_IMAGE = "mlc-python:3.11-bookworm"
+
+
+@pytest.fixture(scope="session")
+def docker_engine() -> Iterator[Any]:
+    """A client of the local Docker engine that has the base image.
+
+    Under CI=true a missing engine fails the tests (a CI run that skipped the container
+    tests would prove nothing); on a developer's machine they are skipped with the reason.
+    """
+    import docker
+
+    try:
+        client = docker.from_env(version="auto")
+        client.images.get(DOCKER_BASE_IMAGE)
+    except docker.errors.DockerException as exc:
+        reason = f"docker engine or image {DOCKER_BASE_IMAGE} unavailable ({exc}); run scripts/docker-engine.sh"
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(f"CI=true: {reason}")
+        pytest.skip(f"{reason} (skipped outside CI only)")
+    yield client
+    client.close()
 
 
 @dataclass
@@ -146,11 +173,7 @@ async def stack(
         async with build_main_worker(temporal_env.client, settings, pool):
             yield the_stack
     finally:
-        from activities.runtimes.local import LocalDriver
-        from activities.runtimes.base import CleanupRequest
-
         for runtime in await runtimes.read_runtimes(pool):
-            if runtime.kind.value == "local":
-                await LocalDriver(settings).cleanup(CleanupRequest(runtime=runtime))
+            await driver_for(runtime, settings).cleanup(CleanupRequest(runtime=runtime))
         await pool.close()
         shutil.rmtree(settings.runtime_dir, ignore_errors=True)

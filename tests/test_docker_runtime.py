@@ -7,13 +7,11 @@ that silently skipped the container tests would prove nothing.
 
 from __future__ import annotations
 
-import os
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import docker
 import httpx
 import pytest
 
@@ -47,18 +45,9 @@ CC_FRAUD_SAMPLE = {
 
 
 @pytest.fixture(scope="module")
-def engine() -> Iterator[Any]:
-    """A client of the local engine, after checking it has the base image."""
-    try:
-        client = docker.from_env(version="auto")
-        client.images.get(BASE_IMAGE)
-    except docker.errors.DockerException as exc:
-        reason = f"docker engine or base image {BASE_IMAGE} unavailable ({exc}); run scripts/docker-engine.sh"
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail(f"CI=true: {reason}")
-        pytest.skip(reason)
-    yield client
-    client.close()
+def engine(docker_engine: Any) -> Any:
+    """The shared engine client (conftest fails under CI=true when there is none)."""
+    return docker_engine
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,65 @@
+"""A lifecycle across kinds: DEV on a local runtime, SIT/UAT/PROD in Docker containers,
+PROD's activities served by a separate `mlc worker --runtime` process (as next to a
+remote engine)."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import uuid
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from mlc.domain import DockerSettings, Runtime, RuntimeKind
+from mlc.store import deployments, runtimes
+from tests.conftest import DOCKER_BASE_IMAGE, Stack
+from tests.lifecycle_helpers import start_like_ui, wait_for_gate
+
+
+async def test_local_dev_then_docker_stages_reach_prod(
+    stack: Stack, example_package: Path, docker_engine: Any
+) -> None:
+    snap = await stack.register(example_package)
+    await stack.add_local_runtimes(("DEV",))
+    engine_queue = f"{stack.task_queue}-prod-engine"
+    for stage in ("SIT", "UAT", "PROD"):
+        await runtimes.create_runtime(stack.pool, Runtime(
+            name=f"docker-{stage.lower()}", kind=RuntimeKind.DOCKER, stage=stage,
+            service_tags=("cc-fraud",),
+            task_queue=engine_queue if stage == "PROD" else stack.task_queue,
+            docker=DockerSettings(base_image=DOCKER_BASE_IMAGE, network_mode="host", memory="512m"),
+        ))
+    engine_worker = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "mlc", "worker", "--runtime", "docker-prod", env=stack.cli_env,
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        handle = await start_like_ui(stack.client, {"model": snap.model, "version": snap.version},
+                                     workflow_id=f"docker-{uuid.uuid4().hex[:8]}",
+                                     task_queue=stack.task_queue)
+        ref = f"{snap.model}@{snap.version}"
+        for stage in ("DEV", "SIT", "UAT"):
+            status = await wait_for_gate(handle, stage)
+            assert all(r.passed for r in status.reports), status.reports
+            approved = await stack.mlc("approve", ref, "--stage", stage)
+            assert approved.returncode == 0, approved.stderr
+        await handle.result()
+    finally:
+        engine_worker.terminate()
+        _, err = await engine_worker.communicate()
+    assert engine_worker.returncode in (0, -15), err.decode()[-2000:]
+
+    live = {d.stage: d for d in await deployments.read_deployments(stack.pool, model=snap.model)}
+    assert set(live) == {"DEV", "SIT", "UAT", "PROD"}
+    assert live["DEV"].details["runtime_kind"] == "local"
+    for stage in ("SIT", "UAT", "PROD"):
+        container = docker_engine.containers.get(live[stage].details["container_id"])
+        assert container.status == "running"
+        assert container.labels["mlc.deployment-id"] == live[stage].id
+        async with httpx.AsyncClient() as http:
+            assert (await http.get(f"{live[stage].endpoint}/health")).status_code == 200
+    for deployment in live.values():
+        if deployment.details.get("container_id"):
+            docker_engine.containers.get(deployment.details["container_id"]).remove(force=True)
