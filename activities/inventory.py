@@ -69,7 +69,8 @@ class InventoryActivities:
         snap = request.snapshot
         candidates = await runtimes.read_runtimes(self.pool, stage=request.stage)
         matching = tuple(
-            r for r in candidates
+            r
+            for r in candidates
             if r.serves(stage=request.stage, service_tags=snap.service_tags, mode=request.mode)
         )
         if not matching:
@@ -86,20 +87,20 @@ class InventoryActivities:
     @mlc_errors
     async def find_live_deployments(self, request: FindDeploymentsInput) -> FindDeploymentsResult:
         """Live deployments of a model in a stage (the versions a promotion replaces)."""
-        found = await deployments.read_deployments(
-            self.pool, model=request.model, stage=request.stage
-        )
-        return FindDeploymentsResult(
-            deployments=tuple(d for d in found if d.id not in request.exclude_ids)
-        )
+        found = await deployments.read_deployments(self.pool, model=request.model, stage=request.stage)
+        return FindDeploymentsResult(deployments=tuple(d for d in found if d.id not in request.exclude_ids))
 
     @activity.defn(name=names.RECORD_TESTS)
     @mlc_errors
     async def record_test_report(self, request: RecordTestsInput) -> None:
         """Store a stage's test results in the audit trail."""
         await audit.record_test_report(
-            self.pool, workflow_id=request.workflow_id, run_id=request.run_id,
-            model=request.model, version=request.version, report=request.report,
+            self.pool,
+            workflow_id=request.workflow_id,
+            run_id=request.run_id,
+            model=request.model,
+            version=request.version,
+            report=request.report,
         )
 
     @activity.defn(name=names.RECORD_DECISION)
@@ -107,8 +108,12 @@ class InventoryActivities:
     async def record_decision(self, request: RecordDecisionInput) -> None:
         """Store a gate decision, with its evidence, in the audit trail."""
         await audit.record_decision(
-            self.pool, workflow_id=request.workflow_id, run_id=request.run_id,
-            model=request.model, version=request.version, record=request.record,
+            self.pool,
+            workflow_id=request.workflow_id,
+            run_id=request.run_id,
+            model=request.model,
+            version=request.version,
+            record=request.record,
         )
 
     @activity.defn(name=names.RESOLVE_APPROVERS)
@@ -124,8 +129,11 @@ class InventoryActivities:
         """Store a notification and log it (a hook for mail or chat integrations)."""
         activity.logger.info("notify %s: %s", request.workflow_id, request.message)
         await audit.create_notification(
-            self.pool, workflow_id=request.workflow_id, model=request.model,
-            version=request.version, message=request.message,
+            self.pool,
+            workflow_id=request.workflow_id,
+            model=request.model,
+            version=request.version,
+            message=request.message,
         )
 
 
@@ -134,8 +142,10 @@ def _no_runtime_message(request: ResolveRuntimesInput, candidates: list[Runtime]
     tags = ", ".join(snap.service_tags)
     seen = (
         "; runtimes in this stage: "
-        + ", ".join(f"{r.name} (tags {', '.join(r.service_tags)}; modes "
-                    f"{', '.join(m.value for m in r.modes)})" for r in candidates)
+        + ", ".join(
+            f"{r.name} (tags {', '.join(r.service_tags)}; modes {', '.join(m.value for m in r.modes)})"
+            for r in candidates
+        )
         if candidates
         else ""
     )

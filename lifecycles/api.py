@@ -132,7 +132,8 @@ class Lifecycle:
     def deployments(self, stage: str | None = None, *, live: bool = True) -> list[Deployment]:
         """Deployments this run made, optionally of one stage; by default only live ones."""
         return [
-            d for d in self._deployments.values()
+            d
+            for d in self._deployments.values()
             if (stage is None or d.stage == stage)
             and (not live or d.state in (DeploymentState.DEPLOYING, DeploymentState.SERVING))
         ]
@@ -177,9 +178,9 @@ class Lifecycle:
             ResolveRuntimesResult,
         )
         self._runtimes.update((r.name, r) for r in resolved.runtimes)
-        return list(await asyncio.gather(
-            *(self._deploy_one(stage, chosen, runtime) for runtime in resolved.runtimes)
-        ))
+        return list(
+            await asyncio.gather(*(self._deploy_one(stage, chosen, runtime) for runtime in resolved.runtimes))
+        )
 
     async def test(
         self,
@@ -236,15 +237,16 @@ class Lifecycle:
             assert record is not None
         except TimeoutError:
             record = ApprovalRecord(
-                stage=stage, decision=Decision.EXPIRED, approver="system",
-                comment=f"no decision within {gate.timeout}", decided_at=workflow.now(),
+                stage=stage,
+                decision=Decision.EXPIRED,
+                approver="system",
+                comment=f"no decision within {gate.timeout}",
+                decided_at=workflow.now(),
                 evidence=self._reports.get(stage),
             )
         self._pending = None
         self._decision = None
-        await self._inventory(
-            names.RECORD_DECISION, RecordDecisionInput(**self._run_key(), record=record)
-        )
+        await self._inventory(names.RECORD_DECISION, RecordDecisionInput(**self._run_key(), record=record))
         self._decisions.append(record)
         return record
 
@@ -262,9 +264,7 @@ class Lifecycle:
         self._enter(stage, LifecycleState.PROMOTING, f"Promoting in {stage}")
         found = await self._inventory(
             names.FIND_DEPLOYMENTS,
-            FindDeploymentsInput(
-                model=self.model, stage=stage, exclude_ids=tuple(d.id for d in deployments)
-            ),
+            FindDeploymentsInput(model=self.model, stage=stage, exclude_ids=tuple(d.id for d in deployments)),
             FindDeploymentsResult,
         )
         await asyncio.gather(*(self._retire(d) for d in found.deployments))
@@ -275,8 +275,10 @@ class Lifecycle:
         await self._inventory(
             names.NOTIFY,
             NotifyInput(
-                workflow_id=workflow.info().workflow_id, model=self.model,
-                version=self.version, message=message,
+                workflow_id=workflow.info().workflow_id,
+                model=self.model,
+                version=self.version,
+                message=message,
             ),
         )
 
@@ -315,8 +317,11 @@ class Lifecycle:
         """Accept a checked decision; the waiting :meth:`approval` records it."""
         self.check_decision(request)
         record = ApprovalRecord(
-            stage=request.stage, decision=decision, approver=request.approver,
-            comment=request.comment, decided_at=workflow.now(),
+            stage=request.stage,
+            decision=decision,
+            approver=request.approver,
+            comment=request.comment,
+            decided_at=workflow.now(),
             evidence=self._reports.get(request.stage),
         )
         self._decision = record
@@ -343,8 +348,10 @@ class Lifecycle:
     def _run_key(self) -> dict[str, Any]:
         info = workflow.info()
         return {
-            "workflow_id": info.workflow_id, "run_id": info.run_id,
-            "model": self.model, "version": self.version,
+            "workflow_id": info.workflow_id,
+            "run_id": info.run_id,
+            "model": self.model,
+            "version": self.version,
         }
 
     def _enter(self, stage: str, state: LifecycleState, details: str) -> None:
@@ -360,15 +367,22 @@ class Lifecycle:
         await self._inventory(
             names.RECORD_RUN,
             RecordRunInput(
-                workflow_id=info.workflow_id, run_id=info.run_id, state=self.state,
-                stage=self.stage, reason=self.reason, ended=ended,
+                workflow_id=info.workflow_id,
+                run_id=info.run_id,
+                state=self.state,
+                stage=self.stage,
+                reason=self.reason,
+                ended=ended,
             ),
         )
 
     async def _inventory(self, activity: str, arg: Any, result_type: type[R] | None = None) -> R:
         result: R = await workflow.execute_activity(
-            activity, arg, result_type=result_type,
-            start_to_close_timeout=INVENTORY_TIMEOUT, retry_policy=RETRY,
+            activity,
+            arg,
+            result_type=result_type,
+            start_to_close_timeout=INVENTORY_TIMEOUT,
+            retry_policy=RETRY,
         )
         return result
 
@@ -382,37 +396,70 @@ class Lifecycle:
         return deployment
 
     async def _deploy_one(self, stage: str, mode: Mode, runtime: Runtime) -> Deployment:
-        deployment = await self._track(Deployment(
-            id=self._deployment_id(stage, runtime), model=self.model, version=self.version,
-            runtime=runtime.name, stage=stage, mode=mode, state=DeploymentState.DEPLOYING,
-            workflow_id=workflow.info().workflow_id, details={"runtime_kind": runtime.kind.value},
-        ))
+        deployment = await self._track(
+            Deployment(
+                id=self._deployment_id(stage, runtime),
+                model=self.model,
+                version=self.version,
+                runtime=runtime.name,
+                stage=stage,
+                mode=mode,
+                state=DeploymentState.DEPLOYING,
+                workflow_id=workflow.info().workflow_id,
+                details={"runtime_kind": runtime.kind.value},
+            )
+        )
         try:
             if mode is Mode.ONLINE:
                 online = await self._runtime_call(
-                    runtime, names.DEPLOY_ONLINE, DEPLOY_TIMEOUT, OnlineDeployResult,
+                    runtime,
+                    names.DEPLOY_ONLINE,
+                    DEPLOY_TIMEOUT,
+                    OnlineDeployResult,
                     OnlineDeployRequest(
-                        deployment_id=deployment.id, snapshot=self._snap, runtime=runtime,
+                        deployment_id=deployment.id,
+                        snapshot=self._snap,
+                        runtime=runtime,
                         stage=stage,
                     ),
                 )
-                update = {"state": DeploymentState.SERVING, "endpoint": online.endpoint,
-                          "details": {**deployment.details, **online.details}}
+                update = {
+                    "state": DeploymentState.SERVING,
+                    "endpoint": online.endpoint,
+                    "details": {**deployment.details, **online.details},
+                }
             else:
                 batch = await self._runtime_call(
-                    runtime, names.RUN_BATCH_JOB, DEPLOY_TIMEOUT, BatchJobResult,
+                    runtime,
+                    names.RUN_BATCH_JOB,
+                    DEPLOY_TIMEOUT,
+                    BatchJobResult,
                     BatchJobRequest(
-                        deployment_id=deployment.id, snapshot=self._snap, runtime=runtime,
+                        deployment_id=deployment.id,
+                        snapshot=self._snap,
+                        runtime=runtime,
                         stage=stage,
                     ),
                 )
-                update = {"state": DeploymentState.COMPLETED, "details": {
-                    **deployment.details, **batch.details, "output_path": batch.output_path,
-                    "records": batch.records, "seconds": batch.seconds}}
+                update = {
+                    "state": DeploymentState.COMPLETED,
+                    "details": {
+                        **deployment.details,
+                        **batch.details,
+                        "output_path": batch.output_path,
+                        "records": batch.records,
+                        "seconds": batch.seconds,
+                    },
+                }
         except ActivityError as exc:
-            await self._track(deployment.model_copy(update={
-                "state": DeploymentState.FAILED,
-                "details": {**deployment.details, "error": cause_message(exc)}}))
+            await self._track(
+                deployment.model_copy(
+                    update={
+                        "state": DeploymentState.FAILED,
+                        "details": {**deployment.details, "error": cause_message(exc)},
+                    }
+                )
+            )
             raise LifecycleFailure(
                 f"deploying {self.model}@{self.version} to runtime {runtime.name} in {stage} "
                 f"failed: {cause_message(exc)}",
@@ -426,24 +473,39 @@ class Lifecycle:
         runtime = await self._runtime_of(deployment)
         try:
             return await self._runtime_call(
-                runtime, names.RUN_STAGE_TESTS, TEST_TIMEOUT, RunStageTestsResult,
+                runtime,
+                names.RUN_STAGE_TESTS,
+                TEST_TIMEOUT,
+                RunStageTestsResult,
                 RunStageTestsInput(
-                    stage=stage, snapshot=self._snap, deployment=deployment, tests=kinds,
+                    stage=stage,
+                    snapshot=self._snap,
+                    deployment=deployment,
+                    tests=kinds,
                     batch_output=deployment.details.get("output_path"),
                 ),
             )
         except ActivityError as exc:
-            return RunStageTestsResult(results=tuple(
-                TestResult(test=k, deployment_id=deployment.id, passed=False,
-                           summary=f"could not run: {cause_message(exc)}")
-                for k in kinds
-            ))
+            return RunStageTestsResult(
+                results=tuple(
+                    TestResult(
+                        test=k,
+                        deployment_id=deployment.id,
+                        passed=False,
+                        summary=f"could not run: {cause_message(exc)}",
+                    )
+                    for k in kinds
+                )
+            )
 
     async def _retire(self, deployment: Deployment) -> None:
         if deployment.mode is Mode.ONLINE:
             runtime = await self._runtime_of(deployment)
             await self._runtime_call(
-                runtime, names.UNDEPLOY, UNDEPLOY_TIMEOUT, None,
+                runtime,
+                names.UNDEPLOY,
+                UNDEPLOY_TIMEOUT,
+                None,
                 UndeployRequest(deployment_id=deployment.id, runtime=runtime),
             )
         await self._track(deployment.model_copy(update={"state": DeploymentState.RETIRED}))
@@ -464,12 +526,20 @@ class Lifecycle:
         )
 
     async def _runtime_call(
-        self, runtime: Runtime, activity: str, timeout: timedelta, result_type: type[R] | None,
+        self,
+        runtime: Runtime,
+        activity: str,
+        timeout: timedelta,
+        result_type: type[R] | None,
         arg: Any,
     ) -> R:
         result: R = await workflow.execute_activity(
-            activity, arg, result_type=result_type, task_queue=runtime.task_queue,
-            start_to_close_timeout=timeout, heartbeat_timeout=HEARTBEAT_TIMEOUT,
+            activity,
+            arg,
+            result_type=result_type,
+            task_queue=runtime.task_queue,
+            start_to_close_timeout=timeout,
+            heartbeat_timeout=HEARTBEAT_TIMEOUT,
             retry_policy=RETRY,
         )
         return result

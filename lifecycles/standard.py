@@ -13,12 +13,14 @@ from lifecycles.api import ApprovalGate, Decision, Lifecycle, LifecycleSpec, Sta
 
 NAME = "ModelLifecycle"
 
-SPEC = LifecycleSpec(stages=(
-    StageSpec(name="DEV", tests=(TestKind.SMOKE,), gate=ApprovalGate()),
-    StageSpec(name="SIT", tests=(TestKind.SMOKE, TestKind.METRICS), gate=ApprovalGate()),
-    StageSpec(name="UAT", tests=(TestKind.SMOKE, TestKind.METRICS), gate=ApprovalGate()),
-    StageSpec(name="PROD", tests=(TestKind.SMOKE,)),
-))
+SPEC = LifecycleSpec(
+    stages=(
+        StageSpec(name="DEV", tests=(TestKind.SMOKE,), gate=ApprovalGate()),
+        StageSpec(name="SIT", tests=(TestKind.SMOKE, TestKind.METRICS), gate=ApprovalGate()),
+        StageSpec(name="UAT", tests=(TestKind.SMOKE, TestKind.METRICS), gate=ApprovalGate()),
+        StageSpec(name="PROD", tests=(TestKind.SMOKE,)),
+    )
+)
 """Default stages; a run may pass its own ``spec`` (another ordered list of stages)."""
 
 

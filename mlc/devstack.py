@@ -69,12 +69,16 @@ class DevStack:
             settings = replace(settings, temporal_address=await self._start_temporal())
         if settings.database_url is None:
             settings = replace(settings, database_url=await asyncio.to_thread(self._start_postgres))
-        (settings.home / STATE_FILE).write_text(json.dumps({
-            "temporal_address": settings.temporal_address,
-            "database_url": settings.database_url,
-            "ui": None if self.headless else f"http://127.0.0.1:{self.ui_port}",
-            "pid": os.getpid(),
-        }))
+        (settings.home / STATE_FILE).write_text(
+            json.dumps(
+                {
+                    "temporal_address": settings.temporal_address,
+                    "database_url": settings.database_url,
+                    "ui": None if self.headless else f"http://127.0.0.1:{self.ui_port}",
+                    "pid": os.getpid(),
+                }
+            )
+        )
         return settings
 
     async def _start_temporal(self) -> str:
@@ -85,9 +89,19 @@ class DevStack:
                 f"running; set TEMPORAL_ADDRESS={address} to use it, or pick --temporal-port"
             )
         args = [
-            temporal_cli(), "server", "start-dev", "--ip", "127.0.0.1",
-            "--port", str(self.temporal_port), "--ui-port", str(self.ui_port),
-            "--db-filename", str(self.settings.home / "temporal.db"), "--log-level", "error",
+            temporal_cli(),
+            "server",
+            "start-dev",
+            "--ip",
+            "127.0.0.1",
+            "--port",
+            str(self.temporal_port),
+            "--ui-port",
+            str(self.ui_port),
+            "--db-filename",
+            str(self.settings.home / "temporal.db"),
+            "--log-level",
+            "error",
         ]
         if self.headless:
             args.append("--headless")
@@ -139,7 +153,6 @@ def discover(settings: Settings) -> Settings:
     if settings.database_url is None:
         settings = replace(settings, database_url=state["database_url"])
     return settings
-
 
 
 def dev_running(settings: Settings) -> bool:

@@ -176,9 +176,7 @@ class Runtime(Frozen):
 
     def serves(self, *, stage: str, service_tags: tuple[str, ...], mode: Mode) -> bool:
         """True when this runtime takes a snapshot with these tags in ``stage`` and ``mode``."""
-        tag_match = ANY_SERVICE_TAG in self.service_tags or bool(
-            set(self.service_tags) & set(service_tags)
-        )
+        tag_match = ANY_SERVICE_TAG in self.service_tags or bool(set(self.service_tags) & set(service_tags))
         return self.stage == stage and tag_match and mode in self.modes
 
 
@@ -275,7 +273,9 @@ class StageTestReport(Frozen):
 
     def failures(self) -> str:
         """One line naming each failed test, for error messages."""
-        return "; ".join(f"{r.test.value} on {r.deployment_id}: {r.summary}" for r in self.results if not r.passed)
+        return "; ".join(
+            f"{r.test.value} on {r.deployment_id}: {r.summary}" for r in self.results if not r.passed
+        )
 
 
 class ApprovalRequest(Frozen):

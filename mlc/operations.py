@@ -22,7 +22,11 @@ from mlc.store import runs
 
 
 async def start_lifecycle(
-    client: Client, ref: ModelRef, *, task_queue: str, lifecycle: str = names.STANDARD_LIFECYCLE,
+    client: Client,
+    ref: ModelRef,
+    *,
+    task_queue: str,
+    lifecycle: str = names.STANDARD_LIFECYCLE,
     spec: LifecycleSpec | None = None,
 ) -> WorkflowHandle[object, object]:
     """Start ``lifecycle`` for a snapshot under its business-key workflow id."""
@@ -47,18 +51,14 @@ async def find_handle(client: Client, pool: asyncpg.Pool, ref: ModelRef) -> Work
     if active is None:
         recent = await runs.read_runs(pool, model=ref.model, version=ref.version)
         if not recent:
-            raise NotFoundError(
-                f"{ref} has no lifecycle run; start one with `mlc lifecycle start {ref}`"
-            )
+            raise NotFoundError(f"{ref} has no lifecycle run; start one with `mlc lifecycle start {ref}`")
         active = recent[0]
     return client.get_workflow_handle(active["workflow_id"], run_id=active["run_id"])
 
 
 async def read_status(handle: WorkflowHandle[object, object]) -> LifecycleStatus | None:
     """The run's ``status`` query result (None before the run has begun)."""
-    status: LifecycleStatus | None = await handle.query(
-        "status", result_type=LifecycleStatus
-    )
+    status: LifecycleStatus | None = await handle.query("status", result_type=LifecycleStatus)
     return status
 
 

@@ -84,8 +84,9 @@ def docker_engine() -> Iterator[Any]:
         client = docker.from_env(version="auto")
         client.images.get(DOCKER_BASE_IMAGE)
     except docker.errors.DockerException as exc:
-        reason = (f"docker engine or image {DOCKER_BASE_IMAGE} unavailable ({exc}); "
-                  "run scripts/docker-engine.sh")
+        reason = (
+            f"docker engine or image {DOCKER_BASE_IMAGE} unavailable ({exc}); run scripts/docker-engine.sh"
+        )
         if os.environ.get("CI", "").lower() == "true":
             pytest.fail(f"CI=true: {reason}")
         pytest.skip(f"{reason} (skipped outside CI only)")
@@ -116,8 +117,13 @@ class Stack:
     async def mlc(self, *args: str, user: str = APPROVER) -> subprocess.CompletedProcess[str]:
         """Run the real `mlc` CLI in a subprocess (async: the worker shares this event loop)."""
         proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "mlc", *args, env={**self.cli_env, "MLC_USER": user},
-            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+            sys.executable,
+            "-m",
+            "mlc",
+            *args,
+            env={**self.cli_env, "MLC_USER": user},
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
         )
         out, err = await asyncio.wait_for(proc.communicate(), timeout=120)
         return subprocess.CompletedProcess(args, proc.returncode or 0, out.decode(), err.decode())
@@ -132,10 +138,15 @@ class Stack:
     async def add_local_runtimes(self, stages: tuple[str, ...] = DEFAULT_STAGES, *, tag: str = "*") -> None:
         """One local runtime per stage on this test's task queue."""
         for stage in stages:
-            await runtimes.create_runtime(self.pool, Runtime(
-                name=f"local-{stage.lower()}", stage=stage, service_tags=(tag,),
-                task_queue=self.task_queue,
-            ))
+            await runtimes.create_runtime(
+                self.pool,
+                Runtime(
+                    name=f"local-{stage.lower()}",
+                    stage=stage,
+                    service_tags=(tag,),
+                    task_queue=self.task_queue,
+                ),
+            )
 
 
 async def make_database(dsn: str) -> str:
@@ -156,9 +167,7 @@ async def database_url(postgres_dsn: str) -> str:
 
 
 @pytest.fixture
-async def stack(
-    temporal_env: WorkflowEnvironment, database_url: str, tmp_path: Path
-) -> AsyncIterator[Stack]:
+async def stack(temporal_env: WorkflowEnvironment, database_url: str, tmp_path: Path) -> AsyncIterator[Stack]:
     """A migrated inventory, an approver, and a running main worker on a fresh queue."""
     task_queue = f"mlc-test-{uuid.uuid4().hex[:8]}"
     settings = replace(

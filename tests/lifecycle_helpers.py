@@ -18,7 +18,11 @@ from mlc.payloads import LifecycleResult, LifecycleStatus
 
 
 async def start_like_ui(
-    client: Client, body: dict[str, Any], *, workflow_id: str, task_queue: str,
+    client: Client,
+    body: dict[str, Any],
+    *,
+    workflow_id: str,
+    task_queue: str,
     workflow: str = "ModelLifecycle",
 ) -> WorkflowHandle[Any, Any]:
     """Start a workflow the way the Web UI's start form does: one raw json/plain payload."""
@@ -47,7 +51,8 @@ async def wait_for(
 async def wait_for_gate(handle: WorkflowHandle[Any, Any], stage: str) -> LifecycleStatus:
     """Wait until the run waits for a decision at ``stage``."""
     return await wait_for(
-        handle, lambda s: s.pending_gate is not None and s.pending_gate.stage == stage,
+        handle,
+        lambda s: s.pending_gate is not None and s.pending_gate.stage == stage,
         what=f"the gate at {stage}",
     )
 

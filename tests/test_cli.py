@@ -22,14 +22,25 @@ async def test_register_add_runtimes_start_and_list(stack: Stack, example_packag
     assert json.loads(again.stdout)[0]["version"] == 1, "same content, same snapshot"
 
     for stage in ("DEV", "SIT"):
-        added = await stack.mlc("runtime", "add", f"local-{stage.lower()}", "--stage", stage,
-                                "--tag", "cc-fraud", "--task-queue", stack.task_queue)
+        added = await stack.mlc(
+            "runtime",
+            "add",
+            f"local-{stage.lower()}",
+            "--stage",
+            stage,
+            "--tag",
+            "cc-fraud",
+            "--task-queue",
+            stack.task_queue,
+        )
         assert added.returncode == 0, added.stderr
     duplicate = await stack.mlc("runtime", "add", "local-dev", "--stage", "DEV")
     assert duplicate.returncode == 1 and "already exists" in duplicate.stderr
     listed = json.loads((await stack.mlc("runtime", "list", "--json")).stdout)
     assert [(r["name"], r["stage"], r["service_tags"]) for r in listed] == [
-        ("local-dev", "DEV", ["cc-fraud"]), ("local-sit", "SIT", ["cc-fraud"])]
+        ("local-dev", "DEV", ["cc-fraud"]),
+        ("local-sit", "SIT", ["cc-fraud"]),
+    ]
 
     started = await stack.mlc("lifecycle", "start", "cc-fraud@1")
     assert started.returncode == 0, started.stderr

@@ -25,20 +25,35 @@ async def test_local_dev_then_docker_stages_reach_prod(
     await stack.add_local_runtimes(("DEV",))
     engine_queue = f"{stack.task_queue}-prod-engine"
     for stage in ("SIT", "UAT", "PROD"):
-        await runtimes.create_runtime(stack.pool, Runtime(
-            name=f"docker-{stage.lower()}", kind=RuntimeKind.DOCKER, stage=stage,
-            service_tags=("cc-fraud",),
-            task_queue=engine_queue if stage == "PROD" else stack.task_queue,
-            docker=DockerSettings(base_image=DOCKER_BASE_IMAGE, network_mode="host", memory="512m"),
-        ))
+        await runtimes.create_runtime(
+            stack.pool,
+            Runtime(
+                name=f"docker-{stage.lower()}",
+                kind=RuntimeKind.DOCKER,
+                stage=stage,
+                service_tags=("cc-fraud",),
+                task_queue=engine_queue if stage == "PROD" else stack.task_queue,
+                docker=DockerSettings(base_image=DOCKER_BASE_IMAGE, network_mode="host", memory="512m"),
+            ),
+        )
     engine_worker = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "mlc", "worker", "--runtime", "docker-prod", env=stack.cli_env,
-        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
+        sys.executable,
+        "-m",
+        "mlc",
+        "worker",
+        "--runtime",
+        "docker-prod",
+        env=stack.cli_env,
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE,
     )
     try:
-        handle = await start_like_ui(stack.client, {"model": snap.model, "version": snap.version},
-                                     workflow_id=f"docker-{uuid.uuid4().hex[:8]}",
-                                     task_queue=stack.task_queue)
+        handle = await start_like_ui(
+            stack.client,
+            {"model": snap.model, "version": snap.version},
+            workflow_id=f"docker-{uuid.uuid4().hex[:8]}",
+            task_queue=stack.task_queue,
+        )
         ref = f"{snap.model}@{snap.version}"
         for stage in ("DEV", "SIT", "UAT"):
             status = await wait_for_gate(handle, stage)

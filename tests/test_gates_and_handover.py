@@ -21,16 +21,20 @@ from tests.lifecycle_helpers import start_like_ui, wait_for_gate
 from workers.client import ensure_search_attributes
 from workers.worker import build_main_worker
 
-ONE_GATE = LifecycleSpec(stages=(
-    StageSpec(name="UAT", tests=(TestKind.SMOKE,), gate=ApprovalGate(timeout=timedelta(days=3))),
-))
+ONE_GATE = LifecycleSpec(
+    stages=(StageSpec(name="UAT", tests=(TestKind.SMOKE,), gate=ApprovalGate(timeout=timedelta(days=3))),)
+)
 
 
 async def test_gate_expires_on_time_skipping_server(stack: Stack, example_package: Path) -> None:
     snap = await stack.register(example_package)
     await stack.add_local_runtimes(("UAT",))
-    server = str(Path(shutil.which("temporal-test-server") or
-                      Path(__import__("sys").executable).parent / "temporal-test-server"))
+    server = str(
+        Path(
+            shutil.which("temporal-test-server")
+            or Path(__import__("sys").executable).parent / "temporal-test-server"
+        )
+    )
     async with await WorkflowEnvironment.start_time_skipping(
         test_server_existing_path=server, data_converter=pydantic_data_converter
     ) as env:
@@ -41,9 +45,9 @@ async def test_gate_expires_on_time_skipping_server(stack: Stack, example_packag
             async with build_main_worker(env.client, settings, pool, task_queue=stack.task_queue):
                 handle = await start_like_ui(
                     env.client,
-                    {"model": snap.model, "version": snap.version,
-                     "spec": ONE_GATE.model_dump(mode="json")},
-                    workflow_id=f"expire-{uuid.uuid4().hex[:8]}", task_queue=stack.task_queue,
+                    {"model": snap.model, "version": snap.version, "spec": ONE_GATE.model_dump(mode="json")},
+                    workflow_id=f"expire-{uuid.uuid4().hex[:8]}",
+                    task_queue=stack.task_queue,
                 )
                 with pytest.raises(WorkflowFailureError) as failure:
                     await handle.result()
@@ -63,8 +67,10 @@ async def test_prod_handover_keeps_old_version_serving_until_new_is_healthy(
     v1 = await stack.register(example_package)
     prod_only = LifecycleSpec(stages=(StageSpec(name="PROD", tests=(TestKind.SMOKE,)),))
     first = await start_like_ui(
-        stack.client, {"model": v1.model, "version": v1.version, "spec": prod_only.model_dump(mode="json")},
-        workflow_id=f"v1-{uuid.uuid4().hex[:8]}", task_queue=stack.task_queue,
+        stack.client,
+        {"model": v1.model, "version": v1.version, "spec": prod_only.model_dump(mode="json")},
+        workflow_id=f"v1-{uuid.uuid4().hex[:8]}",
+        task_queue=stack.task_queue,
     )
     await first.result()
     (old,) = await deployments.read_deployments(stack.pool, model=v1.model, stage="PROD")
@@ -76,8 +82,10 @@ async def test_prod_handover_keeps_old_version_serving_until_new_is_healthy(
     assert v2.version == v1.version + 1
     gated = LifecycleSpec(stages=(StageSpec(name="PROD", tests=(TestKind.SMOKE,), gate=ApprovalGate()),))
     second = await start_like_ui(
-        stack.client, {"model": v2.model, "version": v2.version, "spec": gated.model_dump(mode="json")},
-        workflow_id=f"v2-{uuid.uuid4().hex[:8]}", task_queue=stack.task_queue,
+        stack.client,
+        {"model": v2.model, "version": v2.version, "spec": gated.model_dump(mode="json")},
+        workflow_id=f"v2-{uuid.uuid4().hex[:8]}",
+        task_queue=stack.task_queue,
     )
     status = await wait_for_gate(second, "PROD")
     assert status.reports[0].passed, "v2 is deployed, healthy and tested"

@@ -29,8 +29,10 @@ async def test_happy_path_reaches_prod_with_cli_approvals(stack: Stack, example_
     snap = await stack.register(example_package)
     await stack.add_local_runtimes()
     handle = await start_like_ui(
-        stack.client, {"model": snap.model, "version": snap.version},
-        workflow_id=wid(), task_queue=stack.task_queue,
+        stack.client,
+        {"model": snap.model, "version": snap.version},
+        workflow_id=wid(),
+        task_queue=stack.task_queue,
     )
     ref = f"{snap.model}@{snap.version}"
     for stage in ("DEV", "SIT", "UAT"):
@@ -56,8 +58,11 @@ async def test_happy_path_reaches_prod_with_cli_approvals(stack: Stack, example_
         (s, "approved", APPROVER) for s in ("DEV", "SIT", "UAT")
     ]
     assert all(d["evidence"]["results"] for d in decisions), "decisions keep their test evidence"
-    metrics = [t for t in await audit.read_test_results(stack.pool, snap.model, snap.version)
-               if t["test"] == "metrics"]
+    metrics = [
+        t
+        for t in await audit.read_test_results(stack.pool, snap.model, snap.version)
+        if t["test"] == "metrics"
+    ]
     assert {t["stage"] for t in metrics} == {"SIT", "UAT"} and all(t["passed"] for t in metrics)
     assert metrics[0]["metrics"]["auc"] >= 0.8
 
@@ -71,8 +76,12 @@ async def test_happy_path_reaches_prod_with_cli_approvals(stack: Stack, example_
 async def test_rejection_at_uat_undeploys_uat_and_fails(stack: Stack, example_package) -> None:
     snap = await stack.register(example_package)
     await stack.add_local_runtimes()
-    handle = await start_like_ui(stack.client, {"model": snap.model, "version": snap.version},
-                                 workflow_id=wid(), task_queue=stack.task_queue)
+    handle = await start_like_ui(
+        stack.client,
+        {"model": snap.model, "version": snap.version},
+        workflow_id=wid(),
+        task_queue=stack.task_queue,
+    )
     ref = f"{snap.model}@{snap.version}"
     for stage in ("DEV", "SIT"):
         await wait_for_gate(handle, stage)
@@ -93,8 +102,12 @@ async def test_rejection_at_uat_undeploys_uat_and_fails(stack: Stack, example_pa
 async def test_failing_metric_in_sit_stops_and_undeploys(stack: Stack) -> None:
     snap = await stack.register(FIXTURES / "models" / "weak-model")
     await stack.add_local_runtimes()
-    handle = await start_like_ui(stack.client, {"model": snap.model, "version": snap.version},
-                                 workflow_id=wid(), task_queue=stack.task_queue)
+    handle = await start_like_ui(
+        stack.client,
+        {"model": snap.model, "version": snap.version},
+        workflow_id=wid(),
+        task_queue=stack.task_queue,
+    )
     await wait_for_gate(handle, "DEV")
     await approve(stack, f"{snap.model}@{snap.version}", "DEV")
     with pytest.raises(WorkflowFailureError) as failure:
@@ -116,7 +129,8 @@ async def test_refused_decisions(stack: Stack, example_package) -> None:
     handle = await start_like_ui(
         stack.client,
         {"model": snap.model, "version": snap.version, "spec": spec.model_dump(mode="json")},
-        workflow_id=wid(), task_queue=stack.task_queue,
+        workflow_id=wid(),
+        task_queue=stack.task_queue,
     )
     ref = f"{snap.model}@{snap.version}"
     await wait_for_gate(handle, "DEV")
@@ -143,21 +157,29 @@ async def test_refused_decisions(stack: Stack, example_package) -> None:
 async def test_no_runtime_fails_at_once_naming_tag_and_stage(stack: Stack, example_package) -> None:
     snap = await stack.register(example_package)
     await stack.add_local_runtimes(("DEV",), tag="some-other-service")
-    handle = await start_like_ui(stack.client, {"model": snap.model, "version": snap.version},
-                                 workflow_id=wid(), task_queue=stack.task_queue)
+    handle = await start_like_ui(
+        stack.client,
+        {"model": snap.model, "version": snap.version},
+        workflow_id=wid(),
+        task_queue=stack.task_queue,
+    )
     with pytest.raises(WorkflowFailureError) as failure:
         await handle.result()
     message = str(failure.value.cause)
     assert "no runtime serves service tag cc-fraud in stage DEV" in message
     history = [e async for e in handle.fetch_history_events()]
-    attempts = [e.activity_task_started_event_attributes.attempt for e in history
-                if e.HasField("activity_task_started_event_attributes")]
+    attempts = [
+        e.activity_task_started_event_attributes.attempt
+        for e in history
+        if e.HasField("activity_task_started_event_attributes")
+    ]
     assert max(attempts) == 1, "a missing runtime is not retried"
 
 
 async def test_malformed_input_fails_the_run_readably(stack: Stack) -> None:
-    handle = await start_like_ui(stack.client, {"model": "cc-fraud", "versoin": 1},
-                                 workflow_id=wid(), task_queue=stack.task_queue)
+    handle = await start_like_ui(
+        stack.client, {"model": "cc-fraud", "versoin": 1}, workflow_id=wid(), task_queue=stack.task_queue
+    )
     with pytest.raises(WorkflowFailureError) as failure:
         await handle.result()
     text = str(failure.value.cause)

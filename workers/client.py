@@ -5,8 +5,8 @@ from __future__ import annotations
 from temporalio.api.enums.v1 import IndexedValueType
 from temporalio.api.operatorservice.v1 import AddSearchAttributesRequest, ListSearchAttributesRequest
 from temporalio.client import Client
-from temporalio.service import RPCError, RPCStatusCode
 from temporalio.contrib.pydantic import pydantic_data_converter
+from temporalio.service import RPCError, RPCStatusCode
 
 from mlc.config import Settings
 from mlc.errors import RuntimeUnavailableError
@@ -43,10 +43,7 @@ async def ensure_search_attributes(client: Client) -> None:
         if exc.status is not RPCStatusCode.UNIMPLEMENTED:  # the test server can only add
             raise
         known = set()
-    missing = {
-        name: _INDEXED[kind] for name, kind in SEARCH_ATTRIBUTES.items()
-        if name not in known
-    }
+    missing = {name: _INDEXED[kind] for name, kind in SEARCH_ATTRIBUTES.items() if name not in known}
     if missing:
         await client.operator_service.add_search_attributes(
             AddSearchAttributesRequest(namespace=client.namespace, search_attributes=missing)

@@ -28,7 +28,13 @@ def inventory_activities(pool: asyncpg.Pool) -> list[Callable[..., Any]]:
     """Activities of the main task queue that read and write the inventory."""
     inv = InventoryActivities(pool)
     return [
-        inv.begin_run, inv.record_run, inv.resolve_runtimes, inv.record_deployment,
-        inv.find_live_deployments, inv.record_test_report, inv.record_decision,
-        inv.resolve_approvers, inv.notify,
+        inv.begin_run,
+        inv.record_run,
+        inv.resolve_runtimes,
+        inv.record_deployment,
+        inv.find_live_deployments,
+        inv.record_test_report,
+        inv.record_decision,
+        inv.resolve_approvers,
+        inv.notify,
     ]

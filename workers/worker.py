@@ -17,7 +17,11 @@ log = logging.getLogger(__name__)
 
 
 def build_main_worker(
-    client: Client, settings: Settings, pool: asyncpg.Pool, *, task_queue: str | None = None,
+    client: Client,
+    settings: Settings,
+    pool: asyncpg.Pool,
+    *,
+    task_queue: str | None = None,
     max_cached_workflows: int = 1000,
 ) -> Worker:
     """The worker of ``settings.task_queue``: every workflow, the inventory and the

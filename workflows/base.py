@@ -100,31 +100,37 @@ class LifecycleWorkflow:
         run leaves nothing half-done behind, and the workflow fails with the reason.
         """
         mlc = Lifecycle(
-            name=name, model=request.model, version=request.version,
+            name=name,
+            model=request.model,
+            version=request.version,
             spec=request.spec or default_spec,
         )
         self._mlc = mlc
         info = workflow.info()
-        workflow.upsert_search_attributes([
-            names.SA_MODEL.value_set(request.model),
-            names.SA_VERSION.value_set(request.version),
-        ])
+        workflow.upsert_search_attributes(
+            [
+                names.SA_MODEL.value_set(request.model),
+                names.SA_VERSION.value_set(request.version),
+            ]
+        )
         try:
             begun: BeginRunResult = await workflow.execute_activity(
                 names.BEGIN_RUN,
                 BeginRunInput(
-                    workflow_id=info.workflow_id, run_id=info.run_id, model=request.model,
-                    version=request.version, lifecycle=name,
+                    workflow_id=info.workflow_id,
+                    run_id=info.run_id,
+                    model=request.model,
+                    version=request.version,
+                    lifecycle=name,
                 ),
                 result_type=BeginRunResult,
-                start_to_close_timeout=INVENTORY_TIMEOUT, retry_policy=RETRY,
+                start_to_close_timeout=INVENTORY_TIMEOUT,
+                retry_policy=RETRY,
             )
         except ActivityError as exc:
             raise ApplicationError(cause_message(exc), type="LifecycleNotStarted") from exc
         mlc.snapshot = begun.snapshot
-        workflow.upsert_search_attributes(
-            [names.SA_SERVICE_TAG.value_set(list(begun.snapshot.service_tags))]
-        )
+        workflow.upsert_search_attributes([names.SA_SERVICE_TAG.value_set(list(begun.snapshot.service_tags))])
         try:
             await body(mlc)
         except (LifecycleFailure, ActivityError) as exc:
@@ -139,7 +145,9 @@ class LifecycleWorkflow:
         await workflow.wait_condition(workflow.all_handlers_finished)
         last = mlc.stages[-1].name
         return LifecycleResult(
-            model=mlc.model, version=mlc.version, stages=tuple(s.name for s in mlc.stages),
+            model=mlc.model,
+            version=mlc.version,
+            stages=tuple(s.name for s in mlc.stages),
             deployments=tuple(mlc.deployments(last, live=False)),
         )
 

@@ -27,7 +27,9 @@ app = typer.Typer(
 @app.callback()
 def _root(
     debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks on errors.")] = False,
-    home: Annotated[str | None, typer.Option("--home", help="State folder (default $MLC_HOME or ~/.mlc).")] = None,
+    home: Annotated[
+        str | None, typer.Option("--home", help="State folder (default $MLC_HOME or ~/.mlc).")
+    ] = None,
 ) -> None:
     STATE.debug = debug
     STATE.home = home

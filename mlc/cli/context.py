@@ -74,7 +74,9 @@ async def client(cfg: Settings) -> Client:
     return await connect_client(cfg)
 
 
-def emit(rows: Sequence[BaseModel | dict[str, Any]], *, as_json: bool, columns: Sequence[str], title: str) -> None:
+def emit(
+    rows: Sequence[BaseModel | dict[str, Any]], *, as_json: bool, columns: Sequence[str], title: str
+) -> None:
     """Print ``rows`` as JSON (``--json``) or as a rich table of ``columns``."""
     dicts = [r.model_dump(mode="json") if isinstance(r, BaseModel) else r for r in rows]
     if as_json:

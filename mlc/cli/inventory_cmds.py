@@ -34,30 +34,42 @@ def register_model(
     as_json: JSON = False,
 ) -> None:
     """Snapshot a model package: an immutable, numbered, content-addressed version."""
+
     async def go() -> None:
         cfg = settings()
         async with inventory(cfg) as pool:
             snap, new = await register_package(
-                pool, ArtifactStore(cfg.artifact_dir), directory.resolve(),
+                pool,
+                ArtifactStore(cfg.artifact_dir),
+                directory.resolve(),
                 registered_by=identity(None),
             )
         if as_json:
             emit([snap], as_json=True, columns=[], title="")
         else:
             what = "registered" if new else "already registered (same content)"
-            console.print(f"{snap.model}@{snap.version} {what}: sha256 {snap.sha256[:12]}, "
-                          f"service tags {', '.join(snap.service_tags)}")
+            console.print(
+                f"{snap.model}@{snap.version} {what}: sha256 {snap.sha256[:12]}, "
+                f"service tags {', '.join(snap.service_tags)}"
+            )
+
     run(go())
 
 
 @model_app.command("list")
 def list_models(model: Annotated[str | None, typer.Argument()] = None, as_json: JSON = False) -> None:
     """List snapshots (of one model, or all)."""
+
     async def go() -> None:
         async with inventory(settings()) as pool:
             found = await snapshots.read_snapshots(pool, model)
-        emit(found, as_json=as_json, title="Snapshots",
-             columns=["model", "version", "sha256", "service_tags", "created_at"])
+        emit(
+            found,
+            as_json=as_json,
+            title="Snapshots",
+            columns=["model", "version", "sha256", "service_tags", "created_at"],
+        )
+
     run(go())
 
 
@@ -65,11 +77,15 @@ def list_models(model: Annotated[str | None, typer.Argument()] = None, as_json: 
 def add_runtime(
     name: str,
     stage: Annotated[str, typer.Option(help="Stage this runtime serves (DEV, SIT, UAT, PROD, ...).")],
-    tag: Annotated[list[str] | None, typer.Option("--tag", help="Service tag served (repeatable; * = any).")] = None,
+    tag: Annotated[
+        list[str] | None, typer.Option("--tag", help="Service tag served (repeatable; * = any).")
+    ] = None,
     kind: Annotated[RuntimeKind, typer.Option(help="Driver kind.")] = RuntimeKind.LOCAL,
     mode: Annotated[list[Mode] | None, typer.Option("--mode", help="Supported modes (repeatable).")] = None,
     task_queue: Annotated[str | None, typer.Option(help="Task queue of the worker acting on it.")] = None,
-    docker_host: Annotated[str | None, typer.Option(help="Docker engine URL (unix://, tcp://, ssh://).")] = None,
+    docker_host: Annotated[
+        str | None, typer.Option(help="Docker engine URL (unix://, tcp://, ssh://).")
+    ] = None,
     base_image: Annotated[str | None, typer.Option(help="Base image for model images.")] = None,
     network_mode: Annotated[str | None, typer.Option(help="host, or a Docker network name.")] = None,
     tls_verify: Annotated[bool, typer.Option(help="Verify the engine's TLS certificate.")] = False,
@@ -82,43 +98,63 @@ def add_runtime(
     docker = None
     if kind is RuntimeKind.DOCKER:
         options: dict[str, object] = {
-            "base_url": docker_host, "base_image": base_image, "network_mode": network_mode,
-            "tls_ca_cert": tls_ca_cert, "tls_client_cert": tls_client_cert,
-            "tls_client_key": tls_client_key, "tls_verify": tls_verify}
+            "base_url": docker_host,
+            "base_image": base_image,
+            "network_mode": network_mode,
+            "tls_ca_cert": tls_ca_cert,
+            "tls_client_cert": tls_client_cert,
+            "tls_client_key": tls_client_key,
+            "tls_verify": tls_verify,
+        }
         docker = DockerSettings.model_validate({k: v for k, v in options.items() if v is not None})
 
     async def go() -> None:
         cfg = settings()
         runtime = Runtime(
-            name=name, kind=kind, stage=stage, service_tags=tuple(tag or ["*"]),
+            name=name,
+            kind=kind,
+            stage=stage,
+            service_tags=tuple(tag or ["*"]),
             modes=tuple(mode or [Mode.ONLINE, Mode.BATCH]),
-            task_queue=task_queue or cfg.task_queue, docker=docker,
+            task_queue=task_queue or cfg.task_queue,
+            docker=docker,
         )
         async with inventory(cfg) as pool:
             await runtimes.create_runtime(pool, runtime, replace=replace)
-        console.print(f"runtime {name} ({kind.value}) serves {stage} for tags "
-                      f"{', '.join(runtime.service_tags)} on task queue {runtime.task_queue}")
+        console.print(
+            f"runtime {name} ({kind.value}) serves {stage} for tags "
+            f"{', '.join(runtime.service_tags)} on task queue {runtime.task_queue}"
+        )
+
     run(go())
 
 
 @runtime_app.command("list")
 def list_runtimes(stage: Annotated[str | None, typer.Option()] = None, as_json: JSON = False) -> None:
     """List runtimes with their stage, service tags, modes and task queue."""
+
     async def go() -> None:
         async with inventory(settings()) as pool:
             found = await runtimes.read_runtimes(pool, stage=stage)
-        emit(found, as_json=as_json, title="Runtimes",
-             columns=["name", "kind", "stage", "service_tags", "modes", "task_queue"])
+        emit(
+            found,
+            as_json=as_json,
+            title="Runtimes",
+            columns=["name", "kind", "stage", "service_tags", "modes", "task_queue"],
+        )
+
     run(go())
 
 
 @runtime_app.command("remove")
 def remove_runtime(name: str) -> None:
     """Remove a runtime that has no live deployments."""
+
     async def go() -> None:
         async with inventory(settings()) as pool:
             await runtimes.delete_runtime(pool, name)
         console.print(f"runtime {name} removed")
+
     run(go())
 
 
@@ -139,8 +175,10 @@ def cleanup_runtime(name: str, as_json: JSON = False) -> None:
         if as_json:
             emit([result], as_json=True, columns=[], title="")
         else:
-            console.print(f"runtime {name}: removed {len(result.removed)} orphan(s) "
-                          f"{', '.join(result.removed)}")
+            console.print(
+                f"runtime {name}: removed {len(result.removed)} orphan(s) {', '.join(result.removed)}"
+            )
+
     run(go())
 
 
@@ -150,21 +188,29 @@ def grant(
     role: Annotated[list[str], typer.Option("--role", help="Role to grant (repeatable).")],
 ) -> None:
     """Grant roles, e.g. ``approver`` (default gates) or ``lifecycle-author`` (uploads)."""
+
     async def go() -> None:
         async with inventory(settings()) as pool:
             roles = await principals.grant_roles(pool, name, role)
         console.print(f"{name} now has roles: {', '.join(roles)}")
+
     run(go())
 
 
 @user_app.command("list")
 def list_users(as_json: JSON = False) -> None:
     """List people and their roles."""
+
     async def go() -> None:
         async with inventory(settings()) as pool:
             found = await principals.read_principals(pool)
-        emit([{"name": n, "roles": r} for n, r in found.items()], as_json=as_json,
-             title="People", columns=["name", "roles"])
+        emit(
+            [{"name": n, "roles": r} for n, r in found.items()],
+            as_json=as_json,
+            title="People",
+            columns=["name", "roles"],
+        )
+
     run(go())
 
 
@@ -175,11 +221,15 @@ def list_deployments(
     as_json: JSON = False,
 ) -> None:
     """Which version of which model runs on which runtime in which stage."""
+
     async def go() -> None:
         async with inventory(settings()) as pool:
-            found = await deployments.read_deployments(
-                pool, live_only=not all_, model=model, stage=stage
-            )
-        emit(found, as_json=as_json, title="Deployments",
-             columns=["model", "version", "stage", "runtime", "mode", "state", "endpoint", "id"])
+            found = await deployments.read_deployments(pool, live_only=not all_, model=model, stage=stage)
+        emit(
+            found,
+            as_json=as_json,
+            title="Deployments",
+            columns=["model", "version", "stage", "runtime", "mode", "state", "endpoint", "id"],
+        )
+
     run(go())

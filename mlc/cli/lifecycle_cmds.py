@@ -15,8 +15,7 @@ from mlc.operations import find_handle, read_status, send_decision, start_lifecy
 from mlc.payloads import LifecycleStatus
 from mlc.store import runs
 
-lifecycle_app = typer.Typer(help="Start lifecycles (and manage custom lifecycle code).",
-                            no_args_is_help=True)
+lifecycle_app = typer.Typer(help="Start lifecycles (and manage custom lifecycle code).", no_args_is_help=True)
 
 REF = Annotated[str, typer.Argument(help="MODEL@VERSION, e.g. cc-fraud@1.")]
 JSON = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
@@ -33,7 +32,9 @@ def register(app: typer.Typer) -> None:
 @lifecycle_app.command("start")
 def start(
     ref: REF,
-    lifecycle: Annotated[str, typer.Option(help="Lifecycle (workflow type) to run.")] = names.STANDARD_LIFECYCLE,
+    lifecycle: Annotated[
+        str, typer.Option(help="Lifecycle (workflow type) to run.")
+    ] = names.STANDARD_LIFECYCLE,
     spec: Annotated[Path | None, typer.Option(help="JSON file overriding the stages.")] = None,
 ) -> None:
     """Start a lifecycle for a registered snapshot."""
@@ -43,24 +44,37 @@ def start(
     async def go() -> None:
         cfg = settings()
         handle = await start_lifecycle(
-            await client(cfg), model_ref, task_queue=cfg.task_queue, lifecycle=lifecycle,
+            await client(cfg),
+            model_ref,
+            task_queue=cfg.task_queue,
+            lifecycle=lifecycle,
             spec=override,
         )
-        console.print(f"started {lifecycle} for {model_ref}: workflow {handle.id}; "
-                      f"follow it with `mlc status {model_ref}`")
+        console.print(
+            f"started {lifecycle} for {model_ref}: workflow {handle.id}; "
+            f"follow it with `mlc status {model_ref}`"
+        )
+
     run(go())
 
 
-def status(ref: Annotated[str | None, typer.Argument(help="MODEL@VERSION; all runs if omitted.")] = None,
-           as_json: JSON = False) -> None:
+def status(
+    ref: Annotated[str | None, typer.Argument(help="MODEL@VERSION; all runs if omitted.")] = None,
+    as_json: JSON = False,
+) -> None:
     """Show lifecycle runs, or one run's stage, state, tests, gate and decisions."""
+
     async def go() -> None:
         cfg = settings()
         async with inventory(cfg) as pool:
             if ref is None:
                 rows = await runs.read_runs(pool)
-                emit(rows, as_json=as_json, title="Lifecycle runs", columns=[
-                    "model", "version", "lifecycle", "state", "stage", "reason", "workflow_id"])
+                emit(
+                    rows,
+                    as_json=as_json,
+                    title="Lifecycle runs",
+                    columns=["model", "version", "lifecycle", "state", "stage", "reason", "workflow_id"],
+                )
                 return
             model_ref = ModelRef.parse(ref)
             handle = await find_handle(await client(cfg), pool, model_ref)
@@ -71,19 +85,24 @@ def status(ref: Annotated[str | None, typer.Argument(help="MODEL@VERSION; all ru
             print(current.model_dump_json(indent=2))
         else:
             render_status(current)
+
     run(go())
 
 
 def render_status(current: LifecycleStatus) -> None:
     """Print one run's status as people read it."""
-    console.print(f"[bold]{current.model}@{current.version}[/bold] ({current.lifecycle}): "
-                  f"{current.state.value}" + (f" in {current.stage}" if current.stage else ""))
+    console.print(
+        f"[bold]{current.model}@{current.version}[/bold] ({current.lifecycle}): "
+        f"{current.state.value}" + (f" in {current.stage}" if current.stage else "")
+    )
     if current.reason:
         console.print(f"  reason: {current.reason}")
     if current.pending_gate:
         gate = current.pending_gate
-        console.print(f"  waiting for approval at {gate.stage} by {', '.join(gate.approvers) or 'nobody'}"
-                      f" until {gate.deadline:%Y-%m-%d %H:%M} UTC")
+        console.print(
+            f"  waiting for approval at {gate.stage} by {', '.join(gate.approvers) or 'nobody'}"
+            f" until {gate.deadline:%Y-%m-%d %H:%M} UTC"
+        )
     table = Table(title="Tests")
     for column in ("stage", "test", "deployment", "passed", "summary"):
         table.add_column(column)
@@ -93,8 +112,10 @@ def render_status(current: LifecycleStatus) -> None:
     if current.reports:
         console.print(table)
     for d in current.decisions:
-        console.print(f"  {d.stage}: {d.decision.value} by {d.approver} at {d.decided_at:%Y-%m-%d %H:%M:%S}"
-                      + (f" ({d.comment})" if d.comment else ""))
+        console.print(
+            f"  {d.stage}: {d.decision.value} by {d.approver} at {d.decided_at:%Y-%m-%d %H:%M:%S}"
+            + (f" ({d.comment})" if d.comment else "")
+        )
     for note in current.refused:
         console.print(f"  [yellow]refused signal:[/yellow] {note}")
 
@@ -107,11 +128,13 @@ def _decide(ref: str, stage: str, comment: str, who: str | None, *, approve_it: 
         async with inventory(cfg) as pool:
             handle = await find_handle(await client(cfg), pool, model_ref)
         record = await send_decision(
-            handle, model_ref,
+            handle,
+            model_ref,
             ApprovalRequest(stage=stage, approver=identity(who), comment=comment),
             approve=approve_it,
         )
         console.print(f"{model_ref}: {stage} {record.decision.value} by {record.approver}")
+
     run(go())
 
 
@@ -119,7 +142,9 @@ def approve(
     ref: REF,
     stage: Annotated[str, typer.Option(help="The gate's stage (guards against approving the wrong one).")],
     comment: Annotated[str, typer.Option(help="Why; kept in the audit trail.")] = "",
-    who: Annotated[str | None, typer.Option("--as", help="Approver identity (default $MLC_USER or OS user).")] = None,
+    who: Annotated[
+        str | None, typer.Option("--as", help="Approver identity (default $MLC_USER or OS user).")
+    ] = None,
 ) -> None:
     """Approve the gate a lifecycle is waiting at."""
     _decide(ref, stage, comment, who, approve_it=True)
@@ -129,8 +154,9 @@ def reject(
     ref: REF,
     stage: Annotated[str, typer.Option(help="The gate's stage.")],
     comment: Annotated[str, typer.Option(help="Why; kept in the audit trail.")] = "",
-    who: Annotated[str | None, typer.Option("--as", help="Approver identity (default $MLC_USER or OS user).")] = None,
+    who: Annotated[
+        str | None, typer.Option("--as", help="Approver identity (default $MLC_USER or OS user).")
+    ] = None,
 ) -> None:
     """Reject: the lifecycle undeploys that stage and ends as failed."""
     _decide(ref, stage, comment, who, approve_it=False)
-

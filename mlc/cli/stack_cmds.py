@@ -41,7 +41,9 @@ def _stop_event() -> asyncio.Event:
 
 
 @contextlib.asynccontextmanager
-async def embedded(cfg: Settings, *, temporal_port: int, ui_port: int, headless: bool) -> AsyncIterator[Settings]:
+async def embedded(
+    cfg: Settings, *, temporal_port: int, ui_port: int, headless: bool
+) -> AsyncIterator[Settings]:
     """Start the embedded servers, a migrated inventory with dev runtimes, and a worker."""
     from workers.worker import build_main_worker
 
@@ -74,8 +76,12 @@ async def _stop_local_deployments(cfg: Settings, pool: asyncpg.Pool) -> None:
         runtime = await runtimes.read_runtime(pool, d.runtime)
         if runtime.kind is RuntimeKind.LOCAL:
             await driver_for(runtime, cfg).undeploy(UndeployRequest(deployment_id=d.id, runtime=runtime))
-            await deployments.upsert_deployment(pool, d.model_copy(update={
-                "state": DeploymentState.RETIRED, "details": {"retired_by": "mlc dev stopped"}}))
+            await deployments.upsert_deployment(
+                pool,
+                d.model_copy(
+                    update={"state": DeploymentState.RETIRED, "details": {"retired_by": "mlc dev stopped"}}
+                ),
+            )
 
 
 def dev(
@@ -85,10 +91,12 @@ def dev(
 ) -> None:
     """Run Temporal (with its Web UI), PostgreSQL, a worker and local runtimes for every
     stage, all state under --home. Ctrl-C stops everything."""
+
     async def go() -> None:
         stop = _stop_event()
-        async with embedded(settings(), temporal_port=temporal_port, ui_port=ui_port,
-                            headless=headless) as ready:
+        async with embedded(
+            settings(), temporal_port=temporal_port, ui_port=ui_port, headless=headless
+        ) as ready:
             table = Table(title="mlc dev is running (Ctrl-C stops it)", show_header=False)
             table.add_row("Temporal", ready.temporal_address)
             if not headless:
@@ -100,12 +108,15 @@ def dev(
             console.print(table)
             await stop.wait()
         console.print("stopped")
+
     asyncio.run(go())
 
 
 def worker(
-    runtime: Annotated[str | None, typer.Option(help="Serve only this runtime's task queue "
-                                                "(a worker next to its Docker engine).")] = None,
+    runtime: Annotated[
+        str | None,
+        typer.Option(help="Serve only this runtime's task queue (a worker next to its Docker engine)."),
+    ] = None,
 ) -> None:
     """Run a worker against TEMPORAL_ADDRESS / MLC_DATABASE_URL."""
     from workers.worker import build_main_worker, build_runtime_worker, run_until
@@ -132,6 +143,7 @@ def worker(
             queue = f"runtime-{runtime}"
         console.print(f"serving runtime {runtime} on task queue {queue}")
         await run_until(build_runtime_worker(temporal, cfg, queue), stop)
+
     asyncio.run(go())
 
 
@@ -141,6 +153,7 @@ def demo(
     ui_port: Annotated[int, typer.Option(help="Web UI port of the embedded stack.")] = 8233,
 ) -> None:
     """Register the example fraud model and walk it DEV -> PROD on an embedded stack."""
+
     async def go() -> int:
         cfg = settings()
         external = "TEMPORAL_ADDRESS" in os.environ and cfg.database_url is not None
@@ -166,8 +179,10 @@ async def _walk(cfg: Settings, *, yes: bool, ui: str | None) -> int:
         await principals.grant_roles(pool, me, ["approver"])
         snap, _ = await register_package(pool, ArtifactStore(cfg.artifact_dir), package, registered_by=me)
         ref = ModelRef(model=snap.model, version=snap.version)
-        console.print(f"registered {ref} (sha256 {snap.sha256[:12]})"
-                      + (f"; watch it in the Web UI: {ui}" if ui else ""))
+        console.print(
+            f"registered {ref} (sha256 {snap.sha256[:12]})"
+            + (f"; watch it in the Web UI: {ui}" if ui else "")
+        )
         handle = await start_lifecycle(await client(cfg), ref, task_queue=cfg.task_queue)
         console.print(f"started ModelLifecycle {handle.id}")
         announced: set[str] = set()
@@ -182,20 +197,31 @@ async def _walk(cfg: Settings, *, yes: bool, ui: str | None) -> int:
                     if gate and gate.stage not in announced:
                         announced.add(gate.stage)
                         if yes:
-                            await send_decision(handle, ref, ApprovalRequest(
-                                stage=gate.stage, approver=me, comment="approved by mlc demo --yes"),
-                                approve=True)
+                            await send_decision(
+                                handle,
+                                ref,
+                                ApprovalRequest(
+                                    stage=gate.stage, approver=me, comment="approved by mlc demo --yes"
+                                ),
+                                approve=True,
+                            )
                             console.print(f"approved {gate.stage} as {me}")
                         else:
-                            console.print(f"{ref} waits at {gate.stage}; approve with:\n"
-                                          f"  mlc approve {ref} --stage {gate.stage} --comment 'looks good'")
+                            console.print(
+                                f"{ref} waits at {gate.stage}; approve with:\n"
+                                f"  mlc approve {ref} --stage {gate.stage} --comment 'looks good'"
+                            )
                 await asyncio.sleep(0.3)
         render_status(current)
         if current.state is LifecycleState.FAILED:
             return 1
         live = await deployments.read_deployments(pool, model=ref.model)
-        emit(live, as_json=False, title="Deployments (mlc deployments)",
-             columns=["model", "version", "stage", "runtime", "mode", "state", "endpoint"])
+        emit(
+            live,
+            as_json=False,
+            title="Deployments (mlc deployments)",
+            columns=["model", "version", "stage", "runtime", "mode", "state", "endpoint"],
+        )
         last = current.stages[-1]
         async with httpx.AsyncClient() as http:
             for d in live:
@@ -206,4 +232,3 @@ async def _walk(cfg: Settings, *, yes: bool, ui: str | None) -> int:
         return 0
     finally:
         await pool.close()
-

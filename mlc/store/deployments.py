@@ -8,8 +8,7 @@ from mlc.domain import Deployment, DeploymentState
 from mlc.store.db import row_dict
 
 _COLUMNS = (
-    "id, model, version, runtime, stage, mode, state, endpoint, workflow_id, details, "
-    "created_at, updated_at"
+    "id, model, version, runtime, stage, mode, state, endpoint, workflow_id, details, created_at, updated_at"
 )
 LIVE = (DeploymentState.DEPLOYING.value, DeploymentState.SERVING.value)
 
@@ -24,8 +23,16 @@ async def upsert_deployment(pool: asyncpg.Pool, deployment: Deployment) -> Deplo
             ON CONFLICT (id) DO UPDATE SET state = EXCLUDED.state, endpoint = EXCLUDED.endpoint,
                 details = deployments.details || EXCLUDED.details, updated_at = now()
             RETURNING {_COLUMNS}""",
-        d["id"], d["model"], d["version"], d["runtime"], d["stage"], d["mode"], d["state"],
-        d["endpoint"], d["workflow_id"], d["details"],
+        d["id"],
+        d["model"],
+        d["version"],
+        d["runtime"],
+        d["stage"],
+        d["mode"],
+        d["state"],
+        d["endpoint"],
+        d["workflow_id"],
+        d["details"],
     )
     return Deployment.model_validate(row_dict(row))
 
@@ -46,7 +53,11 @@ async def read_deployments(
               AND ($4::text IS NULL OR stage = $4)
               AND ($5::text IS NULL OR runtime = $5)
             ORDER BY created_at, id""",
-        live_only, list(LIVE), model, stage, runtime,
+        live_only,
+        list(LIVE),
+        model,
+        stage,
+        runtime,
     )
     return [Deployment.model_validate(row_dict(r)) for r in rows]
 

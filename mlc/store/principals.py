@@ -15,7 +15,8 @@ async def grant_roles(pool: asyncpg.Pool, name: str, roles: list[str]) -> list[s
                SELECT array_agg(DISTINCT r ORDER BY r)
                FROM unnest(principals.roles || EXCLUDED.roles) AS r)
            RETURNING roles""",
-        name, sorted(set(roles)),
+        name,
+        sorted(set(roles)),
     )
     return list(row["roles"])
 

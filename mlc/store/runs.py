@@ -19,7 +19,11 @@ async def start_run(
             """INSERT INTO lifecycle_runs (workflow_id, run_id, model, version, lifecycle, state)
                VALUES ($1, $2, $3, $4, $5, 'starting')
                ON CONFLICT (workflow_id, run_id) DO NOTHING""",
-            workflow_id, run_id, model, version, lifecycle,
+            workflow_id,
+            run_id,
+            model,
+            version,
+            lifecycle,
         )
     except asyncpg.UniqueViolationError:
         other = await find_active_run(pool, model, version)
@@ -45,7 +49,12 @@ async def update_run(
         """UPDATE lifecycle_runs SET state = $3, stage = $4, reason = $5,
                ended_at = CASE WHEN $6 THEN COALESCE(ended_at, now()) ELSE NULL END
            WHERE workflow_id = $1 AND run_id = $2""",
-        workflow_id, run_id, state, stage, reason, ended,
+        workflow_id,
+        run_id,
+        state,
+        stage,
+        reason,
+        ended,
     )
 
 
@@ -53,7 +62,8 @@ async def find_active_run(pool: asyncpg.Pool, model: str, version: int) -> dict[
     """The active run of a snapshot, if any."""
     row = await pool.fetchrow(
         "SELECT * FROM lifecycle_runs WHERE model = $1 AND version = $2 AND ended_at IS NULL",
-        model, version,
+        model,
+        version,
     )
     return row_dict(row)
 
@@ -66,7 +76,7 @@ async def read_runs(
         """SELECT * FROM lifecycle_runs
            WHERE ($1::text IS NULL OR model = $1) AND ($2::int IS NULL OR version = $2)
            ORDER BY started_at DESC""",
-        model, version,
+        model,
+        version,
     )
     return [r for r in (row_dict(x) for x in rows) if r is not None]
-

@@ -28,13 +28,16 @@ async def create_runtime(pool: asyncpg.Pool, runtime: Runtime, *, replace: bool 
     row = await pool.fetchrow(
         f"INSERT INTO runtimes ({_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7) {conflict} "
         f"RETURNING {_COLUMNS}",
-        data["name"], data["kind"], data["stage"], data["service_tags"], data["modes"],
-        data["task_queue"], data["docker"],
+        data["name"],
+        data["kind"],
+        data["stage"],
+        data["service_tags"],
+        data["modes"],
+        data["task_queue"],
+        data["docker"],
     )
     if row is None:
-        raise ConflictError(
-            f"runtime {runtime.name} already exists; use --replace to overwrite it"
-        )
+        raise ConflictError(f"runtime {runtime.name} already exists; use --replace to overwrite it")
     return _runtime(row)
 
 
@@ -49,8 +52,7 @@ async def read_runtime(pool: asyncpg.Pool, name: str) -> Runtime:
 async def read_runtimes(pool: asyncpg.Pool, *, stage: str | None = None) -> list[Runtime]:
     """All runtimes, optionally only those of one stage."""
     rows = await pool.fetch(
-        f"SELECT {_COLUMNS} FROM runtimes WHERE $1::text IS NULL OR stage = $1 "
-        "ORDER BY stage, name",
+        f"SELECT {_COLUMNS} FROM runtimes WHERE $1::text IS NULL OR stage = $1 ORDER BY stage, name",
         stage,
     )
     return [_runtime(r) for r in rows]

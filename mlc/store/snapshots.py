@@ -21,9 +21,7 @@ async def register_snapshot(
     registering twice is harmless. Versions are numbered 1, 2, ... per model.
     """
     async with pool.acquire() as conn, conn.transaction():
-        await conn.execute(
-            "INSERT INTO models (name) VALUES ($1) ON CONFLICT DO NOTHING", manifest.name
-        )
+        await conn.execute("INSERT INTO models (name) VALUES ($1) ON CONFLICT DO NOTHING", manifest.name)
         await conn.execute("SELECT 1 FROM models WHERE name = $1 FOR UPDATE", manifest.name)
         existing = await conn.fetchrow(
             f"SELECT {_COLUMNS} FROM snapshots WHERE model = $1 AND sha256 = $2",
@@ -55,9 +53,12 @@ async def read_snapshot(pool: asyncpg.Pool, model: str, version: int) -> ModelSn
         f"SELECT {_COLUMNS} FROM snapshots WHERE model = $1 AND version = $2", model, version
     )
     if row is None:
-        versions = [r["version"] for r in await pool.fetch(
-            "SELECT version FROM snapshots WHERE model = $1 ORDER BY version", model
-        )]
+        versions = [
+            r["version"]
+            for r in await pool.fetch(
+                "SELECT version FROM snapshots WHERE model = $1 ORDER BY version", model
+            )
+        ]
         known = f"known versions: {versions}" if versions else "no such model is registered"
         raise NotFoundError(
             f"snapshot {model}@{version} does not exist ({known}); "
@@ -69,8 +70,7 @@ async def read_snapshot(pool: asyncpg.Pool, model: str, version: int) -> ModelSn
 async def read_snapshots(pool: asyncpg.Pool, model: str | None = None) -> list[ModelSnapshot]:
     """All snapshots, optionally of one model, oldest first."""
     rows = await pool.fetch(
-        f"SELECT {_COLUMNS} FROM snapshots WHERE $1::text IS NULL OR model = $1 "
-        "ORDER BY model, version",
+        f"SELECT {_COLUMNS} FROM snapshots WHERE $1::text IS NULL OR model = $1 ORDER BY model, version",
         model,
     )
     return [ModelSnapshot.model_validate(row_dict(r)) for r in rows]
