@@ -16,8 +16,8 @@ from activities.runtimes.base import (
     OnlineDeployRequest,
     OnlineDeployResult,
     UndeployRequest,
+    driver_for,
 )
-from activities.runtimes.base import driver_for as _driver_for
 from mlc import names
 from mlc.config import Settings
 
@@ -36,18 +36,18 @@ class RuntimeActivities:
     @mlc_errors
     async def deploy_online(self, request: OnlineDeployRequest) -> OnlineDeployResult:
         """Bring up (or find) the deployment's endpoint and return when it is healthy."""
-        driver = _driver_for(request.runtime, self.settings)
+        driver = driver_for(request.runtime, self.settings)
         return await driver.deploy_online(request, _heartbeat)
 
     @activity.defn(name=names.RUN_BATCH_JOB)
     @mlc_errors
     async def run_batch_job(self, request: BatchJobRequest) -> BatchJobResult:
         """Run an ephemeral scoring job to completion; the runtime is cleared afterwards."""
-        driver = _driver_for(request.runtime, self.settings)
+        driver = driver_for(request.runtime, self.settings)
         return await driver.run_batch(request, _heartbeat)
 
     @activity.defn(name=names.UNDEPLOY)
     @mlc_errors
     async def undeploy(self, request: UndeployRequest) -> None:
         """Stop and remove a deployment (succeeds when it is already gone)."""
-        await _driver_for(request.runtime, self.settings).undeploy(request)
+        await driver_for(request.runtime, self.settings).undeploy(request)

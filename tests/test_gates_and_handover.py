@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import shutil
 import uuid
-from dataclasses import replace
 from datetime import timedelta
 from pathlib import Path
 
@@ -40,9 +39,8 @@ async def test_gate_expires_on_time_skipping_server(stack: Stack, example_packag
     ) as env:
         await ensure_search_attributes(env.client)
         pool = await connect(stack.settings.database_url)
-        settings = replace(stack.settings, temporal_address="time-skipping")
         try:
-            async with build_main_worker(env.client, settings, pool, task_queue=stack.task_queue):
+            async with build_main_worker(env.client, stack.settings, pool, task_queue=stack.task_queue):
                 handle = await start_like_ui(
                     env.client,
                     {"model": snap.model, "version": snap.version, "spec": ONE_GATE.model_dump(mode="json")},
