@@ -11,10 +11,12 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
+from temporalio.client import WorkflowFailureError
 
 from mlc.domain import DockerSettings, Runtime, RuntimeKind
 from mlc.store import deployments, runtimes
-from tests.conftest import DOCKER_BASE_IMAGE, Stack
+from tests.conftest import DOCKER_BASE_IMAGE, FIXTURES, Stack
 from tests.lifecycle_helpers import start_like_ui, wait_for_gate
 
 
@@ -78,3 +80,37 @@ async def test_local_dev_then_docker_stages_reach_prod(
     for deployment in live.values():
         if deployment.details.get("container_id"):
             docker_engine.containers.get(deployment.details["container_id"]).remove(force=True)
+
+
+async def test_container_crashing_at_start_fails_its_stage_with_the_log(
+    stack: Stack, docker_engine: Any
+) -> None:
+    snap = await stack.register(FIXTURES / "models" / "crash-model")
+    await runtimes.create_runtime(
+        stack.pool,
+        Runtime(
+            name="docker-dev",
+            kind=RuntimeKind.DOCKER,
+            stage="DEV",
+            task_queue=stack.task_queue,
+            docker=DockerSettings(
+                base_image=DOCKER_BASE_IMAGE, network_mode="host", health_timeout_seconds=30
+            ),
+        ),
+    )
+    handle = await start_like_ui(
+        stack.client,
+        {"model": snap.model, "version": snap.version},
+        workflow_id=f"crash-{uuid.uuid4().hex[:8]}",
+        task_queue=stack.task_queue,
+    )
+    with pytest.raises(WorkflowFailureError) as failure:
+        await handle.result()
+    message = str(failure.value.cause)
+    assert "to runtime docker-dev in DEV failed" in message
+    assert "fails on purpose" in message, "the container's log tail is in the error"
+    (deployment,) = await deployments.read_deployments(stack.pool, model=snap.model, live_only=False)
+    assert deployment.state.value == "failed"
+    assert (
+        docker_engine.containers.list(all=True, filters={"label": f"mlc.deployment-id={deployment.id}"}) == []
+    )
