@@ -20,6 +20,7 @@ from mlc.cli.lifecycle_cmds import render_status
 from mlc.config import Settings
 from mlc.devstack import DevStack, dev_running
 from mlc.domain import ApprovalRequest, LifecycleState, ModelRef
+from mlc.errors import RuntimeUnavailableError
 from mlc.operations import read_status, send_decision, start_lifecycle
 from mlc.registry import ensure_dev_runtimes, register_package
 from mlc.store import connect, deployments, principals, runtimes
@@ -45,6 +46,7 @@ async def embedded(
     cfg: Settings, *, temporal_port: int, ui_port: int, headless: bool
 ) -> AsyncIterator[Settings]:
     """Start the embedded servers, a migrated inventory with dev runtimes, and a worker."""
+    from workers.client import ensure_search_attributes
     from workers.worker import build_main_worker
 
     stack = DevStack(cfg, temporal_port=temporal_port, ui_port=ui_port, headless=headless)
@@ -57,6 +59,7 @@ async def embedded(
             await ensure_dev_runtimes(pool, ready.task_queue)
             await principals.grant_roles(pool, identity(None), ["approver", "lifecycle-author"])
             temporal = await client(ready)
+            await ensure_search_attributes(temporal)
             async with build_main_worker(temporal, ready, pool):
                 yield ready
             await _stop_local_deployments(ready, pool)
@@ -119,6 +122,7 @@ def worker(
     ] = None,
 ) -> None:
     """Run a worker against TEMPORAL_ADDRESS / MLC_DATABASE_URL."""
+    from workers.client import ensure_search_attributes
     from workers.worker import build_main_worker, build_runtime_worker, run_until
 
     async def go() -> None:
@@ -126,7 +130,11 @@ def worker(
         stop = _stop_event()
         temporal = await client(cfg)
         if runtime is None:
-            assert cfg.database_url, "set MLC_DATABASE_URL"
+            if not cfg.database_url:
+                raise RuntimeUnavailableError(
+                    "the main worker needs the inventory: set MLC_DATABASE_URL (or run `mlc dev`)"
+                )
+            await ensure_search_attributes(temporal)
             pool = await connect(cfg.database_url)
             try:
                 await run_until(build_main_worker(temporal, cfg, pool), stop)
