@@ -14,6 +14,8 @@ from mlc.payloads import (
     BeginRunResult,
     FindDeploymentsInput,
     FindDeploymentsResult,
+    LoadLifecycleInput,
+    LoadLifecycleResult,
     NotifyInput,
     RecordDecisionInput,
     RecordDeploymentInput,
@@ -24,7 +26,7 @@ from mlc.payloads import (
     ResolveRuntimesInput,
     ResolveRuntimesResult,
 )
-from mlc.store import audit, deployments, principals, runs, runtimes, snapshots
+from mlc.store import audit, deployments, lifecycle_definitions, principals, runs, runtimes, snapshots
 
 
 class InventoryActivities:
@@ -134,6 +136,19 @@ class InventoryActivities:
             model=request.model,
             version=request.version,
             message=request.message,
+        )
+
+    @activity.defn(name=names.LOAD_LIFECYCLE)
+    @mlc_errors
+    async def load_lifecycle_definition(self, request: LoadLifecycleInput) -> LoadLifecycleResult:
+        """The newest uploaded version of a lifecycle, read once per run.
+
+        Its result is in the run's history, so replays and restarted workers run the
+        same version even after a newer one is uploaded; an unknown name fails at once.
+        """
+        found = await lifecycle_definitions.read_lifecycle_definition(self.pool, request.name)
+        return LoadLifecycleResult(
+            name=found.name, version=found.version, sha256=found.sha256, source=found.source
         )
 
 

@@ -25,6 +25,8 @@ class Settings:
     temporal_address: str
     temporal_namespace: str
     task_queue: str
+    author_role: str = "lifecycle-author"
+    """Role needed to upload lifecycle code (``MLC_AUTHOR_ROLE``)."""
 
     @classmethod
     def from_env(cls, *, home: Path | None = None) -> Settings:
@@ -36,6 +38,7 @@ class Settings:
             temporal_address=os.environ.get("TEMPORAL_ADDRESS", "127.0.0.1:7233"),
             temporal_namespace=os.environ.get("TEMPORAL_NAMESPACE", "default"),
             task_queue=os.environ.get("MLC_TASK_QUEUE", DEFAULT_TASK_QUEUE),
+            author_role=os.environ.get("MLC_AUTHOR_ROLE") or "lifecycle-author",
         )
 
     @property

@@ -295,3 +295,18 @@ class ApprovalRecord(Frozen):
     comment: str = ""
     decided_at: datetime
     evidence: StageTestReport | None = None
+
+
+# --- custom lifecycle code ------------------------------------------------------------
+
+
+class LifecycleDefinition(Frozen):
+    """One immutable, numbered version of uploaded lifecycle code."""
+
+    name: str
+    """The workflow type people start it by (Web UI, ``mlc lifecycle start --lifecycle``)."""
+    version: int = Field(ge=1)
+    sha256: str
+    source: str
+    uploaded_by: str
+    uploaded_at: datetime | None = None

@@ -10,6 +10,10 @@ from temporalio.common import SearchAttributeKey
 
 STANDARD_LIFECYCLE = "ModelLifecycle"
 """The standard lifecycle's workflow type: what people type in the Web UI."""
+BATCH_LIFECYCLE = "BatchPromotion"
+"""The built-in batch-only promotion's workflow type."""
+BUILT_IN_LIFECYCLES = (STANDARD_LIFECYCLE, BATCH_LIFECYCLE)
+"""Workflow types served by registered classes; uploaded lifecycles may not take them."""
 
 # Inventory activities (main task queue).
 BEGIN_RUN = "begin_lifecycle_run"

@@ -183,3 +183,18 @@ class NotifyInput(Frozen):
     model: str
     version: int
     message: str
+
+
+class LoadLifecycleInput(Frozen):
+    """Which uploaded lifecycle a run of a custom workflow type executes."""
+
+    name: str
+
+
+class LoadLifecycleResult(Frozen):
+    """The newest version of that lifecycle when the run started (pinned by history)."""
+
+    name: str
+    version: int
+    sha256: str
+    source: str

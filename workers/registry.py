@@ -11,9 +11,11 @@ from activities.inventory import InventoryActivities
 from activities.runtime import RuntimeActivities
 from activities.testing import TestingActivities
 from mlc.config import Settings
+from workflows.batch_lifecycle import BatchPromotion
+from workflows.custom_lifecycle import CustomLifecycle
 from workflows.model_lifecycle import ModelLifecycle
 
-ALL_WORKFLOWS: Sequence[type] = (ModelLifecycle,)
+ALL_WORKFLOWS: Sequence[type] = (ModelLifecycle, BatchPromotion, CustomLifecycle)
 """Every workflow class; the replay test replays histories against exactly these."""
 
 
@@ -37,4 +39,5 @@ def inventory_activities(pool: asyncpg.Pool) -> list[Callable[..., Any]]:
         inv.record_decision,
         inv.resolve_approvers,
         inv.notify,
+        inv.load_lifecycle_definition,
     ]

@@ -1,4 +1,4 @@
-"""Commands that drive lifecycles: start, status, approve, reject."""
+"""Commands that drive lifecycles (start, status, approve, reject) and manage uploaded code."""
 
 from __future__ import annotations
 
@@ -6,14 +6,16 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.syntax import Syntax
 from rich.table import Table
 
 from mlc import names
 from mlc.cli.context import client, console, emit, identity, inventory, run, settings
-from mlc.domain import ApprovalRequest, LifecycleSpec, ModelRef
+from mlc.domain import ApprovalRequest, LifecycleDefinition, LifecycleSpec, ModelRef
+from mlc.lifecycle_uploads import upload_lifecycle
 from mlc.operations import find_handle, read_status, send_decision, start_lifecycle
 from mlc.payloads import LifecycleStatus
-from mlc.store import runs
+from mlc.store import lifecycle_definitions, runs
 
 lifecycle_app = typer.Typer(help="Start lifecycles (and manage custom lifecycle code).", no_args_is_help=True)
 
@@ -56,6 +58,89 @@ def start(
         )
 
     run(go())
+
+
+@lifecycle_app.command("upload")
+def upload(
+    file: Annotated[Path, typer.Argument(help="The lifecycle's Python file (defines `async def run(mlc)`).")],
+    name: Annotated[
+        str | None, typer.Option(help="Workflow type to start it by (default: file stem in CamelCase).")
+    ] = None,
+    who: Annotated[
+        str | None, typer.Option("--as", help="Uploader identity (default $MLC_USER or OS user).")
+    ] = None,
+) -> None:
+    """Validate, dry-run and store lifecycle code as a new version; running workers serve it at once."""
+
+    async def go() -> None:
+        cfg = settings()
+        async with inventory(cfg) as pool:
+            stored, created = await upload_lifecycle(
+                pool, file, uploader=identity(who), role=cfg.author_role, name=name
+            )
+        if not created:
+            console.print(
+                f"{stored.name} version {stored.version} already has this source; nothing new was stored"
+            )
+            return
+        console.print(
+            f"uploaded {stored.name} version {stored.version} (sha256 {stored.sha256[:12]}); start it from "
+            f"the Web UI with Workflow Type {stored.name}, Task Queue {cfg.task_queue} and Input "
+            f'{{"model": "cc-fraud", "version": 1}}, or `mlc lifecycle start MODEL@VERSION '
+            f"--lifecycle {stored.name}`"
+        )
+
+    run(go())
+
+
+@lifecycle_app.command("list")
+def list_lifecycles(as_json: JSON = False) -> None:
+    """Every uploaded version, by name (built-in lifecycles are not listed)."""
+
+    async def go() -> None:
+        async with inventory(settings()) as pool:
+            found = await lifecycle_definitions.read_lifecycle_definitions(pool)
+        rows = [_summary(d) for d in found] if not as_json else found
+        emit(
+            rows,
+            as_json=as_json,
+            title="Uploaded lifecycles",
+            columns=["name", "version", "sha256", "uploaded_by", "uploaded_at"],
+        )
+
+    run(go())
+
+
+@lifecycle_app.command("show")
+def show(
+    ref: Annotated[str, typer.Argument(help="NAME or NAME@VERSION (default: the newest version).")],
+    as_json: JSON = False,
+) -> None:
+    """Show one version of an uploaded lifecycle, with its source."""
+    name, _, version = ref.partition("@")
+    if version and not version.isdigit():
+        raise ValueError(f"{ref!r} is not NAME or NAME@VERSION (for example FourEyes@2)")
+
+    async def go() -> None:
+        async with inventory(settings()) as pool:
+            found = await lifecycle_definitions.read_lifecycle_definition(
+                pool, name, int(version) if version else None
+            )
+        if as_json:
+            print(found.model_dump_json(indent=2))
+            return
+        console.print(
+            f"[bold]{found.name}@{found.version}[/bold] sha256 {found.sha256}, uploaded by "
+            f"{found.uploaded_by} at {found.uploaded_at:%Y-%m-%d %H:%M:%S}"
+        )
+        console.print(Syntax(found.source, "python", line_numbers=True))
+
+    run(go())
+
+
+def _summary(definition: LifecycleDefinition) -> dict[str, object]:
+    """A definition without its source, for the table."""
+    return {**definition.model_dump(mode="json", exclude={"source"}), "sha256": definition.sha256[:12]}
 
 
 def status(

@@ -1,0 +1,72 @@
+"""Uploading lifecycle code: who may, what passes, and what is stored.
+
+Shared by ``mlc lifecycle upload`` and tests. The checks run cheapest first (role,
+name, static validation) and the dry run last, and nothing is stored unless all pass.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import asyncpg
+
+from lifecycles.validation import check_lifecycle_name, check_source, default_name, format_problems
+from mlc import names
+from mlc.domain import LifecycleDefinition
+from mlc.errors import InvalidLifecycleError, PermissionDeniedError
+from mlc.store import lifecycle_definitions, principals
+
+
+async def upload_lifecycle(
+    pool: asyncpg.Pool,
+    path: Path,
+    *,
+    uploader: str,
+    role: str,
+    name: str | None = None,
+) -> tuple[LifecycleDefinition, bool]:
+    """Validate, dry-run and store ``path`` as the next version of a lifecycle.
+
+    Args:
+        pool: The inventory.
+        path: The lifecycle's Python file.
+        uploader: Who uploads (recorded as ``uploaded_by``).
+        role: The role ``uploader`` must hold (``Settings.author_role``).
+        name: The workflow type to run it as; default: the file stem in CamelCase.
+
+    Returns:
+        The stored version and whether it is new (the same source again is not).
+
+    Raises:
+        PermissionDeniedError: ``uploader`` lacks the role.
+        InvalidLifecycleError: bad name, unreadable file, a static problem or a failed
+            dry run; the message carries ``file:line: reason``.
+    """
+    held = await principals.read_roles(pool, uploader)
+    if role not in held:
+        has = ", ".join(held) or "no roles"
+        raise PermissionDeniedError(
+            f"{uploader} may not upload lifecycle code: it needs role {role} (has {has}); "
+            f"an admin can grant it with `mlc user grant {uploader} --role {role}`"
+        )
+    try:
+        lifecycle = check_lifecycle_name(name or default_name(path.stem), built_in=names.BUILT_IN_LIFECYCLES)
+        source = path.read_text(encoding="utf-8")
+    except (ValueError, OSError) as exc:
+        raise InvalidLifecycleError(f"{path}: {exc}") from None
+    problems = check_source(source, filename=str(path))
+    if problems:
+        raise InvalidLifecycleError(
+            f"{path} is not a valid lifecycle; nothing was stored:\n{format_problems(str(path), problems)}"
+        )
+    existing = await lifecycle_definitions.find_lifecycle_definition(
+        pool, lifecycle, lifecycle_definitions.source_sha256(source)
+    )
+    if existing is not None:
+        return existing, False
+    from workers.dry_run import dry_run  # lazily: it loads the workflow and worker machinery
+
+    await dry_run(source, name=lifecycle, path=str(path))
+    return await lifecycle_definitions.create_lifecycle_definition(
+        pool, lifecycle, source, uploaded_by=uploader
+    )
