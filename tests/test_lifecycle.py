@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import uuid
 
 import httpx
@@ -66,6 +67,13 @@ async def test_happy_path_reaches_prod_with_cli_approvals(stack: Stack, example_
     assert {t["stage"] for t in metrics} == {"SIT", "UAT"} and all(t["passed"] for t in metrics)
     assert metrics[0]["metrics"]["auc"] >= 0.8
 
+    trail = json.loads((await stack.mlc("audit", ref, "--json")).stdout)
+    assert [(d["stage"], d["decision"], d["comment"]) for d in trail["decisions"]] == [
+        ("DEV", "approved", "ok DEV"),
+        ("SIT", "approved", "ok SIT"),
+        ("UAT", "approved", "ok UAT"),
+    ]
+    assert {t["stage"] for t in trail["tests"]} == {"DEV", "SIT", "UAT", "PROD"}
     listing = await stack.mlc("deployments", "--json")
     assert listing.returncode == 0, listing.stderr
     assert '"stage": "PROD"' in listing.stdout

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Annotated
 
@@ -15,7 +16,7 @@ from mlc.domain import ApprovalRequest, LifecycleDefinition, LifecycleSpec, Mode
 from mlc.lifecycle_uploads import upload_lifecycle
 from mlc.operations import find_handle, read_status, send_decision, start_lifecycle
 from mlc.payloads import LifecycleStatus
-from mlc.store import lifecycle_definitions, runs
+from mlc.store import audit, lifecycle_definitions, runs
 
 lifecycle_app = typer.Typer(help="Start lifecycles (and manage custom lifecycle code).", no_args_is_help=True)
 
@@ -28,6 +29,7 @@ def register(app: typer.Typer) -> None:
     app.add_typer(lifecycle_app, name="lifecycle")
     app.command("status")(status)
     app.command("approve")(approve)
+    app.command("audit")(audit_trail)
     app.command("reject")(reject)
 
 
@@ -245,3 +247,30 @@ def reject(
 ) -> None:
     """Reject: the lifecycle undeploys that stage and ends as failed."""
     _decide(ref, stage, comment, who, approve_it=False)
+
+
+def audit_trail(ref: REF, as_json: JSON = False) -> None:
+    """The audit trail of a snapshot: every test result and gate decision, from the inventory."""
+    model_ref = ModelRef.parse(ref)
+
+    async def go() -> None:
+        async with inventory(settings()) as pool:
+            tests = await audit.read_test_results(pool, model_ref.model, model_ref.version)
+            decisions = await audit.read_decisions(pool, model_ref.model, model_ref.version)
+        if as_json:
+            print(json.dumps({"tests": tests, "decisions": decisions}, indent=2, default=str))
+            return
+        emit(
+            tests,
+            as_json=False,
+            title=f"Tests of {model_ref}",
+            columns=["recorded_at", "stage", "test", "passed", "summary", "deployment_id"],
+        )
+        emit(
+            decisions,
+            as_json=False,
+            title=f"Decisions on {model_ref}",
+            columns=["decided_at", "stage", "decision", "approver", "comment", "workflow_id"],
+        )
+
+    run(go())

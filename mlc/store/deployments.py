@@ -61,8 +61,3 @@ async def read_deployments(
     )
     return [Deployment.model_validate(row_dict(r)) for r in rows]
 
-
-async def read_deployment(pool: asyncpg.Pool, deployment_id: str) -> Deployment | None:
-    """One deployment by id, or None."""
-    row = await pool.fetchrow(f"SELECT {_COLUMNS} FROM deployments WHERE id = $1", deployment_id)
-    return Deployment.model_validate(row_dict(row)) if row else None
