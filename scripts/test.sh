@@ -8,7 +8,7 @@ cd "$(dirname "$0")/.."
 ./scripts/docker-engine.sh
 if ! command -v docker-compose >/dev/null 2>&1; then
   echo "==> installing docker-compose"
-  apt-get install -y -qq docker-compose >/dev/null
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq docker-compose >/dev/null
 fi
 echo "==> ruff"
 .venv/bin/ruff check .
