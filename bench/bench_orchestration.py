@@ -12,7 +12,13 @@ Both run in one process on one Temporal dev server and one embedded PostgreSQL:
   (or phase) query shows the next stage, for both.
 
 Deploy and test activities are real work the bare workflow does not do, so their time
-(from activity durations in (a)'s history) is reported next to the overhead ratio.
+(from activity durations in (a)'s history) is reported next to the overhead ratio, with
+the time workflow tasks waited for the server to hand them to a worker.
+
+Each lifecycle run gets a fresh database, MLC_HOME and task queue (so no run retires
+the previous run's deployments); setup and cleanup are outside the timed part. One
+warm-up run of each is not counted. ``--no-sticky`` runs both workers with
+``max_cached_workflows=0``.
 
     .venv/bin/python bench/bench_orchestration.py --runs 5
 """
@@ -74,6 +80,8 @@ STEP_TIMEOUT_SECONDS = 120.0
 """Longest wait for any one state (a gate, the next stage, a run's end)."""
 MAX_POLLS = 20_000
 """Upper bound on queries in one wait, whatever the timeout."""
+CACHED_WORKFLOWS = 1000
+"""``build_main_worker``'s default, used by both workers unless ``--no-sticky``."""
 RUNTIME_WORK = (DEPLOY_ONLINE, RUN_STAGE_TESTS, UNDEPLOY)
 """Activities that start, test or stop real model servers."""
 
@@ -89,6 +97,8 @@ class RunSample:
     activities: int = 0
     activity_seconds: dict[str, float] = field(default_factory=dict)
     segments: tuple[int, ...] = ()
+    task_waits: float = 0.0
+    """Sum of workflow tasks' scheduled-to-started time: the server handing tasks to the worker."""
 
 
 async def poll(
@@ -115,10 +125,23 @@ async def poll(
 # --- history ---------------------------------------------------------------------------
 
 
-async def activity_profile(handle: WorkflowHandle[Any, Any]) -> tuple[int, dict[str, float], tuple[int, ...]]:
-    """Count scheduled activities, sum each type's scheduled-to-closed seconds, and split
-    the count into segments at each accepted Workflow Update (a gate decision)."""
+@dataclass
+class Profile:
+    """What one run's history says."""
+
+    activities: int
+    activity_seconds: dict[str, float]
+    segments: tuple[int, ...]
+    task_waits: float
+
+
+async def activity_profile(handle: WorkflowHandle[Any, Any]) -> Profile:
+    """Count scheduled activities, sum each type's scheduled-to-closed seconds, split the
+    count into segments at each accepted Workflow Update (a gate decision), and sum the
+    workflow tasks' scheduled-to-started waits."""
     scheduled: dict[int, tuple[str, datetime]] = {}
+    task_scheduled: datetime | None = None
+    task_waits = 0.0
     seconds: dict[str, float] = defaultdict(float)
     segments = [0]
     closing = {
@@ -134,11 +157,15 @@ async def activity_profile(handle: WorkflowHandle[Any, Any]) -> tuple[int, dict[
             segments[-1] += 1
         elif event.event_type == EventType.EVENT_TYPE_WORKFLOW_EXECUTION_UPDATE_ACCEPTED:
             segments.append(0)
+        elif event.event_type == EventType.EVENT_TYPE_WORKFLOW_TASK_SCHEDULED:
+            task_scheduled = event.event_time.ToDatetime()
+        elif event.event_type == EventType.EVENT_TYPE_WORKFLOW_TASK_STARTED and task_scheduled is not None:
+            task_waits += (event.event_time.ToDatetime() - task_scheduled).total_seconds()
         elif event.event_type in closing:
             attrs = getattr(event, closing[event.event_type])
             name, at = scheduled[attrs.scheduled_event_id]
             seconds[name] += (event.event_time.ToDatetime() - at).total_seconds()
-    return len(scheduled), dict(seconds), tuple(segments)
+    return Profile(len(scheduled), dict(seconds), tuple(segments), task_waits)
 
 
 # --- (a) the standard lifecycle --------------------------------------------------------
@@ -166,7 +193,7 @@ async def fresh_database(admin_dsn: str) -> str:
     return admin_dsn.replace("/postgres?", f"/{name}?")
 
 
-async def run_lifecycle_once(servers: Servers, index: int) -> RunSample:
+async def run_lifecycle_once(servers: Servers, index: int, *, cached: int) -> RunSample:
     """Set up an inventory, run one lifecycle with immediate approvals, and measure it."""
     home = servers.work / f"lifecycle-{index}"
     task_queue = f"bench-mlc-{uuid.uuid4().hex[:8]}"
@@ -187,7 +214,7 @@ async def run_lifecycle_once(servers: Servers, index: int) -> RunSample:
                 pool, Runtime(name=f"local-{stage.lower()}", stage=stage, task_queue=task_queue)
             )
         ref = ModelRef(model=snap.model, version=snap.version)
-        async with build_main_worker(servers.client, settings, pool):
+        async with build_main_worker(servers.client, settings, pool, max_cached_workflows=cached):
             sample = await _drive_lifecycle(servers.client, ref, task_queue)
         return sample
     finally:
@@ -209,7 +236,9 @@ async def _drive_lifecycle(client: Client, ref: ModelRef, task_queue: str) -> Ru
     for stage, following in zip(stages, stages[1:], strict=False):
         await poll(
             status,
-            lambda s, stage=stage: s is not None and s.pending_gate is not None and s.pending_gate.stage == stage,
+            lambda s, stage=stage: (
+                s is not None and s.pending_gate is not None and s.pending_gate.stage == stage
+            ),
             interval=GATE_POLL_SECONDS,
             what=f"the gate at {stage}",
         )
@@ -224,13 +253,14 @@ async def _drive_lifecycle(client: Client, ref: ModelRef, task_queue: str) -> Ru
         latencies.append(time.perf_counter() - sent)
     await handle.result()
     wall = time.perf_counter() - started
-    count, seconds, segments = await activity_profile(handle)
+    profile = await activity_profile(handle)
     return RunSample(
         wall=wall,
         latencies=latencies,
-        activities=count,
-        activity_seconds=seconds,
-        segments=segments,
+        activities=profile.activities,
+        activity_seconds=profile.activity_seconds,
+        segments=profile.segments,
+        task_waits=profile.task_waits,
     )
 
 
@@ -269,9 +299,16 @@ async def run_bare_once(client: Client, task_queue: str, segments: tuple[int, ..
         latencies.append(time.perf_counter() - sent)
     result = await handle.result()
     wall = time.perf_counter() - started
-    count, seconds, got = await activity_profile(handle)
-    assert result.activities == count == sum(segments), (result, count, segments)
-    return RunSample(wall=wall, latencies=latencies, activities=count, activity_seconds=seconds, segments=got)
+    profile = await activity_profile(handle)
+    assert result.activities == profile.activities == sum(segments), (result, profile, segments)
+    return RunSample(
+        wall=wall,
+        latencies=latencies,
+        activities=profile.activities,
+        activity_seconds=profile.activity_seconds,
+        segments=profile.segments,
+        task_waits=profile.task_waits,
+    )
 
 
 # --- report ----------------------------------------------------------------------------
@@ -284,7 +321,9 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[rank - 1]
 
 
-def report(ours: list[RunSample], bare: list[RunSample], bare_gates: list[float], args: argparse.Namespace) -> None:
+def report(
+    ours: list[RunSample], bare: list[RunSample], bare_gates: list[float], args: argparse.Namespace
+) -> None:
     """Print the tables."""
     ours_wall = [s.wall for s in ours]
     bare_wall = [s.wall for s in bare]
@@ -294,7 +333,15 @@ def report(ours: list[RunSample], bare: list[RunSample], bare_gates: list[float]
     bare_lat = [x for s in bare for x in s.latencies] + bare_gates
     mean_ours, mean_bare = statistics.mean(ours_wall), statistics.mean(bare_wall)
 
-    print(f"date {datetime.now(UTC):%Y-%m-%d %H:%M} UTC; {args.runs} runs each, one Temporal dev server")
+    sticky = (
+        "max_cached_workflows=0 (no sticky queue)"
+        if args.no_sticky
+        else f"max_cached_workflows={CACHED_WORKFLOWS}"
+    )
+    print(
+        f"date {datetime.now(UTC):%Y-%m-%d %H:%M} UTC; {args.runs} runs each, "
+        f"one Temporal dev server; workers {sticky}"
+    )
     print(f"activities per run: {ours[0].activities} (segments between gates {ours[0].segments})")
     print()
     print(f"{'(a)/(b) wall time per run':<44} {'ModelLifecycle':>15} {'bare':>10} {'ratio':>8}")
@@ -308,9 +355,10 @@ def report(ours: list[RunSample], bare: list[RunSample], bare_gates: list[float]
     )
     print()
     print("where a lifecycle run's time goes (mean per run, scheduled-to-closed activity time):")
-    names = sorted({n for s in ours for n in s.activity_seconds}, key=lambda n: -statistics.mean(
-        [s.activity_seconds.get(n, 0.0) for s in ours]
-    ))
+    names = sorted(
+        {n for s in ours for n in s.activity_seconds},
+        key=lambda n: -statistics.mean([s.activity_seconds.get(n, 0.0) for s in ours]),
+    )
     for name in names:
         value = statistics.mean([s.activity_seconds.get(name, 0.0) for s in ours])
         mark = "  (runtime work)" if name in RUNTIME_WORK else ""
@@ -321,6 +369,12 @@ def report(ours: list[RunSample], bare: list[RunSample], bare_gates: list[float]
     )
     bare_act = statistics.mean([sum(s.activity_seconds.values()) for s in bare])
     print(f"  bare: all {bare[0].activities} no-op activities {bare_act:>8.3f} s")
+    ours_waits = statistics.mean([s.task_waits for s in ours])
+    bare_waits = statistics.mean([s.task_waits for s in bare])
+    print(
+        f"  workflow tasks waiting for dispatch (scheduled->started): "
+        f"ours {ours_waits:.3f} s, bare {bare_waits:.3f} s"
+    )
     print()
     print(f"{'(c) approve -> next stage visible (ms)':<44} {'ModelLifecycle':>15} {'bare':>10} {'ratio':>8}")
     for q in (50, 99):
@@ -340,6 +394,11 @@ async def main() -> None:
     """Start the servers, measure, print."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", type=int, default=5, help="runs of each workflow (N)")
+    parser.add_argument(
+        "--no-sticky",
+        action="store_true",
+        help="both workers with max_cached_workflows=0 (no sticky queue: every task replays)",
+    )
     parser.add_argument(
         "--bare-gates", type=int, default=50, help="extra bare update round trips for (c)'s percentiles"
     )
@@ -362,15 +421,23 @@ async def main() -> None:
             ours: list[RunSample] = []
             bare: list[RunSample] = []
             bare_gates: list[float] = []
-            async with Worker(env.client, task_queue=bare_queue, workflows=[BareLifecycle], activities=[noop]):
+            cached = 0 if args.no_sticky else CACHED_WORKFLOWS
+            async with Worker(
+                env.client,
+                task_queue=bare_queue,
+                workflows=[BareLifecycle],
+                activities=[noop],
+                max_cached_workflows=cached,
+            ):
                 # Warm-up of both (not counted): first-run imports, connections, caches.
-                first = await run_lifecycle_once(servers, -1)
+                first = await run_lifecycle_once(servers, -1, cached=cached)
                 await run_bare_once(env.client, bare_queue, first.segments)
                 # Interleaved, so a change in machine load hits both alike.
                 for index in range(args.runs):
-                    ours.append(await run_lifecycle_once(servers, index))
+                    ours.append(await run_lifecycle_once(servers, index, cached=cached))
                     bare.append(await run_bare_once(env.client, bare_queue, ours[-1].segments))
-                    print(f"run {index + 1}/{args.runs}: lifecycle {ours[-1].wall:.2f} s, bare {bare[-1].wall:.3f} s")
+                    done = f"run {index + 1}/{args.runs}"
+                    print(f"{done}: lifecycle {ours[-1].wall:.2f} s, bare {bare[-1].wall:.3f} s")
                 if args.bare_gates:
                     gated = await run_bare_once(env.client, bare_queue, (1,) * (args.bare_gates + 1))
                     bare_gates = gated.latencies
