@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -199,3 +200,27 @@ def test_batch_job_names_the_bad_line(tmp_path: Path) -> None:
     with pytest.raises(InvalidRecordsError, match=r"in\.jsonl:3: field 'hour': expected integer"):
         run_batch(package, source, tmp_path / "out.jsonl")
     assert not (tmp_path / "out.jsonl").exists()
+
+
+async def test_concurrent_requests_are_micro_batched_and_isolated(tmp_path: Path) -> None:
+    package = write_package(
+        tmp_path / "tiny",
+        "import pathlib\n"
+        "CALLS = pathlib.Path(__file__).with_name('calls.txt')\n"
+        "def score(record):\n    return score_batch([record])[0]\n"
+        "def score_batch(records):\n"
+        "    with CALLS.open('a') as fh:\n        fh.write(f'{len(records)}\\n')\n"
+        "    if any(r['x'] < 0 for r in records):\n        raise ValueError('x must be positive')\n"
+        "    return [{'double': 2 * r['x']} for r in records]\n",
+    )
+    app = create_app(package)
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://m") as c:
+        good = [c.post("/score", json={"x": i}) for i in range(20)]
+        bad = c.post("/score", json={"x": -1})
+        pair = c.post("/score", json=[{"x": 100}, {"x": 200}])
+        responses = await asyncio.gather(*good, bad, pair)
+    assert [r.json() for r in responses[:20]] == [{"double": 2 * i} for i in range(20)]
+    assert responses[20].status_code == 500 and "x must be positive" in responses[20].json()["error"]
+    assert responses[21].json() == [{"double": 200}, {"double": 400}]
+    calls = [int(n) for n in (package / "calls.txt").read_text().split()]
+    assert max(calls) > 1, f"concurrent requests share score_batch calls: {calls}"

@@ -49,7 +49,9 @@ from mlc.errors import DeploymentFailedError
 PACKAGE_DIR = "/opt/model"
 """Where the snapshot's package sits inside every model image."""
 
-SERVER_DISTRIBUTIONS = ("starlette", "uvicorn", "orjson", "pyyaml", "pydantic", "packaging")
+SERVER_DISTRIBUTIONS = (
+    "starlette", "uvicorn", "uvloop", "httptools", "orjson", "pyyaml", "pydantic", "packaging",
+)  # fmt: skip
 """What ``mlc.serving`` imports (``packaging`` lets it check requirement versions)."""
 
 MLC_SOURCES = ("__init__.py", "domain.py", "errors.py", "manifest.py", "evaluation.py", "serving")

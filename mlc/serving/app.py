@@ -1,9 +1,10 @@
 """The scoring HTTP API: ``/health``, ``/metadata``, ``/score`` and ``/metrics``.
 
 Built on bare Starlette endpoints with orjson so a request costs little more than the
-model itself: records are checked by a precompiled :class:`RecordValidator`, arrays go
-to the model's vectorised ``score_batch``, and big batches run in a worker thread so
-``/health`` keeps answering while they score.
+model itself: records are checked by a precompiled :class:`RecordValidator`, small
+concurrent requests are merged into one call of the model's vectorised ``score_batch``
+(:class:`MicroBatcher`), and big batches run in a worker thread so ``/health`` keeps
+answering while they score.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from mlc.serving.loader import LoadedModel, Record, load_model
+from mlc.serving.microbatch import MicroBatcher
 from mlc.serving.validation import Problem, RecordValidator
 
 DEFAULT_MAX_BATCH = 10_000
@@ -60,6 +62,7 @@ class _ScoringService:
         self.model = model
         self.max_batch = max_batch
         self.validator = RecordValidator(model.manifest.input_schema)
+        self.batcher = MicroBatcher(model.score_batch) if model.vectorised else None
         manifest = model.manifest
         version = os.environ.get(VERSION_ENV) or None
         sha256 = os.environ.get(SHA256_ENV) or None
@@ -101,7 +104,10 @@ class _ScoringService:
             if problems:
                 return _error(422, f"the record does not match the input schema of model {name}", problems)
             try:
-                output = self.model.score(payload)
+                if self.batcher is not None:
+                    output = (await self.batcher.submit([payload]))[0]
+                else:
+                    output = self.model.score(payload)
             except Exception as exc:
                 return self._model_failed("score()", exc)
             if type(output) is not dict:
@@ -168,9 +174,11 @@ class _ScoringService:
             return _error(400, f"body is not valid JSON: {exc}")
 
     async def _score_many(self, records: list[Record]) -> Any:
-        if self.model.vectorised and len(records) > THREAD_BATCH_SIZE:
+        if self.batcher is None:
+            return self.model.score_batch(records)
+        if len(records) > THREAD_BATCH_SIZE:
             return await run_in_threadpool(self.model.score_batch, records)
-        return self.model.score_batch(records)
+        return await self.batcher.submit(records)
 
     def _render(self, content: Any) -> Response:
         try:

@@ -60,4 +60,3 @@ async def read_deployments(
         runtime,
     )
     return [Deployment.model_validate(row_dict(r)) for r in rows]
-
