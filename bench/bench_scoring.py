@@ -166,32 +166,6 @@ def ensure_wrk() -> str:
     return found
 
 
-SERVING_DEPENDENCIES = (
-    "starlette",
-    "uvicorn",
-    "orjson",
-    "pydantic",
-    "PyYAML",
-    "numpy",
-    "joblib",
-    "scikit-learn",
-)
-"""What ``mlc.serving`` and the cc-fraud model import, pinned to this venv's versions."""
-
-
-def ensure_serving_exp() -> Path:
-    """A venv with our server's dependencies at this venv's versions plus uvloop and
-    httptools; ``mlc`` itself is imported from the checkout through PYTHONPATH."""
-    pins = [f"{name}=={importlib.metadata.version(name)}" for name in SERVING_DEPENDENCIES]
-    check = "import uvloop, httptools, starlette, uvicorn, orjson, sklearn; " + "; ".join(
-        f"assert importlib.metadata.version({name!r}) == {importlib.metadata.version(name)!r}"
-        for name in SERVING_DEPENDENCIES
-    )
-    return ensure_venv(
-        "serving-exp", "import importlib.metadata; " + check, [*pins, "packaging", "uvloop", "httptools"]
-    )
-
-
 # --- model exports and request bodies --------------------------------------------------
 
 MLFLOW_EXPORT = """
@@ -415,12 +389,6 @@ def main() -> None:
         default="ours,mlflow,mlserver,mlserver-w1",
         help="comma-separated subset of ours,mlflow,mlserver,mlserver-w1",
     )
-    parser.add_argument(
-        "--ours-variants",
-        action="store_true",
-        help="also measure proposed changes to our server (bench/serving_variants.py): "
-        "uvloop+httptools, micro-batching, both",
-    )
     parser.add_argument("--keep", type=Path, help="keep models, bodies and server logs in this folder")
     args = parser.parse_args()
     wanted = args.servers.split(",")
@@ -465,19 +433,6 @@ def main() -> None:
                     port,
                 )
             )
-        if args.ours_variants:
-            fast_python = ensure_serving_exp()
-            for label, python, flags in (
-                ("ours +uvloop/httptools", fast_python, ["--fast-http"]),
-                ("ours +microbatch", Path(sys.executable), ["--microbatch"]),
-                ("ours +both", fast_python, ["--fast-http", "--microbatch"]),
-            ):
-                port = free_port()
-                cmd = [str(python), str(BENCH / "serving_variants.py"), "--package", str(package)]
-                cmd += ["--host", "127.0.0.1", "--port", str(port), *flags]
-                env = {"PYTHONPATH": str(ROOT)}
-                server = Server(label, cmd, "/health", "/score", bodies["ours"], "1 process", env=env)
-                servers.append(("ours", server, port))
         if "mlflow" in wanted and mlflow_python is not None:
             model = export_mlflow(mlflow_python, package, work / "mlflow-model")
             port = free_port()
