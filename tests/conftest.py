@@ -20,7 +20,7 @@ from typing import Any
 
 import asyncpg
 import pytest
-from temporalio.client import Client
+from temporalio.client import Client, WorkflowHandle
 from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.testing import WorkflowEnvironment
 
@@ -29,11 +29,12 @@ from activities.runtimes.base import CleanupRequest
 from mlc.artifacts import ArtifactStore
 from mlc.config import Settings
 from mlc.devstack import temporal_cli
-from mlc.domain import DEFAULT_STAGES, ModelSnapshot, Runtime
+from mlc.domain import DEFAULT_STAGES, LifecycleSpec, ModelSnapshot, Runtime
 from mlc.examples import prepare_example_model
 from mlc.names import SA_MODEL, SA_SERVICE_TAG, SA_STAGE, SA_VERSION
 from mlc.registry import register_package
 from mlc.store import connect, principals, runtimes
+from tests.lifecycle_helpers import start_like_ui
 from workers.worker import build_main_worker
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -134,6 +135,21 @@ class Stack:
             self.pool, ArtifactStore(self.settings.artifact_dir), package, registered_by="test"
         )
         return snap
+
+    async def start(
+        self, snap: ModelSnapshot, *, workflow: str = "ModelLifecycle", spec: LifecycleSpec | None = None
+    ) -> WorkflowHandle[Any, Any]:
+        """Start a lifecycle for ``snap`` exactly as the Web UI does, on a fresh workflow id."""
+        body: dict[str, Any] = {"model": snap.model, "version": snap.version}
+        if spec is not None:
+            body["spec"] = spec.model_dump(mode="json")
+        return await start_like_ui(
+            self.client,
+            body,
+            workflow_id=f"test-{uuid.uuid4().hex[:10]}",
+            task_queue=self.task_queue,
+            workflow=workflow,
+        )
 
     async def add_local_runtimes(self, stages: tuple[str, ...] = DEFAULT_STAGES, *, tag: str = "*") -> None:
         """One local runtime per stage on this test's task queue."""

@@ -44,7 +44,7 @@ def _docker_compose() -> str:
         )
         if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
             pytest.fail(message)
-        pytest.skip(message)
+        pytest.skip(f"{message} (skipped outside CI only)")
     return exe
 
 

@@ -29,12 +29,7 @@ async def approve(stack: Stack, ref: str, stage: str, *, user: str = APPROVER) -
 async def test_happy_path_reaches_prod_with_cli_approvals(stack: Stack, example_package) -> None:
     snap = await stack.register(example_package)
     await stack.add_local_runtimes()
-    handle = await start_like_ui(
-        stack.client,
-        {"model": snap.model, "version": snap.version},
-        workflow_id=wid(),
-        task_queue=stack.task_queue,
-    )
+    handle = await stack.start(snap)
     ref = f"{snap.model}@{snap.version}"
     for stage in ("DEV", "SIT", "UAT"):
         status = await wait_for_gate(handle, stage)
@@ -84,12 +79,7 @@ async def test_happy_path_reaches_prod_with_cli_approvals(stack: Stack, example_
 async def test_rejection_at_uat_undeploys_uat_and_fails(stack: Stack, example_package) -> None:
     snap = await stack.register(example_package)
     await stack.add_local_runtimes()
-    handle = await start_like_ui(
-        stack.client,
-        {"model": snap.model, "version": snap.version},
-        workflow_id=wid(),
-        task_queue=stack.task_queue,
-    )
+    handle = await stack.start(snap)
     ref = f"{snap.model}@{snap.version}"
     for stage in ("DEV", "SIT"):
         await wait_for_gate(handle, stage)
@@ -110,12 +100,7 @@ async def test_rejection_at_uat_undeploys_uat_and_fails(stack: Stack, example_pa
 async def test_failing_metric_in_sit_stops_and_undeploys(stack: Stack) -> None:
     snap = await stack.register(FIXTURES / "models" / "weak-model")
     await stack.add_local_runtimes()
-    handle = await start_like_ui(
-        stack.client,
-        {"model": snap.model, "version": snap.version},
-        workflow_id=wid(),
-        task_queue=stack.task_queue,
-    )
+    handle = await stack.start(snap)
     await wait_for_gate(handle, "DEV")
     await approve(stack, f"{snap.model}@{snap.version}", "DEV")
     with pytest.raises(WorkflowFailureError) as failure:
@@ -134,12 +119,7 @@ async def test_refused_decisions(stack: Stack, example_package) -> None:
     from mlc.domain import ApprovalGate, LifecycleSpec, StageSpec, TestKind
 
     spec = LifecycleSpec(stages=(StageSpec(name="DEV", tests=(TestKind.SMOKE,), gate=ApprovalGate()),))
-    handle = await start_like_ui(
-        stack.client,
-        {"model": snap.model, "version": snap.version, "spec": spec.model_dump(mode="json")},
-        workflow_id=wid(),
-        task_queue=stack.task_queue,
-    )
+    handle = await stack.start(snap, spec=spec)
     ref = f"{snap.model}@{snap.version}"
     await wait_for_gate(handle, "DEV")
 
@@ -165,12 +145,7 @@ async def test_refused_decisions(stack: Stack, example_package) -> None:
 async def test_no_runtime_fails_at_once_naming_tag_and_stage(stack: Stack, example_package) -> None:
     snap = await stack.register(example_package)
     await stack.add_local_runtimes(("DEV",), tag="some-other-service")
-    handle = await start_like_ui(
-        stack.client,
-        {"model": snap.model, "version": snap.version},
-        workflow_id=wid(),
-        task_queue=stack.task_queue,
-    )
+    handle = await stack.start(snap)
     with pytest.raises(WorkflowFailureError) as failure:
         await handle.result()
     message = str(failure.value.cause)
