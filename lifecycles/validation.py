@@ -34,7 +34,7 @@ NONDETERMINISTIC_MODULES: frozenset[str] = frozenset({"time", "random", "uuid", 
 """Refused with a determinism reason rather than the generic "not allowed" one."""
 
 NONDETERMINISTIC_ATTRIBUTES: frozenset[str] = frozenset({"now", "utcnow", "today"})
-"""``datetime.now()`` and friends read the clock, which differs on replay."""
+"""``datetime.now`` and friends read the clock, which differs on replay."""
 
 SAFE_BUILTINS: frozenset[str] = frozenset(
     {

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import asyncpg
@@ -26,13 +27,9 @@ async def register_package(
     return await snapshots.register_snapshot(pool, manifest, sha, registered_by=registered_by)
 
 
-async def ensure_dev_runtimes(pool: asyncpg.Pool, task_queue: str) -> list[Runtime]:
+async def ensure_dev_runtimes(pool: asyncpg.Pool, task_queue: str) -> None:
     """Add a local runtime per default stage (serving every service tag) if missing."""
-    added = []
     for stage in DEFAULT_STAGES:
         runtime = Runtime(name=f"local-{stage.lower()}", stage=stage, task_queue=task_queue)
-        try:
-            added.append(await runtimes.create_runtime(pool, runtime))
-        except ConflictError:
-            continue
-    return added
+        with contextlib.suppress(ConflictError):
+            await runtimes.create_runtime(pool, runtime)

@@ -22,6 +22,11 @@ lifecycle_app = typer.Typer(help="Start lifecycles (and manage custom lifecycle 
 
 REF = Annotated[str, typer.Argument(help="MODEL@VERSION, e.g. cc-fraud@1.")]
 JSON = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
+STAGE = Annotated[str, typer.Option(help="The gate's stage (guards against deciding at the wrong one).")]
+COMMENT = Annotated[str, typer.Option(help="Why; kept in the audit trail.")]
+APPROVER = Annotated[
+    str | None, typer.Option("--as", help="Approver identity (default $MLC_USER or OS user).")
+]
 
 
 def register(app: typer.Typer) -> None:
@@ -225,26 +230,12 @@ def _decide(ref: str, stage: str, comment: str, who: str | None, *, approve_it: 
     run(go())
 
 
-def approve(
-    ref: REF,
-    stage: Annotated[str, typer.Option(help="The gate's stage (guards against approving the wrong one).")],
-    comment: Annotated[str, typer.Option(help="Why; kept in the audit trail.")] = "",
-    who: Annotated[
-        str | None, typer.Option("--as", help="Approver identity (default $MLC_USER or OS user).")
-    ] = None,
-) -> None:
+def approve(ref: REF, stage: STAGE, comment: COMMENT = "", who: APPROVER = None) -> None:
     """Approve the gate a lifecycle is waiting at."""
     _decide(ref, stage, comment, who, approve_it=True)
 
 
-def reject(
-    ref: REF,
-    stage: Annotated[str, typer.Option(help="The gate's stage.")],
-    comment: Annotated[str, typer.Option(help="Why; kept in the audit trail.")] = "",
-    who: Annotated[
-        str | None, typer.Option("--as", help="Approver identity (default $MLC_USER or OS user).")
-    ] = None,
-) -> None:
+def reject(ref: REF, stage: STAGE, comment: COMMENT = "", who: APPROVER = None) -> None:
     """Reject: the lifecycle undeploys that stage and ends as failed."""
     _decide(ref, stage, comment, who, approve_it=False)
 
