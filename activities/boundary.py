@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import ParamSpec, TypeVar
 
+from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
-from mlc.errors import MLCError
+from mlc.errors import MLCError, RefusedError
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -31,3 +33,21 @@ def mlc_errors(fn: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:
             ) from exc
 
     return wrapper
+
+
+@dataclass(frozen=True)
+class CallingRun:
+    """The workflow run that scheduled the current activity, as Temporal says (not the payload)."""
+
+    workflow_id: str
+    run_id: str
+    workflow_type: str
+    activity_id: str
+
+
+def calling_run() -> CallingRun:
+    """Who is calling, from Temporal's activity info; refuses activities run outside a workflow."""
+    info = activity.info()
+    if not (info.workflow_id and info.workflow_run_id and info.workflow_type):
+        raise RefusedError("this activity only runs on behalf of a workflow run")
+    return CallingRun(info.workflow_id, info.workflow_run_id, info.workflow_type, info.activity_id)

@@ -1,15 +1,29 @@
-"""Inventory activities: the only way workflows read or write PostgreSQL."""
+"""Inventory activities: the only way workflows read or write PostgreSQL.
+
+Every input from workflow code is treated as hostile: the run (workflow id, run id,
+model, version) comes from Temporal's activity info and the inventory, runtimes and
+principals from the verified governance state, and decisions count only when their
+signatures verify here, now.
+"""
 
 from __future__ import annotations
+
+from datetime import UTC, datetime
 
 import asyncpg
 from temporalio import activity
 
-from activities.boundary import mlc_errors
+from activities import admission
+from activities.admission import RunContext
+from activities.boundary import calling_run, mlc_errors
 from mlc import names
-from mlc.domain import Runtime
-from mlc.errors import NoRuntimeError
+from mlc.config import Settings
+from mlc.domain import ApprovalRecord, Decision, Deployment, DeploymentState, Mode, Runtime, StageTestReport
+from mlc.errors import NoRuntimeError, NotFoundError, RefusedError
 from mlc.payloads import (
+    AuthorizeDeploymentInput,
+    AuthorizeDeploymentResult,
+    AuthorizeUndeployInput,
     BeginRunInput,
     BeginRunResult,
     FindDeploymentsInput,
@@ -19,141 +33,446 @@ from mlc.payloads import (
     NotifyInput,
     RecordDecisionInput,
     RecordDeploymentInput,
+    RecordDeploymentResult,
     RecordRunInput,
     RecordTestsInput,
     ResolveApproversInput,
     ResolveApproversResult,
     ResolveRuntimesInput,
     ResolveRuntimesResult,
+    RuntimeGrantResult,
+    VerifyDecisionInput,
+    VerifyDecisionResult,
 )
-from mlc.store import audit, deployments, lifecycle_definitions, principals, runs, runtimes, snapshots
+from mlc.store import audit, deployments, lifecycle_definitions, runs, snapshots, trail
+from mlc.store.governance import GovernanceCache
+from mlc.trust import grants
+from mlc.trust.governance import Governance
+from mlc.trust.statements import Envelope, digest
+
+CODE_EVENT = "code"
+"""RUN trail event naming the uploaded lifecycle version a run executes."""
 
 
 class InventoryActivities:
-    """Activities over one asyncpg pool, opened and closed by the worker."""
+    """Activities over one asyncpg pool (the workers' least-privilege role)."""
 
-    def __init__(self, pool: asyncpg.Pool) -> None:
+    def __init__(self, pool: asyncpg.Pool, settings: Settings) -> None:
         self.pool = pool
+        self.settings = settings
+        self.governance = GovernanceCache(pinned_root=settings.trust_root, author_role=settings.author_role)
+        self._platform_key = grants.platform_key(settings.platform_key_path)
+
+    # --- runs ---------------------------------------------------------------------------
 
     @activity.defn(name=names.BEGIN_RUN)
     @mlc_errors
     async def begin_run(self, request: BeginRunInput) -> BeginRunResult:
         """Load the snapshot and claim it: a snapshot runs one lifecycle at a time."""
+        info = calling_run()
         snapshot = await snapshots.read_snapshot(self.pool, request.model, request.version)
+        starter = await _starter(info.workflow_id, info.run_id)
         await runs.start_run(
             self.pool,
-            workflow_id=request.workflow_id,
-            run_id=request.run_id,
+            workflow_id=info.workflow_id,
+            run_id=info.run_id,
             model=request.model,
             version=request.version,
-            lifecycle=request.lifecycle,
+            lifecycle=info.workflow_type,
+            started_by=starter,
+        )
+        await self._append(
+            trail.RUN,
+            {
+                "event": "started",
+                "lifecycle": info.workflow_type,
+                "started_by": starter,
+                "sha256": snapshot.sha256,
+            },
+            model=snapshot.model,
+            version=snapshot.version,
         )
         return BeginRunResult(snapshot=snapshot)
 
     @activity.defn(name=names.RECORD_RUN)
     @mlc_errors
     async def record_run(self, request: RecordRunInput) -> None:
-        """Record a run's state and stage (and its end)."""
+        """Record this run's state and stage (and its end)."""
+        run = await self._run()
         await runs.update_run(
             self.pool,
-            workflow_id=request.workflow_id,
-            run_id=request.run_id,
+            workflow_id=run.workflow_id,
+            run_id=run.run_id,
             state=request.state.value,
             stage=request.stage,
             reason=request.reason,
             ended=request.ended,
         )
+        if request.ended:
+            await self._append(
+                trail.RUN, {"event": "ended", "state": request.state.value, "reason": request.reason}, run=run
+            )
+
+    @activity.defn(name=names.NOTIFY)
+    @mlc_errors
+    async def notify(self, request: NotifyInput) -> None:
+        """Store a notification and log it (a hook for mail or chat integrations)."""
+        run = await self._run()
+        activity.logger.info("notify %s: %s", run.workflow_id, request.message)
+        await audit.create_notification(
+            self.pool,
+            workflow_id=run.workflow_id,
+            model=run.snapshot.model,
+            version=run.snapshot.version,
+            message=request.message,
+        )
+
+    # --- runtimes and deployments -------------------------------------------------------
 
     @activity.defn(name=names.RESOLVE_RUNTIMES)
     @mlc_errors
     async def resolve_runtimes(self, request: ResolveRuntimesInput) -> ResolveRuntimesResult:
-        """The stage's runtimes serving the snapshot's service tags, or a clear error."""
-        snap = request.snapshot
-        candidates = await runtimes.read_runtimes(self.pool, stage=request.stage)
+        """The stage's registered runtimes serving this run's snapshot, or a clear error."""
+        run, state = await self._run(), await self._state()
+        snap = run.snapshot
+        candidates = sorted(
+            (r for r in state.runtimes.values() if r.stage == request.stage), key=lambda r: r.name
+        )
         matching = tuple(
             r
             for r in candidates
             if r.serves(stage=request.stage, service_tags=snap.service_tags, mode=request.mode)
         )
         if not matching:
-            raise NoRuntimeError(_no_runtime_message(request, candidates))
+            raise NoRuntimeError(_no_runtime_message(run, request.stage, request.mode, candidates))
         return ResolveRuntimesResult(runtimes=matching)
+
+    @activity.defn(name=names.AUTHORIZE_DEPLOYMENT)
+    @mlc_errors
+    async def authorize_deployment(self, request: AuthorizeDeploymentInput) -> AuthorizeDeploymentResult:
+        """The enforcement point: record the deployment and grant it, if the stage's policy allows.
+
+        Into a protected stage only with verified approvals of this snapshot's sha256 in
+        this run (see :func:`activities.admission.admit`), whatever the lifecycle code is.
+        """
+        run, state = await self._run(), await self._state()
+        runtime = _registered(state, request.runtime)
+        snap = run.snapshot
+        if not runtime.serves(stage=request.stage, service_tags=snap.service_tags, mode=request.mode):
+            raise RefusedError(
+                f"runtime {runtime.name} does not serve {run.ref} in {request.stage} ({request.mode.value})"
+            )
+        decisions = await trail.read_entries(
+            self.pool, kinds=(trail.DECISION,), workflow_id=run.workflow_id, run_id=run.run_id
+        )
+        admission.admit(decisions, run, state, stage=request.stage)
+        deployment_id = (
+            f"{snap.model}-v{snap.version}-{request.stage}-{runtime.name}-{run.run_id[:8]}".lower()
+        )
+        existing = await deployments.read_deployment(self.pool, deployment_id)
+        if existing is not None and existing.details.get("run_id") != run.run_id:
+            raise RefusedError(f"deployment {deployment_id} belongs to another run")
+        deployment = existing or await deployments.upsert_deployment(
+            self.pool,
+            Deployment(
+                id=deployment_id,
+                model=snap.model,
+                version=snap.version,
+                runtime=runtime.name,
+                stage=request.stage,
+                mode=request.mode,
+                state=DeploymentState.DEPLOYING,
+                workflow_id=run.workflow_id,
+                details={"runtime_kind": runtime.kind.value, "run_id": run.run_id},
+            ),
+        )
+        await self._append(trail.DEPLOYMENT, _deployment_body(deployment), run=run)
+        grant = grants.RuntimeGrant(
+            action="deploy_online" if request.mode is Mode.ONLINE else "run_batch_job",
+            deployment_id=deployment.id,
+            runtime=runtime,
+            stage=request.stage,
+            mode=request.mode,
+            snapshot=snap,
+            workflow_id=run.workflow_id,
+            run_id=run.run_id,
+            expires_at=datetime.now(UTC) + grants.GRANT_LIFETIME,
+        )
+        return AuthorizeDeploymentResult(deployment=deployment, grant=grants.issue(self._platform_key, grant))
+
+    @activity.defn(name=names.AUTHORIZE_UNDEPLOY)
+    @mlc_errors
+    async def authorize_undeploy(self, request: AuthorizeUndeployInput) -> RuntimeGrantResult:
+        """Grant removing a deployment: this run's own, or an older version this run replaces."""
+        run, state = await self._run(), await self._state()
+        deployment = await self._owned(run, request.deployment_id, retiring=True)
+        runtime = _registered(state, deployment.runtime)
+        grant = grants.RuntimeGrant(
+            action="undeploy",
+            deployment_id=deployment.id,
+            runtime=runtime,
+            stage=deployment.stage,
+            mode=deployment.mode,
+            workflow_id=run.workflow_id,
+            run_id=run.run_id,
+            expires_at=datetime.now(UTC) + grants.GRANT_LIFETIME,
+        )
+        return RuntimeGrantResult(grant=grants.issue(self._platform_key, grant))
 
     @activity.defn(name=names.RECORD_DEPLOYMENT)
     @mlc_errors
-    async def record_deployment(self, request: RecordDeploymentInput) -> None:
-        """Upsert a deployment's state, endpoint and details."""
-        await deployments.upsert_deployment(self.pool, request.deployment)
+    async def record_deployment(self, request: RecordDeploymentInput) -> RecordDeploymentResult:
+        """Record a deployment's new state (this run's own, or retiring one it replaced)."""
+        run = await self._run()
+        retiring = request.state is DeploymentState.RETIRED
+        current = await self._owned(run, request.deployment_id, retiring=retiring)
+        updated = await deployments.upsert_deployment(
+            self.pool,
+            current.model_copy(
+                update={
+                    "state": request.state,
+                    "endpoint": request.endpoint or current.endpoint,
+                    "details": {**request.details, "run_id": current.details.get("run_id")},
+                }
+            ),
+        )
+        await self._append(trail.DEPLOYMENT, _deployment_body(updated), run=run)
+        return RecordDeploymentResult(deployment=updated)
 
     @activity.defn(name=names.FIND_DEPLOYMENTS)
     @mlc_errors
     async def find_live_deployments(self, request: FindDeploymentsInput) -> FindDeploymentsResult:
-        """Live deployments of a model in a stage (the versions a promotion replaces)."""
-        found = await deployments.read_deployments(self.pool, model=request.model, stage=request.stage)
+        """Live deployments of this run's model in a stage (the versions a promotion replaces)."""
+        run = await self._run()
+        found = await deployments.read_deployments(self.pool, model=run.snapshot.model, stage=request.stage)
         return FindDeploymentsResult(deployments=tuple(d for d in found if d.id not in request.exclude_ids))
+
+    # --- tests and decisions ------------------------------------------------------------
 
     @activity.defn(name=names.RECORD_TESTS)
     @mlc_errors
     async def record_test_report(self, request: RecordTestsInput) -> None:
-        """Store a stage's test results in the audit trail."""
-        await audit.record_test_report(
-            self.pool,
-            workflow_id=request.workflow_id,
-            run_id=request.run_id,
-            model=request.model,
-            version=request.version,
-            report=request.report,
+        """Append a stage's test results to the audit trail."""
+        run = await self._run()
+        await self._append(
+            trail.TEST_REPORT,
+            {"stage": request.report.stage, "report": request.report.model_dump(mode="json")},
+            run=run,
         )
+
+    @activity.defn(name=names.VERIFY_DECISION)
+    @mlc_errors
+    async def verify_decision(self, request: VerifyDecisionInput) -> VerifyDecisionResult:
+        """Verify a signed decision (key, roles, policy, run, sha256, evidence, expiry) and record it.
+
+        Raises:
+            RefusedError: naming the first check that failed; nothing is recorded then.
+        """
+        run, state = await self._run(), await self._state()
+        signer, decision = admission.check_decision(
+            request.envelope, run, state, gate_approvers=request.gate_approvers
+        )
+        now = datetime.now(UTC)
+        admission.check_fresh(decision, now)
+        report = await self._report(run, decision.stage)
+        shown = report.model_dump(mode="json") if report else None
+        if digest(shown) != decision.evidence_sha256:
+            raise RefusedError(
+                f"the statement was signed on other evidence than the test report recorded for "
+                f"{decision.stage}; look at `mlc status {run.ref}` again and sign anew"
+            )
+        record = ApprovalRecord(
+            stage=decision.stage,
+            decision=Decision(decision.decision),
+            approver=signer.name,
+            comment=decision.comment,
+            decided_at=now,
+            evidence=report,
+            key_id=request.envelope.signatures[0].keyid,
+        )
+        await self._append(
+            trail.DECISION,
+            _decision_body(record, decision.evidence_sha256),
+            run=run,
+            envelope=request.envelope,
+            nonce=decision.nonce,
+        )
+        entries = await trail.read_entries(
+            self.pool, kinds=(trail.DECISION,), workflow_id=run.workflow_id, run_id=run.run_id
+        )
+        counted, _ = admission.approvals(entries, run, state, stage=decision.stage)
+        needed = state.policy(decision.stage).min_approvals
+        return VerifyDecisionResult(record=record, approvers=tuple(counted), needed=needed)
 
     @activity.defn(name=names.RECORD_DECISION)
     @mlc_errors
     async def record_decision(self, request: RecordDecisionInput) -> None:
-        """Store a gate decision, with its evidence, in the audit trail."""
-        await audit.record_decision(
-            self.pool,
-            workflow_id=request.workflow_id,
-            run_id=request.run_id,
-            model=request.model,
-            version=request.version,
-            record=request.record,
-        )
+        """Record a gate that expired (the only decision nobody signs)."""
+        if request.record.decision is not Decision.EXPIRED:
+            raise RefusedError("only an expired gate is recorded unsigned; approvals must be signed")
+        run = await self._run()
+        await self._append(trail.DECISION, _decision_body(request.record, None), run=run)
 
     @activity.defn(name=names.RESOLVE_APPROVERS)
     @mlc_errors
     async def resolve_approvers(self, request: ResolveApproversInput) -> ResolveApproversResult:
-        """Expand ``role:NAME`` entries into the identities holding that role now."""
-        identities = await principals.resolve_identities(self.pool, request.entries)
-        return ResolveApproversResult(identities=tuple(identities))
-
-    @activity.defn(name=names.NOTIFY)
-    @mlc_errors
-    async def notify(self, request: NotifyInput) -> None:
-        """Store a notification and log it (a hook for mail or chat integrations)."""
-        activity.logger.info("notify %s: %s", request.workflow_id, request.message)
-        await audit.create_notification(
-            self.pool,
-            workflow_id=request.workflow_id,
-            model=request.model,
-            version=request.version,
-            message=request.message,
+        """Who may decide at a gate now: the policy narrowed by the run's entries, minus conflicts."""
+        run, state = await self._run(), await self._state()
+        policy = state.policy(request.stage)
+        eligible = sorted(
+            p.name
+            for p in state.principals.values()
+            if p.active_keys()
+            and admission.approver_problem(policy, p, run, state, gate_approvers=request.entries) is None
         )
+        return ResolveApproversResult(identities=tuple(eligible), needed=policy.min_approvals)
+
+    # --- uploaded lifecycle code --------------------------------------------------------
 
     @activity.defn(name=names.LOAD_LIFECYCLE)
     @mlc_errors
     async def load_lifecycle_definition(self, request: LoadLifecycleInput) -> LoadLifecycleResult:
-        """The newest uploaded version of a lifecycle, read once per run.
+        """The newest verified upload of this run's lifecycle, read once per run.
 
         Its result is in the run's history, so replays and restarted workers run the
         same version even after a newer one is uploaded; an unknown name fails at once.
         """
+        info = calling_run()
+        if request.name != info.workflow_type:
+            raise RefusedError(f"a {info.workflow_type} run may only load its own code, not {request.name}")
         found = await lifecycle_definitions.read_lifecycle_definition(self.pool, request.name)
+        state = await self._state()
+        uploader = state.uploads.get((found.name, found.sha256))
+        if uploader is None:
+            raise RefusedError(
+                f"lifecycle {found.name} version {found.version} has no verified upload statement; "
+                "upload it again with `mlc lifecycle upload`"
+            )
+        await self._append(
+            trail.RUN,
+            {
+                "event": CODE_EVENT,
+                "name": found.name,
+                "version": found.version,
+                "sha256": found.sha256,
+                "uploader": uploader,
+            },
+            workflow_id=info.workflow_id,
+            run_id=info.run_id,
+        )
         return LoadLifecycleResult(
             name=found.name, version=found.version, sha256=found.sha256, source=found.source
         )
 
+    # --- plumbing -----------------------------------------------------------------------
 
-def _no_runtime_message(request: ResolveRuntimesInput, candidates: list[Runtime]) -> str:
-    snap = request.snapshot
+    async def _state(self) -> Governance:
+        if not self.settings.trust_root:
+            raise RefusedError(
+                "no trust root is pinned for this worker: set MLC_TRUST_ROOT to the key id "
+                "`mlc admin init` printed (or run `mlc dev`, which pins its own)"
+            )
+        return await self.governance.current(self.pool)
+
+    async def _run(self) -> RunContext:
+        info = calling_run()
+        row = await runs.read_run(self.pool, info.workflow_id, info.run_id)
+        if row is None:
+            raise RefusedError(f"workflow {info.workflow_id} has not begun a lifecycle run")
+        snapshot = await snapshots.read_snapshot(self.pool, row["model"], row["version"])
+        uploader = None
+        for entry in await trail.read_entries(
+            self.pool, kinds=(trail.RUN,), workflow_id=info.workflow_id, run_id=info.run_id
+        ):
+            body = entry.data()
+            if body.get("event") == CODE_EVENT:
+                uploader = body.get("uploader")
+        return RunContext(
+            workflow_id=info.workflow_id,
+            run_id=info.run_id,
+            lifecycle=row["lifecycle"],
+            snapshot=snapshot,
+            started_by=row.get("started_by"),
+            uploader=uploader,
+        )
+
+    async def _owned(self, run: RunContext, deployment_id: str, *, retiring: bool) -> Deployment:
+        """A deployment this run may change: its own, or (when retiring) one it replaces."""
+        found = await deployments.read_deployment(self.pool, deployment_id)
+        if found is None:
+            raise NotFoundError(f"deployment {deployment_id} does not exist")
+        if found.details.get("run_id") == run.run_id:
+            return found
+        if retiring and found.model == run.snapshot.model:
+            ours = await deployments.read_deployments(self.pool, model=found.model, stage=found.stage)
+            if any(
+                d.details.get("run_id") == run.run_id and d.state is DeploymentState.SERVING for d in ours
+            ):
+                return found
+        raise RefusedError(f"deployment {deployment_id} belongs to another run; this run may not change it")
+
+    async def _report(self, run: RunContext, stage: str) -> StageTestReport | None:
+        entries = await trail.read_entries(
+            self.pool, kinds=(trail.TEST_REPORT,), workflow_id=run.workflow_id, run_id=run.run_id
+        )
+        latest = [e.data()["report"] for e in entries if e.data().get("stage") == stage]
+        return StageTestReport.model_validate(latest[-1]) if latest else None
+
+    async def _append(
+        self,
+        kind: str,
+        body: dict[str, object],
+        *,
+        run: RunContext | None = None,
+        model: str | None = None,
+        version: int | None = None,
+        workflow_id: str | None = None,
+        run_id: str | None = None,
+        envelope: Envelope | None = None,
+        nonce: str | None = None,
+    ) -> None:
+        """Append once per activity (a retried attempt finds its own entry)."""
+        info = calling_run()
+        await trail.append(
+            self.pool,
+            kind,
+            body,
+            envelope=envelope,
+            model=run.snapshot.model if run else model,
+            version=run.snapshot.version if run else version,
+            workflow_id=run.workflow_id if run else (workflow_id or info.workflow_id),
+            run_id=run.run_id if run else (run_id or info.run_id),
+            nonce=nonce,
+            idempotency_key=f"{info.workflow_id}/{info.run_id}/{info.activity_id}",
+        )
+
+
+async def _starter(workflow_id: str, run_id: str) -> str | None:
+    """Who started the run, as Temporal recorded the client's identity."""
+    handle = activity.client().get_workflow_handle(workflow_id, run_id=run_id)
+    async for event in handle.fetch_history_events():
+        return event.workflow_execution_started_event_attributes.identity or None
+    return None
+
+
+def _registered(state: Governance, name: str) -> Runtime:
+    runtime = state.runtimes.get(name)
+    if runtime is None:
+        raise RefusedError(f"runtime {name} is not registered by a signed statement; see `mlc runtime list`")
+    return runtime
+
+
+def _deployment_body(deployment: Deployment) -> dict[str, object]:
+    return deployment.model_dump(mode="json", exclude={"created_at", "updated_at"})
+
+
+def _decision_body(record: ApprovalRecord, evidence_sha256: str | None) -> dict[str, object]:
+    body = record.model_dump(mode="json", exclude={"evidence"})
+    return {**body, "evidence_sha256": evidence_sha256}
+
+
+def _no_runtime_message(run: RunContext, stage: str, mode: Mode, candidates: list[Runtime]) -> str:
+    snap = run.snapshot
     tags = ", ".join(snap.service_tags)
     seen = (
         "; runtimes in this stage: "
@@ -165,7 +484,7 @@ def _no_runtime_message(request: ResolveRuntimesInput, candidates: list[Runtime]
         else ""
     )
     return (
-        f"no runtime serves service tag {tags} in stage {request.stage} "
-        f"(mode {request.mode.value}) for {snap.model}@{snap.version}{seen}; add one with "
-        f"`mlc runtime add NAME --stage {request.stage} --tag {snap.service_tags[0]}`"
+        f"no runtime serves service tag {tags} in stage {stage} (mode {mode.value}) for "
+        f"{snap.model}@{snap.version}{seen}; add one with "
+        f"`mlc runtime add NAME --stage {stage} --tag {snap.service_tags[0]}`"
     )

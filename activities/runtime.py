@@ -1,15 +1,19 @@
 """Runtime activities: deploy, run batch jobs and undeploy through a runtime's driver.
 
 They run on the runtime's task queue, so a worker next to a remote Docker engine can
-serve them; they never touch PostgreSQL (the workflow records results through the
-inventory activities), which keeps such a worker free of database credentials.
+serve them; they never touch PostgreSQL, which keeps such a worker free of database
+credentials. They act only on a grant signed by the platform key (see
+:mod:`mlc.trust.grants`): the runtime, snapshot and deployment id come from the grant,
+which the trusted inventory worker issued after checking the policy, never from the
+workflow's payload.
 """
 
 from __future__ import annotations
 
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from temporalio import activity
 
-from activities.boundary import mlc_errors
+from activities.boundary import calling_run, mlc_errors
 from activities.runtimes.base import (
     BatchJobRequest,
     BatchJobResult,
@@ -20,6 +24,9 @@ from activities.runtimes.base import (
 )
 from mlc import names
 from mlc.config import Settings
+from mlc.errors import RefusedError
+from mlc.payloads import RuntimeActionInput
+from mlc.trust import grants
 
 
 def _heartbeat(note: str) -> None:
@@ -27,27 +34,60 @@ def _heartbeat(note: str) -> None:
 
 
 class RuntimeActivities:
-    """Driver-backed activities; the driver is chosen by each request's runtime kind."""
+    """Driver-backed activities; the driver is chosen by the granted runtime's kind."""
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
+        self._public: Ed25519PublicKey | None = None
+
+    def _granted(self, request: RuntimeActionInput, action: grants.RuntimeAction) -> grants.RuntimeGrant:
+        if self._public is None:
+            self._public = grants.platform_public_key(self.settings.platform_key_path)
+        return grants.check(
+            request.grant, self._public, action=action, run_id=calling_run().run_id
+        )
 
     @activity.defn(name=names.DEPLOY_ONLINE)
     @mlc_errors
-    async def deploy_online(self, request: OnlineDeployRequest) -> OnlineDeployResult:
-        """Bring up (or find) the deployment's endpoint and return when it is healthy."""
-        driver = driver_for(request.runtime, self.settings)
-        return await driver.deploy_online(request, _heartbeat)
+    async def deploy_online(self, request: RuntimeActionInput) -> OnlineDeployResult:
+        """Bring up (or find) the granted deployment's endpoint and return when it is healthy."""
+        grant = self._granted(request, "deploy_online")
+        if grant.snapshot is None:
+            raise RefusedError("the grant names no snapshot")
+        driver = driver_for(grant.runtime, self.settings)
+        return await driver.deploy_online(
+            OnlineDeployRequest(
+                deployment_id=grant.deployment_id,
+                snapshot=grant.snapshot,
+                runtime=grant.runtime,
+                stage=grant.stage,
+            ),
+            _heartbeat,
+        )
 
     @activity.defn(name=names.RUN_BATCH_JOB)
     @mlc_errors
-    async def run_batch_job(self, request: BatchJobRequest) -> BatchJobResult:
-        """Run an ephemeral scoring job to completion; the runtime is cleared afterwards."""
-        driver = driver_for(request.runtime, self.settings)
-        return await driver.run_batch(request, _heartbeat)
+    async def run_batch_job(self, request: RuntimeActionInput) -> BatchJobResult:
+        """Run the granted ephemeral scoring job to completion; the runtime is cleared afterwards."""
+        grant = self._granted(request, "run_batch_job")
+        if grant.snapshot is None:
+            raise RefusedError("the grant names no snapshot")
+        driver = driver_for(grant.runtime, self.settings)
+        return await driver.run_batch(
+            BatchJobRequest(
+                deployment_id=grant.deployment_id,
+                snapshot=grant.snapshot,
+                runtime=grant.runtime,
+                stage=grant.stage,
+            ),
+            _heartbeat,
+        )
 
     @activity.defn(name=names.UNDEPLOY)
     @mlc_errors
-    async def undeploy(self, request: UndeployRequest) -> None:
-        """Stop and remove a deployment (succeeds when it is already gone)."""
-        await driver_for(request.runtime, self.settings).undeploy(request)
+    async def undeploy(self, request: RuntimeActionInput) -> None:
+        """Stop and remove the granted deployment (succeeds when it is already gone)."""
+        grant = self._granted(request, "undeploy")
+        await driver_for(grant.runtime, self.settings).undeploy(
+            UndeployRequest(deployment_id=grant.deployment_id, runtime=grant.runtime)
+        )

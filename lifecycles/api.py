@@ -18,18 +18,11 @@ from temporalio.common import RetryPolicy
 from temporalio.exceptions import ActivityError, ApplicationError
 
 with workflow.unsafe.imports_passed_through():
-    from activities.runtimes.base import (
-        BatchJobRequest,
-        BatchJobResult,
-        OnlineDeployRequest,
-        OnlineDeployResult,
-        UndeployRequest,
-    )
+    from activities.runtimes.base import BatchJobResult, OnlineDeployResult
     from mlc import names
     from mlc.domain import (
         ApprovalGate,
         ApprovalRecord,
-        ApprovalRequest,
         Decision,
         Deployment,
         DeploymentState,
@@ -44,6 +37,9 @@ with workflow.unsafe.imports_passed_through():
         TestResult,
     )
     from mlc.payloads import (
+        AuthorizeDeploymentInput,
+        AuthorizeDeploymentResult,
+        AuthorizeUndeployInput,
         FindDeploymentsInput,
         FindDeploymentsResult,
         LifecycleStatus,
@@ -51,14 +47,20 @@ with workflow.unsafe.imports_passed_through():
         PendingGate,
         RecordDecisionInput,
         RecordDeploymentInput,
+        RecordDeploymentResult,
         RecordRunInput,
         RecordTestsInput,
         ResolveApproversInput,
         ResolveApproversResult,
         ResolveRuntimesInput,
         ResolveRuntimesResult,
+        RuntimeActionInput,
+        RuntimeGrantResult,
+        VerifyDecisionInput,
+        VerifyDecisionResult,
     )
     from mlc.test_payloads import RunStageTestsInput, RunStageTestsResult
+    from mlc.trust.statements import Envelope, decision_of, digest
 
 __all__ = [
     "ApprovalGate",
@@ -111,8 +113,10 @@ class Lifecycle:
         self.stage: str | None = None
         self.reason: str | None = None
         self._pending: PendingGate | None = None
+        self._gate_entries: tuple[str, ...] = ()
         self._decision: ApprovalRecord | None = None
         self._decisions: list[ApprovalRecord] = []
+        self._deciding = asyncio.Lock()
         self._reports: dict[str, StageTestReport] = {}
         self._deployments: dict[str, Deployment] = {}
         self._refused: list[str] = []
@@ -174,7 +178,7 @@ class Lifecycle:
         await self.record_run()
         resolved = await self._inventory(
             names.RESOLVE_RUNTIMES,
-            ResolveRuntimesInput(snapshot=self._snap, stage=stage, mode=chosen),
+            ResolveRuntimesInput(stage=stage, mode=chosen),
             ResolveRuntimesResult,
         )
         self._runtimes.update((r.name, r) for r in resolved.runtimes)
@@ -200,54 +204,68 @@ class Lifecycle:
         self._reports[stage] = report
         await self._inventory(
             names.RECORD_TESTS,
-            RecordTestsInput(**self._run_key(), report=report),
+            RecordTestsInput(report=report),
         )
         return report
 
     async def approval(self, stage: str) -> ApprovalRecord:
         """Wait at ``stage``'s gate for a decision; an unanswered gate expires.
 
-        Returns the decision (approved, rejected or expired), already recorded with who,
-        when, the comment and the test report it was made on.
+        Decisions are signed statements, verified and recorded by a trusted activity
+        before they reach this run. When the stage's policy needs several distinct
+        approvers the gate stays open until enough have approved; any rejection ends
+        the wait. Returns the deciding record (approved, rejected or expired).
         """
         gate = self.spec.stage(stage).gate
         if gate is None:
             raise ValueError(f"stage {stage} has no approval gate")
         resolved = await self._inventory(
             names.RESOLVE_APPROVERS,
-            ResolveApproversInput(entries=gate.approvers),
+            ResolveApproversInput(stage=stage, entries=gate.approvers),
             ResolveApproversResult,
         )
         who = ", ".join(resolved.identities) or f"nobody holds {', '.join(gate.approvers)}"
+        deadline = workflow.now() + gate.timeout
+        self._gate_entries = gate.approvers
         self._pending = PendingGate(
-            stage=stage, approvers=resolved.identities, deadline=workflow.now() + gate.timeout
+            stage=stage, approvers=resolved.identities, deadline=deadline, needed=resolved.needed
         )
-        self._enter(
-            stage,
-            LifecycleState.AWAITING_APPROVAL,
-            f"Waiting for approval at {stage} by {who} until "
-            f"{self._pending.deadline:%Y-%m-%d %H:%M} UTC.\n\n"
-            f"`mlc approve {self.model}@{self.version} --stage {stage}`",
-        )
-        await self.record_run()
         await self.notify(f"{self.model}@{self.version} waits for approval at {stage} by {who}")
-        try:
-            await workflow.wait_condition(lambda: self._decision is not None, timeout=gate.timeout)
-            record = self._decision
-            assert record is not None
-        except TimeoutError:
-            record = ApprovalRecord(
-                stage=stage,
-                decision=Decision.EXPIRED,
-                approver="system",
-                comment=f"no decision within {gate.timeout}",
-                decided_at=workflow.now(),
-                evidence=self._reports.get(stage),
+        while True:
+            self._enter(
+                stage,
+                LifecycleState.AWAITING_APPROVAL,
+                f"Waiting for approval at {stage} by {who} until {deadline:%Y-%m-%d %H:%M} UTC "
+                f"({len(self._pending.approved_by)} of {self._pending.needed} approvals).\n\n"
+                f"`mlc approve {self.model}@{self.version} --stage {stage}`",
             )
+            await self.record_run()
+            try:
+                await workflow.wait_condition(
+                    lambda: self._decision is not None,
+                    timeout=max(deadline - workflow.now(), timedelta(seconds=1)),
+                )
+            except TimeoutError:
+                record = ApprovalRecord(
+                    stage=stage,
+                    decision=Decision.EXPIRED,
+                    approver="system",
+                    comment=f"no decision within {gate.timeout}",
+                    decided_at=workflow.now(),
+                    evidence=self._reports.get(stage),
+                )
+                await self._inventory(names.RECORD_DECISION, RecordDecisionInput(record=record))
+                self._decisions.append(record)
+                break
+            decided = self._decision
+            assert decided is not None
+            record, self._decision = decided, None
+            if (
+                record.decision is not Decision.APPROVED
+                or len(self._pending.approved_by) >= self._pending.needed
+            ):
+                break
         self._pending = None
-        self._decision = None
-        await self._inventory(names.RECORD_DECISION, RecordDecisionInput(**self._run_key(), record=record))
-        self._decisions.append(record)
         return record
 
     async def undeploy(self, deployments: Sequence[Deployment]) -> None:
@@ -264,7 +282,7 @@ class Lifecycle:
         self._enter(stage, LifecycleState.PROMOTING, f"Promoting in {stage}")
         found = await self._inventory(
             names.FIND_DEPLOYMENTS,
-            FindDeploymentsInput(model=self.model, stage=stage, exclude_ids=tuple(d.id for d in deployments)),
+            FindDeploymentsInput(stage=stage, exclude_ids=tuple(d.id for d in deployments)),
             FindDeploymentsResult,
         )
         await asyncio.gather(*(self._retire(d) for d in found.deployments))
@@ -274,12 +292,7 @@ class Lifecycle:
         """Tell the people following this lifecycle (stored and logged by an activity)."""
         await self._inventory(
             names.NOTIFY,
-            NotifyInput(
-                workflow_id=workflow.info().workflow_id,
-                model=self.model,
-                version=self.version,
-                message=message,
-            ),
+            NotifyInput(message=message),
         )
 
     async def sleep(self, duration: timedelta) -> None:
@@ -296,8 +309,12 @@ class Lifecycle:
 
     # --- decisions (called by the workflow's update and signal handlers) -----------------
 
-    def check_decision(self, request: ApprovalRequest) -> None:
-        """Refuse a decision that does not fit the run's current gate (raises ValueError)."""
+    def check_decision(self, envelope: Envelope, decision: Decision) -> None:
+        """Refuse at once a decision that cannot fit this run's current gate (raises ValueError).
+
+        Only the statement's shape and binding are checked here; its signature, key,
+        roles and policy are checked by the trusted ``verify_decision`` activity.
+        """
         ref = f"{self.model}@{self.version}"
         if self.finished:
             raise ValueError(f"{ref}: the lifecycle has already finished ({self.state.value})")
@@ -305,32 +322,46 @@ class Lifecycle:
         if gate is None or self._decision is not None:
             doing = f"{self.state.value} in {self.stage}" if self.stage else self.state.value
             raise ValueError(f"{ref} is not waiting for a decision (it is {doing})")
-        if request.stage != gate.stage:
-            raise ValueError(f"{ref} is waiting for a decision at {gate.stage}, not {request.stage}")
-        if request.approver not in gate.approvers:
-            allowed = ", ".join(gate.approvers) or "nobody (grant the gate's role first)"
+        statement, claim = decision_of(envelope)
+        if claim.decision != decision.value:
+            raise ValueError(f"the statement says {claim.decision}; send it as that decision")
+        if claim.stage != gate.stage:
+            raise ValueError(f"{ref} is waiting for a decision at {gate.stage}, not {claim.stage}")
+        info = workflow.info()
+        if (claim.workflow_id, claim.run_id) != (info.workflow_id, info.run_id):
+            raise ValueError(f"the statement is for run {claim.workflow_id}/{claim.run_id}, not this run")
+        sha = [s.digest.get("sha256") for s in statement.subject]
+        if (claim.model, claim.version) != (self.model, self.version) or sha != [self._snap.sha256]:
+            raise ValueError(f"the statement is for {claim.model}@{claim.version} ({sha}), not {ref}")
+        shown = self._reports.get(gate.stage)
+        if digest(shown.model_dump(mode="json") if shown else None) != claim.evidence_sha256:
             raise ValueError(
-                f"{request.approver} may not decide at {gate.stage} for {ref}; allowed: {allowed}"
+                f"the statement was signed on other evidence than {ref}'s {gate.stage} test report"
             )
 
-    def decide(self, request: ApprovalRequest, decision: Decision) -> ApprovalRecord:
-        """Accept a checked decision; the waiting :meth:`approval` records it."""
-        self.check_decision(request)
-        record = ApprovalRecord(
-            stage=request.stage,
-            decision=decision,
-            approver=request.approver,
-            comment=request.comment,
-            decided_at=workflow.now(),
-            evidence=self._reports.get(request.stage),
-        )
-        self._decision = record
-        return record
+    async def submit_decision(self, envelope: Envelope, decision: Decision) -> ApprovalRecord:
+        """Check, verify (trusted activity, which records it) and accept a signed decision.
 
-    async def recorded(self, record: ApprovalRecord) -> ApprovalRecord:
-        """Wait until ``record`` is in the audit trail, then return it."""
-        await workflow.wait_condition(lambda: any(r is record for r in self._decisions))
-        return record
+        Raises:
+            ApplicationError: the decision was refused; the message names the failed check.
+        """
+        async with self._deciding:
+            self.check_decision(envelope, decision)
+            assert self._pending is not None
+            try:
+                verified = await self._inventory(
+                    names.VERIFY_DECISION,
+                    VerifyDecisionInput(envelope=envelope, gate_approvers=self._gate_entries),
+                    VerifyDecisionResult,
+                )
+            except ActivityError as exc:
+                raise ApplicationError(
+                    cause_message(exc), type="DecisionRefused", non_retryable=True
+                ) from None
+            self._pending = self._pending.model_copy(update={"approved_by": verified.approvers})
+            self._decisions.append(verified.record)
+            self._decision = verified.record
+            return verified.record
 
     def refuse(self, message: str) -> None:
         """Remember a refused signal so ``status`` can show it."""
@@ -345,15 +376,6 @@ class Lifecycle:
             raise RuntimeError("the snapshot is not loaded yet")
         return self.snapshot
 
-    def _run_key(self) -> dict[str, Any]:
-        info = workflow.info()
-        return {
-            "workflow_id": info.workflow_id,
-            "run_id": info.run_id,
-            "model": self.model,
-            "version": self.version,
-        }
-
     def _enter(self, stage: str, state: LifecycleState, details: str) -> None:
         if stage != self.stage:
             workflow.upsert_search_attributes([names.SA_STAGE.value_set(stage)])
@@ -363,12 +385,9 @@ class Lifecycle:
 
     async def record_run(self, *, ended: bool = False) -> None:
         """Write the run's state and stage to the inventory (``ended`` frees the snapshot)."""
-        info = workflow.info()
         await self._inventory(
             names.RECORD_RUN,
             RecordRunInput(
-                workflow_id=info.workflow_id,
-                run_id=info.run_id,
                 state=self.state,
                 stage=self.stage,
                 reason=self.reason,
@@ -386,86 +405,70 @@ class Lifecycle:
         )
         return result
 
-    def _deployment_id(self, stage: str, runtime: Runtime) -> str:
-        run = workflow.info().run_id.replace("-", "")[:8]
-        return f"{self.model}-v{self.version}-{stage}-{runtime.name}-{run}".lower()
-
-    async def _track(self, deployment: Deployment) -> Deployment:
-        self._deployments[deployment.id] = deployment
-        await self._inventory(names.RECORD_DEPLOYMENT, RecordDeploymentInput(deployment=deployment))
-        return deployment
+    async def _record(
+        self,
+        deployment: Deployment,
+        state: DeploymentState,
+        *,
+        endpoint: str | None = None,
+        details: dict[str, Any] | None = None,
+    ) -> Deployment:
+        """Record a deployment's new state; the inventory decides whether this run may."""
+        recorded = await self._inventory(
+            names.RECORD_DEPLOYMENT,
+            RecordDeploymentInput(
+                deployment_id=deployment.id, state=state, endpoint=endpoint, details=details or {}
+            ),
+            RecordDeploymentResult,
+        )
+        self._deployments[recorded.deployment.id] = recorded.deployment
+        return recorded.deployment
 
     async def _deploy_one(self, stage: str, mode: Mode, runtime: Runtime) -> Deployment:
-        deployment = await self._track(
-            Deployment(
-                id=self._deployment_id(stage, runtime),
-                model=self.model,
-                version=self.version,
-                runtime=runtime.name,
-                stage=stage,
-                mode=mode,
-                state=DeploymentState.DEPLOYING,
-                workflow_id=workflow.info().workflow_id,
-                details={"runtime_kind": runtime.kind.value},
-            )
+        authorized = await self._inventory(
+            names.AUTHORIZE_DEPLOYMENT,
+            AuthorizeDeploymentInput(stage=stage, runtime=runtime.name, mode=mode),
+            AuthorizeDeploymentResult,
         )
+        deployment = authorized.deployment
+        self._deployments[deployment.id] = deployment
+        granted = RuntimeActionInput(grant=authorized.grant)
         try:
             if mode is Mode.ONLINE:
                 online = await self._runtime_call(
-                    runtime,
-                    names.DEPLOY_ONLINE,
-                    DEPLOY_TIMEOUT,
-                    OnlineDeployResult,
-                    OnlineDeployRequest(
-                        deployment_id=deployment.id,
-                        snapshot=self._snap,
-                        runtime=runtime,
-                        stage=stage,
-                    ),
+                    runtime, names.DEPLOY_ONLINE, DEPLOY_TIMEOUT, OnlineDeployResult, granted
                 )
-                update = {
-                    "state": DeploymentState.SERVING,
-                    "endpoint": online.endpoint,
-                    "details": {**deployment.details, **online.details},
-                }
-            else:
-                batch = await self._runtime_call(
-                    runtime,
-                    names.RUN_BATCH_JOB,
-                    DEPLOY_TIMEOUT,
-                    BatchJobResult,
-                    BatchJobRequest(
-                        deployment_id=deployment.id,
-                        snapshot=self._snap,
-                        runtime=runtime,
-                        stage=stage,
-                    ),
+                return await self._record(
+                    deployment,
+                    DeploymentState.SERVING,
+                    endpoint=online.endpoint,
+                    details={**deployment.details, **online.details},
                 )
-                update = {
-                    "state": DeploymentState.COMPLETED,
-                    "details": {
-                        **deployment.details,
-                        **batch.details,
-                        "output_path": batch.output_path,
-                        "records": batch.records,
-                        "seconds": batch.seconds,
-                    },
-                }
+            batch = await self._runtime_call(
+                runtime, names.RUN_BATCH_JOB, DEPLOY_TIMEOUT, BatchJobResult, granted
+            )
         except ActivityError as exc:
-            await self._track(
-                deployment.model_copy(
-                    update={
-                        "state": DeploymentState.FAILED,
-                        "details": {**deployment.details, "error": cause_message(exc)},
-                    }
-                )
+            await self._record(
+                deployment,
+                DeploymentState.FAILED,
+                details={**deployment.details, "error": cause_message(exc)},
             )
             raise LifecycleFailure(
                 f"deploying {self.model}@{self.version} to runtime {runtime.name} in {stage} "
                 f"failed: {cause_message(exc)}",
                 kind="DeploymentFailed",
             ) from exc
-        return await self._track(deployment.model_copy(update=update))
+        return await self._record(
+            deployment,
+            DeploymentState.COMPLETED,
+            details={
+                **deployment.details,
+                **batch.details,
+                "output_path": batch.output_path,
+                "records": batch.records,
+                "seconds": batch.seconds,
+            },
+        )
 
     async def _test_one(
         self, stage: str, deployment: Deployment, kinds: tuple[TestKind, ...]
@@ -501,21 +504,22 @@ class Lifecycle:
     async def _retire(self, deployment: Deployment) -> None:
         if deployment.mode is Mode.ONLINE:
             runtime = await self._runtime_of(deployment)
-            await self._runtime_call(
-                runtime,
-                names.UNDEPLOY,
-                UNDEPLOY_TIMEOUT,
-                None,
-                UndeployRequest(deployment_id=deployment.id, runtime=runtime),
+            granted = await self._inventory(
+                names.AUTHORIZE_UNDEPLOY,
+                AuthorizeUndeployInput(deployment_id=deployment.id),
+                RuntimeGrantResult,
             )
-        await self._track(deployment.model_copy(update={"state": DeploymentState.RETIRED}))
+            await self._runtime_call(
+                runtime, names.UNDEPLOY, UNDEPLOY_TIMEOUT, None, RuntimeActionInput(grant=granted.grant)
+            )
+        await self._record(deployment, DeploymentState.RETIRED)
 
     async def _runtime_of(self, deployment: Deployment) -> Runtime:
         if deployment.runtime in self._runtimes:
             return self._runtimes[deployment.runtime]
         resolved = await self._inventory(
             names.RESOLVE_RUNTIMES,
-            ResolveRuntimesInput(snapshot=self._snap, stage=deployment.stage, mode=deployment.mode),
+            ResolveRuntimesInput(stage=deployment.stage, mode=deployment.mode),
             ResolveRuntimesResult,
         )
         for runtime in resolved.runtimes:

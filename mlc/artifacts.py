@@ -3,6 +3,10 @@
 An archive is a gzip'd tar with sorted entries and zeroed metadata, so the same
 directory content always gives the same sha256: that is what makes registering the
 same package twice return the same snapshot.
+
+Archives hold regular files only, read from inside the package: a symbolic link that
+leads out of it (``data.csv -> /etc/passwd``) or a FIFO or device would otherwise put
+the registering host's files into the archive, or hang the registration.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ import gzip
 import hashlib
 import io
 import os
+import stat
 import tarfile
 from pathlib import Path
 
@@ -20,28 +25,76 @@ _SKIP_DIRS = {"__pycache__", ".git", ".ipynb_checkpoints", ".venv"}
 
 
 def build_archive(package_dir: Path) -> bytes:
-    """Return a deterministic ``.tar.gz`` of ``package_dir`` (caches and VCS dirs left out)."""
+    """Return a deterministic ``.tar.gz`` of ``package_dir`` (caches and VCS dirs left out).
+
+    Raises:
+        InvalidPackageError: a symbolic link leads outside the package, or an entry is not
+            a regular file or folder; the message names it.
+    """
+    inside = package_dir.resolve()
     buffer = io.BytesIO()
     with gzip.GzipFile(fileobj=buffer, mode="wb", mtime=0) as gz:
         with tarfile.open(fileobj=gz, mode="w", format=tarfile.PAX_FORMAT) as tar:
-            for path in _walk(package_dir):
+            for path in _walk(package_dir, inside):
                 rel = path.relative_to(package_dir).as_posix()
-                info = tarfile.TarInfo(rel)
-                info.size = path.stat().st_size
-                info.mode = 0o755 if os.access(path, os.X_OK) else 0o644
-                with path.open("rb") as fh:
+                with _open_regular(path, package_dir, inside) as fh:
+                    info = tarfile.TarInfo(rel)
+                    info.size = os.fstat(fh.fileno()).st_size
+                    info.mode = 0o755 if os.access(path, os.X_OK) else 0o644
                     tar.addfile(info, fh)
     return buffer.getvalue()
 
 
-def _walk(root: Path) -> list[Path]:
+def _walk(root: Path, inside: Path) -> list[Path]:
+    """Files to archive (folders linked from inside the package are not followed)."""
     files: list[Path] = []
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames[:] = sorted(d for d in dirnames if d not in _SKIP_DIRS)
+        for name in dirnames:
+            if (Path(dirpath) / name).is_symlink():
+                _resolve_inside(Path(dirpath) / name, root, inside)
         for name in sorted(filenames):
             if not name.endswith(".pyc"):
                 files.append(Path(dirpath) / name)
     return sorted(files)
+
+
+def _resolve_inside(path: Path, root: Path, inside: Path) -> Path:
+    """``path`` with links resolved, refused when it leads outside the package ``inside``."""
+    try:
+        target = path.resolve(strict=True)
+    except (OSError, RuntimeError) as exc:  # a dangling link or a loop
+        raise InvalidPackageError(
+            f"{root}: {path.relative_to(root)} cannot be resolved ({exc}); "
+            "if it is a dangling symbolic link, remove it or replace it with the file"
+        ) from None
+    if not target.is_relative_to(inside):
+        raise InvalidPackageError(
+            f"{root}: {path.relative_to(root)} is a symbolic link to {target}, outside the package; "
+            "model packages may not link outside themselves: copy the file into the package"
+        )
+    return target
+
+
+def _open_regular(path: Path, root: Path, inside: Path) -> io.BufferedReader:
+    """Open ``path`` (or the in-package file it links to) for reading.
+
+    The link check happens here, right before the open, and the open does not follow a
+    link, so a file swapped for a link after the walk is refused too. FIFOs, devices
+    and sockets are refused without blocking on them.
+    """
+    real = _resolve_inside(path, root, inside)
+    try:
+        fd = os.open(real, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError as exc:
+        raise InvalidPackageError(f"{root}: cannot read {path.relative_to(root)}: {exc}") from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise InvalidPackageError(
+            f"{root}: {path.relative_to(root)} is not a regular file (a FIFO, socket or device); "
+            "model packages hold regular files and folders only"
+        )
+    return os.fdopen(fd, "rb")
 
 
 def sha256_of(data: bytes) -> str:

@@ -14,6 +14,17 @@ DEFAULT_TASK_QUEUE = "mlc"
 """The task queue of the main worker and of the default local runtimes (type it in the UI)."""
 
 
+TRUST_ROOT_FILE = "trust-root"
+"""Under ``home``: the pinned key id of the first admin, written by ``mlc admin init``."""
+
+
+def _read(path: Path) -> str | None:
+    try:
+        return path.read_text().strip() or None
+    except OSError:
+        return None
+
+
 @dataclass(frozen=True)
 class Settings:
     """Where state lives and which servers to talk to."""
@@ -27,6 +38,13 @@ class Settings:
     task_queue: str
     author_role: str = "lifecycle-author"
     """Role needed to upload lifecycle code (``MLC_AUTHOR_ROLE``)."""
+    trust_root: str | None = None
+    """Key id (``SHA256:...``) of the installation's first admin: ``MLC_TRUST_ROOT``, else
+    the ``trust-root`` file ``mlc admin init`` writes under ``home``. Workers refuse to
+    verify anything without it, so a forged ``init`` row cannot take over."""
+    worker_database_url: str | None = None
+    """DSN of the workers' least-privilege role (``MLC_WORKER_DATABASE_URL``); None uses
+    ``database_url``."""
 
     @classmethod
     def from_env(cls, *, home: Path | None = None) -> Settings:
@@ -39,6 +57,9 @@ class Settings:
             temporal_namespace=os.environ.get("TEMPORAL_NAMESPACE", "default"),
             task_queue=os.environ.get("MLC_TASK_QUEUE", DEFAULT_TASK_QUEUE),
             author_role=os.environ.get("MLC_AUTHOR_ROLE") or "lifecycle-author",
+            trust_root=os.environ.get("MLC_TRUST_ROOT")
+            or _read(root.expanduser().resolve() / TRUST_ROOT_FILE),
+            worker_database_url=os.environ.get("MLC_WORKER_DATABASE_URL") or None,
         )
 
     @property
@@ -50,6 +71,11 @@ class Settings:
     def runtime_dir(self) -> Path:
         """Working directories of deployments, one folder per runtime."""
         return self.home / "runtimes"
+
+    @property
+    def platform_key_path(self) -> Path:
+        """The inventory worker's key for runtime grants (``MLC_PLATFORM_KEY`` overrides)."""
+        return Path(os.environ.get("MLC_PLATFORM_KEY") or self.home / "keys" / "platform.pem")
 
     @property
     def cache_dir(self) -> Path:

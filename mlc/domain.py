@@ -14,6 +14,8 @@ from typing import Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from mlc.trust.statements import Envelope
+
 DEFAULT_STAGES: tuple[str, ...] = ("DEV", "SIT", "UAT", "PROD")
 """The standard promotion path; a lifecycle may declare another ordered list."""
 
@@ -278,12 +280,13 @@ class StageTestReport(Frozen):
         )
 
 
-class ApprovalRequest(Frozen):
-    """A decision sent to a gate (the Workflow Update's and the signal's input)."""
+class SignedDecision(Frozen):
+    """A decision sent to a gate (the Workflow Update's input): a signed DSSE envelope.
 
-    stage: str
-    approver: str
-    comment: str = ""
+    The approver is whoever owns the signing key; nothing in the payload can claim it.
+    """
+
+    envelope: Envelope
 
 
 class ApprovalRecord(Frozen):
@@ -295,6 +298,8 @@ class ApprovalRecord(Frozen):
     comment: str = ""
     decided_at: datetime
     evidence: StageTestReport | None = None
+    key_id: str | None = None
+    """The key that signed the decision (None for an expired gate)."""
 
 
 # --- custom lifecycle code ------------------------------------------------------------

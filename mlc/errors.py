@@ -13,6 +13,9 @@ class MLCError(Exception):
     retryable: bool = False
     """Whether retrying the same call could succeed (activities turn False into non_retryable)."""
 
+    exit_code: int = 1
+    """The ``mlc`` command's exit status for this error: 3 not found, 4 refused, 5 unavailable."""
+
 
 class InvalidPackageError(MLCError):
     """A model package directory or its manifest is not valid."""
@@ -21,9 +24,13 @@ class InvalidPackageError(MLCError):
 class NotFoundError(MLCError):
     """A model, snapshot, runtime, deployment or lifecycle does not exist."""
 
+    exit_code = 3
+
 
 class ConflictError(MLCError):
     """The request contradicts the inventory (e.g. a second run for one snapshot)."""
+
+    exit_code = 4
 
 
 class NoRuntimeError(MLCError):
@@ -33,11 +40,14 @@ class NoRuntimeError(MLCError):
 class PermissionDeniedError(MLCError):
     """The identity lacks the role the action needs."""
 
+    exit_code = 4
+
 
 class RuntimeUnavailableError(MLCError):
     """A runtime's engine or host cannot be reached right now (retryable)."""
 
     retryable = True
+    exit_code = 5
 
 
 class DeploymentFailedError(MLCError):
@@ -50,3 +60,13 @@ class ScoringError(MLCError):
 
 class InvalidLifecycleError(MLCError):
     """Uploaded lifecycle code failed validation; the message carries file, line and reason."""
+
+
+class InvalidKeyError(MLCError):
+    """A key file or public key is missing, unreadable or not Ed25519."""
+
+
+class RefusedError(MLCError):
+    """A signed statement or an action failed verification or policy; the message says which check."""
+
+    exit_code = 4

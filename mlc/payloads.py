@@ -8,12 +8,14 @@ types are imported, so workflow code passes this module through the sandbox.
 from __future__ import annotations
 
 from datetime import datetime
+from typing import Any
 
 from pydantic import Field
 
 from mlc.domain import (
     ApprovalRecord,
     Deployment,
+    DeploymentState,
     Frozen,
     LifecycleSpec,
     LifecycleState,
@@ -22,6 +24,7 @@ from mlc.domain import (
     Runtime,
     StageTestReport,
 )
+from mlc.trust.statements import Envelope
 
 # --- workflow input and output --------------------------------------------------------
 
@@ -51,6 +54,10 @@ class PendingGate(Frozen):
     stage: str
     approvers: tuple[str, ...]
     deadline: datetime
+    needed: int = 1
+    """Distinct approvals the stage's policy needs."""
+    approved_by: tuple[str, ...] = ()
+    """Who has approved so far (verified)."""
 
 
 class LifecycleStatus(Frozen):
@@ -72,25 +79,26 @@ class LifecycleStatus(Frozen):
 
 
 class SignalDecision(Frozen):
-    """The ``decide`` signal's payload, for ``temporal workflow signal``."""
+    """The ``decide`` signal's payload: the same signed statement ``mlc approve`` sends.
 
-    decision: str = Field(pattern="^(approved|rejected)$")
-    stage: str
-    approver: str
-    comment: str = ""
+    Produce one with ``mlc approve MODEL@VERSION --stage S --print-statement`` (or
+    ``mlc reject ... --print-statement``) and pass it as the signal's JSON input.
+    """
+
+    envelope: Envelope
 
 
 # --- inventory activities -------------------------------------------------------------
+# The run (workflow id, run id, model, version) is never part of these inputs: the
+# activities derive it from Temporal's activity info and the inventory, so workflow code
+# cannot act for another run.
 
 
 class BeginRunInput(Frozen):
-    """Load the snapshot and record the run as active."""
+    """Claim a snapshot for this run (the start input names it)."""
 
-    workflow_id: str
-    run_id: str
     model: str
     version: int
-    lifecycle: str
 
 
 class BeginRunResult(Frozen):
@@ -100,10 +108,8 @@ class BeginRunResult(Frozen):
 
 
 class RecordRunInput(Frozen):
-    """Where a run stands; ``ended`` frees the snapshot for another run."""
+    """Where this run stands; ``ended`` frees the snapshot for another run."""
 
-    workflow_id: str
-    run_id: str
     state: LifecycleState
     stage: str | None = None
     reason: str | None = None
@@ -111,9 +117,8 @@ class RecordRunInput(Frozen):
 
 
 class ResolveRuntimesInput(Frozen):
-    """Find the runtimes of a stage that serve a snapshot's service tags in a mode."""
+    """The runtimes of a stage serving this run's snapshot in a mode."""
 
-    snapshot: ModelSnapshot
     stage: str
     mode: Mode
 
@@ -124,16 +129,57 @@ class ResolveRuntimesResult(Frozen):
     runtimes: tuple[Runtime, ...]
 
 
+class AuthorizeDeploymentInput(Frozen):
+    """Ask to deploy this run's snapshot to one runtime (checked against the stage policy)."""
+
+    stage: str
+    runtime: str
+    mode: Mode
+
+
+class AuthorizeDeploymentResult(Frozen):
+    """The recorded deployment and the platform's signed grant for the runtime worker."""
+
+    deployment: Deployment
+    grant: Envelope
+
+
+class AuthorizeUndeployInput(Frozen):
+    """Ask to remove a deployment (this run's own, or an older version it replaces)."""
+
+    deployment_id: str
+
+
+class RuntimeGrantResult(Frozen):
+    """A signed grant for one runtime action."""
+
+    grant: Envelope
+
+
+class RuntimeActionInput(Frozen):
+    """A runtime activity's only input: the platform's grant, which names everything it acts on."""
+
+    grant: Envelope
+
+
 class RecordDeploymentInput(Frozen):
-    """A deployment's new state, to upsert into the inventory."""
+    """A deployment's new state (only this run's deployments, or retiring ones it replaced)."""
+
+    deployment_id: str
+    state: DeploymentState
+    endpoint: str | None = None
+    details: dict[str, Any] = Field(default_factory=dict)
+
+
+class RecordDeploymentResult(Frozen):
+    """The deployment as recorded."""
 
     deployment: Deployment
 
 
 class FindDeploymentsInput(Frozen):
-    """Live deployments of a model in a stage, except some ids."""
+    """Live deployments of this run's model in a stage, except some ids."""
 
-    model: str
     stage: str
     exclude_ids: tuple[str, ...] = ()
 
@@ -147,41 +193,49 @@ class FindDeploymentsResult(Frozen):
 class RecordTestsInput(Frozen):
     """A stage's test report for the audit trail."""
 
-    workflow_id: str
-    run_id: str
-    model: str
-    version: int
     report: StageTestReport
 
 
 class RecordDecisionInput(Frozen):
-    """A gate decision for the audit trail."""
+    """A decision nobody signed (an expired gate) for the audit trail."""
 
-    workflow_id: str
-    run_id: str
-    model: str
-    version: int
     record: ApprovalRecord
 
 
-class ResolveApproversInput(Frozen):
-    """Gate approver entries: identities and ``role:NAME``."""
+class VerifyDecisionInput(Frozen):
+    """A signed decision to verify against keys, roles and policy, and record."""
 
+    envelope: Envelope
+    gate_approvers: tuple[str, ...] = ("role:approver",)
+    """The run's own gate approvers: they narrow the policy's, never widen it."""
+
+
+class VerifyDecisionResult(Frozen):
+    """The recorded decision, and how far the gate's policy is satisfied."""
+
+    record: ApprovalRecord
+    approvers: tuple[str, ...] = ()
+    """Distinct people whose verified approvals of this gate count so far."""
+    needed: int = 1
+
+
+class ResolveApproversInput(Frozen):
+    """Who may decide at a stage's gate: the policy narrowed by the run's entries."""
+
+    stage: str
     entries: tuple[str, ...]
 
 
 class ResolveApproversResult(Frozen):
-    """The identities allowed to decide at the gate."""
+    """The identities allowed to decide at the gate, and how many must approve."""
 
     identities: tuple[str, ...]
+    needed: int = 1
 
 
 class NotifyInput(Frozen):
-    """A message for the people following a lifecycle."""
+    """A message for the people following this lifecycle."""
 
-    workflow_id: str
-    model: str
-    version: int
     message: str
 
 

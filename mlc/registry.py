@@ -20,7 +20,12 @@ async def register_package(
     """Validate, archive and record a package; return the snapshot and whether it is new.
 
     The archive is stored before the row, so a snapshot row never points at a missing
-    artifact; identical content yields the existing snapshot.
+    artifact; identical content yields the existing snapshot. Both checks run before
+    anything is stored: the manifest's (requirements, paths inside the package) and the
+    archive's (no link leading outside, no FIFO or device).
+
+    Raises:
+        InvalidPackageError: naming the manifest entry or file that is refused.
     """
     manifest = load_manifest(package_dir)
     sha = artifacts.put(build_archive(package_dir))

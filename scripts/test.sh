@@ -10,6 +10,11 @@ if ! command -v docker-compose >/dev/null 2>&1; then
   echo "==> installing docker-compose"
   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq docker-compose >/dev/null
 fi
+if ! command -v nginx >/dev/null 2>&1; then
+  # tests/test_tls.py: nginx terminates mutual TLS in front of the Temporal dev server
+  echo "==> installing nginx-light"
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx-light >/dev/null
+fi
 echo "==> ruff"
 .venv/bin/ruff check .
 echo "==> mypy"

@@ -142,7 +142,7 @@ async def test_bad_uploads_are_refused_with_file_line_and_reason(stack: Stack, f
 
 async def test_cli_refuses_uploaders_without_the_role_bad_code_and_built_in_names(stack: Stack) -> None:
     stranger = await stack.mlc("lifecycle", "upload", str(FOUR_EYES), user="mallory")
-    assert stranger.returncode == 1
+    assert stranger.returncode == 4
     assert "mallory may not upload lifecycle code: it needs role lifecycle-author" in one_line(
         stranger.stderr
     )

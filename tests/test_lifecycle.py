@@ -124,18 +124,18 @@ async def test_refused_decisions(stack: Stack, example_package) -> None:
     await wait_for_gate(handle, "DEV")
 
     wrong_stage = await stack.mlc("approve", ref, "--stage", "UAT")
-    assert wrong_stage.returncode == 1
+    assert wrong_stage.returncode == 4
     assert "waiting for a decision at DEV, not UAT" in wrong_stage.stderr
     assert "Traceback" not in wrong_stage.stderr
 
     stranger = await stack.mlc("approve", ref, "--stage", "DEV", user="mallory")
-    assert stranger.returncode == 1
+    assert stranger.returncode == 4
     assert "mallory may not decide at DEV" in stranger.stderr and "alice" in stranger.stderr
 
     await approve(stack, ref, "DEV")
     await handle.result()
     finished = await stack.mlc("approve", ref, "--stage", "DEV")
-    assert finished.returncode == 1
+    assert finished.returncode == 4
     assert "already finished" in finished.stderr
 
     decisions = await audit.read_decisions(stack.pool, snap.model, snap.version)

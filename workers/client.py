@@ -1,31 +1,133 @@
-"""The one place a Temporal client is made, with the pydantic data converter."""
+"""The one place a Temporal client is made, with the pydantic data converter.
+
+Connection settings follow Temporal's own client configuration (``temporalio.envconfig``),
+so the CLI and every worker honour what the Temporal CLI and SDKs honour:
+
+- address and namespace: ``TEMPORAL_ADDRESS`` / ``TEMPORAL_NAMESPACE`` as read into
+  :class:`mlc.config.Settings` (or the running ``mlc dev``);
+- ``TEMPORAL_TLS`` and ``TEMPORAL_TLS_*`` (server CA, client certificate and key, server
+  name), ``TEMPORAL_API_KEY`` and ``TEMPORAL_GRPC_META_*``;
+- a profile from a TOML file, read only when ``TEMPORAL_PROFILE`` or ``TEMPORAL_CONFIG_FILE``
+  is set (default file ``~/.config/temporalio/temporal.toml``); the variables above
+  override it, and its address/namespace apply when those two variables are unset.
+
+The file is opt-in so that a Temporal CLI profile made for some other cluster does not
+silently redirect ``mlc`` commands aimed at a local ``mlc dev``.
+"""
 
 from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from typing import Any
 
 from temporalio.api.enums.v1 import IndexedValueType
 from temporalio.api.operatorservice.v1 import AddSearchAttributesRequest, ListSearchAttributesRequest
 from temporalio.client import Client
 from temporalio.contrib.pydantic import pydantic_data_converter
-from temporalio.service import RPCError, RPCStatusCode
+from temporalio.envconfig import ClientConfigProfile
+from temporalio.service import RPCError, RPCStatusCode, TLSConfig
 
 from mlc.config import Settings
 from mlc.errors import RuntimeUnavailableError
 from mlc.names import SEARCH_ATTRIBUTES
 
+_PROFILE_VARS = ("TEMPORAL_PROFILE", "TEMPORAL_CONFIG_FILE")
+"""Either one set means "read the profile file"."""
 
-async def connect(settings: Settings) -> Client:
-    """Connect to ``settings.temporal_address`` or raise a readable error."""
+
+def connect_options(settings: Settings, *, environ: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """Keyword arguments for :meth:`Client.connect` (``target_host`` included) from
+    ``settings`` and Temporal's client configuration in ``environ`` (default: the process's).
+
+    Raises :class:`RuntimeUnavailableError` when the configuration or a file it names
+    cannot be read.
+    """
+    env = dict(os.environ if environ is None else environ)
+    use_file = any(env.get(name) for name in _PROFILE_VARS)
     try:
-        return await Client.connect(
-            settings.temporal_address,
-            namespace=settings.temporal_namespace,
-            data_converter=pydantic_data_converter,
-        )
-    except RuntimeError as exc:
+        profile = ClientConfigProfile.load(disable_file=not use_file, override_env_vars=env)
+        config = profile.to_client_connect_config()
+    except OSError as exc:
         raise RuntimeUnavailableError(
-            f"cannot reach Temporal at {settings.temporal_address}: {exc}; is `mlc dev` "
-            "running, or is TEMPORAL_ADDRESS right?"
+            f"cannot read a TLS file of the Temporal client configuration: {exc}; "
+            "check the TEMPORAL_TLS_*_PATH variables (or the profile's tls paths)"
         ) from exc
+    except RuntimeError as exc:  # envconfig.ConfigError: unknown profile, bad TOML
+        raise RuntimeUnavailableError(
+            f"invalid Temporal client configuration ({_describe_profile(env)}): {exc}"
+        ) from exc
+    options: dict[str, Any] = {
+        "target_host": settings.temporal_address,
+        "namespace": settings.temporal_namespace,
+    }
+    if use_file and profile.address and "TEMPORAL_ADDRESS" not in env:
+        options["target_host"] = profile.address
+    if use_file and profile.namespace and "TEMPORAL_NAMESPACE" not in env:
+        options["namespace"] = profile.namespace
+    if "tls" in config:
+        options["tls"] = config["tls"]
+    if "api_key" in config:
+        options["api_key"] = config["api_key"]
+    if "rpc_metadata" in config:
+        options["rpc_metadata"] = config["rpc_metadata"]
+    return options
+
+
+async def connect(settings: Settings, *, identity: str | None = None, plain: bool = False) -> Client:
+    """Connect to Temporal as ``settings`` and Temporal's client configuration say, or
+    raise a readable :class:`RuntimeUnavailableError`.
+
+    ``identity`` names this client (and its workers) in Temporal; the SDK's default is
+    ``pid@host``. ``plain=True`` ignores TLS, API key and profiles and connects in plain
+    text to ``settings.temporal_address``: the embedded server ``mlc dev`` just started.
+    """
+    if plain:
+        options: dict[str, Any] = {
+            "target_host": settings.temporal_address,
+            "namespace": settings.temporal_namespace,
+        }
+    else:
+        options = connect_options(settings)
+    if identity is not None:
+        options["identity"] = identity
+    target = options.pop("target_host")
+    try:
+        return await Client.connect(target, data_converter=pydantic_data_converter, **options)
+    except RuntimeError as exc:
+        raise RuntimeUnavailableError(f"cannot reach Temporal at {target}: {exc}; {_hint(options)}") from exc
+
+
+def _hint(options: Mapping[str, Any]) -> str:
+    tls = options.get("tls")
+    if isinstance(tls, TLSConfig) or tls is True:
+        parts = []
+        if isinstance(tls, TLSConfig):
+            parts = [
+                name
+                for name, value in (
+                    ("server CA", tls.server_root_ca_cert),
+                    ("client certificate", tls.client_cert),
+                    ("client key", tls.client_private_key),
+                    (f"server name {tls.domain}", tls.domain),
+                )
+                if value
+            ]
+        given = f" (given: {', '.join(parts)})" if parts else " (system CAs, no client certificate)"
+        key = " and TEMPORAL_API_KEY" if options.get("api_key") else ""
+        return (
+            f"TLS is on{given}: check TEMPORAL_ADDRESS, the TEMPORAL_TLS_* settings{key} "
+            "or the TEMPORAL_PROFILE in use (the server may require a client certificate, "
+            "trust another CA or expect another server name)"
+        )
+    if options.get("api_key"):
+        return "check TEMPORAL_ADDRESS and TEMPORAL_API_KEY"
+    return "is `mlc dev` running, or is TEMPORAL_ADDRESS right?"
+
+
+def _describe_profile(env: Mapping[str, str]) -> str:
+    named = [f"{name}={env[name]}" for name in _PROFILE_VARS if env.get(name)]
+    return ", ".join(named) or "TEMPORAL_* variables"
 
 
 async def ensure_search_attributes(client: Client) -> None:

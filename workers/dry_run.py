@@ -20,6 +20,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from temporalio import activity
 from temporalio.client import Client, WorkflowFailureError, WorkflowUpdateStage
 from temporalio.contrib.pydantic import pydantic_data_converter
@@ -28,25 +29,26 @@ from temporalio.runtime import LoggingConfig, Runtime, TelemetryConfig, Telemetr
 from temporalio.testing import WorkflowEnvironment
 from temporalio.worker import Worker
 
-from activities.runtimes.base import (
-    BatchJobRequest,
-    BatchJobResult,
-    OnlineDeployRequest,
-    OnlineDeployResult,
-    UndeployRequest,
-)
+from activities.runtimes.base import BatchJobResult, OnlineDeployResult
 from lifecycles.loader import code_filename
 from mlc import domain, names
 from mlc.domain import (
-    ApprovalRequest,
+    ApprovalRecord,
+    Decision,
+    Deployment,
+    DeploymentState,
     LifecycleState,
     ModelSnapshot,
+    SignedDecision,
     TestKind,
     TestResult,
 )
 from mlc.errors import InvalidLifecycleError, RuntimeUnavailableError
 from mlc.operations import read_status
 from mlc.payloads import (
+    AuthorizeDeploymentInput,
+    AuthorizeDeploymentResult,
+    AuthorizeUndeployInput,
     BeginRunInput,
     BeginRunResult,
     FindDeploymentsInput,
@@ -57,16 +59,23 @@ from mlc.payloads import (
     NotifyInput,
     RecordDecisionInput,
     RecordDeploymentInput,
+    RecordDeploymentResult,
     RecordRunInput,
     RecordTestsInput,
     ResolveApproversInput,
     ResolveApproversResult,
     ResolveRuntimesInput,
     ResolveRuntimesResult,
+    RuntimeActionInput,
+    RuntimeGrantResult,
     StartLifecycleInput,
+    VerifyDecisionInput,
+    VerifyDecisionResult,
 )
 from mlc.store.lifecycle_definitions import source_sha256
 from mlc.test_payloads import RunStageTestsInput, RunStageTestsResult
+from mlc.trust.signer import Signer
+from mlc.trust.statements import PAYLOAD_TYPE, Envelope, decision_of
 from workers.client import ensure_search_attributes
 from workflows.custom_lifecycle import CustomLifecycle
 
@@ -80,6 +89,9 @@ DRY_RUN_APPROVERS = ("dry-run-approver-1", "dry-run-approver-2")
 """Stand-in approvers, taking turns so "two different people" patterns pass too."""
 
 STAND_IN_METRICS = {"auc": 0.9, "accuracy": 0.9}
+DRY_RUN_SHA256 = "0" * 64
+NO_GRANT = Envelope.model_validate({"payload": "", "payloadType": PAYLOAD_TYPE, "signatures": []})
+"""Stand-in runtime activities need no grant: nothing real is deployed."""
 
 
 def find_test_server() -> Path:
@@ -159,6 +171,9 @@ class StandInActivities:
         self.source = source
         self.task_queue = task_queue
         self._approvals = 0
+        self._signers = {n: Signer(n, Ed25519PrivateKey.generate()) for n in DRY_RUN_APPROVERS}
+        self._deployments: dict[str, Deployment] = {}
+        self._approved: dict[str, list[str]] = {}
 
     def activities(self) -> list[Callable[..., Any]]:
         """Every activity the lifecycle workflow and the authoring API call."""
@@ -167,6 +182,9 @@ class StandInActivities:
             self.begin_run,
             self.record_run,
             self.resolve_runtimes,
+            self.authorize_deployment,
+            self.authorize_undeploy,
+            self.verify_decision,
             self.record_deployment,
             self.find_live_deployments,
             self.record_test_report,
@@ -193,7 +211,7 @@ class StandInActivities:
             snapshot=ModelSnapshot(
                 model=request.model,
                 version=request.version,
-                sha256="0" * 64,
+                sha256=DRY_RUN_SHA256,
                 service_tags=("dry-run",),
                 entry_module="model",
             )
@@ -209,13 +227,23 @@ class StandInActivities:
         """
         if request.ended or request.state is not LifecycleState.AWAITING_APPROVAL or request.stage is None:
             return
-        approver = DRY_RUN_APPROVERS[self._approvals % len(DRY_RUN_APPROVERS)]
+        signer = self._signers[DRY_RUN_APPROVERS[self._approvals % len(DRY_RUN_APPROVERS)]]
         self._approvals += 1
-        handle = self.client.get_workflow_handle(request.workflow_id, run_id=request.run_id)
+        info = activity.info()
+        handle = self.client.get_workflow_handle(info.workflow_id or "", run_id=info.workflow_run_id)
+        status = await read_status(handle)
+        assert status is not None
+        envelope = signer.decision(
+            status,
+            stage=request.stage,
+            decision=Decision.APPROVED,
+            sha256=DRY_RUN_SHA256,
+            workflow_id=handle.id,
+            run_id=info.workflow_run_id or "",
+            comment="dry run",
+        )
         await handle.start_update(
-            "approve",
-            ApprovalRequest(stage=request.stage, approver=approver, comment="dry run"),
-            wait_for_stage=WorkflowUpdateStage.ACCEPTED,
+            "approve", SignedDecision(envelope=envelope), wait_for_stage=WorkflowUpdateStage.ACCEPTED
         )
 
     @activity.defn(name=names.RESOLVE_RUNTIMES)
@@ -233,9 +261,50 @@ class StandInActivities:
             )
         )
 
+    @activity.defn(name=names.AUTHORIZE_DEPLOYMENT)
+    async def authorize_deployment(self, request: AuthorizeDeploymentInput) -> AuthorizeDeploymentResult:
+        """Every deployment is allowed; it exists only in this stand-in's memory."""
+        deployment = Deployment(
+            id=f"dry-run-{len(self._deployments) + 1}",
+            model="dry-run-model",
+            version=1,
+            runtime=request.runtime,
+            stage=request.stage,
+            mode=request.mode,
+            state=DeploymentState.DEPLOYING,
+        )
+        self._deployments[deployment.id] = deployment
+        return AuthorizeDeploymentResult(deployment=deployment, grant=NO_GRANT)
+
+    @activity.defn(name=names.AUTHORIZE_UNDEPLOY)
+    async def authorize_undeploy(self, request: AuthorizeUndeployInput) -> RuntimeGrantResult:
+        """Every undeploy is allowed."""
+        return RuntimeGrantResult(grant=NO_GRANT)
+
     @activity.defn(name=names.RECORD_DEPLOYMENT)
-    async def record_deployment(self, request: RecordDeploymentInput) -> None:
-        """Nothing to record."""
+    async def record_deployment(self, request: RecordDeploymentInput) -> RecordDeploymentResult:
+        """Remember the new state."""
+        current = self._deployments[request.deployment_id].model_copy(
+            update={"state": request.state, "endpoint": request.endpoint, "details": request.details}
+        )
+        self._deployments[current.id] = current
+        return RecordDeploymentResult(deployment=current)
+
+    @activity.defn(name=names.VERIFY_DECISION)
+    async def verify_decision(self, request: VerifyDecisionInput) -> VerifyDecisionResult:
+        """Accept the stand-in approvers' statements (the real activity verifies signatures)."""
+        claim = decision_of(request.envelope)[1]
+        approved = self._approved.setdefault(claim.stage, [])
+        if claim.decision == Decision.APPROVED.value and claim.signer not in approved:
+            approved.append(claim.signer)
+        record = ApprovalRecord(
+            stage=claim.stage,
+            decision=Decision(claim.decision),
+            approver=claim.signer,
+            comment=claim.comment,
+            decided_at=claim.issued_at,
+        )
+        return VerifyDecisionResult(record=record, approvers=tuple(approved), needed=1)
 
     @activity.defn(name=names.FIND_DEPLOYMENTS)
     async def find_live_deployments(self, request: FindDeploymentsInput) -> FindDeploymentsResult:
@@ -260,19 +329,19 @@ class StandInActivities:
         """Nobody to tell."""
 
     @activity.defn(name=names.DEPLOY_ONLINE)
-    async def deploy_online(self, request: OnlineDeployRequest) -> OnlineDeployResult:
+    async def deploy_online(self, request: RuntimeActionInput) -> OnlineDeployResult:
         """A healthy endpoint that does not exist."""
-        return OnlineDeployResult(endpoint=f"http://dry-run.invalid/{request.deployment_id}")
+        return OnlineDeployResult(endpoint=f"http://dry-run.invalid/{len(self._deployments)}")
 
     @activity.defn(name=names.RUN_BATCH_JOB)
-    async def run_batch_job(self, request: BatchJobRequest) -> BatchJobResult:
+    async def run_batch_job(self, request: RuntimeActionInput) -> BatchJobResult:
         """A finished job with an output that does not exist."""
         return BatchJobResult(
-            output_path=f"/dry-run/{request.deployment_id}/output.jsonl", records=100, seconds=0
+            output_path=f"/dry-run/{len(self._deployments)}/output.jsonl", records=100, seconds=0
         )
 
     @activity.defn(name=names.UNDEPLOY)
-    async def undeploy(self, request: UndeployRequest) -> None:
+    async def undeploy(self, request: RuntimeActionInput) -> None:
         """Nothing to stop."""
 
     @activity.defn(name=names.RUN_STAGE_TESTS)

@@ -26,13 +26,16 @@ def runtime_activities(settings: Settings) -> list[Callable[..., Any]]:
     return [runtime.deploy_online, runtime.run_batch_job, runtime.undeploy, testing.run_stage_tests]
 
 
-def inventory_activities(pool: asyncpg.Pool) -> list[Callable[..., Any]]:
+def inventory_activities(pool: asyncpg.Pool, settings: Settings) -> list[Callable[..., Any]]:
     """Activities of the main task queue that read and write the inventory."""
-    inv = InventoryActivities(pool)
+    inv = InventoryActivities(pool, settings)
     return [
         inv.begin_run,
         inv.record_run,
         inv.resolve_runtimes,
+        inv.authorize_deployment,
+        inv.authorize_undeploy,
+        inv.verify_decision,
         inv.record_deployment,
         inv.find_live_deployments,
         inv.record_test_report,

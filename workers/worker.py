@@ -30,7 +30,7 @@ def build_main_worker(
         client,
         task_queue=task_queue or settings.task_queue,
         workflows=list(ALL_WORKFLOWS),
-        activities=[*inventory_activities(pool), *runtime_activities(settings)],
+        activities=[*inventory_activities(pool, settings), *runtime_activities(settings)],
         max_cached_workflows=max_cached_workflows,
     )
 

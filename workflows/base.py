@@ -21,7 +21,7 @@ with workflow.unsafe.imports_passed_through():
         cause_message,
     )
     from mlc import names
-    from mlc.domain import ApprovalRecord, ApprovalRequest, Decision, LifecycleSpec, LifecycleState
+    from mlc.domain import ApprovalRecord, Decision, LifecycleSpec, LifecycleState, SignedDecision
     from mlc.payloads import (
         BeginRunInput,
         BeginRunResult,
@@ -30,6 +30,7 @@ with workflow.unsafe.imports_passed_through():
         SignalDecision,
         StartLifecycleInput,
     )
+    from mlc.trust.statements import decision_of
 
 LifecycleFunction = Callable[[Lifecycle], Awaitable[None]]
 
@@ -48,35 +49,35 @@ class LifecycleWorkflow:
         return self._mlc.status() if self._mlc else None
 
     @workflow.update(name="approve")
-    async def approve(self, request: ApprovalRequest) -> ApprovalRecord:
-        """Approve the pending gate; returns the decision once it is in the audit trail."""
-        return await self._lifecycle.recorded(self._lifecycle.decide(request, Decision.APPROVED))
+    async def approve(self, request: SignedDecision) -> ApprovalRecord:
+        """Approve the pending gate with a signed statement; returns the decision once recorded."""
+        return await self._lifecycle.submit_decision(request.envelope, Decision.APPROVED)
 
     @approve.validator
-    def _check_approve(self, request: ApprovalRequest) -> None:
-        self._lifecycle.check_decision(request)
+    def _check_approve(self, request: SignedDecision) -> None:
+        self._lifecycle.check_decision(request.envelope, Decision.APPROVED)
 
     @workflow.update(name="reject")
-    async def reject(self, request: ApprovalRequest) -> ApprovalRecord:
-        """Reject the pending gate; the run undeploys that stage and fails."""
-        return await self._lifecycle.recorded(self._lifecycle.decide(request, Decision.REJECTED))
+    async def reject(self, request: SignedDecision) -> ApprovalRecord:
+        """Reject the pending gate with a signed statement; the run undeploys that stage and fails."""
+        return await self._lifecycle.submit_decision(request.envelope, Decision.REJECTED)
 
     @reject.validator
-    def _check_reject(self, request: ApprovalRequest) -> None:
-        self._lifecycle.check_decision(request)
+    def _check_reject(self, request: SignedDecision) -> None:
+        self._lifecycle.check_decision(request.envelope, Decision.REJECTED)
 
     @workflow.signal(name="decide")
-    def decide(self, signal: SignalDecision) -> None:
-        """The same decision as a signal, for ``temporal workflow signal``.
+    async def decide(self, signal: SignalDecision) -> None:
+        """The same signed decision as a signal, for ``temporal workflow signal``.
 
         A signal cannot be refused to its sender, so an invalid one is ignored and listed
         under ``refused`` in the status query.
         """
-        request = ApprovalRequest(stage=signal.stage, approver=signal.approver, comment=signal.comment)
         try:
-            self._lifecycle.decide(request, Decision(signal.decision))
-        except ValueError as exc:
-            self._lifecycle.refuse(str(exc))
+            claim = decision_of(signal.envelope)[1]
+            await self._lifecycle.submit_decision(signal.envelope, Decision(claim.decision))
+        except (ValueError, ApplicationError) as exc:
+            self._lifecycle.refuse(str(exc.message if isinstance(exc, ApplicationError) else exc))
 
     @property
     def _lifecycle(self) -> Lifecycle:
@@ -106,7 +107,6 @@ class LifecycleWorkflow:
             spec=request.spec or default_spec,
         )
         self._mlc = mlc
-        info = workflow.info()
         workflow.upsert_search_attributes(
             [
                 names.SA_MODEL.value_set(request.model),
@@ -116,13 +116,7 @@ class LifecycleWorkflow:
         try:
             begun: BeginRunResult = await workflow.execute_activity(
                 names.BEGIN_RUN,
-                BeginRunInput(
-                    workflow_id=info.workflow_id,
-                    run_id=info.run_id,
-                    model=request.model,
-                    version=request.version,
-                    lifecycle=name,
-                ),
+                BeginRunInput(model=request.model, version=request.version),
                 result_type=BeginRunResult,
                 start_to_close_timeout=INVENTORY_TIMEOUT,
                 retry_policy=RETRY,

@@ -11,6 +11,11 @@ Images are found again by labels: the snapshot's sha256, the base image name, an
 digest covering the base image id, the Dockerfile and the server code. So a new snapshot,
 another base image, a rebuilt base or an upgraded model server each get a new image, and
 nothing else does.
+
+A snapshot's requirements are hostile input: they are checked again here (snapshots
+registered before the check existed) and reach pip only after ``--``, with wheels only
+(no ``setup.py`` runs) from the index pip is configured with. pip's output is scrubbed
+of the worker's environment values before it becomes a heartbeat, a log or an error.
 """
 
 from __future__ import annotations
@@ -21,12 +26,13 @@ import hashlib
 import importlib.metadata
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -45,6 +51,7 @@ from mlc.artifacts import ArtifactStore
 from mlc.config import Settings
 from mlc.domain import ModelSnapshot, Runtime
 from mlc.errors import DeploymentFailedError
+from mlc.manifest import check_requirement
 
 PACKAGE_DIR = "/opt/model"
 """Where the snapshot's package sits inside every model image."""
@@ -61,6 +68,10 @@ _PIP_WHEEL = "pip.whl"
 """The pip wheel's name in the build context: fixed, so the Dockerfile does not depend on it."""
 
 _LOG_TAIL_LINES = 30
+
+_SCRUB_MIN_LENGTH = 9
+"""Environment values at least this long are replaced in pip's output (shorter ones are
+words like ``C.UTF-8`` or ``/root`` that would garble it without hiding a secret)."""
 
 _PROBE = (
     "import platform, sys; print(sys.implementation.name, *sys.version_info[:2], "
@@ -130,6 +141,9 @@ def server_requirements(snapshot: ModelSnapshot) -> list[str]:
 
     Pinning makes the container run the versions the orchestrator was tested with, and
     keeps the wheelhouse key stable while the host environment is unchanged.
+
+    Raises:
+        DeploymentFailedError: a requirement of the snapshot is not a plain index requirement.
     """
     pinned = []
     for name in SERVER_DISTRIBUTIONS:
@@ -137,6 +151,13 @@ def server_requirements(snapshot: ModelSnapshot) -> list[str]:
             pinned.append(f"{name}=={importlib.metadata.version(name)}")
         except importlib.metadata.PackageNotFoundError:
             pinned.append(name)
+    for entry in snapshot.requirements:
+        try:
+            check_requirement(entry)
+        except ValueError as exc:
+            raise DeploymentFailedError(
+                f"{snapshot.ref}: {exc}. Fix manifest.yaml and register a new version."
+            ) from None
     return [*pinned, *snapshot.requirements]
 
 
@@ -144,10 +165,10 @@ def render_dockerfile(base_image: str, requirements: list[str]) -> str:
     """The model image's Dockerfile (two stages, so the wheels stay out of the final image)."""
     install = [
         "python3", f"/build/{_PIP_WHEEL}/pip", "install",
-        "--no-index", "--find-links", "/build/wheels", "--target", "/opt/site",
+        "--no-index", "--find-links", "/build/wheels", "--only-binary=:all:", "--target", "/opt/site",
         "--no-warn-script-location", "--disable-pip-version-check", "--no-cache-dir",
         "--root-user-action=ignore",
-        *requirements,
+        "--", *requirements,
     ]  # fmt: skip
     compile_sources = ["python3", "-m", "compileall", "-q", "/opt/mlc", PACKAGE_DIR]
     return "\n".join(
@@ -330,7 +351,9 @@ def download_wheelhouse(
 
     Cached under ``settings.cache_dir/wheelhouse/<hash of requirements and target>``;
     the download goes to a temporary folder renamed into place, so a crash never leaves a
-    half-filled wheelhouse that later builds would trust.
+    half-filled wheelhouse that later builds would trust. pip runs in that empty folder
+    (so no requirement can name a local file), with wheels only, from the index its own
+    configuration names, and ``--`` before the requirements.
 
     Raises:
         DeploymentFailedError: pip could not find wheels (with pip's last lines).
@@ -346,14 +369,18 @@ def download_wheelhouse(
     command = [
         sys.executable, "-m", "pip", "download", "--only-binary=:all:",
         "--disable-pip-version-check", "--no-input", "--progress-bar", "off",
-        "--dest", str(partial), *target.pip_args(), *requirements,
+        "--dest", str(partial), *target.pip_args(), "--", *requirements,
     ]  # fmt: skip
+    scrub = environment_scrubber()
     tail: collections.deque[str] = collections.deque(maxlen=_LOG_TAIL_LINES)
-    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as pip:
+    with subprocess.Popen(
+        command, cwd=partial, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace"
+    ) as pip:
         assert pip.stdout is not None  # stdout=PIPE
         for line in pip.stdout:
-            tail.append(line.rstrip())
-            progress(f"pip download: {line.strip()[:200]}")
+            clean = scrub(line.rstrip())
+            tail.append(clean)
+            progress(f"pip download: {clean.strip()[:200]}")
     if pip.returncode != 0:
         shutil.rmtree(partial, ignore_errors=True)
         raise DeploymentFailedError(
@@ -367,6 +394,28 @@ def download_wheelhouse(
     except OSError:  # another build filled it first; theirs is as good as ours
         shutil.rmtree(partial, ignore_errors=True)
     return dest
+
+
+def environment_scrubber(environ: Mapping[str, str] | None = None) -> Callable[[str], str]:
+    """A function that replaces each long value of ``environ`` (default: ours) with ``$NAME``.
+
+    pip echoes URLs, paths and the errors of whatever it contacted; the worker's
+    environment holds database URLs, tokens and passwords, and pip's output becomes
+    heartbeat details and error messages that everyone with Web UI access reads.
+    """
+    names: dict[str, str] = {}
+    for name, value in sorted((os.environ if environ is None else environ).items()):
+        if len(value) >= _SCRUB_MIN_LENGTH:
+            names.setdefault(value, name)
+    if not names:
+        return str
+    # Longest first, so a value containing another is replaced whole.
+    pattern = re.compile("|".join(re.escape(v) for v in sorted(names, key=len, reverse=True)))
+
+    def scrub(text: str) -> str:
+        return pattern.sub(lambda match: f"${names[match.group()]}", text)
+
+    return scrub
 
 
 def _write_context(
@@ -413,6 +462,7 @@ def _build(
     builds = settings.cache_dir / "build"
     builds.mkdir(parents=True, exist_ok=True)
     log_path.parent.mkdir(parents=True, exist_ok=True)
+    scrub = environment_scrubber()
     tail: collections.deque[str] = collections.deque(maxlen=_LOG_TAIL_LINES)
     image_id: str | None = None
     error: str | None = None
@@ -430,9 +480,9 @@ def _build(
             decode=True,
         )
         for chunk in stream:
-            text = str(chunk.get("stream") or chunk.get("status") or "")
+            text = scrub(str(chunk.get("stream") or chunk.get("status") or ""))
             if chunk.get("error"):
-                error = str(chunk["error"])
+                error = scrub(str(chunk["error"]))
                 text = error
             if "aux" in chunk and isinstance(chunk["aux"], dict) and "ID" in chunk["aux"]:
                 image_id = str(chunk["aux"]["ID"])

@@ -4,6 +4,9 @@ Each deployment owns ``<runtime_dir>/<runtime>/<deployment id>/``: the unpacked 
 ``server.log`` and ``deployment.json`` (pid and port). That file is what makes deploys
 idempotent across activity retries and worker restarts: a live, healthy server found
 there is reused instead of started twice.
+
+Model code is untrusted, so its processes get an allow-listed environment (see
+:func:`child_env`): nothing of the worker's database URL, Temporal settings or secrets.
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ from mlc.errors import DeploymentFailedError
 from mlc.evaluation import test_dataset
 from mlc.manifest import load_manifest
 from mlc.serving.app import SHA256_ENV, VERSION_ENV
+from mlc.serving.limits import LIMIT_ENVS
 
 HOST = "127.0.0.1"
 HEALTH_TIMEOUT_SECONDS = 60.0
@@ -52,6 +56,11 @@ STATE_FILE = "deployment.json"
 SERVER_LOG = "server.log"
 BATCH_LOG = "batch.log"
 PACKAGE_DIR = "package"
+TMP_DIR = "tmp"
+
+INHERITED_ENV = ("PATH", "LANG", "LANGUAGE", "TZ", "LD_LIBRARY_PATH", *LIMIT_ENVS)
+"""Worker variables a model process may see: locale, time zone, where programs and
+libraries are, and the model server's own limits. ``LC_*`` is passed as well."""
 
 _children: dict[int, subprocess.Popen[bytes]] = {}
 """Servers this process started, kept so exits are reaped (no zombies look alive)."""
@@ -91,7 +100,7 @@ class LocalDriver(RuntimeDriver):
             process = subprocess.Popen(
                 command,
                 cwd=workdir,
-                env=_child_env(request.snapshot),
+                env=child_env(request.snapshot, workdir),
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
@@ -163,16 +172,32 @@ class LocalDriver(RuntimeDriver):
         return CleanupResult(removed=tuple(orphans))
 
 
-def _child_env(snapshot: ModelSnapshot) -> dict[str, str]:
-    """The worker's environment plus what the server reports and needs to import ``mlc``."""
-    source_root = str(Path(mlc.__file__).resolve().parent.parent)
-    python_path = os.pathsep.join(p for p in (source_root, os.environ.get("PYTHONPATH")) if p)
-    return {
-        **os.environ,
-        "PYTHONPATH": python_path,
-        VERSION_ENV: str(snapshot.version),
-        SHA256_ENV: snapshot.sha256,
+def child_env(snapshot: ModelSnapshot, workdir: Path) -> dict[str, str]:
+    """The whole environment of a model process: an allow-list, never the worker's own.
+
+    The worker holds ``MLC_DATABASE_URL``, ``TEMPORAL_*`` and whatever secrets its host
+    gives it; model code could read any of them from ``os.environ``. The process gets
+    ``INHERITED_ENV`` and ``LC_*`` from the worker, ``HOME`` and ``TMPDIR`` inside its
+    deployment folder (so caches and temp files are its own and go when it is removed),
+    ``PYTHONPATH`` with only this ``mlc`` checkout (the server must import the same code
+    as the worker), and the snapshot identity the server reports.
+    """
+    tmp = workdir / TMP_DIR
+    tmp.mkdir(parents=True, exist_ok=True)
+    env = {
+        name: value for name, value in os.environ.items() if name in INHERITED_ENV or name.startswith("LC_")
     }
+    env.setdefault("PATH", os.defpath)
+    env.update(
+        {
+            "HOME": str(workdir),
+            "TMPDIR": str(tmp),
+            "PYTHONPATH": str(Path(mlc.__file__).resolve().parent.parent),
+            VERSION_ENV: str(snapshot.version),
+            SHA256_ENV: snapshot.sha256,
+        }
+    )
+    return env
 
 
 def _write_test_dataset(package: Path, path: Path) -> None:
@@ -194,7 +219,7 @@ async def _run_job(
             sys.executable, "-m", "mlc.serving", "batch",
             "--package", str(package), "--input", str(input_path), "--output", str(output_path),
             cwd=log_path.parent,
-            env=_child_env(request.snapshot),
+            env=child_env(request.snapshot, log_path.parent),
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=log,

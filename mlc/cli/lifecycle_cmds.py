@@ -16,7 +16,7 @@ from mlc.domain import ApprovalRequest, LifecycleDefinition, LifecycleSpec, Mode
 from mlc.lifecycle_uploads import upload_lifecycle
 from mlc.operations import find_handle, read_status, send_decision, start_lifecycle
 from mlc.payloads import LifecycleStatus
-from mlc.store import audit, lifecycle_definitions, runs
+from mlc.store import audit, lifecycle_definitions, runs, snapshots
 
 lifecycle_app = typer.Typer(help="Start lifecycles (and manage custom lifecycle code).", no_args_is_help=True)
 
@@ -45,6 +45,7 @@ def start(
         str, typer.Option(help="Lifecycle (workflow type) to run.")
     ] = names.STANDARD_LIFECYCLE,
     spec: Annotated[Path | None, typer.Option(help="JSON file overriding the stages.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the started run's ids as JSON.")] = False,
 ) -> None:
     """Start a lifecycle for a registered snapshot."""
     model_ref = ModelRef.parse(ref)
@@ -52,6 +53,10 @@ def start(
 
     async def go() -> None:
         cfg = settings()
+        async with inventory(cfg) as pool:
+            # A run for a snapshot that does not exist could only fail: refuse it here
+            # (NotFoundError names the versions there are and `mlc model register DIR`).
+            await snapshots.read_snapshot(pool, model_ref.model, model_ref.version)
         handle = await start_lifecycle(
             await client(cfg),
             model_ref,
@@ -59,6 +64,16 @@ def start(
             lifecycle=lifecycle,
             spec=override,
         )
+        if as_json:
+            started = {
+                "workflow_id": handle.id,
+                "run_id": handle.result_run_id,
+                "model": model_ref.model,
+                "version": model_ref.version,
+                "lifecycle": lifecycle,
+            }
+            print(json.dumps(started, indent=2))
+            return
         console.print(
             f"started {lifecycle} for {model_ref}: workflow {handle.id}; "
             f"follow it with `mlc status {model_ref}`"

@@ -13,6 +13,7 @@ import asyncpg
 import httpx
 import typer
 from rich.table import Table
+from temporalio.client import Client
 
 from mlc.artifacts import ArtifactStore
 from mlc.cli.context import client, console, emit, identity, settings
@@ -58,7 +59,7 @@ async def embedded(
         try:
             await ensure_dev_runtimes(pool, ready.task_queue)
             await principals.grant_roles(pool, identity(None), ["approver", "lifecycle-author"])
-            temporal = await client(ready)
+            temporal = await _embedded_client(ready)
             await ensure_search_attributes(temporal)
             async with build_main_worker(temporal, ready, pool):
                 yield ready
@@ -67,6 +68,14 @@ async def embedded(
             await pool.close()
     finally:
         stack.stop()
+
+
+async def _embedded_client(ready: Settings) -> Client:
+    """A plain-text client of the server ``embedded`` started: TEMPORAL_TLS_*, TEMPORAL_API_KEY
+    and TEMPORAL_PROFILE describe some other cluster, never this one."""
+    from workers.client import connect as connect_temporal
+
+    return await connect_temporal(ready, plain=True)
 
 
 async def _stop_local_deployments(cfg: Settings, pool: asyncpg.Pool) -> None:
@@ -191,7 +200,9 @@ async def _walk(cfg: Settings, *, yes: bool, ui: str | None) -> int:
             f"registered {ref} (sha256 {snap.sha256[:12]})"
             + (f"; watch it in the Web UI: {ui}" if ui else "")
         )
-        handle = await start_lifecycle(await client(cfg), ref, task_queue=cfg.task_queue)
+        # ui is set only when _walk runs on the embedded stack
+        temporal = await (_embedded_client(cfg) if ui else client(cfg))
+        handle = await start_lifecycle(temporal, ref, task_queue=cfg.task_queue)
         console.print(f"started ModelLifecycle {handle.id}")
         announced: set[str] = set()
         with console.status("lifecycle running") as spinner:

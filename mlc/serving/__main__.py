@@ -1,7 +1,9 @@
 """Command line of the model server: ``serve`` an endpoint or run one ``batch`` job.
 
 Used by the local runtime (as a child process) and as the entry point of model
-containers, so failures print one readable line to stderr and exit non-zero.
+containers, so failures print one readable line to stderr and exit non-zero. Request
+limits default to the ``MLC_SERVING_*`` variables (see :mod:`mlc.serving.limits`), so a
+runtime sets them per deployment through the environment; the flags override them.
 """
 
 from __future__ import annotations
@@ -14,8 +16,25 @@ from pathlib import Path
 import orjson
 
 from mlc.errors import MLCError
-from mlc.serving.app import DEFAULT_MAX_BATCH, create_app
+from mlc.serving.app import create_app
 from mlc.serving.batch import DEFAULT_CHUNK_SIZE, run_batch
+from mlc.serving.limits import (
+    LIMIT_CONCURRENCY_ENV,
+    MAX_BODY_BYTES_ENV,
+    MAX_RECORDS_ENV,
+    ServingLimits,
+)
+
+
+def _positive(text: str) -> int:
+    """argparse type: an integer above zero (a zero limit would refuse every request)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive integer")
+    return value
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -25,7 +44,21 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--package", type=Path, required=True, help="model package directory")
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8080)
-    serve.add_argument("--max-batch", type=int, default=DEFAULT_MAX_BATCH, help="largest /score array")
+    serve.add_argument(
+        "--max-batch",
+        type=_positive,
+        help=f"largest /score and /metrics array (default ${MAX_RECORDS_ENV} or 10000)",
+    )
+    serve.add_argument(
+        "--max-body-bytes",
+        type=_positive,
+        help=f"largest request body (default ${MAX_BODY_BYTES_ENV} or 10 MiB)",
+    )
+    serve.add_argument(
+        "--limit-concurrency",
+        type=_positive,
+        help=f"connections and requests in flight before 503 (default ${LIMIT_CONCURRENCY_ENV} or 64)",
+    )
     batch = commands.add_parser("batch", help="score a JSON-lines file and exit")
     batch.add_argument("--package", type=Path, required=True, help="model package directory")
     batch.add_argument("--input", type=Path, required=True, help="JSON-lines records")
@@ -40,7 +73,14 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         if args.command == "serve":
-            app = create_app(args.package, max_batch=args.max_batch)
+            limits = ServingLimits.from_env()
+            if args.limit_concurrency is not None:
+                limits = ServingLimits.model_validate(
+                    {**limits.model_dump(), "limit_concurrency": args.limit_concurrency}
+                )
+            app = create_app(
+                args.package, max_batch=args.max_batch, max_body_bytes=args.max_body_bytes, limits=limits
+            )
             logging.getLogger("mlc.serving").info("model loaded from %s", args.package)
             import uvicorn
 
@@ -51,6 +91,7 @@ def main(argv: list[str] | None = None) -> int:
                 access_log=False,
                 log_level="info",
                 timeout_graceful_shutdown=5,
+                limit_concurrency=limits.limit_concurrency,
             )
             return 0
         summary = run_batch(args.package, args.input, args.output, chunk_size=args.chunk_size)

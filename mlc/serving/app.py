@@ -4,7 +4,8 @@ Built on bare Starlette endpoints with orjson so a request costs little more tha
 model itself: records are checked by a precompiled :class:`RecordValidator`, small
 concurrent requests are merged into one call of the model's vectorised ``score_batch``
 (:class:`MicroBatcher`), and big batches run in a worker thread so ``/health`` keeps
-answering while they score.
+answering while they score. Bodies and arrays over the server's :class:`ServingLimits`
+are refused with 413 before they are decoded (see :mod:`mlc.serving.limits`).
 """
 
 from __future__ import annotations
@@ -21,12 +22,23 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from mlc.serving.limits import (
+    DEFAULT_MAX_RECORDS,
+    MAX_RECORDS_ENV,
+    LimitExceededError,
+    ServingLimits,
+    read_body,
+    too_many_records,
+)
 from mlc.serving.loader import LoadedModel, Record, load_model
 from mlc.serving.microbatch import MicroBatcher
 from mlc.serving.validation import Problem, RecordValidator
 
-DEFAULT_MAX_BATCH = 10_000
-"""Largest array ``/score`` accepts; bigger ones get 413 (use a batch job instead)."""
+DEFAULT_MAX_BATCH = DEFAULT_MAX_RECORDS
+"""Largest array ``/score`` and ``/metrics`` accept; bigger ones get 413 (use a batch job instead)."""
+
+MAX_PROBLEMS = 100
+"""At most this many problems are listed in a 422 (the count of bad records says the rest)."""
 
 THREAD_BATCH_SIZE = 256
 """Batches larger than this score in a worker thread instead of on the event loop."""
@@ -58,9 +70,11 @@ def _error(status: int, message: str, details: list[Problem] | None = None) -> J
 class _ScoringService:
     """Request handlers bound to one loaded model."""
 
-    def __init__(self, model: LoadedModel, *, max_batch: int) -> None:
+    def __init__(self, model: LoadedModel, *, limits: ServingLimits) -> None:
         self.model = model
-        self.max_batch = max_batch
+        self.limits = limits
+        self.max_batch = limits.max_records
+        self.max_body_bytes = limits.max_body_bytes
         self.validator = RecordValidator(model.manifest.input_schema)
         self.batcher = MicroBatcher(model.score_batch) if model.vectorised else None
         manifest = model.manifest
@@ -79,7 +93,8 @@ class _ScoringService:
                 "input_schema": [f.model_dump() for f in manifest.input_schema],
                 "version": version,
                 "sha256": sha256,
-                "max_batch": max_batch,
+                "max_batch": self.max_batch,
+                "max_body_bytes": self.max_body_bytes,
                 "vectorised": model.vectorised,
                 "metrics": model.metrics is not None,
             }
@@ -100,7 +115,7 @@ class _ScoringService:
             return payload
         name = self.model.name
         if type(payload) is dict:
-            problems = self.validator.problems((payload,))
+            problems = self.validator.problems((payload,), limit=MAX_PROBLEMS)
             if problems:
                 return _error(422, f"the record does not match the input schema of model {name}", problems)
             try:
@@ -115,17 +130,14 @@ class _ScoringService:
             return self._render(output)
         if type(payload) is list:
             if len(payload) > self.max_batch:
-                return _error(
-                    413,
-                    f"batch of {len(payload)} records exceeds this server's limit of "
-                    f"{self.max_batch}; split it or run a batch job",
-                )
-            problems = self.validator.problems(payload)
+                return self._too_many(str(len(payload)))
+            problems = self.validator.problems(payload, limit=MAX_PROBLEMS)
             if problems:
+                bad = len({p["record"] for p in problems})
                 return _error(
                     422,
-                    f"{len({p['record'] for p in problems})} of {len(payload)} records do not "
-                    f"match the input schema of model {name}",
+                    f"{'at least ' if len(problems) >= MAX_PROBLEMS else ''}{bad} of {len(payload)} "
+                    f"records do not match the input schema of model {name}",
                     problems,
                 )
             try:
@@ -155,7 +167,11 @@ class _ScoringService:
         payload = await self._read_json(request)
         if isinstance(payload, Response):
             return payload
-        if type(payload) is not list or not all(type(r) is dict for r in payload):
+        if type(payload) is not list:
+            return _error(400, "expected a JSON array of labelled records")
+        if len(payload) > self.max_batch:
+            return self._too_many(str(len(payload)))
+        if not all(type(r) is dict for r in payload):
             return _error(400, "expected a JSON array of labelled records")
         try:
             result = await run_in_threadpool(self.model.metrics, payload)
@@ -164,14 +180,30 @@ class _ScoringService:
         return self._render(result)
 
     async def _read_json(self, request: Request) -> Any:
-        """The decoded body, or a 400 response saying why there is none."""
-        body = await request.body()
-        if not body.strip():
+        """The decoded body, or a 400 or 413 response saying why there is none.
+
+        Size limits are checked before decoding: decoded JSON can take twenty times the
+        memory of its text.
+        """
+        try:
+            body = await read_body(request, self.max_body_bytes)
+        except LimitExceededError as exc:
+            return _error(413, str(exc))
+        if not body or body.isspace():
             return _error(400, "empty body: send a JSON object (one record) or an array of records")
+        if too_many_records(body, self.max_batch):
+            return self._too_many(f"more than {self.max_batch}")
         try:
             return orjson.loads(body)
         except orjson.JSONDecodeError as exc:
             return _error(400, f"body is not valid JSON: {exc}")
+
+    def _too_many(self, count: str) -> Response:
+        return _error(
+            413,
+            f"batch of {count} records exceeds this server's limit of {self.max_batch} "
+            f"({MAX_RECORDS_ENV}); split it or run a batch job",
+        )
 
     async def _score_many(self, records: list[Record]) -> Any:
         if self.batcher is None:
@@ -198,17 +230,37 @@ def _describe(value: Any) -> str:
     return type(value).__name__
 
 
-def create_app(package_dir: Path, *, max_batch: int = DEFAULT_MAX_BATCH) -> Starlette:
+def create_app(
+    package_dir: Path,
+    *,
+    max_batch: int | None = None,
+    max_body_bytes: int | None = None,
+    limits: ServingLimits | None = None,
+) -> Starlette:
     """Load the package at ``package_dir`` (calling its ``init()`` once) and return the app.
 
     Loading happens here, not on startup, so a broken package fails before the server
     binds its port and the process exits with the reason in its log.
 
+    Args:
+        package_dir: The unpacked model package.
+        max_batch: Largest array of records (default: ``limits``).
+        max_body_bytes: Largest request body (default: ``limits``).
+        limits: Defaults for both (default: :meth:`ServingLimits.from_env`).
+
     Raises:
         InvalidPackageError: bad manifest or missing requirement.
         ScoringError: the model's import or ``init()`` raised.
+        MLCError: a ``MLC_SERVING_*`` limit variable is not a positive integer.
     """
-    service = _ScoringService(load_model(package_dir), max_batch=max_batch)
+    base = limits if limits is not None else ServingLimits.from_env()
+    overrides = {
+        key: value
+        for key, value in (("max_records", max_batch), ("max_body_bytes", max_body_bytes))
+        if value is not None
+    }
+    chosen = ServingLimits.model_validate({**base.model_dump(), **overrides})
+    service = _ScoringService(load_model(package_dir), limits=chosen)
     routes = [
         Route("/health", service.health, methods=["GET"]),
         Route("/metadata", service.metadata, methods=["GET"]),

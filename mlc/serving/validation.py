@@ -55,16 +55,22 @@ class RecordValidator:
         self._required = frozenset(f.name for f in schema if f.required)
         self._enabled = bool(schema)
 
-    def problems(self, records: Sequence[Any], *, first_index: int = 0) -> list[Problem]:
-        """Every problem in ``records`` (empty when all are valid).
+    def problems(
+        self, records: Sequence[Any], *, first_index: int = 0, limit: int | None = None
+    ) -> list[Problem]:
+        """Every problem in ``records`` (empty when all are valid), or the first ``limit``.
 
         Args:
             records: Decoded JSON values, expected to be objects.
             first_index: Index reported for ``records[0]`` (batch jobs number lines).
+            limit: Stop after about this many problems: one record with a million unknown
+                fields would otherwise make a million problem entries.
         """
         found: list[Problem] = []
         types = self._types
         for offset, record in enumerate(records):
+            if limit is not None and len(found) >= limit:
+                return found[:limit]
             index = first_index + offset
             if type(record) is not dict:
                 found.append(
@@ -98,7 +104,11 @@ class RecordValidator:
                             "problem": f"expected {self._names[name]}, got {_name(value)}",
                         }
                     )
-        return found
+                else:
+                    continue  # the common case: no extra check per valid field
+                if limit is not None and len(found) >= limit:
+                    return found[:limit]
+        return found if limit is None else found[:limit]
 
 
 def _name(value: Any) -> str:

@@ -37,6 +37,12 @@ async def upsert_deployment(pool: asyncpg.Pool, deployment: Deployment) -> Deplo
     return Deployment.model_validate(row_dict(row))
 
 
+async def read_deployment(pool: asyncpg.Pool, deployment_id: str) -> Deployment | None:
+    """One deployment by id, if it exists."""
+    row = await pool.fetchrow(f"SELECT {_COLUMNS} FROM deployments WHERE id = $1", deployment_id)
+    return Deployment.model_validate(row_dict(row)) if row else None
+
+
 async def read_deployments(
     pool: asyncpg.Pool,
     *,

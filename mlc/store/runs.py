@@ -11,19 +11,27 @@ from mlc.store.db import row_dict
 
 
 async def start_run(
-    pool: asyncpg.Pool, *, workflow_id: str, run_id: str, model: str, version: int, lifecycle: str
+    pool: asyncpg.Pool,
+    *,
+    workflow_id: str,
+    run_id: str,
+    model: str,
+    version: int,
+    lifecycle: str,
+    started_by: str | None = None,
 ) -> None:
     """Record a run as active; refuse a second active run for the same snapshot."""
     try:
         await pool.execute(
-            """INSERT INTO lifecycle_runs (workflow_id, run_id, model, version, lifecycle, state)
-               VALUES ($1, $2, $3, $4, $5, 'starting')
+            """INSERT INTO lifecycle_runs (workflow_id, run_id, model, version, lifecycle, state, started_by)
+               VALUES ($1, $2, $3, $4, $5, 'starting', $6)
                ON CONFLICT (workflow_id, run_id) DO NOTHING""",
             workflow_id,
             run_id,
             model,
             version,
             lifecycle,
+            started_by,
         )
     except asyncpg.UniqueViolationError:
         other = await find_active_run(pool, model, version)
@@ -56,6 +64,14 @@ async def update_run(
         reason,
         ended,
     )
+
+
+async def read_run(pool: asyncpg.Pool, workflow_id: str, run_id: str) -> dict[str, Any] | None:
+    """One run by its Temporal ids, if it has begun."""
+    row = await pool.fetchrow(
+        "SELECT * FROM lifecycle_runs WHERE workflow_id = $1 AND run_id = $2", workflow_id, run_id
+    )
+    return row_dict(row)
 
 
 async def find_active_run(pool: asyncpg.Pool, model: str, version: int) -> dict[str, Any] | None:

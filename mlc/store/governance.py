@@ -1,0 +1,91 @@
+"""Governance statements in the trail: submit one (verified first), and load the verified state.
+
+The CLI submits; workers only read. Both derive who may do what by replaying the signed
+statements with :class:`mlc.trust.governance.Governance`, never from mutable rows.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import asyncpg
+from pydantic import ValidationError
+
+from mlc.errors import RefusedError
+from mlc.store import trail
+from mlc.trust.governance import Governance
+from mlc.trust.statements import Envelope, GovernancePredicate
+
+log = logging.getLogger(__name__)
+
+AfterApply = Callable[[asyncpg.Connection, GovernancePredicate], Awaitable[Any]]
+"""Writes a statement's effect on the inventory (a runtime row, a lifecycle version)."""
+
+
+class GovernanceCache:
+    """The verified state, brought up to date incrementally from the append-only trail.
+
+    Entries never change once written, so a worker replays each one once; one that
+    fails verification is skipped (and reported by ``mlc audit verify``), never applied.
+    """
+
+    def __init__(self, *, pinned_root: str | None, author_role: str) -> None:
+        self.state = Governance(pinned_root=pinned_root, author_role=author_role)
+        self.seq = 0
+        self.skipped: list[tuple[int, str]] = []
+        self._lock = asyncio.Lock()
+
+    async def current(self, conn: asyncpg.Connection | asyncpg.Pool) -> Governance:
+        """The state after every governance entry appended so far."""
+        async with self._lock:
+            for entry in await trail.read_entries(conn, kinds=(trail.GOVERNANCE,), after=self.seq):
+                try:
+                    self.state.apply(Envelope.model_validate_json(entry.envelope or "null"))
+                except (RefusedError, ValueError, ValidationError) as exc:
+                    log.warning("governance entry %s does not count: %s", entry.seq, exc)
+                    self.skipped.append((entry.seq, str(exc)))
+                self.seq = entry.seq
+            return self.state
+
+
+async def load(
+    conn: asyncpg.Connection | asyncpg.Pool, *, pinned_root: str | None, author_role: str
+) -> Governance:
+    """The verified state, replayed from scratch."""
+    return await GovernanceCache(pinned_root=pinned_root, author_role=author_role).current(conn)
+
+
+async def submit(
+    pool: asyncpg.Pool,
+    envelope: Envelope,
+    *,
+    pinned_root: str | None,
+    author_role: str,
+    then: AfterApply | None = None,
+) -> GovernancePredicate:
+    """Verify a signed governance statement against the current state, then record it.
+
+    Verification, the append and ``then`` run in one transaction under the trail's lock,
+    so two admins cannot race each other past a check.
+
+    Raises:
+        RefusedError: the statement does not verify or the signer lacks the role;
+            nothing is recorded.
+    """
+    async with pool.acquire() as conn, conn.transaction():
+        await trail.lock(conn)
+        state = await load(conn, pinned_root=pinned_root, author_role=author_role)
+        predicate = state.apply(envelope)
+        await trail.append(
+            conn,
+            trail.GOVERNANCE,
+            {"action": predicate.action, "args": predicate.args, "signer": predicate.signer},
+            envelope=envelope,
+            nonce=predicate.nonce,
+        )
+        if then is not None:
+            await then(conn, predicate)
+    return predicate

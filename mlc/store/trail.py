@@ -1,0 +1,208 @@
+"""The audit trail: one append-only, hash-chained log of everything that was decided or done.
+
+Each entry stores its body as canonical JSON text (hashed exactly as stored), the DSSE
+envelope when a person signed it, and the hash of the previous entry. Appends are
+serialised by a transaction-scoped advisory lock, so the chain has no forks and no gaps.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import asyncpg
+
+from mlc.errors import RefusedError
+from mlc.trust.statements import Envelope, canonical
+
+GENESIS = "0" * 64
+"""``prev_hash`` of the first entry."""
+_APPEND_LOCK = 727_002
+
+GOVERNANCE = "governance"
+RUN = "run"
+DECISION = "decision"
+TEST_REPORT = "test_report"
+DEPLOYMENT = "deployment"
+KINDS = (GOVERNANCE, RUN, DECISION, TEST_REPORT, DEPLOYMENT)
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One trail entry as stored."""
+
+    seq: int
+    kind: str
+    body: str
+    prev_hash: str
+    hash: str
+    model: str | None = None
+    version: int | None = None
+    workflow_id: str | None = None
+    run_id: str | None = None
+    envelope: str | None = None
+    nonce: str | None = None
+
+    def data(self) -> dict[str, Any]:
+        """The body as a dict."""
+        value: dict[str, Any] = json.loads(self.body)
+        return value
+
+    def signed(self) -> Envelope | None:
+        """The signed envelope, if a person signed this entry."""
+        return Envelope.model_validate_json(self.envelope) if self.envelope else None
+
+    def expected_hash(self) -> str:
+        """The hash this entry must have given its content and its predecessor."""
+        return entry_hash(
+            seq=self.seq,
+            kind=self.kind,
+            model=self.model,
+            version=self.version,
+            workflow_id=self.workflow_id,
+            run_id=self.run_id,
+            body=self.body,
+            envelope=self.envelope,
+            nonce=self.nonce,
+            prev_hash=self.prev_hash,
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        """Every stored field (what an export carries)."""
+        return {
+            "seq": self.seq,
+            "kind": self.kind,
+            "model": self.model,
+            "version": self.version,
+            "workflow_id": self.workflow_id,
+            "run_id": self.run_id,
+            "body": self.body,
+            "envelope": self.envelope,
+            "nonce": self.nonce,
+            "prev_hash": self.prev_hash,
+            "hash": self.hash,
+        }
+
+
+def entry_hash(**fields: Any) -> str:
+    """sha256 over the canonical JSON of an entry's fields (hash excluded)."""
+    return hashlib.sha256(canonical(fields)).hexdigest()
+
+
+_COLUMNS = "seq, kind, body, prev_hash, hash, model, version, workflow_id, run_id, envelope, nonce"
+
+
+def _entry(row: asyncpg.Record) -> Entry:
+    return Entry(**{k: row[k] for k in _COLUMNS.split(", ")})
+
+
+async def append(
+    conn: asyncpg.Connection | asyncpg.Pool,
+    kind: str,
+    body: dict[str, Any],
+    *,
+    envelope: Envelope | None = None,
+    model: str | None = None,
+    version: int | None = None,
+    workflow_id: str | None = None,
+    run_id: str | None = None,
+    nonce: str | None = None,
+    idempotency_key: str | None = None,
+) -> Entry:
+    """Append one entry (inside its own transaction unless ``conn`` is already in one).
+
+    Raises:
+        RefusedError: ``nonce`` was used before (a replayed statement).
+    """
+    if isinstance(conn, asyncpg.Pool):
+        async with conn.acquire() as acquired:
+            return await append(
+                acquired,
+                kind,
+                body,
+                envelope=envelope,
+                model=model,
+                version=version,
+                workflow_id=workflow_id,
+                run_id=run_id,
+                nonce=nonce,
+                idempotency_key=idempotency_key,
+            )
+    async with conn.transaction():
+        await lock(conn)
+        if idempotency_key is not None:
+            row = await conn.fetchrow(
+                f"SELECT {_COLUMNS} FROM audit_log WHERE idempotency_key = $1", idempotency_key
+            )
+            if row is not None:
+                return _entry(row)
+        last = await conn.fetchrow("SELECT seq, hash FROM audit_log ORDER BY seq DESC LIMIT 1")
+        fields: dict[str, Any] = {
+            "seq": (last["seq"] + 1) if last else 1,
+            "kind": kind,
+            "model": model,
+            "version": version,
+            "workflow_id": workflow_id,
+            "run_id": run_id,
+            "body": canonical({**body, "recorded_at": datetime.now(UTC).isoformat()}).decode(),
+            "envelope": canonical(envelope.to_json()).decode() if envelope else None,
+            "nonce": nonce,
+            "prev_hash": last["hash"] if last else GENESIS,
+        }
+        entry = Entry(**fields, hash=entry_hash(**fields))
+        try:
+            await conn.execute(
+                """INSERT INTO audit_log (seq, kind, body, prev_hash, hash, model, version,
+                                          workflow_id, run_id, envelope, nonce, idempotency_key)
+                   VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)""",
+                entry.seq,
+                entry.kind,
+                entry.body,
+                entry.prev_hash,
+                entry.hash,
+                entry.model,
+                entry.version,
+                entry.workflow_id,
+                entry.run_id,
+                entry.envelope,
+                entry.nonce,
+                idempotency_key,
+            )
+        except asyncpg.UniqueViolationError:
+            raise RefusedError(f"replayed statement: nonce {nonce} has been used before") from None
+        return entry
+
+
+async def lock(conn: asyncpg.Connection) -> None:
+    """Take the trail's append lock for the current transaction (serialises check-then-append)."""
+    await conn.execute("SELECT pg_advisory_xact_lock($1)", _APPEND_LOCK)
+
+
+async def read_entries(
+    conn: asyncpg.Connection | asyncpg.Pool,
+    *,
+    kinds: tuple[str, ...] | None = None,
+    after: int = 0,
+    model: str | None = None,
+    version: int | None = None,
+    workflow_id: str | None = None,
+    run_id: str | None = None,
+) -> list[Entry]:
+    """Entries in chain order, filtered."""
+    rows = await conn.fetch(
+        f"""SELECT {_COLUMNS} FROM audit_log
+            WHERE seq > $1 AND ($2::text[] IS NULL OR kind = ANY($2))
+              AND ($3::text IS NULL OR model = $3) AND ($4::int IS NULL OR version = $4)
+              AND ($5::text IS NULL OR workflow_id = $5) AND ($6::text IS NULL OR run_id = $6)
+            ORDER BY seq""",
+        after,
+        list(kinds) if kinds else None,
+        model,
+        version,
+        workflow_id,
+        run_id,
+    )
+    return [_entry(r) for r in rows]

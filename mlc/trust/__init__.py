@@ -1,0 +1,7 @@
+"""Identities, signed statements and the policy the platform enforces.
+
+Everything a person decides (an approval, a grant, a policy, an upload) is an in-toto
+Statement in a DSSE envelope, signed with the person's Ed25519 key. The platform never
+trusts a row because it exists: it re-verifies signatures against keys whose own
+registration chains back to the installation's pinned trust root.
+"""

@@ -1,0 +1,315 @@
+"""Hostile model packages: refused at registration, never handed the worker's secrets.
+
+Registration runs against a real PostgreSQL database and artifact store, and every
+refusal is checked for what it leaves behind (nothing). The pip checks run real
+``pip download`` with the index switched off, and the environment checks read a real
+model server's ``/proc/<pid>/environ``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import asyncpg
+import httpx
+import pytest
+
+from activities.runtimes.base import BatchJobRequest, CleanupRequest, OnlineDeployRequest
+from activities.runtimes.docker_images import (
+    PythonTarget,
+    download_wheelhouse,
+    environment_scrubber,
+    render_dockerfile,
+    server_requirements,
+)
+from activities.runtimes.local import LocalDriver
+from mlc.artifacts import ArtifactStore, build_archive
+from mlc.config import Settings
+from mlc.domain import ModelSnapshot, Runtime
+from mlc.errors import DeploymentFailedError, InvalidPackageError
+from mlc.manifest import load_manifest
+from mlc.registry import register_package
+from mlc.store import connect, snapshots
+
+SECRET = "s3cr3t-token-planted-by-the-test"
+DATABASE_SECRET = "postgresql://mlc:hunter2-planted@127.0.0.1:1/inventory"
+
+MANIFEST = """\
+name: hostile
+service_tags: [hostile]
+requirements: {requirements}
+evaluation:
+  path: {evaluation}
+  label: y
+  score_field: p
+"""
+
+SCORE = """\
+import os
+
+def score(record):
+    return {"p": 0.5, "home": os.environ.get("HOME"), "keys": sorted(os.environ)}
+"""
+
+
+def write_package(
+    root: Path, *, requirements: str = "[]", evaluation: str = "data/eval.jsonl", manifest: str | None = None
+) -> Path:
+    """A small valid package, with whatever the test changes."""
+    (root / "data").mkdir(parents=True)
+    (root / "data" / "eval.jsonl").write_text('{"x": 1, "y": 1}\n{"x": 2, "y": 0}\n')
+    (root / "score.py").write_text(SCORE)
+    text = manifest or MANIFEST.format(requirements=requirements, evaluation=evaluation)
+    (root / "manifest.yaml").write_text(text)
+    return root
+
+
+@pytest.fixture
+async def pool(database_url: str) -> AsyncIterator[asyncpg.Pool]:
+    the_pool = await connect(database_url)
+    yield the_pool
+    await the_pool.close()
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> ArtifactStore:
+    return ArtifactStore(tmp_path / "artifacts")
+
+
+async def refused(pool: asyncpg.Pool, store: ArtifactStore, package: Path) -> str:
+    """Register ``package``, expect a refusal, check nothing was stored; return the message."""
+    with pytest.raises(InvalidPackageError) as caught:
+        await register_package(pool, store, package, registered_by="mallory")
+    assert await snapshots.read_snapshots(pool) == []
+    assert not store.root.exists() or not any(p.is_file() for p in store.root.rglob("*"))
+    return str(caught.value)
+
+
+@pytest.mark.parametrize(
+    "entry",
+    [
+        "-r/proc/self/environ",
+        "--index-url=http://127.0.0.1:1/",
+        "foo @ file:///etc/passwd",
+        "../x",
+        "/etc/passwd",
+        "--no-binary=:all:",
+        "local-wheel.whl",
+    ],
+)
+async def test_requirement_that_is_not_a_plain_index_requirement_is_refused(
+    pool: asyncpg.Pool, store: ArtifactStore, tmp_path: Path, entry: str
+) -> None:
+    package = write_package(tmp_path / "pkg", requirements=json.dumps(["orjson>=3", entry]))
+    message = await refused(pool, store, package)
+    assert f"requirement {entry!r}" in message
+    assert "manifest.yaml" in message
+    assert "e.g. 'scikit-learn>=1.4'" in message
+
+
+@pytest.mark.parametrize("path", ["../../etc/passwd", "/etc/passwd", "data/../../outside.jsonl"])
+async def test_evaluation_path_outside_the_package_is_refused(
+    pool: asyncpg.Pool, store: ArtifactStore, tmp_path: Path, path: str
+) -> None:
+    (tmp_path / "outside.jsonl").write_text('{"x": 1, "y": 1}\n')
+    message = await refused(pool, store, write_package(tmp_path / "pkg", evaluation=path))
+    assert f"evaluation.path {path!r} must be a relative path inside the package" in message
+
+
+async def test_symlink_to_etc_passwd_is_refused(pool: asyncpg.Pool, store: ArtifactStore, tmp_path: Path) -> None:
+    package = write_package(tmp_path / "pkg")
+    (package / "data" / "notes.txt").symlink_to("/etc/passwd")
+    message = await refused(pool, store, package)
+    assert "data/notes.txt is a symbolic link to /etc/passwd, outside the package" in message
+    assert "root:" not in message  # the file's content never shows
+
+
+async def test_evaluation_data_linked_outside_is_refused_by_the_manifest_check(
+    pool: asyncpg.Pool, store: ArtifactStore, tmp_path: Path
+) -> None:
+    package = write_package(tmp_path / "pkg")
+    (package / "data" / "eval.jsonl").unlink()
+    (package / "data" / "eval.jsonl").symlink_to("/etc/passwd")
+    message = await refused(pool, store, package)
+    assert "evaluation.path data/eval.jsonl resolves to /etc/passwd, outside the package" in message
+
+
+async def test_linked_folder_and_linked_manifest_outside_are_refused(
+    pool: asyncpg.Pool, store: ArtifactStore, tmp_path: Path
+) -> None:
+    package = write_package(tmp_path / "pkg")
+    (package / "etc").symlink_to("/etc", target_is_directory=True)
+    assert "etc is a symbolic link to /etc, outside the package" in await refused(pool, store, package)
+
+    other = write_package(tmp_path / "other")
+    outside = tmp_path / "elsewhere.yaml"
+    shutil.move(other / "manifest.yaml", outside)
+    (other / "manifest.yaml").symlink_to(outside)
+    assert f"the manifest manifest.yaml resolves to {outside}, outside the package" in await refused(
+        pool, store, other
+    )
+
+
+async def test_fifo_is_refused_without_hanging(pool: asyncpg.Pool, store: ArtifactStore, tmp_path: Path) -> None:
+    package = write_package(tmp_path / "pkg")
+    os.mkfifo(package / "data" / "pipe")
+    message = await refused(pool, store, package)
+    assert "data/pipe is not a regular file" in message
+
+
+@pytest.mark.parametrize(
+    ("manifest", "expected"),
+    [
+        (
+            "name: hostile\nservice_tags: [hostile]\nentry_module: ..etc.passwd\n",
+            "entry_module '..etc.passwd' must be a dotted Python module name",
+        ),
+        (
+            "name: hostile\nservice_tags: [hostile]\nthresholds: &a {x: 1}\ndescription: *a\n",
+            "aliases (*a) are not allowed in a manifest",
+        ),
+        ("name: hostile\nservice_tags: [hostile]\ndescription: '" + "x" * 1_100_000 + "'\n", "bytes is more"),
+    ],
+)
+async def test_hostile_manifest_shapes_are_refused(
+    pool: asyncpg.Pool, store: ArtifactStore, tmp_path: Path, manifest: str, expected: str
+) -> None:
+    message = await refused(pool, store, write_package(tmp_path / "pkg", manifest=manifest))
+    assert expected in message
+
+
+async def test_honest_package_with_an_inside_link_still_registers(
+    pool: asyncpg.Pool, store: ArtifactStore, tmp_path: Path
+) -> None:
+    package = write_package(
+        tmp_path / "pkg", requirements='["orjson>=3", "numpy>=1.26; python_version >= \\"3.11\\""]'
+    )
+    (package / "data" / "latest.jsonl").symlink_to("eval.jsonl")
+    snap, new = await register_package(pool, store, package, registered_by="alice")
+    assert new and snap.requirements == ("orjson>=3", 'numpy>=1.26; python_version >= "3.11"')
+    unpacked = store.unpack(snap.sha256, tmp_path / "unpacked")
+    assert (unpacked / "data" / "latest.jsonl").read_text() == (package / "data" / "eval.jsonl").read_text()
+
+
+# --- pip, where docker runtimes install a snapshot's requirements ----------------------
+
+
+def snapshot_with(requirements: tuple[str, ...]) -> ModelSnapshot:
+    """A snapshot as an older inventory may hold it: requirements never checked."""
+    return ModelSnapshot(
+        model="hostile", version=1, sha256="ab" * 32, service_tags=("hostile",), entry_module="score",
+        requirements=requirements,
+    )  # fmt: skip
+
+
+def test_image_build_refuses_unchecked_requirements_and_ends_pip_options() -> None:
+    with pytest.raises(DeploymentFailedError, match=r"hostile@1: requirement '-r/proc/self/environ'"):
+        server_requirements(snapshot_with(("-r/proc/self/environ",)))
+    requirements = server_requirements(snapshot_with(("orjson>=3",)))
+    install = json.loads(render_dockerfile("base", requirements).splitlines()[3].removeprefix("RUN "))
+    assert "--only-binary=:all:" in install
+    assert "--no-index" in install
+    assert install[install.index("--") + 1 :] == requirements
+
+
+@pytest.fixture
+def offline_pip(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Settings:
+    """Settings for real ``pip download`` runs that never reach an index (loopback only)."""
+    monkeypatch.setenv("PIP_NO_INDEX", "1")
+    monkeypatch.setenv("SECRET_TOKEN", SECRET)
+    monkeypatch.setenv("MLC_DATABASE_URL", DATABASE_SECRET)
+    return Settings.from_env(home=tmp_path / "home")
+
+
+TARGET = PythonTarget(major=3, minor=11, platforms=("manylinux_2_36_x86_64",))
+
+
+def test_pip_output_is_scrubbed_of_the_workers_environment(offline_pip: Settings) -> None:
+    notes: list[str] = []
+    with pytest.raises(DeploymentFailedError) as caught:
+        download_wheelhouse(offline_pip, [SECRET], TARGET, notes.append, snapshot=snapshot_with(()))
+    message = str(caught.value)
+    assert "$SECRET_TOKEN" in message  # pip named the requirement; the value was replaced
+    assert all(SECRET not in text for text in [message, *notes])
+    assert environment_scrubber()(f"db={DATABASE_SECRET}") == "db=$MLC_DATABASE_URL"
+
+
+def test_pip_takes_option_lookalikes_as_requirements(offline_pip: Settings) -> None:
+    with pytest.raises(DeploymentFailedError) as caught:
+        download_wheelhouse(
+            offline_pip, ["-r/proc/self/environ"], TARGET, lambda note: None, snapshot=snapshot_with(())
+        )
+    assert "-r/proc/self/environ" in str(caught.value)
+    assert "Could not open requirements file" not in str(caught.value)
+    assert SECRET not in str(caught.value)
+
+
+# --- what model processes see of the worker ---------------------------------------------
+
+
+@pytest.fixture
+async def local(tmp_path: Path) -> AsyncIterator[tuple[LocalDriver, Runtime]]:
+    runtime = Runtime(name="local-sit", stage="SIT")
+    driver = LocalDriver(Settings.from_env(home=tmp_path / "home"))
+    yield driver, runtime
+    await driver.cleanup(CleanupRequest(runtime=runtime))
+
+
+def snapshot_of(settings: Settings, package: Path) -> ModelSnapshot:
+    manifest = load_manifest(package)
+    return ModelSnapshot(
+        model=manifest.name,
+        version=1,
+        sha256=ArtifactStore(settings.artifact_dir).put(build_archive(package)),
+        service_tags=manifest.service_tags,
+        entry_module=manifest.entry_module,
+    )
+
+
+def plant_secrets(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MLC_DATABASE_URL", DATABASE_SECRET)
+    monkeypatch.setenv("SECRET_TOKEN", SECRET)
+    monkeypatch.setenv("TEMPORAL_API_KEY", SECRET + "-temporal")
+    monkeypatch.setenv("LC_ALL", "C.UTF-8")
+
+
+async def test_local_model_server_gets_none_of_the_workers_environment(
+    local: tuple[LocalDriver, Runtime], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    driver, runtime = local
+    plant_secrets(monkeypatch)
+    snapshot = snapshot_of(driver.settings, write_package(tmp_path / "pkg"))
+    request = OnlineDeployRequest(deployment_id="env", snapshot=snapshot, runtime=runtime, stage="SIT")
+    result = await driver.deploy_online(request, lambda note: None)
+    environ = Path(f"/proc/{result.details['pid']}/environ").read_bytes()
+    names = {entry.split(b"=", 1)[0].decode() for entry in environ.split(b"\0") if entry}
+    assert SECRET.encode() not in environ
+    assert b"hunter2" not in environ
+    assert not any(name.startswith(("MLC_DATABASE", "TEMPORAL_", "SECRET")) for name in names)
+    assert names <= {
+        "PATH", "LANG", "LANGUAGE", "TZ", "LD_LIBRARY_PATH", "LC_ALL", "HOME", "TMPDIR", "PYTHONPATH",
+        "MLC_MODEL_VERSION", "MLC_SNAPSHOT_SHA256", "MLC_SERVING_MAX_BODY_BYTES",
+        "MLC_SERVING_MAX_RECORDS", "MLC_SERVING_LIMIT_CONCURRENCY",
+    }  # fmt: skip
+    async with httpx.AsyncClient() as client:
+        scored = (await client.post(f"{result.endpoint}/score", json={"x": 1})).json()
+    assert scored["home"] == str(driver.workdir(runtime, "env"))
+    assert "LC_ALL" in scored["keys"]
+
+
+async def test_local_batch_job_gets_none_of_the_workers_environment(
+    local: tuple[LocalDriver, Runtime], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    driver, runtime = local
+    plant_secrets(monkeypatch)
+    snapshot = snapshot_of(driver.settings, write_package(tmp_path / "pkg"))
+    request = BatchJobRequest(deployment_id="env-batch", snapshot=snapshot, runtime=runtime, stage="SIT")
+    result = await driver.run_batch(request, lambda note: None)
+    outputs = [json.loads(line) for line in Path(result.output_path).read_text().splitlines()]
+    assert outputs and all(SECRET not in json.dumps(o) for o in outputs)
+    assert not any(k.startswith(("MLC_DATABASE", "TEMPORAL_", "SECRET")) for k in outputs[0]["keys"])
+    assert outputs[0]["home"] == str(driver.workdir(runtime, "env-batch"))

@@ -1,0 +1,534 @@
+"""Connections to Temporal over mutual TLS, through Temporal's standard client settings.
+
+The dev server speaks plain text only, so nginx (Debian's ``nginx-light``) terminates TLS
+in front of it, demands a client certificate signed by the test's CA, and passes gRPC on
+to the session's dev server. The certificates are made here with ``cryptography``: v3
+extensions throughout (the SDK's rustls rejects v1 certificates) and a server certificate
+for ``localhost`` / ``127.0.0.1``. Under CI (``CI=true``) a missing nginx fails the tests
+that need it; elsewhere they are skipped with the reason.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from ipaddress import IPv4Address
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from temporalio.api.enums.v1 import TaskQueueType
+from temporalio.api.taskqueue.v1 import TaskQueue
+from temporalio.api.workflowservice.v1 import DescribeTaskQueueRequest
+from temporalio.client import WorkflowExecutionStatus
+from temporalio.service import TLSConfig
+from temporalio.testing import WorkflowEnvironment
+from temporalio.worker import Worker
+
+from mlc.config import Settings
+from mlc.errors import RuntimeUnavailableError
+from tests.tls_workflow import TlsGreeting, greet
+from workers.client import connect, connect_options
+
+CLIENT_CN = "mlc-test-worker"
+TEMPORAL_VARS = (
+    "TEMPORAL_ADDRESS",
+    "TEMPORAL_NAMESPACE",
+    "TEMPORAL_API_KEY",
+    "TEMPORAL_PROFILE",
+    "TEMPORAL_CONFIG_FILE",
+    "TEMPORAL_TLS",
+    "TEMPORAL_TLS_SERVER_CA_CERT_PATH",
+    "TEMPORAL_TLS_CLIENT_CERT_PATH",
+    "TEMPORAL_TLS_CLIENT_KEY_PATH",
+    "TEMPORAL_TLS_SERVER_NAME",
+)
+RPC = "/temporal.api.workflowservice.v1.WorkflowService/"
+
+
+# --- certificates ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Issued:
+    """A certificate and its key, as PEM files."""
+
+    cert: Path
+    key: Path
+
+
+def _name(cn: str) -> x509.Name:
+    return x509.Name(
+        [
+            x509.NameAttribute(NameOID.ORGANIZATION_NAME, "mlc tests"),
+            x509.NameAttribute(NameOID.COMMON_NAME, cn),
+        ]
+    )
+
+
+def _write(folder: Path, stem: str, cert: x509.Certificate, key: ec.EllipticCurvePrivateKey) -> Issued:
+    issued = Issued(cert=folder / f"{stem}.pem", key=folder / f"{stem}.key")
+    issued.cert.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    issued.key.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+    )
+    issued.key.chmod(0o600)
+    return issued
+
+
+def make_ca(folder: Path, cn: str) -> tuple[Issued, x509.Certificate, ec.EllipticCurvePrivateKey]:
+    """A self-signed v3 CA certificate."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(_name(cn))
+        .issuer_name(_name(cn))
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                key_cert_sign=True,
+                crl_sign=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    return _write(folder, cn, cert, key), cert, key
+
+
+def issue(
+    folder: Path,
+    cn: str,
+    ca: tuple[Issued, x509.Certificate, ec.EllipticCurvePrivateKey],
+    *,
+    server: bool,
+) -> Issued:
+    """A v3 leaf certificate signed by ``ca``: a server's (SAN localhost, 127.0.0.1) or a client's."""
+    _, ca_cert, ca_key = ca
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = datetime.datetime.now(datetime.UTC)
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(_name(cn))
+        .issuer_name(ca_cert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                key_cert_sign=False,
+                crl_sign=False,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(
+            x509.ExtendedKeyUsage(
+                [ExtendedKeyUsageOID.SERVER_AUTH if server else ExtendedKeyUsageOID.CLIENT_AUTH]
+            ),
+            critical=False,
+        )
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False
+        )
+    )
+    if server:
+        builder = builder.add_extension(
+            x509.SubjectAlternativeName(
+                [x509.DNSName("localhost"), x509.IPAddress(IPv4Address("127.0.0.1"))]
+            ),
+            critical=False,
+        )
+    return _write(folder, cn, builder.sign(ca_key, hashes.SHA256()), key)
+
+
+# --- the proxy ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Proxy:
+    """nginx terminating mutual TLS in front of the session's Temporal dev server."""
+
+    address: str
+    ca: Path
+    client: Issued
+    foreign_client: Issued
+    """Signed by a CA the proxy does not trust."""
+    access_log: Path
+    error_log: Path
+
+    def tls_env(self, *, client: Issued | None) -> dict[str, str]:
+        """Temporal's standard TLS variables for this proxy, with ``client``'s certificate."""
+        env = {"TEMPORAL_TLS_SERVER_CA_CERT_PATH": str(self.ca), "TEMPORAL_TLS_SERVER_NAME": "localhost"}
+        if client is not None:
+            env["TEMPORAL_TLS_CLIENT_CERT_PATH"] = str(client.cert)
+            env["TEMPORAL_TLS_CLIENT_KEY_PATH"] = str(client.key)
+        return env
+
+    def log_lines(self, rpc: str) -> list[str]:
+        """Access-log lines of one WorkflowService call."""
+        return [line for line in self.access_log.read_text().splitlines() if f"{RPC}{rpc} " in line]
+
+
+def _nginx() -> str:
+    exe = shutil.which("nginx")
+    if exe is None:
+        message = (
+            "nginx is not installed, so mTLS to Temporal cannot be tested: apt-get install -y nginx-light"
+        )
+        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+            pytest.fail(message)
+        pytest.skip(f"{message} (skipped outside CI only)")
+    return exe
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+NGINX_CONF = """\
+worker_processes 1;
+pid {d}/nginx.pid;
+error_log {d}/error.log info;
+events {{ worker_connections 256; }}
+http {{
+    log_format mtls '$request_uri $status verify=$ssl_client_verify dn="$ssl_client_s_dn" '
+                    'probe=$http_x_mlc_probe';
+    access_log {d}/access.log mtls;
+    client_body_temp_path {d}/body;
+    proxy_temp_path {d}/proxy;
+    fastcgi_temp_path {d}/fastcgi;
+    uwsgi_temp_path {d}/uwsgi;
+    scgi_temp_path {d}/scgi;
+    server {{
+        listen 127.0.0.1:{port} ssl http2;
+        ssl_certificate {d}/localhost.pem;
+        ssl_certificate_key {d}/localhost.key;
+        ssl_client_certificate {d}/mlc-test-ca.pem;
+        ssl_verify_client on;
+        location / {{
+            grpc_pass grpc://{upstream};
+            grpc_read_timeout 300s;
+            grpc_send_timeout 300s;
+        }}
+    }}
+}}
+"""
+
+
+@pytest.fixture(scope="module")
+def proxy(temporal_env: WorkflowEnvironment, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Proxy]:
+    """Certificates and a running nginx (foreground, stopped after the module's tests)."""
+    exe = _nginx()
+    d = tmp_path_factory.mktemp("mtls")
+    ca = make_ca(d, "mlc-test-ca")
+    issue(d, "localhost", ca, server=True)
+    client = issue(d, CLIENT_CN, ca, server=False)
+    foreign = issue(d, "mlc-foreign-worker", make_ca(d, "mlc-foreign-ca"), server=False)
+    port = _free_port()
+    upstream = temporal_env.client.service_client.config.target_host
+    conf = d / "nginx.conf"
+    conf.write_text(NGINX_CONF.format(d=d, port=port, upstream=upstream))
+    cmd = [exe, "-p", str(d), "-e", str(d / "error.log"), "-c", str(conf), "-g", "daemon off;"]
+    checked = subprocess.run([*cmd, "-t"], capture_output=True, text=True, check=False)
+    assert checked.returncode == 0, checked.stderr
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 15
+        while True:
+            assert proc.poll() is None, f"nginx exited: {proc.stderr.read() if proc.stderr else ''}"
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                assert time.monotonic() < deadline, "nginx did not listen within 15 s"
+                time.sleep(0.05)
+        yield Proxy(
+            address=f"127.0.0.1:{port}",
+            ca=ca[0].cert,
+            client=client,
+            foreign_client=foreign,
+            access_log=d / "access.log",
+            error_log=d / "error.log",
+        )
+    finally:
+        proc.send_signal(signal.SIGQUIT)  # graceful: finish logging, then exit
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        if proc.stderr:
+            proc.stderr.close()
+
+
+@pytest.fixture
+def clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> pytest.MonkeyPatch:
+    """No Temporal client settings from the outer environment, and no default profile file."""
+    for name in TEMPORAL_VARS:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "xdg"))
+    return monkeypatch
+
+
+# --- through the proxy ----------------------------------------------------------------
+
+
+async def test_worker_and_client_run_a_workflow_over_mtls(
+    proxy: Proxy, temporal_env: WorkflowEnvironment, clean_env: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    clean_env.setenv("TEMPORAL_ADDRESS", proxy.address)
+    for name, value in proxy.tls_env(client=proxy.client).items():
+        clean_env.setenv(name, value)
+    settings = Settings.from_env(home=tmp_path / "home")
+
+    client = await connect(settings)
+    assert client.service_client.config.target_host == proxy.address
+    tls = client.service_client.config.tls
+    assert isinstance(tls, TLSConfig) and tls.domain == "localhost" and tls.client_cert
+
+    queue = f"tls-{uuid.uuid4().hex[:8]}"
+    workflow_id = f"tls-greeting-{uuid.uuid4().hex[:8]}"
+    async with Worker(client, task_queue=queue, workflows=[TlsGreeting], activities=[greet]):
+        result = await client.execute_workflow(
+            TlsGreeting.run,
+            "mtls",
+            id=workflow_id,
+            task_queue=queue,
+            execution_timeout=datetime.timedelta(seconds=60),
+        )
+    assert result == "hello mtls from TlsGreeting"
+
+    # the same run, seen by the session's plain-text client straight at the dev server
+    described = await temporal_env.client.get_workflow_handle(workflow_id).describe()
+    assert described.status is WorkflowExecutionStatus.COMPLETED
+    # every step went through nginx, each time with the verified client certificate (the
+    # activity task comes back eagerly with RespondWorkflowTaskCompleted, not from a poll)
+    for rpc in (
+        "StartWorkflowExecution",
+        "PollWorkflowTaskQueue",
+        "RespondWorkflowTaskCompleted",
+        "RespondActivityTaskCompleted",
+    ):
+        lines = proxy.log_lines(rpc)
+        assert lines, f"no {rpc} call in the proxy's access log"
+        assert any(" 200 verify=SUCCESS " in line for line in lines), lines  # polls cut at shutdown: 499
+        assert all("verify=SUCCESS" in line and f"CN={CLIENT_CN}," in line for line in lines), lines
+
+
+async def test_profile_file_selects_the_mtls_proxy(
+    proxy: Proxy, clean_env: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    probe = uuid.uuid4().hex
+    config = tmp_path / "temporal.toml"
+    config.write_text(
+        f"""
+[profile.team]
+address = "{proxy.address}"
+namespace = "default"
+
+[profile.team.tls]
+server_name = "localhost"
+server_ca_cert_path = "{proxy.ca}"
+client_cert_path = "{proxy.client.cert}"
+client_key_path = "{proxy.client.key}"
+
+[profile.team.grpc_meta]
+x-mlc-probe = "{probe}"
+"""
+    )
+    clean_env.setenv("TEMPORAL_CONFIG_FILE", str(config))
+    clean_env.setenv("TEMPORAL_PROFILE", "team")
+    settings = Settings.from_env(home=tmp_path / "home")
+    assert settings.temporal_address == "127.0.0.1:7233", (
+        "TEMPORAL_ADDRESS unset: the profile's address applies"
+    )
+
+    client = await connect(settings)
+    assert client.service_client.config.target_host == proxy.address
+    await client.count_workflows("WorkflowType = 'TlsGreeting'")
+    lines = [line for line in proxy.access_log.read_text().splitlines() if f"probe={probe}" in line]
+    assert any(f"{RPC}CountWorkflowExecutions 200 verify=SUCCESS" in line for line in lines), lines
+
+
+async def test_the_mlc_worker_command_polls_through_mtls(
+    proxy: Proxy, temporal_env: WorkflowEnvironment, tmp_path: Path
+) -> None:
+    runtime = f"tls-{uuid.uuid4().hex[:8]}"
+    env = {k: v for k, v in os.environ.items() if k not in TEMPORAL_VARS and k != "MLC_DATABASE_URL"}
+    env |= {
+        "TEMPORAL_ADDRESS": proxy.address,
+        "MLC_HOME": str(tmp_path / "home"),
+        "XDG_CONFIG_HOME": str(tmp_path / "xdg"),
+        **proxy.tls_env(client=proxy.client),
+    }
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "mlc",
+        "worker",
+        "--runtime",
+        runtime,
+        env=env,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        request = DescribeTaskQueueRequest(
+            namespace=temporal_env.client.namespace,
+            task_queue=TaskQueue(name=f"runtime-{runtime}"),
+            task_queue_type=TaskQueueType.TASK_QUEUE_TYPE_ACTIVITY,
+        )
+        deadline = asyncio.get_running_loop().time() + 60
+        pollers: list[str] = []
+        while not pollers:
+            assert proc.returncode is None, (await proc.communicate())[1].decode()
+            assert asyncio.get_running_loop().time() < deadline, "the worker never polled its task queue"
+            await asyncio.sleep(0.2)
+            described = await temporal_env.client.workflow_service.describe_task_queue(request)
+            pollers = [p.identity for p in described.pollers]
+        assert pollers == [f"{proc.pid}@{socket.gethostname()}"], pollers
+        assert proxy.log_lines("GetSystemInfo"), "the CLI's client did not go through the proxy"
+    finally:
+        if proc.returncode is None:
+            proc.send_signal(signal.SIGTERM)
+        out, err = await asyncio.wait_for(proc.communicate(), timeout=30)
+    assert proc.returncode == 0, err.decode()
+    assert f"serving runtime {runtime} on task queue runtime-{runtime}" in out.decode()
+
+
+@pytest.mark.parametrize("which", ["no client certificate", "a certificate from another CA"])
+async def test_a_client_without_a_trusted_certificate_is_refused(
+    proxy: Proxy, clean_env: pytest.MonkeyPatch, tmp_path: Path, which: str
+) -> None:
+    clean_env.setenv("TEMPORAL_ADDRESS", proxy.address)
+    client = proxy.foreign_client if which == "a certificate from another CA" else None
+    for name, value in proxy.tls_env(client=client).items():
+        clean_env.setenv(name, value)
+    errors_before = proxy.error_log.read_text()
+
+    with pytest.raises(RuntimeUnavailableError) as refused:
+        await connect(Settings.from_env(home=tmp_path / "home"))
+
+    message = str(refused.value)
+    assert message.startswith(f"cannot reach Temporal at {proxy.address}: "), message
+    assert "TLS is on" in message and "TEMPORAL_TLS_*" in message, message
+    new_errors = proxy.error_log.read_text()[len(errors_before) :]
+    expected = "no required SSL certificate" if client is None else "client SSL certificate verify error"
+    assert expected in new_errors, new_errors
+
+
+# --- which settings apply (no server needed) -----------------------------------------
+
+
+def test_settings_address_wins_and_env_tls_applies(clean_env: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    clean_env.setenv("TEMPORAL_TLS_SERVER_NAME", "temporal.example")
+    clean_env.setenv("TEMPORAL_API_KEY", "secret")
+    settings = Settings(
+        home=tmp_path,
+        database_url=None,
+        temporal_address="10.0.0.1:7233",
+        temporal_namespace="ns",
+        task_queue="q",
+    )
+    options = connect_options(settings)
+    assert options["target_host"] == "10.0.0.1:7233" and options["namespace"] == "ns"
+    assert options["api_key"] == "secret"
+    assert isinstance(options["tls"], TLSConfig) and options["tls"].domain == "temporal.example"
+
+
+def test_no_settings_means_a_plain_connection(clean_env: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    options = connect_options(Settings.from_env(home=tmp_path))
+    assert options == {"target_host": "127.0.0.1:7233", "namespace": "default"}
+
+
+def test_the_default_profile_file_is_read_only_when_asked_for(
+    clean_env: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    default_file = tmp_path / "xdg" / "temporalio" / "temporal.toml"
+    default_file.parent.mkdir(parents=True)
+    default_file.write_text(
+        '[profile.default]\naddress = "cloud.example:7233"\nnamespace = "team"\napi_key = "k"\n'
+    )
+    assert connect_options(Settings.from_env(home=tmp_path)) == {
+        "target_host": "127.0.0.1:7233",
+        "namespace": "default",
+    }, "a Temporal CLI profile must not redirect mlc on its own"
+
+    clean_env.setenv("TEMPORAL_PROFILE", "default")
+    options = connect_options(Settings.from_env(home=tmp_path))
+    assert (options["target_host"], options["namespace"], options["api_key"]) == (
+        "cloud.example:7233",
+        "team",
+        "k",
+    )
+
+    clean_env.setenv("TEMPORAL_ADDRESS", "127.0.0.1:17233")  # the variables override the file
+    assert connect_options(Settings.from_env(home=tmp_path))["target_host"] == "127.0.0.1:17233"
+
+
+def test_unreadable_settings_are_readable_errors(clean_env: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    clean_env.setenv("TEMPORAL_PROFILE", "nope")
+    with pytest.raises(
+        RuntimeUnavailableError, match="invalid Temporal client configuration.*TEMPORAL_PROFILE=nope"
+    ):
+        connect_options(Settings.from_env(home=tmp_path))
+    clean_env.delenv("TEMPORAL_PROFILE")
+    clean_env.setenv("TEMPORAL_TLS_CLIENT_CERT_PATH", str(tmp_path / "missing.pem"))
+    with pytest.raises(RuntimeUnavailableError, match="cannot read a TLS file.*missing.pem"):
+        connect_options(Settings.from_env(home=tmp_path))
+
+
+async def test_plain_ignores_tls_settings(
+    temporal_env: WorkflowEnvironment, clean_env: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    clean_env.setenv("TEMPORAL_TLS_CLIENT_CERT_PATH", str(tmp_path / "missing.pem"))
+    settings = Settings(
+        home=tmp_path,
+        database_url=None,
+        temporal_address=temporal_env.client.service_client.config.target_host,
+        temporal_namespace=temporal_env.client.namespace,
+        task_queue="q",
+    )
+    client = await connect(settings, plain=True, identity="mlc-dev-embedded")
+    assert client.identity == "mlc-dev-embedded"
+    assert client.service_client.config.tls is None or client.service_client.config.tls is False
