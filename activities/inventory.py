@@ -467,8 +467,7 @@ def _deployment_body(deployment: Deployment) -> dict[str, object]:
 
 
 def _decision_body(record: ApprovalRecord, evidence_sha256: str | None) -> dict[str, object]:
-    body = record.model_dump(mode="json", exclude={"evidence"})
-    return {**body, "evidence_sha256": evidence_sha256}
+    return {**record.model_dump(mode="json"), "evidence_sha256": evidence_sha256}
 
 
 def _no_runtime_message(run: RunContext, stage: str, mode: Mode, candidates: list[Runtime]) -> str:

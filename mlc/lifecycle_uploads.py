@@ -11,27 +11,33 @@ from pathlib import Path
 import asyncpg
 
 from lifecycles.validation import check_lifecycle_name, check_source, default_name, format_problems
-from mlc import names
+from mlc import admin, names
+from mlc.config import Settings
 from mlc.domain import LifecycleDefinition
 from mlc.errors import InvalidLifecycleError, PermissionDeniedError
-from mlc.store import lifecycle_definitions, principals
+from mlc.store import lifecycle_definitions
+from mlc.trust.governance import LIFECYCLE_UPLOAD
+from mlc.trust.signer import Signer
 
 
 async def upload_lifecycle(
     pool: asyncpg.Pool,
     path: Path,
     *,
-    uploader: str,
-    role: str,
+    signer: Signer,
+    settings: Settings,
     name: str | None = None,
 ) -> tuple[LifecycleDefinition, bool]:
-    """Validate, dry-run and store ``path`` as the next version of a lifecycle.
+    """Validate, dry-run, sign and store ``path`` as the next version of a lifecycle.
+
+    Workers run only versions whose ``lifecycle.upload`` statement verifies, so a row
+    written straight into the database is never executed.
 
     Args:
         pool: The inventory.
         path: The lifecycle's Python file.
-        uploader: Who uploads (recorded as ``uploaded_by``).
-        role: The role ``uploader`` must hold (``Settings.author_role``).
+        signer: Who uploads; must hold ``settings.author_role``.
+        settings: Trust root and author role.
         name: The workflow type to run it as; default: the file stem in CamelCase.
 
     Returns:
@@ -42,12 +48,13 @@ async def upload_lifecycle(
         InvalidLifecycleError: bad name, unreadable file, a static problem or a failed
             dry run; the message carries ``file:line: reason``.
     """
-    held = await principals.read_roles(pool, uploader)
+    role = settings.author_role
+    held = (await admin.state(pool, settings)).roles_of(signer.name)
     if role not in held:
-        has = ", ".join(held) or "no roles"
+        has = ", ".join(sorted(held)) or "no roles"
         raise PermissionDeniedError(
-            f"{uploader} may not upload lifecycle code: it needs role {role} (has {has}); "
-            f"an admin can grant it with `mlc user grant {uploader} --role {role}`"
+            f"{signer.name} may not upload lifecycle code: it needs role {role} (has {has}); "
+            f"an admin can grant it with `mlc user grant {signer.name} --role {role}`"
         )
     try:
         lifecycle = check_lifecycle_name(name or default_name(path.stem), built_in=names.BUILT_IN_LIFECYCLES)
@@ -59,14 +66,16 @@ async def upload_lifecycle(
         raise InvalidLifecycleError(
             f"{path} is not a valid lifecycle; nothing was stored:\n{format_problems(str(path), problems)}"
         )
-    existing = await lifecycle_definitions.find_lifecycle_definition(
-        pool, lifecycle, lifecycle_definitions.source_sha256(source)
-    )
+    sha256 = lifecycle_definitions.source_sha256(source)
+    existing = await lifecycle_definitions.find_lifecycle_definition(pool, lifecycle, sha256)
     if existing is not None:
         return existing, False
     from workers.dry_run import dry_run  # lazily: it loads the workflow and worker machinery
 
     await dry_run(source, name=lifecycle, path=str(path))
+    await admin.submit(
+        pool, settings, signer, LIFECYCLE_UPLOAD, {"name": lifecycle, "sha256": sha256}, subject=lifecycle
+    )
     return await lifecycle_definitions.create_lifecycle_definition(
-        pool, lifecycle, source, uploaded_by=uploader
+        pool, lifecycle, source, uploaded_by=signer.name
     )

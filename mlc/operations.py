@@ -15,10 +15,12 @@ from temporalio.exceptions import WorkflowAlreadyStartedError
 from temporalio.service import RPCError
 
 from mlc import names
-from mlc.domain import ApprovalRecord, ApprovalRequest, LifecycleSpec, ModelRef
+from mlc.domain import ApprovalRecord, Decision, LifecycleSpec, ModelRef, SignedDecision
 from mlc.errors import ConflictError, MLCError, NotFoundError
 from mlc.payloads import LifecycleStatus, StartLifecycleInput
-from mlc.store import runs
+from mlc.store import runs, snapshots
+from mlc.trust.signer import Signer
+from mlc.trust.statements import Envelope
 
 
 async def start_lifecycle(
@@ -62,8 +64,45 @@ async def read_status(handle: WorkflowHandle[object, object]) -> LifecycleStatus
     return status
 
 
+async def sign_decision(
+    client: Client,
+    pool: asyncpg.Pool,
+    signer: Signer,
+    ref: ModelRef,
+    *,
+    stage: str,
+    decision: Decision,
+    comment: str = "",
+) -> tuple[WorkflowHandle[object, object], Envelope]:
+    """Sign a decision at the gate the snapshot's run waits at, on the evidence it shows now.
+
+    Raises:
+        ConflictError: the run is not waiting at ``stage``.
+    """
+    handle = await find_handle(client, pool, ref)
+    status = await read_status(handle)
+    gate = status.pending_gate if status else None
+    if status is None or gate is None:
+        doing = f"{status.state.value} in {status.stage}" if status and status.stage else "starting"
+        raise ConflictError(f"{ref} is not waiting for a decision (it is {doing})")
+    if gate.stage != stage:
+        raise ConflictError(f"{ref} is waiting for a decision at {gate.stage}, not {stage}")
+    snapshot = await snapshots.read_snapshot(pool, ref.model, ref.version)
+    run_id = handle.run_id or (await handle.describe()).run_id
+    envelope = signer.decision(
+        status,
+        stage=stage,
+        decision=decision,
+        sha256=snapshot.sha256,
+        workflow_id=handle.id,
+        run_id=run_id,
+        comment=comment,
+    )
+    return handle, envelope
+
+
 async def send_decision(
-    handle: WorkflowHandle[object, object], ref: ModelRef, request: ApprovalRequest, *, approve: bool
+    handle: WorkflowHandle[object, object], ref: ModelRef, request: SignedDecision, *, approve: bool
 ) -> ApprovalRecord:
     """Approve or reject a gate through the validated Workflow Update.
 

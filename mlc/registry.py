@@ -1,21 +1,28 @@
-"""Registering model packages as snapshots, and the default runtimes of a dev stack."""
+"""Registering model packages as snapshots, with a signed statement naming who registered them.
+
+Who registered a snapshot matters for segregation of duties (by default a registrant may
+not approve their own snapshot), so it is taken from the signed ``snapshot.register``
+statement, never from the ``registered_by`` column.
+"""
 
 from __future__ import annotations
 
-import contextlib
 from pathlib import Path
 
 import asyncpg
 
+from mlc import admin
 from mlc.artifacts import ArtifactStore, build_archive
-from mlc.domain import DEFAULT_STAGES, ModelSnapshot, Runtime
-from mlc.errors import ConflictError
+from mlc.config import Settings
+from mlc.domain import ModelSnapshot
 from mlc.manifest import load_manifest
-from mlc.store import runtimes, snapshots
+from mlc.store import snapshots
+from mlc.trust.governance import SNAPSHOT_REGISTER
+from mlc.trust.signer import Signer
 
 
 async def register_package(
-    pool: asyncpg.Pool, artifacts: ArtifactStore, package_dir: Path, *, registered_by: str
+    pool: asyncpg.Pool, artifacts: ArtifactStore, package_dir: Path, *, signer: Signer, settings: Settings
 ) -> tuple[ModelSnapshot, bool]:
     """Validate, archive and record a package; return the snapshot and whether it is new.
 
@@ -29,12 +36,12 @@ async def register_package(
     """
     manifest = load_manifest(package_dir)
     sha = artifacts.put(build_archive(package_dir))
-    return await snapshots.register_snapshot(pool, manifest, sha, registered_by=registered_by)
-
-
-async def ensure_dev_runtimes(pool: asyncpg.Pool, task_queue: str) -> None:
-    """Add a local runtime per default stage (serving every service tag) if missing."""
-    for stage in DEFAULT_STAGES:
-        runtime = Runtime(name=f"local-{stage.lower()}", stage=stage, task_queue=task_queue)
-        with contextlib.suppress(ConflictError):
-            await runtimes.create_runtime(pool, runtime)
+    await admin.submit(
+        pool,
+        settings,
+        signer,
+        SNAPSHOT_REGISTER,
+        {"model": manifest.name, "sha256": sha},
+        subject=manifest.name,
+    )
+    return await snapshots.register_snapshot(pool, manifest, sha, registered_by=signer.name)

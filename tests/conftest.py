@@ -26,6 +26,7 @@ from temporalio.testing import WorkflowEnvironment
 
 from activities.runtimes import driver_for
 from activities.runtimes.base import CleanupRequest
+from mlc import admin
 from mlc.artifacts import ArtifactStore
 from mlc.config import Settings
 from mlc.devstack import temporal_cli
@@ -33,12 +34,20 @@ from mlc.domain import DEFAULT_STAGES, LifecycleSpec, ModelSnapshot, Runtime
 from mlc.examples import prepare_example_model
 from mlc.names import SA_MODEL, SA_SERVICE_TAG, SA_STAGE, SA_VERSION
 from mlc.registry import register_package
-from mlc.store import connect, principals, runtimes
+from mlc.store import connect, runtimes
+from mlc.store.db import enable_worker_login
+from mlc.trust.keys import create_key, load_private_key, public_text
+from mlc.trust.signer import Signer
 from tests.lifecycle_helpers import start_like_ui
 from workers.worker import build_main_worker
 
 FIXTURES = Path(__file__).parent / "fixtures"
 APPROVER = "alice"
+ADMIN = "root"
+AUTHOR = "author"
+REGISTRAR = "registrar"
+PRINCIPALS = {ADMIN: (), APPROVER: ("approver",), AUTHOR: ("lifecycle-author",), REGISTRAR: ()}
+"""Who exists in every test's trust setup, and their roles (root is the admin)."""
 
 
 @pytest.fixture(scope="session")
@@ -101,8 +110,14 @@ class Stack:
 
     client: Client
     pool: asyncpg.Pool
+    """The owner's pool (migrations, direct SQL in tests)."""
     settings: Settings
     task_queue: str
+    keys: Path
+    """Folder of every principal's private key file, ``NAME.pem``."""
+    signers: dict[str, Signer]
+    worker_pool: asyncpg.Pool | None = None
+    """The workers' least-privilege pool (role mlc_worker)."""
 
     @property
     def cli_env(self) -> dict[str, str]:
@@ -115,14 +130,39 @@ class Stack:
             "MLC_TASK_QUEUE": self.task_queue,
         }
 
+    def key_file(self, user: str) -> Path:
+        """``user``'s private key file; a stranger gets a fresh key nobody registered."""
+        path = self.keys / f"{user}.pem"
+        if not path.exists():
+            create_key(path)
+        return path
+
+    async def add_principal(self, name: str, *roles: str) -> Signer:
+        """Register a key for ``name`` and grant ``roles`` (signed by the admin)."""
+        key = load_private_key(self.key_file(name))
+        root = self.signers[ADMIN]
+        if name not in self.signers:
+            await admin.add_key(self.pool, self.settings, root, name, public_text(key.public_key()))
+        for role in roles:
+            await admin.grant_role(self.pool, self.settings, root, name, role)
+        self.signers[name] = Signer(name, key)
+        return self.signers[name]
+
+    async def add_runtime(self, runtime: Runtime) -> Runtime:
+        """Register a runtime (signed by the admin)."""
+        return await admin.add_runtime(self.pool, self.settings, self.signers[ADMIN], runtime)
+
     async def mlc(self, *args: str, user: str = APPROVER) -> subprocess.CompletedProcess[str]:
-        """Run the real `mlc` CLI in a subprocess (async: the worker shares this event loop)."""
+        """Run the real `mlc` CLI in a subprocess as ``user`` (signing with their key).
+
+        Async, because the worker shares this event loop.
+        """
         proc = await asyncio.create_subprocess_exec(
             sys.executable,
             "-m",
             "mlc",
             *args,
-            env={**self.cli_env, "MLC_USER": user},
+            env={**self.cli_env, "MLC_SIGNING_KEY": str(self.key_file(user))},
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE,
         )
@@ -132,7 +172,11 @@ class Stack:
     async def register(self, package: Path) -> ModelSnapshot:
         """Register a package as a snapshot."""
         snap, _ = await register_package(
-            self.pool, ArtifactStore(self.settings.artifact_dir), package, registered_by="test"
+            self.pool,
+            ArtifactStore(self.settings.artifact_dir),
+            package,
+            signer=self.signers[REGISTRAR],
+            settings=self.settings,
         )
         return snap
 
@@ -154,8 +198,7 @@ class Stack:
     async def add_local_runtimes(self, stages: tuple[str, ...] = DEFAULT_STAGES, *, tag: str = "*") -> None:
         """One local runtime per stage on this test's task queue."""
         for stage in stages:
-            await runtimes.create_runtime(
-                self.pool,
+            await self.add_runtime(
                 Runtime(
                     name=f"local-{stage.lower()}",
                     stage=stage,
@@ -182,9 +225,31 @@ async def database_url(postgres_dsn: str) -> str:
     return await make_database(postgres_dsn)
 
 
+async def trusted_stack(
+    client: Client, settings: Settings, pool: asyncpg.Pool, *, task_queue: str, keys: Path
+) -> Stack:
+    """A trust root (``root``) and the test principals with their keys and roles."""
+    root_key = create_key(keys / f"{ADMIN}.pem")
+    kid = await admin.init_admin(pool, settings, ADMIN, root_key)
+    pinned = replace(settings, trust_root=kid)
+    the_stack = Stack(
+        client=client,
+        pool=pool,
+        settings=pinned,
+        task_queue=task_queue,
+        keys=keys,
+        signers={ADMIN: Signer(ADMIN, root_key)},
+    )
+    for name, roles in PRINCIPALS.items():
+        if name != ADMIN:
+            await the_stack.add_principal(name, *roles)
+    return the_stack
+
+
 @pytest.fixture
 async def stack(temporal_env: WorkflowEnvironment, database_url: str, tmp_path: Path) -> AsyncIterator[Stack]:
-    """A migrated inventory, an approver, and a running main worker on a fresh queue."""
+    """A migrated inventory with a trust root and principals, and a running main worker on a
+    fresh queue, connected as the workers' least-privilege role."""
     task_queue = f"mlc-test-{uuid.uuid4().hex[:8]}"
     settings = replace(
         Settings.from_env(home=tmp_path / "home"),
@@ -193,13 +258,17 @@ async def stack(temporal_env: WorkflowEnvironment, database_url: str, tmp_path: 
         task_queue=task_queue,
     )
     pool = await connect(database_url)
-    await principals.grant_roles(pool, APPROVER, ["approver", "lifecycle-author"])
-    the_stack = Stack(client=temporal_env.client, pool=pool, settings=settings, task_queue=task_queue)
+    the_stack = await trusted_stack(
+        temporal_env.client, settings, pool, task_queue=task_queue, keys=tmp_path / "keys"
+    )
+    worker_pool = await connect(await enable_worker_login(pool, database_url), migrate_schema=False)
+    the_stack.worker_pool = worker_pool
     try:
-        async with build_main_worker(temporal_env.client, settings, pool):
+        async with build_main_worker(temporal_env.client, the_stack.settings, worker_pool):
             yield the_stack
     finally:
         for runtime in await runtimes.read_runtimes(pool):
-            await driver_for(runtime, settings).cleanup(CleanupRequest(runtime=runtime))
+            await driver_for(runtime, the_stack.settings).cleanup(CleanupRequest(runtime=runtime))
+        await worker_pool.close()
         await pool.close()
         shutil.rmtree(settings.runtime_dir, ignore_errors=True)

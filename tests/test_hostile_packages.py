@@ -1,7 +1,7 @@
 """Hostile model packages: refused at registration, never handed the worker's secrets.
 
-Registration runs against a real PostgreSQL database and artifact store, and every
-refusal is checked for what it leaves behind (nothing). The pip checks run real
+Registration runs through the shared ``Stack.register`` (real PostgreSQL, artifact store
+and worker), and every refusal is checked for what it leaves behind (nothing). The pip checks run real
 ``pip download`` with the index switched off, and the environment checks read a real
 model server's ``/proc/<pid>/environ``.
 """
@@ -14,7 +14,6 @@ import shutil
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-import asyncpg
 import httpx
 import pytest
 
@@ -32,8 +31,8 @@ from mlc.config import Settings
 from mlc.domain import ModelSnapshot, Runtime
 from mlc.errors import DeploymentFailedError, InvalidPackageError
 from mlc.manifest import load_manifest
-from mlc.registry import register_package
-from mlc.store import connect, snapshots
+from mlc.store import snapshots
+from tests.conftest import Stack
 
 SECRET = "s3cr3t-token-planted-by-the-test"
 DATABASE_SECRET = "postgresql://mlc:hunter2-planted@127.0.0.1:1/inventory"
@@ -68,24 +67,13 @@ def write_package(
     return root
 
 
-@pytest.fixture
-async def pool(database_url: str) -> AsyncIterator[asyncpg.Pool]:
-    the_pool = await connect(database_url)
-    yield the_pool
-    await the_pool.close()
-
-
-@pytest.fixture
-def store(tmp_path: Path) -> ArtifactStore:
-    return ArtifactStore(tmp_path / "artifacts")
-
-
-async def refused(pool: asyncpg.Pool, store: ArtifactStore, package: Path) -> str:
+async def refused(stack: Stack, package: Path) -> str:
     """Register ``package``, expect a refusal, check nothing was stored; return the message."""
     with pytest.raises(InvalidPackageError) as caught:
-        await register_package(pool, store, package, registered_by="mallory")
-    assert await snapshots.read_snapshots(pool) == []
-    assert not store.root.exists() or not any(p.is_file() for p in store.root.rglob("*"))
+        await stack.register(package)
+    assert await snapshots.read_snapshots(stack.pool) == []
+    artifacts = stack.settings.artifact_dir
+    assert not artifacts.exists() or not any(p.is_file() for p in artifacts.rglob("*"))
     return str(caught.value)
 
 
@@ -102,10 +90,10 @@ async def refused(pool: asyncpg.Pool, store: ArtifactStore, package: Path) -> st
     ],
 )
 async def test_requirement_that_is_not_a_plain_index_requirement_is_refused(
-    pool: asyncpg.Pool, store: ArtifactStore, tmp_path: Path, entry: str
+    stack: Stack, tmp_path: Path, entry: str
 ) -> None:
     package = write_package(tmp_path / "pkg", requirements=json.dumps(["orjson>=3", entry]))
-    message = await refused(pool, store, package)
+    message = await refused(stack, package)
     assert f"requirement {entry!r}" in message
     assert "manifest.yaml" in message
     assert "e.g. 'scikit-learn>=1.4'" in message
@@ -113,51 +101,49 @@ async def test_requirement_that_is_not_a_plain_index_requirement_is_refused(
 
 @pytest.mark.parametrize("path", ["../../etc/passwd", "/etc/passwd", "data/../../outside.jsonl"])
 async def test_evaluation_path_outside_the_package_is_refused(
-    pool: asyncpg.Pool, store: ArtifactStore, tmp_path: Path, path: str
+    stack: Stack, tmp_path: Path, path: str
 ) -> None:
     (tmp_path / "outside.jsonl").write_text('{"x": 1, "y": 1}\n')
-    message = await refused(pool, store, write_package(tmp_path / "pkg", evaluation=path))
+    message = await refused(stack, write_package(tmp_path / "pkg", evaluation=path))
     assert f"evaluation.path {path!r} must be a relative path inside the package" in message
 
 
-async def test_symlink_to_etc_passwd_is_refused(pool: asyncpg.Pool, store: ArtifactStore, tmp_path: Path) -> None:
+async def test_symlink_to_etc_passwd_is_refused(stack: Stack, tmp_path: Path) -> None:
     package = write_package(tmp_path / "pkg")
     (package / "data" / "notes.txt").symlink_to("/etc/passwd")
-    message = await refused(pool, store, package)
+    message = await refused(stack, package)
     assert "data/notes.txt is a symbolic link to /etc/passwd, outside the package" in message
     assert "root:" not in message  # the file's content never shows
 
 
 async def test_evaluation_data_linked_outside_is_refused_by_the_manifest_check(
-    pool: asyncpg.Pool, store: ArtifactStore, tmp_path: Path
+    stack: Stack, tmp_path: Path
 ) -> None:
     package = write_package(tmp_path / "pkg")
     (package / "data" / "eval.jsonl").unlink()
     (package / "data" / "eval.jsonl").symlink_to("/etc/passwd")
-    message = await refused(pool, store, package)
+    message = await refused(stack, package)
     assert "evaluation.path data/eval.jsonl resolves to /etc/passwd, outside the package" in message
 
 
-async def test_linked_folder_and_linked_manifest_outside_are_refused(
-    pool: asyncpg.Pool, store: ArtifactStore, tmp_path: Path
-) -> None:
+async def test_linked_folder_and_linked_manifest_outside_are_refused(stack: Stack, tmp_path: Path) -> None:
     package = write_package(tmp_path / "pkg")
     (package / "etc").symlink_to("/etc", target_is_directory=True)
-    assert "etc is a symbolic link to /etc, outside the package" in await refused(pool, store, package)
+    assert "etc is a symbolic link to /etc, outside the package" in await refused(stack, package)
 
     other = write_package(tmp_path / "other")
     outside = tmp_path / "elsewhere.yaml"
     shutil.move(other / "manifest.yaml", outside)
     (other / "manifest.yaml").symlink_to(outside)
     assert f"the manifest manifest.yaml resolves to {outside}, outside the package" in await refused(
-        pool, store, other
+        stack, other
     )
 
 
-async def test_fifo_is_refused_without_hanging(pool: asyncpg.Pool, store: ArtifactStore, tmp_path: Path) -> None:
+async def test_fifo_is_refused_without_hanging(stack: Stack, tmp_path: Path) -> None:
     package = write_package(tmp_path / "pkg")
     os.mkfifo(package / "data" / "pipe")
-    message = await refused(pool, store, package)
+    message = await refused(stack, package)
     assert "data/pipe is not a regular file" in message
 
 
@@ -176,22 +162,21 @@ async def test_fifo_is_refused_without_hanging(pool: asyncpg.Pool, store: Artifa
     ],
 )
 async def test_hostile_manifest_shapes_are_refused(
-    pool: asyncpg.Pool, store: ArtifactStore, tmp_path: Path, manifest: str, expected: str
+    stack: Stack, tmp_path: Path, manifest: str, expected: str
 ) -> None:
-    message = await refused(pool, store, write_package(tmp_path / "pkg", manifest=manifest))
+    message = await refused(stack, write_package(tmp_path / "pkg", manifest=manifest))
     assert expected in message
 
 
-async def test_honest_package_with_an_inside_link_still_registers(
-    pool: asyncpg.Pool, store: ArtifactStore, tmp_path: Path
-) -> None:
+async def test_honest_package_with_an_inside_link_still_registers(stack: Stack, tmp_path: Path) -> None:
     package = write_package(
         tmp_path / "pkg", requirements='["orjson>=3", "numpy>=1.26; python_version >= \\"3.11\\""]'
     )
     (package / "data" / "latest.jsonl").symlink_to("eval.jsonl")
-    snap, new = await register_package(pool, store, package, registered_by="alice")
-    assert new and snap.requirements == ("orjson>=3", 'numpy>=1.26; python_version >= "3.11"')
-    unpacked = store.unpack(snap.sha256, tmp_path / "unpacked")
+    snap = await stack.register(package)
+    assert snap.requirements == ("orjson>=3", 'numpy>=1.26; python_version >= "3.11"')
+    assert [s.version for s in await snapshots.read_snapshots(stack.pool)] == [1]
+    unpacked = ArtifactStore(stack.settings.artifact_dir).unpack(snap.sha256, tmp_path / "unpacked")
     assert (unpacked / "data" / "latest.jsonl").read_text() == (package / "data" / "eval.jsonl").read_text()
 
 

@@ -62,7 +62,7 @@ async def test_happy_path_reaches_prod_with_cli_approvals(stack: Stack, example_
     assert {t["stage"] for t in metrics} == {"SIT", "UAT"} and all(t["passed"] for t in metrics)
     assert metrics[0]["metrics"]["auc"] >= 0.8
 
-    trail = json.loads((await stack.mlc("audit", ref, "--json")).stdout)
+    trail = json.loads((await stack.mlc("audit", "show", ref, "--json")).stdout)
     assert [(d["stage"], d["decision"], d["comment"]) for d in trail["decisions"]] == [
         ("DEV", "approved", "ok DEV"),
         ("SIT", "approved", "ok SIT"),
@@ -74,6 +74,8 @@ async def test_happy_path_reaches_prod_with_cli_approvals(stack: Stack, example_
     assert '"stage": "PROD"' in listing.stdout
     run = (await runs.read_runs(stack.pool, model=snap.model))[0]
     assert run["state"] == "succeeded" and run["ended_at"] is not None
+    verified = await stack.mlc("audit", "verify")
+    assert verified.returncode == 0 and "audit trail verified" in verified.stdout, verified.stderr
 
 
 async def test_rejection_at_uat_undeploys_uat_and_fails(stack: Stack, example_package) -> None:

@@ -19,6 +19,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from mlc.errors import MLCError
 from mlc.serving import create_app
 from mlc.serving.limits import ServingLimits, too_many_records
 
@@ -171,7 +172,7 @@ async def test_limits_come_from_the_environment(tmp_path: Path, monkeypatch: pyt
     assert too_big.status_code == 413 and "MLC_SERVING_MAX_BODY_BYTES" in too_big.json()["error"]
 
     monkeypatch.setenv("MLC_SERVING_MAX_RECORDS", "-1")
-    with pytest.raises(Exception, match="MLC_SERVING_MAX_RECORDS='-1' is not a positive integer"):
+    with pytest.raises(MLCError, match="MLC_SERVING_MAX_RECORDS='-1' is not a positive integer"):
         ServingLimits.from_env()
 
 

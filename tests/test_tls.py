@@ -44,18 +44,6 @@ from tests.tls_workflow import TlsGreeting, greet
 from workers.client import connect, connect_options
 
 CLIENT_CN = "mlc-test-worker"
-TEMPORAL_VARS = (
-    "TEMPORAL_ADDRESS",
-    "TEMPORAL_NAMESPACE",
-    "TEMPORAL_API_KEY",
-    "TEMPORAL_PROFILE",
-    "TEMPORAL_CONFIG_FILE",
-    "TEMPORAL_TLS",
-    "TEMPORAL_TLS_SERVER_CA_CERT_PATH",
-    "TEMPORAL_TLS_CLIENT_CERT_PATH",
-    "TEMPORAL_TLS_CLIENT_KEY_PATH",
-    "TEMPORAL_TLS_SERVER_NAME",
-)
 RPC = "/temporal.api.workflowservice.v1.WorkflowService/"
 
 
@@ -202,9 +190,21 @@ class Proxy:
             env["TEMPORAL_TLS_CLIENT_KEY_PATH"] = str(client.key)
         return env
 
-    def log_lines(self, rpc: str) -> list[str]:
-        """Access-log lines of one WorkflowService call."""
-        return [line for line in self.access_log.read_text().splitlines() if f"{RPC}{rpc} " in line]
+    async def logged(self, rpc: str, *, probe: str | None = None, status: int | None = None) -> list[str]:
+        """Access-log lines of one WorkflowService call (only those carrying the ``x-mlc-probe``
+        metadata ``probe``, if given), waiting up to 5 s for one with ``status``: nginx writes
+        the line as the call ends, which can be just after the client has its answer."""
+        lines: list[str] = []
+        for _ in range(50):
+            lines = [
+                line
+                for line in self.access_log.read_text().splitlines()
+                if f"{RPC}{rpc} " in line and (probe is None or f"probe={probe}" in line)
+            ]
+            if any(status is None or f"{RPC}{rpc} {status} " in line for line in lines):
+                break
+            await asyncio.sleep(0.1)
+        return lines
 
 
 def _nginx() -> str:
@@ -304,8 +304,8 @@ def proxy(temporal_env: WorkflowEnvironment, tmp_path_factory: pytest.TempPathFa
 @pytest.fixture
 def clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> pytest.MonkeyPatch:
     """No Temporal client settings from the outer environment, and no default profile file."""
-    for name in TEMPORAL_VARS:
-        monkeypatch.delenv(name, raising=False)
+    for name in [name for name in os.environ if name.startswith("TEMPORAL_")]:
+        monkeypatch.delenv(name)
     monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "xdg"))
     return monkeypatch
 
@@ -316,7 +316,9 @@ def clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> pytest.MonkeyP
 async def test_worker_and_client_run_a_workflow_over_mtls(
     proxy: Proxy, temporal_env: WorkflowEnvironment, clean_env: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
+    probe = uuid.uuid4().hex  # sent as gRPC metadata, logged by nginx: marks this client's calls
     clean_env.setenv("TEMPORAL_ADDRESS", proxy.address)
+    clean_env.setenv("TEMPORAL_GRPC_META_X_MLC_PROBE", probe)
     for name, value in proxy.tls_env(client=proxy.client).items():
         clean_env.setenv(name, value)
     settings = Settings.from_env(home=tmp_path / "home")
@@ -349,10 +351,10 @@ async def test_worker_and_client_run_a_workflow_over_mtls(
         "RespondWorkflowTaskCompleted",
         "RespondActivityTaskCompleted",
     ):
-        lines = proxy.log_lines(rpc)
-        assert lines, f"no {rpc} call in the proxy's access log"
+        lines = await proxy.logged(rpc, probe=probe, status=200)
+        assert lines, f"no {rpc} call of this client in the proxy's access log"
         assert any(" 200 verify=SUCCESS " in line for line in lines), lines  # polls cut at shutdown: 499
-        assert all("verify=SUCCESS" in line and f"CN={CLIENT_CN}," in line for line in lines), lines
+        assert all(f'verify=SUCCESS dn="CN={CLIENT_CN},' in line for line in lines), lines
 
 
 async def test_profile_file_selects_the_mtls_proxy(
@@ -386,7 +388,7 @@ x-mlc-probe = "{probe}"
     client = await connect(settings)
     assert client.service_client.config.target_host == proxy.address
     await client.count_workflows("WorkflowType = 'TlsGreeting'")
-    lines = [line for line in proxy.access_log.read_text().splitlines() if f"probe={probe}" in line]
+    lines = await proxy.logged("CountWorkflowExecutions", probe=probe, status=200)
     assert any(f"{RPC}CountWorkflowExecutions 200 verify=SUCCESS" in line for line in lines), lines
 
 
@@ -394,9 +396,11 @@ async def test_the_mlc_worker_command_polls_through_mtls(
     proxy: Proxy, temporal_env: WorkflowEnvironment, tmp_path: Path
 ) -> None:
     runtime = f"tls-{uuid.uuid4().hex[:8]}"
-    env = {k: v for k, v in os.environ.items() if k not in TEMPORAL_VARS and k != "MLC_DATABASE_URL"}
+    probe = uuid.uuid4().hex  # sent as gRPC metadata, logged by nginx: marks this process's calls
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TEMPORAL_") and k != "MLC_DATABASE_URL"}
     env |= {
         "TEMPORAL_ADDRESS": proxy.address,
+        "TEMPORAL_GRPC_META_X_MLC_PROBE": probe,
         "MLC_HOME": str(tmp_path / "home"),
         "XDG_CONFIG_HOME": str(tmp_path / "xdg"),
         **proxy.tls_env(client=proxy.client),
@@ -420,20 +424,23 @@ async def test_the_mlc_worker_command_polls_through_mtls(
         )
         deadline = asyncio.get_running_loop().time() + 60
         pollers: list[str] = []
-        while not pollers:
+        while not pollers:  # the only poller of this fresh queue can be the subprocess
             assert proc.returncode is None, (await proc.communicate())[1].decode()
             assert asyncio.get_running_loop().time() < deadline, "the worker never polled its task queue"
             await asyncio.sleep(0.2)
             described = await temporal_env.client.workflow_service.describe_task_queue(request)
             pollers = [p.identity for p in described.pollers]
-        assert pollers == [f"{proc.pid}@{socket.gethostname()}"], pollers
-        assert proxy.log_lines("GetSystemInfo"), "the CLI's client did not go through the proxy"
+        assert len(pollers) == 1, pollers
     finally:
         if proc.returncode is None:
             proc.send_signal(signal.SIGTERM)
         out, err = await asyncio.wait_for(proc.communicate(), timeout=30)
     assert proc.returncode == 0, err.decode()
     assert f"serving runtime {runtime} on task queue runtime-{runtime}" in out.decode()
+    # its connect and its long poll (cut by the shutdown) went through nginx with the client cert
+    for rpc in ("GetSystemInfo", "PollActivityTaskQueue"):
+        lines = await proxy.logged(rpc, probe=probe)
+        assert lines and all(f'verify=SUCCESS dn="CN={CLIENT_CN},' in line for line in lines), rpc
 
 
 @pytest.mark.parametrize("which", ["no client certificate", "a certificate from another CA"])

@@ -11,7 +11,7 @@ from typing import Annotated
 import typer
 from temporalio.service import RPCError, RPCStatusCode
 
-from mlc.cli import inventory_cmds, lifecycle_cmds, stack_cmds
+from mlc.cli import inventory_cmds, lifecycle_cmds, stack_cmds, trust_cmds
 from mlc.cli.context import STATE, err_console
 from mlc.errors import MLCError
 
@@ -57,6 +57,7 @@ def _root(
 inventory_cmds.register(app)
 lifecycle_cmds.register(app)
 stack_cmds.register(app)
+trust_cmds.register(app)
 
 
 def main() -> None:

@@ -21,6 +21,7 @@ from mlc.config import Settings
 from mlc.devstack import discover
 from mlc.errors import RuntimeUnavailableError
 from mlc.store import connect
+from mlc.trust.signer import Signer
 
 _PIPE_WIDTH = 160
 """Rich assumes 80 columns when output is not a terminal; tables of ids and URLs need more."""
@@ -46,9 +47,20 @@ def settings() -> Settings:
     return discover(Settings.from_env(home=Path(STATE.home) if STATE.home else None))
 
 
-def identity(explicit: str | None) -> str:
-    """Who is acting: ``--as``, else ``MLC_USER``, else the OS user."""
-    return explicit or os.environ.get("MLC_USER") or getpass.getuser()
+def local_user() -> str:
+    """The OS user name: the principal ``mlc dev`` registers for whoever runs it."""
+    return os.environ.get("MLC_USER") or getpass.getuser()
+
+
+async def signer(cfg: Settings, pool: asyncpg.Pool) -> Signer:
+    """Who is acting: the principal owning the signing key (``mlc key create`` / MLC_SIGNING_KEY).
+
+    Nobody can act as someone else by typing a name: the key decides.
+    """
+    from mlc.admin import identify
+    from mlc.trust.keys import load_private_key
+
+    return await identify(pool, cfg, load_private_key())
 
 
 def run(coro: Coroutine[Any, Any, T]) -> T:

@@ -7,17 +7,21 @@ from typing import Annotated
 
 import typer
 
+from mlc import admin
 from mlc.artifacts import ArtifactStore
-from mlc.cli.context import console, emit, identity, inventory, run, settings
+from mlc.cli.context import console, emit, inventory, run, settings, signer
 from mlc.domain import DockerSettings, Mode, Runtime, RuntimeKind
 from mlc.registry import register_package
-from mlc.store import deployments, principals, runtimes, snapshots
+from mlc.store import deployments, runtimes, snapshots
 
 JSON = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
 
 model_app = typer.Typer(help="Register and list model snapshots.", no_args_is_help=True)
 runtime_app = typer.Typer(help="Add, list, remove and clean up runtimes.", no_args_is_help=True)
-user_app = typer.Typer(help="Grant roles (approver, lifecycle-author) to people.", no_args_is_help=True)
+user_app = typer.Typer(
+    help="Grant and revoke roles (admin, approver, lifecycle-author); signed by an admin.",
+    no_args_is_help=True,
+)
 
 
 def register(app: typer.Typer) -> None:
@@ -42,7 +46,8 @@ def register_model(
                 pool,
                 ArtifactStore(cfg.artifact_dir),
                 directory.resolve(),
-                registered_by=identity(None),
+                signer=await signer(cfg, pool),
+                settings=cfg,
             )
         if as_json:
             emit([snap], as_json=True, columns=[], title="")
@@ -120,7 +125,7 @@ def add_runtime(
             docker=docker,
         )
         async with inventory(cfg) as pool:
-            await runtimes.create_runtime(pool, runtime, replace=replace)
+            await admin.add_runtime(pool, cfg, await signer(cfg, pool), runtime, replace=replace)
         console.print(
             f"runtime {name} ({kind.value}) serves {stage} for tags "
             f"{', '.join(runtime.service_tags)} on task queue {runtime.task_queue}"
@@ -151,8 +156,9 @@ def remove_runtime(name: str) -> None:
     """Remove a runtime that has no live deployments."""
 
     async def go() -> None:
-        async with inventory(settings()) as pool:
-            await runtimes.delete_runtime(pool, name)
+        cfg = settings()
+        async with inventory(cfg) as pool:
+            await admin.remove_runtime(pool, cfg, await signer(cfg, pool), name)
         console.print(f"runtime {name} removed")
 
     run(go())
@@ -187,28 +193,60 @@ def grant(
     name: str,
     role: Annotated[list[str], typer.Option("--role", help="Role to grant (repeatable).")],
 ) -> None:
-    """Grant roles, e.g. ``approver`` (default gates) or ``lifecycle-author`` (uploads)."""
+    """Grant roles, e.g. ``approver`` (default gates), ``lifecycle-author`` (uploads), ``admin``."""
 
     async def go() -> None:
-        async with inventory(settings()) as pool:
-            roles = await principals.grant_roles(pool, name, role)
-        console.print(f"{name} now has roles: {', '.join(roles)}")
+        cfg = settings()
+        async with inventory(cfg) as pool:
+            me = await signer(cfg, pool)
+            for each in role:
+                await admin.grant_role(pool, cfg, me, name, each)
+            held = (await admin.state(pool, cfg)).roles_of(name)
+        console.print(f"{name} now has roles: {', '.join(sorted(held))} (signed by {me.name})")
+
+    run(go())
+
+
+@user_app.command("revoke")
+def revoke(
+    name: str,
+    role: Annotated[list[str], typer.Option("--role", help="Role to take away (repeatable).")],
+) -> None:
+    """Take roles away (a signed statement; the last admin keeps admin)."""
+
+    async def go() -> None:
+        cfg = settings()
+        async with inventory(cfg) as pool:
+            me = await signer(cfg, pool)
+            for each in role:
+                await admin.revoke_role(pool, cfg, me, name, each)
+            held = (await admin.state(pool, cfg)).roles_of(name)
+        console.print(f"{name} now has roles: {', '.join(sorted(held)) or 'none'} (signed by {me.name})")
 
     run(go())
 
 
 @user_app.command("list")
 def list_users(as_json: JSON = False) -> None:
-    """List people and their roles."""
+    """People and automations, their roles and keys, as the verified trail says."""
 
     async def go() -> None:
-        async with inventory(settings()) as pool:
-            found = await principals.read_principals(pool)
+        cfg = settings()
+        async with inventory(cfg) as pool:
+            current = await admin.state(pool, cfg)
         emit(
-            [{"name": n, "roles": r} for n, r in found.items()],
+            [
+                {
+                    "name": p.name,
+                    "roles": sorted(p.roles),
+                    "keys": sorted(p.active_keys()),
+                    "revoked_keys": sorted(p.revoked),
+                }
+                for p in sorted(current.principals.values(), key=lambda p: p.name)
+            ],
             as_json=as_json,
             title="People",
-            columns=["name", "roles"],
+            columns=["name", "roles", "keys", "revoked_keys"],
         )
 
     run(go())

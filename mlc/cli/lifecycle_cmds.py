@@ -11,12 +11,12 @@ from rich.syntax import Syntax
 from rich.table import Table
 
 from mlc import names
-from mlc.cli.context import client, console, emit, identity, inventory, run, settings
-from mlc.domain import ApprovalRequest, LifecycleDefinition, LifecycleSpec, ModelRef
+from mlc.cli.context import client, console, emit, inventory, run, settings, signer
+from mlc.domain import Decision, LifecycleDefinition, LifecycleSpec, ModelRef, SignedDecision
 from mlc.lifecycle_uploads import upload_lifecycle
-from mlc.operations import find_handle, read_status, send_decision, start_lifecycle
-from mlc.payloads import LifecycleStatus
-from mlc.store import audit, lifecycle_definitions, runs, snapshots
+from mlc.operations import find_handle, read_status, send_decision, sign_decision, start_lifecycle
+from mlc.payloads import LifecycleStatus, SignalDecision
+from mlc.store import lifecycle_definitions, runs, snapshots
 
 lifecycle_app = typer.Typer(help="Start lifecycles (and manage custom lifecycle code).", no_args_is_help=True)
 
@@ -24,8 +24,12 @@ REF = Annotated[str, typer.Argument(help="MODEL@VERSION, e.g. cc-fraud@1.")]
 JSON = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
 STAGE = Annotated[str, typer.Option(help="The gate's stage (guards against deciding at the wrong one).")]
 COMMENT = Annotated[str, typer.Option(help="Why; kept in the audit trail.")]
-APPROVER = Annotated[
-    str | None, typer.Option("--as", help="Approver identity (default $MLC_USER or OS user).")
+PRINT = Annotated[
+    bool,
+    typer.Option(
+        "--print-statement",
+        help="Print the signed statement as the `decide` signal's JSON input instead of sending it.",
+    ),
 ]
 
 
@@ -34,7 +38,6 @@ def register(app: typer.Typer) -> None:
     app.add_typer(lifecycle_app, name="lifecycle")
     app.command("status")(status)
     app.command("approve")(approve)
-    app.command("audit")(audit_trail)
     app.command("reject")(reject)
 
 
@@ -88,17 +91,14 @@ def upload(
     name: Annotated[
         str | None, typer.Option(help="Workflow type to start it by (default: file stem in CamelCase).")
     ] = None,
-    who: Annotated[
-        str | None, typer.Option("--as", help="Uploader identity (default $MLC_USER or OS user).")
-    ] = None,
 ) -> None:
-    """Validate, dry-run and store lifecycle code as a new version; running workers serve it at once."""
+    """Validate, dry-run, sign and store lifecycle code as a new version; running workers serve it at once."""
 
     async def go() -> None:
         cfg = settings()
         async with inventory(cfg) as pool:
             stored, created = await upload_lifecycle(
-                pool, file, uploader=identity(who), role=cfg.author_role, name=name
+                pool, file, signer=await signer(cfg, pool), settings=cfg, name=name
             )
         if not created:
             console.print(
@@ -227,56 +227,32 @@ def render_status(current: LifecycleStatus) -> None:
         console.print(f"  [yellow]refused signal:[/yellow] {note}")
 
 
-def _decide(ref: str, stage: str, comment: str, who: str | None, *, approve_it: bool) -> None:
+def _decide(ref: str, stage: str, comment: str, *, decision: Decision, print_statement: bool) -> None:
     model_ref = ModelRef.parse(ref)
 
     async def go() -> None:
         cfg = settings()
         async with inventory(cfg) as pool:
-            handle = await find_handle(await client(cfg), pool, model_ref)
-        record = await send_decision(
-            handle,
-            model_ref,
-            ApprovalRequest(stage=stage, approver=identity(who), comment=comment),
-            approve=approve_it,
-        )
-        console.print(f"{model_ref}: {stage} {record.decision.value} by {record.approver}")
-
-    run(go())
-
-
-def approve(ref: REF, stage: STAGE, comment: COMMENT = "", who: APPROVER = None) -> None:
-    """Approve the gate a lifecycle is waiting at."""
-    _decide(ref, stage, comment, who, approve_it=True)
-
-
-def reject(ref: REF, stage: STAGE, comment: COMMENT = "", who: APPROVER = None) -> None:
-    """Reject: the lifecycle undeploys that stage and ends as failed."""
-    _decide(ref, stage, comment, who, approve_it=False)
-
-
-def audit_trail(ref: REF, as_json: JSON = False) -> None:
-    """The audit trail of a snapshot: every test result and gate decision, from the inventory."""
-    model_ref = ModelRef.parse(ref)
-
-    async def go() -> None:
-        async with inventory(settings()) as pool:
-            tests = await audit.read_test_results(pool, model_ref.model, model_ref.version)
-            decisions = await audit.read_decisions(pool, model_ref.model, model_ref.version)
-        if as_json:
-            print(json.dumps({"tests": tests, "decisions": decisions}, indent=2, default=str))
+            me = await signer(cfg, pool)
+            handle, envelope = await sign_decision(
+                await client(cfg), pool, me, model_ref, stage=stage, decision=decision, comment=comment
+            )
+        if print_statement:
+            print(json.dumps(SignalDecision(envelope=envelope).model_dump(mode="json", by_alias=True)))
             return
-        emit(
-            tests,
-            as_json=False,
-            title=f"Tests of {model_ref}",
-            columns=["recorded_at", "stage", "test", "passed", "summary", "deployment_id"],
+        record = await send_decision(
+            handle, model_ref, SignedDecision(envelope=envelope), approve=decision is Decision.APPROVED
         )
-        emit(
-            decisions,
-            as_json=False,
-            title=f"Decisions on {model_ref}",
-            columns=["decided_at", "stage", "decision", "approver", "comment", "workflow_id"],
-        )
+        console.print(f"{model_ref}: {stage} {record.decision.value} by {record.approver} (signed, verified)")
 
     run(go())
+
+
+def approve(ref: REF, stage: STAGE, comment: COMMENT = "", print_statement: PRINT = False) -> None:
+    """Sign and send an approval for the gate a lifecycle is waiting at."""
+    _decide(ref, stage, comment, decision=Decision.APPROVED, print_statement=print_statement)
+
+
+def reject(ref: REF, stage: STAGE, comment: COMMENT = "", print_statement: PRINT = False) -> None:
+    """Sign and send a rejection: the lifecycle undeploys that stage and ends as failed."""
+    _decide(ref, stage, comment, decision=Decision.REJECTED, print_statement=print_statement)

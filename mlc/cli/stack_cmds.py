@@ -7,6 +7,7 @@ import contextlib
 import os
 import signal
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from typing import Annotated
 
 import asyncpg
@@ -15,16 +16,19 @@ import typer
 from rich.table import Table
 from temporalio.client import Client
 
+from mlc import admin
 from mlc.artifacts import ArtifactStore
-from mlc.cli.context import client, console, emit, identity, settings
+from mlc.cli.context import client, console, emit, local_user, settings
 from mlc.cli.lifecycle_cmds import render_status
 from mlc.config import Settings
 from mlc.devstack import DevStack, dev_running
-from mlc.domain import ApprovalRequest, LifecycleState, ModelRef
+from mlc.domain import Decision, LifecycleState, ModelRef, SignedDecision
 from mlc.errors import RuntimeUnavailableError
-from mlc.operations import read_status, send_decision, start_lifecycle
-from mlc.registry import ensure_dev_runtimes, register_package
-from mlc.store import connect, deployments, principals, runtimes
+from mlc.operations import read_status, send_decision, sign_decision, start_lifecycle
+from mlc.registry import register_package
+from mlc.store import connect, deployments, runtimes
+from mlc.store.db import enable_worker_login
+from mlc.trust.keys import default_key_path, ensure_key
 
 
 def register(app: typer.Typer) -> None:
@@ -57,12 +61,19 @@ async def embedded(
             assert ready.database_url is not None
             pool = await connect(ready.database_url)
         try:
-            await ensure_dev_runtimes(pool, ready.task_queue)
-            await principals.grant_roles(pool, identity(None), ["approver", "lifecycle-author"])
+            ready = await admin.bootstrap_dev(
+                pool, ready, local_user(), ensure_key(default_key_path()), task_queue=ready.task_queue
+            )
+            worker_dsn = await enable_worker_login(pool, ready.database_url or "")
+            ready = replace(ready, worker_database_url=worker_dsn)
+            worker_pool = await connect(ready.worker_database_url or "", migrate_schema=False)
             temporal = await _embedded_client(ready)
             await ensure_search_attributes(temporal)
-            async with build_main_worker(temporal, ready, pool):
-                yield ready
+            try:
+                async with build_main_worker(temporal, ready, worker_pool):
+                    yield ready
+            finally:
+                await worker_pool.close()
             await _stop_local_deployments(ready, pool)
         finally:
             await pool.close()
@@ -116,7 +127,8 @@ def dev(
             table.add_row("Task queue", ready.task_queue)
             table.add_row("Inventory", ready.database_url or "-")
             table.add_row("State", str(ready.home))
-            table.add_row("Approver", identity(None))
+            table.add_row("Admin and approver", f"{local_user()} (key {default_key_path()})")
+            table.add_row("Trust root", ready.trust_root or "-")
             console.print(table)
             await stop.wait()
         console.print("stopped")
@@ -144,7 +156,9 @@ def worker(
                     "the main worker needs the inventory: set MLC_DATABASE_URL (or run `mlc dev`)"
                 )
             await ensure_search_attributes(temporal)
-            pool = await connect(cfg.database_url)
+            pool = await connect(
+                cfg.worker_database_url or cfg.database_url, migrate_schema=cfg.worker_database_url is None
+            )
             try:
                 await run_until(build_main_worker(temporal, cfg, pool), stop)
             finally:
@@ -187,14 +201,17 @@ async def _walk(cfg: Settings, *, yes: bool, ui: str | None) -> int:
     from mlc.examples import prepare_example_model
 
     assert cfg.database_url
-    me = identity(None)
     with console.status("training the example credit-card-fraud model"):
         package = await asyncio.to_thread(prepare_example_model)
     pool = await connect(cfg.database_url, max_size=2)
     try:
-        await ensure_dev_runtimes(pool, cfg.task_queue)
-        await principals.grant_roles(pool, me, ["approver"])
-        snap, _ = await register_package(pool, ArtifactStore(cfg.artifact_dir), package, registered_by=me)
+        cfg = await admin.bootstrap_dev(
+            pool, cfg, local_user(), ensure_key(default_key_path()), task_queue=cfg.task_queue
+        )
+        me = await admin.identify(pool, cfg, ensure_key(default_key_path()))
+        snap, _ = await register_package(
+            pool, ArtifactStore(cfg.artifact_dir), package, signer=me, settings=cfg
+        )
         ref = ModelRef(model=snap.model, version=snap.version)
         console.print(
             f"registered {ref} (sha256 {snap.sha256[:12]})"
@@ -216,15 +233,17 @@ async def _walk(cfg: Settings, *, yes: bool, ui: str | None) -> int:
                     if gate and gate.stage not in announced:
                         announced.add(gate.stage)
                         if yes:
-                            await send_decision(
-                                handle,
+                            handle, envelope = await sign_decision(
+                                temporal,
+                                pool,
+                                me,
                                 ref,
-                                ApprovalRequest(
-                                    stage=gate.stage, approver=me, comment="approved by mlc demo --yes"
-                                ),
-                                approve=True,
+                                stage=gate.stage,
+                                decision=Decision.APPROVED,
+                                comment="approved by mlc demo --yes",
                             )
-                            console.print(f"approved {gate.stage} as {me}")
+                            await send_decision(handle, ref, SignedDecision(envelope=envelope), approve=True)
+                            console.print(f"approved {gate.stage} as {me.name} (signed, verified)")
                         else:
                             console.print(
                                 f"{ref} waits at {gate.stage}; approve with:\n"

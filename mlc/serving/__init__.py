@@ -1,7 +1,7 @@
 """The model server: one ASGI app and one batch job for every model package.
 
 The same code runs as a local process and inside slim containers, so this package
-imports only starlette, uvicorn, orjson, pyyaml, pydantic and ``mlc.manifest``,
+imports only starlette, uvicorn, orjson, pyyaml, pydantic, packaging and ``mlc.manifest``,
 ``mlc.domain`` and ``mlc.errors`` (never temporalio, asyncpg, docker or httpx).
 """
 
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from mlc.serving.app import DEFAULT_MAX_BATCH, create_app
 from mlc.serving.batch import BatchSummary, run_batch
+from mlc.serving.limits import ServingLimits
 from mlc.serving.loader import LoadedModel, check_requirements, load_model
 from mlc.serving.validation import InvalidRecordsError, Problem, RecordValidator
 
@@ -19,6 +20,7 @@ __all__ = [
     "LoadedModel",
     "Problem",
     "RecordValidator",
+    "ServingLimits",
     "check_requirements",
     "create_app",
     "load_model",

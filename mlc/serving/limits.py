@@ -119,11 +119,14 @@ def too_many_records(body: bytes, max_records: int) -> bool:
     stops at the first comma past the limit. False does not promise the array is small,
     but the arrays that cost most to decode (many small containers) never get decoded.
     """
+    allowed = 2 * max_records + 1
+    if len(body) < 2 * allowed:  # every container takes two bytes: too short to hold more
+        return False
     leading = _LEADING_SPACE.match(body)
     start = leading.end() if leading is not None else 0
     if body[start : start + 1] != b"[":
         return False
-    if body.count(b"{") + body.count(b"[") <= 2 * max_records + 1:
+    if body.count(b"{") + body.count(b"[") <= allowed:
         return False
     depth = 0
     commas = 0

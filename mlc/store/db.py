@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import json
+import secrets
 from importlib import resources
 from typing import Any
+from urllib.parse import quote, urlsplit, urlunsplit
 
 import asyncpg
 
 from mlc.errors import RuntimeUnavailableError
 
+WORKER_ROLE = "mlc_worker"
+"""The workers' PostgreSQL role: SELECT/INSERT on the trail, no UPDATE/DELETE (0002_trust.sql)."""
 _MIGRATION_LOCK = 727_001
 """Advisory lock id so concurrent workers don't migrate at the same time."""
 
@@ -18,8 +22,14 @@ async def _init_connection(conn: asyncpg.Connection) -> None:
     await conn.set_type_codec("jsonb", encoder=json.dumps, decoder=json.loads, schema="pg_catalog")
 
 
-async def connect(dsn: str, *, min_size: int = 1, max_size: int = 10) -> asyncpg.Pool:
-    """Open a pool with JSON codecs and the schema migrated to the newest version."""
+async def connect(
+    dsn: str, *, min_size: int = 1, max_size: int = 10, migrate_schema: bool = True
+) -> asyncpg.Pool:
+    """Open a pool with JSON codecs and the schema migrated to the newest version.
+
+    The workers' least-privilege role cannot migrate (``migrate_schema=False``): it only
+    checks that the owner has migrated the schema this code needs.
+    """
     try:
         pool: asyncpg.Pool = await asyncpg.create_pool(
             dsn, min_size=min_size, max_size=max_size, init=_init_connection
@@ -29,8 +39,38 @@ async def connect(dsn: str, *, min_size: int = 1, max_size: int = 10) -> asyncpg
             f"cannot reach PostgreSQL at {_redact(dsn)}: {exc}; is `mlc dev` running, "
             "or is MLC_DATABASE_URL right?"
         ) from exc
-    await migrate(pool)
+    if migrate_schema:
+        await migrate(pool)
+    else:
+        await _check_schema(pool)
     return pool
+
+
+async def _check_schema(pool: asyncpg.Pool) -> None:
+    newest = max(number for number, _, _ in _migrations())
+    try:
+        applied = await pool.fetchval("SELECT max(version) FROM schema_migrations")
+    except asyncpg.PostgresError:
+        applied = None
+    if applied is None or applied < newest:
+        await pool.close()
+        raise RuntimeUnavailableError(
+            f"the inventory schema is at version {applied or 0}, this worker needs {newest}: run any "
+            "`mlc` command with the owner's MLC_DATABASE_URL to migrate it"
+        )
+
+
+async def enable_worker_login(pool: asyncpg.Pool, dsn: str) -> str:
+    """Give the ``mlc_worker`` role (created by the migrations) a fresh password; return its DSN.
+
+    For stacks this project starts itself (``mlc dev``, tests); team deployments create the
+    login with their own secret management and pass ``MLC_WORKER_DATABASE_URL``.
+    """
+    password = secrets.token_urlsafe(24)  # [A-Za-z0-9_-]: safe inside the quoted literal
+    await pool.execute(f"ALTER ROLE {WORKER_ROLE} LOGIN PASSWORD '{password}'")
+    parts = urlsplit(dsn)
+    host = parts.netloc.rpartition("@")[2]
+    return urlunsplit(parts._replace(netloc=f"{WORKER_ROLE}:{quote(password)}@{host}"))
 
 
 def _redact(dsn: str) -> str:

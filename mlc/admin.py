@@ -1,0 +1,187 @@
+"""Signed administration: the trust root, keys, roles, policies and runtimes.
+
+Each function builds a governance statement with the caller's :class:`Signer`, has the
+inventory verify it against the current verified state (refusing with a message when
+the signer lacks the role), and records it in the trail. The CLI, ``mlc dev``'s
+bootstrap and the tests all go through here.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from mlc.config import TRUST_ROOT_FILE, Settings
+from mlc.domain import DEFAULT_STAGES, Runtime
+from mlc.errors import ConflictError, RefusedError
+from mlc.store import governance, runtimes
+from mlc.store.governance import AfterApply
+from mlc.trust import governance as actions
+from mlc.trust.governance import Governance
+from mlc.trust.keys import key_id, parse_public_key
+from mlc.trust.policy import StagePolicy
+from mlc.trust.signer import Signer
+from mlc.trust.statements import GovernancePredicate
+
+
+async def state(pool: asyncpg.Pool, settings: Settings) -> Governance:
+    """The verified governance state, as the workers will see it."""
+    return await governance.load(pool, pinned_root=settings.trust_root, author_role=settings.author_role)
+
+
+async def identify(pool: asyncpg.Pool, settings: Settings, key: Ed25519PrivateKey) -> Signer:
+    """The principal that owns ``key``, or a message saying how to get the key registered."""
+    kid = key_id(key.public_key())
+    current = await state(pool, settings)
+    if not current.initialized:
+        raise RefusedError("this installation has no trust root yet: run `mlc admin init NAME` first")
+    for principal in current.principals.values():
+        if kid in principal.keys:
+            if kid in principal.revoked:
+                raise RefusedError(f"your key {kid} ({principal.name}) has been revoked")
+            return Signer(principal.name, key)
+    raise RefusedError(
+        f"your key {kid} is not registered; send `mlc key show` to an admin, who runs "
+        "`mlc key add NAME 'ssh-ed25519 ...'`"
+    )
+
+
+async def submit(
+    pool: asyncpg.Pool,
+    settings: Settings,
+    signer: Signer,
+    action: str,
+    args: dict[str, Any],
+    *,
+    subject: str | None = None,
+    then: AfterApply | None = None,
+) -> GovernancePredicate:
+    """Sign, verify and record one governance statement."""
+    envelope = signer.governance(action, args, subject=subject)
+    return await governance.submit(
+        pool, envelope, pinned_root=settings.trust_root, author_role=settings.author_role, then=then
+    )
+
+
+async def init_admin(pool: asyncpg.Pool, settings: Settings, name: str, key: Ed25519PrivateKey) -> str:
+    """Register the installation's first admin and pin its key as the trust root; return the key id.
+
+    The pin goes to ``home/trust-root`` (when ``MLC_TRUST_ROOT`` is not set), where workers
+    and the CLI of this home read it.
+    """
+    kid = key_id(key.public_key())
+    if settings.trust_root and settings.trust_root != kid:
+        raise RefusedError(f"MLC_TRUST_ROOT pins {settings.trust_root}, but your key is {kid}")
+    signer = Signer(name, key)
+    pinned = Settings(**{**settings.__dict__, "trust_root": kid})
+    await submit(pool, pinned, signer, actions.INIT, actions.registration_args(name, key.public_key()))
+    if not settings.trust_root:
+        settings.home.mkdir(parents=True, exist_ok=True)
+        (settings.home / TRUST_ROOT_FILE).write_text(kid + "\n")
+    return kid
+
+
+async def add_key(pool: asyncpg.Pool, settings: Settings, signer: Signer, name: str, public_key: str) -> str:
+    """Register ``public_key`` (ssh-ed25519 or PEM) for principal ``name``; return its key id."""
+    public = parse_public_key(public_key)
+    await submit(pool, settings, signer, actions.KEY_ADD, actions.registration_args(name, public))
+    return key_id(public)
+
+
+async def revoke_key(pool: asyncpg.Pool, settings: Settings, signer: Signer, name: str, kid: str) -> None:
+    """Revoke one of ``name``'s keys (admins, or the key's owner)."""
+    await submit(pool, settings, signer, actions.KEY_REVOKE, {"principal": name, "keyid": kid})
+
+
+async def grant_role(pool: asyncpg.Pool, settings: Settings, signer: Signer, name: str, role: str) -> None:
+    """Grant ``role`` to ``name`` (admins only)."""
+    await submit(pool, settings, signer, actions.ROLE_GRANT, {"principal": name, "role": role})
+
+
+async def revoke_role(pool: asyncpg.Pool, settings: Settings, signer: Signer, name: str, role: str) -> None:
+    """Take ``role`` from ``name`` (admins only; the last admin keeps admin)."""
+    await submit(pool, settings, signer, actions.ROLE_REVOKE, {"principal": name, "role": role})
+
+
+async def set_policy(pool: asyncpg.Pool, settings: Settings, signer: Signer, policy: StagePolicy) -> None:
+    """Sign a stage policy (admins only); it applies from the next check on."""
+    await submit(pool, settings, signer, actions.POLICY_SET, {"policy": policy.model_dump(mode="json")})
+
+
+async def add_runtime(
+    pool: asyncpg.Pool, settings: Settings, signer: Signer, runtime: Runtime, *, replace: bool = False
+) -> Runtime:
+    """Register a runtime (admins only); ``replace`` signs its removal first."""
+    current = await state(pool, settings)
+    if runtime.name in current.runtimes:
+        if not replace:
+            raise ConflictError(f"runtime {runtime.name} already exists; use --replace to overwrite it")
+        await remove_runtime(pool, settings, signer, runtime.name, keep_row=True)
+
+    async def write_row(conn: asyncpg.Connection, _: GovernancePredicate) -> None:
+        await runtimes.create_runtime(conn, runtime, replace=True)
+
+    await submit(
+        pool,
+        settings,
+        signer,
+        actions.RUNTIME_ADD,
+        {"runtime": runtime.model_dump(mode="json")},
+        then=write_row,
+    )
+    return runtime
+
+
+async def remove_runtime(
+    pool: asyncpg.Pool, settings: Settings, signer: Signer, name: str, *, keep_row: bool = False
+) -> None:
+    """Remove a runtime with no live deployments (admins only)."""
+
+    async def delete_row(conn: asyncpg.Connection, _: GovernancePredicate) -> None:
+        if not keep_row:
+            await runtimes.delete_runtime(conn, name)
+
+    await submit(pool, settings, signer, actions.RUNTIME_REMOVE, {"name": name}, then=delete_row)
+
+
+DEV_ROLES = ("approver", "lifecycle-author")
+
+
+async def bootstrap_dev(
+    pool: asyncpg.Pool, settings: Settings, name: str, key: Ed25519PrivateKey, *, task_queue: str
+) -> Settings:
+    """Make an embedded stack usable at once: ``name`` is admin, approver and author, one
+    local runtime per stage, and segregation of duties off (one person plays every role).
+
+    Idempotent: on a home that already has a trust root nothing is re-initialised.
+    Returns the settings with the trust root pinned.
+    """
+    current = await state(pool, settings)
+    if not current.initialized:
+        kid = await init_admin(pool, settings, name, key)
+        settings = Settings(**{**settings.__dict__, "trust_root": kid})
+        current = await state(pool, settings)
+    signer = await identify(pool, settings, key)
+    for role in DEV_ROLES:
+        if role not in current.roles_of(signer.name):
+            await grant_role(pool, settings, signer, signer.name, role)
+    for stage in DEFAULT_STAGES:
+        runtime = Runtime(name=f"local-{stage.lower()}", stage=stage, task_queue=task_queue)
+        if runtime.name not in current.runtimes:
+            await add_runtime(pool, settings, signer, runtime)
+        if stage not in current.policies:
+            base = current.policy(stage)
+            solo = base.model_copy(
+                update={"forbid_registrant": False, "forbid_starter": False, "forbid_uploader": False}
+            )
+            await set_policy(pool, settings, signer, solo)
+    return settings
+
+
+def read_public_key(text_or_path: str) -> str:
+    """A public key given inline or as a path to a ``.pub``/PEM file."""
+    path = Path(text_or_path).expanduser()
+    return path.read_text() if path.is_file() else text_or_path

@@ -1,0 +1,213 @@
+"""Verifying the audit trail offline: the hash chain, every signature, every governance step.
+
+Works on entries from the database or from an exported bundle alike, so an auditor who
+trusts neither the database nor us needs only the bundle and the installation's trust
+root key id. It reports the first broken link and what no longer matches.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from pydantic import ValidationError
+
+from mlc.errors import RefusedError
+from mlc.store.trail import DECISION, GENESIS, GOVERNANCE, Entry
+from mlc.trust.governance import Governance
+from mlc.trust.keys import public_text
+from mlc.trust.statements import decision_of
+
+BUNDLE_FORMAT = "mlc-audit-bundle/v1"
+
+
+@dataclass
+class Verification:
+    """What ``mlc audit verify`` found."""
+
+    entries: int = 0
+    signed: int = 0
+    head: str = GENESIS
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        """True when the chain is whole and every signature verifies."""
+        return not self.problems
+
+
+def verify_entries(entries: list[Entry], *, trust_root: str | None, author_role: str) -> Verification:
+    """Recompute the chain and check every signed entry against the keys valid at its point."""
+    result = Verification()
+    state = Governance(pinned_root=trust_root, author_role=author_role)
+    previous = GENESIS
+    for expected_seq, entry in enumerate(entries, start=1):
+        where = f"entry {entry.seq} ({_label(entry)})"
+        if entry.seq != expected_seq:
+            result.problems.append(f"entry {expected_seq} is missing: the next stored entry is {entry.seq}")
+            break
+        if entry.prev_hash != previous:
+            result.problems.append(
+                f"{where} does not link to entry {entry.seq - 1}: it names {entry.prev_hash[:16]}..., "
+                f"but entry {entry.seq - 1} as stored hashes to {previous[:16]}...; "
+                f"entry {entry.seq - 1} was changed"
+            )
+            break
+        recomputed = entry.expected_hash()
+        if recomputed != entry.hash:
+            result.problems.append(
+                f"{where} was changed after it was recorded: its content hashes to {recomputed[:16]}..., "
+                f"the chain recorded {entry.hash[:16]}...{_what_changed(entry)}"
+            )
+            break
+        problem = _check_signed(entry, state)
+        if problem:
+            result.problems.append(f"{where}: {problem}")
+            break
+        result.signed += entry.envelope is not None
+        result.entries += 1
+        previous = entry.hash
+    result.head = previous
+    return result
+
+
+def _label(entry: Entry) -> str:
+    subject = f", {entry.model}@{entry.version}" if entry.model else ""
+    return f"{entry.kind}{subject}"
+
+
+def _check_signed(entry: Entry, state: Governance) -> str | None:
+    """Verify a signed entry and that its stored body says what was signed."""
+    try:
+        envelope = entry.signed()
+    except (ValidationError, ValueError) as exc:
+        return f"its envelope is unreadable ({exc})"
+    if entry.kind == GOVERNANCE:
+        if envelope is None:
+            return "a governance entry without a signature"
+        try:
+            predicate = state.apply(envelope)
+        except (RefusedError, ValueError) as exc:
+            return f"its governance statement does not verify: {exc}"
+        body = entry.data()
+        if body.get("action") != predicate.action or body.get("args") != predicate.args:
+            return f"the stored action differs from the signed one ({predicate.action})"
+        return None
+    if envelope is None:
+        return None
+    try:
+        signer = state.signer_of(envelope)
+        _, claim = decision_of(envelope)
+    except (RefusedError, ValueError) as exc:
+        return f"its signature does not verify: {exc}"
+    if entry.kind == DECISION:
+        body = entry.data()
+        signed = {
+            "approver": signer.name,
+            "stage": claim.stage,
+            "decision": claim.decision,
+            "comment": claim.comment,
+        }
+        for name, value in signed.items():
+            if body.get(name) != value:
+                return f"the stored {name} is {body.get(name)!r}, but the signed statement says {value!r}"
+        if entry.nonce != claim.nonce:
+            return "the stored nonce differs from the signed one"
+    return None
+
+
+def _what_changed(entry: Entry) -> str:
+    """For a signed entry, name the stored field that no longer matches the signature."""
+    try:
+        envelope = entry.signed()
+        if envelope is None or entry.kind != DECISION:
+            return ""
+        _, claim = decision_of(envelope)
+        body = entry.data()
+    except (ValidationError, ValueError):
+        return "; its envelope was changed too"
+    for name in ("stage", "decision", "comment"):
+        if body.get(name) != getattr(claim, name):
+            return f"; {name} is now {body.get(name)!r}, the signed statement says {getattr(claim, name)!r}"
+    if body.get("approver") != claim.signer:
+        return f"; approver is now {body.get('approver')!r}, the statement was signed by {claim.signer!r}"
+    return ""
+
+
+# --- export -------------------------------------------------------------------------------
+
+
+def bundle(entries: list[Entry], *, trust_root: str | None, author_role: str) -> dict[str, Any]:
+    """A self-contained export: every entry plus the public keys and trust root to verify it."""
+    state = Governance(pinned_root=trust_root, author_role=author_role)
+    for entry in entries:
+        envelope = entry.signed() if entry.kind == GOVERNANCE else None
+        if envelope is not None:
+            try:
+                state.apply(envelope)
+            except (RefusedError, ValueError):
+                continue
+    keys = {
+        kid: {"principal": p.name, "public_key": public_text(key), "revoked": kid in p.revoked}
+        for p in state.principals.values()
+        for kid, key in p.keys.items()
+    }
+    return {
+        "format": BUNDLE_FORMAT,
+        "exported_at": datetime.now(UTC).isoformat(),
+        "trust_root": trust_root,
+        "author_role": author_role,
+        "head": {"seq": entries[-1].seq, "hash": entries[-1].hash} if entries else None,
+        "keys": keys,
+        "entries": [e.to_json() for e in entries],
+    }
+
+
+def entries_of(data: dict[str, Any]) -> list[Entry]:
+    """The entries of a bundle read back from JSON."""
+    if data.get("format") != BUNDLE_FORMAT:
+        raise ValueError(f"not an audit bundle ({data.get('format')!r}); expected {BUNDLE_FORMAT}")
+    return [Entry(**e) for e in data["entries"]]
+
+
+CSV_COLUMNS = (
+    "seq",
+    "kind",
+    "model",
+    "version",
+    "workflow_id",
+    "run_id",
+    "recorded_at",
+    "signer_key",
+    "body",
+)
+
+
+def to_csv(entries: list[Entry]) -> str:
+    """One row per entry, for spreadsheets (verify with the JSON bundle, which keeps everything)."""
+    out = io.StringIO()
+    writer = csv.writer(out)
+    writer.writerow([*CSV_COLUMNS, "prev_hash", "hash"])
+    for e in entries:
+        body = e.data()
+        envelope = e.signed()
+        writer.writerow(
+            [
+                e.seq,
+                e.kind,
+                e.model or "",
+                e.version or "",
+                e.workflow_id or "",
+                e.run_id or "",
+                body.get("recorded_at", ""),
+                envelope.signatures[0].keyid if envelope and envelope.signatures else "",
+                json.dumps(body, sort_keys=True),
+                e.prev_hash,
+                e.hash,
+            ]
+        )
+    return out.getvalue()
