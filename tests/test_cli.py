@@ -7,7 +7,7 @@ from pathlib import Path
 
 from mlc.domain import ModelRef
 from mlc.operations import find_handle
-from tests.conftest import Stack
+from tests.conftest import ADMIN, Stack
 from tests.lifecycle_helpers import wait_for_gate
 
 
@@ -29,9 +29,10 @@ async def test_register_add_runtimes_start_and_list(stack: Stack, example_packag
             "cc-fraud",
             "--task-queue",
             stack.task_queue,
+            user=ADMIN,
         )
         assert added.returncode == 0, added.stderr
-    duplicate = await stack.mlc("runtime", "add", "local-dev", "--stage", "DEV")
+    duplicate = await stack.mlc("runtime", "add", "local-dev", "--stage", "DEV", user=ADMIN)
     assert duplicate.returncode == 4 and "already exists" in duplicate.stderr
     listed = json.loads((await stack.mlc("runtime", "list", "--json")).stdout)
     assert [(r["name"], r["stage"], r["service_tags"]) for r in listed] == [

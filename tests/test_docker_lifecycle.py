@@ -15,7 +15,7 @@ import pytest
 from temporalio.client import WorkflowFailureError
 
 from mlc.domain import DockerSettings, Runtime, RuntimeKind
-from mlc.store import deployments, runtimes
+from mlc.store import deployments
 from tests.conftest import DOCKER_BASE_IMAGE, FIXTURES, Stack
 from tests.lifecycle_helpers import start_like_ui, wait_for_gate
 
@@ -27,8 +27,7 @@ async def test_local_dev_then_docker_stages_reach_prod(
     await stack.add_local_runtimes(("DEV",))
     engine_queue = f"{stack.task_queue}-prod-engine"
     for stage in ("SIT", "UAT", "PROD"):
-        await runtimes.create_runtime(
-            stack.pool,
+        await stack.add_runtime(
             Runtime(
                 name=f"docker-{stage.lower()}",
                 kind=RuntimeKind.DOCKER,
@@ -86,8 +85,7 @@ async def test_container_crashing_at_start_fails_its_stage_with_the_log(
     stack: Stack, docker_engine: Any
 ) -> None:
     snap = await stack.register(FIXTURES / "models" / "crash-model")
-    await runtimes.create_runtime(
-        stack.pool,
+    await stack.add_runtime(
         Runtime(
             name="docker-dev",
             kind=RuntimeKind.DOCKER,

@@ -13,9 +13,11 @@ from temporalio.client import WorkflowFailureError
 from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.testing import WorkflowEnvironment
 
+from mlc import admin
 from mlc.domain import ApprovalGate, DeploymentState, LifecycleSpec, StageSpec, TestKind
 from mlc.store import audit, connect, deployments
-from tests.conftest import Stack
+from mlc.trust.policy import StagePolicy
+from tests.conftest import ADMIN, Stack
 from tests.lifecycle_helpers import start_like_ui, wait_for_gate
 from workers.client import ensure_search_attributes
 from workers.worker import build_main_worker
@@ -62,6 +64,8 @@ async def test_prod_handover_keeps_old_version_serving_until_new_is_healthy(
     stack: Stack, example_package: Path, tmp_path: Path
 ) -> None:
     await stack.add_local_runtimes(("PROD",))
+    # PROD-only runs: unprotect PROD (by default it is admitted only by approvals at UAT).
+    await admin.set_policy(stack.pool, stack.settings, stack.signers[ADMIN], StagePolicy(stage="PROD"))
     v1 = await stack.register(example_package)
     prod_only = LifecycleSpec(stages=(StageSpec(name="PROD", tests=(TestKind.SMOKE,)),))
     first = await start_like_ui(

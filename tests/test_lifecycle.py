@@ -12,7 +12,7 @@ from temporalio.client import WorkflowFailureError
 from mlc.domain import Decision, DeploymentState, LifecycleState
 from mlc.operations import read_status
 from mlc.store import audit, deployments, runs
-from tests.conftest import APPROVER, FIXTURES, Stack
+from tests.conftest import APPROVER, FIXTURES, REGISTRAR, Stack
 from tests.lifecycle_helpers import keep_history, start_like_ui, wait_for_gate
 
 
@@ -132,7 +132,12 @@ async def test_refused_decisions(stack: Stack, example_package) -> None:
 
     stranger = await stack.mlc("approve", ref, "--stage", "DEV", user="mallory")
     assert stranger.returncode == 4
-    assert "mallory may not decide at DEV" in stranger.stderr and "alice" in stranger.stderr
+    assert "is not registered" in stranger.stderr, "an unregistered key cannot decide"
+    no_role = await stack.mlc("approve", ref, "--stage", "DEV", user=REGISTRAR)
+    assert no_role.returncode == 4
+    assert "registrar may not decide at DEV: the stage policy allows role:approver" in " ".join(
+        no_role.stderr.split()
+    )
 
     await approve(stack, ref, "DEV")
     await handle.result()
