@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import shutil
 import uuid
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -15,19 +16,18 @@ from temporalio.client import WorkflowFailureError
 
 from activities.runtimes.local import STATE_FILE
 from lifecycles.loader import load_lifecycle
-from mlc.domain import DeploymentState, Mode, ModelSnapshot
+from mlc.domain import DeploymentState, LifecycleDefinition, Mode, ModelSnapshot
 from mlc.errors import InvalidLifecycleError, PermissionDeniedError
 from mlc.lifecycle_uploads import upload_lifecycle
 from mlc.names import BUILT_IN_LIFECYCLES, workflow_id_for
-from mlc.store import audit, deployments, lifecycle_definitions, principals, runs, runtimes
-from tests.conftest import APPROVER, FIXTURES, Stack
+from mlc.store import audit, deployments, lifecycle_definitions, runs, runtimes
+from tests.conftest import APPROVER, AUTHOR, FIXTURES, Stack
 from tests.lifecycle_helpers import keep_history, start_like_ui, wait_for, wait_for_gate
 from workers.registry import ALL_WORKFLOWS
 from workers.worker import build_main_worker
 
 LIFECYCLES = FIXTURES / "lifecycles"
 FOUR_EYES = Path(__file__).parent.parent / "examples" / "lifecycles" / "four_eyes.py"
-AUTHOR_ROLE = "lifecycle-author"
 
 BAD_UPLOADS = {
     "syntax_error.py": (7, "syntax error: expected ':'"),
@@ -46,6 +46,13 @@ def wid() -> str:
 def one_line(text: str) -> str:
     """CLI output as one line (rich wraps long messages at the terminal width)."""
     return " ".join(text.split())
+
+
+async def upload(stack: Stack, path: Path, *, name: str | None = None) -> tuple[LifecycleDefinition, bool]:
+    """Upload ``path`` as the lifecycle author (who therefore may not approve its runs)."""
+    return await upload_lifecycle(
+        stack.pool, path, signer=stack.signers[AUTHOR], settings=stack.settings, name=name
+    )
 
 
 async def approve(stack: Stack, ref: str, stage: str, *, user: str = APPROVER) -> None:
@@ -71,7 +78,7 @@ async def test_running_workers_pick_up_uploads_and_runs_keep_their_version(
     queue = f"custom-{uuid.uuid4().hex[:8]}"
 
     uploaded = await stack.mlc(
-        "lifecycle", "upload", str(LIFECYCLES / "good" / "pinned_v1.py"), "--name", "Pinned"
+        "lifecycle", "upload", str(LIFECYCLES / "good" / "pinned_v1.py"), "--name", "Pinned", user=AUTHOR
     )
     assert uploaded.returncode == 0, uploaded.stderr
     assert "uploaded Pinned version 1" in one_line(uploaded.stdout)
@@ -86,13 +93,7 @@ async def test_running_workers_pick_up_uploads_and_runs_keep_their_version(
         )
         assert (await wait_for_gate(on_v1, "DEV")).lifecycle == "Pinned@1"
 
-        v2, created = await upload_lifecycle(
-            stack.pool,
-            LIFECYCLES / "good" / "pinned_v2.py",
-            uploader=APPROVER,
-            role=AUTHOR_ROLE,
-            name="Pinned",
-        )
+        v2, created = await upload(stack, LIFECYCLES / "good" / "pinned_v2.py", name="Pinned")
         assert created and v2.version == 2
         on_v2 = await start_like_ui(
             stack.client,
@@ -134,7 +135,7 @@ async def test_bad_uploads_are_refused_with_file_line_and_reason(stack: Stack, f
     path = LIFECYCLES / "bad" / file
     line, reason = BAD_UPLOADS[file]
     with pytest.raises(InvalidLifecycleError) as refused:
-        await upload_lifecycle(stack.pool, path, uploader=APPROVER, role=AUTHOR_ROLE)
+        await upload(stack, path)
     message = str(refused.value)
     assert f"{path}:{line}: " in message and reason in message, message
     assert await lifecycle_definitions.read_lifecycle_definitions(stack.pool) == []
@@ -143,31 +144,39 @@ async def test_bad_uploads_are_refused_with_file_line_and_reason(stack: Stack, f
 async def test_cli_refuses_uploaders_without_the_role_bad_code_and_built_in_names(stack: Stack) -> None:
     stranger = await stack.mlc("lifecycle", "upload", str(FOUR_EYES), user="mallory")
     assert stranger.returncode == 4
-    assert "mallory may not upload lifecycle code: it needs role lifecycle-author" in one_line(
-        stranger.stderr
-    )
+    assert "your key" in stranger.stderr and "is not registered" in one_line(stranger.stderr)
     assert "Traceback" not in stranger.stderr
 
+    await stack.add_principal("mallory")
+    no_role = await stack.mlc("lifecycle", "upload", str(FOUR_EYES), user="mallory")
+    assert no_role.returncode == 4
+    assert "mallory may not upload lifecycle code: it needs role lifecycle-author" in one_line(no_role.stderr)
+    assert "Traceback" not in no_role.stderr
+
     bad = LIFECYCLES / "bad" / "forbidden_import.py"
-    refused = await stack.mlc("lifecycle", "upload", str(bad))
+    refused = await stack.mlc("lifecycle", "upload", str(bad), user=AUTHOR)
     assert refused.returncode == 1
     assert f"{bad}:5: import of subprocess is not allowed" in one_line(refused.stderr)
 
-    taken = await stack.mlc("lifecycle", "upload", str(FOUR_EYES), "--name", BUILT_IN_LIFECYCLES[0])
+    taken = await stack.mlc(
+        "lifecycle", "upload", str(FOUR_EYES), "--name", BUILT_IN_LIFECYCLES[0], user=AUTHOR
+    )
     assert taken.returncode == 1
     assert "taken by the built-in ModelLifecycle" in one_line(taken.stderr)
 
-    await principals.grant_roles(stack.pool, "carol", ["lifecycle-author"])
+    carol = await stack.add_principal("carol", "lifecycle-author")
     with pytest.raises(
         PermissionDeniedError, match="carol may not upload lifecycle code: it needs role mlops"
     ):
-        await upload_lifecycle(stack.pool, FOUR_EYES, uploader="carol", role="mlops")
+        await upload_lifecycle(
+            stack.pool, FOUR_EYES, signer=carol, settings=replace(stack.settings, author_role="mlops")
+        )
     assert await lifecycle_definitions.read_lifecycle_definitions(stack.pool) == []
 
 
 async def test_four_eyes_example_needs_two_different_approvers(stack: Stack, example_package: Path) -> None:
     for _ in range(2):
-        uploaded = await stack.mlc("lifecycle", "upload", str(FOUR_EYES))
+        uploaded = await stack.mlc("lifecycle", "upload", str(FOUR_EYES), user=AUTHOR)
         assert uploaded.returncode == 0, uploaded.stderr
     assert "FourEyes version 1 already has this source" in one_line(uploaded.stdout)
     listed = await stack.mlc("lifecycle", "list", "--json")
@@ -175,9 +184,9 @@ async def test_four_eyes_example_needs_two_different_approvers(stack: Stack, exa
     assert '"name": "FourEyes"' in listed.stdout and '"version": 2' not in listed.stdout
     shown = await stack.mlc("lifecycle", "show", "FourEyes@1", "--json")
     assert shown.returncode == 0, shown.stderr
-    assert '"uploaded_by": "alice"' in shown.stdout and "APPROVALS_NEEDED = 2" in shown.stdout
+    assert f'"uploaded_by": "{AUTHOR}"' in shown.stdout and "APPROVALS_NEEDED = 2" in shown.stdout
 
-    await principals.grant_roles(stack.pool, "bob", ["approver"])
+    await stack.add_principal("bob", "approver")
     snap = await stack.register(example_package)
     await stack.add_local_runtimes(("DEV", "UAT", "PROD"))
     ref = f"{snap.model}@{snap.version}"
@@ -219,7 +228,7 @@ async def test_four_eyes_example_needs_two_different_approvers(stack: Stack, exa
 
 
 async def test_unknown_workflow_type_fails_at_once_naming_the_uploaded_ones(stack: Stack) -> None:
-    await upload_lifecycle(stack.pool, FOUR_EYES, uploader=APPROVER, role=AUTHOR_ROLE)
+    await upload(stack, FOUR_EYES)
     handle = await start_like_ui(
         stack.client,
         {"model": "cc-fraud", "version": 1},
@@ -236,7 +245,7 @@ async def test_unknown_workflow_type_fails_at_once_naming_the_uploaded_ones(stac
 
 
 async def test_cli_start_input_reaches_the_uploaded_lifecycle(stack: Stack) -> None:
-    await upload_lifecycle(stack.pool, FOUR_EYES, uploader=APPROVER, role=AUTHOR_ROLE)
+    await upload(stack, FOUR_EYES)
     started = await stack.mlc("lifecycle", "start", "no-such-model@1", "--lifecycle", "FourEyes")
     assert started.returncode == 0, started.stderr
     handle = stack.client.get_workflow_handle(workflow_id_for("no-such-model", 1))
@@ -308,5 +317,5 @@ def test_loader_enforces_the_rules_when_static_checks_are_bypassed(source: str, 
 
 async def test_code_using_the_allowed_modules_passes_its_dry_run(stack: Stack) -> None:
     path = LIFECYCLES / "good" / "uses_allowed_modules.py"
-    stored, created = await upload_lifecycle(stack.pool, path, uploader=APPROVER, role=AUTHOR_ROLE)
+    stored, created = await upload(stack, path)
     assert created and (stored.name, stored.version) == ("UsesAllowedModules", 1)

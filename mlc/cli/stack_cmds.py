@@ -150,22 +150,22 @@ def worker(
         cfg = settings()
         stop = _stop_event()
         temporal = await client(cfg)
+        dsn = cfg.worker_database_url or cfg.database_url
         if runtime is None:
-            if not cfg.database_url:
+            if not dsn:
                 raise RuntimeUnavailableError(
-                    "the main worker needs the inventory: set MLC_DATABASE_URL (or run `mlc dev`)"
+                    "the main worker needs the inventory: set MLC_WORKER_DATABASE_URL (its least-privilege "
+                    "role) or MLC_DATABASE_URL, or run `mlc dev`"
                 )
             await ensure_search_attributes(temporal)
-            pool = await connect(
-                cfg.worker_database_url or cfg.database_url, migrate_schema=cfg.worker_database_url is None
-            )
+            pool = await connect(dsn, migrate_schema=cfg.worker_database_url is None)
             try:
                 await run_until(build_main_worker(temporal, cfg, pool), stop)
             finally:
                 await pool.close()
             return
-        if cfg.database_url:
-            pool = await connect(cfg.database_url, max_size=1)
+        if dsn:
+            pool = await connect(dsn, max_size=1, migrate_schema=cfg.worker_database_url is None)
             try:
                 queue = (await runtimes.read_runtime(pool, runtime)).task_queue
             finally:

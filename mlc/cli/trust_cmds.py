@@ -25,6 +25,9 @@ policy_app = typer.Typer(
     help="Stage policies the platform enforces (signed by an admin).", no_args_is_help=True
 )
 audit_app = typer.Typer(help="The hash-chained, signed audit trail.", no_args_is_help=True)
+db_app = typer.Typer(
+    help="The inventory database (run with the owner's MLC_DATABASE_URL).", no_args_is_help=True
+)
 
 
 def register(app: typer.Typer) -> None:
@@ -33,6 +36,40 @@ def register(app: typer.Typer) -> None:
     app.add_typer(admin_app, name="admin")
     app.add_typer(policy_app, name="policy")
     app.add_typer(audit_app, name="audit")
+    app.add_typer(db_app, name="db")
+
+
+@db_app.command("migrate")
+def db_migrate(
+    worker_password_env: Annotated[
+        str | None,
+        typer.Option(help="Environment variable holding a password to give the workers' role mlc_worker."),
+    ] = None,
+) -> None:
+    """Apply the schema migrations (as the owner); optionally enable the workers' login role."""
+    import os
+
+    from mlc.store.db import WORKER_ROLE
+
+    async def go() -> None:
+        cfg = settings()
+        async with inventory(cfg) as pool:  # opening the inventory as its owner migrates it
+            if worker_password_env:
+                password = os.environ.get(worker_password_env, "")
+                if len(password) < 12:
+                    raise ValueError(f"{worker_password_env} must hold a password of at least 12 characters")
+                await pool.execute(f"ALTER ROLE {WORKER_ROLE} LOGIN PASSWORD {_literal(password)}")
+        console.print(
+            "the inventory schema is up to date"
+            + (f"; {WORKER_ROLE} may log in" if worker_password_env else "")
+        )
+
+    run(go())
+
+
+def _literal(text: str) -> str:
+    """A SQL string literal (ALTER ROLE takes no bind parameters)."""
+    return "'" + text.replace("'", "''") + "'"
 
 
 # --- keys ---------------------------------------------------------------------------------
