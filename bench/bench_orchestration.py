@@ -3,20 +3,23 @@
 Both run in one process on one Temporal dev server and one embedded PostgreSQL:
 
 * (a) ``ModelLifecycle`` for cc-fraud through DEV -> SIT -> UAT -> PROD on four local
-  runtimes (real model servers), each gate approved through ``mlc.operations.send_decision``
-  as soon as the status query shows it pending;
+  runtimes (real model servers), each gate approved as soon as the status query shows it
+  pending: signed with ``mlc.operations.sign_decision`` (as ``mlc demo --yes`` does), then
+  sent through ``mlc.operations.send_decision``;
 * (b) ``BenchBareLifecycle`` (``bench/bare_workflow.py``): the same number of activities,
   counted from (a)'s history and split into the same segments between gates, each a
   no-op, with the same update-driven gates driven the same way;
-* (c) approval-to-next-stage latency: from sending the approve update until the status
-  (or phase) query shows the next stage, for both.
+* (c) approval-to-next-stage latency: from sending the approve update (after signing it)
+  until the status (or phase) query shows the next stage, for both.
 
 Deploy and test activities are real work the bare workflow does not do, so their time
 (from activity durations in (a)'s history) is reported next to the overhead ratio, with
 the time workflow tasks waited for the server to hand them to a worker.
 
 Each lifecycle run gets a fresh database, MLC_HOME and task queue (so no run retires
-the previous run's deployments); setup and cleanup are outside the timed part. One
+the previous run's deployments) with its own trust root: an admin who registers the
+snapshot and the runtimes, and an approver with a registered key (segregation of duties
+keeps the registrant from approving); setup and cleanup are outside the timed part. One
 warm-up run of each is not counted. ``--no-sticky`` runs both workers with
 ``max_cached_workflows=0``.
 
@@ -53,10 +56,11 @@ sys.path.insert(0, str(ROOT))
 from activities.runtimes import driver_for  # noqa: E402 (after the path setup)
 from activities.runtimes.base import CleanupRequest  # noqa: E402
 from bench.bare_workflow import BareLifecycle, BarePhase, RunBareInput, noop  # noqa: E402
+from mlc import admin  # noqa: E402
 from mlc.artifacts import ArtifactStore  # noqa: E402
 from mlc.config import Settings  # noqa: E402
 from mlc.devstack import temporal_cli  # noqa: E402
-from mlc.domain import DEFAULT_STAGES, ApprovalRequest, ModelRef, Runtime  # noqa: E402
+from mlc.domain import DEFAULT_STAGES, Decision, ModelRef, Runtime, SignedDecision  # noqa: E402
 from mlc.examples import prepare_example_model  # noqa: E402
 from mlc.names import (  # noqa: E402
     DEPLOY_ONLINE,
@@ -67,13 +71,18 @@ from mlc.names import (  # noqa: E402
     SA_VERSION,
     UNDEPLOY,
 )
-from mlc.operations import read_status, send_decision, start_lifecycle  # noqa: E402
+from mlc.operations import read_status, send_decision, sign_decision, start_lifecycle  # noqa: E402
 from mlc.payloads import LifecycleStatus  # noqa: E402
 from mlc.registry import register_package  # noqa: E402
-from mlc.store import connect, principals, runtimes  # noqa: E402
+from mlc.store import connect, runtimes  # noqa: E402
+from mlc.trust.keys import create_key, public_text  # noqa: E402
+from mlc.trust.signer import Signer  # noqa: E402
 from workers.worker import build_main_worker  # noqa: E402
 
+ADMIN = "bench-admin"
+"""Trust root of each run's inventory; registers the snapshot and the runtimes."""
 APPROVER = "bench-approver"
+"""Signs every gate's approval (holds role ``approver``; registered nothing, so may approve)."""
 GATE_POLL_SECONDS = 0.02
 """Sleep between status queries while waiting for a gate (same for both workflows)."""
 STEP_TIMEOUT_SECONDS = 120.0
@@ -205,17 +214,27 @@ async def run_lifecycle_once(servers: Servers, index: int, *, cached: int) -> Ru
     )
     pool = await connect(settings.database_url or "")
     try:
-        await principals.grant_roles(pool, APPROVER, ["approver"])
+        root_key = create_key(home / "keys" / f"{ADMIN}.pem")
+        settings = replace(settings, trust_root=await admin.init_admin(pool, settings, ADMIN, root_key))
+        root = Signer(ADMIN, root_key)
+        approver_key = create_key(home / "keys" / f"{APPROVER}.pem")
+        await admin.add_key(pool, settings, root, APPROVER, public_text(approver_key.public_key()))
+        await admin.grant_role(pool, settings, root, APPROVER, "approver")
         snap, _ = await register_package(
-            pool, ArtifactStore(settings.artifact_dir), servers.package, registered_by="bench"
+            pool, ArtifactStore(settings.artifact_dir), servers.package, signer=root, settings=settings
         )
         for stage in DEFAULT_STAGES:
-            await runtimes.create_runtime(
-                pool, Runtime(name=f"local-{stage.lower()}", stage=stage, task_queue=task_queue)
+            await admin.add_runtime(
+                pool,
+                settings,
+                root,
+                Runtime(name=f"local-{stage.lower()}", stage=stage, task_queue=task_queue),
             )
         ref = ModelRef(model=snap.model, version=snap.version)
         async with build_main_worker(servers.client, settings, pool, max_cached_workflows=cached):
-            sample = await _drive_lifecycle(servers.client, ref, task_queue)
+            sample = await _drive_lifecycle(
+                servers.client, pool, Signer(APPROVER, approver_key), ref, task_queue
+            )
         return sample
     finally:
         for runtime in await runtimes.read_runtimes(pool):
@@ -224,7 +243,9 @@ async def run_lifecycle_once(servers: Servers, index: int, *, cached: int) -> Ru
         shutil.rmtree(home, ignore_errors=True)
 
 
-async def _drive_lifecycle(client: Client, ref: ModelRef, task_queue: str) -> RunSample:
+async def _drive_lifecycle(
+    client: Client, pool: asyncpg.Pool, approver: Signer, ref: ModelRef, task_queue: str
+) -> RunSample:
     stages = list(DEFAULT_STAGES)
     latencies: list[float] = []
     started = time.perf_counter()
@@ -242,8 +263,11 @@ async def _drive_lifecycle(client: Client, ref: ModelRef, task_queue: str) -> Ru
             interval=GATE_POLL_SECONDS,
             what=f"the gate at {stage}",
         )
+        gate, envelope = await sign_decision(
+            client, pool, approver, ref, stage=stage, decision=Decision.APPROVED, comment="bench"
+        )
         sent = time.perf_counter()
-        await send_decision(handle, ref, ApprovalRequest(stage=stage, approver=APPROVER), approve=True)
+        await send_decision(gate, ref, SignedDecision(envelope=envelope), approve=True)
         await poll(
             status,
             lambda s, following=following: s is not None and s.stage == following,
@@ -382,8 +406,9 @@ def report(
         print(f"{f'  p{q}':<44} {a:>15.1f} {b:>10.1f} {a / b:>8.1f}x")
     print(f"{'  samples':<44} {len(ours_lat):>15} {len(bare_lat):>10}")
     print(
-        "  ours: update returns after record_decision; then promote (find_live_deployments) and the\n"
-        "  next stage's DEPLOYING state. bare: update sets a flag; the next segment starts at once."
+        "  ours: update returns after verify_decision (checks and records it); then promote\n"
+        "  (find_live_deployments) and the next stage's DEPLOYING state. bare: update sets a flag;\n"
+        "  the next segment starts at once."
     )
     print()
     print("samples (s): lifecycle", [round(x, 2) for x in ours_wall])

@@ -346,7 +346,10 @@ class Lifecycle:
             ApplicationError: the decision was refused; the message names the failed check.
         """
         async with self._deciding:
-            self.check_decision(envelope, decision)
+            try:  # again: a decision accepted just before this one may have closed the gate
+                self.check_decision(envelope, decision)
+            except ValueError as exc:
+                raise ApplicationError(str(exc), type="DecisionRefused", non_retryable=True) from None
             assert self._pending is not None
             try:
                 verified = await self._inventory(

@@ -20,6 +20,7 @@ from mlc.domain import DeploymentState, LifecycleDefinition, Mode, ModelSnapshot
 from mlc.errors import InvalidLifecycleError, PermissionDeniedError
 from mlc.lifecycle_uploads import upload_lifecycle
 from mlc.names import BUILT_IN_LIFECYCLES, workflow_id_for
+from mlc.operations import read_status
 from mlc.store import audit, deployments, lifecycle_definitions, runs, runtimes
 from tests.conftest import APPROVER, AUTHOR, FIXTURES, Stack
 from tests.lifecycle_helpers import keep_history, start_like_ui, wait_for, wait_for_gate
@@ -244,14 +245,23 @@ async def test_unknown_workflow_type_fails_at_once_naming_the_uploaded_ones(stac
     )
 
 
-async def test_cli_start_input_reaches_the_uploaded_lifecycle(stack: Stack) -> None:
+async def test_cli_start_input_reaches_the_uploaded_lifecycle(stack: Stack, example_package: Path) -> None:
     await upload(stack, FOUR_EYES)
-    started = await stack.mlc("lifecycle", "start", "no-such-model@1", "--lifecycle", "FourEyes")
+    snap = await stack.register(example_package)  # the CLI refuses snapshots that do not exist
+    started = await stack.mlc("lifecycle", "start", f"{snap.model}@{snap.version}", "--lifecycle", "FourEyes")
     assert started.returncode == 0, started.stderr
-    handle = stack.client.get_workflow_handle(workflow_id_for("no-such-model", 1))
+    handle = stack.client.get_workflow_handle(workflow_id_for(snap.model, snap.version))
     with pytest.raises(WorkflowFailureError) as failure:
         await handle.result()
-    assert "snapshot no-such-model@1 does not exist" in str(failure.value.cause), "input decoded"
+    assert "no runtime serves service tag cc-fraud in stage DEV" in str(failure.value.cause), "input decoded"
+    status = await read_status(handle)
+    assert status is not None
+    assert (status.model, status.version, status.lifecycle, status.stages) == (
+        snap.model,
+        snap.version,
+        "FourEyes@1",
+        ("DEV", "UAT", "PROD"),
+    ), "the uploaded lifecycle ran on the CLI's input"
 
 
 def test_the_guide_shows_the_example_verbatim() -> None:

@@ -202,12 +202,21 @@ async def test_segregation_of_duties_and_specs_only_narrow(
     narrow = LifecycleSpec(
         stages=(StageSpec(name="DEV", tests=(TestKind.SMOKE,), gate=ApprovalGate(approvers=("bob",))),)
     )
-    handle = await stack.start(second, spec=narrow)
-    await wait_for_gate(handle, "DEV")
-    other = await stack.mlc("approve", f"{second.model}@{second.version}", "--stage", "DEV")
-    assert other.returncode == 4 and "alice is not among this run's approvers at DEV: bob" in one_line(
-        other.stderr
+    spec_file = tmp_path / "narrow.json"
+    spec_file.write_text(narrow.model_dump_json())
+    second_ref = f"{second.model}@{second.version}"
+    started = await stack.mlc(
+        "lifecycle", "start", second_ref, "--spec", str(spec_file), "--json", user="bob"
     )
+    assert started.returncode == 0, started.stderr
+    handle = stack.client.get_workflow_handle(json.loads(started.stdout)["workflow_id"])
+    await wait_for_gate(handle, "DEV")
+    other = await stack.mlc("approve", second_ref, "--stage", "DEV")
+    assert other.returncode == 4
+    assert "alice is not among this run's approvers at DEV: bob" in one_line(other.stderr)
+    starter = await stack.mlc("approve", second_ref, "--stage", "DEV", user="bob")
+    assert starter.returncode == 4
+    assert "bob started this lifecycle and may not approve it" in one_line(starter.stderr)
     await handle.terminate("test over")
 
 
@@ -373,6 +382,17 @@ async def test_trail_is_append_only_and_verify_pinpoints_edits(
             await stack.worker_pool.execute(sql)
     with pytest.raises(asyncpg.RaiseError, match="append-only"):
         await stack.pool.execute("UPDATE audit_log SET body = body WHERE seq = 1")
+
+    head = json.loads(bundle.read_text())["head"]
+    async with stack.pool.acquire() as conn:  # a superuser drops the newest entry
+        await conn.execute("SET session_replication_role = replica")
+        await conn.execute("DELETE FROM audit_log WHERE seq = $1", head["seq"])
+        await conn.execute("SET session_replication_role = DEFAULT")
+    shorter = await stack.mlc("audit", "verify")
+    assert shorter.returncode == 0, "a truncated chain is still a valid chain..."
+    anchored = await stack.mlc("audit", "verify", "--anchor", f"{head['seq']}:{head['hash']}")
+    assert anchored.returncode == 4, "...which the head of an earlier export exposes"
+    assert f"entry {head['seq']} of the earlier export is gone" in one_line(anchored.stdout)
 
     decision = (await trail.read_entries(stack.pool, kinds=(trail.DECISION,)))[0]
     async with stack.pool.acquire() as conn:  # a superuser can switch triggers off: verify still catches it

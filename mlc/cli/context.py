@@ -82,11 +82,11 @@ async def inventory(cfg: Settings) -> AsyncIterator[asyncpg.Pool]:
         await pool.close()
 
 
-async def client(cfg: Settings) -> Client:
-    """A Temporal client with the project's data converter."""
+async def client(cfg: Settings, *, identity: str | None = None) -> Client:
+    """A Temporal client with the project's data converter (``identity``: who is acting)."""
     from workers.client import connect as connect_client
 
-    return await connect_client(cfg)
+    return await connect_client(cfg, identity=identity)
 
 
 def emit(

@@ -60,8 +60,11 @@ def start(
             # A run for a snapshot that does not exist could only fail: refuse it here
             # (NotFoundError names the versions there are and `mlc model register DIR`).
             await snapshots.read_snapshot(pool, model_ref.model, model_ref.version)
+            # Temporal records the client identity as the run's starter, which segregation
+            # of duties keeps from approving it.
+            starter = (await signer(cfg, pool)).name
         handle = await start_lifecycle(
-            await client(cfg),
+            await client(cfg, identity=starter),
             model_ref,
             task_queue=cfg.task_queue,
             lifecycle=lifecycle,

@@ -266,9 +266,15 @@ def audit_verify(
     trust_root: Annotated[
         str | None, typer.Option(help="The key id you trust (default: MLC_TRUST_ROOT).")
     ] = None,
+    anchor: Annotated[
+        str | None, typer.Option(help="SEQ:HASH from an earlier export's head that must still be there.")
+    ] = None,
     as_json: JSON = False,
 ) -> None:
     """Recompute the hash chain and check every signature; exit 4 at the first broken link."""
+    seq, _, head = (anchor or "").partition(":")
+    if anchor and not (seq.isdigit() and head):
+        raise ValueError(f"--anchor must be SEQ:HASH (an export's head), not {anchor!r}")
 
     async def go() -> verification.Verification:
         cfg = settings()
@@ -283,7 +289,9 @@ def audit_verify(
             author = cfg.author_role
         if root is None:
             raise RefusedError("give the trust root to verify against: --trust-root KEY_ID or MLC_TRUST_ROOT")
-        return verification.verify_entries(entries, trust_root=root, author_role=author)
+        return verification.verify_entries(
+            entries, trust_root=root, author_role=author, anchor=(int(seq), head) if anchor else None
+        )
 
     result = run(go())
     if as_json:

@@ -40,8 +40,14 @@ class Verification:
         return not self.problems
 
 
-def verify_entries(entries: list[Entry], *, trust_root: str | None, author_role: str) -> Verification:
-    """Recompute the chain and check every signed entry against the keys valid at its point."""
+def verify_entries(
+    entries: list[Entry], *, trust_root: str | None, author_role: str, anchor: tuple[int, str] | None = None
+) -> Verification:
+    """Recompute the chain and check every signed entry against the keys valid at its point.
+
+    ``anchor`` (``seq``, ``hash``), e.g. the head of an earlier export, must still be in the
+    chain: that catches entries removed from the end, which the chain alone cannot show.
+    """
     result = Verification()
     state = Governance(pinned_root=trust_root, author_role=author_role)
     previous = GENESIS
@@ -72,6 +78,17 @@ def verify_entries(entries: list[Entry], *, trust_root: str | None, author_role:
         result.entries += 1
         previous = entry.hash
     result.head = previous
+    if anchor is not None and result.ok:
+        seq, expected = anchor
+        found = next((e for e in entries if e.seq == seq), None)
+        if found is None:
+            result.problems.append(
+                f"entry {seq} of the earlier export is gone: the trail now ends at {len(entries)}"
+            )
+        elif found.hash != expected:
+            result.problems.append(
+                f"entry {seq} no longer has the hash {expected[:16]}... the earlier export recorded"
+            )
     return result
 
 
