@@ -43,45 +43,35 @@ class RuntimeActivities:
     def _granted(self, request: RuntimeActionInput, action: grants.RuntimeAction) -> grants.RuntimeGrant:
         if self._public is None:
             self._public = grants.platform_public_key(self.settings.platform_key_path)
-        return grants.check(
-            request.grant, self._public, action=action, run_id=calling_run().run_id
+        return grants.check(request.grant, self._public, action=action, run_id=calling_run().run_id)
+
+    def _deploy_request(
+        self, request: RuntimeActionInput, action: grants.RuntimeAction
+    ) -> OnlineDeployRequest:
+        """The granted deployment as the drivers take it (online and batch alike)."""
+        grant = self._granted(request, action)
+        if grant.snapshot is None:
+            raise RefusedError("the grant names no snapshot")
+        return OnlineDeployRequest(
+            deployment_id=grant.deployment_id,
+            snapshot=grant.snapshot,
+            runtime=grant.runtime,
+            stage=grant.stage,
         )
 
     @activity.defn(name=names.DEPLOY_ONLINE)
     @mlc_errors
     async def deploy_online(self, request: RuntimeActionInput) -> OnlineDeployResult:
         """Bring up (or find) the granted deployment's endpoint and return when it is healthy."""
-        grant = self._granted(request, "deploy_online")
-        if grant.snapshot is None:
-            raise RefusedError("the grant names no snapshot")
-        driver = driver_for(grant.runtime, self.settings)
-        return await driver.deploy_online(
-            OnlineDeployRequest(
-                deployment_id=grant.deployment_id,
-                snapshot=grant.snapshot,
-                runtime=grant.runtime,
-                stage=grant.stage,
-            ),
-            _heartbeat,
-        )
+        deploy = self._deploy_request(request, "deploy_online")
+        return await driver_for(deploy.runtime, self.settings).deploy_online(deploy, _heartbeat)
 
     @activity.defn(name=names.RUN_BATCH_JOB)
     @mlc_errors
     async def run_batch_job(self, request: RuntimeActionInput) -> BatchJobResult:
         """Run the granted ephemeral scoring job to completion; the runtime is cleared afterwards."""
-        grant = self._granted(request, "run_batch_job")
-        if grant.snapshot is None:
-            raise RefusedError("the grant names no snapshot")
-        driver = driver_for(grant.runtime, self.settings)
-        return await driver.run_batch(
-            BatchJobRequest(
-                deployment_id=grant.deployment_id,
-                snapshot=grant.snapshot,
-                runtime=grant.runtime,
-                stage=grant.stage,
-            ),
-            _heartbeat,
-        )
+        job = BatchJobRequest(**self._deploy_request(request, "run_batch_job").model_dump())
+        return await driver_for(job.runtime, self.settings).run_batch(job, _heartbeat)
 
     @activity.defn(name=names.UNDEPLOY)
     @mlc_errors

@@ -8,6 +8,7 @@ bootstrap and the tests all go through here.
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -94,6 +95,10 @@ async def add_key(pool: asyncpg.Pool, settings: Settings, signer: Signer, name: 
 async def revoke_key(pool: asyncpg.Pool, settings: Settings, signer: Signer, name: str, kid: str) -> None:
     """Revoke one of ``name``'s keys (admins, or the key's owner)."""
     await submit(pool, settings, signer, actions.KEY_REVOKE, {"principal": name, "keyid": kid})
+
+
+RoleChange = Callable[[asyncpg.Pool, Settings, Signer, str, str], Awaitable[None]]
+"""``grant_role`` or ``revoke_role``."""
 
 
 async def grant_role(pool: asyncpg.Pool, settings: Settings, signer: Signer, name: str, role: str) -> None:

@@ -1,12 +1,14 @@
 """Recorded histories replay against today's workflow code: proof of determinism.
 
-Histories live in tests/histories/<workflow>/*.json; re-record them with
-``MLC_RECORD_HISTORIES=1 pytest tests/test_lifecycle.py`` only when a change is meant to
-be incompatible (and then guard it with ``workflow.patched``).
+Histories live in tests/histories/<workflow>/*.json, written by the tests that call
+``keep_history`` (in tests/test_lifecycle.py and tests/test_custom_lifecycles.py); re-record
+them with ``MLC_RECORD_HISTORIES=1 pytest tests/test_lifecycle.py tests/test_custom_lifecycles.py``
+only when a change is meant to be incompatible (and then guard it with ``workflow.patched``).
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -23,7 +25,11 @@ RECORDED = sorted(HISTORIES.glob("*/*.json"))
 
 
 def _history(path: Path) -> WorkflowHistory:
-    return WorkflowHistory.from_json(path.stem, path.read_text())
+    """The recorded history under its recorded workflow id: signed decisions name the run
+    they are for, and the workflow checks that against ``workflow.info()`` on replay too."""
+    recorded = json.loads(path.read_text())
+    started = recorded["events"][0]["workflowExecutionStartedEventAttributes"]
+    return WorkflowHistory.from_json(started["workflowId"], recorded)
 
 
 def test_histories_are_recorded() -> None:

@@ -194,17 +194,7 @@ def grant(
     role: Annotated[list[str], typer.Option("--role", help="Role to grant (repeatable).")],
 ) -> None:
     """Grant roles, e.g. ``approver`` (default gates), ``lifecycle-author`` (uploads), ``admin``."""
-
-    async def go() -> None:
-        cfg = settings()
-        async with inventory(cfg) as pool:
-            me = await signer(cfg, pool)
-            for each in role:
-                await admin.grant_role(pool, cfg, me, name, each)
-            held = (await admin.state(pool, cfg)).roles_of(name)
-        console.print(f"{name} now has roles: {', '.join(sorted(held))} (signed by {me.name})")
-
-    run(go())
+    _change_roles(name, role, admin.grant_role)
 
 
 @user_app.command("revoke")
@@ -213,13 +203,16 @@ def revoke(
     role: Annotated[list[str], typer.Option("--role", help="Role to take away (repeatable).")],
 ) -> None:
     """Take roles away (a signed statement; the last admin keeps admin)."""
+    _change_roles(name, role, admin.revoke_role)
 
+
+def _change_roles(name: str, roles: list[str], change: admin.RoleChange) -> None:
     async def go() -> None:
         cfg = settings()
         async with inventory(cfg) as pool:
             me = await signer(cfg, pool)
-            for each in role:
-                await admin.revoke_role(pool, cfg, me, name, each)
+            for role in roles:
+                await change(pool, cfg, me, name, role)
             held = (await admin.state(pool, cfg)).roles_of(name)
         console.print(f"{name} now has roles: {', '.join(sorted(held)) or 'none'} (signed by {me.name})")
 

@@ -211,7 +211,8 @@ def render_status(current: LifecycleStatus) -> None:
         gate = current.pending_gate
         console.print(
             f"  waiting for approval at {gate.stage} by {', '.join(gate.approvers) or 'nobody'}"
-            f" until {gate.deadline:%Y-%m-%d %H:%M} UTC"
+            f" until {gate.deadline:%Y-%m-%d %H:%M} UTC ({len(gate.approved_by)} of {gate.needed} approvals"
+            + (f": {', '.join(gate.approved_by)})" if gate.approved_by else ")")
         )
     table = Table(title="Tests")
     for column in ("stage", "test", "deployment", "passed", "summary"):

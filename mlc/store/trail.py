@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -99,8 +101,18 @@ def _entry(row: asyncpg.Record) -> Entry:
     return Entry(**{k: row[k] for k in _COLUMNS.split(", ")})
 
 
+@asynccontextmanager
+async def _connection(pool_or_conn: asyncpg.Connection | asyncpg.Pool) -> AsyncIterator[asyncpg.Connection]:
+    """A connection: acquired from a pool, or the one given (whose transaction we then join)."""
+    if isinstance(pool_or_conn, asyncpg.Pool):
+        async with pool_or_conn.acquire() as conn:
+            yield conn
+    else:
+        yield pool_or_conn
+
+
 async def append(
-    conn: asyncpg.Connection | asyncpg.Pool,
+    pool_or_conn: asyncpg.Connection | asyncpg.Pool,
     kind: str,
     body: dict[str, Any],
     *,
@@ -117,21 +129,7 @@ async def append(
     Raises:
         RefusedError: ``nonce`` was used before (a replayed statement).
     """
-    if isinstance(conn, asyncpg.Pool):
-        async with conn.acquire() as acquired:
-            return await append(
-                acquired,
-                kind,
-                body,
-                envelope=envelope,
-                model=model,
-                version=version,
-                workflow_id=workflow_id,
-                run_id=run_id,
-                nonce=nonce,
-                idempotency_key=idempotency_key,
-            )
-    async with conn.transaction():
+    async with _connection(pool_or_conn) as conn, conn.transaction():
         await lock(conn)
         if idempotency_key is not None:
             row = await conn.fetchrow(

@@ -1,7 +1,8 @@
 #!/bin/sh
-# Create the login role Temporal's auto-setup uses (docker-compose.yml), on the first start
-# of the postgres service only. CREATEDB lets auto-setup create its own databases
-# (temporal, temporal_visibility); the role owns nothing of the mlc inventory.
+# Create the login role Temporal uses (docker-compose.yml), on the first start of the postgres
+# service only. CREATEDB lets the temporal-schema one-shot (temporal-sql-tool) create
+# Temporal's own databases (temporal, temporal_visibility), which the role then owns and the
+# temporal server logs in to; the role owns nothing of the mlc inventory.
 #
 # Run by the official postgres image and by deploy/postgres/entrypoint.sh alike.
 # Environment: TEMPORAL_DB_USER (default temporal), TEMPORAL_DB_PASSWORD (required),
