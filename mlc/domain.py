@@ -12,8 +12,9 @@ from datetime import datetime, timedelta
 from enum import StrEnum
 from typing import Any, ClassVar
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from mlc.streaming.settings import KafkaSettings
 from mlc.trust.statements import Envelope
 
 DEFAULT_STAGES: tuple[str, ...] = ("DEV", "SIT", "UAT", "PROD")
@@ -50,6 +51,8 @@ class Mode(StrEnum):
 
     ONLINE = "online"
     BATCH = "batch"
+    STREAMING = "streaming"
+    """A long-running consumer scoring a Kafka topic into another (the runtime's ``kafka``)."""
 
 
 class RuntimeKind(StrEnum):
@@ -160,6 +163,11 @@ class DockerSettings(Frozen):
     health_timeout_seconds: float = 60.0
 
 
+DEFAULT_RESTART_ATTEMPTS = 3
+DEFAULT_RESTART = "on-failure:3"
+_RESTART = re.compile(r"^(no|always|on-failure(:[1-9][0-9]{0,2})?)$")
+
+
 class Runtime(Frozen):
     """A place a model can run: tagged with the stage and service tags it serves."""
 
@@ -170,11 +178,47 @@ class Runtime(Frozen):
     modes: tuple[Mode, ...] = (Mode.ONLINE, Mode.BATCH)
     task_queue: str = "mlc"
     docker: DockerSettings | None = None
+    kafka: KafkaSettings | None = None
+    """Brokers, topics, consumer group and security of streaming deployments."""
+    restart: str = DEFAULT_RESTART
+    """What the runtime's reconciler does with a serving deployment it finds dead or
+    unhealthy: ``no`` marks it failed; ``on-failure[:N]`` restarts it, up to N times in a
+    row without a healthy check in between (default 3), then marks it failed; ``always``
+    restarts it however often. Docker's own ``docker.restart_policy`` acts first, inside
+    the engine; this one also covers containers the engine gave up on or lost."""
 
     @field_validator("name")
     @classmethod
     def _valid_name(cls, value: str) -> str:
         return check_name(value, "runtime name")
+
+    @model_validator(mode="after")
+    def _streaming_needs_kafka(self) -> Runtime:
+        if Mode.STREAMING in self.modes and self.kafka is None:
+            raise ValueError(
+                f"runtime {self.name} supports mode streaming but has no kafka settings: give "
+                "--kafka-bootstrap, --input-topic and --output-topic"
+            )
+        return self
+
+    @field_validator("restart")
+    @classmethod
+    def _valid_restart(cls, value: str) -> str:
+        if not _RESTART.match(value):
+            raise ValueError(
+                f"restart policy {value!r} is not valid: use no, always or on-failure[:N] (N from 1 to 999)"
+            )
+        return value
+
+    @property
+    def restart_limit(self) -> int | None:
+        """Restarts in a row the reconciler may make (None: no limit, 0: none)."""
+        name, _, count = self.restart.partition(":")
+        if name == "no":
+            return 0
+        if name == "always":
+            return None
+        return int(count) if count else DEFAULT_RESTART_ATTEMPTS
 
     def serves(self, *, stage: str, service_tags: tuple[str, ...], mode: Mode) -> bool:
         """True when this runtime takes a snapshot with these tags in ``stage`` and ``mode``."""

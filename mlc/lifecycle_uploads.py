@@ -2,6 +2,7 @@
 
 Shared by ``mlc lifecycle upload`` and tests. The checks run cheapest first (role,
 name, static validation) and the dry run last, and nothing is stored unless all pass.
+The dry run executes the code in the lifecycle worker's sandbox, never in this process.
 """
 
 from __future__ import annotations
@@ -15,9 +16,12 @@ from mlc import admin, names
 from mlc.config import Settings
 from mlc.domain import LifecycleDefinition
 from mlc.errors import InvalidLifecycleError, PermissionDeniedError
-from mlc.store import lifecycle_definitions
+from mlc.store import lifecycle_definitions, snapshots
 from mlc.trust.governance import LIFECYCLE_UPLOAD
 from mlc.trust.signer import Signer
+
+DRY_RUN_APPROVERS = ("alice", "bob")
+"""Approvers the dry run adds when fewer than two people hold the approver role."""
 
 
 async def upload_lifecycle(
@@ -49,7 +53,8 @@ async def upload_lifecycle(
             dry run; the message carries ``file:line: reason``.
     """
     role = settings.author_role
-    held = (await admin.state(pool, settings)).roles_of(signer.name)
+    state = await admin.state(pool, settings)
+    held = state.roles_of(signer.name)
     if role not in held:
         has = ", ".join(sorted(held)) or "no roles"
         raise PermissionDeniedError(
@@ -70,9 +75,19 @@ async def upload_lifecycle(
     existing = await lifecycle_definitions.find_lifecycle_definition(pool, lifecycle, sha256)
     if existing is not None:
         return existing, False
-    from workers.dry_run import dry_run  # lazily: it loads the workflow and worker machinery
+    from workers.dry_run import DryRunWorld, default_snapshot, dry_run  # lazily: worker machinery
 
-    await dry_run(source, name=lifecycle, path=str(path))
+    registered = await snapshots.read_snapshots(pool)
+    approvers = sorted(p.name for p in state.principals.values() if "approver" in p.roles)
+    while len(approvers) < len(DRY_RUN_APPROVERS):
+        approvers.append(next(n for n in DRY_RUN_APPROVERS if n not in approvers))
+    world = DryRunWorld(
+        snapshot=registered[-1] if registered else default_snapshot(),
+        version=await lifecycle_definitions.next_version(pool, lifecycle),
+        approvers=tuple(approvers),
+        runtime_dir=settings.runtime_dir,
+    )
+    await dry_run(source, name=lifecycle, path=str(path), world=world)
     await admin.submit(
         pool, settings, signer, LIFECYCLE_UPLOAD, {"name": lifecycle, "sha256": sha256}, subject=lifecycle
     )

@@ -15,6 +15,30 @@ BATCH_LIFECYCLE = "BatchPromotion"
 BUILT_IN_LIFECYCLES = (STANDARD_LIFECYCLE, BATCH_LIFECYCLE)
 """Workflow types served by registered classes; uploaded lifecycles may not take them."""
 
+LIFECYCLES_QUEUE_SUFFIX = "-lifecycles"
+"""Uploaded lifecycles run on ``<main queue>-lifecycles``, served only by the sandboxed
+lifecycle worker (``mlc worker --lifecycles``); their activities run on the main queue."""
+
+
+def lifecycles_task_queue(main_queue: str) -> str:
+    """The queue of uploaded lifecycles for a main queue: ``mlc`` -> ``mlc-lifecycles``."""
+    return f"{main_queue}{LIFECYCLES_QUEUE_SUFFIX}"
+
+
+def main_task_queue(queue: str) -> str:
+    """The main queue a workflow's activities go to, from the queue the workflow runs on.
+
+    Workflow code computes it from ``workflow.info().task_queue``: built-in lifecycles run
+    on the main queue itself, uploaded ones on its ``-lifecycles`` sibling.
+    """
+    return queue.removesuffix(LIFECYCLES_QUEUE_SUFFIX)
+
+
+def lifecycle_task_queue(lifecycle: str, main_queue: str) -> str:
+    """Where a run of ``lifecycle`` must be started: built-ins on the main queue, uploads on
+    the lifecycles queue."""
+    return main_queue if lifecycle in BUILT_IN_LIFECYCLES else lifecycles_task_queue(main_queue)
+
 # Inventory activities (main task queue).
 BEGIN_RUN = "begin_lifecycle_run"
 RECORD_RUN = "record_lifecycle_run"
@@ -33,6 +57,7 @@ LOAD_LIFECYCLE = "load_lifecycle_definition"
 # Runtime activities (each runtime's task queue).
 DEPLOY_ONLINE = "deploy_online"
 RUN_BATCH_JOB = "run_batch_job"
+DEPLOY_STREAMING = "deploy_streaming"
 UNDEPLOY = "undeploy"
 RUN_STAGE_TESTS = "run_stage_tests"
 

@@ -31,14 +31,18 @@ async def start_lifecycle(
     lifecycle: str = names.STANDARD_LIFECYCLE,
     spec: LifecycleSpec | None = None,
 ) -> WorkflowHandle[object, object]:
-    """Start ``lifecycle`` for a snapshot under its business-key workflow id."""
+    """Start ``lifecycle`` for a snapshot under its business-key workflow id.
+
+    ``task_queue`` is the main queue: built-in lifecycles start there, uploaded ones on its
+    ``-lifecycles`` sibling, where only the sandboxed lifecycle worker runs their code.
+    """
     workflow_id = names.workflow_id_for(ref.model, ref.version)
     try:
         return await client.start_workflow(
             lifecycle,
             StartLifecycleInput(model=ref.model, version=ref.version, spec=spec),
             id=workflow_id,
-            task_queue=task_queue,
+            task_queue=names.lifecycle_task_queue(lifecycle, task_queue),
             id_conflict_policy=WorkflowIDConflictPolicy.FAIL,
         )
     except WorkflowAlreadyStartedError:

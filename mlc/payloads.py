@@ -175,6 +175,9 @@ class RecordDeploymentResult(Frozen):
     """The deployment as recorded."""
 
     deployment: Deployment
+    test_grant: Envelope | None = None
+    """For a serving or completed deployment: the platform's grant to test it (the
+    ``run_stage_tests`` activity acts only on it)."""
 
 
 class FindDeploymentsInput(Frozen):

@@ -1,12 +1,14 @@
 """Input and result of the ``run_stage_tests`` activity.
 
 Kept apart from ``activities/testing.py`` (which imports httpx) so workflows can import
-these models through the sandbox; only pydantic-based domain types are used.
+these models through the sandbox; only pydantic-based domain types are used. The
+activity's contract is ``mlc.contracts.runtime.RUN_STAGE_TESTS``.
 """
 
 from __future__ import annotations
 
 from mlc.domain import Deployment, Frozen, ModelSnapshot, TestKind, TestResult
+from mlc.trust.statements import Envelope
 
 
 class RunStageTestsInput(Frozen):
@@ -17,7 +19,11 @@ class RunStageTestsInput(Frozen):
     deployment: Deployment
     tests: tuple[TestKind, ...]
     batch_output: str | None = None
-    """For batch deployments: the job's JSON-lines output (samples first, then evaluation)."""
+    """For batch deployments: the job's JSON-lines output (samples first, then evaluation).
+    Informative only: the activity reads the output its runtime's driver locates."""
+    grant: Envelope | None = None
+    """The platform's grant to test this deployment (from ``record_deployment``); the
+    activity takes the deployment, runtime and snapshot from it, not from the fields above."""
 
 
 class RunStageTestsResult(Frozen):

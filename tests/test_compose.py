@@ -1,9 +1,10 @@
 """The compose files: valid for docker-compose, and shaped the way docs/team.md says.
 
 ``docker-compose config -q`` validates each profile; the structural checks read the files
-(and the merged local profile) with PyYAML. Nothing is started, so no Docker engine is
-needed, only the docker-compose binary: under CI (``CI=true``) its absence is a failure,
-elsewhere a skip.
+(and the merged local profile) with PyYAML, and the two Temporal setup scripts run against
+fake ``temporal-sql-tool`` / ``temporal`` / ``nc`` commands. Nothing is started, so no Docker
+engine is needed, only the docker-compose binary: under CI (``CI=true``) its absence is a
+failure, elsewhere a skip.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import shutil
 import subprocess
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 import yaml
@@ -25,7 +27,13 @@ OVERRIDE = ROOT / "docker-compose.override.yml"
 LOCAL = ROOT / "docker-compose.local.yml"
 PROFILES = {"production": [BASE, OVERRIDE], "production-no-ports": [BASE], "local": [BASE, LOCAL]}
 
-WORKER_ENV = ("MLC_DATABASE_URL", "TEMPORAL_ADDRESS", "TEMPORAL_NAMESPACE", "MLC_HOME", "MLC_TASK_QUEUE")
+WORKER_ENV = (
+    "MLC_WORKER_DATABASE_URL",
+    "TEMPORAL_ADDRESS",
+    "TEMPORAL_NAMESPACE",
+    "MLC_HOME",
+    "MLC_TASK_QUEUE",
+)
 SEARCH_ATTRIBUTES = {
     "MlcModel": "Keyword",
     "MlcVersion": "Int",
@@ -33,6 +41,17 @@ SEARCH_ATTRIBUTES = {
     "MlcServiceTag": "KeywordList",
 }
 HEALTHY_CONDITIONS = {"service_healthy", "service_completed_successfully"}
+TEMPORAL_DEPLOY = ROOT / "deploy" / "temporal"
+PERSISTENCE_ENV = (
+    "DB",
+    "DB_PORT",
+    "POSTGRES_SEEDS",
+    "POSTGRES_USER",
+    "POSTGRES_PWD",
+    "DBNAME",
+    "VISIBILITY_DBNAME",
+)
+"""What temporal-schema and the temporal server must agree on: the same databases, same role."""
 
 
 def _docker_compose() -> str:
@@ -48,13 +67,23 @@ def _docker_compose() -> str:
     return exe
 
 
-def _compose(files: list[Path], *args: str) -> subprocess.CompletedProcess[str]:
+def _compose(
+    files: list[Path], *args: str, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
     cmd = [_docker_compose()]
     for f in files:
         cmd += ["-f", str(f)]
     # A fixed project name and the repo as cwd: results do not depend on where pytest runs.
     cmd += ["-p", "mlc-compose-test", *args]
-    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=60, check=False)
+    return subprocess.run(
+        cmd,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        env={**os.environ, **(env or {})},
+    )
 
 
 @functools.cache
@@ -111,7 +140,7 @@ def test_config_is_valid(profile: str) -> None:
 @pytest.mark.parametrize("profile", sorted(PROFILES))
 def test_every_service_is_health_gated(profile: str) -> None:
     services = _active(_merged(profile)["services"])
-    assert {"postgres", "temporal", "temporal-init", "worker"} <= set(services)
+    assert {"postgres", "temporal-schema", "temporal", "temporal-init", "migrate", "worker"} <= set(services)
     for name, svc in services.items():
         depends = svc.get("depends_on") or {}
         conditions = {d.get("condition") for d in depends.values()} if isinstance(depends, dict) else set()
@@ -153,16 +182,115 @@ def test_worker_mounts_docker_and_sets_env(profile: str) -> None:
     assert device == env["MLC_HOME"], f"mlc-home is backed by {device}, MLC_HOME is {env['MLC_HOME']}"
     assert worker.get("group_add"), "worker needs the docker socket's group (DOCKER_GID)"
     assert "build" in worker and worker.get("image")
-    assert env["MLC_DATABASE_URL"].startswith("postgresql://mlc:")
+    # Least privilege: the worker logs in as mlc_worker and never holds the owner's DSN.
+    assert urlsplit(env["MLC_WORKER_DATABASE_URL"]).username == "mlc_worker"
+    assert "MLC_DATABASE_URL" not in env, "the worker must not get the inventory owner's DSN"
+    # Present even when empty (then $MLC_HOME/trust-root applies), so .env can set it.
+    assert "MLC_TRUST_ROOT" in env, "worker must pass MLC_TRUST_ROOT through"
 
 
-def test_production_profile_uses_postgres_for_temporal() -> None:
-    services = _raw(BASE)["services"]
+@pytest.mark.parametrize("profile", sorted(PROFILES))
+def test_migrate_runs_as_owner_and_enables_the_worker_role(profile: str) -> None:
+    services = _merged(profile)["services"]
+    migrate, worker = services["migrate"], services["worker"]
+    command = migrate["command"]
+    command = command.split() if isinstance(command, str) else list(command)
+    assert command[:2] == ["db", "migrate"], command
+    flag = command.index("--worker-password-env")
+    variable = command[flag + 1]
+    env, worker_env = _env(migrate), _env(worker)
+    password = env.get(variable, "")
+    assert len(password) >= 12, f"migrate's {variable} must hold a password (mlc db migrate wants >= 12)"
+    owner = urlsplit(env["MLC_DATABASE_URL"])
+    assert owner.username == "mlc", "migrations are applied by the inventory's owner"
+    # The password migrate gives mlc_worker is the one the worker logs in with, on the same
+    # server and database.
+    worker_dsn = urlsplit(worker_env["MLC_WORKER_DATABASE_URL"])
+    assert worker_dsn.password == password
+    assert (worker_dsn.hostname, worker_dsn.port, worker_dsn.path) == (owner.hostname, owner.port, owner.path)
+    assert worker["depends_on"]["migrate"]["condition"] == "service_completed_successfully"
+    assert str(migrate.get("restart", "no")) == "no", "migrate is a one-shot"
+    assert migrate["image"] == worker["image"], "migrate runs the worker's own image (same migrations)"
+    assert "build" in migrate, "migrate starts before the worker: it must build, never pull, the image"
+
+
+def _tag(image: str) -> str:
+    return image.rpartition(":")[2]
+
+
+def _version(tag: str) -> tuple[int, ...]:
+    assert re.fullmatch(r"\d+\.\d+\.\d+", tag), f"{tag!r} is not a plain X.Y.Z release tag"
+    return tuple(int(part) for part in tag.split("."))
+
+
+def test_production_runs_temporal_server_with_admin_tools() -> None:
+    raw = BASE.read_text()
+    assert "auto-setup" not in "\n".join(
+        line for line in raw.splitlines() if not line.lstrip().startswith("#")
+    ), "temporalio/auto-setup is deprecated: use temporalio/server + admin-tools"
+    services = _merged("production")["services"]
     assert services["postgres"]["image"].startswith("postgres:16")
-    assert services["temporal"]["image"].startswith("temporalio/auto-setup:")
-    assert _env(services["temporal"])["DB"] == "postgres12"
-    assert _env(services["temporal"])["POSTGRES_SEEDS"] == "postgres"
-    assert services["temporal-ui"]["image"].startswith("temporalio/ui:")
+    server = services["temporal"]["image"]
+    assert server.startswith("temporalio/server:")
+    # The schema files come from admin-tools: its tag must be the server's, in every service.
+    for name in ("temporal-schema", "temporal-init"):
+        image = services[name]["image"]
+        assert image.startswith("temporalio/admin-tools:"), f"{name}: {image}"
+        assert _tag(image) == _tag(server), f"{name} runs {image}, the server {server}"
+    assert _version(_tag(server)) >= (1, 32, 0), f"{server} is older than the pinned line"
+    ui = services["temporal-ui"]["image"]
+    assert ui.startswith("temporalio/ui:") and _version(_tag(ui)) >= (2, 54, 1), ui
+    # Schema first, then the server, on the same databases with the same role.
+    depends = services["temporal"]["depends_on"]
+    assert depends["temporal-schema"]["condition"] == "service_completed_successfully"
+    server_env, schema_env = _env(services["temporal"]), _env(services["temporal-schema"])
+    assert server_env["DB"] == "postgres12" and server_env["POSTGRES_SEEDS"] == "postgres"
+    for key in PERSISTENCE_ENV:
+        assert schema_env.get(key) == server_env.get(key), (
+            f"{key}: schema {schema_env.get(key)!r}, server {server_env.get(key)!r}"
+        )
+    assert server_env["BIND_ON_IP"] == "0.0.0.0", "other containers must reach the frontend"
+
+
+def test_production_pins_one_temporal_version_by_default() -> None:
+    # With TEMPORAL_VERSION unset the defaults apply; they must be the same literal everywhere.
+    raw = _raw(BASE)["services"]
+    images = [raw[name]["image"] for name in ("temporal", "temporal-schema", "temporal-init")]
+    matches = [re.fullmatch(r"temporalio/[a-z-]+:\$\{TEMPORAL_VERSION:-([0-9.]+)\}", i) for i in images]
+    assert all(matches), f"not pinned through ${{TEMPORAL_VERSION:-X.Y.Z}}: {images}"
+    assert len({m.group(1) for m in matches if m}) == 1, images
+    # And a hop (docs/team.md, "Versions") moves server and admin-tools together.
+    result = _compose(PROFILES["production"], "config", env={"TEMPORAL_VERSION": "1.30.3"})
+    assert result.returncode == 0, result.stderr
+    hopped = yaml.safe_load(result.stdout)["services"]
+    assert {
+        hopped[name]["image"].rpartition(":")[2] for name in ("temporal", "temporal-schema", "temporal-init")
+    } == {"1.30.3"}
+
+
+def test_production_temporal_healthcheck_needs_no_cli() -> None:
+    # temporalio/server has no `temporal` binary (admin-tools has): a check calling it would
+    # never pass and the whole stack would wait forever.
+    test = _raw(BASE)["services"]["temporal"]["healthcheck"]["test"]
+    command = test[1] if test[0] == "CMD" else test[1].split()[0]
+    assert command != "temporal", test
+
+
+def test_production_dynamic_config_is_mounted_and_sane() -> None:
+    temporal = _raw(BASE)["services"]["temporal"]
+    path = _env(temporal)["DYNAMIC_CONFIG_FILE_PATH"]
+    mounts = {target: source for source, target in _volume_sources(temporal)}
+    folder = next((t for t in mounts if path.startswith(t.rstrip("/") + "/")), None)
+    assert folder, f"{path} is not under any mounted folder: {mounts}"
+    local = ROOT / mounts[folder] / path[len(folder) :].lstrip("/")
+    assert local.is_file(), local
+    config = yaml.safe_load(local.read_text())
+    assert isinstance(config, dict) and config
+    for key, values in config.items():
+        assert isinstance(values, list) and all("value" in v for v in values), key
+    assert config["limit.maxIDLength"][0]["value"] <= 255, "SQL visibility keeps ids in VARCHAR(255)"
+    assert config["frontend.enableUpdateWorkflowExecution"][0]["value"] is True, "approvals are Updates"
+    assert "system.forceSearchAttributesCacheRefreshOnRead" not in config, "dev-only setting"
 
 
 def test_local_profile_builds_everything_on_host_network() -> None:
@@ -173,11 +301,21 @@ def test_local_profile_builds_everything_on_host_network() -> None:
     for name, svc in services.items():
         assert svc.get("network_mode") == "host", f"{name}: local services use the host network"
         assert svc["image"] in built, f"{name}: image {svc['image']} would need a registry"
+        # `up` pulls a missing image of a service without `build` before the services that
+        # build it start, so a one-shot that starts first must build its image itself.
+        if name in ("temporal-schema", "migrate"):
+            assert "build" in svc, f"{name} starts before the service that builds {svc['image']}"
         if "build" in svc:
             assert svc["build"].get("network") == "host", f"{name}: build needs network: host"
             assert svc["build"]["args"]["BASE"] == "mlc-python:3.11-bookworm" or os.environ.get(
                 "MLC_BASE_IMAGE"
             )
+
+
+def test_local_temporal_schema_is_a_no_op() -> None:
+    # start-dev keeps its own SQLite schema, and the local image has no temporal-sql-tool.
+    schema = _merged("local")["services"]["temporal-schema"]
+    assert "temporal-sql-tool" not in " ".join(schema["entrypoint"]) + " ".join(schema.get("command") or [])
 
 
 def test_local_profile_publishes_no_ports() -> None:
@@ -189,11 +327,20 @@ def test_local_profile_publishes_no_ports() -> None:
 
 def test_production_publishes_temporal_and_ui_on_loopback() -> None:
     services = _merged("production")["services"]
-    for name, port in (("temporal", 7233), ("temporal-ui", 8080)):
+    for name, port in (("temporal", 7233), ("temporal-ui", 8080), ("postgres", 5432)):
         ports = [_port_text(p) for p in services[name]["ports"]]
         assert any(p.startswith("127.0.0.1:") and p.split("/")[0].endswith(f":{port}") for p in ports), (
             f"{name}: {ports!r}"
         )
+
+
+def test_production_never_publishes_postgres_beyond_loopback() -> None:
+    result = _compose(PROFILES["production"], "config", env={"MLC_BIND_ADDRESS": "0.0.0.0"})
+    assert result.returncode == 0, result.stderr
+    services = yaml.safe_load(result.stdout)["services"]
+    assert any(_port_text(p).startswith("0.0.0.0:") for p in services["temporal"]["ports"])
+    for port in services["postgres"]["ports"]:
+        assert _port_text(port).startswith("127.0.0.1:"), f"PostgreSQL published beyond loopback: {port!r}"
 
 
 def test_local_ports_agree_and_bind_loopback() -> None:
@@ -201,9 +348,11 @@ def test_local_ports_agree_and_bind_loopback() -> None:
     pg = _env(services["postgres"])
     temporal = _env(services["temporal"])
     worker = _env(services["worker"])
+    migrate = _env(services["migrate"])
     assert pg["POSTGRES_LISTEN_ADDRESSES"] == "127.0.0.1"
     assert temporal["TEMPORAL_IP"] == "127.0.0.1"
-    assert worker["MLC_DATABASE_URL"].endswith(f"@127.0.0.1:{pg['PGPORT']}/mlc")
+    assert worker["MLC_WORKER_DATABASE_URL"].endswith(f"@127.0.0.1:{pg['PGPORT']}/mlc")
+    assert migrate["MLC_DATABASE_URL"].endswith(f"@127.0.0.1:{pg['PGPORT']}/mlc")
     assert worker["TEMPORAL_ADDRESS"] == f"127.0.0.1:{temporal['TEMPORAL_PORT']}"
     assert _env(services["temporal-init"])["TEMPORAL_ADDRESS"] == worker["TEMPORAL_ADDRESS"]
     if not any(os.environ.get(k) for k in ("MLC_PG_PORT", "MLC_TEMPORAL_PORT", "MLC_TEMPORAL_UI_PORT")):
@@ -228,12 +377,112 @@ def test_every_variable_is_documented(path: Path) -> None:
     assert not undocumented, f"{path.name}: variables used but not described in comments: {undocumented}"
 
 
-def test_search_attributes_registered_by_init() -> None:
-    script = (ROOT / "deploy/temporal/register-search-attributes.sh").read_text()
-    for name, kind in SEARCH_ATTRIBUTES.items():
-        assert f"{name}={kind}" in script
-    entry = _raw(BASE)["services"]["temporal-init"]["entrypoint"]
-    assert entry[-1].endswith("register-search-attributes.sh")
+def _fake_bin(tmp_path: Path, name: str, body: str) -> None:
+    """A stand-in command on PATH that appends its arguments to ``calls.log``, then runs ``body``."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    script = bin_dir / name
+    script.write_text(f'#!/bin/sh\necho "{name} $*" >> "{tmp_path}/calls.log"\n{body}\n')
+    script.chmod(0o755)
+
+
+def _run_script(
+    tmp_path: Path, script: str, env: dict[str, str]
+) -> tuple[subprocess.CompletedProcess[str], list[str]]:
+    path = f"{tmp_path / 'bin'}:{os.environ.get('PATH', '/usr/bin:/bin')}"
+    result = subprocess.run(
+        ["sh", str(TEMPORAL_DEPLOY / script)],
+        env={"PATH": path, "HOME": str(tmp_path), "MLC_INIT_WAIT_SECONDS": "0", **env},
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    log = tmp_path / "calls.log"
+    return result, log.read_text().splitlines() if log.exists() else []
+
+
+def test_schema_setup_creates_and_migrates_both_stores(tmp_path: Path) -> None:
+    schemas = tmp_path / "schema"
+    for store in ("temporal", "visibility"):
+        (schemas / store / "versioned").mkdir(parents=True)
+    _fake_bin(tmp_path, "nc", "exit 0")
+    # Records the password it got through the environment, never on the command line.
+    _fake_bin(tmp_path, "temporal-sql-tool", f'echo "SQL_PASSWORD=$SQL_PASSWORD" >> "{tmp_path}/env.log"')
+    services = _raw(BASE)["services"]
+    env = {k: v for k, v in _env(services["temporal-schema"]).items() if "${" not in v}
+    env |= {"POSTGRES_PWD": "s3cret-pw", "MLC_TEMPORAL_SCHEMA_ROOT": str(schemas)}
+    result, calls = _run_script(tmp_path, "setup-schema.sh", env)
+    assert result.returncode == 0, result.stderr
+    common = "temporal-sql-tool --plugin postgres12 --ep postgres -p 5432 -u temporal"
+    expected = []
+    for database, store in (("temporal", "temporal"), ("temporal_visibility", "visibility")):
+        expected += [
+            f"{common} --db {database} create-database",
+            f"{common} --db {database} setup-schema -v 0.0",
+            f"{common} --db {database} update-schema -d {schemas / store / 'versioned'}",
+        ]
+    assert [c for c in calls if c.startswith("temporal-sql-tool")] == expected
+    assert not any("s3cret-pw" in c for c in calls), "the password must not be an argument"
+    assert set((tmp_path / "env.log").read_text().split()) == {"SQL_PASSWORD=s3cret-pw"}
+    assert services["temporal-schema"]["entrypoint"][-1].endswith("/setup-schema.sh")
+
+
+def test_schema_setup_stops_at_the_first_failure(tmp_path: Path) -> None:
+    for store in ("temporal", "visibility"):
+        (tmp_path / "schema" / store / "versioned").mkdir(parents=True)
+    _fake_bin(tmp_path, "nc", "exit 0")
+    _fake_bin(tmp_path, "temporal-sql-tool", 'case "$*" in *setup-schema*) exit 1 ;; esac')
+    env = {"POSTGRES_PWD": "pw", "MLC_TEMPORAL_SCHEMA_ROOT": str(tmp_path / "schema")}
+    result, calls = _run_script(tmp_path, "setup-schema.sh", env)
+    assert result.returncode != 0
+    assert not any("update-schema" in c for c in calls), calls
+    # Without the password nothing runs at all.
+    (tmp_path / "calls.log").unlink()
+    result, calls = _run_script(
+        tmp_path, "setup-schema.sh", {"MLC_TEMPORAL_SCHEMA_ROOT": str(tmp_path / "schema")}
+    )
+    assert result.returncode != 0 and "POSTGRES_PWD" in result.stderr and not calls
+
+
+_FAKE_TEMPORAL = """
+case "$*" in
+  "operator cluster health") exit 0 ;;
+  "operator namespace describe"*) [ -f "{state}/ns" ] ;;
+  "operator namespace create"*) touch "{state}/ns" ;;
+  "operator search-attribute list"*)
+    [ -f "{state}/ns" ] || exit 1; printf 'MlcModel Keyword\nWorkflowId Keyword\n' ;;
+  "operator search-attribute create"*) exit 0 ;;
+  *) exit 2 ;;
+esac
+"""
+
+
+def test_temporal_init_creates_namespace_then_attributes(tmp_path: Path) -> None:
+    _fake_bin(tmp_path, "temporal", _FAKE_TEMPORAL.replace("{state}", str(tmp_path)))
+    init = _raw(BASE)["services"]["temporal-init"]
+    assert init["entrypoint"][-1].endswith("/temporal-init.sh")
+    env = {k: v for k, v in _env(init).items() if "${" not in v} | {"TEMPORAL_NAMESPACE": "mlc-team"}
+    result, calls = _run_script(tmp_path, "temporal-init.sh", env)
+    assert result.returncode == 0, result.stderr
+    creates = [c for c in calls if "namespace create" in c]
+    assert creates == ["temporal operator namespace create --namespace mlc-team --retention 720h"]
+    made = {c.split("--name ")[1] for c in calls if "search-attribute create" in c}
+    # MlcModel is listed already; the other three are created with their types.
+    expected = {f"{n} --type {k}" for n, k in SEARCH_ATTRIBUTES.items() if n != "MlcModel"}
+    assert made == expected
+    # Second run: the namespace exists, nothing is created again.
+    (tmp_path / "calls.log").unlink()
+    result, calls = _run_script(tmp_path, "temporal-init.sh", env)
+    assert result.returncode == 0 and not any("namespace create" in c for c in calls)
+
+
+def test_temporal_init_refuses_an_attribute_of_another_type(tmp_path: Path) -> None:
+    fake = _FAKE_TEMPORAL.replace("{state}", str(tmp_path)).replace("MlcModel Keyword", "MlcModel Text")
+    _fake_bin(tmp_path, "temporal", fake)
+    (tmp_path / "ns").touch()
+    result, _ = _run_script(tmp_path, "temporal-init.sh", {})
+    assert result.returncode != 0 and "MlcModel exists as Text" in result.stderr
 
 
 def test_files_referenced_by_compose_exist() -> None:

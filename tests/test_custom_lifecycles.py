@@ -1,7 +1,8 @@
 """Custom lifecycle code: upload, validation, pick-up by running workers, version pinning.
 
-Runs on the real Temporal dev server and PostgreSQL of the session fixtures; uploads dry
-run on the time-skipping test server, as they do for users.
+Runs on the real Temporal dev server and PostgreSQL of the session fixtures; uploaded code
+runs on the real sandboxed lifecycle worker (``mlc worker --lifecycles`` under bubblewrap),
+and uploads dry run on the time-skipping test server in that same sandbox, as for users.
 """
 
 from __future__ import annotations
@@ -19,12 +20,13 @@ from lifecycles.loader import load_lifecycle
 from mlc.domain import DeploymentState, LifecycleDefinition, Mode, ModelSnapshot
 from mlc.errors import InvalidLifecycleError, PermissionDeniedError
 from mlc.lifecycle_uploads import upload_lifecycle
-from mlc.names import BUILT_IN_LIFECYCLES, workflow_id_for
+from mlc.names import BUILT_IN_LIFECYCLES, lifecycles_task_queue, workflow_id_for
 from mlc.operations import read_status
 from mlc.store import audit, deployments, lifecycle_definitions, runs, runtimes
-from tests.conftest import APPROVER, AUTHOR, FIXTURES, Stack
+from tests.conftest import APPROVER, AUTHOR, FIXTURES, Stack, require_sandbox
 from tests.lifecycle_helpers import keep_history, start_like_ui, wait_for, wait_for_gate
-from workers.registry import ALL_WORKFLOWS
+from workers.registry import LIFECYCLE_WORKFLOWS, MAIN_WORKFLOWS
+from workers.sandbox import SandboxedWorker
 from workers.worker import build_main_worker
 
 LIFECYCLES = FIXTURES / "lifecycles"
@@ -51,6 +53,7 @@ def one_line(text: str) -> str:
 
 async def upload(stack: Stack, path: Path, *, name: str | None = None) -> tuple[LifecycleDefinition, bool]:
     """Upload ``path`` as the lifecycle author (who therefore may not approve its runs)."""
+    require_sandbox()  # the dry run runs the code in the lifecycle worker's sandbox
     return await upload_lifecycle(
         stack.pool, path, signer=stack.signers[AUTHOR], settings=stack.settings, name=name
     )
@@ -77,6 +80,7 @@ async def test_running_workers_pick_up_uploads_and_runs_keep_their_version(
     second = await second_snapshot(stack, example_package, tmp_path)
     await stack.add_local_runtimes(("DEV", "SIT"))
     queue = f"custom-{uuid.uuid4().hex[:8]}"
+    require_sandbox()
 
     uploaded = await stack.mlc(
         "lifecycle", "upload", str(LIFECYCLES / "good" / "pinned_v1.py"), "--name", "Pinned", user=AUTHOR
@@ -85,11 +89,12 @@ async def test_running_workers_pick_up_uploads_and_runs_keep_their_version(
     assert "uploaded Pinned version 1" in one_line(uploaded.stdout)
 
     async with build_main_worker(stack.client, stack.settings, stack.pool, task_queue=queue):
+        sandboxed = await stack.sandboxed_worker(task_queue=queue)
         on_v1 = await start_like_ui(
             stack.client,
             {"model": first.model, "version": first.version},
             workflow_id=wid(),
-            task_queue=queue,
+            task_queue=lifecycles_task_queue(queue),
             workflow="Pinned",
         )
         assert (await wait_for_gate(on_v1, "DEV")).lifecycle == "Pinned@1"
@@ -100,21 +105,28 @@ async def test_running_workers_pick_up_uploads_and_runs_keep_their_version(
             stack.client,
             {"model": second.model, "version": second.version},
             workflow_id=wid(),
-            task_queue=queue,
+            task_queue=lifecycles_task_queue(queue),
             workflow="Pinned",
         )
         status = await wait_for_gate(on_v2, "DEV")
         assert status.lifecycle == "Pinned@2", "the running worker serves the new upload at once"
         assert status.stages == ("DEV", "SIT")
+        await sandboxed.stop()
 
-    # A new worker that caches nothing replays each run's whole history on every task.
-    async with build_main_worker(
-        stack.client, stack.settings, stack.pool, task_queue=queue, max_cached_workflows=0
-    ):
-        await approve(stack, f"{first.model}@{first.version}", "DEV")
-        await approve(stack, f"{second.model}@{second.version}", "DEV")
-        result_v1 = await on_v1.result()
-        result_v2 = await on_v2.result()
+    # A new lifecycle worker that caches nothing replays each run's whole history on every task.
+    async with build_main_worker(stack.client, stack.settings, stack.pool, task_queue=queue):
+        replacement = await stack.sandboxed_worker(
+            task_queue=queue, extra_env={"MLC_MAX_CACHED_WORKFLOWS": "0"}
+        )
+        try:
+            # One after the other: two runs of one model promoting in one stage at the same
+            # time would each retire the other's deployment, and the second is refused.
+            await approve(stack, f"{first.model}@{first.version}", "DEV")
+            result_v1 = await on_v1.result()
+            await approve(stack, f"{second.model}@{second.version}", "DEV")
+            result_v2 = await on_v2.result()
+        finally:
+            await replacement.stop()
 
     assert result_v1.stages == ("DEV",)
     assert result_v2.stages == ("DEV", "SIT")
@@ -175,7 +187,9 @@ async def test_cli_refuses_uploaders_without_the_role_bad_code_and_built_in_name
     assert await lifecycle_definitions.read_lifecycle_definitions(stack.pool) == []
 
 
-async def test_four_eyes_example_needs_two_different_approvers(stack: Stack, example_package: Path) -> None:
+async def test_four_eyes_example_needs_two_different_approvers(
+    stack: Stack, lifecycles: SandboxedWorker, example_package: Path
+) -> None:
     for _ in range(2):
         uploaded = await stack.mlc("lifecycle", "upload", str(FOUR_EYES), user=AUTHOR)
         assert uploaded.returncode == 0, uploaded.stderr
@@ -195,7 +209,7 @@ async def test_four_eyes_example_needs_two_different_approvers(stack: Stack, exa
         stack.client,
         {"model": snap.model, "version": snap.version},
         workflow_id=wid(),
-        task_queue=stack.task_queue,
+        task_queue=stack.lifecycles_queue,
         workflow="FourEyes",
     )
     await wait_for_gate(handle, "UAT")
@@ -228,13 +242,15 @@ async def test_four_eyes_example_needs_two_different_approvers(stack: Stack, exa
     assert note == f"{ref}: alice already approved UAT; a second, different approver is needed"
 
 
-async def test_unknown_workflow_type_fails_at_once_naming_the_uploaded_ones(stack: Stack) -> None:
+async def test_unknown_workflow_type_fails_at_once_naming_the_uploaded_ones(
+    stack: Stack, lifecycles: SandboxedWorker
+) -> None:
     await upload(stack, FOUR_EYES)
     handle = await start_like_ui(
         stack.client,
         {"model": "cc-fraud", "version": 1},
         workflow_id=wid(),
-        task_queue=stack.task_queue,
+        task_queue=stack.lifecycles_queue,
         workflow="FourEye",
     )
     with pytest.raises(WorkflowFailureError) as failure:
@@ -245,11 +261,14 @@ async def test_unknown_workflow_type_fails_at_once_naming_the_uploaded_ones(stac
     )
 
 
-async def test_cli_start_input_reaches_the_uploaded_lifecycle(stack: Stack, example_package: Path) -> None:
+async def test_cli_start_input_reaches_the_uploaded_lifecycle(
+    stack: Stack, lifecycles: SandboxedWorker, example_package: Path
+) -> None:
     await upload(stack, FOUR_EYES)
     snap = await stack.register(example_package)  # the CLI refuses snapshots that do not exist
     started = await stack.mlc("lifecycle", "start", f"{snap.model}@{snap.version}", "--lifecycle", "FourEyes")
     assert started.returncode == 0, started.stderr
+    assert f"on task queue {stack.lifecycles_queue}" in one_line(started.stdout), "routed to the sandbox"
     handle = stack.client.get_workflow_handle(workflow_id_for(snap.model, snap.version))
     with pytest.raises(WorkflowFailureError) as failure:
         await handle.result()
@@ -305,24 +324,56 @@ async def test_batch_promotion_runs_batch_jobs_only(stack: Stack, example_packag
 
 
 def test_built_in_names_match_the_registered_workflows() -> None:
-    registered = {getattr(w, "__temporal_workflow_definition").name for w in ALL_WORKFLOWS}
-    assert registered == {*BUILT_IN_LIFECYCLES, None}, "None is the dynamic workflow of uploaded lifecycles"
+    main = {getattr(w, "__temporal_workflow_definition").name for w in MAIN_WORKFLOWS}
+    sandboxed = {getattr(w, "__temporal_workflow_definition").name for w in LIFECYCLE_WORKFLOWS}
+    assert set(BUILT_IN_LIFECYCLES) <= main and None not in main, "the main worker runs no uploaded code"
+    assert sandboxed == {None}, "the lifecycle worker runs only the dynamic workflow of uploaded lifecycles"
 
 
 @pytest.mark.parametrize(
     ("source", "error"),
     [
-        ("import os", "<lifecycle T@1>:1: ImportError: lifecycle code may not import os"),
-        ("name = '__sub' + 'classes__'\nfound = getattr(int, name)", "<lifecycle T@1>:2: AttributeError"),
-        ("handle = open", "<lifecycle T@1>:1: NameError: name 'open' is not defined"),
+        ("import os", "<lifecycle T@1>:1: import of os is not allowed"),
+        ("found = ().__class__", "<lifecycle T@1>:1: access to .__class__ is not allowed"),
+        ("handle = open", "<lifecycle T@1>:1: open is not allowed"),
     ],
-    ids=["import", "computed-dunder", "builtin"],
+    ids=["import", "dunder", "builtin"],
 )
-def test_loader_enforces_the_rules_when_static_checks_are_bypassed(source: str, error: str) -> None:
-    """Code that reaches a worker without passing validation still cannot escape."""
+def test_the_worker_re_checks_stored_source_before_running_it(source: str, error: str) -> None:
+    """Source that reached the store without passing validation is refused on the worker."""
     with pytest.raises(InvalidLifecycleError) as refused:
         load_lifecycle(f"{source}\n\nasync def run(mlc):\n    pass\n", filename="<lifecycle T@1>")
     assert str(refused.value).startswith(error), refused.value
+
+
+RUN_TIME_ESCAPES = {
+    "import": ("import os", "1: ImportError: lifecycle code may not import os"),
+    "module-from-import": (
+        "from dataclasses import builtins",
+        "1: ImportError: lifecycle code may not import",
+    ),
+    "module-attribute": ("import typing\nfound = typing.sys", "2: AttributeError: module 'typing' has no attribute 'sys'"),
+    "computed-dunder": ("name = '__sub' + 'classes__'\nfound = getattr(int, name)", "2: AttributeError"),
+    "frame": ("found = (x for x in ()).gi_frame", "1: AttributeError: lifecycle code may not access"),
+    "private": ("from lifecycles.api import Lifecycle\nLifecycle()._x", "2: AttributeError: lifecycle code"),
+    "shared-write": (
+        "from lifecycles.api import Lifecycle\nLifecycle.deploy = 1",
+        "2: AttributeError: lifecycle",
+    ),
+    "format": ("found = '{0.__class__}'.format(1)", "1: AttributeError: lifecycle code may not access"),
+    "builtin": ("handle = open", "1: NameError: name 'open' is not defined"),
+}
+
+
+@pytest.mark.parametrize("escape", sorted(RUN_TIME_ESCAPES))
+def test_run_time_guards_hold_on_their_own(escape: str) -> None:
+    """With the static checks skipped, the compiled guards still refuse each escape."""
+    source, error = RUN_TIME_ESCAPES[escape]
+    with pytest.raises(InvalidLifecycleError) as refused:
+        load_lifecycle(
+            f"{source}\n\nasync def run(mlc):\n    pass\n", filename="<lifecycle T@1>", check=False
+        )
+    assert str(refused.value).startswith(f"<lifecycle T@1>:{error}"), refused.value
 
 
 async def test_code_using_the_allowed_modules_passes_its_dry_run(stack: Stack) -> None:

@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
+import subprocess
+import sys
 import uuid
 from collections.abc import AsyncIterator
+from dataclasses import replace
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import httpx
 import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from temporalio.exceptions import ApplicationError
 from temporalio.testing import ActivityEnvironment
 
@@ -19,7 +25,7 @@ from activities.runtimes.base import (
     OnlineDeployRequest,
     UndeployRequest,
 )
-from activities.runtimes.local import LocalDriver
+from activities.runtimes.local import STATE_FILE, LocalDriver
 from activities.testing import TestingActivities
 from mlc.artifacts import ArtifactStore, build_archive
 from mlc.config import Settings
@@ -35,6 +41,7 @@ from mlc.errors import DeploymentFailedError
 from mlc.evaluation import load_evaluation
 from mlc.manifest import load_manifest
 from mlc.test_payloads import RunStageTestsInput
+from mlc.trust import grants
 
 FIXTURES = Path(__file__).parent / "fixtures" / "models"
 BOTH_TESTS = (TestKind.SMOKE, TestKind.METRICS)
@@ -252,16 +259,42 @@ async def run_tests(settings: Settings, input: RunStageTestsInput) -> list:
     return list(result.results)
 
 
+def granted(
+    settings: Settings, snapshot: ModelSnapshot, runtime: Runtime, deployment_id: str, mode: Mode
+) -> RunStageTestsInput:
+    """A test request carrying the platform's grant, as ``record_deployment`` issues it.
+
+    Its ``deployment`` claims an endpoint nobody listens on: the activity must use the one
+    its driver locates, never the payload's.
+    """
+    grant = grants.RuntimeGrant(
+        action="run_stage_tests",
+        deployment_id=deployment_id,
+        runtime=runtime,
+        stage=runtime.stage,
+        mode=mode,
+        snapshot=snapshot,
+        workflow_id="test",
+        run_id="test-run",  # ActivityEnvironment's run
+        expires_at=datetime.now(UTC) + timedelta(hours=1),
+    )
+    claimed = deployment_of(snapshot, runtime, mode, endpoint="http://198.51.100.1:9")
+    return RunStageTestsInput(
+        stage=runtime.stage,
+        snapshot=snapshot,
+        deployment=claimed,
+        tests=BOTH_TESTS,
+        batch_output="/etc/passwd",
+        grant=grants.issue(grants.platform_key(settings.platform_key_path), grant),
+    )
+
+
 async def test_stage_tests_pass_for_the_example_online(
     driver: LocalDriver, settings: Settings, runtime: Runtime, example_package: Path
 ) -> None:
     snapshot = snapshot_of(settings, example_package)
-    endpoint, _ = await deploy(driver, snapshot, runtime, "dep-tests")
-    deployment = deployment_of(snapshot, runtime, Mode.ONLINE, endpoint=endpoint)
-    smoke, metrics = await run_tests(
-        settings,
-        RunStageTestsInput(stage="SIT", snapshot=snapshot, deployment=deployment, tests=BOTH_TESTS),
-    )
+    await deploy(driver, snapshot, runtime, "dep-tests")
+    smoke, metrics = await run_tests(settings, granted(settings, snapshot, runtime, "dep-tests", Mode.ONLINE))
     assert (smoke.test, smoke.passed, smoke.summary) == (TestKind.SMOKE, True, "4/4 samples match")
     assert metrics.passed, metrics.summary
     assert metrics.metrics["auc"] >= 0.85
@@ -272,50 +305,69 @@ async def test_weak_model_fails_metrics_in_both_modes(
     driver: LocalDriver, settings: Settings, runtime: Runtime
 ) -> None:
     snapshot = snapshot_of(settings, FIXTURES / "weak-model")
-    endpoint, _ = await deploy(driver, snapshot, runtime, "dep-weak")
-    online = deployment_of(snapshot, runtime, Mode.ONLINE, endpoint=endpoint)
-    smoke, metrics = await run_tests(
-        settings, RunStageTestsInput(stage="SIT", snapshot=snapshot, deployment=online, tests=BOTH_TESTS)
-    )
+    await deploy(driver, snapshot, runtime, "dep-weak")
+    smoke, metrics = await run_tests(settings, granted(settings, snapshot, runtime, "dep-weak", Mode.ONLINE))
     assert smoke.passed
     assert (metrics.passed, metrics.summary) == (False, "auc 0.500 < 0.800")
 
-    job = await driver.run_batch(
+    await driver.run_batch(
         BatchJobRequest(deployment_id="dep-weak-batch", snapshot=snapshot, runtime=runtime, stage="SIT"),
         lambda note: None,
     )
-    batch = deployment_of(snapshot, runtime, Mode.BATCH)
     smoke, metrics = await run_tests(
-        settings,
-        RunStageTestsInput(
-            stage="SIT", snapshot=snapshot, deployment=batch, tests=BOTH_TESTS, batch_output=job.output_path
-        ),
+        settings, granted(settings, snapshot, runtime, "dep-weak-batch", Mode.BATCH)
     )
     assert smoke.passed
     assert (metrics.passed, metrics.summary) == (False, "auc 0.500 < 0.800")
 
 
-async def test_stage_tests_errors(settings: Settings, runtime: Runtime) -> None:
+async def test_stage_tests_errors(settings: Settings, runtime: Runtime, driver: LocalDriver) -> None:
     snapshot = snapshot_of(settings, FIXTURES / "weak-model")
-    with socket_port() as port:
-        unreachable = deployment_of(snapshot, runtime, Mode.ONLINE, endpoint=f"http://127.0.0.1:{port}")
-        with pytest.raises(ApplicationError) as caught:
-            await run_tests(
-                settings,
-                RunStageTestsInput(stage="SIT", snapshot=snapshot, deployment=unreachable, tests=BOTH_TESTS),
-            )
+    # A live "server" (its command line names mlc.serving) that listens on nothing.
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "mlc.serving"])
+    try:
+        with socket_port() as port:
+            workdir = driver.workdir(runtime, "dep-silent")
+            workdir.mkdir(parents=True)
+            (workdir / STATE_FILE).write_text(json.dumps({"pid": sleeper.pid, "port": port}))
+            with pytest.raises(ApplicationError) as caught:
+                await run_tests(settings, granted(settings, snapshot, runtime, "dep-silent", Mode.ONLINE))
+    finally:
+        sleeper.kill()
+        sleeper.wait()
     assert not caught.value.non_retryable
     assert "unreachable" in str(caught.value)
 
+    with pytest.raises(ApplicationError) as caught:
+        await run_tests(settings, granted(settings, snapshot, runtime, "dep-gone", Mode.ONLINE))
+    assert caught.value.non_retryable and caught.value.type == "NotFoundError"
+    assert "deployment dep-gone has no live model server on runtime local-sit" in str(caught.value)
+
     missing = snapshot.model_copy(update={"sha256": "0" * 64})
     with pytest.raises(ApplicationError) as caught:
-        await run_tests(
-            settings,
-            RunStageTestsInput(stage="SIT", snapshot=missing, deployment=unreachable, tests=BOTH_TESTS),
-        )
+        await run_tests(settings, granted(settings, missing, runtime, "dep-gone", Mode.BATCH))
     assert caught.value.non_retryable
     assert caught.value.type == "NotFoundError"
     assert "artifact 000000000000 is missing" in str(caught.value)
+
+
+async def test_stage_tests_act_only_on_a_grant(settings: Settings, runtime: Runtime) -> None:
+    snapshot = snapshot_of(settings, FIXTURES / "weak-model")
+    request = granted(settings, snapshot, runtime, "dep-x", Mode.BATCH)
+    with pytest.raises(ApplicationError, match="needs the platform's grant") as caught:
+        await run_tests(settings, request.model_copy(update={"grant": None}))
+    assert caught.value.non_retryable and caught.value.type == "RefusedError"
+
+    foreign = granted(settings, snapshot, runtime, "dep-x", Mode.BATCH)
+    other_run = ActivityEnvironment()
+    other_run.info = replace(other_run.info, workflow_run_id="another-run")
+    with pytest.raises(ApplicationError, match="belongs to another lifecycle run"):
+        await other_run.run(TestingActivities(settings).run_stage_tests, foreign)
+
+    stranger = Ed25519PrivateKey.generate()
+    forged = grants.issue(stranger, grants.RuntimeGrant.model_validate(foreign.grant.statement().predicate))  # type: ignore[union-attr]
+    with pytest.raises(ApplicationError, match="not signed by this platform's key"):
+        await run_tests(settings, foreign.model_copy(update={"grant": forged}))
 
 
 class socket_port:

@@ -44,6 +44,7 @@ from mlc.trust.signer import Signer
 from mlc.trust.statements import Envelope
 from tests.conftest import ADMIN, APPROVER, AUTHOR, FIXTURES, REGISTRAR, Stack
 from tests.lifecycle_helpers import wait_for, wait_for_gate
+from workers.sandbox import SandboxedWorker
 
 DEV_GATE = LifecycleSpec(stages=(StageSpec(name="DEV", tests=(TestKind.SMOKE,), gate=ApprovalGate()),))
 
@@ -232,8 +233,9 @@ async def test_a_spec_without_gates_cannot_reach_prod(stack: Stack, example_pack
 
 
 async def test_uploaded_code_that_skips_approval_cannot_deploy_to_prod(
-    stack: Stack, example_package: Path
+    stack: Stack, lifecycles: SandboxedWorker, example_package: Path
 ) -> None:
+    """The code runs on the real sandboxed lifecycle worker; the main worker refuses PROD."""
     snap = await stack.register(example_package)
     await stack.add_local_runtimes(("DEV", "PROD"))
     uploaded = await stack.mlc(

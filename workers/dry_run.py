@@ -1,21 +1,31 @@
-"""Dry-run uploaded lifecycle code before it is stored.
+"""Dry-run uploaded lifecycle code before it is stored, in the same sandbox it will run in.
 
 Static checks cannot tell whether code composes the API sensibly (a gate at a stage
 without one, a stage that does not exist, a loop that never ends). So the candidate runs
 once, end to end, through the very workflow that will run it for real, on Temporal's
-time-skipping test server: timers and sleeps take no wall time, and stand-in activities
-registered under the real activity names give one runtime per stage, successful
-deployments, passing tests and an approval at every gate. Nothing touches the inventory,
-a runtime or the real Temporal server.
+time-skipping test server: timers and sleeps take no wall time.
+
+The code runs where it will run for real: on a sandboxed lifecycle worker process
+(:mod:`workers.sandbox`), never in the uploader's CLI process. Only the stand-in
+activities run here, implementing the real activity contracts: one runtime per stage,
+successful deployments, passing tests and an approval at every gate. Nothing touches
+the inventory, a runtime or the real Temporal server.
+
+The stand-ins answer like the real activities (the newest registered snapshot, runtimes
+named like ``mlc dev``'s, deployment ids, endpoints and test summaries in the real
+formats, approvers who hold the role), so the code cannot tell a dry run from a run.
 """
 
 from __future__ import annotations
 
 import asyncio
-import re
+import hashlib
+import shutil
 import sys
+import tempfile
 import uuid
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -29,9 +39,12 @@ from temporalio.runtime import LoggingConfig, Runtime, TelemetryConfig, Telemetr
 from temporalio.testing import WorkflowEnvironment
 from temporalio.worker import Worker
 
-from activities.runtimes.base import BatchJobResult, OnlineDeployResult
 from lifecycles.loader import code_filename
-from mlc import domain, names
+from mlc import domain
+from mlc.contracts import implementations
+from mlc.contracts import inventory as inv
+from mlc.contracts import runtime as rt
+from mlc.contracts.runtime import BatchJobResult, OnlineDeployResult, StreamingDeployResult
 from mlc.domain import (
     ApprovalRecord,
     Decision,
@@ -44,6 +57,7 @@ from mlc.domain import (
     TestResult,
 )
 from mlc.errors import InvalidLifecycleError, RuntimeUnavailableError
+from mlc.names import lifecycles_task_queue, workflow_id_for
 from mlc.operations import read_status
 from mlc.payloads import (
     AuthorizeDeploymentInput,
@@ -77,19 +91,14 @@ from mlc.test_payloads import RunStageTestsInput, RunStageTestsResult
 from mlc.trust.signer import Signer
 from mlc.trust.statements import PAYLOAD_TYPE, Envelope, decision_of
 from workers.client import ensure_search_attributes
-from workflows.custom_lifecycle import CustomLifecycle
+from workers.sandbox import start_lifecycle_worker
 
 DRY_RUN_TIMEOUT = timedelta(seconds=60)
 """Wall-clock bound of a dry run; the time-skipping server makes timers instant."""
 
-DRY_RUN_VERSION = 0
-"""The candidate is not a stored version yet; its messages are mapped back to the file."""
-
-DRY_RUN_APPROVERS = ("dry-run-approver-1", "dry-run-approver-2")
-"""Stand-in approvers, taking turns so "two different people" patterns pass too."""
-
-STAND_IN_METRICS = {"auc": 0.9, "accuracy": 0.9}
-DRY_RUN_SHA256 = "0" * 64
+STAND_IN_SAMPLES = 4
+STAND_IN_METRICS = {"auc": 0.912, "accuracy": 0.904, "records": 2000.0, "positive_rate": 0.1}
+STAND_IN_THRESHOLDS = {"auc": 0.85}
 NO_GRANT = Envelope.model_validate({"payload": "", "payloadType": PAYLOAD_TYPE, "signatures": []})
 """Stand-in runtime activities need no grant: nothing real is deployed."""
 
@@ -105,47 +114,94 @@ def find_test_server() -> Path:
     return path
 
 
-async def dry_run(source: str, *, name: str, path: str, timeout: timedelta = DRY_RUN_TIMEOUT) -> None:
-    """Run ``source`` as lifecycle ``name`` to its end against stand-in activities.
+@dataclass(frozen=True)
+class DryRunWorld:
+    """What the stand-ins show the code: taken from the installation when it has it."""
+
+    snapshot: ModelSnapshot
+    version: int = 1
+    """The version the upload will get, so messages name it as a real run would."""
+    approvers: tuple[str, ...] = ("alice", "bob")
+    """People who may approve (two at least, so "two different people" patterns pass)."""
+    runtime_dir: Path = field(default_factory=lambda: Path.home() / ".mlc" / "runtimes")
+
+
+def default_snapshot() -> ModelSnapshot:
+    """The snapshot a dry run promotes when nothing is registered yet: the example model's."""
+    return ModelSnapshot(
+        model="cc-fraud",
+        version=1,
+        sha256=hashlib.sha256(b"cc-fraud@1").hexdigest(),
+        service_tags=("cc-fraud",),
+        entry_module="score",
+    )
+
+
+async def dry_run(
+    source: str,
+    *,
+    name: str,
+    path: str,
+    world: DryRunWorld | None = None,
+    timeout: timedelta = DRY_RUN_TIMEOUT,
+) -> None:
+    """Run ``source`` as lifecycle ``name`` to its end on a sandboxed worker, against stand-ins.
 
     Raises:
         InvalidLifecycleError: the run failed (``path:line: reason`` when the failure
             came from a line of the code) or did not finish within ``timeout``.
+        RuntimeUnavailableError: the test server or the sandbox is missing.
     """
+    world = world or DryRunWorld(snapshot=default_snapshot())
     env = await WorkflowEnvironment.start_time_skipping(
         test_server_existing_path=str(find_test_server()),
         data_converter=pydantic_data_converter,
         runtime=_quiet_runtime(),
     )
+    logs = Path(tempfile.mkdtemp(prefix="mlc-dry-run-"))
     try:
         await ensure_search_attributes(env.client)
-        task_queue = f"dry-run-{uuid.uuid4().hex[:8]}"
-        stand_ins = StandInActivities(env.client, name=name, source=source, task_queue=task_queue)
-        async with Worker(
-            env.client, task_queue=task_queue, workflows=[CustomLifecycle], activities=stand_ins.activities()
-        ):
-            handle = await env.client.start_workflow(
-                name,
-                StartLifecycleInput(model="dry-run-model", version=1),
-                id=f"dry-run-{name}",
-                task_queue=task_queue,
-                result_type=LifecycleResult,
+        queue = f"upload-{uuid.uuid4().hex[:12]}"
+        stand_ins = StandInActivities(env.client, name=name, source=source, world=world, task_queue=queue)
+        async with Worker(env.client, task_queue=queue, activities=stand_ins.activities()):
+            sandboxed = await start_lifecycle_worker(
+                main_queue=queue,
+                temporal_address=env.client.service_client.config.target_host,
+                log_path=logs / "lifecycle-worker.log",
             )
             try:
-                await asyncio.wait_for(handle.result(), timeout.total_seconds())
-            except WorkflowFailureError as exc:
-                reason = exc.cause.message if isinstance(exc.cause, ApplicationError) else str(exc.cause)
-                raise InvalidLifecycleError(_locate(reason, name=name, path=path)) from None
-            except TimeoutError:
-                status = await read_status(handle)
-                where = f"{status.state.value} in {status.stage}" if status and status.stage else "starting"
-                await handle.terminate("dry run timed out")
-                raise InvalidLifecycleError(
-                    f"{path}: dry run did not finish within {timeout.total_seconds():.0f} s (it was "
-                    f"{where}); does the lifecycle loop forever, or wait on something that never comes?"
-                ) from None
+                await _run(env.client, world, name=name, path=path, queue=queue, timeout=timeout)
+            finally:
+                await sandboxed.stop()
     finally:
         await env.shutdown()
+        shutil.rmtree(logs, ignore_errors=True)
+
+
+async def _run(
+    client: Client, world: DryRunWorld, *, name: str, path: str, queue: str, timeout: timedelta
+) -> None:
+    snap = world.snapshot
+    handle = await client.start_workflow(
+        name,
+        StartLifecycleInput(model=snap.model, version=snap.version),
+        id=workflow_id_for(snap.model, snap.version),
+        task_queue=lifecycles_task_queue(queue),
+        result_type=LifecycleResult,
+    )
+    try:
+        await asyncio.wait_for(handle.result(), timeout.total_seconds())
+    except WorkflowFailureError as exc:
+        reason = exc.cause.message if isinstance(exc.cause, ApplicationError) else str(exc.cause)
+        raise InvalidLifecycleError(_locate(reason, name=name, version=world.version, path=path)) from None
+    except TimeoutError:
+        status = await read_status(handle)
+        where = f"{status.state.value} in {status.stage}" if status and status.stage else "starting"
+        await handle.terminate("dry run timed out")
+        raise InvalidLifecycleError(
+            f"{path}: dry run did not finish within {timeout.total_seconds():.0f} s (it was "
+            f"{where}); does the lifecycle loop forever, or wait on something that never comes?"
+        ) from None
 
 
 def _quiet_runtime() -> Runtime:
@@ -154,70 +210,50 @@ def _quiet_runtime() -> Runtime:
     return Runtime(telemetry=TelemetryConfig(logging=LoggingConfig(filter=quiet)))
 
 
-def _locate(reason: str, *, name: str, path: str) -> str:
+def _locate(reason: str, *, name: str, version: int, path: str) -> str:
     """Point a failure at the uploaded file instead of the compiled code's pseudo-filename."""
-    filename = code_filename(name, DRY_RUN_VERSION)
+    filename = code_filename(name, version)
     if filename in reason:
         return f"{reason.replace(filename, path)} (in its dry run)"
     return f"{path}: dry run failed: {reason}"
 
 
 class StandInActivities:
-    """Plausible canned results under the real activity names, and the auto-approver."""
+    """Plausible results under the real activity contracts, and the auto-approver."""
 
-    def __init__(self, client: Client, *, name: str, source: str, task_queue: str) -> None:
+    def __init__(
+        self, client: Client, *, name: str, source: str, world: DryRunWorld, task_queue: str
+    ) -> None:
         self.client = client
         self.name = name
         self.source = source
+        self.world = world
         self.task_queue = task_queue
         self._approvals = 0
-        self._signers = {n: Signer(n, Ed25519PrivateKey.generate()) for n in DRY_RUN_APPROVERS}
+        self._signers = {n: Signer(n, Ed25519PrivateKey.generate()) for n in world.approvers}
         self._deployments: dict[str, Deployment] = {}
         self._approved: dict[str, list[str]] = {}
 
     def activities(self) -> list[Callable[..., Any]]:
         """Every activity the lifecycle workflow and the authoring API call."""
-        return [
-            self.load_lifecycle,
-            self.begin_run,
-            self.record_run,
-            self.resolve_runtimes,
-            self.authorize_deployment,
-            self.authorize_undeploy,
-            self.verify_decision,
-            self.record_deployment,
-            self.find_live_deployments,
-            self.record_test_report,
-            self.record_decision,
-            self.resolve_approvers,
-            self.notify,
-            self.deploy_online,
-            self.run_batch_job,
-            self.undeploy,
-            self.run_stage_tests,
-        ]
+        return [*implementations(self, inv.CONTRACTS), *implementations(self, rt.CONTRACTS)]
 
-    @activity.defn(name=names.LOAD_LIFECYCLE)
+    @inv.LOAD_LIFECYCLE.implement
     async def load_lifecycle(self, request: LoadLifecycleInput) -> LoadLifecycleResult:
-        """The candidate source, as if it were stored."""
+        """The candidate source, as if it were stored as the next version."""
         return LoadLifecycleResult(
-            name=request.name, version=DRY_RUN_VERSION, sha256=source_sha256(self.source), source=self.source
+            name=request.name,
+            version=self.world.version,
+            sha256=source_sha256(self.source),
+            source=self.source,
         )
 
-    @activity.defn(name=names.BEGIN_RUN)
+    @inv.BEGIN_RUN.implement
     async def begin_run(self, request: BeginRunInput) -> BeginRunResult:
-        """A snapshot that exists only for the dry run."""
-        return BeginRunResult(
-            snapshot=ModelSnapshot(
-                model=request.model,
-                version=request.version,
-                sha256=DRY_RUN_SHA256,
-                service_tags=("dry-run",),
-                entry_module="model",
-            )
-        )
+        """The world's snapshot."""
+        return BeginRunResult(snapshot=self.world.snapshot)
 
-    @activity.defn(name=names.RECORD_RUN)
+    @inv.RECORD_RUN.implement
     async def record_run(self, request: RecordRunInput) -> None:
         """Approve a gate as soon as the run records that it waits at one.
 
@@ -227,7 +263,7 @@ class StandInActivities:
         """
         if request.ended or request.state is not LifecycleState.AWAITING_APPROVAL or request.stage is None:
             return
-        signer = self._signers[DRY_RUN_APPROVERS[self._approvals % len(DRY_RUN_APPROVERS)]]
+        signer = self._signers[self.world.approvers[self._approvals % len(self.world.approvers)]]
         self._approvals += 1
         info = activity.info()
         handle = self.client.get_workflow_handle(info.workflow_id or "", run_id=info.workflow_run_id)
@@ -237,60 +273,66 @@ class StandInActivities:
             status,
             stage=request.stage,
             decision=Decision.APPROVED,
-            sha256=DRY_RUN_SHA256,
+            sha256=self.world.snapshot.sha256,
             workflow_id=handle.id,
             run_id=info.workflow_run_id or "",
-            comment="dry run",
         )
         await handle.start_update(
             "approve", SignedDecision(envelope=envelope), wait_for_stage=WorkflowUpdateStage.ACCEPTED
         )
 
-    @activity.defn(name=names.RESOLVE_RUNTIMES)
+    @inv.RESOLVE_RUNTIMES.implement
     async def resolve_runtimes(self, request: ResolveRuntimesInput) -> ResolveRuntimesResult:
-        """One runtime per stage, in the requested mode, on the dry run's queue."""
-        slug = re.sub(r"[^a-z0-9._-]+", "-", request.stage.lower()).strip("-")[:40] or "stage"
-        return ResolveRuntimesResult(
-            runtimes=(
-                domain.Runtime(
-                    name=f"dry-run-{slug}",
-                    stage=request.stage,
-                    modes=(request.mode,),
-                    task_queue=self.task_queue,
-                ),
-            )
+        """One local runtime per stage, named as ``mlc dev`` names them."""
+        runtime = domain.Runtime(
+            name=_runtime_name(request.stage),
+            stage=request.stage,
+            service_tags=self.world.snapshot.service_tags,
+            modes=(request.mode,),
+            task_queue=self.task_queue,
         )
+        return ResolveRuntimesResult(runtimes=(runtime,))
 
-    @activity.defn(name=names.AUTHORIZE_DEPLOYMENT)
+    @inv.AUTHORIZE_DEPLOYMENT.implement
     async def authorize_deployment(self, request: AuthorizeDeploymentInput) -> AuthorizeDeploymentResult:
         """Every deployment is allowed; it exists only in this stand-in's memory."""
+        snap, info = self.world.snapshot, activity.info()
+        run = (info.workflow_run_id or "")[:8]
+        deployment_id = f"{snap.model}-v{snap.version}-{request.stage}-{request.runtime}-{run}".lower()
         deployment = Deployment(
-            id=f"dry-run-{len(self._deployments) + 1}",
-            model="dry-run-model",
-            version=1,
+            id=deployment_id,
+            model=snap.model,
+            version=snap.version,
             runtime=request.runtime,
             stage=request.stage,
             mode=request.mode,
             state=DeploymentState.DEPLOYING,
+            workflow_id=info.workflow_id,
+            details={"runtime_kind": "local", "run_id": info.workflow_run_id},
         )
         self._deployments[deployment.id] = deployment
         return AuthorizeDeploymentResult(deployment=deployment, grant=NO_GRANT)
 
-    @activity.defn(name=names.AUTHORIZE_UNDEPLOY)
+    @inv.AUTHORIZE_UNDEPLOY.implement
     async def authorize_undeploy(self, request: AuthorizeUndeployInput) -> RuntimeGrantResult:
         """Every undeploy is allowed."""
         return RuntimeGrantResult(grant=NO_GRANT)
 
-    @activity.defn(name=names.RECORD_DEPLOYMENT)
+    @inv.RECORD_DEPLOYMENT.implement
     async def record_deployment(self, request: RecordDeploymentInput) -> RecordDeploymentResult:
         """Remember the new state."""
-        current = self._deployments[request.deployment_id].model_copy(
-            update={"state": request.state, "endpoint": request.endpoint, "details": request.details}
+        current = self._deployments[request.deployment_id]
+        updated = current.model_copy(
+            update={
+                "state": request.state,
+                "endpoint": request.endpoint or current.endpoint,
+                "details": {**request.details, "run_id": current.details.get("run_id")},
+            }
         )
-        self._deployments[current.id] = current
-        return RecordDeploymentResult(deployment=current)
+        self._deployments[updated.id] = updated
+        return RecordDeploymentResult(deployment=updated)
 
-    @activity.defn(name=names.VERIFY_DECISION)
+    @inv.VERIFY_DECISION.implement
     async def verify_decision(self, request: VerifyDecisionInput) -> VerifyDecisionResult:
         """Accept the stand-in approvers' statements (the real activity verifies signatures)."""
         claim = decision_of(request.envelope)[1]
@@ -303,59 +345,84 @@ class StandInActivities:
             approver=claim.signer,
             comment=claim.comment,
             decided_at=claim.issued_at,
+            key_id=request.envelope.signatures[0].keyid if request.envelope.signatures else None,
         )
         return VerifyDecisionResult(record=record, approvers=tuple(approved), needed=1)
 
-    @activity.defn(name=names.FIND_DEPLOYMENTS)
+    @inv.FIND_DEPLOYMENTS.implement
     async def find_live_deployments(self, request: FindDeploymentsInput) -> FindDeploymentsResult:
         """No older versions to retire."""
         return FindDeploymentsResult()
 
-    @activity.defn(name=names.RECORD_TESTS)
+    @inv.RECORD_TESTS.implement
     async def record_test_report(self, request: RecordTestsInput) -> None:
         """Nothing to record."""
 
-    @activity.defn(name=names.RECORD_DECISION)
+    @inv.RECORD_DECISION.implement
     async def record_decision(self, request: RecordDecisionInput) -> None:
         """Nothing to record."""
 
-    @activity.defn(name=names.RESOLVE_APPROVERS)
+    @inv.RESOLVE_APPROVERS.implement
     async def resolve_approvers(self, request: ResolveApproversInput) -> ResolveApproversResult:
-        """The stand-in approvers, whatever the gate names."""
-        return ResolveApproversResult(identities=DRY_RUN_APPROVERS)
+        """The world's approvers, whatever the gate names."""
+        return ResolveApproversResult(identities=self.world.approvers)
 
-    @activity.defn(name=names.NOTIFY)
+    @inv.NOTIFY.implement
     async def notify(self, request: NotifyInput) -> None:
         """Nobody to tell."""
 
-    @activity.defn(name=names.DEPLOY_ONLINE)
+    @rt.DEPLOY_ONLINE.implement
     async def deploy_online(self, request: RuntimeActionInput) -> OnlineDeployResult:
-        """A healthy endpoint that does not exist."""
-        return OnlineDeployResult(endpoint=f"http://dry-run.invalid/{len(self._deployments)}")
+        """A healthy endpoint on a loopback port, as a local runtime reports it."""
+        latest = list(self._deployments.values())[-1]
+        port = 40000 + 17 * len(self._deployments)
+        log = self.world.runtime_dir / latest.runtime / latest.id / "server.log"
+        details = {"pid": 30000 + 13 * len(self._deployments), "port": port, "log": str(log)}
+        return OnlineDeployResult(endpoint=f"http://127.0.0.1:{port}", details=details)
 
-    @activity.defn(name=names.RUN_BATCH_JOB)
+    @rt.RUN_BATCH_JOB.implement
     async def run_batch_job(self, request: RuntimeActionInput) -> BatchJobResult:
-        """A finished job with an output that does not exist."""
-        return BatchJobResult(
-            output_path=f"/dry-run/{len(self._deployments)}/output.jsonl", records=100, seconds=0
+        """A finished job, its output where a local runtime writes it."""
+        latest = list(self._deployments.values())[-1]
+        output = self.world.runtime_dir / latest.runtime / latest.id / "output.jsonl"
+        return BatchJobResult(output_path=str(output), records=int(STAND_IN_METRICS["records"]), seconds=1.7)
+
+    @rt.DEPLOY_STREAMING.implement
+    async def deploy_streaming(self, request: RuntimeActionInput) -> StreamingDeployResult:
+        """Consumers that are ready, on topics that do not exist."""
+        return StreamingDeployResult(
+            endpoint="kafka://127.0.0.1:9092/dry-run.in",
+            details={"input_topic": "dry-run.in", "output_topic": "dry-run.out", "standby": False},
         )
 
-    @activity.defn(name=names.UNDEPLOY)
+    @rt.UNDEPLOY.implement
     async def undeploy(self, request: RuntimeActionInput) -> None:
         """Nothing to stop."""
 
-    @activity.defn(name=names.RUN_STAGE_TESTS)
+    @rt.RUN_STAGE_TESTS.implement
     async def run_stage_tests(self, request: RunStageTestsInput) -> RunStageTestsResult:
-        """Every requested test passes."""
+        """Every requested test passes, with results shaped like the real ones."""
         return RunStageTestsResult(
-            results=tuple(
-                TestResult(
-                    test=kind,
-                    deployment_id=request.deployment.id,
-                    passed=True,
-                    summary="dry run: stand-in result",
-                    metrics=dict(STAND_IN_METRICS) if kind is TestKind.METRICS else {},
-                )
-                for kind in request.tests
-            )
+            results=tuple(_passing(kind, request.deployment.id) for kind in request.tests)
         )
+
+
+def _runtime_name(stage: str) -> str:
+    slug = "".join(c if c.isalnum() else "-" for c in stage.lower()).strip("-")[:40] or "stage"
+    return f"local-{slug}"
+
+
+def _passing(kind: TestKind, deployment_id: str) -> TestResult:
+    if kind is TestKind.SMOKE:
+        count = float(STAND_IN_SAMPLES)
+        return TestResult(
+            test=kind,
+            deployment_id=deployment_id,
+            passed=True,
+            summary=f"{STAND_IN_SAMPLES}/{STAND_IN_SAMPLES} samples match",
+            metrics={"samples": count, "matched": count},
+        )
+    summary = ", ".join(f"{k} {STAND_IN_METRICS[k]:.3f} >= {v:.3f}" for k, v in STAND_IN_THRESHOLDS.items())
+    return TestResult(
+        test=kind, deployment_id=deployment_id, passed=True, summary=summary, metrics=dict(STAND_IN_METRICS)
+    )

@@ -1,4 +1,17 @@
-"""Which workflows and activities each kind of worker serves."""
+"""Which workflows and activities each kind of worker serves.
+
+Three kinds, by trust:
+
+- the main worker (task queue ``mlc``): the built-in workflows and every inventory
+  activity, plus the runtime activities of runtimes on that queue; it holds the
+  database role and the platform key;
+- runtime workers (a runtime's own queue): the runtime activities only, no database;
+- the lifecycle worker (``mlc-lifecycles``): uploaded lifecycles only, no activities and
+  no credentials, in a sandbox (see :mod:`workers.sandbox`).
+
+Activities with a contract (:mod:`mlc.contracts`) are registered through it: a worker
+lacking an implementation of one of its contracts refuses to start.
+"""
 
 from __future__ import annotations
 
@@ -8,39 +21,44 @@ from typing import Any
 import asyncpg
 
 from activities.inventory import InventoryActivities
+from activities.reconcile import ReconcileInventory, ReconcileRuntime
 from activities.runtime import RuntimeActivities
 from activities.testing import TestingActivities
 from mlc.config import Settings
+from mlc.contracts import implementations, inventory, reconcile
+from mlc.contracts import runtime as rt
 from workflows.batch_lifecycle import BatchPromotion
 from workflows.custom_lifecycle import CustomLifecycle
 from workflows.model_lifecycle import ModelLifecycle
+from workflows.reconciler import RuntimeReconciler
 
-ALL_WORKFLOWS: Sequence[type] = (ModelLifecycle, BatchPromotion, CustomLifecycle)
+ALL_WORKFLOWS: Sequence[type] = (ModelLifecycle, BatchPromotion, CustomLifecycle, RuntimeReconciler)
 """Every workflow class; the replay test replays histories against exactly these."""
+
+LIFECYCLE_WORKFLOWS: Sequence[type] = (CustomLifecycle,)
+"""Workflows of the sandboxed lifecycle worker: the dynamic one running uploaded code."""
+
+MAIN_WORKFLOWS: Sequence[type] = tuple(w for w in ALL_WORKFLOWS if w not in LIFECYCLE_WORKFLOWS)
+"""Workflows of the trusted main worker: everything but uploaded code."""
 
 
 def runtime_activities(settings: Settings) -> list[Callable[..., Any]]:
-    """Activities a runtime's task queue serves: deploy, batch, undeploy, test."""
+    """Activities a runtime's task queue serves: deploy, batch, undeploy, test, and the
+    reconciler's probe and restart."""
     runtime = RuntimeActivities(settings)
     testing = TestingActivities(settings)
-    return [runtime.deploy_online, runtime.run_batch_job, runtime.undeploy, testing.run_stage_tests]
+    watch = ReconcileRuntime(settings)
+    return [
+        *implementations(runtime, (rt.DEPLOY_ONLINE, rt.RUN_BATCH_JOB, rt.DEPLOY_STREAMING, rt.UNDEPLOY)),
+        *implementations(testing, (rt.RUN_STAGE_TESTS,)),
+        *implementations(watch, reconcile.RUNTIME_CONTRACTS),
+    ]
 
 
 def inventory_activities(pool: asyncpg.Pool, settings: Settings) -> list[Callable[..., Any]]:
     """Activities of the main task queue that read and write the inventory."""
     inv = InventoryActivities(pool, settings)
     return [
-        inv.begin_run,
-        inv.record_run,
-        inv.resolve_runtimes,
-        inv.authorize_deployment,
-        inv.authorize_undeploy,
-        inv.verify_decision,
-        inv.record_deployment,
-        inv.find_live_deployments,
-        inv.record_test_report,
-        inv.record_decision,
-        inv.resolve_approvers,
-        inv.notify,
-        inv.load_lifecycle_definition,
+        *implementations(inv, inventory.CONTRACTS),
+        *implementations(ReconcileInventory(pool, settings), reconcile.INVENTORY_CONTRACTS),
     ]

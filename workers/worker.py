@@ -1,5 +1,6 @@
-"""Build and run workers: the main one (workflows + inventory + local runtimes) or one
-next to a runtime's engine (``mlc worker --runtime NAME``)."""
+"""Build and run workers: the main one (built-in workflows + inventory + local runtimes),
+one next to a runtime's engine (``mlc worker --runtime NAME``), or the lifecycle worker
+that runs uploaded code (``mlc worker --lifecycles``, sandboxed)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,8 @@ from temporalio.client import Client
 from temporalio.worker import Worker
 
 from mlc.config import Settings
-from workers.registry import ALL_WORKFLOWS, inventory_activities, runtime_activities
+from mlc.names import lifecycles_task_queue
+from workers.registry import LIFECYCLE_WORKFLOWS, MAIN_WORKFLOWS, inventory_activities, runtime_activities
 
 log = logging.getLogger(__name__)
 
@@ -24,13 +26,26 @@ def build_main_worker(
     task_queue: str | None = None,
     max_cached_workflows: int = 1000,
 ) -> Worker:
-    """The worker of ``settings.task_queue``: every workflow, the inventory and the
-    runtime activities for runtimes on that queue (the default local ones)."""
+    """The worker of ``settings.task_queue``: the built-in workflows, the inventory and the
+    runtime activities for runtimes on that queue (the default local ones). Uploaded
+    lifecycles are not among them: they run on the lifecycle worker only."""
     return Worker(
         client,
         task_queue=task_queue or settings.task_queue,
-        workflows=list(ALL_WORKFLOWS),
+        workflows=list(MAIN_WORKFLOWS),
         activities=[*inventory_activities(pool, settings), *runtime_activities(settings)],
+        max_cached_workflows=max_cached_workflows,
+    )
+
+
+def build_lifecycle_worker(client: Client, main_queue: str, *, max_cached_workflows: int = 1000) -> Worker:
+    """The worker of uploaded lifecycles: ``CustomLifecycle`` on ``<main_queue>-lifecycles``
+    and no activity, so whatever the code does, its side effects are activities on the
+    main queue, run by trusted workers."""
+    return Worker(
+        client,
+        task_queue=lifecycles_task_queue(main_queue),
+        workflows=list(LIFECYCLE_WORKFLOWS),
         max_cached_workflows=max_cached_workflows,
     )
 

@@ -13,18 +13,13 @@ from temporalio import workflow
 from temporalio.exceptions import ActivityError, ApplicationError
 
 with workflow.unsafe.imports_passed_through():
-    from lifecycles.api import (
-        INVENTORY_TIMEOUT,
-        RETRY,
-        Lifecycle,
-        LifecycleFailure,
-        cause_message,
-    )
+    from lifecycles._run import LifecycleFailure, LifecycleRun, attach, cause_message
+    from lifecycles.api import Lifecycle
     from mlc import names
+    from mlc.contracts import inventory as inv
     from mlc.domain import ApprovalRecord, Decision, LifecycleSpec, LifecycleState, SignedDecision
     from mlc.payloads import (
         BeginRunInput,
-        BeginRunResult,
         LifecycleResult,
         LifecycleStatus,
         SignalDecision,
@@ -33,13 +28,14 @@ with workflow.unsafe.imports_passed_through():
     from mlc.trust.statements import decision_of
 
 LifecycleFunction = Callable[[Lifecycle], Awaitable[None]]
+"""A lifecycle's entry point: it gets the :class:`Lifecycle` facade, never the run itself."""
 
 
 class LifecycleWorkflow:
     """Handlers and the begin/run/finish frame around a lifecycle function."""
 
     def __init__(self) -> None:
-        self._mlc: Lifecycle | None = None
+        self._mlc: LifecycleRun | None = None
 
     # --- queries, updates, signals --------------------------------------------------------
 
@@ -80,7 +76,7 @@ class LifecycleWorkflow:
             self._lifecycle.refuse(str(exc.message if isinstance(exc, ApplicationError) else exc))
 
     @property
-    def _lifecycle(self) -> Lifecycle:
+    def _lifecycle(self) -> LifecycleRun:
         if self._mlc is None:
             raise ValueError("the lifecycle has not started yet; try again in a moment")
         return self._mlc
@@ -100,13 +96,15 @@ class LifecycleWorkflow:
         On any failure the current stage's live deployments are undeployed, so a failed
         run leaves nothing half-done behind, and the workflow fails with the reason.
         """
-        mlc = Lifecycle(
+        mlc = LifecycleRun(
             name=name,
             model=request.model,
             version=request.version,
             spec=request.spec or default_spec,
         )
         self._mlc = mlc
+        facade = Lifecycle()
+        attach(facade, mlc)
         workflow.upsert_search_attributes(
             [
                 names.SA_MODEL.value_set(request.model),
@@ -114,19 +112,16 @@ class LifecycleWorkflow:
             ]
         )
         try:
-            begun: BeginRunResult = await workflow.execute_activity(
-                names.BEGIN_RUN,
+            begun = await inv.BEGIN_RUN.execute(
                 BeginRunInput(model=request.model, version=request.version),
-                result_type=BeginRunResult,
-                start_to_close_timeout=INVENTORY_TIMEOUT,
-                retry_policy=RETRY,
+                task_queue=names.main_task_queue(workflow.info().task_queue),
             )
         except ActivityError as exc:
             raise ApplicationError(cause_message(exc), type="LifecycleNotStarted") from exc
         mlc.snapshot = begun.snapshot
         workflow.upsert_search_attributes([names.SA_SERVICE_TAG.value_set(list(begun.snapshot.service_tags))])
         try:
-            await body(mlc)
+            await body(facade)
         except (LifecycleFailure, ActivityError) as exc:
             kind = exc.kind if isinstance(exc, LifecycleFailure) else "LifecycleFailed"
             reason = exc.reason if isinstance(exc, LifecycleFailure) else cause_message(exc)
@@ -145,7 +140,7 @@ class LifecycleWorkflow:
             deployments=tuple(mlc.deployments(last, live=False)),
         )
 
-    async def _fail(self, mlc: Lifecycle, reason: str) -> None:
+    async def _fail(self, mlc: LifecycleRun, reason: str) -> None:
         if mlc.stage is not None:
             await mlc.undeploy(mlc.deployments(mlc.stage))
         mlc.reason = reason

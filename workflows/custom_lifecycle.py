@@ -5,6 +5,10 @@ with ``mlc lifecycle upload`` can be started by its name at once, on workers tha
 running before the upload. Each run loads the newest source through an activity; that
 result lands in the run's history, so replays and restarted workers keep running the
 version the run started with.
+
+Only the sandboxed lifecycle worker (``mlc worker --lifecycles``, task queue
+``<main>-lifecycles``) registers it; every activity it schedules goes to the main queue,
+served by trusted workers that treat its payloads as hostile.
 """
 
 from __future__ import annotations
@@ -22,11 +26,13 @@ with workflow.unsafe.imports_passed_through():
     from temporalio.worker.workflow_sandbox import RestrictedWorkflowAccessError
 
     from lifecycles import standard
-    from lifecycles.api import INVENTORY_TIMEOUT, RETRY, Lifecycle, LifecycleFailure, cause_message
+    from lifecycles._run import LifecycleFailure, cause_message
+    from lifecycles.api import Lifecycle
     from lifecycles.loader import code_filename, describe_error, load_lifecycle
     from mlc import names
+    from mlc.contracts import inventory as inv
     from mlc.errors import InvalidLifecycleError
-    from mlc.payloads import LifecycleResult, LoadLifecycleInput, LoadLifecycleResult, StartLifecycleInput
+    from mlc.payloads import LifecycleResult, LoadLifecycleInput, StartLifecycleInput
 
 START_INPUT_HINT = '{"model": "cc-fraud", "version": 1}'
 
@@ -47,12 +53,8 @@ class CustomLifecycle(LifecycleWorkflow):
         """Load the newest version of the lifecycle and run it for the decoded input."""
         name = workflow.info().workflow_type
         try:
-            loaded: LoadLifecycleResult = await workflow.execute_activity(
-                names.LOAD_LIFECYCLE,
-                LoadLifecycleInput(name=name),
-                result_type=LoadLifecycleResult,
-                start_to_close_timeout=INVENTORY_TIMEOUT,
-                retry_policy=RETRY,
+            loaded = await inv.LOAD_LIFECYCLE.execute(
+                LoadLifecycleInput(name=name), task_queue=names.main_task_queue(workflow.info().task_queue)
             )
         except ActivityError as exc:
             raise ApplicationError(cause_message(exc), type="LifecycleNotFound", non_retryable=True) from exc

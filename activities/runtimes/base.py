@@ -1,19 +1,46 @@
-"""The interface every runtime kind implements, and its request/result payloads."""
+"""The interface every runtime kind implements, and its request/result payloads.
+
+The activity results (:class:`OnlineDeployResult`, :class:`BatchJobResult`) belong to the
+runtime activity contracts (:mod:`mlc.contracts.runtime`) and are re-exported here.
+"""
 
 from __future__ import annotations
 
 import abc
+import re
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
-
-from pydantic import Field
 
 from mlc.config import Settings
+from mlc.contracts.runtime import BatchJobResult as BatchJobResult
+from mlc.contracts.runtime import OnlineDeployResult as OnlineDeployResult
+from mlc.contracts.runtime import StreamingDeployResult as StreamingDeployResult
 from mlc.domain import Frozen, ModelSnapshot, Runtime, RuntimeKind
+from mlc.errors import DeploymentFailedError, NotFoundError, RefusedError
 
 Heartbeat = Callable[[str], None]
 """Called with a short progress note while long work runs (activities forward it)."""
+
+BATCH_OUTPUT = "output.jsonl"
+"""A batch job's output inside its deployment folder (every driver writes it there)."""
+
+DEPLOYMENT_ID = re.compile(r"^[a-z0-9][a-z0-9._-]{0,199}$")
+"""What the inventory's deployment ids look like (``cc-fraud-v1-dev-local-dev-1a2b3c4d``)."""
+
+
+def check_deployment_id(value: str) -> str:
+    """Return ``value`` if it can be a deployment id, else raise :class:`RefusedError`.
+
+    Ids name folders and containers, so one with ``/``, ``..`` or odd characters is
+    refused before it reaches a path or an engine.
+    """
+    if not DEPLOYMENT_ID.match(value) or ".." in value:
+        raise RefusedError(
+            f"deployment id {value[:80]!r} is not valid: ids are lower-case letters, digits, '.', '_' "
+            "and '-' without '..' (e.g. cc-fraud-v1-dev-local-dev-1a2b3c4d); use the ids "
+            "`mlc deployments` lists"
+        )
+    return value
 
 
 class OnlineDeployRequest(Frozen):
@@ -23,13 +50,6 @@ class OnlineDeployRequest(Frozen):
     snapshot: ModelSnapshot
     runtime: Runtime
     stage: str
-
-
-class OnlineDeployResult(Frozen):
-    """Where the endpoint listens, plus driver facts worth recording (pid, container id)."""
-
-    endpoint: str
-    details: dict[str, Any] = Field(default_factory=dict)
 
 
 class BatchJobRequest(Frozen):
@@ -43,13 +63,16 @@ class BatchJobRequest(Frozen):
     """JSON-lines input on the runtime's host; None scores the package's test dataset."""
 
 
-class BatchJobResult(Frozen):
-    """What the job did: where the output is, how many records, how long."""
+class StreamingDeployRequest(Frozen):
+    """Start (or keep) the long-running consumers of a streaming deployment."""
 
-    output_path: str
-    records: int
-    seconds: float
-    details: dict[str, Any] = Field(default_factory=dict)
+    deployment_id: str
+    snapshot: ModelSnapshot
+    runtime: Runtime
+    stage: str
+    standby: bool = False
+    """Score only the deployment's test topics: an older version of the model still owns
+    the runtime's input topic until this one is promoted."""
 
 
 class UndeployRequest(Frozen):
@@ -72,6 +95,22 @@ class CleanupResult(Frozen):
     removed: tuple[str, ...] = ()
 
 
+class ProbeRequest(Frozen):
+    """Check one online deployment's health on its runtime (the reconciler's question)."""
+
+    deployment_id: str
+    runtime: Runtime
+
+
+class ProbeResult(Frozen):
+    """What the driver found: healthy, or why not, with the server's last log lines."""
+
+    healthy: bool
+    detail: str = ""
+    log_tail: str = ""
+    endpoint: str | None = None
+
+
 class RuntimeDriver(abc.ABC):
     """How one runtime kind deploys, runs batch jobs, undeploys and cleans up.
 
@@ -83,8 +122,31 @@ class RuntimeDriver(abc.ABC):
         self.settings = settings
 
     def workdir(self, runtime: Runtime, deployment_id: str) -> Path:
-        """A per-deployment folder on this host (package, logs, batch input/output)."""
-        return self.settings.runtime_dir / runtime.name / deployment_id
+        """A per-deployment folder on this host (package, logs, batch input/output).
+
+        Raises:
+            RefusedError: the id is not a valid deployment id, or the folder would not be
+                inside ``runtime_dir/<runtime>`` (checked after resolving symlinks).
+        """
+        root = (self.settings.runtime_dir / runtime.name).resolve()
+        path = (root / check_deployment_id(deployment_id)).resolve()
+        if path.parent != root:
+            raise RefusedError(f"deployment {deployment_id}: its folder {path} is outside {root}")
+        return path
+
+    async def locate(self, runtime: Runtime, deployment_id: str) -> str:
+        """Where the live online deployment answers (its endpoint URL), found by this driver.
+
+        Tests ask the driver rather than trusting an endpoint from a workflow's payload.
+
+        Raises:
+            NotFoundError: the deployment does not run on this runtime.
+        """
+        raise NotFoundError(f"runtime {runtime.name} ({runtime.kind.value}) cannot locate deployments")
+
+    def batch_output(self, runtime: Runtime, deployment_id: str) -> Path:
+        """The output file of the deployment's batch job on this host."""
+        return self.workdir(runtime, deployment_id) / BATCH_OUTPUT
 
     @abc.abstractmethod
     async def deploy_online(self, request: OnlineDeployRequest, heartbeat: Heartbeat) -> OnlineDeployResult:
@@ -94,6 +156,15 @@ class RuntimeDriver(abc.ABC):
     async def run_batch(self, request: BatchJobRequest, heartbeat: Heartbeat) -> BatchJobResult:
         """Run the job to completion and clear the runtime of it."""
 
+    async def deploy_streaming(
+        self, request: StreamingDeployRequest, heartbeat: Heartbeat
+    ) -> StreamingDeployResult:
+        """Start (or keep) the deployment's consumers and return once each is ready."""
+        raise DeploymentFailedError(
+            f"runtime {request.runtime.name} ({request.runtime.kind.value}) cannot run streaming "
+            "deployments; use a local or docker runtime"
+        )
+
     @abc.abstractmethod
     async def undeploy(self, request: UndeployRequest) -> None:
         """Stop and remove the deployment; succeed when nothing is left."""
@@ -101,6 +172,21 @@ class RuntimeDriver(abc.ABC):
     @abc.abstractmethod
     async def cleanup(self, request: CleanupRequest) -> CleanupResult:
         """Remove leftovers of deployments that are not in ``request.keep``."""
+
+    @abc.abstractmethod
+    async def probe(self, request: ProbeRequest) -> ProbeResult:
+        """Is the online deployment running and answering ``/health``? Never raises for a
+        dead or missing deployment (that is the answer); raises only when the runtime
+        itself cannot be asked (e.g. its engine is unreachable), so nothing is judged."""
+
+    async def restart(self, request: OnlineDeployRequest, heartbeat: Heartbeat) -> OnlineDeployResult:
+        """Bring the same deployment of the same snapshot back up (the reconciler's remedy).
+
+        The default removes what is left and deploys afresh; drivers that can keep the
+        endpoint (same port, same container) override it.
+        """
+        await self.undeploy(UndeployRequest(deployment_id=request.deployment_id, runtime=request.runtime))
+        return await self.deploy_online(request, heartbeat)
 
 
 def driver_for(runtime: Runtime, settings: Settings) -> RuntimeDriver:

@@ -45,14 +45,18 @@ from activities.runtimes.base import (
     Heartbeat,
     OnlineDeployRequest,
     OnlineDeployResult,
+    ProbeRequest,
+    ProbeResult,
     RuntimeDriver,
+    StreamingDeployRequest,
+    StreamingDeployResult,
     UndeployRequest,
 )
-from activities.runtimes.docker_engine import HEARTBEAT_SECONDS, connect, docker_settings
+from activities.runtimes.docker_engine import HEARTBEAT_SECONDS, connect, docker_settings, engine_url
 from activities.runtimes.docker_images import PACKAGE_DIR, ModelImage, ensure_image
 from mlc.artifacts import ArtifactStore
 from mlc.domain import DockerSettings, ModelSnapshot, Runtime
-from mlc.errors import DeploymentFailedError
+from mlc.errors import DeploymentFailedError, NotFoundError
 from mlc.evaluation import test_dataset
 from mlc.manifest import load_manifest
 from mlc.serving.app import SHA256_ENV, VERSION_ENV
@@ -62,6 +66,9 @@ CONTAINER_PORT = 8080
 
 LOG_TAIL_LINES = 40
 """Container log lines quoted in errors."""
+
+PROBE_TRIES = 3
+"""``/health`` attempts (half a second apart) before a running container counts as unhealthy."""
 
 _POLL_SECONDS = 0.25
 _TMPFS = {"/tmp": "rw,nosuid,nodev,size=64m"}
@@ -425,8 +432,107 @@ class DockerDriver(RuntimeDriver):
             f"Last log lines:\n{tail}"
         )
 
+    async def locate(self, runtime: Runtime, deployment_id: str) -> str:
+        """The endpoint of the deployment's running container on this runtime's engine."""
+        async with connect(runtime, f"locate {deployment_id}") as client:
+            found = await asyncio.to_thread(
+                client.containers.list,
+                filters={
+                    "label": [
+                        f"mlc.deployment-id={deployment_id}",
+                        "mlc.mode=online",
+                        f"mlc.runtime={runtime.name}",
+                    ]
+                },
+            )
+            if not found:
+                raise NotFoundError(
+                    f"deployment {deployment_id} has no running container on runtime {runtime.name}"
+                )
+            return await asyncio.to_thread(self._endpoint, found[0])
+
+    async def probe(self, request: ProbeRequest) -> ProbeResult:
+        """The deployment's container is running and its ``/health`` answers 200 (three tries).
+
+        Raises:
+            RuntimeUnavailableError: the engine cannot be reached (then nothing is judged).
+        """
+        runtime = request.runtime
+        async with connect(runtime, f"check deployment {request.deployment_id}") as client:
+            found = await asyncio.to_thread(self._online_containers, client, request.deployment_id)
+            if not found:
+                return ProbeResult(
+                    healthy=False,
+                    detail=f"no container of this deployment on the engine at {engine_url(runtime)}",
+                )
+            container = found[0]
+            state = container.attrs["State"]
+            if container.status != "running":
+                return ProbeResult(
+                    healthy=False,
+                    detail=f"container {container.name} is {container.status} "
+                    f"(exit code {state.get('ExitCode')})",
+                    log_tail=await asyncio.to_thread(_tail, container),
+                )
+            endpoint = await asyncio.to_thread(self._endpoint, container)
+            answer = "no answer"
+            async with httpx.AsyncClient(timeout=2.0, trust_env=False) as http:
+                for _ in range(PROBE_TRIES):
+                    try:
+                        response = await http.get(f"{endpoint}/health")
+                        if response.status_code == 200:
+                            return ProbeResult(healthy=True, endpoint=endpoint)
+                        answer = f"HTTP {response.status_code}"
+                    except httpx.HTTPError as exc:
+                        answer = type(exc).__name__
+                    await asyncio.sleep(0.5)
+            return ProbeResult(
+                healthy=False,
+                detail=f"container {container.name} runs but {endpoint}/health gave {answer}",
+                log_tail=await asyncio.to_thread(_tail, container),
+                endpoint=endpoint,
+            )
+
+    async def restart(self, request: OnlineDeployRequest, heartbeat: Heartbeat) -> OnlineDeployResult:
+        """Start the deployment's stopped container again (same container, same endpoint);
+        when the engine no longer has it, deploy afresh (the image is usually still there)."""
+        async with connect(request.runtime, f"restart {request.deployment_id}") as client:
+            found = await asyncio.to_thread(self._online_containers, client, request.deployment_id)
+            same = [c for c in found if c.labels.get("mlc.sha256") == request.snapshot.sha256]
+            if same:
+                container = same[0]
+                await asyncio.to_thread(container.restart, timeout=5)
+                await asyncio.to_thread(container.reload)
+                endpoint = await asyncio.to_thread(self._endpoint, container)
+                await self._wait_healthy(container, endpoint, request, heartbeat)
+                return OnlineDeployResult(
+                    endpoint=endpoint,
+                    details={"container_id": container.id, "container_name": container.name},
+                )
+        return await self.deploy_online(request, heartbeat)
+
+    @staticmethod
+    def _online_containers(client: Any, deployment_id: str) -> list[Any]:
+        """The deployment's online containers, running ones first."""
+        found = client.containers.list(
+            all=True, filters={"label": [f"mlc.deployment-id={deployment_id}", "mlc.mode=online"]}
+        )
+        return sorted(found, key=lambda c: c.status != "running")
+
+    async def deploy_streaming(
+        self, request: StreamingDeployRequest, heartbeat: Heartbeat
+    ) -> StreamingDeployResult:
+        """One consumer container per instance (see :mod:`activities.runtimes.streaming_docker`)."""
+        from activities.runtimes.streaming_docker import deploy_docker
+
+        return await deploy_docker(self, request, heartbeat)
+
     async def undeploy(self, request: UndeployRequest) -> None:
-        """Force-remove every container labelled with the deployment id (none is fine)."""
+        """Remove every container labelled with the deployment id (none is fine); streaming
+        consumers are stopped first so they commit and leave their group."""
+        from activities.runtimes.streaming import drop_test_topics
+        from activities.runtimes.streaming_docker import MODE, stop_gracefully
+
         async with connect(request.runtime, f"undeploy {request.deployment_id}") as client:
             found = await asyncio.to_thread(
                 client.containers.list,
@@ -434,7 +540,9 @@ class DockerDriver(RuntimeDriver):
                 filters={"label": f"mlc.deployment-id={request.deployment_id}"},
             )
             for container in found:
-                await asyncio.to_thread(_remove, container)
+                streaming = container.labels.get("mlc.mode") == MODE
+                await asyncio.to_thread(stop_gracefully if streaming else _remove, container)
+        await drop_test_topics(request.runtime, request.deployment_id)
 
     async def cleanup(self, request: CleanupRequest) -> CleanupResult:
         """Remove the runtime's containers whose deployment is not in ``request.keep``."""

@@ -58,11 +58,17 @@ PACKAGE_DIR = "/opt/model"
 
 SERVER_DISTRIBUTIONS = (
     "starlette", "uvicorn", "uvloop", "httptools", "orjson", "pyyaml", "pydantic", "packaging",
+    "confluent-kafka",
 )  # fmt: skip
-"""What ``mlc.serving`` imports (``packaging`` lets it check requirement versions)."""
+"""What ``mlc.serving`` and ``mlc.streaming`` import (``packaging`` lets the server check
+requirement versions; ``confluent-kafka`` is the streaming consumer's client)."""
 
-MLC_SOURCES = ("__init__.py", "domain.py", "errors.py", "manifest.py", "evaluation.py", "serving")
-"""The parts of the ``mlc`` package the model server imports; the rest stays out of images."""
+MLC_SOURCES = (
+    "__init__.py", "domain.py", "errors.py", "manifest.py", "evaluation.py", "serving", "streaming",
+    "trust/__init__.py", "trust/statements.py",  # domain.py imports the statement envelope
+)  # fmt: skip
+"""The parts of the ``mlc`` package the model server and the streaming consumer import; the
+rest stays out of images."""
 
 _PIP_WHEEL = "pip.whl"
 """The pip wheel's name in the build context: fixed, so the Dockerfile does not depend on it."""

@@ -35,12 +35,17 @@ from activities.runtimes.base import (
     Heartbeat,
     OnlineDeployRequest,
     OnlineDeployResult,
+    ProbeRequest,
+    ProbeResult,
     RuntimeDriver,
+    StreamingDeployRequest,
+    StreamingDeployResult,
     UndeployRequest,
 )
+from mlc import processes
 from mlc.artifacts import ArtifactStore
-from mlc.domain import ModelSnapshot
-from mlc.errors import DeploymentFailedError
+from mlc.domain import ModelSnapshot, Runtime
+from mlc.errors import DeploymentFailedError, NotFoundError
 from mlc.evaluation import test_dataset
 from mlc.manifest import load_manifest
 from mlc.serving.app import SHA256_ENV, VERSION_ENV
@@ -51,6 +56,7 @@ HEALTH_TIMEOUT_SECONDS = 60.0
 STOP_TIMEOUT_SECONDS = 10.0
 HEARTBEAT_INTERVAL_SECONDS = 1.0
 LOG_TAIL_LINES = 20
+PROBE_TRIES = 3
 
 STATE_FILE = "deployment.json"
 SERVER_LOG = "server.log"
@@ -85,26 +91,78 @@ class LocalDriver(RuntimeDriver):
                     pass  # it died or hung since it was recorded (and is stopped now): replace it
             else:
                 await _stop(int(state["pid"]))
-        state = await asyncio.to_thread(self._start, request, workdir)
+        state = await self._launch(request, workdir)
         return await _wait_healthy(request, state, workdir, heartbeat)
 
-    def _start(self, request: OnlineDeployRequest, workdir: Path) -> dict[str, Any]:
-        """Unpack the snapshot, start a detached server on a free port and record it."""
-        package = self._unpack(request.snapshot, workdir)
-        port = _free_port()
+    async def restart(self, request: OnlineDeployRequest, heartbeat: Heartbeat) -> OnlineDeployResult:
+        """Stop what is left of the deployment's server and start it again, on its old port
+        when that is free, so consumers keep the endpoint they know."""
+        workdir = self.workdir(request.runtime, request.deployment_id)
+        state = _read_state(workdir)
+        port = None
+        if state is not None:
+            await _stop(int(state["pid"]))
+            port = int(state["port"])
+        state = await self._launch(request, workdir, port=port)
+        return await _wait_healthy(request, state, workdir, heartbeat)
+
+    async def probe(self, request: ProbeRequest) -> ProbeResult:
+        """The recorded server's process is alive and ``/health`` answers 200 (three tries)."""
+        workdir = self.workdir(request.runtime, request.deployment_id)
+        state = _read_state(workdir)
+        if state is None:
+            return ProbeResult(healthy=False, detail=f"no model server is recorded in {workdir}")
+        pid, endpoint = int(state["pid"]), f"http://{HOST}:{int(state['port'])}"
+        log = workdir / SERVER_LOG
+        if not _alive(pid):
+            return ProbeResult(
+                healthy=False,
+                detail=f"the model server (pid {pid}) is not running{_exit_code(pid)}",
+                log_tail=_tail(log),
+                endpoint=endpoint,
+            )
+        answer = "no answer"
+        async with httpx.AsyncClient(timeout=2.0, trust_env=False) as client:
+            for _ in range(PROBE_TRIES):
+                try:
+                    response = await client.get(f"{endpoint}/health")
+                    if response.status_code == 200:
+                        return ProbeResult(healthy=True, endpoint=endpoint)
+                    answer = f"HTTP {response.status_code}"
+                except httpx.TransportError as exc:
+                    answer = type(exc).__name__
+                await asyncio.sleep(0.5)
+        return ProbeResult(
+            healthy=False,
+            detail=f"the model server (pid {pid}) runs but {endpoint}/health gave {answer}",
+            log_tail=_tail(log),
+            endpoint=endpoint,
+        )
+
+    async def _launch(
+        self, request: OnlineDeployRequest, workdir: Path, *, port: int | None = None
+    ) -> dict[str, Any]:
+        """Unpack (in a thread), then start the server from the event loop's thread: a
+        parent-death signal is tied to the thread that forks (see :mod:`mlc.processes`)."""
+        package = await asyncio.to_thread(self._unpack, request.snapshot, workdir)
+        return self._start(request, workdir, package, port=port)
+
+    def _start(
+        self, request: OnlineDeployRequest, workdir: Path, package: Path, *, port: int | None = None
+    ) -> dict[str, Any]:
+        """Start a detached server on ``port`` (if still free) or a free port, and record it."""
+        port = port if port is not None and _port_free(port) else _free_port()
         command = [
             sys.executable, "-m", "mlc.serving", "serve",
             "--package", str(package), "--host", HOST, "--port", str(port),
         ]  # fmt: skip
         with (workdir / SERVER_LOG).open("ab") as log:
-            process = subprocess.Popen(
+            process = processes.spawn(
                 command,
+                log=log,
+                die_with_parent=self.settings.servers_die_with_worker,
                 cwd=workdir,
                 env=child_env(request.snapshot, workdir),
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
             )
         _children[process.pid] = process
         state = {
@@ -150,13 +208,47 @@ class LocalDriver(RuntimeDriver):
             details={"input": str(input_path), "log": str(log_path)},
         )
 
+    async def locate(self, runtime: Runtime, deployment_id: str) -> str:
+        """The endpoint of the deployment's live server, from its ``deployment.json``."""
+        state = _read_state(self.workdir(runtime, deployment_id))
+        if state is None or not _alive(int(state["pid"])):
+            raise NotFoundError(
+                f"deployment {deployment_id} has no live model server on runtime {runtime.name}"
+            )
+        return f"http://{HOST}:{int(state['port'])}"
+
+    async def deploy_streaming(
+        self, request: StreamingDeployRequest, heartbeat: Heartbeat
+    ) -> StreamingDeployResult:
+        """Start (or keep) the deployment's consumer processes (see :mod:`activities.runtimes.streaming`)."""
+        from activities.runtimes import streaming
+
+        return await streaming.deploy_local(self, request, heartbeat)
+
     async def undeploy(self, request: UndeployRequest) -> None:
-        """Stop the deployment's server (TERM, then KILL) and remove its folder."""
+        """Stop the deployment's server or consumers (TERM, then KILL) and remove its folder."""
+        from activities.runtimes import streaming
+
         workdir = self.workdir(request.runtime, request.deployment_id)
         state = _read_state(workdir)
         if state is not None:
             await _stop(int(state["pid"]))
+        await streaming.stop_local(workdir)
+        await streaming.drop_test_topics(request.runtime, request.deployment_id)
         await asyncio.to_thread(shutil.rmtree, workdir, True)
+
+    async def stop_servers(self, runtime: Runtime) -> list[str]:
+        """Stop every model server of ``runtime``, keeping folders and records; return the
+        deployment ids. For ``mlc dev`` stopping: the inventory keeps saying what should
+        serve, and the runtime's reconciler brings it back when the stack starts again."""
+        root = self.settings.runtime_dir / runtime.name
+        stopped = []
+        for path in sorted(root.glob(f"*/{STATE_FILE}")) if root.is_dir() else []:
+            state = _read_state(path.parent)
+            if state is not None and _alive(int(state["pid"])):
+                await _stop(int(state["pid"]))
+                stopped.append(path.parent.name)
+        return stopped
 
     async def cleanup(self, request: CleanupRequest) -> CleanupResult:
         """Undeploy every deployment folder of the runtime that is not in ``keep``."""
@@ -336,6 +428,16 @@ def _signal_group(pid: int, signum: signal.Signals) -> None:
         os.killpg(pid, signum)
     except ProcessLookupError:
         pass
+
+
+def _port_free(port: int) -> bool:
+    """True when nothing listens on ``HOST:port`` (the server binds it moments later)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        try:
+            sock.bind((HOST, port))
+        except OSError:
+            return False
+        return True
 
 
 def _free_port() -> int:

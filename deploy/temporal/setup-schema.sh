@@ -21,6 +21,8 @@
 #   DBNAME              default store database (default temporal)
 #   VISIBILITY_DBNAME   visibility store database (default temporal_visibility)
 #   MLC_INIT_WAIT_SECONDS  how long to wait for PostgreSQL (default 120)
+#   MLC_TEMPORAL_SCHEMA_ROOT  PostgreSQL schema files of the image
+#                       (default /etc/temporal/schema/postgresql/v12, admin-tools' own)
 set -eu
 : "${POSTGRES_SEEDS:=postgres}"
 : "${DB_PORT:=5432}"
@@ -29,6 +31,7 @@ set -eu
 : "${DBNAME:=temporal}"
 : "${VISIBILITY_DBNAME:=temporal_visibility}"
 : "${MLC_INIT_WAIT_SECONDS:=120}"
+: "${MLC_TEMPORAL_SCHEMA_ROOT:=/etc/temporal/schema/postgresql/v12}"
 if [ -z "${POSTGRES_PWD:-}" ]; then
     echo "temporal-schema: POSTGRES_PWD is not set (the password of $POSTGRES_USER)" >&2
     exit 1
@@ -36,7 +39,6 @@ fi
 # temporal-sql-tool reads the password from SQL_PASSWORD, so it stays off the command line.
 SQL_PASSWORD="$POSTGRES_PWD"
 export SQL_PASSWORD
-SCHEMA_ROOT=/etc/temporal/schema/postgresql/v12
 
 sql_tool() {
     temporal-sql-tool --plugin "$DB" --ep "$POSTGRES_SEEDS" -p "$DB_PORT" -u "$POSTGRES_USER" "$@"
@@ -53,10 +55,10 @@ until nc -z "$POSTGRES_SEEDS" "$DB_PORT" >/dev/null 2>&1; do
     waited=$((waited + 2))
 done
 
-# database name, then the folder of its versioned schema under $SCHEMA_ROOT
+# database name, then the folder of its versioned schema under $MLC_TEMPORAL_SCHEMA_ROOT
 for pair in "$DBNAME:temporal" "$VISIBILITY_DBNAME:visibility"; do
     database="${pair%%:*}"
-    schema_dir="$SCHEMA_ROOT/${pair#*:}/versioned"
+    schema_dir="$MLC_TEMPORAL_SCHEMA_ROOT/${pair#*:}/versioned"
     [ -d "$schema_dir" ] || {
         echo "temporal-schema: no schema folder $schema_dir in this image; is it temporalio/admin-tools?" >&2
         exit 1

@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 from typing import Annotated
 
 import typer
+from pydantic import BaseModel
 
 from mlc import admin
 from mlc.artifacts import ArtifactStore
 from mlc.cli.context import console, emit, inventory, run, settings, signer
-from mlc.domain import DockerSettings, Mode, Runtime, RuntimeKind
+from mlc.domain import DEFAULT_RESTART, DockerSettings, Mode, Runtime, RuntimeKind
 from mlc.registry import register_package
 from mlc.store import deployments, runtimes, snapshots
+from mlc.streaming.settings import KafkaSettings
 
 JSON = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
 
@@ -98,8 +101,68 @@ def add_runtime(
     tls_client_cert: Annotated[str | None, typer.Option()] = None,
     tls_client_key: Annotated[str | None, typer.Option()] = None,
     replace: Annotated[bool, typer.Option(help="Overwrite a runtime of the same name.")] = False,
+    restart: Annotated[
+        str,
+        typer.Option(
+            help="What the reconciler does with a serving deployment found dead: "
+            "no (mark it failed), on-failure[:N] (restart up to N times in a row), always."
+        ),
+    ] = DEFAULT_RESTART,
+    kafka_bootstrap: Annotated[
+        str | None, typer.Option(help="Streaming: Kafka brokers, host:port[,host:port].")
+    ] = None,
+    input_topic: Annotated[str | None, typer.Option(help="Streaming: topic the model reads.")] = None,
+    output_topic: Annotated[str | None, typer.Option(help="Streaming: topic the scores go to.")] = None,
+    dead_letter_topic: Annotated[
+        str | None, typer.Option(help="Streaming: rejected records (default INPUT.dead-letter).")
+    ] = None,
+    consumer_group: Annotated[
+        str | None, typer.Option(help="Streaming: group of every version (default mlc.RUNTIME.MODEL).")
+    ] = None,
+    kafka_security_protocol: Annotated[
+        str | None, typer.Option(help="PLAINTEXT, SSL, SASL_PLAINTEXT or SASL_SSL.")
+    ] = None,
+    sasl_mechanism: Annotated[str | None, typer.Option(help="PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512.")] = None,
+    sasl_username: Annotated[str | None, typer.Option()] = None,
+    sasl_password_env: Annotated[
+        str | None, typer.Option(help="Variable holding the SASL password on the worker's host.")
+    ] = None,
+    kafka_ca_cert: Annotated[str | None, typer.Option(help="CA file to verify the brokers.")] = None,
+    kafka_client_cert: Annotated[str | None, typer.Option()] = None,
+    kafka_client_key: Annotated[str | None, typer.Option()] = None,
+    partitions: Annotated[int | None, typer.Option(help="Partitions of topics the runtime creates.")] = None,
+    instances: Annotated[int | None, typer.Option(help="Consumers per streaming deployment.")] = None,
+    create_topics: Annotated[
+        bool, typer.Option(help="Create missing input, output and dead-letter topics.")
+    ] = True,
 ) -> None:
     """Add a runtime tagged with a stage and the service tags it serves."""
+    kafka = None
+    if kafka_bootstrap is not None or Mode.STREAMING in (mode or []):
+        given: dict[str, object] = {
+            "bootstrap_servers": kafka_bootstrap,
+            "input_topic": input_topic,
+            "output_topic": output_topic,
+            "dead_letter_topic": dead_letter_topic,
+            "consumer_group": consumer_group,
+            "security_protocol": kafka_security_protocol,
+            "sasl_mechanism": sasl_mechanism,
+            "sasl_username": sasl_username,
+            "sasl_password_env": sasl_password_env,
+            "ssl_ca_location": kafka_ca_cert,
+            "ssl_certificate_location": kafka_client_cert,
+            "ssl_key_location": kafka_client_key,
+            "partitions": partitions,
+            "instances": instances,
+            "create_topics": create_topics,
+        }
+        missing = [f"--{k}" for k, v in (("kafka-bootstrap", kafka_bootstrap), ("input-topic", input_topic),
+                                        ("output-topic", output_topic)) if v is None]  # fmt: skip
+        if missing:
+            raise typer.BadParameter(f"a streaming runtime needs {', '.join(missing)}")
+        if Mode.STREAMING not in (mode or []):
+            raise typer.BadParameter("kafka settings given without --mode streaming")
+        kafka = KafkaSettings.model_validate({k: v for k, v in given.items() if v is not None})
     docker = None
     if kind is RuntimeKind.DOCKER:
         options: dict[str, object] = {
@@ -123,6 +186,8 @@ def add_runtime(
             modes=tuple(mode or [Mode.ONLINE, Mode.BATCH]),
             task_queue=task_queue or cfg.task_queue,
             docker=docker,
+            kafka=kafka,
+            restart=restart,
         )
         async with inventory(cfg) as pool:
             await admin.add_runtime(pool, cfg, await signer(cfg, pool), runtime, replace=replace)
@@ -145,7 +210,7 @@ def list_runtimes(stage: Annotated[str | None, typer.Option()] = None, as_json: 
             found,
             as_json=as_json,
             title="Runtimes",
-            columns=["name", "kind", "stage", "service_tags", "modes", "task_queue"],
+            columns=["name", "kind", "stage", "service_tags", "modes", "task_queue", "restart"],
         )
 
     run(go())
@@ -166,7 +231,8 @@ def remove_runtime(name: str) -> None:
 
 @runtime_app.command("cleanup")
 def cleanup_runtime(name: str, as_json: JSON = False) -> None:
-    """Remove what a runtime still runs for deployments the inventory no longer has live."""
+    """Remove what a runtime still runs or holds for deployments the inventory no longer has
+    live (finished batch jobs keep their output)."""
     from activities.runtimes import driver_for
     from activities.runtimes.base import CleanupRequest
 
@@ -174,10 +240,8 @@ def cleanup_runtime(name: str, as_json: JSON = False) -> None:
         cfg = settings()
         async with inventory(cfg) as pool:
             runtime = await runtimes.read_runtime(pool, name)
-            live = await deployments.read_deployments(pool, runtime=name)
-        result = await driver_for(runtime, cfg).cleanup(
-            CleanupRequest(runtime=runtime, keep=tuple(d.id for d in live))
-        )
+            keep = await deployments.kept_ids(pool, runtime=name)
+        result = await driver_for(runtime, cfg).cleanup(CleanupRequest(runtime=runtime, keep=keep))
         if as_json:
             emit([result], as_json=True, columns=[], title="")
         else:
@@ -251,16 +315,23 @@ def list_deployments(
     all_: Annotated[bool, typer.Option("--all", help="Include retired, failed and finished ones.")] = False,
     as_json: JSON = False,
 ) -> None:
-    """Which version of which model runs on which runtime in which stage."""
+    """Which version of which model runs on which runtime in which stage; streaming ones
+    with their topics and consumer lag (records the group has not committed yet)."""
+    from mlc.streaming.report import streaming_view
 
     async def go() -> None:
         async with inventory(settings()) as pool:
             found = await deployments.read_deployments(pool, live_only=not all_, model=model, stage=stage)
-        emit(
-            found,
-            as_json=as_json,
-            title="Deployments",
-            columns=["model", "version", "stage", "runtime", "mode", "state", "endpoint", "id"],
-        )
+            streams = [d for d in found if d.mode is Mode.STREAMING]
+            known = {r.name: r for r in await runtimes.read_runtimes(pool)} if streams else {}
+        columns = ["model", "version", "stage", "runtime", "mode", "state", "endpoint", "id"]
+        rows: list[BaseModel | dict[str, object]] = list(found)
+        if streams:
+            views = await asyncio.gather(
+                *(asyncio.to_thread(streaming_view, d, known.get(d.runtime)) for d in found)
+            )
+            rows = [{**d.model_dump(mode="json"), **view} for d, view in zip(found, views, strict=True)]
+            columns[-1:-1] = ["topics", "lag"]
+        emit(rows, as_json=as_json, title="Deployments", columns=columns)
 
     run(go())

@@ -77,11 +77,13 @@ def start(
                 "model": model_ref.model,
                 "version": model_ref.version,
                 "lifecycle": lifecycle,
+                "task_queue": names.lifecycle_task_queue(lifecycle, cfg.task_queue),
             }
             print(json.dumps(started, indent=2))
             return
         console.print(
-            f"started {lifecycle} for {model_ref}: workflow {handle.id}; "
+            f"started {lifecycle} for {model_ref} on task queue "
+            f"{names.lifecycle_task_queue(lifecycle, cfg.task_queue)}: workflow {handle.id}; "
             f"follow it with `mlc status {model_ref}`"
         )
 
@@ -110,7 +112,8 @@ def upload(
             return
         console.print(
             f"uploaded {stored.name} version {stored.version} (sha256 {stored.sha256[:12]}); start it from "
-            f"the Web UI with Workflow Type {stored.name}, Task Queue {cfg.task_queue} and Input "
+            f"the Web UI with Workflow Type {stored.name}, Task Queue "
+            f"{names.lifecycles_task_queue(cfg.task_queue)} and Input "
             f'{{"model": "cc-fraud", "version": 1}}, or `mlc lifecycle start MODEL@VERSION '
             f"--lifecycle {stored.name}`"
         )

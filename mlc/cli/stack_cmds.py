@@ -24,6 +24,7 @@ from mlc.config import Settings
 from mlc.devstack import DevStack, dev_running
 from mlc.domain import Decision, LifecycleState, ModelRef, SignedDecision
 from mlc.errors import RuntimeUnavailableError
+from mlc.names import lifecycles_task_queue
 from mlc.operations import read_status, send_decision, sign_decision, start_lifecycle
 from mlc.registry import register_package
 from mlc.store import connect, deployments, runtimes
@@ -50,7 +51,14 @@ def _stop_event() -> asyncio.Event:
 async def embedded(
     cfg: Settings, *, temporal_port: int, ui_port: int, headless: bool
 ) -> AsyncIterator[Settings]:
-    """Start the embedded servers, a migrated inventory with dev runtimes, and a worker."""
+    """Start the embedded servers, a migrated inventory with dev runtimes, and a worker.
+
+    A previous stack of the home is picked up where it stopped, however it stopped (see
+    :mod:`mlc.devstack`): leftovers of deployments that are no longer live are removed,
+    and each runtime's reconciler checks the serving ones at once, restarting the model
+    servers that stopped with the previous stack.
+    """
+    from activities.reconcile import ensure_reconcilers
     from workers.client import ensure_search_attributes
     from workers.worker import build_main_worker
 
@@ -60,25 +68,56 @@ async def embedded(
             ready = await stack.start()
             assert ready.database_url is not None
             pool = await connect(ready.database_url)
+        for note in stack.reused:
+            console.print(f"reusing {note}, left running by the previous `mlc dev` of {ready.home}")
+        for note in stack.stopped:
+            console.print(f"stopped {note}, left running by the previous `mlc dev` of {ready.home}")
         try:
             ready = await admin.bootstrap_dev(
                 pool, ready, local_user(), ensure_key(default_key_path()), task_queue=ready.task_queue
             )
             worker_dsn = await enable_worker_login(pool, ready.database_url or "")
-            ready = replace(ready, worker_database_url=worker_dsn)
+            ready = replace(ready, worker_database_url=worker_dsn, servers_die_with_worker=True)
+            await _remove_stale_local_leftovers(ready, pool)
             worker_pool = await connect(ready.worker_database_url or "", migrate_schema=False)
             temporal = await _embedded_client(ready)
             await ensure_search_attributes(temporal)
             try:
-                async with build_main_worker(temporal, ready, worker_pool):
+                main = build_main_worker(
+                    temporal, ready, worker_pool, max_cached_workflows=ready.workflow_cache
+                )
+                async with main, _sandboxed_lifecycles(ready):
+                    await ensure_reconcilers(temporal, ready, worker_pool)
                     yield ready
             finally:
                 await worker_pool.close()
-            await _stop_local_deployments(ready, pool)
+            await _stop_local_servers(ready, pool)
         finally:
             await pool.close()
     finally:
         stack.stop()
+
+
+@contextlib.asynccontextmanager
+async def _sandboxed_lifecycles(ready: Settings) -> AsyncIterator[None]:
+    """The sandboxed lifecycle worker as a child of the stack (uploaded lifecycles run only
+    there); without bubblewrap the stack runs without it and says how to get it."""
+    from workers.sandbox import lifecycle_worker, sandbox_available
+
+    if not sandbox_available():
+        console.print(
+            "[yellow]uploaded lifecycles will not run: they run only in a sandbox, and bubblewrap "
+            "is missing (apt-get install bubblewrap)[/yellow]"
+        )
+        yield
+        return
+    async with lifecycle_worker(
+        main_queue=ready.task_queue,
+        temporal_address=ready.temporal_address,
+        namespace=ready.temporal_namespace,
+        log_path=ready.home / "lifecycle-worker.log",
+    ):
+        yield
 
 
 async def _embedded_client(ready: Settings) -> Client:
@@ -89,22 +128,30 @@ async def _embedded_client(ready: Settings) -> Client:
     return await connect_temporal(ready, plain=True)
 
 
-async def _stop_local_deployments(cfg: Settings, pool: asyncpg.Pool) -> None:
-    """Stop local model servers with the stack, and say so in the inventory."""
+async def _remove_stale_local_leftovers(cfg: Settings, pool: asyncpg.Pool) -> None:
+    """Stop model servers and remove folders of deployments that are no longer live (a
+    crash can leave them); serving ones are the reconciler's, batch outputs are kept."""
     from activities.runtimes import driver_for
-    from activities.runtimes.base import UndeployRequest
-    from mlc.domain import DeploymentState, RuntimeKind
+    from activities.runtimes.base import CleanupRequest
+    from mlc.domain import RuntimeKind
 
-    for d in await deployments.read_deployments(pool):
-        runtime = await runtimes.read_runtime(pool, d.runtime)
+    keep = await deployments.kept_ids(pool)
+    for runtime in await runtimes.read_runtimes(pool):
         if runtime.kind is RuntimeKind.LOCAL:
-            await driver_for(runtime, cfg).undeploy(UndeployRequest(deployment_id=d.id, runtime=runtime))
-            await deployments.upsert_deployment(
-                pool,
-                d.model_copy(
-                    update={"state": DeploymentState.RETIRED, "details": {"retired_by": "mlc dev stopped"}}
-                ),
-            )
+            removed = await driver_for(runtime, cfg).cleanup(CleanupRequest(runtime=runtime, keep=keep))
+            if removed.removed:
+                console.print(f"runtime {runtime.name}: removed leftovers of {', '.join(removed.removed)}")
+
+
+async def _stop_local_servers(cfg: Settings, pool: asyncpg.Pool) -> None:
+    """Stop the local model servers with the stack, keeping their records: the inventory
+    still says what should serve, and the next ``mlc dev`` brings it back."""
+    from activities.runtimes.local import LocalDriver
+    from mlc.domain import RuntimeKind
+
+    for runtime in await runtimes.read_runtimes(pool):
+        if runtime.kind is RuntimeKind.LOCAL:
+            await LocalDriver(cfg).stop_servers(runtime)
 
 
 def dev(
@@ -125,6 +172,8 @@ def dev(
             if not headless:
                 table.add_row("Web UI", f"http://127.0.0.1:{ui_port}")
             table.add_row("Task queue", ready.task_queue)
+            uploaded = lifecycles_task_queue(ready.task_queue)
+            table.add_row("Lifecycles queue", f"{uploaded} (uploaded code, sandboxed)")
             table.add_row("Inventory", ready.database_url or "-")
             table.add_row("State", str(ready.home))
             table.add_row("Admin and approver", f"{local_user()} (key {default_key_path()})")
@@ -141,8 +190,28 @@ def worker(
         str | None,
         typer.Option(help="Serve only this runtime's task queue (a worker next to its Docker engine)."),
     ] = None,
+    lifecycles: Annotated[
+        bool,
+        typer.Option(
+            "--lifecycles",
+            help="Serve uploaded lifecycles (task queue <MLC_TASK_QUEUE>-lifecycles): no database, "
+            "no keys, network only to Temporal.",
+        ),
+    ] = False,
+    sandbox: Annotated[
+        bool,
+        typer.Option(
+            "--sandbox/--no-sandbox",
+            help="With --lifecycles: run under bubblewrap (default); --no-sandbox where a restricted "
+            "container already is the sandbox.",
+        ),
+    ] = True,
 ) -> None:
     """Run a worker against TEMPORAL_ADDRESS / MLC_DATABASE_URL."""
+    if lifecycles:
+        asyncio.run(_lifecycle_worker(sandbox=sandbox))
+        return
+    from activities.reconcile import ensure_reconcilers
     from workers.client import ensure_search_attributes
     from workers.worker import build_main_worker, build_runtime_worker, run_until
 
@@ -160,7 +229,10 @@ def worker(
             await ensure_search_attributes(temporal)
             pool = await connect(dsn, migrate_schema=cfg.worker_database_url is None)
             try:
-                await run_until(build_main_worker(temporal, cfg, pool), stop)
+                await ensure_reconcilers(temporal, cfg, pool)  # what died meanwhile is seen at once
+                await run_until(
+                    build_main_worker(temporal, cfg, pool, max_cached_workflows=cfg.workflow_cache), stop
+                )
             finally:
                 await pool.close()
             return
@@ -176,6 +248,40 @@ def worker(
         await run_until(build_runtime_worker(temporal, cfg, queue), stop)
 
     asyncio.run(go())
+
+
+async def _lifecycle_worker(*, sandbox: bool) -> None:
+    """``mlc worker --lifecycles``: the sandboxed worker of uploaded code, or (``--no-sandbox``)
+    that worker itself, as the sandbox and containers run it."""
+    from workers import lifecycle_worker
+    from workers.sandbox import start_lifecycle_worker
+
+    cfg = settings()
+    stop = _stop_event()
+    if not sandbox:
+        await lifecycle_worker.serve(cfg, stop)
+        return
+    log_path = cfg.home / "lifecycle-worker.log"
+    started = await start_lifecycle_worker(
+        main_queue=cfg.task_queue,
+        temporal_address=cfg.temporal_address,
+        namespace=cfg.temporal_namespace,
+        log_path=log_path,
+        environ=os.environ,
+    )
+    console.print(f"serving uploaded lifecycles on {started.task_queue}, sandboxed (log {log_path})")
+    exited = asyncio.ensure_future(started.process.wait())
+    stopped = asyncio.ensure_future(stop.wait())
+    try:
+        await asyncio.wait({exited, stopped}, return_when=asyncio.FIRST_COMPLETED)
+        if exited.done() and not stopped.done():
+            raise RuntimeUnavailableError(
+                f"the sandboxed lifecycle worker exited (code {started.process.returncode}); "
+                f"last lines of {log_path}:\n{started.log_tail()}"
+            )
+    finally:
+        stopped.cancel()
+        await started.stop()
 
 
 def demo(

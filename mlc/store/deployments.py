@@ -11,6 +11,19 @@ _COLUMNS = (
     "id, model, version, runtime, stage, mode, state, endpoint, workflow_id, details, created_at, updated_at"
 )
 LIVE = (DeploymentState.DEPLOYING.value, DeploymentState.SERVING.value)
+KEPT = (*LIVE, DeploymentState.COMPLETED.value)
+"""States whose files and processes on a runtime are not leftovers: live deployments, and
+finished batch jobs (their output is the job's result). ``runtime cleanup`` keeps them."""
+
+
+async def kept_ids(pool: asyncpg.Pool, *, runtime: str | None = None) -> tuple[str, ...]:
+    """Ids of the deployments a runtime's cleanup must keep (see :data:`KEPT`)."""
+    rows = await pool.fetch(
+        "SELECT id FROM deployments WHERE state = ANY($1::text[]) AND ($2::text IS NULL OR runtime = $2)",
+        list(KEPT),
+        runtime,
+    )
+    return tuple(r["id"] for r in rows)
 
 
 async def upsert_deployment(pool: asyncpg.Pool, deployment: Deployment) -> Deployment:
@@ -66,3 +79,29 @@ async def read_deployments(
         runtime,
     )
     return [Deployment.model_validate(row_dict(r)) for r in rows]
+
+
+async def update_serving(
+    pool: asyncpg.Pool,
+    deployment_id: str,
+    *,
+    state: DeploymentState,
+    details: dict[str, object],
+    endpoint: str | None = None,
+) -> Deployment | None:
+    """Change a deployment only while it is ``serving`` (None when it no longer is).
+
+    The reconciler writes through this, so a deployment its lifecycle retired or failed
+    meanwhile is never turned back or overwritten.
+    """
+    row = await pool.fetchrow(
+        f"""UPDATE deployments SET state = $2, endpoint = coalesce($3, endpoint),
+                details = details || $4::jsonb, updated_at = now()
+            WHERE id = $1 AND state = 'serving'
+            RETURNING {_COLUMNS}""",
+        deployment_id,
+        state.value,
+        endpoint,
+        details,
+    )
+    return Deployment.model_validate(row_dict(row)) if row else None

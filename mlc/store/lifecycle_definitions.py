@@ -85,6 +85,12 @@ async def read_lifecycle_definition(
     )
 
 
+async def next_version(pool: asyncpg.Pool, name: str) -> int:
+    """The version the next upload of ``name`` gets."""
+    newest = await pool.fetchval("SELECT max(version) FROM lifecycle_definitions WHERE name = $1", name)
+    return int(newest or 0) + 1
+
+
 async def read_lifecycle_definitions(pool: asyncpg.Pool) -> list[LifecycleDefinition]:
     """Every stored version, by name and version."""
     rows = await pool.fetch(f"SELECT {_COLUMNS} FROM lifecycle_definitions ORDER BY name, version")

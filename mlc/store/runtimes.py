@@ -8,7 +8,7 @@ from mlc.domain import Runtime
 from mlc.errors import ConflictError, NotFoundError
 from mlc.store.db import row_dict
 
-_COLUMNS = "name, kind, stage, service_tags, modes, task_queue, docker"
+_COLUMNS = "name, kind, stage, service_tags, modes, task_queue, docker, restart, kafka"
 
 
 def _runtime(row: asyncpg.Record) -> Runtime:
@@ -21,12 +21,13 @@ async def create_runtime(pool: asyncpg.Pool, runtime: Runtime, *, replace: bool 
     conflict = (
         "ON CONFLICT (name) DO UPDATE SET kind = EXCLUDED.kind, stage = EXCLUDED.stage, "
         "service_tags = EXCLUDED.service_tags, modes = EXCLUDED.modes, "
-        "task_queue = EXCLUDED.task_queue, docker = EXCLUDED.docker"
+        "task_queue = EXCLUDED.task_queue, docker = EXCLUDED.docker, restart = EXCLUDED.restart, "
+        "kafka = EXCLUDED.kafka"
         if replace
         else "ON CONFLICT (name) DO NOTHING"
     )
     row = await pool.fetchrow(
-        f"INSERT INTO runtimes ({_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7) {conflict} "
+        f"INSERT INTO runtimes ({_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) {conflict} "
         f"RETURNING {_COLUMNS}",
         data["name"],
         data["kind"],
@@ -35,6 +36,8 @@ async def create_runtime(pool: asyncpg.Pool, runtime: Runtime, *, replace: bool 
         data["modes"],
         data["task_queue"],
         data["docker"],
+        data["restart"],
+        data["kafka"],
     )
     if row is None:
         raise ConflictError(f"runtime {runtime.name} already exists; use --replace to overwrite it")

@@ -28,7 +28,15 @@ from mlc.trust.statements import GRANT_TYPE, Envelope, make_statement, seal
 GRANT_LIFETIME = timedelta(hours=1)
 """Long enough for a deploy with its retries; short enough that a leaked grant soon expires."""
 
-RuntimeAction = Literal["deploy_online", "run_batch_job", "undeploy"]
+TEST_GRANT_LIFETIME = timedelta(days=30)
+"""Testing a deployment only reads it (its endpoint or output, located by the runtime's own
+driver), and lifecycle code may test again after a gate that waits for days."""
+
+RuntimeAction = Literal[
+    "deploy_online", "run_batch_job", "deploy_streaming", "undeploy", "run_stage_tests", "probe", "restart"
+]
+"""``probe`` and ``restart`` are the runtime reconciler's: check a serving deployment's
+health, and bring the same deployment of the same snapshot back up."""
 
 
 class RuntimeGrant(Frozen):
@@ -40,6 +48,9 @@ class RuntimeGrant(Frozen):
     stage: str
     mode: Mode
     snapshot: ModelSnapshot | None = None
+    standby: bool = False
+    """``deploy_streaming`` only: score just the test topics, because an older version of
+    the model still owns the runtime's input topic (until this one is promoted)."""
     workflow_id: str
     run_id: str
     expires_at: datetime

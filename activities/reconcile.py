@@ -1,0 +1,356 @@
+"""The runtime reconciler's activities: keep the inventory true to what actually runs.
+
+Inventory side (trusted main worker): :class:`ReconcileInventory` lists a runtime's
+serving deployments and grants a probe of each; it judges what the probes found against
+the runtime's restart policy, restarting (on a grant) or marking failed with the log
+tail, appending each change to the audit trail and notifying the people who follow the
+deployment's lifecycle. Only the runtime's own reconciler workflow may call it.
+
+Runtime side (each runtime's task queue): :class:`ReconcileRuntime` probes and restarts
+through the runtime's driver, each action on a grant the platform signed for that one
+deployment, exactly like deploys.
+
+Trust: a restart brings back the deployment the inventory has serving, with the
+snapshot recorded for it, and into a protected stage only when the trail still holds
+the approvals that admitted it (re-verified now, as for a deploy). The reconciler never
+chooses a version, so it cannot promote anything.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import UTC, datetime
+
+import asyncpg
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+from temporalio import activity
+from temporalio.client import Client
+
+from activities import admission
+from activities.boundary import CallingRun, calling_run, mlc_errors
+from activities.inventory import RETIRING, load_run
+from activities.runtimes.base import OnlineDeployRequest, ProbeRequest, driver_for
+from mlc.config import Settings
+from mlc.contracts.reconcile import PLAN as PLAN_CONTRACT
+from mlc.contracts.reconcile import (
+    PROBE,
+    RECONCILER,
+    RESTART,
+    SETTLE,
+    Finding,
+    Findings,
+    GrantsInput,
+    Plan,
+    PlanInput,
+    SettleInput,
+    Settlement,
+    ensure_reconciler,
+    reconciler_id,
+)
+from mlc.domain import Deployment, DeploymentState, Mode, ModelSnapshot, Runtime
+from mlc.errors import DeploymentFailedError, RefusedError
+from mlc.store import audit, deployments, trail
+from mlc.store.governance import GovernanceCache
+from mlc.trust import grants
+from mlc.trust.governance import Governance
+from mlc.trust.statements import Envelope
+
+RESTARTS = "restarts"
+"""Deployment detail: restarts in a row without a healthy check in between."""
+PARALLEL_PROBES = 8
+
+
+async def ensure_reconcilers(client: Client, settings: Settings, pool: asyncpg.Pool) -> list[str]:
+    """Reconcile now every runtime that has serving online deployments; return their names.
+
+    Workers call this when they start: whatever died while no worker ran is noticed
+    (and restarted, if the runtime says so) at once rather than after an interval.
+    """
+    serving = await deployments.read_deployments(pool)
+    names = sorted(
+        {d.runtime for d in serving if d.state is DeploymentState.SERVING and d.mode is Mode.ONLINE}
+    )
+    for name in names:
+        await ensure_reconciler(client, settings, name)
+    return names
+
+
+class ReconcileInventory:
+    """The reconciler's inventory activities (the workers' least-privilege pool)."""
+
+    def __init__(self, pool: asyncpg.Pool, settings: Settings) -> None:
+        self.pool = pool
+        self.settings = settings
+        self.governance = GovernanceCache(pinned_root=settings.trust_root, author_role=settings.author_role)
+        self._platform_key = grants.platform_key(settings.platform_key_path)
+
+    @PLAN_CONTRACT.implement
+    @mlc_errors
+    async def plan_reconciliation(self, request: PlanInput) -> Plan:
+        """A probe grant for each serving online deployment of the runtime (None: removed)."""
+        caller = self._caller(request.runtime)
+        runtime = (await self._state()).runtimes.get(request.runtime)
+        if runtime is None:
+            return Plan(runtime=None)
+        watched = [
+            d
+            for d in await deployments.read_deployments(self.pool, runtime=runtime.name)
+            if d.state is DeploymentState.SERVING and d.mode is Mode.ONLINE and not d.details.get(RETIRING)
+        ]
+        return Plan(
+            runtime=runtime,
+            probes=tuple(self._grant("probe", d, runtime, caller) for d in watched),
+            watching=tuple(d.id for d in watched),
+            restarting=tuple(d.id for d in watched if d.details.get(RESTARTS)),
+        )
+
+    @SETTLE.implement
+    @mlc_errors
+    async def settle_reconciliation(self, request: SettleInput) -> Settlement:
+        """Judge each finding against the runtime's restart policy and record the outcome."""
+        caller = self._caller(request.runtime)
+        state = await self._state()
+        runtime = state.runtimes.get(request.runtime)
+        restart: list[Envelope] = []
+        remove: list[Envelope] = []
+        failed: list[str] = []
+        restarted: list[str] = []
+        for finding in request.findings:
+            found = await deployments.read_deployment(self.pool, finding.deployment_id)
+            if runtime is None or found is None or found.runtime != runtime.name:
+                continue  # not this reconciler's to judge
+            if found.state is not DeploymentState.SERVING:  # retired or failed meanwhile
+                remove.append(self._grant("undeploy", found, runtime, caller))  # whatever is left
+                continue
+            if found.details.get(RETIRING):
+                continue  # its lifecycle is removing it
+            streak = int(found.details.get(RESTARTS) or 0)
+            if finding.healthy:
+                if finding.restarted:
+                    await self._restarted(found, finding, caller)
+                    restarted.append(found.id)
+                elif streak:
+                    await deployments.update_serving(
+                        self.pool, found.id, state=DeploymentState.SERVING, details={RESTARTS: 0}
+                    )
+                continue
+            limit = runtime.restart_limit
+            if limit is None or streak < limit:
+                if finding.restarted:
+                    continue  # this attempt failed; the next round tries again
+                try:
+                    snapshot = await self._admitted(found, state)
+                except RefusedError as exc:
+                    finding = finding.model_copy(update={"detail": f"{finding.detail}; not restarted: {exc}"})
+                else:
+                    await deployments.update_serving(
+                        self.pool,
+                        found.id,
+                        state=DeploymentState.SERVING,
+                        details={RESTARTS: streak + 1, "last_failure": finding.detail},
+                    )
+                    restart.append(self._grant("restart", found, runtime, caller, snapshot=snapshot))
+                    continue
+            if await self._failed(found, finding, runtime, caller, streak):
+                failed.append(found.id)
+                remove.append(self._grant("undeploy", found, runtime, caller))
+        return Settlement(
+            restart=tuple(restart), remove=tuple(remove), failed=tuple(failed), restarted=tuple(restarted)
+        )
+
+    # --- outcomes -----------------------------------------------------------------------
+
+    async def _restarted(self, found: Deployment, finding: Finding, caller: CallingRun) -> None:
+        updated = await deployments.update_serving(
+            self.pool,
+            found.id,
+            state=DeploymentState.SERVING,
+            endpoint=finding.endpoint,
+            details={**finding.details, "restarted_at": datetime.now(UTC).isoformat()},
+        )
+        if updated is None:
+            return
+        moved = f" at {updated.endpoint}" if updated.endpoint != found.endpoint else ""
+        message = (
+            f"{found.model}@{found.version} in {found.stage} on runtime {found.runtime} was down "
+            f"({found.details.get('last_failure') or 'no answer'}) and has been restarted{moved}"
+        )
+        await self._record(updated, caller, event="restarted", message=message)
+
+    async def _failed(
+        self, found: Deployment, finding: Finding, runtime: Runtime, caller: CallingRun, streak: int
+    ) -> bool:
+        policy = runtime.restart if runtime.restart_limit != 0 else "no (restart policy)"
+        after = f" after {streak} restart(s)" if streak else ""
+        reason = f"{finding.detail}{after}; restart policy {policy}"
+        updated = await deployments.update_serving(
+            self.pool,
+            found.id,
+            state=DeploymentState.FAILED,
+            details={"error": reason, "log_tail": finding.log_tail, "failed_by": "reconciler"},
+        )
+        if updated is None:
+            return False
+        tail = f"\nlast log lines:\n{finding.log_tail}" if finding.log_tail else ""
+        message = (
+            f"{found.model}@{found.version} in {found.stage} on runtime {found.runtime} failed "
+            f"while serving: {reason}{tail}"
+        )
+        await self._record(updated, caller, event="failed", message=message)
+        return True
+
+    async def _record(self, deployment: Deployment, caller: CallingRun, *, event: str, message: str) -> None:
+        """Append the change to the trail (under the lifecycle's run) and notify its followers."""
+        body = deployment.model_dump(mode="json", exclude={"created_at", "updated_at"})
+        await trail.append(
+            self.pool,
+            trail.DEPLOYMENT,
+            {**body, "event": event, "by": caller.workflow_id},
+            model=deployment.model,
+            version=deployment.version,
+            workflow_id=deployment.workflow_id or caller.workflow_id,
+            run_id=deployment.details.get("run_id") or caller.run_id,
+            idempotency_key=f"{caller.workflow_id}/{caller.run_id}/{caller.activity_id}/{deployment.id}",
+        )
+        activity.logger.warning("reconciler: %s", message)
+        await audit.create_notification(
+            self.pool,
+            workflow_id=deployment.workflow_id or caller.workflow_id,
+            model=deployment.model,
+            version=deployment.version,
+            message=message,
+        )
+
+    async def _admitted(self, found: Deployment, state: Governance) -> ModelSnapshot:
+        """The snapshot to bring back, after the same checks as a deploy of it.
+
+        Raises:
+            RefusedError: the deployment's run is unknown, its snapshot unregistered, or
+                the stage is protected and the run's approvals no longer verify.
+        """
+        run_id, workflow_id = found.details.get("run_id"), found.workflow_id
+        if not run_id or not workflow_id:
+            raise RefusedError("the inventory does not say which run deployed it")
+        run = await load_run(self.pool, workflow_id, run_id)
+        if (run.snapshot.model, run.snapshot.version) != (found.model, found.version):
+            raise RefusedError(f"its run {workflow_id} is for {run.ref}")
+        if run.snapshot.sha256 not in state.registrants:
+            raise RefusedError(f"snapshot {run.ref} has no verified registration")
+        decisions = await trail.read_entries(
+            self.pool, kinds=(trail.DECISION,), workflow_id=workflow_id, run_id=run_id
+        )
+        admission.admit(decisions, run, state, stage=found.stage)
+        return run.snapshot
+
+    # --- plumbing -----------------------------------------------------------------------
+
+    def _caller(self, runtime: str) -> CallingRun:
+        """The calling run, which must be this runtime's reconciler of this installation."""
+        caller = calling_run()
+        expected = reconciler_id(self.settings.task_queue, runtime)
+        if caller.workflow_type != RECONCILER or caller.workflow_id != expected:
+            raise RefusedError(
+                f"only the reconciler of runtime {runtime} ({RECONCILER} {expected}) may reconcile it, "
+                f"not {caller.workflow_type} {caller.workflow_id}"
+            )
+        return caller
+
+    async def _state(self) -> Governance:
+        if not self.settings.trust_root:
+            raise RefusedError("no trust root is pinned for this worker: set MLC_TRUST_ROOT")
+        return await self.governance.current(self.pool)
+
+    def _grant(
+        self,
+        action: grants.RuntimeAction,
+        deployment: Deployment,
+        runtime: Runtime,
+        caller: CallingRun,
+        *,
+        snapshot: ModelSnapshot | None = None,
+    ) -> Envelope:
+        return grants.issue(
+            self._platform_key,
+            grants.RuntimeGrant(
+                action=action,
+                deployment_id=deployment.id,
+                runtime=runtime,
+                stage=deployment.stage,
+                mode=deployment.mode,
+                snapshot=snapshot,
+                workflow_id=caller.workflow_id,
+                run_id=caller.run_id,
+                expires_at=datetime.now(UTC) + grants.GRANT_LIFETIME,
+            ),
+        )
+
+
+class ReconcileRuntime:
+    """The reconciler's runtime activities: probe and restart, each on a platform grant."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self._public: Ed25519PublicKey | None = None
+
+    @PROBE.implement
+    @mlc_errors
+    async def probe_deployments(self, request: GrantsInput) -> Findings:
+        """Check each granted deployment's health (a few at a time)."""
+        checked = [self._granted(g, "probe") for g in request.grants]
+        limit = asyncio.Semaphore(PARALLEL_PROBES)
+
+        async def probe(grant: grants.RuntimeGrant) -> Finding:
+            async with limit:
+                driver = driver_for(grant.runtime, self.settings)
+                result = await driver.probe(
+                    ProbeRequest(deployment_id=grant.deployment_id, runtime=grant.runtime)
+                )
+                activity.heartbeat(grant.deployment_id)
+            return Finding(
+                deployment_id=grant.deployment_id,
+                healthy=result.healthy,
+                detail=result.detail,
+                log_tail=result.log_tail,
+                endpoint=result.endpoint,
+            )
+
+        return Findings(findings=tuple(await asyncio.gather(*(probe(g) for g in checked))))
+
+    @RESTART.implement
+    @mlc_errors
+    async def restart_deployments(self, request: GrantsInput) -> Findings:
+        """Bring each granted deployment back up; a deployment that will not come up is a
+        finding (with the reason), an unreachable engine an error (retried, nothing judged)."""
+        findings = []
+        for envelope in request.grants:
+            grant = self._granted(envelope, "restart")
+            if grant.snapshot is None:
+                raise RefusedError("the restart grant names no snapshot")
+            deploy = OnlineDeployRequest(
+                deployment_id=grant.deployment_id,
+                snapshot=grant.snapshot,
+                runtime=grant.runtime,
+                stage=grant.stage,
+            )
+            try:
+                result = await driver_for(grant.runtime, self.settings).restart(deploy, activity.heartbeat)
+            except DeploymentFailedError as exc:
+                findings.append(
+                    Finding(deployment_id=grant.deployment_id, healthy=False, restarted=True, detail=str(exc))
+                )
+                continue
+            findings.append(
+                Finding(
+                    deployment_id=grant.deployment_id,
+                    healthy=True,
+                    restarted=True,
+                    endpoint=result.endpoint,
+                    details=result.details,
+                )
+            )
+        return Findings(findings=tuple(findings))
+
+    def _granted(self, envelope: Envelope, action: grants.RuntimeAction) -> grants.RuntimeGrant:
+        if self._public is None:
+            self._public = grants.platform_public_key(self.settings.platform_key_path)
+        return grants.check(envelope, self._public, action=action, run_id=calling_run().run_id)

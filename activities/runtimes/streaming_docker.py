@@ -1,0 +1,192 @@
+"""Streaming deployments on docker runtimes: one container per consumer instance.
+
+Containers run the consumer from the snapshot's model image (the same image online
+deployments use; it carries confluent-kafka), hardened like every model container, on
+the runtime's ``docker.network_mode`` (``host`` by default, so a broker on the engine
+host's loopback is reachable). They carry the ``mlc.*`` labels plus ``mlc.instance`` and
+``mlc.stream-config`` (a digest of the consumer configuration): a redeploy keeps running
+containers whose labels still match and replaces the others, and the engine's restart
+policy brings a crashed consumer back, which resumes from the group's committed offsets.
+
+The configuration travels in the ``MLC_STREAM_CONFIG`` environment variable, so a remote
+engine needs no shared folder; TLS files named in the kafka settings are bind-mounted
+read-only at the same path, so they must exist on the engine's host.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import os
+import time
+from typing import TYPE_CHECKING, Any
+
+import docker.errors
+
+from activities.runtimes.base import Heartbeat, StreamingDeployRequest, StreamingDeployResult
+from activities.runtimes.docker_engine import HEARTBEAT_SECONDS, connect, docker_settings
+from activities.runtimes.docker_images import PACKAGE_DIR, ensure_image
+from activities.runtimes.streaming import (
+    READY_TIMEOUT_SECONDS,
+    STOP_TIMEOUT_SECONDS,
+    endpoint_of,
+    kafka_of,
+    prepare_topics,
+    result_details,
+    stream_config,
+)
+from mlc.errors import DeploymentFailedError
+from mlc.streaming.consumer import READY_LINE, STREAM_CONFIG_ENV
+
+if TYPE_CHECKING:
+    from activities.runtimes.docker import DockerDriver
+
+MODE = "streaming"
+
+
+def stop_gracefully(container: Any) -> None:
+    """SIGTERM, so the consumer commits and leaves its group; removed after the grace period."""
+    with contextlib.suppress(docker.errors.NotFound):
+        if container.status == "running":
+            container.stop(timeout=int(STOP_TIMEOUT_SECONDS))
+        container.remove(force=True)
+
+
+async def deploy_docker(
+    driver: DockerDriver, request: StreamingDeployRequest, heartbeat: Heartbeat
+) -> StreamingDeployResult:
+    """Start (or keep) one container per consumer instance and wait until each is ready.
+
+    Raises:
+        DeploymentFailedError: no kafka settings, the image could not be built, or a
+            container exited or stayed silent at start (with its last log lines).
+        RuntimeUnavailableError: the engine or the broker cannot be reached.
+    """
+    from activities.runtimes.docker import _container_options, _labels, _restart_policy, _tail, container_name
+
+    runtime, snapshot = request.runtime, request.snapshot
+    kafka = kafka_of(runtime)
+    config = stream_config(request)
+    settings = docker_settings(runtime)
+    heartbeat(f"preparing topics on {kafka.bootstrap_servers}")
+    await prepare_topics(kafka, config, dict(os.environ))
+    digest = hashlib.sha256(config.model_dump_json().encode()).hexdigest()[:16]
+    async with connect(runtime, f"deploy {snapshot.ref} (streaming)") as client:
+        found = await asyncio.to_thread(
+            client.containers.list,
+            all=True,
+            filters={"label": [f"mlc.deployment-id={request.deployment_id}", f"mlc.mode={MODE}"]},
+        )
+        running: dict[int, Any] = {}
+        for container in found:
+            labels = container.labels
+            index = int(labels.get("mlc.instance", "-1"))
+            if (
+                container.status == "running"
+                and labels.get("mlc.sha256") == snapshot.sha256
+                and labels.get("mlc.stream-config") == digest
+                and 0 <= index < kafka.instances
+                and index not in running
+            ):
+                running[index] = container
+            else:
+                await asyncio.to_thread(stop_gracefully, container)
+        missing = [i for i in range(kafka.instances) if i not in running]
+        image_tag = None
+        if missing:
+            image = await ensure_image(
+                client,
+                settings=driver.settings,
+                runtime=runtime,
+                snapshot=snapshot,
+                heartbeat=heartbeat,
+                log_path=driver.workdir(runtime, request.deployment_id) / "build.log",
+            )
+            image_tag = image.tag
+            options = _container_options(settings, snapshot)
+            environment = {**options.pop("environment"), STREAM_CONFIG_ENV: config.model_dump_json()}
+            if kafka.sasl_password_env and kafka.sasl_password_env in os.environ:
+                environment[kafka.sasl_password_env] = os.environ[kafka.sasl_password_env]
+            volumes = {
+                path: {"bind": path, "mode": "ro"}
+                for path in (kafka.ssl_ca_location, kafka.ssl_certificate_location, kafka.ssl_key_location)
+                if path
+            }
+            labels = {
+                **_labels(
+                    deployment_id=request.deployment_id,
+                    runtime=runtime,
+                    snapshot=snapshot,
+                    stage=request.stage,
+                    mode=MODE,
+                ),
+                "mlc.stream-config": digest,
+            }
+            for index in missing:
+                name = container_name(request.deployment_id, suffix=f"-stream-{index}")
+                with contextlib.suppress(docker.errors.NotFound):  # a stopped leftover of the same name
+                    await asyncio.to_thread(
+                        stop_gracefully, await asyncio.to_thread(client.containers.get, name)
+                    )
+                running[index] = await asyncio.to_thread(
+                    client.containers.run,
+                    image.id,
+                    ["python3", "-m", "mlc.streaming", "consume", "--package", PACKAGE_DIR],
+                    name=name,
+                    labels={**labels, "mlc.instance": str(index)},
+                    detach=True,
+                    network_mode=settings.network_mode,
+                    restart_policy=_restart_policy(settings.restart_policy),
+                    environment=environment,
+                    volumes=volumes,
+                    **options,
+                )
+            for index in missing:
+                await _wait_ready(running[index], request, index, heartbeat, _tail)
+        containers = [running[i] for i in sorted(running)]
+        return StreamingDeployResult(
+            endpoint=endpoint_of(config),
+            details=result_details(
+                config,
+                container_ids=[c.id for c in containers],
+                container_names=[c.name for c in containers],
+                image=image_tag or containers[0].attrs["Config"]["Image"],
+                reused=not missing,
+            ),
+        )
+
+
+async def _wait_ready(
+    container: Any, request: StreamingDeployRequest, index: int, heartbeat: Heartbeat, tail: Any
+) -> None:
+    """Wait for the consumer's ready line; remove the container and raise if it exits or hangs."""
+    what = (
+        f"streaming consumer {index} of {request.snapshot.ref} in {request.stage} on runtime "
+        f"{request.runtime.name} (container {container.name})"
+    )
+    deadline = time.monotonic() + READY_TIMEOUT_SECONDS
+    next_beat = 0.0
+    restarts = int(container.attrs.get("RestartCount", 0))
+    while True:
+        await asyncio.to_thread(container.reload)
+        logs = bytes(await asyncio.to_thread(container.logs, stdout=True, stderr=False)).decode(
+            errors="replace"
+        )
+        if READY_LINE in logs:
+            return
+        state = container.attrs["State"]
+        failed = state["Status"] != "running" or int(container.attrs.get("RestartCount", 0)) > restarts
+        if failed or time.monotonic() > deadline:
+            why = (
+                f"exited with code {state.get('ExitCode')} during start"
+                if failed
+                else f"was not ready within {READY_TIMEOUT_SECONDS:.0f} s"
+            )
+            last = await asyncio.to_thread(tail, container)
+            await asyncio.to_thread(container.remove, force=True)
+            raise DeploymentFailedError(f"{what} {why}; container removed. Last log lines:\n{last}")
+        if time.monotonic() >= next_beat:
+            heartbeat(f"waiting for {what}")
+            next_beat = time.monotonic() + HEARTBEAT_SECONDS
+        await asyncio.sleep(0.25)

@@ -1,0 +1,521 @@
+"""One lifecycle run's state and plumbing, private to the workflows.
+
+:class:`LifecycleRun` holds what the workflow's message handlers read and change (stage,
+state, pending gate, decisions, test reports, deployments, grants) and schedules every
+activity through its contract. Lifecycle code never gets this object: it gets the
+:class:`lifecycles.api.Lifecycle` facade, which exposes the documented operations only,
+so uploaded code can neither set run state nor call an activity with a payload of its own.
+
+Inventory activities go to the main task queue, computed from the queue the workflow
+runs on (:func:`mlc.names.main_task_queue`): uploaded lifecycles run on the sandboxed
+lifecycle worker's queue, and their side effects happen on trusted workers only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from datetime import timedelta
+from typing import Any
+from weakref import WeakKeyDictionary
+
+from temporalio import workflow
+from temporalio.exceptions import ActivityError, ApplicationError
+
+with workflow.unsafe.imports_passed_through():
+    from mlc import names
+    from mlc.contracts import inventory as inv
+    from mlc.contracts import runtime as rt
+    from mlc.contracts.base import ActivityContract, In, Out
+    from mlc.domain import (
+        ApprovalRecord,
+        Decision,
+        Deployment,
+        DeploymentState,
+        LifecycleSpec,
+        LifecycleState,
+        Mode,
+        ModelSnapshot,
+        Runtime,
+        StageSpec,
+        StageTestReport,
+        TestKind,
+        TestResult,
+    )
+    from mlc.payloads import (
+        AuthorizeDeploymentInput,
+        AuthorizeUndeployInput,
+        FindDeploymentsInput,
+        LifecycleStatus,
+        NotifyInput,
+        PendingGate,
+        RecordDecisionInput,
+        RecordDeploymentInput,
+        RecordRunInput,
+        RecordTestsInput,
+        ResolveApproversInput,
+        ResolveRuntimesInput,
+        RuntimeActionInput,
+        VerifyDecisionInput,
+    )
+    from mlc.test_payloads import RunStageTestsInput, RunStageTestsResult
+    from mlc.trust.statements import Envelope, decision_of, digest
+
+
+class LifecycleFailure(Exception):
+    """Raised by ``mlc.fail``: ends the run as failed with a readable reason."""
+
+    def __init__(self, reason: str, *, kind: str = "LifecycleFailed") -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.kind = kind
+
+
+_RUNS: WeakKeyDictionary[object, LifecycleRun] = WeakKeyDictionary()
+"""Facade -> run: the facade carries no attribute a lifecycle could read or set."""
+
+
+def attach(facade: object, run: LifecycleRun) -> None:
+    """Make ``facade`` (a :class:`lifecycles.api.Lifecycle`) operate on ``run``."""
+    _RUNS[facade] = run
+
+
+def run_of(facade: object) -> LifecycleRun:
+    """The run behind a facade; a facade made by lifecycle code itself has none."""
+    try:
+        return _RUNS[facade]
+    except KeyError:
+        raise RuntimeError("this Lifecycle belongs to no run: use the `mlc` your run() receives") from None
+
+
+class LifecycleRun:
+    """One run's state and the operations a lifecycle composes.
+
+    Message handlers (approve, reject, status) read and change the same object, so the
+    Web UI, the CLI and the lifecycle code always see one truth.
+    """
+
+    def __init__(self, *, name: str, model: str, version: int, spec: LifecycleSpec) -> None:
+        self.name = name
+        self.model = model
+        self.version = version
+        self.spec = spec
+        self.snapshot: ModelSnapshot | None = None
+        self.state = LifecycleState.STARTING
+        self.stage: str | None = None
+        self.reason: str | None = None
+        self._queue = names.main_task_queue(workflow.info().task_queue)
+        self._pending: PendingGate | None = None
+        self._gate_entries: tuple[str, ...] = ()
+        self._decision: ApprovalRecord | None = None
+        self._decisions: list[ApprovalRecord] = []
+        self._deciding = asyncio.Lock()
+        self._reports: dict[str, StageTestReport] = {}
+        self._deployments: dict[str, Deployment] = {}
+        self._test_grants: dict[str, Envelope] = {}
+        self._refused: list[str] = []
+        self._runtimes: dict[str, Runtime] = {}
+
+    # --- reading state ------------------------------------------------------------------
+
+    @property
+    def stages(self) -> tuple[StageSpec, ...]:
+        """The stages of this run, in promotion order."""
+        return self.spec.stages
+
+    def report(self, stage: str) -> StageTestReport | None:
+        """The latest test report of ``stage``, if its tests ran."""
+        return self._reports.get(stage)
+
+    def deployments(self, stage: str | None = None, *, live: bool = True) -> list[Deployment]:
+        """Deployments this run made, optionally of one stage; by default only live ones."""
+        return [
+            d
+            for d in self._deployments.values()
+            if (stage is None or d.stage == stage)
+            and (not live or d.state in (DeploymentState.DEPLOYING, DeploymentState.SERVING))
+        ]
+
+    def status(self) -> LifecycleStatus:
+        """A snapshot of the run for the ``status`` query."""
+        return LifecycleStatus(
+            model=self.model,
+            version=self.version,
+            lifecycle=self.name,
+            state=self.state,
+            stage=self.stage,
+            stages=tuple(s.name for s in self.spec.stages),
+            pending_gate=self._pending,
+            reports=tuple(self._reports.values()),
+            decisions=tuple(self._decisions),
+            deployments=tuple(self._deployments.values()),
+            reason=self.reason,
+            refused=tuple(self._refused),
+        )
+
+    @property
+    def finished(self) -> bool:
+        """True once the run succeeded or failed."""
+        return self.state in (LifecycleState.SUCCEEDED, LifecycleState.FAILED)
+
+    # --- building blocks ----------------------------------------------------------------
+
+    async def deploy(self, stage: str, *, mode: Mode | None = None) -> list[Deployment]:
+        """Deploy the snapshot to every runtime of ``stage`` serving its service tags."""
+        spec = self.spec.stage(stage)
+        chosen = mode or spec.mode
+        self._enter(stage, LifecycleState.DEPLOYING, f"Deploying to {stage} ({chosen.value})")
+        await self.record_run()
+        resolved = await self._inventory(inv.RESOLVE_RUNTIMES, ResolveRuntimesInput(stage=stage, mode=chosen))
+        self._runtimes.update((r.name, r) for r in resolved.runtimes)
+        return list(
+            await asyncio.gather(*(self._deploy_one(stage, chosen, runtime) for runtime in resolved.runtimes))
+        )
+
+    async def test(
+        self,
+        stage: str,
+        deployments: Sequence[Deployment],
+        *,
+        tests: Sequence[TestKind] | None = None,
+    ) -> StageTestReport:
+        """Run the stage's tests (or ``tests``) against each deployment and record them."""
+        own = self._own(deployments)
+        kinds = tuple(tests if tests is not None else self.spec.stage(stage).tests)
+        self._enter(stage, LifecycleState.TESTING, f"Testing in {stage}: {', '.join(kinds)}")
+        await self.record_run()
+        outcomes = await asyncio.gather(*(self._test_one(stage, d, kinds) for d in own))
+        report = StageTestReport(
+            stage=stage, results=tuple(r for outcome in outcomes for r in outcome.results)
+        )
+        self._reports[stage] = report
+        await self._inventory(inv.RECORD_TESTS, RecordTestsInput(report=report))
+        return report
+
+    async def approval(self, stage: str) -> ApprovalRecord:
+        """Wait at ``stage``'s gate for a decision; an unanswered gate expires.
+
+        Decisions are signed statements, verified and recorded by a trusted activity
+        before they reach this run. When the stage's policy needs several distinct
+        approvers the gate stays open until enough have approved; any rejection ends
+        the wait. Returns the deciding record (approved, rejected or expired).
+        """
+        gate = self.spec.stage(stage).gate
+        if gate is None:
+            raise ValueError(f"stage {stage} has no approval gate")
+        resolved = await self._inventory(
+            inv.RESOLVE_APPROVERS, ResolveApproversInput(stage=stage, entries=gate.approvers)
+        )
+        who = ", ".join(resolved.identities) or f"nobody holds {', '.join(gate.approvers)}"
+        deadline = workflow.now() + gate.timeout
+        self._gate_entries = gate.approvers
+        self._pending = PendingGate(
+            stage=stage, approvers=resolved.identities, deadline=deadline, needed=resolved.needed
+        )
+        await self.notify(f"{self.model}@{self.version} waits for approval at {stage} by {who}")
+        while True:
+            self._enter(
+                stage,
+                LifecycleState.AWAITING_APPROVAL,
+                f"Waiting for approval at {stage} by {who} until {deadline:%Y-%m-%d %H:%M} UTC "
+                f"({len(self._pending.approved_by)} of {self._pending.needed} approvals).\n\n"
+                f"`mlc approve {self.model}@{self.version} --stage {stage}`",
+            )
+            await self.record_run()
+            try:
+                await workflow.wait_condition(
+                    lambda: self._decision is not None,
+                    timeout=max(deadline - workflow.now(), timedelta(seconds=1)),
+                )
+            except TimeoutError:
+                record = ApprovalRecord(
+                    stage=stage,
+                    decision=Decision.EXPIRED,
+                    approver="system",
+                    comment=f"no decision within {gate.timeout}",
+                    decided_at=workflow.now(),
+                    evidence=self._reports.get(stage),
+                )
+                await self._inventory(inv.RECORD_DECISION, RecordDecisionInput(record=record))
+                self._decisions.append(record)
+                break
+            decided = self._decision
+            assert decided is not None
+            record, self._decision = decided, None
+            if (
+                record.decision is not Decision.APPROVED
+                or len(self._pending.approved_by) >= self._pending.needed
+            ):
+                break
+        self._pending = None
+        return record
+
+    async def undeploy(self, deployments: Sequence[Deployment]) -> None:
+        """Remove this run's deployments from their runtimes and mark them retired."""
+        live = [
+            d
+            for d in self._own(deployments)
+            if d.state in (DeploymentState.DEPLOYING, DeploymentState.SERVING)
+        ]
+        await asyncio.gather(*(self._retire(d) for d in live))
+
+    async def promote(self, stage: str, deployments: Sequence[Deployment]) -> list[Deployment]:
+        """Make ``deployments`` the model's version in ``stage``: retire the others there.
+
+        The new deployments are healthy and tested by now, so consumers move from old to
+        new without a gap; returns the retired deployments.
+        """
+        self._enter(stage, LifecycleState.PROMOTING, f"Promoting in {stage}")
+        found = await self._inventory(
+            inv.FIND_DEPLOYMENTS,
+            FindDeploymentsInput(stage=stage, exclude_ids=tuple(d.id for d in deployments)),
+        )
+        await asyncio.gather(*(self._retire(d) for d in found.deployments))
+        # A streaming deployment made while an older version owned the input topic waits in
+        # standby; now that the older one has stopped (committed, left the group), it takes
+        # the topic over from the committed offsets.
+        for given in deployments:
+            mine = self._deployments.get(given.id)
+            if mine is not None and mine.mode is Mode.STREAMING and mine.details.get("standby"):
+                await self._deploy_one(stage, Mode.STREAMING, await self._runtime_of(mine))
+        return list(found.deployments)
+
+    async def notify(self, message: str) -> None:
+        """Tell the people following this lifecycle (stored and logged by an activity)."""
+        await self._inventory(inv.NOTIFY, NotifyInput(message=message))
+
+    async def sleep(self, duration: timedelta) -> None:
+        """A durable timer (survives worker restarts)."""
+        await workflow.sleep(duration)
+
+    def log(self, message: str) -> None:
+        """Write to the worker's log (not repeated on replay)."""
+        workflow.logger.info("%s@%s: %s", self.model, self.version, message)
+
+    # --- decisions (called by the workflow's update and signal handlers) -----------------
+
+    def check_decision(self, envelope: Envelope, decision: Decision) -> None:
+        """Refuse at once a decision that cannot fit this run's current gate (raises ValueError).
+
+        Only the statement's shape and binding are checked here; its signature, key,
+        roles and policy are checked by the trusted ``verify_decision`` activity.
+        """
+        ref = f"{self.model}@{self.version}"
+        if self.finished:
+            raise ValueError(f"{ref}: the lifecycle has already finished ({self.state.value})")
+        gate = self._pending
+        if gate is None or self._decision is not None:
+            doing = f"{self.state.value} in {self.stage}" if self.stage else self.state.value
+            raise ValueError(f"{ref} is not waiting for a decision (it is {doing})")
+        statement, claim = decision_of(envelope)
+        if claim.decision != decision.value:
+            raise ValueError(f"the statement says {claim.decision}; send it as that decision")
+        if claim.stage != gate.stage:
+            raise ValueError(f"{ref} is waiting for a decision at {gate.stage}, not {claim.stage}")
+        info = workflow.info()
+        if (claim.workflow_id, claim.run_id) != (info.workflow_id, info.run_id):
+            raise ValueError(f"the statement is for run {claim.workflow_id}/{claim.run_id}, not this run")
+        sha = [s.digest.get("sha256") for s in statement.subject]
+        if (claim.model, claim.version) != (self.model, self.version) or sha != [self._snap.sha256]:
+            raise ValueError(f"the statement is for {claim.model}@{claim.version} ({sha}), not {ref}")
+        shown = self._reports.get(gate.stage)
+        if digest(shown.model_dump(mode="json") if shown else None) != claim.evidence_sha256:
+            raise ValueError(
+                f"the statement was signed on other evidence than {ref}'s {gate.stage} test report"
+            )
+
+    async def submit_decision(self, envelope: Envelope, decision: Decision) -> ApprovalRecord:
+        """Check, verify (trusted activity, which records it) and accept a signed decision.
+
+        Raises:
+            ApplicationError: the decision was refused; the message names the failed check.
+        """
+        async with self._deciding:
+            self.check_decision(envelope, decision)
+            assert self._pending is not None
+            try:
+                verified = await self._inventory(
+                    inv.VERIFY_DECISION,
+                    VerifyDecisionInput(envelope=envelope, gate_approvers=self._gate_entries),
+                )
+            except ActivityError as exc:
+                raise ApplicationError(
+                    cause_message(exc), type="DecisionRefused", non_retryable=True
+                ) from None
+            self._pending = self._pending.model_copy(update={"approved_by": verified.approvers})
+            self._decisions.append(verified.record)
+            self._decision = verified.record
+            return verified.record
+
+    def refuse(self, message: str) -> None:
+        """Remember a refused signal so ``status`` can show it."""
+        workflow.logger.warning("refused decision: %s", message)
+        self._refused.append(message)
+
+    # --- plumbing -----------------------------------------------------------------------
+
+    @property
+    def _snap(self) -> ModelSnapshot:
+        if self.snapshot is None:
+            raise RuntimeError("the snapshot is not loaded yet")
+        return self.snapshot
+
+    def _own(self, deployments: Sequence[Deployment]) -> list[Deployment]:
+        """This run's current record of each deployment; one it did not make is refused."""
+        own = []
+        for d in deployments:
+            mine = self._deployments.get(d.id)
+            if mine is None:
+                raise ValueError(
+                    f"deployment {d.id} was not made by this run; pass the deployments `mlc.deploy` returned"
+                )
+            own.append(mine)
+        return own
+
+    def _enter(self, stage: str, state: LifecycleState, details: str) -> None:
+        if stage != self.stage:
+            workflow.upsert_search_attributes([names.SA_STAGE.value_set(stage)])
+        self.stage = stage
+        self.state = state
+        workflow.set_current_details(f"**{self.model}@{self.version}**, {self.name}: {details}")
+
+    async def record_run(self, *, ended: bool = False) -> None:
+        """Write the run's state and stage to the inventory (``ended`` frees the snapshot)."""
+        await self._inventory(
+            inv.RECORD_RUN,
+            RecordRunInput(state=self.state, stage=self.stage, reason=self.reason, ended=ended),
+        )
+
+    async def _inventory(self, contract: ActivityContract[In, Out], arg: In) -> Out:
+        """An inventory activity, always on the trusted main queue."""
+        return await contract.execute(arg, task_queue=self._queue)
+
+    async def _record(
+        self,
+        deployment: Deployment,
+        state: DeploymentState,
+        *,
+        endpoint: str | None = None,
+        details: dict[str, Any] | None = None,
+    ) -> Deployment:
+        """Record a deployment's new state; the inventory decides whether this run may."""
+        recorded = await self._inventory(
+            inv.RECORD_DEPLOYMENT,
+            RecordDeploymentInput(
+                deployment_id=deployment.id, state=state, endpoint=endpoint, details=details or {}
+            ),
+        )
+        self._deployments[recorded.deployment.id] = recorded.deployment
+        if recorded.test_grant is not None:
+            self._test_grants[recorded.deployment.id] = recorded.test_grant
+        return recorded.deployment
+
+    async def _deploy_one(self, stage: str, mode: Mode, runtime: Runtime) -> Deployment:
+        authorized = await self._inventory(
+            inv.AUTHORIZE_DEPLOYMENT, AuthorizeDeploymentInput(stage=stage, runtime=runtime.name, mode=mode)
+        )
+        deployment = authorized.deployment
+        self._deployments[deployment.id] = deployment
+        granted = RuntimeActionInput(grant=authorized.grant)
+        try:
+            if mode is Mode.ONLINE:
+                online = await rt.DEPLOY_ONLINE.execute(granted, task_queue=runtime.task_queue)
+                return await self._record(
+                    deployment,
+                    DeploymentState.SERVING,
+                    endpoint=online.endpoint,
+                    details={**deployment.details, **online.details},
+                )
+            if mode is Mode.STREAMING:
+                streaming = await rt.DEPLOY_STREAMING.execute(granted, task_queue=runtime.task_queue)
+                return await self._record(
+                    deployment,
+                    DeploymentState.SERVING,
+                    endpoint=streaming.endpoint,
+                    details={**deployment.details, **streaming.details},
+                )
+            batch = await rt.RUN_BATCH_JOB.execute(granted, task_queue=runtime.task_queue)
+        except ActivityError as exc:
+            await self._record(
+                deployment,
+                DeploymentState.FAILED,
+                details={**deployment.details, "error": cause_message(exc)},
+            )
+            raise LifecycleFailure(
+                f"deploying {self.model}@{self.version} to runtime {runtime.name} in {stage} "
+                f"failed: {cause_message(exc)}",
+                kind="DeploymentFailed",
+            ) from exc
+        return await self._record(
+            deployment,
+            DeploymentState.COMPLETED,
+            details={
+                **deployment.details,
+                **batch.details,
+                "output_path": batch.output_path,
+                "records": batch.records,
+                "seconds": batch.seconds,
+            },
+        )
+
+    async def _test_one(
+        self, stage: str, deployment: Deployment, kinds: tuple[TestKind, ...]
+    ) -> RunStageTestsResult:
+        runtime = await self._runtime_of(deployment)
+        try:
+            return await rt.RUN_STAGE_TESTS.execute(
+                RunStageTestsInput(
+                    stage=stage,
+                    snapshot=self._snap,
+                    deployment=deployment,
+                    tests=kinds,
+                    batch_output=deployment.details.get("output_path"),
+                    grant=self._test_grants.get(deployment.id),
+                ),
+                task_queue=runtime.task_queue,
+            )
+        except ActivityError as exc:
+            return RunStageTestsResult(
+                results=tuple(
+                    TestResult(
+                        test=k,
+                        deployment_id=deployment.id,
+                        passed=False,
+                        summary=f"could not run: {cause_message(exc)}",
+                    )
+                    for k in kinds
+                )
+            )
+
+    async def _retire(self, deployment: Deployment) -> None:
+        if deployment.mode in (Mode.ONLINE, Mode.STREAMING):
+            runtime = await self._runtime_of(deployment)
+            granted = await self._inventory(
+                inv.AUTHORIZE_UNDEPLOY, AuthorizeUndeployInput(deployment_id=deployment.id)
+            )
+            await rt.UNDEPLOY.execute(RuntimeActionInput(grant=granted.grant), task_queue=runtime.task_queue)
+        await self._record(deployment, DeploymentState.RETIRED)
+
+    async def _runtime_of(self, deployment: Deployment) -> Runtime:
+        if deployment.runtime in self._runtimes:
+            return self._runtimes[deployment.runtime]
+        resolved = await self._inventory(
+            inv.RESOLVE_RUNTIMES, ResolveRuntimesInput(stage=deployment.stage, mode=deployment.mode)
+        )
+        for runtime in resolved.runtimes:
+            if runtime.name == deployment.runtime:
+                return runtime
+        raise LifecycleFailure(
+            f"runtime {deployment.runtime} no longer serves {self.model} in {deployment.stage}"
+        )
+
+
+def cause_message(exc: BaseException) -> str:
+    """The innermost application error's message: what actually went wrong."""
+    message = str(exc)
+    current: BaseException | None = exc
+    while current is not None:
+        if isinstance(current, ApplicationError):
+            message = current.message
+        current = current.__cause__
+    return message

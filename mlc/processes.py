@@ -1,0 +1,140 @@
+"""Child processes that die with their parent, and stopping processes by pid.
+
+``mlc dev`` starts servers (Temporal, PostgreSQL, model servers) that must not outlive it:
+after a ``kill -9`` nobody is left to stop them, and the next start would find their
+ports and files taken. On Linux the kernel can send a child a signal when its parent
+dies (``PR_SET_PDEATHSIG``); elsewhere each child gets its own process group, so it can
+at least be stopped as a whole by the next start (see :mod:`mlc.devstack`).
+
+``PR_SET_PDEATHSIG`` fires when the *thread* that forked the child ends, not the
+process: spawn from a thread that lives as long as the process (the event loop's).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import IO, Any
+
+_PR_SET_PDEATHSIG = 1
+"""From <linux/prctl.h>."""
+
+
+def parent_death_signal(signum: int) -> Callable[[], None] | None:
+    """A ``preexec_fn`` that asks Linux to send ``signum`` to the child when its parent dies.
+
+    Returns None where the OS has no such thing (the caller falls back to a process group).
+    """
+    if not sys.platform.startswith("linux"):
+        return None
+    libc = ctypes.CDLL(None, use_errno=True)
+    parent = os.getpid()
+
+    def arm() -> None:
+        libc.prctl(_PR_SET_PDEATHSIG, signum, 0, 0, 0)
+        if os.getppid() != parent:  # the parent died before the signal was armed
+            os.kill(os.getpid(), signum)
+
+    return arm
+
+
+def spawn(
+    args: Sequence[str],
+    *,
+    log: IO[bytes] | int,
+    die_with_parent: bool = True,
+    death_signal: int = signal.SIGTERM,
+    **options: Any,
+) -> subprocess.Popen[bytes]:
+    """Start ``args`` in its own process group, stdin closed, output to ``log``.
+
+    With ``die_with_parent`` the child gets ``death_signal`` when this process dies
+    (Linux), whatever killed it; ``options`` go to :class:`subprocess.Popen`.
+    """
+    preexec = parent_death_signal(death_signal) if die_with_parent else None
+    return subprocess.Popen(
+        list(args),
+        stdin=subprocess.DEVNULL,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+        preexec_fn=preexec,
+        **options,
+    )
+
+
+def alive(pid: int) -> bool:
+    """True when ``pid`` exists and is not a zombie."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        status = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return True  # no /proc here: existence is all we can tell
+    return status.rsplit(")", 1)[-1].split()[0] != "Z"
+
+
+def command_line(pid: int) -> str:
+    """The process's command line with spaces between arguments ("" when unknown)."""
+    try:
+        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return ""
+    return raw.replace(b"\0", b" ").decode(errors="replace").strip()
+
+
+def find_processes(marker: str) -> list[int]:
+    """Pids whose command line contains ``marker`` (Linux; elsewhere none are found)."""
+    found = []
+    for entry in Path("/proc").glob("[0-9]*"):
+        pid = int(entry.name)
+        if pid != os.getpid() and marker in command_line(pid) and alive(pid):
+            found.append(pid)
+    return sorted(found)
+
+
+def stop(
+    pid: int,
+    *,
+    signum: int = signal.SIGTERM,
+    timeout: float = 15.0,
+    group: bool = True,
+    child: subprocess.Popen[bytes] | None = None,
+) -> None:
+    """Send ``signum`` to ``pid`` (its process group when it leads one), SIGKILL it after
+    ``timeout`` seconds, and return once it is gone (reaping ``child`` if it is ours)."""
+
+    def send(sig: int) -> None:
+        try:
+            if group and os.getpgid(pid) == pid:
+                os.killpg(pid, sig)
+            else:
+                os.kill(pid, sig)
+        except ProcessLookupError:
+            pass
+
+    def gone() -> bool:
+        if child is not None:
+            return child.poll() is not None
+        return not alive(pid)
+
+    if gone():
+        return
+    send(signum)
+    deadline = time.monotonic() + timeout
+    while not gone() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if not gone():
+        send(signal.SIGKILL)
+        while not gone():
+            time.sleep(0.05)

@@ -1,0 +1,228 @@
+"""``mlc dev`` itself: one per home, ``kill -9`` and restarts on the same home, SIGTERM and
+SIGINT stopping everything. Only the real CLI is used, as a person would."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from mlc import processes
+from mlc.config import Settings
+from mlc.dev_postgres import DevPostgres
+from mlc.devstack import DevStack, dev_running, port_open, read_state
+from tests.conftest import FIXTURES
+from tests.faults.harness import (
+    PROJECT,
+    WAIT_SECONDS,
+    environ_without_servers,
+    free_port,
+    leftover_processes,
+    model_servers,
+    wait_until,
+)
+
+MODEL = FIXTURES / "models" / "weak-model"
+SPEC = {"stages": [{"name": "DEV", "tests": ["smoke"], "gate": {}}]}
+
+
+class Dev:
+    """One home and the ``mlc`` commands run on it."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.home = root / "home"
+        self.ports = [str(free_port()), str(free_port())]
+        self.env = {
+            **environ_without_servers(),
+            "MLC_HOME": str(self.home),
+            "MLC_SIGNING_KEY": str(root / "tester.pem"),
+            "MLC_USER": "tester",
+            "MLC_RECONCILE_SECONDS": "1",
+        }
+        self.process: asyncio.subprocess.Process | None = None
+        self.starts = 0
+
+    async def start(self) -> None:
+        """Start ``mlc dev`` and wait until its worker runs (the banner is printed)."""
+        self.starts += 1
+        out = self.root / f"dev-{self.starts}.out"
+        with out.open("wb") as log:
+            self.process = await asyncio.create_subprocess_exec(
+                *self.command(), env=self.env, cwd=PROJECT, stdout=log, stderr=subprocess.STDOUT
+            )
+        await wait_until(
+            lambda: self._ready(out), what=f"mlc dev to start:\n{self.root}/dev-{self.starts}.out", timeout=90
+        )
+
+    def command(self) -> list[str]:
+        """``mlc dev`` on this home's ports, without the Web UI."""
+        temporal, ui = self.ports
+        return [
+            sys.executable,
+            "-m",
+            "mlc",
+            "dev",
+            "--headless",
+            "--temporal-port",
+            temporal,
+            "--ui-port",
+            ui,
+        ]
+
+    def _ready(self, out: Path) -> bool:
+        assert self.process is not None
+        text = out.read_text(errors="replace")
+        assert self.process.returncode is None, text
+        return "mlc dev is running" in text
+
+    async def mlc(self, *args: str) -> subprocess.CompletedProcess[str]:
+        """Run an ``mlc`` command against this home's running stack."""
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "mlc", *args, env=self.env, cwd=PROJECT,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        out, err = await asyncio.wait_for(proc.communicate(), timeout=120)
+        return subprocess.CompletedProcess(args, proc.returncode or 0, out.decode(), err.decode())
+
+    async def json(self, *args: str) -> Any:
+        """An ``mlc ... --json`` command's output, parsed (it must succeed)."""
+        done = await self.mlc(*args, "--json")
+        assert done.returncode == 0, done.stdout + done.stderr
+        return json.loads(done.stdout)
+
+    async def stop(self, signum: int) -> int:
+        """Send ``signum`` to ``mlc dev`` and return its exit code."""
+        assert self.process is not None
+        self.process.send_signal(signum)
+        return await asyncio.wait_for(self.process.wait(), timeout=60)
+
+    def nothing_left(self) -> bool:
+        """No process of this home runs (servers, model servers) and its lock is free."""
+        return not leftover_processes(str(self.home)) and not dev_running(Settings.from_env(home=self.home))
+
+
+async def _serving_again(dev: Dev, deployment_id: str, old_pid: int) -> None:
+    """The reconciler of the restarted stack brought the model server back, healthy."""
+
+    def back() -> bool:
+        pid = model_servers(dev.home).get(deployment_id)
+        return pid is not None and pid != old_pid
+
+    await wait_until(back, what="the reconciler to restart the model server", timeout=60)
+    (deployment,) = await dev.json("deployments")
+    assert deployment["state"] == "serving" and deployment["id"] == deployment_id
+    async with httpx.AsyncClient() as http:
+        health = await wait_until(lambda: _health(http, deployment["endpoint"]), what="health", timeout=30)
+    assert health
+
+
+async def _health(http: httpx.AsyncClient, endpoint: str) -> bool:
+    try:
+        return (await http.get(f"{endpoint}/health")).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+async def test_dev_killed_restarted_and_stopped_needs_no_cleanup(tmp_path: Path) -> None:
+    dev = Dev(tmp_path)
+    await dev.start()
+    try:
+        second = await dev.mlc(
+            "dev", "--headless", "--temporal-port", dev.ports[0], "--ui-port", dev.ports[1]
+        )
+        assert second.returncode == 4 and "already running" in second.stderr, second.stderr
+
+        registered = await dev.mlc("model", "register", str(MODEL))
+        assert registered.returncode == 0, registered.stderr
+        (tmp_path / "spec.json").write_text(json.dumps(SPEC))
+        started = await dev.mlc("lifecycle", "start", "weak-model@1", "--spec", str(tmp_path / "spec.json"))
+        assert started.returncode == 0, started.stderr
+
+        async def at_gate() -> bool:
+            status = await dev.mlc("status", "weak-model@1", "--json")
+            return status.returncode == 0 and '"pending_gate": {' in status.stdout
+
+        await wait_until(at_gate, what="the DEV gate", timeout=WAIT_SECONDS)
+        ((deployment_id, pid),) = model_servers(dev.home).items()
+
+        # kill -9: Temporal, PostgreSQL and the model server go with it; nothing is left
+        assert dev.process is not None
+        dev.process.kill()
+        await dev.process.wait()
+        await wait_until(dev.nothing_left, what="mlc dev's children to die with it", timeout=30)
+
+        await dev.start()  # same home, same ports: no manual cleanup
+        await _serving_again(dev, deployment_id, pid)
+        pid = model_servers(dev.home)[deployment_id]
+        assert await dev.stop(signal.SIGTERM) == 0
+        await wait_until(dev.nothing_left, what="SIGTERM to stop everything", timeout=30)
+
+        await dev.start()
+        await _serving_again(dev, deployment_id, pid)
+        await wait_until(at_gate, what="the run to wait at its gate again", timeout=WAIT_SECONDS)
+        approved = await dev.mlc("approve", "weak-model@1", "--stage", "DEV", "--comment", "after 3 starts")
+        assert approved.returncode == 0, approved.stdout + approved.stderr
+
+        async def succeeded() -> bool:
+            return '"state": "succeeded"' in (await dev.mlc("status", "weak-model@1", "--json")).stdout
+
+        await wait_until(succeeded, what="the lifecycle to complete", timeout=WAIT_SECONDS)
+        (cleaned,) = await dev.json("runtime", "cleanup", "local-dev")
+        assert cleaned["removed"] == []
+        verified = await dev.mlc("audit", "verify")
+        assert verified.returncode == 0, verified.stdout + verified.stderr
+        assert await dev.stop(signal.SIGINT) == 0
+        await wait_until(dev.nothing_left, what="SIGINT to stop everything", timeout=30)
+    finally:
+        if dev.process is not None and dev.process.returncode is None:
+            dev.process.kill()
+            await dev.process.wait()
+        await wait_until(dev.nothing_left, what="nothing left", timeout=30)
+
+
+async def test_servers_a_previous_stack_left_are_reused_when_they_fit_and_stopped_otherwise(
+    tmp_path: Path,
+) -> None:
+    """Where no parent-death signal exists, a killed stack's servers outlive it; the next
+    start adopts the ones started the same way and replaces the others."""
+    settings = Settings.from_env(home=tmp_path / "home")
+    settings.home.mkdir(parents=True)
+    ports = {"temporal_port": free_port(), "ui_port": free_port(), "headless": True}
+    log = (tmp_path / "survivors.log").open("ab")
+    temporal = processes.spawn(DevStack(settings, **ports).temporal_args(), log=log, die_with_parent=False)
+    postgres = DevPostgres(settings.home / "postgres", settings.home / "postgres.log")
+    postgres.start(die_with_parent=False)
+    await wait_until(lambda: port_open("127.0.0.1", ports["temporal_port"]), what="the survivor's port")
+
+    stack = DevStack(settings, **ports)
+    ready = await stack.start()
+    try:
+        assert stack.reused == [
+            f"Temporal dev server (pid {temporal.pid})",
+            f"PostgreSQL (pid {postgres.pid})",
+        ]
+        assert ready.temporal_address == f"127.0.0.1:{ports['temporal_port']}"
+        assert read_state(settings.home)["postgres"]["pid"] == postgres.pid
+    finally:
+        stack.stop()
+    assert not processes.alive(temporal.pid) and not processes.alive(postgres.pid or 0)
+
+    other = {**ports, "ui_port": free_port()}
+    odd = processes.spawn(DevStack(settings, **other).temporal_args(), log=log, die_with_parent=False)
+    await wait_until(lambda: port_open("127.0.0.1", ports["temporal_port"]), what="the odd survivor's port")
+    stack = DevStack(settings, **ports)
+    await stack.start()
+    try:
+        assert stack.stopped == [f"Temporal dev server (pid {odd.pid}, started with other options)"]
+        assert not processes.alive(odd.pid) and port_open("127.0.0.1", ports["temporal_port"])
+    finally:
+        stack.stop()
+    log.close()
+    assert leftover_processes(str(tmp_path)) == []

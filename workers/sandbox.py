@@ -1,0 +1,331 @@
+"""Start the lifecycle worker where uploaded code can steal nothing: a bubblewrap sandbox.
+
+Uploaded lifecycle code is arbitrary Python however it is checked, so the process that
+runs it must hold nothing worth taking and reach nothing but Temporal. On Linux that
+process runs under Debian's ``bubblewrap``:
+
+- ``--unshare-all`` (user, pid, ipc, uts, cgroup and **network** namespaces), uid/gid
+  65534, every capability dropped, no nested user namespaces, ``--new-session``,
+  ``--die-with-parent``;
+- ``--clearenv``: the environment is rebuilt from a short list (Temporal's address,
+  namespace and client TLS settings, the task queue); no database URL, key or password;
+- a read-only filesystem of exactly the system libraries, the Python installation and
+  the project's packages, plus an empty private ``/tmp``; no home, no ``MLC_HOME``, no
+  PostgreSQL socket folder, no Docker socket;
+- its own empty network namespace, whose only way out is one unix socket bound into it
+  (``/run/mlc/temporal.sock``), which this process forwards to Temporal's address. So the
+  sandbox reaches Temporal and nothing else: not PostgreSQL, not model servers, not the
+  host's loopback services (with a shared network it would reach all of them).
+
+The worker inside listens on its own loopback and pipes to that socket (see
+:mod:`workers.lifecycle_worker`), so the Temporal client inside connects as usual.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import importlib.util
+import os
+import shutil
+import signal
+import sys
+import tempfile
+import time
+from collections.abc import AsyncIterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from mlc.errors import RuntimeUnavailableError
+
+BRIDGE_ENV = "MLC_TEMPORAL_BRIDGE"
+"""Inside the sandbox: the unix socket that leads to Temporal."""
+BRIDGE_INSIDE = Path("/run/mlc")
+BRIDGE_SOCKET = "temporal.sock"
+READY_MARKER = "lifecycle worker polling task queue"
+"""The line the worker prints once it polls; the launcher waits for it."""
+SANDBOX_UID = 65534
+"""``nobody``: the worker's user inside the sandbox."""
+TMP_SIZE = 64 * 1024 * 1024
+"""Bytes of the sandbox's private ``/tmp``."""
+PACKAGES = ("mlc", "workflows", "activities", "workers", "lifecycles")
+"""The project's packages the worker imports (bound read-only when outside the venv)."""
+CLIENT_ENV_PREFIXES = ("TEMPORAL_TLS", "TEMPORAL_GRPC_META_")
+CLIENT_ENV = ("TEMPORAL_API_KEY",)
+"""Temporal client settings the worker may take in: what it needs to reach Temporal."""
+READY_TIMEOUT_SECONDS = 60.0
+STOP_TIMEOUT_SECONDS = 10.0
+
+
+def bwrap_path() -> str:
+    """The ``bwrap`` executable, or a :class:`RuntimeUnavailableError` saying how to get one."""
+    found = shutil.which("bwrap")
+    if found is None or not sys.platform.startswith("linux"):
+        raise RuntimeUnavailableError(
+            "uploaded lifecycles run only in a sandbox, and bubblewrap (`bwrap`) is not installed: "
+            "install it (`apt-get install bubblewrap`), or run `mlc worker --lifecycles --no-sandbox` "
+            "in a container restricted like docker-compose.yml's lifecycle-worker service"
+        )
+    return found
+
+
+def sandbox_available() -> bool:
+    """Whether :func:`bwrap_path` would succeed."""
+    try:
+        bwrap_path()
+    except RuntimeUnavailableError:
+        return False
+    return True
+
+
+def read_only_roots() -> list[Path]:
+    """What the worker needs to read: the Python installation, the venv and the packages."""
+    roots = [Path(sys.base_prefix), Path(sys.prefix)]
+    for package in PACKAGES:
+        spec = importlib.util.find_spec(package)
+        if spec is not None and spec.origin is not None:
+            roots.append(Path(spec.origin).resolve().parent)
+    unique: list[Path] = []
+    for root in sorted({r.resolve() for r in roots}, key=lambda p: len(p.parts)):
+        if not any(root.is_relative_to(u) for u in unique) and root.exists():
+            unique.append(root)
+    return unique
+
+
+def client_env(environ: Mapping[str, str], *, address: str) -> dict[str, str]:
+    """The Temporal client settings of ``environ`` the worker gets, with the TLS server
+    name pinned to ``address``'s host (inside, it connects to its own loopback)."""
+    chosen = {k: v for k, v in environ.items() if k in CLIENT_ENV or k.startswith(CLIENT_ENV_PREFIXES)}
+    tls = chosen.get("TEMPORAL_TLS", "").lower() in ("1", "true") or any(
+        k.startswith("TEMPORAL_TLS_") for k in chosen
+    )
+    if tls and "TEMPORAL_TLS_SERVER_NAME" not in chosen:
+        chosen["TEMPORAL_TLS_SERVER_NAME"] = address.rsplit(":", 1)[0]
+    return chosen
+
+
+def bwrap_command(
+    argv: Sequence[str], *, env: Mapping[str, str], bridge_dir: Path, read_only: Sequence[Path] = ()
+) -> list[str]:
+    """``bwrap ... argv``: ``argv`` in the sandbox described in this module's docstring."""
+    command = [
+        bwrap_path(),
+        "--unshare-all",
+        "--unshare-user",
+        "--uid", str(SANDBOX_UID),
+        "--gid", str(SANDBOX_UID),
+        "--disable-userns",
+        "--cap-drop", "ALL",
+        "--die-with-parent",
+        "--new-session",
+        "--clearenv",
+        "--hostname", "mlc-lifecycles",
+    ]  # fmt: skip
+    for name in ("usr", "bin", "sbin", "lib", "lib32", "lib64", "libx32"):
+        path = Path("/") / name
+        if path.is_symlink():
+            command += ["--symlink", os.readlink(path), str(path)]
+        elif path.is_dir():
+            command += ["--ro-bind", str(path), str(path)]
+    for public in ("/etc/ssl", "/etc/ca-certificates", "/etc/localtime"):
+        if Path(public).exists():
+            command += ["--ro-bind", public, public]
+    for root in [*read_only_roots(), *read_only]:
+        command += ["--ro-bind", str(root), str(root)]
+    command += [
+        "--ro-bind", str(bridge_dir), str(BRIDGE_INSIDE),
+        "--proc", "/proc",
+        "--dev", "/dev",
+        "--size", str(TMP_SIZE), "--tmpfs", "/tmp",
+        "--remount-ro", "/",
+        "--chdir", "/tmp",
+    ]  # fmt: skip
+    for name, value in env.items():
+        command += ["--setenv", name, value]
+    return [*command, "--", *argv]
+
+
+def worker_env(*, main_queue: str, address: str, namespace: str, extra: Mapping[str, str]) -> dict[str, str]:
+    """The sandboxed worker's whole environment."""
+    return {
+        "PATH": "/usr/local/bin:/usr/bin:/bin",
+        "HOME": "/tmp",
+        "LANG": "C.UTF-8",
+        "PYTHONDONTWRITEBYTECODE": "1",
+        "PYTHONUNBUFFERED": "1",
+        "MLC_HOME": "/tmp/mlc",
+        "MLC_TASK_QUEUE": main_queue,
+        "TEMPORAL_ADDRESS": address,
+        "TEMPORAL_NAMESPACE": namespace,
+        BRIDGE_ENV: str(BRIDGE_INSIDE / BRIDGE_SOCKET),
+        **extra,
+    }
+
+
+async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    try:
+        while data := await reader.read(65536):
+            writer.write(data)
+            await writer.drain()
+    except (ConnectionError, OSError):
+        pass
+    finally:
+        with contextlib.suppress(ConnectionError, OSError):
+            writer.close()
+
+
+async def forward(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, target: tuple[str, int] | str
+) -> None:
+    """Pipe one connection both ways to ``target`` (``(host, port)`` or a unix socket path)."""
+    try:
+        if isinstance(target, str):
+            up_reader, up_writer = await asyncio.open_unix_connection(target)
+        else:
+            up_reader, up_writer = await asyncio.open_connection(*target)
+    except OSError:
+        writer.close()
+        return
+    await asyncio.gather(_pipe(reader, up_writer), _pipe(up_reader, writer))
+
+
+def _host_port(address: str) -> tuple[str, int]:
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        raise RuntimeUnavailableError(f"TEMPORAL_ADDRESS {address!r} is not HOST:PORT")
+    return host.strip("[]"), int(port)
+
+
+@dataclass
+class SandboxedWorker:
+    """A running sandboxed lifecycle worker and the bridge that leads it to Temporal."""
+
+    process: asyncio.subprocess.Process
+    bridge: asyncio.Server
+    bridge_dir: Path
+    log_path: Path
+    task_queue: str
+
+    async def stop(self) -> None:
+        """Stop the worker (its in-flight workflow tasks are retried elsewhere) and the bridge."""
+        if self.process.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                self.process.send_signal(signal.SIGTERM)
+            try:
+                await asyncio.wait_for(self.process.wait(), STOP_TIMEOUT_SECONDS)
+            except TimeoutError:
+                with contextlib.suppress(ProcessLookupError):
+                    self.process.kill()
+                await self.process.wait()
+        self.bridge.close()
+        await self.bridge.wait_closed()
+        shutil.rmtree(self.bridge_dir, ignore_errors=True)
+
+    def log_tail(self, lines: int = 30) -> str:
+        """The worker's last output lines (for errors)."""
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return "(no output)"
+
+
+async def start_lifecycle_worker(
+    *,
+    main_queue: str,
+    temporal_address: str,
+    namespace: str = "default",
+    log_path: Path,
+    environ: Mapping[str, str] | None = None,
+    extra_env: Mapping[str, str] | None = None,
+    ready_timeout: float = READY_TIMEOUT_SECONDS,
+) -> SandboxedWorker:
+    """Start ``mlc worker --lifecycles --no-sandbox`` in the sandbox, serving
+    ``<main_queue>-lifecycles``, and return once it polls.
+
+    Args:
+        main_queue: The main task queue (where its activities go).
+        temporal_address: ``HOST:PORT`` of Temporal's frontend, reached through the bridge.
+        namespace: Temporal namespace.
+        log_path: Where the worker's output goes.
+        environ: Where Temporal client TLS settings are read from (default: none, plain text).
+        extra_env: More variables for the worker (tests only).
+        ready_timeout: How long to wait for it to poll.
+
+    Raises:
+        RuntimeUnavailableError: no bubblewrap, or the worker exited or did not start
+            polling in time (with its last output lines).
+    """
+    bwrap_path()
+    target = _host_port(temporal_address)
+    bridge_dir = Path(tempfile.mkdtemp(prefix="mlc-bridge-"))
+    os.chmod(bridge_dir, 0o755)
+    socket_path = bridge_dir / BRIDGE_SOCKET
+    bridge = await asyncio.start_unix_server(lambda r, w: forward(r, w, target), path=str(socket_path))
+    os.chmod(socket_path, 0o777)
+    env = worker_env(
+        main_queue=main_queue,
+        address=temporal_address,
+        namespace=namespace,
+        extra={**client_env(environ or {}, address=temporal_address), **(extra_env or {})},
+    )
+    tls_files = [Path(v) for k, v in env.items() if k.startswith("TEMPORAL_TLS_") and k.endswith("_PATH")]
+    argv = [sys.executable, "-m", "mlc", "worker", "--lifecycles", "--no-sandbox"]
+    command = bwrap_command(
+        argv, env=env, bridge_dir=bridge_dir, read_only=[p for p in tls_files if p.exists()]
+    )
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with log_path.open("ab") as log:
+        process = await asyncio.create_subprocess_exec(
+            *command, stdin=asyncio.subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True
+        )
+    started = SandboxedWorker(process, bridge, bridge_dir, log_path, f"{main_queue}-lifecycles")
+    offset = log_path.stat().st_size if log_path.exists() else 0
+    deadline = time.monotonic() + ready_timeout
+    while True:
+        if _printed(log_path, offset, READY_MARKER):
+            return started
+        if process.returncode is not None or time.monotonic() > deadline:
+            await started.stop()
+            what = (
+                f"exited with code {process.returncode}"
+                if process.returncode is not None
+                else (f"did not poll within {ready_timeout:.0f} s")
+            )
+            raise RuntimeUnavailableError(
+                f"the sandboxed lifecycle worker for task queue {started.task_queue} {what}; "
+                f"last lines of {log_path}:\n{started.log_tail()}"
+            )
+        await asyncio.sleep(0.05)
+
+
+def _printed(path: Path, offset: int, marker: str) -> bool:
+    """Whether ``marker`` appeared in ``path`` after ``offset`` (its size when we started)."""
+    try:
+        with path.open("rb") as log:
+            log.seek(max(0, offset - len(marker)))
+            return marker.encode() in log.read()
+    except OSError:
+        return False
+
+
+@contextlib.asynccontextmanager
+async def lifecycle_worker(
+    *,
+    main_queue: str,
+    temporal_address: str,
+    namespace: str = "default",
+    log_path: Path,
+    environ: Mapping[str, str] | None = None,
+) -> AsyncIterator[SandboxedWorker]:
+    """:func:`start_lifecycle_worker` for the duration of a ``with`` block."""
+    started = await start_lifecycle_worker(
+        main_queue=main_queue,
+        temporal_address=temporal_address,
+        namespace=namespace,
+        log_path=log_path,
+        environ=environ,
+    )
+    try:
+        yield started
+    finally:
+        await started.stop()

@@ -1,0 +1,132 @@
+"""``RuntimeReconciler``: one long-running workflow per runtime that keeps the inventory true.
+
+Every ``interval_seconds`` (or at once on the ``reconcile_now`` signal) it asks the
+inventory for the runtime's serving deployments, has the runtime's worker probe them,
+and lets the inventory judge the findings: restart (when the runtime's restart policy
+allows), or mark failed with the log tail and tell the lifecycle's followers. It ends
+when it has nothing to watch (a deployment becoming serving starts it again) or the
+runtime is removed, and continues as new every ``ROUNDS_PER_RUN`` rounds.
+
+A workflow rather than a Temporal Schedule: a schedule would start a fresh workflow per
+tick, listing thousands of short runs in the Web UI, and each would have to find the
+runtime's state again; here one run per runtime holds it, a signal makes it check at
+once, and a round that overlaps the next cannot happen.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+from temporalio import workflow
+from temporalio.exceptions import ActivityError
+
+with workflow.unsafe.imports_passed_through():
+    from lifecycles.api import cause_message
+    from mlc.contracts import runtime as runtime_contracts
+    from mlc.contracts.reconcile import (
+        PLAN,
+        PROBE,
+        RECONCILE_NOW,
+        RECONCILER,
+        RESTART,
+        ROUNDS_PER_RUN,
+        SETTLE,
+        GrantsInput,
+        Plan,
+        PlanInput,
+        ReconcileInput,
+        ReconcilerStatus,
+        SettleInput,
+        Settlement,
+    )
+    from mlc.payloads import RuntimeActionInput
+
+
+@workflow.defn(name=RECONCILER)
+class RuntimeReconciler:
+    """Checks one runtime's serving deployments at an interval (see the module docstring)."""
+
+    def __init__(self) -> None:
+        self._now = False
+        self._status: ReconcilerStatus | None = None
+
+    @workflow.signal(name=RECONCILE_NOW)
+    def reconcile_now(self) -> None:
+        """Run a round at once (workers send it when they start)."""
+        self._now = True
+
+    @workflow.query(name="status")
+    def status(self) -> ReconcilerStatus | None:
+        """Rounds so far and what the last one did."""
+        return self._status
+
+    @workflow.run
+    async def run(self, request: ReconcileInput) -> None:
+        """Reconcile rounds until idle or removed; continue as new every ROUNDS_PER_RUN."""
+        self._status = ReconcilerStatus(runtime=request.runtime)
+        main_queue = workflow.info().task_queue
+        for _ in range(ROUNDS_PER_RUN):
+            self._now = False
+            try:
+                plan = await PLAN.execute(PlanInput(runtime=request.runtime), task_queue=main_queue)
+            except ActivityError as exc:
+                self._note((), f"could not read the inventory: {cause_message(exc)}")
+            else:
+                if plan.runtime is None or not (plan.probes or self._now):
+                    gone = plan.runtime is None
+                    self._note((), "the runtime was removed" if gone else "nothing serves here: ending")
+                    await workflow.wait_condition(workflow.all_handlers_finished)
+                    return
+                await self._round(plan, main_queue)
+            if workflow.info().is_continue_as_new_suggested():
+                break
+            try:
+                await workflow.wait_condition(
+                    lambda: self._now, timeout=timedelta(seconds=request.interval_seconds)
+                )
+            except TimeoutError:
+                pass
+        await workflow.wait_condition(workflow.all_handlers_finished)
+        workflow.continue_as_new(request)
+
+    async def _round(self, plan: Plan, main_queue: str) -> None:
+        """Probe, judge, restart, judge again, remove what failed; errors end the round."""
+        assert plan.runtime is not None
+        runtime = plan.runtime
+        watching = plan.watching
+        try:
+            probed = await PROBE.execute(GrantsInput(grants=plan.probes), task_queue=runtime.task_queue)
+            down = [f for f in probed.findings if not f.healthy]
+            if not down and not plan.restarting:
+                self._note(watching, f"{len(probed.findings)} healthy")
+                return
+            settled = await SETTLE.execute(
+                SettleInput(runtime=runtime.name, findings=probed.findings), task_queue=main_queue
+            )
+            removals = settled.remove
+            restarted: Settlement | None = None
+            if settled.restart:
+                back = await RESTART.execute(
+                    GrantsInput(grants=settled.restart), task_queue=runtime.task_queue
+                )
+                restarted = await SETTLE.execute(
+                    SettleInput(runtime=runtime.name, findings=back.findings), task_queue=main_queue
+                )
+                removals += restarted.remove
+            for grant in removals:
+                await runtime_contracts.UNDEPLOY.execute(
+                    RuntimeActionInput(grant=grant), task_queue=runtime.task_queue
+                )
+        except ActivityError as exc:
+            self._note(watching, f"round abandoned: {cause_message(exc)}")
+            return
+        failed = ", ".join(settled.failed + (restarted.failed if restarted else ())) or "none"
+        back_up = ", ".join(restarted.restarted if restarted else ()) or "none"
+        self._note(watching, f"{len(down)} down; restarted: {back_up}; failed: {failed}")
+
+    def _note(self, watching: tuple[str, ...], last: str) -> None:
+        assert self._status is not None
+        self._status = self._status.model_copy(
+            update={"rounds": self._status.rounds + 1, "watching": watching, "last": last}
+        )
+        workflow.set_current_details(f"Reconciling runtime **{self._status.runtime}**: {last}")
