@@ -43,6 +43,8 @@ class CallingRun:
     run_id: str
     workflow_type: str
     activity_id: str
+    """Unique within the run: local activities count apart from the others, so theirs
+    carry an ``L`` (idempotency keys are built from it)."""
 
 
 def calling_run() -> CallingRun:
@@ -50,4 +52,5 @@ def calling_run() -> CallingRun:
     info = activity.info()
     if not (info.workflow_id and info.workflow_run_id and info.workflow_type):
         raise RefusedError("this activity only runs on behalf of a workflow run")
-    return CallingRun(info.workflow_id, info.workflow_run_id, info.workflow_type, info.activity_id)
+    activity_id = f"L{info.activity_id}" if info.is_local else info.activity_id
+    return CallingRun(info.workflow_id, info.workflow_run_id, info.workflow_type, activity_id)

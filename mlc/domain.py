@@ -262,8 +262,18 @@ class StageSpec(Frozen):
 
     name: str
     mode: Mode = Mode.ONLINE
+    modes: tuple[Mode, ...] = ()
+    """Several modes at once, e.g. ``["online", "streaming"]`` for two business processes:
+    the stage deploys in each mode to its runtimes serving that mode and the snapshot's
+    service tags, skipping a mode no such runtime serves (but not all of them). When set,
+    ``mode`` is ignored."""
     tests: tuple[TestKind, ...] = (TestKind.SMOKE,)
     gate: ApprovalGate | None = None
+
+    @property
+    def deploy_modes(self) -> tuple[Mode, ...]:
+        """The modes this stage deploys in."""
+        return self.modes or (self.mode,)
 
 
 class LifecycleSpec(Frozen):

@@ -11,17 +11,29 @@ The broker always listens on loopback only (Tansu's own default is every interfa
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import importlib.util
+import logging
 import os
 import socket
 import subprocess
 import time
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from mlc import processes
 from mlc.errors import RuntimeUnavailableError
 
+if TYPE_CHECKING:
+    import asyncpg
+
 START_TIMEOUT_SECONDS = 10.0
+DEV_CHECK_SECONDS = 2.0
+"""How often ``mlc dev`` looks for streaming runtimes whose broker is not running."""
+
+log = logging.getLogger(__name__)
 LOOPBACK = ("127.0.0.1", "localhost")
 
 
@@ -138,7 +150,8 @@ class EmbeddedBroker:
     def stop(self) -> None:
         """Stop the broker (its in-memory topics and offsets go with it)."""
         if self._process is not None:
-            processes.stop(self._process.pid, timeout=5.0, child=self._process)
+            # Nothing to flush (memory storage) and it ignores SIGTERM for seconds: be brief.
+            processes.stop(self._process.pid, timeout=0.5, child=self._process)
             self._process = None
 
     def __enter__(self) -> EmbeddedBroker:
@@ -147,3 +160,52 @@ class EmbeddedBroker:
 
     def __exit__(self, *_: object) -> None:
         self.stop()
+
+
+@contextlib.asynccontextmanager
+async def dev_brokers(
+    pool: asyncpg.Pool, log_dir: Path, *, announce: Callable[[str], None] = log.info
+) -> AsyncIterator[dict[int, EmbeddedBroker]]:
+    """``mlc dev``'s hook: an embedded broker for every streaming runtime that names a
+    loopback address nobody listens on, checked now and every few seconds (so a runtime
+    added while the stack runs gets its broker too); all stopped on exit.
+
+    Runtimes pointing anywhere else use that Kafka, and one already listening is left alone.
+    """
+    from mlc.domain import Mode
+    from mlc.store import runtimes
+
+    started: dict[int, EmbeddedBroker] = {}
+
+    async def check() -> None:
+        for runtime in await runtimes.read_runtimes(pool):
+            if Mode.STREAMING not in runtime.modes or runtime.kafka is None:
+                continue
+            address = loopback_address(runtime.kafka.bootstrap_servers)
+            if address is None or address[1] in started or listening(*address):
+                continue
+            broker = EmbeddedBroker(port=address[1], log_path=log_dir / f"kafka-{address[1]}.log")
+            await asyncio.to_thread(broker.start)
+            started[address[1]] = broker
+            announce(
+                f"started the embedded Kafka broker (Tansu) on {broker.bootstrap} for runtime {runtime.name}"
+            )
+
+    async def watch() -> None:
+        while True:
+            await asyncio.sleep(DEV_CHECK_SECONDS)
+            try:
+                await check()
+            except Exception as exc:  # keep watching: a broker that cannot start is reported, not fatal
+                announce(f"embedded Kafka broker: {exc}")
+
+    await check()
+    task = asyncio.create_task(watch())
+    try:
+        yield started
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        for broker in started.values():
+            broker.stop()

@@ -10,6 +10,11 @@ if ! command -v docker-compose >/dev/null 2>&1; then
   echo "==> installing docker-compose"
   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq docker-compose >/dev/null
 fi
+if ! command -v bwrap >/dev/null 2>&1; then
+  # uploaded lifecycle code runs only in a bubblewrap sandbox (workers/sandbox.py), in tests too
+  echo "==> installing bubblewrap"
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq bubblewrap >/dev/null
+fi
 if ! command -v nginx >/dev/null 2>&1; then
   # tests/test_tls.py: nginx terminates mutual TLS in front of the Temporal dev server
   echo "==> installing nginx-light"

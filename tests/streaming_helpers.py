@@ -103,14 +103,20 @@ class SteadyProducer:
         per = self.count // batches
         for b in range(batches):
             chunk = range(b * per, self.count if b == batches - 1 else (b + 1) * per)
-            self.placed.update(produce(self.bootstrap, self.topic, ((str(i), {"id": i, "x": i}) for i in chunk)))
+            self.placed.update(
+                produce(self.bootstrap, self.topic, ((str(i), {"id": i, "x": i}) for i in chunk))
+            )
             time.sleep(self.seconds / batches)
 
 
 def read_topic(bootstrap: str, topic: str, *, until: int, timeout: float = 60) -> list[Received]:
     """Every record of ``topic`` from the start, once at least ``until`` have arrived (or timeout)."""
     consumer = Consumer(
-        {"bootstrap.servers": bootstrap, "group.id": f"reader-{uuid.uuid4().hex}", "enable.auto.commit": False}
+        {
+            "bootstrap.servers": bootstrap,
+            "group.id": f"reader-{uuid.uuid4().hex}",
+            "enable.auto.commit": False,
+        }
     )
     try:
         metadata = consumer.list_topics(topic, timeout=10).topics[topic]

@@ -496,3 +496,20 @@ def test_files_referenced_by_compose_exist() -> None:
                     assert (ROOT / source).exists(), f"{name}: {source}"
     assert (ROOT / "Dockerfile").is_file()
     assert (ROOT / ".dockerignore").is_file()
+
+
+@pytest.mark.parametrize("profile", sorted(PROFILES))
+def test_lifecycle_worker_runs_uploaded_code_with_nothing_to_steal(profile: str) -> None:
+    services = _merged(profile)["services"]
+    svc = services["lifecycle-worker"]
+    assert svc["command"] == ["worker", "--lifecycles", "--no-sandbox"]
+    assert svc["image"] == services["worker"]["image"] and svc["build"] == services["worker"]["build"]
+    env = _env(svc)
+    assert env["MLC_HEALTHCHECK_QUEUE"] == f"{env['MLC_TASK_QUEUE']}-lifecycles"
+    secrets = [k for k in env if "DATABASE" in k or "PASSWORD" in k or "KEY" in k or k.startswith("DOCKER")]
+    assert not secrets, f"the lifecycle worker must not hold {secrets}"
+    assert not _volume_sources(svc), "no volume: no MLC_HOME, keys, artifacts or Docker socket"
+    assert svc.get("read_only") is True
+    assert svc.get("cap_drop") == ["ALL"]
+    assert any("no-new-privileges" in opt for opt in svc.get("security_opt") or [])
+    assert not svc.get("group_add") and not svc.get("privileged")

@@ -42,11 +42,20 @@ async def driver(settings: Settings) -> AsyncIterator[LocalDriver]:
 
 
 async def deploy(
-    driver: LocalDriver, snapshot: ModelSnapshot, runtime: Runtime, deployment_id: str, *, standby: bool = False
+    driver: LocalDriver,
+    snapshot: ModelSnapshot,
+    runtime: Runtime,
+    deployment_id: str,
+    *,
+    standby: bool = False,
 ) -> dict:
     result = await driver.deploy_streaming(
         StreamingDeployRequest(
-            deployment_id=deployment_id, snapshot=snapshot, runtime=runtime, stage=runtime.stage, standby=standby
+            deployment_id=deployment_id,
+            snapshot=snapshot,
+            runtime=runtime,
+            stage=runtime.stage,
+            standby=standby,
         ),
         lambda note: None,
     )
@@ -84,9 +93,9 @@ async def test_scores_with_headers_and_dead_letters_poison_without_stopping(
     )
     outputs = await asyncio.to_thread(read_topic, kafka_broker, kafka.output_topic, until=30)
     assert sorted((o.key, o.value["y"]) for o in outputs) == sorted((k, 2.0 * v["x"]) for k, v in good)
-    assert {(o.headers[HEADER_MODEL], o.headers[HEADER_VERSION], o.headers[HEADER_DEPLOYMENT]) for o in outputs} == {
-        ("stream-model", "3", "dep-poison")
-    }
+    assert {
+        (o.headers[HEADER_MODEL], o.headers[HEADER_VERSION], o.headers[HEADER_DEPLOYMENT]) for o in outputs
+    } == {("stream-model", "3", "dep-poison")}
     dead = await asyncio.to_thread(read_topic, kafka_broker, kafka.dead_letters, until=3)
     reasons = {d.key: d.headers[HEADER_ERROR] for d in dead}
     assert set(reasons) == set(poison)
@@ -202,4 +211,33 @@ def _running(pid: int) -> bool:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    return Path(f"/proc/{pid}").exists() and b"Z" not in Path(f"/proc/{pid}/stat").read_bytes().split(b")")[-1][:3]
+    return (
+        Path(f"/proc/{pid}").exists()
+        and b"Z" not in Path(f"/proc/{pid}/stat").read_bytes().split(b")")[-1][:3]
+    )
+
+
+async def test_mlc_dev_starts_a_broker_for_streaming_runtimes_on_loopback(
+    database_url: str, tmp_path: Path, kafka_broker: str
+) -> None:
+    from mlc.kafka_broker import dev_brokers, free_port, listening
+    from mlc.store import connect, runtimes
+
+    port = free_port()
+    pool = await connect(database_url)
+    try:
+        for runtime in (
+            streaming_runtime(f"localhost:{port}", name="dev-stream"),
+            streaming_runtime(kafka_broker, name="already-served"),
+            streaming_runtime("kafka.example.internal:9092", name="team-kafka"),
+        ):
+            await runtimes.create_runtime(pool, runtime)
+        notes: list[str] = []
+        async with dev_brokers(pool, tmp_path, announce=notes.append) as started:
+            assert list(started) == [port] and listening("127.0.0.1", port)
+            assert notes == [
+                f"started the embedded Kafka broker (Tansu) on 127.0.0.1:{port} for runtime dev-stream"
+            ]
+        assert not listening("127.0.0.1", port)
+    finally:
+        await pool.close()

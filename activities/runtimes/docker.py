@@ -531,7 +531,7 @@ class DockerDriver(RuntimeDriver):
         """Remove every container labelled with the deployment id (none is fine); streaming
         consumers are stopped first so they commit and leave their group."""
         from activities.runtimes.streaming import drop_test_topics
-        from activities.runtimes.streaming_docker import MODE, stop_gracefully
+        from activities.runtimes.streaming_docker import MODE, stop_containers
 
         async with connect(request.runtime, f"undeploy {request.deployment_id}") as client:
             found = await asyncio.to_thread(
@@ -539,9 +539,10 @@ class DockerDriver(RuntimeDriver):
                 all=True,
                 filters={"label": f"mlc.deployment-id={request.deployment_id}"},
             )
+            await stop_containers([c for c in found if c.labels.get("mlc.mode") == MODE])
             for container in found:
-                streaming = container.labels.get("mlc.mode") == MODE
-                await asyncio.to_thread(stop_gracefully if streaming else _remove, container)
+                if container.labels.get("mlc.mode") != MODE:
+                    await asyncio.to_thread(_remove, container)
         await drop_test_topics(request.runtime, request.deployment_id)
 
     async def cleanup(self, request: CleanupRequest) -> CleanupResult:

@@ -24,6 +24,7 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -33,7 +34,7 @@ from mlc.domain import Runtime
 from mlc.errors import DeploymentFailedError
 from mlc.streaming.consumer import READY_LINE, STREAM_CONFIG_ENV
 from mlc.streaming.settings import KafkaSettings, StreamConfig, test_topics, with_secret
-from mlc.streaming.topics import delete_topics, ensure_topics
+from mlc.streaming.topics import delete_topics, ensure_topics, wait_until_settled
 
 if TYPE_CHECKING:
     from activities.runtimes.local import LocalDriver
@@ -154,12 +155,14 @@ async def deploy_local(
     recorded: list[int] = list(state.get("pids", [])) if state else []
     if state is not None and all(state.get(k) == v for k, v in wanted.items()):
         # Same snapshot and configuration: keep live consumers, restart dead ones.
-        await asyncio.gather(*(_stop(pid) for pid in recorded[kafka.instances :]))
+        await stop_in_turn([_stopper(pid) for pid in recorded[kafka.instances :]], config, leaving=True)
         kept = recorded[: kafka.instances]
         pids: list[int | None] = [p if _alive(p) else None for p in kept]
         pids += [None] * (kafka.instances - len(kept))
     else:
-        await asyncio.gather(*(_stop(pid) for pid in recorded))
+        if state is not None:
+            previous = StreamConfig.model_validate(state["config"])
+            await stop_in_turn([_stopper(pid) for pid in recorded], previous)
         pids = [None] * kafka.instances
     env = child_env(request.snapshot, workdir)
     env[STREAM_CONFIG_ENV] = config.model_dump_json()
@@ -197,9 +200,37 @@ async def stop_local(workdir: Path) -> None:
     """Stop the deployment's consumers cleanly (TERM: finish, commit, leave; KILL after a grace period)."""
     state = _read_state(workdir)
     if state is not None:
-        for pid in state.get("pids", []):
-            await _stop(pid)
+        config = StreamConfig.model_validate(state["config"])
+        await stop_in_turn([_stopper(pid) for pid in state.get("pids", [])], config)
         (workdir / STATE_FILE).unlink(missing_ok=True)
+
+
+Stop = Callable[[], Awaitable[None]]
+
+
+async def stop_in_turn(stops: list[Stop], config: StreamConfig, *, leaving: bool = False) -> None:
+    """Stop consumers one at a time, letting their group settle after each departure.
+
+    ``leaving``: others of the deployment keep running, so the group must settle after the
+    last of these too. Standby consumers are in no group. See
+    :func:`mlc.streaming.topics.wait_until_settled` for why.
+    """
+    for index, stop in enumerate(stops):
+        await stop()
+        if (leaving or index < len(stops) - 1) and not config.standby:
+            try:
+                client = with_secret(config.client, config.password_env, os.environ)
+            except ValueError:
+                client = dict(config.client)
+            if not await asyncio.to_thread(wait_until_settled, client, config.group):
+                log.warning("consumer group %s did not settle after a consumer stopped", config.group)
+
+
+def _stopper(pid: int) -> Stop:
+    async def stop() -> None:
+        await _stop(pid)
+
+    return stop
 
 
 def local_consumer_pids(workdir: Path) -> list[int]:

@@ -30,14 +30,17 @@ from activities.runtimes.docker_images import PACKAGE_DIR, ensure_image
 from activities.runtimes.streaming import (
     READY_TIMEOUT_SECONDS,
     STOP_TIMEOUT_SECONDS,
+    Stop,
     endpoint_of,
     kafka_of,
     prepare_topics,
     result_details,
+    stop_in_turn,
     stream_config,
 )
 from mlc.errors import DeploymentFailedError
 from mlc.streaming.consumer import READY_LINE, STREAM_CONFIG_ENV
+from mlc.streaming.settings import StreamConfig
 
 if TYPE_CHECKING:
     from activities.runtimes.docker import DockerDriver
@@ -51,6 +54,34 @@ def stop_gracefully(container: Any) -> None:
         if container.status == "running":
             container.stop(timeout=int(STOP_TIMEOUT_SECONDS))
         container.remove(force=True)
+
+
+async def stop_containers(containers: list[Any], *, leaving: bool = False) -> None:
+    """Stop a deployment's consumer containers one at a time, letting the group settle in
+    between (see :func:`activities.runtimes.streaming.stop_in_turn`); ``leaving``: others
+    of the deployment keep running."""
+    by_config: dict[str, list[Any]] = {}
+    for container in containers:
+        by_config.setdefault(_env(container).get(STREAM_CONFIG_ENV, ""), []).append(container)
+    for raw, group in by_config.items():
+        stops = [_stopper(c) for c in group]
+        if not raw:
+            for stop in stops:
+                await stop()
+            continue
+        await stop_in_turn(stops, StreamConfig.model_validate_json(raw), leaving=leaving)
+
+
+def _stopper(container: Any) -> Stop:
+    async def stop() -> None:
+        await asyncio.to_thread(stop_gracefully, container)
+
+    return stop
+
+
+def _env(container: Any) -> dict[str, str]:
+    pairs = (container.attrs.get("Config") or {}).get("Env") or []
+    return dict(pair.partition("=")[::2] for pair in pairs)
 
 
 async def deploy_docker(
@@ -79,6 +110,7 @@ async def deploy_docker(
             filters={"label": [f"mlc.deployment-id={request.deployment_id}", f"mlc.mode={MODE}"]},
         )
         running: dict[int, Any] = {}
+        stale: list[Any] = []
         for container in found:
             labels = container.labels
             index = int(labels.get("mlc.instance", "-1"))
@@ -91,7 +123,8 @@ async def deploy_docker(
             ):
                 running[index] = container
             else:
-                await asyncio.to_thread(stop_gracefully, container)
+                stale.append(container)
+        await stop_containers(stale, leaving=bool(running))
         missing = [i for i in range(kafka.instances) if i not in running]
         image_tag = None
         if missing:

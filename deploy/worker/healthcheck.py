@@ -7,7 +7,8 @@ the workflow task queue recently, else 1 with one line saying what is missing.
 
 It checks the queue, not this very process: another worker on the same queue also makes
 it pass. A ``mlc worker --runtime NAME`` container should set ``MLC_TASK_QUEUE`` to that
-runtime's queue so the check looks at the right one.
+runtime's queue so the check looks at the right one; ``MLC_HEALTHCHECK_QUEUE`` names
+another queue to watch (the lifecycle worker's ``<MLC_TASK_QUEUE>-lifecycles``).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ async def _check() -> str | None:
 
     address = os.environ.get("TEMPORAL_ADDRESS", "127.0.0.1:7233")
     namespace = os.environ.get("TEMPORAL_NAMESPACE", "default")
-    queue = os.environ.get("MLC_TASK_QUEUE", "mlc")
+    queue = os.environ.get("MLC_HEALTHCHECK_QUEUE") or os.environ.get("MLC_TASK_QUEUE", "mlc")
     try:
         client = await Client.connect(address, namespace=namespace)
     except Exception as exc:  # noqa: BLE001 - any failure means unhealthy

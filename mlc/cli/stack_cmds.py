@@ -59,6 +59,7 @@ async def embedded(
     servers that stopped with the previous stack.
     """
     from activities.reconcile import ensure_reconcilers
+    from mlc.kafka_broker import dev_brokers
     from workers.client import ensure_search_attributes
     from workers.worker import build_main_worker
 
@@ -86,7 +87,11 @@ async def embedded(
                 main = build_main_worker(
                     temporal, ready, worker_pool, max_cached_workflows=ready.workflow_cache
                 )
-                async with main, _sandboxed_lifecycles(ready):
+                async with (
+                    main,
+                    _sandboxed_lifecycles(ready),
+                    dev_brokers(pool, ready.home, announce=console.print),
+                ):
                     await ensure_reconcilers(temporal, ready, worker_pool)
                     yield ready
             finally:

@@ -59,6 +59,23 @@ class ActivityContract(Generic[In, Out]):
         )
         return result
 
+    async def execute_local(self, arg: In) -> Out:
+        """Run the activity as a local activity, in the worker running the workflow.
+
+        No task queue round trip and no extra workflow task: for short calls of workflows
+        that run on the worker serving the activity (the trusted main worker).
+        """
+        declared: type[Any] = self.result
+        hint = None if declared is type(None) else declared
+        result: Out = await workflow.execute_local_activity(
+            self.name,
+            arg,
+            result_type=hint,
+            start_to_close_timeout=self.timeout,
+            retry_policy=self.retry,
+        )
+        return result
+
 
 def implementations(
     owner: object, contracts: Sequence[ActivityContract[Any, Any]]

@@ -62,6 +62,9 @@ HEADER_SOURCE = "mlc-source"
 DELIVERY_TIMEOUT_SECONDS = 30.0
 """How long one batch's outputs may take to be acknowledged before the batch is retried."""
 RETRY_PAUSE_SECONDS = 1.0
+FETCH_WAIT_MS = 20
+POLL_WAIT_SECONDS = 0.05
+"""How long a poll waits to fill a batch: the most batching adds to a record's latency."""
 STATS_INTERVAL_SECONDS = 10.0
 _ERROR_LIMIT = 1000
 
@@ -141,6 +144,9 @@ class StreamScorer:
             "group.id": group,
             "enable.auto.commit": False,
             "auto.offset.reset": "earliest",
+            # Some brokers (Tansu) hold a fetch for its full wait even when records are
+            # there; 500 ms (librdkafka's default) would then be every record's latency.
+            "fetch.wait.max.ms": FETCH_WAIT_MS,
             "session.timeout.ms": self.config.session_timeout_ms,
             "heartbeat.interval.ms": self.config.heartbeat_interval_ms,
             "client.id": f"mlc-{self.config.deployment_id}",
@@ -160,7 +166,7 @@ class StreamScorer:
         try:
             while not stop.is_set():
                 for index, lane in enumerate(self.lanes):
-                    wait = 0.1 if index == 0 else 0.0
+                    wait = POLL_WAIT_SECONDS if index == 0 else 0.0
                     messages = lane.consumer.consume(self.config.max_poll_records, wait)
                     if messages:
                         self._handle(lane, messages)

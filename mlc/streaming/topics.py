@@ -9,12 +9,19 @@ restarting), anything else (authorization, invalid configuration) is
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any
 
-from confluent_kafka import ConsumerGroupTopicPartitions, KafkaError, KafkaException, TopicPartition
+from confluent_kafka import (
+    ConsumerGroupState,
+    ConsumerGroupTopicPartitions,
+    KafkaError,
+    KafkaException,
+    TopicPartition,
+)
 from confluent_kafka.admin import AdminClient, NewTopic, OffsetSpec  # type: ignore[attr-defined]  # re-exported without __all__
 
 from mlc.errors import DeploymentFailedError, RuntimeUnavailableError
@@ -153,3 +160,37 @@ def group_lag(
                     committed[tp.partition] = tp.offset
     lag = sum(max(0, end[p] - committed.get(p, 0)) for p in partitions)
     return GroupLag(lag=lag, committed=committed, end=end)
+
+
+SETTLE_TIMEOUT_SECONDS = 20.0
+_SETTLED = frozenset({ConsumerGroupState.STABLE, ConsumerGroupState.EMPTY, ConsumerGroupState.DEAD})
+
+
+def wait_until_settled(
+    client: Mapping[str, str], group: str, *, timeout: float = SETTLE_TIMEOUT_SECONDS, quiet: float = 1.5
+) -> bool:
+    """Wait until ``group`` has finished the rebalance a member's departure started.
+
+    Drivers stop a deployment's consumers one at a time and call this in between: a member
+    that leaves while its group is still rebalancing after the previous departure can leave
+    the group wedged on some brokers (seen with Tansu: no later member ever gets an
+    assignment), and on any broker it only causes another round of rebalancing. Returns
+    True once the group is stable or empty after having been seen rebalancing, or after
+    ``quiet`` seconds without a rebalance; False on timeout or when the broker cannot say.
+    """
+    started = time.monotonic()
+    rebalancing = False
+    admin = _admin(client, 5.0)
+    while time.monotonic() - started < timeout:
+        try:
+            futures = admin.describe_consumer_groups([group], request_timeout=5.0)
+            state = futures[group].result(timeout=5.0).state
+        except (KafkaException, TimeoutError):
+            return False
+        if state in _SETTLED:
+            if rebalancing or time.monotonic() - started >= quiet:
+                return True
+        else:
+            rebalancing = True
+        time.sleep(0.1)
+    return False
