@@ -184,7 +184,7 @@ class InventoryActivities:
         )
         admission.admit(decisions, run, state, stage=request.stage)
         deployment_id = check_deployment_id(
-            f"{snap.model}-v{snap.version}-{request.stage}-{runtime.name}-{run.run_id[:8]}".lower()
+            f"{snap.model}-v{snap.version}-{request.stage}-{runtime.name}-{_run_tag(run.run_id)}".lower()
         )
         existing = await deployments.read_deployment(self.pool, deployment_id)
         if existing is not None and existing.details.get("run_id") != run.run_id:
@@ -543,6 +543,12 @@ _DEPLOY_ACTIONS: dict[Mode, grants.RuntimeAction] = {
     Mode.STREAMING: "deploy_streaming",
 }
 """The runtime action a deployment in each mode is granted."""
+
+
+def _run_tag(run_id: str) -> str:
+    """A short tag unique per run: the tail of the run id (UUIDv7 run ids start with a
+    timestamp, so their head repeats for runs started within the same minute)."""
+    return run_id.replace("-", "")[-10:]
 
 
 def _registered(state: Governance, name: str) -> Runtime:

@@ -15,7 +15,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from datetime import timedelta
-from typing import NoReturn
+from typing import NoReturn, TypeVar
+
+from pydantic import BaseModel
 
 from lifecycles._run import LifecycleFailure
 from lifecycles._run import cause_message as cause_message  # for workflow code; not in __all__
@@ -81,11 +83,12 @@ class Lifecycle:
 
     def report(self, stage: str) -> StageTestReport | None:
         """The latest test report of ``stage``, if its tests ran."""
-        return _run_of(self).report(stage)
+        found = _run_of(self).report(stage)
+        return _copy(found) if found is not None else None
 
     def deployments(self, stage: str | None = None, *, live: bool = True) -> list[Deployment]:
         """Deployments this run made, optionally of one stage; by default only live ones."""
-        return _run_of(self).deployments(stage, live=live)
+        return _copies(_run_of(self).deployments(stage, live=live))
 
     # --- building blocks ----------------------------------------------------------------
 
@@ -95,7 +98,7 @@ class Lifecycle:
         Online deployments return once healthy; batch deployments return once the job
         has scored the test dataset and the runtime is cleared (state ``completed``).
         """
-        return await _run_of(self).deploy(stage, mode=mode)
+        return _copies(await _run_of(self).deploy(stage, mode=mode))
 
     async def test(
         self, stage: str, deployments: Sequence[Deployment], *, tests: Sequence[TestKind] | None = None
@@ -105,15 +108,15 @@ class Lifecycle:
         The report is recorded in the audit trail; a deployment this run did not make is
         refused (ValueError).
         """
-        return await _run_of(self).test(stage, deployments, tests=tests)
+        return _copy(await _run_of(self).test(stage, deployments, tests=tests))
 
     async def approval(self, stage: str) -> ApprovalRecord:
         """Open ``stage``'s gate and wait for a decision (approved, rejected or expired)."""
-        return await _run_of(self).approval(stage)
+        return _copy(await _run_of(self).approval(stage))
 
     async def promote(self, stage: str, deployments: Sequence[Deployment]) -> list[Deployment]:
         """Make ``deployments`` the model's version in ``stage``; returns the retired older ones."""
-        return await _run_of(self).promote(stage, deployments)
+        return _copies(await _run_of(self).promote(stage, deployments))
 
     async def undeploy(self, deployments: Sequence[Deployment]) -> None:
         """Take this run's ``deployments`` down and mark them retired."""
@@ -134,3 +137,16 @@ class Lifecycle:
     def fail(self, reason: str) -> NoReturn:
         """End the run as failed with ``reason`` (shown in the Web UI and the CLI)."""
         raise LifecycleFailure(reason)
+
+
+_Model = TypeVar("_Model", bound=BaseModel)
+
+
+def _copy(value: _Model) -> _Model:
+    """A deep copy: what lifecycle code gets is its own, never the run's record (whose
+    ``details`` dicts it could otherwise change)."""
+    return value.model_copy(deep=True)
+
+
+def _copies(values: list[_Model]) -> list[_Model]:
+    return [v.model_copy(deep=True) for v in values]

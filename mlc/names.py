@@ -39,6 +39,7 @@ def lifecycle_task_queue(lifecycle: str, main_queue: str) -> str:
     the lifecycles queue."""
     return main_queue if lifecycle in BUILT_IN_LIFECYCLES else lifecycles_task_queue(main_queue)
 
+
 # Inventory activities (main task queue).
 BEGIN_RUN = "begin_lifecycle_run"
 RECORD_RUN = "record_lifecycle_run"

@@ -352,7 +352,10 @@ RUN_TIME_ESCAPES = {
         "from dataclasses import builtins",
         "1: ImportError: lifecycle code may not import",
     ),
-    "module-attribute": ("import typing\nfound = typing.sys", "2: AttributeError: module 'typing' has no attribute 'sys'"),
+    "module-attribute": (
+        "import typing\nfound = typing.sys",
+        "2: AttributeError: module 'typing' has no attribute 'sys'",
+    ),
     "computed-dunder": ("name = '__sub' + 'classes__'\nfound = getattr(int, name)", "2: AttributeError"),
     "frame": ("found = (x for x in ()).gi_frame", "1: AttributeError: lifecycle code may not access"),
     "private": ("from lifecycles.api import Lifecycle\nLifecycle()._x", "2: AttributeError: lifecycle code"),

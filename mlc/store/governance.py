@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -69,23 +70,52 @@ async def submit(
     """Verify a signed governance statement against the current state, then record it.
 
     Verification, the append and ``then`` run in one transaction under the trail's lock,
-    so two admins cannot race each other past a check.
+    so two admins cannot race each other past a check. The state is this process's
+    cache of the pool's trail, brought up to date under that lock (entries never change
+    once written), so many submits in one process (a bulk registration) cost one replay,
+    not one each; a submit that fails drops the cache, which may hold what rolled back.
 
     Raises:
         RefusedError: the statement does not verify or the signer lacks the role;
             nothing is recorded.
     """
-    async with pool.acquire() as conn, conn.transaction():
-        await trail.lock(conn)
-        state = await load(conn, pinned_root=pinned_root, author_role=author_role)
-        predicate = state.apply(envelope)
-        await trail.append(
-            conn,
-            trail.GOVERNANCE,
-            {"action": predicate.action, "args": predicate.args, "signer": predicate.signer},
-            envelope=envelope,
-            nonce=predicate.nonce,
-        )
-        if then is not None:
-            await then(conn, predicate)
+    cache = _submit_cache(pool, pinned_root=pinned_root, author_role=author_role)
+    try:
+        async with pool.acquire() as conn, conn.transaction():
+            await trail.lock(conn)
+            state = await cache.current(conn)
+            predicate = state.apply(envelope)
+            entry = await trail.append(
+                conn,
+                trail.GOVERNANCE,
+                {"action": predicate.action, "args": predicate.args, "signer": predicate.signer},
+                envelope=envelope,
+                nonce=predicate.nonce,
+            )
+            cache.seq = entry.seq  # applied above: not to be replayed again
+            if then is not None:
+                await then(conn, predicate)
+    except BaseException:
+        _SUBMIT_CACHES.pop(id(pool), None)
+        raise
     return predicate
+
+
+_SUBMIT_CACHES: OrderedDict[int, tuple[asyncpg.Pool, GovernanceCache]] = OrderedDict()
+"""Recently used pools' submit caches (the pool is kept so its id cannot be reused)."""
+_SUBMIT_CACHE_POOLS = 8
+
+
+def _submit_cache(pool: asyncpg.Pool, *, pinned_root: str | None, author_role: str) -> GovernanceCache:
+    found = _SUBMIT_CACHES.get(id(pool))
+    if found is not None and (found[1].state.pinned_root, found[1].state.author_role) == (
+        pinned_root,
+        author_role,
+    ):
+        _SUBMIT_CACHES.move_to_end(id(pool))
+        return found[1]
+    cache = GovernanceCache(pinned_root=pinned_root, author_role=author_role)
+    _SUBMIT_CACHES[id(pool)] = (pool, cache)
+    while len(_SUBMIT_CACHES) > _SUBMIT_CACHE_POOLS:
+        _SUBMIT_CACHES.popitem(last=False)
+    return cache
