@@ -85,11 +85,12 @@ async def test_start_json_names_the_run(stack: Stack, example_package: Path) -> 
     result = await stack.mlc("lifecycle", "start", ref, "--json")
     assert result.returncode == 0, result.stderr
     started = json.loads(result.stdout)
-    assert set(started) == {"workflow_id", "run_id", "model", "version", "lifecycle"}
-    assert (started["model"], started["version"], started["lifecycle"]) == (
+    assert set(started) == {"workflow_id", "run_id", "model", "version", "lifecycle", "task_queue"}
+    assert (started["model"], started["version"], started["lifecycle"], started["task_queue"]) == (
         snap.model,
         snap.version,
         "ModelLifecycle",
+        stack.task_queue,
     )
     assert started["workflow_id"] == f"mlc-{snap.model}-v{snap.version}"
     handle = stack.client.get_workflow_handle(started["workflow_id"], run_id=started["run_id"])

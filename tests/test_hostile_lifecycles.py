@@ -454,3 +454,34 @@ def test_lifecycle_state_names_stay_out_of_reach() -> None:
     exported: dict[str, object] = {}
     exec("from lifecycles.api import *", exported)
     assert not any(isinstance(v, type(os)) for k, v in exported.items() if k != "__builtins__")
+
+
+async def test_mlc_worker_lifecycles_sandboxes_itself(temporal_env: object, tmp_path: Path) -> None:
+    """`mlc worker --lifecycles` on a host runs the worker under bubblewrap, not in itself."""
+    require_sandbox()
+    address = temporal_env.client.service_client.config.target_host  # type: ignore[attr-defined]
+    queue = f"mlc-test-{uuid.uuid4().hex[:8]}"
+    env = {
+        **os.environ,
+        "MLC_HOME": str(tmp_path),
+        "TEMPORAL_ADDRESS": address,
+        "MLC_TASK_QUEUE": queue,
+        # The launching shell may hold it; the sandboxed worker never sees it (or it would refuse).
+        "MLC_DATABASE_URL": "postgresql://mlc:secret@127.0.0.1/mlc",
+    }
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "mlc", "worker", "--lifecycles",
+        env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+    )  # fmt: skip
+    try:
+        assert proc.stdout is not None
+        line = await asyncio.wait_for(proc.stdout.readline(), 60)
+        assert f"serving uploaded lifecycles on {queue}-lifecycles, sandboxed" in one_line(line.decode())
+        inside = [c for _, c in descendants(proc.pid) if "--no-sandbox" in c and "bwrap" not in c]
+        assert inside, "the worker runs as a child, inside bwrap"
+        log = (tmp_path / "lifecycle-worker.log").read_text()
+        assert f"lifecycle worker polling task queue {queue}-lifecycles" in log
+    finally:
+        proc.terminate()
+        await asyncio.wait_for(proc.wait(), 30)
+    assert descendants(proc.pid) == []

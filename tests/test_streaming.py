@@ -241,3 +241,56 @@ async def test_mlc_dev_starts_a_broker_for_streaming_runtimes_on_loopback(
         assert not listening("127.0.0.1", port)
     finally:
         await pool.close()
+
+
+def test_kafka_settings_refuse_what_cannot_work() -> None:
+    import pydantic
+
+    from mlc.domain import Mode
+    from mlc.streaming.settings import KafkaSettings
+
+    with pytest.raises(
+        pydantic.ValidationError, match="needs sasl_mechanism, sasl_username and sasl_password_env"
+    ):
+        KafkaSettings(
+            bootstrap_servers="b:9092", input_topic="in", output_topic="out", security_protocol="SASL_SSL"
+        )
+    with pytest.raises(pydantic.ValidationError, match="must differ"):
+        KafkaSettings(bootstrap_servers="b:9092", input_topic="in", output_topic="in")
+    with pytest.raises(pydantic.ValidationError, match="environment variable's name"):
+        KafkaSettings(
+            bootstrap_servers="b:9092", input_topic="i", output_topic="o", sasl_password_env="s3cr3t!"
+        )
+    with pytest.raises(pydantic.ValidationError, match="supports mode streaming but has no kafka settings"):
+        Runtime(name="r", stage="UAT", modes=(Mode.STREAMING,))
+    grouped = KafkaSettings(
+        bootstrap_servers="b:9092", input_topic="i", output_topic="o", consumer_group="fraud.{model}"
+    )
+    assert grouped.group_for("r", "cc-fraud") == "fraud.cc-fraud" and grouped.dead_letters == "i.dead-letter"
+
+
+def test_runtime_add_names_the_missing_streaming_options() -> None:
+    import subprocess
+    import sys
+
+    result = subprocess.run(
+        [sys.executable, "-m", "mlc", "runtime", "add", "s", "--stage", "UAT", "--mode", "streaming",
+         "--kafka-bootstrap", "127.0.0.1:9092"],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert result.returncode == 2 and "--input-topic, --output-topic" in result.stderr, result.stderr
+
+
+def test_compose_kafka_service_is_kraft_on_loopback_behind_a_profile() -> None:
+    import yaml
+
+    compose = yaml.safe_load((Path(__file__).parent.parent / "docker-compose.yml").read_text())
+    kafka = compose["services"]["kafka"]
+    assert kafka["image"].startswith("apache/kafka:") and kafka["profiles"] == ["streaming"]
+    env = kafka["environment"]
+    assert (
+        env["KAFKA_PROCESS_ROLES"] == "broker,controller"
+        and "CONTROLLER" in env["KAFKA_CONTROLLER_LISTENER_NAMES"]
+    )
+    assert all(port.startswith("127.0.0.1:") for port in kafka["ports"])
+    assert "healthcheck" in kafka and "kafka-data" in compose["volumes"]

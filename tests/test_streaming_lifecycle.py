@@ -141,4 +141,3 @@ async def test_streaming_stage_and_rest_plus_kafka_in_prod(
     assert state[(2, "PROD", Mode.STREAMING)] is DeploymentState.SERVING
     promoted = next(d for d in everything if d.version == 2 and d.stage == "PROD")
     assert promoted.details["standby"] is False
-

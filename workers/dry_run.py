@@ -297,7 +297,7 @@ class StandInActivities:
     async def authorize_deployment(self, request: AuthorizeDeploymentInput) -> AuthorizeDeploymentResult:
         """Every deployment is allowed; it exists only in this stand-in's memory."""
         snap, info = self.world.snapshot, activity.info()
-        run = (info.workflow_run_id or "")[:8]
+        run = (info.workflow_run_id or "").replace("-", "")[-10:]  # as activities/inventory.py tags runs
         deployment_id = f"{snap.model}-v{snap.version}-{request.stage}-{request.runtime}-{run}".lower()
         deployment = Deployment(
             id=deployment_id,

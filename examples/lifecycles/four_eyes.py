@@ -8,7 +8,7 @@ the audit trail but does not count: the run keeps waiting for someone else. A re
 or an expired gate at any point undeploys UAT and ends the run.
 
 Upload:  mlc lifecycle upload examples/lifecycles/four_eyes.py
-Start:   Web UI -> Start Workflow: Workflow Type ``FourEyes``, Task Queue ``mlc``,
+Start:   Web UI -> Start Workflow: Workflow Type ``FourEyes``, Task Queue ``mlc-lifecycles``,
          Input ``{"model": "cc-fraud", "version": 1}``
 """
 

@@ -9,6 +9,7 @@ runtime sets them per deployment through the environment; the flags override the
 from __future__ import annotations
 
 import argparse
+import gc
 import logging
 import sys
 from pathlib import Path
@@ -67,6 +68,18 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def freeze_heap() -> None:
+    """Hide everything loaded so far from the cyclic garbage collector.
+
+    The interpreter, the libraries and the model live as long as the server. Left in
+    the collector's view, each full collection walks them all (about 110 000 objects and
+    60 ms with scikit-learn loaded, measured) while a request waits: that was the largest
+    part of the server's p99. Frozen, a full collection only walks what requests made.
+    """
+    gc.collect()
+    gc.freeze()
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the command; return the process exit code."""
     args = _parser().parse_args(argv)
@@ -83,6 +96,8 @@ def main(argv: list[str] | None = None) -> int:
             )
             logging.getLogger("mlc.serving").info("model loaded from %s", args.package)
             import uvicorn
+
+            freeze_heap()
 
             uvicorn.run(
                 app,

@@ -2,9 +2,9 @@
 
 Built on bare Starlette endpoints with orjson so a request costs little more than the
 model itself: records are checked by a precompiled :class:`RecordValidator`, small
-concurrent requests are merged into one call of the model's vectorised ``score_batch``
-(:class:`MicroBatcher`), and big batches run in a worker thread so ``/health`` keeps
-answering while they score. Bodies and arrays over the server's :class:`ServingLimits`
+concurrent requests are merged into bounded calls of the model's vectorised
+``score_batch`` (:class:`MicroBatcher`, capped by records and time), and big batches run
+in a scoring thread so ``/health`` keeps answering while they score. Bodies and arrays over the server's :class:`ServingLimits`
 are refused with 413 before they are decoded (see :mod:`mlc.serving.limits`).
 """
 
@@ -31,7 +31,7 @@ from mlc.serving.limits import (
     too_many_records,
 )
 from mlc.serving.loader import LoadedModel, Record, load_model
-from mlc.serving.microbatch import MicroBatcher
+from mlc.serving.microbatch import BatchPolicy, MicroBatcher
 from mlc.serving.validation import Problem, RecordValidator
 
 DEFAULT_MAX_BATCH = DEFAULT_MAX_RECORDS
@@ -39,9 +39,6 @@ DEFAULT_MAX_BATCH = DEFAULT_MAX_RECORDS
 
 MAX_PROBLEMS = 100
 """At most this many problems are listed in a 422 (the count of bad records says the rest)."""
-
-THREAD_BATCH_SIZE = 256
-"""Batches larger than this score in a worker thread instead of on the event loop."""
 
 VERSION_ENV = "MLC_MODEL_VERSION"
 SHA256_ENV = "MLC_SNAPSHOT_SHA256"
@@ -70,13 +67,13 @@ def _error(status: int, message: str, details: list[Problem] | None = None) -> J
 class _ScoringService:
     """Request handlers bound to one loaded model."""
 
-    def __init__(self, model: LoadedModel, *, limits: ServingLimits) -> None:
+    def __init__(self, model: LoadedModel, *, limits: ServingLimits, batching: BatchPolicy) -> None:
         self.model = model
         self.limits = limits
         self.max_batch = limits.max_records
         self.max_body_bytes = limits.max_body_bytes
         self.validator = RecordValidator(model.manifest.input_schema)
-        self.batcher = MicroBatcher(model.score_batch) if model.vectorised else None
+        self.batcher = MicroBatcher(model.score_batch, batching) if model.vectorised else None
         manifest = model.manifest
         version = os.environ.get(VERSION_ENV) or None
         sha256 = os.environ.get(SHA256_ENV) or None
@@ -208,8 +205,6 @@ class _ScoringService:
     async def _score_many(self, records: list[Record]) -> Any:
         if self.batcher is None:
             return self.model.score_batch(records)
-        if len(records) > THREAD_BATCH_SIZE:
-            return await run_in_threadpool(self.model.score_batch, records)
         return await self.batcher.submit(records)
 
     def _render(self, content: Any) -> Response:
@@ -236,6 +231,7 @@ def create_app(
     max_batch: int | None = None,
     max_body_bytes: int | None = None,
     limits: ServingLimits | None = None,
+    batching: BatchPolicy | None = None,
 ) -> Starlette:
     """Load the package at ``package_dir`` (calling its ``init()`` once) and return the app.
 
@@ -247,11 +243,12 @@ def create_app(
         max_batch: Largest array of records (default: ``limits``).
         max_body_bytes: Largest request body (default: ``limits``).
         limits: Defaults for both (default: :meth:`ServingLimits.from_env`).
+        batching: How far concurrent requests are merged (default: :meth:`BatchPolicy.from_env`).
 
     Raises:
         InvalidPackageError: bad manifest or missing requirement.
         ScoringError: the model's import or ``init()`` raised.
-        MLCError: a ``MLC_SERVING_*`` limit variable is not a positive integer.
+        MLCError: a ``MLC_SERVING_*`` limit or batching variable is not a positive number.
     """
     base = limits if limits is not None else ServingLimits.from_env()
     overrides = {
@@ -260,7 +257,8 @@ def create_app(
         if value is not None
     }
     chosen = ServingLimits.model_validate({**base.model_dump(), **overrides})
-    service = _ScoringService(load_model(package_dir), limits=chosen)
+    policy = batching if batching is not None else BatchPolicy.from_env()
+    service = _ScoringService(load_model(package_dir), limits=chosen, batching=policy)
     routes = [
         Route("/health", service.health, methods=["GET"]),
         Route("/metadata", service.metadata, methods=["GET"]),
