@@ -15,7 +15,7 @@ from temporalio.exceptions import WorkflowAlreadyStartedError
 from temporalio.service import RPCError
 
 from mlc import names
-from mlc.domain import ApprovalRecord, Decision, LifecycleSpec, ModelRef, SignedDecision
+from mlc.domain import ApprovalRecord, Decision, LifecycleSpec, LifecycleState, ModelRef, SignedDecision
 from mlc.errors import ConflictError, MLCError, NotFoundError
 from mlc.payloads import LifecycleStatus, StartLifecycleInput
 from mlc.store import runs, snapshots
@@ -86,6 +86,8 @@ async def sign_decision(
     handle = await find_handle(client, pool, ref)
     status = await read_status(handle)
     gate = status.pending_gate if status else None
+    if status is not None and status.state in (LifecycleState.SUCCEEDED, LifecycleState.FAILED):
+        raise ConflictError(f"{ref}: the lifecycle has already finished ({status.state.value})")
     if status is None or gate is None:
         doing = f"{status.state.value} in {status.stage}" if status and status.stage else "starting"
         raise ConflictError(f"{ref} is not waiting for a decision (it is {doing})")

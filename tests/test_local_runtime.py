@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -325,6 +326,8 @@ async def test_stage_tests_errors(settings: Settings, runtime: Runtime, driver: 
     snapshot = snapshot_of(settings, FIXTURES / "weak-model")
     # A live "server" (its command line names mlc.serving) that listens on nothing.
     sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "mlc.serving"])
+    while b"mlc.serving" not in Path(f"/proc/{sleeper.pid}/cmdline").read_bytes():
+        await asyncio.sleep(0.01)  # until it has exec'd
     try:
         with socket_port() as port:
             workdir = driver.workdir(runtime, "dep-silent")

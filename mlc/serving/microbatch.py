@@ -8,8 +8,9 @@ everything that arrived in one event-loop turn), eight concurrent 100-record req
 became one 800-record call and the p99 grew to several times the best peer's. So:
 
 * a merged call is capped by records (``max_batch_records``) and by time
-  (``max_delay_ms``: the records the model is measured to score in that time), so one
-  request never waits long for the others' records;
+  (``max_delay_ms``: a call that overran it shrinks the cap to the records that would
+  have fitted at the rate it measured; quick calls let it grow back), so one request
+  never waits long for the others' records, whatever the model's speed;
 * a request that is already large (``large_request_records``) is never merged: it
   amortises the per-call cost on its own, and merging it would only add its records to
   every neighbour's wait;
@@ -46,21 +47,17 @@ THREAD_RECORDS_ENV = "MLC_SERVING_THREAD_RECORDS"
 BATCHING_ENVS = (MAX_BATCH_RECORDS_ENV, MAX_DELAY_MS_ENV, LARGE_REQUEST_RECORDS_ENV, THREAD_RECORDS_ENV)
 """Every variable :meth:`BatchPolicy.from_env` reads (runtimes pass these through)."""
 
-_COST_WEIGHT = 0.2
-"""Weight of the newest call in the moving average of seconds per record."""
-
-
 @dataclass(frozen=True)
 class BatchPolicy:
     """How far the server may merge concurrent requests (defaults measured in bench_scoring.py)."""
 
-    max_batch_records: int = 256
+    max_batch_records: int = 1024
     """At most this many records in one merged call."""
     max_delay_ms: float = 2.0
-    """A merged call is kept to about this long, judged by the model's measured cost per record."""
-    large_request_records: int = 64
+    """A merged call is kept to about this long, judged by how long the last calls took."""
+    large_request_records: int = 256
     """Requests of at least this many records are scored on their own, never merged."""
-    thread_records: int = 257
+    thread_records: int = 1024
     """Requests of at least this many records are scored in the scoring thread, off the loop."""
 
     def __post_init__(self) -> None:
@@ -104,8 +101,8 @@ class MicroBatcher:
         self._policy = policy or BatchPolicy()
         self._queue: deque[tuple[Records, asyncio.Future[Records]]] = deque()
         self._scheduled = False
-        self._seconds_per_record = 0.0
-        """Moving average over merged and single calls; 0 until the first call is timed."""
+        self._time_cap = self._policy.max_batch_records
+        """Records a call is expected to score within ``max_delay_ms`` (see :meth:`_learn`)."""
         self._thread: ThreadPoolExecutor | None = None
 
     @property
@@ -131,11 +128,7 @@ class MicroBatcher:
 
     def merge_limit(self) -> int:
         """Most records the next merged call may hold: the record cap or the time cap."""
-        cap = self._policy.max_batch_records
-        if self._seconds_per_record > 0:
-            by_time = int(self._policy.max_delay_ms / 1000 / self._seconds_per_record)
-            cap = min(cap, max(1, by_time))
-        return cap
+        return min(self._policy.max_batch_records, self._time_cap)
 
     def close(self) -> None:
         """Stop the scoring thread once its current call ends (for servers that shut down)."""
@@ -198,9 +191,19 @@ class MicroBatcher:
             future.set_exception(exc)
 
     def _learn(self, seconds: float, records: int) -> None:
-        per_record = seconds / max(1, records)
-        old = self._seconds_per_record
-        self._seconds_per_record = per_record if old == 0 else old + _COST_WEIGHT * (per_record - old)
+        """Move the time cap after a call of ``records`` that took ``seconds``.
+
+        ``records * delay / seconds`` is what would fit in the delay at this call's rate.
+        It underestimates (the per-call overhead is counted as if per record), which errs
+        on the short side: an overrun shrinks the cap to it at once, and a quick call only
+        ever raises the cap, so small cheap calls never hold back merging.
+        """
+        delay = self._policy.max_delay_ms / 1000
+        fits = int(records * delay / seconds) if seconds > 0 else self._policy.max_batch_records
+        if seconds > delay:
+            self._time_cap = max(1, fits)
+        else:
+            self._time_cap = min(self._policy.max_batch_records, max(self._time_cap, fits))
 
     def _checked(self, records: Records) -> Records:
         outputs = self._score_batch(records)

@@ -19,6 +19,8 @@ _TYPES: dict[FieldType, tuple[type, ...]] = {
     "string": (str,),
     "boolean": (bool,),
 }
+_MAX_SHAPES = 1024
+"""Valid record shapes remembered per validator (optional fields multiply them; memory stays bounded)."""
 _JSON_NAMES: dict[type, str] = {
     int: "integer",
     float: "number",
@@ -54,6 +56,8 @@ class RecordValidator:
         self._names = {f.name: f.type for f in schema}
         self._required = frozenset(f.name for f in schema if f.required)
         self._enabled = bool(schema)
+        self._valid_shapes: set[tuple[Any, ...]] = set()
+        """Key orders plus value types seen valid: a record's validity depends on nothing else."""
 
     def problems(
         self, records: Sequence[Any], *, first_index: int = 0, limit: int | None = None
@@ -66,6 +70,9 @@ class RecordValidator:
             limit: Stop after about this many problems: one record with a million unknown
                 fields would otherwise make a million problem entries.
         """
+        shapes = self._valid_shapes
+        if all(type(r) is dict and (*r, *map(type, r.values())) in shapes for r in records):
+            return []  # the common case: records shaped like ones already checked
         found: list[Problem] = []
         types = self._types
         for offset, record in enumerate(records):
@@ -108,7 +115,13 @@ class RecordValidator:
                     continue  # the common case: no extra check per valid field
                 if limit is not None and len(found) >= limit:
                     return found[:limit]
+            if not found or found[-1]["record"] != index:
+                self._remember(record)
         return found if limit is None else found[:limit]
+
+    def _remember(self, record: dict[str, Any]) -> None:
+        if len(self._valid_shapes) < _MAX_SHAPES:
+            self._valid_shapes.add((*record, *map(type, record.values())))
 
 
 def _name(value: Any) -> str:
