@@ -172,7 +172,7 @@ class LifecycleRun:
             return await self._deploy_modes(stage, spec.deploy_modes)
         chosen = mode or spec.mode
         self._enter(stage, LifecycleState.DEPLOYING, f"Deploying to {stage} ({chosen.value})")
-        await self.record_run()
+        await self.record_run(scheduled=True)  # ends the workflow task that entered the stage
         resolved = await self._inventory(inv.RESOLVE_RUNTIMES, ResolveRuntimesInput(stage=stage, mode=chosen))
         self._runtimes.update((r.name, r) for r in resolved.runtimes)
         return list(
@@ -408,25 +408,30 @@ class LifecycleRun:
         self.state = state
         workflow.set_current_details(f"**{self.model}@{self.version}**, {self.name}: {details}")
 
-    async def record_run(self, *, ended: bool = False) -> None:
+    async def record_run(self, *, ended: bool = False, scheduled: bool = False) -> None:
         """Write the run's state and stage to the inventory (``ended`` frees the snapshot)."""
         await self._inventory(
             inv.RECORD_RUN,
             RecordRunInput(state=self.state, stage=self.stage, reason=self.reason, ended=ended),
+            scheduled=scheduled,
         )
 
-    async def _inventory(self, contract: ActivityContract[In, Out], arg: In) -> Out:
+    async def _inventory(
+        self, contract: ActivityContract[In, Out], arg: In, *, scheduled: bool = False
+    ) -> Out:
         """An inventory activity, always on the trusted main queue.
 
         A built-in lifecycle runs on the trusted main worker itself, which serves these
-        activities: there they run as local activities, in the same workflow task, with
-        no task queue round trip (an approval then reaches the next stage in one task;
-        see bench/bench_load.py). Uploaded lifecycles run on the sandboxed worker and
-        always schedule them on the main queue.
+        activities: there they run as local activities, in the workflow task that needs
+        them, with no task queue round trip. A workflow task answers its Workflow Update
+        (and queries see its state) only when it ends, so the call right after entering a
+        stage is ``scheduled`` as a normal activity: an approval's update returns as soon
+        as the run is in the next stage (see bench/bench_load.py). Uploaded lifecycles run
+        on the sandboxed worker and always schedule these on the main queue.
         """
         info = workflow.info()
         trusted = info.task_queue == self._queue and info.workflow_type in names.BUILT_IN_LIFECYCLES
-        if trusted and workflow.patched(LOCAL_INVENTORY_PATCH):
+        if trusted and not scheduled and workflow.patched(LOCAL_INVENTORY_PATCH):
             return await contract.execute_local(arg)
         return await contract.execute(arg, task_queue=self._queue)
 

@@ -35,7 +35,6 @@ from mlc import processes
 from mlc.config import Settings
 from mlc.dev_postgres import DevPostgres
 from mlc.errors import ConflictError, RuntimeUnavailableError
-from mlc.names import SEARCH_ATTRIBUTES
 
 STATE_FILE = "dev.json"
 """Written by ``mlc dev`` so other ``mlc`` commands find its servers."""
@@ -201,6 +200,9 @@ class DevStack:
         ]
         if self.headless:
             args.append("--headless")
+        from mlc.names import SEARCH_ATTRIBUTES  # here, not at the top: it imports Temporal,
+        # which `discover` (every CLI command) does not need
+
         for name, kind in SEARCH_ATTRIBUTES.items():
             args += ["--search-attribute", f"{name}={kind}"]
         return args

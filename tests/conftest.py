@@ -112,6 +112,12 @@ def docker_engine() -> Iterator[Any]:
     client.close()
 
 
+RECONCILE_SECONDS = 3600.0
+"""Reconcilers of the in-process stacks check once when a deployment starts serving and
+then rarely, so tests that remove what they deployed meet no restart (tests/faults/ run
+them every second)."""
+
+
 @dataclass
 class Stack:
     """Everything a lifecycle test needs, isolated per test."""
@@ -283,6 +289,7 @@ async def stack(temporal_env: WorkflowEnvironment, database_url: str, tmp_path: 
         database_url=database_url,
         temporal_address=temporal_env.client.service_client.config.target_host,
         task_queue=task_queue,
+        reconcile_seconds=RECONCILE_SECONDS,
     )
     pool = await connect(database_url)
     the_stack = await trusted_stack(

@@ -19,6 +19,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections import deque
 from pathlib import Path
@@ -49,7 +50,9 @@ from mlc.errors import DeploymentFailedError, NotFoundError
 from mlc.evaluation import test_dataset
 from mlc.manifest import load_manifest
 from mlc.serving.app import SHA256_ENV, VERSION_ENV
+from mlc.serving.forkserver import TITLE_ROOM, ForkClient
 from mlc.serving.limits import LIMIT_ENVS
+from mlc.serving.microbatch import BATCHING_ENVS
 
 HOST = "127.0.0.1"
 HEALTH_TIMEOUT_SECONDS = 60.0
@@ -64,12 +67,44 @@ BATCH_LOG = "batch.log"
 PACKAGE_DIR = "package"
 TMP_DIR = "tmp"
 
-INHERITED_ENV = ("PATH", "LANG", "LANGUAGE", "TZ", "LD_LIBRARY_PATH", *LIMIT_ENVS)
+INHERITED_ENV = ("PATH", "LANG", "LANGUAGE", "TZ", "LD_LIBRARY_PATH", *LIMIT_ENVS, *BATCHING_ENVS)
 """Worker variables a model process may see: locale, time zone, where programs and
-libraries are, and the model server's own limits. ``LC_*`` is passed as well."""
+libraries are, and the model server's own limits and batching. ``LC_*`` is passed as well."""
 
 _children: dict[int, subprocess.Popen[bytes]] = {}
 """Servers this process started, kept so exits are reaped (no zombies look alive)."""
+
+FORKSERVER_ENV = "MLC_LOCAL_FORKSERVER"
+"""``0`` turns the forkserver off: every model server is then a fresh interpreter."""
+_forkserver: tuple[subprocess.Popen[bytes], ForkClient] | None = None
+
+
+def _fork_client() -> ForkClient | None:
+    """This worker's forkserver when it is ready; the first call starts it in the background.
+
+    Deploys before it is ready (about a second of imports) spawn as before, so nothing
+    waits for it. It runs with the model processes' allow-listed environment, never the
+    worker's: its memory is what every forked server starts from.
+    """
+    global _forkserver
+    if os.environ.get(FORKSERVER_ENV, "1") == "0":
+        return None
+    if _forkserver is not None and _forkserver[0].poll() is None:
+        return _forkserver[1] if _forkserver[1].ready() else None
+    folder = Path(tempfile.mkdtemp(prefix="mlc-forkserver-"))
+    env = {k: v for k, v in os.environ.items() if k in INHERITED_ENV or k.startswith("LC_")}
+    with (folder / "forkserver.log").open("ab") as log:
+        process = processes.spawn(
+            [
+                sys.executable, "-m", "mlc.serving", "forkserver", "--socket", str(folder / "socket"),
+                "--title-room", "." * TITLE_ROOM,
+            ],  # fmt: skip
+            log=log,
+            cwd=folder,
+            env={**env, "HOME": str(folder)},
+        )
+    _forkserver = (process, ForkClient(folder / "socket"))
+    return None
 
 
 class LocalDriver(RuntimeDriver):
@@ -156,17 +191,30 @@ class LocalDriver(RuntimeDriver):
             sys.executable, "-m", "mlc.serving", "serve",
             "--package", str(package), "--host", HOST, "--port", str(port),
         ]  # fmt: skip
-        with (workdir / SERVER_LOG).open("ab") as log:
-            process = processes.spawn(
-                command,
-                log=log,
-                die_with_parent=self.settings.servers_die_with_worker,
+        env = child_env(request.snapshot, workdir)
+        forks = _fork_client()
+        pid = None
+        if forks is not None:  # a warm fork: no interpreter start, server and libraries imported
+            pid = forks.fork(
+                command[3:],
                 cwd=workdir,
-                env=child_env(request.snapshot, workdir),
+                env=env,
+                log=workdir / SERVER_LOG,
+                die_with_parent=self.settings.servers_die_with_worker,
             )
-        _children[process.pid] = process
+        if pid is None:
+            with (workdir / SERVER_LOG).open("ab") as log:
+                process = processes.spawn(
+                    command,
+                    log=log,
+                    die_with_parent=self.settings.servers_die_with_worker,
+                    cwd=workdir,
+                    env=env,
+                )
+            _children[process.pid] = process
+            pid = process.pid
         state = {
-            "pid": process.pid,
+            "pid": pid,
             "port": port,
             "sha256": request.snapshot.sha256,
             "model": str(request.snapshot.ref),
@@ -379,7 +427,7 @@ async def _wait_healthy(
                     f"{workdir / SERVER_LOG}:\n{_tail(workdir / SERVER_LOG)}"
                 )
             heartbeat(f"waiting for {endpoint}/health")
-            await asyncio.sleep(0.2)
+            await asyncio.sleep(0.05)
 
 
 def _read_state(workdir: Path) -> dict[str, Any] | None:
@@ -406,6 +454,9 @@ def _alive(pid: int) -> bool:
 
 def _exit_code(pid: int) -> str:
     child = _children.get(pid)
+    if child is None and _forkserver is not None:  # a forked server: its forkserver noted the code
+        code = _forkserver[1].exit_code(pid)
+        return "" if code is None else f" with code {code}"
     return f" with code {child.returncode}" if child is not None and child.returncode is not None else ""
 
 

@@ -9,19 +9,22 @@ import os
 import sys
 from collections.abc import AsyncIterator, Coroutine, Sequence
 from contextlib import asynccontextmanager
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
-import asyncpg
 from pydantic import BaseModel
 from rich.console import Console
 from rich.table import Table
-from temporalio.client import Client
 
 from mlc.config import Settings
 from mlc.devstack import discover
 from mlc.errors import RuntimeUnavailableError
 from mlc.store import connect
-from mlc.trust.signer import Signer
+
+if TYPE_CHECKING:  # Temporal and the signer load only in the commands that use them
+    import asyncpg
+    from temporalio.client import Client
+
+    from mlc.trust.signer import Signer
 
 _PIPE_WIDTH = 160
 """Rich assumes 80 columns when output is not a terminal; tables of ids and URLs need more."""

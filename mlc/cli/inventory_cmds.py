@@ -4,18 +4,20 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from pydantic import BaseModel
 
-from mlc import admin
-from mlc.artifacts import ArtifactStore
 from mlc.cli.context import console, emit, inventory, run, settings, signer
 from mlc.domain import DEFAULT_RESTART, DockerSettings, Mode, Runtime, RuntimeKind
-from mlc.registry import register_package
-from mlc.store import deployments, runtimes, snapshots
-from mlc.streaming.settings import KafkaSettings
+from mlc.store import deployments, runtimes
+
+if TYPE_CHECKING:
+    from mlc import admin
+
+# Governance (cryptography, payload models), registration and Kafka settings load inside
+# the commands that use them: `mlc deployments` only reads the inventory.
 
 JSON = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
 
@@ -41,6 +43,9 @@ def register_model(
     as_json: JSON = False,
 ) -> None:
     """Snapshot a model package: an immutable, numbered, content-addressed version."""
+
+    from mlc.artifacts import ArtifactStore
+    from mlc.registry import register_package
 
     async def go() -> None:
         cfg = settings()
@@ -70,6 +75,8 @@ def list_models(model: Annotated[str | None, typer.Argument()] = None, as_json: 
 
     async def go() -> None:
         async with inventory(settings()) as pool:
+            from mlc.store import snapshots  # manifests (yaml): not for `mlc deployments`
+
             found = await snapshots.read_snapshots(pool, model)
         emit(
             found,
@@ -162,6 +169,8 @@ def add_runtime(
             raise typer.BadParameter(f"a streaming runtime needs {', '.join(missing)}")
         if Mode.STREAMING not in (mode or []):
             raise typer.BadParameter("kafka settings given without --mode streaming")
+        from mlc.streaming.settings import KafkaSettings
+
         kafka = KafkaSettings.model_validate({k: v for k, v in given.items() if v is not None})
     docker = None
     if kind is RuntimeKind.DOCKER:
@@ -189,6 +198,8 @@ def add_runtime(
             kafka=kafka,
             restart=restart,
         )
+        from mlc import admin
+
         async with inventory(cfg) as pool:
             await admin.add_runtime(pool, cfg, await signer(cfg, pool), runtime, replace=replace)
         console.print(
@@ -219,6 +230,8 @@ def list_runtimes(stage: Annotated[str | None, typer.Option()] = None, as_json: 
 @runtime_app.command("remove")
 def remove_runtime(name: str) -> None:
     """Remove a runtime that has no live deployments."""
+
+    from mlc import admin
 
     async def go() -> None:
         cfg = settings()
@@ -258,6 +271,8 @@ def grant(
     role: Annotated[list[str], typer.Option("--role", help="Role to grant (repeatable).")],
 ) -> None:
     """Grant roles, e.g. ``approver`` (default gates), ``lifecycle-author`` (uploads), ``admin``."""
+    from mlc import admin
+
     _change_roles(name, role, admin.grant_role)
 
 
@@ -267,10 +282,14 @@ def revoke(
     role: Annotated[list[str], typer.Option("--role", help="Role to take away (repeatable).")],
 ) -> None:
     """Take roles away (a signed statement; the last admin keeps admin)."""
+    from mlc import admin
+
     _change_roles(name, role, admin.revoke_role)
 
 
 def _change_roles(name: str, roles: list[str], change: admin.RoleChange) -> None:
+    from mlc import admin
+
     async def go() -> None:
         cfg = settings()
         async with inventory(cfg) as pool:
@@ -286,6 +305,7 @@ def _change_roles(name: str, roles: list[str], change: admin.RoleChange) -> None
 @user_app.command("list")
 def list_users(as_json: JSON = False) -> None:
     """People and automations, their roles and keys, as the verified trail says."""
+    from mlc import admin
 
     async def go() -> None:
         cfg = settings()
@@ -317,7 +337,6 @@ def list_deployments(
 ) -> None:
     """Which version of which model runs on which runtime in which stage; streaming ones
     with their topics and consumer lag (records the group has not committed yet)."""
-    from mlc.streaming.report import streaming_view
 
     async def go() -> None:
         async with inventory(settings()) as pool:
@@ -327,6 +346,8 @@ def list_deployments(
         columns = ["model", "version", "stage", "runtime", "mode", "state", "endpoint", "id"]
         rows: list[BaseModel | dict[str, object]] = list(found)
         if streams:
+            from mlc.streaming.report import streaming_view  # Kafka's client: only when needed
+
             views = await asyncio.gather(
                 *(asyncio.to_thread(streaming_view, d, known.get(d.runtime)) for d in found)
             )

@@ -4,19 +4,20 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
-from rich.syntax import Syntax
 from rich.table import Table
 
-from mlc import names
 from mlc.cli.context import client, console, emit, inventory, run, settings, signer
 from mlc.domain import Decision, LifecycleDefinition, LifecycleSpec, ModelRef, SignedDecision
-from mlc.lifecycle_uploads import upload_lifecycle
-from mlc.operations import find_handle, read_status, send_decision, sign_decision, start_lifecycle
-from mlc.payloads import LifecycleStatus, SignalDecision
-from mlc.store import lifecycle_definitions, runs, snapshots
+from mlc.store import runs
+
+if TYPE_CHECKING:
+    from mlc.payloads import LifecycleStatus
+
+# Temporal, the payload models and the upload checks load inside the commands that use
+# them: `mlc status` without a run reads only the inventory (see register_commands).
 
 lifecycle_app = typer.Typer(help="Start lifecycles (and manage custom lifecycle code).", no_args_is_help=True)
 
@@ -45,12 +46,15 @@ def register(app: typer.Typer) -> None:
 def start(
     ref: REF,
     lifecycle: Annotated[
-        str, typer.Option(help="Lifecycle (workflow type) to run.")
-    ] = names.STANDARD_LIFECYCLE,
+        str | None, typer.Option(help="Lifecycle (workflow type) to run [default: ModelLifecycle].")
+    ] = None,
     spec: Annotated[Path | None, typer.Option(help="JSON file overriding the stages.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the started run's ids as JSON.")] = False,
 ) -> None:
     """Start a lifecycle for a registered snapshot."""
+    from mlc import names
+
+    workflow_type = lifecycle or names.STANDARD_LIFECYCLE
     model_ref = ModelRef.parse(ref)
     override = LifecycleSpec.model_validate_json(spec.read_text()) if spec else None
 
@@ -59,15 +63,19 @@ def start(
         async with inventory(cfg) as pool:
             # A run for a snapshot that does not exist could only fail: refuse it here
             # (NotFoundError names the versions there are and `mlc model register DIR`).
+            from mlc.store import snapshots
+
             await snapshots.read_snapshot(pool, model_ref.model, model_ref.version)
             # Temporal records the client identity as the run's starter, which segregation
             # of duties keeps from approving it.
             starter = (await signer(cfg, pool)).name
+        from mlc.operations import start_lifecycle
+
         handle = await start_lifecycle(
             await client(cfg, identity=starter),
             model_ref,
             task_queue=cfg.task_queue,
-            lifecycle=lifecycle,
+            lifecycle=workflow_type,
             spec=override,
         )
         if as_json:
@@ -76,14 +84,14 @@ def start(
                 "run_id": handle.result_run_id,
                 "model": model_ref.model,
                 "version": model_ref.version,
-                "lifecycle": lifecycle,
-                "task_queue": names.lifecycle_task_queue(lifecycle, cfg.task_queue),
+                "lifecycle": workflow_type,
+                "task_queue": names.lifecycle_task_queue(workflow_type, cfg.task_queue),
             }
             print(json.dumps(started, indent=2))
             return
         console.print(
-            f"started {lifecycle} for {model_ref} on task queue "
-            f"{names.lifecycle_task_queue(lifecycle, cfg.task_queue)}: workflow {handle.id}; "
+            f"started {workflow_type} for {model_ref} on task queue "
+            f"{names.lifecycle_task_queue(workflow_type, cfg.task_queue)}: workflow {handle.id}; "
             f"follow it with `mlc status {model_ref}`"
         )
 
@@ -98,10 +106,13 @@ def upload(
     ] = None,
 ) -> None:
     """Validate, dry-run, sign and store lifecycle code as a new version; running workers serve it at once."""
+    from mlc import names
 
     async def go() -> None:
         cfg = settings()
         async with inventory(cfg) as pool:
+            from mlc.lifecycle_uploads import upload_lifecycle
+
             stored, created = await upload_lifecycle(
                 pool, file, signer=await signer(cfg, pool), settings=cfg, name=name
             )
@@ -124,6 +135,8 @@ def upload(
 @lifecycle_app.command("list")
 def list_lifecycles(as_json: JSON = False) -> None:
     """Every uploaded version, by name (built-in lifecycles are not listed)."""
+
+    from mlc.store import lifecycle_definitions
 
     async def go() -> None:
         async with inventory(settings()) as pool:
@@ -149,6 +162,8 @@ def show(
     if version and not version.isdigit():
         raise ValueError(f"{ref!r} is not NAME or NAME@VERSION (for example FourEyes@2)")
 
+    from mlc.store import lifecycle_definitions
+
     async def go() -> None:
         async with inventory(settings()) as pool:
             found = await lifecycle_definitions.read_lifecycle_definition(
@@ -161,6 +176,8 @@ def show(
             f"[bold]{found.name}@{found.version}[/bold] sha256 {found.sha256}, uploaded by "
             f"{found.uploaded_by} at {found.uploaded_at:%Y-%m-%d %H:%M:%S}"
         )
+        from rich.syntax import Syntax
+
         console.print(Syntax(found.source, "python", line_numbers=True))
 
     run(go())
@@ -189,6 +206,8 @@ def status(
                     columns=["model", "version", "lifecycle", "state", "stage", "reason", "workflow_id"],
                 )
                 return
+            from mlc.operations import find_handle, read_status
+
             model_ref = ModelRef.parse(ref)
             handle = await find_handle(await client(cfg), pool, model_ref)
         current = await read_status(handle)
@@ -235,6 +254,9 @@ def render_status(current: LifecycleStatus) -> None:
 
 
 def _decide(ref: str, stage: str, comment: str, *, decision: Decision, print_statement: bool) -> None:
+    from mlc.operations import send_decision, sign_decision
+    from mlc.payloads import SignalDecision
+
     model_ref = ModelRef.parse(ref)
 
     async def go() -> None:

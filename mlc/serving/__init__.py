@@ -2,7 +2,8 @@
 
 The same code runs as a local process and inside slim containers, so this package
 imports only starlette, uvicorn, orjson, pyyaml, pydantic, packaging and ``mlc.manifest``,
-``mlc.domain`` and ``mlc.errors`` (never temporalio, asyncpg, docker or httpx).
+``mlc.domain`` and ``mlc.errors`` (never temporalio, asyncpg, docker or httpx); pyarrow
+only when a batch job finds it installed (see :mod:`mlc.serving.batch`).
 """
 
 from __future__ import annotations

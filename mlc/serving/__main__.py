@@ -60,11 +60,24 @@ def _parser() -> argparse.ArgumentParser:
         type=_positive,
         help=f"connections and requests in flight before 503 (default ${LIMIT_CONCURRENCY_ENV} or 64)",
     )
-    batch = commands.add_parser("batch", help="score a JSON-lines file and exit")
+    batch = commands.add_parser("batch", help="score a file of records and exit")
     batch.add_argument("--package", type=Path, required=True, help="model package directory")
-    batch.add_argument("--input", type=Path, required=True, help="JSON-lines records")
-    batch.add_argument("--output", type=Path, required=True, help="JSON-lines outputs, line for line")
+    batch.add_argument("--input", type=Path, required=True, help="records: .parquet, .csv, else JSON lines")
+    batch.add_argument(
+        "--output",
+        type=Path,
+        required=True,
+        help="outputs, record for record: .parquet, .csv, else JSON lines",
+    )
     batch.add_argument("--chunk-size", type=int, default=DEFAULT_CHUNK_SIZE)
+    many = commands.add_parser("serve-many", help="serve every package in a folder under /models/{id}/")
+    many.add_argument("--models-dir", type=Path, required=True, help="one model package per sub-folder")
+    many.add_argument("--host", default="127.0.0.1")
+    many.add_argument("--port", type=int, default=8080)
+    many.add_argument("--memory-budget-mb", type=float, help="evict models above this RSS (default 4096)")
+    forks = commands.add_parser("forkserver", help="import once, then fork model servers on request")
+    forks.add_argument("--socket", type=Path, required=True, help="unix socket to listen on")
+    forks.add_argument("--title-room", default="", help="padding: room for the children's command lines")
     return parser
 
 
@@ -85,6 +98,28 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
+        if args.command == "forkserver":
+            from mlc.serving.forkserver import preload_modules, serve_forks
+
+            serve_forks(args.socket, preload_modules())
+            return 0
+        if args.command == "serve-many":
+            import uvicorn
+
+            from mlc.serving.multi import ModelHost, create_host_app
+
+            host = ModelHost(args.models_dir, memory_budget_mb=args.memory_budget_mb)
+            freeze_heap()
+            uvicorn.run(
+                create_host_app(host),
+                host=args.host,
+                port=args.port,
+                access_log=False,
+                log_level="info",
+                timeout_graceful_shutdown=5,
+                limit_concurrency=host.limits.limit_concurrency,
+            )
+            return 0
         if args.command == "serve":
             limits = ServingLimits.from_env()
             if args.limit_concurrency is not None:

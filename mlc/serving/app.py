@@ -4,8 +4,9 @@ Built on bare Starlette endpoints with orjson so a request costs little more tha
 model itself: records are checked by a precompiled :class:`RecordValidator`, small
 concurrent requests are merged into bounded calls of the model's vectorised
 ``score_batch`` (:class:`MicroBatcher`, capped by records and time), and big batches run
-in a scoring thread so ``/health`` keeps answering while they score. Bodies and arrays over the server's :class:`ServingLimits`
-are refused with 413 before they are decoded (see :mod:`mlc.serving.limits`).
+in a scoring thread so ``/health`` keeps answering while they score. Bodies and arrays
+over the server's :class:`ServingLimits` are refused with 413 before they are decoded
+(see :mod:`mlc.serving.limits`).
 """
 
 from __future__ import annotations

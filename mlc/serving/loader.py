@@ -24,6 +24,7 @@ Record = dict[str, Any]
 ScoreFn = Callable[[Record], Record]
 ScoreBatchFn = Callable[[list[Record]], list[Record]]
 MetricsFn = Callable[[list[Record]], dict[str, Any]]
+ScoreColumnsFn = Callable[[dict[str, Any]], Any]
 
 _REQUIREMENT_NAME = re.compile(r"^\s*([A-Za-z0-9][A-Za-z0-9._-]*)")
 
@@ -40,6 +41,9 @@ class LoadedModel:
     vectorised: bool
     """True when ``score_batch`` is the module's own (worth a thread for big batches)."""
     metrics: MetricsFn | None
+    score_columns: ScoreColumnsFn | None = None
+    """The module's optional ``score_columns(columns)``: numpy arrays by field name in, output
+    arrays by name out. Batch jobs use it to score without building a dict per record."""
 
     @property
     def name(self) -> str:
@@ -121,6 +125,7 @@ def load_model(package_dir: Path) -> LoadedModel:
             ) from exc
     own_batch = getattr(module, "score_batch", None)
     metrics = getattr(module, "metrics", None)
+    score_columns = getattr(module, "score_columns", None)
     return LoadedModel(
         manifest=manifest,
         package_dir=package_dir,
@@ -128,6 +133,7 @@ def load_model(package_dir: Path) -> LoadedModel:
         score_batch=own_batch if callable(own_batch) else _looped(score),
         vectorised=callable(own_batch),
         metrics=metrics if callable(metrics) else None,
+        score_columns=score_columns if callable(score_columns) else None,
     )
 
 

@@ -47,6 +47,7 @@ THREAD_RECORDS_ENV = "MLC_SERVING_THREAD_RECORDS"
 BATCHING_ENVS = (MAX_BATCH_RECORDS_ENV, MAX_DELAY_MS_ENV, LARGE_REQUEST_RECORDS_ENV, THREAD_RECORDS_ENV)
 """Every variable :meth:`BatchPolicy.from_env` reads (runtimes pass these through)."""
 
+
 @dataclass(frozen=True)
 class BatchPolicy:
     """How far the server may merge concurrent requests (defaults measured in bench_scoring.py)."""
