@@ -152,8 +152,10 @@ class DockerSettings(Frozen):
     tls_client_cert: str | None = None
     tls_client_key: str | None = None
     base_image: str = "python:3.11-slim"
-    network_mode: str = "host"
-    """``host`` (the container binds 127.0.0.1 on the engine's host) or a network name."""
+    network_mode: str = "bridge"
+    """A Docker network name (default ``bridge``: the engine's own, with the port published on
+    ``publish_host``), or ``host`` when the runtime says so (the container binds 127.0.0.1 on
+    the engine's host and shares its network: only for engines without a bridge)."""
     publish_host: str = "127.0.0.1"
     """Address the endpoint is reported on (and published ports bind to)."""
     cpus: float = 1.0

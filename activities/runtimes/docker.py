@@ -8,10 +8,12 @@ crashed between starting a container and reporting it loses nothing.
 Containers run hardened: non-root (``docker.user``), read-only root filesystem with a
 tmpfs ``/tmp``, CPU and memory limits, and batch jobs without any network.
 
-Networking: with ``network_mode: host`` the server binds ``publish_host`` on a port the
-driver picks free *on the worker's host*, which is right when the engine is local (the
-default setup). With any other network the container listens on 8080 and the engine
-publishes it on ``publish_host`` at a random port, which also suits a remote engine.
+Networking: by default (``network_mode: bridge``) the container listens on 8080 in its own
+network namespace and the engine publishes it on ``publish_host`` at a random port, so a
+model reaches nothing on the host's loopback; any other network name works the same way.
+``network_mode: host`` is only for engines without a bridge (like this project's test
+engine): the server then binds ``publish_host`` on a port the driver picks free on the
+worker's host, and shares the host's network.
 
 Batch jobs bind-mount the deployment's working directory (on the worker's host) at
 ``/data``. With a remote engine that path must exist on the engine's host too (a shared
