@@ -334,7 +334,9 @@ async def bare_all(clients: list[Client], runs: int) -> list[float]:
         for handle in handles:
             queue.put_nowait(handle)
 
-        async def approver(client: Client, segment: int = segment) -> None:
+        async def approver(
+            client: Client, segment: int = segment, queue: asyncio.Queue[WorkflowHandle[Any, Any]] = queue
+        ) -> None:
             while not queue.empty():
                 handle = client.get_workflow_handle(queue.get_nowait().id)
 
@@ -500,7 +502,8 @@ def report(
     print()
     print(
         f"date {datetime.now(UTC):%Y-%m-%d %H:%M} UTC; N={args.runs} lifecycles (DEV gate, SIT gate, UAT), "
-        f"K={args.approvers} approver clients, one worker (MLC_WORKFLOW_CACHE={args.cache}), {os.cpu_count()} cores"
+        f"K={args.approvers} approver clients, one worker (MLC_WORKFLOW_CACHE={args.cache}), "
+        f"{os.cpu_count()} cores"
     )
     print(row("start -> waiting at DEV (ms)", to_gate))
     print(f"  all {args.runs} parked after {parked_in:.1f} s ({args.runs / parked_in:.1f} runs/s)")
@@ -516,7 +519,8 @@ def report(
     if lost is not None:
         ended, decisions = lost
         print(
-            f"  nothing lost: {ended}/{args.runs} runs succeeded, {decisions} decisions in the trail, each once"
+            f"  nothing lost: {ended}/{args.runs} runs succeeded, "
+            f"{decisions} decisions in the trail, each once"
         )
     print(f"  goal: {GOAL_PARKED} parked runs under {GOAL_RSS_MB:.0f} MB of worker RSS (see --park-only)")
 
