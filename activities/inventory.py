@@ -8,6 +8,7 @@ signatures verify here, now.
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from datetime import UTC, datetime
 
 import asyncpg
@@ -504,12 +505,23 @@ class InventoryActivities:
         )
 
 
+_RUNS: OrderedDict[tuple[str, str], RunContext] = OrderedDict()
+"""Runs loaded recently. Nothing in a :class:`RunContext` changes once its row exists (the
+code's uploader is recorded before ``begin_run``), so each activity of a run need not read
+three rows again; a row changed afterwards (by whoever can write it) changes nothing."""
+_RUNS_KEPT = 4096
+
+
 async def load_run(pool: asyncpg.Pool, workflow_id: str, run_id: str) -> RunContext:
     """A lifecycle run as the inventory knows it: its row, snapshot and code's uploader.
 
     Raises:
         RefusedError: the inventory has no such run.
     """
+    known = _RUNS.get((workflow_id, run_id))
+    if known is not None:
+        _RUNS.move_to_end((workflow_id, run_id))
+        return known
     row = await runs.read_run(pool, workflow_id, run_id)
     if row is None:
         raise RefusedError(f"workflow {workflow_id} has not begun a lifecycle run")
@@ -519,7 +531,7 @@ async def load_run(pool: asyncpg.Pool, workflow_id: str, run_id: str) -> RunCont
         body = entry.data()
         if body.get("event") == CODE_EVENT:
             uploader = body.get("uploader")
-    return RunContext(
+    loaded = RunContext(
         workflow_id=workflow_id,
         run_id=run_id,
         lifecycle=row["lifecycle"],
@@ -527,6 +539,10 @@ async def load_run(pool: asyncpg.Pool, workflow_id: str, run_id: str) -> RunCont
         started_by=row.get("started_by"),
         uploader=uploader,
     )
+    _RUNS[(workflow_id, run_id)] = loaded
+    while len(_RUNS) > _RUNS_KEPT:
+        _RUNS.popitem(last=False)
+    return loaded
 
 
 async def _starter(workflow_id: str, run_id: str) -> str | None:

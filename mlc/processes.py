@@ -29,7 +29,9 @@ _PR_SET_PDEATHSIG = 1
 def parent_death_signal(signum: int) -> Callable[[], None] | None:
     """A ``preexec_fn`` that asks Linux to send ``signum`` to the child when its parent dies.
 
-    Returns None where the OS has no such thing (the caller falls back to a process group).
+    Call it in the parent, before forking (it notes the parent's pid); in a child that is
+    already forked, use :func:`die_with_parent_now`. Returns None where the OS has no such
+    thing (the caller falls back to a process group).
     """
     if not sys.platform.startswith("linux"):
         return None
@@ -42,6 +44,17 @@ def parent_death_signal(signum: int) -> Callable[[], None] | None:
             os.kill(os.getpid(), signum)
 
     return arm
+
+
+def die_with_parent_now(signum: int) -> None:
+    """In a process just forked (not through :func:`spawn`): get ``signum`` when its
+    current parent dies (Linux; a no-op elsewhere). Call it in the child, after the fork."""
+    if not sys.platform.startswith("linux"):
+        return
+    parent = os.getppid()
+    ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signum, 0, 0, 0)
+    if os.getppid() != parent:  # the parent died before the signal was armed
+        os.kill(os.getpid(), signum)
 
 
 def spawn(

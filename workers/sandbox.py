@@ -130,13 +130,15 @@ def bwrap_command(
     for public in ("/etc/ssl", "/etc/ca-certificates", "/etc/localtime"):
         if Path(public).exists():
             command += ["--ro-bind", public, public]
+    # The private /tmp first: the project or its venv may live under the host's /tmp (a CI
+    # checkout), and binds made after it are laid on top of it instead of hidden by it.
+    command += ["--size", str(TMP_SIZE), "--tmpfs", "/tmp"]
     for root in [*read_only_roots(), *read_only]:
         command += ["--ro-bind", str(root), str(root)]
     command += [
         "--ro-bind", str(bridge_dir), str(BRIDGE_INSIDE),
         "--proc", "/proc",
         "--dev", "/dev",
-        "--size", str(TMP_SIZE), "--tmpfs", "/tmp",
         "--remount-ro", "/",
         "--chdir", "/tmp",
     ]  # fmt: skip

@@ -106,11 +106,9 @@ def _child(request: dict[str, Any], main: Any) -> None:
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
         os.setsid()
         if request.get("die_with_parent"):
-            from mlc.processes import parent_death_signal
+            from mlc.processes import die_with_parent_now
 
-            arm = parent_death_signal(signal.SIGTERM)
-            if arm is not None:
-                arm()
+            die_with_parent_now(signal.SIGTERM)
         os.chdir(request["cwd"])
         os.environ.clear()
         os.environ.update(request["env"])
