@@ -126,9 +126,10 @@ class ReconcileInventory:
                 continue  # its lifecycle is removing it
             streak = int(found.details.get(RESTARTS) or 0)
             if finding.healthy:
-                if finding.restarted:
-                    await self._restarted(found, finding, caller)
+                if finding.restarted and await self._restarted(found, finding, caller):
                     restarted.append(found.id)
+                elif finding.restarted:  # retired or failed while it came back: take it down
+                    remove.append(self._grant("undeploy", found, runtime, caller))
                 elif streak:
                     await deployments.update_serving(
                         self.pool, found.id, state=DeploymentState.SERVING, details={RESTARTS: 0}
@@ -153,14 +154,15 @@ class ReconcileInventory:
                     continue
             if await self._failed(found, finding, runtime, caller, streak):
                 failed.append(found.id)
-                remove.append(self._grant("undeploy", found, runtime, caller))
+            remove.append(self._grant("undeploy", found, runtime, caller))  # whatever is left of it
         return Settlement(
             restart=tuple(restart), remove=tuple(remove), failed=tuple(failed), restarted=tuple(restarted)
         )
 
     # --- outcomes -----------------------------------------------------------------------
 
-    async def _restarted(self, found: Deployment, finding: Finding, caller: CallingRun) -> None:
+    async def _restarted(self, found: Deployment, finding: Finding, caller: CallingRun) -> bool:
+        """Record a deployment that is back up; False when it stopped serving meanwhile."""
         updated = await deployments.update_serving(
             self.pool,
             found.id,
@@ -169,20 +171,21 @@ class ReconcileInventory:
             details={**finding.details, "restarted_at": datetime.now(UTC).isoformat()},
         )
         if updated is None:
-            return
+            return False
         moved = f" at {updated.endpoint}" if updated.endpoint != found.endpoint else ""
         message = (
             f"{found.model}@{found.version} in {found.stage} on runtime {found.runtime} was down "
             f"({found.details.get('last_failure') or 'no answer'}) and has been restarted{moved}"
         )
         await self._record(updated, caller, event="restarted", message=message)
+        return True
 
     async def _failed(
         self, found: Deployment, finding: Finding, runtime: Runtime, caller: CallingRun, streak: int
     ) -> bool:
-        policy = runtime.restart if runtime.restart_limit != 0 else "no (restart policy)"
-        after = f" after {streak} restart(s)" if streak else ""
-        reason = f"{finding.detail}{after}; restart policy {policy}"
+        """Mark a deployment failed with the finding; False when it stopped serving meanwhile."""
+        after = f" after {streak} restart(s) in a row" if streak else ""
+        reason = f"{finding.detail}{after}; restart policy {runtime.restart}"
         updated = await deployments.update_serving(
             self.pool,
             found.id,

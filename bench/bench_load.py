@@ -268,7 +268,7 @@ async def wait_parked(
 ) -> list[float]:
     """Wait until every run waits at DEV; return each run's start-to-waiting seconds."""
     ids = {h.id: i for i, h in enumerate(handles)}
-    deadline = time.perf_counter() + STEP_TIMEOUT_SECONDS
+    deadline = time.perf_counter() + STEP_TIMEOUT_SECONDS + len(handles)  # a run a second at worst
     while True:
         rows = await bench.pool.fetch(
             "SELECT workflow_id, min(created_at) AS at FROM notifications "

@@ -14,7 +14,14 @@ from temporalio.exceptions import ApplicationError
 from temporalio.testing import ActivityEnvironment
 
 from activities.reconcile import ReconcileInventory
-from mlc.contracts.reconcile import PlanInput, ensure_reconciler, reconciler_id
+from mlc.contracts.reconcile import (
+    Finding,
+    PlanInput,
+    SettleInput,
+    Settlement,
+    ensure_reconciler,
+    reconciler_id,
+)
 from mlc.domain import (
     ApprovalGate,
     Deployment,
@@ -92,3 +99,41 @@ def test_restart_policies() -> None:
     for bad in ("sometimes", "on-failure:0", "on-failure:x", "always:3"):
         with pytest.raises(ValidationError, match="restart policy"):
             Runtime(name="r", stage="DEV", restart=bad)
+
+
+async def test_a_crash_loop_is_restarted_up_to_the_policy_then_failed(stack: Stack) -> None:
+    """``on-failure:2``: two restarts in a row; when the second does not come back either,
+    the deployment is failed (the judge, fed findings as the runtime would report them)."""
+    await stack.add_runtime(
+        Runtime(name="local-dev", stage="DEV", task_queue=stack.task_queue, restart="on-failure:2")
+    )
+    snap = await stack.register(MODEL)
+    spec = LifecycleSpec(stages=(StageSpec(name="DEV", tests=(TestKind.SMOKE,), gate=ApprovalGate()),))
+    handle = await stack.start(snap, spec=spec)
+    await wait_for_gate(handle, "DEV")
+    (deployment,) = await deployments.read_deployments(stack.pool)
+    assert stack.worker_pool is not None
+    judge = ReconcileInventory(stack.worker_pool, stack.settings)
+    env = ActivityEnvironment()
+    env.info = dataclasses.replace(
+        env.info, workflow_type="RuntimeReconciler", workflow_id=reconciler_id(stack.task_queue, "local-dev")
+    )
+
+    async def settle(**finding: object) -> Settlement:
+        found = Finding(deployment_id=deployment.id, **finding)  # type: ignore[arg-type]
+        return await env.run(judge.settle_reconciliation, SettleInput(runtime="local-dev", findings=(found,)))
+
+    down = {"healthy": False, "detail": "the model server is not running"}
+    attempt_failed = {"healthy": False, "restarted": True, "detail": "exited during start"}
+    first = await settle(**down)
+    assert len(first.restart) == 1 and not first.failed
+    retried = await settle(**attempt_failed)
+    assert not retried.restart and not retried.failed, "with a restart left, the next round tries again"
+    second = await settle(**down)
+    assert len(second.restart) == 1 and not second.failed
+    last = await settle(**attempt_failed)
+    assert not last.restart and last.failed == (deployment.id,) and len(last.remove) == 1
+    found = await deployments.read_deployment(stack.pool, deployment.id)
+    assert found is not None and found.state is DeploymentState.FAILED
+    assert "after 2 restart(s) in a row; restart policy on-failure:2" in found.details["error"]
+    await handle.terminate()
