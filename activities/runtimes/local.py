@@ -149,30 +149,25 @@ class LocalDriver(RuntimeDriver):
             return ProbeResult(healthy=False, detail=f"no model server is recorded in {workdir}")
         pid, endpoint = int(state["pid"]), f"http://{HOST}:{int(state['port'])}"
         log = workdir / SERVER_LOG
-        if not _alive(pid):
-            return ProbeResult(
-                healthy=False,
-                detail=f"the model server (pid {pid}) is not running{_exit_code(pid)}",
-                log_tail=_tail(log),
-                endpoint=endpoint,
-            )
         answer = "no answer"
-        async with httpx.AsyncClient(timeout=2.0, trust_env=False) as client:
-            for _ in range(PROBE_TRIES):
-                try:
-                    response = await client.get(f"{endpoint}/health")
-                    if response.status_code == 200:
-                        return ProbeResult(healthy=True, endpoint=endpoint)
-                    answer = f"HTTP {response.status_code}"
-                except httpx.TransportError as exc:
-                    answer = type(exc).__name__
-                await asyncio.sleep(0.5)
-        return ProbeResult(
-            healthy=False,
-            detail=f"the model server (pid {pid}) runs but {endpoint}/health gave {answer}",
-            log_tail=_tail(log),
-            endpoint=endpoint,
+        if _alive(pid):
+            async with httpx.AsyncClient(timeout=2.0, trust_env=False) as client:
+                for _ in range(PROBE_TRIES):
+                    try:
+                        response = await client.get(f"{endpoint}/health")
+                        if response.status_code == 200:
+                            return ProbeResult(healthy=True, endpoint=endpoint)
+                        answer = f"HTTP {response.status_code}"
+                    except httpx.TransportError as exc:
+                        answer = type(exc).__name__
+                    await asyncio.sleep(0.5)
+        running = _alive(pid)  # again: it may have been dying while we asked
+        detail = (
+            f"the model server (pid {pid}) runs but {endpoint}/health gave {answer}"
+            if running
+            else f"the model server (pid {pid}) is not running{_exit_code(pid)}"
         )
+        return ProbeResult(healthy=False, detail=detail, log_tail=_tail(log), endpoint=endpoint)
 
     async def _launch(
         self, request: OnlineDeployRequest, workdir: Path, *, port: int | None = None
