@@ -473,12 +473,12 @@ def test_settings_address_wins_and_env_tls_applies(clean_env: pytest.MonkeyPatch
     settings = Settings(
         home=tmp_path,
         database_url=None,
-        temporal_address="10.0.0.1:7233",
+        temporal_address="127.0.0.9:7233",
         temporal_namespace="ns",
         task_queue="q",
     )
     options = connect_options(settings)
-    assert options["target_host"] == "10.0.0.1:7233" and options["namespace"] == "ns"
+    assert options["target_host"] == "127.0.0.9:7233" and options["namespace"] == "ns"
     assert options["api_key"] == "secret"
     assert isinstance(options["tls"], TLSConfig) and options["tls"].domain == "temporal.example"
 
