@@ -26,7 +26,8 @@ each cache size, queries every parked run (which loads it into the cache) and me
 RSS again: the memory of N parked runs when the cache is full.
 
     .venv/bin/python bench/bench_load.py                       # N=200, K=8
-    .venv/bin/python bench/bench_load.py --runs 2000 --rss-caches 1000,250 --park-only
+    .venv/bin/python bench/bench_load.py --runs 10000 --park-only            # RSS with 10,000 parked
+    .venv/bin/python bench/bench_load.py --runs 2000 --park-only --rss-caches 1000,250,100
 """
 
 from __future__ import annotations
@@ -63,7 +64,7 @@ sys.path.insert(0, str(ROOT))
 from bench.bare_workflow import BareLifecycle, BarePhase, RunBareInput, noop  # noqa: E402
 from mlc import admin, names, processes  # noqa: E402
 from mlc.artifacts import ArtifactStore  # noqa: E402
-from mlc.config import Settings  # noqa: E402
+from mlc.config import DEFAULT_WORKFLOW_CACHE, Settings  # noqa: E402
 from mlc.contracts.runtime import BatchJobResult  # noqa: E402
 from mlc.dev_postgres import DevPostgres  # noqa: E402
 from mlc.devstack import port_open, temporal_cli  # noqa: E402
@@ -530,7 +531,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", type=int, default=200, help="lifecycles at once (N)")
     parser.add_argument("--approvers", type=int, default=8, help="concurrent approver clients (K)")
-    parser.add_argument("--cache", type=int, default=1000, help="the worker's MLC_WORKFLOW_CACHE")
+    parser.add_argument(
+        "--cache", type=int, default=DEFAULT_WORKFLOW_CACHE, help="the worker's MLC_WORKFLOW_CACHE"
+    )
     parser.add_argument(
         "--rss-caches",
         type=lambda text: [int(x) for x in text.split(",") if x],

@@ -16,8 +16,10 @@ DEFAULT_TASK_QUEUE = "mlc"
 
 DEFAULT_RECONCILE_SECONDS = 30.0
 """Default interval of the runtime reconcilers' health checks."""
-DEFAULT_WORKFLOW_CACHE = 1000
-"""The Temporal SDK's default ``max_cached_workflows``."""
+DEFAULT_WORKFLOW_CACHE = 100
+"""Workflow runs a worker keeps in memory. Temporal's default is 1000; at ~0.2-0.45 MB per
+cached run that is 320-570 MB, while 100 keeps a worker under 200 MB with 10,000 runs
+parked at gates (bench/bench_load.py). Runs beyond it replay when they next act."""
 
 TRUST_ROOT_FILE = "trust-root"
 """Under ``home``: the pinned key id of the first admin, written by ``mlc admin init``."""

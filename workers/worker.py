@@ -24,17 +24,20 @@ def build_main_worker(
     pool: asyncpg.Pool,
     *,
     task_queue: str | None = None,
-    max_cached_workflows: int = 1000,
+    max_cached_workflows: int | None = None,
 ) -> Worker:
     """The worker of ``settings.task_queue``: the built-in workflows, the inventory and the
     runtime activities for runtimes on that queue (the default local ones). Uploaded
-    lifecycles are not among them: they run on the lifecycle worker only."""
+    lifecycles are not among them: they run on the lifecycle worker only.
+    ``max_cached_workflows`` defaults to ``settings.workflow_cache``."""
     return Worker(
         client,
         task_queue=task_queue or settings.task_queue,
         workflows=list(MAIN_WORKFLOWS),
         activities=[*inventory_activities(pool, settings), *runtime_activities(settings)],
-        max_cached_workflows=max_cached_workflows,
+        max_cached_workflows=settings.workflow_cache
+        if max_cached_workflows is None
+        else max_cached_workflows,
     )
 
 

@@ -84,9 +84,7 @@ async def embedded(
             temporal = await _embedded_client(ready)
             await ensure_search_attributes(temporal)
             try:
-                main = build_main_worker(
-                    temporal, ready, worker_pool, max_cached_workflows=ready.workflow_cache
-                )
+                main = build_main_worker(temporal, ready, worker_pool)
                 async with (
                     main,
                     _sandboxed_lifecycles(ready),
@@ -235,9 +233,7 @@ def worker(
             pool = await connect(dsn, migrate_schema=cfg.worker_database_url is None)
             try:
                 await ensure_reconcilers(temporal, cfg, pool)  # what died meanwhile is seen at once
-                await run_until(
-                    build_main_worker(temporal, cfg, pool, max_cached_workflows=cfg.workflow_cache), stop
-                )
+                await run_until(build_main_worker(temporal, cfg, pool), stop)
             finally:
                 await pool.close()
             return
