@@ -96,8 +96,14 @@ def _fork_client() -> ForkClient | None:
     with (folder / "forkserver.log").open("ab") as log:
         process = processes.spawn(
             [
-                sys.executable, "-m", "mlc.serving", "forkserver", "--socket", str(folder / "socket"),
-                "--title-room", "." * TITLE_ROOM,
+                sys.executable,
+                "-m",
+                "mlc.serving",
+                "forkserver",
+                "--socket",
+                str(folder / "socket"),
+                "--title-room",
+                "." * TITLE_ROOM,
             ],  # fmt: skip
             log=log,
             cwd=folder,
