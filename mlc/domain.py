@@ -165,6 +165,53 @@ class DockerSettings(Frozen):
     health_timeout_seconds: float = 60.0
 
 
+class GatewaySettings(Frozen):
+    """A runtime's stable endpoints: a real proxy (nginx) in front of its online deployments.
+
+    Consumers call ``http://HOST:PORT/models/MODEL/score`` and never change it; which
+    versions answer behind it, and with which share of traffic, is the inventory's traffic
+    table for that runtime and model, applied by the runtime's driver.
+    """
+
+    port: int = Field(ge=1024, le=65535)
+    host: str = "127.0.0.1"
+    """Address the gateway binds and reports (loopback unless the runtime says otherwise)."""
+
+    def endpoint(self, model: str) -> str:
+        """The stable endpoint of ``model`` on this gateway (no trailing slash)."""
+        return f"http://{self.host}:{self.port}/models/{model}"
+
+
+class TrafficRoute(Frozen):
+    """One deployment behind a stable endpoint and its share of live traffic."""
+
+    deployment_id: str
+    version: int
+    weight: int = Field(default=100, ge=0, le=100)
+    """Percent of live requests it answers; the answering routes' weights sum to 100."""
+    shadow: bool = False
+    """Receives a mirrored copy of every live request; its answers are discarded (weight 0)."""
+
+
+def check_routes(routes: tuple[TrafficRoute, ...]) -> tuple[TrafficRoute, ...]:
+    """Return ``routes`` if they can stand behind one endpoint, else raise ValueError.
+
+    Answering routes' weights sum to 100 (or there are none: the endpoint answers 503), a
+    shadow has weight 0, there is at most one shadow, and no deployment appears twice.
+    """
+    ids = [r.deployment_id for r in routes]
+    if len(set(ids)) != len(ids):
+        raise ValueError(f"a deployment appears twice among the routes: {ids}")
+    shadows = [r for r in routes if r.shadow]
+    if len(shadows) > 1 or any(r.weight for r in shadows):
+        raise ValueError("at most one shadow route, with weight 0")
+    answering = [r for r in routes if not r.shadow]
+    total = sum(r.weight for r in answering)
+    if answering and total != 100:
+        raise ValueError(f"the answering routes' weights sum to {total}, not 100")
+    return routes
+
+
 DEFAULT_RESTART_ATTEMPTS = 3
 DEFAULT_RESTART = "on-failure:3"
 _RESTART = re.compile(r"^(no|always|on-failure(:[1-9][0-9]{0,2})?)$")
@@ -182,6 +229,8 @@ class Runtime(Frozen):
     docker: DockerSettings | None = None
     kafka: KafkaSettings | None = None
     """Brokers, topics, consumer group and security of streaming deployments."""
+    gateway: GatewaySettings | None = None
+    """Where this runtime's stable endpoints listen; None: consumers call deployments directly."""
     restart: str = DEFAULT_RESTART
     """What the runtime's reconciler does with a serving deployment it finds dead or
     unhealthy: ``no`` marks it failed; ``on-failure[:N]`` restarts it, up to N times in a

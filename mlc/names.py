@@ -54,6 +54,8 @@ AUTHORIZE_UNDEPLOY = "authorize_undeploy"
 RESOLVE_APPROVERS = "resolve_approvers"
 NOTIFY = "notify"
 LOAD_LIFECYCLE = "load_lifecycle_definition"
+AUTHORIZE_TRAFFIC = "authorize_traffic"
+RECORD_TRAFFIC = "record_traffic"
 
 # Runtime activities (each runtime's task queue).
 DEPLOY_ONLINE = "deploy_online"
@@ -61,6 +63,8 @@ RUN_BATCH_JOB = "run_batch_job"
 DEPLOY_STREAMING = "deploy_streaming"
 UNDEPLOY = "undeploy"
 RUN_STAGE_TESTS = "run_stage_tests"
+ROUTE_TRAFFIC = "route_traffic"
+OBSERVE_TRAFFIC = "observe_traffic"
 
 # Custom search attributes: filter lifecycles in the Web UI.
 SA_MODEL = SearchAttributeKey.for_keyword("MlcModel")

@@ -20,7 +20,7 @@ from typing import Literal
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from pydantic import ValidationError
 
-from mlc.domain import Frozen, Mode, ModelSnapshot, Runtime
+from mlc.domain import Frozen, Mode, ModelSnapshot, Runtime, TrafficRoute
 from mlc.errors import InvalidKeyError, RefusedError
 from mlc.trust.keys import ensure_key, key_id, parse_public_key, public_text, verify
 from mlc.trust.statements import GRANT_TYPE, Envelope, make_statement, seal
@@ -33,10 +33,20 @@ TEST_GRANT_LIFETIME = timedelta(days=30)
 driver), and lifecycle code may test again after a gate that waits for days."""
 
 RuntimeAction = Literal[
-    "deploy_online", "run_batch_job", "deploy_streaming", "undeploy", "run_stage_tests", "probe", "restart"
+    "deploy_online",
+    "run_batch_job",
+    "deploy_streaming",
+    "undeploy",
+    "run_stage_tests",
+    "probe",
+    "restart",
+    "route_traffic",
+    "observe_traffic",
 ]
 """``probe`` and ``restart`` are the runtime reconciler's: check a serving deployment's
-health, and bring the same deployment of the same snapshot back up."""
+health, and bring the same deployment of the same snapshot back up. ``route_traffic`` sets
+which deployments answer a model's stable endpoint (``routes``), ``observe_traffic`` reads
+what the gateway saw for them."""
 
 
 class RuntimeGrant(Frozen):
@@ -51,6 +61,10 @@ class RuntimeGrant(Frozen):
     standby: bool = False
     """``deploy_streaming`` only: score just the test topics, because an older version of
     the model still owns the runtime's input topic (until this one is promoted)."""
+    model: str | None = None
+    """``route_traffic``/``observe_traffic``: the model whose stable endpoint is meant."""
+    routes: tuple[TrafficRoute, ...] = ()
+    """``route_traffic``/``observe_traffic``: the deployments behind it, checked by the inventory."""
     workflow_id: str
     run_id: str
     expires_at: datetime

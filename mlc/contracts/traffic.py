@@ -1,0 +1,135 @@
+"""Contracts of stable endpoints: who answers a model's endpoint, and what the gateway saw.
+
+Each runtime with :class:`~mlc.domain.GatewaySettings` runs a real proxy (nginx) in front
+of its online deployments: ``http://HOST:PORT/models/MODEL/...`` never changes, while the
+inventory's traffic table says which deployments answer it and with which share.
+
+A traffic change is three steps, so that nothing acts on a payload from workflow code:
+
+1. :data:`AUTHORIZE_TRAFFIC` (main queue, trusted): checks the routes name live online
+   deployments of this run's model on that runtime and stage (other versions only as the
+   previous or current ones), checks the stage policy, and signs a ``route_traffic``
+   (or ``observe_traffic``) grant.
+2. :data:`ROUTE_TRAFFIC` (the runtime's queue): the driver locates each granted
+   deployment itself, rewrites the model's gateway configuration and reloads the proxy
+   gracefully (in-flight requests finish on the old configuration). Idempotent.
+3. :data:`RECORD_TRAFFIC` (main queue): stores the table and appends a ``traffic`` entry
+   to the audit trail naming the run and the cause (``promote``, ``canary 25%``,
+   ``rollback by alice: <reason>``...).
+
+:data:`OBSERVE_TRAFFIC` reads the gateway's access log (and, for a shadow, the captured
+answers of both versions to the same requests) over a time window.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+from typing import Any, Literal
+
+from pydantic import Field
+
+from mlc import names
+from mlc.contracts.base import ActivityContract
+from mlc.domain import Frozen, TrafficRoute
+from mlc.payloads import RuntimeActionInput, RuntimeGrantResult
+from mlc.trust.statements import Envelope
+
+TRAFFIC_TIMEOUT = timedelta(minutes=2)
+"""Rewriting a configuration and reloading a proxy (starting it the first time)."""
+TRAFFIC_HEARTBEAT = timedelta(seconds=30)
+INVENTORY_TIMEOUT = timedelta(seconds=30)
+
+
+class AuthorizeTrafficInput(Frozen):
+    """Ask for a grant to set (or observe) the routes of this run's model on one runtime."""
+
+    stage: str
+    runtime: str
+    routes: tuple[TrafficRoute, ...]
+    action: Literal["route_traffic", "observe_traffic"] = "route_traffic"
+
+
+class RouteTrafficResult(Frozen):
+    """The model's stable endpoint on the runtime, and driver facts (config file, proxy pid)."""
+
+    endpoint: str
+    details: dict[str, Any] = Field(default_factory=dict)
+
+
+class RecordTrafficInput(Frozen):
+    """The routes now live behind ``endpoint``, and what caused the change."""
+
+    stage: str
+    runtime: str
+    routes: tuple[TrafficRoute, ...]
+    endpoint: str
+    cause: str
+    """Why traffic moved: ``promote``, ``canary 25%``, ``canary rolled back: ...``,
+    ``shadow``, ``rollback by NAME: REASON`` (the actor is the run, recorded with it)."""
+
+
+class ObserveTrafficInput(Frozen):
+    """What the gateway saw for the granted routes between ``since`` and ``until``."""
+
+    grant: Envelope
+    since: datetime
+    until: datetime
+
+
+class RouteStats(Frozen):
+    """Live requests one deployment answered in a window: count, server errors, latency."""
+
+    deployment_id: str
+    version: int
+    requests: int = 0
+    errors: int = 0
+    """Answers with status 5xx (or no answer: the gateway's 502/504)."""
+    p50_ms: float | None = None
+    p99_ms: float | None = None
+
+    @property
+    def error_rate(self) -> float:
+        """Errors per request (0 with no requests)."""
+        return self.errors / self.requests if self.requests else 0.0
+
+
+class ShadowComparison(Frozen):
+    """Both versions' answers to the same mirrored requests, compared."""
+
+    primary_id: str
+    shadow_id: str
+    pairs: int
+    """Requests both answered (the join of their captured answers by request id)."""
+    agreement_rate: float | None = None
+    """Share of records whose predicted label is the same."""
+    mean_abs_diff: float | None = None
+    """Mean absolute difference of the scores (probabilities) of the same records."""
+    max_abs_diff: float | None = None
+    shadow_errors: int = 0
+
+
+class TrafficObservation(Frozen):
+    """The gateway's view of one model's endpoint over a window."""
+
+    endpoint: str
+    since: datetime
+    until: datetime
+    routes: tuple[RouteStats, ...] = ()
+    shadow: ShadowComparison | None = None
+
+
+AUTHORIZE_TRAFFIC = ActivityContract(
+    names.AUTHORIZE_TRAFFIC, AuthorizeTrafficInput, RuntimeGrantResult, INVENTORY_TIMEOUT
+)
+RECORD_TRAFFIC = ActivityContract(names.RECORD_TRAFFIC, RecordTrafficInput, type(None), INVENTORY_TIMEOUT)
+ROUTE_TRAFFIC = ActivityContract(
+    names.ROUTE_TRAFFIC, RuntimeActionInput, RouteTrafficResult, TRAFFIC_TIMEOUT, TRAFFIC_HEARTBEAT
+)
+OBSERVE_TRAFFIC = ActivityContract(
+    names.OBSERVE_TRAFFIC, ObserveTrafficInput, TrafficObservation, TRAFFIC_TIMEOUT, TRAFFIC_HEARTBEAT
+)
+
+INVENTORY_CONTRACTS = (AUTHORIZE_TRAFFIC, RECORD_TRAFFIC)
+"""Served by the trusted main worker."""
+RUNTIME_CONTRACTS = (ROUTE_TRAFFIC, OBSERVE_TRAFFIC)
+"""Served on each runtime's task queue."""
