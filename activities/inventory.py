@@ -134,16 +134,22 @@ class InventoryActivities:
     @inv.NOTIFY.implement
     @mlc_errors
     async def notify(self, request: NotifyInput) -> None:
-        """Store a notification and log it (a hook for mail or chat integrations)."""
+        """Store a notification and log it (a hook for mail or chat integrations).
+
+        Keyed by the calling activity, so a retry after a lost result stores nothing twice.
+        """
         run = await self._run()
-        activity.logger.info("notify %s: %s", run.workflow_id, request.message)
-        await audit.create_notification(
+        caller = calling_run()
+        stored = await audit.create_notification(
             self.pool,
             workflow_id=run.workflow_id,
             model=run.snapshot.model,
             version=run.snapshot.version,
             message=request.message,
+            idempotency_key=f"{caller.workflow_id}/{caller.run_id}/{caller.activity_id}",
         )
+        if stored:
+            activity.logger.info("notify %s: %s", run.workflow_id, request.message)
 
     # --- runtimes and deployments -------------------------------------------------------
 

@@ -222,6 +222,7 @@ class ReconcileInventory:
             model=deployment.model,
             version=deployment.version,
             message=message,
+            idempotency_key=f"{caller.workflow_id}/{caller.run_id}/{caller.activity_id}/{deployment.id}",
         )
 
     async def _admitted(self, found: Deployment, state: Governance) -> ModelSnapshot:

@@ -26,13 +26,23 @@ async def read_test_results(pool: asyncpg.Pool, model: str, version: int) -> lis
 
 
 async def create_notification(
-    pool: asyncpg.Pool, *, workflow_id: str, model: str | None, version: int | None, message: str
-) -> None:
-    """Store a notification for people watching a lifecycle."""
-    await pool.execute(
-        "INSERT INTO notifications (workflow_id, model, version, message) VALUES ($1, $2, $3, $4)",
+    pool: asyncpg.Pool,
+    *,
+    workflow_id: str,
+    model: str | None,
+    version: int | None,
+    message: str,
+    idempotency_key: str | None = None,
+) -> bool:
+    """Store a notification for people watching a lifecycle; False when ``idempotency_key``
+    was stored already (a retried activity must not tell people twice)."""
+    status: str = await pool.execute(
+        "INSERT INTO notifications (workflow_id, model, version, message, idempotency_key) "
+        "VALUES ($1, $2, $3, $4, $5) ON CONFLICT (idempotency_key) DO NOTHING",
         workflow_id,
         model,
         version,
         message,
+        idempotency_key,
     )
+    return status.endswith(" 1")
