@@ -21,7 +21,16 @@ from activities.runtimes.base import check_deployment_id
 from mlc.config import Settings
 from mlc.contracts import inventory as inv
 from mlc.contracts.reconcile import ensure_reconciler
-from mlc.domain import ApprovalRecord, Decision, Deployment, DeploymentState, Mode, Runtime, StageTestReport
+from mlc.domain import (
+    ApprovalRecord,
+    Decision,
+    Deployment,
+    DeploymentState,
+    Mode,
+    Runtime,
+    StageTestReport,
+    TrafficRoute,
+)
 from mlc.errors import NoRuntimeError, NotFoundError, RefusedError
 from mlc.payloads import (
     AuthorizeDeploymentInput,
@@ -130,6 +139,21 @@ class InventoryActivities:
             await self._append(
                 trail.RUN, {"event": "ended", "state": request.state.value, "reason": request.reason}, run=run
             )
+            await self._release(run)
+
+    async def _release(self, run: RunContext) -> None:
+        """A run ended: its online deployments answering no stable endpoint are no longer
+        held by it, so the reconcilers of their gateway runtimes look at them now."""
+        state = await self._state()
+        held = {
+            d.runtime
+            for d in await deployments.read_deployments(self.pool, model=run.snapshot.model)
+            if d.details.get("run_id") == run.run_id and d.mode is Mode.ONLINE
+        }
+        for name in sorted(held):
+            runtime = state.runtimes.get(name)
+            if runtime is not None and runtime.gateway is not None:
+                await ensure_reconciler(activity.client(), self.settings, name)
 
     @inv.NOTIFY.implement
     @mlc_errors
@@ -284,13 +308,18 @@ class InventoryActivities:
 
         Deployments of another run still in flight are not among them: that run owns them
         (it promotes or undeploys them itself), so two runs of one model waiting in one
-        stage do not retire each other's deployments.
+        stage do not retire each other's deployments. Nor are online deployments on a
+        runtime with a gateway: there a promotion moves the stable endpoint instead, and
+        the runtime's reconciler retires what no longer answers (after the stage's grace).
         """
-        run = await self._run()
+        run, state = await self._run(), await self._state()
         found = await deployments.read_deployments(self.pool, model=run.snapshot.model, stage=request.stage)
         replaced = []
         for d in found:
             if d.id in request.exclude_ids:
+                continue
+            runtime = state.runtimes.get(d.runtime)
+            if d.mode is Mode.ONLINE and runtime is not None and runtime.gateway is not None:
                 continue
             other = d.details.get("run_id")
             if other and other != run.run_id and d.workflow_id:
@@ -431,11 +460,45 @@ class InventoryActivities:
             stage=deployment.stage,
             mode=deployment.mode,
             snapshot=run.snapshot,
+            routes=await self._champion(run, deployment),
             workflow_id=run.workflow_id,
             run_id=run.run_id,
             expires_at=datetime.now(UTC) + grants.TEST_GRANT_LIFETIME,
         )
         return grants.issue(self._platform_key, grant)
+
+    async def _champion(self, run: RunContext, deployment: Deployment) -> tuple[TrafficRoute, ...]:
+        """The champion a champion/challenger test of ``deployment`` compares with, as a route.
+
+        The version serving the model in that stage on that runtime for another run: the
+        promoted one (its run has ended) before one still in flight, the newest version
+        first. Empty for non-online deployments or when nothing else serves there.
+        """
+        if deployment.mode is not Mode.ONLINE:
+            return ()
+        live = await deployments.read_deployments(
+            self.pool, model=deployment.model, stage=deployment.stage, runtime=deployment.runtime
+        )
+        candidates: list[tuple[bool, int, Deployment]] = []
+        for d in live:
+            if (
+                d.mode is not Mode.ONLINE
+                or d.state is not DeploymentState.SERVING
+                or d.details.get("run_id") == run.run_id
+                or d.details.get(RETIRING)
+            ):
+                continue
+            owner = (
+                await runs.read_run(self.pool, d.workflow_id, str(d.details.get("run_id")))
+                if d.workflow_id
+                else None
+            )
+            promoted = owner is None or owner.get("ended_at") is not None
+            candidates.append((promoted, d.version, d))
+        if not candidates:
+            return ()
+        _, _, best = max(candidates, key=lambda c: (c[0], c[1]))
+        return (TrafficRoute(deployment_id=best.id, version=best.version, weight=0),)
 
     async def _state(self) -> Governance:
         if not self.settings.trust_root:

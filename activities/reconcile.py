@@ -30,6 +30,7 @@ from activities import admission
 from activities.boundary import CallingRun, calling_run, mlc_errors
 from activities.inventory import RETIRING, load_run
 from activities.runtimes.base import OnlineDeployRequest, ProbeRequest, driver_for
+from activities.traffic import RETIRE_AFTER
 from mlc.config import Settings
 from mlc.contracts.reconcile import PLAN as PLAN_CONTRACT
 from mlc.contracts.reconcile import (
@@ -49,7 +50,7 @@ from mlc.contracts.reconcile import (
 )
 from mlc.domain import Deployment, DeploymentState, Mode, ModelSnapshot, Runtime
 from mlc.errors import DeploymentFailedError, RefusedError
-from mlc.store import audit, deployments, trail
+from mlc.store import audit, deployments, runs, traffic, trail
 from mlc.store.governance import GovernanceCache
 from mlc.trust import grants
 from mlc.trust.governance import Governance
@@ -97,12 +98,62 @@ class ReconcileInventory:
             for d in await deployments.read_deployments(self.pool, runtime=runtime.name)
             if d.state is DeploymentState.SERVING and d.mode is Mode.ONLINE and not d.details.get(RETIRING)
         ]
+        retired = await self._retire_due(runtime, watched, caller)
+        watched = [d for d in watched if d.id not in {r.id for r in retired}]
         return Plan(
             runtime=runtime,
             probes=tuple(self._grant("probe", d, runtime, caller) for d in watched),
             watching=tuple(d.id for d in watched),
             restarting=tuple(d.id for d in watched if d.details.get(RESTARTS)),
+            retire=tuple(self._grant("undeploy", d, runtime, caller) for d in retired),
+            retired=tuple(d.id for d in retired),
         )
+
+    async def _retire_due(
+        self, runtime: Runtime, serving: list[Deployment], caller: CallingRun
+    ) -> list[Deployment]:
+        """Record retired the warm standbys due on a runtime with a gateway; return them.
+
+        Due: an online deployment of a model with a stable endpoint here that answers no
+        route of it, whose ``retire_after`` (the grace given when it stopped answering)
+        has passed, and whose own lifecycle has ended (a running one still owns it).
+        """
+        if runtime.gateway is None:
+            return []
+        tables = {t.model: t for t in await traffic.read_traffic(self.pool, runtime=runtime.name)}
+        now = datetime.now(UTC)
+        due = []
+        for d in serving:
+            table = tables.get(d.model)
+            if table is None or d.id in table.routed_ids:
+                continue  # no stable endpoint for the model yet (served directly), or it answers
+            mark = d.details.get(RETIRE_AFTER)
+            if mark is not None and datetime.fromisoformat(str(mark)) > now:
+                continue
+            run_id = d.details.get("run_id")
+            if run_id and d.workflow_id:
+                owner = await runs.read_run(self.pool, d.workflow_id, str(run_id))
+                if owner is not None and owner.get("ended_at") is None:
+                    continue
+            updated = await deployments.update_serving(
+                self.pool,
+                d.id,
+                state=DeploymentState.RETIRED,
+                details={RETIRING: True, "retired_by": "reconciler"},
+            )
+            if updated is None:
+                continue
+            await self._record(
+                updated,
+                caller,
+                event="retired",
+                message=(
+                    f"{d.model}@{d.version} in {d.stage} on runtime {d.runtime} answered no stable "
+                    "endpoint after its grace and has been retired"
+                ),
+            )
+            due.append(updated)
+        return due
 
     @SETTLE.implement
     @mlc_errors

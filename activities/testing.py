@@ -26,7 +26,13 @@ from mlc.config import Settings
 from mlc.contracts import runtime as rt
 from mlc.domain import Deployment, DeploymentState, Mode, Runtime, TestKind, TestResult
 from mlc.errors import MLCError, RefusedError
-from mlc.evaluation import EvaluationSet, check_samples, evaluate_outputs, load_evaluation
+from mlc.evaluation import (
+    EvaluationSet,
+    check_samples,
+    compare_champion,
+    evaluate_outputs,
+    load_evaluation,
+)
 from mlc.manifest import ModelManifest, load_manifest
 from mlc.test_payloads import RunStageTestsInput, RunStageTestsResult
 from mlc.trust import grants
@@ -87,6 +93,8 @@ class TestingActivities:
                 check_samples(manifest, sample_outputs, deployment_id=deployment.id)
                 if kind is TestKind.SMOKE
                 else evaluate_outputs(manifest, evaluation.labels, eval_outputs, deployment_id=deployment.id)
+                if kind is TestKind.METRICS
+                else _online_only(kind, deployment)
                 for kind in input.tests
             ]
             return RunStageTestsResult(results=tuple(results))
@@ -120,6 +128,19 @@ class TestingActivities:
         online = grant.mode is Mode.ONLINE
         if grant.mode is Mode.STREAMING:  # tested through its own topics, named by the grant's runtime
             self._runtimes[grant.deployment_id] = grant.runtime
+        champion = None
+        if online and grant.routes and TestKind.CHAMPION_CHALLENGER in request.tests:
+            chosen = grant.routes[0]  # the inventory's choice, located by this runtime's driver
+            champion = Deployment(
+                id=chosen.deployment_id,
+                model=grant.snapshot.model,
+                version=chosen.version,
+                runtime=grant.runtime.name,
+                stage=grant.stage,
+                mode=Mode.ONLINE,
+                state=DeploymentState.SERVING,
+                endpoint=await driver.locate(grant.runtime, chosen.deployment_id),
+            )
         deployment = Deployment(
             id=grant.deployment_id,
             model=grant.snapshot.model,
@@ -140,6 +161,8 @@ class TestingActivities:
                 if grant.mode is Mode.BATCH
                 else None
             ),
+            max_auc_drop=request.max_auc_drop,
+            champion=champion,
         )
 
     async def _streaming(
@@ -147,13 +170,17 @@ class TestingActivities:
     ) -> RunStageTestsResult:
         """Smoke and metrics through the deployment's test topics (:mod:`activities.streaming_tests`)."""
         runtime = self._runtimes.pop(input.deployment.id)
+        kinds = tuple(k for k in input.tests if k in (TestKind.SMOKE, TestKind.METRICS))
         try:
             results = await run_streaming_tests(
-                runtime, input.deployment, manifest, evaluation, input.tests, activity.heartbeat
+                runtime, input.deployment, manifest, evaluation, kinds, activity.heartbeat
             )
         except MLCError as exc:
             raise _final(exc, f"stage {input.stage}: ") from exc
-        return RunStageTestsResult(results=tuple(results))
+        by_kind: dict[TestKind, TestResult] = dict(zip(kinds, results, strict=True))
+        return RunStageTestsResult(
+            results=tuple(by_kind.get(k) or _online_only(k, input.deployment) for k in input.tests)
+        )
 
     def _prepare(self, input: RunStageTestsInput) -> tuple[ModelManifest, EvaluationSet]:
         """Unpack the snapshot's package and read its manifest and evaluation data."""
@@ -204,8 +231,12 @@ class TestingActivities:
                     activity.heartbeat(f"smoke: sample {index + 1}/{len(manifest.samples)}")
                     outputs.append(await _post(client, url, case.input, deployment))
                 results.append(check_samples(manifest, outputs, deployment_id=deployment.id))
-            else:
+            elif kind is TestKind.METRICS:
                 results.append(await self._online_metrics(client, url, input, manifest, records, labels))
+            elif kind is TestKind.CHAMPION_CHALLENGER:
+                results.append(await self._champion_challenger(client, input, manifest, records, labels))
+            else:
+                results.append(_online_only(kind, deployment))
         return RunStageTestsResult(results=tuple(results))
 
     async def _online_metrics(
@@ -232,6 +263,63 @@ class TestingActivities:
                 )
             outputs.extend(answer)
         return evaluate_outputs(manifest, labels, outputs, deployment_id=deployment.id)
+
+    async def _champion_challenger(
+        self,
+        client: httpx.AsyncClient,
+        input: RunStageTestsInput,
+        manifest: ModelManifest,
+        records: list[dict[str, Any]],
+        labels: list[int],
+    ) -> TestResult:
+        """Score the same labelled records with the challenger and the champion; compare AUCs."""
+        deployment, champion = input.deployment, input.champion
+        kind = TestKind.CHAMPION_CHALLENGER
+        mine = await _score_all(client, deployment, records, "challenger")
+        if isinstance(mine, str):
+            return TestResult(test=kind, deployment_id=deployment.id, passed=False, summary=mine)
+        theirs: list[Any] | None = None
+        name = None
+        if champion is not None:
+            name = f"{champion.model}@{champion.version} ({champion.id})"
+            scored = await _score_all(client, champion, records, f"champion {name}")
+            if isinstance(scored, str):
+                return TestResult(test=kind, deployment_id=deployment.id, passed=False, summary=scored)
+            theirs = scored
+        return compare_champion(
+            manifest,
+            labels,
+            mine,
+            theirs,
+            max_auc_drop=input.max_auc_drop,
+            deployment_id=deployment.id,
+            champion=name,
+        )
+
+
+async def _score_all(
+    client: httpx.AsyncClient, deployment: Deployment, records: list[dict[str, Any]], who: str
+) -> list[Any] | str:
+    """Every record's answer from ``deployment``, or a one-line failure naming ``who``."""
+    outputs: list[Any] = []
+    for start in range(0, len(records), METRICS_CHUNK_SIZE):
+        activity.heartbeat(f"{who}: {start}/{len(records)} records scored")
+        chunk = records[start : start + METRICS_CHUNK_SIZE]
+        answer = await _post(client, f"{deployment.endpoint}/score", chunk, deployment)
+        if not isinstance(answer, list):
+            return f"{who}: scoring evaluation records {start}-{start + len(chunk) - 1} failed: {answer}"
+        outputs.extend(answer)
+    return outputs
+
+
+def _online_only(kind: TestKind, deployment: Deployment) -> TestResult:
+    """A test this deployment cannot run here: champion/challenger of a batch or streaming
+    deployment (it compares live endpoints), or shadow (recorded by ``mlc.shadow``)."""
+    if kind is TestKind.SHADOW:
+        why = "shadow comparisons are recorded by a shadow rollout (mlc.shadow), not run as a test"
+    else:
+        why = f"{kind.value} compares online deployments; {deployment.id} is {deployment.mode.value}"
+    return TestResult(test=kind, deployment_id=deployment.id, passed=False, summary=why)
 
 
 async def _post(client: httpx.AsyncClient, url: str, body: Any, deployment: Deployment) -> Any:

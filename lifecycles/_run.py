@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Sequence
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 from weakref import WeakKeyDictionary
 
@@ -26,6 +26,7 @@ with workflow.unsafe.imports_passed_through():
     from mlc import names
     from mlc.contracts import inventory as inv
     from mlc.contracts import runtime as rt
+    from mlc.contracts import traffic as tr
     from mlc.contracts.base import ActivityContract, In, Out
     from mlc.domain import (
         ApprovalRecord,
@@ -41,6 +42,7 @@ with workflow.unsafe.imports_passed_through():
         StageTestReport,
         TestKind,
         TestResult,
+        TrafficRoute,
     )
     from mlc.payloads import (
         AuthorizeDeploymentInput,
@@ -65,6 +67,13 @@ with workflow.unsafe.imports_passed_through():
 LOCAL_INVENTORY_PATCH = "local-inventory-activities"
 """``workflow.patched`` id: runs that began before inventory calls became local activities
 replay them as the scheduled activities their histories hold."""
+
+STABLE_ENDPOINTS_PATCH = "stable-endpoints"
+"""``workflow.patched`` id: a promotion on a runtime with a gateway routes its stable
+endpoint to the new deployment (blue/green) instead of retiring the older ones."""
+
+PROMOTE_CAUSE = "promote"
+"""The audit trail's cause of the traffic change a promotion makes."""
 
 
 class LifecycleFailure(Exception):
@@ -289,16 +298,24 @@ class LifecycleRun:
         await asyncio.gather(*(self._retire(d) for d in live))
 
     async def promote(self, stage: str, deployments: Sequence[Deployment]) -> list[Deployment]:
-        """Make ``deployments`` the model's version in ``stage``: retire the others there.
+        """Make ``deployments`` the model's version in ``stage``.
 
-        The new deployments are healthy and tested by now, so consumers move from old to
-        new without a gap; returns the retired deployments.
+        Blue/green: on a runtime with a gateway, the model's stable endpoint sends all
+        traffic to the new online deployment; the versions it answered with before stay
+        warm for the stage's ``grace``, then the runtime's reconciler retires them (a
+        version whose own lifecycle still runs stays until that lifecycle ends). On a
+        runtime without a gateway the older versions there are retired now. The new
+        deployments are healthy and tested by now, so consumers move from old to new
+        without a gap; returns the deployments retired now.
         """
         self._enter(stage, LifecycleState.PROMOTING, f"Promoting in {stage}")
         found = await self._inventory(
             inv.FIND_DEPLOYMENTS,
             FindDeploymentsInput(stage=stage, exclude_ids=tuple(d.id for d in deployments)),
         )
+        gated = self._gated(stage, deployments)
+        if gated and workflow.patched(STABLE_ENDPOINTS_PATCH):
+            await self.route(stage, gated, PROMOTE_CAUSE)
         await asyncio.gather(*(self._retire(d) for d in found.deployments))
         # A streaming deployment made while an older version owned the input topic waits in
         # standby; now that the older one has stopped (committed, left the group), it takes
@@ -308,6 +325,106 @@ class LifecycleRun:
             if mine is not None and mine.mode is Mode.STREAMING and mine.details.get("standby"):
                 await self._deploy_one(stage, Mode.STREAMING, await self._runtime_of(mine))
         return list(found.deployments)
+
+    # --- stable endpoints ---------------------------------------------------------------
+
+    async def current_routes(self, stage: str) -> dict[str, tuple[TrafficRoute, ...]]:
+        """Runtime name -> routes now live for this run's model on each gateway runtime of the stage."""
+        read = await self._inventory(tr.READ_TRAFFIC, tr.ReadTrafficInput(stage=stage))
+        return {table.runtime: table.routes for table in read.tables}
+
+    async def route(
+        self, stage: str, routes: dict[str, tuple[TrafficRoute, ...]], cause: str
+    ) -> dict[str, str]:
+        """Set which deployments answer this run's model's stable endpoint on each runtime.
+
+        Per runtime: authorize (the trusted inventory checks the routes and signs a grant),
+        apply (the runtime's driver rewrites and reloads its gateway), record (the traffic
+        table and a ``traffic`` entry in the audit trail with ``cause``). Runtimes are
+        changed concurrently. Returns runtime -> stable endpoint.
+        """
+        names_ = sorted(routes)
+        endpoints = await asyncio.gather(
+            *(self._route_one(stage, name, routes[name], cause) for name in names_)
+        )
+        return dict(zip(names_, endpoints, strict=True))
+
+    async def observe(
+        self,
+        stage: str,
+        runtime: str,
+        routes: tuple[TrafficRoute, ...],
+        since: datetime,
+        until: datetime,
+    ) -> tr.TrafficObservation:
+        """What ``runtime``'s gateway saw for ``routes`` of this run's model in a time window."""
+        granted = await self._inventory(
+            tr.AUTHORIZE_TRAFFIC,
+            tr.AuthorizeTrafficInput(stage=stage, runtime=runtime, routes=routes, action="observe_traffic"),
+        )
+        target = await self._gateway_runtime(stage, runtime)
+        return await tr.OBSERVE_TRAFFIC.execute(
+            tr.ObserveTrafficInput(grant=granted.grant, since=since, until=until),
+            task_queue=target.task_queue,
+        )
+
+    async def _route_one(self, stage: str, runtime: str, routes: tuple[TrafficRoute, ...], cause: str) -> str:
+        target = await self._gateway_runtime(stage, runtime)
+        granted = await self._inventory(
+            tr.AUTHORIZE_TRAFFIC, tr.AuthorizeTrafficInput(stage=stage, runtime=runtime, routes=routes)
+        )
+        applied = await tr.ROUTE_TRAFFIC.execute(
+            RuntimeActionInput(grant=granted.grant), task_queue=target.task_queue
+        )
+        await self._inventory(
+            tr.RECORD_TRAFFIC,
+            tr.RecordTrafficInput(
+                stage=stage,
+                runtime=runtime,
+                routes=routes,
+                endpoint=applied.endpoint,
+                cause=cause,
+                grace=self._grace(stage),
+            ),
+        )
+        return applied.endpoint
+
+    def _gated(self, stage: str, deployments: Sequence[Deployment]) -> dict[str, tuple[TrafficRoute, ...]]:
+        """Blue/green routes for ``deployments``: each online one on a runtime with a gateway
+        takes all of its runtime's traffic."""
+        gated: dict[str, tuple[TrafficRoute, ...]] = {}
+        for given in deployments:
+            d = self._deployments.get(given.id)
+            if d is None:
+                continue  # not this run's: the inventory would refuse to route it anyway
+            runtime = self._runtimes.get(d.runtime)
+            live = d.state is DeploymentState.SERVING and d.mode is Mode.ONLINE and d.stage == stage
+            if live and runtime is not None and runtime.gateway is not None:
+                gated[d.runtime] = (TrafficRoute(deployment_id=d.id, version=d.version, weight=100),)
+        return gated
+
+    def _grace(self, stage: str) -> timedelta:
+        try:
+            return self.spec.stage(stage).grace
+        except KeyError:
+            return tr.DEFAULT_GRACE
+
+    async def _gateway_runtime(self, stage: str, name: str) -> Runtime:
+        """Runtime ``name`` of ``stage`` (as resolved by this run), which must have a gateway."""
+        runtime = self._runtimes.get(name)
+        if runtime is None:
+            resolved = await self._inventory(
+                inv.RESOLVE_RUNTIMES, ResolveRuntimesInput(stage=stage, mode=Mode.ONLINE)
+            )
+            self._runtimes.update((r.name, r) for r in resolved.runtimes)
+            runtime = self._runtimes.get(name)
+        if runtime is None or runtime.stage != stage or runtime.gateway is None:
+            raise LifecycleFailure(
+                f"runtime {name} is not a runtime of {stage} with a gateway serving {self.model}; "
+                "see `mlc runtime list`",
+                kind="NoRuntimeError",
+            )
+        return runtime
 
     async def notify(self, message: str) -> None:
         """Tell the people following this lifecycle (stored and logged by an activity)."""
@@ -516,6 +633,7 @@ class LifecycleRun:
                     tests=kinds,
                     batch_output=deployment.details.get("output_path"),
                     grant=self._test_grants.get(deployment.id),
+                    max_auc_drop=next((s.max_auc_drop for s in self.stages if s.name == stage), 0.01),
                 ),
                 task_queue=runtime.task_queue,
             )

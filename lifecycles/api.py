@@ -19,6 +19,7 @@ from typing import NoReturn, TypeVar
 
 from pydantic import BaseModel
 
+from lifecycles import _rollout
 from lifecycles._run import LifecycleFailure
 from lifecycles._run import cause_message as cause_message  # for workflow code; not in __all__
 from lifecycles._run import run_of as _run_of
@@ -29,6 +30,8 @@ from mlc.domain import (
     Deployment,
     LifecycleSpec,
     Mode,
+    Rollout,
+    RolloutStrategy,
     StageSpec,
     StageTestReport,
     TestKind,
@@ -43,6 +46,8 @@ __all__ = [
     "LifecycleFailure",
     "LifecycleSpec",
     "Mode",
+    "Rollout",
+    "RolloutStrategy",
     "StageSpec",
     "StageTestReport",
     "TestKind",
@@ -117,6 +122,27 @@ class Lifecycle:
     async def promote(self, stage: str, deployments: Sequence[Deployment]) -> list[Deployment]:
         """Make ``deployments`` the model's version in ``stage``; returns the retired older ones."""
         return _copies(await _run_of(self).promote(stage, deployments))
+
+    async def rollout(self, stage: str, deployments: Sequence[Deployment]) -> list[Deployment]:
+        """Move ``stage``'s live traffic to ``deployments`` as the stage's ``rollout`` says.
+
+        ``blue_green`` (the default) and ``shadow`` promote at once. ``canary`` first gives
+        the new version ``steps`` shares of live traffic, each for ``window``, comparing its
+        error rate and p99 latency with the current version's; on a breach it routes all
+        traffic back, undeploys the new version and fails the run (LifecycleFailure). Every
+        traffic change is in the audit trail with its cause. Returns the retired deployments.
+        """
+        return _copies(await _rollout.rollout(_run_of(self), stage, deployments))
+
+    async def shadow(self, stage: str, deployments: Sequence[Deployment]) -> StageTestReport:
+        """Mirror live traffic to ``deployments`` for the stage's ``rollout.duration`` and compare.
+
+        Both versions answer the same live requests (the new one's answers are discarded);
+        the comparison (pairs, agreement rate, score differences, judged against
+        ``min_pairs``, ``min_agreement``, ``max_mean_abs_diff``) joins the stage's test
+        report as a ``shadow`` result: evidence for the stage's gate. Returns that report.
+        """
+        return _copy(await _rollout.shadow(_run_of(self), stage, deployments))
 
     async def undeploy(self, deployments: Sequence[Deployment]) -> None:
         """Take this run's ``deployments`` down and mark them retired."""

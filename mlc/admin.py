@@ -16,10 +16,11 @@ import asyncpg
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from mlc.config import TRUST_ROOT_FILE, Settings
-from mlc.domain import DEFAULT_STAGES, Runtime
+from mlc.domain import DEFAULT_STAGES, GatewaySettings, Runtime
 from mlc.errors import ConflictError, RefusedError
 from mlc.store import governance, runtimes
 from mlc.store.governance import AfterApply
+from mlc.traffic import pick_gateway_port
 from mlc.trust import governance as actions
 from mlc.trust.governance import Governance
 from mlc.trust.keys import key_id, parse_public_key
@@ -153,6 +154,8 @@ async def remove_runtime(
 
 
 DEV_ROLES = ("approver", "lifecycle-author")
+DEV_GATEWAY_PORT = 28780
+"""``mlc dev``'s runtimes' gateways listen from here (DEV, SIT, UAT, PROD) when the ports are free."""
 
 
 async def bootstrap_dev(
@@ -173,9 +176,16 @@ async def bootstrap_dev(
     for role in DEV_ROLES:
         if role not in current.roles_of(signer.name):
             await grant_role(pool, settings, signer, signer.name, role)
-    for stage in DEFAULT_STAGES:
-        runtime = Runtime(name=f"local-{stage.lower()}", stage=stage, task_queue=task_queue)
-        if runtime.name not in current.runtimes:
+    taken = {r.gateway.port for r in current.runtimes.values() if r.gateway}
+    for index, stage in enumerate(DEFAULT_STAGES):
+        name = f"local-{stage.lower()}"
+        if name not in current.runtimes:
+            # a stable endpoint per model: http://127.0.0.1:PORT/models/MODEL (PORT kept from now on)
+            port = pick_gateway_port(taken=taken, preferred=DEV_GATEWAY_PORT + index)
+            taken.add(port)
+            runtime = Runtime(
+                name=name, stage=stage, task_queue=task_queue, gateway=GatewaySettings(port=port)
+            )
             await add_runtime(pool, settings, signer, runtime)
         if stage not in current.policies:
             base = current.policy(stage)

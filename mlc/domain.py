@@ -99,6 +99,13 @@ class TestKind(StrEnum):
 
     SMOKE = "smoke"
     METRICS = "metrics"
+    CHAMPION_CHALLENGER = "champion_challenger"
+    """Score the stage's labelled data with this run's deployment (the challenger) and the
+    version serving the stage on that runtime (the champion); fail when the challenger's AUC
+    is worse by more than the stage's ``max_auc_drop``. Passes, saying so, without a champion."""
+    SHADOW = "shadow"
+    """Recorded by a shadow rollout (``mlc.shadow``): both versions' answers to the same
+    mirrored live requests compared. Not a test a stage lists: set ``rollout.strategy``."""
 
 
 # --- models and snapshots -------------------------------------------------------------
@@ -308,6 +315,67 @@ class ApprovalGate(Frozen):
     timeout: timedelta = timedelta(days=7)
 
 
+class RolloutStrategy(StrEnum):
+    """How a stage moves live traffic to a new version (``mlc.rollout``)."""
+
+    BLUE_GREEN = "blue_green"
+    """All traffic at once, the previous version kept warm in standby (``mlc.promote``)."""
+    CANARY = "canary"
+    """A share of traffic raised in steps, compared with the current version at each step."""
+    SHADOW = "shadow"
+    """Live traffic mirrored to the new version; its answers are compared, then discarded."""
+
+
+class Rollout(Frozen):
+    """A stage's rollout strategy and its limits; plain JSON in a run's ``spec``.
+
+    Example: ``{"strategy": "canary", "steps": [10, 50], "window": "PT5M",
+    "max_error_rate_increase": 0.02, "max_p99_ratio": 1.5, "min_requests": 50}``
+    (durations as ISO 8601 or seconds).
+    """
+
+    strategy: RolloutStrategy = RolloutStrategy.BLUE_GREEN
+    steps: tuple[int, ...] = (10, 50)
+    """Canary: the new version's percent of live traffic at each step, increasing, 1-99;
+    after the last step it gets 100 %."""
+    window: timedelta = timedelta(minutes=5)
+    """Canary: how long each step observes live traffic before comparing."""
+    max_error_rate_increase: float = Field(default=0.01, ge=0, le=1)
+    """Canary: roll back when the new version's error rate exceeds the current one's by more
+    (0.01: one percentage point)."""
+    max_p99_ratio: float = Field(default=2.0, ge=1)
+    """Canary: roll back when the new version's p99 latency exceeds the current one's times this."""
+    min_requests: int = Field(default=20, ge=1)
+    """Canary: requests the new version must answer in a window for the step to be judged;
+    fewer fails the rollout (too little traffic to tell), rolling back."""
+    duration: timedelta = timedelta(minutes=10)
+    """Shadow: how long live traffic is mirrored to the new version."""
+    min_pairs: int = Field(default=20, ge=1)
+    """Shadow: requests both versions must have answered for the comparison to count."""
+    min_agreement: float = Field(default=0.95, ge=0, le=1)
+    """Shadow: least share of records on which both versions predict the same label."""
+    max_mean_abs_diff: float | None = Field(default=None, ge=0)
+    """Shadow: largest mean absolute score difference allowed (None: not checked)."""
+
+    @field_validator("steps")
+    @classmethod
+    def _valid_steps(cls, steps: tuple[int, ...]) -> tuple[int, ...]:
+        if not steps:
+            raise ValueError("a canary needs at least one step, e.g. [10, 50]")
+        if any(not 1 <= s <= 99 for s in steps):
+            raise ValueError(f"canary steps are percents of traffic from 1 to 99, got {list(steps)}")
+        if any(b <= a for a, b in zip(steps, steps[1:], strict=False)):
+            raise ValueError(f"canary steps must increase, got {list(steps)}")
+        return steps
+
+    @field_validator("window", "duration")
+    @classmethod
+    def _positive(cls, value: timedelta) -> timedelta:
+        if value <= timedelta(0):
+            raise ValueError(f"a rollout window or duration must be positive, got {value}")
+        return value
+
+
 class StageSpec(Frozen):
     """What happens in one stage."""
 
@@ -320,11 +388,41 @@ class StageSpec(Frozen):
     ``mode`` is ignored."""
     tests: tuple[TestKind, ...] = (TestKind.SMOKE,)
     gate: ApprovalGate | None = None
+    rollout: Rollout | None = None
+    """How ``mlc.rollout`` moves live traffic to the new version here (None: blue/green)."""
+    max_auc_drop: float = Field(default=0.01, ge=0, le=1)
+    """``champion_challenger`` test: how much lower than the champion's the challenger's AUC
+    may be (0.01: challenger AUC >= champion AUC - 0.01)."""
+    grace: timedelta = timedelta(minutes=10)
+    """On a runtime with a gateway: how long the versions a traffic change moves off the
+    stable endpoint stay warm (standby, for a quick rollback) before the runtime's
+    reconciler retires them; 0 retires them at its next round. A version whose own
+    lifecycle is still running stays until that lifecycle ends."""
 
     @property
     def deploy_modes(self) -> tuple[Mode, ...]:
         """The modes this stage deploys in."""
         return self.modes or (self.mode,)
+
+    @field_validator("tests")
+    @classmethod
+    def _runnable(cls, tests: tuple[TestKind, ...]) -> tuple[TestKind, ...]:
+        if TestKind.SHADOW in tests:
+            raise ValueError(
+                'shadow is not a test a stage runs but a rollout: set "rollout": {"strategy": "shadow"}'
+            )
+        return tests
+
+    @model_validator(mode="after")
+    def _rollout_needs_online(self) -> StageSpec:
+        strategy = self.rollout.strategy if self.rollout else RolloutStrategy.BLUE_GREEN
+        if strategy is not RolloutStrategy.BLUE_GREEN and Mode.ONLINE not in self.deploy_modes:
+            raise ValueError(
+                f"stage {self.name}: rollout {strategy.value} splits live online traffic, but the "
+                f"stage deploys in {', '.join(m.value for m in self.deploy_modes)}; use mode online "
+                "or strategy blue_green"
+            )
+        return self
 
 
 class LifecycleSpec(Frozen):

@@ -261,3 +261,65 @@ def evaluate_outputs(
 
 def _metrics_failure(deployment_id: str, summary: str) -> TestResult:
     return TestResult(test=TestKind.METRICS, deployment_id=deployment_id, passed=False, summary=summary)
+
+
+def compare_champion(
+    manifest: ModelManifest,
+    labels: Sequence[int],
+    challenger_outputs: Sequence[Any],
+    champion_outputs: Sequence[Any] | None,
+    *,
+    max_auc_drop: float,
+    deployment_id: str,
+    champion: str | None = None,
+) -> TestResult:
+    """The champion/challenger test: is the challenger's AUC at most ``max_auc_drop`` worse?
+
+    Both answered the same labelled records. ``champion_outputs`` None means there is no
+    champion to compare with: the test passes and says so. ``champion`` names it in the
+    summary (``cc-fraud@1 (deployment ...)``).
+    """
+    kind = TestKind.CHAMPION_CHALLENGER
+    mine = evaluate_outputs(manifest, labels, challenger_outputs, deployment_id=deployment_id)
+    challenger_auc = mine.metrics.get("auc")
+    if challenger_auc is None:
+        why = mine.summary if not mine.metrics else "AUC not computed (the data needs both classes)"
+        return TestResult(test=kind, deployment_id=deployment_id, passed=False, summary=f"challenger: {why}")
+    if champion_outputs is None:
+        return TestResult(
+            test=kind,
+            deployment_id=deployment_id,
+            passed=True,
+            summary=f"no champion: nothing serves this stage yet; challenger AUC {challenger_auc:.3f}",
+            metrics={"challenger_auc": challenger_auc},
+        )
+    theirs = evaluate_outputs(manifest, labels, champion_outputs, deployment_id=deployment_id)
+    champion_auc = theirs.metrics.get("auc")
+    if champion_auc is None:
+        return TestResult(
+            test=kind,
+            deployment_id=deployment_id,
+            passed=False,
+            summary=f"champion {champion or ''} could not be judged on this data: {theirs.summary}",
+            metrics={"challenger_auc": challenger_auc},
+        )
+    drop = champion_auc - challenger_auc
+    passed = drop <= max_auc_drop + 1e-12
+    verdict = "not worse than" if passed else "worse than"
+    return TestResult(
+        test=kind,
+        deployment_id=deployment_id,
+        passed=passed,
+        summary=(
+            f"challenger AUC {challenger_auc:.3f} vs champion {champion or ''} AUC {champion_auc:.3f}: "
+            f"{verdict} the champion by more than {max_auc_drop:.3f} "
+            f"({len(labels)} labelled records)"
+        ).replace("champion  AUC", "champion AUC"),
+        metrics={
+            "challenger_auc": challenger_auc,
+            "champion_auc": champion_auc,
+            "auc_drop": drop,
+            "max_auc_drop": max_auc_drop,
+            "records": float(len(labels)),
+        },
+    )

@@ -7,6 +7,8 @@ activity's contract is ``mlc.contracts.runtime.RUN_STAGE_TESTS``.
 
 from __future__ import annotations
 
+from pydantic import Field
+
 from mlc.domain import Deployment, Frozen, ModelSnapshot, TestKind, TestResult
 from mlc.trust.statements import Envelope
 
@@ -24,6 +26,11 @@ class RunStageTestsInput(Frozen):
     grant: Envelope | None = None
     """The platform's grant to test this deployment (from ``record_deployment``); the
     activity takes the deployment, runtime and snapshot from it, not from the fields above."""
+    max_auc_drop: float = Field(default=0.01, ge=0, le=1)
+    """``champion_challenger``: the stage spec's allowed AUC drop of the challenger."""
+    champion: Deployment | None = None
+    """``champion_challenger``: the champion, set by the activity from the grant's routes (the
+    inventory chose it); a value sent by workflow code is ignored."""
 
 
 class RunStageTestsResult(Frozen):

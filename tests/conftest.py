@@ -30,7 +30,7 @@ from mlc import admin
 from mlc.artifacts import ArtifactStore
 from mlc.config import Settings
 from mlc.devstack import temporal_cli
-from mlc.domain import DEFAULT_STAGES, LifecycleSpec, ModelSnapshot, Runtime
+from mlc.domain import DEFAULT_STAGES, GatewaySettings, LifecycleSpec, ModelSnapshot, Runtime
 from mlc.examples import prepare_example_model
 from mlc.names import (
     SA_MODEL,
@@ -43,6 +43,7 @@ from mlc.names import (
 from mlc.registry import register_package
 from mlc.store import connect, runtimes
 from mlc.store.db import enable_worker_login
+from mlc.traffic import pick_gateway_port
 from mlc.trust.keys import create_key, load_private_key, public_text
 from mlc.trust.signer import Signer
 from tests.lifecycle_helpers import start_like_ui
@@ -228,8 +229,11 @@ class Stack:
             extra_env=extra_env,
         )
 
-    async def add_local_runtimes(self, stages: tuple[str, ...] = DEFAULT_STAGES, *, tag: str = "*") -> None:
-        """One local runtime per stage on this test's task queue."""
+    async def add_local_runtimes(
+        self, stages: tuple[str, ...] = DEFAULT_STAGES, *, tag: str = "*", gateway: bool = False
+    ) -> None:
+        """One local runtime per stage on this test's task queue (``gateway``: each with its
+        own gateway, so models get stable endpoints)."""
         for stage in stages:
             await self.add_runtime(
                 Runtime(
@@ -237,8 +241,20 @@ class Stack:
                     stage=stage,
                     service_tags=(tag,),
                     task_queue=self.task_queue,
+                    gateway=gateway_settings() if gateway else None,
                 ),
             )
+
+
+_GATEWAY_PORTS: set[int] = set()
+"""Gateway ports handed out in this session (tests run their runtimes side by side)."""
+
+
+def gateway_settings(host: str = "127.0.0.1") -> GatewaySettings:
+    """A gateway on a port free now and not handed to another test's runtime."""
+    port = pick_gateway_port(host, taken=_GATEWAY_PORTS)
+    _GATEWAY_PORTS.add(port)
+    return GatewaySettings(port=port, host=host)
 
 
 async def make_database(dsn: str) -> str:

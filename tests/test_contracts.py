@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from mlc import names
-from mlc.contracts import ActivityContract, implementations
+from mlc.contracts import ActivityContract, implementations, traffic
 from mlc.contracts import inventory as inv
 from mlc.contracts import runtime as rt
 from workers.dry_run import DryRunWorld, StandInActivities, default_snapshot
@@ -44,7 +44,9 @@ def test_stand_ins_implement_every_contract_the_workflows_call() -> None:
         task_queue="q",
     )
     registered = stand_ins.activities()
-    assert len(registered) == len(inv.CONTRACTS) + len(rt.CONTRACTS)
+    assert len(registered) == len(inv.CONTRACTS) + len(rt.CONTRACTS) + len(traffic.INVENTORY_CONTRACTS) + len(
+        traffic.RUNTIME_CONTRACTS
+    )
 
 
 def test_a_worker_without_an_implementation_refuses_to_start() -> None:

@@ -44,6 +44,7 @@ from mlc import domain
 from mlc.contracts import implementations
 from mlc.contracts import inventory as inv
 from mlc.contracts import runtime as rt
+from mlc.contracts import traffic as tr
 from mlc.contracts.runtime import BatchJobResult, OnlineDeployResult, StreamingDeployResult
 from mlc.domain import (
     ApprovalRecord,
@@ -51,6 +52,7 @@ from mlc.domain import (
     Deployment,
     DeploymentState,
     LifecycleState,
+    Mode,
     ModelSnapshot,
     SignedDecision,
     TestKind,
@@ -88,6 +90,7 @@ from mlc.payloads import (
 )
 from mlc.store.lifecycle_definitions import source_sha256
 from mlc.test_payloads import RunStageTestsInput, RunStageTestsResult
+from mlc.traffic import TrafficTable
 from mlc.trust.signer import Signer
 from mlc.trust.statements import PAYLOAD_TYPE, Envelope, decision_of
 from workers.client import ensure_search_attributes
@@ -99,6 +102,10 @@ DRY_RUN_TIMEOUT = timedelta(seconds=60)
 STAND_IN_SAMPLES = 4
 STAND_IN_METRICS = {"auc": 0.912, "accuracy": 0.904, "records": 2000.0, "positive_rate": 0.1}
 STAND_IN_THRESHOLDS = {"auc": 0.85}
+STAND_IN_GATEWAY_PORT = 8480
+"""Every stand-in online runtime has a gateway (a stable endpoint) on this port."""
+STAND_IN_REQUESTS = 1000
+"""Live requests each route answers in an observed window (all healthy)."""
 NO_GRANT = Envelope.model_validate({"payload": "", "payloadType": PAYLOAD_TYPE, "signatures": []})
 """Stand-in runtime activities need no grant: nothing real is deployed."""
 
@@ -233,10 +240,17 @@ class StandInActivities:
         self._signers = {n: Signer(n, Ed25519PrivateKey.generate()) for n in world.approvers}
         self._deployments: dict[str, Deployment] = {}
         self._approved: dict[str, list[str]] = {}
+        self._traffic: dict[tuple[str, str], TrafficTable] = {}
+        self._observed: tuple[domain.TrafficRoute, ...] = ()
 
     def activities(self) -> list[Callable[..., Any]]:
         """Every activity the lifecycle workflow and the authoring API call."""
-        return [*implementations(self, inv.CONTRACTS), *implementations(self, rt.CONTRACTS)]
+        return [
+            *implementations(self, inv.CONTRACTS),
+            *implementations(self, rt.CONTRACTS),
+            *implementations(self, tr.INVENTORY_CONTRACTS),
+            *implementations(self, tr.RUNTIME_CONTRACTS),
+        ]
 
     @inv.LOAD_LIFECYCLE.implement
     async def load_lifecycle(self, request: LoadLifecycleInput) -> LoadLifecycleResult:
@@ -290,6 +304,9 @@ class StandInActivities:
             service_tags=self.world.snapshot.service_tags,
             modes=(request.mode,),
             task_queue=self.task_queue,
+            gateway=domain.GatewaySettings(port=STAND_IN_GATEWAY_PORT)
+            if request.mode is Mode.ONLINE
+            else None,
         )
         return ResolveRuntimesResult(runtimes=(runtime,))
 
@@ -371,6 +388,71 @@ class StandInActivities:
     async def notify(self, request: NotifyInput) -> None:
         """Nobody to tell."""
 
+    # --- stable endpoints: a gateway whose traffic is always healthy -------------------
+
+    @tr.READ_TRAFFIC.implement
+    async def read_traffic(self, request: tr.ReadTrafficInput) -> tr.ReadTrafficResult:
+        """What this dry run routed in the stage so far (nothing before its first promotion)."""
+        return tr.ReadTrafficResult(
+            tables=tuple(t for (stage, _), t in sorted(self._traffic.items()) if stage == request.stage)
+        )
+
+    @tr.AUTHORIZE_TRAFFIC.implement
+    async def authorize_traffic(self, request: tr.AuthorizeTrafficInput) -> RuntimeGrantResult:
+        """Every traffic change is allowed."""
+        self._observed = request.routes
+        return RuntimeGrantResult(grant=NO_GRANT)
+
+    @tr.ROUTE_TRAFFIC.implement
+    async def route_traffic(self, request: RuntimeActionInput) -> tr.RouteTrafficResult:
+        """The model's stable endpoint on the stand-in gateway."""
+        endpoint = domain.GatewaySettings(port=STAND_IN_GATEWAY_PORT).endpoint(self.world.snapshot.model)
+        return tr.RouteTrafficResult(endpoint=endpoint)
+
+    @tr.RECORD_TRAFFIC.implement
+    async def record_traffic(self, request: tr.RecordTrafficInput) -> None:
+        """Remember the routes, as the inventory's traffic table would."""
+        self._traffic[(request.stage, request.runtime)] = TrafficTable(
+            runtime=request.runtime,
+            model=self.world.snapshot.model,
+            stage=request.stage,
+            endpoint=request.endpoint,
+            routes=request.routes,
+        )
+
+    @tr.OBSERVE_TRAFFIC.implement
+    async def observe_traffic(self, request: tr.ObserveTrafficInput) -> tr.TrafficObservation:
+        """Busy, healthy traffic on every observed route; a shadow that agrees."""
+        routes = self._observed
+        answering = [r for r in routes if not r.shadow]
+        shadow = next((r for r in routes if r.shadow), None)
+        stats = tuple(
+            tr.RouteStats(
+                deployment_id=r.deployment_id,
+                version=r.version,
+                requests=STAND_IN_REQUESTS,
+                p50_ms=4.0,
+                p99_ms=12.0,
+            )
+            for r in routes
+        )
+        comparison = (
+            tr.ShadowComparison(
+                primary_id=answering[0].deployment_id if answering else "",
+                shadow_id=shadow.deployment_id,
+                pairs=STAND_IN_REQUESTS,
+                agreement_rate=1.0,
+                mean_abs_diff=0.0,
+                max_abs_diff=0.0,
+            )
+            if shadow is not None
+            else None
+        )
+        endpoint = domain.GatewaySettings(port=STAND_IN_GATEWAY_PORT).endpoint(self.world.snapshot.model)
+        return tr.TrafficObservation(
+            endpoint=endpoint, since=request.since, until=request.until, routes=stats, shadow=comparison
+        )
+
     @rt.DEPLOY_ONLINE.implement
     async def deploy_online(self, request: RuntimeActionInput) -> OnlineDeployResult:
         """A healthy endpoint on a loopback port, as a local runtime reports it."""
@@ -421,6 +503,15 @@ def _passing(kind: TestKind, deployment_id: str) -> TestResult:
             passed=True,
             summary=f"{STAND_IN_SAMPLES}/{STAND_IN_SAMPLES} samples match",
             metrics={"samples": count, "matched": count},
+        )
+    if kind is TestKind.CHAMPION_CHALLENGER:
+        auc = STAND_IN_METRICS["auc"]
+        return TestResult(
+            test=kind,
+            deployment_id=deployment_id,
+            passed=True,
+            summary=f"no champion: nothing serves this stage yet; challenger AUC {auc:.3f}",
+            metrics={"challenger_auc": auc},
         )
     summary = ", ".join(f"{k} {STAND_IN_METRICS[k]:.3f} >= {v:.3f}" for k, v in STAND_IN_THRESHOLDS.items())
     return TestResult(

@@ -24,8 +24,9 @@ from activities.inventory import InventoryActivities
 from activities.reconcile import ReconcileInventory, ReconcileRuntime
 from activities.runtime import RuntimeActivities
 from activities.testing import TestingActivities
+from activities.traffic import TrafficInventory
 from mlc.config import Settings
-from mlc.contracts import implementations, inventory, reconcile
+from mlc.contracts import implementations, inventory, reconcile, traffic
 from mlc.contracts import runtime as rt
 from workflows.batch_lifecycle import BatchPromotion
 from workflows.custom_lifecycle import CustomLifecycle
@@ -61,4 +62,5 @@ def inventory_activities(pool: asyncpg.Pool, settings: Settings) -> list[Callabl
     return [
         *implementations(inv, inventory.CONTRACTS),
         *implementations(ReconcileInventory(pool, settings), reconcile.INVENTORY_CONTRACTS),
+        *implementations(TrafficInventory(pool, settings), traffic.INVENTORY_CONTRACTS),
     ]

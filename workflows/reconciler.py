@@ -3,7 +3,9 @@
 Every ``interval_seconds`` (or at once on the ``reconcile_now`` signal) it asks the
 inventory for the runtime's serving deployments, has the runtime's worker probe them,
 and lets the inventory judge the findings: restart (when the runtime's restart policy
-allows), or mark failed with the log tail and tell the lifecycle's followers. It ends
+allows), or mark failed with the log tail and tell the lifecycle's followers. On a
+runtime with a gateway it also retires the warm standbys the inventory says are due
+(answering no stable endpoint, grace passed, own lifecycle ended). It ends
 when it has nothing to watch (a deployment becoming serving starts it again) or the
 runtime is removed, and continues as new every ``ROUNDS_PER_RUN`` rounds.
 
@@ -72,11 +74,13 @@ class RuntimeReconciler:
             except ActivityError as exc:
                 self._note((), f"could not read the inventory: {cause_message(exc)}")
             else:
-                if plan.runtime is None or not (plan.probes or self._now):
+                if plan.runtime is None or not (plan.probes or plan.retire or self._now):
                     gone = plan.runtime is None
                     self._note((), "the runtime was removed" if gone else "nothing serves here: ending")
                     await workflow.wait_condition(workflow.all_handlers_finished)
                     return
+                if plan.retire:
+                    await self._retire(plan)
                 await self._round(plan, main_queue)
             if workflow.info().is_continue_as_new_suggested():
                 break
@@ -123,6 +127,19 @@ class RuntimeReconciler:
         failed = ", ".join(settled.failed + (restarted.failed if restarted else ())) or "none"
         back_up = ", ".join(restarted.restarted if restarted else ()) or "none"
         self._note(watching, f"{len(down)} down; restarted: {back_up}; failed: {failed}")
+
+    async def _retire(self, plan: Plan) -> None:
+        """Take down the warm standbys whose grace has passed (the inventory recorded them retired)."""
+        assert plan.runtime is not None
+        try:
+            for grant in plan.retire:
+                await runtime_contracts.UNDEPLOY.execute(
+                    RuntimeActionInput(grant=grant), task_queue=plan.runtime.task_queue
+                )
+        except ActivityError as exc:
+            self._note(plan.watching, f"retiring {', '.join(plan.retired)} failed: {cause_message(exc)}")
+            return
+        self._note(plan.watching, f"retired {', '.join(plan.retired)} (grace passed)")
 
     def _note(self, watching: tuple[str, ...], last: str) -> None:
         assert self._status is not None

@@ -8,14 +8,16 @@ from __future__ import annotations
 
 import abc
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from datetime import datetime
 from pathlib import Path
 
 from mlc.config import Settings
 from mlc.contracts.runtime import BatchJobResult as BatchJobResult
 from mlc.contracts.runtime import OnlineDeployResult as OnlineDeployResult
 from mlc.contracts.runtime import StreamingDeployResult as StreamingDeployResult
-from mlc.domain import Frozen, ModelSnapshot, Runtime, RuntimeKind
+from mlc.contracts.traffic import RouteTrafficResult, TrafficObservation
+from mlc.domain import Frozen, ModelSnapshot, Runtime, RuntimeKind, TrafficRoute
 from mlc.errors import DeploymentFailedError, NotFoundError, RefusedError
 
 Heartbeat = Callable[[str], None]
@@ -187,6 +189,37 @@ class RuntimeDriver(abc.ABC):
         """
         await self.undeploy(UndeployRequest(deployment_id=request.deployment_id, runtime=request.runtime))
         return await self.deploy_online(request, heartbeat)
+
+    async def route(
+        self, runtime: Runtime, model: str, routes: Sequence[TrafficRoute], heartbeat: Heartbeat
+    ) -> RouteTrafficResult:
+        """Make ``routes`` answer ``model``'s stable endpoint on the runtime's gateway.
+
+        Returns once the gateway serves them; each deployment is found with
+        :meth:`locate`. See :mod:`activities.runtimes.gateway` (local and docker kinds).
+
+        Raises:
+            RefusedError: the runtime has no gateway settings, or the routes are not valid.
+            NotFoundError: a routed deployment does not run on this runtime.
+            DeploymentFailedError: the proxy refused the configuration or did not reload.
+        """
+        from activities.runtimes import gateway
+
+        return await gateway.route(self, runtime, model, routes, heartbeat)
+
+    async def observe(
+        self,
+        runtime: Runtime,
+        model: str,
+        routes: Sequence[TrafficRoute],
+        since: datetime,
+        until: datetime,
+    ) -> TrafficObservation:
+        """What the runtime's gateway saw for ``routes`` of ``model`` between ``since`` and
+        ``until``: requests, errors and latency per deployment, and a shadow's comparison."""
+        from activities.runtimes import gateway
+
+        return await gateway.observe(self, runtime, model, routes, since, until)
 
 
 def driver_for(runtime: Runtime, settings: Settings) -> RuntimeDriver:

@@ -7,6 +7,10 @@ there is reused instead of started twice.
 
 Model code is untrusted, so its processes get an allow-listed environment (see
 :func:`child_env`): nothing of the worker's database URL, Temporal settings or secrets.
+When the worker is root they also run as the deployment's own unprivileged user, which
+owns the deployment folder (0700) and can reach nothing else of ``MLC_HOME`` (see
+:mod:`mlc.isolation`); the runtime then reads and writes in that folder only through
+helpers that follow no link the model may have planted there.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import sys
 import tempfile
 import time
 from collections import deque
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -43,11 +48,12 @@ from activities.runtimes.base import (
     StreamingDeployResult,
     UndeployRequest,
 )
-from mlc import processes
+from mlc import isolation, processes
 from mlc.artifacts import ArtifactStore
 from mlc.domain import ModelSnapshot, Runtime
 from mlc.errors import DeploymentFailedError, NotFoundError
 from mlc.evaluation import test_dataset
+from mlc.isolation import ModelUser
 from mlc.manifest import load_manifest
 from mlc.serving.app import SHA256_ENV, VERSION_ENV
 from mlc.serving.forkserver import TITLE_ROOM, ForkClient
@@ -180,11 +186,17 @@ class LocalDriver(RuntimeDriver):
     ) -> dict[str, Any]:
         """Unpack (in a thread), then start the server from the event loop's thread: a
         parent-death signal is tied to the thread that forks (see :mod:`mlc.processes`)."""
-        package = await asyncio.to_thread(self._unpack, request.snapshot, workdir)
-        return self._start(request, workdir, package, port=port)
+        user, package = await asyncio.to_thread(self.prepare, request.runtime, request.snapshot, workdir)
+        return self._start(request, workdir, package, user, port=port)
 
     def _start(
-        self, request: OnlineDeployRequest, workdir: Path, package: Path, *, port: int | None = None
+        self,
+        request: OnlineDeployRequest,
+        workdir: Path,
+        package: Path,
+        user: ModelUser | None,
+        *,
+        port: int | None = None,
     ) -> dict[str, Any]:
         """Start a detached server on ``port`` (if still free) or a free port, and record it."""
         port = port if port is not None and _port_free(port) else _free_port()
@@ -202,12 +214,14 @@ class LocalDriver(RuntimeDriver):
                 env=env,
                 log=workdir / SERVER_LOG,
                 die_with_parent=self.settings.servers_die_with_worker,
+                user=None if user is None else asdict(user),
             )
         if pid is None:
-            with (workdir / SERVER_LOG).open("ab") as log:
-                process = processes.spawn(
+            with isolation.open_log(workdir / SERVER_LOG, user) as log:
+                process = isolation.spawn(
                     command,
                     log=log,
+                    user=user,
                     die_with_parent=self.settings.servers_die_with_worker,
                     cwd=workdir,
                     env=env,
@@ -221,10 +235,45 @@ class LocalDriver(RuntimeDriver):
             "model": str(request.snapshot.ref),
             "started_at": time.time(),
         }
-        tmp = workdir / f".{STATE_FILE}.tmp"
-        tmp.write_text(json.dumps(state))
-        tmp.replace(workdir / STATE_FILE)
+        isolation.write_file(workdir / STATE_FILE, json.dumps(state))
         return state
+
+    def model_user(self, runtime: Runtime, workdir: Path) -> ModelUser | None:
+        """The user the deployment's processes run as: its own when the worker is root
+        (the owner of its folder, or a new one), else None (the worker's user)."""
+        if not isolation.isolating():
+            return None
+        return isolation.user_for(workdir, taken=isolation.users_in(self.settings.runtime_dir))
+
+    def prepare(
+        self, runtime: Runtime, snapshot: ModelSnapshot, workdir: Path, *, fresh: bool = True
+    ) -> tuple[ModelUser | None, Path]:
+        """Make the deployment folder ready for model processes; return their user and the
+        unpacked package.
+
+        As root: nothing of the deployment's user still runs, ``MLC_HOME`` is locked
+        (:func:`mlc.isolation.lock_home`), the user will reach the Python installation, the
+        project and the folder (:func:`mlc.isolation.bind_unreachable`),
+        the folder is the user's (0700) with a ``tmp`` of its own, and the package is
+        unpacked by root into a folder the user cannot have redirected. ``fresh=False``
+        (streaming consumers of the deployment keep running) kills nothing and unpacks
+        nothing: the package is already there.
+        """
+        user = self.model_user(runtime, workdir)
+        if user is not None:
+            if fresh:
+                isolation.kill_user(user)
+            self.settings.runtime_dir.mkdir(parents=True, exist_ok=True)
+            isolation.lock_home(self.settings.home, self.settings.runtime_dir)
+            python = (sys.prefix, sys.base_prefix, Path(sys.executable).resolve().parent)
+            user = replace(user, reach=tuple(str(p) for p in (*python, _project_root(), workdir)))
+        isolation.prepare_folder(workdir, user)
+        isolation.private_folder(workdir / TMP_DIR, user)
+        if not fresh and (workdir / PACKAGE_DIR).is_dir():
+            return user, workdir / PACKAGE_DIR
+        if user is not None:
+            isolation.clear_for_root(workdir / PACKAGE_DIR)
+        return user, self._unpack(snapshot, workdir)
 
     def _unpack(self, snapshot: ModelSnapshot, workdir: Path) -> Path:
         """Extract the snapshot's archive into ``workdir/package``."""
@@ -238,18 +287,21 @@ class LocalDriver(RuntimeDriver):
             DeploymentFailedError: the job exited non-zero; carries its log tail.
         """
         workdir = self.workdir(request.runtime, request.deployment_id)
-        package = await asyncio.to_thread(self._unpack, request.snapshot, workdir)
+        user, package = await asyncio.to_thread(self.prepare, request.runtime, request.snapshot, workdir)
+        output_path = workdir / "output.jsonl"
         try:
             if request.input_path is not None:
-                input_path = Path(request.input_path)
+                input_path = await asyncio.to_thread(_input_for, Path(request.input_path), workdir, user)
             else:
                 input_path = workdir / "input.jsonl"
                 await asyncio.to_thread(_write_test_dataset, package, input_path)
-            output_path = workdir / "output.jsonl"
             log_path = workdir / BATCH_LOG
-            summary = await _run_job(request, package, input_path, output_path, log_path, heartbeat)
+            summary = await _run_job(request, package, input_path, output_path, log_path, user, heartbeat)
         finally:
+            # Nothing the job started outlives it, so nothing swaps its output once checked.
+            await asyncio.to_thread(isolation.kill_user, user)
             await asyncio.to_thread(shutil.rmtree, package, True)
+        isolation.check_output(output_path)
         return BatchJobResult(
             output_path=str(output_path),
             records=int(summary["records"]),
@@ -283,6 +335,7 @@ class LocalDriver(RuntimeDriver):
         if state is not None:
             await _stop(int(state["pid"]))
         await streaming.stop_local(workdir)
+        await asyncio.to_thread(isolation.kill_user, isolation.user_of(workdir))
         await streaming.drop_test_topics(request.runtime, request.deployment_id)
         await asyncio.to_thread(shutil.rmtree, workdir, True)
 
@@ -341,9 +394,44 @@ def child_env(snapshot: ModelSnapshot, workdir: Path) -> dict[str, str]:
     return env
 
 
+def _project_root() -> Path:
+    """The folder holding this ``mlc`` checkout (the model process's ``PYTHONPATH``)."""
+    return Path(mlc.__file__).resolve().parent.parent
+
+
 def _write_test_dataset(package: Path, path: Path) -> None:
     records = test_dataset(load_manifest(package), package)
-    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    isolation.write_file(path, "".join(json.dumps(r) + "\n" for r in records), mode=0o644)
+
+
+def _input_for(path: Path, workdir: Path, user: ModelUser | None) -> Path:
+    """``path``, or a copy in the deployment folder (``input/NAME``) when the deployment's
+    user could not read it (a file only root may read, or under a folder others cannot
+    traverse): the job reads what the runtime hands it, not whatever root can read."""
+    if user is None or _readable_by_others(path):
+        return path
+    folder = workdir / "input"  # the file keeps its name: the job's errors name it
+    isolation.clear_for_root(folder)
+    folder.mkdir(mode=0o755, exist_ok=True)
+    copy = folder / path.name
+    tmp = folder / f".{path.name}.tmp"
+    isolation.clear_for_root(tmp)
+    with path.open("rb") as source:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+        with os.fdopen(fd, "wb") as target:
+            shutil.copyfileobj(source, target, 1 << 20)
+    tmp.replace(copy)
+    return copy
+
+
+def _readable_by_others(path: Path) -> bool:
+    try:
+        resolved = path.resolve(strict=True)
+        if not resolved.stat().st_mode & 0o004:
+            return False
+        return all(p.stat().st_mode & 0o001 for p in resolved.parents)
+    except OSError:
+        return False
 
 
 async def _run_job(
@@ -352,10 +440,12 @@ async def _run_job(
     input_path: Path,
     output_path: Path,
     log_path: Path,
+    user: ModelUser | None,
     heartbeat: Heartbeat,
 ) -> dict[str, Any]:
-    """Run ``python -m mlc.serving batch`` to completion, heartbeating; return its summary."""
-    with log_path.open("ab") as log:
+    """Run ``python -m mlc.serving batch`` (as ``user``) to completion, heartbeating; return
+    its summary."""
+    with isolation.open_log(log_path, user) as log:
         process = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "mlc.serving", "batch",
             "--package", str(package), "--input", str(input_path), "--output", str(output_path),
@@ -364,6 +454,7 @@ async def _run_job(
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=log,
+            **isolation.popen_options(user),
         )  # fmt: skip
     try:
         communicate = asyncio.ensure_future(process.communicate())
@@ -432,10 +523,14 @@ async def _wait_healthy(
 
 
 def _read_state(workdir: Path) -> dict[str, Any] | None:
+    """The runtime's record of the deployment, if this process's user wrote it (the model's
+    user owns the folder and could leave a record of its own there)."""
+    text = isolation.read_own_file(workdir / STATE_FILE)
     try:
-        return dict(json.loads((workdir / STATE_FILE).read_text()))
-    except (FileNotFoundError, json.JSONDecodeError):
+        state = json.loads(text) if text is not None else None
+    except json.JSONDecodeError:
         return None
+    return dict(state) if isinstance(state, dict) and "pid" in state and "port" in state else None
 
 
 def _alive(pid: int) -> bool:
@@ -455,8 +550,10 @@ def _alive(pid: int) -> bool:
 
 def _exit_code(pid: int) -> str:
     child = _children.get(pid)
-    if child is None and _forkserver is not None:  # a forked server: its forkserver noted the code
-        code = _forkserver[1].exit_code(pid)
+    if child is None and _forkserver is not None:  # a forked server: its forkserver notes the code
+        deadline = time.monotonic() + 1.0  # as it reaps the zombie, a moment after the exit
+        while (code := _forkserver[1].exit_code(pid)) is None and time.monotonic() < deadline:
+            time.sleep(0.02)
         return "" if code is None else f" with code {code}"
     return f" with code {child.returncode}" if child is not None and child.returncode is not None else ""
 
@@ -500,8 +597,8 @@ def _free_port() -> int:
 
 
 def _tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:
-    try:
-        with path.open(errors="replace") as fh:
-            return "".join(deque(fh, maxlen=lines)).rstrip()
-    except FileNotFoundError:
-        return "(no log written)"
+    """The log's last lines; never through a link or from anything but a plain file."""
+    text = isolation.read_tail(path)
+    if text is None:
+        return "(no log written)" if not path.is_symlink() and not path.exists() else "(log not readable)"
+    return "\n".join(deque(text.splitlines(), maxlen=lines)).rstrip()

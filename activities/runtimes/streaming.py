@@ -13,6 +13,10 @@ same configuration and snapshot and restarts dead ones (after a ``kill -9``, say
 is idempotent; a changed configuration (``standby`` lifted at promotion) restarts them
 all, each stopped cleanly first: SIGTERM lets a consumer finish its batch, commit and
 leave the group, so the next one starts exactly at the committed offsets.
+
+Local consumers are model code like local model servers: an allow-listed environment
+(plus the runtime's SASL password, which they need), and when the worker is root the
+deployment's own unprivileged user and folder (see :mod:`mlc.isolation`).
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from activities.runtimes.base import Heartbeat, StreamingDeployRequest, StreamingDeployResult
-from mlc import processes
+from mlc import isolation, processes
 from mlc.domain import Runtime
 from mlc.errors import DeploymentFailedError
 from mlc.streaming.consumer import READY_LINE, STREAM_CONFIG_ENV
@@ -149,7 +153,6 @@ async def deploy_local(
     workdir = driver.workdir(request.runtime, request.deployment_id)
     heartbeat(f"preparing topics on {kafka.bootstrap_servers}")
     await prepare_topics(kafka, config, dict(os.environ))
-    package = await asyncio.to_thread(driver._unpack, request.snapshot, workdir)
     wanted = {"sha256": request.snapshot.sha256, "config": config.model_dump(mode="json")}
     state = _read_state(workdir)
     recorded: list[int] = list(state.get("pids", [])) if state else []
@@ -164,6 +167,11 @@ async def deploy_local(
             previous = StreamConfig.model_validate(state["config"])
             await stop_in_turn([_stopper(pid) for pid in recorded], previous)
         pids = [None] * kafka.instances
+    # A fresh start (no consumer kept) also ends whatever else the deployment's user runs.
+    fresh = all(p is None for p in pids)
+    user, package = await asyncio.to_thread(
+        driver.prepare, request.runtime, request.snapshot, workdir, fresh=fresh
+    )
     env = child_env(request.snapshot, workdir)
     env[STREAM_CONFIG_ENV] = config.model_dump_json()
     if kafka.sasl_password_env and kafka.sasl_password_env in os.environ:
@@ -172,11 +180,12 @@ async def deploy_local(
     for index, pid in enumerate(pids):
         if pid is None:
             log_path = workdir / f"consumer-{index}.log"
-            offset = log_path.stat().st_size if log_path.exists() else 0
-            with log_path.open("ab") as log_file:
-                process = processes.spawn(
+            with isolation.open_log(log_path, user) as log_file:
+                offset = os.fstat(log_file.fileno()).st_size
+                process = isolation.spawn(
                     [sys.executable, "-m", "mlc.streaming", "consume", "--package", str(package)],
                     log=log_file,
+                    user=user,
                     die_with_parent=driver.settings.servers_die_with_worker,
                     cwd=workdir,
                     env=env,
@@ -249,10 +258,8 @@ async def _wait_ready(
     )
     deadline = time.monotonic() + READY_TIMEOUT_SECONDS
     while True:
-        with log_path.open("rb") as fh:
-            fh.seek(offset)
-            if READY_LINE.encode() in fh.read():
-                return
+        if READY_LINE in (isolation.read_tail(log_path, offset=offset) or ""):
+            return
         if not _alive(pid):
             child = _children.get(pid)
             code = (
@@ -272,16 +279,18 @@ async def _wait_ready(
 
 
 def _read_state(workdir: Path) -> dict[str, Any] | None:
+    """The runtime's record of the consumers, if this process's user wrote it (the model's
+    user owns the folder, see :mod:`mlc.isolation`)."""
+    text = isolation.read_own_file(workdir / STATE_FILE)
     try:
-        return dict(json.loads((workdir / STATE_FILE).read_text()))
-    except (FileNotFoundError, json.JSONDecodeError):
+        state = json.loads(text) if text is not None else None
+    except json.JSONDecodeError:
         return None
+    return dict(state) if isinstance(state, dict) and "config" in state else None
 
 
 def _write_state(workdir: Path, state: dict[str, Any]) -> None:
-    tmp = workdir / f".{STATE_FILE}.tmp"
-    tmp.write_text(json.dumps(state))
-    tmp.replace(workdir / STATE_FILE)
+    isolation.write_file(workdir / STATE_FILE, json.dumps(state))
 
 
 def _alive(pid: int) -> bool:
@@ -299,8 +308,7 @@ async def _stop(pid: int) -> None:
 
 
 def _tail(path: Path) -> str:
-    try:
-        lines = path.read_text(errors="replace").splitlines()
-    except FileNotFoundError:
+    text = isolation.read_tail(path)
+    if text is None:
         return "(no log written)"
-    return "\n".join(lines[-LOG_TAIL_LINES:])
+    return "\n".join(text.splitlines()[-LOG_TAIL_LINES:])

@@ -61,6 +61,7 @@ COMMAND_MODULES = {
     "runtime": "inventory_cmds",
     "user": "inventory_cmds",
     "deployments": "inventory_cmds",
+    "history": "inventory_cmds",
     "lifecycle": "lifecycle_cmds",
     "status": "lifecycle_cmds",
     "approve": "lifecycle_cmds",

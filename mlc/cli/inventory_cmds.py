@@ -10,8 +10,9 @@ import typer
 from pydantic import BaseModel
 
 from mlc.cli.context import console, emit, inventory, run, settings, signer
-from mlc.domain import DEFAULT_RESTART, DockerSettings, Mode, Runtime, RuntimeKind
-from mlc.store import deployments, runtimes
+from mlc.domain import DEFAULT_RESTART, Deployment, DockerSettings, Mode, Runtime, RuntimeKind
+from mlc.store import deployments, runtimes, traffic
+from mlc.traffic import TrafficTable, describe_routes
 
 if TYPE_CHECKING:
     from mlc import admin
@@ -35,6 +36,7 @@ def register(app: typer.Typer) -> None:
     app.add_typer(runtime_app, name="runtime")
     app.add_typer(user_app, name="user")
     app.command("deployments")(list_deployments)
+    app.command("history")(traffic_history)
 
 
 @model_app.command("register")
@@ -142,8 +144,28 @@ def add_runtime(
     create_topics: Annotated[
         bool, typer.Option(help="Create missing input, output and dead-letter topics.")
     ] = True,
+    gateway: Annotated[
+        bool,
+        typer.Option(
+            help="Give online models a stable endpoint on this runtime's gateway "
+            "(http://HOST:PORT/models/MODEL/score); --no-gateway: consumers call deployments directly."
+        ),
+    ] = True,
+    gateway_port: Annotated[
+        int | None, typer.Option(help="The gateway's port (default: a free one, picked now and kept).")
+    ] = None,
+    gateway_host: Annotated[
+        str | None,
+        typer.Option(
+            help="Address the gateway binds and reports (default 127.0.0.1, or docker's publish host)."
+        ),
+    ] = None,
 ) -> None:
-    """Add a runtime tagged with a stage and the service tags it serves."""
+    """Add a runtime tagged with a stage and the service tags it serves.
+
+    A runtime serving online models gets a gateway by default: each model's stable endpoint
+    ``http://HOST:PORT/models/MODEL`` never changes while versions come and go behind it.
+    """
     kafka = None
     if kafka_bootstrap is not None or Mode.STREAMING in (mode or []):
         given: dict[str, object] = {
@@ -185,27 +207,49 @@ def add_runtime(
         }
         docker = DockerSettings.model_validate({k: v for k, v in options.items() if v is not None})
 
+    modes = tuple(mode or [Mode.ONLINE, Mode.BATCH])
+    if (gateway_port is not None or gateway_host is not None) and not gateway:
+        raise typer.BadParameter("--gateway-port/--gateway-host given with --no-gateway")
+    if gateway_port is not None and gateway and Mode.ONLINE not in modes:
+        raise typer.BadParameter("a gateway serves online models: add --mode online, or drop --gateway-port")
+
     async def go() -> None:
         cfg = settings()
-        runtime = Runtime(
-            name=name,
-            kind=kind,
-            stage=stage,
-            service_tags=tuple(tag or ["*"]),
-            modes=tuple(mode or [Mode.ONLINE, Mode.BATCH]),
-            task_queue=task_queue or cfg.task_queue,
-            docker=docker,
-            kafka=kafka,
-            restart=restart,
-        )
         from mlc import admin
 
         async with inventory(cfg) as pool:
+            gateway_settings = None
+            if gateway and Mode.ONLINE in modes:
+                from mlc.domain import GatewaySettings
+                from mlc.traffic import pick_gateway_port
+
+                host = gateway_host or (docker.publish_host if docker else "127.0.0.1")
+                taken = {
+                    r.gateway.port for r in await runtimes.read_runtimes(pool) if r.gateway and r.name != name
+                }
+                if gateway_port is not None and gateway_port in taken:
+                    raise typer.BadParameter(f"gateway port {gateway_port} is another runtime's already")
+                port = gateway_port or pick_gateway_port(host, taken=taken)
+                gateway_settings = GatewaySettings(port=port, host=host)
+            runtime = Runtime(
+                name=name,
+                kind=kind,
+                stage=stage,
+                service_tags=tuple(tag or ["*"]),
+                modes=modes,
+                task_queue=task_queue or cfg.task_queue,
+                docker=docker,
+                kafka=kafka,
+                restart=restart,
+                gateway=gateway_settings,
+            )
             await admin.add_runtime(pool, cfg, await signer(cfg, pool), runtime, replace=replace)
         console.print(
             f"runtime {name} ({kind.value}) serves {stage} for tags "
             f"{', '.join(runtime.service_tags)} on task queue {runtime.task_queue}"
         )
+        if runtime.gateway is not None:
+            console.print(f"stable endpoints: {runtime.gateway.endpoint('MODEL')}/score")
 
     run(go())
 
@@ -333,26 +377,128 @@ def list_deployments(
     model: Annotated[str | None, typer.Option(help="Only this model.")] = None,
     stage: Annotated[str | None, typer.Option(help="Only this stage.")] = None,
     all_: Annotated[bool, typer.Option("--all", help="Include retired, failed and finished ones.")] = False,
+    endpoints: Annotated[
+        bool, typer.Option("--endpoints", help="Only the stable endpoints and their versions' shares.")
+    ] = False,
     as_json: JSON = False,
 ) -> None:
     """Which version of which model runs on which runtime in which stage; streaming ones
-    with their topics and consumer lag (records the group has not committed yet)."""
+    with their topics and consumer lag (records the group has not committed yet).
+
+    Per stable endpoint (a runtime's gateway), which versions answer it with which share
+    of live traffic (``v2 90%, v1 10%``, ``v3 shadow``); each deployment shows its share
+    (``traffic``) and, once moved off the endpoint, until when it stays warm (``standby``).
+    """
 
     async def go() -> None:
         async with inventory(settings()) as pool:
+            tables = await traffic.read_traffic(pool, model=model, stage=stage)
+            if endpoints:
+                rows_: list[BaseModel | dict[str, object]] = [_endpoint_row(t) for t in tables]
+                emit(rows_, as_json=as_json, title="Stable endpoints", columns=_ENDPOINT_COLUMNS)
+                return
             found = await deployments.read_deployments(pool, live_only=not all_, model=model, stage=stage)
             streams = [d for d in found if d.mode is Mode.STREAMING]
             known = {r.name: r for r in await runtimes.read_runtimes(pool)} if streams else {}
-        columns = ["model", "version", "stage", "runtime", "mode", "state", "endpoint", "id"]
-        rows: list[BaseModel | dict[str, object]] = list(found)
+        columns = ["model", "version", "stage", "runtime", "mode", "state", "traffic", "endpoint", "id"]
+        served = {(t.runtime, t.model): t for t in tables}
+        rows: list[BaseModel | dict[str, object]] = [
+            {**d.model_dump(mode="json"), **_traffic_view(d, served.get((d.runtime, d.model)))} for d in found
+        ]
         if streams:
             from mlc.streaming.report import streaming_view  # Kafka's client: only when needed
 
             views = await asyncio.gather(
                 *(asyncio.to_thread(streaming_view, d, known.get(d.runtime)) for d in found)
             )
-            rows = [{**d.model_dump(mode="json"), **view} for d, view in zip(found, views, strict=True)]
+            rows = [{**row, **view} for row, view in zip(rows, views, strict=True)]  # type: ignore[dict-item]
             columns[-1:-1] = ["topics", "lag"]
+        if tables and not as_json:
+            emit(
+                [_endpoint_row(t) for t in tables],
+                as_json=False,
+                title="Stable endpoints",
+                columns=_ENDPOINT_COLUMNS,
+            )
         emit(rows, as_json=as_json, title="Deployments", columns=columns)
+
+    run(go())
+
+
+_ENDPOINT_COLUMNS = ["endpoint", "model", "stage", "runtime", "versions", "updated_at"]
+
+
+def _endpoint_row(table: TrafficTable) -> dict[str, object]:
+    """One stable endpoint as listed: its versions' shares, and the routes themselves."""
+    return {
+        **table.model_dump(mode="json"),
+        "versions": describe_routes(table.routes),
+        "shares": {f"v{r.version}": ("shadow" if r.shadow else r.weight) for r in table.routes},
+    }
+
+
+def _traffic_view(deployment: Deployment, table: TrafficTable | None) -> dict[str, object]:
+    """A deployment's place behind its model's stable endpoint on its runtime (if it has one)."""
+    if table is None or deployment.mode is not Mode.ONLINE:
+        return {"stable_endpoint": None, "share": None, "shadow": False, "traffic": None}
+    route = next((r for r in table.routes if r.deployment_id == deployment.id), None)
+    standby = deployment.details.get("retire_after")
+    if route is not None:
+        shown = "shadow" if route.shadow else f"{route.weight}%"
+    elif deployment.state.value == "serving":
+        shown = f"standby until {str(standby)[:19]}" if standby else "0%"
+    else:
+        shown = None
+    return {
+        "stable_endpoint": table.endpoint,
+        "share": route.weight if route is not None else 0,
+        "shadow": bool(route and route.shadow),
+        "standby_until": standby if route is None else None,
+        "traffic": shown,
+    }
+
+
+def traffic_history(
+    model: Annotated[str, typer.Argument(help="The model whose stable endpoints to show.")],
+    stage: Annotated[str | None, typer.Option(help="Only this stage (e.g. PROD).")] = None,
+    as_json: JSON = False,
+) -> None:
+    """What served when: every traffic change of MODEL's stable endpoints, oldest first,
+    with the versions' shares, the cause and who or what caused it (from the audit trail)."""
+
+    async def go() -> None:
+        from mlc.store import trail
+
+        async with inventory(settings()) as pool:
+            entries = await trail.read_entries(pool, kinds=(trail.TRAFFIC,), model=model)
+        rows: list[BaseModel | dict[str, object]] = []
+        for entry in entries:
+            body = entry.data()
+            if stage is not None and body.get("stage") != stage:
+                continue
+            rows.append(
+                {
+                    "when": body.get("recorded_at"),
+                    "stage": body.get("stage"),
+                    "runtime": body.get("runtime"),
+                    "endpoint": body.get("endpoint"),
+                    "versions": body.get("shares"),
+                    "routes": body.get("routes"),
+                    "previous": body.get("previous"),
+                    "cause": body.get("cause"),
+                    "actor": body.get("actor"),
+                    "version": entry.version,
+                    "workflow_id": entry.workflow_id,
+                    "run_id": entry.run_id,
+                    "seq": entry.seq,
+                }
+            )
+        where = f" in {stage}" if stage else ""
+        emit(
+            rows,
+            as_json=as_json,
+            title=f"Traffic of {model}{where}",
+            columns=["when", "stage", "runtime", "versions", "cause", "actor", "workflow_id"],
+        )
 
     run(go())

@@ -73,6 +73,12 @@ class Plan(Frozen):
     """The deployment ids the probes are for, in the same order."""
     restarting: tuple[str, ...] = ()
     """Deployments restarted in earlier rounds that have not yet been seen healthy since."""
+    retire: tuple[Envelope, ...] = ()
+    """Undeploy grants for warm standbys to take down now (already recorded retired): online
+    deployments on a runtime with a gateway that answer no stable endpoint, whose grace has
+    passed and whose own lifecycle has ended."""
+    retired: tuple[str, ...] = ()
+    """The deployment ids of ``retire``, in the same order."""
 
 
 class GrantsInput(Frozen):

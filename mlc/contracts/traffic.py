@@ -17,7 +17,8 @@ A traffic change is three steps, so that nothing acts on a payload from workflow
    to the audit trail naming the run and the cause (``promote``, ``canary 25%``,
    ``rollback by alice: <reason>``...).
 
-:data:`OBSERVE_TRAFFIC` reads the gateway's access log (and, for a shadow, the captured
+:data:`READ_TRAFFIC` (main queue) reads the routes live for this run's model on each gateway
+runtime of a stage. :data:`OBSERVE_TRAFFIC` reads the gateway's access log (and, for a shadow, the captured
 answers of both versions to the same requests) over a time window.
 """
 
@@ -32,12 +33,15 @@ from mlc import names
 from mlc.contracts.base import ActivityContract
 from mlc.domain import Frozen, TrafficRoute
 from mlc.payloads import RuntimeActionInput, RuntimeGrantResult
+from mlc.traffic import TrafficTable
 from mlc.trust.statements import Envelope
 
 TRAFFIC_TIMEOUT = timedelta(minutes=2)
 """Rewriting a configuration and reloading a proxy (starting it the first time)."""
 TRAFFIC_HEARTBEAT = timedelta(seconds=30)
 INVENTORY_TIMEOUT = timedelta(seconds=30)
+DEFAULT_GRACE = timedelta(minutes=10)
+"""How long a version moved off a stable endpoint stays warm, unless the stage says otherwise."""
 
 
 class AuthorizeTrafficInput(Frozen):
@@ -66,6 +70,21 @@ class RecordTrafficInput(Frozen):
     cause: str
     """Why traffic moved: ``promote``, ``canary 25%``, ``canary rolled back: ...``,
     ``shadow``, ``rollback by NAME: REASON`` (the actor is the run, recorded with it)."""
+    grace: timedelta = DEFAULT_GRACE
+    """How long deployments that stop answering stay warm (standby) before the runtime's
+    reconciler retires them (0: at its next round); see :attr:`mlc.domain.StageSpec.grace`."""
+
+
+class ReadTrafficInput(Frozen):
+    """Which stage's stable endpoints of this run's model to read."""
+
+    stage: str
+
+
+class ReadTrafficResult(Frozen):
+    """The stable endpoints of this run's model on every gateway runtime of the stage."""
+
+    tables: tuple[TrafficTable, ...] = ()
 
 
 class ObserveTrafficInput(Frozen):
@@ -122,6 +141,7 @@ AUTHORIZE_TRAFFIC = ActivityContract(
     names.AUTHORIZE_TRAFFIC, AuthorizeTrafficInput, RuntimeGrantResult, INVENTORY_TIMEOUT
 )
 RECORD_TRAFFIC = ActivityContract(names.RECORD_TRAFFIC, RecordTrafficInput, type(None), INVENTORY_TIMEOUT)
+READ_TRAFFIC = ActivityContract("read_traffic", ReadTrafficInput, ReadTrafficResult, INVENTORY_TIMEOUT)
 ROUTE_TRAFFIC = ActivityContract(
     names.ROUTE_TRAFFIC, RuntimeActionInput, RouteTrafficResult, TRAFFIC_TIMEOUT, TRAFFIC_HEARTBEAT
 )
@@ -129,7 +149,7 @@ OBSERVE_TRAFFIC = ActivityContract(
     names.OBSERVE_TRAFFIC, ObserveTrafficInput, TrafficObservation, TRAFFIC_TIMEOUT, TRAFFIC_HEARTBEAT
 )
 
-INVENTORY_CONTRACTS = (AUTHORIZE_TRAFFIC, RECORD_TRAFFIC)
+INVENTORY_CONTRACTS = (AUTHORIZE_TRAFFIC, RECORD_TRAFFIC, READ_TRAFFIC)
 """Served by the trusted main worker."""
 RUNTIME_CONTRACTS = (ROUTE_TRAFFIC, OBSERVE_TRAFFIC)
 """Served on each runtime's task queue."""

@@ -23,6 +23,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from mlc.serving.capture import CAPTURE_HEADER, REQUEST_ID_HEADER, AnswerCapture, capture_path
 from mlc.serving.limits import (
     DEFAULT_MAX_RECORDS,
     MAX_RECORDS_ENV,
@@ -75,6 +76,8 @@ class _ScoringService:
         self.max_body_bytes = limits.max_body_bytes
         self.validator = RecordValidator(model.manifest.input_schema)
         self.batcher = MicroBatcher(model.score_batch, batching) if model.vectorised else None
+        self.capture = AnswerCapture(capture_path())
+        """Answers to requests the gateway marks with ``X-MLC-Capture`` (shadow comparisons)."""
         manifest = model.manifest
         version = os.environ.get(VERSION_ENV) or None
         sha256 = os.environ.get(SHA256_ENV) or None
@@ -125,6 +128,7 @@ class _ScoringService:
                 return self._model_failed("score()", exc)
             if type(output) is not dict:
                 return _error(500, f"model {name}: score() returned {type(output).__name__}, expected a dict")
+            self._capture(request, output)
             return self._render(output)
         if type(payload) is list:
             if len(payload) > self.max_batch:
@@ -152,11 +156,18 @@ class _ScoringService:
                     f"model {name}: score_batch() must return a list of {len(payload)} dicts, "
                     f"got {_describe(outputs)}",
                 )
+            self._capture(request, outputs)
             return self._render(outputs)
         return _error(
             400,
             f"expected a JSON object (one record) or an array of records, got {_describe(payload)}",
         )
+
+    def _capture(self, request: Request, output: Any) -> None:
+        """Record ``output`` when the gateway asked for it (see :mod:`mlc.serving.capture`)."""
+        headers = request.headers
+        if headers.get(CAPTURE_HEADER):
+            self.capture.record(headers.get(REQUEST_ID_HEADER), output)
 
     async def metrics(self, request: Request) -> Response:
         """The model's own ``metrics(records)`` over a JSON array of labelled records."""

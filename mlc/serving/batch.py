@@ -22,9 +22,14 @@ Two engines, one result:
 
 from __future__ import annotations
 
+import collections
+import importlib
 import os
+import queue
+import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Literal, TypedDict
 
@@ -40,6 +45,11 @@ DEFAULT_CHUNK_SIZE = 65_536
 
 Format = Literal["jsonl", "parquet", "csv"]
 _SUFFIXES: dict[str, Format] = {".parquet": "parquet", ".pq": "parquet", ".csv": "csv"}
+_ARROW_MODULES: dict[Format, str] = {
+    "parquet": "pyarrow.parquet",
+    "csv": "pyarrow.csv",
+    "jsonl": "pyarrow.json",
+}
 _JSON_OPTIONS = orjson.OPT_SERIALIZE_NUMPY | orjson.OPT_APPEND_NEWLINE
 
 
@@ -51,6 +61,7 @@ class BatchSummary(TypedDict):
     seconds: float
     """Wall time of reading, scoring and writing (model loading excluded)."""
     load_seconds: float
+    """Wall time of loading the model and importing the reader (pyarrow)."""
     output: str
     engine: str
     """``columnar`` or ``records`` (see the module docstring)."""
@@ -83,21 +94,22 @@ def run_batch(
     """
     started = time.perf_counter()
     model = load_model(package_dir)
-    loaded = time.perf_counter()
     formats = (file_format(input_path), file_format(output_path))
+    try:
+        # Imported here so that the job's time is reading, scoring and writing only.
+        for module in ("pyarrow", "pyarrow.compute", *{_ARROW_MODULES[f] for f in formats}):
+            importlib.import_module(module)
+        columnar = True
+    except ImportError:
+        if formats != ("jsonl", "jsonl"):
+            raise MLCError(
+                f"batch job of model {model.name}: Parquet and CSV need pyarrow (pip install pyarrow)"
+            ) from None
+        columnar = False
+    loaded = time.perf_counter()
     tmp = output_path.with_name(f".{output_path.name}.tmp{os.getpid()}")
     output_path.parent.mkdir(parents=True, exist_ok=True)
     try:
-        try:
-            import pyarrow  # noqa: F401 (probe only)
-
-            columnar = True
-        except ImportError:
-            if formats != ("jsonl", "jsonl"):
-                raise MLCError(
-                    f"batch job of model {model.name}: Parquet and CSV need pyarrow (pip install pyarrow)"
-                ) from None
-            columnar = False
         count = -1
         if columnar and (formats[0] != "jsonl" or model.manifest.input_schema):
             try:
@@ -205,29 +217,109 @@ def _columnar(
     count = 0
     write, close = _writer(tmp, out_format)
     try:
-        try:
-            for batch in _arrow_batches(input_path, in_format, schema, chunk_size):
-                _check_columns(batch, schema, model, input_path, count, in_format)
-                where = f"{input_path} records {count + 1}-{count + batch.num_rows}"
-                if model.score_columns is not None:
-                    write(None, _score_columns(model, batch, where))
-                else:
-                    write(_score(model, batch.to_pylist(), where), None)
-                count += batch.num_rows
-        except pa.ArrowInvalid as exc:
-            if in_format == "jsonl":
-                raise _Fallback from exc
-            raise InvalidRecordsError(
-                f"{input_path}: cannot read as {in_format} for model {model.name}: {exc}",
-                [{"record": count, "field": None, "problem": str(exc)}],
-            ) from exc
-        except InvalidRecordsError:
-            if in_format == "jsonl":
-                raise _Fallback from None  # the record engine names the line
-            raise
+        with _Behind(write) as behind:
+            try:
+                for batch in _ahead(_arrow_batches(input_path, in_format, schema, chunk_size)):
+                    _check_columns(batch, schema, model, input_path, count, in_format)
+                    where = f"{input_path} records {count + 1}-{count + batch.num_rows}"
+                    if model.score_columns is not None:
+                        behind.write(None, _score_columns(model, batch, where))
+                    else:
+                        behind.write(_score(model, batch.to_pylist(), where), None)
+                    count += batch.num_rows
+            except pa.ArrowInvalid as exc:
+                if in_format == "jsonl":
+                    raise _Fallback from exc
+                raise InvalidRecordsError(
+                    f"{input_path}: cannot read as {in_format} for model {model.name}: {exc}",
+                    [{"record": count, "field": None, "problem": str(exc)}],
+                ) from exc
+            except InvalidRecordsError:
+                if in_format == "jsonl":
+                    raise _Fallback from None  # the record engine names the line
+                raise
     finally:
         close()
     return count
+
+
+_AHEAD = 4
+"""Chunks read ahead of the model and written behind it (each side), in other threads."""
+
+
+def _ahead(batches: Iterator[Any], depth: int = _AHEAD) -> Iterator[Any]:
+    """``batches``, produced by a reader thread up to ``depth`` chunks ahead of the consumer.
+
+    Arrow's readers release the GIL while they parse, so reading the next chunks overlaps
+    with checking, scoring and writing this one. An error in the reader is raised here,
+    at the point of the stream where it happened.
+    """
+    chunks: queue.Queue[tuple[bool, Any]] = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def produce() -> None:
+        try:
+            for batch in batches:
+                while not stop.is_set():
+                    try:
+                        chunks.put((True, batch), timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            chunks.put((False, None))
+        except BaseException as exc:  # handed to the consumer, which raises it
+            chunks.put((False, exc))
+
+    reader = threading.Thread(target=produce, name="mlc-batch-reader", daemon=True)
+    reader.start()
+    try:
+        while True:
+            more, item = chunks.get()
+            if not more:
+                if item is not None:
+                    raise item
+                return
+            yield item
+    finally:
+        stop.set()
+        reader.join()
+
+
+class _Behind:
+    """Runs ``write`` in a writer thread, at most ``depth`` chunks behind the caller.
+
+    Writing (formatting JSON lines, encoding Parquet, the file system) overlaps with
+    reading and scoring the next chunks. Chunks are written in order; the first error
+    of the writer is raised by the next ``write`` or by leaving the ``with`` block.
+    """
+
+    def __init__(self, write: Write, depth: int = _AHEAD) -> None:
+        self._write = write
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mlc-batch-writer")
+        self._pending: collections.deque[Future[None]] = collections.deque()
+        self._depth = depth
+
+    def write(self, records: list[Record] | None, columns: dict[str, Any] | None) -> None:
+        """Queue one chunk, waiting while ``depth`` chunks are still being written."""
+        while len(self._pending) >= self._depth:
+            self._pending.popleft().result()
+        self._pending.append(self._pool.submit(self._write, records, columns))
+
+    def __enter__(self) -> _Behind:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, *_: object) -> None:
+        try:
+            while self._pending:
+                future = self._pending.popleft()
+                if kind is None:
+                    future.result()
+                else:
+                    future.cancel()
+        finally:
+            self._pool.shutdown(wait=True)
 
 
 def _arrow_type(kind: str) -> Any:

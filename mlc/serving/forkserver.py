@@ -4,17 +4,21 @@ Most of a local deploy's second went into a fresh interpreter importing the serv
 (starlette, uvicorn, pydantic: ~0.15 s) and the model's libraries (scikit-learn alone:
 ~0.6 s), before the model itself loaded in a few milliseconds. This process imports
 them once (:data:`DEFAULT_PRELOAD`, those installed) and then forks one child per request:
-the child starts its own session, takes the environment, working folder and log file the
-runtime chose for it, and runs ``python -m mlc.serving serve`` with the given arguments,
-exactly as a spawned server would. The runtime records the child's pid as it would a
-spawned server's.
+the child starts its own session, drops to the deployment's unprivileged user when the
+runtime names one (see :mod:`mlc.isolation`: groups cleared, gid and uid set, no new
+privileges), takes the environment, working folder and log file the runtime chose for it
+(the log opened as that user), and runs ``python -m mlc.serving serve`` with the given
+arguments, exactly as a spawned server would. The runtime records the child's pid as it
+would a spawned server's.
 
-Requests come over a unix socket in a private folder, one JSON line each:
-``{"argv": [...], "cwd": ..., "env": {...}, "log": ..., "die_with_parent": bool}``, answered with
-``{"pid": N}`` or ``{"error": "..."}``. Children are reaped as they exit, so a dead server never
-looks alive to the runtime, and each exit code is left in ``exits/PID`` next to the socket
-(written before the pid disappears) for the runtime's error messages. A child's own
-imports (the model package's modules) happen after the fork and stay in the child.
+Requests come over a unix socket in a private folder (0700, the forkserver's user: root
+when the worker is root, so no model process can ask it for anything), one JSON line each:
+``{"argv": [...], "cwd": ..., "env": {...}, "log": ..., "die_with_parent": bool,
+"user": {"uid": N, "gid": N, "reach": [...]} | null}``, answered with ``{"pid": N}`` or ``{"error": "..."}``.
+Children are reaped as they exit, so a dead server never looks alive to the runtime, and
+each exit code is left in ``exits/PID`` next to the socket (written before the pid
+disappears) for the runtime's error messages. A child's own imports (the model package's
+modules) happen after the fork and stay in the child.
 """
 
 from __future__ import annotations
@@ -105,14 +109,20 @@ def _child(request: dict[str, Any], main: Any) -> None:
     try:
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
         os.setsid()
-        if request.get("die_with_parent"):
+        from mlc.isolation import ModelUser, enter, no_new_privs
+
+        if request.get("user"):  # before anything of the model's: its folder, its log, its code
+            user = request["user"]
+            enter(ModelUser(int(user["uid"]), int(user["gid"]), tuple(user.get("reach", ()))))
+        no_new_privs()
+        if request.get("die_with_parent"):  # after the drop, which clears the signal
             from mlc.processes import die_with_parent_now
 
             die_with_parent_now(signal.SIGTERM)
         os.chdir(request["cwd"])
         os.environ.clear()
         os.environ.update(request["env"])
-        log = os.open(request["log"], os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        log = os.open(request["log"], os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o600)
         null = os.open(os.devnull, os.O_RDONLY)
         os.dup2(null, 0)
         os.dup2(log, 1)
@@ -173,9 +183,17 @@ class ForkClient:
             return None
 
     def fork(
-        self, argv: Sequence[str], *, cwd: Path, env: dict[str, str], log: Path, die_with_parent: bool
+        self,
+        argv: Sequence[str],
+        *,
+        cwd: Path,
+        env: dict[str, str],
+        log: Path,
+        die_with_parent: bool,
+        user: dict[str, Any] | None = None,
     ) -> int | None:
-        """The pid of a new server run with ``argv``, or None when the forkserver cannot help."""
+        """The pid of a new server run with ``argv`` (as ``user``, the fields of a
+        :class:`mlc.isolation.ModelUser`, when given), or None when the forkserver cannot help."""
         if not self.ready():
             return None
         request = {
@@ -184,6 +202,7 @@ class ForkClient:
             "env": env,
             "log": str(log),
             "die_with_parent": die_with_parent,
+            "user": user,
         }
         try:
             with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:

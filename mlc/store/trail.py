@@ -29,7 +29,9 @@ RUN = "run"
 DECISION = "decision"
 TEST_REPORT = "test_report"
 DEPLOYMENT = "deployment"
-KINDS = (GOVERNANCE, RUN, DECISION, TEST_REPORT, DEPLOYMENT)
+TRAFFIC = "traffic"
+"""Which deployments answer a stable endpoint, from when, who or what caused the change."""
+KINDS = (GOVERNANCE, RUN, DECISION, TEST_REPORT, DEPLOYMENT, TRAFFIC)
 
 
 @dataclass(frozen=True)

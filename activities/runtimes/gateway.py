@@ -1,0 +1,720 @@
+"""A runtime's gateway: one nginx in front of its online deployments, giving stable endpoints.
+
+Consumers call ``http://HOST:PORT/models/MODEL/score`` (the runtime's
+:class:`~mlc.domain.GatewaySettings`) and never change it; which deployments answer, with
+which share, and which one sees a mirrored copy is the model's routes, applied here.
+
+Files live on the worker's host in ``<runtime_dir>/_gateways/<runtime>/`` (beside the
+runtime folders, so a runtime's cleanup, which removes every folder of
+``<runtime_dir>/<runtime>/`` not kept, never touches them): ``conf/`` (the main
+``nginx.conf``, ``generation.conf`` and each model's two files, see
+:mod:`activities.runtimes.gateway_nginx`), ``logs/`` (access, mirror and error logs) and
+``gateway.json`` (the local master's pid).
+
+- **local** runtimes run nginx as a detached process (its workers as ``nobody`` when the
+  worker is root), found again from ``gateway.json``: a worker restart keeps the endpoint.
+- **docker** runtimes run it as the container ``mlc-gateway-<runtime>`` of an image made
+  from the host's nginx (:mod:`activities.runtimes.gateway_docker`), ``conf/`` mounted
+  read-only and ``logs/`` read-write, hardened like model containers. With
+  ``network_mode: host`` it listens on ``gateway.host:port`` of the engine's host and
+  reaches the model containers at the endpoints the driver locates. With a bridge network
+  it publishes ``gateway.port`` on ``gateway.host``, and reaches model containers only if
+  their published address (``docker.publish_host``) is reachable from inside a container
+  (not 127.0.0.1): only host mode is tested here.
+
+A traffic change writes the model's files (temp file, then rename), checks the whole
+configuration with ``nginx -t`` (restoring the previous files if it fails), then reloads
+gracefully (SIGHUP): new connections get the new routes while the old workers finish the
+requests they hold, and the old deployments stay up until the caller retires them. It
+returns only once the gateway serves the new configuration's generation marker.
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+import contextlib
+import fcntl
+import json
+import os
+import pwd
+import re
+import signal
+import subprocess
+import tempfile
+import time
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from datetime import datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import docker.errors
+import httpx
+
+from activities.runtimes.base import Heartbeat, check_deployment_id
+from activities.runtimes.gateway_docker import ensure_gateway_image, nginx_binary
+from activities.runtimes.gateway_nginx import (
+    STATUS_PATH,
+    Backend,
+    NginxPaths,
+    address_of,
+    compare,
+    parse_log,
+    render_generation,
+    render_main,
+    render_model,
+    route_stats,
+)
+from mlc import processes
+from mlc.config import Settings
+from mlc.contracts.traffic import RouteStats, RouteTrafficResult, ShadowComparison, TrafficObservation
+from mlc.domain import GatewaySettings, Runtime, RuntimeKind, TrafficRoute, check_name, check_routes
+from mlc.errors import DeploymentFailedError, RefusedError
+from mlc.serving.capture import CAPTURE_FILE, read_answers
+
+if TYPE_CHECKING:
+    from activities.runtimes.base import RuntimeDriver
+
+GATEWAYS_DIR = "_gateways"
+"""Under ``runtime_dir``; runtime names cannot start with ``_``, so it names no runtime."""
+STATE_FILE = "gateway.json"
+READY_TIMEOUT_SECONDS = 30.0
+"""How long a start or reload may take before the gateway counts as failed."""
+LOG_ROTATE_BYTES = 64 * 1024 * 1024
+"""An access or mirror log past this is renamed ``.1`` (replacing the older) and reopened."""
+STOP_TIMEOUT_SECONDS = 10.0
+
+_CONTAINER_CONF = "/etc/mlc-gateway"
+_CONTAINER_LOGS = "/var/log/mlc-gateway"
+_UNSAFE_PATH = re.compile(r"[\s;{}'\"\\$#]")
+
+
+def gateway_settings(runtime: Runtime) -> GatewaySettings:
+    """The runtime's gateway settings.
+
+    Raises:
+        RefusedError: the runtime has none (saying how to give it one).
+    """
+    if runtime.gateway is None:
+        raise RefusedError(
+            f"runtime {runtime.name} has no gateway, so its models have no stable endpoint to "
+            "route: give the runtime gateway settings (a port, e.g. `mlc runtime add ... "
+            "--gateway-port 8700`), then route traffic again"
+        )
+    return runtime.gateway
+
+
+def gateway_root(settings: Settings, runtime: Runtime) -> Path:
+    """``<runtime_dir>/_gateways/<runtime>``: the gateway's files on the worker's host."""
+    root = settings.runtime_dir / GATEWAYS_DIR / check_name(runtime.name, "runtime name")
+    if _UNSAFE_PATH.search(str(root.resolve())):
+        raise RefusedError(
+            f"the gateway folder {root} holds characters nginx configuration cannot take "
+            "(spaces, quotes, ';', braces, '$', '#'): set MLC_HOME to a plain path"
+        )
+    return root
+
+
+class Gateway(abc.ABC):
+    """The proxy of one runtime: its files, its process or container, its reloads."""
+
+    def __init__(self, settings: Settings, runtime: Runtime) -> None:
+        self.settings = settings
+        self.runtime = runtime
+        self.config = gateway_settings(runtime)
+        self.root = gateway_root(settings, runtime).resolve()
+        self.conf = self.root / "conf"
+        self.logs = self.root / "logs"
+        self._reload_needed = False
+
+    # --- what each kind provides -------------------------------------------------------
+
+    @property
+    @abc.abstractmethod
+    def paths(self) -> NginxPaths:
+        """Where nginx sees its files."""
+
+    @abc.abstractmethod
+    def main_config(self) -> str:
+        """The main ``nginx.conf`` for this runtime's settings."""
+
+    @abc.abstractmethod
+    async def running(self) -> bool:
+        """True when the gateway's process or container is up (adopting it if needed)."""
+
+    @abc.abstractmethod
+    async def start(self, heartbeat: Heartbeat) -> None:
+        """Start the gateway on the current files (nothing of it is running)."""
+
+    @abc.abstractmethod
+    async def test(self) -> str | None:
+        """``nginx -t`` of the current files: None when valid, else nginx's complaint."""
+
+    @abc.abstractmethod
+    async def signal(self, signum: signal.Signals) -> None:
+        """Send ``signum`` to the nginx master (HUP reloads, USR1 reopens logs)."""
+
+    @abc.abstractmethod
+    def details(self) -> dict[str, Any]:
+        """Facts for the result: pid or container, config folder."""
+
+    @abc.abstractmethod
+    async def stop(self) -> None:
+        """Stop the gateway (its files stay)."""
+
+    # --- shared behaviour -------------------------------------------------------------
+
+    @property
+    def status_url(self) -> str:
+        """The generation marker's URL, reachable from the worker."""
+        host = self.config.host
+        if host in ("0.0.0.0", "::", "[::]"):
+            host = "127.0.0.1"
+        return f"http://{host}:{self.config.port}{STATUS_PATH}"
+
+    @contextlib.asynccontextmanager
+    async def locked(self) -> AsyncIterator[None]:
+        """Hold the gateway's file lock: one configuration change at a time, across workers."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.root / ".lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            await asyncio.to_thread(fcntl.flock, fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)  # releases the lock
+
+    def _prepare(self) -> None:
+        for folder in (self.conf / "http", self.conf / "models", self.logs):
+            folder.mkdir(parents=True, exist_ok=True)
+
+    def _write(self, path: Path, text: str) -> None:
+        """Replace ``path`` atomically (temp file in the same folder, then rename)."""
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(text)
+        os.chmod(tmp, 0o644)
+        tmp.replace(path)
+
+    def live_generation_file(self) -> str | None:
+        """The generation written in ``generation.conf`` (None when there is none)."""
+        try:
+            text = (self.conf / "generation.conf").read_text()
+        except FileNotFoundError:
+            return None
+        match = re.search(r'"generation": "([0-9a-f]+)"', text)
+        return match.group(1) if match else None
+
+    async def served_generation(self) -> str | None:
+        """The generation the gateway answers on a fresh connection (None: no answer)."""
+        try:
+            async with httpx.AsyncClient(timeout=2.0, trust_env=False) as client:
+                response = await client.get(self.status_url, headers={"Connection": "close"})
+            if response.status_code == 200:
+                return str(response.json().get("generation"))
+        except (httpx.HTTPError, ValueError):
+            pass
+        return None
+
+    async def wait_generation(self, generation: str, heartbeat: Heartbeat, what: str) -> None:
+        """Return once the gateway serves ``generation``; raise with its error log if not."""
+        deadline = time.monotonic() + READY_TIMEOUT_SECONDS
+        while True:
+            if await self.served_generation() == generation:
+                return
+            if time.monotonic() > deadline or not await self.running():
+                raise DeploymentFailedError(
+                    f"the gateway of runtime {self.runtime.name} did not {what} at "
+                    f"{self.status_url} within {READY_TIMEOUT_SECONDS:.0f} s; last lines of its "
+                    f"error log:\n{self.error_tail()}"
+                )
+            heartbeat(f"waiting for the gateway of {self.runtime.name} to {what}")
+            await asyncio.sleep(0.05)
+
+    def error_tail(self, lines: int = 20) -> str:
+        """The last lines of the gateway's error log."""
+        try:
+            return "\n".join((self.logs / "error.log").read_text(errors="replace").splitlines()[-lines:])
+        except FileNotFoundError:
+            return "(no error log written)"
+
+    async def ensure(self, heartbeat: Heartbeat) -> bool:
+        """Make the gateway run on the runtime's current settings; True when it was started.
+
+        A running gateway is kept (a worker restart does not touch it); its main file is
+        rewritten when the settings changed, and the next reload applies it.
+        """
+        self._prepare()
+        main = self.main_config()
+        path = self.conf / "nginx.conf"
+        if not path.exists() or path.read_text() != main:
+            self._write(path, main)
+            self._reload_needed = True  # new settings: the next apply reloads them
+        if self.live_generation_file() is None:
+            self._write(self.conf / "generation.conf", render_generation(self.runtime.name, uuid.uuid4().hex))
+        if await self.running():
+            return False
+        problem = await self.test()
+        if problem is not None:
+            raise DeploymentFailedError(
+                f"the gateway configuration of runtime {self.runtime.name} in {self.conf} is not "
+                f"valid:\n{problem}"
+            )
+        await self.start(heartbeat)
+        self._reload_needed = False
+        generation = self.live_generation_file()
+        assert generation is not None
+        await self.wait_generation(generation, heartbeat, "start")
+        return True
+
+    async def apply(self, files: dict[Path, str], heartbeat: Heartbeat) -> str:
+        """Write ``files`` and reload; return the generation now live.
+
+        Nothing is reloaded when the files are unchanged and the gateway already serves
+        the written generation (an activity retry). When ``nginx -t`` refuses the new
+        files, the previous ones are put back and DeploymentFailedError names the problem.
+        """
+        generation = self.live_generation_file()
+        unchanged = all(p.exists() and p.read_text() == text for p, text in files.items())
+        if (
+            unchanged
+            and not self._reload_needed
+            and generation is not None
+            and await self.served_generation() == generation
+        ):
+            return generation
+        generation = uuid.uuid4().hex
+        files = {**files, self.conf / "generation.conf": render_generation(self.runtime.name, generation)}
+        previous = {p: p.read_text() if p.exists() else None for p in files}
+        for path, text in files.items():
+            self._write(path, text)
+        problem = await self.test()
+        if problem is not None:
+            for path, old in previous.items():
+                if old is None:
+                    path.unlink(missing_ok=True)
+                else:
+                    self._write(path, old)
+            raise DeploymentFailedError(
+                f"the new gateway configuration of runtime {self.runtime.name} was refused by "
+                f"nginx and the previous one is kept:\n{problem}"
+            )
+        await self.signal(signal.SIGHUP)
+        await self.wait_generation(generation, heartbeat, "reload")
+        await self.rotate_logs()
+        return generation
+
+    async def rotate_logs(self) -> None:
+        """Rename logs past :data:`LOG_ROTATE_BYTES` to ``.1`` and have nginx reopen its logs."""
+        rotated = False
+        for log in self.logs.glob("*.log"):
+            with contextlib.suppress(FileNotFoundError):
+                if log.stat().st_size > LOG_ROTATE_BYTES:
+                    log.replace(log.with_name(log.name + ".1"))
+                    rotated = True
+        if rotated:
+            await self.signal(signal.SIGUSR1)
+
+    def log_lines(self, name: str) -> list[str]:
+        """Lines of ``logs/NAME`` and of its rotated ``.1``, oldest first."""
+        lines: list[str] = []
+        for path in (self.logs / f"{name}.1", self.logs / name):
+            with contextlib.suppress(FileNotFoundError):
+                lines.extend(path.read_text(errors="replace").splitlines())
+        return lines
+
+
+class LocalGateway(Gateway):
+    """nginx as a detached process of the worker's host."""
+
+    @property
+    def state_path(self) -> Path:
+        """``gateway.json``: the master's pid and what it listens on."""
+        return self.root / STATE_FILE
+
+    @property
+    def paths(self) -> NginxPaths:
+        """Host paths; request bodies go to a folder the workers' user can reach."""
+        return NginxPaths(
+            conf=str(self.conf), logs=str(self.logs), temp=str(self._temp()), pid=str(self.root / "nginx.pid")
+        )
+
+    def _worker_user(self) -> str | None:
+        """``nobody GROUP`` when the worker runs as root, else None (workers run as it)."""
+        if os.geteuid() != 0:
+            return None
+        try:
+            entry = pwd.getpwnam("nobody")
+        except KeyError:
+            return None
+        import grp
+
+        return f"nobody {grp.getgrgid(entry.pw_gid).gr_name}"
+
+    def _temp(self) -> Path:
+        """``root/temp``, or a folder in the system temp dir when workers drop to ``nobody``
+        (who may not traverse the runtime folder); nginx creates and owns its subfolders."""
+        if self._worker_user() is None:
+            return self.root / "temp"
+        key = re.sub(r"[^a-z0-9]", "", str(uuid.uuid5(uuid.NAMESPACE_URL, str(self.root))))[:12]
+        return Path(tempfile.gettempdir()) / f"mlc-gateway-{key}"
+
+    def main_config(self) -> str:
+        """Listen on the runtime's gateway address, in the foreground, pid in the folder."""
+        temp = self._temp()
+        temp.mkdir(parents=True, exist_ok=True)
+        os.chmod(temp, 0o755)
+        return render_main(
+            runtime=self.runtime.name,
+            listen=f"{_listen_host(self.config.host)}:{self.config.port}",
+            paths=self.paths,
+            user=self._worker_user(),
+        )
+
+    def _pid(self) -> int | None:
+        try:
+            state = json.loads(self.state_path.read_text())
+        except (FileNotFoundError, json.JSONDecodeError):
+            return None
+        pid = int(state.get("pid", 0))
+        command = processes.command_line(pid) if pid > 0 else ""
+        if pid > 0 and processes.alive(pid) and "nginx" in command and str(self.conf) in command:
+            return pid
+        return None
+
+    async def running(self) -> bool:
+        """The recorded master is alive and is this gateway's nginx."""
+        return self._pid() is not None
+
+    def _command(self, *extra: str) -> list[str]:
+        return [
+            str(nginx_binary()), "-p", f"{self.root}/", "-c", str(self.conf / "nginx.conf"),
+            "-e", str(self.logs / "error.log"), *extra,
+        ]  # fmt: skip
+
+    async def start(self, heartbeat: Heartbeat) -> None:
+        """Spawn the master detached (its own session); it dies with the worker only when
+        the settings say servers do (``mlc dev``)."""
+        with (self.logs / "nginx.out").open("ab") as log:
+            process = processes.spawn(
+                self._command(),
+                log=log,
+                die_with_parent=self.settings.servers_die_with_worker,
+                cwd=self.root,
+            )
+        _children[process.pid] = process
+        state = {"pid": process.pid, "host": self.config.host, "port": self.config.port, "started_at": time.time()}
+        self._write(self.state_path, json.dumps(state))
+
+    async def test(self) -> str | None:
+        """``nginx -t`` as the worker's user, on the files as written."""
+        result = await asyncio.to_thread(
+            subprocess.run, self._command("-t", "-q"), capture_output=True, text=True, check=False
+        )
+        return None if result.returncode == 0 else (result.stderr or result.stdout).strip()
+
+    async def signal(self, signum: signal.Signals) -> None:
+        """Signal the master; a master that died meanwhile is an error naming its log."""
+        pid = self._pid()
+        if pid is None:
+            raise DeploymentFailedError(
+                f"the gateway of runtime {self.runtime.name} is not running; last lines of its "
+                f"error log:\n{self.error_tail()}"
+            )
+        os.kill(pid, signum)
+
+    def details(self) -> dict[str, Any]:
+        """The master's pid and the configuration folder."""
+        return {"pid": self._pid(), "config": str(self.conf), "logs": str(self.logs)}
+
+    async def stop(self) -> None:
+        """Stop the master gracefully (QUIT: workers finish their requests)."""
+        pid = self._pid()
+        if pid is not None:
+            await asyncio.to_thread(
+                processes.stop,
+                pid,
+                signum=signal.SIGQUIT,
+                timeout=STOP_TIMEOUT_SECONDS,
+                child=_children.pop(pid, None),
+            )
+        self.state_path.unlink(missing_ok=True)
+
+
+_children: dict[int, subprocess.Popen[bytes]] = {}
+"""nginx masters this process started, kept so their exit is reaped."""
+
+
+def _listen_host(host: str) -> str:
+    return f"[{host}]" if ":" in host and not host.startswith("[") else host
+
+
+class DockerGateway(Gateway):
+    """nginx as the container ``mlc-gateway-<runtime>`` on the runtime's engine."""
+
+    LABEL = "mlc.gateway-runtime"
+    """Not ``mlc.runtime``: the driver's cleanup removes that runtime's unkept containers."""
+
+    @property
+    def name(self) -> str:
+        """The container's name."""
+        return f"mlc-gateway-{self.runtime.name}"
+
+    @property
+    def paths(self) -> NginxPaths:
+        """Mount points inside the container; temp files and pid in its tmpfs ``/tmp``."""
+        return NginxPaths(conf=_CONTAINER_CONF, logs=_CONTAINER_LOGS, temp="/tmp", pid="/tmp/nginx.pid")
+
+    def _network(self) -> str:
+        from activities.runtimes.docker_engine import docker_settings
+
+        return docker_settings(self.runtime).network_mode
+
+    def main_config(self) -> str:
+        """Host network: listen on the gateway's address; otherwise on every address of the
+        container's own network, published on ``gateway.host:port``."""
+        host = _listen_host(self.config.host) if self._network() == "host" else "0.0.0.0"
+        return render_main(runtime=self.runtime.name, listen=f"{host}:{self.config.port}", paths=self.paths, user=None)
+
+    def _labels(self, image: str) -> dict[str, str]:
+        return {
+            self.LABEL: self.runtime.name,
+            "mlc.gateway-image": image,
+            "mlc.gateway-listen": f"{self._network()} {self.config.host}:{self.config.port}",
+            "mlc.gateway-root": str(self.root),
+        }
+
+    async def _container(self) -> Any:
+        from activities.runtimes.docker_engine import connect
+
+        async with connect(self.runtime, "find the gateway container") as client:
+            try:
+                return await asyncio.to_thread(client.containers.get, self.name)
+            except docker.errors.NotFound:
+                return None
+
+    async def running(self) -> bool:
+        """The gateway container runs with the runtime's current listen settings."""
+        container = await self._container()
+        if container is None or container.status != "running":
+            return False
+        wanted = f"{self._network()} {self.config.host}:{self.config.port}"
+        return bool(container.labels.get("mlc.gateway-listen") == wanted)
+
+    async def start(self, heartbeat: Heartbeat) -> None:
+        """Build the image if needed, remove a stale container, run a new one."""
+        from activities.runtimes.docker_engine import connect, docker_settings, run_with_heartbeats
+
+        settings = docker_settings(self.runtime)
+        os.chmod(self.logs, 0o777)  # the container's user (docker.user) writes its logs here
+        async with connect(self.runtime, "start the gateway container") as client:
+            image = await run_with_heartbeats(
+                lambda _progress: ensure_gateway_image(client),
+                heartbeat,
+                first_note=f"building the gateway image of runtime {self.runtime.name}",
+            )
+            with contextlib.suppress(docker.errors.NotFound):
+                old = await asyncio.to_thread(client.containers.get, self.name)
+                await asyncio.to_thread(old.remove, force=True)
+            options: dict[str, Any] = {}
+            if settings.network_mode != "host":
+                options["ports"] = {f"{self.config.port}/tcp": (self.config.host, self.config.port)}
+            await asyncio.to_thread(
+                client.containers.run,
+                image,
+                ["-p", "/tmp/", "-c", f"{_CONTAINER_CONF}/nginx.conf", "-e", "stderr"],
+                name=self.name,
+                labels=self._labels(image),
+                detach=True,
+                network_mode=settings.network_mode,
+                restart_policy={"Name": "unless-stopped"},
+                user=settings.user,
+                read_only=True,
+                tmpfs={"/tmp": "rw,nosuid,nodev,size=256m"},
+                security_opt=["no-new-privileges"],
+                cap_drop=["ALL"],
+                volumes={
+                    str(self.conf): {"bind": _CONTAINER_CONF, "mode": "ro"},
+                    str(self.logs): {"bind": _CONTAINER_LOGS, "mode": "rw"},
+                },
+                **options,
+            )
+
+    async def test(self) -> str | None:
+        """``nginx -t`` inside the running container; before it runs, None: a container
+        whose nginx refuses its files exits, and the start reports its log."""
+        container = await self._container()
+        if container is None or container.status != "running":
+            return None
+        command = ["/usr/sbin/nginx", "-t", "-q", "-p", "/tmp/", "-c", f"{_CONTAINER_CONF}/nginx.conf", "-e", "stderr"]
+        code, output = await asyncio.to_thread(container.exec_run, command)
+        return None if code == 0 else bytes(output).decode(errors="replace").strip()
+
+    async def signal(self, signum: signal.Signals) -> None:
+        """``docker kill --signal`` to the container's nginx master (its pid 1)."""
+        container = await self._container()
+        if container is None or container.status != "running":
+            raise DeploymentFailedError(f"the gateway container {self.name} of runtime {self.runtime.name} is not running")
+        await asyncio.to_thread(container.kill, signum.name)
+
+    def details(self) -> dict[str, Any]:
+        """The container and the configuration folder."""
+        return {"container_name": self.name, "config": str(self.conf), "logs": str(self.logs)}
+
+    def error_tail(self, lines: int = 20) -> str:
+        """nginx logs to the container's stderr until its config opens ``error.log``."""
+        tail = super().error_tail(lines)
+        try:
+            import docker as docker_sdk
+
+            client = docker_sdk.from_env(version="auto")
+            try:
+                logs = bytes(client.containers.get(self.name).logs(tail=lines)).decode(errors="replace")
+            finally:
+                client.close()
+        except docker.errors.DockerException:
+            return tail
+        return f"{tail}\n{logs}".strip()
+
+    async def stop(self) -> None:
+        """Remove the gateway container."""
+        container = await self._container()
+        if container is not None:
+            await asyncio.to_thread(container.remove, force=True)
+
+
+def gateway_for(settings: Settings, runtime: Runtime) -> Gateway:
+    """The gateway of ``runtime`` (local process or docker container by its kind)."""
+    if runtime.kind is RuntimeKind.LOCAL:
+        return LocalGateway(settings, runtime)
+    if runtime.kind is RuntimeKind.DOCKER:
+        return DockerGateway(settings, runtime)
+    raise RefusedError(f"runtime {runtime.name} ({runtime.kind.value}) has no gateway driver")
+
+
+def _model_files(gateway: Gateway, model: str) -> tuple[Path, Path]:
+    return gateway.conf / "http" / f"{model}.conf", gateway.conf / "models" / f"{model}.conf"
+
+
+async def route(
+    driver: RuntimeDriver,
+    runtime: Runtime,
+    model: str,
+    routes: Sequence[TrafficRoute],
+    heartbeat: Heartbeat,
+) -> RouteTrafficResult:
+    """Make ``routes`` answer ``model``'s stable endpoint on ``runtime``; return once live.
+
+    Each route's deployment is located by ``driver`` (never taken from a payload); a
+    route to a deployment that does not run is refused.
+
+    Raises:
+        RefusedError: no gateway settings, a bad model name, routes or deployment id.
+        NotFoundError: a routed deployment has no live server on the runtime.
+        DeploymentFailedError: nginx is missing, refused the configuration, or did not
+            start or reload in time (with its error log).
+    """
+    config = gateway_settings(runtime)
+    check_name(model, "model name")
+    try:
+        check_routes(tuple(routes))
+    except ValueError as exc:
+        raise RefusedError(f"routes of model {model} on runtime {runtime.name}: {exc}") from None
+    backends = []
+    for item in routes:
+        check_deployment_id(item.deployment_id)
+        if item.shadow or item.weight > 0:
+            endpoint = await driver.locate(runtime, item.deployment_id)
+            backends.append(Backend(route=item, address=address_of(endpoint)))
+    gateway = gateway_for(driver.settings, runtime)
+    async with gateway.locked():
+        started = await gateway.ensure(heartbeat)
+        http, server = render_model(
+            runtime=runtime.name, model=model, backends=backends, logs=gateway.paths.logs
+        )
+        http_path, server_path = _model_files(gateway, model)
+        generation = await gateway.apply({http_path: http, server_path: server}, heartbeat)
+    return RouteTrafficResult(
+        endpoint=config.endpoint(model),
+        details={
+            **gateway.details(),
+            "generation": generation,
+            "started": started,
+            "upstreams": {b.route.deployment_id: b.address for b in backends},
+        },
+    )
+
+
+async def observe(
+    driver: RuntimeDriver,
+    runtime: Runtime,
+    model: str,
+    routes: Sequence[TrafficRoute],
+    since: datetime,
+    until: datetime,
+) -> TrafficObservation:
+    """What the gateway saw for ``routes`` of ``model`` in ``[since, until]``.
+
+    Answering routes' stats come from the access log (live requests only); the shadow's
+    from the mirror log (mirrored requests); with a shadow, both versions' captured
+    answers to the same requests are compared.
+    """
+    config = gateway_settings(runtime)
+    check_name(model, "model name")
+    for item in routes:
+        check_deployment_id(item.deployment_id)
+    gateway = gateway_for(driver.settings, runtime)
+    live = parse_log(gateway.log_lines(f"{model}.access.log"), since, until)
+    stats: list[RouteStats] = [route_stats(r, live) for r in routes if not r.shadow]
+    comparison: ShadowComparison | None = None
+    shadow = next((r for r in routes if r.shadow), None)
+    answering = [r for r in routes if not r.shadow and r.weight > 0]
+    if shadow is not None:
+        mirrored = parse_log(gateway.log_lines(f"{model}.mirror.log"), since, until)
+        stats.append(route_stats(shadow, mirrored))
+        if answering:
+            primary = max(answering, key=lambda r: r.weight)
+            ids = {str(e.get("id")) for e in live if e.get("route") == primary.deployment_id}
+            start = since.timestamp() - 1.0  # answers are recorded a moment before the log line
+            primary_answers = await read_captures(driver, runtime, primary.deployment_id, since=start)
+            shadow_answers = await read_captures(driver, runtime, shadow.deployment_id, since=start)
+            comparison = compare(
+                primary_id=primary.deployment_id,
+                shadow_id=shadow.deployment_id,
+                primary={k: v for k, v in primary_answers.items() if k in ids},
+                shadow=shadow_answers,
+                shadow_errors=sum(1 for e in mirrored if int(e.get("status", 0)) >= 500),
+            )
+    return TrafficObservation(
+        endpoint=config.endpoint(model), since=since, until=until, routes=tuple(stats), shadow=comparison
+    )
+
+
+async def read_captures(driver: RuntimeDriver, runtime: Runtime, deployment_id: str, *, since: float) -> dict[str, Any]:
+    """Request id -> answer the deployment's server recorded (see :mod:`mlc.serving.capture`)."""
+    if runtime.kind is RuntimeKind.LOCAL:
+        from activities.runtimes.local import TMP_DIR
+
+        folder = driver.workdir(runtime, deployment_id) / TMP_DIR
+        lines: list[bytes] = []
+        for path in (folder / f"{CAPTURE_FILE}.1", folder / CAPTURE_FILE):
+            with contextlib.suppress(FileNotFoundError):
+                lines.extend(path.read_bytes().splitlines())
+        return read_answers(lines, since=since)
+    from activities.runtimes.docker_engine import connect
+
+    async with connect(runtime, f"read the answers recorded by {deployment_id}") as client:
+        found = await asyncio.to_thread(
+            client.containers.list,
+            filters={"label": [f"mlc.deployment-id={deployment_id}", "mlc.mode=online", f"mlc.runtime={runtime.name}"]},
+        )
+        if not found:
+            return {}
+        command = ["sh", "-c", f"cat /tmp/{CAPTURE_FILE}.1 /tmp/{CAPTURE_FILE} 2>/dev/null; true"]
+        _, output = await asyncio.to_thread(found[0].exec_run, command, stderr=False)
+    return read_answers(bytes(output).splitlines(), since=since)
+
+
+async def remove(settings: Settings, runtime: Runtime) -> None:
+    """Stop the runtime's gateway (process or container); its files stay for inspection."""
+    if runtime.gateway is not None:
+        await gateway_for(settings, runtime).stop()

@@ -1,0 +1,368 @@
+"""nginx configuration of a runtime's gateway, and reading what the gateway logged.
+
+Pure functions, no processes: :mod:`activities.runtimes.gateway` writes what these render
+and reloads the proxy. The configuration is one main file per runtime and two files per
+model, so changing one model's routes rewrites only that model's files:
+
+- ``http/MODEL.conf`` (http context): one ``upstream`` per deployment (``keepalive``
+  connections, so the gateway adds little to a request), a ``split_clients`` on the
+  random ``$request_id`` choosing among them by weight, and the shadow's log format;
+- ``models/MODEL.conf`` (server context): ``location ~ ^/models/MODEL(/.*)$``, which strips
+  the prefix (the model server gets ``/score``, ``/health``, ``/metrics``), passes the
+  request to the chosen deployment with ``X-Request-ID`` and, with a shadow, mirrors it
+  to the shadow deployment, both with the capture header that makes the model servers
+  record their answers. With no answering route it answers 503 with a JSON message.
+
+Every live request is logged as one JSON line in ``MODEL.access.log`` (time, deployment,
+status, latency, request id); mirrored requests go to ``MODEL.mirror.log``, never to the
+access log, so a shadow's traffic never counts as live traffic.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from mlc.contracts.traffic import RouteStats, ShadowComparison
+from mlc.domain import TrafficRoute
+
+CAPTURE_HEADER = "X-MLC-Capture"
+"""Set by the gateway only (a client's value is overwritten): the model server records its
+answer to this request (see :mod:`mlc.serving.capture`)."""
+DEPLOYMENT_HEADER = "X-MLC-Deployment"
+"""Response header naming the deployment that answered (for consumers' debugging)."""
+STATUS_PATH = "/_mlc/gateway"
+"""Answers the configuration generation: the gateway polls it to know a reload took effect."""
+
+LOG_FORMAT = "mlc_traffic"
+_LOG_FIELDS = (
+    '"t":$msec,"route":"{route}","status":$status,"upstream_status":"$upstream_status",'
+    '"request_time":$request_time,"upstream_time":"$upstream_response_time","id":"$request_id"'
+)
+
+
+@dataclass(frozen=True)
+class NginxPaths:
+    """Where files are *as nginx sees them* (host paths locally, mount points in a container)."""
+
+    conf: str
+    """Folder of ``nginx.conf``, ``generation.conf``, ``http/`` and ``models/``."""
+    logs: str
+    """Writable folder of the access, mirror and error logs."""
+    temp: str
+    """Writable folder for request bodies nginx must buffer (the worker user's)."""
+    pid: str
+
+
+@dataclass(frozen=True)
+class Backend:
+    """One deployment behind a model's endpoint, located by the runtime's driver."""
+
+    route: TrafficRoute
+    address: str
+    """``host:port`` of its model server."""
+
+
+def _q(value: str) -> str:
+    """``value`` as a single-quoted nginx string (the values here never hold a quote)."""
+    if "'" in value or "\\" in value:
+        raise ValueError(f"cannot quote {value!r} for nginx")
+    return f"'{value}'"
+
+
+def model_key(model: str) -> str:
+    """An nginx variable suffix for ``model``: letters, digits and ``_``, unique per name."""
+    digest = hashlib.sha256(model.encode()).hexdigest()[:6]
+    return f"{re.sub(r'[^a-z0-9]', '_', model)}_{digest}"
+
+
+def address_of(endpoint: str) -> str:
+    """``host:port`` of an ``http://host:port`` endpoint as drivers report them."""
+    match = re.fullmatch(r"http://([A-Za-z0-9.\-]+|\[[0-9a-fA-F:]+\]):(\d{1,5})/?", endpoint)
+    if match is None:
+        raise ValueError(f"endpoint {endpoint!r} is not http://HOST:PORT")
+    return f"{match.group(1)}:{match.group(2)}"
+
+
+def render_main(
+    *,
+    runtime: str,
+    listen: str,
+    paths: NginxPaths,
+    user: str | None,
+    daemon: bool = False,
+) -> str:
+    """The runtime's ``nginx.conf``: one server on ``listen`` including every model's files.
+
+    Args:
+        runtime: The runtime's name (for the comments and the 404 message).
+        listen: ``HOST:PORT`` to listen on.
+        paths: Where nginx finds its files.
+        user: ``user GROUP`` for the worker processes when the master runs as root.
+        daemon: Whether the master daemonizes (never: the driver owns the process).
+    """
+    user_line = f"user {user};\n" if user else ""
+    return f"""\
+# Written by MLC for the gateway of runtime {runtime}; rewritten on every traffic change.
+{user_line}daemon {"on" if daemon else "off"};
+worker_processes 2;
+worker_shutdown_timeout 120s;
+pid {paths.pid};
+error_log {paths.logs}/error.log warn;
+pcre_jit on;
+
+events {{
+    worker_connections 4096;
+}}
+
+http {{
+    default_type application/json;
+    access_log off;
+    server_tokens off;
+    client_body_temp_path {paths.temp}/client_body;
+    proxy_temp_path {paths.temp}/proxy;
+    fastcgi_temp_path {paths.temp}/fastcgi;
+    uwsgi_temp_path {paths.temp}/uwsgi;
+    scgi_temp_path {paths.temp}/scgi;
+    client_max_body_size 64m;
+    client_body_buffer_size 1m;
+    keepalive_timeout 75s;
+    keepalive_requests 100000;
+    proxy_http_version 1.1;
+    proxy_buffer_size 16k;
+    proxy_buffers 32 16k;
+    proxy_max_temp_file_size 0;
+    proxy_connect_timeout 5s;
+    proxy_send_timeout 300s;
+    proxy_read_timeout 300s;
+    # Scoring has no side effects: a request whose pooled upstream connection was closed
+    # under it is sent again on a fresh one instead of failing.
+    proxy_next_upstream error timeout non_idempotent;
+    proxy_next_upstream_tries 2;
+    log_format {LOG_FORMAT} escape=json '{{{_LOG_FIELDS.format(route="$mlc_route")}}}';
+
+    include {paths.conf}/http/*.conf;
+
+    server {{
+        listen {listen};
+        include {paths.conf}/generation.conf;
+        location = /_mlc/declare {{
+            # never matched by a live request: declares the variables the locations set
+            # (a server-level "set" would also run in mirror subrequests, which share them)
+            internal;
+            set $mlc_route "";
+            set $mlc_path "";
+            return 404;
+        }}
+        include {paths.conf}/models/*.conf;
+        location / {{
+            return 404 '{{"error": "no such endpoint on the gateway of runtime {runtime}: call /models/MODEL/score"}}\\n';
+        }}
+    }}
+}}
+"""
+
+
+def render_generation(runtime: str, generation: str) -> str:
+    """``generation.conf``: the status location answering which configuration is live."""
+    body = json.dumps({"runtime": runtime, "generation": generation})
+    return f"location = {STATUS_PATH} {{\n    access_log off;\n    return 200 {_q(body)};\n}}\n"
+
+
+def render_model(
+    *, runtime: str, model: str, backends: Sequence[Backend], logs: str
+) -> tuple[str, str]:
+    """The model's ``http/MODEL.conf`` and ``models/MODEL.conf``.
+
+    Args:
+        runtime: The runtime's name (for the 503 message).
+        model: A valid model name (see :func:`mlc.domain.check_name`).
+        backends: Its routes with their addresses, already checked with ``check_routes``.
+        logs: The logs folder as nginx sees it.
+    """
+    key = model_key(model)
+    answering = [b for b in backends if not b.route.shadow and b.route.weight > 0]
+    shadow = next((b for b in backends if b.route.shadow), None)
+    http: list[str] = [f"# Routes of model {model} on runtime {runtime}: written by MLC.\n"]
+    for backend in backends:
+        if backend.route.shadow or backend.route.weight > 0:
+            http.append(
+                f"upstream {backend.route.deployment_id} {{\n"
+                f"    server {backend.address} max_fails=0;\n"
+                "    keepalive 32;\n"
+                "    keepalive_requests 100000;\n"
+                "    keepalive_timeout 4s;\n"  # under uvicorn's 5 s: nginx closes idle ones first
+                "}\n"
+            )
+    if len(answering) > 1:
+        lines = [f"    {b.route.weight}% {b.route.deployment_id};\n" for b in answering[:-1]]
+        lines.append(f"    * {answering[-1].route.deployment_id};\n")
+        http.append(f'split_clients "$request_id" $mlc_split_{key} {{\n{"".join(lines)}}}\n')
+    if shadow is not None:
+        fields = _LOG_FIELDS.format(route=shadow.route.deployment_id)
+        http.append(f"log_format mlc_mirror_{key} escape=json '{{{fields}}}';\n")
+
+    pattern = f"^/models/{re.escape(model).replace('/', '')}(/.*)$"
+    server = [f"# Endpoint of model {model} on runtime {runtime}: written by MLC.\n"]
+    server.append(f"location ~ {pattern} {{\n    set $mlc_path $1;\n")
+    if not answering:
+        message = json.dumps(
+            {
+                "error": f"model {model} has no serving version behind this endpoint on runtime "
+                f"{runtime}; promote or roll back a version to route traffic here",
+                "model": model,
+            }
+        )
+        server.append(
+            f"    access_log {logs}/{model}.access.log {LOG_FORMAT};\n"
+            f"    return 503 {_q(message + chr(10))};\n}}\n"
+        )
+        return "".join(http), "".join(server)
+    chosen = f"$mlc_split_{key}" if len(answering) > 1 else answering[0].route.deployment_id
+    capture = "1" if shadow is not None else ""
+    server.append(
+        f"    set $mlc_route {chosen};\n"
+        f"    access_log {logs}/{model}.access.log {LOG_FORMAT};\n"
+        f'    add_header {DEPLOYMENT_HEADER} "$mlc_route" always;\n'
+        '    proxy_set_header Connection "";\n'
+        "    proxy_set_header X-Request-ID $request_id;\n"
+        f'    proxy_set_header {CAPTURE_HEADER} "{capture}";\n'
+    )
+    if shadow is not None:
+        server.append(f"    mirror /_mlc/mirror/{model};\n    mirror_request_body on;\n")
+    server.append("    rewrite ^ $mlc_path break;\n    proxy_pass http://$mlc_route;\n}\n")
+    if shadow is not None:
+        server.append(
+            f"location = /_mlc/mirror/{model} {{\n"
+            "    internal;\n"
+            "    log_subrequest on;\n"
+            f"    access_log {logs}/{model}.mirror.log mlc_mirror_{key};\n"
+            '    proxy_set_header Connection "";\n'
+            "    proxy_set_header X-Request-ID $request_id;\n"
+            f'    proxy_set_header {CAPTURE_HEADER} "1";\n'
+            "    rewrite ^ $mlc_path break;\n"
+            f"    proxy_pass http://{shadow.route.deployment_id};\n"
+            "}\n"
+        )
+    return "".join(http), "".join(server)
+
+
+# --- reading what the gateway saw -----------------------------------------------------
+
+
+def parse_log(lines: Iterable[str], since: datetime, until: datetime) -> list[dict[str, Any]]:
+    """Entries of a gateway log (JSON lines) whose time is in ``[since, until]``."""
+    start, end = since.timestamp(), until.timestamp()
+    entries = []
+    for line in lines:
+        try:
+            entry = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a line being written, or a log from another format
+        if isinstance(entry, dict) and start <= float(entry.get("t", -1)) <= end:
+            entries.append(entry)
+    return entries
+
+
+def _seconds(entry: Mapping[str, Any]) -> float | None:
+    """The model's answer time: the upstream's (summed over a retry), else the request's."""
+    text = str(entry.get("upstream_time") or "")
+    parts = [p.strip() for p in text.replace(":", ",").split(",") if p.strip() not in ("", "-")]
+    if parts:
+        try:
+            return sum(float(p) for p in parts)
+        except ValueError:
+            pass
+    value = entry.get("request_time")
+    return float(value) if isinstance(value, int | float) else None
+
+
+def _percentile(sorted_values: Sequence[float], fraction: float) -> float:
+    """Nearest-rank percentile of ascending ``sorted_values`` (not empty)."""
+    rank = max(1, math.ceil(fraction * len(sorted_values)))
+    return sorted_values[rank - 1]
+
+
+def route_stats(route: TrafficRoute, entries: Iterable[Mapping[str, Any]]) -> RouteStats:
+    """Requests, server errors and latency (ms) of ``route`` among ``entries``."""
+    mine = [e for e in entries if e.get("route") == route.deployment_id]
+    times = sorted(t * 1000.0 for t in (_seconds(e) for e in mine) if t is not None)
+    return RouteStats(
+        deployment_id=route.deployment_id,
+        version=route.version,
+        requests=len(mine),
+        errors=sum(1 for e in mine if int(e.get("status", 0)) >= 500),
+        p50_ms=round(_percentile(times, 0.50), 3) if times else None,
+        p99_ms=round(_percentile(times, 0.99), 3) if times else None,
+    )
+
+
+def _split(output: Any) -> tuple[tuple[Any, ...], dict[str, float]]:
+    """A record's answer as (label, scores): its non-float fields and its float fields.
+
+    ``{"probability": 0.93, "is_fraud": 1}`` is label ``(("is_fraud", 1),)`` and scores
+    ``{"probability": 0.93}``: labels are what a consumer acts on (classes, decisions, ids),
+    scores are the continuous outputs behind them.
+    """
+    if not isinstance(output, dict):
+        return (("value", json.dumps(output, sort_keys=True)),), {}
+    label, scores = [], {}
+    for name in sorted(output):
+        value = output[name]
+        if isinstance(value, float):
+            scores[name] = value
+        elif isinstance(value, bool | int | str) or value is None:
+            label.append((name, value))
+        else:
+            label.append((name, json.dumps(value, sort_keys=True)))
+    return tuple(label), scores
+
+
+def compare(
+    *,
+    primary_id: str,
+    shadow_id: str,
+    primary: Mapping[str, Any],
+    shadow: Mapping[str, Any],
+    shadow_errors: int = 0,
+) -> ShadowComparison:
+    """Both versions' answers to the same requests (joined by request id), compared.
+
+    Args:
+        primary_id: The answering deployment whose captures are ``primary``.
+        shadow_id: The shadow deployment.
+        primary: Request id -> the primary's answer (one output dict, or a list for a batch).
+        shadow: Request id -> the shadow's answer.
+        shadow_errors: Mirrored requests the shadow answered with a server error.
+    """
+    pairs = agree = records = 0
+    diffs: list[float] = []
+    for request_id, answer in primary.items():
+        if request_id not in shadow:
+            continue
+        pairs += 1
+        left = answer if isinstance(answer, list) else [answer]
+        right = shadow[request_id] if isinstance(shadow[request_id], list) else [shadow[request_id]]
+        for one, other in zip(left, right, strict=False):
+            records += 1
+            (label_a, scores_a), (label_b, scores_b) = _split(one), _split(other)
+            agree += label_a == label_b
+            shared = scores_a.keys() & scores_b.keys()
+            if shared:
+                diffs.append(max(abs(scores_a[k] - scores_b[k]) for k in shared))
+        records += abs(len(left) - len(right))  # records only one side answered disagree
+    return ShadowComparison(
+        primary_id=primary_id,
+        shadow_id=shadow_id,
+        pairs=pairs,
+        agreement_rate=agree / records if records else None,
+        mean_abs_diff=sum(diffs) / len(diffs) if diffs else None,
+        max_abs_diff=max(diffs) if diffs else None,
+        shadow_errors=shadow_errors,
+    )

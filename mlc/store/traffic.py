@@ -1,0 +1,75 @@
+"""The traffic table: which deployments answer each model's stable endpoint per runtime.
+
+One row per (runtime, model), kept current by the trusted inventory worker after a change
+was authorized and applied; what served when is in the audit trail (kind ``traffic``).
+"""
+
+from __future__ import annotations
+
+import asyncpg
+
+from mlc.domain import TrafficRoute
+from mlc.store.db import row_dict
+from mlc.traffic import TrafficTable
+
+_COLUMNS = "runtime, model, stage, routes, endpoint, workflow_id, run_id, updated_at"
+
+
+def _table(row: asyncpg.Record) -> TrafficTable:
+    return TrafficTable.model_validate(row_dict(row))
+
+
+async def upsert_traffic(
+    conn: asyncpg.Connection | asyncpg.Pool,
+    *,
+    runtime: str,
+    model: str,
+    stage: str,
+    routes: tuple[TrafficRoute, ...],
+    endpoint: str,
+    workflow_id: str | None,
+    run_id: str | None,
+) -> TrafficTable:
+    """Set the routes live behind ``model``'s endpoint on ``runtime`` (idempotent)."""
+    row = await conn.fetchrow(
+        f"""INSERT INTO traffic (runtime, model, stage, routes, endpoint, workflow_id, run_id)
+            VALUES ($1, $2, $3, $4, $5, $6, $7)
+            ON CONFLICT (runtime, model) DO UPDATE SET stage = EXCLUDED.stage,
+                routes = EXCLUDED.routes, endpoint = EXCLUDED.endpoint,
+                workflow_id = EXCLUDED.workflow_id, run_id = EXCLUDED.run_id, updated_at = now()
+            RETURNING {_COLUMNS}""",
+        runtime,
+        model,
+        stage,
+        [r.model_dump(mode="json") for r in routes],
+        endpoint,
+        workflow_id,
+        run_id,
+    )
+    return _table(row)
+
+
+async def read_traffic(
+    conn: asyncpg.Connection | asyncpg.Pool,
+    *,
+    runtime: str | None = None,
+    model: str | None = None,
+    stage: str | None = None,
+) -> list[TrafficTable]:
+    """Stable endpoints, filtered, ordered by stage, model and runtime."""
+    rows = await conn.fetch(
+        f"""SELECT {_COLUMNS} FROM traffic
+            WHERE ($1::text IS NULL OR runtime = $1) AND ($2::text IS NULL OR model = $2)
+              AND ($3::text IS NULL OR stage = $3)
+            ORDER BY stage, model, runtime""",
+        runtime,
+        model,
+        stage,
+    )
+    return [_table(r) for r in rows]
+
+
+async def read_one(conn: asyncpg.Connection | asyncpg.Pool, runtime: str, model: str) -> TrafficTable | None:
+    """The stable endpoint of ``model`` on ``runtime``, if anything was ever routed there."""
+    found = await read_traffic(conn, runtime=runtime, model=model)
+    return found[0] if found else None
