@@ -16,10 +16,12 @@ from mlc.errors import RefusedError
 from mlc.store.trail import Entry
 from mlc.trust.governance import Governance, Principal
 from mlc.trust.policy import StagePolicy, allowed_by, segregation_problem
-from mlc.trust.statements import DecisionPredicate, Envelope, decision_of
+from mlc.trust.statements import DecisionPredicate, Envelope, RollbackPredicate, decision_of, rollback_of
 
 CLOCK_SKEW_SECONDS = 300
 """How far in the future a statement's issued-at may be (clocks of laptops drift)."""
+ROLLBACK_LIFECYCLE = "Rollback"
+"""The ``lifecycle`` of a rollback's run (its workflow type, see :data:`mlc.names.ROLLBACK`)."""
 
 
 @dataclass(frozen=True)
@@ -107,7 +109,7 @@ def approver_problem(
     )
 
 
-def check_fresh(decision: DecisionPredicate, now: datetime) -> None:
+def check_fresh(decision: DecisionPredicate | RollbackPredicate, now: datetime) -> None:
     """Refuse a statement submitted after it expired or issued implausibly in the future."""
     if now > decision.expires_at:
         raise RefusedError(
@@ -151,6 +153,8 @@ def admit(entries: list[Entry], run: RunContext, state: Governance, *, stage: st
     policy = state.policy(stage)
     if not policy.protected or policy.admitted_by is None:
         return
+    if rollback_admits(entries, run, state, stage=stage):
+        return
     gate = state.policy(policy.admitted_by)
     counted, problems = approvals(entries, run, state, stage=gate.stage)
     if len(counted) >= gate.min_approvals:
@@ -163,3 +167,63 @@ def admit(entries: list[Entry], run: RunContext, state: Governance, *, stage: st
         f"{gate.min_approvals} signed approval(s) at {gate.stage} by {', '.join(gate.approvers)} "
         f"in this run ({found})"
     )
+
+
+def check_rollback(envelope: Envelope, state: Governance) -> tuple[Principal, RollbackPredicate]:
+    """Verify a signed rollback: signature, key (registered, not revoked), signer, role.
+
+    The signer must be allowed to decide at the stage's gate by the stage policy (the
+    same rule as approving there; ``role:approver`` by default). Freshness, the nonce and
+    the target are checked by the activity that records it.
+
+    Raises:
+        RefusedError: naming the first check that failed.
+    """
+    try:
+        statement, rollback = rollback_of(envelope)
+    except ValueError as exc:
+        raise RefusedError(str(exc)) from None
+    signer = state.signer_of(envelope)
+    if signer.name != rollback.signer:
+        raise RefusedError(
+            f"the key that signed belongs to {signer.name}, not {rollback.signer}: "
+            "nobody may sign for someone else"
+        )
+    policy = state.policy(rollback.stage)
+    if not allowed_by(policy.approvers, signer.name, signer.roles):
+        raise RefusedError(
+            f"{signer.name} may not roll {rollback.model} back in {rollback.stage}: the stage policy "
+            f"allows {', '.join(policy.approvers)} to decide there (an admin grants roles with "
+            "`mlc user grant`)"
+        )
+    return signer, rollback
+
+
+def rollback_admits(entries: list[Entry], run: RunContext, state: Governance, *, stage: str) -> bool:
+    """True when ``run`` is a rollback whose signed decision, verified now, names its snapshot.
+
+    The rollback's run was recorded for the version its decision resolved to (see
+    ``activities.rollback``): a statement naming a version must name that one (and its
+    sha256 when it carries one); a statement for "the previous version" counts for the
+    version the trusted activity resolved from the trail when it recorded the run.
+    """
+    if run.lifecycle != ROLLBACK_LIFECYCLE:
+        return False
+    snap = run.snapshot
+    for entry in entries:
+        envelope = entry.signed()
+        if envelope is None:
+            continue
+        try:
+            _, rollback = check_rollback(envelope, state)
+        except (RefusedError, ValueError):
+            continue
+        digests = {s.digest.get("sha256") for s in envelope.statement().subject} - {None}
+        if (
+            rollback.model == snap.model
+            and rollback.stage == stage
+            and rollback.version in (None, snap.version)
+            and digests <= {snap.sha256}
+        ):
+            return True
+    return False

@@ -26,9 +26,12 @@ from activities.runtimes.base import (
 )
 from mlc.config import Settings
 from mlc.contracts import runtime as rt
+from mlc.contracts import traffic
+from mlc.domain import TrafficRoute, check_routes
 from mlc.errors import RefusedError
 from mlc.payloads import RuntimeActionInput
 from mlc.trust import grants
+from mlc.trust.statements import Envelope
 
 
 def _heartbeat(note: str) -> None:
@@ -96,4 +99,41 @@ class RuntimeActivities:
         grant = self._granted(request, "undeploy")
         await driver_for(grant.runtime, self.settings).undeploy(
             UndeployRequest(deployment_id=grant.deployment_id, runtime=grant.runtime)
+        )
+
+    def _traffic_grant(
+        self, envelope: Envelope, action: grants.RuntimeAction
+    ) -> tuple[grants.RuntimeGrant, str, tuple[TrafficRoute, ...]]:
+        """The verified grant with its model and routes (checked again: the grant is the
+        only source of what the gateway is told)."""
+        grant = self._granted(RuntimeActionInput(grant=envelope), action)
+        if not grant.model:
+            raise RefusedError(f"the {action} grant names no model")
+        try:
+            routes = check_routes(grant.routes)
+        except ValueError as exc:
+            raise RefusedError(f"the {action} grant's routes of model {grant.model}: {exc}") from None
+        return grant, grant.model, routes
+
+    @traffic.ROUTE_TRAFFIC.implement
+    @mlc_errors
+    async def route_traffic(self, request: RuntimeActionInput) -> traffic.RouteTrafficResult:
+        """Make the granted routes answer the model's stable endpoint on the runtime's gateway.
+
+        Returns once the gateway serves them (graceful reload: requests in flight finish on
+        the old routes). Idempotent: the same routes again change nothing.
+        """
+        grant, model, routes = self._traffic_grant(request.grant, "route_traffic")
+        return await driver_for(grant.runtime, self.settings).route(grant.runtime, model, routes, _heartbeat)
+
+    @traffic.OBSERVE_TRAFFIC.implement
+    @mlc_errors
+    async def observe_traffic(self, request: traffic.ObserveTrafficInput) -> traffic.TrafficObservation:
+        """What the gateway saw for the granted routes between ``since`` and ``until``:
+        requests, server errors and latency per deployment, and a shadow's comparison."""
+        grant, model, routes = self._traffic_grant(request.grant, "observe_traffic")
+        if request.until < request.since:
+            raise RefusedError(f"the window ends ({request.until}) before it starts ({request.since})")
+        return await driver_for(grant.runtime, self.settings).observe(
+            grant.runtime, model, routes, request.since, request.until
         )

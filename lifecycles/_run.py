@@ -188,6 +188,14 @@ class LifecycleRun:
             await asyncio.gather(*(self._deploy_one(stage, chosen, runtime) for runtime in resolved.runtimes))
         )
 
+    async def deploy_to(self, stage: str, runtime: Runtime, *, mode: Mode = Mode.ONLINE) -> Deployment:
+        """Deploy the snapshot to one runtime of ``stage`` (a rollback redeploying where it is cold).
+
+        The inventory decides, as for :meth:`deploy`, whether this run may deploy there.
+        """
+        self._runtimes[runtime.name] = runtime
+        return await self._deploy_one(stage, mode, runtime)
+
     async def _deploy_modes(self, stage: str, modes: tuple[Mode, ...]) -> list[Deployment]:
         """Deploy in each mode where a runtime of ``stage`` serves it (``StageSpec.modes``)."""
         self._enter(stage, LifecycleState.DEPLOYING, f"Deploying to {stage} ({', '.join(modes)})")

@@ -196,9 +196,10 @@ def _remove(path: Path) -> None:
 
 
 def blocked(path: Path) -> Path | None:
-    """The outermost folder on the way to ``path`` that others cannot search (``/root`` is
-    usually 0700), or None when the deployment's user can walk to ``path``."""
-    for folder in [*reversed(path.parents), path]:
+    """The outermost folder on the way to ``path`` (``path`` itself excluded: a deployment
+    folder is its user's, 0700) that others cannot search (``/root`` is usually 0700), or
+    None when the deployment's user can walk to ``path``."""
+    for folder in reversed(path.parents):
         try:
             info = os.stat(folder)
         except OSError:

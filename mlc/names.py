@@ -14,6 +14,9 @@ BATCH_LIFECYCLE = "BatchPromotion"
 """The built-in batch-only promotion's workflow type."""
 BUILT_IN_LIFECYCLES = (STANDARD_LIFECYCLE, BATCH_LIFECYCLE)
 """Workflow types served by registered classes; uploaded lifecycles may not take them."""
+ROLLBACK = "Rollback"
+"""The built-in workflow ``mlc rollback`` starts (main queue): a signed rollback decision puts
+a previous version back behind a stage's stable endpoints."""
 
 LIFECYCLES_QUEUE_SUFFIX = "-lifecycles"
 """Uploaded lifecycles run on ``<main queue>-lifecycles``, served only by the sandboxed
@@ -56,6 +59,7 @@ NOTIFY = "notify"
 LOAD_LIFECYCLE = "load_lifecycle_definition"
 AUTHORIZE_TRAFFIC = "authorize_traffic"
 RECORD_TRAFFIC = "record_traffic"
+VERIFY_ROLLBACK = "verify_rollback"
 
 # Runtime activities (each runtime's task queue).
 DEPLOY_ONLINE = "deploy_online"
@@ -78,6 +82,12 @@ SEARCH_ATTRIBUTES = {
     SA_SERVICE_TAG.name: "KeywordList",
 }
 """Name -> type, as ``temporal server start-dev --search-attribute`` takes them."""
+
+
+def rollback_workflow_id(model: str, stage: str, nonce: str) -> str:
+    """The workflow id of one signed rollback (its nonce makes it unique; a second start of
+    the same statement finds the first)."""
+    return f"rollback-{model}-{stage.lower()}-{nonce[:16]}"
 
 
 def workflow_id_for(model: str, version: int) -> str:

@@ -16,7 +16,8 @@ if ! command -v bwrap >/dev/null 2>&1; then
   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq bubblewrap >/dev/null
 fi
 if ! command -v nginx >/dev/null 2>&1; then
-  # tests/test_tls.py: nginx terminates mutual TLS in front of the Temporal dev server
+  # tests/test_tls.py: nginx terminates mutual TLS in front of the Temporal dev server;
+  # tests/test_gateway.py: runtime gateways are nginx (a process, or copied into an image)
   echo "==> installing nginx-light"
   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx-light >/dev/null
 fi

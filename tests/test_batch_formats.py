@@ -109,3 +109,46 @@ def test_json_lines_from_columns_match_orjson_per_record() -> None:
         {"label": "a,b", "n": 0},
         {"label": "c", "n": 1},
     ]
+
+
+def test_read_ahead_keeps_order_raises_where_the_reader_failed_and_stops_its_thread() -> None:
+    import threading
+
+    from mlc.serving.batch import _ahead
+
+    def source(fail_at: int | None) -> Any:
+        for index in range(50):
+            if index == fail_at:
+                raise ValueError(f"bad chunk {index}")
+            yield index
+
+    assert list(_ahead(source(None), depth=2)) == list(range(50))
+    seen: list[int] = []
+    with pytest.raises(ValueError, match="bad chunk 7"):
+        for item in _ahead(source(7), depth=2):
+            seen.append(item)
+    assert seen == list(range(7))
+    stream = _ahead(source(None), depth=2)
+    assert next(stream) == 0
+    stream.close()  # the consumer gave up early (a scoring error): the reader must not linger
+    assert not [t for t in threading.enumerate() if t.name == "mlc-batch-reader"]
+
+
+def test_write_behind_keeps_order_and_reports_the_writers_error() -> None:
+    from mlc.serving.batch import _Behind
+
+    written: list[int] = []
+
+    def write(records: Any, columns: Any) -> None:
+        if records == [3]:
+            raise OSError("disk full")
+        written.append(records[0])
+
+    with _Behind(write, depth=2) as behind:
+        for index in range(3):
+            behind.write([index], None)
+    assert written == [0, 1, 2]
+    with pytest.raises(OSError, match="disk full"):
+        with _Behind(write, depth=2) as behind:
+            for index in range(3, 10):
+                behind.write([index], None)

@@ -16,7 +16,7 @@ from temporalio.testing import WorkflowEnvironment
 
 from mlc import admin
 from mlc.domain import ApprovalGate, DeploymentState, LifecycleSpec, StageSpec, TestKind
-from mlc.store import audit, connect, deployments
+from mlc.store import audit, connect, deployments, traffic
 from mlc.trust.policy import StagePolicy
 from tests.conftest import ADMIN, Stack
 from tests.lifecycle_helpers import start_like_ui, wait_for_gate
@@ -63,10 +63,13 @@ async def test_gate_expires_on_time_skipping_server(stack: Stack, example_packag
     assert uat and all(d.state is DeploymentState.RETIRED for d in uat), "expired gate undeploys"
 
 
+@pytest.mark.parametrize("gateway", [False, True], ids=["direct", "stable-endpoint"])
 async def test_prod_handover_keeps_old_version_serving_until_new_is_healthy(
-    stack: Stack, example_package: Path, tmp_path: Path
+    stack: Stack, example_package: Path, tmp_path: Path, gateway: bool
 ) -> None:
-    await stack.add_local_runtimes(("PROD",))
+    """Without a gateway consumers follow the new deployment's endpoint and the old one is
+    retired; with one, the stable endpoint stays the same and the old one stays warm."""
+    await stack.add_local_runtimes(("PROD",), gateway=gateway)
     # PROD-only runs: unprotect PROD (by default it is admitted only by approvals at UAT).
     await admin.set_policy(stack.pool, stack.settings, stack.signers[ADMIN], StagePolicy(stage="PROD"))
     v1 = await stack.register(example_package)
@@ -99,9 +102,21 @@ async def test_prod_handover_keeps_old_version_serving_until_new_is_healthy(
     async with httpx.AsyncClient() as http:
         assert (await http.get(f"{old.endpoint}/health")).status_code == 200
 
+    stable = [t.endpoint for t in await traffic.read_traffic(stack.pool, model=v1.model)]
+    assert len(stable) == (1 if gateway else 0)
+
     approved = await stack.mlc("approve", f"{v2.model}@{v2.version}", "--stage", "PROD")
     assert approved.returncode == 0, approved.stderr
     await second.result()
+    if gateway:  # the same address answers with v2; v1 stays warm for the stage's grace
+        assert [t.endpoint for t in await traffic.read_traffic(stack.pool, model=v1.model)] == stable
+        live = await deployments.read_deployments(stack.pool, model=v1.model, stage="PROD")
+        assert {d.version for d in live} == {v1.version, v2.version}
+        async with httpx.AsyncClient() as http:
+            answer = await http.get(f"{stable[0]}/health")
+            assert answer.status_code == 200 and answer.json()["version"] == str(v2.version)
+            assert (await http.get(f"{old.endpoint}/health")).status_code == 200
+        return
     (new,) = await deployments.read_deployments(stack.pool, model=v1.model, stage="PROD")
     assert new.version == v2.version and new.state is DeploymentState.SERVING
     async with httpx.AsyncClient() as http:

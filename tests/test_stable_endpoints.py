@@ -30,10 +30,12 @@ from mlc.domain import (
     Decision,
     Deployment,
     DeploymentState,
+    DockerSettings,
     LifecycleSpec,
     ModelRef,
     ModelSnapshot,
     Runtime,
+    RuntimeKind,
     SignedDecision,
     StageSpec,
     TestKind,
@@ -42,7 +44,7 @@ from mlc.domain import (
 from mlc.operations import read_status, send_decision, sign_decision
 from mlc.store import deployments, traffic, trail
 from mlc.trust import grants
-from tests.conftest import APPROVER, Stack, gateway_settings
+from tests.conftest import APPROVER, DOCKER_BASE_IMAGE, Stack, gateway_settings
 from tests.lifecycle_helpers import wait_for_gate
 
 NO_GRACE = timedelta(0)
@@ -310,10 +312,19 @@ async def test_hostile_traffic_requests_are_refused(
     stack: Stack, example_package: Path, tmp_path: Path
 ) -> None:
     await stack.add_local_runtimes(("DEV",), gateway=True)
+    # two more DEV runtimes the lifecycles do not deploy to (another service tag)
     other_dev = await stack.add_runtime(
-        Runtime(name="other-dev", stage="DEV", task_queue=stack.task_queue, gateway=gateway_settings())
+        Runtime(
+            name="other-dev",
+            stage="DEV",
+            service_tags=("elsewhere",),
+            task_queue=stack.task_queue,
+            gateway=gateway_settings(),
+        )
     )
-    plain = await stack.add_runtime(Runtime(name="plain-dev", stage="DEV", task_queue=stack.task_queue))
+    plain = await stack.add_runtime(
+        Runtime(name="plain-dev", stage="DEV", service_tags=("elsewhere",), task_queue=stack.task_queue)
+    )
     v1, v2 = await versions(stack, example_package, tmp_path, 2)
     other_model = tmp_path / "other-model"
     shutil.copytree(example_package, other_model)
@@ -362,7 +373,7 @@ async def test_hostile_traffic_requests_are_refused(
             return grants.check(result.grant, public, action="route_traffic", run_id=run_id)
 
         def route(d: Deployment, weight: int = 100, **changes: Any) -> TrafficRoute:
-            return TrafficRoute(deployment_id=d.id, version=d.version, weight=weight, **changes)
+            return TrafficRoute(**{"deployment_id": d.id, "version": d.version, "weight": weight, **changes})
 
         granted = await authorize("local-dev", route(mine))
         assert granted.model == v1.model and granted.routes == (route(mine),)
@@ -399,3 +410,36 @@ async def test_hostile_traffic_requests_are_refused(
             await authorize("local-dev", route(mine), stage="SIT")
     finally:
         await stop(h1, h2)
+
+
+# --- docker -----------------------------------------------------------------------------
+
+
+async def test_docker_endpoint_unchanged_across_promotions(
+    stack: Stack, example_package: Path, tmp_path: Path, docker_engine: Any
+) -> None:
+    await stack.add_runtime(
+        Runtime(
+            name="docker-prod",
+            kind=RuntimeKind.DOCKER,
+            stage="PROD",
+            task_queue=stack.task_queue,
+            docker=DockerSettings(base_image=DOCKER_BASE_IMAGE, network_mode="host", memory="512m"),
+            gateway=gateway_settings(),
+        )
+    )
+    await _unprotect_prod(stack)
+    v1, v2 = await versions(stack, example_package, tmp_path, 2)
+    prod = spec("PROD", gate_last=False)
+    await (await stack.start(v1, spec=prod)).result()
+    (endpoint,) = (await stable_endpoints(stack, v1.model)).values()
+    assert await answering_version(endpoint) == v1.version
+    await (await stack.start(v2, spec=prod)).result()
+    assert list((await stable_endpoints(stack, v1.model)).values()) == [endpoint]
+    assert await answering_version(endpoint) == v2.version
+    (old,) = [
+        d
+        for d in await deployments.read_deployments(stack.pool, model=v1.model, live_only=False)
+        if d.version == v1.version
+    ]
+    await wait_state(stack, old.id, DeploymentState.RETIRED, timeout=120)

@@ -22,18 +22,19 @@ import asyncpg
 
 from activities.inventory import InventoryActivities
 from activities.reconcile import ReconcileInventory, ReconcileRuntime
+from activities.rollback import RollbackInventory
 from activities.runtime import RuntimeActivities
 from activities.testing import TestingActivities
-from activities.traffic import TrafficInventory
 from mlc.config import Settings
-from mlc.contracts import implementations, inventory, reconcile, traffic
+from mlc.contracts import implementations, inventory, reconcile, rollback, traffic
 from mlc.contracts import runtime as rt
 from workflows.batch_lifecycle import BatchPromotion
 from workflows.custom_lifecycle import CustomLifecycle
 from workflows.model_lifecycle import ModelLifecycle
 from workflows.reconciler import RuntimeReconciler
+from workflows.rollback import Rollback
 
-ALL_WORKFLOWS: Sequence[type] = (ModelLifecycle, BatchPromotion, CustomLifecycle, RuntimeReconciler)
+ALL_WORKFLOWS: Sequence[type] = (ModelLifecycle, BatchPromotion, CustomLifecycle, RuntimeReconciler, Rollback)
 """Every workflow class; the replay test replays histories against exactly these."""
 
 LIFECYCLE_WORKFLOWS: Sequence[type] = (CustomLifecycle,)
@@ -44,13 +45,14 @@ MAIN_WORKFLOWS: Sequence[type] = tuple(w for w in ALL_WORKFLOWS if w not in LIFE
 
 
 def runtime_activities(settings: Settings) -> list[Callable[..., Any]]:
-    """Activities a runtime's task queue serves: deploy, batch, undeploy, test, and the
-    reconciler's probe and restart."""
+    """Activities a runtime's task queue serves: deploy, batch, undeploy, test, the
+    gateway's route and observe, and the reconciler's probe and restart."""
     runtime = RuntimeActivities(settings)
     testing = TestingActivities(settings)
     watch = ReconcileRuntime(settings)
     return [
         *implementations(runtime, (rt.DEPLOY_ONLINE, rt.RUN_BATCH_JOB, rt.DEPLOY_STREAMING, rt.UNDEPLOY)),
+        *implementations(runtime, traffic.RUNTIME_CONTRACTS),
         *implementations(testing, (rt.RUN_STAGE_TESTS,)),
         *implementations(watch, reconcile.RUNTIME_CONTRACTS),
     ]
@@ -62,5 +64,8 @@ def inventory_activities(pool: asyncpg.Pool, settings: Settings) -> list[Callabl
     return [
         *implementations(inv, inventory.CONTRACTS),
         *implementations(ReconcileInventory(pool, settings), reconcile.INVENTORY_CONTRACTS),
-        *implementations(TrafficInventory(pool, settings), traffic.INVENTORY_CONTRACTS),
+        # the traffic activities with what a verified rollback decision allows (activities.rollback)
+        *implementations(
+            RollbackInventory(pool, settings), (*traffic.INVENTORY_CONTRACTS, *rollback.INVENTORY_CONTRACTS)
+        ),
     ]

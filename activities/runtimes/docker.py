@@ -72,7 +72,10 @@ LOG_TAIL_LINES = 40
 PROBE_TRIES = 3
 """``/health`` attempts (half a second apart) before a running container counts as unhealthy."""
 
-_POLL_SECONDS = 0.25
+_HEALTH_POLL_SECONDS = 0.02
+"""How often a starting container's ``/health`` is asked (was 0.25 s: 0.12 s lost per deploy on average)."""
+_STATE_POLL_SECONDS = 0.25
+"""How often the engine is asked whether a starting container still runs."""
 _TMPFS = {"/tmp": "rw,nosuid,nodev,size=64m"}
 _UNSAFE_NAME_CHARS = re.compile(r"[^a-zA-Z0-9_.-]+")
 
@@ -254,9 +257,9 @@ class DockerDriver(RuntimeDriver):
     @staticmethod
     def _endpoint(container: Any) -> str:
         """The endpoint from the container's label (host network) or its published port."""
-        container.reload()
         if endpoint := container.labels.get("mlc.endpoint"):
-            return str(endpoint)
+            return str(endpoint)  # labels never change: no need to ask the engine again
+        container.reload()
         bindings = container.attrs["NetworkSettings"]["Ports"].get(f"{CONTAINER_PORT}/tcp") or []
         if not bindings:
             raise DeploymentFailedError(
@@ -269,23 +272,32 @@ class DockerDriver(RuntimeDriver):
     async def _wait_healthy(
         self, container: Any, endpoint: str, request: OnlineDeployRequest, heartbeat: Heartbeat
     ) -> None:
-        """Poll ``/health`` until it answers 200; fail fast when the container stops or restarts."""
+        """Poll ``/health`` until it answers 200; fail fast when the container stops or restarts.
+
+        ``/health`` is asked every :data:`_HEALTH_POLL_SECONDS` (a refused connection costs
+        next to nothing), the engine only every :data:`_STATE_POLL_SECONDS`: inspecting the
+        container is an engine round trip that competes for the CPU with the server's start.
+        """
         settings = docker_settings(request.runtime)
         what = f"{request.snapshot.ref} in {request.stage} on runtime {request.runtime.name}"
         loop = asyncio.get_running_loop()
         deadline = loop.time() + settings.health_timeout_seconds
         next_beat = loop.time()
+        next_state = next_beat + _STATE_POLL_SECONDS  # it was running a moment ago
         restarts = int(container.attrs["RestartCount"])
         async with httpx.AsyncClient(timeout=2.0, trust_env=False) as http:
             while True:
-                await asyncio.to_thread(container.reload)
-                state = container.attrs["State"]
-                if state["Status"] != "running" or int(container.attrs["RestartCount"]) > restarts:
-                    await self._fail(
-                        container,
-                        f"{what}: container {container.name} exited with code "
-                        f"{state.get('ExitCode')} before {endpoint}/health answered",
-                    )
+                now = loop.time()
+                if now >= next_state:
+                    await asyncio.to_thread(container.reload)
+                    state = container.attrs["State"]
+                    if state["Status"] != "running" or int(container.attrs["RestartCount"]) > restarts:
+                        await self._fail(
+                            container,
+                            f"{what}: container {container.name} exited with code "
+                            f"{state.get('ExitCode')} before {endpoint}/health answered",
+                        )
+                    next_state = loop.time() + _STATE_POLL_SECONDS
                 with contextlib.suppress(httpx.HTTPError):
                     if (await http.get(f"{endpoint}/health")).status_code == 200:
                         return
@@ -299,7 +311,7 @@ class DockerDriver(RuntimeDriver):
                 if now >= next_beat:
                     heartbeat(f"waiting for {endpoint}/health ({container.name})")
                     next_beat = now + HEARTBEAT_SECONDS
-                await asyncio.sleep(_POLL_SECONDS)
+                await asyncio.sleep(_HEALTH_POLL_SECONDS)
 
     @staticmethod
     async def _fail(container: Any, message: str) -> None:

@@ -249,10 +249,8 @@ async def ensure_image(
     """
     started = time.monotonic()
     base = docker_settings(runtime).base_image
-    base_id = await _base_image_id(client, runtime, base)
     requirements = server_requirements(snapshot)
     dockerfile = render_dockerfile(base, requirements)
-    digest = build_digest(base_image_id=base_id, dockerfile=dockerfile)
     tag = image_tag(snapshot)
     labels = {
         "mlc.model": snapshot.model,
@@ -260,9 +258,13 @@ async def ensure_image(
         "mlc.sha256": snapshot.sha256,
         "mlc.service-tags": ",".join(snapshot.service_tags),
         "mlc.base-image": base,
-        "mlc.build-digest": digest,
     }
-    found = await _find_image(client, labels)
+    # Two engine round trips at once (a deploy with a cached image waits for nothing else).
+    base_id, candidates = await asyncio.gather(
+        _base_image_id(client, runtime, base), _find_images(client, labels)
+    )
+    labels["mlc.build-digest"] = build_digest(base_image_id=base_id, dockerfile=dockerfile)
+    found = _newest(candidates, labels)
     if found is not None:
         if tag not in found.tags:
             repository, _, version = tag.partition(":")
@@ -310,13 +312,23 @@ async def _base_image_id(client: Any, runtime: Runtime, base: str) -> str:
     return str(image.id)
 
 
-async def _find_image(client: Any, labels: dict[str, str]) -> Any:
-    """The newest image carrying every one of ``labels``, or None."""
+async def _find_images(client: Any, labels: dict[str, str]) -> list[Any]:
+    """The images carrying every one of ``labels`` (the service tags may differ)."""
     selector = [f"{key}={value}" for key, value in labels.items() if key != "mlc.service-tags"]
-    images = await asyncio.to_thread(lambda: client.images.list(filters={"label": selector}))
-    if not images:
+    return list(await asyncio.to_thread(lambda: client.images.list(filters={"label": selector})))
+
+
+def _newest(images: list[Any], labels: dict[str, str]) -> Any:
+    """The newest of ``images`` carrying every one of ``labels`` (service tags aside), or None."""
+    wanted = {key: value for key, value in labels.items() if key != "mlc.service-tags"}
+    matching = [
+        image
+        for image in images
+        if all((image.labels or {}).get(key) == value for key, value in wanted.items())
+    ]
+    if not matching:
         return None
-    return max(images, key=lambda image: str(image.attrs.get("Created", "")))
+    return max(matching, key=lambda image: str(image.attrs.get("Created", "")))
 
 
 async def _probe_python(client: Any, runtime: Runtime, base: str) -> PythonTarget:

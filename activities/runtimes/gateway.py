@@ -35,6 +35,7 @@ import abc
 import asyncio
 import contextlib
 import fcntl
+import grp
 import json
 import os
 import pwd
@@ -47,7 +48,7 @@ import uuid
 from collections.abc import AsyncIterator, Sequence
 from datetime import datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import docker.errors
 import httpx
@@ -55,23 +56,26 @@ import httpx
 from activities.runtimes.base import Heartbeat, check_deployment_id
 from activities.runtimes.gateway_docker import ensure_gateway_image, nginx_binary
 from activities.runtimes.gateway_nginx import (
+    LOG_FLUSH_SECONDS,
+    ROUTES_SOCKET,
     STATUS_PATH,
     Backend,
     NginxPaths,
     address_of,
     compare,
     parse_log,
+    render_edge,
     render_generation,
-    render_main,
     render_model,
+    render_routes_main,
     route_stats,
 )
-from mlc import processes
+from mlc import isolation, processes
 from mlc.config import Settings
 from mlc.contracts.traffic import RouteStats, RouteTrafficResult, ShadowComparison, TrafficObservation
 from mlc.domain import GatewaySettings, Runtime, RuntimeKind, TrafficRoute, check_name, check_routes
 from mlc.errors import DeploymentFailedError, RefusedError
-from mlc.serving.capture import CAPTURE_FILE, read_answers
+from mlc.serving.capture import CAPTURE_FILE, CAPTURE_MAX_BYTES, read_answers
 
 if TYPE_CHECKING:
     from activities.runtimes.base import RuntimeDriver
@@ -87,6 +91,7 @@ STOP_TIMEOUT_SECONDS = 10.0
 
 _CONTAINER_CONF = "/etc/mlc-gateway"
 _CONTAINER_LOGS = "/var/log/mlc-gateway"
+_CONTAINER_RUN = "/run/mlc-gateway"
 _UNSAFE_PATH = re.compile(r"[\s;{}'\"\\$#]")
 
 
@@ -116,8 +121,23 @@ def gateway_root(settings: Settings, runtime: Runtime) -> Path:
     return root
 
 
+Tier = Literal["routes", "edge"]
+TIERS: tuple[Tier, ...] = ("routes", "edge")
+"""Started in this order: the edge passes everything to the routing tier's socket."""
+_MAIN_FILES: dict[Tier, str] = {"routes": "nginx.conf", "edge": "edge.conf"}
+
+
 class Gateway(abc.ABC):
-    """The proxy of one runtime: its files, its process or container, its reloads."""
+    """The proxy of one runtime: its files, its two nginx tiers, its reloads.
+
+    Two nginx masters, because a reload closes the idle keep-alive connections of the old
+    workers, and a consumer that sent a request on one at that moment would see it reset.
+    So consumers connect to the **edge** tier, whose configuration never changes with
+    traffic; it passes requests over pooled connections to the **routing** tier (a unix
+    socket), which holds the routes and reloads on every change. When an old routing
+    worker closes a pooled connection the edge just sent on, the edge sends the request
+    again on a fresh one: the consumer sees nothing.
+    """
 
     def __init__(self, settings: Settings, runtime: Runtime) -> None:
         self.settings = settings
@@ -126,7 +146,7 @@ class Gateway(abc.ABC):
         self.root = gateway_root(settings, runtime).resolve()
         self.conf = self.root / "conf"
         self.logs = self.root / "logs"
-        self._reload_needed = False
+        self._changed: set[Tier] = set()
 
     # --- what each kind provides -------------------------------------------------------
 
@@ -136,42 +156,57 @@ class Gateway(abc.ABC):
         """Where nginx sees its files."""
 
     @abc.abstractmethod
-    def main_config(self) -> str:
-        """The main ``nginx.conf`` for this runtime's settings."""
+    def worker_user(self) -> str | None:
+        """``USER GROUP`` of nginx's worker processes (None: the master's own user)."""
 
     @abc.abstractmethod
-    async def running(self) -> bool:
-        """True when the gateway's process or container is up (adopting it if needed)."""
+    def edge_listen(self) -> str:
+        """What the edge tier listens on."""
 
     @abc.abstractmethod
-    async def start(self, heartbeat: Heartbeat) -> None:
-        """Start the gateway on the current files (nothing of it is running)."""
+    async def running(self, tier: Tier) -> bool:
+        """True when the tier's process or container is up."""
 
     @abc.abstractmethod
-    async def test(self) -> str | None:
-        """``nginx -t`` of the current files: None when valid, else nginx's complaint."""
+    async def start(self, tier: Tier, heartbeat: Heartbeat) -> None:
+        """Start the tier on the current files (it is not running)."""
 
     @abc.abstractmethod
-    async def signal(self, signum: signal.Signals) -> None:
-        """Send ``signum`` to the nginx master (HUP reloads, USR1 reopens logs)."""
+    async def test(self, tier: Tier) -> str | None:
+        """``nginx -t`` of the tier's files: None when valid, else nginx's complaint."""
+
+    @abc.abstractmethod
+    async def signal(self, tier: Tier, signum: signal.Signals) -> None:
+        """Send ``signum`` to the tier's master (HUP reloads, USR1 reopens logs)."""
 
     @abc.abstractmethod
     def details(self) -> dict[str, Any]:
-        """Facts for the result: pid or container, config folder."""
+        """Facts for the result: pids or containers, config folder."""
 
     @abc.abstractmethod
     async def stop(self) -> None:
-        """Stop the gateway (its files stay)."""
+        """Stop both tiers (the files stay)."""
 
     # --- shared behaviour -------------------------------------------------------------
 
+    def main_config(self, tier: Tier) -> str:
+        """The tier's main file for the runtime's current settings."""
+        if tier == "edge":
+            return render_edge(
+                runtime=self.runtime.name,
+                listen=self.edge_listen(),
+                paths=self.paths,
+                user=self.worker_user(),
+            )
+        return render_routes_main(runtime=self.runtime.name, paths=self.paths, user=self.worker_user())
+
     @property
     def status_url(self) -> str:
-        """The generation marker's URL, reachable from the worker."""
+        """The generation marker's URL through the edge, reachable from the worker."""
         host = self.config.host
         if host in ("0.0.0.0", "::", "[::]"):
             host = "127.0.0.1"
-        return f"http://{host}:{self.config.port}{STATUS_PATH}"
+        return f"http://{_listen_host(host)}:{self.config.port}{STATUS_PATH}"
 
     @contextlib.asynccontextmanager
     async def locked(self) -> AsyncIterator[None]:
@@ -187,6 +222,7 @@ class Gateway(abc.ABC):
     def _prepare(self) -> None:
         for folder in (self.conf / "http", self.conf / "models", self.logs):
             folder.mkdir(parents=True, exist_ok=True)
+            os.chmod(folder, 0o755)
 
     def _write(self, path: Path, text: str) -> None:
         """Replace ``path`` atomically (temp file in the same folder, then rename)."""
@@ -216,58 +252,67 @@ class Gateway(abc.ABC):
         return None
 
     async def wait_generation(self, generation: str, heartbeat: Heartbeat, what: str) -> None:
-        """Return once the gateway serves ``generation``; raise with its error log if not."""
+        """Return once the gateway serves ``generation``; raise with its error logs if not."""
         deadline = time.monotonic() + READY_TIMEOUT_SECONDS
         while True:
             if await self.served_generation() == generation:
                 return
-            if time.monotonic() > deadline or not await self.running():
+            down = [t for t in TIERS if not await self.running(t)]
+            if time.monotonic() > deadline or down:
+                state = f" ({' and '.join(down)} tier not running)" if down else ""
                 raise DeploymentFailedError(
                     f"the gateway of runtime {self.runtime.name} did not {what} at "
-                    f"{self.status_url} within {READY_TIMEOUT_SECONDS:.0f} s; last lines of its "
-                    f"error log:\n{self.error_tail()}"
+                    f"{self.status_url} within {READY_TIMEOUT_SECONDS:.0f} s{state}; last lines of "
+                    f"its error logs:\n{self.error_tail()}"
                 )
             heartbeat(f"waiting for the gateway of {self.runtime.name} to {what}")
             await asyncio.sleep(0.05)
 
     def error_tail(self, lines: int = 20) -> str:
-        """The last lines of the gateway's error log."""
-        try:
-            return "\n".join((self.logs / "error.log").read_text(errors="replace").splitlines()[-lines:])
-        except FileNotFoundError:
-            return "(no error log written)"
+        """The last lines of both tiers' error logs."""
+        parts = []
+        for name in ("error.log", "edge.error.log"):
+            with contextlib.suppress(FileNotFoundError):
+                tail = (self.logs / name).read_text(errors="replace").splitlines()[-lines:]
+                parts.append(f"{name}:\n" + "\n".join(tail))
+        return "\n".join(parts) or "(no error log written)"
 
     async def ensure(self, heartbeat: Heartbeat) -> bool:
-        """Make the gateway run on the runtime's current settings; True when it was started.
+        """Make both tiers run on the runtime's current settings; True when one was started.
 
-        A running gateway is kept (a worker restart does not touch it); its main file is
-        rewritten when the settings changed, and the next reload applies it.
+        Running tiers are kept (a worker restart does not touch them); a main file is
+        rewritten when the settings changed, and the next apply reloads it.
         """
         self._prepare()
-        main = self.main_config()
-        path = self.conf / "nginx.conf"
-        if not path.exists() or path.read_text() != main:
-            self._write(path, main)
-            self._reload_needed = True  # new settings: the next apply reloads them
+        for tier in TIERS:
+            path = self.conf / _MAIN_FILES[tier]
+            main = self.main_config(tier)
+            if not path.exists() or path.read_text() != main:
+                self._write(path, main)
+                self._changed.add(tier)
         if self.live_generation_file() is None:
             self._write(self.conf / "generation.conf", render_generation(self.runtime.name, uuid.uuid4().hex))
-        if await self.running():
-            return False
-        problem = await self.test()
-        if problem is not None:
-            raise DeploymentFailedError(
-                f"the gateway configuration of runtime {self.runtime.name} in {self.conf} is not "
-                f"valid:\n{problem}"
-            )
-        await self.start(heartbeat)
-        self._reload_needed = False
-        generation = self.live_generation_file()
-        assert generation is not None
-        await self.wait_generation(generation, heartbeat, "start")
-        return True
+        started = False
+        for tier in TIERS:
+            if await self.running(tier):
+                continue
+            problem = await self.test(tier)
+            if problem is not None:
+                raise DeploymentFailedError(
+                    f"the gateway configuration of runtime {self.runtime.name} in {self.conf} is "
+                    f"not valid ({tier} tier):\n{problem}"
+                )
+            await self.start(tier, heartbeat)
+            self._changed.discard(tier)
+            started = True
+        if started:
+            generation = self.live_generation_file()
+            assert generation is not None
+            await self.wait_generation(generation, heartbeat, "start")
+        return started
 
     async def apply(self, files: dict[Path, str], heartbeat: Heartbeat) -> str:
-        """Write ``files`` and reload; return the generation now live.
+        """Write ``files`` into the routing tier and reload it; return the generation now live.
 
         Nothing is reloaded when the files are unchanged and the gateway already serves
         the written generation (an activity retry). When ``nginx -t`` refuses the new
@@ -277,7 +322,7 @@ class Gateway(abc.ABC):
         unchanged = all(p.exists() and p.read_text() == text for p, text in files.items())
         if (
             unchanged
-            and not self._reload_needed
+            and not self._changed
             and generation is not None
             and await self.served_generation() == generation
         ):
@@ -287,7 +332,7 @@ class Gateway(abc.ABC):
         previous = {p: p.read_text() if p.exists() else None for p in files}
         for path, text in files.items():
             self._write(path, text)
-        problem = await self.test()
+        problem = await self.test("routes")
         if problem is not None:
             for path, old in previous.items():
                 if old is None:
@@ -298,13 +343,16 @@ class Gateway(abc.ABC):
                 f"the new gateway configuration of runtime {self.runtime.name} was refused by "
                 f"nginx and the previous one is kept:\n{problem}"
             )
-        await self.signal(signal.SIGHUP)
+        if "edge" in self._changed:  # new gateway settings (rare): the edge reloads too
+            await self.signal("edge", signal.SIGHUP)
+        await self.signal("routes", signal.SIGHUP)
+        self._changed.clear()
         await self.wait_generation(generation, heartbeat, "reload")
         await self.rotate_logs()
         return generation
 
     async def rotate_logs(self) -> None:
-        """Rename logs past :data:`LOG_ROTATE_BYTES` to ``.1`` and have nginx reopen its logs."""
+        """Rename logs past :data:`LOG_ROTATE_BYTES` to ``.1`` and have nginx reopen them."""
         rotated = False
         for log in self.logs.glob("*.log"):
             with contextlib.suppress(FileNotFoundError):
@@ -312,7 +360,8 @@ class Gateway(abc.ABC):
                     log.replace(log.with_name(log.name + ".1"))
                     rotated = True
         if rotated:
-            await self.signal(signal.SIGUSR1)
+            for tier in TIERS:
+                await self.signal(tier, signal.SIGUSR1)
 
     def log_lines(self, name: str) -> list[str]:
         """Lines of ``logs/NAME`` and of its rotated ``.1``, oldest first."""
@@ -324,21 +373,12 @@ class Gateway(abc.ABC):
 
 
 class LocalGateway(Gateway):
-    """nginx as a detached process of the worker's host."""
+    """Both tiers as detached nginx processes of the worker's host."""
 
-    @property
-    def state_path(self) -> Path:
-        """``gateway.json``: the master's pid and what it listens on."""
-        return self.root / STATE_FILE
+    def _state_path(self, tier: Tier) -> Path:
+        return self.root / f"{tier}.json"
 
-    @property
-    def paths(self) -> NginxPaths:
-        """Host paths; request bodies go to a folder the workers' user can reach."""
-        return NginxPaths(
-            conf=str(self.conf), logs=str(self.logs), temp=str(self._temp()), pid=str(self.root / "nginx.pid")
-        )
-
-    def _worker_user(self) -> str | None:
+    def worker_user(self) -> str | None:
         """``nobody GROUP`` when the worker runs as root, else None (workers run as it)."""
         if os.geteuid() != 0:
             return None
@@ -346,98 +386,111 @@ class LocalGateway(Gateway):
             entry = pwd.getpwnam("nobody")
         except KeyError:
             return None
-        import grp
-
         return f"nobody {grp.getgrgid(entry.pw_gid).gr_name}"
 
-    def _temp(self) -> Path:
-        """``root/temp``, or a folder in the system temp dir when workers drop to ``nobody``
-        (who may not traverse the runtime folder); nginx creates and owns its subfolders."""
-        if self._worker_user() is None:
-            return self.root / "temp"
-        key = re.sub(r"[^a-z0-9]", "", str(uuid.uuid5(uuid.NAMESPACE_URL, str(self.root))))[:12]
+    def _scratch(self) -> Path:
+        """Request-body buffers and the tier socket: ``root/run``, or a folder in the system
+        temp dir when workers drop to ``nobody`` (who may not traverse ``MLC_HOME``)."""
+        if self.worker_user() is None:
+            return self.root / "run"
+        key = uuid.uuid5(uuid.NAMESPACE_URL, str(self.root)).hex[:12]
         return Path(tempfile.gettempdir()) / f"mlc-gateway-{key}"
 
-    def main_config(self) -> str:
-        """Listen on the runtime's gateway address, in the foreground, pid in the folder."""
-        temp = self._temp()
-        temp.mkdir(parents=True, exist_ok=True)
-        os.chmod(temp, 0o755)
-        return render_main(
-            runtime=self.runtime.name,
-            listen=f"{_listen_host(self.config.host)}:{self.config.port}",
-            paths=self.paths,
-            user=self._worker_user(),
+    @property
+    def paths(self) -> NginxPaths:
+        """Host paths."""
+        scratch = str(self._scratch())
+        return NginxPaths(
+            conf=str(self.conf), logs=str(self.logs), temp=scratch, pid=str(self.root), run=scratch
         )
 
-    def _pid(self) -> int | None:
+    def edge_listen(self) -> str:
+        """The gateway's address."""
+        return f"{_listen_host(self.config.host)}:{self.config.port}"
+
+    def _prepare(self) -> None:
+        super()._prepare()
+        scratch = self._scratch()
+        scratch.mkdir(parents=True, exist_ok=True)
+        os.chmod(scratch, 0o755)
+
+    def _pid(self, tier: Tier) -> int | None:
         try:
-            state = json.loads(self.state_path.read_text())
+            state = json.loads(self._state_path(tier).read_text())
         except (FileNotFoundError, json.JSONDecodeError):
             return None
         pid = int(state.get("pid", 0))
         command = processes.command_line(pid) if pid > 0 else ""
-        if pid > 0 and processes.alive(pid) and "nginx" in command and str(self.conf) in command:
+        if pid > 0 and processes.alive(pid) and str(self.conf / _MAIN_FILES[tier]) in command:
             return pid
         return None
 
-    async def running(self) -> bool:
-        """The recorded master is alive and is this gateway's nginx."""
-        return self._pid() is not None
+    async def running(self, tier: Tier) -> bool:
+        """The recorded master is alive and runs this tier's file."""
+        return self._pid(tier) is not None
 
-    def _command(self, *extra: str) -> list[str]:
+    def _command(self, tier: Tier, *extra: str) -> list[str]:
+        error_log = self.logs / ("error.log" if tier == "routes" else "edge.error.log")
         return [
-            str(nginx_binary()), "-p", f"{self.root}/", "-c", str(self.conf / "nginx.conf"),
-            "-e", str(self.logs / "error.log"), *extra,
+            str(nginx_binary()), "-p", f"{self.root}/", "-c", str(self.conf / _MAIN_FILES[tier]),
+            "-e", str(error_log), *extra,
         ]  # fmt: skip
 
-    async def start(self, heartbeat: Heartbeat) -> None:
+    async def start(self, tier: Tier, heartbeat: Heartbeat) -> None:
         """Spawn the master detached (its own session); it dies with the worker only when
         the settings say servers do (``mlc dev``)."""
-        with (self.logs / "nginx.out").open("ab") as log:
+        if tier == "routes":
+            (self._scratch() / ROUTES_SOCKET).unlink(missing_ok=True)  # left by a killed master
+        with (self.logs / f"{tier}.out").open("ab") as log:
             process = processes.spawn(
-                self._command(),
+                self._command(tier),
                 log=log,
                 die_with_parent=self.settings.servers_die_with_worker,
                 cwd=self.root,
             )
         _children[process.pid] = process
-        state = {"pid": process.pid, "host": self.config.host, "port": self.config.port, "started_at": time.time()}
-        self._write(self.state_path, json.dumps(state))
+        state = {"pid": process.pid, "started_at": time.time()}
+        self._write(self._state_path(tier), json.dumps(state))
 
-    async def test(self) -> str | None:
-        """``nginx -t`` as the worker's user, on the files as written."""
+    async def test(self, tier: Tier) -> str | None:
+        """``nginx -t`` of the tier's files as written."""
         result = await asyncio.to_thread(
-            subprocess.run, self._command("-t", "-q"), capture_output=True, text=True, check=False
+            subprocess.run, self._command(tier, "-t", "-q"), capture_output=True, text=True, check=False
         )
         return None if result.returncode == 0 else (result.stderr or result.stdout).strip()
 
-    async def signal(self, signum: signal.Signals) -> None:
-        """Signal the master; a master that died meanwhile is an error naming its log."""
-        pid = self._pid()
+    async def signal(self, tier: Tier, signum: signal.Signals) -> None:
+        """Signal the tier's master; one that died meanwhile is an error quoting its log."""
+        pid = self._pid(tier)
         if pid is None:
             raise DeploymentFailedError(
-                f"the gateway of runtime {self.runtime.name} is not running; last lines of its "
-                f"error log:\n{self.error_tail()}"
+                f"the gateway of runtime {self.runtime.name} ({tier} tier) is not running; last "
+                f"lines of its error logs:\n{self.error_tail()}"
             )
         os.kill(pid, signum)
 
     def details(self) -> dict[str, Any]:
-        """The master's pid and the configuration folder."""
-        return {"pid": self._pid(), "config": str(self.conf), "logs": str(self.logs)}
+        """Both masters' pids and the configuration folder."""
+        return {
+            "pid": self._pid("edge"),
+            "routes_pid": self._pid("routes"),
+            "config": str(self.conf),
+            "logs": str(self.logs),
+        }
 
     async def stop(self) -> None:
-        """Stop the master gracefully (QUIT: workers finish their requests)."""
-        pid = self._pid()
-        if pid is not None:
-            await asyncio.to_thread(
-                processes.stop,
-                pid,
-                signum=signal.SIGQUIT,
-                timeout=STOP_TIMEOUT_SECONDS,
-                child=_children.pop(pid, None),
-            )
-        self.state_path.unlink(missing_ok=True)
+        """Stop both masters gracefully (QUIT: workers finish their requests)."""
+        for tier in reversed(TIERS):
+            pid = self._pid(tier)
+            if pid is not None:
+                await asyncio.to_thread(
+                    processes.stop,
+                    pid,
+                    signum=signal.SIGQUIT,
+                    timeout=STOP_TIMEOUT_SECONDS,
+                    child=_children.pop(pid, None),
+                )
+            self._state_path(tier).unlink(missing_ok=True)
 
 
 _children: dict[int, subprocess.Popen[bytes]] = {}
@@ -449,137 +502,149 @@ def _listen_host(host: str) -> str:
 
 
 class DockerGateway(Gateway):
-    """nginx as the container ``mlc-gateway-<runtime>`` on the runtime's engine."""
+    """Both tiers as containers on the runtime's engine: ``mlc-gateway-<runtime>`` (edge)
+    and ``mlc-gateway-<runtime>-routes``, sharing the socket folder ``run/``."""
 
     LABEL = "mlc.gateway-runtime"
     """Not ``mlc.runtime``: the driver's cleanup removes that runtime's unkept containers."""
 
-    @property
-    def name(self) -> str:
-        """The container's name."""
-        return f"mlc-gateway-{self.runtime.name}"
+    def name(self, tier: Tier) -> str:
+        """The tier's container name."""
+        return f"mlc-gateway-{self.runtime.name}" + ("-routes" if tier == "routes" else "")
 
     @property
     def paths(self) -> NginxPaths:
-        """Mount points inside the container; temp files and pid in its tmpfs ``/tmp``."""
-        return NginxPaths(conf=_CONTAINER_CONF, logs=_CONTAINER_LOGS, temp="/tmp", pid="/tmp/nginx.pid")
+        """Mount points inside the containers; temp files and pids in their tmpfs ``/tmp``."""
+        return NginxPaths(
+            conf=_CONTAINER_CONF, logs=_CONTAINER_LOGS, temp="/tmp", pid="/tmp", run=_CONTAINER_RUN
+        )
+
+    def worker_user(self) -> str | None:
+        """None: the containers run as ``docker.user`` already."""
+        return None
 
     def _network(self) -> str:
         from activities.runtimes.docker_engine import docker_settings
 
         return docker_settings(self.runtime).network_mode
 
-    def main_config(self) -> str:
-        """Host network: listen on the gateway's address; otherwise on every address of the
-        container's own network, published on ``gateway.host:port``."""
+    def edge_listen(self) -> str:
+        """Host network: the gateway's address; else every address of the container's own
+        network, published on ``gateway.host:port``."""
         host = _listen_host(self.config.host) if self._network() == "host" else "0.0.0.0"
-        return render_main(runtime=self.runtime.name, listen=f"{host}:{self.config.port}", paths=self.paths, user=None)
+        return f"{host}:{self.config.port}"
 
-    def _labels(self, image: str) -> dict[str, str]:
-        return {
-            self.LABEL: self.runtime.name,
-            "mlc.gateway-image": image,
-            "mlc.gateway-listen": f"{self._network()} {self.config.host}:{self.config.port}",
-            "mlc.gateway-root": str(self.root),
-        }
+    def _prepare(self) -> None:
+        super()._prepare()
+        for folder in (self.logs, self.root / "run"):
+            folder.mkdir(parents=True, exist_ok=True)
+            os.chmod(folder, 0o777)  # the containers' user (docker.user) writes here
 
-    async def _container(self) -> Any:
+    def _wanted(self, tier: Tier) -> str:
+        return f"{tier} {self._network()} {self.config.host}:{self.config.port}"
+
+    async def _container(self, tier: Tier) -> Any:
         from activities.runtimes.docker_engine import connect
 
-        async with connect(self.runtime, "find the gateway container") as client:
+        async with connect(self.runtime, "find the gateway containers") as client:
             try:
-                return await asyncio.to_thread(client.containers.get, self.name)
+                return await asyncio.to_thread(client.containers.get, self.name(tier))
             except docker.errors.NotFound:
                 return None
 
-    async def running(self) -> bool:
-        """The gateway container runs with the runtime's current listen settings."""
-        container = await self._container()
+    async def running(self, tier: Tier) -> bool:
+        """The tier's container runs with the runtime's current settings."""
+        container = await self._container(tier)
         if container is None or container.status != "running":
             return False
-        wanted = f"{self._network()} {self.config.host}:{self.config.port}"
-        return bool(container.labels.get("mlc.gateway-listen") == wanted)
+        return bool(container.labels.get("mlc.gateway-settings") == self._wanted(tier))
 
-    async def start(self, heartbeat: Heartbeat) -> None:
-        """Build the image if needed, remove a stale container, run a new one."""
+    async def start(self, tier: Tier, heartbeat: Heartbeat) -> None:
+        """Build the image if needed, remove a stale container, run the tier's."""
         from activities.runtimes.docker_engine import connect, docker_settings, run_with_heartbeats
 
         settings = docker_settings(self.runtime)
-        os.chmod(self.logs, 0o777)  # the container's user (docker.user) writes its logs here
-        async with connect(self.runtime, "start the gateway container") as client:
+        if tier == "routes":
+            (self.root / "run" / ROUTES_SOCKET).unlink(missing_ok=True)
+        async with connect(self.runtime, f"start the gateway's {tier} container") as client:
             image = await run_with_heartbeats(
                 lambda _progress: ensure_gateway_image(client),
                 heartbeat,
                 first_note=f"building the gateway image of runtime {self.runtime.name}",
             )
             with contextlib.suppress(docker.errors.NotFound):
-                old = await asyncio.to_thread(client.containers.get, self.name)
+                old = await asyncio.to_thread(client.containers.get, self.name(tier))
                 await asyncio.to_thread(old.remove, force=True)
-            options: dict[str, Any] = {}
-            if settings.network_mode != "host":
+            options: dict[str, Any] = {"network_mode": settings.network_mode}
+            if tier == "edge" and settings.network_mode != "host":
                 options["ports"] = {f"{self.config.port}/tcp": (self.config.host, self.config.port)}
+            volumes = {
+                str(self.conf): {"bind": _CONTAINER_CONF, "mode": "ro"},
+                str(self.logs): {"bind": _CONTAINER_LOGS, "mode": "rw"},
+                str(self.root / "run"): {"bind": _CONTAINER_RUN, "mode": "rw"},
+            }
+            error_log = "error.log" if tier == "routes" else "edge.error.log"
             await asyncio.to_thread(
                 client.containers.run,
                 image,
-                ["-p", "/tmp/", "-c", f"{_CONTAINER_CONF}/nginx.conf", "-e", "stderr"],
-                name=self.name,
-                labels=self._labels(image),
+                [
+                    "-p",
+                    "/tmp/",
+                    "-c",
+                    f"{_CONTAINER_CONF}/{_MAIN_FILES[tier]}",
+                    "-e",
+                    f"{_CONTAINER_LOGS}/{error_log}",
+                ],
+                name=self.name(tier),
+                labels={self.LABEL: self.runtime.name, "mlc.gateway-settings": self._wanted(tier)},
                 detach=True,
-                network_mode=settings.network_mode,
                 restart_policy={"Name": "unless-stopped"},
                 user=settings.user,
                 read_only=True,
                 tmpfs={"/tmp": "rw,nosuid,nodev,size=256m"},
                 security_opt=["no-new-privileges"],
                 cap_drop=["ALL"],
-                volumes={
-                    str(self.conf): {"bind": _CONTAINER_CONF, "mode": "ro"},
-                    str(self.logs): {"bind": _CONTAINER_LOGS, "mode": "rw"},
-                },
+                volumes=volumes,
                 **options,
             )
 
-    async def test(self) -> str | None:
-        """``nginx -t`` inside the running container; before it runs, None: a container
-        whose nginx refuses its files exits, and the start reports its log."""
-        container = await self._container()
+    async def test(self, tier: Tier) -> str | None:
+        """``nginx -t`` inside the tier's running container; before it runs, None: a
+        container whose nginx refuses its files exits, and the start reports its log."""
+        container = await self._container(tier)
         if container is None or container.status != "running":
             return None
-        command = ["/usr/sbin/nginx", "-t", "-q", "-p", "/tmp/", "-c", f"{_CONTAINER_CONF}/nginx.conf", "-e", "stderr"]
+        command = [
+            "/usr/sbin/nginx", "-t", "-q", "-p", "/tmp/", "-c", f"{_CONTAINER_CONF}/{_MAIN_FILES[tier]}",
+            "-e", "stderr",
+        ]  # fmt: skip
         code, output = await asyncio.to_thread(container.exec_run, command)
         return None if code == 0 else bytes(output).decode(errors="replace").strip()
 
-    async def signal(self, signum: signal.Signals) -> None:
-        """``docker kill --signal`` to the container's nginx master (its pid 1)."""
-        container = await self._container()
+    async def signal(self, tier: Tier, signum: signal.Signals) -> None:
+        """``docker kill --signal`` to the tier's nginx master (its pid 1)."""
+        container = await self._container(tier)
         if container is None or container.status != "running":
-            raise DeploymentFailedError(f"the gateway container {self.name} of runtime {self.runtime.name} is not running")
+            raise DeploymentFailedError(
+                f"the gateway container {self.name(tier)} of runtime {self.runtime.name} is not running"
+            )
         await asyncio.to_thread(container.kill, signum.name)
 
     def details(self) -> dict[str, Any]:
-        """The container and the configuration folder."""
-        return {"container_name": self.name, "config": str(self.conf), "logs": str(self.logs)}
-
-    def error_tail(self, lines: int = 20) -> str:
-        """nginx logs to the container's stderr until its config opens ``error.log``."""
-        tail = super().error_tail(lines)
-        try:
-            import docker as docker_sdk
-
-            client = docker_sdk.from_env(version="auto")
-            try:
-                logs = bytes(client.containers.get(self.name).logs(tail=lines)).decode(errors="replace")
-            finally:
-                client.close()
-        except docker.errors.DockerException:
-            return tail
-        return f"{tail}\n{logs}".strip()
+        """The containers and the configuration folder."""
+        return {
+            "container_name": self.name("edge"),
+            "routes_container_name": self.name("routes"),
+            "config": str(self.conf),
+            "logs": str(self.logs),
+        }
 
     async def stop(self) -> None:
-        """Remove the gateway container."""
-        container = await self._container()
-        if container is not None:
-            await asyncio.to_thread(container.remove, force=True)
+        """Remove both containers."""
+        for tier in reversed(TIERS):
+            container = await self._container(tier)
+            if container is not None:
+                await asyncio.to_thread(container.remove, force=True)
 
 
 def gateway_for(settings: Settings, runtime: Runtime) -> Gateway:
@@ -663,6 +728,9 @@ async def observe(
     for item in routes:
         check_deployment_id(item.deployment_id)
     gateway = gateway_for(driver.settings, runtime)
+    pending = until.timestamp() + LOG_FLUSH_SECONDS + 0.2 - time.time()
+    if pending > 0:  # entries of the window's last second may still sit in nginx's log buffer
+        await asyncio.sleep(min(pending, LOG_FLUSH_SECONDS + 0.2))
     live = parse_log(gateway.log_lines(f"{model}.access.log"), since, until)
     stats: list[RouteStats] = [route_stats(r, live) for r in routes if not r.shadow]
     comparison: ShadowComparison | None = None
@@ -689,23 +757,32 @@ async def observe(
     )
 
 
-async def read_captures(driver: RuntimeDriver, runtime: Runtime, deployment_id: str, *, since: float) -> dict[str, Any]:
+async def read_captures(
+    driver: RuntimeDriver, runtime: Runtime, deployment_id: str, *, since: float
+) -> dict[str, Any]:
     """Request id -> answer the deployment's server recorded (see :mod:`mlc.serving.capture`)."""
     if runtime.kind is RuntimeKind.LOCAL:
         from activities.runtimes.local import TMP_DIR
 
         folder = driver.workdir(runtime, deployment_id) / TMP_DIR
-        lines: list[bytes] = []
+        lines: list[str] = []
         for path in (folder / f"{CAPTURE_FILE}.1", folder / CAPTURE_FILE):
-            with contextlib.suppress(FileNotFoundError):
-                lines.extend(path.read_bytes().splitlines())
+            # the model's user owns the file: read it only if it is a plain file, bounded
+            text = isolation.read_tail(path, limit=2 * CAPTURE_MAX_BYTES)
+            lines.extend(text.splitlines() if text else ())
         return read_answers(lines, since=since)
     from activities.runtimes.docker_engine import connect
 
     async with connect(runtime, f"read the answers recorded by {deployment_id}") as client:
         found = await asyncio.to_thread(
             client.containers.list,
-            filters={"label": [f"mlc.deployment-id={deployment_id}", "mlc.mode=online", f"mlc.runtime={runtime.name}"]},
+            filters={
+                "label": [
+                    f"mlc.deployment-id={deployment_id}",
+                    "mlc.mode=online",
+                    f"mlc.runtime={runtime.name}",
+                ]
+            },
         )
         if not found:
             return {}

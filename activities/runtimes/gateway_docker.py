@@ -34,7 +34,9 @@ COPY rootfs/ /
 USER 65534:65534
 ENTRYPOINT ["/usr/sbin/nginx"]
 """
-_PASSWD = b"root:x:0:0:root:/root:/usr/sbin/nologin\nnobody:x:65534:65534:nobody:/nonexistent:/usr/sbin/nologin\n"
+_PASSWD = (
+    b"root:x:0:0:root:/root:/usr/sbin/nologin\nnobody:x:65534:65534:nobody:/nonexistent:/usr/sbin/nologin\n"
+)
 _GROUP = b"root:x:0:\nnogroup:x:65534:\n"
 _LDD_PATH = re.compile(r"(/\S+)")
 

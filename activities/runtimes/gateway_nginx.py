@@ -40,7 +40,13 @@ DEPLOYMENT_HEADER = "X-MLC-Deployment"
 STATUS_PATH = "/_mlc/gateway"
 """Answers the configuration generation: the gateway polls it to know a reload took effect."""
 
+ROUTES_SOCKET = "routes.sock"
+"""The routing tier's unix socket, in :attr:`NginxPaths.run`."""
 LOG_FORMAT = "mlc_traffic"
+LOG_FLUSH_SECONDS = 1.0
+LOG_BUFFER = f"buffer=64k flush={LOG_FLUSH_SECONDS:.0f}s"
+"""Access logs are written in blocks (one write per 64 KiB or second, not per request)."""
+_NOT_FOUND = '{{"error": "no such endpoint on the gateway of runtime {runtime}: call /models/MODEL/score"}}\n'
 _LOG_FIELDS = (
     '"t":$msec,"route":"{route}","status":$status,"upstream_status":"$upstream_status",'
     '"request_time":$request_time,"upstream_time":"$upstream_response_time","id":"$request_id"'
@@ -58,6 +64,9 @@ class NginxPaths:
     temp: str
     """Writable folder for request bodies nginx must buffer (the worker user's)."""
     pid: str
+    """Folder of the masters' pid files."""
+    run: str
+    """Folder of the routing tier's socket, reachable by the edge tier's workers."""
 
 
 @dataclass(frozen=True)
@@ -90,30 +99,23 @@ def address_of(endpoint: str) -> str:
     return f"{match.group(1)}:{match.group(2)}"
 
 
-def render_main(
-    *,
-    runtime: str,
-    listen: str,
-    paths: NginxPaths,
-    user: str | None,
-    daemon: bool = False,
-) -> str:
-    """The runtime's ``nginx.conf``: one server on ``listen`` including every model's files.
+def render_routes_main(*, runtime: str, paths: NginxPaths, user: str | None) -> str:
+    """The routing tier's ``nginx.conf``: one server on the tier socket including every
+    model's files; it is the tier that reloads on every traffic change.
 
     Args:
         runtime: The runtime's name (for the comments and the 404 message).
-        listen: ``HOST:PORT`` to listen on.
         paths: Where nginx finds its files.
-        user: ``user GROUP`` for the worker processes when the master runs as root.
-        daemon: Whether the master daemonizes (never: the driver owns the process).
+        user: ``USER GROUP`` for the worker processes when the master runs as root.
     """
     user_line = f"user {user};\n" if user else ""
     return f"""\
-# Written by MLC for the gateway of runtime {runtime}; rewritten on every traffic change.
-{user_line}daemon {"on" if daemon else "off"};
-worker_processes 2;
+# Written by MLC for the gateway of runtime {runtime} (routing tier); rewritten on every
+# traffic change and reloaded gracefully.
+{user_line}daemon off;
+worker_processes auto;
 worker_shutdown_timeout 120s;
-pid {paths.pid};
+pid {paths.pid}/routes.pid;
 error_log {paths.logs}/error.log warn;
 pcre_jit on;
 
@@ -125,12 +127,8 @@ http {{
     default_type application/json;
     access_log off;
     server_tokens off;
-    client_body_temp_path {paths.temp}/client_body;
-    proxy_temp_path {paths.temp}/proxy;
-    fastcgi_temp_path {paths.temp}/fastcgi;
-    uwsgi_temp_path {paths.temp}/uwsgi;
-    scgi_temp_path {paths.temp}/scgi;
-    client_max_body_size 64m;
+{_temp_paths(paths.temp)}\
+    client_max_body_size 0;
     client_body_buffer_size 1m;
     keepalive_timeout 75s;
     keepalive_requests 100000;
@@ -150,7 +148,7 @@ http {{
     include {paths.conf}/http/*.conf;
 
     server {{
-        listen {listen};
+        listen unix:{paths.run}/{ROUTES_SOCKET};
         include {paths.conf}/generation.conf;
         location = /_mlc/declare {{
             # never matched by a live request: declares the variables the locations set
@@ -162,11 +160,76 @@ http {{
         }}
         include {paths.conf}/models/*.conf;
         location / {{
-            return 404 '{{"error": "no such endpoint on the gateway of runtime {runtime}: call /models/MODEL/score"}}\\n';
+            return 404 {_q(_NOT_FOUND.format(runtime=runtime))};
         }}
     }}
 }}
 """
+
+
+def render_edge(*, runtime: str, listen: str, paths: NginxPaths, user: str | None) -> str:
+    """The edge tier's ``edge.conf``: listens on the gateway's address and passes every
+    request over pooled connections to the routing tier. It never reloads for a traffic
+    change, so consumers' connections are never closed under them; when the routing tier
+    reloads, its old workers close their idle connections and a request the edge sent on
+    one is sent again on a fresh connection (nginx retries a failed cached connection).
+    """
+    user_line = f"user {user};\n" if user else ""
+    return f"""\
+# Written by MLC for the gateway of runtime {runtime} (edge tier): consumers connect here.
+{user_line}daemon off;
+worker_processes auto;
+worker_shutdown_timeout 120s;
+pid {paths.pid}/edge.pid;
+error_log {paths.logs}/edge.error.log warn;
+
+events {{
+    worker_connections 4096;
+}}
+
+http {{
+    default_type application/json;
+    access_log off;
+    server_tokens off;
+{_temp_paths(paths.temp, prefix="edge_")}\
+    client_max_body_size 64m;
+    client_body_buffer_size 1m;
+    keepalive_timeout 75s;
+    keepalive_requests 100000;
+    proxy_http_version 1.1;
+    proxy_buffer_size 16k;
+    proxy_buffers 32 16k;
+    proxy_max_temp_file_size 0;
+    proxy_read_timeout 300s;
+    proxy_send_timeout 300s;
+    proxy_next_upstream error timeout non_idempotent;
+    proxy_next_upstream_tries 3;
+
+    upstream mlc_routes {{
+        server unix:{paths.run}/{ROUTES_SOCKET} max_fails=0;
+        keepalive 64;
+        keepalive_requests 100000;
+        keepalive_timeout 60s;
+    }}
+
+    server {{
+        listen {listen};
+        location / {{
+            proxy_set_header Connection "";
+            proxy_set_header Host $http_host;
+            proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;
+            proxy_pass http://mlc_routes;
+        }}
+    }}
+}}
+"""
+
+
+def _temp_paths(temp: str, *, prefix: str = "") -> str:
+    return "".join(
+        f"    {kind}_temp_path {temp}/{prefix}{kind};\n"
+        for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
+    )
 
 
 def render_generation(runtime: str, generation: str) -> str:
@@ -175,9 +238,7 @@ def render_generation(runtime: str, generation: str) -> str:
     return f"location = {STATUS_PATH} {{\n    access_log off;\n    return 200 {_q(body)};\n}}\n"
 
 
-def render_model(
-    *, runtime: str, model: str, backends: Sequence[Backend], logs: str
-) -> tuple[str, str]:
+def render_model(*, runtime: str, model: str, backends: Sequence[Backend], logs: str) -> tuple[str, str]:
     """The model's ``http/MODEL.conf`` and ``models/MODEL.conf``.
 
     Args:
@@ -220,7 +281,7 @@ def render_model(
             }
         )
         server.append(
-            f"    access_log {logs}/{model}.access.log {LOG_FORMAT};\n"
+            f"    access_log {logs}/{model}.access.log {LOG_FORMAT} {LOG_BUFFER};\n"
             f"    return 503 {_q(message + chr(10))};\n}}\n"
         )
         return "".join(http), "".join(server)
@@ -228,7 +289,7 @@ def render_model(
     capture = "1" if shadow is not None else ""
     server.append(
         f"    set $mlc_route {chosen};\n"
-        f"    access_log {logs}/{model}.access.log {LOG_FORMAT};\n"
+        f"    access_log {logs}/{model}.access.log {LOG_FORMAT} {LOG_BUFFER};\n"
         f'    add_header {DEPLOYMENT_HEADER} "$mlc_route" always;\n'
         '    proxy_set_header Connection "";\n'
         "    proxy_set_header X-Request-ID $request_id;\n"
@@ -242,7 +303,7 @@ def render_model(
             f"location = /_mlc/mirror/{model} {{\n"
             "    internal;\n"
             "    log_subrequest on;\n"
-            f"    access_log {logs}/{model}.mirror.log mlc_mirror_{key};\n"
+            f"    access_log {logs}/{model}.mirror.log mlc_mirror_{key} {LOG_BUFFER};\n"
             '    proxy_set_header Connection "";\n'
             "    proxy_set_header X-Request-ID $request_id;\n"
             f'    proxy_set_header {CAPTURE_HEADER} "1";\n'

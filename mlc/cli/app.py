@@ -66,6 +66,7 @@ COMMAND_MODULES = {
     "status": "lifecycle_cmds",
     "approve": "lifecycle_cmds",
     "reject": "lifecycle_cmds",
+    "rollback": "lifecycle_cmds",
     "dev": "stack_cmds",
     "worker": "stack_cmds",
     "demo": "stack_cmds",

@@ -40,6 +40,7 @@ def register(app: typer.Typer) -> None:
     app.command("status")(status)
     app.command("approve")(approve)
     app.command("reject")(reject)
+    app.command("rollback")(rollback)
 
 
 @lifecycle_app.command("start")
@@ -285,3 +286,50 @@ def approve(ref: REF, stage: STAGE, comment: COMMENT = "", print_statement: PRIN
 def reject(ref: REF, stage: STAGE, comment: COMMENT = "", print_statement: PRINT = False) -> None:
     """Sign and send a rejection: the lifecycle undeploys that stage and ends as failed."""
     _decide(ref, stage, comment, decision=Decision.REJECTED, print_statement=print_statement)
+
+
+def rollback(
+    model: Annotated[str, typer.Argument(help="The model to roll back, e.g. cc-fraud.")],
+    stage: Annotated[str, typer.Option(help="The stage whose stable endpoints to roll back, e.g. PROD.")],
+    reason: Annotated[str, typer.Option(help="Why (required); kept in the audit trail with your name.")],
+    to: Annotated[
+        int | None,
+        typer.Option("--to", min=1, help="The version to put back (default: the one before the current)."),
+    ] = None,
+    as_json: JSON = False,
+) -> None:
+    """Put the previous (or --to) version back behind STAGE's stable endpoints: a signed decision.
+
+    Within seconds when that version is still warm; redeployed from its snapshot (and
+    smoke-tested) where it was retired.
+    """
+    import time
+
+    from mlc.rollbacks import roll_back, sign_rollback
+
+    if not reason.strip():
+        raise ValueError("a rollback needs a reason: pass --reason TEXT (it is kept in the audit trail)")
+
+    async def go() -> None:
+        cfg = settings()
+        began = time.monotonic()
+        async with inventory(cfg) as pool:
+            me = await signer(cfg, pool)
+            envelope = await sign_rollback(pool, me, model=model, stage=stage, reason=reason, version=to)
+        done = await roll_back(await client(cfg, identity=me.name), envelope, task_queue=cfg.task_queue)
+        took = time.monotonic() - began
+        if as_json:
+            print(json.dumps({**done.model_dump(mode="json"), "wall_seconds": round(took, 3)}, indent=2))
+            return
+        was = f" (was v{done.replaced})" if done.replaced else ""
+        console.print(
+            f"{done.model} in {done.stage}: v{done.version} answers again{was}, rolled back by "
+            f"{done.signer} in {took:.1f} s: {done.reason}"
+        )
+        for r in done.runtimes:
+            how = "warm" if r.warm else "redeployed from its snapshot"
+            console.print(
+                f"  {r.runtime}: {r.endpoint} -> {done.model}@{r.version} ({how}, {r.deployment_id})"
+            )
+
+    run(go())

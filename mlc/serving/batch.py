@@ -12,8 +12,10 @@ Two engines, one result:
   ``chunk_size`` rows, is checked against the input schema column by column, scored by
   the model's ``score_columns(columns)`` when it has one (a dict of numpy arrays in and
   out: no per-record Python at all) or else by ``score_batch`` on the chunk's records,
-  and streams out through Arrow writers. This is what reaches millions of records per
-  second: per-record dicts and JSON calls, not the model, bound the record engine.
+  and streams out through Arrow writers. A reader thread parses up to four chunks ahead
+  and a writer thread writes up to four behind, so parsing (pyarrow, without the GIL),
+  scoring and writing overlap. This is what reaches millions of records per second:
+  per-record dicts and JSON calls, not the model, bound the record engine.
 * **records** (JSON lines only): ``orjson`` line by line and ``score_batch`` per chunk.
   It runs where pyarrow is absent (slim model images), and whenever the columnar
   reader refuses a JSON-lines file, so a bad line is reported as ``file:line`` by the
@@ -257,20 +259,24 @@ def _ahead(batches: Iterator[Any], depth: int = _AHEAD) -> Iterator[Any]:
     chunks: queue.Queue[tuple[bool, Any]] = queue.Queue(maxsize=depth)
     stop = threading.Event()
 
+    def offer(item: tuple[bool, Any]) -> bool:
+        """Queue ``item`` unless the consumer has gone; False when it has."""
+        while not stop.is_set():
+            try:
+                chunks.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
     def produce() -> None:
         try:
             for batch in batches:
-                while not stop.is_set():
-                    try:
-                        chunks.put((True, batch), timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
-                if stop.is_set():
+                if not offer((True, batch)):
                     return
-            chunks.put((False, None))
+            offer((False, None))
         except BaseException as exc:  # handed to the consumer, which raises it
-            chunks.put((False, exc))
+            offer((False, exc))
 
     reader = threading.Thread(target=produce, name="mlc-batch-reader", daemon=True)
     reader.start()

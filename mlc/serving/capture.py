@@ -51,7 +51,9 @@ class AnswerCapture:
         """Append ``output`` under ``request_id`` (ignored without a well-formed id)."""
         if self._broken or request_id is None or not _REQUEST_ID.match(request_id):
             return
-        line = orjson.dumps({"t": time.time(), "id": request_id, "out": output}, option=orjson.OPT_SERIALIZE_NUMPY)
+        line = orjson.dumps(
+            {"t": time.time(), "id": request_id, "out": output}, option=orjson.OPT_SERIALIZE_NUMPY
+        )
         try:
             if self._fd is None or self._size >= self.max_bytes:
                 self._open(rotate=self._fd is not None)

@@ -20,7 +20,7 @@ from mlc.errors import RefusedError
 from mlc.store.trail import DECISION, GENESIS, GOVERNANCE, Entry
 from mlc.trust.governance import Governance
 from mlc.trust.keys import public_text
-from mlc.trust.statements import decision_of
+from mlc.trust.statements import Envelope, decision_of, is_rollback, rollback_of
 
 BUNDLE_FORMAT = "mlc-audit-bundle/v1"
 
@@ -116,6 +116,8 @@ def _check_signed(entry: Entry, state: Governance) -> str | None:
         return None
     if envelope is None:
         return None
+    if is_rollback(envelope):
+        return _check_rollback(entry, envelope, state)
     try:
         signer = state.signer_of(envelope)
         _, claim = decision_of(envelope)
@@ -137,11 +139,30 @@ def _check_signed(entry: Entry, state: Governance) -> str | None:
     return None
 
 
+def _check_rollback(entry: Entry, envelope: Envelope, state: Governance) -> str | None:
+    """Verify a signed rollback decision and that its stored body says what was signed."""
+    try:
+        signer = state.signer_of(envelope)
+        _, claim = rollback_of(envelope)
+    except (RefusedError, ValueError) as exc:
+        return f"its signature does not verify: {exc}"
+    body = entry.data()
+    signed = {"approver": signer.name, "stage": claim.stage, "decision": "rollback", "comment": claim.reason}
+    for name, value in signed.items():
+        if body.get(name) != value:
+            return f"the stored {name} is {body.get(name)!r}, but the signed rollback says {value!r}"
+    if claim.version is not None and body.get("version") != claim.version:
+        return f"the stored version is {body.get('version')!r}, but the signed rollback says {claim.version}"
+    if entry.nonce != claim.nonce:
+        return "the stored nonce differs from the signed one"
+    return None
+
+
 def _what_changed(entry: Entry) -> str:
     """For a signed entry, name the stored field that no longer matches the signature."""
     try:
         envelope = entry.signed()
-        if envelope is None or entry.kind != DECISION:
+        if envelope is None or entry.kind != DECISION or is_rollback(envelope):
             return ""
         _, claim = decision_of(envelope)
         body = entry.data()

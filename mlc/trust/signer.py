@@ -17,7 +17,18 @@ from mlc.domain import Decision
 from mlc.payloads import LifecycleStatus
 from mlc.trust.governance import sign_governance
 from mlc.trust.keys import key_id
-from mlc.trust.statements import DECISION_TYPE, DecisionPredicate, Envelope, digest, make_statement, seal
+from mlc.trust.statements import (
+    DECISION_TYPE,
+    ROLLBACK_TYPE,
+    STATEMENT_TYPE,
+    DecisionPredicate,
+    Envelope,
+    RollbackPredicate,
+    Statement,
+    digest,
+    make_statement,
+    seal,
+)
 
 DECISION_LIFETIME = timedelta(minutes=15)
 """A signed decision must reach the platform within this time (limits replay of a leaked one)."""
@@ -82,5 +93,47 @@ class Signer:
             sha256=sha256,
             predicate_type=DECISION_TYPE,
             predicate=predicate,
+        )
+        return seal(statement, keyid=self.key_id, sign=self.key.sign)
+
+    def rollback(
+        self,
+        *,
+        model: str,
+        stage: str,
+        reason: str,
+        version: int | None = None,
+        sha256: str | None = None,
+        issued_at: datetime | None = None,
+        lifetime: timedelta = DECISION_LIFETIME,
+    ) -> Envelope:
+        """Sign a rollback of ``model`` in ``stage`` to ``version`` (None: the previous one).
+
+        ``sha256`` (the named version's snapshot) binds the statement to that content; the
+        subject is ``MODEL@VERSION`` then, else ``MODEL`` with no digest.
+        """
+        issued = issued_at or datetime.now(UTC)
+        predicate = RollbackPredicate(
+            model=model,
+            stage=stage,
+            version=version,
+            reason=reason,
+            signer=self.name,
+            issued_at=issued,
+            expires_at=issued + lifetime,
+            nonce=secrets.token_hex(16),
+        )
+        statement = Statement.model_validate(
+            {
+                "_type": STATEMENT_TYPE,
+                "subject": [
+                    {
+                        "name": f"{model}@{version}" if version is not None else model,
+                        "digest": {"sha256": sha256} if sha256 else {},
+                    }
+                ],
+                "predicateType": ROLLBACK_TYPE,
+                "predicate": predicate.model_dump(mode="json"),
+            }
         )
         return seal(statement, keyid=self.key_id, sign=self.key.sign)

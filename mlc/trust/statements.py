@@ -18,7 +18,7 @@ import json
 from datetime import datetime
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 PAYLOAD_TYPE = "application/vnd.in-toto+json"
 STATEMENT_TYPE = "https://in-toto.io/Statement/v1"
@@ -28,6 +28,8 @@ GOVERNANCE_TYPE = "urn:mlc:predicate:governance:v1"
 """predicateType of a change to principals, keys, roles, policies, runtimes, uploads, snapshots."""
 GRANT_TYPE = "urn:mlc:predicate:runtime-grant:v1"
 """predicateType of the platform's permission for one runtime action (deploy, batch, undeploy)."""
+ROLLBACK_TYPE = "urn:mlc:predicate:rollback:v1"
+"""predicateType of a person's decision to put a previous version back behind a stage's endpoints."""
 
 
 def canonical(value: Any) -> bytes:
@@ -129,6 +131,32 @@ class DecisionPredicate(_Strict):
     nonce: str = Field(min_length=16, max_length=64)
 
 
+class RollbackPredicate(_Strict):
+    """A person's decision to roll a model back in one stage, with the reason.
+
+    ``version`` None means "the version that answered the stage's stable endpoints before
+    the current one", which the trusted ``verify_rollback`` activity resolves from the
+    audit trail; a named version must have answered that stage before.
+    """
+
+    model: str
+    stage: str
+    version: int | None = Field(default=None, ge=1)
+    reason: str = Field(min_length=1, max_length=500)
+    signer: str
+    """The principal the signer says they are; must own the signing key."""
+    issued_at: datetime
+    expires_at: datetime
+    nonce: str = Field(min_length=16, max_length=64)
+
+    @field_validator("reason")
+    @classmethod
+    def _said(cls, reason: str) -> str:
+        if not reason.strip():
+            raise ValueError("a rollback needs a reason (it is kept in the audit trail)")
+        return reason
+
+
 class GovernancePredicate(_Strict):
     """A change to who may do what: see :mod:`mlc.trust.governance` for the actions."""
 
@@ -173,3 +201,22 @@ def decision_of(envelope: Envelope) -> tuple[Statement, DecisionPredicate]:
         return statement, DecisionPredicate.model_validate(statement.predicate)
     except ValidationError as exc:
         raise ValueError(f"the decision statement is malformed: {exc}") from None
+
+
+def rollback_of(envelope: Envelope) -> tuple[Statement, RollbackPredicate]:
+    """Decode a rollback envelope (structure only) or raise ValueError saying what is wrong."""
+    statement = envelope.statement()
+    if statement.predicate_type != ROLLBACK_TYPE:
+        raise ValueError(f"not a rollback statement (predicateType {statement.predicate_type})")
+    try:
+        return statement, RollbackPredicate.model_validate(statement.predicate)
+    except ValidationError as exc:
+        raise ValueError(f"the rollback statement is malformed: {exc}") from None
+
+
+def is_rollback(envelope: Envelope) -> bool:
+    """True when ``envelope`` holds a rollback statement (of whatever validity)."""
+    try:
+        return envelope.statement().predicate_type == ROLLBACK_TYPE
+    except ValueError:
+        return False

@@ -1,0 +1,426 @@
+"""Runtime gateways with a real nginx and real model servers: stable endpoints, switches
+under load without a failed request, weighted splits, shadows, errors, 503 and restarts.
+
+The docker tests need dockerd and the base image (``scripts/docker-engine.sh``); without
+them they are skipped locally and fail under ``CI=true``, like the other docker tests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import time
+import uuid
+from collections import Counter
+from collections.abc import AsyncIterator, Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from temporalio.exceptions import ApplicationError
+from temporalio.testing import ActivityEnvironment
+
+from activities.runtime import RuntimeActivities
+from activities.runtimes.base import CleanupRequest, OnlineDeployRequest, RuntimeDriver
+from activities.runtimes.docker import DockerDriver
+from activities.runtimes.gateway import DockerGateway, LocalGateway, gateway_root
+from activities.runtimes.gateway_nginx import DEPLOYMENT_HEADER
+from activities.runtimes.local import LocalDriver
+from mlc import processes
+from mlc.artifacts import ArtifactStore, build_archive
+from mlc.config import Settings
+from mlc.contracts.traffic import ObserveTrafficInput
+from mlc.domain import (
+    DockerSettings,
+    GatewaySettings,
+    Mode,
+    ModelSnapshot,
+    Runtime,
+    RuntimeKind,
+    TrafficRoute,
+)
+from mlc.errors import NotFoundError, RefusedError
+from mlc.manifest import load_manifest
+from mlc.payloads import RuntimeActionInput
+from mlc.trust import grants
+
+FIXTURES = Path(__file__).parent / "fixtures" / "models"
+WEAK = FIXTURES / "weak-model"
+FAILING = FIXTURES / "failing-model"
+RECORD = {
+    "amount": 2450.0,
+    "hour": 3,
+    "merchant_risk": 0.85,
+    "distance_from_home": 4200.0,
+    "foreign": True,
+    "card_present": False,
+    "velocity_24h": 9,
+}
+BASE_IMAGE = "mlc-python:3.11-bookworm"
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _snapshot(settings: Settings, package: Path, version: int) -> ModelSnapshot:
+    manifest = load_manifest(package)
+    return ModelSnapshot(
+        model=manifest.name,
+        version=version,
+        sha256=ArtifactStore(settings.artifact_dir).put(build_archive(package)),
+        service_tags=manifest.service_tags,
+        entry_module=manifest.entry_module,
+        requirements=manifest.requirements,
+    )
+
+
+async def _deploy(driver: RuntimeDriver, runtime: Runtime, snapshot: ModelSnapshot) -> TrafficRoute:
+    deployment_id = f"{snapshot.model}-v{snapshot.version}-{uuid.uuid4().hex[:8]}"
+    await driver.deploy_online(
+        OnlineDeployRequest(deployment_id=deployment_id, snapshot=snapshot, runtime=runtime, stage="DEV"),
+        lambda _note: None,
+    )
+    return TrafficRoute(deployment_id=deployment_id, version=snapshot.version)
+
+
+def _routes(*pairs: tuple[TrafficRoute, int], shadow: TrafficRoute | None = None) -> list[TrafficRoute]:
+    routes = [r.model_copy(update={"weight": w}) for r, w in pairs]
+    if shadow is not None:
+        routes.append(shadow.model_copy(update={"weight": 0, "shadow": True}))
+    return routes
+
+
+class Load:
+    """Concurrent clients scoring through an endpoint in a loop, counting every answer."""
+
+    def __init__(self, url: str, clients: int = 4) -> None:
+        self.url = url
+        self.clients = clients
+        self.answers: Counter[str] = Counter()
+        self.failures: list[str] = []
+        self._stop = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+
+    async def _client(self) -> None:
+        async with httpx.AsyncClient(trust_env=False, timeout=30.0) as http:
+            while not self._stop.is_set():
+                try:
+                    response = await http.post(self.url, json=RECORD)
+                except httpx.HTTPError as exc:
+                    self.failures.append(f"{type(exc).__name__}: {exc}")
+                    continue
+                if response.status_code != 200:
+                    self.failures.append(f"HTTP {response.status_code}: {response.text[:200]}")
+                else:
+                    self.answers[response.headers.get(DEPLOYMENT_HEADER, "?")] += 1
+
+    async def __aenter__(self) -> Load:
+        self._tasks = [asyncio.create_task(self._client()) for _ in range(self.clients)]
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self._stop.set()
+        await asyncio.gather(*self._tasks)
+
+    def total(self) -> int:
+        """Answers so far."""
+        return sum(self.answers.values())
+
+
+async def _wait_for(load: Load, count: int) -> None:
+    target = load.total() + count
+    deadline = time.monotonic() + 30
+    while load.total() < target and time.monotonic() < deadline:
+        await asyncio.sleep(0.01)
+
+
+# --- local runtime --------------------------------------------------------------------
+
+
+@pytest.fixture
+def settings(tmp_path: Path) -> Settings:
+    return Settings.from_env(home=tmp_path / "home")
+
+
+@pytest.fixture
+def local_runtime() -> Runtime:
+    return Runtime(
+        name=f"gw-local-{uuid.uuid4().hex[:6]}", stage="DEV", gateway=GatewaySettings(port=_free_port())
+    )
+
+
+@pytest.fixture
+async def local_driver(settings: Settings, local_runtime: Runtime) -> AsyncIterator[LocalDriver]:
+    driver = LocalDriver(settings)
+    yield driver
+    await driver.cleanup(CleanupRequest(runtime=local_runtime))
+    await LocalGateway(settings, local_runtime).stop()
+
+
+async def test_local_switches_under_load_drop_no_request(
+    settings: Settings, local_runtime: Runtime, local_driver: LocalDriver
+) -> None:
+    v1 = await _deploy(local_driver, local_runtime, _snapshot(settings, WEAK, 1))
+    v2 = await _deploy(local_driver, local_runtime, _snapshot(settings, WEAK, 2))
+    first = await local_driver.route(local_runtime, "weak-model", _routes((v1, 100)), lambda _n: None)
+    assert first.endpoint == f"http://127.0.0.1:{local_runtime.gateway.port}/models/weak-model"  # type: ignore[union-attr]
+
+    async with Load(f"{first.endpoint}/score") as load:
+        await _wait_for(load, 50)
+        for target in (v2, v1, v2, v1):
+            result = await local_driver.route(
+                local_runtime, "weak-model", _routes((target, 100)), lambda _n: None
+            )
+            assert result.endpoint == first.endpoint
+            await _wait_for(load, 100)
+            served = Counter(load.answers)
+            await _wait_for(load, 50)
+            assert load.answers[target.deployment_id] - served[target.deployment_id] >= 50, load.answers
+    assert load.failures == [], load.failures[:5]
+    assert load.answers[v1.deployment_id] > 0 and load.answers[v2.deployment_id] > 0
+
+    # the model server sees the path without the prefix, and health goes through too
+    async with httpx.AsyncClient(trust_env=False) as http:
+        health = await http.get(f"{first.endpoint}/health")
+        assert health.status_code == 200 and health.json()["version"] == "1"
+        unknown = await http.get(f"http://127.0.0.1:{local_runtime.gateway.port}/models/nope/score")  # type: ignore[union-attr]
+        assert unknown.status_code == 404
+
+
+async def test_local_weighted_split_and_observed_stats(
+    settings: Settings, local_runtime: Runtime, local_driver: LocalDriver
+) -> None:
+    v1 = await _deploy(local_driver, local_runtime, _snapshot(settings, WEAK, 1))
+    v2 = await _deploy(local_driver, local_runtime, _snapshot(settings, WEAK, 2))
+    routes = _routes((v1, 80), (v2, 20))
+    since = datetime.now(UTC) - timedelta(seconds=1)
+    result = await local_driver.route(local_runtime, "weak-model", routes, lambda _n: None)
+    answers: Counter[str] = Counter()
+    async with httpx.AsyncClient(trust_env=False) as http:
+        for _ in range(500):
+            response = await http.post(f"{result.endpoint}/score", json=RECORD)
+            assert response.status_code == 200
+            answers[response.headers[DEPLOYMENT_HEADER]] += 1
+    assert 60 <= answers[v2.deployment_id] <= 140, answers  # 20 % of 500 = 100
+
+    observed = await local_driver.observe(
+        local_runtime, "weak-model", routes, since, datetime.now(UTC) + timedelta(seconds=1)
+    )
+    stats = {s.deployment_id: s for s in observed.routes}
+    assert stats[v1.deployment_id].requests == answers[v1.deployment_id]
+    assert stats[v2.deployment_id].requests == answers[v2.deployment_id]
+    assert stats[v2.deployment_id].errors == 0 and stats[v2.deployment_id].version == 2
+    assert stats[v1.deployment_id].p50_ms is not None and stats[v1.deployment_id].p99_ms is not None
+    assert observed.shadow is None
+
+
+async def test_local_shadow_is_mirrored_and_compared(
+    settings: Settings, local_runtime: Runtime, local_driver: LocalDriver
+) -> None:
+    v1 = await _deploy(local_driver, local_runtime, _snapshot(settings, WEAK, 1))
+    v2 = await _deploy(local_driver, local_runtime, _snapshot(settings, WEAK, 2))
+    routes = _routes((v1, 100), shadow=v2)
+    since = datetime.now(UTC) - timedelta(seconds=1)
+    result = await local_driver.route(local_runtime, "weak-model", routes, lambda _n: None)
+    async with httpx.AsyncClient(trust_env=False) as http:
+        for _ in range(40):
+            response = await http.post(
+                f"{result.endpoint}/score",
+                json=RECORD,
+                headers={"X-MLC-Capture": "", "X-Request-ID": "forged"},
+            )
+            assert response.status_code == 200 and response.headers[DEPLOYMENT_HEADER] == v1.deployment_id
+    await asyncio.sleep(0.5)  # mirrored requests finish after the live ones
+    observed = await local_driver.observe(
+        local_runtime, "weak-model", routes, since, datetime.now(UTC) + timedelta(seconds=1)
+    )
+    stats = {s.deployment_id: s for s in observed.routes}
+    assert stats[v1.deployment_id].requests == 40  # mirrored requests are not live traffic
+    assert stats[v2.deployment_id].requests == 40  # ... but the shadow's own stats count them
+    assert observed.shadow is not None
+    assert observed.shadow.pairs == 40
+    assert observed.shadow.agreement_rate == 1.0
+    assert observed.shadow.max_abs_diff == 0.0
+    assert observed.shadow.shadow_errors == 0
+
+
+async def test_local_errors_no_routes_and_worker_restart(
+    settings: Settings, local_runtime: Runtime, local_driver: LocalDriver
+) -> None:
+    bad = await _deploy(local_driver, local_runtime, _snapshot(settings, FAILING, 1))
+    routes = _routes((bad, 100))
+    since = datetime.now(UTC) - timedelta(seconds=1)
+    result = await local_driver.route(local_runtime, "failing-model", routes, lambda _n: None)
+    async with httpx.AsyncClient(trust_env=False) as http:
+        for _ in range(10):
+            assert (await http.post(f"{result.endpoint}/score", json={"amount": 1.0})).status_code == 500
+    observed = await local_driver.observe(
+        local_runtime, "failing-model", routes, since, datetime.now(UTC) + timedelta(seconds=1)
+    )
+    assert observed.routes[0].requests == 10 and observed.routes[0].errors == 10
+    assert observed.routes[0].error_rate == 1.0
+
+    # no answering route: 503 with a message naming the model
+    await local_driver.route(local_runtime, "failing-model", [], lambda _n: None)
+    async with httpx.AsyncClient(trust_env=False) as http:
+        response = await http.post(f"{result.endpoint}/score", json={"amount": 1.0})
+    assert response.status_code == 503
+    assert "failing-model" in response.json()["error"]
+
+    # a new driver (a restarted worker) finds the running gateway and keeps it
+    gateway = LocalGateway(settings, local_runtime)
+    pid = gateway.details()["pid"]
+    assert pid is not None and processes.alive(pid)
+    again = await LocalDriver(settings).route(local_runtime, "failing-model", routes, lambda _n: None)
+    assert again.details["started"] is False and again.details["pid"] == pid
+    async with httpx.AsyncClient(trust_env=False) as http:
+        assert (await http.post(f"{result.endpoint}/score", json={"amount": 1.0})).status_code == 500
+
+    # the runtime's cleanup leaves the gateway alone
+    await local_driver.cleanup(CleanupRequest(runtime=local_runtime))
+    assert processes.alive(pid)
+    assert (gateway_root(settings, local_runtime) / "conf" / "nginx.conf").is_file()
+
+
+async def test_refusals(settings: Settings, local_runtime: Runtime, local_driver: LocalDriver) -> None:
+    plain = local_runtime.model_copy(update={"gateway": None})
+    with pytest.raises(RefusedError, match="has no gateway"):
+        await local_driver.route(plain, "weak-model", [], lambda _n: None)
+    with pytest.raises(NotFoundError):
+        await local_driver.route(
+            local_runtime,
+            "weak-model",
+            [TrafficRoute(deployment_id="weak-model-v1-gone", version=1)],
+            lambda _n: None,
+        )
+    with pytest.raises(RefusedError, match="sum to"):
+        await local_driver.route(
+            local_runtime,
+            "weak-model",
+            [TrafficRoute(deployment_id="weak-model-v1-a", version=1, weight=50)],
+            lambda _n: None,
+        )
+
+
+def _grant(settings: Settings, runtime: Runtime, action: Any, routes: list[TrafficRoute]) -> Any:
+    grant = grants.RuntimeGrant(
+        action=action,
+        deployment_id=routes[0].deployment_id,
+        runtime=runtime,
+        stage=runtime.stage,
+        mode=Mode.ONLINE,
+        model="weak-model",
+        routes=tuple(routes),
+        workflow_id="test",
+        run_id="test-run",  # ActivityEnvironment's run
+        expires_at=datetime.now(UTC) + timedelta(hours=1),
+    )
+    return grants.issue(grants.platform_key(settings.platform_key_path), grant)
+
+
+async def test_activities_act_on_the_grant_only(
+    settings: Settings, local_runtime: Runtime, local_driver: LocalDriver
+) -> None:
+    v1 = await _deploy(local_driver, local_runtime, _snapshot(settings, WEAK, 1))
+    routes = _routes((v1, 100))
+    activities = RuntimeActivities(settings)
+    env = ActivityEnvironment()
+    since = datetime.now(UTC) - timedelta(seconds=1)
+    result = await env.run(
+        activities.route_traffic,
+        RuntimeActionInput(grant=_grant(settings, local_runtime, "route_traffic", routes)),
+    )
+    async with httpx.AsyncClient(trust_env=False) as http:
+        assert (await http.post(f"{result.endpoint}/score", json=RECORD)).status_code == 200
+    observed = await env.run(
+        activities.observe_traffic,
+        ObserveTrafficInput(
+            grant=_grant(settings, local_runtime, "observe_traffic", routes),
+            since=since,
+            until=datetime.now(UTC) + timedelta(seconds=1),
+        ),
+    )
+    assert observed.endpoint == result.endpoint and observed.routes[0].requests == 1
+    with pytest.raises(ApplicationError, match="allows observe_traffic, not route_traffic"):
+        await env.run(
+            activities.route_traffic,
+            RuntimeActionInput(grant=_grant(settings, local_runtime, "observe_traffic", routes)),
+        )
+
+
+# --- docker runtime -------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def docker_settings(tmp_path_factory: pytest.TempPathFactory) -> Settings:
+    return Settings.from_env(home=tmp_path_factory.mktemp("mlc-home"))
+
+
+@pytest.fixture
+def docker_runtime(docker_engine: Any) -> Iterator[Runtime]:
+    runtime = Runtime(
+        name=f"gw-docker-{uuid.uuid4().hex[:6]}",
+        kind=RuntimeKind.DOCKER,
+        stage="DEV",
+        docker=DockerSettings(base_image=BASE_IMAGE, network_mode="host", memory="512m"),
+        gateway=GatewaySettings(port=_free_port()),
+    )
+    yield runtime
+    for container in docker_engine.containers.list(
+        all=True, filters={"label": f"mlc.runtime={runtime.name}"}
+    ):
+        container.remove(force=True)
+    for container in docker_engine.containers.list(
+        all=True, filters={"label": f"{DockerGateway.LABEL}={runtime.name}"}
+    ):
+        container.remove(force=True)
+
+
+async def test_docker_switches_under_load_and_shadow(
+    docker_settings: Settings, docker_runtime: Runtime, docker_engine: Any
+) -> None:
+    driver = DockerDriver(docker_settings)
+    v1 = await _deploy(driver, docker_runtime, _snapshot(docker_settings, WEAK, 1))
+    v2 = await _deploy(driver, docker_runtime, _snapshot(docker_settings, WEAK, 2))
+    first = await driver.route(docker_runtime, "weak-model", _routes((v1, 100)), lambda _n: None)
+    gateway = docker_engine.containers.get(f"mlc-gateway-{docker_runtime.name}")
+    assert gateway.attrs["Config"]["User"] == "65534:65534"
+    assert gateway.attrs["HostConfig"]["ReadonlyRootfs"] is True
+
+    async with Load(f"{first.endpoint}/score") as load:
+        await _wait_for(load, 50)
+        for target in (v2, v1, v2):
+            result = await driver.route(docker_runtime, "weak-model", _routes((target, 100)), lambda _n: None)
+            assert result.endpoint == first.endpoint
+            await _wait_for(load, 100)
+    assert load.failures == [], load.failures[:5]
+    assert load.answers[v1.deployment_id] > 0 and load.answers[v2.deployment_id] > 0
+
+    # shadow: v2 answers, v1 gets a mirrored copy; identical models agree
+    routes = _routes((v2, 100), shadow=v1)
+    since = datetime.now(UTC) - timedelta(seconds=1)
+    result = await driver.route(docker_runtime, "weak-model", routes, lambda _n: None)
+    async with httpx.AsyncClient(trust_env=False) as http:
+        for _ in range(30):
+            assert (await http.post(f"{result.endpoint}/score", json=RECORD)).status_code == 200
+    await asyncio.sleep(0.5)
+    observed = await driver.observe(
+        docker_runtime, "weak-model", routes, since, datetime.now(UTC) + timedelta(seconds=1)
+    )
+    assert observed.shadow is not None and observed.shadow.pairs == 30
+    assert observed.shadow.agreement_rate == 1.0
+
+    # a new driver (worker restart) keeps the same container
+    again = await DockerDriver(docker_settings).route(docker_runtime, "weak-model", routes, lambda _n: None)
+    assert again.details["started"] is False
+    assert docker_engine.containers.get(f"mlc-gateway-{docker_runtime.name}").id == gateway.id
+    await driver.cleanup(CleanupRequest(runtime=docker_runtime))  # removes models, not the gateway
+    assert docker_engine.containers.get(f"mlc-gateway-{docker_runtime.name}").status == "running"
+    log_line = (gateway_root(docker_settings, docker_runtime) / "logs" / "weak-model.access.log").read_text()
+    assert json.loads(log_line.splitlines()[-1])["route"] == v2.deployment_id
