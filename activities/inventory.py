@@ -144,6 +144,8 @@ class InventoryActivities:
     async def _release(self, run: RunContext) -> None:
         """A run ended: its online deployments answering no stable endpoint are no longer
         held by it, so the reconcilers of their gateway runtimes look at them now."""
+        if not self.settings.trust_root:
+            return
         state = await self._state()
         held = {
             d.runtime

@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import itertools
+import os
 import statistics
 import sys
 import tempfile
@@ -87,15 +88,22 @@ def _scaled_input(package: Path, records: int, dest: Path) -> Path:
     return dest
 
 
-async def _deploy_once(driver: RuntimeDriver, runtime: Runtime, snapshot: ModelSnapshot) -> float:
-    """Seconds from deploy call to healthy endpoint; the deployment is removed afterwards."""
+async def _deploy_once(
+    driver: RuntimeDriver, runtime: Runtime, snapshot: ModelSnapshot, image_seconds: list[float] | None = None
+) -> float:
+    """Seconds from deploy call to healthy endpoint; the deployment is removed afterwards.
+
+    ``image_seconds`` receives the docker driver's image lookup time (``details["image_seconds"]``).
+    """
     deployment_id = f"bench-{runtime.kind.value}-{uuid.uuid4().hex[:8]}"
     started = time.perf_counter()
-    await driver.deploy_online(
+    result = await driver.deploy_online(
         OnlineDeployRequest(deployment_id=deployment_id, snapshot=snapshot, runtime=runtime, stage="DEV"),
         _ignore,
     )
     elapsed = time.perf_counter() - started
+    if image_seconds is not None and "image_seconds" in result.details:
+        image_seconds.append(float(result.details["image_seconds"]))
     await driver.undeploy(UndeployRequest(deployment_id=deployment_id, runtime=runtime))
     return elapsed
 
@@ -171,9 +179,10 @@ async def main() -> None:
         # Interleaved, so a change in machine load during the run hits both kinds alike.
         local_driver = LocalDriver(settings)
         local, dock = KindResult([], [], [], 0), KindResult([], [], [], 0)
+        image_seconds: list[float] = []
         for _ in range(args.runs):
             local.deploy_seconds.append(await _deploy_once(local_driver, local_rt, snapshot))
-            dock.deploy_seconds.append(await _deploy_once(docker_driver, docker_rt, snapshot))
+            dock.deploy_seconds.append(await _deploy_once(docker_driver, docker_rt, snapshot, image_seconds))
         for _ in range(args.batch_runs):
             await _batch_once(local_driver, local_rt, snapshot, input_path, local)
             await _batch_once(docker_driver, docker_rt, snapshot, input_path, dock)
@@ -221,6 +230,9 @@ async def main() -> None:
     print()
     print("deploy samples (s): local", [round(s, 2) for s in local.deploy_seconds])
     print("                    docker", [round(s, 2) for s in dock.deploy_seconds])
+    if image_seconds:
+        print(f"docker image lookup per deploy, median: {statistics.median(image_seconds):.3f} s")
+    print(f"load average at the end: {os.getloadavg()[0]:.1f} ({os.cpu_count()} cores)")
 
 
 if __name__ == "__main__":

@@ -24,13 +24,14 @@ from temporalio.exceptions import ApplicationError
 from temporalio.testing import ActivityEnvironment
 
 from activities.traffic import RETIRE_AFTER, TrafficInventory
-from mlc.contracts.traffic import AuthorizeTrafficInput
+from mlc.contracts.traffic import AuthorizeTrafficInput, RecordTrafficInput
 from mlc.domain import (
     ApprovalGate,
     Decision,
     Deployment,
     DeploymentState,
     DockerSettings,
+    GatewaySettings,
     LifecycleSpec,
     ModelRef,
     ModelSnapshot,
@@ -45,7 +46,7 @@ from mlc.operations import read_status, send_decision, sign_decision
 from mlc.store import deployments, traffic, trail
 from mlc.trust import grants
 from tests.conftest import APPROVER, DOCKER_BASE_IMAGE, Stack, gateway_settings
-from tests.lifecycle_helpers import wait_for_gate
+from tests.lifecycle_helpers import keep_history, wait_for_gate
 
 NO_GRACE = timedelta(0)
 
@@ -196,7 +197,9 @@ async def test_previous_version_stays_warm_for_the_grace(
     prod = spec("PROD", gate_last=False, grace=timedelta(hours=1))
     await (await stack.start(v1, spec=prod)).result()
     (old,) = await deployments.read_deployments(stack.pool, model=v1.model, stage="PROD")
-    await (await stack.start(v2, spec=prod)).result()
+    second = await stack.start(v2, spec=prod)
+    await second.result()
+    await keep_history(second, "ModelLifecycle", "blue_green_promotion")
     (endpoint,) = (await stable_endpoints(stack, v1.model)).values()
     assert await answering_version(endpoint) == v2.version
     standby = await deployments.read_deployment(stack.pool, old.id)
@@ -408,6 +411,21 @@ async def test_hostile_traffic_requests_are_refused(
             assert failure.value.type == "RefusedError", what
         with pytest.raises(ApplicationError, match="serves stage DEV, not SIT"):
             await authorize("local-dev", route(mine), stage="SIT")
+
+        # recording checks the routes again: the table never says more than was allowed
+        with pytest.raises(ApplicationError, match="belongs to another run"):
+            await env.run(
+                activities.record_traffic,
+                RecordTrafficInput(
+                    stage="DEV",
+                    runtime="local-dev",
+                    routes=(route(theirs),),
+                    endpoint="http://x",
+                    cause="hostile",
+                ),
+            )
+        assert await traffic.read_traffic(stack.pool, model=v1.model) == []
+        assert await trail.read_entries(stack.pool, kinds=(trail.TRAFFIC,)) == []
     finally:
         await stop(h1, h2)
 
@@ -443,3 +461,30 @@ async def test_docker_endpoint_unchanged_across_promotions(
         if d.version == v1.version
     ]
     await wait_state(stack, old.id, DeploymentState.RETIRED, timeout=120)
+
+
+# --- the CLI ------------------------------------------------------------------------------
+
+
+async def test_runtime_add_picks_and_keeps_a_gateway_port(stack: Stack) -> None:
+    from mlc.store import runtimes
+    from tests.conftest import ADMIN
+
+    added = await stack.mlc("runtime", "add", "edge-dev", "--stage", "DEV", user=ADMIN)
+    assert added.returncode == 0, added.stderr
+    assert "stable endpoints: http://127.0.0.1:" in added.stdout
+    picked = (await runtimes.read_runtime(stack.pool, "edge-dev")).gateway
+    assert picked is not None and 20000 <= picked.port < 30000
+    port = picked.port + 1 if picked.port < 29999 else picked.port - 1
+    fixed = await stack.mlc(
+        "runtime", "add", "fixed-dev", "--stage", "DEV", "--gateway-port", str(port), user=ADMIN
+    )
+    assert fixed.returncode == 0, fixed.stderr
+    assert (await runtimes.read_runtime(stack.pool, "fixed-dev")).gateway == GatewaySettings(port=port)
+    taken = await stack.mlc(
+        "runtime", "add", "twin-dev", "--stage", "DEV", "--gateway-port", str(port), user=ADMIN
+    )
+    assert taken.returncode != 0 and "another runtime's" in taken.stderr + taken.stdout
+    plain = await stack.mlc("runtime", "add", "plain-dev", "--stage", "DEV", "--no-gateway", user=ADMIN)
+    assert plain.returncode == 0, plain.stderr
+    assert (await runtimes.read_runtime(stack.pool, "plain-dev")).gateway is None

@@ -113,7 +113,9 @@ def render_routes_main(*, runtime: str, paths: NginxPaths, user: str | None) -> 
 # Written by MLC for the gateway of runtime {runtime} (routing tier); rewritten on every
 # traffic change and reloaded gracefully.
 {user_line}daemon off;
-worker_processes auto;
+# one worker per tier: tens of thousands of small requests/s, more than a model server
+# answers, and fewer processes competing with the model servers on a small host
+worker_processes 1;
 worker_shutdown_timeout 120s;
 pid {paths.pid}/routes.pid;
 error_log {paths.logs}/error.log warn;
@@ -178,7 +180,7 @@ def render_edge(*, runtime: str, listen: str, paths: NginxPaths, user: str | Non
     return f"""\
 # Written by MLC for the gateway of runtime {runtime} (edge tier): consumers connect here.
 {user_line}daemon off;
-worker_processes auto;
+worker_processes 1;
 worker_shutdown_timeout 120s;
 pid {paths.pid}/edge.pid;
 error_log {paths.logs}/edge.error.log warn;
@@ -199,7 +201,7 @@ http {{
     proxy_http_version 1.1;
     proxy_buffer_size 16k;
     proxy_buffers 32 16k;
-    proxy_max_temp_file_size 0;
+    proxy_buffering off;
     proxy_read_timeout 300s;
     proxy_send_timeout 300s;
     proxy_next_upstream error timeout non_idempotent;

@@ -16,6 +16,7 @@ helpers that follow no link the model may have planted there.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import shutil
@@ -66,6 +67,9 @@ STOP_TIMEOUT_SECONDS = 10.0
 HEARTBEAT_INTERVAL_SECONDS = 1.0
 LOG_TAIL_LINES = 20
 PROBE_TRIES = 3
+OUTPUT_DRAIN_SECONDS = 5.0
+"""After a batch job exits: how long its summary may take to arrive through a pipe that
+something it left running (as the worker's own user) still holds open."""
 
 STATE_FILE = "deployment.json"
 SERVER_LOG = "server.log"
@@ -456,17 +460,30 @@ async def _run_job(
             stderr=log,
             **isolation.popen_options(user),
         )  # fmt: skip
+    chunks: list[bytes] = []
+
+    async def drain() -> None:
+        assert process.stdout is not None
+        while chunk := await process.stdout.read(1 << 16):
+            chunks.append(chunk)
+
+    reading = asyncio.ensure_future(drain())
     try:
-        communicate = asyncio.ensure_future(process.communicate())
+        exiting = asyncio.ensure_future(process.wait())
         started = time.monotonic()
-        while not communicate.done():
+        while not exiting.done():
             heartbeat(f"batch job for {request.snapshot.ref}: {time.monotonic() - started:.0f} s")
-            await asyncio.wait({communicate}, timeout=HEARTBEAT_INTERVAL_SECONDS)
-        stdout, _ = communicate.result()
+            await asyncio.wait({exiting}, timeout=HEARTBEAT_INTERVAL_SECONDS)
+        # Whatever the job left running (holding its output pipe open) ends with it.
+        await asyncio.to_thread(isolation.kill_user, user)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(reading), timeout=OUTPUT_DRAIN_SECONDS)
     finally:
+        reading.cancel()
         if process.returncode is None:
             process.kill()
             await process.wait()
+    stdout = b"".join(chunks)
     if process.returncode != 0:
         raise DeploymentFailedError(
             f"batch job for {request.snapshot.ref} on runtime {request.runtime.name} "
