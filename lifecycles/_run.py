@@ -377,24 +377,33 @@ class LifecycleRun:
         )
 
     async def _route_one(self, stage: str, runtime: str, routes: tuple[TrafficRoute, ...], cause: str) -> str:
+        """Authorize, apply and record one runtime's routes; a failure fails the run, naming them."""
         target = await self._gateway_runtime(stage, runtime)
-        granted = await self._inventory(
-            tr.AUTHORIZE_TRAFFIC, tr.AuthorizeTrafficInput(stage=stage, runtime=runtime, routes=routes)
-        )
-        applied = await tr.ROUTE_TRAFFIC.execute(
-            RuntimeActionInput(grant=granted.grant), task_queue=target.task_queue
-        )
-        await self._inventory(
-            tr.RECORD_TRAFFIC,
-            tr.RecordTrafficInput(
-                stage=stage,
-                runtime=runtime,
-                routes=routes,
-                endpoint=applied.endpoint,
-                cause=cause,
-                grace=self._grace(stage),
-            ),
-        )
+        try:
+            granted = await self._inventory(
+                tr.AUTHORIZE_TRAFFIC, tr.AuthorizeTrafficInput(stage=stage, runtime=runtime, routes=routes)
+            )
+            applied = await tr.ROUTE_TRAFFIC.execute(
+                RuntimeActionInput(grant=granted.grant), task_queue=target.task_queue
+            )
+            await self._inventory(
+                tr.RECORD_TRAFFIC,
+                tr.RecordTrafficInput(
+                    stage=stage,
+                    runtime=runtime,
+                    routes=routes,
+                    endpoint=applied.endpoint,
+                    cause=cause,
+                    grace=self._grace(stage),
+                ),
+            )
+        except ActivityError as exc:
+            shares = ", ".join(f"v{r.version} {'shadow' if r.shadow else f'{r.weight}%'}" for r in routes)
+            raise LifecycleFailure(
+                f"routing {self.model}'s stable endpoint on runtime {runtime} in {stage} to "
+                f"{shares or 'nothing'} ({cause}) failed: {cause_message(exc)}",
+                kind="TrafficFailed",
+            ) from exc
         return applied.endpoint
 
     def _gated(self, stage: str, deployments: Sequence[Deployment]) -> dict[str, tuple[TrafficRoute, ...]]:

@@ -120,7 +120,12 @@ class Lifecycle:
         return _copy(await _run_of(self).approval(stage))
 
     async def promote(self, stage: str, deployments: Sequence[Deployment]) -> list[Deployment]:
-        """Make ``deployments`` the model's version in ``stage``; returns the retired older ones."""
+        """Make ``deployments`` the model's version in ``stage`` (blue/green).
+
+        On a runtime with a gateway the model's stable endpoint sends all traffic to the new
+        online deployment and the previous versions stay warm for the stage's ``grace``; on
+        one without, the older versions there are retired. Returns the ones retired now.
+        """
         return _copies(await _run_of(self).promote(stage, deployments))
 
     async def rollout(self, stage: str, deployments: Sequence[Deployment]) -> list[Deployment]:

@@ -7,11 +7,22 @@ child with a parent-death signal instead, PostgreSQL gets SIGINT (its "fast shut
 when ``mlc dev`` dies, however it died. A server a previous ``mlc dev`` left behind
 anyway (no such signal on this OS) is found by its ``postmaster.pid`` and reused when it
 is ready, or stopped.
+
+It is not open to anyone who reaches the host: every connection needs a password
+(scram-sha-256, for the socket and TCP alike; ``pg_hba.conf`` is written here), the
+superuser's password is generated once and kept in ``<data dir>.password`` (0600, beside
+the data folder under ``MLC_HOME``) and is part of the URI :meth:`DevPostgres.start`
+returns; the server listens on no TCP address at all, and its unix socket (0700) lies in
+a folder only the server's user may enter (the data folder, or a private one under the
+temporary folder when that path is too long for a socket). A data folder an older
+``mlc dev`` made with trust authentication gets the password on its next start.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
+import secrets
 import signal
 import subprocess
 import tempfile
@@ -19,6 +30,7 @@ import time
 import warnings
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 from mlc import processes
 from mlc.errors import RuntimeUnavailableError
@@ -28,6 +40,13 @@ SYSTEM_USER = "embedded_postgres"
 START_TIMEOUT_SECONDS = 30.0
 STOP_TIMEOUT_SECONDS = 15.0
 POSTGRES_USER = "postgres"
+HBA = """\
+# Written by mlc (mlc/dev_postgres.py) at every start: a password for every connection.
+local all all scram-sha-256
+host all all 127.0.0.1/32 scram-sha-256
+host all all ::1/128 scram-sha-256
+"""
+SERVER_SETTINGS = ("unix_socket_permissions=0700", "password_encryption=scram-sha-256")
 
 
 def _wheel() -> tuple[Path, Any, Any]:
@@ -42,9 +61,11 @@ def _wheel() -> tuple[Path, Any, Any]:
 class DevPostgres:
     """One PostgreSQL server over ``data_dir``, logging to ``log_path``."""
 
-    def __init__(self, data_dir: Path, log_path: Path) -> None:
+    def __init__(self, data_dir: Path, log_path: Path, *, password_file: Path | None = None) -> None:
         self.data_dir = data_dir.resolve()
         self.log_path = log_path
+        self.password_file = password_file or self.data_dir.with_name(f"{self.data_dir.name}.password")
+        """The superuser's password (0600), beside the data folder by default."""
         self.pid: int | None = None
         self.adopted = False
         """True when the server was already running (started by an earlier ``mlc dev``)."""
@@ -61,26 +82,42 @@ class DevPostgres:
         bin_dir, initdb, utils = _wheel()
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self._prepare(bin_dir, utils)
+        had_password = self.password_file.exists()
+        password = self.password()
         if not (self.data_dir / "PG_VERSION").exists():
-            initdb(
-                ["--auth=trust", "--auth-local=trust", "--encoding=utf8", "-U", POSTGRES_USER],
-                pgdata=self.data_dir,
-                user=self._user,
-            )
+            pwfile = self.data_dir.with_name(f".{self.data_dir.name}.initdb-password")
+            self._private_file(pwfile, password)
+            try:
+                initdb(
+                    ["--auth=scram-sha-256", "--encoding=utf8", "-U", POSTGRES_USER, f"--pwfile={pwfile}"],
+                    pgdata=self.data_dir,
+                    user=self._user,
+                )
+            finally:
+                pwfile.unlink(missing_ok=True)
         found = self._running(utils)
         if found is not None:
-            if found.status == "ready":
+            if found.status == "ready" and had_password:
                 self.pid, self.adopted = found.pid, True
-                return str(found.get_uri())
+                return self._uri(found)
             processes.stop(found.pid, signum=signal.SIGINT, timeout=STOP_TIMEOUT_SECONDS, group=False)
         (self.data_dir / "postmaster.pid").unlink(missing_ok=True)  # stale: its process is gone
+        if not had_password:  # made by an older mlc dev, with trust: give it the password now
+            self._set_password(bin_dir, password)
+        self._private_file(self.data_dir / "pg_hba.conf", HBA)
         socket_dir = utils.find_suitable_socket_dir(self.data_dir, Path(tempfile.gettempdir()) / "mlc-pg")
-        if self._user is not None and socket_dir != self.data_dir:
-            utils.ensure_prefix_permissions(socket_dir)
-            socket_dir.chmod(0o777)
+        if socket_dir != self.data_dir:  # a private folder of the server's user, not a shared one
+            digest = hashlib.sha256(str(self.data_dir).encode()).hexdigest()[:16]
+            socket_dir = Path(tempfile.gettempdir()) / f"mlc-pg-{digest}"
+            socket_dir.mkdir(mode=0o700, exist_ok=True)
+            self._own(socket_dir)
+            socket_dir.chmod(0o700)
+        # -h "": no TCP listener at all; the socket is the only way in.
+        args = [str(bin_dir / "postgres"), "-D", str(self.data_dir), "-k", str(socket_dir), "-h", ""]
+        args += [arg for setting in SERVER_SETTINGS for arg in ("-c", setting)]
         with self.log_path.open("ab") as log:
             self._child = processes.spawn(
-                [str(bin_dir / "postgres"), "-D", str(self.data_dir), "-k", str(socket_dir), "-h", ""],
+                args,
                 log=log,
                 die_with_parent=die_with_parent,
                 death_signal=signal.SIGINT,
@@ -90,15 +127,70 @@ class DevPostgres:
         self.pid = self._child.pid
         return self._wait_ready(utils)
 
+    def password(self) -> str:
+        """The superuser's password: read from :attr:`password_file`, made on first use."""
+        try:
+            return self.password_file.read_text().strip()
+        except FileNotFoundError:
+            pass
+        self.password_file.parent.mkdir(parents=True, exist_ok=True)
+        value = secrets.token_urlsafe(32)
+        fd = os.open(self.password_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            fh.write(value + "\n")
+        return value
+
+    def _uri(self, info: Any) -> str:
+        """The server's URI with the superuser's password in it."""
+        uri = str(info.get_uri())
+        return uri.replace(f"{POSTGRES_USER}:@", f"{POSTGRES_USER}:{quote(self.password(), safe='')}@", 1)
+
+    def _own(self, path: Path) -> None:
+        """Give ``path`` to the server's user (as root)."""
+        if self._user is not None:
+            import pwd
+
+            entry = pwd.getpwnam(self._user)
+            os.chown(path, entry.pw_uid, entry.pw_gid, follow_symlinks=False)
+
+    def _private_file(self, path: Path, text: str) -> None:
+        """Write ``path`` (0600), readable by the server's user only."""
+        path.unlink(missing_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            fh.write(text)
+        self._own(path)
+
+    def _set_password(self, bin_dir: Path, password: str) -> None:
+        """Set the superuser's password in single-user mode (no server, no authentication)."""
+        statement = f"ALTER ROLE {POSTGRES_USER} PASSWORD '{password}';\n"  # token_urlsafe: no quote
+        result = subprocess.run(
+            [str(bin_dir / "postgres"), "--single", "-D", str(self.data_dir), POSTGRES_USER],
+            input=statement.encode(),
+            capture_output=True,
+            user=self._user,
+            cwd=self.data_dir,
+            check=False,
+        )
+        if result.returncode != 0:
+            raise RuntimeUnavailableError(
+                f"could not set the password of the embedded PostgreSQL in {self.data_dir}: "
+                f"{result.stderr.decode(errors='replace')[-500:]}"
+            )
+
     def _prepare(self, bin_dir: Path, utils: Any) -> None:
-        """As root: the server's user exists and can read the binaries and own the data."""
+        """As root: the server's user exists, can reach its data folder (traverse only:
+        others can search the parents, not list them) and read the binaries."""
         if self._user is None:
             return
         import pwd
         import stat
 
         utils.ensure_user_exists(self._user)
-        utils.ensure_prefix_permissions(self.data_dir)
+        for parent in self.data_dir.parents:
+            mode = parent.stat().st_mode
+            if not mode & stat.S_IXOTH:
+                parent.chmod(stat.S_IMODE(mode) | stat.S_IXGRP | stat.S_IXOTH)
         utils.ensure_prefix_permissions(bin_dir)
         readable = stat.S_IRGRP | stat.S_IROTH
         utils.ensure_folder_permissions(bin_dir, readable | stat.S_IXGRP | stat.S_IXOTH)
@@ -132,7 +224,7 @@ class DevPostgres:
             except (AssertionError, ValueError):
                 info = None  # being written
             if info is not None and info.pid == self._child.pid and info.status == "ready":
-                return str(info.get_uri())
+                return self._uri(info)
             time.sleep(0.05)
         self.stop()
         raise RuntimeUnavailableError(

@@ -278,7 +278,10 @@ class DevStack:
             "started_at": time.time(),
         }
         tmp = self.settings.home / f".{STATE_FILE}.tmp"
-        tmp.write_text(json.dumps(state, indent=2))
+        tmp.unlink(missing_ok=True)
+        # 0600: the database URL in it carries the embedded PostgreSQL's password.
+        with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as fh:
+            fh.write(json.dumps(state, indent=2))
         tmp.replace(self.settings.home / STATE_FILE)
 
     def stop(self) -> None:

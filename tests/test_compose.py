@@ -513,3 +513,16 @@ def test_lifecycle_worker_runs_uploaded_code_with_nothing_to_steal(profile: str)
     assert svc.get("cap_drop") == ["ALL"]
     assert any("no-new-privileges" in opt for opt in svc.get("security_opt") or [])
     assert not svc.get("group_add") and not svc.get("privileged")
+
+
+def test_lifecycle_worker_shares_a_network_with_temporal_only() -> None:
+    merged = _merged("production")
+    services = merged["services"]
+    networks = {name: set(svc.get("networks") or {"default"}) for name, svc in services.items()}
+    assert networks["lifecycle-worker"] == {"lifecycles"}
+    assert merged["networks"]["lifecycles"].get("internal") is True, "no route out of the host"
+    sharing = sorted(n for n, nets in networks.items() if nets & networks["lifecycle-worker"])
+    assert sharing == ["lifecycle-worker", "temporal"], f"the lifecycle worker reaches {sharing}"
+    for trusted in ("postgres", "worker", "migrate", "temporal-schema", "temporal-init"):
+        assert networks[trusted] & networks["temporal"], f"{trusted} must still reach temporal"
+    assert networks["postgres"] & networks["worker"] & networks["migrate"]

@@ -27,7 +27,7 @@ from activities.runtime import RuntimeActivities
 from activities.runtimes.base import CleanupRequest, OnlineDeployRequest, RuntimeDriver
 from activities.runtimes.docker import DockerDriver
 from activities.runtimes.gateway import DockerGateway, LocalGateway, gateway_root
-from activities.runtimes.gateway_nginx import DEPLOYMENT_HEADER
+from activities.runtimes.gateway_nginx import DEPLOYMENT_HEADER, compare, render_model
 from activities.runtimes.local import LocalDriver
 from mlc import processes
 from mlc.artifacts import ArtifactStore, build_archive
@@ -45,6 +45,7 @@ from mlc.domain import (
 from mlc.errors import NotFoundError, RefusedError
 from mlc.manifest import load_manifest
 from mlc.payloads import RuntimeActionInput
+from mlc.serving.capture import AnswerCapture, read_answers
 from mlc.trust import grants
 
 FIXTURES = Path(__file__).parent / "fixtures" / "models"
@@ -424,3 +425,37 @@ async def test_docker_switches_under_load_and_shadow(
     assert docker_engine.containers.get(f"mlc-gateway-{docker_runtime.name}").status == "running"
     log_line = (gateway_root(docker_settings, docker_runtime) / "logs" / "weak-model.access.log").read_text()
     assert json.loads(log_line.splitlines()[-1])["route"] == v2.deployment_id
+
+
+# --- pure parts: comparisons, captures, configuration ---------------------------------
+
+
+def test_compare_labels_and_scores() -> None:
+    primary = {"a": {"probability": 0.9, "is_fraud": 1}, "b": [{"probability": 0.1, "is_fraud": 0}], "c": {}}
+    shadow = {"a": {"probability": 0.7, "is_fraud": 1}, "b": [{"probability": 0.6, "is_fraud": 1}]}
+    result = compare(primary_id="p", shadow_id="s", primary=primary, shadow=shadow, shadow_errors=2)
+    assert result.pairs == 2  # "c" was never answered by the shadow
+    assert result.agreement_rate == 0.5
+    assert result.max_abs_diff == pytest.approx(0.5)
+    assert result.mean_abs_diff == pytest.approx(0.35)
+    assert result.shadow_errors == 2
+    assert compare(primary_id="p", shadow_id="s", primary={}, shadow={}).agreement_rate is None
+
+
+def test_capture_is_bounded_and_read_back(tmp_path: Path) -> None:
+    capture = AnswerCapture(tmp_path / "mlc-capture.jsonl", max_bytes=200)
+    for i in range(20):
+        capture.record(f"id-{i}", {"probability": i / 100, "is_fraud": 0})
+    capture.record("bad id with spaces", {"x": 1})  # ignored
+    capture.record(None, {"x": 1})  # ignored
+    files = [tmp_path / "mlc-capture.jsonl.1", tmp_path / "mlc-capture.jsonl"]
+    assert all(f.stat().st_size < 400 for f in files)
+    answers = read_answers(b"".join(f.read_bytes() for f in files).splitlines())
+    assert answers["id-19"] == {"probability": 0.19, "is_fraud": 0}
+    assert "id-0" not in answers and "bad id with spaces" not in answers
+
+
+def test_model_config_without_routes_answers_503() -> None:
+    http, server = render_model(runtime="r", model="cc-fraud.v2", backends=[], logs="/logs")
+    assert "upstream" not in http
+    assert "return 503" in server and r"^/models/cc\-fraud\.v2(/.*)$" in server

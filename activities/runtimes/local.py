@@ -469,11 +469,18 @@ async def _run_job(
 
     reading = asyncio.ensure_future(drain())
     try:
-        exiting = asyncio.ensure_future(process.wait())
-        started = time.monotonic()
-        while not exiting.done():
-            heartbeat(f"batch job for {request.snapshot.ref}: {time.monotonic() - started:.0f} s")
-            await asyncio.wait({exiting}, timeout=HEARTBEAT_INTERVAL_SECONDS)
+        # Not process.wait(): it also waits for the pipes, which a process the job left
+        # running may hold open forever.
+        started = noted = time.monotonic()
+        heartbeat(f"batch job for {request.snapshot.ref} started")
+        while process.returncode is None:
+            if time.monotonic() - noted >= HEARTBEAT_INTERVAL_SECONDS:
+                noted = time.monotonic()
+                heartbeat(f"batch job for {request.snapshot.ref}: {noted - started:.0f} s")
+            if reading.done():
+                await asyncio.sleep(0.01)
+            else:
+                await asyncio.wait({reading}, timeout=0.05)
         # Whatever the job left running (holding its output pipe open) ends with it.
         await asyncio.to_thread(isolation.kill_user, user)
         with contextlib.suppress(TimeoutError):
