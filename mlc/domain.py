@@ -55,6 +55,13 @@ class Mode(StrEnum):
     """A long-running consumer scoring a Kafka topic into another (the runtime's ``kafka``)."""
 
 
+class HostingMode(StrEnum):
+    """Whether a runtime's online deployments share a model-server process."""
+
+    SHARED = "shared"
+    DEDICATED = "dedicated"
+
+
 class RuntimeKind(StrEnum):
     """Which driver acts on a runtime."""
 
@@ -244,6 +251,14 @@ class Runtime(Frozen):
     row without a healthy check in between (default 3), then marks it failed; ``always``
     restarts it however often. Docker's own ``docker.restart_policy`` acts first, inside
     the engine; this one also covers containers the engine gave up on or lost."""
+    hosting: HostingMode | None = None
+    """How online deployments map to model-server processes: ``shared`` hosts them in one
+    process per runtime (per-model routes ``/models/<deployment id>/...`` under one port,
+    loaded lazily, evicted under a memory budget; a model whose requirements the shared
+    process does not meet gets its own process), ``dedicated`` gives each its own process
+    (and, when the worker is root, its own user). None: ``shared`` for local runtimes of
+    any stage but PROD, ``dedicated`` otherwise. Models hosted together share one process
+    and one user: a weaker boundary than a process per deployment."""
 
     @field_validator("name")
     @classmethod
@@ -277,6 +292,13 @@ class Runtime(Frozen):
         if name == "always":
             return None
         return int(count) if count else DEFAULT_RESTART_ATTEMPTS
+
+    def shares_hosts(self, stage: str) -> bool:
+        """Whether an online deployment of ``stage`` here joins the runtime's shared model
+        host (see :attr:`hosting`)."""
+        if self.hosting is not None:
+            return self.hosting is HostingMode.SHARED
+        return self.kind is RuntimeKind.LOCAL and "PROD" not in (self.stage.upper(), stage.upper())
 
     def serves(self, *, stage: str, service_tags: tuple[str, ...], mode: Mode) -> bool:
         """True when this runtime takes a snapshot with these tags in ``stage`` and ``mode``."""

@@ -26,6 +26,7 @@ from temporalio.testing import WorkflowEnvironment
 
 from activities.runtimes import driver_for
 from activities.runtimes.base import CleanupRequest
+from activities.runtimes.gateway import remove as stop_gateway
 from mlc import admin
 from mlc.artifacts import ArtifactStore
 from mlc.config import Settings
@@ -321,6 +322,7 @@ async def stack(temporal_env: WorkflowEnvironment, database_url: str, tmp_path: 
     finally:
         for runtime in await runtimes.read_runtimes(pool):
             await driver_for(runtime, the_stack.settings).cleanup(CleanupRequest(runtime=runtime))
+            await stop_gateway(the_stack.settings, runtime)  # its nginx tiers outlive cleanup
         await worker_pool.close()
         await pool.close()
         shutil.rmtree(settings.runtime_dir, ignore_errors=True)

@@ -24,6 +24,7 @@ from activities.runtimes.base import (
     BatchJobRequest,
     CleanupRequest,
     OnlineDeployRequest,
+    ProbeRequest,
     UndeployRequest,
 )
 from activities.runtimes.local import STATE_FILE, LocalDriver
@@ -33,6 +34,7 @@ from mlc.config import Settings
 from mlc.domain import (
     Deployment,
     DeploymentState,
+    HostingMode,
     Mode,
     ModelSnapshot,
     Runtime,
@@ -55,7 +57,8 @@ def settings(tmp_path: Path) -> Settings:
 
 @pytest.fixture
 def runtime() -> Runtime:
-    return Runtime(name="local-sit", stage="SIT")
+    """A process per deployment (these tests are about its pid); see the shared-host tests."""
+    return Runtime(name="local-sit", stage="SIT", hosting=HostingMode.DEDICATED)
 
 
 @pytest.fixture
@@ -385,3 +388,104 @@ class socket_port:
 
     def __exit__(self, *exc: object) -> None:
         self.sock.close()
+
+
+# --- the shared model host (the default of non-PROD local runtimes) --------------------
+
+
+def package_with(tmp_path: Path, name: str, requirements: str) -> Path:
+    """A copy of the weak model with other ``requirements``."""
+    import shutil
+
+    copy = tmp_path / name
+    shutil.copytree(FIXTURES / "weak-model", copy)
+    manifest = copy / "manifest.yaml"
+    lines = [ln for ln in manifest.read_text().splitlines() if not ln.startswith("requirements")]
+    manifest.write_text("\n".join([*lines, f"requirements: {requirements}"]) + "\n")
+    return copy
+
+
+async def test_non_prod_deployments_share_one_host_process(
+    settings: Settings, example_package: Path, tmp_path: Path
+) -> None:
+    runtime = Runtime(name="local-dev", stage="DEV")
+    assert runtime.shares_hosts("DEV") and not Runtime(name="p", stage="PROD").shares_hosts("PROD")
+    driver = LocalDriver(settings)
+    try:
+        first = snapshot_of(settings, example_package)
+        weak = snapshot_of(settings, FIXTURES / "weak-model")
+        endpoint_a, details_a = await deploy(driver, first, runtime, "dep-a")
+        endpoint_b, details_b = await deploy(driver, weak, runtime, "dep-b")
+        port = details_a["port"]
+        assert endpoint_a == f"http://127.0.0.1:{port}/models/dep-a"
+        assert endpoint_b == f"http://127.0.0.1:{port}/models/dep-b"
+        assert details_a["pid"] == details_b["pid"] and details_a["host"]
+        assert await driver.locate(runtime, "dep-b") == endpoint_b
+        sample = load_manifest(example_package).samples[2]
+        async with httpx.AsyncClient() as client:
+            scored = (await client.post(f"{endpoint_a}/score", json=sample.input)).json()
+            health = (await client.get(f"{endpoint_a}/health")).json()
+        assert scored["is_fraud"] == sample.expected["is_fraud"]
+        assert health == {"status": "ok", "model": "cc-fraud", "version": "1", "sha256": first.sha256}
+        probe = await driver.probe(ProbeRequest(deployment_id="dep-a", runtime=runtime))
+        assert probe.healthy and probe.endpoint == endpoint_a
+
+        again, details_again = await deploy(driver, first, runtime, "dep-a")
+        assert (again, details_again["pid"]) == (endpoint_a, details_a["pid"])
+        second = snapshot_of(settings, example_package, version=2).model_copy(update={"sha256": weak.sha256})
+        replaced, _ = await deploy(driver, second, runtime, "dep-a")  # another snapshot, same id
+        async with httpx.AsyncClient() as client:
+            assert (await client.get(f"{replaced}/health")).json()["model"] == "weak-model"
+
+        await driver.undeploy(UndeployRequest(deployment_id="dep-a", runtime=runtime))
+        assert not driver.workdir(runtime, "dep-a").exists()
+        async with httpx.AsyncClient() as client:
+            assert (await client.get(f"{endpoint_a}/health")).status_code == 404
+            assert (await client.get(f"{endpoint_b}/health")).status_code == 200
+        await driver.undeploy(UndeployRequest(deployment_id="dep-b", runtime=runtime))
+        assert not alive(details_a["pid"]), "the host stops with its last deployment"
+        assert list((settings.runtime_dir / runtime.name).iterdir()) == []
+    finally:
+        await driver.cleanup(CleanupRequest(runtime=runtime))
+
+
+async def test_a_dead_host_is_brought_back_on_its_port(settings: Settings) -> None:
+    runtime = Runtime(name="local-dev", stage="DEV")
+    driver = LocalDriver(settings)
+    try:
+        snapshot = snapshot_of(settings, FIXTURES / "weak-model")
+        endpoint, details = await deploy(driver, snapshot, runtime, "dep-host")
+        os.killpg(details["pid"], signal.SIGKILL)
+        probe = await driver.probe(ProbeRequest(deployment_id="dep-host", runtime=runtime))
+        assert not probe.healthy and "shared model host" in probe.detail and "not running" in probe.detail
+        request = OnlineDeployRequest(
+            deployment_id="dep-host", snapshot=snapshot, runtime=runtime, stage="DEV"
+        )
+        restarted = await driver.restart(request, lambda note: None)
+        assert restarted.endpoint == endpoint and restarted.details["pid"] != details["pid"]
+        assert (await driver.probe(ProbeRequest(deployment_id="dep-host", runtime=runtime))).healthy
+    finally:
+        await driver.cleanup(CleanupRequest(runtime=runtime))
+    assert processes_mentioning(str(settings.runtime_dir / runtime.name)) == []
+
+
+async def test_hosted_model_failures_and_refusals(settings: Settings, tmp_path: Path) -> None:
+    runtime = Runtime(name="local-dev", stage="DEV")
+    driver = LocalDriver(settings)
+    try:
+        endpoint, details = await deploy(
+            driver, snapshot_of(settings, FIXTURES / "weak-model"), runtime, "dep-ok"
+        )
+        with pytest.raises(DeploymentFailedError) as caught:
+            await deploy(driver, snapshot_of(settings, FIXTURES / "crash-model"), runtime, "dep-crash")
+        assert "crash-model@1" in str(caught.value) and "init() fails on purpose" in str(caught.value)
+        # a package the host refuses (409: requirements) is given a process of its own
+        odd = snapshot_of(settings, package_with(tmp_path, "odd", '["no-such-package-mlc-test>=1"]'))
+        with pytest.raises(DeploymentFailedError, match="exited during start"):
+            await deploy(driver, odd, runtime, "dep-odd")
+        assert not (settings.runtime_dir / runtime.name / ".host" / "models" / "dep-odd").exists()
+        async with httpx.AsyncClient() as client:
+            assert (await client.get(f"{endpoint}/health")).status_code == 200, "the others serve on"
+        assert alive(details["pid"])
+    finally:
+        await driver.cleanup(CleanupRequest(runtime=runtime))

@@ -23,7 +23,7 @@ from activities.runtimes.local import SERVER_LOG, LocalDriver
 from mlc import isolation
 from mlc.artifacts import ArtifactStore, build_archive
 from mlc.config import Settings
-from mlc.domain import ModelSnapshot, Runtime
+from mlc.domain import HostingMode, ModelSnapshot, Runtime
 from mlc.manifest import load_manifest
 
 SECRET = "platform-key-planted-by-the-test"
@@ -86,7 +86,7 @@ def as_root() -> None:
 
 @pytest.fixture
 async def local(tmp_path: Path, as_root: None) -> AsyncIterator[tuple[LocalDriver, Runtime]]:
-    runtime = Runtime(name="local-sit", stage="SIT")
+    runtime = Runtime(name="local-sit", stage="SIT", hosting=HostingMode.DEDICATED)
     driver = LocalDriver(Settings.from_env(home=tmp_path / "home"))
     yield driver, runtime
     await driver.cleanup(CleanupRequest(runtime=runtime))

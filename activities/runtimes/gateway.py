@@ -62,6 +62,7 @@ from activities.runtimes.gateway_nginx import (
     Backend,
     NginxPaths,
     address_of,
+    endpoint_parts,
     compare,
     parse_log,
     render_edge,
@@ -689,7 +690,8 @@ async def route(
         check_deployment_id(item.deployment_id)
         if item.shadow or item.weight > 0:
             endpoint = await driver.locate(runtime, item.deployment_id)
-            backends.append(Backend(route=item, address=address_of(endpoint)))
+            address, prefix = endpoint_parts(endpoint)
+            backends.append(Backend(route=item, address=address, prefix=prefix))
     gateway = gateway_for(driver.settings, runtime)
     async with gateway.locked():
         started = await gateway.ensure(heartbeat)

@@ -8,7 +8,9 @@ model, so changing one model's routes rewrites only that model's files:
   connections, so the gateway adds little to a request), a ``split_clients`` on the
   random ``$request_id`` choosing among them by weight, and the shadow's log format;
 - ``models/MODEL.conf`` (server context): ``location ~ ^/models/MODEL(/.*)$``, which strips
-  the prefix (the model server gets ``/score``, ``/health``, ``/metrics``), passes the
+  the prefix (the model server gets ``/score``, ``/health``, ``/metrics``, after the
+  deployment's own path prefix when it is hosted in a shared process: a ``map`` on the
+  chosen deployment when there are several), passes the
   request to the chosen deployment with ``X-Request-ID`` and, with a shadow, mirrors it
   to the shadow deployment, both with the capture header that makes the model servers
   record their answers. With no answering route it answers 503 with a JSON message.
@@ -76,6 +78,9 @@ class Backend:
     route: TrafficRoute
     address: str
     """``host:port`` of its model server."""
+    prefix: str = ""
+    """The path before the server's own routes: ``/models/<id>`` for a model in a shared
+    host, empty for a server of its own."""
 
 
 def _q(value: str) -> str:
@@ -92,11 +97,19 @@ def model_key(model: str) -> str:
 
 
 def address_of(endpoint: str) -> str:
-    """``host:port`` of an ``http://host:port`` endpoint as drivers report them."""
-    match = re.fullmatch(r"http://([A-Za-z0-9.\-]+|\[[0-9a-fA-F:]+\]):(\d{1,5})/?", endpoint)
+    """``host:port`` of an ``http://host:port[/prefix]`` endpoint as drivers report them."""
+    return endpoint_parts(endpoint)[0]
+
+
+def endpoint_parts(endpoint: str) -> tuple[str, str]:
+    """``host:port`` and path prefix (``/models/<id>`` in a shared host, else empty) of an
+    endpoint as drivers report them."""
+    match = re.fullmatch(
+        r"http://([A-Za-z0-9.\-]+|\[[0-9a-fA-F:]+\]):(\d{1,5})((?:/[A-Za-z0-9._\-]+)*)/?", endpoint
+    )
     if match is None:
-        raise ValueError(f"endpoint {endpoint!r} is not http://HOST:PORT")
-    return f"{match.group(1)}:{match.group(2)}"
+        raise ValueError(f"endpoint {endpoint!r} is not http://HOST:PORT[/PATH]")
+    return f"{match.group(1)}:{match.group(2)}", match.group(3)
 
 
 def render_routes_main(*, runtime: str, paths: NginxPaths, user: str | None) -> str:
@@ -267,6 +280,10 @@ def render_model(*, runtime: str, model: str, backends: Sequence[Backend], logs:
         lines = [f"    {b.route.weight}% {b.route.deployment_id};\n" for b in answering[:-1]]
         lines.append(f"    * {answering[-1].route.deployment_id};\n")
         http.append(f'split_clients "$request_id" $mlc_split_{key} {{\n{"".join(lines)}}}\n')
+    prefixed = len(answering) > 1 and any(b.prefix for b in answering)
+    if prefixed:  # each deployment's path in its server, for the chosen one
+        lines = [f"    {b.route.deployment_id} {_q(b.prefix)};\n" for b in answering]
+        http.append(f"map $mlc_route $mlc_prefix_{key} {{\n    default '';\n{''.join(lines)}}}\n")
     if shadow is not None:
         fields = _LOG_FIELDS.format(route=shadow.route.deployment_id)
         http.append(f"log_format mlc_mirror_{key} escape=json '{{{fields}}}';\n")
@@ -299,7 +316,8 @@ def render_model(*, runtime: str, model: str, backends: Sequence[Backend], logs:
     )
     if shadow is not None:
         server.append(f"    mirror /_mlc/mirror/{model};\n    mirror_request_body on;\n")
-    server.append("    rewrite ^ $mlc_path break;\n    proxy_pass http://$mlc_route;\n}\n")
+    prefix = f"$mlc_prefix_{key}" if prefixed else answering[0].prefix if len(answering) == 1 else ""
+    server.append(f"    rewrite ^ {prefix}$mlc_path break;\n    proxy_pass http://$mlc_route;\n}}\n")
     if shadow is not None:
         server.append(
             f"location = /_mlc/mirror/{model} {{\n"
@@ -309,7 +327,7 @@ def render_model(*, runtime: str, model: str, backends: Sequence[Backend], logs:
             '    proxy_set_header Connection "";\n'
             "    proxy_set_header X-Request-ID $request_id;\n"
             f'    proxy_set_header {CAPTURE_HEADER} "1";\n'
-            "    rewrite ^ $mlc_path break;\n"
+            f"    rewrite ^ {shadow.prefix}$mlc_path break;\n"
             f"    proxy_pass http://{shadow.route.deployment_id};\n"
             "}\n"
         )

@@ -5,6 +5,20 @@ Each deployment owns ``<runtime_dir>/<runtime>/<deployment id>/``: the unpacked 
 idempotent across activity retries and worker restarts: a live, healthy server found
 there is reused instead of started twice.
 
+Online deployments of runtimes that share hosts (:meth:`mlc.domain.Runtime.shares_hosts`:
+by default every stage but PROD) are served by one model-host process per runtime
+(``python -m mlc.serving serve-many``, :mod:`mlc.serving.multi`), recorded in
+``<runtime_dir>/<runtime>/.host/``: ``host.json`` (pid and port), ``host.log``, and
+``models/`` with a link ``<deployment id>`` to each hosted deployment's package and its
+identity ``<deployment id>.json``. Such a deployment's endpoint is
+``http://127.0.0.1:PORT/models/<deployment id>``; its folder keeps ``deployment.json``
+(``"host": true``) and the package. The host starts on the first deploy (forked from the
+forkserver), is started again on its old port when found dead, and stops when its last
+deployment is removed. A model the host refuses (409: requirements it does not meet)
+gets a dedicated process instead. Models hosted together share one process and, when
+the worker is root, one user (the host's): a crash or a hostile model reaches the other
+models of the same host, which is why PROD keeps a process and a user per deployment.
+
 Model code is untrusted, so its processes get an allow-listed environment (see
 :func:`child_env`): nothing of the worker's database URL, Temporal settings or secrets.
 When the worker is root they also run as the deployment's own unprivileged user, which
@@ -26,6 +40,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import weakref
 from collections import deque
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -60,6 +75,7 @@ from mlc.serving.app import SHA256_ENV, VERSION_ENV
 from mlc.serving.forkserver import TITLE_ROOM, ForkClient
 from mlc.serving.limits import LIMIT_ENVS
 from mlc.serving.microbatch import BATCHING_ENVS
+from mlc.serving.multi import MEMORY_BUDGET_ENV
 
 HOST = "127.0.0.1"
 HEALTH_TIMEOUT_SECONDS = 60.0
@@ -76,8 +92,15 @@ SERVER_LOG = "server.log"
 BATCH_LOG = "batch.log"
 PACKAGE_DIR = "package"
 TMP_DIR = "tmp"
+HOST_DIR = ".host"
+"""The runtime's shared model host, beside its deployment folders (not a deployment id)."""
+HOST_STATE = "host.json"
+HOST_LOG = "host.log"
+MODELS_DIR = "models"
 
-INHERITED_ENV = ("PATH", "LANG", "LANGUAGE", "TZ", "LD_LIBRARY_PATH", *LIMIT_ENVS, *BATCHING_ENVS)
+INHERITED_ENV = (
+    "PATH", "LANG", "LANGUAGE", "TZ", "LD_LIBRARY_PATH", MEMORY_BUDGET_ENV, *LIMIT_ENVS, *BATCHING_ENVS,
+)  # fmt: skip
 """Worker variables a model process may see: locale, time zone, where programs and
 libraries are, and the model server's own limits and batching. ``LC_*`` is passed as well."""
 
@@ -87,6 +110,15 @@ _children: dict[int, subprocess.Popen[bytes]] = {}
 FORKSERVER_ENV = "MLC_LOCAL_FORKSERVER"
 """``0`` turns the forkserver off: every model server is then a fresh interpreter."""
 _forkserver: tuple[subprocess.Popen[bytes], ForkClient] | None = None
+_host_locks: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[str, asyncio.Lock]] = (
+    weakref.WeakKeyDictionary()
+)
+"""Per event loop, one per runtime: deploys and undeploys that start or stop its host take turns."""
+
+
+def _host_lock(runtime: Runtime) -> asyncio.Lock:
+    locks = _host_locks.setdefault(asyncio.get_running_loop(), {})
+    return locks.setdefault(runtime.name, asyncio.Lock())
 
 
 def _fork_client() -> ForkClient | None:
@@ -127,44 +159,76 @@ class LocalDriver(RuntimeDriver):
     """Runs ``python -m mlc.serving`` with this interpreter, bound to 127.0.0.1."""
 
     async def deploy_online(self, request: OnlineDeployRequest, heartbeat: Heartbeat) -> OnlineDeployResult:
-        """Reuse the deployment's live server, or unpack and start one, then wait for health.
+        """Reuse the deployment's live server, or unpack and start one (or join the runtime's
+        shared host), then wait for health.
 
         Raises:
             DeploymentFailedError: the server exited or stayed unhealthy; carries its log tail.
         """
         workdir = self.workdir(request.runtime, request.deployment_id)
-        state = _read_state(workdir)
+        state = self._state(request.runtime, workdir)
         if state is not None:
             if state.get("sha256") == request.snapshot.sha256 and _alive(int(state["pid"])):
                 try:
-                    return await _wait_healthy(request, state, workdir, heartbeat)
+                    if state.get("host"):
+                        hosted = await self._wait_hosted(request, state, workdir, heartbeat)
+                        if hosted is not None:
+                            return hosted
+                    else:
+                        return await _wait_healthy(request, state, workdir, heartbeat)
                 except DeploymentFailedError:
                     pass  # it died or hung since it was recorded (and is stopped now): replace it
-            else:
+            shares = request.runtime.shares_hosts(request.stage)
+            if state.get("host") and not shares:
+                await self._leave_host(request.runtime, workdir, fresh=True)
+            elif not state.get("host"):
                 await _stop(int(state["pid"]))
-        state = await self._launch(request, workdir)
+                if shares:  # into the host: its folder becomes the host user's
+                    await asyncio.to_thread(self._forget_folder, request.runtime, workdir)
+        return await self._deploy(request, workdir, heartbeat)
+
+    async def _deploy(
+        self, request: OnlineDeployRequest, workdir: Path, heartbeat: Heartbeat, *, port: int | None = None
+    ) -> OnlineDeployResult:
+        """Join the runtime's shared host when it shares them and the host takes the model,
+        else start a dedicated server (on ``port`` when free)."""
+        if request.runtime.shares_hosts(request.stage):
+            hosted = await self._deploy_hosted(request, workdir, heartbeat)
+            if hosted is not None:
+                return hosted
+            await self._leave_host(request.runtime, workdir, fresh=True)  # refused: its own process
+        state = await self._launch(request, workdir, port=port)
         return await _wait_healthy(request, state, workdir, heartbeat)
 
     async def restart(self, request: OnlineDeployRequest, heartbeat: Heartbeat) -> OnlineDeployResult:
         """Stop what is left of the deployment's server and start it again, on its old port
-        when that is free, so consumers keep the endpoint they know."""
+        when that is free, so consumers keep the endpoint they know. A hosted deployment
+        brings its host back (on the host's old port) when it is dead."""
         workdir = self.workdir(request.runtime, request.deployment_id)
-        state = _read_state(workdir)
+        state = self._state(request.runtime, workdir)
         port = None
         if state is not None:
-            await _stop(int(state["pid"]))
-            port = int(state["port"])
-        state = await self._launch(request, workdir, port=port)
-        return await _wait_healthy(request, state, workdir, heartbeat)
+            if state.get("host"):
+                if request.runtime.shares_hosts(request.stage):
+                    hosted = await self._deploy_hosted(request, workdir, heartbeat)
+                    if hosted is not None:
+                        return hosted
+                await self._leave_host(request.runtime, workdir, fresh=True)
+            else:
+                await _stop(int(state["pid"]))
+                port = int(state["port"])
+        return await self._deploy(request, workdir, heartbeat, port=port)
 
     async def probe(self, request: ProbeRequest) -> ProbeResult:
-        """The recorded server's process is alive and ``/health`` answers 200 (three tries)."""
+        """The recorded server's process is alive and ``/health`` answers 200 (three tries);
+        for a hosted deployment, the host's process and ``/models/<id>/health``."""
         workdir = self.workdir(request.runtime, request.deployment_id)
-        state = _read_state(workdir)
+        state = self._state(request.runtime, workdir)
         if state is None:
             return ProbeResult(healthy=False, detail=f"no model server is recorded in {workdir}")
-        pid, endpoint = int(state["pid"]), f"http://{HOST}:{int(state['port'])}"
-        log = workdir / SERVER_LOG
+        pid, endpoint = int(state["pid"]), _endpoint(state)
+        log = self._host_dir(request.runtime) / HOST_LOG if state.get("host") else workdir / SERVER_LOG
+        what = "the shared model host" if state.get("host") else "the model server"
         answer = "no answer"
         if _alive(pid):
             async with httpx.AsyncClient(timeout=2.0, trust_env=False) as client:
@@ -179,11 +243,242 @@ class LocalDriver(RuntimeDriver):
                     await asyncio.sleep(0.5)
         running = _alive(pid)  # again: it may have been dying while we asked
         detail = (
-            f"the model server (pid {pid}) runs but {endpoint}/health gave {answer}"
+            f"{what} (pid {pid}) runs but {endpoint}/health gave {answer}"
             if running
-            else f"the model server (pid {pid}) is not running{_exit_code(pid)}"
+            else f"{what} (pid {pid}) is not running{_exit_code(pid)}"
         )
         return ProbeResult(healthy=False, detail=detail, log_tail=_tail(log), endpoint=endpoint)
+
+    # --- the runtime's shared model host ---------------------------------------------
+
+    def _host_dir(self, runtime: Runtime) -> Path:
+        return (self.settings.runtime_dir / runtime.name).resolve() / HOST_DIR
+
+    def _state(self, runtime: Runtime, workdir: Path) -> dict[str, Any] | None:
+        """The deployment's record; a hosted one with its host's current pid and port."""
+        state = _read_state(workdir)
+        if state is not None and state.get("host"):
+            host = _read_state(self._host_dir(runtime), HOST_STATE)
+            if host is not None:
+                state = {**state, "pid": host["pid"], "port": host["port"]}
+        return state
+
+    async def _deploy_hosted(
+        self, request: OnlineDeployRequest, workdir: Path, heartbeat: Heartbeat
+    ) -> OnlineDeployResult | None:
+        """Put the deployment into the runtime's host (starting it when needed) and wait
+        until it answers; None when the host refuses the model (it needs its own process)."""
+        runtime = request.runtime
+        async with _host_lock(runtime):
+            user = await asyncio.to_thread(self._prepare_host, runtime)
+            await asyncio.to_thread(self._prepare_hosted, request, workdir, user)
+            host = await self._ensure_host(runtime, user, heartbeat)
+        state = {
+            "pid": host["pid"],
+            "port": host["port"],
+            "path": f"/{MODELS_DIR}/{request.deployment_id}",
+            "host": True,
+            "sha256": request.snapshot.sha256,
+            "model": str(request.snapshot.ref),
+            "started_at": time.time(),
+        }
+        isolation.write_file(workdir / STATE_FILE, json.dumps(state))
+        return await self._wait_hosted(request, state, workdir, heartbeat)
+
+    def _prepare_host(self, runtime: Runtime) -> ModelUser | None:
+        """The host's folder (its user's, 0700) with ``tmp`` and ``models``; return its user.
+
+        As root the host gets one user of its own, like a deployment, which owns every
+        hosted deployment's folder; it reaches the runtime's folder (where they are)."""
+        host_dir = self._host_dir(runtime)
+        user = self.model_user(runtime, host_dir)
+        if user is not None:
+            self.settings.runtime_dir.mkdir(parents=True, exist_ok=True)
+            isolation.lock_home(self.settings.home, self.settings.runtime_dir)
+            python = (sys.prefix, sys.base_prefix, Path(sys.executable).resolve().parent)
+            user = replace(user, reach=tuple(str(p) for p in (*python, _project_root(), host_dir.parent)))
+        isolation.prepare_folder(host_dir, user)
+        isolation.private_folder(host_dir / TMP_DIR, user)
+        isolation.private_folder(host_dir / MODELS_DIR, user)
+        return user
+
+    def _prepare_hosted(self, request: OnlineDeployRequest, workdir: Path, user: ModelUser | None) -> None:
+        """The deployment's folder (the host user's), its package unpacked afresh when it is
+        another snapshot, and its link and identity in the host's ``models``."""
+        models = self._host_dir(request.runtime) / MODELS_DIR
+        link = models / request.deployment_id
+        isolation.clear_for_root(link)  # the host notices the model is gone
+        isolation.prepare_folder(workdir, user)
+        isolation.private_folder(workdir / TMP_DIR, user)
+        package = workdir / PACKAGE_DIR
+        if user is not None:
+            isolation.clear_for_root(package)
+        marker = package / ".mlc-sha256"
+        if package.is_dir() and not (marker.is_file() and marker.read_text() == request.snapshot.sha256):
+            shutil.rmtree(package)  # new files: the host loads the new package, not its cached model
+        self._unpack(request.snapshot, workdir)
+        identity = {"version": str(request.snapshot.version), "sha256": request.snapshot.sha256}
+        isolation.clear_for_root(models / f"{request.deployment_id}.json")
+        isolation.write_file(models / f"{request.deployment_id}.json", json.dumps(identity), mode=0o644)
+        os.symlink(package, link)
+
+    async def _ensure_host(
+        self, runtime: Runtime, user: ModelUser | None, heartbeat: Heartbeat
+    ) -> dict[str, Any]:
+        """The live host's record, after starting it (on its old port when free) if needed.
+
+        Raises:
+            DeploymentFailedError: it exited or did not answer ``/health``; carries its log tail.
+        """
+        host_dir = self._host_dir(runtime)
+        state = _read_state(host_dir, HOST_STATE)
+        if state is not None and _alive(int(state["pid"])):
+            return state
+        old = None if state is None else int(state["port"])
+        port = old if old is not None and _port_free(old) else _free_port()
+        env = _host_env(host_dir)
+        argv = [
+            "serve-many", "--models-dir", str(host_dir / MODELS_DIR), "--host", HOST, "--port", str(port),
+        ]  # fmt: skip
+        pid = self._start_process(argv, cwd=host_dir, env=env, log=host_dir / HOST_LOG, user=user)
+        state = {"pid": pid, "port": port, "started_at": time.time()}
+        isolation.write_file(host_dir / HOST_STATE, json.dumps(state))
+        endpoint = f"http://{HOST}:{port}"
+        deadline = time.monotonic() + HEALTH_TIMEOUT_SECONDS
+        async with httpx.AsyncClient(timeout=2.0, trust_env=False) as client:
+            while True:
+                if not _alive(pid):
+                    log = host_dir / HOST_LOG
+                    raise DeploymentFailedError(
+                        f"the shared model host of runtime {runtime.name} exited during start"
+                        f"{_exit_code(pid)}; last lines of {log}:\n{_tail(log)}"
+                    )
+                with contextlib.suppress(httpx.TransportError):
+                    if (await client.get(f"{endpoint}/health")).status_code == 200:
+                        return state
+                if time.monotonic() > deadline:
+                    await _stop(pid)
+                    raise DeploymentFailedError(
+                        f"the shared model host of runtime {runtime.name} did not answer {endpoint}/health "
+                        f"within {HEALTH_TIMEOUT_SECONDS:.0f} s and was stopped; last lines of "
+                        f"{host_dir / HOST_LOG}:\n{_tail(host_dir / HOST_LOG)}"
+                    )
+                heartbeat(f"waiting for the shared model host at {endpoint}")
+                await asyncio.sleep(0.02)
+
+    async def _wait_hosted(
+        self, request: OnlineDeployRequest, state: dict[str, Any], workdir: Path, heartbeat: Heartbeat
+    ) -> OnlineDeployResult | None:
+        """Poll the hosted model's ``/health`` (its first request loads it) until it answers
+        200; None on 409 (the host does not meet its requirements).
+
+        Raises:
+            DeploymentFailedError: the model failed to load, or the host died or hung; the
+                model is taken out of the host.
+        """
+        pid, endpoint = int(state["pid"]), _endpoint(state)
+        log = self._host_dir(request.runtime) / HOST_LOG
+        where = (
+            f"model {request.snapshot.ref} (deployment {request.deployment_id}, runtime "
+            f"{request.runtime.name}) in the runtime's shared model host (pid {pid})"
+        )
+        deadline = time.monotonic() + HEALTH_TIMEOUT_SECONDS
+        problem = None
+        async with httpx.AsyncClient(timeout=HEALTH_TIMEOUT_SECONDS, trust_env=False) as client:
+            while problem is None:
+                if not _alive(pid):
+                    problem = f"{where}: the host exited{_exit_code(pid)}"
+                    break
+                try:
+                    response = await client.get(f"{endpoint}/health")
+                    if response.status_code == 200:
+                        return OnlineDeployResult(
+                            endpoint=endpoint,
+                            details={"pid": pid, "port": int(state["port"]), "log": str(log), "host": True},
+                        )
+                    if response.status_code == 409:
+                        return None
+                    if response.status_code != 404:
+                        problem = f"{where} could not be loaded: {_error_of(response)}"
+                except httpx.TransportError:
+                    pass
+                if time.monotonic() > deadline:
+                    problem = (
+                        f"{where} did not become healthy at {endpoint} within {HEALTH_TIMEOUT_SECONDS:.0f} s"
+                    )
+                heartbeat(f"waiting for {endpoint}/health")
+                await asyncio.sleep(0.02)
+        await self._leave_host(request.runtime, workdir, fresh=False)
+        raise DeploymentFailedError(f"{problem}; last lines of {log}:\n{_tail(log)}")
+
+    async def _leave_host(self, runtime: Runtime, workdir: Path, *, fresh: bool) -> None:
+        """Take the deployment out of the runtime's host (its link and identity); with
+        ``fresh`` also its folder, which belongs to the host's user. Stops the host when
+        it hosts nothing any more."""
+        models = self._host_dir(runtime) / MODELS_DIR
+        for path in (models / workdir.name, models / f"{workdir.name}.json"):
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+        if fresh:
+            await asyncio.to_thread(self._forget_folder, runtime, workdir)
+        await self._release_host(runtime)
+
+    def _forget_folder(self, runtime: Runtime, workdir: Path) -> None:
+        """Remove the deployment's folder, first killing what its user still runs unless
+        that user is the host's (the other hosted models live on)."""
+        user = isolation.user_of(workdir)
+        if user is not None and user != isolation.user_of(self._host_dir(runtime)):
+            isolation.kill_user(user)
+        shutil.rmtree(workdir, True)
+
+    async def _release_host(self, runtime: Runtime) -> None:
+        """Stop the runtime's host and remove its folder when no deployment is linked in it,
+        else ask its ``/health`` so it unloads the models whose link is gone."""
+        host_dir = self._host_dir(runtime)
+        async with _host_lock(runtime):
+            state = _read_state(host_dir, HOST_STATE)
+            models = host_dir / MODELS_DIR
+            if models.is_dir() and any(p.is_symlink() for p in models.iterdir()):
+                if state is not None and _alive(int(state["pid"])):
+                    with contextlib.suppress(httpx.HTTPError):
+                        async with httpx.AsyncClient(timeout=2.0, trust_env=False) as client:
+                            await client.get(f"http://{HOST}:{int(state['port'])}/health")
+                return
+            if state is not None:
+                await _stop(int(state["pid"]))
+            if host_dir.is_dir():
+                await asyncio.to_thread(isolation.kill_user, isolation.user_of(host_dir))
+                await asyncio.to_thread(shutil.rmtree, host_dir, True)
+
+    def _start_process(
+        self, argv: list[str], *, cwd: Path, env: dict[str, str], log: Path, user: ModelUser | None
+    ) -> int:
+        """Run ``python -m mlc.serving ARGV`` detached (as ``user``): forked from the warm
+        forkserver when it is ready, else spawned. Returns its pid."""
+        forks = _fork_client()
+        pid = None
+        if forks is not None:  # a warm fork: no interpreter start, server and libraries imported
+            pid = forks.fork(
+                argv,
+                cwd=cwd,
+                env=env,
+                log=log,
+                die_with_parent=self.settings.servers_die_with_worker,
+                user=None if user is None else asdict(user),
+            )
+        if pid is None:
+            with isolation.open_log(log, user) as handle:
+                process = isolation.spawn(
+                    [sys.executable, "-m", "mlc.serving", *argv],
+                    log=handle,
+                    user=user,
+                    die_with_parent=self.settings.servers_die_with_worker,
+                    cwd=cwd,
+                    env=env,
+                )
+            _children[process.pid] = process
+            pid = process.pid
+        return pid
 
     async def _launch(
         self, request: OnlineDeployRequest, workdir: Path, *, port: int | None = None
@@ -204,34 +499,9 @@ class LocalDriver(RuntimeDriver):
     ) -> dict[str, Any]:
         """Start a detached server on ``port`` (if still free) or a free port, and record it."""
         port = port if port is not None and _port_free(port) else _free_port()
-        command = [
-            sys.executable, "-m", "mlc.serving", "serve",
-            "--package", str(package), "--host", HOST, "--port", str(port),
-        ]  # fmt: skip
+        argv = ["serve", "--package", str(package), "--host", HOST, "--port", str(port)]
         env = child_env(request.snapshot, workdir)
-        forks = _fork_client()
-        pid = None
-        if forks is not None:  # a warm fork: no interpreter start, server and libraries imported
-            pid = forks.fork(
-                command[3:],
-                cwd=workdir,
-                env=env,
-                log=workdir / SERVER_LOG,
-                die_with_parent=self.settings.servers_die_with_worker,
-                user=None if user is None else asdict(user),
-            )
-        if pid is None:
-            with isolation.open_log(workdir / SERVER_LOG, user) as log:
-                process = isolation.spawn(
-                    command,
-                    log=log,
-                    user=user,
-                    die_with_parent=self.settings.servers_die_with_worker,
-                    cwd=workdir,
-                    env=env,
-                )
-            _children[process.pid] = process
-            pid = process.pid
+        pid = self._start_process(argv, cwd=workdir, env=env, log=workdir / SERVER_LOG, user=user)
         state = {
             "pid": pid,
             "port": port,
@@ -314,13 +584,14 @@ class LocalDriver(RuntimeDriver):
         )
 
     async def locate(self, runtime: Runtime, deployment_id: str) -> str:
-        """The endpoint of the deployment's live server, from its ``deployment.json``."""
-        state = _read_state(self.workdir(runtime, deployment_id))
+        """The endpoint of the deployment's live server, from its ``deployment.json``
+        (``http://127.0.0.1:PORT/models/<id>`` for a deployment in the shared host)."""
+        state = self._state(runtime, self.workdir(runtime, deployment_id))
         if state is None or not _alive(int(state["pid"])):
             raise NotFoundError(
                 f"deployment {deployment_id} has no live model server on runtime {runtime.name}"
             )
-        return f"http://{HOST}:{int(state['port'])}"
+        return _endpoint(state)
 
     async def deploy_streaming(
         self, request: StreamingDeployRequest, heartbeat: Heartbeat
@@ -336,12 +607,11 @@ class LocalDriver(RuntimeDriver):
 
         workdir = self.workdir(request.runtime, request.deployment_id)
         state = _read_state(workdir)
-        if state is not None:
+        if state is not None and not state.get("host"):
             await _stop(int(state["pid"]))
         await streaming.stop_local(workdir)
-        await asyncio.to_thread(isolation.kill_user, isolation.user_of(workdir))
         await streaming.drop_test_topics(request.runtime, request.deployment_id)
-        await asyncio.to_thread(shutil.rmtree, workdir, True)
+        await self._leave_host(request.runtime, workdir, fresh=True)
 
     async def stop_servers(self, runtime: Runtime) -> list[str]:
         """Stop every model server of ``runtime``, keeping folders and records; return the
@@ -350,9 +620,9 @@ class LocalDriver(RuntimeDriver):
         root = self.settings.runtime_dir / runtime.name
         stopped = []
         for path in sorted(root.glob(f"*/{STATE_FILE}")) if root.is_dir() else []:
-            state = _read_state(path.parent)
-            if state is not None and _alive(int(state["pid"])):
-                await _stop(int(state["pid"]))
+            state = self._state(runtime, path.parent)
+            if state is not None and (state.get("host") or _alive(int(state["pid"]))):
+                await _stop(int(state["pid"]))  # a hosted one: its host (once)
                 stopped.append(path.parent.name)
         return stopped
 
@@ -361,12 +631,13 @@ class LocalDriver(RuntimeDriver):
         root = self.settings.runtime_dir / request.runtime.name
         keep = set(request.keep)
         orphans = (
-            sorted(p.name for p in root.iterdir() if p.is_dir() and p.name not in keep)
+            sorted(p.name for p in root.iterdir() if p.is_dir() and p.name not in keep and p.name != HOST_DIR)
             if root.is_dir()
             else []
         )
         for deployment_id in orphans:
             await self.undeploy(UndeployRequest(deployment_id=deployment_id, runtime=request.runtime))
+        await self._release_host(request.runtime)  # a host left hosting nothing goes too
         return CleanupResult(removed=tuple(orphans))
 
 
@@ -396,6 +667,30 @@ def child_env(snapshot: ModelSnapshot, workdir: Path) -> dict[str, str]:
         }
     )
     return env
+
+
+def _host_env(host_dir: Path) -> dict[str, str]:
+    """The shared host's environment: :func:`child_env`'s allow-list with ``HOME`` and
+    ``TMPDIR`` in the host's folder and no snapshot identity (each model has its own)."""
+    tmp = host_dir / TMP_DIR
+    env = {
+        name: value for name, value in os.environ.items() if name in INHERITED_ENV or name.startswith("LC_")
+    }
+    env.setdefault("PATH", os.defpath)
+    env.update({"HOME": str(host_dir), "TMPDIR": str(tmp), "PYTHONPATH": str(_project_root())})
+    return env
+
+
+def _endpoint(state: dict[str, Any]) -> str:
+    """A recorded server's endpoint: its port, and the model's path in a shared host."""
+    return f"http://{HOST}:{int(state['port'])}{state.get('path', '')}"
+
+
+def _error_of(response: httpx.Response) -> str:
+    """The ``error`` of a model server's JSON answer, else its status and text."""
+    with contextlib.suppress(ValueError, AttributeError):
+        return str(response.json()["error"])
+    return f"HTTP {response.status_code} {response.text[:500]}"
 
 
 def _project_root() -> Path:
@@ -546,10 +841,11 @@ async def _wait_healthy(
             await asyncio.sleep(0.05)
 
 
-def _read_state(workdir: Path) -> dict[str, Any] | None:
-    """The runtime's record of the deployment, if this process's user wrote it (the model's
-    user owns the folder and could leave a record of its own there)."""
-    text = isolation.read_own_file(workdir / STATE_FILE)
+def _read_state(workdir: Path, name: str = STATE_FILE) -> dict[str, Any] | None:
+    """The runtime's record of the deployment (or, with ``HOST_STATE``, of the host), if
+    this process's user wrote it (the model's user owns the folder and could leave a record
+    of its own there)."""
+    text = isolation.read_own_file(workdir / name)
     try:
         state = json.loads(text) if text is not None else None
     except json.JSONDecodeError:

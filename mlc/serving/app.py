@@ -69,7 +69,16 @@ def _error(status: int, message: str, details: list[Problem] | None = None) -> J
 class _ScoringService:
     """Request handlers bound to one loaded model."""
 
-    def __init__(self, model: LoadedModel, *, limits: ServingLimits, batching: BatchPolicy) -> None:
+    def __init__(
+        self,
+        model: LoadedModel,
+        *,
+        limits: ServingLimits,
+        batching: BatchPolicy,
+        identity: tuple[str | None, str | None] | None = None,
+    ) -> None:
+        """Bind the handlers to ``model``; ``identity`` is its (version, sha256), else the
+        ``MLC_MODEL_VERSION`` and ``MLC_SNAPSHOT_SHA256`` variables (one model per process)."""
         self.model = model
         self.limits = limits
         self.max_batch = limits.max_records
@@ -79,8 +88,9 @@ class _ScoringService:
         self.capture = AnswerCapture(capture_path())
         """Answers to requests the gateway marks with ``X-MLC-Capture`` (shadow comparisons)."""
         manifest = model.manifest
-        version = os.environ.get(VERSION_ENV) or None
-        sha256 = os.environ.get(SHA256_ENV) or None
+        if identity is None:
+            identity = (os.environ.get(VERSION_ENV) or None, os.environ.get(SHA256_ENV) or None)
+        version, sha256 = identity
         self.health_body = orjson.dumps(
             {"status": "ok", "model": manifest.name, "version": version, "sha256": sha256}
         )

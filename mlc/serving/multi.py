@@ -8,8 +8,13 @@ model's own objects:
   deployment by unpacking it there and removes it by deleting the folder; no admin API
   on the scoring port). Routes are ``/models/{id}/health``, ``/metadata``, ``/score`` and
   ``/metrics``, with the single-model server's semantics and limits;
-* a model is loaded on its first request (in a thread, once, however many requests race)
-  and unloaded when its folder goes away;
+* a model is loaded on its first request (in a thread, once, however many requests race),
+  unloaded when its folder goes away (noticed by its next request, the next load or the
+  next process ``/health``) and loaded again when its package is replaced (its
+  ``manifest.yaml`` changed: another inode or ctime);
+* an optional ``<id>.json`` beside the package, ``{"version": ..., "sha256": ...}``, is
+  the identity the model's ``/health`` and ``/metadata`` report (one process serves many
+  snapshots, so the single-model server's environment variables cannot say it);
 * after each load, least recently used models are unloaded while the process's resident
   memory is over ``memory_budget_mb`` (the newest stays). Python keeps freed memory for
   reuse, so the budget bounds growth rather than shrinking the process at once;
@@ -23,7 +28,9 @@ name with other packages; give such models their own process.
 
 from __future__ import annotations
 
+import contextlib
 import gc
+import json
 import os
 import threading
 import time
@@ -62,6 +69,8 @@ def resident_mb() -> float:
 class _Hosted:
     service: _ScoringService | None = None
     failure: str | None = None
+    stamp: tuple[int, int, int] | None = None
+    """``manifest.yaml``'s (device, inode, ctime) when loaded: a new package is a new stamp."""
     last_used: float = 0.0
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -92,10 +101,16 @@ class ModelHost:
     async def service(self, model_id: str) -> _ScoringService | Response:
         """The loaded model ``model_id``, or the 404/409/500 response saying why there is none."""
         package = self.models_dir / model_id
-        if "/" in model_id or model_id.startswith(".") or not (package / "manifest.yaml").is_file():
+        stamp = None if "/" in model_id or model_id.startswith(".") else _stamp(package)
+        if stamp is None:
             self._unload(model_id)
             return _error(404, f"no model {model_id!r} on this host")
-        hosted = self._models.setdefault(model_id, _Hosted())
+        hosted = self._models.get(model_id)
+        if hosted is not None and hosted.stamp != stamp:  # replaced by another package
+            self._unload(model_id)
+            hosted = None
+        if hosted is None:
+            hosted = self._models.setdefault(model_id, _Hosted(stamp=stamp))
         hosted.last_used = time.monotonic()
         if hosted.service is None and hosted.failure is None:
             await run_in_threadpool(self._load, model_id, hosted, package)
@@ -110,6 +125,7 @@ class ModelHost:
             if hosted.service is not None or hosted.failure is not None:
                 return
             try:
+                identity = _identity(self.models_dir / f"{model_id}.json")
                 model = load_model(package)
             except InvalidPackageError as exc:
                 hosted.failure = f"409 {exc}; it needs a model server of its own"
@@ -117,8 +133,17 @@ class ModelHost:
             except MLCError as exc:
                 hosted.failure = str(exc)
                 return
-            hosted.service = _ScoringService(model, limits=self.limits, batching=self.batching)
+            hosted.service = _ScoringService(
+                model, limits=self.limits, batching=self.batching, identity=identity
+            )
+        self.sweep()
         self._evict(keep=model_id)
+
+    def sweep(self) -> None:
+        """Unload the models whose package was removed."""
+        for model_id in list(self._models):
+            if _stamp(self.models_dir / model_id) is None:
+                self._unload(model_id)
 
     def _evict(self, *, keep: str) -> None:
         for model_id in self.loaded():
@@ -134,6 +159,27 @@ class ModelHost:
                 hosted.service.batcher.close()
             hosted.service = None
             gc.collect()
+
+
+def _stamp(package: Path) -> tuple[int, int, int] | None:
+    """(device, inode, ctime) of the package's ``manifest.yaml``; None when there is none."""
+    try:
+        info = os.stat(package / "manifest.yaml")
+    except OSError:
+        return None
+    return (info.st_dev, info.st_ino, info.st_ctime_ns)
+
+
+def _identity(path: Path) -> tuple[str | None, str | None] | None:
+    """(version, sha256) from the ``<id>.json`` the runtime wrote, if any."""
+    with contextlib.suppress(OSError, ValueError):
+        data = json.loads(path.read_text())
+        if isinstance(data, dict):
+            return (
+                None if data.get("version") is None else str(data["version"]),
+                None if data.get("sha256") is None else str(data["sha256"]),
+            )
+    return None
 
 
 def _error(status: int, message: str) -> Response:
@@ -153,6 +199,7 @@ def create_host_app(host: ModelHost) -> Starlette:
         return endpoint
 
     async def health(request: Request) -> Response:
+        host.sweep()
         loaded = len(host.loaded())
         return JSONResponse({"status": "ok", "loaded": loaded, "resident_mb": round(resident_mb())})
 
