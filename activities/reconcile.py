@@ -52,6 +52,7 @@ from mlc.domain import Deployment, DeploymentState, Mode, ModelSnapshot, Runtime
 from mlc.errors import DeploymentFailedError, RefusedError
 from mlc.store import audit, deployments, runs, traffic, trail
 from mlc.store.governance import GovernanceCache
+from mlc.traffic import TrafficTable
 from mlc.trust import grants
 from mlc.trust.governance import Governance
 from mlc.trust.statements import Envelope
@@ -100,6 +101,7 @@ class ReconcileInventory:
         ]
         retired = await self._retire_due(runtime, watched, caller)
         watched = [d for d in watched if d.id not in {r.id for r in retired}]
+        tables = await self._routable(runtime, {d.id for d in watched})
         return Plan(
             runtime=runtime,
             probes=tuple(self._grant("probe", d, runtime, caller) for d in watched),
@@ -107,6 +109,41 @@ class ReconcileInventory:
             restarting=tuple(d.id for d in watched if d.details.get(RESTARTS)),
             retire=tuple(self._grant("undeploy", d, runtime, caller) for d in retired),
             retired=tuple(d.id for d in retired),
+            routes=tuple(self._route_grant(t, runtime, caller) for t in tables),
+            routed=tuple(t.model for t in tables),
+        )
+
+    async def _routable(self, runtime: Runtime, serving: set[str]) -> list[TrafficTable]:
+        """The runtime's recorded stable endpoints whose routes all name serving deployments.
+
+        An endpoint routed to something no longer serving is left as it is: the gateway
+        keeps answering from what is up, and the lifecycle or a rollback moves it.
+        """
+        if runtime.gateway is None:
+            return []
+        return [
+            t
+            for t in await traffic.read_traffic(self.pool, runtime=runtime.name)
+            if t.routes and t.routed_ids <= serving
+        ]
+
+    def _route_grant(self, table: TrafficTable, runtime: Runtime, caller: CallingRun) -> Envelope:
+        answering = [r for r in table.routes if not r.shadow]
+        primary = max(answering, key=lambda r: r.weight) if answering else table.routes[0]
+        return grants.issue(
+            self._platform_key,
+            grants.RuntimeGrant(
+                action="route_traffic",
+                deployment_id=primary.deployment_id,
+                runtime=runtime,
+                stage=table.stage,
+                mode=Mode.ONLINE,
+                model=table.model,
+                routes=table.routes,
+                workflow_id=caller.workflow_id,
+                run_id=caller.run_id,
+                expires_at=datetime.now(UTC) + grants.GRANT_LIFETIME,
+            ),
         )
 
     async def _retire_due(

@@ -10,18 +10,26 @@ data already in memory: ``score_columns`` on numpy columns and ``score_batch`` o
 The record engine (orjson line by line; what runs where pyarrow is absent) is timed
 in-process for comparison.
 
+With ``--runtime``, each input format is also scored through the local runtime's driver
+(``LocalDriver.run_batch``, what a lifecycle's batch stage calls; its output is JSON lines),
+end to end: deployment folder, unpack, job, clean-up. Jobs forked from the warm forkserver
+(the default) and spawned as fresh interpreters (``MLC_LOCAL_FORKSERVER=0``) alternate.
+
     .venv/bin/python bench/bench_batch.py --records 1000000
+    .venv/bin/python bench/bench_batch.py --records 1000000 --runs 2 --runtime
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import os
 import subprocess
 import sys
 import tempfile
 import time
+import uuid
 from pathlib import Path
 
 import numpy as np
@@ -92,11 +100,66 @@ def run_job(package: Path, source: Path, target: Path) -> tuple[float, dict[str,
     return wall, summary
 
 
+async def through_runtime(package: Path, inputs: dict[str, Path], work: Path, count: int, runs: int) -> None:
+    """``LocalDriver.run_batch`` per input format, forked and spawned, alternating; print both."""
+    from activities.runtimes.base import BatchJobRequest
+    from activities.runtimes.local import FORKSERVER_ENV, LocalDriver, _fork_client
+    from mlc.artifacts import ArtifactStore, build_archive
+    from mlc.config import Settings
+    from mlc.domain import ModelSnapshot, Runtime
+    from mlc.manifest import load_manifest
+
+    work.chmod(0o755)  # inputs readable by the job's user: no copy into its folder
+    settings = Settings.from_env(home=work / "home")
+    manifest = load_manifest(package)
+    snapshot = ModelSnapshot(
+        model=manifest.name,
+        version=1,
+        sha256=ArtifactStore(settings.artifact_dir).put(build_archive(package)),
+        service_tags=manifest.service_tags,
+        entry_module=manifest.entry_module,
+        requirements=manifest.requirements,
+    )
+    driver, runtime = LocalDriver(settings), Runtime(name="bench-batch", stage="DEV")
+    _fork_client()  # starts it in the background
+    for _ in range(600):
+        if _fork_client() is not None:
+            break
+        await asyncio.sleep(0.05)
+    print(f"through the local runtime (run_batch, output JSON lines), best of {runs}:")
+    print(f"{'input':<10} {'forked rec/s':>18} {'spawned rec/s':>19} {'forked s':>9} {'spawned s':>10}")
+    for source in ("jsonl", "parquet", "csv"):
+        best = {"1": float("inf"), "0": float("inf")}
+        for _ in range(runs):
+            for mode in ("1", "0"):
+                os.environ[FORKSERVER_ENV] = mode
+                started = time.perf_counter()
+                result = await driver.run_batch(
+                    BatchJobRequest(
+                        deployment_id=f"bench-batch-{uuid.uuid4().hex[:8]}",
+                        snapshot=snapshot,
+                        runtime=runtime,
+                        stage="DEV",
+                        input_path=str(inputs[source]),
+                    ),
+                    lambda note: None,
+                )
+                best[mode] = min(best[mode], time.perf_counter() - started)
+                assert result.records == count, result
+                Path(result.output_path).unlink()
+        os.environ.pop(FORKSERVER_ENV, None)
+        print(
+            f"{source:<10} {count / best['1']:>18,.0f} {count / best['0']:>19,.0f} "
+            f"{best['1']:>9.2f} {best['0']:>10.2f}"
+        )
+
+
 def main() -> None:
     """Write the inputs, time the in-process limit, every format pair and the record engine."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--records", type=int, default=1_000_000)
     parser.add_argument("--runs", type=int, default=3, help="runs per format pair (best is reported)")
+    parser.add_argument("--runtime", action="store_true", help="also through the local runtime's driver")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="mlc-bench-batch-") as tmp:
         work = Path(tmp)
@@ -138,6 +201,9 @@ def main() -> None:
             f"{'jsonl (record engine)':<20} {args.records / seconds:>12,.0f} {'':>14} "
             f"{seconds:>7.2f} {'':>7} {'':>7} {args.records / seconds / limit_columns:>8.0%}"
         )
+        if args.runtime:
+            print()
+            asyncio.run(through_runtime(package, inputs, work, args.records, args.runs))
 
 
 if __name__ == "__main__":

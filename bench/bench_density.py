@@ -6,6 +6,11 @@ as the server knows) are served two ways:
 * one ``python -m mlc.serving serve-many`` process, every model loaded (one request each);
 * N ``python -m mlc.serving serve`` processes, as the local runtime starts them today.
 
+With ``--runtime``, the same comparison goes through the local runtime's driver as a
+lifecycle would: N deployments of one cc-fraud snapshot on a DEV runtime (its shared model
+host, the default) against N on a runtime with ``hosting: dedicated`` (one server each,
+forked from the warm forkserver), with the deploy time of each.
+
 Memory is PSS from ``/proc/PID/smaps_rollup`` (shared pages split among the processes that
 share them) and RSS, summed over processes. Throughput comes from the same client for both:
 ``--concurrency`` asyncio workers send single-record requests round robin over the N models
@@ -13,6 +18,7 @@ for ``--duration`` seconds. The client is in Python, so it may bound both rates:
 that matters is that the shared process serves as fast as the separate ones.
 
     .venv/bin/python bench/bench_density.py --models 50
+    .venv/bin/python bench/bench_density.py --models 50 --runtime
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ import os
 import shutil
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -125,12 +132,77 @@ async def load(urls: list[str], concurrency: int, seconds: float) -> float:
         return done / (time.monotonic() - started)
 
 
+async def through_runtime(args: argparse.Namespace, work: Path, source: Path) -> None:
+    """N deployments into the local runtime's shared host vs N dedicated ones; print both."""
+    from activities.runtimes.base import OnlineDeployRequest, UndeployRequest
+    from activities.runtimes.local import LocalDriver
+    from mlc.artifacts import ArtifactStore, build_archive
+    from mlc.config import Settings
+    from mlc.domain import HostingMode, ModelSnapshot, Runtime
+    from mlc.manifest import load_manifest
+
+    n = args.models
+    settings = Settings.from_env(home=work / "home")
+    manifest = load_manifest(source)
+    snapshot = ModelSnapshot(
+        model=manifest.name,
+        version=1,
+        sha256=ArtifactStore(settings.artifact_dir).put(build_archive(source)),
+        service_tags=manifest.service_tags,
+        entry_module=manifest.entry_module,
+        requirements=manifest.requirements,
+    )
+    driver = LocalDriver(settings)
+    per_model = 0.0
+    rows: dict[str, tuple[list[float], list[float], float, float, float]] = {}
+    for label, runtime in (
+        ("shared host (DEV default)", Runtime(name="bench-shared", stage="DEV")),
+        ("dedicated processes", Runtime(name="bench-own", stage="DEV", hosting=HostingMode.DEDICATED)),
+    ):
+        times, endpoints, pids = [], [], set()
+        one = (0.0, 0.0)
+        try:
+            for i in range(n):
+                started = time.perf_counter()
+                result = await driver.deploy_online(
+                    OnlineDeployRequest(
+                        deployment_id=f"dens-{i:03d}", snapshot=snapshot, runtime=runtime, stage="DEV"
+                    ),
+                    lambda note: None,
+                )
+                times.append(time.perf_counter() - started)
+                endpoints.append(result.endpoint)
+                pids.add(int(result.details["pid"]))
+                if i == 0:
+                    one = memory_mb(int(result.details["pid"]))
+            sums = [memory_mb(pid) for pid in pids]
+            rps = await load([f"{e}/score" for e in endpoints], args.concurrency, args.duration)
+        finally:
+            for i in range(n):
+                await driver.undeploy(UndeployRequest(deployment_id=f"dens-{i:03d}", runtime=runtime))
+        rows[label] = (times, [len(pids)], sum(m[0] for m in sums), sum(m[1] for m in sums), rps)
+        if label.startswith("shared"):
+            per_model = (sums[0][1] - one[1]) / max(1, n - 1)
+    print(f"through the local runtime: {n} deployments of cc-fraud@1, load average {os.getloadavg()[0]:.1f}")
+    print(
+        f"{'':<28} {'processes':>9} {'PSS MB':>9} {'RSS MB':>9} {'req/s':>8} {'deploy p50':>11} {'max s':>7}"
+    )
+    for label, (times, procs, pss, rss, rps) in rows.items():
+        print(
+            f"{label:<28} {procs[0]:>9} {pss:>9.0f} {rss:>9.0f} {rps:>8.0f} "
+            f"{statistics.median(times):>11.3f} {max(times):>7.2f}"
+        )
+    print(f"RSS per additional hosted model: {per_model:.2f} MB")
+    print("(dedicated servers are forked from the forkserver, so they share its pages: PSS counts that)")
+
+
 async def main() -> None:
     """Build N packages, measure the host, then N processes, and print the comparison."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", type=int, default=50)
     parser.add_argument("--duration", type=float, default=10.0)
     parser.add_argument("--concurrency", type=int, default=8)
+    parser.add_argument("--runtime", action="store_true", help="also compare through the local runtime")
     args = parser.parse_args()
     n = args.models
     with tempfile.TemporaryDirectory(prefix="mlc-bench-density-") as tmp:
@@ -176,6 +248,10 @@ async def main() -> None:
             )
         finally:
             stop(procs)
+
+        if args.runtime:
+            await through_runtime(args, work, source)
+            print()
 
     pss = sum(s[0] for s in sums)
     rss = sum(s[1] for s in sums)

@@ -195,12 +195,15 @@ def canary_breach(plan: Rollout, new: TrafficRoute, seen: tr.TrafficObservation)
             f"error rate {mine.error_rate:.1%} ({mine.errors}/{mine.requests}) against "
             f"{theirs:.1%} of the current version, more than {plan.max_error_rate_increase:.1%} higher"
         )
-    p99s = [s.p99_ms for s in others if s.p99_ms]
-    if mine.p99_ms and p99s and mine.p99_ms > max(p99s) * plan.max_p99_ratio:
-        return (
-            f"p99 latency {mine.p99_ms:.0f} ms against {max(p99s):.0f} ms of the current version, "
-            f"more than {plan.max_p99_ratio:g}x"
-        )
+    # 0 ms is a measurement (answers under the gateway's 1 ms resolution), not a missing one
+    p99s = [s.p99_ms for s in others if s.p99_ms is not None]
+    if mine.p99_ms is not None and p99s:
+        current = max(p99s)
+        if mine.p99_ms > current * plan.max_p99_ratio and mine.p99_ms - current > plan.p99_tolerance_ms:
+            return (
+                f"p99 latency {mine.p99_ms:.0f} ms against {current:.0f} ms of the current version, "
+                f"more than {plan.max_p99_ratio:g}x and {plan.p99_tolerance_ms:g} ms slower"
+            )
     return None
 
 

@@ -367,6 +367,9 @@ class Rollout(Frozen):
     (0.01: one percentage point)."""
     max_p99_ratio: float = Field(default=2.0, ge=1)
     """Canary: roll back when the new version's p99 latency exceeds the current one's times this."""
+    p99_tolerance_ms: float = Field(default=10.0, ge=0)
+    """Canary: a p99 latency at most this many ms above the current one's is never a breach
+    (the gateway times answers to the millisecond, and a busy host delays a few by some ms)."""
     min_requests: int = Field(default=20, ge=1)
     """Canary: requests the new version must answer in a window for the step to be judged;
     fewer fails the rollout (too little traffic to tell), rolling back."""

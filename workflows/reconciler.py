@@ -5,7 +5,8 @@ inventory for the runtime's serving deployments, has the runtime's worker probe 
 and lets the inventory judge the findings: restart (when the runtime's restart policy
 allows), or mark failed with the log tail and tell the lifecycle's followers. On a
 runtime with a gateway it also retires the warm standbys the inventory says are due
-(answering no stable endpoint, grace passed, own lifecycle ended). It ends
+(answering no stable endpoint, grace passed, own lifecycle ended), and applies the
+recorded routes of its stable endpoints again (a gateway that died comes back). It ends
 when it has nothing to watch (a deployment becoming serving starts it again) or the
 runtime is removed, and continues as new every ``ROUNDS_PER_RUN`` rounds.
 
@@ -25,6 +26,7 @@ from temporalio.exceptions import ActivityError
 with workflow.unsafe.imports_passed_through():
     from lifecycles.api import cause_message
     from mlc.contracts import runtime as runtime_contracts
+    from mlc.contracts import traffic as traffic_contracts
     from mlc.contracts.reconcile import (
         PLAN,
         PROBE,
@@ -42,6 +44,9 @@ with workflow.unsafe.imports_passed_through():
         Settlement,
     )
     from mlc.payloads import RuntimeActionInput
+
+REAPPLY_ROUTES = "reapply-routes"
+"""Patch: rounds since this change end by applying the recorded stable-endpoint routes."""
 
 
 @workflow.defn(name=RECONCILER)
@@ -82,6 +87,8 @@ class RuntimeReconciler:
                 if plan.retire:
                     await self._retire(plan)
                 await self._round(plan, main_queue)
+                if plan.routes and workflow.patched(REAPPLY_ROUTES):
+                    await self._reapply_routes(plan)
             if workflow.info().is_continue_as_new_suggested():
                 break
             try:
@@ -140,6 +147,18 @@ class RuntimeReconciler:
             self._note(plan.watching, f"retiring {', '.join(plan.retired)} failed: {cause_message(exc)}")
             return
         self._note(plan.watching, f"retired {', '.join(plan.retired)} (grace passed)")
+
+    async def _reapply_routes(self, plan: Plan) -> None:
+        """Apply the recorded routes again: brings back a gateway that died with its worker
+        and follows deployments a restart moved to another port (a no-op otherwise)."""
+        assert plan.runtime is not None
+        for model, grant in zip(plan.routed, plan.routes, strict=True):
+            try:
+                await traffic_contracts.ROUTE_TRAFFIC.execute(
+                    RuntimeActionInput(grant=grant), task_queue=plan.runtime.task_queue
+                )
+            except ActivityError as exc:
+                self._note(plan.watching, f"the stable endpoint of {model} is not live: {cause_message(exc)}")
 
     def _note(self, watching: tuple[str, ...], last: str) -> None:
         assert self._status is not None

@@ -61,9 +61,8 @@ from activities.runtimes.gateway_nginx import (
     STATUS_PATH,
     Backend,
     NginxPaths,
-    address_of,
-    endpoint_parts,
     compare,
+    endpoint_parts,
     parse_log,
     render_edge,
     render_generation,
@@ -416,15 +415,26 @@ class LocalGateway(Gateway):
         os.chmod(scratch, 0o755)
 
     def _pid(self, tier: Tier) -> int | None:
-        try:
-            state = json.loads(self._state_path(tier).read_text())
-        except (FileNotFoundError, json.JSONDecodeError):
-            return None
-        pid = int(state.get("pid", 0))
-        command = processes.command_line(pid) if pid > 0 else ""
-        if pid > 0 and processes.alive(pid) and str(self.conf / _MAIN_FILES[tier]) in command:
-            return pid
+        """The tier's live master: the one recorded in its state file or, failing that, in
+        nginx's own pid file (a worker killed between spawning a master and recording it
+        leaves one that still holds the port: it is adopted, not started twice)."""
+        for pid in (self._recorded_pid(tier), self._nginx_pid(tier)):
+            command = processes.command_line(pid) if pid > 0 else ""
+            if pid > 0 and processes.alive(pid) and str(self.conf / _MAIN_FILES[tier]) in command:
+                return pid
         return None
+
+    def _recorded_pid(self, tier: Tier) -> int:
+        try:
+            return int(json.loads(self._state_path(tier).read_text()).get("pid", 0))
+        except (FileNotFoundError, json.JSONDecodeError, ValueError, AttributeError):
+            return 0
+
+    def _nginx_pid(self, tier: Tier) -> int:
+        try:
+            return int((self.root / f"{tier}.pid").read_text().strip() or 0)
+        except (FileNotFoundError, ValueError):
+            return 0
 
     async def running(self, tier: Tier) -> bool:
         """The recorded master is alive and runs this tier's file."""

@@ -72,6 +72,7 @@ from mlc.evaluation import test_dataset
 from mlc.isolation import ModelUser
 from mlc.manifest import load_manifest
 from mlc.serving.app import SHA256_ENV, VERSION_ENV
+from mlc.serving.capture import CAPTURE_FILE
 from mlc.serving.forkserver import TITLE_ROOM, ForkClient
 from mlc.serving.limits import LIMIT_ENVS
 from mlc.serving.microbatch import BATCHING_ENVS
@@ -90,6 +91,8 @@ something it left running (as the worker's own user) still holds open."""
 STATE_FILE = "deployment.json"
 SERVER_LOG = "server.log"
 BATCH_LOG = "batch.log"
+BATCH_SUMMARY = "batch-summary.json"
+"""A forked batch job's standard output (its summary line), in its deployment folder."""
 PACKAGE_DIR = "package"
 TMP_DIR = "tmp"
 HOST_DIR = ".host"
@@ -317,7 +320,11 @@ class LocalDriver(RuntimeDriver):
         if package.is_dir() and not (marker.is_file() and marker.read_text() == request.snapshot.sha256):
             shutil.rmtree(package)  # new files: the host loads the new package, not its cached model
         self._unpack(request.snapshot, workdir)
-        identity = {"version": str(request.snapshot.version), "sha256": request.snapshot.sha256}
+        identity = {
+            "version": str(request.snapshot.version),
+            "sha256": request.snapshot.sha256,
+            "capture": str(workdir / TMP_DIR / CAPTURE_FILE),  # where the gateway reads its answers
+        }
         isolation.clear_for_root(models / f"{request.deployment_id}.json")
         isolation.write_file(models / f"{request.deployment_id}.json", json.dumps(identity), mode=0o644)
         os.symlink(package, link)
@@ -743,7 +750,27 @@ async def _run_job(
     heartbeat: Heartbeat,
 ) -> dict[str, Any]:
     """Run ``python -m mlc.serving batch`` (as ``user``) to completion, heartbeating; return
-    its summary."""
+    its summary. Forked from the warm forkserver when it is ready (no interpreter start, no
+    import of the model's libraries: most of a short job's time), else spawned."""
+    argv = ["batch", "--package", str(package), "--input", str(input_path), "--output", str(output_path)]
+    forks = _fork_client()
+    if forks is not None:
+        summary_path = log_path.parent / BATCH_SUMMARY
+        isolation.clear_for_root(summary_path)
+        with isolation.open_log(log_path, user):
+            pass  # the log exists and is the user's, as for a spawned job
+        pid = forks.fork(
+            argv,
+            cwd=log_path.parent,
+            env=child_env(request.snapshot, log_path.parent),
+            log=log_path,
+            die_with_parent=False,
+            user=None if user is None else asdict(user),
+            stdout=summary_path,
+        )
+        if pid is not None:
+            code = await _wait_forked(pid, forks, request, heartbeat)
+            return _summary(request, code, isolation.read_tail(summary_path) or "", log_path)
     with isolation.open_log(log_path, user) as log:
         process = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "mlc.serving", "batch",
@@ -785,14 +812,40 @@ async def _run_job(
         if process.returncode is None:
             process.kill()
             await process.wait()
-    stdout = b"".join(chunks)
-    if process.returncode != 0:
+    return _summary(request, process.returncode, b"".join(chunks).decode(errors="replace"), log_path)
+
+
+async def _wait_forked(
+    pid: int, forks: ForkClient, request: BatchJobRequest, heartbeat: Heartbeat
+) -> int | None:
+    """Wait for a forked batch job to exit, heartbeating; return its exit code. Cancelled,
+    it kills the job's process group."""
+    started = noted = time.monotonic()
+    heartbeat(f"batch job for {request.snapshot.ref} started")
+    try:
+        while _alive(pid):
+            if time.monotonic() - noted >= HEARTBEAT_INTERVAL_SECONDS:
+                noted = time.monotonic()
+                heartbeat(f"batch job for {request.snapshot.ref}: {noted - started:.0f} s")
+            await asyncio.sleep(0.01)
+    except BaseException:
+        _signal_group(pid, signal.SIGKILL)
+        raise
+    deadline = time.monotonic() + 1.0  # the forkserver notes the code as it reaps the job
+    while (code := forks.exit_code(pid)) is None and time.monotonic() < deadline:
+        await asyncio.sleep(0.01)
+    return code
+
+
+def _summary(request: BatchJobRequest, code: int | None, stdout: str, log_path: Path) -> dict[str, Any]:
+    """The job's summary (the last line it printed), or the error its exit code means."""
+    if code != 0:
         raise DeploymentFailedError(
             f"batch job for {request.snapshot.ref} on runtime {request.runtime.name} "
-            f"(deployment {request.deployment_id}) exited with code {process.returncode}; "
+            f"(deployment {request.deployment_id}) exited with code {code}; "
             f"last lines of {log_path}:\n{_tail(log_path)}"
         )
-    lines = stdout.decode().strip().splitlines()
+    lines = stdout.strip().splitlines()
     if not lines:
         raise DeploymentFailedError(
             f"batch job for {request.snapshot.ref} (deployment {request.deployment_id}) exited "

@@ -10,7 +10,7 @@ import typer
 from pydantic import BaseModel
 
 from mlc.cli.context import console, emit, inventory, run, settings, signer
-from mlc.domain import DEFAULT_RESTART, Deployment, DockerSettings, Mode, Runtime, RuntimeKind
+from mlc.domain import DEFAULT_RESTART, Deployment, DockerSettings, HostingMode, Mode, Runtime, RuntimeKind
 from mlc.store import deployments, runtimes, traffic
 from mlc.traffic import TrafficTable, describe_routes
 
@@ -117,6 +117,13 @@ def add_runtime(
             "no (mark it failed), on-failure[:N] (restart up to N times in a row), always."
         ),
     ] = DEFAULT_RESTART,
+    hosting: Annotated[
+        HostingMode | None,
+        typer.Option(
+            help="shared: online deployments share one model-host process (and user); dedicated: "
+            "a process each. Default: shared on local runtimes below PROD, else dedicated."
+        ),
+    ] = None,
     kafka_bootstrap: Annotated[
         str | None, typer.Option(help="Streaming: Kafka brokers, host:port[,host:port].")
     ] = None,
@@ -241,6 +248,7 @@ def add_runtime(
                 docker=docker,
                 kafka=kafka,
                 restart=restart,
+                hosting=hosting,
                 gateway=gateway_settings,
             )
             await admin.add_runtime(pool, cfg, await signer(cfg, pool), runtime, replace=replace)

@@ -79,6 +79,13 @@ class Plan(Frozen):
     passed and whose own lifecycle has ended."""
     retired: tuple[str, ...] = ()
     """The deployment ids of ``retire``, in the same order."""
+    routes: tuple[Envelope, ...] = ()
+    """``route_traffic`` grants, one per stable endpoint on the runtime, for the routes the
+    inventory recorded: applied again after the round, so a gateway that died with its
+    worker (``mlc dev`` stopped, a host rebooted) comes back, and a deployment restarted
+    on another port is found there. Applying unchanged routes to a live gateway is a no-op."""
+    routed: tuple[str, ...] = ()
+    """The models of ``routes``, in the same order."""
 
 
 class GrantsInput(Frozen):

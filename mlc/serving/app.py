@@ -76,16 +76,18 @@ class _ScoringService:
         limits: ServingLimits,
         batching: BatchPolicy,
         identity: tuple[str | None, str | None] | None = None,
+        capture: Path | None = None,
     ) -> None:
         """Bind the handlers to ``model``; ``identity`` is its (version, sha256), else the
-        ``MLC_MODEL_VERSION`` and ``MLC_SNAPSHOT_SHA256`` variables (one model per process)."""
+        ``MLC_MODEL_VERSION`` and ``MLC_SNAPSHOT_SHA256`` variables (one model per process),
+        and ``capture`` the file of its captured answers, else :func:`capture_path`."""
         self.model = model
         self.limits = limits
         self.max_batch = limits.max_records
         self.max_body_bytes = limits.max_body_bytes
         self.validator = RecordValidator(model.manifest.input_schema)
         self.batcher = MicroBatcher(model.score_batch, batching) if model.vectorised else None
-        self.capture = AnswerCapture(capture_path())
+        self.capture = AnswerCapture(capture or capture_path())
         """Answers to requests the gateway marks with ``X-MLC-Capture`` (shadow comparisons)."""
         manifest = model.manifest
         if identity is None:

@@ -14,7 +14,9 @@ would a spawned server's.
 Requests come over a unix socket in a private folder (0700, the forkserver's user: root
 when the worker is root, so no model process can ask it for anything), one JSON line each:
 ``{"argv": [...], "cwd": ..., "env": {...}, "log": ..., "die_with_parent": bool,
-"user": {"uid": N, "gid": N, "reach": [...]} | null}``, answered with ``{"pid": N}`` or ``{"error": "..."}``.
+"user": {"uid": N, "gid": N, "reach": [...]} | null, "stdout": PATH | null}``
+(``stdout``: a file the child's standard output goes to instead of the log, opened as
+the child's user; a batch job prints its summary there), answered with ``{"pid": N}`` or ``{"error": "..."}``.
 Children are reaped as they exit, so a dead server never looks alive to the runtime, and
 each exit code is left in ``exits/PID`` next to the socket (written before the pid
 disappears) for the runtime's error messages. A child's own imports (the model package's
@@ -125,7 +127,12 @@ def _child(request: dict[str, Any], main: Any) -> None:
         log = os.open(request["log"], os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o600)
         null = os.open(os.devnull, os.O_RDONLY)
         os.dup2(null, 0)
-        os.dup2(log, 1)
+        if request.get("stdout"):
+            out = os.open(request["stdout"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+            os.dup2(out, 1)
+            os.close(out)
+        else:
+            os.dup2(log, 1)
         os.dup2(log, 2)
         os.close(log)
         os.close(null)
@@ -191,9 +198,11 @@ class ForkClient:
         log: Path,
         die_with_parent: bool,
         user: dict[str, Any] | None = None,
+        stdout: Path | None = None,
     ) -> int | None:
         """The pid of a new server run with ``argv`` (as ``user``, the fields of a
-        :class:`mlc.isolation.ModelUser`, when given), or None when the forkserver cannot help."""
+        :class:`mlc.isolation.ModelUser`, when given; its standard output in ``stdout``
+        when given, else in ``log``), or None when the forkserver cannot help."""
         if not self.ready():
             return None
         request = {
@@ -203,6 +212,7 @@ class ForkClient:
             "log": str(log),
             "die_with_parent": die_with_parent,
             "user": user,
+            "stdout": None if stdout is None else str(stdout),
         }
         try:
             with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:

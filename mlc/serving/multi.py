@@ -12,9 +12,10 @@ model's own objects:
   unloaded when its folder goes away (noticed by its next request, the next load or the
   next process ``/health``) and loaded again when its package is replaced (its
   ``manifest.yaml`` changed: another inode or ctime);
-* an optional ``<id>.json`` beside the package, ``{"version": ..., "sha256": ...}``, is
-  the identity the model's ``/health`` and ``/metadata`` report (one process serves many
-  snapshots, so the single-model server's environment variables cannot say it);
+* an optional ``<id>.json`` beside the package, ``{"version": ..., "sha256": ...,
+  "capture": PATH}``, is the identity the model's ``/health`` and ``/metadata`` report and
+  the file its captured answers go to (one process serves many snapshots, so the
+  single-model server's environment variables cannot say them);
 * after each load, least recently used models are unloaded while the process's resident
   memory is over ``memory_budget_mb`` (the newest stays). Python keeps freed memory for
   reuse, so the budget bounds growth rather than shrinking the process at once;
@@ -125,7 +126,7 @@ class ModelHost:
             if hosted.service is not None or hosted.failure is not None:
                 return
             try:
-                identity = _identity(self.models_dir / f"{model_id}.json")
+                identity, capture = _identity(self.models_dir / f"{model_id}.json")
                 model = load_model(package)
             except InvalidPackageError as exc:
                 hosted.failure = f"409 {exc}; it needs a model server of its own"
@@ -134,7 +135,7 @@ class ModelHost:
                 hosted.failure = str(exc)
                 return
             hosted.service = _ScoringService(
-                model, limits=self.limits, batching=self.batching, identity=identity
+                model, limits=self.limits, batching=self.batching, identity=identity, capture=capture
             )
         self.sweep()
         self._evict(keep=model_id)
@@ -170,16 +171,17 @@ def _stamp(package: Path) -> tuple[int, int, int] | None:
     return (info.st_dev, info.st_ino, info.st_ctime_ns)
 
 
-def _identity(path: Path) -> tuple[str | None, str | None] | None:
-    """(version, sha256) from the ``<id>.json`` the runtime wrote, if any."""
+def _identity(path: Path) -> tuple[tuple[str | None, str | None] | None, Path | None]:
+    """(version, sha256) and the capture file from the ``<id>.json`` the runtime wrote, if any."""
     with contextlib.suppress(OSError, ValueError):
         data = json.loads(path.read_text())
         if isinstance(data, dict):
+            version, sha256, capture = data.get("version"), data.get("sha256"), data.get("capture")
             return (
-                None if data.get("version") is None else str(data["version"]),
-                None if data.get("sha256") is None else str(data["sha256"]),
+                (None if version is None else str(version), None if sha256 is None else str(sha256)),
+                None if capture is None else Path(str(capture)),
             )
-    return None
+    return None, None
 
 
 def _error(status: int, message: str) -> Response:

@@ -12,6 +12,7 @@ import pytest
 
 from activities.runtimes import driver_for
 from activities.runtimes.base import CleanupRequest
+from activities.runtimes.gateway import remove as stop_gateway
 from mlc.config import Settings
 from mlc.dev_postgres import DevPostgres
 from mlc.store import connect, runtimes
@@ -53,6 +54,7 @@ async def fault_stack(tmp_path: Path) -> AsyncIterator[FaultStack]:
             await fs.stop_workers()
             for runtime in await runtimes.read_runtimes(fs.stack.pool):
                 await driver_for(runtime, fs.stack.settings).cleanup(CleanupRequest(runtime=runtime))
+                await stop_gateway(fs.stack.settings, runtime)  # its nginx tiers outlive cleanup
             await fs.stack.pool.close()
         temporal.kill(signal.SIGTERM)
         postgres.stop()

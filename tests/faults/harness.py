@@ -183,11 +183,17 @@ async def connect_client(address: str) -> Client:
 
 
 def model_servers(home: Path) -> dict[str, int]:
-    """Live model-server processes under ``home``: deployment id -> pid."""
+    """Live model-server processes under ``home``: deployment id -> pid (for deployments in
+    a runtime's shared model host, the host's pid: one per deployment linked in it)."""
     found = {}
     for pid in processes.find_processes(f"--package {home}/runtimes/"):
         package = processes.command_line(pid).split("--package ", 1)[1].split(" ", 1)[0]
         found[Path(package).parent.name] = pid
+    for pid in processes.find_processes(f"--models-dir {home}/runtimes/"):
+        models = Path(processes.command_line(pid).split("--models-dir ", 1)[1].split(" ", 1)[0])
+        for link in models.iterdir() if models.is_dir() else ():
+            if link.is_symlink():
+                found[link.name] = pid
     return found
 
 
