@@ -8,7 +8,9 @@ the ratios compare like with like on this machine:
   reported separately. Local deploys are measured both ways: into the runtime's shared
   model host (the default of non-PROD local runtimes; a resident deployment keeps the host
   up, as any serving non-PROD model does; the deploy that started it is reported apart)
-  and as a dedicated process (``hosting: dedicated``, what PROD gets);
+  and as a dedicated process (``hosting: dedicated``, what PROD gets). Docker deploys are
+  measured as containers of their own (the docker default) and into a runtime with
+  ``hosting: shared`` (one host container, a resident deployment keeping it up);
 * batch: the cc-fraud evaluation records repeated up to ``--records``, scored by each
   runtime's batch job; records/second from the job's own timing (scoring only) and from
   wall time (including process or container start and model loading).
@@ -184,6 +186,10 @@ async def main() -> None:
         own_rt = local_rt.model_copy(update={"name": "bench-local-own", "hosting": HostingMode.DEDICATED})
         local, dock = KindResult([], [], [], 0), KindResult([], [], [], 0)
         own: list[float] = []
+        docker_shared: list[float] = []
+        shared_rt = docker_rt.model_copy(
+            update={"name": "bench-docker-shared", "hosting": HostingMode.SHARED}
+        )
         image_seconds: list[float] = []
         started = time.perf_counter()
         resident = OnlineDeployRequest(
@@ -191,11 +197,17 @@ async def main() -> None:
         )
         await local_driver.deploy_online(resident, _ignore)  # starts the runtime's shared host
         host_start_seconds = time.perf_counter() - started
+        started = time.perf_counter()
+        docker_resident = resident.model_copy(update={"runtime": shared_rt})
+        await docker_driver.deploy_online(docker_resident, _ignore)  # starts its host container
+        docker_host_seconds = time.perf_counter() - started
         for _ in range(args.runs):
             local.deploy_seconds.append(await _deploy_once(local_driver, local_rt, snapshot))
             own.append(await _deploy_once(local_driver, own_rt, snapshot))
             dock.deploy_seconds.append(await _deploy_once(docker_driver, docker_rt, snapshot, image_seconds))
+            docker_shared.append(await _deploy_once(docker_driver, shared_rt, snapshot))
         await local_driver.undeploy(UndeployRequest(deployment_id="bench-resident", runtime=local_rt))
+        await docker_driver.undeploy(UndeployRequest(deployment_id="bench-resident", runtime=shared_rt))
         for _ in range(args.batch_runs):
             await _batch_once(local_driver, local_rt, snapshot, input_path, local)
             await _batch_once(docker_driver, docker_rt, snapshot, input_path, dock)
@@ -226,6 +238,14 @@ async def main() -> None:
     )
     print(
         _row(
+            "  docker into a shared host container",
+            statistics.median(local.deploy_seconds),
+            statistics.median(docker_shared),
+            "s (hosting: shared)",
+        )
+    )
+    print(
+        _row(
             f"batch wall time, {local.records} records",
             statistics.median(local.batch_wall_seconds),
             statistics.median(dock.batch_wall_seconds),
@@ -250,6 +270,8 @@ async def main() -> None:
     )
     print()
     print(f"first local deploy (started the shared host): {host_start_seconds:.2f} s")
+    print(f"first shared docker deploy (started the host container): {docker_host_seconds:.2f} s")
+    print("      docker shared", [round(s, 2) for s in docker_shared])
     print("deploy samples (s): local", [round(s, 2) for s in local.deploy_seconds])
     print("      local dedicated", [round(s, 2) for s in own])
     print("                    docker", [round(s, 2) for s in dock.deploy_seconds])

@@ -12,8 +12,9 @@ import asyncio
 from collections.abc import Sequence
 
 from temporalio import workflow
+from temporalio.exceptions import ActivityError
 
-from lifecycles._run import LifecycleFailure, LifecycleRun
+from lifecycles._run import LifecycleFailure, LifecycleRun, cause_message
 
 with workflow.unsafe.imports_passed_through():
     from mlc.contracts import traffic as tr
@@ -31,6 +32,11 @@ with workflow.unsafe.imports_passed_through():
     from mlc.payloads import RecordTestsInput
 
 Routes = dict[str, tuple[TrafficRoute, ...]]
+
+GIVE_BACK_PATCH = "rollout-gives-traffic-back"
+"""``workflow.patched`` id: a canary step or shadow window that fails (an observation or a
+traffic change refused or failing) gives the traffic back to the current version before
+the run fails, instead of leaving routes to a version the failed run then undeploys."""
 
 
 def plan_of(run: LifecycleRun, stage: str) -> Rollout:
@@ -85,15 +91,20 @@ async def shadow(run: LifecycleRun, stage: str, deployments: Sequence[Deployment
             )
             for name, (new, current) in pairs.items()
         }
+        back = {name: current for name, (_, current) in pairs.items()}
         run._enter(stage, LifecycleState.TESTING, f"Shadowing live traffic in {stage} for {plan.duration}")
-        await run.route(stage, mirrored, f"shadow v{run.version}")
-        since = workflow.now()
-        await workflow.sleep(plan.duration)
-        until = workflow.now()
-        seen = await asyncio.gather(
-            *(run.observe(stage, name, mirrored[name], since, until) for name in sorted(mirrored))
-        )
-        await run.route(stage, {name: current for name, (_, current) in pairs.items()}, "shadow ended")
+        try:
+            await run.route(stage, mirrored, f"shadow v{run.version}")
+            since = workflow.now()
+            await workflow.sleep(plan.duration)
+            until = workflow.now()
+            seen = await asyncio.gather(
+                *(run.observe(stage, name, mirrored[name], since, until) for name in sorted(mirrored))
+            )
+        except (LifecycleFailure, ActivityError) as exc:
+            await _give_back(run, stage, back, "shadow stopped", exc)
+            raise
+        await run.route(stage, back, "shadow ended")
         for name, observation in zip(sorted(mirrored), seen, strict=True):
             results.append(_shadow_verdict(plan, pairs[name][0], observation))
     previous = run._reports.get(stage)
@@ -149,6 +160,7 @@ async def _canary(
     pairs: dict[str, tuple[TrafficRoute, tuple[TrafficRoute, ...]]],
     deployments: Sequence[Deployment],
 ) -> None:
+    back = {n: current for n, (_, current) in pairs.items()}
     for share in plan.steps:
         step: Routes = {
             name: (new.model_copy(update={"weight": share}), *_scaled(current, 100 - share))
@@ -157,24 +169,41 @@ async def _canary(
         run._enter(
             stage, LifecycleState.PROMOTING, f"Canary in {stage}: {share}% of live traffic for {plan.window}"
         )
-        await run.route(stage, step, f"canary {share}%")
-        since = workflow.now()
-        await workflow.sleep(plan.window)
-        until = workflow.now()
         names_ = sorted(step)
-        seen = await asyncio.gather(*(run.observe(stage, n, step[n], since, until) for n in names_))
+        try:
+            await run.route(stage, step, f"canary {share}%")
+            since = workflow.now()
+            await workflow.sleep(plan.window)
+            until = workflow.now()
+            seen = await asyncio.gather(*(run.observe(stage, n, step[n], since, until) for n in names_))
+        except (LifecycleFailure, ActivityError) as exc:
+            await _give_back(run, stage, back, f"canary stopped at {share}%", exc)
+            raise
         for name, observation in zip(names_, seen, strict=True):
             why = canary_breach(plan, pairs[name][0], observation)
             if why is None:
                 continue
             why = f"at {share}% on {name}: {why}"
-            await run.route(
-                stage, {n: current for n, (_, current) in pairs.items()}, f"canary rolled back: {why}"
-            )
+            await run.route(stage, back, f"canary rolled back: {why}")
             await run.undeploy(deployments)
             await run.notify(f"{run.model}@{run.version}: canary in {stage} rolled back: {why}")
             raise LifecycleFailure(f"canary in {stage} rolled back: {why}", kind="CanaryRolledBack")
         run.log(f"canary in {stage} at {share}%: within limits")
+
+
+async def _give_back(run: LifecycleRun, stage: str, back: Routes, what: str, exc: BaseException) -> None:
+    """Route ``back`` (the current versions) after a failed canary step or shadow window.
+
+    The run is failing with ``exc`` and will undeploy its new version: consumers must not
+    keep being sent to it. When giving back fails too, the run still fails with ``exc``.
+    """
+    if not workflow.patched(GIVE_BACK_PATCH):
+        return
+    reason = exc.reason if isinstance(exc, LifecycleFailure) else cause_message(exc)
+    try:
+        await run.route(stage, back, f"{what}: {reason}")
+    except LifecycleFailure as failed:
+        run.log(f"giving {stage}'s traffic back after '{reason}' failed too: {failed.reason}")
 
 
 def canary_breach(plan: Rollout, new: TrafficRoute, seen: tr.TrafficObservation) -> str | None:

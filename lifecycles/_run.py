@@ -68,6 +68,11 @@ LOCAL_INVENTORY_PATCH = "local-inventory-activities"
 """``workflow.patched`` id: runs that began before inventory calls became local activities
 replay them as the scheduled activities their histories hold."""
 
+LOCAL_FAILURES_PATCH = "local-inventory-failures"
+"""``workflow.patched`` id: a failed local inventory activity is raised as an ``ActivityError``
+(as a scheduled one's is), so the run's failure handling catches it; runs that failed
+before this replay their bare ``ApplicationError``."""
+
 STABLE_ENDPOINTS_PATCH = "stable-endpoints"
 """``workflow.patched`` id: a promotion on a runtime with a gateway routes its stable
 endpoint to the new deployment (blue/green) instead of retiring the older ones."""
@@ -566,7 +571,24 @@ class LifecycleRun:
         info = workflow.info()
         trusted = info.task_queue == self._queue and info.workflow_type in names.BUILT_IN_LIFECYCLES
         if trusted and not scheduled and workflow.patched(LOCAL_INVENTORY_PATCH):
-            return await contract.execute_local(arg)
+            try:
+                return await contract.execute_local(arg)
+            except ApplicationError as exc:
+                # A local activity's non-retryable failure reaches the workflow as its bare
+                # ApplicationError, not wrapped in an ActivityError like a scheduled one's:
+                # wrap it, so every `except ActivityError` (and the run's failure handling:
+                # undeploy, record, notify) treats both alike.
+                if not workflow.patched(LOCAL_FAILURES_PATCH):
+                    raise
+                raise ActivityError(
+                    "Activity task failed",
+                    scheduled_event_id=0,
+                    started_event_id=0,
+                    identity="",
+                    activity_type=contract.name,
+                    activity_id="",
+                    retry_state=None,
+                ) from exc
         return await contract.execute(arg, task_queue=self._queue)
 
     async def _record(

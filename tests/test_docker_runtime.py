@@ -19,6 +19,7 @@ from activities.runtimes.base import (
     BatchJobRequest,
     CleanupRequest,
     OnlineDeployRequest,
+    ProbeRequest,
     UndeployRequest,
 )
 from activities.runtimes.docker import DockerDriver, container_name
@@ -26,7 +27,7 @@ from activities.runtimes.docker_images import manylinux_platforms
 from mlc import evaluation
 from mlc.artifacts import ArtifactStore, build_archive
 from mlc.config import Settings
-from mlc.domain import DockerSettings, ModelSnapshot, Runtime, RuntimeKind
+from mlc.domain import DockerSettings, HostingMode, ModelSnapshot, Runtime, RuntimeKind
 from mlc.errors import DeploymentFailedError, RuntimeUnavailableError
 from mlc.examples import prepare_example_model
 from mlc.manifest import load_manifest
@@ -296,3 +297,40 @@ def test_container_names_are_valid_and_keep_ids_apart() -> None:
     odd = container_name("cc-fraud@1/DEV")
     assert odd.startswith("mlc-cc-fraud-1-DEV-")
     assert odd != container_name("cc-fraud@1:DEV")
+
+
+async def test_a_shared_runtime_hosts_its_deployments_in_one_container(
+    engine: Any, settings: Settings, cc_fraud: ModelSnapshot
+) -> None:
+    runtime = _runtime(f"docker-shared-{uuid.uuid4().hex[:8]}", memory="512m").model_copy(
+        update={"hosting": HostingMode.SHARED}
+    )
+    driver = DockerDriver(settings)
+    ids = [f"cc-fraud-1-dev-{uuid.uuid4().hex[:6]}" for _ in range(2)]
+    try:
+        results = [
+            await driver.deploy_online(
+                OnlineDeployRequest(deployment_id=i, snapshot=cc_fraud, runtime=runtime, stage="DEV"),
+                lambda note: None,
+            )
+            for i in ids
+        ]
+        hosts = engine.containers.list(filters={"label": [f"mlc.runtime={runtime.name}", "mlc.mode=host"]})
+        assert len(hosts) == 1 and all(r.details["container_id"] == hosts[0].id for r in results)
+        assert [r.endpoint.rsplit("/", 2)[1:] for r in results] == [["models", i] for i in ids]
+        assert _containers(engine, ids[0]) == [], "no container of its own"
+        async with httpx.AsyncClient(trust_env=False) as http:
+            scored = await http.post(f"{results[0].endpoint}/score", json=CC_FRAUD_SAMPLE)
+            health = (await http.get(f"{results[1].endpoint}/health")).json()
+        assert scored.status_code == 200, scored.text
+        assert (health["version"], health["sha256"]) == ("1", cc_fraud.sha256)
+        assert await driver.locate(runtime, ids[1]) == results[1].endpoint
+        assert (await driver.probe(ProbeRequest(deployment_id=ids[0], runtime=runtime))).healthy
+
+        await driver.undeploy(UndeployRequest(deployment_id=ids[0], runtime=runtime))
+        assert not (await driver.probe(ProbeRequest(deployment_id=ids[0], runtime=runtime))).healthy
+        assert (await driver.probe(ProbeRequest(deployment_id=ids[1], runtime=runtime))).healthy
+        await driver.undeploy(UndeployRequest(deployment_id=ids[1], runtime=runtime))
+        assert engine.containers.list(all=True, filters={"label": f"mlc.runtime={runtime.name}"}) == []
+    finally:
+        await driver.cleanup(CleanupRequest(runtime=runtime))

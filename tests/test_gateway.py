@@ -27,7 +27,13 @@ from activities.runtime import RuntimeActivities
 from activities.runtimes.base import CleanupRequest, OnlineDeployRequest, RuntimeDriver
 from activities.runtimes.docker import DockerDriver
 from activities.runtimes.gateway import DockerGateway, LocalGateway, gateway_root
-from activities.runtimes.gateway_nginx import DEPLOYMENT_HEADER, compare, render_model
+from activities.runtimes.gateway_nginx import (
+    DEPLOYMENT_HEADER,
+    Backend,
+    compare,
+    endpoint_parts,
+    render_model,
+)
 from activities.runtimes.local import LocalDriver
 from mlc import processes
 from mlc.artifacts import ArtifactStore, build_archive
@@ -459,3 +465,27 @@ def test_model_config_without_routes_answers_503() -> None:
     http, server = render_model(runtime="r", model="cc-fraud.v2", backends=[], logs="/logs")
     assert "upstream" not in http
     assert "return 503" in server and r"^/models/cc\-fraud\.v2(/.*)$" in server
+
+
+def test_deployments_in_a_shared_host_get_their_path_prefix() -> None:
+    assert endpoint_parts("http://127.0.0.1:8080") == ("127.0.0.1:8080", "")
+    assert endpoint_parts("http://127.0.0.1:8080/models/dep-a") == ("127.0.0.1:8080", "/models/dep-a")
+
+    def backend(deployment_id: str, weight: int, prefix: str = "", shadow: bool = False) -> Backend:
+        route = TrafficRoute(deployment_id=deployment_id, version=1, weight=weight, shadow=shadow)
+        return Backend(route, "127.0.0.1:1", prefix)
+
+    split = [
+        backend("dep-a", 40, "/models/dep-a"),
+        backend("dep-b", 60),
+        backend("dep-c", 0, "/models/dep-c", True),
+    ]
+    http, server = render_model(runtime="r", model="m", backends=split, logs="/logs")
+    assert "    dep-a '/models/dep-a';\n" in http and "    dep-b '';\n" in http
+    assert "rewrite ^ $mlc_prefix_" in server and "rewrite ^ /models/dep-c$mlc_path break;" in server
+    _, alone = render_model(
+        runtime="r", model="m", backends=[backend("dep-a", 100, "/models/dep-a")], logs="/l"
+    )
+    assert "rewrite ^ /models/dep-a$mlc_path break;" in alone
+    _, plain = render_model(runtime="r", model="m", backends=[backend("dep-b", 100)], logs="/l")
+    assert "rewrite ^ $mlc_path break;" in plain

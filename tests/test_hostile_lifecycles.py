@@ -448,7 +448,8 @@ def test_lifecycle_state_names_stay_out_of_reach() -> None:
     public = {n for n in dir(api.Lifecycle) if not n.startswith("__")}
     assert public == {
         "model", "version", "spec", "stages", "report", "deployments",
-        "deploy", "test", "approval", "promote", "undeploy", "notify", "sleep", "log", "fail",
+        "deploy", "test", "approval", "promote", "rollout", "shadow", "undeploy", "notify", "sleep",
+        "log", "fail",
     }  # fmt: skip
     assert not any(isinstance(v, type(os)) for v in vars(api).values()), "lifecycles.api holds no module"
     exported: dict[str, object] = {}

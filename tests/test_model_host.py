@@ -80,3 +80,25 @@ async def test_a_package_this_process_cannot_serve_is_refused_with_409(tmp_path:
     assert refused.status_code == 409
     assert "no-such-package-mlc-test" in refused.json()["error"]
     assert "its own" in refused.json()["error"]
+
+
+async def test_a_replaced_package_is_loaded_again_with_its_identity(tmp_path: Path) -> None:
+    models = tmp_path / "models"
+    package(models / "dep-a", "double", 2)
+    (models / "dep-a.json").write_text('{"version": "1", "sha256": "aaa"}')
+    host = ModelHost(models, memory_budget_mb=1e6)
+    async with client(host) as c:
+        first = (await c.get("/models/dep-a/health")).json()
+        shutil.rmtree(models / "dep-a")  # what a runtime does to deploy another snapshot there
+        package(models / "dep-a", "triple", 3)
+        (models / "dep-a.json").write_text('{"version": "2", "sha256": "bbb"}')
+        scored = await c.post("/models/dep-a/score", json={"x": 1})
+        second = (await c.get("/models/dep-a/health")).json()
+        package(models / "dep-b", "double", 2)
+        await c.get("/models/dep-b/health")
+        shutil.rmtree(models / "dep-b")
+        await c.get("/health")  # notices the removed folder without a request for it
+    assert (first["model"], first["version"], first["sha256"]) == ("double", "1", "aaa")
+    assert scored.json() == {"y": 3}
+    assert (second["model"], second["version"], second["sha256"]) == ("triple", "2", "bbb")
+    assert host.loaded() == ["dep-a"]

@@ -1,7 +1,7 @@
 """Rollout strategies: the canary's and shadow's judgements, the spec, and their dry run.
 
-The end-to-end canary and shadow runs (real nginx gateway with live traffic) need the
-runtime side of stable endpoints; the judgements they act on are tested here directly.
+The end-to-end canary and shadow runs (real nginx gateway with live traffic) are in
+tests/test_rollouts_live.py; the judgements they act on are tested here directly.
 """
 
 from __future__ import annotations
@@ -64,6 +64,16 @@ def test_a_healthy_canary_passes_and_a_slow_or_starved_one_does_not() -> None:
     assert slow is not None and "p99 latency 50 ms against 10 ms" in slow
     starved = canary_breach(PLAN, NEW, seen(stats(NEW, 3), stats(OLD, 540)))
     assert starved is not None and "fewer than min_requests 20" in starved
+
+
+def test_p99_under_a_millisecond_counts_and_millisecond_jitter_does_not() -> None:
+    # the gateway times to the millisecond: a current version answering in under 1 ms has p99 0
+    slow = canary_breach(PLAN, NEW, seen(stats(NEW, 60, p99=40.0), stats(OLD, 540, p99=0.0)))
+    assert slow is not None and "p99 latency 40 ms against 0 ms" in slow, slow
+    # 3 ms against 1 ms is three times as slow, but within the tolerance (10 ms by default)
+    assert canary_breach(PLAN, NEW, seen(stats(NEW, 60, p99=3.0), stats(OLD, 540, p99=1.0))) is None
+    strict = PLAN.model_copy(update={"p99_tolerance_ms": 1.0})
+    assert canary_breach(strict, NEW, seen(stats(NEW, 60, p99=3.0), stats(OLD, 540, p99=1.0))) is not None
 
 
 def test_canary_shares_keep_every_route_table_valid() -> None:

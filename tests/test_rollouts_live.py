@@ -22,8 +22,9 @@ from typing import Any
 
 import httpx
 import pytest
-from temporalio.client import WorkflowFailureError
+from temporalio.client import WorkflowFailureError, WorkflowHandle
 
+from activities.inventory import RETIRING
 from activities.runtimes.gateway_nginx import DEPLOYMENT_HEADER
 from mlc.domain import (
     ApprovalGate,
@@ -39,9 +40,9 @@ from mlc.domain import (
     TestKind,
 )
 from mlc.operations import read_status
-from mlc.store import deployments, traffic, trail
+from mlc.store import deployments, runs, traffic, trail
 from tests.conftest import DOCKER_BASE_IMAGE, FIXTURES, Stack, gateway_settings
-from tests.lifecycle_helpers import wait_for_gate
+from tests.lifecycle_helpers import keep_history, wait_for_gate
 from tests.test_stable_endpoints import answering_version, approve
 
 FLAKY = FIXTURES / "models" / "cc-fraud-flaky"
@@ -195,6 +196,12 @@ async def history(stack: Stack, model: str) -> list[dict[str, str]]:
     return rows
 
 
+async def assert_failed_run_recorded(stack: Stack, handle: WorkflowHandle[Any, Any]) -> None:
+    """The inventory knows the run failed and ended (its failure handling ran)."""
+    run = await runs.read_run(stack.pool, handle.id, (await handle.describe()).run_id)
+    assert run is not None and run["state"] == "failed" and run["ended_at"] is not None, run
+
+
 def longest_gap(answers: list[Answer]) -> float:
     """The longest time between two successive answers (seconds)."""
     times = [a.at for a in answers]
@@ -241,6 +248,9 @@ async def canary_rolls_back(
     assert "against 0.0% of the current version, more than 5.0% higher" in message, message
     status = await read_status(handle)
     assert status is not None and status.reason is not None and "canary in DEV rolled back" in status.reason
+    await assert_failed_run_recorded(stack, handle)
+    if runtime is None:
+        await keep_history(handle, "ModelLifecycle", "canary_rolled_back")
 
     # v2's deployment is retired, and the same consumers get v1 only, for every record
     v2_id = await dev_deployment(stack, v2)
@@ -279,6 +289,7 @@ async def test_healthy_canary_goes_through_every_step(
         await consumer.wait(30)
         handle = await stack.start(v2, spec=canary(window=2.0))
         await handle.result()
+        await keep_history(handle, "ModelLifecycle", "canary_promotion")
         promoted = len(consumer.answers)
         await consumer.wait(30)
 
@@ -311,6 +322,7 @@ async def test_shadow_comparison_is_evidence_for_the_gate(
         shadowed = list(consumer.answers)
         await approve(stack, v2, "DEV")
         await handle.result()
+        await keep_history(handle, "ModelLifecycle", "shadow_then_gate")
         promoted = len(consumer.answers)
         await consumer.wait(30)
 
@@ -344,3 +356,46 @@ async def test_shadow_comparison_is_evidence_for_the_gate(
         (f"v{v1.version} 100%", "shadow ended"),
         (f"v{v2.version} 100%", "promote"),
     ]
+
+
+async def test_a_canary_step_that_fails_gives_the_traffic_back(
+    stack: Stack, example_package: Path, tmp_path: Path
+) -> None:
+    v1, v1_id, endpoint = await promoted_v1(stack, example_package, tmp_path)
+    v2 = await snapshot_of(stack, example_package, tmp_path, "v2")
+    async with Consumer(endpoint) as consumer:
+        await consumer.wait(30)
+        handle = await stack.start(v2, spec=canary(window=4.0))
+        deadline = time.monotonic() + 60
+        while not any(r["cause"] == "canary 25%" for r in await history(stack, v1.model)):
+            assert time.monotonic() < deadline, "the canary did not start"
+            await asyncio.sleep(0.2)
+        # mid-window, the inventory stops counting v2 as live (as when its runtime's
+        # reconciler retires it): observing the window is refused, and the run fails
+        v2_id = await dev_deployment(stack, v2)
+        await deployments.update_serving(
+            stack.pool, v2_id, state=DeploymentState.SERVING, details={RETIRING: True}
+        )
+        with pytest.raises(WorkflowFailureError) as failure:
+            await handle.result()
+        failed = len(consumer.answers)
+        await consumer.wait(60)
+
+    message = str(failure.value.cause)
+    assert f"deployment {v2_id} is not a live online deployment (being retired)" in message, message
+    await assert_failed_run_recorded(stack, handle)
+    await keep_history(handle, "ModelLifecycle", "canary_step_failed")
+    found = await deployments.read_deployment(stack.pool, v2_id)
+    assert found is not None and found.state is DeploymentState.RETIRED
+
+    # before the failed run undeployed v2, it gave all traffic back to v1: nobody is sent to v2
+    rows = await history(stack, v1.model)
+    assert [r["versions"] for r in rows] == [
+        f"v{v1.version} 100%",
+        f"v{v2.version} 25%, v{v1.version} 75%",
+        f"v{v1.version} 100%",
+    ]
+    assert rows[2]["cause"].startswith("canary stopped at 25%: "), rows[2]
+    assert consumer.failures == [], consumer.failures[:5]
+    assert {(a.deployment, a.status) for a in consumer.answers[failed:]} == {(v1_id, 200)}
+    assert {a.status for a in consumer.answers} == {200}

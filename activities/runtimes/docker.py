@@ -15,6 +15,18 @@ model reaches nothing on the host's loopback; any other network name works the s
 engine): the server then binds ``publish_host`` on a port the driver picks free on the
 worker's host, and shares the host's network.
 
+A runtime with ``hosting: shared`` (docker runtimes default to ``dedicated``) serves its
+online deployments from one host container per runtime instead (``mlc.mode=host``,
+``python -m mlc.serving serve-many``, see :mod:`mlc.serving.multi`), started from the
+first hosted snapshot's image, its models in a volume at ``/models``. A deployment is put
+there as ``/models/<id>/`` (copied in through the engine, so remote engines work) with its
+identity ``/models/<id>.json``; its endpoint is the host's plus ``/models/<id>``, and the
+host's ``GET /models`` is the record of what it hosts. A deploy then costs a copy and a
+model load in an interpreter that has imported the libraries already, not a container
+start. A snapshot whose requirements the host's image does not meet (409) gets a
+container of its own, as do all of them under ``dedicated``. Hosted models share one
+process and user, and their answers are not captured for shadow comparisons.
+
 Batch jobs bind-mount the deployment's working directory (on the worker's host) at
 ``/data``. With a remote engine that path must exist on the engine's host too (a shared
 mount at the same path); the same holds for a worker running in a container, whose
@@ -26,11 +38,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import io
 import json
 import os
 import re
 import shutil
 import socket
+import tarfile
 import time
 from pathlib import Path
 from typing import Any
@@ -62,6 +76,7 @@ from mlc.errors import DeploymentFailedError, NotFoundError
 from mlc.evaluation import test_dataset
 from mlc.manifest import load_manifest
 from mlc.serving.app import SHA256_ENV, VERSION_ENV
+from mlc.serving.multi import MEMORY_BUDGET_ENV
 
 CONTAINER_PORT = 8080
 """Where the server listens inside a container that is not on the host network."""
@@ -77,6 +92,10 @@ _HEALTH_POLL_SECONDS = 0.02
 _STATE_POLL_SECONDS = 0.25
 """How often the engine is asked whether a starting container still runs."""
 _TMPFS = {"/tmp": "rw,nosuid,nodev,size=64m"}
+HOST_MODE = "host"
+"""``mlc.mode`` of a runtime's shared model-host container."""
+HOST_MODELS_DIR = "/models"
+"""Where a host container's models are (a volume of its own)."""
 _UNSAFE_NAME_CHARS = re.compile(r"[^a-zA-Z0-9_.-]+")
 
 
@@ -150,6 +169,34 @@ def _remove(container: Any) -> None:
         container.remove(force=True)
 
 
+def host_container_name(runtime: Runtime) -> str:
+    """The name of the runtime's shared host container (and of its models volume)."""
+    return container_name(runtime.name, suffix="-model-host")
+
+
+def _remove_host(client: Any, host: Any) -> None:
+    """Force-remove a host container and its models volume."""
+    _remove(host)
+    with contextlib.suppress(docker.errors.NotFound, docker.errors.APIError):
+        client.volumes.get(host.name).remove(force=True)
+
+
+def _megabytes(limit: str) -> float:
+    """A docker memory limit (``512m``, ``1g``, bytes) in MB."""
+    text = limit.strip().lower().removesuffix("b")
+    units = {"k": 1 / 1024, "m": 1.0, "g": 1024.0, "t": 1024.0**2}
+    if text and text[-1] in units:
+        return float(text[:-1]) * units[text[-1]]
+    return float(text) / 2**20
+
+
+def _error_of(response: httpx.Response) -> str:
+    """The ``error`` of a model server's JSON answer, else its status and text."""
+    with contextlib.suppress(ValueError, KeyError, TypeError):
+        return str(response.json()["error"])
+    return f"HTTP {response.status_code} {response.text[:500]}"
+
+
 class DockerDriver(RuntimeDriver):
     """Deploys snapshots as containers on a Docker engine (local or remote)."""
 
@@ -166,6 +213,10 @@ class DockerDriver(RuntimeDriver):
         settings = docker_settings(runtime)
         async with connect(runtime, f"deploy {snapshot.ref}") as client:
             container = await self._reusable(client, request)
+            if container is None and runtime.shares_hosts(request.stage):
+                hosted = await self._deploy_hosted(client, request, heartbeat)
+                if hosted is not None:
+                    return hosted
             image: ModelImage | None = None
             if container is None:
                 image = await ensure_image(
@@ -190,6 +241,199 @@ class DockerDriver(RuntimeDriver):
                 details["image_built"] = image.built
                 details["image_seconds"] = round(image.seconds, 3)
             return OnlineDeployResult(endpoint=endpoint, details=details)
+
+    # --- the runtime's shared host container -----------------------------------------
+
+    async def _deploy_hosted(
+        self, client: Any, request: OnlineDeployRequest, heartbeat: Heartbeat
+    ) -> OnlineDeployResult | None:
+        """Copy the package into the runtime's host container (started when needed) and
+        wait for its ``/models/<id>/health``; None when the host refuses it (409)."""
+        host = await self._host(client, request, heartbeat)
+        base = await asyncio.to_thread(self._endpoint, host)
+        endpoint = f"{base}/models/{request.deployment_id}"
+        archive = await asyncio.to_thread(self._hosted_archive, request)
+        await asyncio.to_thread(self._remove_hosted, host, request.deployment_id)
+        if not await asyncio.to_thread(host.put_archive, HOST_MODELS_DIR, archive):
+            raise DeploymentFailedError(f"could not copy {request.snapshot.ref} into {host.name}")
+        settings = docker_settings(request.runtime)
+        deadline = time.monotonic() + settings.health_timeout_seconds
+        problem = None
+        async with httpx.AsyncClient(timeout=settings.health_timeout_seconds, trust_env=False) as http:
+            while problem is None:
+                with contextlib.suppress(httpx.HTTPError):
+                    response = await http.get(f"{endpoint}/health")
+                    if response.status_code == 200:
+                        details = {"container_id": host.id, "container_name": host.name, "host": True}
+                        return OnlineDeployResult(endpoint=endpoint, details=details)
+                    if response.status_code == 409:
+                        await asyncio.to_thread(self._remove_hosted, host, request.deployment_id)
+                        return None
+                    problem = (
+                        "is not in the host container (its copy is gone)"
+                        if response.status_code == 404
+                        else f"could not be loaded: {_error_of(response)}"
+                    )
+                if time.monotonic() > deadline:
+                    problem = (
+                        f"did not answer {endpoint}/health within {settings.health_timeout_seconds:.0f} s"
+                    )
+                await asyncio.sleep(_HEALTH_POLL_SECONDS)
+        await asyncio.to_thread(self._remove_hosted, host, request.deployment_id)
+        tail = await asyncio.to_thread(_tail, host)
+        raise DeploymentFailedError(
+            f"{request.snapshot.ref} in {request.stage} on runtime {request.runtime.name} (deployment "
+            f"{request.deployment_id}, host container {host.name}) {problem}; last log lines:\n{tail}"
+        )
+
+    def _hosted_archive(self, request: OnlineDeployRequest) -> bytes:
+        """A tar of ``<id>/`` (the unpacked package) and ``<id>.json`` (its identity), readable by all."""
+        workdir = self.workdir(request.runtime, request.deployment_id)
+        package = ArtifactStore(self.settings.artifact_dir).unpack(
+            request.snapshot.sha256, workdir / "package"
+        )
+        identity = {
+            "version": str(request.snapshot.version),
+            "sha256": request.snapshot.sha256,
+            "capture": f"/tmp/mlc-capture-{request.deployment_id}.jsonl",
+        }
+        buffer = io.BytesIO()
+        with tarfile.open(fileobj=buffer, mode="w") as tar:
+
+            def readable(info: tarfile.TarInfo) -> tarfile.TarInfo:
+                info.uid = info.gid = 0
+                info.uname = info.gname = "root"
+                info.mode = 0o755 if info.isdir() else 0o644
+                return info
+
+            tar.add(package, arcname=request.deployment_id, filter=readable)
+            data = json.dumps(identity).encode()
+            info = readable(tarfile.TarInfo(f"{request.deployment_id}.json"))
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+        shutil.rmtree(workdir, ignore_errors=True)
+        return buffer.getvalue()
+
+    @staticmethod
+    def _remove_hosted(host: Any, deployment_id: str) -> None:
+        """Take the deployment's package out of the host container (gone already is fine)."""
+        paths = [f"{HOST_MODELS_DIR}/{deployment_id}", f"{HOST_MODELS_DIR}/{deployment_id}.json"]
+        with contextlib.suppress(docker.errors.APIError):
+            host.exec_run(["rm", "-rf", "--", *paths], user="0:0")
+
+    async def _host(self, client: Any, request: OnlineDeployRequest, heartbeat: Heartbeat) -> Any:
+        """The runtime's running host container: found, started again, or created from the
+        image of ``request``'s snapshot; returns once its ``/health`` answers."""
+        runtime = request.runtime
+        settings = docker_settings(runtime)
+        found = await asyncio.to_thread(self._host_containers, client, runtime)
+        host = found[0] if found else None
+        if host is not None and host.status != "running":
+            await asyncio.to_thread(host.start)
+            await asyncio.to_thread(host.reload)
+        if host is None:
+            image = await ensure_image(
+                client,
+                settings=self.settings,
+                runtime=runtime,
+                snapshot=request.snapshot,
+                heartbeat=heartbeat,
+                log_path=self.workdir(runtime, request.deployment_id) / "build.log",
+            )
+            labels = {
+                "mlc.runtime": runtime.name,
+                "mlc.mode": HOST_MODE,
+                "mlc.image-of": request.snapshot.sha256,
+            }
+            options: dict[str, Any] = {}
+            if settings.network_mode == "host":
+                port, bind_host = _free_port(settings.publish_host), settings.publish_host
+                labels["mlc.endpoint"] = f"http://{settings.publish_host}:{port}"
+            else:
+                port, bind_host = CONTAINER_PORT, "0.0.0.0"
+                options["ports"] = {f"{CONTAINER_PORT}/tcp": (settings.publish_host, None)}
+            command = [
+                "python3", "-m", "mlc.serving", "serve-many",
+                "--models-dir", HOST_MODELS_DIR, "--host", bind_host, "--port", str(port),
+            ]  # fmt: skip
+            budget = {
+                MEMORY_BUDGET_ENV: str(int(_megabytes(settings.memory) * 0.8))
+            }  # evict before the OOM killer
+            container_options = {**_container_options(settings, request.snapshot), "environment": budget}
+            name = host_container_name(runtime)
+            try:
+                host = await asyncio.to_thread(
+                    client.containers.run,
+                    image.id,
+                    command,
+                    name=name,
+                    labels=labels,
+                    detach=True,
+                    network_mode=settings.network_mode,
+                    restart_policy=_restart_policy(settings.restart_policy),
+                    volumes={name: {"bind": HOST_MODELS_DIR, "mode": "rw"}},
+                    **container_options,
+                    **options,
+                )
+            except docker.errors.APIError as exc:
+                if exc.status_code != 409:
+                    raise
+                host = await asyncio.to_thread(client.containers.get, name)
+        assert host is not None
+        endpoint = await asyncio.to_thread(self._endpoint, host)
+        deadline = time.monotonic() + settings.health_timeout_seconds
+        async with httpx.AsyncClient(timeout=2.0, trust_env=False) as http:
+            while True:
+                with contextlib.suppress(httpx.HTTPError):
+                    if (await http.get(f"{endpoint}/health")).status_code == 200:
+                        return host
+                if time.monotonic() > deadline:
+                    await self._fail(
+                        host, f"the model host {host.name} of runtime {runtime.name} did not start"
+                    )
+                heartbeat(f"waiting for the model host {host.name}")
+                await asyncio.sleep(_HEALTH_POLL_SECONDS)
+
+    @staticmethod
+    def _host_containers(client: Any, runtime: Runtime) -> list[Any]:
+        """The runtime's host containers, running ones first."""
+        found = client.containers.list(
+            all=True, filters={"label": [f"mlc.runtime={runtime.name}", f"mlc.mode={HOST_MODE}"]}
+        )
+        return sorted(found, key=lambda c: c.status != "running")
+
+    async def _hosted(self, client: Any, runtime: Runtime) -> tuple[Any, str, list[str]] | None:
+        """The runtime's running host container, its endpoint and the ids it hosts."""
+        found = await asyncio.to_thread(self._host_containers, client, runtime)
+        if not found or found[0].status != "running":
+            return None
+        host = found[0]
+        endpoint = await asyncio.to_thread(self._endpoint, host)
+        with contextlib.suppress(httpx.HTTPError, ValueError, KeyError):
+            async with httpx.AsyncClient(timeout=5.0, trust_env=False) as http:
+                listed = (await http.get(f"{endpoint}/models")).json()["models"]
+                return host, endpoint, [str(i) for i in listed]
+        return None
+
+    async def _unhost(
+        self, client: Any, runtime: Runtime, *, keep: set[str] | None, only: str | None
+    ) -> list[str]:
+        """Take ``only`` (or every id not in ``keep``) out of the runtime's host; remove the
+        host and its volume when it hosts nothing any more. Returns the ids taken out."""
+        hosted = await self._hosted(client, runtime)
+        if hosted is None:
+            found = await asyncio.to_thread(self._host_containers, client, runtime)
+            if found and keep is not None and only is None and not keep:  # down and nothing kept: it goes
+                for host in found:
+                    await asyncio.to_thread(_remove_host, client, host)
+            return []
+        host, _, ids = hosted
+        gone = [i for i in ids if (i == only if only is not None else i not in (keep or set()))]
+        for deployment_id in gone:
+            await asyncio.to_thread(self._remove_hosted, host, deployment_id)
+        if not set(ids) - set(gone):
+            await asyncio.to_thread(_remove_host, client, host)
+        return gone
 
     async def _reusable(self, client: Any, request: OnlineDeployRequest) -> Any:
         """The deployment's running container of this snapshot, after removing stale ones."""
@@ -459,11 +703,14 @@ class DockerDriver(RuntimeDriver):
                     ]
                 },
             )
-            if not found:
-                raise NotFoundError(
-                    f"deployment {deployment_id} has no running container on runtime {runtime.name}"
-                )
-            return await asyncio.to_thread(self._endpoint, found[0])
+            if found:
+                return await asyncio.to_thread(self._endpoint, found[0])
+            hosted = await self._hosted(client, runtime)
+            if hosted is not None and deployment_id in hosted[2]:
+                return f"{hosted[1]}/models/{deployment_id}"
+            raise NotFoundError(
+                f"deployment {deployment_id} has no running container on runtime {runtime.name}"
+            )
 
     async def probe(self, request: ProbeRequest) -> ProbeResult:
         """The deployment's container is running and its ``/health`` answers 200 (three tries).
@@ -474,6 +721,11 @@ class DockerDriver(RuntimeDriver):
         runtime = request.runtime
         async with connect(runtime, f"check deployment {request.deployment_id}") as client:
             found = await asyncio.to_thread(self._online_containers, client, request.deployment_id)
+            if not found:  # hosted in the runtime's host container?
+                found = await asyncio.to_thread(self._host_containers, client, runtime)
+                hosted = await self._hosted(client, runtime) if found else None
+                if hosted is not None and request.deployment_id not in hosted[2]:
+                    found = []
             if not found:
                 return ProbeResult(
                     healthy=False,
@@ -489,6 +741,8 @@ class DockerDriver(RuntimeDriver):
                     log_tail=await asyncio.to_thread(_tail, container),
                 )
             endpoint = await asyncio.to_thread(self._endpoint, container)
+            if container.labels.get("mlc.mode") == HOST_MODE:
+                endpoint = f"{endpoint}/models/{request.deployment_id}"
             answer = "no answer"
             async with httpx.AsyncClient(timeout=2.0, trust_env=False) as http:
                 for _ in range(PROBE_TRIES):
@@ -557,6 +811,7 @@ class DockerDriver(RuntimeDriver):
             for container in found:
                 if container.labels.get("mlc.mode") != MODE:
                     await asyncio.to_thread(_remove, container)
+            await self._unhost(client, request.runtime, keep=None, only=request.deployment_id)
         await drop_test_topics(request.runtime, request.deployment_id)
 
     async def cleanup(self, request: CleanupRequest) -> CleanupResult:
@@ -569,8 +824,11 @@ class DockerDriver(RuntimeDriver):
                 client.containers.list, all=True, filters={"label": f"mlc.runtime={runtime.name}"}
             )
             for container in found:
+                if container.labels.get("mlc.mode") == HOST_MODE:
+                    continue  # below: it goes when it hosts nothing kept
                 deployment_id = container.labels.get("mlc.deployment-id", "")
                 if deployment_id not in keep:
                     await asyncio.to_thread(_remove, container)
                     removed.add(deployment_id)
+            removed.update(await self._unhost(client, runtime, keep=keep, only=None))
         return CleanupResult(removed=tuple(sorted(removed)))

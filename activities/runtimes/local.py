@@ -320,6 +320,8 @@ class LocalDriver(RuntimeDriver):
         if package.is_dir() and not (marker.is_file() and marker.read_text() == request.snapshot.sha256):
             shutil.rmtree(package)  # new files: the host loads the new package, not its cached model
         self._unpack(request.snapshot, workdir)
+        with contextlib.suppress(OSError):  # a new stamp: the host loads it afresh, keeping no old failure
+            os.utime(package / "manifest.yaml")
         identity = {
             "version": str(request.snapshot.version),
             "sha256": request.snapshot.sha256,
@@ -405,8 +407,11 @@ class LocalDriver(RuntimeDriver):
                         )
                     if response.status_code == 409:
                         return None
-                    if response.status_code != 404:
-                        problem = f"{where} could not be loaded: {_error_of(response)}"
+                    problem = (
+                        f"{where} is not in the host any more"
+                        if response.status_code == 404
+                        else f"{where} could not be loaded: {_error_of(response)}"
+                    )
                 except httpx.TransportError:
                     pass
                 if time.monotonic() > deadline:
@@ -416,6 +421,8 @@ class LocalDriver(RuntimeDriver):
                 heartbeat(f"waiting for {endpoint}/health")
                 await asyncio.sleep(0.02)
         await self._leave_host(request.runtime, workdir, fresh=False)
+        with contextlib.suppress(FileNotFoundError):
+            (workdir / STATE_FILE).unlink()  # nothing to reuse: the next deploy puts it in again
         raise DeploymentFailedError(f"{problem}; last lines of {log}:\n{_tail(log)}")
 
     async def _leave_host(self, runtime: Runtime, workdir: Path, *, fresh: bool) -> None:

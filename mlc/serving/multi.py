@@ -7,7 +7,8 @@ model's own objects:
 * models live in a folder, one package per sub-folder named by its id (a runtime adds a
   deployment by unpacking it there and removes it by deleting the folder; no admin API
   on the scoring port). Routes are ``/models/{id}/health``, ``/metadata``, ``/score`` and
-  ``/metrics``, with the single-model server's semantics and limits;
+  ``/metrics``, with the single-model server's semantics and limits; ``/models`` lists the
+  ids present and loaded;
 * a model is loaded on its first request (in a thread, once, however many requests race),
   unloaded when its folder goes away (noticed by its next request, the next load or the
   next process ``/health``) and loaded again when its package is replaced (its
@@ -93,6 +94,14 @@ class ModelHost:
         budget = memory_budget_mb or float(os.environ.get(MEMORY_BUDGET_ENV, DEFAULT_MEMORY_BUDGET_MB))
         self.memory_budget_mb = budget
         self._models: dict[str, _Hosted] = {}
+
+    def present(self) -> list[str]:
+        """Ids of the packages in the folder (loaded or not), sorted."""
+        try:
+            names = sorted(os.listdir(self.models_dir))
+        except OSError:
+            return []
+        return [n for n in names if not n.startswith(".") and _stamp(self.models_dir / n) is not None]
 
     def loaded(self) -> list[str]:
         """Ids of the models in memory, least recently used first."""
@@ -200,6 +209,9 @@ def create_host_app(host: ModelHost) -> Starlette:
 
         return endpoint
 
+    async def listing(request: Request) -> Response:
+        return JSONResponse({"models": host.present(), "loaded": host.loaded()})
+
     async def health(request: Request) -> Response:
         host.sweep()
         loaded = len(host.loaded())
@@ -208,6 +220,7 @@ def create_host_app(host: ModelHost) -> Starlette:
     return Starlette(
         routes=[
             Route("/health", health, methods=["GET"]),
+            Route("/models", listing, methods=["GET"]),
             Route("/models/{model_id}/health", route(_ScoringService.health), methods=["GET"]),
             Route("/models/{model_id}/metadata", route(_ScoringService.metadata), methods=["GET"]),
             Route("/models/{model_id}/score", route(_ScoringService.score), methods=["POST"]),
