@@ -19,7 +19,8 @@ from typing import NoReturn, TypeVar
 
 from pydantic import BaseModel
 
-from lifecycles import _rollout
+from lifecycles._rollout import rollout as _rollout
+from lifecycles._rollout import shadow as _shadow
 from lifecycles._run import LifecycleFailure
 from lifecycles._run import cause_message as cause_message  # for workflow code; not in __all__
 from lifecycles._run import run_of as _run_of
@@ -137,7 +138,7 @@ class Lifecycle:
         traffic back, undeploys the new version and fails the run (LifecycleFailure). Every
         traffic change is in the audit trail with its cause. Returns the retired deployments.
         """
-        return _copies(await _rollout.rollout(_run_of(self), stage, deployments))
+        return _copies(await _rollout(_run_of(self), stage, deployments))
 
     async def shadow(self, stage: str, deployments: Sequence[Deployment]) -> StageTestReport:
         """Mirror live traffic to ``deployments`` for the stage's ``rollout.duration`` and compare.
@@ -147,7 +148,7 @@ class Lifecycle:
         ``min_pairs``, ``min_agreement``, ``max_mean_abs_diff``) joins the stage's test
         report as a ``shadow`` result: evidence for the stage's gate. Returns that report.
         """
-        return _copy(await _rollout.shadow(_run_of(self), stage, deployments))
+        return _copy(await _shadow(_run_of(self), stage, deployments))
 
     async def undeploy(self, deployments: Sequence[Deployment]) -> None:
         """Take this run's ``deployments`` down and mark them retired."""
