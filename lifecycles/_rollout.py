@@ -101,7 +101,7 @@ async def shadow(run: LifecycleRun, stage: str, deployments: Sequence[Deployment
             seen = await asyncio.gather(
                 *(run.observe(stage, name, mirrored[name], since, until) for name in sorted(mirrored))
             )
-        except (LifecycleFailure, ActivityError) as exc:
+        except (LifecycleFailure, ActivityError, asyncio.CancelledError) as exc:
             await _give_back(run, stage, back, "shadow stopped", exc)
             raise
         await run.route(stage, back, "shadow ended")
@@ -176,7 +176,7 @@ async def _canary(
             await workflow.sleep(plan.window)
             until = workflow.now()
             seen = await asyncio.gather(*(run.observe(stage, n, step[n], since, until) for n in names_))
-        except (LifecycleFailure, ActivityError) as exc:
+        except (LifecycleFailure, ActivityError, asyncio.CancelledError) as exc:
             await _give_back(run, stage, back, f"canary stopped at {share}%", exc)
             raise
         for name, observation in zip(names_, seen, strict=True):
@@ -194,12 +194,16 @@ async def _canary(
 async def _give_back(run: LifecycleRun, stage: str, back: Routes, what: str, exc: BaseException) -> None:
     """Route ``back`` (the current versions) after a failed canary step or shadow window.
 
-    The run is failing with ``exc`` and will undeploy its new version: consumers must not
-    keep being sent to it. When giving back fails too, the run still fails with ``exc``.
+    The run is failing with ``exc`` (or was cancelled) and will undeploy its new version:
+    consumers must not keep being sent to it. When giving back fails too, the run still
+    fails with ``exc``.
     """
     if not workflow.patched(GIVE_BACK_PATCH):
         return
-    reason = exc.reason if isinstance(exc, LifecycleFailure) else cause_message(exc)
+    if isinstance(exc, asyncio.CancelledError):
+        reason = "the run was cancelled"
+    else:
+        reason = exc.reason if isinstance(exc, LifecycleFailure) else cause_message(exc)
     try:
         await run.route(stage, back, f"{what}: {reason}")
     except LifecycleFailure as failed:

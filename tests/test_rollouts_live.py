@@ -399,3 +399,39 @@ async def test_a_canary_step_that_fails_gives_the_traffic_back(
     assert consumer.failures == [], consumer.failures[:5]
     assert {(a.deployment, a.status) for a in consumer.answers[failed:]} == {(v1_id, 200)}
     assert {a.status for a in consumer.answers} == {200}
+
+
+async def test_a_cancelled_canary_gives_the_traffic_back(
+    stack: Stack, example_package: Path, tmp_path: Path
+) -> None:
+    """Cancelled mid-step (Web UI, `temporal workflow cancel`): the current version gets all
+    the traffic back, the new one is undeployed and the run is recorded as ended."""
+    v1, v1_id, endpoint = await promoted_v1(stack, example_package, tmp_path)
+    v2 = await snapshot_of(stack, example_package, tmp_path, "v2")
+    async with Consumer(endpoint) as consumer:
+        handle = await stack.start(v2, spec=canary(window=120.0))
+
+        async def split() -> bool:
+            (table,) = await traffic.read_traffic(stack.pool, model=v1.model, stage="DEV")
+            return len([r for r in table.routes if r.weight > 0]) == 2
+
+        deadline = time.monotonic() + 60
+        while not await split():
+            assert time.monotonic() < deadline, "the canary never took a share"
+            await asyncio.sleep(0.2)
+        await consumer.wait(20)
+        await handle.cancel()
+        with pytest.raises(WorkflowFailureError):
+            await handle.result()
+        cancelled = len(consumer.answers)
+        await consumer.wait(20)
+
+    (table,) = await traffic.read_traffic(stack.pool, model=v1.model, stage="DEV")
+    assert [(r.deployment_id, r.weight) for r in table.routes] == [(v1_id, 100)]
+    assert {a.deployment for a in consumer.answers[cancelled:]} == {v1_id}
+    assert consumer.failures == [] and {a.status for a in consumer.answers} == {200}
+    v2_deployment = await deployments.read_deployment(stack.pool, await dev_deployment(stack, v2))
+    assert v2_deployment is not None and v2_deployment.state is DeploymentState.RETIRED
+    await assert_failed_run_recorded(stack, handle)
+    rows = await history(stack, v1.model)
+    assert rows[-1]["cause"] == "canary stopped at 25%: the run was cancelled", rows[-1]

@@ -7,6 +7,7 @@ whichever lifecycle code drives the run.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable
 
 from temporalio import workflow
@@ -127,6 +128,12 @@ class LifecycleWorkflow:
             reason = exc.reason if isinstance(exc, LifecycleFailure) else cause_message(exc)
             await self._fail(mlc, reason)
             raise ApplicationError(reason, type=kind, non_retryable=True) from exc
+        except asyncio.CancelledError:
+            # Cancelled from the Web UI or `temporal workflow cancel`: the cancellation is
+            # delivered once, so the run can still clean up like a failure (undeploy the
+            # stage it was in, record its end, tell its followers), then end cancelled.
+            await self._fail(mlc, "the run was cancelled")
+            raise
         mlc.state = LifecycleState.SUCCEEDED
         workflow.set_current_details(f"**{mlc.model}@{mlc.version}** finished: succeeded")
         await mlc.record_run(ended=True)
