@@ -24,7 +24,8 @@ from datetime import UTC, datetime
 import asyncpg
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from temporalio import activity
-from temporalio.client import Client
+from temporalio.client import Client, WorkflowExecutionStatus
+from temporalio.service import RPCError
 
 from activities import admission
 from activities.boundary import CallingRun, calling_run, mlc_errors
@@ -48,7 +49,7 @@ from mlc.contracts.reconcile import (
     ensure_reconciler,
     reconciler_id,
 )
-from mlc.domain import Deployment, DeploymentState, Mode, ModelSnapshot, Runtime
+from mlc.domain import Deployment, DeploymentState, LifecycleState, Mode, ModelSnapshot, Runtime
 from mlc.errors import DeploymentFailedError, RefusedError
 from mlc.store import audit, deployments, runs, traffic, trail
 from mlc.store.governance import GovernanceCache
@@ -99,7 +100,9 @@ class ReconcileInventory:
             for d in await deployments.read_deployments(self.pool, runtime=runtime.name)
             if d.state is DeploymentState.SERVING and d.mode is Mode.ONLINE and not d.details.get(RETIRING)
         ]
-        retired = await self._retire_due(runtime, watched, caller)
+        abandoned = await self._abandoned(runtime, caller)
+        watched = [d for d in watched if d.id not in {a.id for a in abandoned}]
+        retired = abandoned + await self._retire_due(runtime, watched, caller)
         watched = [d for d in watched if d.id not in {r.id for r in retired}]
         tables = await self._routable(runtime, {d.id for d in watched})
         return Plan(
@@ -145,6 +148,70 @@ class ReconcileInventory:
                 expires_at=datetime.now(UTC) + grants.GRANT_LIFETIME,
             ),
         )
+
+    async def _abandoned(self, runtime: Runtime, caller: CallingRun) -> list[Deployment]:
+        """Record retired the live deployments of runs that ended without cleaning up.
+
+        A run terminated (``temporal workflow terminate``, the Web UI) or timed out runs no
+        more workflow code, so it neither undeploys its stage nor records its end. Temporal
+        knows it is closed: such a run is recorded ended (failed, with the reason), and its
+        deployments still deploying or serving here are retired, except those answering a
+        stable endpoint (consumers use them; a later promotion or rollback replaces them).
+        """
+        live = await deployments.read_deployments(self.pool, runtime=runtime.name)
+        owners = {
+            (d.workflow_id, str(d.details["run_id"]))
+            for d in live
+            if d.workflow_id and d.details.get("run_id")
+        }
+        closed: dict[tuple[str, str], str] = {}
+        for workflow_id, run_id in owners:
+            owner = await runs.read_run(self.pool, workflow_id, run_id)
+            if owner is None or owner.get("ended_at") is not None:
+                continue
+            status = await _closed_status(workflow_id, run_id)
+            if status is None:
+                continue
+            closed[(workflow_id, run_id)] = status
+            await runs.update_run(
+                self.pool,
+                workflow_id=workflow_id,
+                run_id=run_id,
+                state=LifecycleState.FAILED.value,
+                stage=owner.get("stage"),
+                reason=f"the run was {status} in Temporal without cleaning up; its runtime's reconciler did",
+                ended=True,
+            )
+        if not closed:
+            return []
+        routed = {
+            i for t in await traffic.read_traffic(self.pool, runtime=runtime.name) for i in t.routed_ids
+        }
+        found = []
+        for d in live:
+            status = closed.get((d.workflow_id or "", str(d.details.get("run_id"))))
+            if status is None or d.id in routed or d.mode is not Mode.ONLINE:
+                continue
+            updated = await deployments.update_serving(
+                self.pool,
+                d.id,
+                state=DeploymentState.RETIRED,
+                details={RETIRING: True, "retired_by": "reconciler"},
+                while_in=(DeploymentState.DEPLOYING, DeploymentState.SERVING),
+            )
+            if updated is None:
+                continue
+            await self._record(
+                updated,
+                caller,
+                event="retired",
+                message=(
+                    f"{d.model}@{d.version} in {d.stage} on runtime {d.runtime} has been retired: its "
+                    f"lifecycle run was {status} without cleaning up"
+                ),
+            )
+            found.append(updated)
+        return found
 
     async def _retire_due(
         self, runtime: Runtime, serving: list[Deployment], caller: CallingRun
@@ -375,6 +442,19 @@ class ReconcileInventory:
                 expires_at=datetime.now(UTC) + grants.GRANT_LIFETIME,
             ),
         )
+
+
+async def _closed_status(workflow_id: str, run_id: str) -> str | None:
+    """How a workflow run closed (``terminated``, ``timed out``...), or None while it runs
+    (or when Temporal does not know it: nothing is judged on a missing answer)."""
+    try:
+        described = await activity.client().get_workflow_handle(workflow_id, run_id=run_id).describe()
+    except RPCError:
+        return None
+    status = described.status
+    if status is None or status is WorkflowExecutionStatus.RUNNING:
+        return None
+    return status.name.lower().replace("_", " ")
 
 
 class ReconcileRuntime:

@@ -32,7 +32,7 @@ from mlc.domain import (
     StageSpec,
     TestKind,
 )
-from mlc.store import deployments
+from mlc.store import deployments, runs
 from tests.conftest import FIXTURES, Stack
 from tests.faults.harness import model_servers, wait_until
 from tests.lifecycle_helpers import wait_for_gate
@@ -137,3 +137,32 @@ async def test_a_crash_loop_is_restarted_up_to_the_policy_then_failed(stack: Sta
     assert found is not None and found.state is DeploymentState.FAILED
     assert "after 2 restart(s) in a row; restart policy on-failure:2" in found.details["error"]
     await handle.terminate()
+
+
+async def test_a_terminated_runs_deployments_are_retired_and_its_end_recorded(stack: Stack) -> None:
+    """A run terminated at its gate runs no cleanup code: the runtime's reconciler sees in
+    Temporal that it is closed, records its end and takes its deployment down."""
+    await stack.add_local_runtimes(("DEV",))
+    snap = await stack.register(MODEL)
+    spec = LifecycleSpec(stages=(StageSpec(name="DEV", tests=(TestKind.SMOKE,), gate=ApprovalGate()),))
+    handle = await stack.start(snap, spec=spec)
+    await wait_for_gate(handle, "DEV")
+    (deployment,) = await deployments.read_deployments(stack.pool)
+    assert deployment.id in model_servers(stack.settings.home)
+    await handle.terminate(reason="operator ended it")
+    await ensure_reconciler(stack.client, stack.settings, "local-dev")
+
+    async def retired() -> Deployment | None:
+        found = await deployments.read_deployment(stack.pool, deployment.id)
+        return found if found is not None and found.state is DeploymentState.RETIRED else None
+
+    await wait_until(retired, what="the reconciler to retire the terminated run's deployment", timeout=60)
+    await wait_until(
+        lambda: deployment.id not in model_servers(stack.settings.home),
+        what="the deployment's server to stop",
+        timeout=30,
+    )
+    run = await runs.read_run(stack.pool, handle.id, (await handle.describe()).run_id)
+    assert run is not None and run["ended_at"] is not None and run["state"] == "failed"
+    assert "terminated" in run["reason"], run
+    assert await runs.find_active_run(stack.pool, snap.model, snap.version) is None, "free for a new run"

@@ -88,8 +88,10 @@ async def update_serving(
     state: DeploymentState,
     details: dict[str, object],
     endpoint: str | None = None,
+    while_in: tuple[DeploymentState, ...] = (DeploymentState.SERVING,),
 ) -> Deployment | None:
-    """Change a deployment only while it is ``serving`` (None when it no longer is).
+    """Change a deployment only while it is ``serving`` (or in ``while_in``; None when it
+    no longer is).
 
     The reconciler writes through this, so a deployment its lifecycle retired or failed
     meanwhile is never turned back or overwritten.
@@ -97,11 +99,12 @@ async def update_serving(
     row = await pool.fetchrow(
         f"""UPDATE deployments SET state = $2, endpoint = coalesce($3, endpoint),
                 details = details || $4::jsonb, updated_at = now()
-            WHERE id = $1 AND state = 'serving'
+            WHERE id = $1 AND state = ANY($5::text[])
             RETURNING {_COLUMNS}""",
         deployment_id,
         state.value,
         endpoint,
         details,
+        [s.value for s in while_in],
     )
     return Deployment.model_validate(row_dict(row)) if row else None
