@@ -25,6 +25,13 @@ and writes there only through :func:`write_file`, :func:`read_own_file`, :func:`
 and :func:`read_tail`, which never follow a symbolic link, never open a FIFO or device,
 refuse hard links and (for the runtime's own records) files it did not write itself.
 
+A runtime's shared model host (``hosting: shared``, the default of local runtimes below
+PROD, see :mod:`activities.runtimes.local`) is one process with one such user for the host
+as a whole, which owns the folder of every deployment hosted in it: models hosted together
+can read and disturb each other (their packages, folders, requests and answers), a weaker
+boundary than a user per deployment. They are still kept from everything above, and from
+models outside their host.
+
 When the worker is not root it cannot give a model another user: model processes then
 run as the worker's user, and what separates them from the worker's files is only the
 allow-listed environment and the folder layout (see the README's "Trust model").

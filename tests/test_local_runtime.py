@@ -489,3 +489,37 @@ async def test_hosted_model_failures_and_refusals(settings: Settings, tmp_path: 
         assert alive(details["pid"])
     finally:
         await driver.cleanup(CleanupRequest(runtime=runtime))
+
+
+async def test_batch_jobs_fork_from_the_warm_forkserver(
+    driver: LocalDriver, settings: Settings, runtime: Runtime, tmp_path: Path
+) -> None:
+    from activities.runtimes.local import BATCH_SUMMARY, _fork_client
+
+    for _ in range(600):  # the first call starts it; it is ready after its imports
+        if _fork_client() is not None:
+            break
+        await asyncio.sleep(0.05)
+    assert _fork_client() is not None
+    snapshot = snapshot_of(settings, FIXTURES / "weak-model")
+    result = await driver.run_batch(
+        BatchJobRequest(deployment_id="dep-forked", snapshot=snapshot, runtime=runtime, stage=runtime.stage),
+        lambda note: None,
+    )
+    workdir = driver.workdir(runtime, "dep-forked")
+    summary = json.loads((workdir / BATCH_SUMMARY).read_text().splitlines()[-1])
+    assert summary["records"] == result.records > 0
+    assert processes_mentioning(str(workdir)) == []
+    source = tmp_path / "bad.jsonl"
+    source.write_text('{"amount": "lots"}\n')
+    with pytest.raises(DeploymentFailedError, match=r"exited with code 1(.|\n)*bad\.jsonl:1"):
+        await driver.run_batch(
+            BatchJobRequest(
+                deployment_id="dep-forked-bad",
+                snapshot=snapshot,
+                runtime=runtime,
+                stage=runtime.stage,
+                input_path=str(source),
+            ),
+            lambda note: None,
+        )

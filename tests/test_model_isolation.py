@@ -238,3 +238,33 @@ async def test_batch_job_reaches_nothing_beyond_its_own_folder(
     for output in outputs:
         assert_confined(output, owner)
     assert isolation.processes_of(owner) == [], "nothing of the job outlives it"
+
+
+async def test_a_shared_host_runs_as_its_own_user_and_reaches_nothing_beyond_its_runtime(
+    local: tuple[LocalDriver, Runtime], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    driver, dedicated = local
+    for name, value in WORKER_ENV.items():
+        monkeypatch.setenv(name, value)
+    targets = await plant(driver, dedicated, tmp_path)  # the victim: a dedicated deployment
+    shared = Runtime(name="local-dev", stage="DEV")
+    snoop = snapshot_of(
+        driver.settings, write_package(tmp_path / "snoop", "snoop", SNOOP.format(targets=targets))
+    )
+    request = OnlineDeployRequest(deployment_id="snoop", snapshot=snoop, runtime=shared, stage="DEV")
+    try:
+        result = await driver.deploy_online(request, lambda note: None)
+        assert result.endpoint.endswith("/models/snoop")
+        pid = int(result.details["pid"])
+        host = os.stat(driver.settings.runtime_dir / "local-dev" / ".host")
+        assert uids_of(pid) == [host.st_uid] * 4 and host.st_uid != 0
+        assert os.stat(driver.workdir(shared, "snoop")).st_uid == host.st_uid  # the host's user owns it
+        assert os.stat(driver.workdir(dedicated, "victim")).st_uid not in (0, host.st_uid)
+        assert "NoNewPrivs:\t1" in Path(f"/proc/{pid}/status").read_text()
+        environ = Path(f"/proc/{pid}/environ").read_bytes()
+        assert b"hunter2" not in environ and b"s3cr3t" not in environ
+        async with httpx.AsyncClient(timeout=10) as client:
+            scored = (await client.post(f"{result.endpoint}/score", json={"x": 1})).json()
+        assert_confined(scored, host.st_uid)
+    finally:
+        await driver.cleanup(CleanupRequest(runtime=shared))
