@@ -143,6 +143,7 @@ class ReconcileInventory:
                 mode=Mode.ONLINE,
                 model=table.model,
                 routes=table.routes,
+                repair=True,
                 workflow_id=caller.workflow_id,
                 run_id=caller.run_id,
                 expires_at=datetime.now(UTC) + grants.GRANT_LIFETIME,

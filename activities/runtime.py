@@ -124,7 +124,9 @@ class RuntimeActivities:
         the old routes). Idempotent: the same routes again change nothing.
         """
         grant, model, routes = self._traffic_grant(request.grant, "route_traffic")
-        return await driver_for(grant.runtime, self.settings).route(grant.runtime, model, routes, _heartbeat)
+        return await driver_for(grant.runtime, self.settings).route(
+            grant.runtime, model, routes, _heartbeat, repair=grant.repair
+        )
 
     @traffic.OBSERVE_TRAFFIC.implement
     @mlc_errors

@@ -191,7 +191,13 @@ class RuntimeDriver(abc.ABC):
         return await self.deploy_online(request, heartbeat)
 
     async def route(
-        self, runtime: Runtime, model: str, routes: Sequence[TrafficRoute], heartbeat: Heartbeat
+        self,
+        runtime: Runtime,
+        model: str,
+        routes: Sequence[TrafficRoute],
+        heartbeat: Heartbeat,
+        *,
+        repair: bool = False,
     ) -> RouteTrafficResult:
         """Make ``routes`` answer ``model``'s stable endpoint on the runtime's gateway.
 
@@ -205,7 +211,7 @@ class RuntimeDriver(abc.ABC):
         """
         from activities.runtimes import gateway
 
-        return await gateway.route(self, runtime, model, routes, heartbeat)
+        return await gateway.route(self, runtime, model, routes, heartbeat, repair=repair)
 
     async def observe(
         self,

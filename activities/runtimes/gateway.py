@@ -677,8 +677,14 @@ async def route(
     model: str,
     routes: Sequence[TrafficRoute],
     heartbeat: Heartbeat,
+    *,
+    repair: bool = False,
 ) -> RouteTrafficResult:
     """Make ``routes`` answer ``model``'s stable endpoint on ``runtime``; return once live.
+
+    With ``repair`` (the reconciler's call) a gateway that is down is started again and a
+    model whose files are missing gets ``routes``, but files already written are kept:
+    they hold the newest change, which may be younger than the reconciler's reading.
 
     Each route's deployment is located by ``driver`` (never taken from a payload); a
     route to a deployment that does not run is refused.
@@ -705,11 +711,16 @@ async def route(
     gateway = gateway_for(driver.settings, runtime)
     async with gateway.locked():
         started = await gateway.ensure(heartbeat)
-        http, server = render_model(
-            runtime=runtime.name, model=model, backends=backends, logs=gateway.paths.logs
-        )
         http_path, server_path = _model_files(gateway, model)
-        generation = await gateway.apply({http_path: http, server_path: server}, heartbeat)
+        if repair and http_path.exists() and server_path.exists():
+            # the files hold the newest routes (each change writes them before it reloads):
+            # the gateway runs on them now, whatever the reconciler's older copy says
+            generation = gateway.live_generation_file()
+        else:
+            http, server = render_model(
+                runtime=runtime.name, model=model, backends=backends, logs=gateway.paths.logs
+            )
+            generation = await gateway.apply({http_path: http, server_path: server}, heartbeat)
     return RouteTrafficResult(
         endpoint=config.endpoint(model),
         details={

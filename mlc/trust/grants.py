@@ -65,6 +65,10 @@ class RuntimeGrant(Frozen):
     """``route_traffic``/``observe_traffic``: the model whose stable endpoint is meant."""
     routes: tuple[TrafficRoute, ...] = ()
     """``route_traffic``/``observe_traffic``: the deployments behind it, checked by the inventory."""
+    repair: bool = False
+    """``route_traffic`` by the runtime's reconciler: bring back a gateway that is down or
+    lost the model's files, but never replace routes it holds (a lifecycle may have moved
+    traffic since the reconciler read the table)."""
     workflow_id: str
     run_id: str
     expires_at: datetime
