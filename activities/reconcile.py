@@ -193,26 +193,35 @@ class ReconcileInventory:
             status = closed.get((d.workflow_id or "", str(d.details.get("run_id"))))
             if status is None or d.id in routed or d.mode is not Mode.ONLINE:
                 continue
-            updated = await deployments.update_serving(
-                self.pool,
-                d.id,
-                state=DeploymentState.RETIRED,
-                details={RETIRING: True, "retired_by": "reconciler"},
-                while_in=(DeploymentState.DEPLOYING, DeploymentState.SERVING),
-            )
-            if updated is None:
-                continue
-            await self._record(
-                updated,
-                caller,
-                event="retired",
-                message=(
-                    f"{d.model}@{d.version} in {d.stage} on runtime {d.runtime} has been retired: its "
-                    f"lifecycle run was {status} without cleaning up"
-                ),
-            )
-            found.append(updated)
+            why = f"has been retired: its lifecycle run was {status} without cleaning up"
+            updated = await self._retire(d, caller, why, while_in=(DeploymentState.DEPLOYING,))
+            if updated is not None:
+                found.append(updated)
         return found
+
+    async def _retire(
+        self,
+        deployment: Deployment,
+        caller: CallingRun,
+        why: str,
+        *,
+        while_in: tuple[DeploymentState, ...] = (),
+    ) -> Deployment | None:
+        """Record ``deployment`` retired by the reconciler (while it is serving or in
+        ``while_in``), append it to the trail and tell its followers; None if it changed
+        meanwhile."""
+        updated = await deployments.update_serving(
+            self.pool,
+            deployment.id,
+            state=DeploymentState.RETIRED,
+            details={RETIRING: True, "retired_by": "reconciler"},
+            while_in=(DeploymentState.SERVING, *while_in),
+        )
+        if updated is not None:
+            d = deployment
+            message = f"{d.model}@{d.version} in {d.stage} on runtime {d.runtime} {why}"
+            await self._record(updated, caller, event="retired", message=message)
+        return updated
 
     async def _retire_due(
         self, runtime: Runtime, serving: list[Deployment], caller: CallingRun
@@ -240,24 +249,11 @@ class ReconcileInventory:
                 owner = await runs.read_run(self.pool, d.workflow_id, str(run_id))
                 if owner is not None and owner.get("ended_at") is None:
                     continue
-            updated = await deployments.update_serving(
-                self.pool,
-                d.id,
-                state=DeploymentState.RETIRED,
-                details={RETIRING: True, "retired_by": "reconciler"},
+            updated = await self._retire(
+                d, caller, "answered no stable endpoint after its grace and has been retired"
             )
-            if updated is None:
-                continue
-            await self._record(
-                updated,
-                caller,
-                event="retired",
-                message=(
-                    f"{d.model}@{d.version} in {d.stage} on runtime {d.runtime} answered no stable "
-                    "endpoint after its grace and has been retired"
-                ),
-            )
-            due.append(updated)
+            if updated is not None:
+                due.append(updated)
         return due
 
     @SETTLE.implement

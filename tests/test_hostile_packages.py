@@ -17,7 +17,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from activities.runtimes.base import BatchJobRequest, CleanupRequest, OnlineDeployRequest
+from activities.runtimes.base import BatchJobRequest, CleanupRequest, OnlineDeployRequest, UndeployRequest
 from activities.runtimes.docker_images import (
     PythonTarget,
     download_wheelhouse,
@@ -25,10 +25,10 @@ from activities.runtimes.docker_images import (
     render_dockerfile,
     server_requirements,
 )
-from activities.runtimes.local import LocalDriver
+from activities.runtimes.local import HOST_DIR, LocalDriver
 from mlc.artifacts import ArtifactStore, build_archive
 from mlc.config import Settings
-from mlc.domain import ModelSnapshot, Runtime
+from mlc.domain import HostingMode, ModelSnapshot, Runtime
 from mlc.errors import DeploymentFailedError, InvalidPackageError
 from mlc.manifest import load_manifest
 from mlc.store import snapshots
@@ -262,10 +262,12 @@ def plant_secrets(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("LC_ALL", "C.UTF-8")
 
 
+@pytest.mark.parametrize("hosting", [HostingMode.DEDICATED, HostingMode.SHARED])
 async def test_local_model_server_gets_none_of_the_workers_environment(
-    local: tuple[LocalDriver, Runtime], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    local: tuple[LocalDriver, Runtime], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, hosting: HostingMode
 ) -> None:
     driver, runtime = local
+    runtime = runtime.model_copy(update={"hosting": hosting})
     plant_secrets(monkeypatch)
     snapshot = snapshot_of(driver.settings, write_package(tmp_path / "pkg"))
     request = OnlineDeployRequest(deployment_id="env", snapshot=snapshot, runtime=runtime, stage="SIT")
@@ -282,8 +284,14 @@ async def test_local_model_server_gets_none_of_the_workers_environment(
     }  # fmt: skip
     async with httpx.AsyncClient() as client:
         scored = (await client.post(f"{result.endpoint}/score", json={"x": 1})).json()
-    assert scored["home"] == str(driver.workdir(runtime, "env"))
+    home = (
+        driver.workdir(runtime, "env")
+        if hosting is HostingMode.DEDICATED
+        else driver.settings.runtime_dir.resolve() / runtime.name / HOST_DIR
+    )
+    assert scored["home"] == str(home)
     assert "LC_ALL" in scored["keys"]
+    await driver.undeploy(UndeployRequest(deployment_id="env", runtime=runtime))  # a host stops with it
 
 
 async def test_local_batch_job_gets_none_of_the_workers_environment(

@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import shutil
 import subprocess
 import sys
 from datetime import timedelta
@@ -39,6 +38,7 @@ from mlc.store import deployments, runs, traffic, trail
 from mlc.trust.statements import Envelope
 from tests.conftest import APPROVER, Stack
 from tests.lifecycle_helpers import keep_history, wait_for_gate
+from tests.test_stable_endpoints import versions
 
 REASON = "error rate doubled after v2"
 
@@ -51,17 +51,6 @@ def uat_prod(grace: timedelta) -> LifecycleSpec:
             StageSpec(name="PROD", tests=(TestKind.SMOKE,), grace=grace),
         )
     )
-
-
-async def snapshots_of(stack: Stack, package: Path, tmp_path: Path, count: int) -> list[ModelSnapshot]:
-    """``count`` snapshots of the example model (same model, new content each)."""
-    snaps = []
-    for n in range(count):
-        copy = tmp_path / f"cc-fraud-{n}"
-        shutil.copytree(package, copy)
-        (copy / "NOTES.md").write_text(f"snapshot {n}\n")
-        snaps.append(await stack.register(copy))
-    return snaps
 
 
 async def promote(stack: Stack, snap: ModelSnapshot, spec: LifecycleSpec) -> None:
@@ -113,7 +102,7 @@ async def rollback_decisions(stack: Stack, model: str) -> list[dict[str, object]
 
 async def test_rollback_to_a_warm_version(stack: Stack, example_package: Path, tmp_path: Path) -> None:
     await stack.add_local_runtimes(("UAT", "PROD"), gateway=True)
-    v1, v2 = await snapshots_of(stack, example_package, tmp_path, 2)
+    v1, v2 = await versions(stack, example_package, tmp_path, 2)
     spec = uat_prod(timedelta(hours=1))
     await promote(stack, v1, spec)
     await promote(stack, v2, spec)
@@ -173,7 +162,7 @@ async def test_rollback_to_a_warm_version(stack: Stack, example_package: Path, t
 
 async def test_rollback_to_a_cold_version(stack: Stack, example_package: Path, tmp_path: Path) -> None:
     await stack.add_local_runtimes(("UAT", "PROD"), gateway=True)
-    v1, v2, v3 = await snapshots_of(stack, example_package, tmp_path, 3)
+    v1, v2, v3 = await versions(stack, example_package, tmp_path, 3)
     spec = uat_prod(timedelta(0))  # what stops answering is retired at once
     await promote(stack, v1, spec)
     await promote(stack, v2, spec)
