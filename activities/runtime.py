@@ -125,7 +125,7 @@ class RuntimeActivities:
         """
         grant, model, routes = self._traffic_grant(request.grant, "route_traffic")
         return await driver_for(grant.runtime, self.settings).route(
-            grant.runtime, model, routes, _heartbeat, repair=grant.repair
+            grant.runtime, model, routes, _heartbeat, repair=grant.repair, as_of=grant.as_of
         )
 
     @traffic.OBSERVE_TRAFFIC.implement

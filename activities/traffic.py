@@ -73,6 +73,7 @@ class TrafficInventory(InventoryActivities):
             routes=request.routes,
             workflow_id=run.workflow_id,
             run_id=run.run_id,
+            as_of=datetime.now(UTC),
             expires_at=datetime.now(UTC) + grants.GRANT_LIFETIME,
         )
         return RuntimeGrantResult(grant=grants.issue(self._platform_key, grant))

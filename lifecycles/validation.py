@@ -254,7 +254,7 @@ def check_lifecycle_name(name: str, *, built_in: tuple[str, ...]) -> str:
     People type it in the Web UI's Workflow Type field, so it must not shadow (even
     case-insensitively) a built-in lifecycle that workers serve as a registered type.
     """
-    if not _LIFECYCLE_NAME.match(name):
+    if not _LIFECYCLE_NAME.fullmatch(name):
         raise ValueError(
             f"lifecycle name {name!r} is not valid: start with a letter, then letters, digits, "
             "'_' or '-' (at most 63 characters), e.g. FourEyes"

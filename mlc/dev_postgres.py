@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
-from mlc import processes
+from mlc import isolation, processes
 from mlc.errors import RuntimeUnavailableError
 
 SYSTEM_USER = "embedded_postgres"
@@ -109,7 +109,7 @@ class DevPostgres:
         if socket_dir != self.data_dir:  # a private folder of the server's user, not a shared one
             digest = hashlib.sha256(str(self.data_dir).encode()).hexdigest()[:16]
             socket_dir = Path(tempfile.gettempdir()) / f"mlc-pg-{digest}"
-            socket_dir.mkdir(mode=0o700, exist_ok=True)
+            isolation.shared_temp_folder(socket_dir, owners=self._server_uids())
             self._own(socket_dir)
             socket_dir.chmod(0o700)
         # -h "": no TCP listener at all; the socket is the only way in.
@@ -144,6 +144,14 @@ class DevPostgres:
         """The server's URI with the superuser's password in it."""
         uri = str(info.get_uri())
         return uri.replace(f"{POSTGRES_USER}:@", f"{POSTGRES_USER}:{quote(self.password(), safe='')}@", 1)
+
+    def _server_uids(self) -> tuple[int, ...]:
+        """The server's user's uid (as root), which owns its socket folder after a start."""
+        if self._user is None:
+            return ()
+        import pwd
+
+        return (pwd.getpwnam(self._user).pw_uid,)
 
     def _own(self, path: Path) -> None:
         """Give ``path`` to the server's user (as root)."""

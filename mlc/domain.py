@@ -32,7 +32,7 @@ def check_name(value: str, what: str) -> str:
     Names end up in workflow ids, container names and file paths, so they are kept to a
     conservative alphabet.
     """
-    if not _NAME.match(value):
+    if not _NAME.fullmatch(value):
         raise ValueError(
             f"{what} {value!r} is not valid: use lower-case letters, digits, '.', '_' or '-', "
             "starting with a letter or digit (at most 63 characters)"
@@ -277,7 +277,7 @@ class Runtime(Frozen):
     @field_validator("restart")
     @classmethod
     def _valid_restart(cls, value: str) -> str:
-        if not _RESTART.match(value):
+        if not _RESTART.fullmatch(value):
             raise ValueError(
                 f"restart policy {value!r} is not valid: use no, always or on-failure[:N] (N from 1 to 999)"
             )

@@ -172,7 +172,7 @@ def private_folder(path: Path, user: ModelUser | None) -> None:
         owner = os.geteuid() if user is None else user.uid
         if stat.S_ISDIR(info.st_mode) and info.st_uid == owner:
             return
-        _remove(path)
+        remove(path)
     path.mkdir(mode=0o700)
     give(path, user)
 
@@ -190,10 +190,47 @@ def clear_for_root(path: Path) -> None:
         return
     if stat.S_ISDIR(info.st_mode) and info.st_uid == os.geteuid():
         return
-    _remove(path)
+    remove(path)
 
 
-def _remove(path: Path) -> None:
+def holds_package(package: Path, sha256: str) -> bool:
+    """True when ``package`` is a real folder of this process's user holding the snapshot
+    ``sha256`` (its marker a regular file of ours): looked at without following links."""
+    marker = package / ".mlc-sha256"
+    try:
+        folder, mark = os.lstat(package), os.lstat(marker)
+    except FileNotFoundError:
+        return False
+    ours = os.geteuid()
+    if not (stat.S_ISDIR(folder.st_mode) and folder.st_uid == ours):
+        return False
+    if not (stat.S_ISREG(mark.st_mode) and mark.st_uid == ours):
+        return False
+    return marker.read_text() == sha256
+
+
+def shared_temp_folder(path: Path, *, owners: Iterable[int] = ()) -> Path:
+    """Create ``path`` (a predictable name in the shared temp folder) or make sure the one
+    there is a real folder of this process's user (or of ``owners``), not a link or a
+    folder another local user made first to read or replace what goes in it.
+
+    Raises:
+        DeploymentFailedError: naming who owns what is there.
+    """
+    with contextlib.suppress(FileExistsError):
+        os.mkdir(path, 0o700)
+    info = os.lstat(path)
+    allowed = {os.geteuid(), *owners}
+    if not stat.S_ISDIR(info.st_mode) or info.st_uid not in allowed:
+        kind = "a link" if stat.S_ISLNK(info.st_mode) else f"owned by uid {info.st_uid}"
+        raise DeploymentFailedError(
+            f"{path} is {kind}, not a private folder of this process: someone else made it first. "
+            "Remove it, or set TMPDIR to a folder only this user can write"
+        )
+    return path
+
+
+def remove(path: Path) -> None:
     """Remove whatever ``path`` is (a folder with its content; a link, not its target)."""
     with contextlib.suppress(FileNotFoundError):
         if stat.S_ISDIR(os.lstat(path).st_mode):
@@ -293,7 +330,7 @@ def open_log(path: Path, user: ModelUser | None) -> IO[bytes]:
                 os.set_blocking(fd, True)
                 return os.fdopen(fd, "ab")
             os.close(fd)
-        _remove(path)
+        remove(path)
     raise DeploymentFailedError(f"{path} keeps being replaced while the runtime opens it")
 
 

@@ -306,3 +306,17 @@ async def test_local_batch_job_gets_none_of_the_workers_environment(
     assert outputs and all(SECRET not in json.dumps(o) for o in outputs)
     assert not any(k.startswith(("MLC_DATABASE", "TEMPORAL_", "SECRET")) for k in outputs[0]["keys"])
     assert outputs[0]["home"] == str(driver.workdir(runtime, "env-batch"))
+
+
+def test_names_and_ids_refuse_a_trailing_newline() -> None:
+    """``$`` also matches before a final newline: names and ids reach file names and nginx
+    configuration, so they are matched whole."""
+    from activities.runtimes.base import check_deployment_id
+    from mlc.domain import check_name
+    from mlc.errors import RefusedError
+
+    with pytest.raises(ValueError, match="is not valid"):
+        check_name("cc-fraud\n", "model name")
+    with pytest.raises(RefusedError, match="is not valid"):
+        check_deployment_id("cc-fraud-v1-dev-local-dev-1a2b3c4d\n")
+    assert check_name("cc-fraud", "model name") == "cc-fraud"

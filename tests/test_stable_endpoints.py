@@ -24,6 +24,7 @@ from temporalio.exceptions import ApplicationError
 from temporalio.testing import ActivityEnvironment
 
 from activities.traffic import RETIRE_AFTER, TrafficInventory
+from mlc.contracts.reconcile import ensure_reconciler
 from mlc.contracts.traffic import AuthorizeTrafficInput, RecordTrafficInput
 from mlc.domain import (
     ApprovalGate,
@@ -428,6 +429,48 @@ async def test_hostile_traffic_requests_are_refused(
         assert await trail.read_entries(stack.pool, kinds=(trail.TRAFFIC,)) == []
     finally:
         await stop(h1, h2)
+
+
+async def test_a_recorded_change_never_applied_is_applied_by_the_reconciler(
+    stack: Stack, example_package: Path, tmp_path: Path
+) -> None:
+    """Workflow code that records routes without applying them (skipping the route step)
+    leaves the trail and the gateway apart only until the runtime's reconciler repairs it:
+    the table is newer than what the gateway holds, so the gateway takes it."""
+    await stack.add_local_runtimes(("DEV",), gateway=True)
+    v1, v2 = await versions(stack, example_package, tmp_path, 2)
+    await (await stack.start(v1, spec=spec("DEV", gate_last=False))).result()
+    (table,) = await traffic.read_traffic(stack.pool, model=v1.model)
+    assert await answering_version(table.endpoint) == v1.version
+    h2 = await stack.start(v2, spec=spec("DEV"))
+    try:
+        await wait_for_gate(h2, "DEV")
+        theirs = await deployments.read_deployment(stack.pool, await _dev_deployment(stack, v2))
+        assert theirs is not None
+        env = ActivityEnvironment(client=stack.client)
+        env.info = dataclasses.replace(
+            env.info,
+            workflow_id=h2.id,
+            workflow_run_id=(await h2.describe()).run_id,
+            workflow_type="ModelLifecycle",
+        )
+        assert stack.worker_pool is not None
+        routes = (TrafficRoute(deployment_id=theirs.id, version=v2.version),)
+        await env.run(
+            TrafficInventory(stack.worker_pool, stack.settings).record_traffic,
+            RecordTrafficInput(
+                stage="DEV", runtime="local-dev", routes=routes, endpoint=table.endpoint, cause="skipped"
+            ),
+        )
+        assert await answering_version(table.endpoint) == v1.version, "nothing applied it yet"
+        await ensure_reconciler(stack.client, stack.settings, "local-dev")
+        for _ in range(100):
+            if await answering_version(table.endpoint) == v2.version:
+                break
+            await asyncio.sleep(0.2)
+        assert await answering_version(table.endpoint) == v2.version
+    finally:
+        await stop(h2)
 
 
 # --- docker -----------------------------------------------------------------------------

@@ -36,7 +36,7 @@ def check_deployment_id(value: str) -> str:
     Ids name folders and containers, so one with ``/``, ``..`` or odd characters is
     refused before it reaches a path or an engine.
     """
-    if not DEPLOYMENT_ID.match(value) or ".." in value:
+    if not DEPLOYMENT_ID.fullmatch(value) or ".." in value:
         raise RefusedError(
             f"deployment id {value[:80]!r} is not valid: ids are lower-case letters, digits, '.', '_' "
             "and '-' without '..' (e.g. cc-fraud-v1-dev-local-dev-1a2b3c4d); use the ids "
@@ -198,6 +198,7 @@ class RuntimeDriver(abc.ABC):
         heartbeat: Heartbeat,
         *,
         repair: bool = False,
+        as_of: datetime | None = None,
     ) -> RouteTrafficResult:
         """Make ``routes`` answer ``model``'s stable endpoint on the runtime's gateway.
 
@@ -211,7 +212,7 @@ class RuntimeDriver(abc.ABC):
         """
         from activities.runtimes import gateway
 
-        return await gateway.route(self, runtime, model, routes, heartbeat, repair=repair)
+        return await gateway.route(self, runtime, model, routes, heartbeat, repair=repair, as_of=as_of)
 
     async def observe(
         self,

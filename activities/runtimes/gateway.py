@@ -46,7 +46,7 @@ import tempfile
 import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -223,6 +223,11 @@ class Gateway(abc.ABC):
         for folder in (self.conf / "http", self.conf / "models", self.logs):
             folder.mkdir(parents=True, exist_ok=True)
             os.chmod(folder, 0o755)
+        # Root's alone: model processes of this host must not read the access logs and
+        # captured answers, nor replace what canaries and shadows are judged on (nginx opens
+        # its files as root; a container mounts its folders whatever the parents' modes).
+        os.chmod(self.root.parent, 0o711)
+        os.chmod(self.root, 0o700)
 
     def _write(self, path: Path, text: str) -> None:
         """Replace ``path`` atomically (temp file in the same folder, then rename)."""
@@ -410,9 +415,8 @@ class LocalGateway(Gateway):
 
     def _prepare(self) -> None:
         super()._prepare()
-        scratch = self._scratch()
-        scratch.mkdir(parents=True, exist_ok=True)
-        os.chmod(scratch, 0o755)
+        scratch = isolation.shared_temp_folder(self._scratch())
+        os.chmod(scratch, 0o755)  # a real folder of ours (checked): nginx's workers (nobody) use it
 
     def _pid(self, tier: Tier) -> int | None:
         """The tier's live master: the one recorded in its state file or, failing that, in
@@ -546,10 +550,17 @@ class DockerGateway(Gateway):
         return f"{host}:{self.config.port}"
 
     def _prepare(self) -> None:
+        from activities.runtimes.docker_engine import docker_settings
+
         super()._prepare()
+        uid, _, gid = docker_settings(self.runtime).user.partition(":")
         for folder in (self.logs, self.root / "run"):
             folder.mkdir(parents=True, exist_ok=True)
-            os.chmod(folder, 0o777)  # the containers' user (docker.user) writes here
+            if uid.isdigit() and (not gid or gid.isdigit()):  # the containers' user writes here
+                os.chown(folder, int(uid), int(gid or uid), follow_symlinks=False)
+                os.chmod(folder, 0o700)
+            else:  # a user name: only the engine knows its uid
+                os.chmod(folder, 0o1777)
 
     def _wanted(self, tier: Tier) -> str:
         return f"{tier} {self._network()} {self.config.host}:{self.config.port}"
@@ -679,12 +690,16 @@ async def route(
     heartbeat: Heartbeat,
     *,
     repair: bool = False,
+    as_of: datetime | None = None,
 ) -> RouteTrafficResult:
     """Make ``routes`` answer ``model``'s stable endpoint on ``runtime``; return once live.
 
-    With ``repair`` (the reconciler's call) a gateway that is down is started again and a
-    model whose files are missing gets ``routes``, but files already written are kept:
-    they hold the newest change, which may be younger than the reconciler's reading.
+    Each change leaves ``routes/MODEL.json`` (its routes and ``as_of``, when they were
+    decided). With ``repair`` (the reconciler's call, ``as_of`` when the inventory recorded
+    its table) a gateway that is down is started again, and the routes are replaced only
+    when they differ from the table and the table is newer: a lifecycle that moved traffic
+    after the reconciler read the table keeps its change, and a table recorded without
+    its change applied (hostile workflow code skipping the route step) wins.
 
     Each route's deployment is located by ``driver`` (never taken from a payload); a
     route to a deployment that does not run is refused.
@@ -712,15 +727,19 @@ async def route(
     async with gateway.locked():
         started = await gateway.ensure(heartbeat)
         http_path, server_path = _model_files(gateway, model)
-        if repair and http_path.exists() and server_path.exists():
-            # the files hold the newest routes (each change writes them before it reloads):
-            # the gateway runs on them now, whatever the reconciler's older copy says
+        applied_path = gateway.root / "routes" / f"{model}.json"
+        files = http_path.exists() and server_path.exists()
+        if repair and files and _keeps(applied_path, routes, as_of):
             generation = gateway.live_generation_file()
         else:
             http, server = render_model(
                 runtime=runtime.name, model=model, backends=backends, logs=gateway.paths.logs
             )
             generation = await gateway.apply({http_path: http, server_path: server}, heartbeat)
+            applied_path.parent.mkdir(mode=0o700, exist_ok=True)
+            decided = (as_of or datetime.now(UTC)).isoformat()
+            routes_json = [r.model_dump(mode="json") for r in routes]
+            gateway._write(applied_path, json.dumps({"as_of": decided, "routes": routes_json}))
     return RouteTrafficResult(
         endpoint=config.endpoint(model),
         details={
@@ -730,6 +749,18 @@ async def route(
             "upstreams": {b.route.deployment_id: b.address for b in backends},
         },
     )
+
+
+def _keeps(applied_path: Path, routes: Sequence[TrafficRoute], as_of: datetime | None) -> bool:
+    """A repair keeps the routes the gateway holds: they are the same, or decided later
+    than ``as_of`` (or were written before changes were recorded with their time)."""
+    try:
+        applied = json.loads(applied_path.read_text())
+        held = [TrafficRoute.model_validate(r) for r in applied["routes"]]
+        decided = datetime.fromisoformat(applied["as_of"])
+    except (FileNotFoundError, ValueError, KeyError, TypeError):
+        return True
+    return held == list(routes) or as_of is None or decided >= as_of
 
 
 async def observe(

@@ -96,6 +96,9 @@ BATCH_SUMMARY = "batch-summary.json"
 PACKAGE_DIR = "package"
 TMP_DIR = "tmp"
 HOST_DIR = ".host"
+STAGING_DIR = "_staging"
+"""``<runtime_dir>/_staging``: root-only, where packages are unpacked before being renamed
+into a deployment folder (no runtime can be named ``_staging``)."""
 """The runtime's shared model host, beside its deployment folders (not a deployment id)."""
 HOST_STATE = "host.json"
 HOST_LOG = "host.log"
@@ -313,15 +316,9 @@ class LocalDriver(RuntimeDriver):
         isolation.clear_for_root(link)  # the host notices the model is gone
         isolation.prepare_folder(workdir, user)
         isolation.private_folder(workdir / TMP_DIR, user)
-        package = workdir / PACKAGE_DIR
-        if user is not None:
-            isolation.clear_for_root(package)
-        marker = package / ".mlc-sha256"
-        if package.is_dir() and not (marker.is_file() and marker.read_text() == request.snapshot.sha256):
-            shutil.rmtree(package)  # new files: the host loads the new package, not its cached model
-        self._unpack(request.snapshot, workdir)
+        package = self._unpack(request.snapshot, workdir)  # new files for another snapshot
         with contextlib.suppress(OSError):  # a new stamp: the host loads it afresh, keeping no old failure
-            os.utime(package / "manifest.yaml")
+            os.utime(package / "manifest.yaml", follow_symlinks=False)
         identity = {
             "version": str(request.snapshot.version),
             "sha256": request.snapshot.sha256,
@@ -559,14 +556,37 @@ class LocalDriver(RuntimeDriver):
         isolation.private_folder(workdir / TMP_DIR, user)
         if not fresh and (workdir / PACKAGE_DIR).is_dir():
             return user, workdir / PACKAGE_DIR
-        if user is not None:
-            isolation.clear_for_root(workdir / PACKAGE_DIR)
         return user, self._unpack(snapshot, workdir)
 
     def _unpack(self, snapshot: ModelSnapshot, workdir: Path) -> Path:
-        """Extract the snapshot's archive into ``workdir/package``."""
-        workdir.mkdir(parents=True, exist_ok=True)
-        return ArtifactStore(self.settings.artifact_dir).unpack(snapshot.sha256, workdir / PACKAGE_DIR)
+        """Extract the snapshot's archive into ``workdir/package`` (kept when it holds it).
+
+        ``workdir`` may belong to the model's user, whose processes may be running (a
+        shared host), so root never writes through a path there the model could swap for
+        a link meanwhile: the archive is extracted into a root-only staging folder beside
+        the runtimes' folders and renamed into place. rename(2) does not follow a link at
+        its target, and fails on a folder planted there after the old package was removed.
+        """
+        package = workdir / PACKAGE_DIR
+        if isolation.holds_package(package, snapshot.sha256):
+            return package
+        staging_root = self.settings.runtime_dir / STAGING_DIR
+        staging_root.mkdir(mode=0o700, parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(dir=staging_root))
+        try:
+            ArtifactStore(self.settings.artifact_dir).unpack(snapshot.sha256, staging / PACKAGE_DIR)
+            workdir.mkdir(parents=True, exist_ok=True)
+            isolation.remove(package)
+            try:
+                os.rename(staging / PACKAGE_DIR, package)
+            except OSError as exc:
+                raise DeploymentFailedError(
+                    f"could not put {snapshot.ref}'s package into {workdir}: something else "
+                    f"appeared at {package} while it was unpacked ({exc.strerror})"
+                ) from None
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        return package
 
     async def run_batch(self, request: BatchJobRequest, heartbeat: Heartbeat) -> BatchJobResult:
         """Score the input (or the package's test dataset) with a child process, then clear up.

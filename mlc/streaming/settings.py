@@ -26,7 +26,7 @@ _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
 def _topic(value: str) -> str:
-    if not _TOPIC.match(value) or value in (".", ".."):
+    if not _TOPIC.fullmatch(value) or value in (".", ".."):
         raise ValueError(f"topic {value!r} is not valid: use letters, digits, '.', '_' or '-' (at most 249)")
     return value
 
@@ -83,7 +83,7 @@ class KafkaSettings(BaseModel):
     @field_validator("sasl_password_env")
     @classmethod
     def _valid_env(cls, value: str | None) -> str | None:
-        if value is not None and not _ENV_NAME.match(value):
+        if value is not None and not _ENV_NAME.fullmatch(value):
             raise ValueError(f"sasl_password_env {value!r} must be an environment variable's name")
         return value
 

@@ -67,8 +67,11 @@ class RuntimeGrant(Frozen):
     """``route_traffic``/``observe_traffic``: the deployments behind it, checked by the inventory."""
     repair: bool = False
     """``route_traffic`` by the runtime's reconciler: bring back a gateway that is down or
-    lost the model's files, but never replace routes it holds (a lifecycle may have moved
-    traffic since the reconciler read the table)."""
+    lost the model's files, and replace the routes it holds only when ``as_of`` is newer
+    than theirs (a lifecycle may have moved traffic since the reconciler read the table)."""
+    as_of: datetime | None = None
+    """``route_traffic``: when these routes were decided (authorized; for a repair, when the
+    inventory recorded them)."""
     workflow_id: str
     run_id: str
     expires_at: datetime
