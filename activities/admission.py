@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime
 
+from mlc import names
 from mlc.domain import ModelSnapshot
 from mlc.errors import RefusedError
 from mlc.store.trail import Entry
@@ -20,8 +21,8 @@ from mlc.trust.statements import DecisionPredicate, Envelope, RollbackPredicate,
 
 CLOCK_SKEW_SECONDS = 300
 """How far in the future a statement's issued-at may be (clocks of laptops drift)."""
-ROLLBACK_LIFECYCLE = "Rollback"
-"""The ``lifecycle`` of a rollback's run (its workflow type, see :data:`mlc.names.ROLLBACK`)."""
+ROLLBACK_LIFECYCLE = names.ROLLBACK
+"""The ``lifecycle`` of a rollback's run (its workflow type)."""
 
 
 @dataclass(frozen=True)

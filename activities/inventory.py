@@ -56,7 +56,7 @@ from mlc.payloads import (
     VerifyDecisionInput,
     VerifyDecisionResult,
 )
-from mlc.store import audit, deployments, lifecycle_definitions, runs, snapshots, trail
+from mlc.store import audit, deployments, lifecycle_definitions, runs, snapshots, traffic, trail
 from mlc.store.governance import GovernanceCache
 from mlc.trust import grants
 from mlc.trust.governance import Governance
@@ -472,15 +472,24 @@ class InventoryActivities:
     async def _champion(self, run: RunContext, deployment: Deployment) -> tuple[TrafficRoute, ...]:
         """The champion a champion/challenger test of ``deployment`` compares with, as a route.
 
-        The version serving the model in that stage on that runtime for another run: the
-        promoted one (its run has ended) before one still in flight, the newest version
-        first. Empty for non-online deployments or when nothing else serves there.
+        The version answering the model's stable endpoint on that runtime (its largest
+        share) when there is one; else the version serving the model in that stage on that
+        runtime for another run: the promoted one (its run has ended) before one still in
+        flight, the newest version first. Empty for non-online deployments or when nothing
+        else serves there.
         """
         if deployment.mode is not Mode.ONLINE:
             return ()
         live = await deployments.read_deployments(
             self.pool, model=deployment.model, stage=deployment.stage, runtime=deployment.runtime
         )
+        table = await traffic.read_one(self.pool, deployment.runtime, deployment.model)
+        answering = [r for r in (table.routes if table else ()) if not r.shadow and r.weight > 0]
+        serving = {d.id for d in live if d.state is DeploymentState.SERVING and not d.details.get(RETIRING)}
+        if answering:
+            primary = max(answering, key=lambda r: r.weight)
+            if primary.deployment_id in serving and primary.deployment_id != deployment.id:
+                return (primary.model_copy(update={"weight": 0}),)
         candidates: list[tuple[bool, int, Deployment]] = []
         for d in live:
             if (

@@ -226,6 +226,9 @@ def check_routes(routes: tuple[TrafficRoute, ...]) -> tuple[TrafficRoute, ...]:
     return routes
 
 
+MAX_GRACE = timedelta(days=30)
+"""The longest a version moved off a stable endpoint may stay warm."""
+
 DEFAULT_RESTART_ATTEMPTS = 3
 DEFAULT_RESTART = "on-failure:3"
 _RESTART = re.compile(r"^(no|always|on-failure(:[1-9][0-9]{0,2})?)$")
@@ -418,7 +421,7 @@ class StageSpec(Frozen):
     max_auc_drop: float = Field(default=0.01, ge=0, le=1)
     """``champion_challenger`` test: how much lower than the champion's the challenger's AUC
     may be (0.01: challenger AUC >= champion AUC - 0.01)."""
-    grace: timedelta = timedelta(minutes=10)
+    grace: timedelta = Field(default=timedelta(minutes=10), ge=timedelta(0), le=MAX_GRACE)
     """On a runtime with a gateway: how long the versions a traffic change moves off the
     stable endpoint stay warm (standby, for a quick rollback) before the runtime's
     reconciler retires them; 0 retires them at its next round. A version whose own

@@ -96,11 +96,6 @@ def model_key(model: str) -> str:
     return f"{re.sub(r'[^a-z0-9]', '_', model)}_{digest}"
 
 
-def address_of(endpoint: str) -> str:
-    """``host:port`` of an ``http://host:port[/prefix]`` endpoint as drivers report them."""
-    return endpoint_parts(endpoint)[0]
-
-
 def endpoint_parts(endpoint: str) -> tuple[str, str]:
     """``host:port`` and path prefix (``/models/<id>`` in a shared host, else empty) of an
     endpoint as drivers report them."""

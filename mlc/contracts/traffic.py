@@ -7,8 +7,9 @@ inventory's traffic table says which deployments answer it and with which share.
 A traffic change is three steps, so that nothing acts on a payload from workflow code:
 
 1. :data:`AUTHORIZE_TRAFFIC` (main queue, trusted): checks the routes name live online
-   deployments of this run's model on that runtime and stage (other versions only as the
-   previous or current ones), checks the stage policy, and signs a ``route_traffic``
+   deployments of this run's model on that runtime and stage (versions not answering
+   there already only when they are the run's own, or the target of a verified rollback),
+   checks the stage policy, and signs a ``route_traffic``
    (or ``observe_traffic``) grant.
 2. :data:`ROUTE_TRAFFIC` (the runtime's queue): the driver locates each granted
    deployment itself, rewrites the model's gateway configuration and reloads the proxy
@@ -31,7 +32,7 @@ from pydantic import Field
 
 from mlc import names
 from mlc.contracts.base import ActivityContract
-from mlc.domain import Frozen, TrafficRoute
+from mlc.domain import MAX_GRACE, Frozen, TrafficRoute
 from mlc.payloads import RuntimeActionInput, RuntimeGrantResult
 from mlc.traffic import TrafficTable
 from mlc.trust.statements import Envelope
@@ -70,7 +71,7 @@ class RecordTrafficInput(Frozen):
     cause: str
     """Why traffic moved: ``promote``, ``canary 25%``, ``canary rolled back: ...``,
     ``shadow``, ``rollback by NAME: REASON`` (the actor is the run, recorded with it)."""
-    grace: timedelta = DEFAULT_GRACE
+    grace: timedelta = Field(default=DEFAULT_GRACE, ge=timedelta(0), le=MAX_GRACE)
     """How long deployments that stop answering stay warm (standby) before the runtime's
     reconciler retires them (0: at its next round); see :attr:`mlc.domain.StageSpec.grace`."""
 
