@@ -138,15 +138,19 @@ class RuntimeReconciler:
     async def _retire(self, plan: Plan) -> None:
         """Take down the warm standbys whose grace has passed (the inventory recorded them retired)."""
         assert plan.runtime is not None
-        try:
-            for grant in plan.retire:
+        failed = []
+        for deployment_id, grant in zip(plan.retired, plan.retire, strict=True):
+            try:  # each on its own: one that fails must not leave the others running
                 await runtime_contracts.UNDEPLOY.execute(
                     RuntimeActionInput(grant=grant), task_queue=plan.runtime.task_queue
                 )
-        except ActivityError as exc:
-            self._note(plan.watching, f"retiring {', '.join(plan.retired)} failed: {cause_message(exc)}")
+            except ActivityError as exc:
+                failed.append(f"{deployment_id} ({cause_message(exc)})")
+        if failed:
+            leftovers = ", ".join(failed)
+            self._note(plan.watching, f"retiring failed for {leftovers}; `mlc runtime cleanup` removes them")
             return
-        self._note(plan.watching, f"retired {', '.join(plan.retired)} (grace passed)")
+        self._note(plan.watching, f"retired {', '.join(plan.retired)}")
 
     async def _reapply_routes(self, plan: Plan) -> None:
         """Apply the recorded routes again: brings back a gateway that died with its worker

@@ -27,7 +27,7 @@ from mlc.errors import RuntimeUnavailableError
 from mlc.names import lifecycles_task_queue
 from mlc.operations import read_status, send_decision, sign_decision, start_lifecycle
 from mlc.registry import register_package
-from mlc.store import connect, deployments, runtimes
+from mlc.store import connect, deployments, runtimes, traffic
 from mlc.store.db import enable_worker_login
 from mlc.trust.keys import default_key_path, ensure_key
 
@@ -368,12 +368,15 @@ async def _walk(cfg: Settings, *, yes: bool, ui: str | None) -> int:
             columns=["model", "version", "stage", "runtime", "mode", "state", "endpoint"],
         )
         last = current.stages[-1]
+        tables = await traffic.read_traffic(pool, model=ref.model, stage=last)
+        stable = [t.endpoint for t in tables if t.routes]
         async with httpx.AsyncClient() as http:
-            for d in live:
-                if d.stage == last and d.endpoint:
-                    health = await http.get(f"{d.endpoint}/health")
-                    health.raise_for_status()
-                    console.print(f"[green]{ref} serves in {last} at {d.endpoint}[/green]")
+            # consumers call the stable endpoint where the runtime has a gateway
+            for endpoint in stable or [d.endpoint for d in live if d.stage == last and d.endpoint]:
+                health = await http.get(f"{endpoint}/health")
+                health.raise_for_status()
+                kind = "its stable endpoint " if stable else ""
+                console.print(f"[green]{ref} serves in {last} at {kind}{endpoint}[/green]")
         return 0
     finally:
         await pool.close()
