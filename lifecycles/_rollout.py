@@ -135,6 +135,13 @@ async def _pairs(
     live = await run.current_routes(stage)
     pairs: dict[str, tuple[TrafficRoute, tuple[TrafficRoute, ...]]] = {}
     for name, (new,) in sorted(gated.items()):
+        busy = rollout_in_progress(new, live.get(name, ()))
+        if busy is not None:
+            raise LifecycleFailure(
+                f"rollout {strategy} of {run.model}@{run.version} in {stage} on {name}: {busy}; "
+                "start it again once that rollout has ended",
+                kind="RolloutInProgress",
+            )
         current = tuple(
             r
             for r in live.get(name, ())
@@ -143,6 +150,21 @@ async def _pairs(
         if current:
             pairs[name] = (new, _scaled(current, 100))
     return pairs
+
+
+def rollout_in_progress(new: TrafficRoute, live: Sequence[TrafficRoute]) -> str | None:
+    """Why another run's rollout holds the endpoint now (a split or a shadow of versions
+    other than ``new``), or None. Two rollouts at once would each compute their steps
+    from what they saw first and drop the other's share."""
+    others = [r for r in live if r.deployment_id != new.deployment_id]
+    answering = [r for r in others if not r.shadow and r.weight > 0]
+    shadows = [r for r in others if r.shadow]
+    if len(answering) > 1:
+        shares = ", ".join(f"v{r.version} {r.weight}%" for r in answering)
+        return f"the stable endpoint is split ({shares}): another canary is in progress"
+    if shadows:
+        return f"v{shadows[0].version} shadows the stable endpoint: another shadow is in progress"
+    return None
 
 
 def _scaled(routes: tuple[TrafficRoute, ...], total: int) -> tuple[TrafficRoute, ...]:

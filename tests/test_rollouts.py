@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from lifecycles._rollout import _scaled, _shadow_verdict, canary_breach
+from lifecycles._rollout import _scaled, _shadow_verdict, canary_breach, rollout_in_progress
 from mlc.contracts.traffic import RouteStats, ShadowComparison, TrafficObservation
 from mlc.domain import (
     LifecycleSpec,
@@ -149,3 +149,18 @@ async def test_a_lifecycle_using_canary_and_shadow_passes_its_dry_run(stack: Sta
         stack.pool, path, signer=stack.signers[AUTHOR], settings=stack.settings
     )
     assert created and stored.name == "CanaryThenShadow"
+
+
+def test_a_second_rollout_waits_for_the_first() -> None:
+    """A split or shadow of other versions means another run's rollout holds the endpoint."""
+    mine = TrafficRoute(deployment_id="v3", version=3, weight=0)
+    v1 = TrafficRoute(deployment_id="v1", version=1)
+    assert rollout_in_progress(mine, (v1,)) is None
+    assert rollout_in_progress(mine, ()) is None
+    split = (v1.model_copy(update={"weight": 75}), TrafficRoute(deployment_id="v2", version=2, weight=25))
+    assert "another canary is in progress" in (rollout_in_progress(mine, split) or "")
+    shadowed = (v1, TrafficRoute(deployment_id="v2", version=2, weight=0, shadow=True))
+    assert "another shadow is in progress" in (rollout_in_progress(mine, shadowed) or "")
+    # its own earlier share (a retried step) is not another rollout
+    own = (v1.model_copy(update={"weight": 75}), mine.model_copy(update={"weight": 25}))
+    assert rollout_in_progress(mine, own) is None
