@@ -7,10 +7,13 @@ runtime activity contracts (:mod:`mlc.contracts.runtime`) and are re-exported he
 from __future__ import annotations
 
 import abc
+import asyncio
 import re
 from collections.abc import Callable, Sequence
 from datetime import datetime
 from pathlib import Path
+
+import httpx
 
 from mlc.config import Settings
 from mlc.contracts.runtime import BatchJobResult as BatchJobResult
@@ -28,6 +31,27 @@ BATCH_OUTPUT = "output.jsonl"
 
 DEPLOYMENT_ID = re.compile(r"^[a-z0-9][a-z0-9._-]{0,199}$")
 """What the inventory's deployment ids look like (``cc-fraud-v1-dev-local-dev-1a2b3c4d``)."""
+
+
+PROBE_TRIES = 3
+"""How often a probe asks ``/health`` (0.5 s apart) before it judges a server unhealthy."""
+
+
+async def ask_health(endpoint: str) -> str | None:
+    """None when ``endpoint/health`` answers 200 within :data:`PROBE_TRIES` tries, else
+    what it gave last (``HTTP 503``, ``ConnectError``...) for the probe's message."""
+    answer = "no answer"
+    async with httpx.AsyncClient(timeout=2.0, trust_env=False) as http:
+        for _ in range(PROBE_TRIES):
+            try:
+                response = await http.get(f"{endpoint}/health")
+                if response.status_code == 200:
+                    return None
+                answer = f"HTTP {response.status_code}"
+            except httpx.HTTPError as exc:
+                answer = type(exc).__name__
+            await asyncio.sleep(0.5)
+    return answer
 
 
 def check_deployment_id(value: str) -> str:

@@ -63,6 +63,7 @@ from activities.runtimes.base import (
     StreamingDeployRequest,
     StreamingDeployResult,
     UndeployRequest,
+    ask_health,
 )
 from mlc import isolation, processes
 from mlc.artifacts import ArtifactStore
@@ -83,7 +84,6 @@ HEALTH_TIMEOUT_SECONDS = 60.0
 STOP_TIMEOUT_SECONDS = 10.0
 HEARTBEAT_INTERVAL_SECONDS = 1.0
 LOG_TAIL_LINES = 20
-PROBE_TRIES = 3
 OUTPUT_DRAIN_SECONDS = 5.0
 """After a batch job exits: how long its summary may take to arrive through a pipe that
 something it left running (as the worker's own user) still holds open."""
@@ -235,18 +235,9 @@ class LocalDriver(RuntimeDriver):
         pid, endpoint = int(state["pid"]), _endpoint(state)
         log = self._host_dir(request.runtime) / HOST_LOG if state.get("host") else workdir / SERVER_LOG
         what = "the shared model host" if state.get("host") else "the model server"
-        answer = "no answer"
-        if _alive(pid):
-            async with httpx.AsyncClient(timeout=2.0, trust_env=False) as client:
-                for _ in range(PROBE_TRIES):
-                    try:
-                        response = await client.get(f"{endpoint}/health")
-                        if response.status_code == 200:
-                            return ProbeResult(healthy=True, endpoint=endpoint)
-                        answer = f"HTTP {response.status_code}"
-                    except httpx.TransportError as exc:
-                        answer = type(exc).__name__
-                    await asyncio.sleep(0.5)
+        answer = await ask_health(endpoint) if _alive(pid) else "no answer"
+        if answer is None:
+            return ProbeResult(healthy=True, endpoint=endpoint)
         running = _alive(pid)  # again: it may have been dying while we asked
         detail = (
             f"{what} (pid {pid}) runs but {endpoint}/health gave {answer}"
