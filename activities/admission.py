@@ -58,12 +58,7 @@ def check_decision(
         statement, decision = decision_of(envelope)
     except ValueError as exc:
         raise RefusedError(str(exc)) from None
-    signer = state.signer_of(envelope)
-    if signer.name != decision.signer:
-        raise RefusedError(
-            f"the key that signed belongs to {signer.name}, not {decision.signer}: "
-            "nobody may sign for someone else"
-        )
+    signer = _signer(envelope, state, decision.signer)
     snap = run.snapshot
     digests = [s.digest.get("sha256") for s in statement.subject]
     if digests != [snap.sha256]:
@@ -170,6 +165,16 @@ def admit(entries: list[Entry], run: RunContext, state: Governance, *, stage: st
     )
 
 
+def _signer(envelope: Envelope, state: Governance, claimed: str) -> Principal:
+    """The owner of the envelope's verified key, who must be the statement's ``claimed`` signer."""
+    signer = state.signer_of(envelope)
+    if signer.name != claimed:
+        raise RefusedError(
+            f"the key that signed belongs to {signer.name}, not {claimed}: nobody may sign for someone else"
+        )
+    return signer
+
+
 def check_rollback(envelope: Envelope, state: Governance) -> tuple[Principal, RollbackPredicate]:
     """Verify a signed rollback: signature, key (registered, not revoked), signer, role.
 
@@ -184,12 +189,7 @@ def check_rollback(envelope: Envelope, state: Governance) -> tuple[Principal, Ro
         statement, rollback = rollback_of(envelope)
     except ValueError as exc:
         raise RefusedError(str(exc)) from None
-    signer = state.signer_of(envelope)
-    if signer.name != rollback.signer:
-        raise RefusedError(
-            f"the key that signed belongs to {signer.name}, not {rollback.signer}: "
-            "nobody may sign for someone else"
-        )
+    signer = _signer(envelope, state, rollback.signer)
     policy = state.policy(rollback.stage)
     if not allowed_by(policy.approvers, signer.name, signer.roles):
         raise RefusedError(
