@@ -162,6 +162,13 @@ def _tail(container: Any, *, lines: int = LOG_TAIL_LINES) -> str:
         return f"(no logs: {exc.explanation or exc})"
 
 
+def running_online(client: Any, runtime: Runtime, deployment_id: str) -> list[Any]:
+    """The deployment's running online containers of its own on ``runtime`` (not a shared host)."""
+    labels = [f"mlc.deployment-id={deployment_id}", "mlc.mode=online", f"mlc.runtime={runtime.name}"]
+    found: list[Any] = client.containers.list(filters={"label": labels})
+    return found
+
+
 def _remove(container: Any) -> None:
     """Force-remove ``container``; gone already is fine."""
     with contextlib.suppress(docker.errors.NotFound):
@@ -692,16 +699,7 @@ class DockerDriver(RuntimeDriver):
     async def locate(self, runtime: Runtime, deployment_id: str) -> str:
         """The endpoint of the deployment's running container on this runtime's engine."""
         async with connect(runtime, f"locate {deployment_id}") as client:
-            found = await asyncio.to_thread(
-                client.containers.list,
-                filters={
-                    "label": [
-                        f"mlc.deployment-id={deployment_id}",
-                        "mlc.mode=online",
-                        f"mlc.runtime={runtime.name}",
-                    ]
-                },
-            )
+            found = await asyncio.to_thread(running_online, client, runtime, deployment_id)
             if found:
                 return await asyncio.to_thread(self._endpoint, found[0])
             hosted = await self._hosted(client, runtime)

@@ -825,19 +825,11 @@ async def read_captures(
             text = isolation.read_tail(path, limit=2 * CAPTURE_MAX_BYTES)
             lines.extend(text.splitlines() if text else ())
         return read_answers(lines, since=since)
+    from activities.runtimes.docker import running_online
     from activities.runtimes.docker_engine import connect
 
     async with connect(runtime, f"read the answers recorded by {deployment_id}") as client:
-        found = await asyncio.to_thread(
-            client.containers.list,
-            filters={
-                "label": [
-                    f"mlc.deployment-id={deployment_id}",
-                    "mlc.mode=online",
-                    f"mlc.runtime={runtime.name}",
-                ]
-            },
-        )
+        found = await asyncio.to_thread(running_online, client, runtime, deployment_id)
         if not found:
             return {}
         command = ["sh", "-c", f"cat /tmp/{CAPTURE_FILE}.1 /tmp/{CAPTURE_FILE} 2>/dev/null; true"]
