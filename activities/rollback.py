@@ -61,14 +61,10 @@ class RollbackInventory(TrafficInventory):
         primaries = _primaries(history)
         current = primaries[-1] if primaries else None
         if decision.version is None:
-            earlier = [v for v in primaries if v != current]
-            if not earlier:
-                raise RefusedError(
-                    f"no version of {model} answered {stage}'s stable endpoints before "
-                    f"{f'{model}@{current}' if current else 'now'}: nothing to roll back to "
-                    f"(see `mlc history {model} --stage {stage}`)"
-                )
-            version = earlier[-1]
+            version = previous_version(
+                [(str(e.data().get("runtime")), e.data().get("routes") or []) for e in history],
+                what=f"{model} in {stage}",
+            )
         else:
             version = decision.version
             if version not in _served(history):
@@ -199,15 +195,51 @@ def _answering(routes: list[dict[str, object]]) -> list[TrafficRoute]:
 
 def _primaries(history: list[Entry]) -> list[int]:
     """The version with the largest share after each traffic change, repeats collapsed."""
+    return _primary_versions([e.data().get("routes") or [] for e in history])
+
+
+def _primary_versions(changes: list[list[dict[str, object]]]) -> list[int]:
     found: list[int] = []
-    for entry in history:
-        answering = _answering(entry.data().get("routes") or [])
+    for routes in changes:
+        answering = _answering(routes)
         if not answering:
             continue
         primary = max(answering, key=lambda r: r.weight).version
         if not found or found[-1] != primary:
             found.append(primary)
     return found
+
+
+def previous_version(changes: list[tuple[str, list[dict[str, object]]]], *, what: str) -> int:
+    """The version a plain rollback puts back: on each runtime, the last one that answered
+    before the one answering now, which must be the same on every runtime of the stage
+    (``changes``: each traffic change's runtime and routes, oldest first).
+
+    Raises:
+        RefusedError: no runtime had an earlier version, or the runtimes disagree (then
+            ``--to`` must name one).
+    """
+    by_runtime: dict[str, list[list[dict[str, object]]]] = {}
+    for runtime, routes in changes:
+        by_runtime.setdefault(runtime, []).append(routes)
+    earlier: dict[str, int] = {}
+    for runtime, runtime_changes in sorted(by_runtime.items()):
+        versions = _primary_versions(runtime_changes)
+        before = [v for v in versions if v != versions[-1]]
+        if before:
+            earlier[runtime] = before[-1]
+    if not earlier:
+        raise RefusedError(
+            f"no version of {what} answered its stable endpoints before the current one: nothing to "
+            "roll back to (see `mlc history`)"
+        )
+    if len(set(earlier.values())) > 1:
+        shown = ", ".join(f"{runtime}: v{version}" for runtime, version in earlier.items())
+        raise RefusedError(
+            f"the runtimes of {what} had different versions before the current ones ({shown}): "
+            "name the one to put back with --to"
+        )
+    return next(iter(earlier.values()))
 
 
 def _served(history: list[Entry]) -> set[int]:

@@ -225,3 +225,29 @@ def test_rollback_usage_errors(args: tuple[str, ...], code: int, message: str, t
     )
     assert done.returncode == code, done.stderr
     assert message in done.stderr and "Traceback" not in done.stderr, done.stderr
+
+
+def test_the_previous_version_is_taken_per_runtime() -> None:
+    """A plain rollback puts back, on every runtime of the stage, the version that answered
+    there before the current one; runtimes that disagree need --to."""
+    from activities.rollback import previous_version
+    from mlc.errors import RefusedError
+
+    def routes(*shares: tuple[int, int]) -> list[dict[str, object]]:
+        return [{"deployment_id": f"d{v}", "version": v, "weight": w} for v, w in shares]
+
+    lockstep = [
+        ("prod-a", routes((1, 100))),
+        ("prod-b", routes((1, 100))),
+        ("prod-a", routes((2, 100))),
+        ("prod-b", routes((2, 100))),
+    ]
+    assert previous_version(lockstep, what="m in PROD") == 1
+    # a canary on one runtime only: its steps do not make v1 "current" elsewhere
+    canary_on_a = [*lockstep, ("prod-a", routes((2, 75), (3, 25))), ("prod-a", routes((2, 100)))]
+    assert previous_version(canary_on_a, what="m in PROD") == 1
+    apart = [*lockstep, ("prod-b", routes((3, 100)))]
+    with pytest.raises(RefusedError, match="prod-a: v1, prod-b: v2"):
+        previous_version(apart, what="m in PROD")
+    with pytest.raises(RefusedError, match="nothing to roll back to"):
+        previous_version([("prod-a", routes((1, 100)))], what="m in PROD")
