@@ -12,13 +12,16 @@ process: spawn from a thread that lives as long as the process (the event loop's
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import ctypes
+import fcntl
 import os
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 from typing import IO, Any
 
@@ -151,3 +154,16 @@ def stop(
         send(signal.SIGKILL)
         while not gone():
             time.sleep(0.05)
+
+
+@contextlib.asynccontextmanager
+async def file_lock(path: Path) -> AsyncIterator[None]:
+    """Hold an exclusive ``flock`` on ``path`` (created 0600 if missing): one holder at a
+    time across processes (two workers serving one runtime's queue on one host)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+    try:
+        await asyncio.to_thread(fcntl.flock, fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock

@@ -34,7 +34,6 @@ from __future__ import annotations
 import abc
 import asyncio
 import contextlib
-import fcntl
 import grp
 import json
 import os
@@ -211,13 +210,8 @@ class Gateway(abc.ABC):
     @contextlib.asynccontextmanager
     async def locked(self) -> AsyncIterator[None]:
         """Hold the gateway's file lock: one configuration change at a time, across workers."""
-        self.root.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.root / ".lock", os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            await asyncio.to_thread(fcntl.flock, fd, fcntl.LOCK_EX)
+        async with processes.file_lock(self.root / ".lock"):
             yield
-        finally:
-            os.close(fd)  # releases the lock
 
     def _prepare(self) -> None:
         for folder in (self.conf / "http", self.conf / "models", self.logs):

@@ -42,6 +42,7 @@ import tempfile
 import time
 import weakref
 from collections import deque
+from collections.abc import AsyncIterator
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
@@ -67,6 +68,7 @@ from activities.runtimes.base import (
 )
 from mlc import isolation, processes
 from mlc.artifacts import ArtifactStore
+from mlc.config import Settings
 from mlc.domain import ModelSnapshot, Runtime
 from mlc.errors import DeploymentFailedError, NotFoundError
 from mlc.evaluation import test_dataset
@@ -96,6 +98,8 @@ BATCH_SUMMARY = "batch-summary.json"
 PACKAGE_DIR = "package"
 TMP_DIR = "tmp"
 HOST_DIR = ".host"
+LOCKS_DIR = "_locks"
+"""``<runtime_dir>/_locks``: root's file locks (a runtime's shared host: one start or stop at a time)."""
 STAGING_DIR = "_staging"
 """``<runtime_dir>/_staging``: root-only, where packages are unpacked before being renamed
 into a deployment folder (no runtime can be named ``_staging``)."""
@@ -122,9 +126,15 @@ _host_locks: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[str, asyn
 """Per event loop, one per runtime: deploys and undeploys that start or stop its host take turns."""
 
 
-def _host_lock(runtime: Runtime) -> asyncio.Lock:
+@contextlib.asynccontextmanager
+async def _host_turn(settings: Settings, runtime: Runtime) -> AsyncIterator[None]:
+    """Deploys and undeploys that start or stop the runtime's host take turns: in this
+    process (an asyncio lock per event loop) and across workers on this host (a file lock
+    of root's beside the runtimes' folders: not in the host's folder, which its models own)."""
     locks = _host_locks.setdefault(asyncio.get_running_loop(), {})
-    return locks.setdefault(runtime.name, asyncio.Lock())
+    async with locks.setdefault(runtime.name, asyncio.Lock()):
+        async with processes.file_lock(settings.runtime_dir / LOCKS_DIR / f"{runtime.name}.host"):
+            yield
 
 
 def _fork_client() -> ForkClient | None:
@@ -266,7 +276,7 @@ class LocalDriver(RuntimeDriver):
         """Put the deployment into the runtime's host (starting it when needed) and wait
         until it answers; None when the host refuses the model (it needs its own process)."""
         runtime = request.runtime
-        async with _host_lock(runtime):
+        async with _host_turn(self.settings, runtime):
             user = await asyncio.to_thread(self._prepare_host, runtime)
             await asyncio.to_thread(self._prepare_hosted, request, workdir, user)
             host = await self._ensure_host(runtime, user, heartbeat)
@@ -437,7 +447,7 @@ class LocalDriver(RuntimeDriver):
         """Stop the runtime's host and remove its folder when no deployment is linked in it,
         else ask its ``/health`` so it unloads the models whose link is gone."""
         host_dir = self._host_dir(runtime)
-        async with _host_lock(runtime):
+        async with _host_turn(self.settings, runtime):
             state = _read_state(host_dir, HOST_STATE)
             models = host_dir / MODELS_DIR
             if models.is_dir() and any(p.is_symlink() for p in models.iterdir()):
