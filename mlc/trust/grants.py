@@ -64,7 +64,8 @@ class RuntimeGrant(Frozen):
     model: str | None = None
     """``route_traffic``/``observe_traffic``: the model whose stable endpoint is meant."""
     routes: tuple[TrafficRoute, ...] = ()
-    """``route_traffic``/``observe_traffic``: the deployments behind it, checked by the inventory."""
+    """``route_traffic``/``observe_traffic``: the deployments behind it, checked by the inventory;
+    ``run_stage_tests``: the champion a champion/challenger test scores against (weight 0)."""
     repair: bool = False
     """``route_traffic`` by the runtime's reconciler: bring back a gateway that is down or
     lost the model's files, and replace the routes it holds only when ``as_of`` is newer
