@@ -169,6 +169,9 @@ class RecordDeploymentInput(Frozen):
     state: DeploymentState
     endpoint: str | None = None
     details: dict[str, Any] = Field(default_factory=dict)
+    evidence: Envelope | None = None
+    """Serving or completed: the deploy result signed by the runtime's evidence key; its
+    endpoint and facts are what gets recorded."""
 
 
 class RecordDeploymentResult(Frozen):
@@ -197,6 +200,17 @@ class RecordTestsInput(Frozen):
     """A stage's test report for the audit trail."""
 
     report: StageTestReport
+    evidence: tuple[Envelope, ...] = ()
+    """The runtimes' signed results behind ``report`` (``run_stage_tests`` results, traffic
+    observations); a passing result no verified envelope vouches for is refused."""
+
+
+class RecordTestsResult(Frozen):
+    """The report as recorded: passing results without verified evidence replaced by refusals."""
+
+    report: StageTestReport
+    refused: tuple[str, ...] = ()
+    """Why each refused result or envelope was refused."""
 
 
 class RecordDecisionInput(Frozen):

@@ -78,6 +78,7 @@ from mlc.payloads import (
     RecordDeploymentResult,
     RecordRunInput,
     RecordTestsInput,
+    RecordTestsResult,
     ResolveApproversInput,
     ResolveApproversResult,
     ResolveRuntimesInput,
@@ -372,8 +373,9 @@ class StandInActivities:
         return FindDeploymentsResult()
 
     @inv.RECORD_TESTS.implement
-    async def record_test_report(self, request: RecordTestsInput) -> None:
-        """Nothing to record."""
+    async def record_test_report(self, request: RecordTestsInput) -> RecordTestsResult:
+        """Nothing to record: the report stands as the stand-in tests made it."""
+        return RecordTestsResult(report=request.report)
 
     @inv.RECORD_DECISION.implement
     async def record_decision(self, request: RecordDecisionInput) -> None:

@@ -127,6 +127,18 @@ class ShadowComparison(Frozen):
     max_abs_diff: float | None = None
     shadow_errors: int = 0
 
+    def metrics(self) -> dict[str, float]:
+        """The numbers a shadow verdict records (what the inventory matches with the
+        gateway runtime's signed observation); none when no pair was compared."""
+        if self.pairs == 0:
+            return {}
+        found: dict[str, float] = {"pairs": float(self.pairs), "shadow_errors": float(self.shadow_errors)}
+        for key in ("agreement_rate", "mean_abs_diff", "max_abs_diff"):
+            value = getattr(self, key)
+            if value is not None:
+                found[key] = float(value)
+        return found
+
 
 class TrafficObservation(Frozen):
     """The gateway's view of one model's endpoint over a window."""
@@ -136,6 +148,9 @@ class TrafficObservation(Frozen):
     until: datetime
     routes: tuple[RouteStats, ...] = ()
     shadow: ShadowComparison | None = None
+    evidence: Envelope | None = None
+    """This observation (without this field) signed by the gateway runtime's evidence key:
+    the numbers a shadow verdict recorded as evidence is judged on."""
 
 
 AUTHORIZE_TRAFFIC = ActivityContract(
