@@ -230,6 +230,8 @@ async def bootstrap_dev(
                 name=name, stage=stage, task_queue=task_queue, gateway=GatewaySettings(port=port)
             )
             await add_runtime(pool, settings, signer, runtime)
+        elif not current.evidence_keys_of(name):  # a home from before signed evidence
+            await add_runtime_key(pool, settings, signer, name, local_evidence_key(settings, name))
         if stage not in current.policies:
             base = current.policy(stage)
             solo = base.model_copy(

@@ -16,8 +16,10 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from mlc.domain import StageTestReport, TestKind
 from mlc.errors import RefusedError
-from mlc.store.trail import DECISION, GENESIS, GOVERNANCE, Entry
+from mlc.store.trail import DECISION, DEPLOYMENT, GENESIS, GOVERNANCE, TEST_REPORT, Entry
+from mlc.trust.evidence import check_evidence, evidence_of, vouches_for
 from mlc.trust.governance import Governance
 from mlc.trust.keys import public_text
 from mlc.trust.statements import Envelope, decision_of, is_rollback, rollback_of
@@ -114,6 +116,8 @@ def _check_signed(entry: Entry, state: Governance) -> str | None:
         if body.get("action") != predicate.action or body.get("args") != predicate.args:
             return f"the stored action differs from the signed one ({predicate.action})"
         return None
+    if entry.kind in (TEST_REPORT, DEPLOYMENT):
+        return _check_evidence(entry, state)
     if envelope is None:
         return None
     if is_rollback(envelope):
@@ -136,6 +140,50 @@ def _check_signed(entry: Entry, state: Governance) -> str | None:
                 return f"the stored {name} is {body.get(name)!r}, but the signed statement says {value!r}"
         if entry.nonce != claim.nonce:
             return "the stored nonce differs from the signed one"
+    return None
+
+
+def _check_evidence(entry: Entry, state: Governance) -> str | None:
+    """Verify the runtime evidence a test report or deployment entry was recorded on.
+
+    Every stored envelope must verify against the evidence keys valid at this point of
+    the trail; every passing result of a report must be carried by one of them (a shadow
+    verdict without numbers excepted: the inventory found nothing to compare with); a
+    serving deployment's endpoint must be the one its runtime signed. Entries from before
+    signed evidence carry none and are not checked.
+    """
+    body = entry.data()
+    if "evidence" not in body:
+        return None
+    run = {"workflow_id": entry.workflow_id or "", "run_id": entry.run_id or ""}
+    try:
+        if entry.kind == DEPLOYMENT:
+            signed = Envelope.model_validate(body["evidence"])
+            claim = check_evidence(
+                signed,
+                state,
+                kind="deploy",
+                **run,
+                runtime=body.get("runtime"),
+                deployment_id=body.get("id"),
+                stage=body.get("stage"),
+            )
+            endpoint = claim.results.get("endpoint") if isinstance(claim.results, dict) else None
+            if endpoint and body.get("endpoint") != endpoint:
+                stored = body.get("endpoint")
+                return f"the stored endpoint is {stored!r}, but runtime {claim.runtime} signed {endpoint!r}"
+            return None
+        envelopes = [Envelope.model_validate(e) for e in body["evidence"]]
+        stage = body.get("stage")
+        claims = [check_evidence(e, state, kind=evidence_of(e).kind, stage=stage, **run) for e in envelopes]
+        report = StageTestReport.model_validate(body.get("report"))
+    except (RefusedError, ValidationError, ValueError) as exc:
+        return f"its runtime evidence does not verify: {exc}"
+    for result in report.results:
+        if result.passed and not vouches_for(result, claims):
+            if result.test is TestKind.SHADOW and not result.metrics:
+                continue
+            return f"the passing {result.test.value} result of {result.deployment_id} is signed by no runtime"
     return None
 
 
@@ -180,7 +228,12 @@ def _what_changed(entry: Entry) -> str:
 
 
 def bundle(entries: list[Entry], *, trust_root: str | None, author_role: str) -> dict[str, Any]:
-    """A self-contained export: every entry plus the public keys and trust root to verify it."""
+    """A self-contained export: every entry plus the public keys and trust root to verify it.
+
+    ``evidence_keys`` are the runtimes' keys that signed test reports and deploy results;
+    an auditor need not trust them: the governance entries that registered them are in
+    ``entries``, and verifying replays them.
+    """
     state = Governance(pinned_root=trust_root, author_role=author_role)
     for entry in entries:
         envelope = entry.signed() if entry.kind == GOVERNANCE else None
@@ -194,6 +247,10 @@ def bundle(entries: list[Entry], *, trust_root: str | None, author_role: str) ->
         for p in state.principals.values()
         for kid, key in p.keys.items()
     }
+    evidence_keys = {
+        kid: {"runtime": k.runtime, "public_key": public_text(k.public), "revoked": k.revoked}
+        for kid, k in state.evidence_keys.items()
+    }
     return {
         "format": BUNDLE_FORMAT,
         "exported_at": datetime.now(UTC).isoformat(),
@@ -201,6 +258,7 @@ def bundle(entries: list[Entry], *, trust_root: str | None, author_role: str) ->
         "author_role": author_role,
         "head": {"seq": entries[-1].seq, "hash": entries[-1].hash} if entries else None,
         "keys": keys,
+        "evidence_keys": evidence_keys,
         "entries": [e.to_json() for e in entries],
     }
 
