@@ -204,22 +204,16 @@ def check_evidence(
     return claim
 
 
-_KEYS: dict[tuple[Path, str], Ed25519PrivateKey] = {}
-"""Evidence keys this process loaded (a worker signs every result of its runtimes)."""
-
-
 def sign_granted(home: Path, grant: RuntimeGrant, kind: EvidenceKind, results: Any) -> Envelope:
     """Sign ``results`` of the action ``grant`` allowed, with its runtime's key under ``home``.
 
     Every fact bound (run, runtime, stage, deployment, snapshot) comes from the verified
-    grant, never from the workflow's payload.
+    grant, never from the workflow's payload. The key is read for each result (a fraction
+    of a millisecond), so a rotated key file counts at once, with no worker restart.
     """
     name = grant.runtime.name
-    key = _KEYS.get((home, name))
-    if key is None:
-        key = _KEYS[(home, name)] = evidence_key(home, name)
     return sign_evidence(
-        key,
+        evidence_key(home, name),
         kind=kind,
         runtime=name,
         stage=grant.stage,
