@@ -207,11 +207,11 @@ def status(
                     columns=["model", "version", "lifecycle", "state", "stage", "reason", "workflow_id"],
                 )
                 return
-            from mlc.operations import find_handle, read_status
+            from mlc.operations import find_handle, recorded_status
 
             model_ref = ModelRef.parse(ref)
             handle = await find_handle(await client(cfg), pool, model_ref)
-        current = await read_status(handle)
+            current = await recorded_status(pool, handle)
         if current is None:
             console.print(f"{model_ref}: starting")
         elif as_json:
