@@ -33,6 +33,8 @@ class Verification:
 
     entries: int = 0
     signed: int = 0
+    evidence: int = 0
+    """Runtime-signed results (test reports, deploy results, observations) verified."""
     head: str = GENESIS
     problems: list[str] = field(default_factory=list)
 
@@ -77,6 +79,7 @@ def verify_entries(
             result.problems.append(f"{where}: {problem}")
             break
         result.signed += entry.envelope is not None
+        result.evidence += _evidence_count(entry)
         result.entries += 1
         previous = entry.hash
     result.head = previous
@@ -185,6 +188,14 @@ def _check_evidence(entry: Entry, state: Governance) -> str | None:
                 continue
             return f"the passing {result.test.value} result of {result.deployment_id} is signed by no runtime"
     return None
+
+
+def _evidence_count(entry: Entry) -> int:
+    """How many runtime-signed envelopes a (verified) entry carries."""
+    if entry.kind not in (TEST_REPORT, DEPLOYMENT):
+        return 0
+    signed = entry.data().get("evidence")
+    return len(signed) if isinstance(signed, list) else int(signed is not None)
 
 
 def _check_rollback(entry: Entry, envelope: Envelope, state: Governance) -> str | None:
