@@ -37,7 +37,7 @@ from mlc.trust.keys import key_id, public_text
 from mlc.trust.signer import Signer
 from mlc.trust.statements import Envelope
 from tests.conftest import ADMIN, Stack
-from tests.lifecycle_helpers import wait_for_gate
+from tests.lifecycle_helpers import keep_history, wait_for_gate
 
 DEV_GATE = LifecycleSpec(stages=(StageSpec(name="DEV", tests=(TestKind.SMOKE,), gate=ApprovalGate()),))
 
@@ -190,6 +190,11 @@ async def test_real_runs_are_signed_and_altered_evidence_fails_audit_verify(
     )
     assert not broken.ok and "but runtime local-dev signed" in broken.problems[0], broken.problems
 
+    ref = f"{snap.model}@{snap.version}"  # approvals are signed on the recorded, verified report
+    assert (await stack.mlc("approve", ref, "--stage", "DEV")).returncode == 0
+    await handle.result()
+    await keep_history(handle, "ModelLifecycle", "signed_evidence")
+
     async with stack.pool.acquire() as conn:  # in the database: the chain breaks, verify says where
         await conn.execute("SET session_replication_role = replica")
         await conn.execute(
@@ -198,7 +203,6 @@ async def test_real_runs_are_signed_and_altered_evidence_fails_audit_verify(
         await conn.execute("SET session_replication_role = DEFAULT")
     failed = await stack.mlc("audit", "verify")
     assert failed.returncode == 4 and f"entry {report.seq} (test_report" in failed.stdout, failed.stdout
-    await handle.terminate()
 
 
 async def test_evidence_keys_rotate_and_revoke_like_peoples_keys(
