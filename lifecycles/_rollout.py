@@ -38,6 +38,11 @@ traffic change refused or failing) gives the traffic back to the current version
 the run fails, instead of leaving routes to a version the failed run then undeploys."""
 
 
+VERIFIED_OBSERVATIONS_PATCH = "canary-judges-verified-observations"
+"""``workflow.patched`` id: a canary step is judged only once the inventory verified that its
+observations are what the gateway runtime signed; a refusal gives the traffic back."""
+
+
 def plan_of(run: LifecycleRun, stage: str) -> Rollout:
     """The stage's rollout spec (blue/green when it names none or the stage is unknown)."""
     for spec in run.stages:
@@ -197,6 +202,8 @@ async def _canary(
             await workflow.sleep(plan.window)
             until = workflow.now()
             seen = await asyncio.gather(*(run.observe(stage, n, step[n], since, until) for n in names_))
+            if workflow.patched(VERIFIED_OBSERVATIONS_PATCH):
+                await run.verified(stage, seen)
         except (LifecycleFailure, ActivityError, asyncio.CancelledError) as exc:
             await _give_back(run, stage, back, f"canary stopped at {share}%", exc)
             raise

@@ -396,6 +396,19 @@ class LifecycleRun:
             task_queue=target.task_queue,
         )
 
+    async def verified(self, stage: str, observations: Sequence[tr.TrafficObservation]) -> None:
+        """Have the inventory verify that ``observations`` are what the gateway runtimes
+        signed; a refusal fails the run (callers give the traffic back first)."""
+        try:
+            await self._inventory(
+                tr.VERIFY_OBSERVATIONS,
+                tr.VerifyObservationsInput(stage=stage, observations=tuple(observations)),
+            )
+        except ActivityError as exc:
+            raise LifecycleFailure(
+                f"the traffic observed in {stage} is refused: {cause_message(exc)}", kind="EvidenceRefused"
+            ) from exc
+
     async def _route_one(self, stage: str, runtime: str, routes: tuple[TrafficRoute, ...], cause: str) -> str:
         """Authorize, apply and record one runtime's routes; a failure fails the run, naming them."""
         target = await self._gateway_runtime(stage, runtime)

@@ -11,9 +11,10 @@ offline from an export.
 from __future__ import annotations
 
 import json
+import shutil
 import uuid
 from dataclasses import replace
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +26,17 @@ from temporalio.worker import Worker
 
 from activities.runtime import RuntimeActivities
 from mlc.contracts.runtime import OnlineDeployResult
-from mlc.domain import ApprovalGate, LifecycleSpec, Runtime, StageSpec, TestKind, TestResult
+from mlc.contracts.traffic import ObserveTrafficInput, TrafficObservation
+from mlc.domain import (
+    ApprovalGate,
+    LifecycleSpec,
+    Rollout,
+    RolloutStrategy,
+    Runtime,
+    StageSpec,
+    TestKind,
+    TestResult,
+)
 from mlc.errors import RefusedError
 from mlc.payloads import RuntimeActionInput
 from mlc.store import deployments, trail
@@ -36,8 +47,10 @@ from mlc.trust.audit import verify_entries
 from mlc.trust.keys import key_id, public_text
 from mlc.trust.signer import Signer
 from mlc.trust.statements import Envelope
-from tests.conftest import ADMIN, Stack
+from tests.conftest import ADMIN, Stack, gateway_settings
 from tests.lifecycle_helpers import keep_history, wait_for_gate
+from workers.registry import runtime_activities
+from workers.worker import build_runtime_worker
 
 DEV_GATE = LifecycleSpec(stages=(StageSpec(name="DEV", tests=(TestKind.SMOKE,), gate=ApprovalGate()),))
 
@@ -290,3 +303,56 @@ def test_evidence_keys_in_governance_need_an_admin_and_belong_to_one_runtime() -
     with pytest.raises(RefusedError, match="has been revoked"):
         evidence.check_evidence(signed, state, **check)
     assert datetime.now(UTC) >= evidence.evidence_of(signed).issued_at
+
+
+CANARY = LifecycleSpec(
+    stages=(
+        StageSpec(
+            name="DEV",
+            tests=(TestKind.SMOKE,),
+            rollout=Rollout(strategy=RolloutStrategy.CANARY, steps=(25,), window=timedelta(seconds=1)),
+        ),
+    )
+)
+
+
+async def test_a_canary_is_not_judged_on_a_forged_observation(
+    stack: Stack, example_package: Path, tmp_path: Path
+) -> None:
+    queue = f"isolated-{uuid.uuid4().hex[:8]}"
+    await stack.add_runtime(Runtime(name="gw-dev", stage="DEV", task_queue=queue, gateway=gateway_settings()))
+    copies = []
+    for name in ("v1", "v2"):
+        copy = tmp_path / name
+        shutil.copytree(example_package, copy)
+        (copy / "NOTES.md").write_text(name)
+        copies.append(await stack.register(copy))
+    v1, v2 = copies
+    async with build_runtime_worker(stack.client, stack.settings, queue):
+        await (await stack.start(v1, spec=CANARY)).result()  # nothing to compare with: all at once
+
+    real = RuntimeActivities(stack.settings)
+
+    @activity.defn(name="observe_traffic")
+    async def flattering(request: ObserveTrafficInput) -> TrafficObservation:
+        seen = await real.observe_traffic(request)  # genuinely signed, then improved upon
+        better = tuple(r.model_copy(update={"requests": r.requests + 1000, "errors": 0}) for r in seen.routes)
+        return seen.model_copy(update={"routes": better})
+
+    served = [
+        a for a in runtime_activities(stack.settings) if getattr(a, "__name__", "") != "observe_traffic"
+    ]
+    async with Worker(stack.client, task_queue=queue, activities=[*served, flattering]):
+        handle = await stack.start(v2, spec=CANARY)
+        with pytest.raises(WorkflowFailureError) as failure:
+            await handle.result()
+    message = str(failure.value.cause)
+    assert "the traffic observed in DEV is refused" in message, message
+    assert "is not what runtime gw-dev signed" in message, message
+    shown = json.loads((await stack.mlc("history", v1.model, "--stage", "DEV", "--json")).stdout)
+    assert [r["versions"] for r in shown] == [
+        f"v{v1.version} 100%",
+        f"v{v2.version} 25%, v{v1.version} 75%",
+        f"v{v1.version} 100%",
+    ], shown
+    assert shown[2]["cause"].startswith("canary stopped at 25%: "), shown[2]

@@ -411,6 +411,10 @@ class StandInActivities:
         endpoint = domain.GatewaySettings(port=STAND_IN_GATEWAY_PORT).endpoint(self.world.snapshot.model)
         return tr.RouteTrafficResult(endpoint=endpoint)
 
+    @tr.VERIFY_OBSERVATIONS.implement
+    async def verify_observations(self, request: tr.VerifyObservationsInput) -> None:
+        """The stand-in gateway's observations are taken as they are."""
+
     @tr.RECORD_TRAFFIC.implement
     async def record_traffic(self, request: tr.RecordTrafficInput) -> None:
         """Remember the routes, as the inventory's traffic table would."""

@@ -153,10 +153,21 @@ class TrafficObservation(Frozen):
     the numbers a shadow verdict recorded as evidence is judged on."""
 
 
+class VerifyObservationsInput(Frozen):
+    """Observations of this run's model in ``stage`` that a traffic decision is about to rest on."""
+
+    stage: str
+    observations: tuple[TrafficObservation, ...]
+
+
 AUTHORIZE_TRAFFIC = ActivityContract(
     names.AUTHORIZE_TRAFFIC, AuthorizeTrafficInput, RuntimeGrantResult, INVENTORY_TIMEOUT
 )
 RECORD_TRAFFIC = ActivityContract(names.RECORD_TRAFFIC, RecordTrafficInput, type(None), INVENTORY_TIMEOUT)
+VERIFY_OBSERVATIONS = ActivityContract(
+    "verify_observations", VerifyObservationsInput, type(None), INVENTORY_TIMEOUT
+)
+"""A canary step is judged only on observations its gateway runtime signed (verified here)."""
 READ_TRAFFIC = ActivityContract("read_traffic", ReadTrafficInput, ReadTrafficResult, INVENTORY_TIMEOUT)
 ROUTE_TRAFFIC = ActivityContract(
     names.ROUTE_TRAFFIC, RuntimeActionInput, RouteTrafficResult, TRAFFIC_TIMEOUT, TRAFFIC_HEARTBEAT
@@ -165,7 +176,7 @@ OBSERVE_TRAFFIC = ActivityContract(
     names.OBSERVE_TRAFFIC, ObserveTrafficInput, TrafficObservation, TRAFFIC_TIMEOUT, TRAFFIC_HEARTBEAT
 )
 
-INVENTORY_CONTRACTS = (AUTHORIZE_TRAFFIC, RECORD_TRAFFIC, READ_TRAFFIC)
+INVENTORY_CONTRACTS = (AUTHORIZE_TRAFFIC, RECORD_TRAFFIC, READ_TRAFFIC, VERIFY_OBSERVATIONS)
 """Served by the trusted main worker."""
 RUNTIME_CONTRACTS = (ROUTE_TRAFFIC, OBSERVE_TRAFFIC)
 """Served on each runtime's task queue."""
