@@ -18,7 +18,7 @@ from pydantic import ValidationError
 
 from mlc.domain import StageTestReport, TestKind
 from mlc.errors import RefusedError
-from mlc.store.trail import DECISION, DEPLOYMENT, GENESIS, GOVERNANCE, TEST_REPORT, Entry
+from mlc.store.trail import DECISION, DEPLOYMENT, GENESIS, GOVERNANCE, RUN, TEST_REPORT, Entry
 from mlc.trust.evidence import check_evidence, evidence_of, vouches_for
 from mlc.trust.governance import Governance
 from mlc.trust.keys import public_text
@@ -54,6 +54,7 @@ def verify_entries(
     """
     result = Verification()
     state = Governance(pinned_root=trust_root, author_role=author_role)
+    snapshots: dict[tuple[str, str], str] = {}  # (workflow id, run id) -> the sha256 it started on
     previous = GENESIS
     for expected_seq, entry in enumerate(entries, start=1):
         where = f"entry {entry.seq} ({_label(entry)})"
@@ -74,7 +75,7 @@ def verify_entries(
                 f"the chain recorded {entry.hash[:16]}...{_what_changed(entry)}"
             )
             break
-        problem = _check_signed(entry, state)
+        problem = _check_signed(entry, state, snapshots)
         if problem:
             result.problems.append(f"{where}: {problem}")
             break
@@ -82,6 +83,9 @@ def verify_entries(
         result.evidence += _evidence_count(entry)
         result.entries += 1
         previous = entry.hash
+        body = entry.data() if entry.kind == RUN else {}
+        if body.get("event") == "started" and entry.workflow_id and entry.run_id:
+            snapshots[(entry.workflow_id, entry.run_id)] = str(body.get("sha256"))
     result.head = previous
     if anchor is not None and result.ok:
         seq, expected = anchor
@@ -102,7 +106,7 @@ def _label(entry: Entry) -> str:
     return f"{entry.kind}{subject}"
 
 
-def _check_signed(entry: Entry, state: Governance) -> str | None:
+def _check_signed(entry: Entry, state: Governance, snapshots: dict[tuple[str, str], str]) -> str | None:
     """Verify a signed entry and that its stored body says what was signed."""
     try:
         envelope = entry.signed()
@@ -120,7 +124,7 @@ def _check_signed(entry: Entry, state: Governance) -> str | None:
             return f"the stored action differs from the signed one ({predicate.action})"
         return None
     if entry.kind in (TEST_REPORT, DEPLOYMENT):
-        return _check_evidence(entry, state)
+        return _check_evidence(entry, state, snapshots.get((entry.workflow_id or "", entry.run_id or "")))
     if envelope is None:
         return None
     if is_rollback(envelope):
@@ -146,13 +150,14 @@ def _check_signed(entry: Entry, state: Governance) -> str | None:
     return None
 
 
-def _check_evidence(entry: Entry, state: Governance) -> str | None:
+def _check_evidence(entry: Entry, state: Governance, sha256: str | None) -> str | None:
     """Verify the runtime evidence a test report or deployment entry was recorded on.
 
     Every stored envelope must verify against the evidence keys valid at this point of
     the trail; every passing result of a report must be carried by one of them (a shadow
     verdict without numbers excepted: the inventory found nothing to compare with); a
-    serving deployment's endpoint must be the one its runtime signed. Entries from before
+    serving deployment's endpoint must be the one its runtime signed; test and deploy
+    results must name the snapshot ``sha256`` the run started on. Entries from before
     signed evidence carry none and are not checked.
     """
     body = entry.data()
@@ -170,6 +175,7 @@ def _check_evidence(entry: Entry, state: Governance) -> str | None:
                 runtime=body.get("runtime"),
                 deployment_id=body.get("id"),
                 stage=body.get("stage"),
+                snapshot_sha256=sha256,
             )
             endpoint = claim.results.get("endpoint") if isinstance(claim.results, dict) else None
             if endpoint and body.get("endpoint") != endpoint:
@@ -179,6 +185,10 @@ def _check_evidence(entry: Entry, state: Governance) -> str | None:
         envelopes = [Envelope.model_validate(e) for e in body["evidence"]]
         stage = body.get("stage")
         claims = [check_evidence(e, state, kind=evidence_of(e).kind, stage=stage, **run) for e in envelopes]
+        for claim in claims:
+            if claim.kind == "stage_tests" and sha256 is not None and claim.snapshot_sha256 != sha256:
+                named = claim.snapshot_sha256[:12]
+                return f"runtime {claim.runtime} signed tests of snapshot {named}..., not the run's"
         report = StageTestReport.model_validate(body.get("report"))
     except (RefusedError, ValidationError, ValueError) as exc:
         return f"its runtime evidence does not verify: {exc}"
