@@ -17,10 +17,10 @@ from temporalio import activity
 from activities import admission
 from activities.admission import RunContext
 from activities.boundary import calling_run, mlc_errors
+from activities.reconciler_runs import ensure_reconciler
 from activities.runtimes.base import check_deployment_id
 from mlc.config import Settings
 from mlc.contracts import inventory as inv
-from mlc.contracts.reconcile import ensure_reconciler
 from mlc.domain import (
     ApprovalRecord,
     Decision,
@@ -155,7 +155,7 @@ class InventoryActivities:
         for name in sorted(held):
             runtime = state.runtimes.get(name)
             if runtime is not None and runtime.gateway is not None:
-                await ensure_reconciler(activity.client(), self.settings, name)
+                await ensure_reconciler(activity.client(), self.settings, self.pool, name)
 
     @inv.NOTIFY.implement
     @mlc_errors
@@ -300,7 +300,7 @@ class InventoryActivities:
         await self._append(trail.DEPLOYMENT, _deployment_body(updated), run=run)
         if updated.state is DeploymentState.SERVING and updated.mode is Mode.ONLINE:
             # its runtime's reconciler watches it from now on
-            await ensure_reconciler(activity.client(), self.settings, updated.runtime)
+            await ensure_reconciler(activity.client(), self.settings, self.pool, updated.runtime)
         return RecordDeploymentResult(deployment=updated, test_grant=await self._test_grant(run, updated))
 
     @inv.FIND_DEPLOYMENTS.implement
