@@ -19,6 +19,7 @@ from activities.admission import RunContext
 from activities.boundary import calling_run, mlc_errors
 from activities.reconciler_runs import ensure_reconciler
 from activities.runtimes.base import check_deployment_id
+from mlc import names
 from mlc.config import Settings
 from mlc.contracts import inventory as inv
 from mlc.domain import (
@@ -424,6 +425,8 @@ class InventoryActivities:
         info = calling_run()
         if request.name != info.workflow_type:
             raise RefusedError(f"a {info.workflow_type} run may only load its own code, not {request.name}")
+        if request.name in names.BUILT_IN_WORKFLOWS:
+            raise RefusedError(f"{request.name} is a built-in workflow type: no uploaded code runs as it")
         found = await lifecycle_definitions.read_lifecycle_definition(self.pool, request.name)
         state = await self._state()
         uploader = state.uploads.get((found.name, found.sha256))

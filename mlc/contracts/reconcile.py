@@ -16,11 +16,12 @@ from typing import Any
 from pydantic import Field
 from temporalio.common import RetryPolicy
 
+from mlc import names
 from mlc.contracts.base import ActivityContract
 from mlc.domain import Frozen, Runtime
 from mlc.trust.statements import Envelope
 
-RECONCILER = "RuntimeReconciler"
+RECONCILER = names.RUNTIME_RECONCILER
 """The workflow type; its id is :func:`reconciler_id` (one per runtime and main queue)."""
 RECONCILE_NOW = "reconcile_now"
 """Signal: run a round at once (sent by every start, e.g. when ``mlc dev`` comes back)."""
