@@ -58,7 +58,7 @@ from mlc.contracts.reconcile import (
 )
 from mlc.domain import Deployment, DeploymentState, LifecycleState, Mode, ModelSnapshot, Runtime
 from mlc.errors import DeploymentFailedError, RefusedError, RuntimeUnavailableError
-from mlc.store import audit, deployments, runs, traffic, trail
+from mlc.store import audit, deployments, runs, runtimes, traffic, trail
 from mlc.store.governance import GovernanceCache
 from mlc.traffic import TrafficTable
 from mlc.trust import grants
@@ -88,8 +88,13 @@ async def ensure_reconcilers(
     it (without nudging) every interval, so one terminated or displaced is back within one.
     """
     serving = await deployments.read_deployments(pool)
+    known = {r.name for r in await runtimes.read_runtimes(pool)}  # a removed one has nothing to check
     names = sorted(
-        {d.runtime for d in serving if d.state is DeploymentState.SERVING and d.mode is Mode.ONLINE}
+        {
+            d.runtime
+            for d in serving
+            if d.state is DeploymentState.SERVING and d.mode is Mode.ONLINE and d.runtime in known
+        }
     )
     for name in names:
         await ensure_reconciler(client, settings, pool, name, nudge=nudge)
@@ -343,7 +348,8 @@ class ReconcileInventory:
         this worker drives (its task queue is the main one), health, detail, log tail and
         endpoint are a probe's through the driver, not what was reported (a runtime that
         cannot be asked now judges nothing). On a runtime served by its own worker, the
-        finding is that worker's observation as its activity returned it.
+        finding is that worker's observation as its activity returned it: where a runtime
+        signs its results, its signature is to be checked here.
         """
         if claimed.restarted and deployment.details.get(RESTART_GRANTED) != caller.run_id:
             activity.logger.warning("reconciler: ignored a restart of %s it never granted", deployment.id)

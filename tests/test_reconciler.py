@@ -17,11 +17,12 @@ import asyncpg
 import pytest
 from pydantic import ValidationError
 from temporalio.client import WorkflowExecutionStatus, WorkflowHandle
+from temporalio.common import WorkflowIDConflictPolicy
 from temporalio.exceptions import ApplicationError
 from temporalio.testing import ActivityEnvironment
 from temporalio.worker import Worker
 
-from activities.reconcile import ReconcileInventory, ReconcileRuntime
+from activities.reconcile import ReconcileInventory, ReconcileRuntime, keeping_reconcilers
 from activities.reconciler_runs import ensure_reconciler
 from mlc.contracts.reconcile import (
     Finding,
@@ -234,6 +235,36 @@ async def test_a_forged_reconciler_gets_nothing_and_is_replaced(stack: Stack) ->
     assert (await stack.client.get_workflow_handle(workflow_id).describe()).run_id == current.run_id, (
         "the recorded reconciler is kept"
     )
+    await handle.terminate()
+
+
+async def test_the_main_worker_replaces_an_idle_impostor_within_an_interval(stack: Stack) -> None:
+    """An impostor that only holds the id (calling nothing) would switch self-healing off:
+    the main worker's keeper replaces it within one interval."""
+    handle, _ = await _serving(stack)
+    workflow_id = reconciler_id(stack.task_queue, "local-dev")
+    queue = f"forged-{uuid.uuid4().hex[:8]}"
+    settings = dataclasses.replace(stack.settings, reconcile_seconds=0.5)
+    async with (
+        Worker(stack.client, task_queue=queue, workflows=[ForgedReconciler]),
+        keeping_reconcilers(stack.client, settings, _worker_pool(stack)),
+    ):
+        idle = await stack.client.start_workflow(  # one call displaces the real one
+            "RuntimeReconciler",
+            [],
+            id=workflow_id,
+            task_queue=queue,
+            id_conflict_policy=WorkflowIDConflictPolicy.TERMINATE_EXISTING,
+        )
+
+        async def replaced() -> list[trail.Entry]:
+            return await trail.read_entries(stack.pool, kinds=(trail.RECONCILER,))
+
+        (entry,) = await wait_until(replaced, what="the keeper to replace the impostor", timeout=30)
+    assert entry.data()["impostor"]["run_id"] == idle.result_run_id
+    current = await stack.client.get_workflow_handle(workflow_id).describe()
+    assert current.run_id == entry.run_id and current.task_queue == stack.task_queue
+    await stack.client.get_workflow_handle(workflow_id).terminate()
     await handle.terminate()
 
 
