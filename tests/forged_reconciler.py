@@ -43,3 +43,15 @@ class ForgedReconciler:
             except ActivityError as exc:
                 self._outcomes.append(f"{call['activity']}: {cause_message(exc)}")
         await workflow.wait_condition(lambda: False)
+
+
+@workflow.defn(name="ContinuesAsNewOnce")
+class ContinuesAsNewOnce:
+    """A chain of two runs: the first continues as new, the second waits to be ended."""
+
+    @workflow.run
+    async def run(self, continued: bool) -> None:
+        """Continue as new once, then hold."""
+        if not continued:
+            workflow.continue_as_new(True)
+        await workflow.wait_condition(lambda: False)

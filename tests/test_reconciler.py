@@ -23,7 +23,7 @@ from temporalio.testing import ActivityEnvironment
 from temporalio.worker import Worker
 
 from activities.reconcile import ReconcileInventory, ReconcileRuntime, keeping_reconcilers
-from activities.reconciler_runs import ensure_reconciler
+from activities.reconciler_runs import ensure_reconciler, first_run_of
 from mlc.contracts.reconcile import (
     Finding,
     GrantsInput,
@@ -46,7 +46,7 @@ from mlc.domain import (
 from mlc.store import deployments, reconcilers, runs, trail
 from tests.conftest import FIXTURES, Stack
 from tests.faults.harness import model_servers, wait_until
-from tests.forged_reconciler import ForgedReconciler
+from tests.forged_reconciler import ContinuesAsNewOnce, ForgedReconciler
 from tests.lifecycle_helpers import wait_for_gate
 
 MODEL = FIXTURES / "models" / "weak-model"
@@ -266,6 +266,25 @@ async def test_the_main_worker_replaces_an_idle_impostor_within_an_interval(stac
     assert current.run_id == entry.run_id and current.task_queue == stack.task_queue
     await stack.client.get_workflow_handle(workflow_id).terminate()
     await handle.terminate()
+
+
+async def test_a_chain_is_known_by_its_first_run_across_continue_as_new(stack: Stack) -> None:
+    """The reconciler continues as new every 100 rounds: its later runs are recognised by
+    the first run id Temporal records in each run's history."""
+    queue = f"chain-{uuid.uuid4().hex[:8]}"
+    async with Worker(stack.client, task_queue=queue, workflows=[ContinuesAsNewOnce]):
+        started = await stack.client.start_workflow("ContinuesAsNewOnce", False, id=queue, task_queue=queue)
+
+        async def continued() -> str | None:
+            run_id = (await stack.client.get_workflow_handle(queue).describe()).run_id
+            return run_id if run_id != started.result_run_id else None
+
+        second = await wait_until(continued, what="the run to continue as new")
+        assert started.result_run_id is not None
+        assert await first_run_of(stack.client, queue, second) == started.result_run_id
+        assert await first_run_of(stack.client, queue, started.result_run_id) == started.result_run_id
+        assert await first_run_of(stack.client, queue, "00000000-0000-0000-0000-000000000000") == ""
+        await stack.client.get_workflow_handle(queue).terminate()
 
 
 async def test_a_terminated_runs_deployments_are_retired_and_its_end_recorded(stack: Stack) -> None:
