@@ -26,10 +26,21 @@ if TYPE_CHECKING:  # Temporal and the signer load only in the commands that use 
 
     from mlc.trust.signer import Signer
 
-_PIPE_WIDTH = 160
-"""Rich assumes 80 columns when output is not a terminal; tables of ids and URLs need more."""
-console = Console() if sys.stdout.isatty() else Console(width=_PIPE_WIDTH)
-err_console = Console(stderr=True) if sys.stderr.isatty() else Console(stderr=True, width=_PIPE_WIDTH)
+_PIPE_WIDTH = 100_000
+"""Rich assumes 80 columns when output is not a terminal and wraps there; a script that
+greps the output needs each message on one line, so a pipe gets no wrapping at all (tables
+keep their natural width, text is never broken)."""
+
+
+def _console(*, stderr: bool = False) -> Console:
+    """A terminal's console wraps at its width; a pipe's or file's never wraps."""
+    if (sys.stderr if stderr else sys.stdout).isatty():
+        return Console(stderr=stderr)
+    return Console(stderr=stderr, width=_PIPE_WIDTH, soft_wrap=True)
+
+
+console = _console()
+err_console = _console(stderr=True)
 T = TypeVar("T")
 
 

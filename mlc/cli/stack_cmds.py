@@ -8,7 +8,9 @@ import os
 import signal
 from collections.abc import AsyncIterator
 from dataclasses import replace
+from pathlib import Path
 from typing import Annotated
+from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 import httpx
@@ -21,7 +23,7 @@ from mlc.artifacts import ArtifactStore
 from mlc.cli.context import client, console, emit, local_user, settings
 from mlc.cli.lifecycle_cmds import render_status
 from mlc.config import Settings
-from mlc.devstack import DevStack, dev_running
+from mlc.devstack import DevStack, dev_running, postgres_password_file
 from mlc.domain import Decision, LifecycleState, ModelRef, SignedDecision
 from mlc.errors import RuntimeUnavailableError
 from mlc.names import lifecycles_task_queue
@@ -167,9 +169,9 @@ def dev(
 
     async def go() -> None:
         stop = _stop_event()
-        async with embedded(
-            settings(), temporal_port=temporal_port, ui_port=ui_port, headless=headless
-        ) as ready:
+        cfg = settings()
+        embedded_postgres = cfg.database_url is None
+        async with embedded(cfg, temporal_port=temporal_port, ui_port=ui_port, headless=headless) as ready:
             table = Table(title="mlc dev is running (Ctrl-C stops it)", show_header=False)
             table.add_row("Temporal", ready.temporal_address)
             if not headless:
@@ -177,7 +179,7 @@ def dev(
             table.add_row("Task queue", ready.task_queue)
             uploaded = lifecycles_task_queue(ready.task_queue)
             table.add_row("Lifecycles queue", f"{uploaded} (uploaded code, sandboxed)")
-            table.add_row("Inventory", ready.database_url or "-")
+            table.add_row("Inventory", _inventory_row(ready.database_url, embedded_postgres, ready.home))
             table.add_row("State", str(ready.home))
             table.add_row("Admin and approver", f"{local_user()} (key {default_key_path()})")
             table.add_row("Trust root", ready.trust_root or "-")
@@ -186,6 +188,20 @@ def dev(
         console.print("stopped")
 
     asyncio.run(go())
+
+
+def _inventory_row(url: str | None, embedded_postgres: bool, home: Path) -> str:
+    """The inventory's URL for the start-up table: never its password (a screen is shared,
+    a terminal is logged), but where the password is kept."""
+    if url is None:
+        return "-"
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    host = parts.netloc.rpartition("@")[2]
+    shown = urlunsplit(parts._replace(netloc=f"{parts.username or ''}@{host}"))
+    kept = postgres_password_file(home) if embedded_postgres else "MLC_DATABASE_URL"
+    return f"{shown} (password in {kept})"
 
 
 def worker(
