@@ -15,6 +15,7 @@ from urllib.parse import urlsplit, urlunsplit
 import asyncpg
 import httpx
 import typer
+from rich.markup import escape
 from rich.table import Table
 from temporalio.client import Client
 
@@ -25,7 +26,7 @@ from mlc.cli.lifecycle_cmds import render_status
 from mlc.config import Settings
 from mlc.devstack import DevStack, dev_running, postgres_password_file
 from mlc.domain import Decision, LifecycleState, ModelRef, SignedDecision
-from mlc.errors import RuntimeUnavailableError
+from mlc.errors import BubblewrapMissingError, NginxMissingError, RuntimeUnavailableError
 from mlc.names import lifecycles_task_queue
 from mlc.operations import read_status, send_decision, sign_decision, start_lifecycle
 from mlc.registry import register_package
@@ -76,8 +77,14 @@ async def embedded(
         for note in stack.stopped:
             console.print(f"stopped {note}, left running by the previous `mlc dev` of {ready.home}")
         try:
+            await _check_served(pool, ready.task_queue, embedded_kafka=True)
             ready = await admin.bootstrap_dev(
-                pool, ready, local_user(), ensure_key(default_key_path()), task_queue=ready.task_queue
+                pool,
+                ready,
+                local_user(),
+                ensure_key(default_key_path()),
+                task_queue=ready.task_queue,
+                gateways=_gateways_available(),
             )
             worker_dsn = await enable_worker_login(pool, ready.database_url or "")
             ready = replace(ready, worker_database_url=worker_dsn, servers_die_with_worker=True)
@@ -103,17 +110,45 @@ async def embedded(
         stack.stop()
 
 
+def _gateways_available() -> bool:
+    """Whether the stack's runtimes can have gateways: without nginx they are created
+    without one (consumers call each deployment's own endpoint), said once here. Runtimes
+    that have one already were checked before (no nginx for them is an error)."""
+    from workers import prerequisites
+
+    try:
+        prerequisites.nginx("a runtime's gateway (its stable endpoints)")
+    except NginxMissingError as exc:
+        console.print(
+            f"[yellow]{escape(str(exc))}; until then the stack's runtimes have no gateway: consumers "
+            "call each deployment's own endpoint[/yellow]",
+            highlight=False,
+        )
+        return False
+    return True
+
+
+def _sandbox_available() -> BubblewrapMissingError | None:
+    """Why uploaded lifecycles are off on this host (no working bubblewrap), or None."""
+    from workers import prerequisites
+
+    try:
+        prerequisites.bubblewrap()
+    except BubblewrapMissingError as exc:
+        return exc
+    return None
+
+
 @contextlib.asynccontextmanager
 async def _sandboxed_lifecycles(ready: Settings) -> AsyncIterator[None]:
     """The sandboxed lifecycle worker as a child of the stack (uploaded lifecycles run only
-    there); without bubblewrap the stack runs without it and says how to get it."""
-    from workers.sandbox import lifecycle_worker, sandbox_available
+    there); without bubblewrap the stack runs without it and says so once, with the fix."""
+    from workers.sandbox import lifecycle_worker
 
-    if not sandbox_available():
-        console.print(
-            "[yellow]uploaded lifecycles will not run: they run only in a sandbox, and bubblewrap "
-            "is missing (apt-get install bubblewrap)[/yellow]"
-        )
+    missing = _sandbox_available()
+    if missing is not None:
+        note = f"{missing}; until then uploaded lifecycles are off"
+        console.print(f"[yellow]{escape(note)}[/yellow]", highlight=False)
         yield
         return
     async with lifecycle_worker(
@@ -178,7 +213,8 @@ def dev(
                 table.add_row("Web UI", f"http://127.0.0.1:{ui_port}")
             table.add_row("Task queue", ready.task_queue)
             uploaded = lifecycles_task_queue(ready.task_queue)
-            table.add_row("Lifecycles queue", f"{uploaded} (uploaded code, sandboxed)")
+            sandboxed = "off: no bubblewrap" if _sandbox_available() else "uploaded code, sandboxed"
+            table.add_row("Lifecycles queue", f"{uploaded} ({sandboxed})")
             table.add_row("Inventory", _inventory_row(ready.database_url, embedded_postgres, ready.home))
             table.add_row("State", str(ready.home))
             table.add_row("Admin and approver", f"{local_user()} (key {default_key_path()})")
@@ -248,6 +284,7 @@ def worker(
             await ensure_search_attributes(temporal)
             pool = await connect(dsn, migrate_schema=cfg.worker_database_url is None)
             try:
+                await _check_served(pool, cfg.task_queue)
                 await ensure_reconcilers(temporal, cfg, pool)  # what died meanwhile is seen at once
                 await run_until(build_main_worker(temporal, cfg, pool), stop)
             finally:
@@ -257,6 +294,7 @@ def worker(
             pool = await connect(dsn, max_size=1, migrate_schema=cfg.worker_database_url is None)
             try:
                 queue = (await runtimes.read_runtime(pool, runtime)).task_queue
+                await _check_served(pool, queue)
             finally:
                 await pool.close()
         else:
@@ -267,10 +305,23 @@ def worker(
     asyncio.run(go())
 
 
+async def _check_served(pool: asyncpg.Pool, task_queue: str, *, embedded_kafka: bool = False) -> None:
+    """What the runtimes on ``task_queue`` (the worker's) need from this host, before it starts
+    (``embedded_kafka``: ``mlc dev`` starts brokers for loopback addresses).
+
+    Raises:
+        PrerequisiteError: the first thing missing, with its fix and exit code.
+    """
+    from workers import prerequisites
+
+    served = [r for r in await runtimes.read_runtimes(pool) if r.task_queue == task_queue]
+    await prerequisites.check_runtimes(served, embedded_kafka=embedded_kafka)
+
+
 async def _lifecycle_worker(*, sandbox: bool) -> None:
     """``mlc worker --lifecycles``: the sandboxed worker of uploaded code, or (``--no-sandbox``)
     that worker itself, as the sandbox and containers run it."""
-    from workers import lifecycle_worker
+    from workers import lifecycle_worker, prerequisites
     from workers.sandbox import start_lifecycle_worker
 
     cfg = settings()
@@ -278,6 +329,7 @@ async def _lifecycle_worker(*, sandbox: bool) -> None:
     if not sandbox:
         await lifecycle_worker.serve(cfg, stop)
         return
+    prerequisites.bubblewrap()
     log_path = cfg.home / "lifecycle-worker.log"
     started = await start_lifecycle_worker(
         main_queue=cfg.task_queue,
