@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from pydantic import BaseModel
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from mlc.config import Settings
@@ -120,8 +121,9 @@ def emit(
 
 
 def _cell(value: Any) -> str:
+    """A table cell's text, escaped: brackets in values are text, not rich markup."""
     if value is None:
         return "-"
     if isinstance(value, list | tuple):
-        return ", ".join(str(v) for v in value)
-    return str(value)
+        return escape(", ".join(str(v) for v in value))
+    return escape(str(value))

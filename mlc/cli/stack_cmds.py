@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import os
 import signal
+import sys
 from collections.abc import AsyncIterator
 from dataclasses import replace
 from pathlib import Path
@@ -21,8 +22,9 @@ from temporalio.client import Client
 
 from mlc import admin
 from mlc.artifacts import ArtifactStore
-from mlc.cli.context import client, console, emit, local_user, settings
+from mlc.cli.context import STATE, client, console, emit, local_user, settings
 from mlc.cli.lifecycle_cmds import render_status
+from mlc.cli.logs import service_logging, worker_logging
 from mlc.config import Settings
 from mlc.devstack import DevStack, dev_running, postgres_password_file
 from mlc.domain import Decision, LifecycleState, ModelRef, SignedDecision
@@ -194,17 +196,33 @@ async def _stop_local_servers(cfg: Settings, pool: asyncpg.Pool) -> None:
             await LocalDriver(cfg).stop_servers(runtime)
 
 
+DEBUG = Annotated[bool, typer.Option("--debug", help="Print tracebacks in the terminal too (mlc --debug).")]
+
+
 def dev(
     temporal_port: Annotated[int, typer.Option(help="Temporal frontend port.")] = 7233,
     ui_port: Annotated[int, typer.Option(help="Temporal Web UI port.")] = 8233,
     headless: Annotated[bool, typer.Option(help="No Web UI.")] = False,
+    debug: DEBUG = False,
 ) -> None:
     """Run Temporal (with its Web UI), PostgreSQL, a worker and local runtimes for every
-    stage, all state under --home. Ctrl-C stops everything."""
+    stage, all state under --home. Ctrl-C stops everything.
+
+    What its worker needs from this host is checked before it starts: a missing piece is
+    one line naming it and its fix, with an exit code of its own: 10 nginx (gateways of
+    runtimes that have one), 12 the Docker engine of a docker runtime, 13 the Kafka broker
+    of a streaming runtime; 4 another mlc dev runs on this home, 5 a server did not start.
+    Without nginx the runtimes it creates get no gateway (consumers call each deployment's
+    own endpoint), and without bubblewrap uploaded lifecycles are off: it says so once.
+
+    A failed activity is one line here; its traceback is in MLC_HOME/worker.log (--debug
+    prints it here too).
+    """
 
     async def go() -> None:
         stop = _stop_event()
         cfg = settings()
+        log_path = worker_logging(cfg.home, debug=STATE.debug or debug)
         embedded_postgres = cfg.database_url is None
         async with embedded(cfg, temporal_port=temporal_port, ui_port=ui_port, headless=headless) as ready:
             table = Table(title="mlc dev is running (Ctrl-C stops it)", show_header=False)
@@ -217,6 +235,7 @@ def dev(
             table.add_row("Lifecycles queue", f"{uploaded} ({sandboxed})")
             table.add_row("Inventory", _inventory_row(ready.database_url, embedded_postgres, ready.home))
             table.add_row("State", str(ready.home))
+            table.add_row("Worker log", f"{log_path} (tracebacks of failed activities)")
             table.add_row("Admin and approver", f"{local_user()} (key {default_key_path()})")
             table.add_row("Trust root", ready.trust_root or "-")
             console.print(table)
@@ -261,8 +280,23 @@ def worker(
             "container already is the sandbox.",
         ),
     ] = True,
+    debug: DEBUG = False,
 ) -> None:
-    """Run a worker against TEMPORAL_ADDRESS / MLC_DATABASE_URL."""
+    """Run a worker against TEMPORAL_ADDRESS / MLC_DATABASE_URL.
+
+    What it needs from this host for the runtimes on its task queue is checked before it
+    starts: a missing piece is one line naming it and its fix, with an exit code of its
+    own: 10 nginx (gateways), 11 bubblewrap (--lifecycles), 12 the Docker engine of a
+    docker runtime, 13 the Kafka broker of a streaming runtime.
+
+    In a terminal, a failed activity is one line and its traceback goes to
+    MLC_HOME/worker.log (--debug prints it too); otherwise (a container, a service) whole
+    log records go to stderr.
+    """
+    if sys.stderr.isatty():
+        worker_logging(settings().home, debug=STATE.debug or debug)
+    else:
+        service_logging()
     if lifecycles:
         asyncio.run(_lifecycle_worker(sandbox=sandbox))
         return
@@ -357,6 +391,7 @@ def demo(
     yes: Annotated[bool, typer.Option("--yes", help="Approve every gate automatically.")] = False,
     temporal_port: Annotated[int, typer.Option(help="Temporal port of the embedded stack.")] = 7233,
     ui_port: Annotated[int, typer.Option(help="Web UI port of the embedded stack.")] = 8233,
+    debug: DEBUG = False,
 ) -> None:
     """Register the example fraud model and walk it DEV -> PROD on an embedded stack."""
 
@@ -366,8 +401,12 @@ def demo(
         if dev_running(cfg) or external:
             console.print(f"using the running stack at {cfg.temporal_address} and its workers")
             return await _walk(cfg, yes=yes, ui=None)
+        log_path = worker_logging(cfg.home, debug=STATE.debug or debug)
         async with embedded(cfg, temporal_port=temporal_port, ui_port=ui_port, headless=False) as ready:
-            return await _walk(ready, yes=yes, ui=f"http://127.0.0.1:{ui_port}")
+            code = await _walk(ready, yes=yes, ui=f"http://127.0.0.1:{ui_port}")
+        if code:
+            console.print(f"the worker's log, with the tracebacks of failed activities: {log_path}")
+        return code
 
     raise typer.Exit(asyncio.run(go()))
 
