@@ -4,10 +4,15 @@ real CLI in a subprocess."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import re
+import select
+import signal
 import subprocess
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -15,6 +20,8 @@ import typer
 from typer.main import get_command
 
 from mlc.cli.app import app, register_commands
+from mlc.domain import Runtime
+from tests.conftest import FIXTURES, Stack
 from tests.faults.harness import PROJECT, free_port
 
 
@@ -135,3 +142,52 @@ def test_piped_output_is_never_wrapped(stream: str, tmp_path: Path) -> None:
         capture_output=True, text=True, timeout=60, cwd=PROJECT,
     )  # fmt: skip
     assert getattr(printed, stream) == sentence + "\n"
+
+
+def _read_terminal(master: int, until: Callable[[str], bool], timeout: float) -> str:
+    """What a program wrote to the terminal ``master`` leads to, ANSI codes removed, once
+    ``until`` holds for it (or ``timeout`` seconds pass)."""
+    shown = b""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        ready, _, _ = select.select([master], [], [], 0.5)
+        if ready:
+            try:
+                shown += os.read(master, 65536)
+            except OSError:  # the program closed the terminal
+                break
+        text = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", shown.decode(errors="replace"))
+        if until(text):
+            return text
+    return re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", shown.decode(errors="replace"))
+
+
+async def test_worker_in_a_terminal_shows_a_failed_activity_as_one_line(stack: Stack) -> None:
+    queue = f"{stack.task_queue}-terminal"
+    await stack.add_runtime(Runtime(name="local-dev", stage="DEV", task_queue=queue))
+    snap = await stack.register(FIXTURES / "models" / "crash-model")
+    master, terminal = os.openpty()
+    worker = subprocess.Popen(
+        [sys.executable, "-m", "mlc", "worker", "--runtime", "local-dev"],
+        env={**stack.cli_env, "COLUMNS": "1000"},
+        stdin=terminal, stdout=terminal, stderr=terminal, cwd=PROJECT,
+    )  # fmt: skip
+    os.close(terminal)
+    try:
+        await asyncio.to_thread(_read_terminal, master, lambda t: "serving runtime local-dev" in t, 60)
+        handle = await stack.start(snap)
+        shown = await asyncio.to_thread(_read_terminal, master, lambda t: " failed (attempt" in t, 120)
+    finally:
+        worker.send_signal(signal.SIGINT)
+        await asyncio.to_thread(worker.wait, 60)
+        os.close(master)
+    log = stack.settings.home / "worker.log"
+    failed = [line.strip() for line in shown.splitlines() if " failed (attempt" in line]
+    assert failed, shown
+    assert re.fullmatch(
+        rf"run {handle.id}: activity \S+ failed \(attempt 1\): .*crash-model: init\(\) fails on purpose.* "
+        rf"\(traceback in {re.escape(str(log))}\)",
+        failed[0],
+    ), failed
+    assert "Traceback" not in shown
+    assert "Traceback (most recent call last)" in log.read_text()

@@ -130,7 +130,7 @@ def _gateways_available() -> bool:
     return True
 
 
-def _sandbox_available() -> BubblewrapMissingError | None:
+def _sandbox_missing() -> BubblewrapMissingError | None:
     """Why uploaded lifecycles are off on this host (no working bubblewrap), or None."""
     from workers import prerequisites
 
@@ -147,7 +147,7 @@ async def _sandboxed_lifecycles(ready: Settings) -> AsyncIterator[None]:
     there); without bubblewrap the stack runs without it and says so once, with the fix."""
     from workers.sandbox import lifecycle_worker
 
-    missing = _sandbox_available()
+    missing = _sandbox_missing()
     if missing is not None:
         note = f"{missing}; until then uploaded lifecycles are off"
         console.print(f"[yellow]{escape(note)}[/yellow]", highlight=False)
@@ -231,7 +231,7 @@ def dev(
                 table.add_row("Web UI", f"http://127.0.0.1:{ui_port}")
             table.add_row("Task queue", ready.task_queue)
             uploaded = lifecycles_task_queue(ready.task_queue)
-            sandboxed = "off: no bubblewrap" if _sandbox_available() else "uploaded code, sandboxed"
+            sandboxed = "off: no bubblewrap" if _sandbox_missing() else "uploaded code, sandboxed"
             table.add_row("Lifecycles queue", f"{uploaded} ({sandboxed})")
             table.add_row("Inventory", _inventory_row(ready.database_url, embedded_postgres, ready.home))
             table.add_row("State", str(ready.home))
