@@ -174,7 +174,9 @@ async def test_worker_in_a_terminal_shows_a_failed_activity_as_one_line(stack: S
     )  # fmt: skip
     os.close(terminal)
     try:
-        await asyncio.to_thread(_read_terminal, master, lambda t: "serving runtime local-dev" in t, 60)
+        started = await asyncio.to_thread(
+            _read_terminal, master, lambda t: "serving runtime local-dev" in t, 60
+        )
         handle = await stack.start(snap)
         shown = await asyncio.to_thread(_read_terminal, master, lambda t: " failed (attempt" in t, 120)
     finally:
@@ -182,6 +184,8 @@ async def test_worker_in_a_terminal_shows_a_failed_activity_as_one_line(stack: S
         await asyncio.to_thread(worker.wait, 60)
         os.close(master)
     log = stack.settings.home / "worker.log"
+    said = f"serving runtime local-dev on task queue {queue}; tracebacks of failed activities go to {log}"
+    assert said in started, started
     failed = [line.strip() for line in shown.splitlines() if " failed (attempt" in line]
     assert failed, shown
     assert re.fullmatch(

@@ -293,8 +293,10 @@ def worker(
     MLC_HOME/worker.log (--debug prints it too); otherwise (a container, a service) whole
     log records go to stderr.
     """
+    log_note = ""
     if sys.stderr.isatty():
-        worker_logging(settings().home, debug=STATE.debug or debug)
+        log_path = worker_logging(settings().home, debug=STATE.debug or debug)
+        log_note = f"; tracebacks of failed activities go to {log_path}"
     else:
         service_logging()
     if lifecycles:
@@ -319,6 +321,7 @@ def worker(
             pool = await connect(dsn, migrate_schema=cfg.worker_database_url is None)
             try:
                 await _check_served(pool, cfg.task_queue)
+                console.print(f"serving task queue {cfg.task_queue}{log_note}")
                 await ensure_reconcilers(temporal, cfg, pool)  # what died meanwhile is seen at once
                 await run_until(build_main_worker(temporal, cfg, pool), stop)
             finally:
@@ -333,7 +336,7 @@ def worker(
                 await pool.close()
         else:
             queue = f"runtime-{runtime}"
-        console.print(f"serving runtime {runtime} on task queue {queue}")
+        console.print(f"serving runtime {runtime} on task queue {queue}{log_note}")
         await run_until(build_runtime_worker(temporal, cfg, queue), stop)
 
     asyncio.run(go())
