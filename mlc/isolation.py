@@ -17,6 +17,9 @@ group, ``uid = gid`` in :data:`UID_RANGE` (no ``/etc/passwd`` entry needed), and
   checkout under ``/root``, 0700; a 0700 parent of ``MLC_HOME``) is bound into a private
   mount namespace over an empty tmpfs (:func:`bind_unreachable`), so nothing is opened up
   on the host and the rest of that folder does not exist for the model;
+- with ``own_network`` (model servers, shared hosts, batch jobs) the process gets a
+  network namespace of its own (:func:`leave_network`): it serves on a unix socket in its
+  folder and reaches no host port (Temporal, PostgreSQL, other models), nor binds one;
 - whatever the deployment leaves running under its user is killed when the runtime is
   done with it (:func:`kill_user`): a daemonised grandchild cannot outlive its deployment.
 
@@ -63,6 +66,8 @@ system users and the usual ``/etc/subuid`` ranges (100000 + 65536 * n)."""
 _PR_SET_NO_NEW_PRIVS = 38
 """From <linux/prctl.h>."""
 KILL_TIMEOUT_SECONDS = 10.0
+GATEWAY_WORKER_USER = "nobody"
+"""The user a local gateway's nginx workers run as when the worker is root."""
 
 
 @dataclass(frozen=True)
@@ -75,6 +80,10 @@ class ModelUser:
     """Folders its processes must reach (the Python installation, the project, the
     deployment folder); those behind a folder others cannot search are bound into a
     private view (see :func:`enter`)."""
+    own_network: bool = False
+    """Its processes get a network namespace of their own (:func:`leave_network`): no
+    interface but a loopback of their own, so nothing of the host's network (its
+    loopback services, other models) is reachable, and no host port can be bound."""
 
 
 def isolating() -> bool:
@@ -96,7 +105,7 @@ def user_of(workdir: Path) -> ModelUser | None:
         return None
     if not stat.S_ISDIR(info.st_mode) or not in_range(info.st_uid):
         return None
-    return ModelUser(info.st_uid, info.st_gid)
+    return ModelUser(info.st_uid, info.st_uid)  # uid = gid: the folder's group may be the gateway's
 
 
 def user_for(workdir: Path, *, taken: Iterable[int] = ()) -> ModelUser:
@@ -147,16 +156,33 @@ def lock_home(home: Path, keep: Path) -> None:
                 os.chmod(entry.path, stat.S_IMODE(mode) & ~0o007)
 
 
-def prepare_folder(workdir: Path, user: ModelUser | None) -> None:
+def prepare_folder(workdir: Path, user: ModelUser | None, *, gateway: int | None = None) -> None:
     """Create the deployment folder and hand it to ``user`` (mode 0700); fix its parents
-    (0711) up to ``MLC_HOME``'s runtimes folder. Without a user: only create it."""
+    (0711) up to ``MLC_HOME``'s runtimes folder. Without a user: only create it.
+
+    With ``gateway`` (the group of the runtime gateway's nginx workers, who connect to the
+    model's socket in it) the folder's group is that one and it may search it: mode 0710,
+    so the gateway opens the socket by its name and lists nothing. No model user is in
+    that group (their only group is their own, ``gid = uid``).
+    """
     workdir.mkdir(parents=True, exist_ok=True)
     if user is None:
         return
     for parent in (workdir.parent, workdir.parent.parent):
         _set_mode(parent, 0o711)
-    os.chown(workdir, user.uid, user.gid, follow_symlinks=False)
-    os.chmod(workdir, 0o700)
+    os.chown(workdir, user.uid, user.gid if gateway is None else gateway, follow_symlinks=False)
+    os.chmod(workdir, 0o700 if gateway is None else 0o710)
+
+
+def gateway_group() -> int | None:
+    """The group of local gateways' nginx workers (``nobody``'s, as the gateway runs them
+    when the worker is root), None when there is no such user."""
+    import pwd
+
+    try:
+        return pwd.getpwnam(GATEWAY_WORKER_USER).pw_gid
+    except KeyError:
+        return None
 
 
 def give(path: Path, user: ModelUser | None) -> None:
@@ -363,6 +389,7 @@ def no_new_privs() -> None:
 
 
 _CLONE_NEWNS = 0x00020000
+_CLONE_NEWNET = 0x40000000
 _MS_NOSUID, _MS_NODEV, _MS_BIND, _MS_REC, _MS_PRIVATE = 0x2, 0x4, 0x1000, 0x4000, 0x40000
 
 
@@ -418,10 +445,28 @@ def bind_unreachable(reach: Sequence[str]) -> None:
         os.close(fd)
 
 
+def leave_network() -> None:
+    """In a child still root: a network namespace of its own, holding only a loopback
+    interface that is down. The host's loopback services and every other address are
+    unreachable and no port of the host can be bound; path-named unix sockets (the
+    model's endpoint in its folder) work, for they are not bound to a namespace.
+
+    Raises:
+        PermissionError: no namespace could be made (the child must not go on).
+    """
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.unshare(_CLONE_NEWNET) != 0:
+        code = ctypes.get_errno()
+        raise PermissionError(code, f"unshare(CLONE_NEWNET) failed: {os.strerror(code)}")
+
+
 def enter(user: ModelUser) -> None:
     """In a child still root, before any model code: reach what it needs
-    (:func:`bind_unreachable`), then become ``user`` for good (:func:`drop_privileges`)."""
+    (:func:`bind_unreachable`), leave the host's network when it must
+    (:func:`leave_network`), then become ``user`` for good (:func:`drop_privileges`)."""
     bind_unreachable(user.reach)
+    if user.own_network:
+        leave_network()
     drop_privileges(user)
 
 

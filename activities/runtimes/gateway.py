@@ -382,7 +382,7 @@ class LocalGateway(Gateway):
         if os.geteuid() != 0:
             return None
         try:
-            entry = pwd.getpwnam("nobody")
+            entry = pwd.getpwnam(isolation.GATEWAY_WORKER_USER)
         except KeyError:
             return None
         return f"nobody {grp.getgrgid(entry.pw_gid).gr_name}"

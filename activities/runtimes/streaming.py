@@ -169,8 +169,10 @@ async def deploy_local(
         pids = [None] * kafka.instances
     # A fresh start (no consumer kept) also ends whatever else the deployment's user runs.
     fresh = all(p is None for p in pids)
+    # The consumer talks to the broker itself: it keeps the host's network (see the README's
+    # attacker table), unlike servers and batch jobs.
     user, package = await asyncio.to_thread(
-        driver.prepare, request.runtime, request.snapshot, workdir, fresh=fresh
+        driver.prepare, request.runtime, request.snapshot, workdir, fresh=fresh, own_network=False
     )
     env = child_env(request.snapshot, workdir)
     env[STREAM_CONFIG_ENV] = config.model_dump_json()
