@@ -93,7 +93,7 @@ def socket_owner(socket: Path) -> int:
 
 @contextlib.asynccontextmanager
 async def connect(
-    endpoint: str, *, timeout: float, owner: int | None = None
+    endpoint: str, *, timeout: float | httpx.Timeout, owner: int | None = None
 ) -> AsyncIterator[tuple[httpx.AsyncClient, str]]:
     """An HTTP client reaching ``endpoint`` and the base URL to put paths after.
 

@@ -66,8 +66,6 @@ system users and the usual ``/etc/subuid`` ranges (100000 + 65536 * n)."""
 _PR_SET_NO_NEW_PRIVS = 38
 """From <linux/prctl.h>."""
 KILL_TIMEOUT_SECONDS = 10.0
-GATEWAY_WORKER_USER = "nobody"
-"""The user a local gateway's nginx workers run as when the worker is root."""
 
 
 @dataclass(frozen=True)
@@ -105,7 +103,7 @@ def user_of(workdir: Path) -> ModelUser | None:
         return None
     if not stat.S_ISDIR(info.st_mode) or not in_range(info.st_uid):
         return None
-    return ModelUser(info.st_uid, info.st_uid)  # uid = gid: the folder's group may be the gateway's
+    return ModelUser(info.st_uid, info.st_gid)
 
 
 def user_for(workdir: Path, *, taken: Iterable[int] = ()) -> ModelUser:
@@ -156,33 +154,16 @@ def lock_home(home: Path, keep: Path) -> None:
                 os.chmod(entry.path, stat.S_IMODE(mode) & ~0o007)
 
 
-def prepare_folder(workdir: Path, user: ModelUser | None, *, gateway: int | None = None) -> None:
+def prepare_folder(workdir: Path, user: ModelUser | None) -> None:
     """Create the deployment folder and hand it to ``user`` (mode 0700); fix its parents
-    (0711) up to ``MLC_HOME``'s runtimes folder. Without a user: only create it.
-
-    With ``gateway`` (the group of the runtime gateway's nginx workers, who connect to the
-    model's socket in it) the folder's group is that one and it may search it: mode 0710,
-    so the gateway opens the socket by its name and lists nothing. No model user is in
-    that group (their only group is their own, ``gid = uid``).
-    """
+    (0711) up to ``MLC_HOME``'s runtimes folder. Without a user: only create it."""
     workdir.mkdir(parents=True, exist_ok=True)
     if user is None:
         return
     for parent in (workdir.parent, workdir.parent.parent):
         _set_mode(parent, 0o711)
-    os.chown(workdir, user.uid, user.gid if gateway is None else gateway, follow_symlinks=False)
-    os.chmod(workdir, 0o700 if gateway is None else 0o710)
-
-
-def gateway_group() -> int | None:
-    """The group of local gateways' nginx workers (``nobody``'s, as the gateway runs them
-    when the worker is root), None when there is no such user."""
-    import pwd
-
-    try:
-        return pwd.getpwnam(GATEWAY_WORKER_USER).pw_gid
-    except KeyError:
-        return None
+    os.chown(workdir, user.uid, user.gid, follow_symlinks=False)
+    os.chmod(workdir, 0o700)
 
 
 def give(path: Path, user: ModelUser | None) -> None:
@@ -263,6 +244,20 @@ def remove(path: Path) -> None:
             shutil.rmtree(path)
         else:
             path.unlink()
+
+
+def link_fd(fd: int, path: Path) -> None:
+    """Give the file ``fd`` refers to (an ``O_PATH`` handle) the new name ``path``: a hard
+    link made from the handle, so it names exactly the file that was opened and checked,
+    whatever replaced its old name meanwhile (``linkat`` with ``AT_EMPTY_PATH``; as root).
+
+    Raises:
+        OSError: the link could not be made (another filesystem, not root).
+    """
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.linkat(fd, b"", _AT_FDCWD, os.fsencode(path), _AT_EMPTY_PATH) != 0:
+        code = ctypes.get_errno()
+        raise OSError(code, f"cannot link {path}: {os.strerror(code)}")
 
 
 def blocked(path: Path) -> Path | None:
@@ -390,6 +385,7 @@ def no_new_privs() -> None:
 
 _CLONE_NEWNS = 0x00020000
 _CLONE_NEWNET = 0x40000000
+_AT_FDCWD, _AT_EMPTY_PATH = -100, 0x1000
 _MS_NOSUID, _MS_NODEV, _MS_BIND, _MS_REC, _MS_PRIVATE = 0x2, 0x4, 0x1000, 0x4000, 0x40000
 
 

@@ -23,8 +23,7 @@ models of the same host, which is why PROD keeps a process and a user per deploy
 Model code is untrusted, so its processes get an allow-listed environment (see
 :func:`child_env`): nothing of the worker's database URL, Temporal settings or secrets.
 When the worker is root they also run as the deployment's own unprivileged user, which
-owns the deployment folder (0700; 0710 with the gateway's group for a server, whose
-workers open its socket) and can reach nothing else of ``MLC_HOME`` (see
+owns the deployment folder (0700) and can reach nothing else of ``MLC_HOME`` (see
 :mod:`mlc.isolation`); the runtime then reads and writes in that folder only through
 helpers that follow no link the model may have planted there. Servers, hosts and batch
 jobs then also run in a network namespace of their own: nothing of the host's network
@@ -314,7 +313,7 @@ class LocalDriver(RuntimeDriver):
             python = (sys.prefix, sys.base_prefix, Path(sys.executable).resolve().parent)
             reach = tuple(str(p) for p in (*python, _project_root(), host_dir.parent))
             user = replace(user, reach=reach, own_network=True)
-        isolation.prepare_folder(host_dir, user, gateway=_gateway_group(user))
+        isolation.prepare_folder(host_dir, user)
         isolation.private_folder(host_dir / TMP_DIR, user)
         isolation.private_folder(host_dir / MODELS_DIR, user)
         return user
@@ -501,9 +500,7 @@ class LocalDriver(RuntimeDriver):
     async def _launch(self, request: OnlineDeployRequest, workdir: Path) -> dict[str, Any]:
         """Unpack (in a thread), then start the server from the event loop's thread: a
         parent-death signal is tied to the thread that forks (see :mod:`mlc.processes`)."""
-        user, package = await asyncio.to_thread(
-            self.prepare, request.runtime, request.snapshot, workdir, serving=True
-        )
+        user, package = await asyncio.to_thread(self.prepare, request.runtime, request.snapshot, workdir)
         return self._start(request, workdir, package, user)
 
     def _start(
@@ -538,7 +535,6 @@ class LocalDriver(RuntimeDriver):
         workdir: Path,
         *,
         fresh: bool = True,
-        serving: bool = False,
         own_network: bool = True,
     ) -> tuple[ModelUser | None, Path]:
         """Make the deployment folder ready for model processes; return their user and the
@@ -550,9 +546,8 @@ class LocalDriver(RuntimeDriver):
         the folder is the user's (0700) with a ``tmp`` of its own, and the package is
         unpacked by root into a folder the user cannot have redirected. ``fresh=False``
         (streaming consumers of the deployment keep running) kills nothing and unpacks
-        nothing: the package is already there. ``serving`` (an online server) lets the
-        gateway's workers search the folder for its socket; ``own_network`` gives the
-        processes a network namespace of their own (see :mod:`mlc.isolation`).
+        nothing: the package is already there. ``own_network`` gives the processes a network
+        namespace of their own (see :mod:`mlc.isolation`).
         """
         user = self.model_user(runtime, workdir)
         if user is not None:
@@ -563,7 +558,7 @@ class LocalDriver(RuntimeDriver):
             python = (sys.prefix, sys.base_prefix, Path(sys.executable).resolve().parent)
             reach = tuple(str(p) for p in (*python, _project_root(), workdir))
             user = replace(user, reach=reach, own_network=own_network)
-        isolation.prepare_folder(workdir, user, gateway=_gateway_group(user) if serving else None)
+        isolation.prepare_folder(workdir, user)
         isolation.private_folder(workdir / TMP_DIR, user)
         if not fresh and (workdir / PACKAGE_DIR).is_dir():
             return user, workdir / PACKAGE_DIR
@@ -763,11 +758,6 @@ def _endpoint(state: dict[str, Any]) -> str:
         return endpoints.unix_endpoint(Path(state["socket"]), state.get("path", ""))
     return f"http://{HOST}:{int(state['port'])}{state.get('path', '')}"
 
-
-def _gateway_group(user: ModelUser | None) -> int | None:
-    """The group whose members (the local gateway's nginx workers) may search a serving
-    folder for its socket: only when the worker is root (else they run as its user)."""
-    return None if user is None else isolation.gateway_group()
 
 
 def _error_of(response: httpx.Response) -> str:
