@@ -91,6 +91,13 @@ def socket_owner(socket: Path) -> int:
     return info.st_uid
 
 
+async def get(endpoint: str, path: str, *, timeout: float) -> httpx.Response:
+    """One ``GET`` of ``path`` on ``endpoint`` over a fresh connection: for polling a server
+    that is starting (its socket may not exist yet, or be a new one)."""
+    async with connect(endpoint, timeout=timeout) as (client, url):
+        return await client.get(f"{url}{path}")
+
+
 @contextlib.asynccontextmanager
 async def connect(
     endpoint: str, *, timeout: float | httpx.Timeout, owner: int | None = None

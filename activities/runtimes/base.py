@@ -42,16 +42,15 @@ async def ask_health(endpoint: str) -> str | None:
     """None when ``endpoint/health`` answers 200 within :data:`PROBE_TRIES` tries, else
     what it gave last (``HTTP 503``, ``ConnectError``...) for the probe's message."""
     answer = "no answer"
-    async with endpoints.connect(endpoint, timeout=2.0) as (http, url):
-        for _ in range(PROBE_TRIES):
-            try:
-                response = await http.get(f"{url}/health")
-                if response.status_code == 200:
-                    return None
-                answer = f"HTTP {response.status_code}"
-            except httpx.HTTPError as exc:
-                answer = type(exc).__name__
-            await asyncio.sleep(0.5)
+    for _ in range(PROBE_TRIES):
+        try:
+            response = await endpoints.get(endpoint, "/health", timeout=2.0)
+            if response.status_code == 200:
+                return None
+            answer = f"HTTP {response.status_code}"
+        except httpx.HTTPError as exc:
+            answer = type(exc).__name__
+        await asyncio.sleep(0.5)
     return answer
 
 

@@ -358,26 +358,25 @@ class LocalDriver(RuntimeDriver):
         isolation.write_file(host_dir / HOST_STATE, json.dumps(state))
         endpoint = _endpoint(state)
         deadline = time.monotonic() + HEALTH_TIMEOUT_SECONDS
-        async with endpoints.connect(endpoint, timeout=2.0) as (client, url):
-            while True:
-                if not _alive(pid):
-                    log = host_dir / HOST_LOG
-                    raise DeploymentFailedError(
-                        f"the shared model host of runtime {runtime.name} exited during start"
-                        f"{_exit_code(pid)}; last lines of {log}:\n{_tail(log)}"
-                    )
-                with contextlib.suppress(httpx.TransportError):
-                    if (await client.get(f"{url}/health")).status_code == 200:
-                        return state
-                if time.monotonic() > deadline:
-                    await _stop(pid)
-                    raise DeploymentFailedError(
-                        f"the shared model host of runtime {runtime.name} did not answer {endpoint}/health "
-                        f"within {HEALTH_TIMEOUT_SECONDS:.0f} s and was stopped; last lines of "
-                        f"{host_dir / HOST_LOG}:\n{_tail(host_dir / HOST_LOG)}"
-                    )
-                heartbeat(f"waiting for the shared model host at {endpoint}")
-                await asyncio.sleep(0.02)
+        while True:
+            if not _alive(pid):
+                log = host_dir / HOST_LOG
+                raise DeploymentFailedError(
+                    f"the shared model host of runtime {runtime.name} exited during start"
+                    f"{_exit_code(pid)}; last lines of {log}:\n{_tail(log)}"
+                )
+            with contextlib.suppress(httpx.TransportError):
+                if (await endpoints.get(endpoint, "/health", timeout=2.0)).status_code == 200:
+                    return state
+            if time.monotonic() > deadline:
+                await _stop(pid)
+                raise DeploymentFailedError(
+                    f"the shared model host of runtime {runtime.name} did not answer {endpoint}/health "
+                    f"within {HEALTH_TIMEOUT_SECONDS:.0f} s and was stopped; last lines of "
+                    f"{host_dir / HOST_LOG}:\n{_tail(host_dir / HOST_LOG)}"
+                )
+            heartbeat(f"waiting for the shared model host at {endpoint}")
+            await asyncio.sleep(0.02)
 
     async def _wait_hosted(
         self, request: OnlineDeployRequest, state: dict[str, Any], workdir: Path, heartbeat: Heartbeat
@@ -397,32 +396,31 @@ class LocalDriver(RuntimeDriver):
         )
         deadline = time.monotonic() + HEALTH_TIMEOUT_SECONDS
         problem = None
-        async with endpoints.connect(endpoint, timeout=HEALTH_TIMEOUT_SECONDS) as (client, url):
-            while problem is None:
-                if not _alive(pid):
-                    problem = f"{where}: the host exited{_exit_code(pid)}"
-                    break
-                try:
-                    response = await client.get(f"{url}/health")
-                    if response.status_code == 200:
-                        return OnlineDeployResult(
-                            endpoint=endpoint, details={"pid": pid, "log": str(log), "host": True}
-                        )
-                    if response.status_code == 409:
-                        return None
-                    problem = (
-                        f"{where} is not in the host any more"
-                        if response.status_code == 404
-                        else f"{where} could not be loaded: {_error_of(response)}"
+        while problem is None:
+            if not _alive(pid):
+                problem = f"{where}: the host exited{_exit_code(pid)}"
+                break
+            try:
+                response = await endpoints.get(endpoint, "/health", timeout=HEALTH_TIMEOUT_SECONDS)
+                if response.status_code == 200:
+                    return OnlineDeployResult(
+                        endpoint=endpoint, details={"pid": pid, "log": str(log), "host": True}
                     )
-                except httpx.TransportError:
-                    pass
-                if time.monotonic() > deadline:
-                    problem = (
-                        f"{where} did not become healthy at {endpoint} within {HEALTH_TIMEOUT_SECONDS:.0f} s"
-                    )
-                heartbeat(f"waiting for {endpoint}/health")
-                await asyncio.sleep(0.02)
+                if response.status_code == 409:
+                    return None
+                problem = (
+                    f"{where} is not in the host any more"
+                    if response.status_code == 404
+                    else f"{where} could not be loaded: {_error_of(response)}"
+                )
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                problem = (
+                    f"{where} did not become healthy at {endpoint} within {HEALTH_TIMEOUT_SECONDS:.0f} s"
+                )
+            heartbeat(f"waiting for {endpoint}/health")
+            await asyncio.sleep(0.02)
         await self._leave_host(request.runtime, workdir, fresh=False)
         with contextlib.suppress(FileNotFoundError):
             (workdir / STATE_FILE).unlink()  # nothing to reuse: the next deploy puts it in again
@@ -759,7 +757,6 @@ def _endpoint(state: dict[str, Any]) -> str:
     return f"http://{HOST}:{int(state['port'])}{state.get('path', '')}"
 
 
-
 def _error_of(response: httpx.Response) -> str:
     """The ``error`` of a model server's JSON answer, else its status and text."""
     with contextlib.suppress(ValueError, AttributeError):
@@ -931,32 +928,31 @@ async def _wait_healthy(
         f"runtime {request.runtime.name})"
     )
     deadline = time.monotonic() + HEALTH_TIMEOUT_SECONDS
-    async with endpoints.connect(endpoint, timeout=2.0) as (client, url):
-        while True:
-            if not _alive(pid):
-                message = (
-                    f"{where} exited during start{_exit_code(pid)}; "
-                    f"last lines of {workdir / SERVER_LOG}:\n{_tail(workdir / SERVER_LOG)}"
+    while True:
+        if not _alive(pid):
+            message = (
+                f"{where} exited during start{_exit_code(pid)}; "
+                f"last lines of {workdir / SERVER_LOG}:\n{_tail(workdir / SERVER_LOG)}"
+            )
+            await _stop(pid)
+            raise DeploymentFailedError(message)
+        try:
+            response = await endpoints.get(endpoint, "/health", timeout=2.0)
+            if response.status_code == 200:
+                return OnlineDeployResult(
+                    endpoint=endpoint, details={"pid": pid, "log": str(workdir / SERVER_LOG)}
                 )
-                await _stop(pid)
-                raise DeploymentFailedError(message)
-            try:
-                response = await client.get(f"{url}/health")
-                if response.status_code == 200:
-                    return OnlineDeployResult(
-                        endpoint=endpoint, details={"pid": pid, "log": str(workdir / SERVER_LOG)}
-                    )
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                await _stop(pid)
-                raise DeploymentFailedError(
-                    f"{where} did not become healthy at {endpoint} within "
-                    f"{HEALTH_TIMEOUT_SECONDS:.0f} s and was stopped; last lines of "
-                    f"{workdir / SERVER_LOG}:\n{_tail(workdir / SERVER_LOG)}"
-                )
-            heartbeat(f"waiting for {endpoint}/health")
-            await asyncio.sleep(0.05)
+        except httpx.TransportError:
+            pass
+        if time.monotonic() > deadline:
+            await _stop(pid)
+            raise DeploymentFailedError(
+                f"{where} did not become healthy at {endpoint} within "
+                f"{HEALTH_TIMEOUT_SECONDS:.0f} s and was stopped; last lines of "
+                f"{workdir / SERVER_LOG}:\n{_tail(workdir / SERVER_LOG)}"
+            )
+        heartbeat(f"waiting for {endpoint}/health")
+        await asyncio.sleep(0.05)
 
 
 def _read_state(workdir: Path, name: str = STATE_FILE) -> dict[str, Any] | None:
