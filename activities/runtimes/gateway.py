@@ -428,7 +428,14 @@ class LocalGateway(Gateway):
     def _prepare(self) -> None:
         super()._prepare()
         scratch = isolation.shared_temp_folder(self._scratch())
-        os.chmod(scratch, 0o755)  # a real folder of ours (checked): nginx's workers (nobody) use it
+        # A real folder of ours (checked), searchable by nginx's workers' group only: the
+        # tier socket and the links to model sockets in it are no one else's way in (a
+        # model could otherwise reach other models through them: unix sockets do not
+        # depend on its network namespace).
+        group = self._worker_gid()
+        if group is not None:
+            os.chown(scratch, os.geteuid(), group)
+        os.chmod(scratch, 0o755 if group is None else 0o710)
 
     def _pid(self, tier: Tier) -> int | None:
         """The tier's live master: the one recorded in its state file or, failing that, in

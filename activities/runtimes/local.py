@@ -40,6 +40,7 @@ import json
 import os
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import tempfile
@@ -642,7 +643,8 @@ class LocalDriver(RuntimeDriver):
     def socket_user(self, runtime: Runtime, workdir: Path, state: dict[str, Any]) -> int | None:
         """The uid owning the recorded server's socket, checked to be the deployment's user
         (its folder's owner, the host's for a hosted one; the worker's own when it is not
-        root); None for a server recorded with a TCP port (before sockets).
+        root), in that folder, which nobody else may write; None for a server recorded
+        with a TCP port (before sockets).
 
         Raises:
             DeploymentFailedError: the socket is not that user's.
@@ -654,7 +656,8 @@ class LocalDriver(RuntimeDriver):
         owner = endpoints.socket_owner(sock)
         user = isolation.user_of(folder)
         expected = os.geteuid() if user is None else user.uid
-        if owner != expected or sock.parent != folder:
+        mode = os.lstat(folder).st_mode
+        if owner != expected or sock.parent != folder or mode & (stat.S_IWGRP | stat.S_IWOTH):
             raise DeploymentFailedError(
                 f"the socket {sock} of deployment {workdir.name} on runtime {runtime.name} belongs to "
                 f"uid {owner}, not to the deployment's user {expected}: refusing to send it traffic"
