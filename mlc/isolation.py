@@ -456,6 +456,51 @@ def leave_network() -> None:
         raise PermissionError(code, f"unshare(CLONE_NEWNET) failed: {os.strerror(code)}")
 
 
+FIREWALLS = ("iptables", "ip6tables")
+
+
+def _host_rule(uid: int) -> list[str]:
+    """Refuse ``uid``'s packets to the host itself: every local address goes out on ``lo``."""
+    return ["OUTPUT", "-o", "lo", "-m", "owner", "--uid-owner", str(uid), "-j", "REJECT"]
+
+
+def _firewall(path: str, action: str, rule: list[str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([path, "-w", action, *rule], capture_output=True, text=True, check=False)
+
+
+def keep_off_host(user: ModelUser) -> None:
+    """Let ``user`` reach other hosts but not this one (a runtime's ``model_network:
+    outbound``): a firewall rule per address family refuses its connections to any of
+    the host's own addresses, its loopback included (Temporal, PostgreSQL, gateways, other
+    models). Nothing is started without the rules.
+
+    Raises:
+        DeploymentFailedError: ``iptables``/``ip6tables`` are missing or refused the rule.
+    """
+    for tool in FIREWALLS:
+        path = shutil.which(tool)
+        rule = _host_rule(user.uid)
+        if path is not None and _firewall(path, "-C", rule).returncode == 0:
+            continue
+        added = None if path is None else _firewall(path, "-I", rule)
+        if added is None or added.returncode != 0:
+            why = f"{tool} is not installed" if added is None else added.stderr.strip()
+            raise DeploymentFailedError(
+                f"model user {user.uid} may reach other hosts (model_network: outbound) only once "
+                f"its connections to this host are refused, and {tool} could not do that: {why}. "
+                "Install iptables, or set the runtime's model_network to none"
+            )
+
+
+def drop_host_rules(uid: int) -> None:
+    """Remove what :func:`keep_off_host` added for ``uid`` (none when it added nothing)."""
+    for tool in FIREWALLS:
+        path = shutil.which(tool)
+        while path is not None:
+            if _firewall(path, "-D", _host_rule(uid)).returncode != 0:
+                break
+
+
 def enter(user: ModelUser) -> None:
     """In a child still root, before any model code: reach what it needs
     (:func:`bind_unreachable`), leave the host's network when it must

@@ -15,6 +15,7 @@ import json
 import os
 import socket
 import stat
+import subprocess
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -28,7 +29,7 @@ from activities.runtimes.local import LocalDriver
 from mlc import endpoints, isolation
 from mlc.artifacts import ArtifactStore, build_archive
 from mlc.config import Settings
-from mlc.domain import HostingMode, ModelSnapshot, Runtime, TrafficRoute
+from mlc.domain import HostingMode, ModelNetwork, ModelSnapshot, Runtime, TrafficRoute
 from mlc.errors import DeploymentFailedError
 from mlc.manifest import load_manifest
 from tests.conftest import Stack, call_model, gateway_settings
@@ -261,3 +262,38 @@ async def test_the_gateway_refuses_a_socket_that_is_not_the_deployments_user(
     finally:
         os.chown(prod_socket, owner, owner, follow_symlinks=False)
     assert (await call_model(endpoint, "/health")).status_code == 200
+
+
+async def test_outbound_network_never_reaches_the_host_itself(
+    stack: Stack, as_root: None, listener: int, tmp_path: Path
+) -> None:
+    """``model_network: outbound`` (a runtime setting in its signed record): the model shares
+    the host's network to reach other hosts, but every connection to the host itself is
+    refused, and the firewall rule goes with the deployment."""
+    driver = LocalDriver(stack.settings)
+    runtime = Runtime(
+        name="local-out", stage="DEV", hosting=HostingMode.DEDICATED, model_network=ModelNetwork.OUTBOUND
+    )
+    hostile = snapshot_of(stack.settings, write_package(tmp_path / "hostile", "hostile", HOSTILE))
+    ports = [listener, p] if (p := port_of(stack.settings.temporal_address)) else [listener]
+    try:
+        deployed = await driver.deploy_online(
+            OnlineDeployRequest(deployment_id="outbound", snapshot=hostile, runtime=runtime, stage="DEV"),
+            lambda note: None,
+        )
+        answer = (await call_model(deployed.endpoint, "/score", json={"ports": ports})).json()
+        assert answer["net"] == os.readlink("/proc/self/ns/net"), "the host's network"
+        connects = {k: v for k, v in answer["found"].items() if k.startswith("connect ")}
+        assert connects and all(v == "refused ECONNREFUSED" for v in connects.values()), connects
+        uid = os.stat(driver.workdir(runtime, "outbound")).st_uid
+        assert str(uid) in rules_of_the_host()
+    finally:
+        await driver.cleanup(CleanupRequest(runtime=runtime))
+    assert str(uid) not in rules_of_the_host(), "the rule goes with the deployment"
+
+
+def rules_of_the_host() -> str:
+    return "".join(
+        subprocess.run([tool, "-S", "OUTPUT"], capture_output=True, text=True, check=True).stdout
+        for tool in isolation.FIREWALLS
+    )

@@ -74,7 +74,7 @@ from activities.runtimes.base import (
 from mlc import endpoints, isolation, processes
 from mlc.artifacts import ArtifactStore
 from mlc.config import Settings
-from mlc.domain import ModelSnapshot, Runtime
+from mlc.domain import ModelNetwork, ModelSnapshot, Runtime
 from mlc.errors import DeploymentFailedError, NotFoundError
 from mlc.evaluation import test_dataset
 from mlc.isolation import ModelUser
@@ -313,7 +313,7 @@ class LocalDriver(RuntimeDriver):
             isolation.lock_home(self.settings.home, self.settings.runtime_dir)
             python = (sys.prefix, sys.base_prefix, Path(sys.executable).resolve().parent)
             reach = tuple(str(p) for p in (*python, _project_root(), host_dir.parent))
-            user = replace(user, reach=reach, own_network=True)
+            user = _networked(runtime, replace(user, reach=reach))
         isolation.prepare_folder(host_dir, user)
         isolation.private_folder(host_dir / TMP_DIR, user)
         isolation.private_folder(host_dir / MODELS_DIR, user)
@@ -445,6 +445,7 @@ class LocalDriver(RuntimeDriver):
         user = isolation.user_of(workdir)
         if user is not None and user != isolation.user_of(self._host_dir(runtime)):
             isolation.kill_user(user)
+            _forget_network(runtime, user)
         shutil.rmtree(workdir, True)
 
     async def _release_host(self, runtime: Runtime) -> None:
@@ -463,7 +464,9 @@ class LocalDriver(RuntimeDriver):
             if state is not None:
                 await _stop(int(state["pid"]))
             if host_dir.is_dir():
-                await asyncio.to_thread(isolation.kill_user, isolation.user_of(host_dir))
+                user = isolation.user_of(host_dir)
+                await asyncio.to_thread(isolation.kill_user, user)
+                await asyncio.to_thread(_forget_network, runtime, user)
                 await asyncio.to_thread(shutil.rmtree, host_dir, True)
 
     def _start_process(
@@ -545,8 +548,9 @@ class LocalDriver(RuntimeDriver):
         the folder is the user's (0700) with a ``tmp`` of its own, and the package is
         unpacked by root into a folder the user cannot have redirected. ``fresh=False``
         (streaming consumers of the deployment keep running) kills nothing and unpacks
-        nothing: the package is already there. ``own_network`` gives the processes a network
-        namespace of their own (see :mod:`mlc.isolation`).
+        nothing: the package is already there. ``own_network`` keeps the processes off the
+        network as the runtime's ``model_network`` says (:func:`_networked`); without it
+        they share the host's (streaming consumers).
         """
         user = self.model_user(runtime, workdir)
         if user is not None:
@@ -556,7 +560,8 @@ class LocalDriver(RuntimeDriver):
             isolation.lock_home(self.settings.home, self.settings.runtime_dir)
             python = (sys.prefix, sys.base_prefix, Path(sys.executable).resolve().parent)
             reach = tuple(str(p) for p in (*python, _project_root(), workdir))
-            user = replace(user, reach=reach, own_network=own_network)
+            user = replace(user, reach=reach)
+            user = _networked(runtime, user) if own_network else user
         isolation.prepare_folder(workdir, user)
         isolation.private_folder(workdir / TMP_DIR, user)
         if not fresh and (workdir / PACKAGE_DIR).is_dir():
@@ -613,6 +618,7 @@ class LocalDriver(RuntimeDriver):
         finally:
             # Nothing the job started outlives it, so nothing swaps its output once checked.
             await asyncio.to_thread(isolation.kill_user, user)
+            await asyncio.to_thread(_forget_network, request.runtime, user)
             await asyncio.to_thread(shutil.rmtree, package, True)
         isolation.check_output(output_path)
         return BatchJobResult(
@@ -758,6 +764,21 @@ def _endpoint(state: dict[str, Any]) -> str:
     if "socket" in state:
         return endpoints.unix_endpoint(Path(state["socket"]), state.get("path", ""))
     return f"http://{HOST}:{int(state['port'])}{state.get('path', '')}"
+
+
+def _networked(runtime: Runtime, user: ModelUser) -> ModelUser:
+    """``user`` kept off the network as ``runtime.model_network`` says: a namespace of its
+    own (``none``), or the host's network with the host itself refused (``outbound``)."""
+    if runtime.model_network is ModelNetwork.OUTBOUND:
+        isolation.keep_off_host(user)
+        return user
+    return replace(user, own_network=True)
+
+
+def _forget_network(runtime: Runtime, user: ModelUser | None) -> None:
+    """Remove what :func:`_networked` added to the host's firewall for ``user``."""
+    if user is not None and runtime.model_network is ModelNetwork.OUTBOUND:
+        isolation.drop_host_rules(user.uid)
 
 
 def _error_of(response: httpx.Response) -> str:
