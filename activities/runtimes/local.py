@@ -523,6 +523,35 @@ class LocalDriver(RuntimeDriver):
         isolation.write_file(workdir / STATE_FILE, json.dumps(state))
         return state
 
+    async def start_scorer(
+        self,
+        request: StreamingDeployRequest,
+        workdir: Path,
+        package: Path,
+        user: ModelUser | None,
+        heartbeat: Heartbeat,
+    ) -> int:
+        """Start the model server a streaming deployment's consumers score through (on the
+        socket in its folder, kept off the network like any server), wait for its health;
+        return its pid.
+
+        Raises:
+            DeploymentFailedError: it exited or stayed unhealthy; carries its log tail.
+        """
+        user = None if user is None else _networked(request.runtime, user)
+        argv = ["serve", "--package", str(package), "--uds", str(workdir / SERVER_SOCKET)]
+        env = child_env(request.snapshot, workdir)
+        pid = self._start_process(argv, cwd=workdir, env=env, log=workdir / SERVER_LOG, user=user)
+        state = {"pid": pid, "socket": str(workdir / SERVER_SOCKET)}
+        online = OnlineDeployRequest(
+            deployment_id=request.deployment_id,
+            snapshot=request.snapshot,
+            runtime=request.runtime,
+            stage=request.stage,
+        )
+        await _wait_healthy(online, state, workdir, heartbeat)
+        return pid
+
     def model_user(self, runtime: Runtime, workdir: Path) -> ModelUser | None:
         """The user the deployment's processes run as: its own when the worker is root
         (the owner of its folder, or a new one), else None (the worker's user)."""
