@@ -11,8 +11,10 @@ model; and the gateway refuses a socket that is not the deployment's user's.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
+import shutil
 import socket
 import stat
 import subprocess
@@ -24,7 +26,12 @@ import httpx
 import pytest
 
 from activities.runtimes import gateway
-from activities.runtimes.base import BatchJobRequest, CleanupRequest, OnlineDeployRequest
+from activities.runtimes.base import (
+    BatchJobRequest,
+    CleanupRequest,
+    OnlineDeployRequest,
+    StreamingDeployRequest,
+)
 from activities.runtimes.local import LocalDriver
 from mlc import endpoints, isolation
 from mlc.artifacts import ArtifactStore, build_archive
@@ -33,6 +40,8 @@ from mlc.domain import HostingMode, ModelNetwork, ModelSnapshot, Runtime, Traffi
 from mlc.errors import DeploymentFailedError
 from mlc.manifest import load_manifest
 from tests.conftest import Stack, call_model, gateway_settings
+from tests.streaming_helpers import produce, read_topic, streaming_runtime
+from tests.test_streaming import STREAM_MODEL
 
 MANIFEST = """\
 name: {name}
@@ -297,3 +306,61 @@ def rules_of_the_host() -> str:
         subprocess.run([tool, "-S", "OUTPUT"], capture_output=True, text=True, check=True).stdout
         for tool in isolation.FIREWALLS
     )
+
+
+STREAM_SCORE = """\
+import os
+import socket
+
+
+def score(record):
+    return score_batch([record])[0]
+
+
+def score_batch(records):
+    port = int(open(os.path.join(os.path.dirname(__file__), "broker-port")).read())
+    sock = socket.socket()
+    sock.settimeout(0.5)
+    try:
+        sock.connect(("127.0.0.1", port))
+        reach = "CONNECTED"
+    except OSError as exc:
+        reach = "refused " + type(exc).__name__
+    finally:
+        sock.close()
+    return [{"id": r["id"], "y": 2.0 * r["x"], "reach": reach, "pid": os.getpid()} for r in records]
+"""
+
+
+async def test_a_streaming_models_code_is_off_the_network_while_its_consumer_reads_kafka(
+    stack: Stack, as_root: None, kafka_broker: str, tmp_path: Path
+) -> None:
+    """The consumer talks to the broker; the model's code (scoring in the deployment's own
+    server) cannot reach it, nor anything else of the host's network."""
+    package = tmp_path / "stream-hostile"
+    shutil.copytree(STREAM_MODEL, package)
+    (package / "score.py").write_text(STREAM_SCORE)
+    (package / "broker-port").write_text(str(port_of(kafka_broker)))
+    driver = LocalDriver(stack.settings)
+    runtime = streaming_runtime(kafka_broker, name="local-stream-net")
+    kafka = runtime.kafka
+    assert kafka is not None
+    snapshot = snapshot_of(stack.settings, package)
+    try:
+        result = await driver.deploy_streaming(
+            StreamingDeployRequest(
+                deployment_id="stream-net", snapshot=snapshot, runtime=runtime, stage="UAT"
+            ),
+            lambda note: None,
+        )
+        await asyncio.to_thread(produce, kafka_broker, kafka.input_topic, [("k1", {"id": 1, "x": 2.0})])
+        [output] = await asyncio.to_thread(read_topic, kafka_broker, kafka.output_topic, until=1)
+        assert output.value["y"] == 4.0 and output.value["reach"] == "refused OSError", output.value
+        scorer = int(output.value["pid"])
+        [consumer] = result.details["pids"]
+        host = os.readlink("/proc/self/ns/net")
+        assert os.readlink(f"/proc/{scorer}/ns/net") != host, "model code: a namespace of its own"
+        assert os.readlink(f"/proc/{consumer}/ns/net") == host, "the consumer reaches the broker"
+        assert Path(f"/proc/{consumer}/environ").stat().st_uid == 0, "not dumpable: its /proc is root's"
+    finally:
+        await driver.cleanup(CleanupRequest(runtime=runtime))
