@@ -280,9 +280,14 @@ async def test_outbound_network_never_reaches_the_host_itself(
     the host's network to reach other hosts, but every connection to the host itself is
     refused, and the firewall rule goes with the deployment."""
     driver = LocalDriver(stack.settings)
-    runtime = Runtime(
-        name="local-out", stage="DEV", hosting=HostingMode.DEDICATED, model_network=ModelNetwork.OUTBOUND
+    runtime = await stack.add_runtime(
+        Runtime(
+            name="local-out", stage="DEV", hosting=HostingMode.DEDICATED, model_network=ModelNetwork.OUTBOUND
+        )
     )
+    listed = await stack.mlc("runtime", "list", "--json")
+    assert listed.returncode == 0, listed.stderr
+    assert {r["name"]: r["model_network"] for r in json.loads(listed.stdout)}["local-out"] == "outbound"
     hostile = snapshot_of(stack.settings, write_package(tmp_path / "hostile", "hostile", HOSTILE))
     ports = [listener, p] if (p := port_of(stack.settings.temporal_address)) else [listener]
     try:
