@@ -34,6 +34,7 @@ from __future__ import annotations
 import abc
 import asyncio
 import contextlib
+import errno
 import grp
 import hashlib
 import json
@@ -502,7 +503,7 @@ class LocalGateway(Gateway):
                     old.unlink(missing_ok=True)
             if not _same_file(link, info):
                 link.unlink(missing_ok=True)
-                isolation.link_fd(fd, link)
+                _link(fd, sock, link)
         finally:
             os.close(fd)
         return f"{endpoints.UNIX_PREFIX}{link}"
@@ -578,6 +579,29 @@ class LocalGateway(Gateway):
 
 _children: dict[int, subprocess.Popen[bytes]] = {}
 """nginx masters this process started, kept so their exit is reaped."""
+
+
+def _link(fd: int, sock: Path, link: Path) -> None:
+    """Hard-link the socket opened as ``fd`` (found at ``sock``) to ``link``: from the handle
+    as root; by its name otherwise (a worker that is not root gives models no user of their
+    own: the socket is the worker's own).
+
+    Raises:
+        DeploymentFailedError: the two are on different filesystems, or the link failed.
+    """
+    try:
+        if os.geteuid() == 0:
+            isolation.link_fd(fd, link)
+        else:
+            os.link(sock, link, follow_symlinks=False)
+    except OSError as exc:
+        hint = (
+            ": the gateway's scratch folder and MLC_HOME must be on one filesystem (set TMPDIR to a "
+            "folder on MLC_HOME's)"
+            if exc.errno == errno.EXDEV
+            else ""
+        )
+        raise DeploymentFailedError(f"cannot link {sock} to {link} ({exc.strerror}){hint}") from None
 
 
 def _same_file(path: Path, info: os.stat_result) -> bool:
