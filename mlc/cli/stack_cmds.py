@@ -14,13 +14,12 @@ from typing import Annotated
 from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
-import httpx
 import typer
 from rich.markup import escape
 from rich.table import Table
 from temporalio.client import Client
 
-from mlc import admin
+from mlc import admin, endpoints
 from mlc.artifacts import ArtifactStore
 from mlc.cli.context import STATE, client, console, emit, local_user, settings
 from mlc.cli.lifecycle_cmds import render_status
@@ -480,10 +479,10 @@ async def _walk(cfg: Settings, *, yes: bool, ui: str | None) -> int:
         last = current.stages[-1]
         tables = await traffic.read_traffic(pool, model=ref.model, stage=last)
         stable = [t.endpoint for t in tables if t.routes]
-        async with httpx.AsyncClient() as http:
-            # consumers call the stable endpoint where the runtime has a gateway
-            for endpoint in stable or [d.endpoint for d in live if d.stage == last and d.endpoint]:
-                health = await http.get(f"{endpoint}/health")
+        # consumers call the stable endpoint where the runtime has a gateway
+        for endpoint in stable or [d.endpoint for d in live if d.stage == last and d.endpoint]:
+            async with endpoints.connect(endpoint, timeout=5.0) as (http, url):
+                health = await http.get(f"{url}/health")
                 health.raise_for_status()
                 kind = "its stable endpoint " if stable else ""
                 console.print(f"[green]{ref} serves in {last} at {kind}{endpoint}[/green]")

@@ -17,7 +17,7 @@ from mlc import processes
 from mlc.config import Settings
 from mlc.dev_postgres import DevPostgres
 from mlc.devstack import DevStack, dev_running, port_open, read_state
-from tests.conftest import FIXTURES
+from tests.conftest import FIXTURES, call_model
 from tests.faults.harness import (
     PROJECT,
     WAIT_SECONDS,
@@ -118,14 +118,13 @@ async def _serving_again(dev: Dev, deployment_id: str, old_pid: int) -> None:
     await wait_until(back, what="the reconciler to restart the model server", timeout=60)
     (deployment,) = await dev.json("deployments")
     assert deployment["state"] == "serving" and deployment["id"] == deployment_id
-    async with httpx.AsyncClient() as http:
-        health = await wait_until(lambda: _health(http, deployment["endpoint"]), what="health", timeout=30)
+    health = await wait_until(lambda: _health(deployment["endpoint"]), what="health", timeout=30)
     assert health
 
 
-async def _health(http: httpx.AsyncClient, endpoint: str) -> bool:
+async def _health(endpoint: str) -> bool:
     try:
-        return (await http.get(f"{endpoint}/health")).status_code == 200
+        return (await call_model(endpoint, "/health")).status_code == 200
     except httpx.HTTPError:
         return False
 
