@@ -124,7 +124,6 @@ async def test_prod_handover_keeps_old_version_serving_until_new_is_healthy(
     assert (await call_model(new.endpoint, "/health")).status_code == 200
 
 
-
 async def test_a_decide_signal_that_does_not_decode_is_listed_as_refused(stack: Stack) -> None:
     """The old unsigned form of the ``decide`` signal (here sent with the start, before the
     run begins), or no input at all: ignored, as a signal cannot be refused to its sender,
