@@ -275,7 +275,9 @@ class Runtime(Frozen):
     model_network: ModelNetwork = ModelNetwork.NONE
     """On a local runtime whose worker is root: ``none`` (default) keeps model servers,
     hosts and batch jobs off every network; ``outbound`` lets them reach other hosts (a
-    model calling an external service), never the worker's host itself."""
+    model calling an external service), never the worker's host itself. On a docker
+    runtime: ``none`` runs model containers with no network; ``outbound`` puts them on
+    ``docker.network_mode``, refused for ``host`` (see :mod:`activities.runtimes.docker`)."""
 
     @field_validator("name")
     @classmethod

@@ -2,11 +2,17 @@
 
 Containers run the consumer from the snapshot's model image (the same image online
 deployments use; it carries confluent-kafka), hardened like every model container, on
-the runtime's ``docker.network_mode`` (``host`` by default, so a broker on the engine
-host's loopback is reachable). They carry the ``mlc.*`` labels plus ``mlc.instance`` and
-``mlc.stream-config`` (a digest of the consumer configuration): a redeploy keeps running
-containers whose labels still match and replaces the others, and the engine's restart
-policy brings a crashed consumer back, which resumes from the group's committed offsets.
+the runtime's ``docker.network_mode``: unlike the other model containers they keep a
+network, because the consumer must reach the broker. That is the one place model code
+still has one on a docker runtime, and with ``network_mode: host`` it shares the host's
+loopback; give streaming runtimes a bridge or user-defined network where that matters.
+(Taking it away means splitting each instance in two: the consumer, from an image
+without the model's code, on the network, and the scoring in a container without one,
+reached over a unix socket as online deployments are.) They carry the ``mlc.*`` labels
+plus ``mlc.instance`` and ``mlc.stream-config`` (a digest of the consumer configuration):
+a redeploy keeps running containers whose labels still match and replaces the others,
+and the engine's restart policy brings a crashed consumer back, which resumes from the
+group's committed offsets.
 
 The configuration travels in the ``MLC_STREAM_CONFIG`` environment variable, so a remote
 engine needs no shared folder; TLS files named in the kafka settings are bind-mounted
