@@ -430,6 +430,8 @@ async def test_a_model_container_reaches_neither_the_host_loopback_nor_another_m
         assert code == 0, output
         probe = await driver.probe(ProbeRequest(deployment_id=ids[0], runtime=runtime))
         assert not probe.healthy and "ConnectError" in probe.detail, probe
+        with pytest.raises(DeploymentFailedError, match="refusing to send it traffic"):
+            await driver.locate(runtime, ids[0])  # so the gateway is never pointed at it either
     finally:
         host_server.close()
         for i in ids:

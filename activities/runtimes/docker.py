@@ -235,6 +235,19 @@ async def _get(runtime: Runtime, endpoint: str, path: str, *, timeout: float) ->
         return await client.get(f"{url}{path}")
 
 
+def _owned(runtime: Runtime, endpoint: str) -> str:
+    """``endpoint``, once its socket (if it has one) is checked to be a socket of the
+    containers' user: the gateway connects by path and follows what it finds there.
+
+    Raises:
+        DeploymentFailedError: it is missing, a link or another user's.
+    """
+    socket, uid = endpoints.parse(endpoint).socket, socket_uid(runtime)
+    if socket is not None and uid is not None and endpoints.socket_owner(socket) != uid:
+        raise DeploymentFailedError(f"{socket} is not the socket of uid {uid}: refusing to send it traffic")
+    return endpoint
+
+
 def _drop_socket_folder(settings: Settings, runtime: Runtime, key: str) -> None:
     """Remove the socket folder ``key`` (gone already is fine)."""
     shutil.rmtree(sockets_root(settings, runtime) / key, ignore_errors=True)
@@ -776,14 +789,19 @@ class DockerDriver(RuntimeDriver):
         )
 
     async def locate(self, runtime: Runtime, deployment_id: str) -> str:
-        """The endpoint of the deployment's running container on this runtime's engine."""
+        """The endpoint of the deployment's running container on this runtime's engine.
+
+        Raises:
+            NotFoundError: no running container serves it.
+            DeploymentFailedError: its socket is not a socket of the containers' user.
+        """
         async with connect(runtime, f"locate {deployment_id}") as client:
             found = await asyncio.to_thread(running_online, client, runtime, deployment_id)
             if found:
-                return await asyncio.to_thread(self._endpoint, found[0])
+                return _owned(runtime, await asyncio.to_thread(self._endpoint, found[0]))
             hosted = await self._hosted(client, runtime)
             if hosted is not None and deployment_id in hosted[2]:
-                return f"{hosted[1]}/models/{deployment_id}"
+                return _owned(runtime, f"{hosted[1]}/models/{deployment_id}")
             raise NotFoundError(
                 f"deployment {deployment_id} has no running container on runtime {runtime.name}"
             )
