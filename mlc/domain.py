@@ -293,6 +293,18 @@ class Runtime(Frozen):
             )
         return self
 
+    @model_validator(mode="after")
+    def _outbound_off_the_host_network(self) -> Runtime:
+        docker = self.docker or DockerSettings()
+        if self.kind is RuntimeKind.DOCKER and self.model_network is ModelNetwork.OUTBOUND:
+            if docker.network_mode == "host":
+                raise ValueError(
+                    f"runtime {self.name}: model_network outbound on docker network_mode host would let "
+                    "model code reach this host's loopback (Temporal, PostgreSQL, other models): give "
+                    "the runtime a Docker network of its own (--network-mode bridge or a network name)"
+                )
+        return self
+
     @field_validator("restart")
     @classmethod
     def _valid_restart(cls, value: str) -> str:

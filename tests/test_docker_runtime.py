@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from pydantic import ValidationError
 from temporalio.testing import WorkflowEnvironment
 
 from activities.runtimes.base import (
@@ -350,15 +351,15 @@ async def test_a_shared_runtime_hosts_its_deployments_in_one_container(
         await driver.cleanup(CleanupRequest(runtime=runtime))
 
 
-async def test_outbound_on_the_host_network_is_refused(settings: Settings, cc_fraud: ModelSnapshot) -> None:
-    runtime = _runtime(f"docker-out-{uuid.uuid4().hex[:8]}").model_copy(
-        update={"model_network": ModelNetwork.OUTBOUND}
-    )
-    request = OnlineDeployRequest(
-        deployment_id="cc-fraud-out", snapshot=cc_fraud, runtime=runtime, stage="DEV"
-    )
-    with pytest.raises(DeploymentFailedError, match="host's loopback"):
-        await DockerDriver(settings).deploy_online(request, lambda note: None)
+def test_a_runtime_with_outbound_models_on_the_host_network_is_not_registered() -> None:
+    with pytest.raises(ValidationError, match="this host's loopback"):
+        Runtime(
+            name="docker-out",
+            kind=RuntimeKind.DOCKER,
+            stage="DEV",
+            model_network=ModelNetwork.OUTBOUND,
+            docker=DockerSettings(network_mode="host"),
+        )
 
 
 _REACH = """

@@ -168,24 +168,11 @@ def _container_options(settings: DockerSettings, snapshot: ModelSnapshot) -> dic
 
 def model_network(runtime: Runtime) -> str:
     """The ``network_mode`` of the runtime's model containers: ``none`` unless its signed
-    record allows ``outbound``, then ``docker.network_mode``.
-
-    Raises:
-        DeploymentFailedError: ``outbound`` on ``network_mode: host``, where a model would
-            reach the host's loopback (Temporal, PostgreSQL, other models).
-    """
+    record allows ``outbound``, then ``docker.network_mode`` (never ``host``: such a runtime
+    does not validate, see :class:`mlc.domain.Runtime`)."""
     if runtime.model_network is not ModelNetwork.OUTBOUND:
         return "none"
-    network = docker_settings(runtime).network_mode
-    if network == "host":
-        raise DeploymentFailedError(
-            f"runtime {runtime.name} allows its models outbound network (model_network: outbound) "
-            "but its docker.network_mode is host, which would let model code reach the host's "
-            "loopback (Temporal, PostgreSQL, other models): give the runtime a Docker network of "
-            "its own (docker.network_mode: bridge or a user-defined network on an engine that has "
-            "one) or set model_network: none"
-        )
-    return network
+    return docker_settings(runtime).network_mode
 
 
 def sockets_root(settings: Settings, runtime: Runtime) -> Path:
