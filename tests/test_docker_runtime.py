@@ -188,6 +188,12 @@ async def test_outbound_models_join_the_runtime_network_and_serve_on_their_socke
         assert not container.attrs["NetworkSettings"]["Ports"], "nothing published"
         response = await call_model(result.endpoint, "/score", json=CC_FRAUD_SAMPLE)
         assert response.status_code == 200, response.text
+        with socket.create_server(("127.0.0.1", 0)) as host_server:  # on the host's loopback only
+            port = host_server.getsockname()[1]
+            targets = {"ports": [port], "sockets": []}
+            code, output = container.exec_run(["python3", "-c", _REACH, json.dumps(targets)])
+        assert code == 0, output
+        assert json.loads(output)[f"tcp {port}"] == "ConnectionRefusedError"
     finally:
         await driver.undeploy(UndeployRequest(deployment_id="cc-fraud-net", runtime=runtime))
         network.remove()
