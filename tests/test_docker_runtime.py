@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from pydantic import ValidationError
 from temporalio.testing import WorkflowEnvironment
@@ -28,14 +29,23 @@ from activities.runtimes.base import (
 )
 from activities.runtimes.docker import SOCKET_NAME, DockerDriver, container_name
 from activities.runtimes.docker_images import manylinux_platforms
+from activities.runtimes.gateway import remove as remove_gateway
 from mlc import endpoints, evaluation
 from mlc.artifacts import ArtifactStore, build_archive
 from mlc.config import Settings
-from mlc.domain import DockerSettings, HostingMode, ModelNetwork, ModelSnapshot, Runtime, RuntimeKind
+from mlc.domain import (
+    DockerSettings,
+    HostingMode,
+    ModelNetwork,
+    ModelSnapshot,
+    Runtime,
+    RuntimeKind,
+    TrafficRoute,
+)
 from mlc.errors import DeploymentFailedError, RuntimeUnavailableError
 from mlc.examples import prepare_example_model
 from mlc.manifest import load_manifest
-from tests.conftest import call_model
+from tests.conftest import call_model, gateway_settings
 
 BASE_IMAGE = "mlc-python:3.11-bookworm"
 CRASH_MODEL = Path(__file__).parent / "fixtures" / "models" / "crash-model"
@@ -324,7 +334,7 @@ async def test_a_shared_runtime_hosts_its_deployments_in_one_container(
     engine: Any, settings: Settings, cc_fraud: ModelSnapshot
 ) -> None:
     runtime = _runtime(f"docker-shared-{uuid.uuid4().hex[:8]}", memory="512m").model_copy(
-        update={"hosting": HostingMode.SHARED}
+        update={"hosting": HostingMode.SHARED, "gateway": gateway_settings()}
     )
     driver = DockerDriver(settings)
     ids = [f"cc-fraud-1-dev-{uuid.uuid4().hex[:6]}" for _ in range(2)]
@@ -347,6 +357,13 @@ async def test_a_shared_runtime_hosts_its_deployments_in_one_container(
         assert (health["version"], health["sha256"]) == ("1", cc_fraud.sha256)
         assert await driver.locate(runtime, ids[1]) == results[1].endpoint
         assert (await driver.probe(ProbeRequest(deployment_id=ids[0], runtime=runtime))).healthy
+        # the gateway container reaches the host container's socket too
+        routed = await driver.route(
+            runtime, "cc-fraud", (TrafficRoute(deployment_id=ids[0], version=1),), lambda note: None
+        )
+        async with httpx.AsyncClient(trust_env=False) as http:
+            stable = await http.post(f"{routed.endpoint}/score", json=CC_FRAUD_SAMPLE)
+        assert stable.status_code == 200 and stable.json()["is_fraud"] == 1, stable.text
 
         await driver.undeploy(UndeployRequest(deployment_id=ids[0], runtime=runtime))
         assert not (await driver.probe(ProbeRequest(deployment_id=ids[0], runtime=runtime))).healthy
@@ -355,6 +372,7 @@ async def test_a_shared_runtime_hosts_its_deployments_in_one_container(
         assert engine.containers.list(all=True, filters={"label": f"mlc.runtime={runtime.name}"}) == []
     finally:
         await driver.cleanup(CleanupRequest(runtime=runtime))
+        await remove_gateway(settings, runtime)
 
 
 def test_a_runtime_with_outbound_models_on_the_host_network_is_not_registered() -> None:
