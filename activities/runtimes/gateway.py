@@ -16,11 +16,14 @@ runtime folders, so a runtime's cleanup, which removes every folder of
 - **docker** runtimes run it as the container ``mlc-gateway-<runtime>`` of an image made
   from the host's nginx (:mod:`activities.runtimes.gateway_docker`), ``conf/`` mounted
   read-only and ``logs/`` read-write, hardened like model containers. With
-  ``network_mode: host`` it listens on ``gateway.host:port`` of the engine's host and
-  reaches the model containers at the endpoints the driver locates. With a bridge network
-  it publishes ``gateway.port`` on ``gateway.host``, and reaches model containers only if
-  their published address (``docker.publish_host``) is reachable from inside a container
-  (not 127.0.0.1): only host mode is tested here.
+  ``network_mode: host`` it listens on ``gateway.host:port`` of the engine's host; with a
+  bridge network it publishes ``gateway.port`` on ``gateway.host`` (only host mode is
+  tested here). Either way it reaches the model containers, which have no network, on
+  their unix sockets: the runtime's sockets folder (``<runtime_dir>/_sockets/<runtime>``)
+  is mounted read-only at ``/run/mlc-models``. The gateway stays a container rather than
+  moving to the host: it runs as ``docker.user``, the owner of the models' 0700 socket
+  folders, so it opens them without root, and it needs nothing installed on the host
+  but the nginx binary its image is made of.
 
 A traffic change writes the model's files (temp file, then rename), checks the whole
 configuration with ``nginx -t`` (restoring the previous files if it fails), then reloads
@@ -96,6 +99,7 @@ BACKENDS_DIR = "backends"
 _CONTAINER_CONF = "/etc/mlc-gateway"
 _CONTAINER_LOGS = "/var/log/mlc-gateway"
 _CONTAINER_RUN = "/run/mlc-gateway"
+_CONTAINER_SOCKETS = "/run/mlc-models"
 _UNSAFE_PATH = re.compile(r"[\s;{}'\"\\$#]")
 
 
@@ -639,6 +643,20 @@ class DockerGateway(Gateway):
         """None: the containers run as ``docker.user`` already."""
         return None
 
+    def backend_address(self, deployment_id: str, address: str) -> str:
+        """A model container's socket as the gateway's containers see it: the runtime's
+        sockets folder is mounted at a short path (a socket's name holds 107 bytes).
+
+        Raises:
+            RefusedError: a socket outside the runtime's sockets folder.
+        """
+        from activities.runtimes.docker import sockets_root
+
+        root = f"{endpoints.UNIX_PREFIX}{sockets_root(self.settings, self.runtime)}/"
+        if address.startswith(root):
+            return f"{endpoints.UNIX_PREFIX}{_CONTAINER_SOCKETS}/{address.removeprefix(root)}"
+        return super().backend_address(deployment_id, address)
+
     def _network(self) -> str:
         from activities.runtimes.docker_engine import docker_settings
 
@@ -664,7 +682,8 @@ class DockerGateway(Gateway):
                 os.chmod(folder, 0o1777)
 
     def _wanted(self, tier: Tier) -> str:
-        return f"{tier} {self._network()} {self.config.host}:{self.config.port}"
+        # "uds": gateways started before model sockets were mounted are replaced
+        return f"{tier} {self._network()} {self.config.host}:{self.config.port} uds"
 
     async def _container(self, tier: Tier) -> Any:
         from activities.runtimes.docker_engine import connect
@@ -684,6 +703,7 @@ class DockerGateway(Gateway):
 
     async def start(self, tier: Tier, heartbeat: Heartbeat) -> None:
         """Build the image if needed, remove a stale container, run the tier's."""
+        from activities.runtimes.docker import sockets_root
         from activities.runtimes.docker_engine import connect, docker_settings, run_with_heartbeats
 
         settings = docker_settings(self.runtime)
@@ -701,10 +721,13 @@ class DockerGateway(Gateway):
             options: dict[str, Any] = {"network_mode": settings.network_mode}
             if tier == "edge" and settings.network_mode != "host":
                 options["ports"] = {f"{self.config.port}/tcp": (self.config.host, self.config.port)}
+            sockets = sockets_root(self.settings, self.runtime)
+            sockets.mkdir(parents=True, exist_ok=True)
             volumes = {
                 str(self.conf): {"bind": _CONTAINER_CONF, "mode": "ro"},
                 str(self.logs): {"bind": _CONTAINER_LOGS, "mode": "rw"},
                 str(self.root / "run"): {"bind": _CONTAINER_RUN, "mode": "rw"},
+                str(sockets): {"bind": _CONTAINER_SOCKETS, "mode": "ro"},  # the models' sockets
             }
             error_log = "error.log" if tier == "routes" else "edge.error.log"
             await asyncio.to_thread(
