@@ -22,9 +22,12 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from temporalio import activity
 from temporalio.client import WorkflowFailureError
+from temporalio.testing import ActivityEnvironment
 from temporalio.worker import Worker
 
+from activities.reconcile import ReconcileInventory
 from activities.runtime import RuntimeActivities
+from mlc.contracts.reconcile import Finding, ReconcilerStatus, SettleInput, Settlement, reconciler_id
 from mlc.contracts.runtime import OnlineDeployResult
 from mlc.contracts.traffic import ObserveTrafficInput, TrafficObservation
 from mlc.domain import (
@@ -39,7 +42,7 @@ from mlc.domain import (
 )
 from mlc.errors import RefusedError
 from mlc.payloads import RuntimeActionInput
-from mlc.store import deployments, trail
+from mlc.store import deployments, reconcilers, trail
 from mlc.test_payloads import RunStageTestsInput, RunStageTestsResult
 from mlc.trust import evidence
 from mlc.trust import governance as g
@@ -48,6 +51,7 @@ from mlc.trust.keys import key_id, public_text
 from mlc.trust.signer import Signer
 from mlc.trust.statements import Envelope
 from tests.conftest import ADMIN, Stack, gateway_settings
+from tests.faults.harness import wait_until
 from tests.lifecycle_helpers import keep_history, wait_for_gate
 from workers.registry import runtime_activities
 from workers.worker import build_runtime_worker
@@ -356,3 +360,58 @@ async def test_a_canary_is_not_judged_on_a_forged_observation(
         f"v{v1.version} 100%",
     ], shown
     assert shown[2]["cause"].startswith("canary stopped at 25%: "), shown[2]
+
+
+async def test_the_reconciler_acts_only_on_findings_their_runtime_signed(
+    stack: Stack, example_package: Path
+) -> None:
+    """On a runtime served by its own worker the reconciler cannot probe through the driver
+    itself: a finding counts only when that runtime's evidence key signed exactly it."""
+    queue = f"isolated-{uuid.uuid4().hex[:8]}"
+    await stack.add_runtime(Runtime(name="isolated-dev", stage="DEV", task_queue=queue))
+    snap = await stack.register(example_package)
+    async with build_runtime_worker(stack.client, stack.settings, queue):
+        handle = await stack.start(snap, spec=DEV_GATE)
+        await wait_for_gate(handle, "DEV")
+        (deployment,) = await deployments.read_deployments(stack.pool, model=snap.model)
+        workflow_id = reconciler_id(stack.task_queue, "isolated-dev")
+        reconciler = stack.client.get_workflow_handle(workflow_id)
+
+        async def checked() -> bool:
+            status = await reconciler.query("status", result_type=ReconcilerStatus)
+            return status is not None and status.rounds > 0
+
+        await wait_until(checked, what="the reconciler's first round", timeout=60)
+    run_id = await reconcilers.read_first_run(stack.pool, workflow_id)
+    assert run_id is not None
+    env = ActivityEnvironment(client=stack.client)
+    env.info = replace(
+        env.info, workflow_type="RuntimeReconciler", workflow_id=workflow_id, workflow_run_id=run_id
+    )
+    assert stack.worker_pool is not None
+    judge = ReconcileInventory(stack.worker_pool, stack.settings)
+
+    async def settle(finding: Finding) -> Settlement:
+        return await env.run(
+            judge.settle_reconciliation, SettleInput(runtime="isolated-dev", findings=(finding,))
+        )
+
+    down = Finding(deployment_id=deployment.id, healthy=False, detail="made up: not answering")
+    assert await settle(down) == Settlement(), "an unsigned finding changes nothing"
+    key = evidence.evidence_key(stack.settings.home, "isolated-dev")
+    facts = down.model_dump(mode="json", exclude={"evidence"})
+    sign = {"kind": "probe", "runtime": "isolated-dev", "stage": "DEV", "deployment_id": deployment.id}
+    other_run = evidence.sign_evidence(
+        key, **sign, workflow_id=workflow_id, run_id="another-run", snapshot_sha256=None, results=facts
+    )
+    assert await settle(down.model_copy(update={"evidence": other_run})) == Settlement()
+    genuine = evidence.sign_evidence(
+        key, **sign, workflow_id=workflow_id, run_id=run_id, snapshot_sha256=None, results=facts
+    )
+    altered = down.model_copy(update={"evidence": genuine, "detail": "something else"})
+    assert await settle(altered) == Settlement(), "a finding other than the one signed changes nothing"
+    found = await deployments.read_deployment(stack.pool, deployment.id)
+    assert found is not None and found.state.value == "serving"
+    granted = await settle(down.model_copy(update={"evidence": genuine}))
+    assert len(granted.restart) == 1, "the runtime's own signed finding counts"
+    await handle.terminate()
