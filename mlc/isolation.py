@@ -17,8 +17,10 @@ group, ``uid = gid`` in :data:`UID_RANGE` (no ``/etc/passwd`` entry needed), and
   checkout under ``/root``, 0700; a 0700 parent of ``MLC_HOME``) is bound into a private
   mount namespace over an empty tmpfs (:func:`bind_unreachable`), so nothing is opened up
   on the host and the rest of that folder does not exist for the model;
-- whatever the deployment leaves running under its user is killed when the runtime is
-  done with it (:func:`kill_user`): a daemonised grandchild cannot outlive its deployment.
+- every process it starts stays in a cgroup of its user where the host offers one
+  (:mod:`mlc.cgroups`), and whatever the deployment leaves running under its user is
+  killed when the runtime is done with it (:func:`kill_user`: the group frozen and killed,
+  then every process of the uid): a daemonised grandchild cannot outlive its deployment.
 
 The user owns its folder, so it can replace any file in it. The runtime therefore reads
 and writes there only through :func:`write_file`, :func:`read_own_file`, :func:`open_log`
@@ -55,6 +57,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
+from mlc import cgroups
 from mlc.errors import DeploymentFailedError
 
 UID_RANGE = (2_000_000_000, 1_000_000)
@@ -419,8 +422,10 @@ def bind_unreachable(reach: Sequence[str]) -> None:
 
 
 def enter(user: ModelUser) -> None:
-    """In a child still root, before any model code: reach what it needs
-    (:func:`bind_unreachable`), then become ``user`` for good (:func:`drop_privileges`)."""
+    """In a child still root, before any model code: enter its user's cgroup
+    (:func:`mlc.cgroups.join`), reach what it needs (:func:`bind_unreachable`), then become
+    ``user`` for good (:func:`drop_privileges`)."""
+    cgroups.join(user.uid)
     bind_unreachable(user.reach)
     drop_privileges(user)
 
@@ -497,9 +502,15 @@ def processes_of(uid: int) -> list[int]:
 
 def kill_user(user: ModelUser | None) -> None:
     """SIGKILL every process of a deployment's user, until none is left (only a
-    deployment's own user: never the worker's)."""
+    deployment's own user: never the worker's): its cgroup first, frozen so nothing forks
+    meanwhile (:func:`mlc.cgroups.kill`), then whatever ``/proc`` still shows of the uid.
+
+    Raises:
+        DeploymentFailedError: some would not die within ``KILL_TIMEOUT_SECONDS``.
+    """
     if user is None or not in_range(user.uid):
         return
+    cgroups.kill(user.uid, timeout=KILL_TIMEOUT_SECONDS)
     deadline = time.monotonic() + KILL_TIMEOUT_SECONDS
     while pids := processes_of(user.uid):
         for pid in pids:
