@@ -29,6 +29,7 @@ from activities.runtimes.base import (
 )
 from activities.runtimes.local import STATE_FILE, LocalDriver
 from activities.testing import TestingActivities
+from mlc import processes
 from mlc.artifacts import ArtifactStore, build_archive
 from mlc.config import Settings
 from mlc.domain import (
@@ -97,13 +98,7 @@ def deployment_of(
 
 
 def alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return (
-        Path(f"/proc/{pid}/cmdline").exists() and b"mlc.serving" in Path(f"/proc/{pid}/cmdline").read_bytes()
-    )
+    return processes.alive(pid, marker="mlc.serving")
 
 
 def processes_mentioning(text: str) -> list[int]:
@@ -486,7 +481,8 @@ async def test_hosted_model_failures_and_refusals(settings: Settings, tmp_path: 
         assert not (settings.runtime_dir / runtime.name / ".host" / "models" / "dep-odd").exists()
         async with httpx.AsyncClient() as client:
             assert (await client.get(f"{endpoint}/health")).status_code == 200, "the others serve on"
-        assert alive(details["pid"])
+        # the failed models' code ran in the host's process: it was started again without them
+        assert not alive(details["pid"])
     finally:
         await driver.cleanup(CleanupRequest(runtime=runtime))
 

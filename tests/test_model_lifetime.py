@@ -46,7 +46,11 @@ import os
 import sys
 
 MARKER = {marker!r}
-SLEEP = "import signal, time\\nfor s in (signal.SIGTERM, signal.SIGHUP):\\n    signal.signal(s, signal.SIG_IGN)\\ntime.sleep(3600)"
+SLEEP = (
+    "import signal, time\\n"
+    "for s in (signal.SIGTERM, signal.SIGHUP):\\n    signal.signal(s, signal.SIG_IGN)\\n"
+    "time.sleep(3600)"
+)
 
 
 def daemon(when):
