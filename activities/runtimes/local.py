@@ -13,11 +13,13 @@ by default every stage but PROD) are served by one model-host process per runtim
 identity ``<deployment id>.json``. Such a deployment's endpoint is
 ``http://127.0.0.1:PORT/models/<deployment id>``; its folder keeps ``deployment.json``
 (``"host": true``) and the package. The host starts on the first deploy (forked from the
-forkserver), is started again on its old port when found dead, and stops when its last
-deployment is removed. A model the host refuses (409: requirements it does not meet)
-gets a dedicated process instead. Models hosted together share one process and, when
-the worker is root, one user (the host's): a crash or a hostile model reaches the other
-models of the same host, which is why PROD keeps a process and a user per deployment.
+forkserver), is started again on its old port when found dead, is restarted without each
+deployment that leaves it (the model's code ran in its process: whatever that left
+running ends with the host's user), and stops when its last deployment is removed. A
+model the host refuses (409: requirements it does not meet) gets a dedicated process
+instead. Models hosted together share one process and, when the worker is root, one user
+(the host's): a crash or a hostile model reaches the other models of the same host, which
+is why PROD keeps a process and a user per deployment.
 
 Model code is untrusted, so its processes get an allow-listed environment (see
 :func:`child_env`): nothing of the worker's database URL, Temporal settings or secrets.
