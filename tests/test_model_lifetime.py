@@ -220,3 +220,29 @@ async def test_a_batch_job_leaves_no_process_of_the_model(
     assert result.records > 0
     assert daemons(marker) == {}
     assert isolation.processes_of(os.stat(driver.workdir(runtime, "hostile-batch")).st_uid) == []
+
+
+async def test_a_deploy_waiting_in_the_shared_host_follows_its_restart(
+    driver: LocalDriver, tmp_path: Path, marker: str
+) -> None:
+    """A model leaving restarts the host while another is loading there (its import waits
+    for a go, so the host's graceful stop gives up on it): that deploy waits for the
+    restarted host and succeeds there instead of failing."""
+    runtime = runtime_for("shared")
+    uid = await hostile_serving(driver, runtime, tmp_path, marker)
+    wait_for_go = (
+        "import os, time\nwhile not os.path.exists(os.environ['TMPDIR'] + '/go'):\n    time.sleep(0.05)\n"
+    )
+    slow = snapshot(driver.settings, tmp_path / "slow", "slow", wait_for_go + BYSTANDER)
+    loading = asyncio.ensure_future(deploy(driver, runtime, "slow", slow))
+    host_dir = driver.settings.runtime_dir / runtime.name / HOST_DIR
+    while not (host_dir / "models" / "slow").is_symlink():  # in the host, its first /health loading it
+        await asyncio.sleep(0.02)
+    await asyncio.sleep(0.5)
+    await driver.undeploy(UndeployRequest(deployment_id="hostile", runtime=runtime))
+    assert not loading.done()
+    (host_dir / "tmp" / "go").write_text("")
+    endpoint = await loading
+    assert (await score(endpoint)) == {"p": 0.25}
+    assert daemons(marker) == {}
+    assert len(isolation.processes_of(uid)) == 1, "only the restarted host runs as the host's user"

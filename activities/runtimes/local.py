@@ -405,24 +405,32 @@ class LocalDriver(RuntimeDriver):
             while problem is None:
                 if not _alive(pid):
                     problem = f"{where}: the host exited{_exit_code(pid)}"
-                    break
-                try:
-                    response = await client.get(f"{endpoint}/health")
-                    if response.status_code == 200:
-                        return OnlineDeployResult(
-                            endpoint=endpoint,
-                            details={"pid": pid, "port": int(state["port"]), "log": str(log), "host": True},
+                else:
+                    try:
+                        response = await client.get(f"{endpoint}/health")
+                        if response.status_code == 200:
+                            return OnlineDeployResult(
+                                endpoint=endpoint,
+                                details={
+                                    "pid": pid,
+                                    "port": int(state["port"]),
+                                    "log": str(log),
+                                    "host": True,
+                                },
+                            )
+                        if response.status_code == 409:
+                            return None
+                        problem = (
+                            f"{where} is not in the host any more"
+                            if response.status_code == 404
+                            else f"{where} could not be loaded: {_error_of(response)}"
                         )
-                    if response.status_code == 409:
-                        return None
-                    problem = (
-                        f"{where} is not in the host any more"
-                        if response.status_code == 404
-                        else f"{where} could not be loaded: {_error_of(response)}"
-                    )
-                except httpx.TransportError:
-                    pass
-                if time.monotonic() > deadline:
+                    except httpx.TransportError:
+                        pass
+                if problem is not None and (moved := await self._restarted(request.runtime, workdir, pid)):
+                    state, pid, endpoint, problem = moved, int(moved["pid"]), _endpoint(moved), None
+                    continue  # another model left the host, which was restarted: ask the new one
+                if problem is None and time.monotonic() > deadline:
                     problem = (
                         f"{where} did not become healthy at {endpoint} within {HEALTH_TIMEOUT_SECONDS:.0f} s"
                     )
@@ -432,6 +440,16 @@ class LocalDriver(RuntimeDriver):
         with contextlib.suppress(FileNotFoundError):
             (workdir / STATE_FILE).unlink()  # nothing to reuse: the next deploy puts it in again
         raise DeploymentFailedError(f"{problem}; last lines of {log}:\n{_tail(log)}")
+
+    async def _restarted(self, runtime: Runtime, workdir: Path, pid: int) -> dict[str, Any] | None:
+        """The deployment's record with its host's new pid when the host ``pid`` was
+        restarted since (a model left it: its answers while stopping do not count), waiting
+        for a restart under way; else None."""
+        async with _host_turn(self.settings, runtime):
+            moved = self._state(runtime, workdir)
+        if moved is not None and int(moved["pid"]) != pid and _alive(int(moved["pid"])):
+            return moved
+        return None
 
     async def _leave_host(self, runtime: Runtime, workdir: Path, *, fresh: bool) -> None:
         """Take the deployment out of the runtime's host (its link and identity); with
