@@ -32,7 +32,8 @@ PROD, see :mod:`activities.runtimes.local`) is one process with one such user fo
 as a whole, which owns the folder of every deployment hosted in it: models hosted together
 can read and disturb each other (their packages, folders, requests and answers), a weaker
 boundary than a user per deployment. They are still kept from everything above, and from
-models outside their host.
+models outside their host. Nor can one of them be killed alone (one process has one uid
+and one cgroup): a model leaving the host ends with a restart of the host without it.
 
 When the worker is not root it cannot give a model another user: model processes then
 run as the worker's user, and what separates them from the worker's files is only the
