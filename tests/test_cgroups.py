@@ -71,7 +71,7 @@ def test_a_group_is_killed_whole_with_every_daemon(as_root: None, version: int, 
     if not found:
         pytest.skip(f"this host offers no usable cgroup v{version} hierarchy")
     hierarchy = found[0]
-    uid = 2_000_999_000 + version  # a group of its own, no process runs as it
+    uid = 1_999_999_990 + version  # below the model users: a group of its own, no process runs as it
     marker = f"mlc-cgroup-test-{uuid.uuid4().hex}"
     sleeper = "import signal, time\nsignal.signal(signal.SIGTERM, signal.SIG_IGN)\ntime.sleep(600)"
     with (tmp_path / "breeder.log").open("ab") as log:
