@@ -280,8 +280,9 @@ def uid_of(pid: int) -> int | None:
 
 
 async def test_a_hostile_models_daemons_end_with_reject_and_with_the_stack(tmp_path: Path) -> None:
-    """DEV's shared host: ``mlc reject`` ends the model's daemons; a dedicated runtime:
-    ``mlc dev``'s SIGTERM ends them. Found by a marker in their command line and by uid."""
+    """DEV's shared host: ``mlc reject`` ends the model's daemons; a dedicated runtime: a
+    restart of ``mlc dev`` after ``kill -9`` and its SIGTERM end them. Found by a marker in
+    their command line and by uid."""
     assert isolation.isolating(), "mlc dev gives models their own user only as root"
     marker = f"mlc-dev-daemon-{os.urandom(8).hex()}"
     dev = Dev(tmp_path)
@@ -338,6 +339,15 @@ async def test_a_hostile_models_daemons_end_with_reject_and_with_the_stack(tmp_p
         assert hosting.returncode == 0, hosting.stdout + hosting.stderr
         dedicated = await deployed_with_daemons(2)
         assert dedicated != shared
+
+        # kill -9: the servers die with the stack, their daemons do not; the next start ends them
+        survivors = set(processes.find_processes(marker))
+        assert dev.process is not None
+        dev.process.kill()
+        await dev.process.wait()
+        await dev.start()
+        assert not survivors & set(processes.find_processes(marker)), "a killed stack's daemons live on"
+
         assert await dev.stop(signal.SIGTERM) == 0
         assert nothing_of(shared | dedicated), [
             processes.command_line(pid) for pid in processes.find_processes(marker)
