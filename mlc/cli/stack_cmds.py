@@ -58,7 +58,7 @@ async def embedded(
     and each runtime's reconciler checks the serving ones at once, restarting the model
     servers that stopped with the previous stack.
     """
-    from activities.reconcile import ensure_reconcilers
+    from activities.reconcile import keeping_reconcilers
     from mlc.kafka_broker import dev_brokers
     from workers.client import ensure_search_attributes
     from workers.worker import build_main_worker
@@ -89,8 +89,8 @@ async def embedded(
                     main,
                     _sandboxed_lifecycles(ready),
                     dev_brokers(pool, ready.home, announce=console.print),
+                    keeping_reconcilers(temporal, ready, worker_pool),
                 ):
-                    await ensure_reconcilers(temporal, ready, worker_pool)
                     yield ready
             finally:
                 await worker_pool.close()
@@ -218,7 +218,7 @@ def worker(
     if lifecycles:
         asyncio.run(_lifecycle_worker(sandbox=sandbox))
         return
-    from activities.reconcile import ensure_reconcilers
+    from activities.reconcile import keeping_reconcilers
     from workers.client import ensure_search_attributes
     from workers.worker import build_main_worker, build_runtime_worker, run_until
 
@@ -236,8 +236,8 @@ def worker(
             await ensure_search_attributes(temporal)
             pool = await connect(dsn, migrate_schema=cfg.worker_database_url is None)
             try:
-                await ensure_reconcilers(temporal, cfg, pool)  # what died meanwhile is seen at once
-                await run_until(build_main_worker(temporal, cfg, pool), stop)
+                async with keeping_reconcilers(temporal, cfg, pool):  # what died meanwhile is seen at once
+                    await run_until(build_main_worker(temporal, cfg, pool), stop)
             finally:
                 await pool.close()
             return
