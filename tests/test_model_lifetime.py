@@ -17,7 +17,6 @@ import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-import httpx
 import pytest
 
 from activities.runtimes.base import BatchJobRequest, CleanupRequest, OnlineDeployRequest, UndeployRequest
@@ -27,6 +26,7 @@ from mlc.artifacts import ArtifactStore, build_archive
 from mlc.config import Settings
 from mlc.domain import HostingMode, ModelSnapshot, Runtime
 from mlc.manifest import load_manifest
+from tests.conftest import call_model
 
 MANIFEST = """\
 name: {name}
@@ -127,8 +127,7 @@ async def deploy(driver: LocalDriver, runtime: Runtime, deployment_id: str, snap
 
 
 async def score(endpoint: str) -> dict:
-    async with httpx.AsyncClient(timeout=10) as client:
-        response = await client.post(f"{endpoint}/score", json={"x": 1})
+    response = await call_model(endpoint, "/score", json={"x": 1})
     assert response.status_code == 200, response.text
     return dict(response.json())
 
