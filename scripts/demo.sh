@@ -4,6 +4,7 @@
 # runtimes). Pass --no-yes to approve the gates yourself from another terminal.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+./scripts/system-deps.sh demo
 ./scripts/setup.sh
 if [ "${1:-}" = "--no-yes" ]; then
   exec .venv/bin/mlc demo
