@@ -7,6 +7,7 @@ cd "$(dirname "$0")/.."
 ./scripts/system-deps.sh demo
 ./scripts/setup.sh
 if [ "${1:-}" = "--no-yes" ]; then
+  echo "==> approve from another terminal: cd $PWD && . .venv/bin/activate, then run each \`mlc approve\` command printed below"
   exec .venv/bin/mlc demo
 fi
 exec .venv/bin/mlc demo --yes
