@@ -161,17 +161,23 @@ def fresh_machine(image: str, bundle: Path) -> Iterator[str]:
     started = subprocess.run(command, capture_output=True, text=True, timeout=60)
     try:
         assert started.returncode == 0, started.stderr
-        cloned = shell(name, f"mkdir -p {HOME} && git clone -q -c advice.detachedHead=false {BUNDLE} {CLONE}")
+        cloned = shell(
+            name,
+            f"mkdir -p {HOME} && git clone -q -c advice.detachedHead=false {BUNDLE} {CLONE}",
+            workdir="/",
+        )
         assert cloned.returncode == 0, cloned.stdout
         yield name
     finally:
         subprocess.run(["docker", "rm", "--force", name], capture_output=True, timeout=60)
 
 
-def shell(container: str, command: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+def shell(
+    container: str, command: str, *, timeout: float = 120, workdir: str = CLONE
+) -> subprocess.CompletedProcess[str]:
     """``command`` in a new shell of the newcomer (their HOME, in the clone)."""
     return subprocess.run(
-        ["docker", "exec", "--env", f"HOME={HOME}", "--workdir", CLONE, container, "sh", "-c", command],
+        ["docker", "exec", "--env", f"HOME={HOME}", "--workdir", workdir, container, "sh", "-c", command],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
