@@ -114,12 +114,17 @@ def fresh_image(docker_engine: Any) -> str:
     return tag
 
 
-def _local_paths(value: str) -> Iterator[Path]:
-    """Existing absolute paths named in a pip setting (plain or ``file://``)."""
+INDEX_SETTINGS = ("index-url", "extra-index-url", "index_url", "extra_index_url")
+"""pip settings naming package indexes (keys in pip.conf, suffixes of PIP_* variables)."""
+
+
+def _local_paths(setting: str, value: str) -> Iterator[Path]:
+    """Existing local paths a pip setting names (plain or ``file://``); for a local index, the
+    folder around it, because its pages link to files beside it (e.g. ``../../files/``)."""
     for token in value.split():
-        path = token.removeprefix("file://")
-        if path.startswith("/") and Path(path).exists():
-            yield Path(path)
+        path = Path(token.removeprefix("file://"))
+        if path.is_absolute() and path.exists():
+            yield path.parent if setting.lower().endswith(INDEX_SETTINGS) else path
 
 
 def registry_access() -> list[str]:
@@ -128,7 +133,7 @@ def registry_access() -> list[str]:
     mounts = {Path(p): Path(p) for p in ("/etc/apt", "/etc/ssl/certs", "/etc/pip.conf", "/etc/xdg/pip")}
     mounts |= {home / ".config" / "pip": Path(HOME) / ".config" / "pip", home / ".pip": Path(HOME) / ".pip"}
     pip_env = sorted(name for name in os.environ if name.startswith("PIP_"))
-    settings = [os.environ[name] for name in pip_env]
+    settings = [(name, os.environ[name]) for name in pip_env]
     config_files = [
         Path("/etc/pip.conf"),
         Path("/etc/xdg/pip/pip.conf"),
@@ -139,8 +144,9 @@ def registry_access() -> list[str]:
         if config_file.is_file():
             parser = configparser.RawConfigParser()
             parser.read(config_file)
-            settings += [value for section in parser.sections() for value in parser[section].values()]
-    named = {path: path for setting in settings for path in _local_paths(setting)}
+            settings += [item for section in parser.sections() for item in parser[section].items()]
+    named = {path: path for setting, value in settings for path in _local_paths(setting, value)}
+    named = {path: path for path in named if not any(path.is_relative_to(m) for m in mounts)}
     arguments: list[str] = []
     for host, inside in {**named, **mounts}.items():
         if host.exists():
