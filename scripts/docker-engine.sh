@@ -40,8 +40,12 @@ apt_install() {
         apt_updated=1
     fi
     say "apt-get install $*"
+    local log
+    log="$(mktemp /tmp/mlc-docker-engine-apt.XXXXXX.log)"
     DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq --no-install-recommends "$@" \
-        || die "apt-get install $* failed"
+        >"$log" 2>&1 || die "apt-get install $* failed; last lines of $log:
+$(tail -n 20 "$log")"
+    rm -f "$log"
 }
 
 # Print the first Debian mirror URI apt uses for $SUITE (not the security archive), from
