@@ -74,8 +74,8 @@ if [ -n "$sudo" ] || ! have apt-get; then
         echo "missing ${pieces[$i]}; install: ${how}" >&2
     done
     if [ "$engine" -eq 1 ]; then
-        echo "missing a running Docker engine or the base image $BASE_IMAGE;" \
-            "install: ${sudo}./scripts/docker-engine.sh" >&2
+        echo "missing a Docker engine answering \`docker info\` for this user, or the base image" \
+            "$BASE_IMAGE; install: ${sudo}./scripts/docker-engine.sh" >&2
     fi
     echo "[system-deps] nothing was changed; run the commands above, or this script as root" >&2
     exit 2
