@@ -46,6 +46,8 @@ POSTGRES_DIR = "postgres"
 POSTGRES_LOG = "postgres.log"
 LOCK_WAIT_SECONDS = 1.0
 """A command probing the lock holds it for microseconds; a start waits this long for it."""
+SHUTDOWN_GRACE_SECONDS = 10.0
+"""How long a start waits for a previous stack's Temporal server that is shutting down."""
 
 
 def temporal_cli() -> str:
@@ -215,8 +217,7 @@ class DevStack:
                 self._temporal_pid = pid
                 self.reused.append(f"Temporal dev server (pid {pid})")
                 return address
-            processes.stop(pid)
-            self.stopped.append(f"Temporal dev server (pid {pid}, started with other options)")
+            self._replace_previous_temporal(pid, args)
         if port_open("127.0.0.1", self.temporal_port):
             raise RuntimeUnavailableError(
                 f"port {self.temporal_port} is taken by another program (not this home's Temporal); "
@@ -236,6 +237,20 @@ class DevStack:
                 return address
             await asyncio.sleep(0.1)
         raise RuntimeUnavailableError("the Temporal dev server did not open its port within 30 s")
+
+    def _replace_previous_temporal(self, pid: int, args: list[str]) -> None:
+        """Make way for a new server: stop a previous stack's one that cannot be reused, and
+        say why. One started the same way whose port is closed is shutting down with the
+        stack that started it (its parent-death signal after a ``kill -9``): it is given
+        :data:`SHUTDOWN_GRACE_SECONDS` to exit, and nothing is said when it does."""
+        if processes.command_line(pid) == " ".join(args):
+            if _exits_within(pid, SHUTDOWN_GRACE_SECONDS):
+                return
+            reason = f"not answering on port {self.temporal_port}"
+        else:
+            reason = "started with other options"
+        processes.stop(pid)
+        self.stopped.append(f"Temporal dev server (pid {pid}, {reason})")
 
     def _previous_temporal(self, previous: dict[str, Any]) -> list[int]:
         """Live Temporal servers of this home's database file: the one the last stack recorded,
@@ -297,6 +312,21 @@ class DevStack:
             if read_state(self.settings.home).get("pid") == os.getpid():
                 (self.settings.home / STATE_FILE).unlink()
         self._lock.release()
+
+
+def _exits_within(pid: int, seconds: float) -> bool:
+    """True when ``pid`` is gone now or within ``seconds``."""
+    deadline = time.monotonic() + seconds
+    while processes.alive(pid):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
+def postgres_password_file(home: Path) -> Path:
+    """Where the embedded PostgreSQL of ``home`` keeps its superuser's password (0600)."""
+    return DevPostgres(home / POSTGRES_DIR, home / POSTGRES_LOG).password_file
 
 
 def discover(settings: Settings) -> Settings:

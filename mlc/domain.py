@@ -62,6 +62,16 @@ class HostingMode(StrEnum):
     DEDICATED = "dedicated"
 
 
+class ModelNetwork(StrEnum):
+    """What network a local runtime's model processes get (see :mod:`mlc.isolation`)."""
+
+    NONE = "none"
+    """A network namespace of their own: no address but their own loopback."""
+    OUTBOUND = "outbound"
+    """The host's network, except the host itself: connections to any of its own addresses
+    (its loopback included) are refused to the model's user."""
+
+
 class RuntimeKind(StrEnum):
     """Which driver acts on a runtime."""
 
@@ -262,6 +272,10 @@ class Runtime(Frozen):
     (and, when the worker is root, its own user). None: ``shared`` for local runtimes of
     any stage but PROD, ``dedicated`` otherwise. Models hosted together share one process
     and one user: a weaker boundary than a process per deployment."""
+    model_network: ModelNetwork = ModelNetwork.NONE
+    """On a local runtime whose worker is root: ``none`` (default) keeps model servers,
+    hosts and batch jobs off every network; ``outbound`` lets them reach other hosts (a
+    model calling an external service), never the worker's host itself."""
 
     @field_validator("name")
     @classmethod

@@ -17,7 +17,7 @@ from mlc import processes
 from mlc.config import Settings
 from mlc.dev_postgres import DevPostgres
 from mlc.devstack import DevStack, dev_running, port_open, read_state
-from tests.conftest import FIXTURES
+from tests.conftest import FIXTURES, call_model
 from tests.faults.harness import (
     PROJECT,
     WAIT_SECONDS,
@@ -118,14 +118,13 @@ async def _serving_again(dev: Dev, deployment_id: str, old_pid: int) -> None:
     await wait_until(back, what="the reconciler to restart the model server", timeout=60)
     (deployment,) = await dev.json("deployments")
     assert deployment["state"] == "serving" and deployment["id"] == deployment_id
-    async with httpx.AsyncClient() as http:
-        health = await wait_until(lambda: _health(http, deployment["endpoint"]), what="health", timeout=30)
+    health = await wait_until(lambda: _health(deployment["endpoint"]), what="health", timeout=30)
     assert health
 
 
-async def _health(http: httpx.AsyncClient, endpoint: str) -> bool:
+async def _health(endpoint: str) -> bool:
     try:
-        return (await http.get(f"{endpoint}/health")).status_code == 200
+        return (await call_model(endpoint, "/health")).status_code == 200
     except httpx.HTTPError:
         return False
 
@@ -226,3 +225,85 @@ async def test_servers_a_previous_stack_left_are_reused_when_they_fit_and_stoppe
         stack.stop()
     log.close()
     assert leftover_processes(str(tmp_path)) == []
+
+
+def _output(dev: Dev) -> str:
+    """What the last start of ``mlc dev`` printed so far."""
+    return (dev.root / f"dev-{dev.starts}.out").read_text(errors="replace")
+
+
+async def test_dev_restarts_after_kill_9_quietly_and_checks_nginx_for_its_gateways(tmp_path: Path) -> None:
+    dev = Dev(tmp_path)
+    await dev.start()  # nginx is installed here: the runtimes it creates get gateways
+    try:
+        first = _output(dev)
+        password = (dev.home / "postgres.password").read_text().strip()
+        assert password not in first, "the start-up table shows no password"
+        assert f"(password in {dev.home / 'postgres.password'})" in first, first
+        assert f"{dev.home / 'worker.log'} (tracebacks of failed activities)" in first, first
+
+        assert dev.process is not None
+        dev.process.kill()
+        await dev.process.wait()
+        await dev.start()  # at once, same options: its Temporal server may still be shutting down
+        restarted = _output(dev)
+        assert "started with other options" not in restarted, restarted
+        assert "stopped Temporal" not in restarted, restarted
+        assert await dev.stop(signal.SIGINT) == 0
+        await wait_until(dev.nothing_left, what="SIGINT to stop everything", timeout=30)
+
+        missing = tmp_path / "no-nginx"
+        refused = await asyncio.to_thread(
+            subprocess.run,
+            dev.command(),
+            env={**dev.env, "MLC_NGINX": str(missing)},
+            cwd=PROJECT,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert refused.returncode == 10, refused.stdout + refused.stderr
+        assert refused.stderr.splitlines() == [
+            f"error: runtime local-dev's gateway (its stable endpoints) needs nginx, and MLC_NGINX={missing} "
+            "is not a file: run scripts/system-deps.sh or apt-get install nginx-light (or set MLC_NGINX to "
+            "an nginx binary)"
+        ]
+        assert "mlc dev is running" not in refused.stdout
+        await wait_until(dev.nothing_left, what="a refused start to leave nothing running", timeout=30)
+    finally:
+        if dev.process is not None and dev.process.returncode is None:
+            dev.process.kill()
+            await dev.process.wait()
+        await wait_until(dev.nothing_left, what="nothing left", timeout=30)
+
+
+async def test_dev_without_nginx_or_bubblewrap_runs_without_gateways_or_uploaded_lifecycles(
+    tmp_path: Path,
+) -> None:
+    dev = Dev(tmp_path)
+    dev.env["MLC_NGINX"] = str(tmp_path / "no-nginx")  # and nothing there
+    dev.env["PATH"] = str(Path(sys.executable).parent)  # no bwrap (nor nginx) on it
+    await dev.start()
+    missing = tmp_path / "no-nginx"
+    try:
+        shown = _output(dev)
+        said = shown.split("mlc dev is running")[0].splitlines()  # what it said before its table
+        notes = [line for line in said if "needs nginx" in line or "bubblewrap" in line]
+        assert notes == [
+            f"a runtime's gateway (its stable endpoints) needs nginx, and MLC_NGINX={missing} is not a file"
+            ": run scripts/system-deps.sh or apt-get install nginx-light (or set MLC_NGINX to an "
+            "nginx binary); until then the stack's runtimes have no gateway: consumers call each "
+            "deployment's own endpoint",
+            "uploaded lifecycles run only in a sandbox, and bubblewrap (bwrap) is not installed: run "
+            "scripts/system-deps.sh or apt-get install bubblewrap; until then uploaded lifecycles are off",
+        ], shown
+        assert "mlc-lifecycles (off: no bubblewrap)" in shown
+        listed = await dev.json("runtime", "list")
+        assert sorted(r["name"] for r in listed) == ["local-dev", "local-prod", "local-sit", "local-uat"]
+        assert all(r["gateway"] is None for r in listed), listed
+        assert await dev.stop(signal.SIGINT) == 0
+    finally:
+        if dev.process is not None and dev.process.returncode is None:
+            dev.process.kill()
+            await dev.process.wait()
+        await wait_until(dev.nothing_left, what="nothing left", timeout=30)
