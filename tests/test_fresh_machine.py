@@ -27,8 +27,9 @@ The container gets from this machine only its way to the package registries, rea
 user's into the container's HOME, where a newcomer has them), the ``PIP_*`` variables and the
 local folders those name (e.g. ``PIP_FIND_LINKS``).
 
-Measured here (2 shared cores, warm package-index proxy): image ~56 s once per recipe;
-``--yes`` ~60 s; ``--no-yes`` ~60 s.
+Measured here (2 cores shared with other jobs): the image ~70 s, once per recipe; each path
+50 to 70 s (apt, venv and locked wheels from the index, then the demo), up to 3 minutes when
+the machine is loaded; the module about 2 minutes with the image cached.
 """
 
 from __future__ import annotations
