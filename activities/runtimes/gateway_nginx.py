@@ -109,9 +109,7 @@ def endpoint_parts(endpoint: str) -> tuple[str, str]:
         if target.socket is None or _UNSAFE.search(str(target.socket)) or not re.fullmatch(_PATH, prefix):
             raise ValueError(f"endpoint {endpoint!r} is not unix:/SOCKET.sock[/PATH] with a plain path")
         return f"{endpoints.UNIX_PREFIX}{target.socket}", prefix
-    match = re.fullmatch(
-        rf"http://([A-Za-z0-9.\-]+|\[[0-9a-fA-F:]+\]):(\d{{1,5}})({_PATH})/?", endpoint
-    )
+    match = re.fullmatch(rf"http://([A-Za-z0-9.\-]+|\[[0-9a-fA-F:]+\]):(\d{{1,5}})({_PATH})/?", endpoint)
     if match is None:
         raise ValueError(f"endpoint {endpoint!r} is not http://HOST:PORT[/PATH]")
     return f"{match.group(1)}:{match.group(2)}", match.group(3)
