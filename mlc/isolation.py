@@ -20,8 +20,10 @@ group, ``uid = gid`` in :data:`UID_RANGE` (no ``/etc/passwd`` entry needed), and
 - with ``own_network`` (model servers, shared hosts, batch jobs) the process gets a
   network namespace of its own (:func:`leave_network`): it serves on a unix socket in its
   folder and reaches no host port (Temporal, PostgreSQL, other models), nor binds one;
-- whatever the deployment leaves running under its user is killed when the runtime is
-  done with it (:func:`kill_user`): a daemonised grandchild cannot outlive its deployment.
+- every process it starts stays in a cgroup of its user where the host offers one
+  (:mod:`mlc.cgroups`), and whatever the deployment leaves running under its user is
+  killed when the runtime is done with it (:func:`kill_user`: the group frozen and killed,
+  then every process of the uid): a daemonised grandchild cannot outlive its deployment.
 
 The user owns its folder, so it can replace any file in it. The runtime therefore reads
 and writes there only through :func:`write_file`, :func:`read_own_file`, :func:`open_log`
@@ -33,7 +35,8 @@ PROD, see :mod:`activities.runtimes.local`) is one process with one such user fo
 as a whole, which owns the folder of every deployment hosted in it: models hosted together
 can read and disturb each other (their packages, folders, requests and answers), a weaker
 boundary than a user per deployment. They are still kept from everything above, and from
-models outside their host.
+models outside their host. Nor can one of them be killed alone (one process has one uid
+and one cgroup): a model leaving the host ends with a restart of the host without it.
 
 When the worker is not root it cannot give a model another user: model processes then
 run as the worker's user, and what separates them from the worker's files is only the
@@ -58,6 +61,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
+from mlc import cgroups
 from mlc.errors import DeploymentFailedError
 
 UID_RANGE = (2_000_000_000, 1_000_000)
@@ -502,9 +506,11 @@ def drop_host_rules(uid: int) -> None:
 
 
 def enter(user: ModelUser) -> None:
-    """In a child still root, before any model code: reach what it needs
-    (:func:`bind_unreachable`), leave the host's network when it must
-    (:func:`leave_network`), then become ``user`` for good (:func:`drop_privileges`)."""
+    """In a child still root, before any model code: enter its user's cgroup
+    (:func:`mlc.cgroups.join`), reach what it needs (:func:`bind_unreachable`), leave the
+    host's network when it must (:func:`leave_network`), then become ``user`` for good
+    (:func:`drop_privileges`)."""
+    cgroups.join(user.uid)
     bind_unreachable(user.reach)
     if user.own_network:
         leave_network()
@@ -583,9 +589,15 @@ def processes_of(uid: int) -> list[int]:
 
 def kill_user(user: ModelUser | None) -> None:
     """SIGKILL every process of a deployment's user, until none is left (only a
-    deployment's own user: never the worker's)."""
+    deployment's own user: never the worker's): its cgroup first, frozen so nothing forks
+    meanwhile (:func:`mlc.cgroups.kill`), then whatever ``/proc`` still shows of the uid.
+
+    Raises:
+        DeploymentFailedError: some would not die within ``KILL_TIMEOUT_SECONDS``.
+    """
     if user is None or not in_range(user.uid):
         return
+    cgroups.kill(user.uid, timeout=KILL_TIMEOUT_SECONDS)
     deadline = time.monotonic() + KILL_TIMEOUT_SECONDS
     while pids := processes_of(user.uid):
         for pid in pids:

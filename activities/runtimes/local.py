@@ -14,8 +14,10 @@ by default every stage but PROD) are served by one model-host process per runtim
 identity ``<deployment id>.json``. Such a deployment's endpoint is
 ``unix:<runtime_dir>/<runtime>/.host/host.sock/models/<deployment id>``; its folder keeps
 ``deployment.json`` (``"host": true``) and the package. The host starts on the first deploy
-(forked from the forkserver), is started again on its socket when found dead, and stops when its last
-deployment is removed. A model the host refuses (409: requirements it does not meet)
+(forked from the forkserver), is started again on its socket when found dead, is restarted
+without each deployment that leaves it (the model's code ran in its process: whatever
+that left running ends with the host's user), and stops when its last deployment is
+removed. A model the host refuses (409: requirements it does not meet)
 gets a dedicated process instead. Models hosted together share one process and, when
 the worker is root, one user (the host's): a crash or a hostile model reaches the other
 models of the same host, which is why PROD keeps a process and a user per deployment.
@@ -37,6 +39,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import os
 import shutil
 import signal
@@ -95,6 +98,8 @@ OUTPUT_DRAIN_SECONDS = 5.0
 """After a batch job exits: how long its summary may take to arrive through a pipe that
 something it left running (as the worker's own user) still holds open."""
 
+SERVER_MARKER = "mlc.serving"
+"""In every model server's command line: a recorded pid is ours only while it still says so."""
 STATE_FILE = "deployment.json"
 SERVER_LOG = "server.log"
 BATCH_LOG = "batch.log"
@@ -122,6 +127,8 @@ INHERITED_ENV = (
 )  # fmt: skip
 """Worker variables a model process may see: locale, time zone, where programs and
 libraries are, and the model server's own limits and batching. ``LC_*`` is passed as well."""
+
+logger = logging.getLogger(__name__)
 
 _children: dict[int, subprocess.Popen[bytes]] = {}
 """Servers this process started, kept so exits are reaped (no zombies look alive)."""
@@ -206,6 +213,8 @@ class LocalDriver(RuntimeDriver):
             shares = request.runtime.shares_hosts(request.stage)
             if state.get("host") and not shares:
                 await self._leave_host(request.runtime, workdir, fresh=True)
+            elif state.get("host") and state.get("sha256") != request.snapshot.sha256:
+                await self._leave_host(request.runtime, workdir, fresh=False)  # the old code's processes end
             elif not state.get("host"):
                 await _stop(int(state["pid"]))
                 if shares:  # into the host: its folder becomes the host user's
@@ -351,6 +360,7 @@ class LocalDriver(RuntimeDriver):
         state = _read_state(host_dir, HOST_STATE)
         if state is not None and _alive(int(state["pid"])):
             return state
+        await asyncio.to_thread(isolation.kill_user, user)  # what a dead host's models left running
         sock = host_dir / HOST_SOCKET
         env = _host_env(host_dir)
         argv = ["serve-many", "--models-dir", str(host_dir / MODELS_DIR), "--uds", str(sock)]
@@ -400,23 +410,26 @@ class LocalDriver(RuntimeDriver):
         while problem is None:
             if not _alive(pid):
                 problem = f"{where}: the host exited{_exit_code(pid)}"
-                break
-            try:
-                response = await endpoints.get(endpoint, "/health", timeout=HEALTH_TIMEOUT_SECONDS)
-                if response.status_code == 200:
-                    return OnlineDeployResult(
-                        endpoint=endpoint, details={"pid": pid, "log": str(log), "host": True}
+            else:
+                try:
+                    response = await endpoints.get(endpoint, "/health", timeout=HEALTH_TIMEOUT_SECONDS)
+                    if response.status_code == 200:
+                        return OnlineDeployResult(
+                            endpoint=endpoint, details={"pid": pid, "log": str(log), "host": True}
+                        )
+                    if response.status_code == 409:
+                        return None
+                    problem = (
+                        f"{where} is not in the host any more"
+                        if response.status_code == 404
+                        else f"{where} could not be loaded: {_error_of(response)}"
                     )
-                if response.status_code == 409:
-                    return None
-                problem = (
-                    f"{where} is not in the host any more"
-                    if response.status_code == 404
-                    else f"{where} could not be loaded: {_error_of(response)}"
-                )
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
+                except httpx.TransportError:
+                    pass
+            if problem is not None and (moved := await self._restarted(request.runtime, workdir, pid)):
+                pid, endpoint, problem = int(moved["pid"]), _endpoint(moved), None
+                continue  # another model left the host, which was restarted: ask the new one
+            if problem is None and time.monotonic() > deadline:
                 problem = (
                     f"{where} did not become healthy at {endpoint} within {HEALTH_TIMEOUT_SECONDS:.0f} s"
                 )
@@ -427,47 +440,71 @@ class LocalDriver(RuntimeDriver):
             (workdir / STATE_FILE).unlink()  # nothing to reuse: the next deploy puts it in again
         raise DeploymentFailedError(f"{problem}; last lines of {log}:\n{_tail(log)}")
 
+    async def _restarted(self, runtime: Runtime, workdir: Path, pid: int) -> dict[str, Any] | None:
+        """The deployment's record with its host's new pid when the host ``pid`` was
+        restarted since (a model left it: its answers while stopping do not count), waiting
+        for a restart under way; else None."""
+        async with _host_turn(self.settings, runtime):
+            moved = self._state(runtime, workdir)
+        if moved is not None and int(moved["pid"]) != pid and _alive(int(moved["pid"])):
+            return moved
+        return None
+
     async def _leave_host(self, runtime: Runtime, workdir: Path, *, fresh: bool) -> None:
         """Take the deployment out of the runtime's host (its link and identity); with
-        ``fresh`` also its folder, which belongs to the host's user. Stops the host when
-        it hosts nothing any more."""
+        ``fresh`` also its folder, which belongs to the host's user. The model's code ran in
+        the host's process, so whatever it left running is the host user's: the host ends
+        with every process of its user and starts again without the model (see
+        :meth:`_release_host`)."""
         models = self._host_dir(runtime) / MODELS_DIR
         for path in (models / workdir.name, models / f"{workdir.name}.json"):
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
         if fresh:
             await asyncio.to_thread(self._forget_folder, runtime, workdir)
-        await self._release_host(runtime)
+        await self._release_host(runtime, restart=True)
 
     def _forget_folder(self, runtime: Runtime, workdir: Path) -> None:
         """Remove the deployment's folder, first killing what its user still runs unless
-        that user is the host's (the other hosted models live on)."""
+        that user is the host's (the host's restart ends those)."""
         user = isolation.user_of(workdir)
         if user is not None and user != isolation.user_of(self._host_dir(runtime)):
             isolation.kill_user(user)
             _forget_network(runtime, user)
         shutil.rmtree(workdir, True)
 
-    async def _release_host(self, runtime: Runtime) -> None:
-        """Stop the runtime's host and remove its folder when no deployment is linked in it,
-        else ask its ``/health`` so it unloads the models whose link is gone."""
+    async def _release_host(self, runtime: Runtime, *, restart: bool = False) -> None:
+        """Stop the runtime's host with every process of its user (its cgroup, its uid) and
+        remove its folder when no deployment is linked in it any more.
+
+        With ``restart`` (a model just left it) and deployments still linked, the running
+        host is stopped the same way and started again on its socket: one process and one
+        user serve every hosted model, so a model leaving cannot be killed alone, and a
+        restart is what ends whatever its code left behind (a ``setsid`` daemon). The models
+        that stay load again on their next request. A dead host is only cleared of its
+        user's leftovers: the reconciler brings it back.
+        """
         host_dir = self._host_dir(runtime)
         async with _host_turn(self.settings, runtime):
             state = _read_state(host_dir, HOST_STATE)
             models = host_dir / MODELS_DIR
-            if models.is_dir() and any(p.is_symlink() for p in models.iterdir()):
-                if state is not None and _alive(int(state["pid"])):
-                    with contextlib.suppress(httpx.HTTPError):
-                        async with endpoints.connect(_endpoint(state), timeout=2.0) as (client, url):
-                            await client.get(f"{url}/health")
+            hosting = models.is_dir() and any(p.is_symlink() for p in models.iterdir())
+            if hosting and not restart:
                 return
+            running = state is not None and _alive(int(state["pid"]))
             if state is not None:
                 await _stop(int(state["pid"]))
-            if host_dir.is_dir():
-                user = isolation.user_of(host_dir)
-                await asyncio.to_thread(isolation.kill_user, user)
+            user = isolation.user_of(host_dir)  # None once its folder is gone
+            await asyncio.to_thread(isolation.kill_user, user)
+            if not hosting:
                 await asyncio.to_thread(_forget_network, runtime, user)
                 await asyncio.to_thread(shutil.rmtree, host_dir, True)
+            elif running:
+                prepared = await asyncio.to_thread(self._prepare_host, runtime)
+                try:
+                    await self._ensure_host(runtime, prepared, lambda note: None)
+                except DeploymentFailedError as exc:  # the model left; the others' probes will say
+                    logger.warning("the shared host of runtime %s did not start again: %s", runtime.name, exc)
 
     def _start_process(
         self, argv: list[str], *, cwd: Path, env: dict[str, str], log: Path, user: ModelUser | None
@@ -720,9 +757,13 @@ class LocalDriver(RuntimeDriver):
         await self._leave_host(request.runtime, workdir, fresh=True)
 
     async def stop_servers(self, runtime: Runtime) -> list[str]:
-        """Stop every model server of ``runtime``, keeping folders and records; return the
-        deployment ids. For ``mlc dev`` stopping: the inventory keeps saying what should
-        serve, and the runtime's reconciler brings it back when the stack starts again."""
+        """Stop every model server of ``runtime`` and whatever its model users still run
+        (daemons their code started, streaming consumers), keeping folders and records;
+        return the deployment ids. For ``mlc dev`` stopping (and starting, after a stack
+        that was killed): the inventory keeps saying what should serve, and the runtime's
+        reconciler brings it back when the stack starts again."""
+        from activities.runtimes import streaming
+
         root = self.settings.runtime_dir / runtime.name
         stopped = []
         for path in sorted(root.glob(f"*/{STATE_FILE}")) if root.is_dir() else []:
@@ -730,6 +771,9 @@ class LocalDriver(RuntimeDriver):
             if state is not None and (state.get("host") or _alive(int(state["pid"]))):
                 await _stop(int(state["pid"]))  # a hosted one: its host (once)
                 stopped.append(path.parent.name)
+        for folder in sorted(root.iterdir()) if root.is_dir() else []:
+            await streaming.stop_consumers(folder)  # cleanly first: each commits its batch
+            await asyncio.to_thread(isolation.kill_user, isolation.user_of(folder))
         return stopped
 
     async def cleanup(self, request: CleanupRequest) -> CleanupResult:
@@ -946,7 +990,7 @@ async def _wait_forked(
                 heartbeat(f"batch job for {request.snapshot.ref}: {noted - started:.0f} s")
             await asyncio.sleep(0.01)
     except BaseException:
-        _signal_group(pid, signal.SIGKILL)
+        processes.signal_group(pid, signal.SIGKILL)
         raise
     deadline = time.monotonic() + 1.0  # the forkserver notes the code as it reaps the job
     while (code := forks.exit_code(pid)) is None and time.monotonic() < deadline:
@@ -1027,14 +1071,7 @@ def _alive(pid: int) -> bool:
     child = _children.get(pid)
     if child is not None:
         return child.poll() is None
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return False  # some other user's process reusing the pid: not ours
-    cmdline = Path(f"/proc/{pid}/cmdline")
-    return not cmdline.exists() or b"mlc.serving" in cmdline.read_bytes()
+    return processes.alive(pid, marker=SERVER_MARKER)
 
 
 def _exit_code(pid: int) -> str:
@@ -1050,22 +1087,10 @@ def _exit_code(pid: int) -> str:
 async def _stop(pid: int) -> None:
     """SIGTERM the server's process group, SIGKILL it if still there after a grace period."""
     if _alive(pid):
-        _signal_group(pid, signal.SIGTERM)
-        deadline = time.monotonic() + STOP_TIMEOUT_SECONDS
-        while _alive(pid) and time.monotonic() < deadline:
-            await asyncio.sleep(0.05)
-        if _alive(pid):
-            _signal_group(pid, signal.SIGKILL)
-            while _alive(pid):
-                await asyncio.sleep(0.05)
+        await asyncio.to_thread(
+            processes.stop, pid, timeout=STOP_TIMEOUT_SECONDS, child=_children.get(pid), marker=SERVER_MARKER
+        )
     _children.pop(pid, None)
-
-
-def _signal_group(pid: int, signum: signal.Signals) -> None:
-    try:
-        os.killpg(pid, signum)
-    except ProcessLookupError:
-        pass
 
 
 def _tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:

@@ -52,6 +52,7 @@ READY_TIMEOUT_SECONDS = 60.0
 STOP_TIMEOUT_SECONDS = 30.0
 """A consumer finishes its batch (at most ``DELIVERY_TIMEOUT_SECONDS`` of acknowledgements),
 commits and leaves its group within this; then it is killed (and its batch redelivered)."""
+QUICK_STOP_SECONDS = 5.0
 STATE_FILE = "streaming.json"
 CONSUMER_MARKER = "mlc.streaming"
 """In every consumer's command line: a recorded pid is ours only while it still says so."""
@@ -243,6 +244,14 @@ async def stop_local(workdir: Path) -> None:
         (workdir / STATE_FILE).unlink(missing_ok=True)
 
 
+async def stop_consumers(workdir: Path) -> None:
+    """Stop the deployment's live consumers all at once, keeping the record, for ``mlc dev``
+    stopping (the next deploy starts them again): TERM lets each commit its batch, within
+    ``QUICK_STOP_SECONDS`` (the stack's own broker may be gone already; what is not
+    committed is delivered again)."""
+    await asyncio.gather(*(_stop(pid, timeout=QUICK_STOP_SECONDS) for pid in local_consumer_pids(workdir)))
+
+
 Stop = Callable[[], Awaitable[None]]
 
 
@@ -327,12 +336,14 @@ def _alive(pid: int) -> bool:
     child = _children.get(pid)
     if child is not None:
         return child.poll() is None
-    return processes.alive(pid) and CONSUMER_MARKER in processes.command_line(pid)
+    return processes.alive(pid, marker=CONSUMER_MARKER)
 
 
-async def _stop(pid: int) -> None:
+async def _stop(pid: int, *, timeout: float = STOP_TIMEOUT_SECONDS) -> None:
     if _alive(pid):
-        await asyncio.to_thread(processes.stop, pid, timeout=STOP_TIMEOUT_SECONDS, child=_children.get(pid))
+        await asyncio.to_thread(
+            processes.stop, pid, timeout=timeout, child=_children.get(pid), marker=CONSUMER_MARKER
+        )
     _children.pop(pid, None)
 
 

@@ -171,14 +171,18 @@ async def _embedded_client(ready: Settings) -> Client:
 
 async def _remove_stale_local_leftovers(cfg: Settings, pool: asyncpg.Pool) -> None:
     """Stop model servers and remove folders of deployments that are no longer live (a
-    crash can leave them); serving ones are the reconciler's, batch outputs are kept."""
+    crash can leave them); serving ones are the reconciler's, batch outputs are kept.
+    Whatever a killed stack's models left running (a daemon their code started) ends here,
+    before the reconciler starts them again."""
     from activities.runtimes import driver_for
     from activities.runtimes.base import CleanupRequest
+    from activities.runtimes.local import LocalDriver
     from mlc.domain import RuntimeKind
 
     keep = await deployments.kept_ids(pool)
     for runtime in await runtimes.read_runtimes(pool):
         if runtime.kind is RuntimeKind.LOCAL:
+            await LocalDriver(cfg).stop_servers(runtime)
             removed = await driver_for(runtime, cfg).cleanup(CleanupRequest(runtime=runtime, keep=keep))
             if removed.removed:
                 console.print(f"runtime {runtime.name}: removed leftovers of {', '.join(removed.removed)}")
