@@ -28,7 +28,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from pydantic import BaseModel, ValidationError
 
 from mlc.contracts.traffic import TrafficObservation
-from mlc.domain import Frozen, TestKind, TestResult
+from mlc.domain import Frozen, TestKind, TestResult, check_name
 from mlc.errors import RefusedError
 from mlc.trust.governance import Governance
 from mlc.trust.grants import RuntimeGrant
@@ -67,7 +67,8 @@ class EvidencePredicate(Frozen):
 def evidence_key_path(home: Path, runtime: str) -> Path:
     """Where the worker keeps ``runtime``'s evidence key (``MLC_EVIDENCE_KEY_DIR`` overrides)."""
     base = os.environ.get("MLC_EVIDENCE_KEY_DIR")
-    return (Path(base) if base else home / "keys" / "evidence") / f"{runtime}.pem"
+    folder = Path(base) if base else home / "keys" / "evidence"
+    return folder / f"{check_name(runtime, 'runtime name')}.pem"
 
 
 def evidence_key(home: Path, runtime: str) -> Ed25519PrivateKey:
