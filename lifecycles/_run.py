@@ -45,6 +45,7 @@ with workflow.unsafe.imports_passed_through():
         TrafficRoute,
     )
     from mlc.payloads import (
+        EVIDENCE_NOTE,
         AuthorizeDeploymentInput,
         AuthorizeUndeployInput,
         FindDeploymentsInput,
@@ -255,7 +256,7 @@ class LifecycleRun:
         )
         if recorded is not None:  # None in histories from before signed evidence
             self._reports[report.stage] = recorded.report
-            self._refused.extend(f"evidence: {why}" for why in recorded.refused)
+            self._refused.extend(f"{EVIDENCE_NOTE}{why}" for why in recorded.refused)
         return self._reports[report.stage]
 
     async def approval(self, stage: str) -> ApprovalRecord:

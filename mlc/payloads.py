@@ -60,6 +60,10 @@ class PendingGate(Frozen):
     """Who has approved so far (verified)."""
 
 
+EVIDENCE_NOTE = "evidence: "
+"""Prefix of a run's ``refused`` note about a runtime result the inventory refused."""
+
+
 class LifecycleStatus(Frozen):
     """Everything the ``status`` query tells about a run."""
 
@@ -75,7 +79,8 @@ class LifecycleStatus(Frozen):
     deployments: tuple[Deployment, ...] = ()
     reason: str | None = None
     refused: tuple[str, ...] = ()
-    """Signals that were ignored, with why (signals cannot be refused to their sender)."""
+    """Signals that were ignored, with why (signals cannot be refused to their sender), and
+    runtime results the inventory refused (prefixed :data:`EVIDENCE_NOTE`)."""
 
 
 class SignalDecision(Frozen):

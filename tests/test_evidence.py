@@ -115,6 +115,8 @@ async def test_forged_test_report_from_a_temporal_client_is_refused(
     assert shown and not any(r["passed"] for r in shown), shown
     assert all(r["summary"].startswith("refused: ") for r in shown), shown
     assert any("no registered evidence key" in note for note in status["refused"]), status["refused"]
+    shown_text = " ".join((await stack.mlc("status", ref)).stdout.split())
+    assert "refused evidence: the stage_tests result is signed by" in shown_text, shown_text
 
     reports = await trail.read_entries(stack.pool, kinds=(trail.TEST_REPORT,), workflow_id=handle.id)
     assert reports, "the refused report is recorded"

@@ -253,8 +253,11 @@ def render_status(current: LifecycleStatus) -> None:
             + (f" ({d.comment})" if d.comment else ""),
             markup=False,
         )
+    from mlc.payloads import EVIDENCE_NOTE
+
     for note in current.refused:
-        console.print(f"  [yellow]refused signal:[/yellow] {escape(note)}")
+        what = "evidence" if note.startswith(EVIDENCE_NOTE) else "signal"
+        console.print(f"  [yellow]refused {what}:[/yellow] {escape(note.removeprefix(EVIDENCE_NOTE))}")
 
 
 def _decide(ref: str, stage: str, comment: str, *, decision: Decision, print_statement: bool) -> None:
