@@ -343,7 +343,9 @@ def _copy_tls_files(env: Mapping[str, str], bridge_dir: Path, user: ModelUser | 
         try:
             shutil.copyfile(value, copy)
         except OSError as exc:
-            raise RuntimeUnavailableError(f"cannot read {name}={value} for the lifecycle worker: {exc}") from exc
+            raise RuntimeUnavailableError(
+                f"cannot read {name}={value} for the lifecycle worker: {exc}"
+            ) from exc
         copy.chmod(0o400)
         if user is not None:
             os.chown(copy, user.uid, user.gid)
