@@ -73,6 +73,8 @@ async def embedded(
             console.print(f"reusing {note}, left running by the previous `mlc dev` of {ready.home}")
         for note in stack.stopped:
             console.print(f"stopped {note}, left running by the previous `mlc dev` of {ready.home}")
+        for note in stack.notes:
+            console.print(f"[yellow]{note}[/yellow]")
         try:
             ready = await admin.bootstrap_dev(
                 pool, ready, local_user(), ensure_key(default_key_path()), task_queue=ready.task_queue
@@ -114,18 +116,22 @@ async def _sandboxed_lifecycles(ready: Settings) -> AsyncIterator[None]:
         )
         yield
         return
+    from workers.client import tls_environ
+
     async with lifecycle_worker(
         main_queue=ready.task_queue,
         temporal_address=ready.temporal_address,
         namespace=ready.temporal_namespace,
         log_path=ready.home / "lifecycle-worker.log",
+        environ=tls_environ(ready),
     ):
         yield
 
 
 async def _embedded_client(ready: Settings) -> Client:
-    """A plain-text client of the server ``embedded`` started: TEMPORAL_TLS_*, TEMPORAL_API_KEY
-    and TEMPORAL_PROFILE describe some other cluster, never this one."""
+    """A client of the server ``embedded`` started (through its mutual-TLS proxy when it has
+    one): TEMPORAL_TLS_*, TEMPORAL_API_KEY and TEMPORAL_PROFILE describe some other cluster,
+    never this one."""
     from workers.client import connect as connect_temporal
 
     return await connect_temporal(ready, plain=True)
@@ -165,15 +171,22 @@ def dev(
     """Run Temporal (with its Web UI), PostgreSQL, a worker and local runtimes for every
     stage, all state under --home. Ctrl-C stops everything."""
 
+    from mlc import dev_temporal
+
     async def go() -> None:
         stop = _stop_event()
         async with embedded(
             settings(), temporal_port=temporal_port, ui_port=ui_port, headless=headless
         ) as ready:
             table = Table(title="mlc dev is running (Ctrl-C stops it)", show_header=False)
-            table.add_row("Temporal", ready.temporal_address)
+            guarded = ready.temporal_tls is not None
+            tls = (
+                f" (mutual TLS, client certificate in {ready.home / dev_temporal.TLS_DIR})" if guarded else ""
+            )
+            table.add_row("Temporal", ready.temporal_address + tls)
             if not headless:
-                table.add_row("Web UI", f"http://127.0.0.1:{ui_port}")
+                login = dev_temporal.ui_login(ready.home) if guarded else None
+                table.add_row("Web UI", f"http://127.0.0.1:{ui_port}" + (f" ({login})" if login else ""))
             table.add_row("Task queue", ready.task_queue)
             uploaded = lifecycles_task_queue(ready.task_queue)
             table.add_row("Lifecycles queue", f"{uploaded} (uploaded code, sandboxed)")
@@ -255,6 +268,7 @@ async def _lifecycle_worker(*, sandbox: bool) -> None:
     """``mlc worker --lifecycles``: the sandboxed worker of uploaded code, or (``--no-sandbox``)
     that worker itself, as the sandbox and containers run it."""
     from workers import lifecycle_worker
+    from workers.client import tls_environ
     from workers.sandbox import start_lifecycle_worker
 
     cfg = settings()
@@ -268,7 +282,7 @@ async def _lifecycle_worker(*, sandbox: bool) -> None:
         temporal_address=cfg.temporal_address,
         namespace=cfg.temporal_namespace,
         log_path=log_path,
-        environ=os.environ,
+        environ={**os.environ, **tls_environ(cfg)},
     )
     console.print(f"serving uploaded lifecycles on {started.task_queue}, sandboxed (log {log_path})")
     exited = asyncio.ensure_future(started.process.wait())
