@@ -24,12 +24,19 @@ from pathlib import Path
 import pytest
 from temporalio.worker import Worker
 
-from mlc import admin
+from mlc import admin, isolation
 from mlc.store import lifecycle_definitions
 from mlc.trust.governance import LIFECYCLE_UPLOAD
 from tests.conftest import AUTHOR, FIXTURES, Stack, require_sandbox
 from tests.hostile_workflow import HostilePayloads
-from workers.sandbox import SandboxedWorker, bwrap_command, host_user, launch_options, read_only_roots
+from workers.sandbox import (
+    SANDBOX_HOST_UID,
+    SandboxedWorker,
+    bwrap_command,
+    host_user,
+    launch_options,
+    read_only_roots,
+)
 
 HOSTILE = FIXTURES / "lifecycles" / "hostile"
 SECRET_VARIABLE = "MLC_CANARY_SECRET"
@@ -498,6 +505,15 @@ async def test_mlc_worker_lifecycles_sandboxes_itself(temporal_env: object, tmp_
         assert f"serving uploaded lifecycles on {queue}-lifecycles, sandboxed" in one_line(line.decode())
         inside = [c for _, c in descendants(proc.pid) if "--no-sandbox" in c and "bwrap" not in c]
         assert inside, "the worker runs as a child, inside bwrap"
+        if isolation.isolating():  # seen from the host: its 65534 is an unprivileged user, not root
+            for pid, _ in inside:
+                status = Path(f"/proc/{pid}/status").read_text()
+                assert f"Uid:\t{SANDBOX_HOST_UID}\t{SANDBOX_HOST_UID}\t" in status, status
+                assert Path(f"/proc/{pid}/uid_map").read_text().split() == [
+                    "65534",
+                    str(SANDBOX_HOST_UID),
+                    "1",
+                ]
         log = (tmp_path / "lifecycle-worker.log").read_text()
         assert f"lifecycle worker polling task queue {queue}-lifecycles" in log
     finally:
