@@ -506,7 +506,9 @@ async def test_mlc_worker_lifecycles_sandboxes_itself(temporal_env: object, tmp_
         inside = [c for _, c in descendants(proc.pid) if "--no-sandbox" in c and "bwrap" not in c]
         assert inside, "the worker runs as a child, inside bwrap"
         if isolation.isolating():  # seen from the host: its 65534 is an unprivileged user, not root
-            for pid, _ in inside:
+            for pid, command in descendants(proc.pid):
+                if "--no-sandbox" not in command or "bwrap" in command:
+                    continue
                 status = Path(f"/proc/{pid}/status").read_text()
                 assert f"Uid:\t{SANDBOX_HOST_UID}\t{SANDBOX_HOST_UID}\t" in status, status
                 assert Path(f"/proc/{pid}/uid_map").read_text().split() == [
