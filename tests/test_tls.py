@@ -49,6 +49,7 @@ from mlc.errors import RuntimeUnavailableError
 from tests.faults.harness import leftover_processes
 from tests.tls_workflow import TlsGreeting, greet
 from workers.client import connect, connect_options
+from workers.sandbox import start_lifecycle_worker
 
 CLIENT_CN = "mlc-test-worker"
 RPC = "/temporal.api.workflowservice.v1.WorkflowService/"
@@ -448,6 +449,55 @@ async def test_the_mlc_worker_command_polls_through_mtls(
     for rpc in ("GetSystemInfo", "PollActivityTaskQueue"):
         lines = await proxy.logged(rpc, probe=probe)
         assert lines and all(f'verify=SUCCESS dn="CN={CLIENT_CN},' in line for line in lines), rpc
+
+
+def _environments() -> list[bytes]:
+    """Every readable process environment of the host."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                found.append((entry / "environ").read_bytes())
+            except OSError:
+                continue
+    return found
+
+
+async def test_the_sandboxed_lifecycle_worker_polls_through_mtls_without_the_key(
+    proxy: Proxy, temporal_env: WorkflowEnvironment, tmp_path: Path
+) -> None:
+    """The launcher's bridge speaks mutual TLS for the sandbox: the worker inside polls
+    through nginx with the client certificate, and no certificate or key enters it."""
+    if shutil.which("bwrap") is None:
+        pytest.skip("bubblewrap is not installed")
+    queue = f"tls-{uuid.uuid4().hex[:8]}"
+    probe = uuid.uuid4().hex  # sent as gRPC metadata by the worker inside, logged by nginx
+    log = tmp_path / "lifecycle-worker.log"
+    started = await start_lifecycle_worker(
+        main_queue=queue,
+        temporal_address=proxy.address,
+        log_path=log,
+        environ={**proxy.tls_env(client=proxy.client), "TEMPORAL_GRPC_META_X_MLC_PROBE": probe},
+    )
+    try:
+        assert [p.name for p in started.bridge_dir.iterdir()] == ["temporal.sock"], "no key beside the socket"
+        inside = [env for env in _environments() if f"MLC_TASK_QUEUE={queue}".encode() in env.split(b"\0")]
+        assert inside and all(b"TEMPORAL_TLS" not in env for env in inside), "no TLS setting inside"
+        request = DescribeTaskQueueRequest(
+            namespace=temporal_env.client.namespace,
+            task_queue=TaskQueue(name=f"{queue}-lifecycles"),
+            task_queue_type=TaskQueueType.TASK_QUEUE_TYPE_WORKFLOW,
+        )
+        for _ in range(100):  # its long poll is open (nginx logs it once the stop ends it)
+            if (await temporal_env.client.workflow_service.describe_task_queue(request)).pollers:
+                break
+            await asyncio.sleep(0.1)
+    finally:
+        await started.stop()
+    assert f"lifecycle worker polling task queue {queue}-lifecycles" in log.read_text()
+    for rpc in ("GetSystemInfo", "PollWorkflowTaskQueue"):  # the poll is logged once the stop cuts it
+        lines = await proxy.logged(rpc, probe=probe)
+        assert lines and all(f'verify=SUCCESS dn="CN={CLIENT_CN},' in line for line in lines), (rpc, lines)
 
 
 @pytest.mark.parametrize("which", ["no client certificate", "a certificate from another CA"])

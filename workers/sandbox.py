@@ -16,7 +16,9 @@ process runs under Debian's ``bubblewrap``:
   the project's packages, plus an empty private ``/tmp``; no home, no ``MLC_HOME``, no
   PostgreSQL socket folder, no Docker socket;
 - its own empty network namespace, whose only way out is one unix socket bound into it
-  (``/run/mlc/temporal.sock``), which this process forwards to Temporal's address. So the
+  (``/run/mlc/temporal.sock``), which this process forwards to Temporal's address. With
+  a client certificate (mutual TLS, as ``mlc dev`` has), this process speaks TLS with it
+  and the sandbox plain HTTP/2 to the socket: the key never enters the sandbox. So the
   sandbox reaches Temporal and nothing else: not PostgreSQL, not model servers, not the
   host's loopback services (with a shared network it would reach all of them).
 
@@ -32,6 +34,7 @@ import importlib.util
 import os
 import shutil
 import signal
+import ssl
 import sys
 import tempfile
 import time
@@ -202,13 +205,45 @@ async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> N
             writer.close()
 
 
+@dataclass(frozen=True)
+class BridgeTLS:
+    """Mutual TLS the launcher's bridge speaks to Temporal for the sandbox (which then
+    speaks plain HTTP/2 to the bridge and never holds the client key)."""
+
+    context: ssl.SSLContext
+    server_name: str
+
+
+def bridge_tls(env: Mapping[str, str]) -> BridgeTLS | None:
+    """The bridge's TLS when Temporal's client settings ``env`` are a client certificate
+    (and no API key, which the worker inside must send itself); else None."""
+    cert, key = env.get("TEMPORAL_TLS_CLIENT_CERT_PATH"), env.get("TEMPORAL_TLS_CLIENT_KEY_PATH")
+    if not (cert and key) or env.get("TEMPORAL_API_KEY"):
+        return None
+    try:
+        context = ssl.create_default_context(cafile=env.get("TEMPORAL_TLS_SERVER_CA_CERT_PATH") or None)
+        context.load_cert_chain(cert, key)
+    except (OSError, ssl.SSLError) as exc:
+        raise RuntimeUnavailableError(f"cannot load the Temporal client certificate {cert}: {exc}") from exc
+    context.set_alpn_protocols(["h2"])  # gRPC: nginx and Temporal speak HTTP/2 only when asked
+    return BridgeTLS(context, env.get("TEMPORAL_TLS_SERVER_NAME") or "localhost")
+
+
 async def forward(
-    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, target: tuple[str, int] | str
+    reader: asyncio.StreamReader,
+    writer: asyncio.StreamWriter,
+    target: tuple[str, int] | str,
+    tls: BridgeTLS | None = None,
 ) -> None:
-    """Pipe one connection both ways to ``target`` (``(host, port)`` or a unix socket path)."""
+    """Pipe one connection both ways to ``target`` (``(host, port)`` or a unix socket path),
+    over ``tls`` to a ``(host, port)`` when given."""
     try:
         if isinstance(target, str):
             up_reader, up_writer = await asyncio.open_unix_connection(target)
+        elif tls is not None:
+            up_reader, up_writer = await asyncio.open_connection(
+                *target, ssl=tls.context, server_hostname=tls.server_name
+            )
         else:
             up_reader, up_writer = await asyncio.open_connection(*target)
     except OSError:
@@ -288,9 +323,13 @@ async def start_lifecycle_worker(
     bridge_dir = Path(tempfile.mkdtemp(prefix="mlc-bridge-"))  # 0700, a random name
     user = host_user([*read_only_roots(), bridge_dir])
     socket_path = bridge_dir / BRIDGE_SOCKET
-    bridge = await asyncio.start_unix_server(lambda r, w: forward(r, w, target), path=str(socket_path))
+    client = client_env(environ or {}, address=temporal_address)
+    tls = bridge_tls(client)
+    if tls is not None:  # the bridge holds the certificate: nothing of it enters the sandbox
+        client = {k: v for k, v in client.items() if not k.startswith("TEMPORAL_TLS")}
+    client = _copy_tls_files(client, bridge_dir, user)
+    bridge = await asyncio.start_unix_server(lambda r, w: forward(r, w, target, tls), path=str(socket_path))
     os.chmod(socket_path, 0o777)
-    client = _copy_tls_files(client_env(environ or {}, address=temporal_address), bridge_dir, user)
     if user is not None:
         os.chown(bridge_dir, user.uid, user.gid)
     env = worker_env(
