@@ -305,6 +305,7 @@ def demo(
     ui_port: Annotated[int, typer.Option(help="Web UI port of the embedded stack.")] = 8233,
 ) -> None:
     """Register the example fraud model and walk it DEV -> PROD on an embedded stack."""
+    from mlc import dev_temporal
 
     async def go() -> int:
         cfg = settings()
@@ -313,7 +314,10 @@ def demo(
             console.print(f"using the running stack at {cfg.temporal_address} and its workers")
             return await _walk(cfg, yes=yes, ui=None)
         async with embedded(cfg, temporal_port=temporal_port, ui_port=ui_port, headless=False) as ready:
-            return await _walk(ready, yes=yes, ui=f"http://127.0.0.1:{ui_port}")
+            login = dev_temporal.ui_login(ready.home) if ready.temporal_tls else None
+            return await _walk(
+                ready, yes=yes, ui=f"http://127.0.0.1:{ui_port}" + (f" ({login})" if login else "")
+            )
 
     raise typer.Exit(asyncio.run(go()))
 
