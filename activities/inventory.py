@@ -17,10 +17,11 @@ from temporalio import activity
 from activities import admission
 from activities.admission import RunContext
 from activities.boundary import calling_run, mlc_errors
+from activities.reconciler_runs import ensure_reconciler
 from activities.runtimes.base import check_deployment_id
+from mlc import names
 from mlc.config import Settings
 from mlc.contracts import inventory as inv
-from mlc.contracts.reconcile import ensure_reconciler
 from mlc.domain import (
     ApprovalRecord,
     Decision,
@@ -155,7 +156,7 @@ class InventoryActivities:
         for name in sorted(held):
             runtime = state.runtimes.get(name)
             if runtime is not None and runtime.gateway is not None:
-                await ensure_reconciler(activity.client(), self.settings, name)
+                await ensure_reconciler(activity.client(), self.settings, self.pool, name)
 
     @inv.NOTIFY.implement
     @mlc_errors
@@ -300,7 +301,7 @@ class InventoryActivities:
         await self._append(trail.DEPLOYMENT, _deployment_body(updated), run=run)
         if updated.state is DeploymentState.SERVING and updated.mode is Mode.ONLINE:
             # its runtime's reconciler watches it from now on
-            await ensure_reconciler(activity.client(), self.settings, updated.runtime)
+            await ensure_reconciler(activity.client(), self.settings, self.pool, updated.runtime)
         return RecordDeploymentResult(deployment=updated, test_grant=await self._test_grant(run, updated))
 
     @inv.FIND_DEPLOYMENTS.implement
@@ -424,6 +425,8 @@ class InventoryActivities:
         info = calling_run()
         if request.name != info.workflow_type:
             raise RefusedError(f"a {info.workflow_type} run may only load its own code, not {request.name}")
+        if request.name in names.BUILT_IN_WORKFLOWS:
+            raise RefusedError(f"{request.name} is a built-in workflow type: no uploaded code runs as it")
         found = await lifecycle_definitions.read_lifecycle_definition(self.pool, request.name)
         state = await self._state()
         uploader = state.uploads.get((found.name, found.sha256))

@@ -4,7 +4,13 @@ Inventory side (trusted main worker): :class:`ReconcileInventory` lists a runtim
 serving deployments and grants a probe of each; it judges what the probes found against
 the runtime's restart policy, restarting (on a grant) or marking failed with the log
 tail, appending each change to the audit trail and notifying the people who follow the
-deployment's lifecycle. Only the runtime's own reconciler workflow may call it.
+deployment's lifecycle. Only the runtime's own reconciler may call it: the chain of runs
+a trusted worker started and recorded (:mod:`activities.reconciler_runs`).
+
+It acts on nothing it is told: a finding counts only as :meth:`ReconcileInventory.observe`
+returns it. A runtime this worker drives (its task queue is the main one) is probed again
+through the driver, so health, log tail and endpoint are the driver's; a "restarted"
+finding counts only for a restart the inventory granted to the calling run.
 
 Runtime side (each runtime's task queue): :class:`ReconcileRuntime` probes and restarts
 through the runtime's driver, each action on a grant the platform signed for that one
@@ -19,6 +25,9 @@ chooses a version, so it cannot promote anything.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 
 import asyncpg
@@ -30,13 +39,13 @@ from temporalio.service import RPCError
 from activities import admission
 from activities.boundary import CallingRun, calling_run, mlc_errors
 from activities.inventory import RETIRING, load_run
+from activities.reconciler_runs import check_reconciler, ensure_reconciler
 from activities.runtimes.base import OnlineDeployRequest, ProbeRequest, driver_for
 from activities.traffic import RETIRE_AFTER
 from mlc.config import Settings
 from mlc.contracts.reconcile import PLAN as PLAN_CONTRACT
 from mlc.contracts.reconcile import (
     PROBE,
-    RECONCILER,
     RESTART,
     SETTLE,
     Finding,
@@ -46,12 +55,10 @@ from mlc.contracts.reconcile import (
     PlanInput,
     SettleInput,
     Settlement,
-    ensure_reconciler,
-    reconciler_id,
 )
 from mlc.domain import Deployment, DeploymentState, LifecycleState, Mode, ModelSnapshot, Runtime
-from mlc.errors import DeploymentFailedError, RefusedError
-from mlc.store import audit, deployments, runs, traffic, trail
+from mlc.errors import DeploymentFailedError, RefusedError, RuntimeUnavailableError
+from mlc.store import audit, deployments, runs, runtimes, traffic, trail
 from mlc.store.governance import GovernanceCache
 from mlc.traffic import TrafficTable
 from mlc.trust import grants
@@ -60,22 +67,61 @@ from mlc.trust.statements import Envelope
 
 RESTARTS = "restarts"
 """Deployment detail: restarts in a row without a healthy check in between."""
+RESTART_GRANTED = "restart_granted_to"
+"""Deployment detail: the reconciler run granted a restart not yet judged (None once judged)."""
+DRIVER_FACTS = frozenset({"pid", "port", "log", "host", "container_id", "container_name"})
+"""What a restart's ``details`` may add to the deployment: the drivers' facts, never the
+inventory's own keys (``run_id``, ``restarts``, ...)."""
 PARALLEL_PROBES = 8
 
+log = logging.getLogger(__name__)
 
-async def ensure_reconcilers(client: Client, settings: Settings, pool: asyncpg.Pool) -> list[str]:
-    """Reconcile now every runtime that has serving online deployments; return their names.
 
-    Workers call this when they start: whatever died while no worker ran is noticed
-    (and restarted, if the runtime says so) at once rather than after an interval.
+async def ensure_reconcilers(
+    client: Client, settings: Settings, pool: asyncpg.Pool, *, nudge: bool = True
+) -> list[str]:
+    """Make sure every runtime with serving online deployments has its recorded reconciler
+    running (``nudge``: checking at once); return their names.
+
+    Workers call this when they start, so whatever died while no worker ran is noticed
+    (and restarted, if the runtime says so) at once, and :func:`keeping_reconcilers` calls
+    it (without nudging) every interval, so one terminated or displaced is back within one.
     """
     serving = await deployments.read_deployments(pool)
+    known = {r.name for r in await runtimes.read_runtimes(pool)}  # a removed one has nothing to check
     names = sorted(
-        {d.runtime for d in serving if d.state is DeploymentState.SERVING and d.mode is Mode.ONLINE}
+        {
+            d.runtime
+            for d in serving
+            if d.state is DeploymentState.SERVING and d.mode is Mode.ONLINE and d.runtime in known
+        }
     )
     for name in names:
-        await ensure_reconciler(client, settings, name)
+        await ensure_reconciler(client, settings, pool, name, nudge=nudge)
     return names
+
+
+@contextlib.asynccontextmanager
+async def keeping_reconcilers(client: Client, settings: Settings, pool: asyncpg.Pool) -> AsyncIterator[None]:
+    """For the main worker's life: reconcile every serving runtime at once, then every
+    ``reconcile_seconds`` bring back reconcilers someone terminated or displaced."""
+    await ensure_reconcilers(client, settings, pool)
+    keeper = asyncio.create_task(_keep_reconcilers(client, settings, pool))
+    try:
+        yield
+    finally:
+        keeper.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await keeper
+
+
+async def _keep_reconcilers(client: Client, settings: Settings, pool: asyncpg.Pool) -> None:
+    while True:
+        await asyncio.sleep(settings.reconcile_seconds)
+        try:
+            await ensure_reconcilers(client, settings, pool, nudge=False)
+        except Exception:  # a keeper that died would stop self-healing for good
+            log.exception("could not check the reconcilers; trying again in %ss", settings.reconcile_seconds)
 
 
 class ReconcileInventory:
@@ -91,7 +137,7 @@ class ReconcileInventory:
     @mlc_errors
     async def plan_reconciliation(self, request: PlanInput) -> Plan:
         """A probe grant for each serving online deployment of the runtime (None: removed)."""
-        caller = self._caller(request.runtime)
+        caller = await self._caller(request.runtime)
         runtime = (await self._state()).runtimes.get(request.runtime)
         if runtime is None:
             return Plan(runtime=None)
@@ -260,57 +306,125 @@ class ReconcileInventory:
     @SETTLE.implement
     @mlc_errors
     async def settle_reconciliation(self, request: SettleInput) -> Settlement:
-        """Judge each finding against the runtime's restart policy and record the outcome."""
-        caller = self._caller(request.runtime)
+        """Judge each finding, as :meth:`observe` confirms it, against the runtime's restart
+        policy and record the outcome."""
+        caller = await self._caller(request.runtime)
         state = await self._state()
         runtime = state.runtimes.get(request.runtime)
-        restart: list[Envelope] = []
+        if runtime is None:
+            return Settlement()
         remove: list[Envelope] = []
-        failed: list[str] = []
-        restarted: list[str] = []
-        for finding in request.findings:
-            found = await deployments.read_deployment(self.pool, finding.deployment_id)
-            if runtime is None or found is None or found.runtime != runtime.name:
+        judged: list[tuple[Deployment, Finding]] = []
+        for claimed in request.findings:
+            found = await deployments.read_deployment(self.pool, claimed.deployment_id)
+            if found is None or found.runtime != runtime.name:
                 continue  # not this reconciler's to judge
             if found.state is not DeploymentState.SERVING:  # retired or failed meanwhile
                 remove.append(self._grant("undeploy", found, runtime, caller))  # whatever is left
-                continue
-            if found.details.get(RETIRING):
-                continue  # its lifecycle is removing it
-            streak = int(found.details.get(RESTARTS) or 0)
-            if finding.healthy:
-                if finding.restarted and await self._restarted(found, finding, caller):
-                    restarted.append(found.id)
-                elif finding.restarted:  # retired or failed while it came back: take it down
-                    remove.append(self._grant("undeploy", found, runtime, caller))
-                elif streak:
-                    await deployments.update_serving(
-                        self.pool, found.id, state=DeploymentState.SERVING, details={RESTARTS: 0}
-                    )
-                continue
-            limit = runtime.restart_limit
-            if limit is None or streak < limit:
-                if finding.restarted:
-                    continue  # this attempt failed; the next round tries again
-                try:
-                    snapshot = await self._admitted(found, state)
-                except RefusedError as exc:
-                    finding = finding.model_copy(update={"detail": f"{finding.detail}; not restarted: {exc}"})
-                else:
-                    await deployments.update_serving(
-                        self.pool,
-                        found.id,
-                        state=DeploymentState.SERVING,
-                        details={RESTARTS: streak + 1, "last_failure": finding.detail},
-                    )
-                    restart.append(self._grant("restart", found, runtime, caller, snapshot=snapshot))
-                    continue
-            if await self._failed(found, finding, runtime, caller, streak):
-                failed.append(found.id)
-            remove.append(self._grant("undeploy", found, runtime, caller))  # whatever is left of it
-        return Settlement(
-            restart=tuple(restart), remove=tuple(remove), failed=tuple(failed), restarted=tuple(restarted)
+            elif not found.details.get(RETIRING):  # else its lifecycle is removing it
+                judged.append((found, claimed))
+        limit = asyncio.Semaphore(PARALLEL_PROBES)
+
+        async def observed(found: Deployment, claimed: Finding) -> Finding | None:
+            if claimed.healthy and not claimed.restarted and not found.details.get(RESTARTS):
+                return None  # nothing would change
+            async with limit:
+                return await self.observe(claimed, found, runtime, caller)
+
+        findings = await asyncio.gather(*(observed(found, claimed) for found, claimed in judged))
+        settlement = Settlement(remove=tuple(remove))
+        for (found, _), finding in zip(judged, findings, strict=True):
+            if finding is not None:
+                settlement = await self._judge(settlement, found, finding, runtime, state, caller)
+        return settlement
+
+    async def observe(
+        self, claimed: Finding, deployment: Deployment, runtime: Runtime, caller: CallingRun
+    ) -> Finding | None:
+        """The finding the inventory acts on for ``deployment``; None: nothing to judge now.
+
+        The one place a reported finding is checked before it counts. A "restarted" one
+        counts only for the restart the inventory granted to the calling run. On a runtime
+        this worker drives (its task queue is the main one), health, detail, log tail and
+        endpoint are a probe's through the driver, not what was reported (a runtime that
+        cannot be asked now judges nothing). On a runtime served by its own worker, the
+        finding is that worker's observation as its activity returned it: where a runtime
+        signs its results, its signature is to be checked here.
+        """
+        if claimed.restarted and deployment.details.get(RESTART_GRANTED) != caller.run_id:
+            activity.logger.warning("reconciler: ignored a restart of %s it never granted", deployment.id)
+            return None
+        if runtime.task_queue != self.settings.task_queue:
+            return claimed
+        request = ProbeRequest(deployment_id=deployment.id, runtime=runtime)
+        try:
+            probed = await driver_for(runtime, self.settings).probe(request)
+        except RuntimeUnavailableError:
+            return None
+        return Finding(
+            deployment_id=deployment.id,
+            healthy=probed.healthy,
+            detail=probed.detail,
+            log_tail=probed.log_tail,
+            restarted=claimed.restarted,
+            endpoint=probed.endpoint,
+            details=claimed.details,
         )
+
+    async def _judge(
+        self,
+        settled: Settlement,
+        found: Deployment,
+        finding: Finding,
+        runtime: Runtime,
+        state: Governance,
+        caller: CallingRun,
+    ) -> Settlement:
+        """``settled`` with the outcome of one observed finding (recorded as it is decided)."""
+        streak = int(found.details.get(RESTARTS) or 0)
+        if finding.healthy:
+            if finding.restarted and await self._restarted(found, finding, caller):
+                return settled.model_copy(update={"restarted": (*settled.restarted, found.id)})
+            if finding.restarted:  # retired or failed while it came back: take it down
+                return self._removing(settled, found, runtime, caller)
+            if streak:
+                await deployments.update_serving(
+                    self.pool, found.id, state=DeploymentState.SERVING, details={RESTARTS: 0}
+                )
+            return settled
+        limit = runtime.restart_limit
+        if limit is None or streak < limit:
+            if finding.restarted:  # this attempt failed; the next round tries again
+                await deployments.update_serving(
+                    self.pool, found.id, state=DeploymentState.SERVING, details={RESTART_GRANTED: None}
+                )
+                return settled
+            try:
+                snapshot = await self._admitted(found, state)
+            except RefusedError as exc:
+                finding = finding.model_copy(update={"detail": f"{finding.detail}; not restarted: {exc}"})
+            else:
+                await deployments.update_serving(
+                    self.pool,
+                    found.id,
+                    state=DeploymentState.SERVING,
+                    details={
+                        RESTARTS: streak + 1,
+                        "last_failure": finding.detail,
+                        RESTART_GRANTED: caller.run_id,
+                    },
+                )
+                grant = self._grant("restart", found, runtime, caller, snapshot=snapshot)
+                return settled.model_copy(update={"restart": (*settled.restart, grant)})
+        if await self._failed(found, finding, runtime, caller, streak):
+            settled = settled.model_copy(update={"failed": (*settled.failed, found.id)})
+        return self._removing(settled, found, runtime, caller)  # whatever is left of it
+
+    def _removing(
+        self, settled: Settlement, found: Deployment, runtime: Runtime, caller: CallingRun
+    ) -> Settlement:
+        grant = self._grant("undeploy", found, runtime, caller)
+        return settled.model_copy(update={"remove": (*settled.remove, grant)})
 
     # --- outcomes -----------------------------------------------------------------------
 
@@ -321,7 +435,11 @@ class ReconcileInventory:
             found.id,
             state=DeploymentState.SERVING,
             endpoint=finding.endpoint,
-            details={**finding.details, "restarted_at": datetime.now(UTC).isoformat()},
+            details={
+                **{k: v for k, v in finding.details.items() if k in DRIVER_FACTS},
+                "restarted_at": datetime.now(UTC).isoformat(),
+                RESTART_GRANTED: None,
+            },
         )
         if updated is None:
             return False
@@ -401,15 +519,11 @@ class ReconcileInventory:
 
     # --- plumbing -----------------------------------------------------------------------
 
-    def _caller(self, runtime: str) -> CallingRun:
-        """The calling run, which must be this runtime's reconciler of this installation."""
+    async def _caller(self, runtime: str) -> CallingRun:
+        """The calling run, which must be of the chain a trusted worker started as this
+        runtime's reconciler (see :func:`activities.reconciler_runs.check_reconciler`)."""
         caller = calling_run()
-        expected = reconciler_id(self.settings.task_queue, runtime)
-        if caller.workflow_type != RECONCILER or caller.workflow_id != expected:
-            raise RefusedError(
-                f"only the reconciler of runtime {runtime} ({RECONCILER} {expected}) may reconcile it, "
-                f"not {caller.workflow_type} {caller.workflow_id}"
-            )
+        await check_reconciler(self.pool, self.settings, runtime, caller)
         return caller
 
     async def _state(self) -> Governance:

@@ -28,9 +28,9 @@ from activities import admission
 from activities.admission import RunContext
 from activities.boundary import calling_run, mlc_errors
 from activities.inventory import RETIRING, InventoryActivities, _registered
+from activities.reconciler_runs import ensure_reconciler
 from activities.runtimes.base import check_deployment_id
 from mlc.contracts import traffic as tr
-from mlc.contracts.reconcile import ensure_reconciler
 from mlc.domain import Deployment, DeploymentState, Mode, Runtime, TrafficRoute, check_routes
 from mlc.errors import RefusedError
 from mlc.payloads import RuntimeGrantResult
@@ -142,7 +142,7 @@ class TrafficInventory(InventoryActivities):
             "traffic %s on %s: %s (%s)", model, runtime.name, describe_routes(request.routes), cause
         )
         # its reconciler retires what stopped answering once the grace has passed
-        await ensure_reconciler(activity.client(), self.settings, runtime.name)
+        await ensure_reconciler(activity.client(), self.settings, self.pool, runtime.name)
 
     @tr.READ_TRAFFIC.implement
     @mlc_errors

@@ -159,10 +159,17 @@ DEV_GATEWAY_PORT = 28780
 
 
 async def bootstrap_dev(
-    pool: asyncpg.Pool, settings: Settings, name: str, key: Ed25519PrivateKey, *, task_queue: str
+    pool: asyncpg.Pool,
+    settings: Settings,
+    name: str,
+    key: Ed25519PrivateKey,
+    *,
+    task_queue: str,
+    gateways: bool = True,
 ) -> Settings:
     """Make an embedded stack usable at once: ``name`` is admin, approver and author, one
-    local runtime per stage, and segregation of duties off (one person plays every role).
+    local runtime per stage (with a gateway unless ``gateways`` is False: no nginx on this
+    host), and segregation of duties off (one person plays every role).
 
     Idempotent: on a home that already has a trust root nothing is re-initialised.
     Returns the settings with the trust root pinned.
@@ -183,9 +190,8 @@ async def bootstrap_dev(
             # a stable endpoint per model: http://127.0.0.1:PORT/models/MODEL (PORT kept from now on)
             port = pick_gateway_port(taken=taken, preferred=DEV_GATEWAY_PORT + index)
             taken.add(port)
-            runtime = Runtime(
-                name=name, stage=stage, task_queue=task_queue, gateway=GatewaySettings(port=port)
-            )
+            gateway = GatewaySettings(port=port) if gateways else None
+            runtime = Runtime(name=name, stage=stage, task_queue=task_queue, gateway=gateway)
             await add_runtime(pool, settings, signer, runtime)
         if stage not in current.policies:
             base = current.policy(stage)

@@ -79,20 +79,45 @@ _CLONE_NEWNET = 0x40000000
 _SIOCGIFFLAGS, _SIOCSIFFLAGS, _IFF_UP = 0x8913, 0x8914, 0x1
 
 
-def guarded() -> bool:
-    """Whether ``mlc dev`` can close its Temporal (root on Linux: a network namespace)."""
-    return isolation.isolating()
+def unguarded_because() -> str | None:
+    """Why ``mlc dev`` cannot close its Temporal here (None when it can: root on Linux, for
+    a network namespace, and nginx, for the proxy)."""
+    if not isolation.isolating():
+        return "run `mlc dev` as root"
+    if find_nginx() is None:
+        return "install nginx (scripts/system-deps.sh or apt-get install nginx-light)"
+    return None
+
+
+def find_nginx() -> str | None:
+    """The host's nginx: ``MLC_NGINX`` when set (None if that is not a file), else on PATH
+    or in ``/usr/sbin``."""
+    named = os.environ.get(NGINX_ENV)
+    if named:
+        return named if Path(named).is_file() else None
+    return shutil.which("nginx") or shutil.which("nginx", path="/usr/sbin")
 
 
 def nginx() -> str:
-    """The host's nginx (``MLC_NGINX``, else on PATH or in ``/usr/sbin``), or a readable error."""
-    found = os.environ.get(NGINX_ENV) or shutil.which("nginx") or shutil.which("nginx", path="/usr/sbin")
-    if not found:
+    """:func:`find_nginx`, or a readable error."""
+    found = find_nginx()
+    if found is None:
         raise RuntimeUnavailableError(
             "`mlc dev` puts Temporal behind nginx (mutual TLS), and nginx is not installed: "
             f"run `apt-get install nginx-light` (or set {NGINX_ENV}, or TEMPORAL_ADDRESS to your own server)"
         )
     return found
+
+
+def listening(pid: int, port: int) -> bool:
+    """Whether something listens on ``127.0.0.1:port`` in ``pid``'s network namespace (its
+    ``/proc/PID/net/tcp``): the port check of a server no connection from here reaches."""
+    try:
+        table = Path(f"/proc/{pid}/net/tcp").read_text().splitlines()[1:]
+    except OSError:
+        return False
+    wanted = f"0100007F:{port:04X}"
+    return any(row.split()[1] == wanted and row.split()[3] == "0A" for row in table if len(row.split()) > 3)
 
 
 # --- certificates ------------------------------------------------------------------------
@@ -137,9 +162,10 @@ def ensure_credentials(home: Path) -> Credentials:
 
 
 def ui_login(home: Path) -> str | None:
-    """``user mlc, password ...`` for the banner when the home's Web UI asks for one."""
-    password = isolation.read_own_file(home / TLS_DIR / "ui-password")
-    return f"user {UI_USER}, password {password.strip()}" if password else None
+    """``user mlc, password in FILE`` when the home's Web UI asks for one (the start-up
+    table never shows a password: a screen is shared, a terminal is logged)."""
+    password_file = home / TLS_DIR / "ui-password"
+    return f"user {UI_USER}, password in {password_file}" if password_file.is_file() else None
 
 
 def _valid(path: Path) -> bool:

@@ -46,6 +46,8 @@ POSTGRES_DIR = "postgres"
 POSTGRES_LOG = "postgres.log"
 LOCK_WAIT_SECONDS = 1.0
 """A command probing the lock holds it for microseconds; a start waits this long for it."""
+SHUTDOWN_GRACE_SECONDS = 10.0
+"""How long a start waits for a previous stack's Temporal server that is shutting down."""
 
 
 def temporal_cli() -> str:
@@ -214,29 +216,29 @@ class DevStack:
         return args
 
     async def _start_temporal(self, previous: dict[str, Any]) -> str:
-        """Start (or reuse) the dev server; as root in a network namespace of its own behind
-        the mutual-TLS proxy (:mod:`mlc.dev_temporal`), else in plain text on loopback."""
+        """Start (or reuse) the dev server: where it can, in a network namespace of its own
+        behind the mutual-TLS proxy (:mod:`mlc.dev_temporal`), else in plain text on loopback."""
         from mlc import dev_temporal
 
         address = f"127.0.0.1:{self.temporal_port}"
         args = self.temporal_args()
-        guarded = dev_temporal.guarded()
+        unguarded = dev_temporal.unguarded_because()
+        guarded = unguarded is None
         for pid in self._previous_temporal(previous):
+            answering = (
+                dev_temporal.listening(pid, self.temporal_port)
+                if guarded
+                else port_open("127.0.0.1", self.temporal_port)
+            )
             same = processes.command_line(pid) == " ".join(args)
-            if (
-                same
-                and dev_temporal.in_own_network(pid) == guarded
-                and (guarded or port_open(*_split(address)))
-            ):
+            if same and answering and dev_temporal.in_own_network(pid) == guarded:
                 self._temporal_pid = pid
                 self.reused.append(f"Temporal dev server (pid {pid})")
                 break
-            processes.stop(pid)
-            self.stopped.append(f"Temporal dev server (pid {pid}, started with other options)")
+            self._replace_previous_temporal(pid, args)
         if self._temporal_pid is None:
             self._check_ports_free(address, guarded)
-            log_path = self.settings.home / TEMPORAL_LOG
-            with log_path.open("ab") as log:
+            with (self.settings.home / TEMPORAL_LOG).open("ab") as log:
                 if guarded:
                     self._temporal = dev_temporal.spawn_in_own_network(args, log=log, die_with_parent=True)
                 else:
@@ -247,7 +249,7 @@ class DevStack:
             return address
         self.notes.append(
             f"Temporal listens in plain text on {address}, open to every local process: "
-            "run `mlc dev` as root to put it behind mutual TLS in a network namespace of its own"
+            f"{unguarded} to put it behind mutual TLS in a network namespace of its own"
         )
         if self._temporal is None:
             return address  # reused, its port answers
@@ -262,6 +264,20 @@ class DevStack:
                 return address
             await asyncio.sleep(0.1)
         raise RuntimeUnavailableError("the Temporal dev server did not open its port within 30 s")
+
+    def _replace_previous_temporal(self, pid: int, args: list[str]) -> None:
+        """Make way for a new server: stop a previous stack's one that cannot be reused, and
+        say why. One started the same way whose port is closed is shutting down with the
+        stack that started it (its parent-death signal after a ``kill -9``): it is given
+        :data:`SHUTDOWN_GRACE_SECONDS` to exit, and nothing is said when it does."""
+        if processes.command_line(pid) == " ".join(args):
+            if _exits_within(pid, SHUTDOWN_GRACE_SECONDS):
+                return
+            reason = f"not answering on port {self.temporal_port}"
+        else:
+            reason = "started with other options"
+        processes.stop(pid)
+        self.stopped.append(f"Temporal dev server (pid {pid}, {reason})")
 
     def _check_ports_free(self, address: str, guarded: bool) -> None:
         """The host ports ``mlc dev`` opens are free (with a guard: the proxy's, Web UI's too)."""
@@ -358,9 +374,19 @@ class DevStack:
         self._lock.release()
 
 
-def _split(address: str) -> tuple[str, int]:
-    host, _, port = address.rpartition(":")
-    return host, int(port)
+def _exits_within(pid: int, seconds: float) -> bool:
+    """True when ``pid`` is gone now or within ``seconds``."""
+    deadline = time.monotonic() + seconds
+    while processes.alive(pid):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
+def postgres_password_file(home: Path) -> Path:
+    """Where the embedded PostgreSQL of ``home`` keeps its superuser's password (0600)."""
+    return DevPostgres(home / POSTGRES_DIR, home / POSTGRES_LOG).password_file
 
 
 def discover(settings: Settings) -> Settings:

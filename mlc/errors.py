@@ -70,3 +70,35 @@ class RefusedError(MLCError):
     """A signed statement or an action failed verification or policy; the message says which check."""
 
     exit_code = 4
+
+
+class PrerequisiteError(MLCError):
+    """Something a command needs from its host is missing or cannot be reached; checked
+    when ``mlc dev`` or ``mlc worker`` starts (``workers/prerequisites.py``), each kind with
+    its own exit code."""
+
+    exit_code = 10
+
+
+class NginxMissingError(PrerequisiteError):
+    """nginx, which runs the gateways of runtimes with stable endpoints, is not installed."""
+
+    exit_code = 10
+
+
+class BubblewrapMissingError(PrerequisiteError):
+    """bubblewrap, the sandbox of the uploaded-lifecycle worker, is missing or cannot sandbox here."""
+
+    exit_code = 11
+
+
+class DockerEngineUnreachableError(PrerequisiteError):
+    """The Docker engine of a docker runtime the worker serves cannot be reached."""
+
+    exit_code = 12
+
+
+class KafkaBrokerUnreachableError(PrerequisiteError):
+    """No Kafka broker of a streaming runtime the worker serves answers."""
+
+    exit_code = 13

@@ -62,9 +62,7 @@ async def upload_lifecycle(
             f"an admin can grant it with `mlc user grant {signer.name} --role {role}`"
         )
     try:
-        lifecycle = check_lifecycle_name(
-            name or default_name(path.stem), built_in=(*names.BUILT_IN_LIFECYCLES, names.ROLLBACK)
-        )
+        lifecycle = check_lifecycle_name(name or default_name(path.stem), built_in=names.BUILT_IN_WORKFLOWS)
         source = path.read_text(encoding="utf-8")
     except (ValueError, OSError) as exc:
         raise InvalidLifecycleError(f"{path}: {exc}") from None

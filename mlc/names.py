@@ -17,6 +17,10 @@ BUILT_IN_LIFECYCLES = (STANDARD_LIFECYCLE, BATCH_LIFECYCLE)
 ROLLBACK = "Rollback"
 """The built-in workflow ``mlc rollback`` starts (main queue): a signed rollback decision puts
 a previous version back behind a stage's stable endpoints."""
+RUNTIME_RECONCILER = "RuntimeReconciler"
+"""The built-in workflow that keeps one runtime's deployments true (one per runtime)."""
+BUILT_IN_WORKFLOWS = (*BUILT_IN_LIFECYCLES, ROLLBACK, RUNTIME_RECONCILER)
+"""Every workflow type the trusted main worker serves: reserved, uploads may not take them."""
 
 LIFECYCLES_QUEUE_SUFFIX = "-lifecycles"
 """Uploaded lifecycles run on ``<main queue>-lifecycles``, served only by the sandboxed

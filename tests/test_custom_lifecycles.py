@@ -20,7 +20,7 @@ from lifecycles.loader import load_lifecycle
 from mlc.domain import DeploymentState, LifecycleDefinition, Mode, ModelSnapshot
 from mlc.errors import InvalidLifecycleError, PermissionDeniedError
 from mlc.lifecycle_uploads import upload_lifecycle
-from mlc.names import BUILT_IN_LIFECYCLES, lifecycles_task_queue, workflow_id_for
+from mlc.names import BUILT_IN_LIFECYCLES, BUILT_IN_WORKFLOWS, lifecycles_task_queue, workflow_id_for
 from mlc.operations import read_status
 from mlc.store import audit, deployments, lifecycle_definitions, runs, runtimes
 from tests.conftest import APPROVER, AUTHOR, FIXTURES, Stack, require_sandbox
@@ -176,6 +176,11 @@ async def test_cli_refuses_uploaders_without_the_role_bad_code_and_built_in_name
     )
     assert taken.returncode == 1
     assert "taken by the built-in ModelLifecycle" in one_line(taken.stderr)
+    for reserved in (*BUILT_IN_WORKFLOWS, "runtimereconciler"):
+        with pytest.raises(InvalidLifecycleError, match="is taken by the built-in"):
+            await upload_lifecycle(
+                stack.pool, FOUR_EYES, signer=stack.signers[AUTHOR], settings=stack.settings, name=reserved
+            )
 
     carol = await stack.add_principal("carol", "lifecycle-author")
     with pytest.raises(
@@ -327,6 +332,7 @@ def test_built_in_names_match_the_registered_workflows() -> None:
     main = {getattr(w, "__temporal_workflow_definition").name for w in MAIN_WORKFLOWS}
     sandboxed = {getattr(w, "__temporal_workflow_definition").name for w in LIFECYCLE_WORKFLOWS}
     assert set(BUILT_IN_LIFECYCLES) <= main and None not in main, "the main worker runs no uploaded code"
+    assert set(BUILT_IN_WORKFLOWS) == main, "every type the main worker serves is reserved for uploads"
     assert sandboxed == {None}, "the lifecycle worker runs only the dynamic workflow of uploaded lifecycles"
 
 

@@ -16,10 +16,11 @@ from temporalio.testing import WorkflowEnvironment
 
 from mlc import admin
 from mlc.domain import ApprovalGate, DeploymentState, LifecycleSpec, StageSpec, TestKind
+from mlc.payloads import StartLifecycleInput
 from mlc.store import audit, connect, deployments, traffic
 from mlc.trust.policy import StagePolicy
-from tests.conftest import ADMIN, Stack
-from tests.lifecycle_helpers import start_like_ui, wait_for_gate
+from tests.conftest import ADMIN, FIXTURES, Stack
+from tests.lifecycle_helpers import start_like_ui, wait_for, wait_for_gate
 from workers.client import ensure_search_attributes
 from workers.worker import build_main_worker
 
@@ -123,3 +124,28 @@ async def test_prod_handover_keeps_old_version_serving_until_new_is_healthy(
         with pytest.raises(httpx.TransportError):
             await http.get(f"{old.endpoint}/health", timeout=2)
         assert (await http.get(f"{new.endpoint}/health")).status_code == 200
+
+
+async def test_a_decide_signal_that_does_not_decode_is_listed_as_refused(stack: Stack) -> None:
+    """The old unsigned form of the ``decide`` signal (here sent with the start, before the
+    run begins), or no input at all: ignored, as a signal cannot be refused to its sender,
+    and shown under ``refused`` rather than dropped."""
+    await stack.add_local_runtimes(("DEV",))
+    snap = await stack.register(FIXTURES / "models" / "weak-model")
+    spec = LifecycleSpec(stages=(StageSpec(name="DEV", tests=(TestKind.SMOKE,), gate=ApprovalGate()),))
+    handle = await stack.client.start_workflow(
+        "ModelLifecycle",
+        StartLifecycleInput(model=snap.model, version=snap.version, spec=spec),
+        id=f"mlc-{snap.model}-v{snap.version}",
+        task_queue=stack.task_queue,
+        start_signal="decide",
+        start_signal_args=[{"approver": "alice", "stage": "DEV", "decision": "approved"}],
+    )
+    await wait_for_gate(handle, "DEV")
+    await handle.signal("decide")
+    status = await wait_for(handle, lambda s: len(s.refused) == 2, what="both signals refused")
+    assert "the decide signal's input is not a signed statement" in status.refused[0], status.refused
+    assert "envelope: Field required" in status.refused[0], status.refused
+    assert "takes one signed statement as its input, not 0" in status.refused[1], status.refused
+    assert status.pending_gate is not None and status.decisions == ()
+    await handle.terminate()

@@ -23,8 +23,8 @@ from temporalio.client import WorkflowHandle
 from temporalio.exceptions import ApplicationError
 from temporalio.testing import ActivityEnvironment
 
+from activities.reconciler_runs import ensure_reconciler
 from activities.traffic import RETIRE_AFTER, TrafficInventory
-from mlc.contracts.reconcile import ensure_reconciler
 from mlc.contracts.traffic import AuthorizeTrafficInput, RecordTrafficInput
 from mlc.domain import (
     ApprovalGate,
@@ -463,7 +463,7 @@ async def test_a_recorded_change_never_applied_is_applied_by_the_reconciler(
             ),
         )
         assert await answering_version(table.endpoint) == v1.version, "nothing applied it yet"
-        await ensure_reconciler(stack.client, stack.settings, "local-dev")
+        await ensure_reconciler(stack.client, stack.settings, stack.worker_pool, "local-dev")
         for _ in range(100):
             if await answering_version(table.endpoint) == v2.version:
                 break

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable
+from typing import Any
 
+from pydantic import ValidationError
 from temporalio import workflow
 from temporalio.exceptions import ActivityError, ApplicationError
 
@@ -37,6 +39,8 @@ class LifecycleWorkflow:
 
     def __init__(self) -> None:
         self._mlc: LifecycleRun | None = None
+        self._refused_early: list[str] = []
+        """Signals refused before the run began (e.g. sent with its start), shown once it has."""
 
     # --- queries, updates, signals --------------------------------------------------------
 
@@ -64,17 +68,25 @@ class LifecycleWorkflow:
         self._lifecycle.check_decision(request.envelope, Decision.REJECTED)
 
     @workflow.signal(name="decide")
-    async def decide(self, signal: SignalDecision) -> None:
+    async def decide(self, *inputs: Any) -> None:
         """The same signed decision as a signal, for ``temporal workflow signal``.
 
         A signal cannot be refused to its sender, so an invalid one is ignored and listed
-        under ``refused`` in the status query.
+        under ``refused`` in the status query. Its input is decoded here, not by the SDK,
+        which would drop one that does not decode (the old unsigned form, no input) unseen.
         """
         try:
+            signal = _signal_decision(inputs)
             claim = decision_of(signal.envelope)[1]
             await self._lifecycle.submit_decision(signal.envelope, Decision(claim.decision))
         except (ValueError, ApplicationError) as exc:
-            self._lifecycle.refuse(str(exc.message if isinstance(exc, ApplicationError) else exc))
+            self._refuse(str(exc.message if isinstance(exc, ApplicationError) else exc))
+
+    def _refuse(self, message: str) -> None:
+        if self._mlc is None:
+            self._refused_early.append(message)
+        else:
+            self._mlc.refuse(message)
 
     @property
     def _lifecycle(self) -> LifecycleRun:
@@ -104,6 +116,8 @@ class LifecycleWorkflow:
             spec=request.spec or default_spec,
         )
         self._mlc = mlc
+        for message in self._refused_early:
+            mlc.refuse(message)
         facade = Lifecycle()
         attach(facade, mlc)
         workflow.upsert_search_attributes(
@@ -156,3 +170,22 @@ class LifecycleWorkflow:
         await mlc.record_run(ended=True)
         await mlc.notify(f"{mlc.model}@{mlc.version} failed: {reason}")
         await workflow.wait_condition(workflow.all_handlers_finished)
+
+
+def _signal_decision(inputs: tuple[Any, ...]) -> SignalDecision:
+    """The ``decide`` signal's one input as a :class:`SignalDecision`.
+
+    Raises:
+        ValueError: no input, several, or one that is not a signed statement.
+    """
+    if len(inputs) != 1:
+        raise ValueError(f"the decide signal takes one signed statement as its input, not {len(inputs)}")
+    try:
+        return SignalDecision.model_validate(inputs[0])
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(part) for part in first["loc"]) or "the input"
+        raise ValueError(
+            f"the decide signal's input is not a signed statement (`mlc approve ... --print-statement` "
+            f"prints one): {where}: {first['msg']}"
+        ) from None

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from pydantic import BaseModel
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from mlc.config import Settings
@@ -26,10 +27,21 @@ if TYPE_CHECKING:  # Temporal and the signer load only in the commands that use 
 
     from mlc.trust.signer import Signer
 
-_PIPE_WIDTH = 160
-"""Rich assumes 80 columns when output is not a terminal; tables of ids and URLs need more."""
-console = Console() if sys.stdout.isatty() else Console(width=_PIPE_WIDTH)
-err_console = Console(stderr=True) if sys.stderr.isatty() else Console(stderr=True, width=_PIPE_WIDTH)
+_PIPE_WIDTH = 100_000
+"""Rich assumes 80 columns when output is not a terminal and wraps there; a script that
+greps the output needs each message on one line, so a pipe gets no wrapping at all (tables
+keep their natural width, text is never broken)."""
+
+
+def _console(*, stderr: bool = False) -> Console:
+    """A terminal's console wraps at its width; a pipe's or file's never wraps."""
+    if (sys.stderr if stderr else sys.stdout).isatty():
+        return Console(stderr=stderr)
+    return Console(stderr=stderr, width=_PIPE_WIDTH, soft_wrap=True)
+
+
+console = _console()
+err_console = _console(stderr=True)
 T = TypeVar("T")
 
 
@@ -109,8 +121,9 @@ def emit(
 
 
 def _cell(value: Any) -> str:
+    """A table cell's text, escaped: brackets in values are text, not rich markup."""
     if value is None:
         return "-"
     if isinstance(value, list | tuple):
-        return ", ".join(str(v) for v in value)
-    return str(value)
+        return escape(", ".join(str(v) for v in value))
+    return escape(str(value))

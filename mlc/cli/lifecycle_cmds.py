@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from mlc.cli.context import client, console, emit, inventory, run, settings, signer
@@ -229,7 +230,7 @@ def render_status(current: LifecycleStatus) -> None:
         f"{current.state.value}" + (f" in {current.stage}" if current.stage else "")
     )
     if current.reason:
-        console.print(f"  reason: {current.reason}")
+        console.print(f"  reason: {current.reason}", markup=False, highlight=False)
     if current.pending_gate:
         gate = current.pending_gate
         console.print(
@@ -242,16 +243,18 @@ def render_status(current: LifecycleStatus) -> None:
         table.add_column(column)
     for report in current.reports:
         for r in report.results:
-            table.add_row(report.stage, r.test.value, r.deployment_id, "yes" if r.passed else "NO", r.summary)
+            cells = (report.stage, r.test.value, r.deployment_id, "yes" if r.passed else "NO", r.summary)
+            table.add_row(*(escape(cell) for cell in cells))
     if current.reports:
         console.print(table)
     for d in current.decisions:
         console.print(
             f"  {d.stage}: {d.decision.value} by {d.approver} at {d.decided_at:%Y-%m-%d %H:%M:%S}"
-            + (f" ({d.comment})" if d.comment else "")
+            + (f" ({d.comment})" if d.comment else ""),
+            markup=False,
         )
     for note in current.refused:
-        console.print(f"  [yellow]refused signal:[/yellow] {note}")
+        console.print(f"  [yellow]refused signal:[/yellow] {escape(note)}")
 
 
 def _decide(ref: str, stage: str, comment: str, *, decision: Decision, print_statement: bool) -> None:

@@ -6,24 +6,29 @@ import asyncio
 import contextlib
 import os
 import signal
+import sys
 from collections.abc import AsyncIterator
 from dataclasses import replace
+from pathlib import Path
 from typing import Annotated
+from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 import httpx
 import typer
+from rich.markup import escape
 from rich.table import Table
 from temporalio.client import Client
 
 from mlc import admin
 from mlc.artifacts import ArtifactStore
-from mlc.cli.context import client, console, emit, local_user, settings
+from mlc.cli.context import STATE, client, console, emit, local_user, settings
 from mlc.cli.lifecycle_cmds import render_status
+from mlc.cli.logs import service_logging, worker_logging
 from mlc.config import Settings
-from mlc.devstack import DevStack, dev_running
+from mlc.devstack import DevStack, dev_running, postgres_password_file
 from mlc.domain import Decision, LifecycleState, ModelRef, SignedDecision
-from mlc.errors import RuntimeUnavailableError
+from mlc.errors import BubblewrapMissingError, NginxMissingError, RuntimeUnavailableError
 from mlc.names import lifecycles_task_queue
 from mlc.operations import read_status, send_decision, sign_decision, start_lifecycle
 from mlc.registry import register_package
@@ -58,7 +63,7 @@ async def embedded(
     and each runtime's reconciler checks the serving ones at once, restarting the model
     servers that stopped with the previous stack.
     """
-    from activities.reconcile import ensure_reconcilers
+    from activities.reconcile import keeping_reconcilers
     from mlc.kafka_broker import dev_brokers
     from workers.client import ensure_search_attributes
     from workers.worker import build_main_worker
@@ -76,8 +81,14 @@ async def embedded(
         for note in stack.notes:
             console.print(f"[yellow]{note}[/yellow]")
         try:
+            await _check_served(pool, ready.task_queue, embedded_kafka=True)
             ready = await admin.bootstrap_dev(
-                pool, ready, local_user(), ensure_key(default_key_path()), task_queue=ready.task_queue
+                pool,
+                ready,
+                local_user(),
+                ensure_key(default_key_path()),
+                task_queue=ready.task_queue,
+                gateways=_gateways_available(),
             )
             worker_dsn = await enable_worker_login(pool, ready.database_url or "")
             ready = replace(ready, worker_database_url=worker_dsn, servers_die_with_worker=True)
@@ -91,8 +102,8 @@ async def embedded(
                     main,
                     _sandboxed_lifecycles(ready),
                     dev_brokers(pool, ready.home, announce=console.print),
+                    keeping_reconcilers(temporal, ready, worker_pool),
                 ):
-                    await ensure_reconcilers(temporal, ready, worker_pool)
                     yield ready
             finally:
                 await worker_pool.close()
@@ -103,17 +114,45 @@ async def embedded(
         stack.stop()
 
 
+def _gateways_available() -> bool:
+    """Whether the stack's runtimes can have gateways: without nginx they are created
+    without one (consumers call each deployment's own endpoint), said once here. Runtimes
+    that have one already were checked before (no nginx for them is an error)."""
+    from workers import prerequisites
+
+    try:
+        prerequisites.nginx("a runtime's gateway (its stable endpoints)")
+    except NginxMissingError as exc:
+        console.print(
+            f"[yellow]{escape(str(exc))}; until then the stack's runtimes have no gateway: consumers "
+            "call each deployment's own endpoint[/yellow]",
+            highlight=False,
+        )
+        return False
+    return True
+
+
+def _sandbox_missing() -> BubblewrapMissingError | None:
+    """Why uploaded lifecycles are off on this host (no working bubblewrap), or None."""
+    from workers import prerequisites
+
+    try:
+        prerequisites.bubblewrap()
+    except BubblewrapMissingError as exc:
+        return exc
+    return None
+
+
 @contextlib.asynccontextmanager
 async def _sandboxed_lifecycles(ready: Settings) -> AsyncIterator[None]:
     """The sandboxed lifecycle worker as a child of the stack (uploaded lifecycles run only
-    there); without bubblewrap the stack runs without it and says how to get it."""
-    from workers.sandbox import lifecycle_worker, sandbox_available
+    there); without bubblewrap the stack runs without it and says so once, with the fix."""
+    from workers.sandbox import lifecycle_worker
 
-    if not sandbox_available():
-        console.print(
-            "[yellow]uploaded lifecycles will not run: they run only in a sandbox, and bubblewrap "
-            "is missing (apt-get install bubblewrap)[/yellow]"
-        )
+    missing = _sandbox_missing()
+    if missing is not None:
+        note = f"{missing}; until then uploaded lifecycles are off"
+        console.print(f"[yellow]{escape(note)}[/yellow]", highlight=False)
         yield
         return
     from workers.client import tls_environ
@@ -163,21 +202,37 @@ async def _stop_local_servers(cfg: Settings, pool: asyncpg.Pool) -> None:
             await LocalDriver(cfg).stop_servers(runtime)
 
 
+DEBUG = Annotated[bool, typer.Option("--debug", help="Print tracebacks in the terminal too (mlc --debug).")]
+
+
 def dev(
     temporal_port: Annotated[int, typer.Option(help="Temporal frontend port.")] = 7233,
     ui_port: Annotated[int, typer.Option(help="Temporal Web UI port.")] = 8233,
     headless: Annotated[bool, typer.Option(help="No Web UI.")] = False,
+    debug: DEBUG = False,
 ) -> None:
     """Run Temporal (with its Web UI), PostgreSQL, a worker and local runtimes for every
-    stage, all state under --home. Ctrl-C stops everything."""
+    stage, all state under --home. Ctrl-C stops everything.
+
+    What its worker needs from this host is checked before it starts: a missing piece is
+    one line naming it and its fix, with an exit code of its own: 10 nginx (gateways of
+    runtimes that have one), 12 the Docker engine of a docker runtime, 13 the Kafka broker
+    of a streaming runtime; 4 another mlc dev runs on this home, 5 a server did not start.
+    Without nginx the runtimes it creates get no gateway (consumers call each deployment's
+    own endpoint), and without bubblewrap uploaded lifecycles are off: it says so once.
+
+    A failed activity is one line here; its traceback is in MLC_HOME/worker.log (--debug
+    prints it here too).
+    """
 
     from mlc import dev_temporal
 
     async def go() -> None:
         stop = _stop_event()
-        async with embedded(
-            settings(), temporal_port=temporal_port, ui_port=ui_port, headless=headless
-        ) as ready:
+        cfg = settings()
+        log_path = worker_logging(cfg.home, debug=STATE.debug or debug)
+        embedded_postgres = cfg.database_url is None
+        async with embedded(cfg, temporal_port=temporal_port, ui_port=ui_port, headless=headless) as ready:
             table = Table(title="mlc dev is running (Ctrl-C stops it)", show_header=False)
             guarded = ready.temporal_tls is not None
             tls = (
@@ -189,9 +244,11 @@ def dev(
                 table.add_row("Web UI", f"http://127.0.0.1:{ui_port}" + (f" ({login})" if login else ""))
             table.add_row("Task queue", ready.task_queue)
             uploaded = lifecycles_task_queue(ready.task_queue)
-            table.add_row("Lifecycles queue", f"{uploaded} (uploaded code, sandboxed)")
-            table.add_row("Inventory", ready.database_url or "-")
+            sandboxed = "off: no bubblewrap" if _sandbox_missing() else "uploaded code, sandboxed"
+            table.add_row("Lifecycles queue", f"{uploaded} ({sandboxed})")
+            table.add_row("Inventory", _inventory_row(ready.database_url, embedded_postgres, ready.home))
             table.add_row("State", str(ready.home))
+            table.add_row("Worker log", f"{log_path} (tracebacks of failed activities)")
             table.add_row("Admin and approver", f"{local_user()} (key {default_key_path()})")
             table.add_row("Trust root", ready.trust_root or "-")
             console.print(table)
@@ -199,6 +256,20 @@ def dev(
         console.print("stopped")
 
     asyncio.run(go())
+
+
+def _inventory_row(url: str | None, embedded_postgres: bool, home: Path) -> str:
+    """The inventory's URL for the start-up table: never its password (a screen is shared,
+    a terminal is logged), but where the password is kept."""
+    if url is None:
+        return "-"
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    host = parts.netloc.rpartition("@")[2]
+    shown = urlunsplit(parts._replace(netloc=f"{parts.username or ''}@{host}"))
+    kept = postgres_password_file(home) if embedded_postgres else "MLC_DATABASE_URL"
+    return f"{shown} (password in {kept})"
 
 
 def worker(
@@ -222,12 +293,29 @@ def worker(
             "container already is the sandbox.",
         ),
     ] = True,
+    debug: DEBUG = False,
 ) -> None:
-    """Run a worker against TEMPORAL_ADDRESS / MLC_DATABASE_URL."""
+    """Run a worker against TEMPORAL_ADDRESS / MLC_DATABASE_URL.
+
+    What it needs from this host for the runtimes on its task queue is checked before it
+    starts: a missing piece is one line naming it and its fix, with an exit code of its
+    own: 10 nginx (gateways), 11 bubblewrap (--lifecycles), 12 the Docker engine of a
+    docker runtime, 13 the Kafka broker of a streaming runtime.
+
+    In a terminal, a failed activity is one line and its traceback goes to
+    MLC_HOME/worker.log (--debug prints it too); otherwise (a container, a service) whole
+    log records go to stderr.
+    """
+    log_note = ""
+    if sys.stderr.isatty():
+        log_path = worker_logging(settings().home, debug=STATE.debug or debug)
+        log_note = f"; tracebacks of failed activities go to {log_path}"
+    else:
+        service_logging()
     if lifecycles:
         asyncio.run(_lifecycle_worker(sandbox=sandbox))
         return
-    from activities.reconcile import ensure_reconcilers
+    from activities.reconcile import keeping_reconcilers
     from workers.client import ensure_search_attributes
     from workers.worker import build_main_worker, build_runtime_worker, run_until
 
@@ -245,8 +333,10 @@ def worker(
             await ensure_search_attributes(temporal)
             pool = await connect(dsn, migrate_schema=cfg.worker_database_url is None)
             try:
-                await ensure_reconcilers(temporal, cfg, pool)  # what died meanwhile is seen at once
-                await run_until(build_main_worker(temporal, cfg, pool), stop)
+                await _check_served(pool, cfg.task_queue)
+                console.print(f"serving task queue {cfg.task_queue}{log_note}")
+                async with keeping_reconcilers(temporal, cfg, pool):  # what died meanwhile is seen at once
+                    await run_until(build_main_worker(temporal, cfg, pool), stop)
             finally:
                 await pool.close()
             return
@@ -254,20 +344,34 @@ def worker(
             pool = await connect(dsn, max_size=1, migrate_schema=cfg.worker_database_url is None)
             try:
                 queue = (await runtimes.read_runtime(pool, runtime)).task_queue
+                await _check_served(pool, queue)
             finally:
                 await pool.close()
         else:
             queue = f"runtime-{runtime}"
-        console.print(f"serving runtime {runtime} on task queue {queue}")
+        console.print(f"serving runtime {runtime} on task queue {queue}{log_note}")
         await run_until(build_runtime_worker(temporal, cfg, queue), stop)
 
     asyncio.run(go())
 
 
+async def _check_served(pool: asyncpg.Pool, task_queue: str, *, embedded_kafka: bool = False) -> None:
+    """What the runtimes on ``task_queue`` (the worker's) need from this host, before it starts
+    (``embedded_kafka``: ``mlc dev`` starts brokers for loopback addresses).
+
+    Raises:
+        PrerequisiteError: the first thing missing, with its fix and exit code.
+    """
+    from workers import prerequisites
+
+    served = [r for r in await runtimes.read_runtimes(pool) if r.task_queue == task_queue]
+    await prerequisites.check_runtimes(served, embedded_kafka=embedded_kafka)
+
+
 async def _lifecycle_worker(*, sandbox: bool) -> None:
     """``mlc worker --lifecycles``: the sandboxed worker of uploaded code, or (``--no-sandbox``)
     that worker itself, as the sandbox and containers run it."""
-    from workers import lifecycle_worker
+    from workers import lifecycle_worker, prerequisites
     from workers.client import tls_environ
     from workers.sandbox import start_lifecycle_worker
 
@@ -276,6 +380,7 @@ async def _lifecycle_worker(*, sandbox: bool) -> None:
     if not sandbox:
         await lifecycle_worker.serve(cfg, stop)
         return
+    prerequisites.bubblewrap()
     log_path = cfg.home / "lifecycle-worker.log"
     started = await start_lifecycle_worker(
         main_queue=cfg.task_queue,
@@ -303,6 +408,7 @@ def demo(
     yes: Annotated[bool, typer.Option("--yes", help="Approve every gate automatically.")] = False,
     temporal_port: Annotated[int, typer.Option(help="Temporal port of the embedded stack.")] = 7233,
     ui_port: Annotated[int, typer.Option(help="Web UI port of the embedded stack.")] = 8233,
+    debug: DEBUG = False,
 ) -> None:
     """Register the example fraud model and walk it DEV -> PROD on an embedded stack."""
     from mlc import dev_temporal
@@ -313,11 +419,14 @@ def demo(
         if dev_running(cfg) or external:
             console.print(f"using the running stack at {cfg.temporal_address} and its workers")
             return await _walk(cfg, yes=yes, ui=None)
+        log_path = worker_logging(cfg.home, debug=STATE.debug or debug)
         async with embedded(cfg, temporal_port=temporal_port, ui_port=ui_port, headless=False) as ready:
             login = dev_temporal.ui_login(ready.home) if ready.temporal_tls else None
-            return await _walk(
-                ready, yes=yes, ui=f"http://127.0.0.1:{ui_port}" + (f" ({login})" if login else "")
-            )
+            ui = f"http://127.0.0.1:{ui_port}" + (f" ({login})" if login else "")
+            code = await _walk(ready, yes=yes, ui=ui)
+        if code:
+            console.print(f"the worker's log, with the tracebacks of failed activities: {log_path}")
+        return code
 
     raise typer.Exit(asyncio.run(go()))
 

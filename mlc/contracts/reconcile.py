@@ -11,21 +11,17 @@ the snapshot it was admitted with, or mark it failed: never deploy anything new.
 from __future__ import annotations
 
 from datetime import timedelta
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from pydantic import Field
 from temporalio.common import RetryPolicy
 
+from mlc import names
 from mlc.contracts.base import ActivityContract
 from mlc.domain import Frozen, Runtime
 from mlc.trust.statements import Envelope
 
-if TYPE_CHECKING:
-    from temporalio.client import Client
-
-    from mlc.config import Settings
-
-RECONCILER = "RuntimeReconciler"
+RECONCILER = names.RUNTIME_RECONCILER
 """The workflow type; its id is :func:`reconciler_id` (one per runtime and main queue)."""
 RECONCILE_NOW = "reconcile_now"
 """Signal: run a round at once (sent by every start, e.g. when ``mlc dev`` comes back)."""
@@ -160,18 +156,3 @@ class ReconcilerStatus(Frozen):
     """Deployments the last round checked."""
     last: str = ""
     """What the last round found or did, in a sentence."""
-
-
-async def ensure_reconciler(client: Client, settings: Settings, runtime: str) -> None:
-    """Start the runtime's reconciler, or make the running one check at once.
-
-    Signal-with-start: either way the reconciler sees the signal, so one that was about
-    to end for lack of deployments goes on with the new one.
-    """
-    await client.start_workflow(
-        RECONCILER,
-        ReconcileInput(runtime=runtime, interval_seconds=settings.reconcile_seconds),
-        id=reconciler_id(settings.task_queue, runtime),
-        task_queue=settings.task_queue,
-        start_signal=RECONCILE_NOW,
-    )

@@ -31,7 +31,9 @@ TEST_REPORT = "test_report"
 DEPLOYMENT = "deployment"
 TRAFFIC = "traffic"
 """Which deployments answer a stable endpoint, from when, who or what caused the change."""
-KINDS = (GOVERNANCE, RUN, DECISION, TEST_REPORT, DEPLOYMENT, TRAFFIC)
+RECONCILER = "reconciler"
+"""A runtime's reconciler workflow id held by a run no trusted worker started, and replaced."""
+KINDS = (GOVERNANCE, RUN, DECISION, TEST_REPORT, DEPLOYMENT, TRAFFIC, RECONCILER)
 
 
 @dataclass(frozen=True)

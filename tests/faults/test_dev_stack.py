@@ -199,7 +199,7 @@ async def test_servers_a_previous_stack_left_are_reused_when_they_fit_and_stoppe
     temporal = _survivor(DevStack(settings, **ports), log)
     postgres = DevPostgres(settings.home / "postgres", settings.home / "postgres.log")
     postgres.start(die_with_parent=False)
-    await _survivor_up(ports["temporal_port"])
+    await _survivor_up(temporal, ports["temporal_port"])
 
     stack = DevStack(settings, **ports)
     ready = await stack.start()
@@ -216,7 +216,7 @@ async def test_servers_a_previous_stack_left_are_reused_when_they_fit_and_stoppe
 
     other = {**ports, "ui_port": free_port()}
     odd = _survivor(DevStack(settings, **other), log)
-    await _survivor_up(ports["temporal_port"])
+    await _survivor_up(odd, ports["temporal_port"])
     stack = DevStack(settings, **ports)
     await stack.start()
     try:
@@ -228,15 +228,99 @@ async def test_servers_a_previous_stack_left_are_reused_when_they_fit_and_stoppe
     assert leftover_processes(str(tmp_path)) == []
 
 
+def _output(dev: Dev) -> str:
+    """What the last start of ``mlc dev`` printed so far."""
+    return (dev.root / f"dev-{dev.starts}.out").read_text(errors="replace")
+
+
+async def test_dev_restarts_after_kill_9_quietly_and_checks_nginx_for_its_gateways(tmp_path: Path) -> None:
+    dev = Dev(tmp_path)
+    await dev.start()  # nginx is installed here: the runtimes it creates get gateways
+    try:
+        first = _output(dev)
+        password = (dev.home / "postgres.password").read_text().strip()
+        assert password not in first, "the start-up table shows no password"
+        assert f"(password in {dev.home / 'postgres.password'})" in first, first
+        assert f"{dev.home / 'worker.log'} (tracebacks of failed activities)" in first, first
+
+        assert dev.process is not None
+        dev.process.kill()
+        await dev.process.wait()
+        await dev.start()  # at once, same options: its Temporal server may still be shutting down
+        restarted = _output(dev)
+        assert "started with other options" not in restarted, restarted
+        assert "stopped Temporal" not in restarted, restarted
+        assert await dev.stop(signal.SIGINT) == 0
+        await wait_until(dev.nothing_left, what="SIGINT to stop everything", timeout=30)
+
+        missing = tmp_path / "no-nginx"
+        refused = await asyncio.to_thread(
+            subprocess.run,
+            dev.command(),
+            env={**dev.env, "MLC_NGINX": str(missing)},
+            cwd=PROJECT,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert refused.returncode == 10, refused.stdout + refused.stderr
+        assert refused.stderr.splitlines() == [
+            f"error: runtime local-dev's gateway (its stable endpoints) needs nginx, and MLC_NGINX={missing} "
+            "is not a file: run scripts/system-deps.sh or apt-get install nginx-light (or set MLC_NGINX to "
+            "an nginx binary)"
+        ]
+        assert "mlc dev is running" not in refused.stdout
+        await wait_until(dev.nothing_left, what="a refused start to leave nothing running", timeout=30)
+    finally:
+        if dev.process is not None and dev.process.returncode is None:
+            dev.process.kill()
+            await dev.process.wait()
+        await wait_until(dev.nothing_left, what="nothing left", timeout=30)
+
+
+async def test_dev_without_nginx_or_bubblewrap_runs_without_gateways_or_uploaded_lifecycles(
+    tmp_path: Path,
+) -> None:
+    dev = Dev(tmp_path)
+    dev.env["MLC_NGINX"] = str(tmp_path / "no-nginx")  # and nothing there
+    dev.env["PATH"] = str(Path(sys.executable).parent)  # no bwrap (nor nginx) on it
+    await dev.start()
+    missing = tmp_path / "no-nginx"
+    try:
+        shown = _output(dev)
+        said = shown.split("mlc dev is running")[0].splitlines()  # what it said before its table
+        notes = [line for line in said if "needs nginx" in line or "bubblewrap" in line]
+        assert notes == [
+            f"a runtime's gateway (its stable endpoints) needs nginx, and MLC_NGINX={missing} is not a file"
+            ": run scripts/system-deps.sh or apt-get install nginx-light (or set MLC_NGINX to an "
+            "nginx binary); until then the stack's runtimes have no gateway: consumers call each "
+            "deployment's own endpoint",
+            "uploaded lifecycles run only in a sandbox, and bubblewrap (bwrap) is not installed: run "
+            "scripts/system-deps.sh or apt-get install bubblewrap; until then uploaded lifecycles are off",
+        ], shown
+        assert "mlc-lifecycles (off: no bubblewrap)" in shown
+        listed = await dev.json("runtime", "list")
+        assert sorted(r["name"] for r in listed) == ["local-dev", "local-prod", "local-sit", "local-uat"]
+        assert all(r["gateway"] is None for r in listed), listed
+        assert await dev.stop(signal.SIGINT) == 0
+    finally:
+        if dev.process is not None and dev.process.returncode is None:
+            dev.process.kill()
+            await dev.process.wait()
+        await wait_until(dev.nothing_left, what="nothing left", timeout=30)
+
+
 def _survivor(stack: DevStack, log: IO[bytes]) -> subprocess.Popen[bytes]:
     """A dev server started as ``stack`` starts it (as root: in a network namespace of its
     own), with no parent-death signal: what a killed stack leaves where none exists."""
-    if dev_temporal.guarded():
+    if dev_temporal.unguarded_because() is None:
         return dev_temporal.spawn_in_own_network(stack.temporal_args(), log=log, die_with_parent=False)
     return processes.spawn(stack.temporal_args(), log=log, die_with_parent=False)
 
 
-async def _survivor_up(port: int) -> None:
-    """Wait for a survivor's port (in its own network namespace, the stack's start waits)."""
-    if not dev_temporal.guarded():
+async def _survivor_up(survivor: subprocess.Popen[bytes], port: int) -> None:
+    """Wait for a survivor's port (in its own network namespace where it has one)."""
+    if dev_temporal.unguarded_because() is None:
+        await wait_until(lambda: dev_temporal.listening(survivor.pid, port), what="the survivor's port")
+    else:
         await wait_until(lambda: port_open("127.0.0.1", port), what="the survivor's port")
