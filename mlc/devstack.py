@@ -299,11 +299,13 @@ class DevStack:
         )
         assert self._temporal_pid is not None
         self._proxy.start(self._temporal_pid, credentials)
-        child, log = self._temporal, self.settings.home / TEMPORAL_LOG
+        child, pid, log = self._temporal, self._temporal_pid, self.settings.home / TEMPORAL_LOG
 
         def failed() -> str | None:
             if child is not None and child.poll() is not None:
                 return f"the Temporal dev server exited at start (code {child.returncode}); see {log}"
+            if not processes.alive(pid):
+                return f"the Temporal dev server (pid {pid}) exited; see {log}"
             return self._proxy.failed()  # type: ignore[no-any-return]
 
         await dev_temporal.wait_ready(address, credentials.client, failed)
