@@ -1,7 +1,8 @@
 """Temporal of ``mlc dev`` closed to everything but its workers and people: mutual TLS.
 
 The dev server has no TLS and no authentication, and anyone who reaches its port can
-start, signal and terminate any workflow. So, when ``mlc dev`` runs as root:
+start, signal and terminate any workflow. So, when ``mlc dev`` runs as root and nginx is
+installed:
 
 - the dev server runs in a **network namespace of its own** (:func:`own_network`): its
   gRPC and Web UI ports exist only on that namespace's loopback, which no other process
@@ -14,15 +15,16 @@ start, signal and terminate any workflow. So, when ``mlc dev`` runs as root:
   first socket; on ``127.0.0.1:<ui port>`` it asks for the Web UI's password (HTTP basic
   authentication) and passes the UI to the second.
 
-The certificates (a CA, the server's for ``localhost``/``127.0.0.1``, one client's for the
-CLI and the workers, all X.509 v3: the SDK's rustls refuses v1) and the UI password are
-made once into ``MLC_HOME/tls`` (0700, files 0600) by :func:`ensure_credentials`. ``mlc
-dev`` records their paths in ``dev.json``, which is how the CLI and ``mlc worker`` find
-them (:func:`mlc.devstack.discover`).
+The certificates (a CA, whose key is thrown away once it has signed the others; the
+server's for ``localhost``/``127.0.0.1``; one client's for the CLI and the workers; all
+X.509 v3: the SDK's rustls refuses v1) and the UI password are made once into
+``MLC_HOME/tls`` (0700, files 0600) by :func:`ensure_credentials`. ``mlc dev`` records
+their paths in ``dev.json``, which is how the CLI and ``mlc worker`` find them
+(:func:`mlc.devstack.discover`).
 
-Without root there is no network namespace to give: the dev server then listens in plain
-text on ``127.0.0.1:<temporal port>`` as before, open to every local process, and
-``mlc dev`` says so.
+Without root there is no network namespace to give, and without nginx no proxy: the dev
+server then listens in plain text on ``127.0.0.1:<temporal port>`` as before, open to
+every local process, and ``mlc dev`` says so (:func:`unguarded_because`).
 """
 
 from __future__ import annotations
@@ -142,8 +144,8 @@ def ensure_credentials(home: Path) -> Credentials:
     folder.mkdir(mode=0o700, exist_ok=True)
     folder.chmod(0o700)
     ca, server, client = (folder / f"{name}.pem" for name in ("ca", "server", "client"))
-    keys = {path: path.with_suffix(".key") for path in (ca, server, client)}
-    if not all(_valid(path) and keys[path].is_file() for path in (ca, server, client)):
+    keys = {path: path.with_suffix(".key") for path in (server, client)}
+    if not (_valid(ca) and all(_valid(path) and key.is_file() for path, key in keys.items())):
         _issue_all(ca, server, client, keys)
     password_file = folder / "ui-password"
     password = isolation.read_own_file(password_file)
@@ -180,7 +182,8 @@ def _valid(path: Path) -> bool:
 def _issue_all(ca: Path, server: Path, client: Path, keys: dict[Path, Path]) -> None:
     ca_key = ec.generate_private_key(ec.SECP256R1())
     ca_cert = _certificate("mlc dev Temporal CA", ca_key.public_key(), ca_key, None)
-    _write_pem(ca, ca_cert, keys[ca], ca_key)
+    isolation.write_file(ca, ca_cert.public_bytes(serialization.Encoding.PEM).decode())
+    # the CA's key is not kept: all three are made again together when one is near its end
     for path, cn, usage in (
         (server, SERVER_NAME, ExtendedKeyUsageOID.SERVER_AUTH),
         (client, "mlc dev client", ExtendedKeyUsageOID.CLIENT_AUTH),
