@@ -433,13 +433,20 @@ class TemporalProxy:
         return None
 
     def stop(self) -> None:
-        """Stop both (those of a previous stack too, found by their pid files)."""
+        """Stop both (those of a previous stack too, found by their pid files) and remove the
+        sockets folder (the next start makes a new one)."""
         for name in ("outer", "inner"):
             child = self._children.pop(name, None)
             pid = child.pid if child is not None else _pid_of(self.folder / f"{name}.pid")
             conf = str(self.folder / f"{name}.conf")
             if pid and processes.alive(pid) and (child is not None or conf in processes.command_line(pid)):
                 processes.stop(pid, child=child)
+        recorded = isolation.read_own_file(self.home / SOCKETS_RECORD)
+        if recorded:
+            folder = Path(recorded.strip())
+            with contextlib.suppress(OSError):
+                if folder.is_dir() and not folder.is_symlink() and folder.stat().st_uid == os.geteuid():
+                    shutil.rmtree(folder)
 
     def _sockets_folder(self) -> Path:
         folder = isolation.private_temp_folder(self.home / SOCKETS_RECORD, prefix="mlc-temporal-")

@@ -725,3 +725,4 @@ async def test_mlc_dev_temporal_takes_only_its_client_certificate(
         stack.stop()
     assert not processes.alive(temporal_pid)
     assert leftover_processes(str(home)) == [], "the proxies stop with the stack"
+    assert not sockets.exists(), "and their sockets folder goes with them"
