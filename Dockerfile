@@ -63,7 +63,18 @@ ENV PATH=/opt/mlc/bin:$PATH \
     PYTHONDONTWRITEBYTECODE=1 \
     MLC_HOME=/var/lib/mlc \
     MLC_TASK_QUEUE=mlc
+# nginx: runtime gateways (the models' stable endpoints) are nginx processes the worker
+# starts; bubblewrap: `mlc worker --lifecycles` runs uploaded code in its sandbox (unless
+# --no-sandbox, where the container is the sandbox). Debian's packages, from the archive the
+# base image's apt uses (the local profile builds with network: host); skipped when present.
 RUN set -eu; \
+    if ! command -v nginx >/dev/null || ! command -v bwrap >/dev/null; then \
+        apt-get update -qq; \
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+            nginx-light bubblewrap >/dev/null; \
+        rm -rf /var/lib/apt/lists/*; \
+    fi; \
+    nginx -v; bwrap --version; \
     groupadd --gid "$MLC_UID" mlc; \
     useradd --uid "$MLC_UID" --gid mlc --home-dir /home/mlc --create-home --shell /usr/sbin/nologin mlc; \
     mkdir -p /var/lib/mlc; \

@@ -10,6 +10,7 @@ unreachable, final when the snapshot's artifact is missing).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from typing import Any, ClassVar
 
 import httpx
@@ -21,6 +22,7 @@ from temporalio.exceptions import ApplicationError
 from activities.boundary import calling_run
 from activities.runtimes.base import driver_for
 from activities.streaming_tests import run_streaming_tests
+from mlc import endpoints
 from mlc.artifacts import ArtifactStore
 from mlc.config import Settings
 from mlc.contracts import runtime as rt
@@ -41,6 +43,8 @@ METRICS_CHUNK_SIZE = 500
 """Evaluation records per ``POST /score`` array."""
 
 HTTP_TIMEOUT = httpx.Timeout(30.0, connect=5.0)
+Link = tuple[httpx.AsyncClient, str]
+"""A client reaching one deployment and its base URL (see :func:`mlc.endpoints.connect`)."""
 
 _UNAVAILABLE_STATUS = frozenset({502, 503, 504})
 
@@ -105,10 +109,18 @@ class TestingActivities:
                 type="NotFoundError",
                 non_retryable=True,
             )
-        if self.client is not None:
-            return await self._online(self.client, input, manifest, evaluation.records, evaluation.labels)
-        async with httpx.AsyncClient(timeout=HTTP_TIMEOUT) as client:
-            return await self._online(client, input, manifest, evaluation.records, evaluation.labels)
+        async with contextlib.AsyncExitStack() as stack:
+            links: dict[str, Link] = {}
+            for one in (deployment, input.champion):
+                if one is not None and one.endpoint:
+                    links[one.id] = (
+                        (self.client, one.endpoint.rstrip("/"))
+                        if self.client is not None
+                        else await stack.enter_async_context(
+                            endpoints.connect(one.endpoint, timeout=HTTP_TIMEOUT)
+                        )
+                    )
+            return await self._online(links, input, manifest, evaluation.records, evaluation.labels)
 
     async def _granted(self, request: RunStageTestsInput) -> RunStageTestsInput:
         """The request rebuilt from its verified grant and the driver's view of the deployment."""
@@ -215,14 +227,15 @@ class TestingActivities:
 
     async def _online(
         self,
-        client: httpx.AsyncClient,
+        links: dict[str, Link],
         input: RunStageTestsInput,
         manifest: ModelManifest,
         records: list[dict[str, Any]],
         labels: list[int],
     ) -> RunStageTestsResult:
         deployment = input.deployment
-        url = f"{deployment.endpoint}/score"
+        client, base = links[deployment.id]
+        url = f"{base}/score"
         results: list[TestResult] = []
         for kind in input.tests:
             if kind is TestKind.SMOKE:
@@ -234,7 +247,7 @@ class TestingActivities:
             elif kind is TestKind.METRICS:
                 results.append(await self._online_metrics(client, url, input, manifest, records, labels))
             elif kind is TestKind.CHAMPION_CHALLENGER:
-                results.append(await self._champion_challenger(client, input, manifest, records, labels))
+                results.append(await self._champion_challenger(links, input, manifest, records, labels))
             else:
                 results.append(_online_only(kind, deployment))
         return RunStageTestsResult(results=tuple(results))
@@ -266,7 +279,7 @@ class TestingActivities:
 
     async def _champion_challenger(
         self,
-        client: httpx.AsyncClient,
+        links: dict[str, Link],
         input: RunStageTestsInput,
         manifest: ModelManifest,
         records: list[dict[str, Any]],
@@ -275,14 +288,14 @@ class TestingActivities:
         """Score the same labelled records with the challenger and the champion; compare AUCs."""
         deployment, champion = input.deployment, input.champion
         kind = TestKind.CHAMPION_CHALLENGER
-        mine = await _score_all(client, deployment, records, "challenger")
+        mine = await _score_all(links[deployment.id], deployment, records, "challenger")
         if isinstance(mine, str):
             return TestResult(test=kind, deployment_id=deployment.id, passed=False, summary=mine)
         theirs: list[Any] | None = None
         name = None
         if champion is not None:
             name = f"{champion.model}@{champion.version} ({champion.id})"
-            scored = await _score_all(client, champion, records, f"champion {name}")
+            scored = await _score_all(links[champion.id], champion, records, f"champion {name}")
             if isinstance(scored, str):
                 return TestResult(test=kind, deployment_id=deployment.id, passed=False, summary=scored)
             theirs = scored
@@ -298,14 +311,15 @@ class TestingActivities:
 
 
 async def _score_all(
-    client: httpx.AsyncClient, deployment: Deployment, records: list[dict[str, Any]], who: str
+    link: Link, deployment: Deployment, records: list[dict[str, Any]], who: str
 ) -> list[Any] | str:
     """Every record's answer from ``deployment``, or a one-line failure naming ``who``."""
+    client, base = link
     outputs: list[Any] = []
     for start in range(0, len(records), METRICS_CHUNK_SIZE):
         activity.heartbeat(f"{who}: {start}/{len(records)} records scored")
         chunk = records[start : start + METRICS_CHUNK_SIZE]
-        answer = await _post(client, f"{deployment.endpoint}/score", chunk, deployment)
+        answer = await _post(client, f"{base}/score", chunk, deployment)
         if not isinstance(answer, list):
             return f"{who}: scoring evaluation records {start}-{start + len(chunk) - 1} failed: {answer}"
         outputs.extend(answer)

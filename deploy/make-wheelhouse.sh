@@ -24,6 +24,11 @@ cd "$(dirname "$0")/.."
 if [ -z "${PYTHON:-}" ]; then
     if [ -x .venv/bin/python ]; then PYTHON=.venv/bin/python; else PYTHON=python3; fi
 fi
+if ! "$PYTHON" -m pip --version >/dev/null 2>&1; then
+    echo "deploy/make-wheelhouse.sh: $PYTHON has no pip (Debian's python3 does not):" \
+        "run ./scripts/setup.sh first, which makes .venv, or set PYTHON" >&2
+    exit 1
+fi
 WHEELHOUSE="${WHEELHOUSE:-build/wheelhouse}"
 extras="${MLC_EXTRAS-models}"
 project="."

@@ -62,6 +62,16 @@ class HostingMode(StrEnum):
     DEDICATED = "dedicated"
 
 
+class ModelNetwork(StrEnum):
+    """What network a local runtime's model processes get (see :mod:`mlc.isolation`)."""
+
+    NONE = "none"
+    """A network namespace of their own: no address but their own loopback."""
+    OUTBOUND = "outbound"
+    """The host's network, except the host itself: connections to any of its own addresses
+    (its loopback included) are refused to the model's user."""
+
+
 class RuntimeKind(StrEnum):
     """Which driver acts on a runtime."""
 
@@ -262,6 +272,12 @@ class Runtime(Frozen):
     (and, when the worker is root, its own user). None: ``shared`` for local runtimes of
     any stage but PROD, ``dedicated`` otherwise. Models hosted together share one process
     and one user: a weaker boundary than a process per deployment."""
+    model_network: ModelNetwork = ModelNetwork.NONE
+    """On a local runtime whose worker is root: ``none`` (default) keeps model servers,
+    hosts and batch jobs off every network; ``outbound`` lets them reach other hosts (a
+    model calling an external service), never the worker's host itself. On a docker
+    runtime: ``none`` runs model containers with no network; ``outbound`` puts them on
+    ``docker.network_mode``, refused for ``host`` (see :mod:`activities.runtimes.docker`)."""
 
     @field_validator("name")
     @classmethod
@@ -275,6 +291,18 @@ class Runtime(Frozen):
                 f"runtime {self.name} supports mode streaming but has no kafka settings: give "
                 "--kafka-bootstrap, --input-topic and --output-topic"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _outbound_off_the_host_network(self) -> Runtime:
+        docker = self.docker or DockerSettings()
+        if self.kind is RuntimeKind.DOCKER and self.model_network is ModelNetwork.OUTBOUND:
+            if docker.network_mode == "host":
+                raise ValueError(
+                    f"runtime {self.name}: model_network outbound on docker network_mode host would let "
+                    "model code reach this host's loopback (Temporal, PostgreSQL, other models): give "
+                    "the runtime a Docker network of its own (--network-mode bridge or a network name)"
+                )
         return self
 
     @field_validator("restart")

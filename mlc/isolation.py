@@ -17,8 +17,13 @@ group, ``uid = gid`` in :data:`UID_RANGE` (no ``/etc/passwd`` entry needed), and
   checkout under ``/root``, 0700; a 0700 parent of ``MLC_HOME``) is bound into a private
   mount namespace over an empty tmpfs (:func:`bind_unreachable`), so nothing is opened up
   on the host and the rest of that folder does not exist for the model;
-- whatever the deployment leaves running under its user is killed when the runtime is
-  done with it (:func:`kill_user`): a daemonised grandchild cannot outlive its deployment.
+- with ``own_network`` (model servers, shared hosts, batch jobs) the process gets a
+  network namespace of its own (:func:`leave_network`): it serves on a unix socket in its
+  folder and reaches no host port (Temporal, PostgreSQL, other models), nor binds one;
+- every process it starts stays in a cgroup of its user where the host offers one
+  (:mod:`mlc.cgroups`), and whatever the deployment leaves running under its user is
+  killed when the runtime is done with it (:func:`kill_user`: the group frozen and killed,
+  then every process of the uid): a daemonised grandchild cannot outlive its deployment.
 
 The user owns its folder, so it can replace any file in it. The runtime therefore reads
 and writes there only through :func:`write_file`, :func:`read_own_file`, :func:`open_log`
@@ -30,7 +35,8 @@ PROD, see :mod:`activities.runtimes.local`) is one process with one such user fo
 as a whole, which owns the folder of every deployment hosted in it: models hosted together
 can read and disturb each other (their packages, folders, requests and answers), a weaker
 boundary than a user per deployment. They are still kept from everything above, and from
-models outside their host.
+models outside their host. Nor can one of them be killed alone (one process has one uid
+and one cgroup): a model leaving the host ends with a restart of the host without it.
 
 When the worker is not root it cannot give a model another user: model processes then
 run as the worker's user, and what separates them from the worker's files is only the
@@ -56,6 +62,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
+from mlc import cgroups
 from mlc.errors import DeploymentFailedError
 
 UID_RANGE = (2_000_000_000, 1_000_000)
@@ -76,6 +83,10 @@ class ModelUser:
     """Folders its processes must reach (the Python installation, the project, the
     deployment folder); those behind a folder others cannot search are bound into a
     private view (see :func:`enter`)."""
+    own_network: bool = False
+    """Its processes get a network namespace of their own (:func:`leave_network`): no
+    interface but a loopback of their own, so nothing of the host's network (its
+    loopback services, other models) is reachable, and no host port can be bound."""
 
 
 def isolating() -> bool:
@@ -240,6 +251,20 @@ def remove(path: Path) -> None:
             path.unlink()
 
 
+def link_fd(fd: int, path: Path) -> None:
+    """Give the file ``fd`` refers to (an ``O_PATH`` handle) the new name ``path``: a hard
+    link made from the handle, so it names exactly the file that was opened and checked,
+    whatever replaced its old name meanwhile (``linkat`` with ``AT_EMPTY_PATH``; as root).
+
+    Raises:
+        OSError: the link could not be made (another filesystem, not root).
+    """
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.linkat(fd, b"", _AT_FDCWD, os.fsencode(path), _AT_EMPTY_PATH) != 0:
+        code = ctypes.get_errno()
+        raise OSError(code, f"cannot link {path}: {os.strerror(code)}")
+
+
 def blocked(path: Path) -> Path | None:
     """The outermost folder on the way to ``path`` (``path`` itself excluded: a deployment
     folder is its user's, 0700) that others cannot search (``/root`` is usually 0700), or
@@ -364,6 +389,8 @@ def no_new_privs() -> None:
 
 
 _CLONE_NEWNS = 0x00020000
+_CLONE_NEWNET = 0x40000000
+_AT_FDCWD, _AT_EMPTY_PATH = -100, 0x1000
 _MS_NOSUID, _MS_NODEV, _MS_BIND, _MS_REC, _MS_PRIVATE = 0x2, 0x4, 0x1000, 0x4000, 0x40000
 
 
@@ -419,10 +446,75 @@ def bind_unreachable(reach: Sequence[str]) -> None:
         os.close(fd)
 
 
+def leave_network() -> None:
+    """In a child still root: a network namespace of its own, holding only a loopback
+    interface that is down. The host's loopback services and every other address are
+    unreachable and no port of the host can be bound; path-named unix sockets (the
+    model's endpoint in its folder) work, for they are not bound to a namespace.
+
+    Raises:
+        PermissionError: no namespace could be made (the child must not go on).
+    """
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.unshare(_CLONE_NEWNET) != 0:
+        code = ctypes.get_errno()
+        raise PermissionError(code, f"unshare(CLONE_NEWNET) failed: {os.strerror(code)}")
+
+
+FIREWALLS = ("iptables", "ip6tables")
+
+
+def _host_rule(uid: int) -> list[str]:
+    """Refuse ``uid``'s packets to the host itself: every local address goes out on ``lo``."""
+    return ["OUTPUT", "-o", "lo", "-m", "owner", "--uid-owner", str(uid), "-j", "REJECT"]
+
+
+def _firewall(path: str, action: str, rule: list[str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([path, "-w", action, *rule], capture_output=True, text=True, check=False)
+
+
+def keep_off_host(user: ModelUser) -> None:
+    """Let ``user`` reach other hosts but not this one (a runtime's ``model_network:
+    outbound``): a firewall rule per address family refuses its connections to any of
+    the host's own addresses, its loopback included (Temporal, PostgreSQL, gateways, other
+    models). Nothing is started without the rules.
+
+    Raises:
+        DeploymentFailedError: ``iptables``/``ip6tables`` are missing or refused the rule.
+    """
+    for tool in FIREWALLS:
+        path = shutil.which(tool)
+        rule = _host_rule(user.uid)
+        if path is not None and _firewall(path, "-C", rule).returncode == 0:
+            continue
+        added = None if path is None else _firewall(path, "-I", rule)
+        if added is None or added.returncode != 0:
+            why = f"{tool} is not installed" if added is None else added.stderr.strip()
+            raise DeploymentFailedError(
+                f"model user {user.uid} may reach other hosts (model_network: outbound) only once "
+                f"its connections to this host are refused, and {tool} could not do that: {why}. "
+                "Install iptables, or set the runtime's model_network to none"
+            )
+
+
+def drop_host_rules(uid: int) -> None:
+    """Remove what :func:`keep_off_host` added for ``uid`` (none when it added nothing)."""
+    for tool in FIREWALLS:
+        path = shutil.which(tool)
+        while path is not None:
+            if _firewall(path, "-D", _host_rule(uid)).returncode != 0:
+                break
+
+
 def enter(user: ModelUser) -> None:
-    """In a child still root, before any model code: reach what it needs
-    (:func:`bind_unreachable`), then become ``user`` for good (:func:`drop_privileges`)."""
+    """In a child still root, before any model code: enter its user's cgroup
+    (:func:`mlc.cgroups.join`), reach what it needs (:func:`bind_unreachable`), leave the
+    host's network when it must (:func:`leave_network`), then become ``user`` for good
+    (:func:`drop_privileges`)."""
+    cgroups.join(user.uid)
     bind_unreachable(user.reach)
+    if user.own_network:
+        leave_network()
     drop_privileges(user)
 
 
@@ -498,9 +590,15 @@ def processes_of(uid: int) -> list[int]:
 
 def kill_user(user: ModelUser | None) -> None:
     """SIGKILL every process of a deployment's user, until none is left (only a
-    deployment's own user: never the worker's)."""
+    deployment's own user: never the worker's): its cgroup first, frozen so nothing forks
+    meanwhile (:func:`mlc.cgroups.kill`), then whatever ``/proc`` still shows of the uid.
+
+    Raises:
+        DeploymentFailedError: some would not die within ``KILL_TIMEOUT_SECONDS``.
+    """
     if user is None or not in_range(user.uid):
         return
+    cgroups.kill(user.uid, timeout=KILL_TIMEOUT_SECONDS)
     deadline = time.monotonic() + KILL_TIMEOUT_SECONDS
     while pids := processes_of(user.uid):
         for pid in pids:

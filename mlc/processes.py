@@ -85,19 +85,31 @@ def spawn(
     )
 
 
-def alive(pid: int) -> bool:
-    """True when ``pid`` exists and is not a zombie."""
+def alive(pid: int, *, marker: str | None = None) -> bool:
+    """True when ``pid`` exists and is not a zombie; with ``marker``, only when it is also
+    ours: a process this one may signal whose command line contains ``marker`` (a pid the
+    kernel gave to something else since is not).
+
+    ``/proc`` is read once per file and a process that vanishes meanwhile counts as gone,
+    never as an error. Where there is no ``/proc``, existence is all it can tell.
+    """
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
+        if marker is not None:
+            return False  # another user's process under a reused pid
+    if not os.path.exists("/proc/self/stat"):
         return True
     try:
-        status = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return True  # no /proc here: existence is all we can tell
-    return status.rsplit(")", 1)[-1].split()[0] != "Z"
+        fields = Path(f"/proc/{pid}/stat").read_bytes().rsplit(b")", 1)[-1].split()
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes() if marker is not None else b""
+    except OSError:  # it exited between the signal and the read
+        return False
+    if not fields or fields[0] == b"Z":
+        return False
+    return marker is None or marker.encode() in cmdline
 
 
 def command_line(pid: int) -> str:
@@ -119,6 +131,18 @@ def find_processes(marker: str) -> list[int]:
     return sorted(found)
 
 
+def signal_group(pid: int, signum: int) -> None:
+    """Send ``signum`` to ``pid``'s process group when it leads one, else to ``pid``; a
+    process already gone is not an error."""
+    try:
+        if os.getpgid(pid) == pid:
+            os.killpg(pid, signum)
+        else:
+            os.kill(pid, signum)
+    except ProcessLookupError:
+        pass
+
+
 def stop(
     pid: int,
     *,
@@ -126,23 +150,23 @@ def stop(
     timeout: float = 15.0,
     group: bool = True,
     child: subprocess.Popen[bytes] | None = None,
+    marker: str | None = None,
 ) -> None:
     """Send ``signum`` to ``pid`` (its process group when it leads one), SIGKILL it after
-    ``timeout`` seconds, and return once it is gone (reaping ``child`` if it is ours)."""
+    ``timeout`` seconds, and return once it is gone (reaping ``child`` if it is ours).
+    With ``marker``, a pid that is no longer ours (see :func:`alive`) is left alone."""
 
     def send(sig: int) -> None:
-        try:
-            if group and os.getpgid(pid) == pid:
-                os.killpg(pid, sig)
-            else:
+        if group:
+            signal_group(pid, sig)
+        else:
+            with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, sig)
-        except ProcessLookupError:
-            pass
 
     def gone() -> bool:
         if child is not None:
             return child.poll() is not None
-        return not alive(pid)
+        return not alive(pid, marker=marker)
 
     if gone():
         return

@@ -15,7 +15,7 @@
 #   5. bootstraps trust the way docs/team.md tells a team to: a throwaway admin key under
 #      MLC_HOME, `mlc admin init smoke-admin` with the owner's DSN in a one-off container of
 #      the worker image, then starts the worker with MLC_TRUST_ROOT set to the key id it
-#      printed, and waits until it is healthy;
+#      printed, and the lifecycle worker, and waits until both are healthy;
 #   6. verifies from inside the containers: `temporal operator cluster health`,
 #      `pg_isready`, the four Mlc* search attributes, the Web UI, that the worker holds
 #      mlc_worker's DSN and the trust root (not the owner's DSN), and that mlc_worker may
@@ -197,10 +197,10 @@ if [ "$have_cli" -eq 1 ]; then
     say "trust root $MLC_TRUST_ROOT"
     step_end "admin init"
 
-    step_start "up -d worker (MLC_TRUST_ROOT set)"
-    compose up -d --no-deps worker >/dev/null
-    step_end "up -d worker"
-    wait_ready "wait for the worker" worker
+    step_start "up -d worker lifecycle-worker (MLC_TRUST_ROOT set)"
+    compose up -d --no-deps worker lifecycle-worker >/dev/null
+    step_end "up -d workers"
+    wait_ready "wait for the workers" worker lifecycle-worker
 fi
 
 # --- 6. verify --------------------------------------------------------------------

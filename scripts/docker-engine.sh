@@ -13,11 +13,15 @@
 # Environment:
 #   MLC_BASE_IMAGE     tag to build (default mlc-python:3.11-bookworm)
 #   MLC_DEBIAN_SUITE   Debian suite to bootstrap (default bookworm: Python 3.11)
+#   MLC_BASE_PACKAGES  comma-separated packages debootstrap includes (default
+#                      python3,ca-certificates; tests/test_fresh_machine.py builds its clean
+#                      machine with python3,python3-venv,git,ca-certificates)
 #   MLC_DOCKERD_LOG    dockerd's log file (default /var/log/mlc-dockerd.log)
 set -euo pipefail
 
 BASE_IMAGE="${MLC_BASE_IMAGE:-mlc-python:3.11-bookworm}"
 SUITE="${MLC_DEBIAN_SUITE:-bookworm}"
+PACKAGES="${MLC_BASE_PACKAGES:-python3,ca-certificates}"
 DOCKERD_LOG="${MLC_DOCKERD_LOG:-/var/log/mlc-dockerd.log}"
 ENGINE_WAIT_SECONDS=60
 
@@ -36,8 +40,12 @@ apt_install() {
         apt_updated=1
     fi
     say "apt-get install $*"
+    local log
+    log="$(mktemp /tmp/mlc-docker-engine-apt.XXXXXX.log)"
     DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq --no-install-recommends "$@" \
-        || die "apt-get install $* failed"
+        >"$log" 2>&1 || die "apt-get install $* failed; last lines of $log:
+$(tail -n 20 "$log")"
+    rm -f "$log"
 }
 
 # Print the first Debian mirror URI apt uses for $SUITE (not the security archive), from
@@ -124,9 +132,9 @@ fi
 rootfs="$(mktemp -d /var/tmp/mlc-rootfs.XXXXXX)"
 trap 'as_root rm -rf "$rootfs"' EXIT
 
-say "debootstrap --variant=minbase $SUITE (python3, ca-certificates); takes about a minute"
+say "debootstrap --variant=minbase $SUITE ($PACKAGES); takes about a minute"
 # shellcheck disable=SC2086 # $mirror is empty or one URI
-as_root debootstrap --variant=minbase --include=python3,ca-certificates "$SUITE" "$rootfs" $mirror \
+as_root debootstrap --variant=minbase --include="$PACKAGES" "$SUITE" "$rootfs" $mirror \
     >"$rootfs.log" 2>&1 \
     || die "debootstrap failed; last log lines:
 $(tail -n 20 "$rootfs.log")"

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import asyncpg
+import httpx
 import pytest
 from temporalio.client import Client, WorkflowHandle
 from temporalio.contrib.pydantic import pydantic_data_converter
@@ -27,7 +28,7 @@ from temporalio.testing import WorkflowEnvironment
 from activities.runtimes import driver_for
 from activities.runtimes.base import CleanupRequest
 from activities.runtimes.gateway import remove as stop_gateway
-from mlc import admin
+from mlc import admin, endpoints
 from mlc.artifacts import ArtifactStore
 from mlc.config import Settings
 from mlc.devstack import temporal_cli
@@ -247,6 +248,15 @@ class Stack:
                     gateway=gateway_settings() if gateway else None,
                 ),
             )
+
+
+async def call_model(endpoint: str, path: str, *, json: Any = None, timeout: float = 10) -> httpx.Response:
+    """GET ``path`` (POST ``json`` when given) on a deployment's own endpoint: a unix socket
+    in its folder on a local runtime (see :mod:`mlc.endpoints`), HTTP on a docker one."""
+    async with endpoints.connect(endpoint, timeout=timeout) as (client, url):
+        if json is None:
+            return await client.get(f"{url}{path}")
+        return await client.post(f"{url}{path}", json=json)
 
 
 _GATEWAY_PORTS: set[int] = set()

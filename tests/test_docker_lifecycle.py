@@ -10,13 +10,12 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 from temporalio.client import WorkflowFailureError
 
 from mlc.domain import DockerSettings, Runtime, RuntimeKind
 from mlc.store import deployments
-from tests.conftest import DOCKER_BASE_IMAGE, FIXTURES, Stack
+from tests.conftest import DOCKER_BASE_IMAGE, FIXTURES, Stack, call_model
 from tests.lifecycle_helpers import start_like_ui, wait_for_gate
 
 
@@ -74,8 +73,8 @@ async def test_local_dev_then_docker_stages_reach_prod(
         container = docker_engine.containers.get(live[stage].details["container_id"])
         assert container.status == "running"
         assert container.labels["mlc.deployment-id"] == live[stage].id
-        async with httpx.AsyncClient() as http:
-            assert (await http.get(f"{live[stage].endpoint}/health")).status_code == 200
+        assert container.attrs["HostConfig"]["NetworkMode"] == "none"
+        assert (await call_model(live[stage].endpoint, "/health")).status_code == 200
     for deployment in live.values():
         if deployment.details.get("container_id"):
             docker_engine.containers.get(deployment.details["container_id"]).remove(force=True)

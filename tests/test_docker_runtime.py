@@ -7,6 +7,9 @@ that silently skipped the container tests would prove nothing.
 
 from __future__ import annotations
 
+import json
+import socket
+import stat
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,6 +17,8 @@ from typing import Any
 
 import httpx
 import pytest
+from pydantic import ValidationError
+from temporalio.testing import WorkflowEnvironment
 
 from activities.runtimes.base import (
     BatchJobRequest,
@@ -22,15 +27,25 @@ from activities.runtimes.base import (
     ProbeRequest,
     UndeployRequest,
 )
-from activities.runtimes.docker import DockerDriver, container_name
+from activities.runtimes.docker import SOCKET_NAME, DockerDriver, container_name
 from activities.runtimes.docker_images import manylinux_platforms
-from mlc import evaluation
+from activities.runtimes.gateway import remove as remove_gateway
+from mlc import endpoints, evaluation
 from mlc.artifacts import ArtifactStore, build_archive
 from mlc.config import Settings
-from mlc.domain import DockerSettings, HostingMode, ModelSnapshot, Runtime, RuntimeKind
+from mlc.domain import (
+    DockerSettings,
+    HostingMode,
+    ModelNetwork,
+    ModelSnapshot,
+    Runtime,
+    RuntimeKind,
+    TrafficRoute,
+)
 from mlc.errors import DeploymentFailedError, RuntimeUnavailableError
 from mlc.examples import prepare_example_model
 from mlc.manifest import load_manifest
+from tests.conftest import call_model, gateway_settings
 
 BASE_IMAGE = "mlc-python:3.11-bookworm"
 CRASH_MODEL = Path(__file__).parent / "fixtures" / "models" / "crash-model"
@@ -116,8 +131,7 @@ async def test_online_deploy_scores_in_a_hardened_container(
     result = await driver.deploy_online(request, notes.append)
 
     assert notes, "deploy sent no heartbeat"
-    async with httpx.AsyncClient(trust_env=False) as http:
-        response = await http.post(f"{result.endpoint}/score", json=CC_FRAUD_SAMPLE)
+    response = await call_model(result.endpoint, "/score", json=CC_FRAUD_SAMPLE)
     assert response.status_code == 200, response.text
     assert response.json()["is_fraud"] == 1
     container = engine.containers.get(result.details["container_id"])
@@ -125,6 +139,13 @@ async def test_online_deploy_scores_in_a_hardened_container(
     assert host_config["ReadonlyRootfs"] is True
     assert host_config["Memory"] == 512 * 1024**2
     assert host_config["NanoCpus"] == 1_000_000_000
+    assert host_config["NetworkMode"] == "none", "model containers have no network"
+    own = endpoints.parse(result.endpoint).socket
+    assert own is not None, f"not a socket endpoint: {result.endpoint}"
+    folder = own.parent
+    assert folder.is_relative_to(settings.runtime_dir)
+    info = folder.stat()
+    assert (info.st_uid, info.st_gid, stat.S_IMODE(info.st_mode)) == (65534, 65534, 0o700)
     assert container.attrs["Config"]["User"] == "65534:65534"
     assert container.exec_run(["python3", "-c", "import os; print(os.getuid())"]).output == b"65534\n"
     assert container.labels["mlc.deployment-id"] == deployment_id
@@ -148,9 +169,10 @@ async def test_online_deploy_scores_in_a_hardened_container(
     await driver.undeploy(UndeployRequest(deployment_id=deployment_id, runtime=runtime))
     await driver.undeploy(UndeployRequest(deployment_id=deployment_id, runtime=runtime))
     assert _containers(engine, deployment_id) == []
+    assert not folder.exists(), "undeploy leaves the socket folder behind"
 
 
-async def test_online_deploy_on_a_network_publishes_a_port(
+async def test_outbound_models_join_the_runtime_network_and_serve_on_their_socket(
     engine: Any, settings: Settings, cc_fraud: ModelSnapshot, notes: list[str]
 ) -> None:
     network = engine.networks.create(f"mlc-test-{uuid.uuid4().hex[:8]}")
@@ -158,6 +180,7 @@ async def test_online_deploy_on_a_network_publishes_a_port(
         name=f"docker-net-{uuid.uuid4().hex[:8]}",
         kind=RuntimeKind.DOCKER,
         stage="DEV",
+        model_network=ModelNetwork.OUTBOUND,
         docker=DockerSettings(base_image=BASE_IMAGE, network_mode=network.name),
     )
     driver = DockerDriver(settings)
@@ -168,11 +191,19 @@ async def test_online_deploy_on_a_network_publishes_a_port(
         result = await driver.deploy_online(request, notes.append)
         again = await driver.deploy_online(request, notes.append)
 
-        assert result.endpoint.startswith("http://127.0.0.1:")
+        assert result.endpoint.startswith("unix:")
         assert again.endpoint == result.endpoint and again.details["reused"] is True
-        async with httpx.AsyncClient(trust_env=False) as http:
-            response = await http.post(f"{result.endpoint}/score", json=CC_FRAUD_SAMPLE)
+        container = engine.containers.get(result.details["container_id"])
+        assert container.attrs["HostConfig"]["NetworkMode"] == network.name
+        assert not container.attrs["NetworkSettings"]["Ports"], "nothing published"
+        response = await call_model(result.endpoint, "/score", json=CC_FRAUD_SAMPLE)
         assert response.status_code == 200, response.text
+        with socket.create_server(("127.0.0.1", 0)) as host_server:  # on the host's loopback only
+            port = host_server.getsockname()[1]
+            targets = {"ports": [port], "sockets": []}
+            code, output = container.exec_run(["python3", "-c", _REACH, json.dumps(targets)])
+        assert code == 0, output
+        assert json.loads(output)[f"tcp {port}"] == "ConnectionRefusedError"
     finally:
         await driver.undeploy(UndeployRequest(deployment_id="cc-fraud-net", runtime=runtime))
         network.remove()
@@ -303,7 +334,7 @@ async def test_a_shared_runtime_hosts_its_deployments_in_one_container(
     engine: Any, settings: Settings, cc_fraud: ModelSnapshot
 ) -> None:
     runtime = _runtime(f"docker-shared-{uuid.uuid4().hex[:8]}", memory="512m").model_copy(
-        update={"hosting": HostingMode.SHARED}
+        update={"hosting": HostingMode.SHARED, "gateway": gateway_settings()}
     )
     driver = DockerDriver(settings)
     ids = [f"cc-fraud-1-dev-{uuid.uuid4().hex[:6]}" for _ in range(2)]
@@ -319,13 +350,20 @@ async def test_a_shared_runtime_hosts_its_deployments_in_one_container(
         assert len(hosts) == 1 and all(r.details["container_id"] == hosts[0].id for r in results)
         assert [r.endpoint.rsplit("/", 2)[1:] for r in results] == [["models", i] for i in ids]
         assert _containers(engine, ids[0]) == [], "no container of its own"
-        async with httpx.AsyncClient(trust_env=False) as http:
-            scored = await http.post(f"{results[0].endpoint}/score", json=CC_FRAUD_SAMPLE)
-            health = (await http.get(f"{results[1].endpoint}/health")).json()
+        assert hosts[0].attrs["HostConfig"]["NetworkMode"] == "none"
+        scored = await call_model(results[0].endpoint, "/score", json=CC_FRAUD_SAMPLE)
+        health = (await call_model(results[1].endpoint, "/health")).json()
         assert scored.status_code == 200, scored.text
         assert (health["version"], health["sha256"]) == ("1", cc_fraud.sha256)
         assert await driver.locate(runtime, ids[1]) == results[1].endpoint
         assert (await driver.probe(ProbeRequest(deployment_id=ids[0], runtime=runtime))).healthy
+        # the gateway container reaches the host container's socket too
+        routed = await driver.route(
+            runtime, "cc-fraud", (TrafficRoute(deployment_id=ids[0], version=1),), lambda note: None
+        )
+        async with httpx.AsyncClient(trust_env=False) as http:
+            stable = await http.post(f"{routed.endpoint}/score", json=CC_FRAUD_SAMPLE)
+        assert stable.status_code == 200 and stable.json()["is_fraud"] == 1, stable.text
 
         await driver.undeploy(UndeployRequest(deployment_id=ids[0], runtime=runtime))
         assert not (await driver.probe(ProbeRequest(deployment_id=ids[0], runtime=runtime))).healthy
@@ -334,3 +372,92 @@ async def test_a_shared_runtime_hosts_its_deployments_in_one_container(
         assert engine.containers.list(all=True, filters={"label": f"mlc.runtime={runtime.name}"}) == []
     finally:
         await driver.cleanup(CleanupRequest(runtime=runtime))
+        await remove_gateway(settings, runtime)
+
+
+def test_a_runtime_with_outbound_models_on_the_host_network_is_not_registered() -> None:
+    with pytest.raises(ValidationError, match="this host's loopback"):
+        Runtime(
+            name="docker-out",
+            kind=RuntimeKind.DOCKER,
+            stage="DEV",
+            model_network=ModelNetwork.OUTBOUND,
+            docker=DockerSettings(network_mode="host"),
+        )
+
+
+_REACH = """
+import json, os, socket, sys
+targets = json.loads(sys.argv[1])
+found = {}
+for port in targets["ports"]:
+    with socket.socket() as s:
+        s.settimeout(2)
+        try:
+            s.connect(("127.0.0.1", port))
+            found[f"tcp {port}"] = "connected"
+        except OSError as exc:
+            found[f"tcp {port}"] = type(exc).__name__
+for path in targets["sockets"]:
+    with socket.socket(socket.AF_UNIX) as s:
+        try:
+            s.connect(path)
+            found[path] = "connected"
+        except OSError as exc:
+            found[path] = type(exc).__name__
+found["run"] = sorted(os.listdir("/run/mlc"))
+print(json.dumps(found))
+"""
+"""Run inside a model container: TCP to the host's loopback ports, and other models' sockets."""
+
+
+async def test_a_model_container_reaches_neither_the_host_loopback_nor_another_model(
+    engine: Any,
+    settings: Settings,
+    runtime: Runtime,
+    cc_fraud: ModelSnapshot,
+    temporal_env: WorkflowEnvironment,
+) -> None:
+    driver = DockerDriver(settings)
+    ids = [f"cc-fraud-1-dev-{uuid.uuid4().hex[:6]}" for _ in range(2)]
+    host_server = socket.create_server(("127.0.0.1", 0))  # stands for PostgreSQL, a model's port...
+    temporal_port = int(temporal_env.client.service_client.config.target_host.rpartition(":")[2])
+    try:
+        results = [
+            await driver.deploy_online(
+                OnlineDeployRequest(deployment_id=i, snapshot=cc_fraud, runtime=runtime, stage="DEV"),
+                lambda note: None,
+            )
+            for i in ids
+        ]
+        other = endpoints.parse(results[1].endpoint).socket
+        assert other is not None
+        with socket.socket() as probe:  # the worker's side does reach the same ports
+            probe.connect(("127.0.0.1", temporal_port))
+        targets = {
+            "ports": [temporal_port, host_server.getsockname()[1]],
+            "sockets": [str(other), f"/run/mlc-models/{other.parent.name}/{SOCKET_NAME}"],
+        }
+        container = engine.containers.get(results[0].details["container_id"])
+        code, output = container.exec_run(["python3", "-c", _REACH, json.dumps(targets)])
+        assert code == 0, output
+        found = json.loads(output)
+
+        assert found.pop("run") == ["model.sock"], "a model sees its own socket folder only"
+        assert not [k for k, v in found.items() if v == "connected"], found
+        assert found[f"tcp {temporal_port}"] in ("ConnectionRefusedError", "OSError"), found
+        for result in results:  # while both still answer the worker
+            assert (await call_model(result.endpoint, "/health")).status_code == 200
+
+        # the model points its socket at the other model's: the worker does not follow
+        swap = f"rm /run/mlc/{SOCKET_NAME} && ln -s {other} /run/mlc/{SOCKET_NAME}"
+        code, output = container.exec_run(["sh", "-c", swap])
+        assert code == 0, output
+        probe = await driver.probe(ProbeRequest(deployment_id=ids[0], runtime=runtime))
+        assert not probe.healthy and "ConnectError" in probe.detail, probe
+        with pytest.raises(DeploymentFailedError, match="refusing to send it traffic"):
+            await driver.locate(runtime, ids[0])  # so the gateway is never pointed at it either
+    finally:
+        host_server.close()
+        for i in ids:
+            await driver.undeploy(UndeployRequest(deployment_id=i, runtime=runtime))

@@ -59,6 +59,12 @@ async def test_consumers_run_as_containers_and_stop_cleanly(
         assert len(names) == 2 and not result.details["reused"]
         containers = [docker_engine.containers.get(n) for n in names]
         assert all(c.attrs["HostConfig"]["ReadonlyRootfs"] and c.attrs["Config"]["User"] for c in containers)
+        # the consumers (on the runtime's network) load no model code: a scorer with no network does
+        assert all("--score-socket" in c.attrs["Config"]["Cmd"] for c in containers)
+        (scorer,) = docker_engine.containers.list(
+            filters={"label": ["mlc.deployment-id=dep-docker-stream", "mlc.mode=stream-scorer"]}
+        )
+        assert scorer.attrs["HostConfig"]["NetworkMode"] == "none"
 
         await asyncio.to_thread(
             produce, kafka_broker, kafka.input_topic, [(str(i), {"id": i, "x": float(i)}) for i in range(200)]

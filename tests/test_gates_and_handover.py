@@ -19,7 +19,7 @@ from mlc.domain import ApprovalGate, DeploymentState, LifecycleSpec, StageSpec, 
 from mlc.payloads import StartLifecycleInput
 from mlc.store import audit, connect, deployments, traffic
 from mlc.trust.policy import StagePolicy
-from tests.conftest import ADMIN, FIXTURES, Stack
+from tests.conftest import ADMIN, FIXTURES, Stack, call_model
 from tests.lifecycle_helpers import start_like_ui, wait_for, wait_for_gate
 from workers.client import ensure_search_attributes
 from workers.worker import build_main_worker
@@ -100,8 +100,7 @@ async def test_prod_handover_keeps_old_version_serving_until_new_is_healthy(
     assert status.reports[0].passed, "v2 is deployed, healthy and tested"
     live = await deployments.read_deployments(stack.pool, model=v1.model, stage="PROD")
     assert {d.version for d in live} == {v1.version, v2.version}, "both serve during the handover"
-    async with httpx.AsyncClient() as http:
-        assert (await http.get(f"{old.endpoint}/health")).status_code == 200
+    assert (await call_model(old.endpoint, "/health")).status_code == 200
 
     stable = [t.endpoint for t in await traffic.read_traffic(stack.pool, model=v1.model)]
     assert len(stable) == (1 if gateway else 0)
@@ -116,14 +115,13 @@ async def test_prod_handover_keeps_old_version_serving_until_new_is_healthy(
         async with httpx.AsyncClient() as http:
             answer = await http.get(f"{stable[0]}/health")
             assert answer.status_code == 200 and answer.json()["version"] == str(v2.version)
-            assert (await http.get(f"{old.endpoint}/health")).status_code == 200
+        assert (await call_model(old.endpoint, "/health")).status_code == 200
         return
     (new,) = await deployments.read_deployments(stack.pool, model=v1.model, stage="PROD")
     assert new.version == v2.version and new.state is DeploymentState.SERVING
-    async with httpx.AsyncClient() as http:
-        with pytest.raises(httpx.TransportError):
-            await http.get(f"{old.endpoint}/health", timeout=2)
-        assert (await http.get(f"{new.endpoint}/health")).status_code == 200
+    with pytest.raises(httpx.TransportError):
+        await call_model(old.endpoint, "/health", timeout=2)
+    assert (await call_model(new.endpoint, "/health")).status_code == 200
 
 
 async def test_a_decide_signal_that_does_not_decode_is_listed_as_refused(stack: Stack) -> None:

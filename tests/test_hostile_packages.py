@@ -18,7 +18,6 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 
 from activities.runtimes.base import BatchJobRequest, CleanupRequest, OnlineDeployRequest, UndeployRequest
@@ -36,7 +35,7 @@ from mlc.domain import HostingMode, ModelSnapshot, Runtime
 from mlc.errors import DeploymentFailedError, InvalidPackageError
 from mlc.manifest import load_manifest
 from mlc.store import snapshots
-from tests.conftest import Stack
+from tests.conftest import Stack, call_model
 
 SECRET = "s3cr3t-token-planted-by-the-test"
 DATABASE_SECRET = "postgresql://mlc:hunter2-planted@127.0.0.1:1/inventory"
@@ -368,8 +367,7 @@ async def test_local_model_server_gets_none_of_the_workers_environment(
         "MLC_MODEL_VERSION", "MLC_SNAPSHOT_SHA256", "MLC_SERVING_MAX_BODY_BYTES",
         "MLC_SERVING_MAX_RECORDS", "MLC_SERVING_LIMIT_CONCURRENCY",
     }  # fmt: skip
-    async with httpx.AsyncClient() as client:
-        scored = (await client.post(f"{result.endpoint}/score", json={"x": 1})).json()
+    scored = (await call_model(result.endpoint, "/score", json={"x": 1})).json()
     home = (
         driver.workdir(runtime, "env")
         if hosting is HostingMode.DEDICATED

@@ -5,14 +5,13 @@ from __future__ import annotations
 import json
 import uuid
 
-import httpx
 import pytest
 from temporalio.client import WorkflowFailureError
 
 from mlc.domain import Decision, DeploymentState, LifecycleState
 from mlc.operations import read_status
 from mlc.store import audit, deployments, runs
-from tests.conftest import APPROVER, FIXTURES, REGISTRAR, Stack
+from tests.conftest import APPROVER, FIXTURES, REGISTRAR, Stack, call_model
 from tests.lifecycle_helpers import keep_history, start_like_ui, wait_for_gate
 
 
@@ -45,8 +44,7 @@ async def test_happy_path_reaches_prod_with_cli_approvals(stack: Stack, example_
         (s, snap.version, DeploymentState.SERVING) for s in ("DEV", "SIT", "UAT", "PROD")
     }
     prod = next(d for d in live if d.stage == "PROD")
-    async with httpx.AsyncClient() as http:
-        scored = await http.post(f"{prod.endpoint}/score", json=_sample(example_package))
+    scored = await call_model(prod.endpoint, "/score", json=_sample(example_package))
     assert scored.status_code == 200 and "probability" in scored.json()
 
     decisions = await audit.read_decisions(stack.pool, snap.model, snap.version)

@@ -14,7 +14,6 @@ from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-import httpx
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from temporalio.exceptions import ApplicationError
@@ -29,6 +28,7 @@ from activities.runtimes.base import (
 )
 from activities.runtimes.local import STATE_FILE, LocalDriver
 from activities.testing import TestingActivities
+from mlc import endpoints, processes
 from mlc.artifacts import ArtifactStore, build_archive
 from mlc.config import Settings
 from mlc.domain import (
@@ -97,13 +97,7 @@ def deployment_of(
 
 
 def alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return (
-        Path(f"/proc/{pid}/cmdline").exists() and b"mlc.serving" in Path(f"/proc/{pid}/cmdline").read_bytes()
-    )
+    return processes.alive(pid, marker="mlc.serving")
 
 
 def processes_mentioning(text: str) -> list[int]:
@@ -136,12 +130,12 @@ async def test_online_deploy_is_idempotent_and_undeploy_stops_it(
 ) -> None:
     snapshot = snapshot_of(settings, example_package)
     endpoint, details = await deploy(driver, snapshot, runtime, "dep-online")
-    assert endpoint == f"http://127.0.0.1:{details['port']}"
+    assert endpoint == f"unix:{driver.workdir(runtime, 'dep-online')}/server.sock"
     assert Path(details["log"]).is_file()
     sample = load_manifest(example_package).samples[2]
-    async with httpx.AsyncClient() as client:
-        scored = (await client.post(f"{endpoint}/score", json=sample.input)).json()
-        health = (await client.get(f"{endpoint}/health")).json()
+    async with endpoints.connect(endpoint, timeout=10) as (client, url):
+        scored = (await client.post(f"{url}/score", json=sample.input)).json()
+        health = (await client.get(f"{url}/health")).json()
     assert scored["is_fraud"] == sample.expected["is_fraud"]
     assert health == {"status": "ok", "model": "cc-fraud", "version": "1", "sha256": snapshot.sha256}
 
@@ -164,8 +158,7 @@ async def test_dead_server_is_restarted_on_redeploy(
     os.killpg(first["pid"], signal.SIGKILL)
     endpoint, second = await deploy(driver, snapshot, runtime, "dep-restart")
     assert second["pid"] != first["pid"]
-    async with httpx.AsyncClient() as client:
-        assert (await client.get(f"{endpoint}/health")).status_code == 200
+    assert (await endpoints.get(endpoint, "/health", timeout=10)).status_code == 200
 
 
 async def test_batch_job_writes_outputs_and_leaves_nothing_running(
@@ -416,15 +409,15 @@ async def test_non_prod_deployments_share_one_host_process(
         weak = snapshot_of(settings, FIXTURES / "weak-model")
         endpoint_a, details_a = await deploy(driver, first, runtime, "dep-a")
         endpoint_b, details_b = await deploy(driver, weak, runtime, "dep-b")
-        port = details_a["port"]
-        assert endpoint_a == f"http://127.0.0.1:{port}/models/dep-a"
-        assert endpoint_b == f"http://127.0.0.1:{port}/models/dep-b"
+        host = settings.runtime_dir.resolve() / runtime.name / ".host" / "host.sock"
+        assert endpoint_a == f"unix:{host}/models/dep-a"
+        assert endpoint_b == f"unix:{host}/models/dep-b"
         assert details_a["pid"] == details_b["pid"] and details_a["host"]
         assert await driver.locate(runtime, "dep-b") == endpoint_b
         sample = load_manifest(example_package).samples[2]
-        async with httpx.AsyncClient() as client:
-            scored = (await client.post(f"{endpoint_a}/score", json=sample.input)).json()
-            health = (await client.get(f"{endpoint_a}/health")).json()
+        async with endpoints.connect(endpoint_a, timeout=10) as (client, url):
+            scored = (await client.post(f"{url}/score", json=sample.input)).json()
+            health = (await client.get(f"{url}/health")).json()
         assert scored["is_fraud"] == sample.expected["is_fraud"]
         assert health == {"status": "ok", "model": "cc-fraud", "version": "1", "sha256": first.sha256}
         probe = await driver.probe(ProbeRequest(deployment_id="dep-a", runtime=runtime))
@@ -434,14 +427,12 @@ async def test_non_prod_deployments_share_one_host_process(
         assert (again, details_again["pid"]) == (endpoint_a, details_a["pid"])
         second = snapshot_of(settings, example_package, version=2).model_copy(update={"sha256": weak.sha256})
         replaced, _ = await deploy(driver, second, runtime, "dep-a")  # another snapshot, same id
-        async with httpx.AsyncClient() as client:
-            assert (await client.get(f"{replaced}/health")).json()["model"] == "weak-model"
+        assert (await endpoints.get(replaced, "/health", timeout=10)).json()["model"] == "weak-model"
 
         await driver.undeploy(UndeployRequest(deployment_id="dep-a", runtime=runtime))
         assert not driver.workdir(runtime, "dep-a").exists()
-        async with httpx.AsyncClient() as client:
-            assert (await client.get(f"{endpoint_a}/health")).status_code == 404
-            assert (await client.get(f"{endpoint_b}/health")).status_code == 200
+        assert (await endpoints.get(endpoint_a, "/health", timeout=10)).status_code == 404
+        assert (await endpoints.get(endpoint_b, "/health", timeout=10)).status_code == 200
         await driver.undeploy(UndeployRequest(deployment_id="dep-b", runtime=runtime))
         assert not alive(details_a["pid"]), "the host stops with its last deployment"
         assert list((settings.runtime_dir / runtime.name).iterdir()) == []
@@ -484,9 +475,10 @@ async def test_hosted_model_failures_and_refusals(settings: Settings, tmp_path: 
         with pytest.raises(DeploymentFailedError, match="exited during start"):
             await deploy(driver, odd, runtime, "dep-odd")
         assert not (settings.runtime_dir / runtime.name / ".host" / "models" / "dep-odd").exists()
-        async with httpx.AsyncClient() as client:
-            assert (await client.get(f"{endpoint}/health")).status_code == 200, "the others serve on"
-        assert alive(details["pid"])
+        health = await endpoints.get(endpoint, "/health", timeout=10)
+        assert health.status_code == 200, "the others serve on"
+        # the failed models' code ran in the host's process: it was started again without them
+        assert not alive(details["pid"])
     finally:
         await driver.cleanup(CleanupRequest(runtime=runtime))
 

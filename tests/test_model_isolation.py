@@ -15,12 +15,11 @@ import stat
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-import httpx
 import pytest
 
 from activities.runtimes.base import BatchJobRequest, CleanupRequest, OnlineDeployRequest, ProbeRequest
 from activities.runtimes.local import SERVER_LOG, LocalDriver
-from mlc import isolation
+from mlc import endpoints, isolation
 from mlc.artifacts import ArtifactStore, build_archive
 from mlc.config import Settings
 from mlc.domain import HostingMode, ModelSnapshot, Runtime
@@ -200,13 +199,13 @@ async def test_model_server_reaches_nothing_beyond_its_own_folder(
     assert b"hunter2" not in environ and b"s3cr3t" not in environ
     assert "NoNewPrivs:\t1" in Path(f"/proc/{pid}/status").read_text()
 
-    async with httpx.AsyncClient(timeout=10) as client:
-        scored = (await client.post(f"{result.endpoint}/score", json={"x": 1})).json()
+    async with endpoints.connect(result.endpoint, timeout=10) as (client, url):
+        scored = (await client.post(f"{url}/score", json={"x": 1})).json()
         assert_confined(scored, owner.st_uid)
         # The runtime still reads its log and probes it, and a link the model plants where
         # the log was is never followed.
         assert (await driver.probe(ProbeRequest(deployment_id="snoop", runtime=runtime))).healthy
-        await client.post(f"{result.endpoint}/score", json={"x": 1, "plant": True})
+        await client.post(f"{url}/score", json={"x": 1, "plant": True})
     assert (workdir / SERVER_LOG).is_symlink()
     os.killpg(pid, signal.SIGKILL)
     probe = await driver.probe(ProbeRequest(deployment_id="snoop", runtime=runtime))
@@ -263,8 +262,8 @@ async def test_a_shared_host_runs_as_its_own_user_and_reaches_nothing_beyond_its
         assert "NoNewPrivs:\t1" in Path(f"/proc/{pid}/status").read_text()
         environ = Path(f"/proc/{pid}/environ").read_bytes()
         assert b"hunter2" not in environ and b"s3cr3t" not in environ
-        async with httpx.AsyncClient(timeout=10) as client:
-            scored = (await client.post(f"{result.endpoint}/score", json={"x": 1})).json()
+        async with endpoints.connect(result.endpoint, timeout=10) as (client, url):
+            scored = (await client.post(f"{url}/score", json={"x": 1})).json()
         assert_confined(scored, host.st_uid)
     finally:
         await driver.cleanup(CleanupRequest(runtime=shared))

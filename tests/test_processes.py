@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 
 import pytest
@@ -64,3 +65,31 @@ def test_a_child_lives_with_its_parent_and_dies_with_it(mode: str, tmp_path: Pat
     finally:
         parent.kill()
         parent.wait()
+
+
+def test_alive_counts_zombies_vanished_and_foreign_processes_as_gone() -> None:
+    marker = f"mlc-alive-{uuid.uuid4().hex}"
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", marker])
+    try:
+        deadline = time.monotonic() + 10
+        while marker not in processes.command_line(child.pid):
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        assert processes.alive(child.pid) and processes.alive(child.pid, marker=marker)
+        assert not processes.alive(child.pid, marker="another-program"), "a reused pid is not ours"
+        child.kill()
+        os.waitid(os.P_PID, child.pid, os.WEXITED | os.WNOWAIT)  # a zombie until reaped
+        assert not processes.alive(child.pid) and not processes.alive(child.pid, marker=marker)
+    finally:
+        child.kill()
+        child.wait()
+    assert not processes.alive(child.pid, marker=marker)
+
+
+def test_processes_exiting_while_looked_at_are_gone_never_an_error() -> None:
+    for _ in range(100):
+        short = subprocess.Popen(["sleep", "0.01"])
+        while processes.alive(short.pid, marker="sleep"):  # read while it exits: no exception
+            pass
+        processes.stop(short.pid, marker="sleep", timeout=1)
+        short.wait()

@@ -46,7 +46,7 @@ from mlc.domain import (
 from mlc.operations import read_status, send_decision, sign_decision
 from mlc.store import deployments, traffic, trail
 from mlc.trust import grants
-from tests.conftest import APPROVER, DOCKER_BASE_IMAGE, Stack, gateway_settings
+from tests.conftest import APPROVER, DOCKER_BASE_IMAGE, Stack, call_model, gateway_settings
 from tests.lifecycle_helpers import keep_history, wait_for_gate
 
 NO_GRACE = timedelta(0)
@@ -206,8 +206,7 @@ async def test_previous_version_stays_warm_for_the_grace(
     standby = await deployments.read_deployment(stack.pool, old.id)
     assert standby is not None and standby.state is DeploymentState.SERVING, "v1 stays warm"
     assert standby.details.get(RETIRE_AFTER), "with the time it retires"
-    async with httpx.AsyncClient() as http:
-        assert (await http.get(f"{old.endpoint}/health")).status_code == 200
+    assert (await call_model(old.endpoint, "/health")).status_code == 200
     rows = json.loads((await stack.mlc("deployments", "--json")).stdout)
     assert {r["version"]: (r["share"], bool(r["standby_until"])) for r in rows} == {
         v1.version: (0, True),
@@ -239,8 +238,7 @@ async def test_two_versions_in_flight_keep_their_own_deployments(
         (mine,) = [d for d in status.deployments if d.stage == "DEV"]
         found = await deployments.read_deployment(stack.pool, mine.id)
         assert found is not None and found.state is DeploymentState.SERVING
-        async with httpx.AsyncClient() as http:
-            assert (await http.get(f"{found.endpoint}/health")).json()["version"] == str(v1.version)
+        assert (await call_model(found.endpoint, "/health")).json()["version"] == str(v1.version)
 
         # approving v1 moves the endpoint to v1 and does not take v2 (still in flight) down
         await approve(stack, v1, "DEV")

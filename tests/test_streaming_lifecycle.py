@@ -13,12 +13,10 @@ import json
 import shutil
 from pathlib import Path
 
-import httpx
-
 from mlc.domain import DeploymentState, LifecycleSpec, Mode, StageSpec, TestKind
 from mlc.store import deployments
 from mlc.streaming.consumer import HEADER_DEPLOYMENT, HEADER_MODEL, HEADER_VERSION
-from tests.conftest import ADMIN, Stack
+from tests.conftest import ADMIN, Stack, call_model
 from tests.lifecycle_helpers import wait_for, wait_for_gate
 from tests.streaming_helpers import produce, read_topic, streaming_runtime
 
@@ -84,8 +82,7 @@ async def test_streaming_stage_and_rest_plus_kafka_in_prod(
     stream = next(d for d in live if d.runtime == "prod-stream")
     sample = json.loads((example_package / "data" / "eval.jsonl").read_text().splitlines()[0])
     sample.pop("is_fraud")
-    async with httpx.AsyncClient() as http:
-        answer = (await http.post(f"{rest.endpoint}/score", json=sample)).json()
+    answer = (await call_model(rest.endpoint, "/score", json=sample)).json()
     kafka = prod_stream.kafka
     assert kafka is not None
     await asyncio.to_thread(produce, kafka_broker, kafka.input_topic, [("txn-1", sample)])

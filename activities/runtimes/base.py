@@ -15,6 +15,7 @@ from pathlib import Path
 
 import httpx
 
+from mlc import endpoints
 from mlc.config import Settings
 from mlc.contracts.runtime import BatchJobResult as BatchJobResult
 from mlc.contracts.runtime import OnlineDeployResult as OnlineDeployResult
@@ -41,16 +42,15 @@ async def ask_health(endpoint: str) -> str | None:
     """None when ``endpoint/health`` answers 200 within :data:`PROBE_TRIES` tries, else
     what it gave last (``HTTP 503``, ``ConnectError``...) for the probe's message."""
     answer = "no answer"
-    async with httpx.AsyncClient(timeout=2.0, trust_env=False) as http:
-        for _ in range(PROBE_TRIES):
-            try:
-                response = await http.get(f"{endpoint}/health")
-                if response.status_code == 200:
-                    return None
-                answer = f"HTTP {response.status_code}"
-            except httpx.HTTPError as exc:
-                answer = type(exc).__name__
-            await asyncio.sleep(0.5)
+    for _ in range(PROBE_TRIES):
+        try:
+            response = await endpoints.get(endpoint, "/health", timeout=2.0)
+            if response.status_code == 200:
+                return None
+            answer = f"HTTP {response.status_code}"
+        except httpx.HTTPError as exc:
+            answer = type(exc).__name__
+        await asyncio.sleep(0.5)
     return answer
 
 

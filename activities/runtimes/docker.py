@@ -6,14 +6,23 @@ running container again, undeploy and cleanup find what to remove, and a worker 
 crashed between starting a container and reporting it loses nothing.
 
 Containers run hardened: non-root (``docker.user``), read-only root filesystem with a
-tmpfs ``/tmp``, CPU and memory limits, and batch jobs without any network.
+tmpfs ``/tmp``, CPU and memory limits.
 
-Networking: by default (``network_mode: bridge``) the container listens on 8080 in its own
-network namespace and the engine publishes it on ``publish_host`` at a random port, so a
-model reaches nothing on the host's loopback; any other network name works the same way.
-``network_mode: host`` is only for engines without a bridge (like this project's test
-engine): the server then binds ``publish_host`` on a port the driver picks free on the
-worker's host, and shares the host's network.
+Networking: model containers (online servers, shared hosts, batch jobs) get **no network**
+(``network_mode: none``): no port to squat, no route to the host's loopback (Temporal,
+PostgreSQL, other models). An online container serves on the unix socket ``model.sock``
+in a folder of its own on the engine's host, ``<runtime_dir>/_sockets/<runtime>/<key>/``
+(``key``: a digest of the deployment id, so paths stay within the kernel's 107 bytes for
+socket names; owned by ``docker.user``, 0700, bind-mounted at ``/run/mlc``); its endpoint is
+``unix:<that folder>/model.sock`` (see :mod:`mlc.endpoints`). The worker
+(deploy waits, probes, stage tests) and the runtime's gateway (which mounts the runtime's
+sockets folder) reach it there; another model container mounts only its own folder and
+so reaches no other model. The runtime worker must therefore run on the engine's host.
+A runtime whose signed record says ``model_network: outbound`` puts its model containers
+on ``docker.network_mode`` as well (still serving on their socket); that is refused for
+``network_mode: host``, which would share the host's loopback. ``docker.network_mode``
+otherwise only places the gateway and the streaming consumers (see
+:mod:`activities.runtimes.streaming_docker`).
 
 A runtime with ``hosting: shared`` (docker runtimes default to ``dedicated``) serves its
 online deployments from one host container per runtime instead (``mlc.mode=host``,
@@ -43,7 +52,6 @@ import json
 import os
 import re
 import shutil
-import socket
 import tarfile
 import time
 from pathlib import Path
@@ -71,8 +79,10 @@ from activities.runtimes.base import (
 )
 from activities.runtimes.docker_engine import HEARTBEAT_SECONDS, connect, docker_settings, engine_url
 from activities.runtimes.docker_images import PACKAGE_DIR, ModelImage, ensure_image
+from mlc import endpoints
 from mlc.artifacts import ArtifactStore
-from mlc.domain import DockerSettings, ModelSnapshot, Runtime
+from mlc.config import Settings
+from mlc.domain import DockerSettings, ModelNetwork, ModelSnapshot, Runtime
 from mlc.errors import DeploymentFailedError, NotFoundError
 from mlc.evaluation import test_dataset
 from mlc.manifest import load_manifest
@@ -80,7 +90,16 @@ from mlc.serving.app import SHA256_ENV, VERSION_ENV
 from mlc.serving.multi import MEMORY_BUDGET_ENV
 
 CONTAINER_PORT = 8080
-"""Where the server listens inside a container that is not on the host network."""
+"""Where servers of containers started before unix sockets listened (their endpoints are
+still found from the published port until they are replaced)."""
+SOCKETS_DIR = "_sockets"
+"""Under ``runtime_dir``: one folder per runtime of its containers' socket folders (runtime
+names cannot start with ``_``, so it names no runtime)."""
+HOST_SOCKET_KEY = "_host"
+"""The socket folder of the runtime's shared host container (no digest starts with ``_``)."""
+CONTAINER_SOCKET_DIR = "/run/mlc"
+"""Where a model container sees its socket folder."""
+SOCKET_NAME = "model.sock"
 
 LOG_TAIL_LINES = 40
 """Container log lines quoted in errors."""
@@ -147,11 +166,87 @@ def _container_options(settings: DockerSettings, snapshot: ModelSnapshot) -> dic
     }
 
 
-def _free_port(host: str) -> int:
-    """A port nobody listens on right now at ``host`` (the server binds it moments later)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind((host, 0))
-        return int(probe.getsockname()[1])
+def model_network(runtime: Runtime) -> str:
+    """The ``network_mode`` of the runtime's model containers: ``none`` unless its signed
+    record allows ``outbound``, then ``docker.network_mode`` (never ``host``: such a runtime
+    does not validate, see :class:`mlc.domain.Runtime`)."""
+    if runtime.model_network is not ModelNetwork.OUTBOUND:
+        return "none"
+    return docker_settings(runtime).network_mode
+
+
+def sockets_root(settings: Settings, runtime: Runtime) -> Path:
+    """``<runtime_dir>/_sockets/<runtime>``: the runtime's socket folders (the gateway mounts it)."""
+    return (settings.runtime_dir / SOCKETS_DIR / runtime.name).resolve()
+
+
+def socket_key(deployment_id: str) -> str:
+    """The name of a deployment's socket folder: short, whatever the id's length."""
+    return hashlib.sha256(deployment_id.encode()).hexdigest()[:16]
+
+
+def socket_folder(settings: Settings, runtime: Runtime, key: str) -> Path:
+    """Create (or take back) the socket folder ``key`` of ``runtime``: owned by the
+    containers' user, 0700; its parents root's, 0711 (traversable, not listable)."""
+    root = sockets_root(settings, runtime)
+    root.mkdir(parents=True, exist_ok=True)
+    os.chmod(root.parent, 0o711)
+    os.chmod(root, 0o711)
+    folder = root / key
+    folder.mkdir(exist_ok=True)
+    uid, _, gid = docker_settings(runtime).user.partition(":")
+    if uid.isdigit() and (not gid or gid.isdigit()):
+        os.chown(folder, int(uid), int(gid or uid), follow_symlinks=False)
+        os.chmod(folder, 0o700)
+    else:  # a user name: only the engine knows its uid; other containers never mount it
+        os.chmod(folder, 0o1777)
+    return folder
+
+
+def socket_uid(runtime: Runtime) -> int | None:
+    """The uid the containers' sockets belong to (None: ``docker.user`` names a user only the
+    engine can resolve)."""
+    uid = docker_settings(runtime).user.partition(":")[0]
+    return int(uid) if uid.isdigit() else None
+
+
+async def _get(runtime: Runtime, endpoint: str, path: str, *, timeout: float) -> httpx.Response:
+    """One ``GET`` of a container's ``path`` over a fresh connection (a starting server's
+    socket may not exist yet), to a socket of the containers' user only.
+
+    Raises:
+        httpx.HTTPError: no answer.
+        DeploymentFailedError: the socket belongs to another user.
+    """
+    async with endpoints.connect(endpoint, timeout=timeout, owner=socket_uid(runtime)) as (client, url):
+        return await client.get(f"{url}{path}")
+
+
+def _owned(runtime: Runtime, endpoint: str) -> str:
+    """``endpoint``, once its socket (if it has one) is checked to be a socket of the
+    containers' user: the gateway connects by path and follows what it finds there.
+
+    Raises:
+        DeploymentFailedError: it is missing, a link or another user's.
+    """
+    socket, uid = endpoints.parse(endpoint).socket, socket_uid(runtime)
+    if socket is not None and uid is not None and endpoints.socket_owner(socket) != uid:
+        raise DeploymentFailedError(f"{socket} is not the socket of uid {uid}: refusing to send it traffic")
+    return endpoint
+
+
+def _drop_socket_folder(settings: Settings, runtime: Runtime, key: str) -> None:
+    """Remove the socket folder ``key`` (gone already is fine)."""
+    shutil.rmtree(sockets_root(settings, runtime) / key, ignore_errors=True)
+
+
+def _socket_options(folder: Path, runtime: Runtime) -> tuple[list[str], dict[str, Any], dict[str, str]]:
+    """The server's socket flag, the folder's mount and the endpoint label of a container
+    serving in ``folder`` on the network :func:`model_network` allows."""
+    network = model_network(runtime)
+    mount = {"volumes": {str(folder): {"bind": CONTAINER_SOCKET_DIR, "mode": "rw"}}, "network_mode": network}
+    labels = {"mlc.endpoint": endpoints.unix_endpoint(folder / SOCKET_NAME), "mlc.network": network}
+    return ["--uds", f"{CONTAINER_SOCKET_DIR}/{SOCKET_NAME}"], mount, labels
 
 
 def _tail(container: Any, *, lines: int = LOG_TAIL_LINES) -> str:
@@ -265,26 +360,25 @@ class DockerDriver(RuntimeDriver):
         settings = docker_settings(request.runtime)
         deadline = time.monotonic() + settings.health_timeout_seconds
         problem = None
-        async with httpx.AsyncClient(timeout=settings.health_timeout_seconds, trust_env=False) as http:
-            while problem is None:
-                with contextlib.suppress(httpx.HTTPError):
-                    response = await http.get(f"{endpoint}/health")
-                    if response.status_code == 200:
-                        details = {"container_id": host.id, "container_name": host.name, "host": True}
-                        return OnlineDeployResult(endpoint=endpoint, details=details)
-                    if response.status_code == 409:
-                        await asyncio.to_thread(self._remove_hosted, host, request.deployment_id)
-                        return None
-                    problem = (
-                        "is not in the host container (its copy is gone)"
-                        if response.status_code == 404
-                        else f"could not be loaded: {_error_of(response)}"
-                    )
-                if time.monotonic() > deadline:
-                    problem = (
-                        f"did not answer {endpoint}/health within {settings.health_timeout_seconds:.0f} s"
-                    )
-                await asyncio.sleep(_HEALTH_POLL_SECONDS)
+        while problem is None:
+            with contextlib.suppress(httpx.HTTPError):
+                response = await _get(
+                    request.runtime, endpoint, "/health", timeout=settings.health_timeout_seconds
+                )
+                if response.status_code == 200:
+                    details = {"container_id": host.id, "container_name": host.name, "host": True}
+                    return OnlineDeployResult(endpoint=endpoint, details=details)
+                if response.status_code == 409:
+                    await asyncio.to_thread(self._remove_hosted, host, request.deployment_id)
+                    return None
+                problem = (
+                    "is not in the host container (its copy is gone)"
+                    if response.status_code == 404
+                    else f"could not be loaded: {_error_of(response)}"
+                )
+            if time.monotonic() > deadline:
+                problem = f"did not answer {endpoint}/health within {settings.health_timeout_seconds:.0f} s"
+            await asyncio.sleep(_HEALTH_POLL_SECONDS)
         await asyncio.to_thread(self._remove_hosted, host, request.deployment_id)
         tail = await asyncio.to_thread(_tail, host)
         raise DeploymentFailedError(
@@ -332,8 +426,12 @@ class DockerDriver(RuntimeDriver):
         image of ``request``'s snapshot; returns once its ``/health`` answers."""
         runtime = request.runtime
         settings = docker_settings(runtime)
+        name = host_container_name(runtime)
         found = await asyncio.to_thread(self._host_containers, client, runtime)
-        host = found[0] if found else None
+        wanted = model_network(runtime)
+        for stale in [h for h in found if h.labels.get("mlc.network") != wanted]:
+            await asyncio.to_thread(_remove_host, client, stale)  # another network, or a TCP port
+        host = next((h for h in found if h.labels.get("mlc.network") == wanted), None)
         if host is not None and host.status != "running":
             await asyncio.to_thread(host.start)
             await asyncio.to_thread(host.reload)
@@ -351,22 +449,15 @@ class DockerDriver(RuntimeDriver):
                 "mlc.mode": HOST_MODE,
                 "mlc.image-of": request.snapshot.sha256,
             }
-            options: dict[str, Any] = {}
-            if settings.network_mode == "host":
-                port, bind_host = _free_port(settings.publish_host), settings.publish_host
-                labels["mlc.endpoint"] = f"http://{settings.publish_host}:{port}"
-            else:
-                port, bind_host = CONTAINER_PORT, "0.0.0.0"
-                options["ports"] = {f"{CONTAINER_PORT}/tcp": (settings.publish_host, None)}
-            command = [
-                "python3", "-m", "mlc.serving", "serve-many",
-                "--models-dir", HOST_MODELS_DIR, "--host", bind_host, "--port", str(port),
-            ]  # fmt: skip
+            folder = await asyncio.to_thread(socket_folder, self.settings, runtime, HOST_SOCKET_KEY)
+            uds, options, socket_labels = _socket_options(folder, runtime)
+            labels.update(socket_labels)
+            options["volumes"][name] = {"bind": HOST_MODELS_DIR, "mode": "rw"}
+            command = ["python3", "-m", "mlc.serving", "serve-many", "--models-dir", HOST_MODELS_DIR, *uds]
             budget = {
                 MEMORY_BUDGET_ENV: str(int(_megabytes(settings.memory) * 0.8))
             }  # evict before the OOM killer
             container_options = {**_container_options(settings, request.snapshot), "environment": budget}
-            name = host_container_name(runtime)
             try:
                 host = await asyncio.to_thread(
                     client.containers.run,
@@ -375,9 +466,7 @@ class DockerDriver(RuntimeDriver):
                     name=name,
                     labels=labels,
                     detach=True,
-                    network_mode=settings.network_mode,
                     restart_policy=_restart_policy(settings.restart_policy),
-                    volumes={name: {"bind": HOST_MODELS_DIR, "mode": "rw"}},
                     **container_options,
                     **options,
                 )
@@ -388,17 +477,14 @@ class DockerDriver(RuntimeDriver):
         assert host is not None
         endpoint = await asyncio.to_thread(self._endpoint, host)
         deadline = time.monotonic() + settings.health_timeout_seconds
-        async with httpx.AsyncClient(timeout=2.0, trust_env=False) as http:
-            while True:
-                with contextlib.suppress(httpx.HTTPError):
-                    if (await http.get(f"{endpoint}/health")).status_code == 200:
-                        return host
-                if time.monotonic() > deadline:
-                    await self._fail(
-                        host, f"the model host {host.name} of runtime {runtime.name} did not start"
-                    )
-                heartbeat(f"waiting for the model host {host.name}")
-                await asyncio.sleep(_HEALTH_POLL_SECONDS)
+        while True:
+            with contextlib.suppress(httpx.HTTPError):
+                if (await _get(runtime, endpoint, "/health", timeout=2.0)).status_code == 200:
+                    return host
+            if time.monotonic() > deadline:
+                await self._fail(host, f"the model host {host.name} of runtime {runtime.name} did not start")
+            heartbeat(f"waiting for the model host {host.name}")
+            await asyncio.sleep(_HEALTH_POLL_SECONDS)
 
     @staticmethod
     def _host_containers(client: Any, runtime: Runtime) -> list[Any]:
@@ -416,9 +502,8 @@ class DockerDriver(RuntimeDriver):
         host = found[0]
         endpoint = await asyncio.to_thread(self._endpoint, host)
         with contextlib.suppress(httpx.HTTPError, ValueError, KeyError):
-            async with httpx.AsyncClient(timeout=5.0, trust_env=False) as http:
-                listed = (await http.get(f"{endpoint}/models")).json()["models"]
-                return host, endpoint, [str(i) for i in listed]
+            listed = (await _get(runtime, endpoint, "/models", timeout=5.0)).json()["models"]
+            return host, endpoint, [str(i) for i in listed]
         return None
 
     async def _unhost(
@@ -439,6 +524,7 @@ class DockerDriver(RuntimeDriver):
             await asyncio.to_thread(self._remove_hosted, host, deployment_id)
         if not set(ids) - set(gone):
             await asyncio.to_thread(_remove_host, client, host)
+            await asyncio.to_thread(_drop_socket_folder, self.settings, runtime, HOST_SOCKET_KEY)
         return gone
 
     async def _reusable(self, client: Any, request: OnlineDeployRequest) -> Any:
@@ -449,6 +535,7 @@ class DockerDriver(RuntimeDriver):
             filters={"label": [f"mlc.deployment-id={request.deployment_id}", "mlc.mode=online"]},
         )
         keep = None
+        network = model_network(request.runtime)
         for container in found:
             labels = container.labels
             if (
@@ -456,6 +543,7 @@ class DockerDriver(RuntimeDriver):
                 and container.status == "running"
                 and labels.get("mlc.sha256") == request.snapshot.sha256
                 and labels.get("mlc.runtime") == request.runtime.name
+                and labels.get("mlc.network") == network  # not one started with a TCP port
             ):
                 keep = container
             else:
@@ -473,18 +561,11 @@ class DockerDriver(RuntimeDriver):
             stage=request.stage,
             mode="online",
         )
-        options: dict[str, Any] = {}
-        if settings.network_mode == "host":
-            port = _free_port(settings.publish_host)
-            bind_host = settings.publish_host
-            labels["mlc.endpoint"] = f"http://{settings.publish_host}:{port}"
-        else:
-            port, bind_host = CONTAINER_PORT, "0.0.0.0"  # published on publish_host
-            options["ports"] = {f"{CONTAINER_PORT}/tcp": (settings.publish_host, None)}
-        command = [
-            "python3", "-m", "mlc.serving", "serve",
-            "--package", PACKAGE_DIR, "--host", bind_host, "--port", str(port),
-        ]  # fmt: skip
+        folder = await asyncio.to_thread(
+            socket_folder, self.settings, request.runtime, socket_key(request.deployment_id)
+        )
+        uds, options, socket_labels = _socket_options(folder, request.runtime)
+        command = ["python3", "-m", "mlc.serving", "serve", "--package", PACKAGE_DIR, *uds]
         name = container_name(request.deployment_id)
         try:
             return await asyncio.to_thread(
@@ -492,9 +573,8 @@ class DockerDriver(RuntimeDriver):
                 image.id,
                 command,
                 name=name,
-                labels=labels,
+                labels={**labels, **socket_labels},
                 detach=True,
-                network_mode=settings.network_mode,
                 restart_policy=_restart_policy(settings.restart_policy),
                 **_container_options(settings, request.snapshot),
                 **options,
@@ -535,33 +615,32 @@ class DockerDriver(RuntimeDriver):
         next_beat = loop.time()
         next_state = next_beat + _STATE_POLL_SECONDS  # it was running a moment ago
         restarts = int(container.attrs["RestartCount"])
-        async with httpx.AsyncClient(timeout=2.0, trust_env=False) as http:
-            while True:
-                now = loop.time()
-                if now >= next_state:
-                    await asyncio.to_thread(container.reload)
-                    state = container.attrs["State"]
-                    if state["Status"] != "running" or int(container.attrs["RestartCount"]) > restarts:
-                        await self._fail(
-                            container,
-                            f"{what}: container {container.name} exited with code "
-                            f"{state.get('ExitCode')} before {endpoint}/health answered",
-                        )
-                    next_state = loop.time() + _STATE_POLL_SECONDS
-                with contextlib.suppress(httpx.HTTPError):
-                    if (await http.get(f"{endpoint}/health")).status_code == 200:
-                        return
-                now = loop.time()
-                if now > deadline:
+        while True:
+            now = loop.time()
+            if now >= next_state:
+                await asyncio.to_thread(container.reload)
+                state = container.attrs["State"]
+                if state["Status"] != "running" or int(container.attrs["RestartCount"]) > restarts:
                     await self._fail(
                         container,
-                        f"{what}: {endpoint}/health did not answer 200 within "
-                        f"{settings.health_timeout_seconds:.0f} s (docker.health_timeout_seconds)",
+                        f"{what}: container {container.name} exited with code "
+                        f"{state.get('ExitCode')} before {endpoint}/health answered",
                     )
-                if now >= next_beat:
-                    heartbeat(f"waiting for {endpoint}/health ({container.name})")
-                    next_beat = now + HEARTBEAT_SECONDS
-                await asyncio.sleep(_HEALTH_POLL_SECONDS)
+                next_state = loop.time() + _STATE_POLL_SECONDS
+            with contextlib.suppress(httpx.HTTPError):
+                if (await _get(request.runtime, endpoint, "/health", timeout=2.0)).status_code == 200:
+                    return
+            now = loop.time()
+            if now > deadline:
+                await self._fail(
+                    container,
+                    f"{what}: {endpoint}/health did not answer 200 within "
+                    f"{settings.health_timeout_seconds:.0f} s (docker.health_timeout_seconds)",
+                )
+            if now >= next_beat:
+                heartbeat(f"waiting for {endpoint}/health ({container.name})")
+                next_beat = now + HEARTBEAT_SECONDS
+            await asyncio.sleep(_HEALTH_POLL_SECONDS)
 
     @staticmethod
     async def _fail(container: Any, message: str) -> None:
@@ -618,7 +697,7 @@ class DockerDriver(RuntimeDriver):
                     mode="batch",
                 ),
                 detach=True,
-                network_mode="none",
+                network_mode=model_network(runtime),
                 volumes={str(workdir): {"bind": "/data", "mode": "rw"}},
                 **_container_options(settings, snapshot),
             )
@@ -697,14 +776,19 @@ class DockerDriver(RuntimeDriver):
         )
 
     async def locate(self, runtime: Runtime, deployment_id: str) -> str:
-        """The endpoint of the deployment's running container on this runtime's engine."""
+        """The endpoint of the deployment's running container on this runtime's engine.
+
+        Raises:
+            NotFoundError: no running container serves it.
+            DeploymentFailedError: its socket is not a socket of the containers' user.
+        """
         async with connect(runtime, f"locate {deployment_id}") as client:
             found = await asyncio.to_thread(running_online, client, runtime, deployment_id)
             if found:
-                return await asyncio.to_thread(self._endpoint, found[0])
+                return _owned(runtime, await asyncio.to_thread(self._endpoint, found[0]))
             hosted = await self._hosted(client, runtime)
             if hosted is not None and deployment_id in hosted[2]:
-                return f"{hosted[1]}/models/{deployment_id}"
+                return _owned(runtime, f"{hosted[1]}/models/{deployment_id}")
             raise NotFoundError(
                 f"deployment {deployment_id} has no running container on runtime {runtime.name}"
             )
@@ -801,6 +885,9 @@ class DockerDriver(RuntimeDriver):
                 if container.labels.get("mlc.mode") != MODE:
                     await asyncio.to_thread(_remove, container)
             await self._unhost(client, request.runtime, keep=None, only=request.deployment_id)
+        await asyncio.to_thread(
+            _drop_socket_folder, self.settings, request.runtime, socket_key(request.deployment_id)
+        )
         await drop_test_topics(request.runtime, request.deployment_id)
 
     async def cleanup(self, request: CleanupRequest) -> CleanupResult:
@@ -820,4 +907,14 @@ class DockerDriver(RuntimeDriver):
                     await asyncio.to_thread(_remove, container)
                     removed.add(deployment_id)
             removed.update(await self._unhost(client, runtime, keep=keep, only=None))
+            hosts = await asyncio.to_thread(self._host_containers, client, runtime)
+        kept = {socket_key(i) for i in keep} | ({HOST_SOCKET_KEY} if hosts else set())
+        await asyncio.to_thread(self._drop_socket_folders, runtime, kept)
         return CleanupResult(removed=tuple(sorted(removed)))
+
+    def _drop_socket_folders(self, runtime: Runtime, keep: set[str]) -> None:
+        """Remove the runtime's socket folders but those of ``keep``."""
+        with contextlib.suppress(FileNotFoundError):
+            for folder in list(sockets_root(self.settings, runtime).iterdir()):
+                if folder.name not in keep:
+                    _drop_socket_folder(self.settings, runtime, folder.name)

@@ -58,10 +58,11 @@ PACKAGE_DIR = "/opt/model"
 
 SERVER_DISTRIBUTIONS = (
     "starlette", "uvicorn", "uvloop", "httptools", "orjson", "pyyaml", "pydantic", "packaging",
-    "confluent-kafka",
+    "confluent-kafka", "httpx", "httpcore",
 )  # fmt: skip
 """What ``mlc.serving`` and ``mlc.streaming`` import (``packaging`` lets the server check
-requirement versions; ``confluent-kafka`` is the streaming consumer's client)."""
+requirement versions; ``confluent-kafka`` is the streaming consumer's client, ``httpx``
+how it reaches the model server that scores for it)."""
 
 MLC_SOURCES = (
     "__init__.py", "domain.py", "errors.py", "manifest.py", "evaluation.py", "serving", "streaming",

@@ -16,11 +16,14 @@ runtime folders, so a runtime's cleanup, which removes every folder of
 - **docker** runtimes run it as the container ``mlc-gateway-<runtime>`` of an image made
   from the host's nginx (:mod:`activities.runtimes.gateway_docker`), ``conf/`` mounted
   read-only and ``logs/`` read-write, hardened like model containers. With
-  ``network_mode: host`` it listens on ``gateway.host:port`` of the engine's host and
-  reaches the model containers at the endpoints the driver locates. With a bridge network
-  it publishes ``gateway.port`` on ``gateway.host``, and reaches model containers only if
-  their published address (``docker.publish_host``) is reachable from inside a container
-  (not 127.0.0.1): only host mode is tested here.
+  ``network_mode: host`` it listens on ``gateway.host:port`` of the engine's host; with a
+  bridge network it publishes ``gateway.port`` on ``gateway.host`` (only host mode is
+  tested here). Either way it reaches the model containers, which have no network, on
+  their unix sockets: the runtime's sockets folder (``<runtime_dir>/_sockets/<runtime>``)
+  is mounted read-only at ``/run/mlc-models``. The gateway stays a container rather than
+  moving to the host: it runs as ``docker.user``, the owner of the models' 0700 socket
+  folders, so it opens them without root, and it needs nothing installed on the host
+  but the nginx binary its image is made of.
 
 A traffic change writes the model's files (temp file, then rename), checks the whole
 configuration with ``nginx -t`` (restoring the previous files if it fails), then reloads
@@ -34,7 +37,9 @@ from __future__ import annotations
 import abc
 import asyncio
 import contextlib
+import errno
 import grp
+import hashlib
 import json
 import os
 import pwd
@@ -68,11 +73,11 @@ from activities.runtimes.gateway_nginx import (
     render_routes_main,
     route_stats,
 )
-from mlc import isolation, processes
+from mlc import endpoints, isolation, processes
 from mlc.config import Settings
 from mlc.contracts.traffic import RouteStats, RouteTrafficResult, ShadowComparison, TrafficObservation
 from mlc.domain import GatewaySettings, Runtime, RuntimeKind, TrafficRoute, check_name, check_routes
-from mlc.errors import DeploymentFailedError, RefusedError
+from mlc.errors import DeploymentFailedError, NotFoundError, RefusedError
 from mlc.serving.capture import CAPTURE_FILE, CAPTURE_MAX_BYTES, read_answers
 
 if TYPE_CHECKING:
@@ -87,9 +92,13 @@ LOG_ROTATE_BYTES = 64 * 1024 * 1024
 """An access or mirror log past this is renamed ``.1`` (replacing the older) and reopened."""
 STOP_TIMEOUT_SECONDS = 10.0
 
+BACKENDS_DIR = "backends"
+"""In a local gateway's scratch folder: links to the sockets of the servers it routes to."""
+
 _CONTAINER_CONF = "/etc/mlc-gateway"
 _CONTAINER_LOGS = "/var/log/mlc-gateway"
 _CONTAINER_RUN = "/run/mlc-gateway"
+_CONTAINER_SOCKETS = "/run/mlc-models"
 _UNSAFE_PATH = re.compile(r"[\s;{}'\"\\$#]")
 
 
@@ -184,6 +193,20 @@ class Gateway(abc.ABC):
     @abc.abstractmethod
     async def stop(self) -> None:
         """Stop both tiers (the files stay)."""
+
+    def backend_address(self, deployment_id: str, address: str) -> str:
+        """The address nginx connects to for a backend at ``address`` (``host:port``, or
+        ``unix:SOCKET`` of a local server, which only a local gateway can reach).
+
+        Raises:
+            RefusedError: a socket behind a gateway that runs elsewhere.
+        """
+        if address.startswith(endpoints.UNIX_PREFIX):
+            raise RefusedError(
+                f"deployment {deployment_id} answers on a unix socket of the worker's host, which the "
+                f"gateway of runtime {self.runtime.name} ({self.runtime.kind.value}) cannot reach"
+            )
+        return address
 
     # --- shared behaviour -------------------------------------------------------------
 
@@ -410,7 +433,14 @@ class LocalGateway(Gateway):
     def _prepare(self) -> None:
         super()._prepare()
         scratch = self._scratch()
-        os.chmod(scratch, 0o755)  # a real folder of ours (checked): nginx's workers (nobody) use it
+        # A real folder of ours (checked), searchable by nginx's workers' group only: the
+        # tier socket and the links to model sockets in it are no one else's way in (a
+        # model could otherwise reach other models through them: unix sockets do not
+        # depend on its network namespace).
+        group = self._worker_gid()
+        if group is not None:
+            os.chown(scratch, os.geteuid(), group)
+        os.chmod(scratch, 0o755 if group is None else 0o710)
 
     def _pid(self, tier: Tier) -> int | None:
         """The tier's live master: the one recorded in its state file or, failing that, in
@@ -437,6 +467,55 @@ class LocalGateway(Gateway):
     async def running(self, tier: Tier) -> bool:
         """The recorded master is alive and runs this tier's file."""
         return self._pid(tier) is not None
+
+    def backend_address(self, deployment_id: str, address: str) -> str:
+        """``unix:LINK``: a hard link, in the gateway's scratch folder, to the server's socket.
+
+        The socket sits in the deployment's folder (0700, the model user's), under folders
+        nginx's workers (``nobody``) may not search, and its path may be longer than a
+        socket address holds; a link to the same socket (a socket is found by its inode)
+        in ``backends/`` (root's, searchable by the workers' group only, so no model
+        reaches another's socket there) is neither. The link is made from the socket the
+        driver checked (:meth:`LocalDriver.socket_user`), opened without following links;
+        its name holds the socket's inode, so a server started again (a new socket) is a
+        new address: the configuration is written again and reloaded (see :func:`route`).
+
+        Raises:
+            DeploymentFailedError: the socket is gone, or cannot be linked there.
+        """
+        if not address.startswith(endpoints.UNIX_PREFIX):
+            return address
+        sock = Path(address[len(endpoints.UNIX_PREFIX) :])
+        folder = self._scratch() / BACKENDS_DIR
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(folder, 0o700)
+        group = self._worker_gid()
+        os.chown(folder, os.geteuid(), os.getegid() if group is None else group, follow_symlinks=False)
+        os.chmod(folder, 0o700 if group is None else 0o710)
+        key = hashlib.sha256(deployment_id.encode()).hexdigest()[:16]
+        try:
+            fd = os.open(sock, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError as exc:
+            raise DeploymentFailedError(
+                f"deployment {deployment_id}: its socket {sock} is gone ({exc.strerror})"
+            ) from None
+        try:
+            info = os.fstat(fd)
+            link = folder / f"{key}-{info.st_ino}.sock"
+            for old in folder.glob(f"{key}-*.sock"):
+                if old != link:
+                    old.unlink(missing_ok=True)
+            if not _same_file(link, info):
+                link.unlink(missing_ok=True)
+                _link(fd, sock, link)
+        finally:
+            os.close(fd)
+        return f"{endpoints.UNIX_PREFIX}{link}"
+
+    def _worker_gid(self) -> int | None:
+        """The group of nginx's workers when they are not the worker's own user."""
+        user = self.worker_user()
+        return None if user is None else grp.getgrnam(user.split()[1]).gr_gid
 
     def _command(self, tier: Tier, *extra: str) -> list[str]:
         error_log = self.logs / ("error.log" if tier == "routes" else "edge.error.log")
@@ -506,6 +585,38 @@ _children: dict[int, subprocess.Popen[bytes]] = {}
 """nginx masters this process started, kept so their exit is reaped."""
 
 
+def _link(fd: int, sock: Path, link: Path) -> None:
+    """Hard-link the socket opened as ``fd`` (found at ``sock``) to ``link``: from the handle
+    as root; by its name otherwise (a worker that is not root gives models no user of their
+    own: the socket is the worker's own).
+
+    Raises:
+        DeploymentFailedError: the two are on different filesystems, or the link failed.
+    """
+    try:
+        if os.geteuid() == 0:
+            isolation.link_fd(fd, link)
+        else:
+            os.link(sock, link, follow_symlinks=False)
+    except OSError as exc:
+        hint = (
+            ": the gateway's scratch folder and MLC_HOME must be on one filesystem (set TMPDIR to a "
+            "folder on MLC_HOME's)"
+            if exc.errno == errno.EXDEV
+            else ""
+        )
+        raise DeploymentFailedError(f"cannot link {sock} to {link} ({exc.strerror}){hint}") from None
+
+
+def _same_file(path: Path, info: os.stat_result) -> bool:
+    """Whether ``path`` (not followed) is the file ``info`` describes."""
+    try:
+        mine = os.lstat(path)
+    except FileNotFoundError:
+        return False
+    return (mine.st_dev, mine.st_ino) == (info.st_dev, info.st_ino)
+
+
 def _listen_host(host: str) -> str:
     return f"[{host}]" if ":" in host and not host.startswith("[") else host
 
@@ -532,6 +643,20 @@ class DockerGateway(Gateway):
         """None: the containers run as ``docker.user`` already."""
         return None
 
+    def backend_address(self, deployment_id: str, address: str) -> str:
+        """A model container's socket as the gateway's containers see it: the runtime's
+        sockets folder is mounted at a short path (a socket's name holds 107 bytes).
+
+        Raises:
+            RefusedError: a socket outside the runtime's sockets folder.
+        """
+        from activities.runtimes.docker import sockets_root
+
+        root = f"{endpoints.UNIX_PREFIX}{sockets_root(self.settings, self.runtime)}/"
+        if address.startswith(root):
+            return f"{endpoints.UNIX_PREFIX}{_CONTAINER_SOCKETS}/{address.removeprefix(root)}"
+        return super().backend_address(deployment_id, address)
+
     def _network(self) -> str:
         from activities.runtimes.docker_engine import docker_settings
 
@@ -557,7 +682,8 @@ class DockerGateway(Gateway):
                 os.chmod(folder, 0o1777)
 
     def _wanted(self, tier: Tier) -> str:
-        return f"{tier} {self._network()} {self.config.host}:{self.config.port}"
+        # "uds": gateways started before model sockets were mounted are replaced
+        return f"{tier} {self._network()} {self.config.host}:{self.config.port} uds"
 
     async def _container(self, tier: Tier) -> Any:
         from activities.runtimes.docker_engine import connect
@@ -577,6 +703,7 @@ class DockerGateway(Gateway):
 
     async def start(self, tier: Tier, heartbeat: Heartbeat) -> None:
         """Build the image if needed, remove a stale container, run the tier's."""
+        from activities.runtimes.docker import sockets_root
         from activities.runtimes.docker_engine import connect, docker_settings, run_with_heartbeats
 
         settings = docker_settings(self.runtime)
@@ -594,10 +721,13 @@ class DockerGateway(Gateway):
             options: dict[str, Any] = {"network_mode": settings.network_mode}
             if tier == "edge" and settings.network_mode != "host":
                 options["ports"] = {f"{self.config.port}/tcp": (self.config.host, self.config.port)}
+            sockets = sockets_root(self.settings, self.runtime)
+            sockets.mkdir(parents=True, exist_ok=True)
             volumes = {
                 str(self.conf): {"bind": _CONTAINER_CONF, "mode": "ro"},
                 str(self.logs): {"bind": _CONTAINER_LOGS, "mode": "rw"},
                 str(self.root / "run"): {"bind": _CONTAINER_RUN, "mode": "rw"},
+                str(sockets): {"bind": _CONTAINER_SOCKETS, "mode": "ro"},  # the models' sockets
             }
             error_log = "error.log" if tier == "routes" else "edge.error.log"
             await asyncio.to_thread(
@@ -710,51 +840,104 @@ async def route(
         check_routes(tuple(routes))
     except ValueError as exc:
         raise RefusedError(f"routes of model {model} on runtime {runtime.name}: {exc}") from None
-    backends = []
     for item in routes:
         check_deployment_id(item.deployment_id)
-        if item.shadow or item.weight > 0:
-            endpoint = await driver.locate(runtime, item.deployment_id)
-            address, prefix = endpoint_parts(endpoint)
-            backends.append(Backend(route=item, address=address, prefix=prefix))
     gateway = gateway_for(driver.settings, runtime)
     async with gateway.locked():
         started = await gateway.ensure(heartbeat)
         http_path, server_path = _model_files(gateway, model)
         applied_path = gateway.root / "routes" / f"{model}.json"
         files = http_path.exists() and server_path.exists()
-        if repair and files and _keeps(applied_path, routes, as_of):
-            generation = gateway.live_generation_file()
+        held = _held(applied_path) if repair and files else None
+        if repair and files and held is None:  # written before routes were recorded: kept
+            return _routed(gateway, config, model, started, [])
+        if held is not None and _keeps(held, routes, as_of):
+            # The routes it holds stay; written again only when a backend's address changed
+            # (a server started again by the reconciler answers on a new socket or port).
+            routes, decided = held[0], held[1]
+            try:
+                backends = await _backends(driver, gateway, runtime, routes)
+            except (NotFoundError, DeploymentFailedError):
+                backends = None  # a routed deployment is down: keep what the gateway has
+            if backends is None or held[2] == _addresses(backends):
+                return _routed(gateway, config, model, started, backends or [])
         else:
-            http, server = render_model(
-                runtime=runtime.name, model=model, backends=backends, logs=gateway.paths.logs
-            )
-            generation = await gateway.apply({http_path: http, server_path: server}, heartbeat)
-            applied_path.parent.mkdir(mode=0o700, exist_ok=True)
-            decided = (as_of or datetime.now(UTC)).isoformat()
-            routes_json = [r.model_dump(mode="json") for r in routes]
-            gateway._write(applied_path, json.dumps({"as_of": decided, "routes": routes_json}))
+            backends = await _backends(driver, gateway, runtime, routes)
+            decided = as_of or datetime.now(UTC)
+        http, server = render_model(
+            runtime=runtime.name, model=model, backends=backends, logs=gateway.paths.logs
+        )
+        generation = await gateway.apply({http_path: http, server_path: server}, heartbeat)
+        applied_path.parent.mkdir(mode=0o700, exist_ok=True)
+        applied = {
+            "as_of": decided.isoformat(),
+            "routes": [r.model_dump(mode="json") for r in routes],
+            "upstreams": _addresses(backends),
+        }
+        gateway._write(applied_path, json.dumps(applied))
+    return _routed(gateway, config, model, started, backends, generation)
+
+
+async def _backends(
+    driver: RuntimeDriver, gateway: Gateway, runtime: Runtime, routes: Sequence[TrafficRoute]
+) -> list[Backend]:
+    """The routes that get traffic, each located by the driver (which checks a socket's
+    owner) and at the address the gateway reaches it by."""
+    backends = []
+    for item in routes:
+        if item.shadow or item.weight > 0:
+            endpoint = await driver.locate(runtime, item.deployment_id)
+            address, prefix = endpoint_parts(endpoint)
+            address = await asyncio.to_thread(gateway.backend_address, item.deployment_id, address)
+            backends.append(Backend(route=item, address=address, prefix=prefix))
+    return backends
+
+
+def _addresses(backends: Sequence[Backend]) -> dict[str, str]:
+    return {b.route.deployment_id: b.address + b.prefix for b in backends}
+
+
+def _routed(
+    gateway: Gateway,
+    config: GatewaySettings,
+    model: str,
+    started: bool,
+    backends: Sequence[Backend],
+    generation: str | None = None,
+) -> RouteTrafficResult:
+    """What :func:`route` answers: the stable endpoint and the gateway's facts."""
     return RouteTrafficResult(
         endpoint=config.endpoint(model),
         details={
             **gateway.details(),
-            "generation": generation,
+            "generation": generation or gateway.live_generation_file(),
             "started": started,
             "upstreams": {b.route.deployment_id: b.address for b in backends},
         },
     )
 
 
-def _keeps(applied_path: Path, routes: Sequence[TrafficRoute], as_of: datetime | None) -> bool:
-    """A repair keeps the routes the gateway holds: they are the same, or decided later
-    than ``as_of`` (or were written before changes were recorded with their time)."""
+Held = tuple[tuple[TrafficRoute, ...], datetime, dict[str, str] | None]
+"""Routes a gateway holds, when they were decided, and the addresses they were written with."""
+
+
+def _held(applied_path: Path) -> Held | None:
+    """What ``routes/MODEL.json`` says the gateway holds (None: nothing readable, as
+    files written before routes were recorded)."""
     try:
         applied = json.loads(applied_path.read_text())
-        held = [TrafficRoute.model_validate(r) for r in applied["routes"]]
+        routes = tuple(TrafficRoute.model_validate(r) for r in applied["routes"])
         decided = datetime.fromisoformat(applied["as_of"])
-    except (FileNotFoundError, ValueError, KeyError, TypeError):
-        return True
-    return held == list(routes) or as_of is None or decided >= as_of
+        upstreams = applied.get("upstreams")
+    except (FileNotFoundError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+    return routes, decided, dict(upstreams) if isinstance(upstreams, dict) else None
+
+
+def _keeps(held: Held, routes: Sequence[TrafficRoute], as_of: datetime | None) -> bool:
+    """A repair keeps the routes the gateway holds: they are the same, or decided later
+    than ``as_of``."""
+    return list(held[0]) == list(routes) or as_of is None or held[1] >= as_of
 
 
 async def observe(

@@ -6,7 +6,7 @@ links (as ``ldd`` lists them, the dynamic loader included), plus ``/etc/passwd``
 ``/etc/group`` naming ``nobody``. It depends on no base image and no package mirror at
 build time, and is tagged by a digest of those files: another nginx on the host gives
 another image, the same one is never built twice. nginx must be installed on the host of
-the runtime's worker (``apt-get install nginx-light``; ``scripts/test.sh`` does it).
+the runtime's worker (``apt-get install nginx-light``; ``scripts/system-deps.sh`` installs it).
 """
 
 from __future__ import annotations

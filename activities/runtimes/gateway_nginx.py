@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+from mlc import endpoints
 from mlc.contracts.traffic import RouteStats, ShadowComparison
 from mlc.domain import TrafficRoute
 
@@ -49,6 +50,9 @@ LOG_FLUSH_SECONDS = 1.0
 LOG_BUFFER = f"buffer=64k flush={LOG_FLUSH_SECONDS:.0f}s"
 """Access logs are written in blocks (one write per 64 KiB or second, not per request)."""
 _NOT_FOUND = '{{"error": "no such endpoint on the gateway of runtime {runtime}: call /models/MODEL/score"}}\n'
+_PATH = r"(?:/[A-Za-z0-9._\-]+)*"
+_UNSAFE = re.compile(r"[\s;{}'\"\\$#:]")
+"""What a socket path in nginx's configuration may not hold."""
 _LOG_FIELDS = (
     '"t":$msec,"route":"{route}","status":$status,"upstream_status":"$upstream_status",'
     '"request_time":$request_time,"upstream_time":"$upstream_response_time","id":"$request_id"'
@@ -77,7 +81,7 @@ class Backend:
 
     route: TrafficRoute
     address: str
-    """``host:port`` of its model server."""
+    """``host:port`` of its model server, or ``unix:PATH`` of its socket (as nginx sees it)."""
     prefix: str = ""
     """The path before the server's own routes: ``/models/<id>`` for a model in a shared
     host, empty for a server of its own."""
@@ -97,11 +101,15 @@ def model_key(model: str) -> str:
 
 
 def endpoint_parts(endpoint: str) -> tuple[str, str]:
-    """``host:port`` and path prefix (``/models/<id>`` in a shared host, else empty) of an
-    endpoint as drivers report them."""
-    match = re.fullmatch(
-        r"http://([A-Za-z0-9.\-]+|\[[0-9a-fA-F:]+\]):(\d{1,5})((?:/[A-Za-z0-9._\-]+)*)/?", endpoint
-    )
+    """``host:port`` (``unix:SOCKET`` for a model on a unix socket) and path prefix
+    (``/models/<id>`` in a shared host, else empty) of an endpoint as drivers report them."""
+    if endpoint.startswith(endpoints.UNIX_PREFIX):
+        target = endpoints.parse(endpoint)
+        prefix = target.url[len(endpoints.SOCKET_BASE_URL) :]
+        if target.socket is None or _UNSAFE.search(str(target.socket)) or not re.fullmatch(_PATH, prefix):
+            raise ValueError(f"endpoint {endpoint!r} is not unix:/SOCKET.sock[/PATH] with a plain path")
+        return f"{endpoints.UNIX_PREFIX}{target.socket}", prefix
+    match = re.fullmatch(rf"http://([A-Za-z0-9.\-]+|\[[0-9a-fA-F:]+\]):(\d{{1,5}})({_PATH})/?", endpoint)
     if match is None:
         raise ValueError(f"endpoint {endpoint!r} is not http://HOST:PORT[/PATH]")
     return f"{match.group(1)}:{match.group(2)}", match.group(3)

@@ -1,20 +1,23 @@
 """The local runtime: model servers and batch jobs as processes on the worker's host.
 
 Each deployment owns ``<runtime_dir>/<runtime>/<deployment id>/``: the unpacked package,
-``server.log`` and ``deployment.json`` (pid and port). That file is what makes deploys
+``server.log``, ``server.sock`` (the server's unix socket: local servers listen on no TCP
+port, see :mod:`mlc.endpoints`) and ``deployment.json`` (pid and socket). That file is what makes deploys
 idempotent across activity retries and worker restarts: a live, healthy server found
 there is reused instead of started twice.
 
 Online deployments of runtimes that share hosts (:meth:`mlc.domain.Runtime.shares_hosts`:
 by default every stage but PROD) are served by one model-host process per runtime
 (``python -m mlc.serving serve-many``, :mod:`mlc.serving.multi`), recorded in
-``<runtime_dir>/<runtime>/.host/``: ``host.json`` (pid and port), ``host.log``, and
+``<runtime_dir>/<runtime>/.host/``: ``host.json`` (pid and socket), ``host.sock``, ``host.log``, and
 ``models/`` with a link ``<deployment id>`` to each hosted deployment's package and its
 identity ``<deployment id>.json``. Such a deployment's endpoint is
-``http://127.0.0.1:PORT/models/<deployment id>``; its folder keeps ``deployment.json``
-(``"host": true``) and the package. The host starts on the first deploy (forked from the
-forkserver), is started again on its old port when found dead, and stops when its last
-deployment is removed. A model the host refuses (409: requirements it does not meet)
+``unix:<runtime_dir>/<runtime>/.host/host.sock/models/<deployment id>``; its folder keeps
+``deployment.json`` (``"host": true``) and the package. The host starts on the first deploy
+(forked from the forkserver), is started again on its socket when found dead, is restarted
+without each deployment that leaves it (the model's code ran in its process: whatever
+that left running ends with the host's user), and stops when its last deployment is
+removed. A model the host refuses (409: requirements it does not meet)
 gets a dedicated process instead. Models hosted together share one process and, when
 the worker is root, one user (the host's): a crash or a hostile model reaches the other
 models of the same host, which is why PROD keeps a process and a user per deployment.
@@ -24,7 +27,11 @@ Model code is untrusted, so its processes get an allow-listed environment (see
 When the worker is root they also run as the deployment's own unprivileged user, which
 owns the deployment folder (0700) and can reach nothing else of ``MLC_HOME`` (see
 :mod:`mlc.isolation`); the runtime then reads and writes in that folder only through
-helpers that follow no link the model may have planted there.
+helpers that follow no link the model may have planted there. Servers, hosts and batch
+jobs then also run in a network namespace of their own: nothing of the host's network
+(Temporal, PostgreSQL, other models) is reachable from model code, and no port can be
+squatted. Whatever talks to a server (gateway, stage tests, probes) first checks that its
+socket belongs to the deployment's user (:meth:`LocalDriver.socket_user`).
 """
 
 from __future__ import annotations
@@ -32,10 +39,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import os
 import shutil
 import signal
-import socket
+import stat
 import subprocess
 import sys
 import tempfile
@@ -66,10 +74,10 @@ from activities.runtimes.base import (
     UndeployRequest,
     ask_health,
 )
-from mlc import isolation, processes
+from mlc import endpoints, isolation, processes
 from mlc.artifacts import ArtifactStore
 from mlc.config import Settings
-from mlc.domain import ModelSnapshot, Runtime
+from mlc.domain import ModelNetwork, ModelSnapshot, Runtime
 from mlc.errors import DeploymentFailedError, NotFoundError
 from mlc.evaluation import test_dataset
 from mlc.isolation import ModelUser
@@ -90,6 +98,8 @@ OUTPUT_DRAIN_SECONDS = 5.0
 """After a batch job exits: how long its summary may take to arrive through a pipe that
 something it left running (as the worker's own user) still holds open."""
 
+SERVER_MARKER = "mlc.serving"
+"""In every model server's command line: a recorded pid is ours only while it still says so."""
 STATE_FILE = "deployment.json"
 SERVER_LOG = "server.log"
 BATCH_LOG = "batch.log"
@@ -105,6 +115,10 @@ STAGING_DIR = "_staging"
 into a deployment folder (no runtime can be named ``_staging``)."""
 """The runtime's shared model host, beside its deployment folders (not a deployment id)."""
 HOST_STATE = "host.json"
+HOST_SOCKET = "host.sock"
+"""The shared host's unix socket, in its folder."""
+SERVER_SOCKET = "server.sock"
+"""A dedicated server's unix socket, in its deployment folder."""
 HOST_LOG = "host.log"
 MODELS_DIR = "models"
 
@@ -113,6 +127,8 @@ INHERITED_ENV = (
 )  # fmt: skip
 """Worker variables a model process may see: locale, time zone, where programs and
 libraries are, and the model server's own limits and batching. ``LC_*`` is passed as well."""
+
+logger = logging.getLogger(__name__)
 
 _children: dict[int, subprocess.Popen[bytes]] = {}
 """Servers this process started, kept so exits are reaped (no zombies look alive)."""
@@ -172,7 +188,7 @@ def _fork_client() -> ForkClient | None:
 
 
 class LocalDriver(RuntimeDriver):
-    """Runs ``python -m mlc.serving`` with this interpreter, bound to 127.0.0.1."""
+    """Runs ``python -m mlc.serving`` with this interpreter, serving on a unix socket."""
 
     async def deploy_online(self, request: OnlineDeployRequest, heartbeat: Heartbeat) -> OnlineDeployResult:
         """Reuse the deployment's live server, or unpack and start one (or join the runtime's
@@ -197,6 +213,8 @@ class LocalDriver(RuntimeDriver):
             shares = request.runtime.shares_hosts(request.stage)
             if state.get("host") and not shares:
                 await self._leave_host(request.runtime, workdir, fresh=True)
+            elif state.get("host") and state.get("sha256") != request.snapshot.sha256:
+                await self._leave_host(request.runtime, workdir, fresh=False)  # the old code's processes end
             elif not state.get("host"):
                 await _stop(int(state["pid"]))
                 if shares:  # into the host: its folder becomes the host user's
@@ -204,25 +222,24 @@ class LocalDriver(RuntimeDriver):
         return await self._deploy(request, workdir, heartbeat)
 
     async def _deploy(
-        self, request: OnlineDeployRequest, workdir: Path, heartbeat: Heartbeat, *, port: int | None = None
+        self, request: OnlineDeployRequest, workdir: Path, heartbeat: Heartbeat
     ) -> OnlineDeployResult:
         """Join the runtime's shared host when it shares them and the host takes the model,
-        else start a dedicated server (on ``port`` when free)."""
+        else start a dedicated server."""
         if request.runtime.shares_hosts(request.stage):
             hosted = await self._deploy_hosted(request, workdir, heartbeat)
             if hosted is not None:
                 return hosted
             await self._leave_host(request.runtime, workdir, fresh=True)  # refused: its own process
-        state = await self._launch(request, workdir, port=port)
+        state = await self._launch(request, workdir)
         return await _wait_healthy(request, state, workdir, heartbeat)
 
     async def restart(self, request: OnlineDeployRequest, heartbeat: Heartbeat) -> OnlineDeployResult:
-        """Stop what is left of the deployment's server and start it again, on its old port
-        when that is free, so consumers keep the endpoint they know. A hosted deployment
-        brings its host back (on the host's old port) when it is dead."""
+        """Stop what is left of the deployment's server and start it again, on the same
+        socket in its folder, so the endpoint stays the same. A hosted deployment brings
+        its host back when it is dead."""
         workdir = self.workdir(request.runtime, request.deployment_id)
         state = self._state(request.runtime, workdir)
-        port = None
         if state is not None:
             if state.get("host"):
                 if request.runtime.shares_hosts(request.stage):
@@ -232,8 +249,7 @@ class LocalDriver(RuntimeDriver):
                 await self._leave_host(request.runtime, workdir, fresh=True)
             else:
                 await _stop(int(state["pid"]))
-                port = int(state["port"])
-        return await self._deploy(request, workdir, heartbeat, port=port)
+        return await self._deploy(request, workdir, heartbeat)
 
     async def probe(self, request: ProbeRequest) -> ProbeResult:
         """The recorded server's process is alive and ``/health`` answers 200 (three tries);
@@ -262,12 +278,14 @@ class LocalDriver(RuntimeDriver):
         return (self.settings.runtime_dir / runtime.name).resolve() / HOST_DIR
 
     def _state(self, runtime: Runtime, workdir: Path) -> dict[str, Any] | None:
-        """The deployment's record; a hosted one with its host's current pid and port."""
+        """The deployment's record; a hosted one with its host's current pid and address."""
         state = _read_state(workdir)
         if state is not None and state.get("host"):
             host = _read_state(self._host_dir(runtime), HOST_STATE)
             if host is not None:
-                state = {**state, "pid": host["pid"], "port": host["port"]}
+                address: dict[str, Any] = {k: host[k] for k in ("port", "socket") if k in host}
+                state = {k: v for k, v in state.items() if k not in ("port", "socket")}
+                state = {**state, "pid": host["pid"], **address}
         return state
 
     async def _deploy_hosted(
@@ -282,7 +300,7 @@ class LocalDriver(RuntimeDriver):
             host = await self._ensure_host(runtime, user, heartbeat)
         state = {
             "pid": host["pid"],
-            "port": host["port"],
+            "socket": host["socket"],
             "path": f"/{MODELS_DIR}/{request.deployment_id}",
             "host": True,
             "sha256": request.snapshot.sha256,
@@ -303,7 +321,8 @@ class LocalDriver(RuntimeDriver):
             self.settings.runtime_dir.mkdir(parents=True, exist_ok=True)
             isolation.lock_home(self.settings.home, self.settings.runtime_dir)
             python = (sys.prefix, sys.base_prefix, Path(sys.executable).resolve().parent)
-            user = replace(user, reach=tuple(str(p) for p in (*python, _project_root(), host_dir.parent)))
+            reach = tuple(str(p) for p in (*python, _project_root(), host_dir.parent))
+            user = _networked(runtime, replace(user, reach=reach))
         isolation.prepare_folder(host_dir, user)
         isolation.private_folder(host_dir / TMP_DIR, user)
         isolation.private_folder(host_dir / MODELS_DIR, user)
@@ -332,7 +351,7 @@ class LocalDriver(RuntimeDriver):
     async def _ensure_host(
         self, runtime: Runtime, user: ModelUser | None, heartbeat: Heartbeat
     ) -> dict[str, Any]:
-        """The live host's record, after starting it (on its old port when free) if needed.
+        """The live host's record, after starting it (on its socket) if needed.
 
         Raises:
             DeploymentFailedError: it exited or did not answer ``/health``; carries its log tail.
@@ -341,37 +360,34 @@ class LocalDriver(RuntimeDriver):
         state = _read_state(host_dir, HOST_STATE)
         if state is not None and _alive(int(state["pid"])):
             return state
-        old = None if state is None else int(state["port"])
-        port = old if old is not None and _port_free(old) else _free_port()
+        await asyncio.to_thread(isolation.kill_user, user)  # what a dead host's models left running
+        sock = host_dir / HOST_SOCKET
         env = _host_env(host_dir)
-        argv = [
-            "serve-many", "--models-dir", str(host_dir / MODELS_DIR), "--host", HOST, "--port", str(port),
-        ]  # fmt: skip
+        argv = ["serve-many", "--models-dir", str(host_dir / MODELS_DIR), "--uds", str(sock)]
         pid = self._start_process(argv, cwd=host_dir, env=env, log=host_dir / HOST_LOG, user=user)
-        state = {"pid": pid, "port": port, "started_at": time.time()}
+        state = {"pid": pid, "socket": str(sock), "started_at": time.time()}
         isolation.write_file(host_dir / HOST_STATE, json.dumps(state))
-        endpoint = f"http://{HOST}:{port}"
+        endpoint = _endpoint(state)
         deadline = time.monotonic() + HEALTH_TIMEOUT_SECONDS
-        async with httpx.AsyncClient(timeout=2.0, trust_env=False) as client:
-            while True:
-                if not _alive(pid):
-                    log = host_dir / HOST_LOG
-                    raise DeploymentFailedError(
-                        f"the shared model host of runtime {runtime.name} exited during start"
-                        f"{_exit_code(pid)}; last lines of {log}:\n{_tail(log)}"
-                    )
-                with contextlib.suppress(httpx.TransportError):
-                    if (await client.get(f"{endpoint}/health")).status_code == 200:
-                        return state
-                if time.monotonic() > deadline:
-                    await _stop(pid)
-                    raise DeploymentFailedError(
-                        f"the shared model host of runtime {runtime.name} did not answer {endpoint}/health "
-                        f"within {HEALTH_TIMEOUT_SECONDS:.0f} s and was stopped; last lines of "
-                        f"{host_dir / HOST_LOG}:\n{_tail(host_dir / HOST_LOG)}"
-                    )
-                heartbeat(f"waiting for the shared model host at {endpoint}")
-                await asyncio.sleep(0.02)
+        while True:
+            if not _alive(pid):
+                log = host_dir / HOST_LOG
+                raise DeploymentFailedError(
+                    f"the shared model host of runtime {runtime.name} exited during start"
+                    f"{_exit_code(pid)}; last lines of {log}:\n{_tail(log)}"
+                )
+            with contextlib.suppress(httpx.TransportError):
+                if (await endpoints.get(endpoint, "/health", timeout=2.0)).status_code == 200:
+                    return state
+            if time.monotonic() > deadline:
+                await _stop(pid)
+                raise DeploymentFailedError(
+                    f"the shared model host of runtime {runtime.name} did not answer {endpoint}/health "
+                    f"within {HEALTH_TIMEOUT_SECONDS:.0f} s and was stopped; last lines of "
+                    f"{host_dir / HOST_LOG}:\n{_tail(host_dir / HOST_LOG)}"
+                )
+            heartbeat(f"waiting for the shared model host at {endpoint}")
+            await asyncio.sleep(0.02)
 
     async def _wait_hosted(
         self, request: OnlineDeployRequest, state: dict[str, Any], workdir: Path, heartbeat: Heartbeat
@@ -391,17 +407,15 @@ class LocalDriver(RuntimeDriver):
         )
         deadline = time.monotonic() + HEALTH_TIMEOUT_SECONDS
         problem = None
-        async with httpx.AsyncClient(timeout=HEALTH_TIMEOUT_SECONDS, trust_env=False) as client:
-            while problem is None:
-                if not _alive(pid):
-                    problem = f"{where}: the host exited{_exit_code(pid)}"
-                    break
+        while problem is None:
+            if not _alive(pid):
+                problem = f"{where}: the host exited{_exit_code(pid)}"
+            else:
                 try:
-                    response = await client.get(f"{endpoint}/health")
+                    response = await endpoints.get(endpoint, "/health", timeout=HEALTH_TIMEOUT_SECONDS)
                     if response.status_code == 200:
                         return OnlineDeployResult(
-                            endpoint=endpoint,
-                            details={"pid": pid, "port": int(state["port"]), "log": str(log), "host": True},
+                            endpoint=endpoint, details={"pid": pid, "log": str(log), "host": True}
                         )
                     if response.status_code == 409:
                         return None
@@ -412,55 +426,85 @@ class LocalDriver(RuntimeDriver):
                     )
                 except httpx.TransportError:
                     pass
-                if time.monotonic() > deadline:
-                    problem = (
-                        f"{where} did not become healthy at {endpoint} within {HEALTH_TIMEOUT_SECONDS:.0f} s"
-                    )
-                heartbeat(f"waiting for {endpoint}/health")
-                await asyncio.sleep(0.02)
+            if problem is not None and (moved := await self._restarted(request.runtime, workdir, pid)):
+                pid, endpoint, problem = int(moved["pid"]), _endpoint(moved), None
+                continue  # another model left the host, which was restarted: ask the new one
+            if problem is None and time.monotonic() > deadline:
+                problem = (
+                    f"{where} did not become healthy at {endpoint} within {HEALTH_TIMEOUT_SECONDS:.0f} s"
+                )
+            heartbeat(f"waiting for {endpoint}/health")
+            await asyncio.sleep(0.02)
         await self._leave_host(request.runtime, workdir, fresh=False)
         with contextlib.suppress(FileNotFoundError):
             (workdir / STATE_FILE).unlink()  # nothing to reuse: the next deploy puts it in again
         raise DeploymentFailedError(f"{problem}; last lines of {log}:\n{_tail(log)}")
 
+    async def _restarted(self, runtime: Runtime, workdir: Path, pid: int) -> dict[str, Any] | None:
+        """The deployment's record with its host's new pid when the host ``pid`` was
+        restarted since (a model left it: its answers while stopping do not count), waiting
+        for a restart under way; else None."""
+        async with _host_turn(self.settings, runtime):
+            moved = self._state(runtime, workdir)
+        if moved is not None and int(moved["pid"]) != pid and _alive(int(moved["pid"])):
+            return moved
+        return None
+
     async def _leave_host(self, runtime: Runtime, workdir: Path, *, fresh: bool) -> None:
         """Take the deployment out of the runtime's host (its link and identity); with
-        ``fresh`` also its folder, which belongs to the host's user. Stops the host when
-        it hosts nothing any more."""
+        ``fresh`` also its folder, which belongs to the host's user. The model's code ran in
+        the host's process, so whatever it left running is the host user's: the host ends
+        with every process of its user and starts again without the model (see
+        :meth:`_release_host`)."""
         models = self._host_dir(runtime) / MODELS_DIR
         for path in (models / workdir.name, models / f"{workdir.name}.json"):
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
         if fresh:
             await asyncio.to_thread(self._forget_folder, runtime, workdir)
-        await self._release_host(runtime)
+        await self._release_host(runtime, restart=True)
 
     def _forget_folder(self, runtime: Runtime, workdir: Path) -> None:
         """Remove the deployment's folder, first killing what its user still runs unless
-        that user is the host's (the other hosted models live on)."""
+        that user is the host's (the host's restart ends those)."""
         user = isolation.user_of(workdir)
         if user is not None and user != isolation.user_of(self._host_dir(runtime)):
             isolation.kill_user(user)
+            _forget_network(runtime, user)
         shutil.rmtree(workdir, True)
 
-    async def _release_host(self, runtime: Runtime) -> None:
-        """Stop the runtime's host and remove its folder when no deployment is linked in it,
-        else ask its ``/health`` so it unloads the models whose link is gone."""
+    async def _release_host(self, runtime: Runtime, *, restart: bool = False) -> None:
+        """Stop the runtime's host with every process of its user (its cgroup, its uid) and
+        remove its folder when no deployment is linked in it any more.
+
+        With ``restart`` (a model just left it) and deployments still linked, the running
+        host is stopped the same way and started again on its socket: one process and one
+        user serve every hosted model, so a model leaving cannot be killed alone, and a
+        restart is what ends whatever its code left behind (a ``setsid`` daemon). The models
+        that stay load again on their next request. A dead host is only cleared of its
+        user's leftovers: the reconciler brings it back.
+        """
         host_dir = self._host_dir(runtime)
         async with _host_turn(self.settings, runtime):
             state = _read_state(host_dir, HOST_STATE)
             models = host_dir / MODELS_DIR
-            if models.is_dir() and any(p.is_symlink() for p in models.iterdir()):
-                if state is not None and _alive(int(state["pid"])):
-                    with contextlib.suppress(httpx.HTTPError):
-                        async with httpx.AsyncClient(timeout=2.0, trust_env=False) as client:
-                            await client.get(f"http://{HOST}:{int(state['port'])}/health")
+            hosting = models.is_dir() and any(p.is_symlink() for p in models.iterdir())
+            if hosting and not restart:
                 return
+            running = state is not None and _alive(int(state["pid"]))
             if state is not None:
                 await _stop(int(state["pid"]))
-            if host_dir.is_dir():
-                await asyncio.to_thread(isolation.kill_user, isolation.user_of(host_dir))
+            user = isolation.user_of(host_dir)  # None once its folder is gone
+            await asyncio.to_thread(isolation.kill_user, user)
+            if not hosting:
+                await asyncio.to_thread(_forget_network, runtime, user)
                 await asyncio.to_thread(shutil.rmtree, host_dir, True)
+            elif running:
+                prepared = await asyncio.to_thread(self._prepare_host, runtime)
+                try:
+                    await self._ensure_host(runtime, prepared, lambda note: None)
+                except DeploymentFailedError as exc:  # the model left; the others' probes will say
+                    logger.warning("the shared host of runtime %s did not start again: %s", runtime.name, exc)
 
     def _start_process(
         self, argv: list[str], *, cwd: Path, env: dict[str, str], log: Path, user: ModelUser | None
@@ -492,37 +536,58 @@ class LocalDriver(RuntimeDriver):
             pid = process.pid
         return pid
 
-    async def _launch(
-        self, request: OnlineDeployRequest, workdir: Path, *, port: int | None = None
-    ) -> dict[str, Any]:
+    async def _launch(self, request: OnlineDeployRequest, workdir: Path) -> dict[str, Any]:
         """Unpack (in a thread), then start the server from the event loop's thread: a
         parent-death signal is tied to the thread that forks (see :mod:`mlc.processes`)."""
         user, package = await asyncio.to_thread(self.prepare, request.runtime, request.snapshot, workdir)
-        return self._start(request, workdir, package, user, port=port)
+        return self._start(request, workdir, package, user)
 
     def _start(
-        self,
-        request: OnlineDeployRequest,
-        workdir: Path,
-        package: Path,
-        user: ModelUser | None,
-        *,
-        port: int | None = None,
+        self, request: OnlineDeployRequest, workdir: Path, package: Path, user: ModelUser | None
     ) -> dict[str, Any]:
-        """Start a detached server on ``port`` (if still free) or a free port, and record it."""
-        port = port if port is not None and _port_free(port) else _free_port()
-        argv = ["serve", "--package", str(package), "--host", HOST, "--port", str(port)]
+        """Start a detached server on the socket in its folder, and record it."""
+        sock = workdir / SERVER_SOCKET
+        argv = ["serve", "--package", str(package), "--uds", str(sock)]
         env = child_env(request.snapshot, workdir)
         pid = self._start_process(argv, cwd=workdir, env=env, log=workdir / SERVER_LOG, user=user)
         state = {
             "pid": pid,
-            "port": port,
+            "socket": str(sock),
             "sha256": request.snapshot.sha256,
             "model": str(request.snapshot.ref),
             "started_at": time.time(),
         }
         isolation.write_file(workdir / STATE_FILE, json.dumps(state))
         return state
+
+    async def start_scorer(
+        self,
+        request: StreamingDeployRequest,
+        workdir: Path,
+        package: Path,
+        user: ModelUser | None,
+        heartbeat: Heartbeat,
+    ) -> int:
+        """Start the model server a streaming deployment's consumers score through (on the
+        socket in its folder, kept off the network like any server), wait for its health;
+        return its pid.
+
+        Raises:
+            DeploymentFailedError: it exited or stayed unhealthy; carries its log tail.
+        """
+        user = None if user is None else _networked(request.runtime, user)
+        argv = ["serve", "--package", str(package), "--uds", str(workdir / SERVER_SOCKET)]
+        env = child_env(request.snapshot, workdir)
+        pid = self._start_process(argv, cwd=workdir, env=env, log=workdir / SERVER_LOG, user=user)
+        state = {"pid": pid, "socket": str(workdir / SERVER_SOCKET)}
+        online = OnlineDeployRequest(
+            deployment_id=request.deployment_id,
+            snapshot=request.snapshot,
+            runtime=request.runtime,
+            stage=request.stage,
+        )
+        await _wait_healthy(online, state, workdir, heartbeat)
+        return pid
 
     def model_user(self, runtime: Runtime, workdir: Path) -> ModelUser | None:
         """The user the deployment's processes run as: its own when the worker is root
@@ -532,7 +597,13 @@ class LocalDriver(RuntimeDriver):
         return isolation.user_for(workdir, taken=isolation.users_in(self.settings.runtime_dir))
 
     def prepare(
-        self, runtime: Runtime, snapshot: ModelSnapshot, workdir: Path, *, fresh: bool = True
+        self,
+        runtime: Runtime,
+        snapshot: ModelSnapshot,
+        workdir: Path,
+        *,
+        fresh: bool = True,
+        own_network: bool = True,
     ) -> tuple[ModelUser | None, Path]:
         """Make the deployment folder ready for model processes; return their user and the
         unpacked package.
@@ -543,7 +614,9 @@ class LocalDriver(RuntimeDriver):
         the folder is the user's (0700) with a ``tmp`` of its own, and the package is
         unpacked by root into a folder the user cannot have redirected. ``fresh=False``
         (streaming consumers of the deployment keep running) kills nothing and unpacks
-        nothing: the package is already there.
+        nothing: the package is already there. ``own_network`` keeps the processes off the
+        network as the runtime's ``model_network`` says (:func:`_networked`); without it
+        they share the host's (streaming consumers).
         """
         user = self.model_user(runtime, workdir)
         if user is not None:
@@ -552,7 +625,9 @@ class LocalDriver(RuntimeDriver):
             self.settings.runtime_dir.mkdir(parents=True, exist_ok=True)
             isolation.lock_home(self.settings.home, self.settings.runtime_dir)
             python = (sys.prefix, sys.base_prefix, Path(sys.executable).resolve().parent)
-            user = replace(user, reach=tuple(str(p) for p in (*python, _project_root(), workdir)))
+            reach = tuple(str(p) for p in (*python, _project_root(), workdir))
+            user = replace(user, reach=reach)
+            user = _networked(runtime, user) if own_network else user
         isolation.prepare_folder(workdir, user)
         isolation.private_folder(workdir / TMP_DIR, user)
         if not fresh and (workdir / PACKAGE_DIR).is_dir():
@@ -609,6 +684,7 @@ class LocalDriver(RuntimeDriver):
         finally:
             # Nothing the job started outlives it, so nothing swaps its output once checked.
             await asyncio.to_thread(isolation.kill_user, user)
+            await asyncio.to_thread(_forget_network, request.runtime, user)
             await asyncio.to_thread(shutil.rmtree, package, True)
         isolation.check_output(output_path)
         return BatchJobResult(
@@ -620,13 +696,45 @@ class LocalDriver(RuntimeDriver):
 
     async def locate(self, runtime: Runtime, deployment_id: str) -> str:
         """The endpoint of the deployment's live server, from its ``deployment.json``
-        (``http://127.0.0.1:PORT/models/<id>`` for a deployment in the shared host)."""
-        state = self._state(runtime, self.workdir(runtime, deployment_id))
+        (``unix:.../.host/host.sock/models/<id>`` for a deployment in the shared host),
+        once its socket is found to be the deployment's user's (:meth:`socket_user`).
+
+        Raises:
+            NotFoundError: no live server is recorded.
+            DeploymentFailedError: its socket belongs to someone else.
+        """
+        workdir = self.workdir(runtime, deployment_id)
+        state = self._state(runtime, workdir)
         if state is None or not _alive(int(state["pid"])):
             raise NotFoundError(
                 f"deployment {deployment_id} has no live model server on runtime {runtime.name}"
             )
+        self.socket_user(runtime, workdir, state)
         return _endpoint(state)
+
+    def socket_user(self, runtime: Runtime, workdir: Path, state: dict[str, Any]) -> int | None:
+        """The uid owning the recorded server's socket, checked to be the deployment's user
+        (its folder's owner, the host's for a hosted one; the worker's own when it is not
+        root), in that folder, which nobody else may write; None for a server recorded
+        with a TCP port (before sockets).
+
+        Raises:
+            DeploymentFailedError: the socket is not that user's.
+        """
+        if "socket" not in state:
+            return None
+        sock = Path(state["socket"])
+        folder = self._host_dir(runtime) if state.get("host") else workdir
+        owner = endpoints.socket_owner(sock)
+        user = isolation.user_of(folder)
+        expected = os.geteuid() if user is None else user.uid
+        mode = os.lstat(folder).st_mode
+        if owner != expected or sock.parent != folder or mode & (stat.S_IWGRP | stat.S_IWOTH):
+            raise DeploymentFailedError(
+                f"the socket {sock} of deployment {workdir.name} on runtime {runtime.name} belongs to "
+                f"uid {owner}, not to the deployment's user {expected}: refusing to send it traffic"
+            )
+        return owner
 
     async def deploy_streaming(
         self, request: StreamingDeployRequest, heartbeat: Heartbeat
@@ -649,9 +757,13 @@ class LocalDriver(RuntimeDriver):
         await self._leave_host(request.runtime, workdir, fresh=True)
 
     async def stop_servers(self, runtime: Runtime) -> list[str]:
-        """Stop every model server of ``runtime``, keeping folders and records; return the
-        deployment ids. For ``mlc dev`` stopping: the inventory keeps saying what should
-        serve, and the runtime's reconciler brings it back when the stack starts again."""
+        """Stop every model server of ``runtime`` and whatever its model users still run
+        (daemons their code started, streaming consumers), keeping folders and records;
+        return the deployment ids. For ``mlc dev`` stopping (and starting, after a stack
+        that was killed): the inventory keeps saying what should serve, and the runtime's
+        reconciler brings it back when the stack starts again."""
+        from activities.runtimes import streaming
+
         root = self.settings.runtime_dir / runtime.name
         stopped = []
         for path in sorted(root.glob(f"*/{STATE_FILE}")) if root.is_dir() else []:
@@ -659,6 +771,9 @@ class LocalDriver(RuntimeDriver):
             if state is not None and (state.get("host") or _alive(int(state["pid"]))):
                 await _stop(int(state["pid"]))  # a hosted one: its host (once)
                 stopped.append(path.parent.name)
+        for folder in sorted(root.iterdir()) if root.is_dir() else []:
+            await streaming.stop_consumers(folder)  # cleanly first: each commits its batch
+            await asyncio.to_thread(isolation.kill_user, isolation.user_of(folder))
         return stopped
 
     async def cleanup(self, request: CleanupRequest) -> CleanupResult:
@@ -717,8 +832,26 @@ def _host_env(host_dir: Path) -> dict[str, str]:
 
 
 def _endpoint(state: dict[str, Any]) -> str:
-    """A recorded server's endpoint: its port, and the model's path in a shared host."""
+    """A recorded server's endpoint: its socket (or, recorded before sockets, its port) and
+    the model's path in a shared host."""
+    if "socket" in state:
+        return endpoints.unix_endpoint(Path(state["socket"]), state.get("path", ""))
     return f"http://{HOST}:{int(state['port'])}{state.get('path', '')}"
+
+
+def _networked(runtime: Runtime, user: ModelUser) -> ModelUser:
+    """``user`` kept off the network as ``runtime.model_network`` says: a namespace of its
+    own (``none``), or the host's network with the host itself refused (``outbound``)."""
+    if runtime.model_network is ModelNetwork.OUTBOUND:
+        isolation.keep_off_host(user)
+        return user
+    return replace(user, own_network=True)
+
+
+def _forget_network(runtime: Runtime, user: ModelUser | None) -> None:
+    """Remove what :func:`_networked` added to the host's firewall for ``user``."""
+    if user is not None and runtime.model_network is ModelNetwork.OUTBOUND:
+        isolation.drop_host_rules(user.uid)
 
 
 def _error_of(response: httpx.Response) -> str:
@@ -857,7 +990,7 @@ async def _wait_forked(
                 heartbeat(f"batch job for {request.snapshot.ref}: {noted - started:.0f} s")
             await asyncio.sleep(0.01)
     except BaseException:
-        _signal_group(pid, signal.SIGKILL)
+        processes.signal_group(pid, signal.SIGKILL)
         raise
     deadline = time.monotonic() + 1.0  # the forkserver notes the code as it reaps the job
     while (code := forks.exit_code(pid)) is None and time.monotonic() < deadline:
@@ -886,40 +1019,37 @@ async def _wait_healthy(
     request: OnlineDeployRequest, state: dict[str, Any], workdir: Path, heartbeat: Heartbeat
 ) -> OnlineDeployResult:
     """Poll ``/health`` of the recorded server until it answers 200; stop it and raise if not."""
-    pid, port = int(state["pid"]), int(state["port"])
-    endpoint = f"http://{HOST}:{port}"
+    pid, endpoint = int(state["pid"]), _endpoint(state)
     where = (
         f"model server for {request.snapshot.ref} (deployment {request.deployment_id}, "
         f"runtime {request.runtime.name})"
     )
     deadline = time.monotonic() + HEALTH_TIMEOUT_SECONDS
-    async with httpx.AsyncClient(timeout=2.0) as client:
-        while True:
-            if not _alive(pid):
-                message = (
-                    f"{where} exited during start{_exit_code(pid)}; "
-                    f"last lines of {workdir / SERVER_LOG}:\n{_tail(workdir / SERVER_LOG)}"
+    while True:
+        if not _alive(pid):
+            message = (
+                f"{where} exited during start{_exit_code(pid)}; "
+                f"last lines of {workdir / SERVER_LOG}:\n{_tail(workdir / SERVER_LOG)}"
+            )
+            await _stop(pid)
+            raise DeploymentFailedError(message)
+        try:
+            response = await endpoints.get(endpoint, "/health", timeout=2.0)
+            if response.status_code == 200:
+                return OnlineDeployResult(
+                    endpoint=endpoint, details={"pid": pid, "log": str(workdir / SERVER_LOG)}
                 )
-                await _stop(pid)
-                raise DeploymentFailedError(message)
-            try:
-                response = await client.get(f"{endpoint}/health")
-                if response.status_code == 200:
-                    return OnlineDeployResult(
-                        endpoint=endpoint,
-                        details={"pid": pid, "port": port, "log": str(workdir / SERVER_LOG)},
-                    )
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                await _stop(pid)
-                raise DeploymentFailedError(
-                    f"{where} did not become healthy at {endpoint} within "
-                    f"{HEALTH_TIMEOUT_SECONDS:.0f} s and was stopped; last lines of "
-                    f"{workdir / SERVER_LOG}:\n{_tail(workdir / SERVER_LOG)}"
-                )
-            heartbeat(f"waiting for {endpoint}/health")
-            await asyncio.sleep(0.05)
+        except httpx.TransportError:
+            pass
+        if time.monotonic() > deadline:
+            await _stop(pid)
+            raise DeploymentFailedError(
+                f"{where} did not become healthy at {endpoint} within "
+                f"{HEALTH_TIMEOUT_SECONDS:.0f} s and was stopped; last lines of "
+                f"{workdir / SERVER_LOG}:\n{_tail(workdir / SERVER_LOG)}"
+            )
+        heartbeat(f"waiting for {endpoint}/health")
+        await asyncio.sleep(0.05)
 
 
 def _read_state(workdir: Path, name: str = STATE_FILE) -> dict[str, Any] | None:
@@ -931,7 +1061,9 @@ def _read_state(workdir: Path, name: str = STATE_FILE) -> dict[str, Any] | None:
         state = json.loads(text) if text is not None else None
     except json.JSONDecodeError:
         return None
-    return dict(state) if isinstance(state, dict) and "pid" in state and "port" in state else None
+    if not isinstance(state, dict) or "pid" not in state or not ("port" in state or "socket" in state):
+        return None
+    return dict(state)
 
 
 def _alive(pid: int) -> bool:
@@ -939,14 +1071,7 @@ def _alive(pid: int) -> bool:
     child = _children.get(pid)
     if child is not None:
         return child.poll() is None
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return False  # some other user's process reusing the pid: not ours
-    cmdline = Path(f"/proc/{pid}/cmdline")
-    return not cmdline.exists() or b"mlc.serving" in cmdline.read_bytes()
+    return processes.alive(pid, marker=SERVER_MARKER)
 
 
 def _exit_code(pid: int) -> str:
@@ -962,39 +1087,10 @@ def _exit_code(pid: int) -> str:
 async def _stop(pid: int) -> None:
     """SIGTERM the server's process group, SIGKILL it if still there after a grace period."""
     if _alive(pid):
-        _signal_group(pid, signal.SIGTERM)
-        deadline = time.monotonic() + STOP_TIMEOUT_SECONDS
-        while _alive(pid) and time.monotonic() < deadline:
-            await asyncio.sleep(0.05)
-        if _alive(pid):
-            _signal_group(pid, signal.SIGKILL)
-            while _alive(pid):
-                await asyncio.sleep(0.05)
+        await asyncio.to_thread(
+            processes.stop, pid, timeout=STOP_TIMEOUT_SECONDS, child=_children.get(pid), marker=SERVER_MARKER
+        )
     _children.pop(pid, None)
-
-
-def _signal_group(pid: int, signum: signal.Signals) -> None:
-    try:
-        os.killpg(pid, signum)
-    except ProcessLookupError:
-        pass
-
-
-def _port_free(port: int) -> bool:
-    """True when nothing listens on ``HOST:port`` (the server binds it moments later)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        try:
-            sock.bind((HOST, port))
-        except OSError:
-            return False
-        return True
-
-
-def _free_port() -> int:
-    """A port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((HOST, 0))
-        return int(sock.getsockname()[1])
 
 
 def _tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:

@@ -14,9 +14,14 @@ is idempotent; a changed configuration (``standby`` lifted at promotion) restart
 all, each stopped cleanly first: SIGTERM lets a consumer finish its batch, commit and
 leave the group, so the next one starts exactly at the committed offsets.
 
-Local consumers are model code like local model servers: an allow-listed environment
-(plus the runtime's SASL password, which they need), and when the worker is root the
-deployment's own unprivileged user and folder (see :mod:`mlc.isolation`).
+Local consumers run with an allow-listed environment (plus the runtime's SASL password,
+which they need), and when the worker is root as the deployment's own unprivileged user in
+its folder (see :mod:`mlc.isolation`). They talk to the broker, so they keep the host's
+network; model code must not, so they import none: each batch goes to the deployment's
+own model server (``server.sock`` in its folder), which runs in a network namespace of its
+own like every local server (see :class:`mlc.streaming.consumer.RemoteModel`). It is
+started before the consumers, recorded as ``scorer`` and started again by a redeploy that
+finds it dead (consumers retry their batch meanwhile; nothing is dead-lettered for it).
 """
 
 from __future__ import annotations
@@ -47,10 +52,14 @@ READY_TIMEOUT_SECONDS = 60.0
 STOP_TIMEOUT_SECONDS = 30.0
 """A consumer finishes its batch (at most ``DELIVERY_TIMEOUT_SECONDS`` of acknowledgements),
 commits and leaves its group within this; then it is killed (and its batch redelivered)."""
+QUICK_STOP_SECONDS = 5.0
 STATE_FILE = "streaming.json"
 CONSUMER_MARKER = "mlc.streaming"
 """In every consumer's command line: a recorded pid is ours only while it still says so."""
 LOG_TAIL_LINES = 20
+SCORE_SOCKET = "server.sock"
+"""The deployment's model server's socket, relative to the consumers' working folder (its
+folder): a relative name fits a socket address however long ``MLC_HOME`` is."""
 
 log = logging.getLogger(__name__)
 
@@ -146,6 +155,7 @@ async def deploy_local(
             or stayed silent at start (with its log's last lines).
         RuntimeUnavailableError: the broker cannot be reached.
     """
+    from activities.runtimes.local import _alive as local_alive
     from activities.runtimes.local import child_env
 
     kafka = kafka_of(request.runtime)
@@ -169,9 +179,14 @@ async def deploy_local(
         pids = [None] * kafka.instances
     # A fresh start (no consumer kept) also ends whatever else the deployment's user runs.
     fresh = all(p is None for p in pids)
+    # The consumers talk to the broker: they keep the host's network and run no model code;
+    # the model's server scores for them, off the network.
     user, package = await asyncio.to_thread(
-        driver.prepare, request.runtime, request.snapshot, workdir, fresh=fresh
+        driver.prepare, request.runtime, request.snapshot, workdir, fresh=fresh, own_network=False
     )
+    scorer = state.get("scorer") if state is not None and not fresh else None
+    if not isinstance(scorer, int) or not local_alive(scorer):
+        scorer = await driver.start_scorer(request, workdir, package, user, heartbeat)
     env = child_env(request.snapshot, workdir)
     env[STREAM_CONFIG_ENV] = config.model_dump_json()
     if kafka.sasl_password_env and kafka.sasl_password_env in os.environ:
@@ -183,7 +198,18 @@ async def deploy_local(
             with isolation.open_log(log_path, user) as log_file:
                 offset = os.fstat(log_file.fileno()).st_size
                 process = isolation.spawn(
-                    [sys.executable, "-m", "mlc.streaming", "consume", "--package", str(package)],
+                    [
+                        sys.executable,
+                        "-s",
+                        "-P",
+                        "-m",
+                        "mlc.streaming",
+                        "consume",
+                        "--package",
+                        str(package),
+                        "--score-socket",
+                        SCORE_SOCKET,
+                    ],  # fmt: skip
                     log=log_file,
                     user=user,
                     die_with_parent=driver.settings.servers_die_with_worker,
@@ -194,7 +220,7 @@ async def deploy_local(
             pids[index] = process.pid
             started[index] = offset
     live = [p for p in pids if p is not None]
-    _write_state(workdir, {**wanted, "pids": live, "started_at": time.time()})
+    _write_state(workdir, {**wanted, "pids": live, "scorer": scorer, "started_at": time.time()})
     for index, offset in started.items():
         await _wait_ready(request, workdir, index, live[index], offset, heartbeat)
     return StreamingDeployResult(
@@ -207,11 +233,23 @@ async def deploy_local(
 
 async def stop_local(workdir: Path) -> None:
     """Stop the deployment's consumers cleanly (TERM: finish, commit, leave; KILL after a grace period)."""
+    from activities.runtimes.local import _stop as stop_server
+
     state = _read_state(workdir)
     if state is not None:
         config = StreamConfig.model_validate(state["config"])
         await stop_in_turn([_stopper(pid) for pid in state.get("pids", [])], config)
+        if isinstance(state.get("scorer"), int):
+            await stop_server(int(state["scorer"]))
         (workdir / STATE_FILE).unlink(missing_ok=True)
+
+
+async def stop_consumers(workdir: Path) -> None:
+    """Stop the deployment's live consumers all at once, keeping the record, for ``mlc dev``
+    stopping (the next deploy starts them again): TERM lets each commit its batch, within
+    ``QUICK_STOP_SECONDS`` (the stack's own broker may be gone already; what is not
+    committed is delivered again)."""
+    await asyncio.gather(*(_stop(pid, timeout=QUICK_STOP_SECONDS) for pid in local_consumer_pids(workdir)))
 
 
 Stop = Callable[[], Awaitable[None]]
@@ -298,12 +336,14 @@ def _alive(pid: int) -> bool:
     child = _children.get(pid)
     if child is not None:
         return child.poll() is None
-    return processes.alive(pid) and CONSUMER_MARKER in processes.command_line(pid)
+    return processes.alive(pid, marker=CONSUMER_MARKER)
 
 
-async def _stop(pid: int) -> None:
+async def _stop(pid: int, *, timeout: float = STOP_TIMEOUT_SECONDS) -> None:
     if _alive(pid):
-        await asyncio.to_thread(processes.stop, pid, timeout=STOP_TIMEOUT_SECONDS, child=_children.get(pid))
+        await asyncio.to_thread(
+            processes.stop, pid, timeout=timeout, child=_children.get(pid), marker=CONSUMER_MARKER
+        )
     _children.pop(pid, None)
 
 

@@ -1,12 +1,19 @@
 """Streaming deployments on docker runtimes: one container per consumer instance.
 
-Containers run the consumer from the snapshot's model image (the same image online
-deployments use; it carries confluent-kafka), hardened like every model container, on
-the runtime's ``docker.network_mode`` (``host`` by default, so a broker on the engine
-host's loopback is reachable). They carry the ``mlc.*`` labels plus ``mlc.instance`` and
+The consumers must reach the broker; model code must reach no network. So a deployment
+is one **scorer** container (``mlc.mode=stream-scorer``: the model server of the
+snapshot's image, with no network, on a unix socket in the deployment's socket folder,
+as online containers are) and one **consumer** container per instance, on the runtime's
+``docker.network_mode``, which imports no model code: it reads the manifest to validate
+records and sends each batch to the scorer over its socket (the folder mounted read-only;
+see :class:`mlc.streaming.consumer.RemoteModel`). Both are hardened like every model
+container. The consumer still runs from the model image, whose site-packages hold the
+model's requirements beside the consumer's own (wheels from the package index, never the
+package's code). Consumers carry the ``mlc.*`` labels plus ``mlc.instance`` and
 ``mlc.stream-config`` (a digest of the consumer configuration): a redeploy keeps running
 containers whose labels still match and replaces the others, and the engine's restart
-policy brings a crashed consumer back, which resumes from the group's committed offsets.
+policy brings a crashed consumer or scorer back; a consumer resumes from the group's
+committed offsets, and retries a batch its scorer did not answer.
 
 The configuration travels in the ``MLC_STREAM_CONFIG`` environment variable, so a remote
 engine needs no shared folder; TLS files named in the kafka settings are bind-mounted
@@ -20,11 +27,17 @@ import contextlib
 import hashlib
 import os
 import time
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import docker.errors
 
-from activities.runtimes.base import Heartbeat, StreamingDeployRequest, StreamingDeployResult
+from activities.runtimes.base import (
+    Heartbeat,
+    OnlineDeployRequest,
+    StreamingDeployRequest,
+    StreamingDeployResult,
+)
 from activities.runtimes.docker_engine import HEARTBEAT_SECONDS, connect, docker_settings
 from activities.runtimes.docker_images import PACKAGE_DIR, ensure_image
 from activities.runtimes.streaming import (
@@ -46,6 +59,10 @@ if TYPE_CHECKING:
     from activities.runtimes.docker import DockerDriver
 
 MODE = "streaming"
+SCORER_MODE = "stream-scorer"
+"""``mlc.mode`` of a streaming deployment's model server container."""
+_SCORED_BY = "socket"
+"""``mlc.scored-by`` of consumers that score through the scorer (older ones loaded the model)."""
 
 
 def stop_gracefully(container: Any) -> None:
@@ -94,7 +111,17 @@ async def deploy_docker(
             container exited or stayed silent at start (with its last log lines).
         RuntimeUnavailableError: the engine or the broker cannot be reached.
     """
-    from activities.runtimes.docker import _container_options, _labels, _restart_policy, _tail, container_name
+    from activities.runtimes.docker import (
+        CONTAINER_SOCKET_DIR,
+        SOCKET_NAME,
+        _container_options,
+        _labels,
+        _restart_policy,
+        _tail,
+        container_name,
+        socket_folder,
+        socket_key,
+    )
 
     runtime, snapshot = request.runtime, request.snapshot
     kafka = kafka_of(runtime)
@@ -118,6 +145,7 @@ async def deploy_docker(
                 container.status == "running"
                 and labels.get("mlc.sha256") == snapshot.sha256
                 and labels.get("mlc.stream-config") == digest
+                and labels.get("mlc.scored-by") == _SCORED_BY
                 and 0 <= index < kafka.instances
                 and index not in running
             ):
@@ -126,8 +154,9 @@ async def deploy_docker(
                 stale.append(container)
         await stop_containers(stale, leaving=bool(running))
         missing = [i for i in range(kafka.instances) if i not in running]
+        scorer = await _running_scorer(client, request)
         image_tag = None
-        if missing:
+        if missing or scorer is None:
             image = await ensure_image(
                 client,
                 settings=driver.settings,
@@ -137,6 +166,12 @@ async def deploy_docker(
                 log_path=driver.workdir(runtime, request.deployment_id) / "build.log",
             )
             image_tag = image.tag
+        folder = await asyncio.to_thread(
+            socket_folder, driver.settings, runtime, socket_key(request.deployment_id)
+        )
+        if scorer is None:
+            await _start_scorer(driver, client, request, image.id, folder, heartbeat)
+        if missing:
             options = _container_options(settings, snapshot)
             environment = {**options.pop("environment"), STREAM_CONFIG_ENV: config.model_dump_json()}
             if kafka.sasl_password_env and kafka.sasl_password_env in os.environ:
@@ -146,6 +181,7 @@ async def deploy_docker(
                 for path in (kafka.ssl_ca_location, kafka.ssl_certificate_location, kafka.ssl_key_location)
                 if path
             }
+            volumes[str(folder)] = {"bind": CONTAINER_SOCKET_DIR, "mode": "ro"}  # the scorer's socket
             labels = {
                 **_labels(
                     deployment_id=request.deployment_id,
@@ -155,6 +191,7 @@ async def deploy_docker(
                     mode=MODE,
                 ),
                 "mlc.stream-config": digest,
+                "mlc.scored-by": _SCORED_BY,
             }
             for index in missing:
                 name = container_name(request.deployment_id, suffix=f"-stream-{index}")
@@ -165,7 +202,18 @@ async def deploy_docker(
                 running[index] = await asyncio.to_thread(
                     client.containers.run,
                     image.id,
-                    ["python3", "-m", "mlc.streaming", "consume", "--package", PACKAGE_DIR],
+                    [
+                        "python3",
+                        "-s",
+                        "-P",
+                        "-m",
+                        "mlc.streaming",
+                        "consume",
+                        "--package",
+                        PACKAGE_DIR,
+                        "--score-socket",
+                        f"{CONTAINER_SOCKET_DIR}/{SOCKET_NAME}",
+                    ],  # fmt: skip
                     name=name,
                     labels={**labels, "mlc.instance": str(index)},
                     detach=True,
@@ -188,6 +236,80 @@ async def deploy_docker(
                 reused=not missing,
             ),
         )
+
+
+async def _running_scorer(client: Any, request: StreamingDeployRequest) -> Any:
+    """The deployment's running scorer of this snapshot on the network its runtime allows
+    (none by default); others are removed."""
+    from activities.runtimes.docker import model_network
+
+    found = await asyncio.to_thread(
+        client.containers.list,
+        all=True,
+        filters={"label": [f"mlc.deployment-id={request.deployment_id}", f"mlc.mode={SCORER_MODE}"]},
+    )
+    keep = None
+    for container in found:
+        labels = container.labels
+        if (
+            keep is None
+            and container.status == "running"
+            and labels.get("mlc.sha256") == request.snapshot.sha256
+            and labels.get("mlc.network") == model_network(request.runtime)
+        ):
+            keep = container
+        else:
+            await asyncio.to_thread(container.remove, force=True)
+    return keep
+
+
+async def _start_scorer(
+    driver: DockerDriver,
+    client: Any,
+    request: StreamingDeployRequest,
+    image_id: str,
+    folder: Path,
+    heartbeat: Heartbeat,
+) -> None:
+    """Start the deployment's model server on ``folder``'s socket, on the network its runtime
+    allows (none by default); return once it answers ``/health`` (removed, with its log,
+    when it does not)."""
+    from activities.runtimes.docker import (
+        _container_options,
+        _labels,
+        _restart_policy,
+        _socket_options,
+        container_name,
+    )
+
+    runtime, snapshot = request.runtime, request.snapshot
+    settings = docker_settings(runtime)
+    name = container_name(request.deployment_id, suffix="-stream-scorer")
+    with contextlib.suppress(docker.errors.NotFound):  # a stopped leftover of the same name
+        await asyncio.to_thread((await asyncio.to_thread(client.containers.get, name)).remove, force=True)
+    labels = _labels(
+        deployment_id=request.deployment_id,
+        runtime=runtime,
+        snapshot=snapshot,
+        stage=request.stage,
+        mode=SCORER_MODE,
+    )
+    uds, options, socket_labels = _socket_options(folder, runtime)  # no network, unless outbound
+    container = await asyncio.to_thread(
+        client.containers.run,
+        image_id,
+        ["python3", "-m", "mlc.serving", "serve", "--package", PACKAGE_DIR, *uds],
+        name=name,
+        labels={**labels, **socket_labels},
+        detach=True,
+        restart_policy=_restart_policy(settings.restart_policy),
+        **_container_options(settings, snapshot),
+        **options,
+    )
+    online = OnlineDeployRequest(
+        deployment_id=request.deployment_id, snapshot=snapshot, runtime=runtime, stage=request.stage
+    )
+    await driver._wait_healthy(container, socket_labels["mlc.endpoint"], online, heartbeat)
 
 
 async def _wait_ready(

@@ -10,7 +10,16 @@ import typer
 from pydantic import BaseModel
 
 from mlc.cli.context import console, emit, inventory, run, settings, signer
-from mlc.domain import DEFAULT_RESTART, Deployment, DockerSettings, HostingMode, Mode, Runtime, RuntimeKind
+from mlc.domain import (
+    DEFAULT_RESTART,
+    Deployment,
+    DockerSettings,
+    HostingMode,
+    Mode,
+    ModelNetwork,
+    Runtime,
+    RuntimeKind,
+)
 from mlc.store import deployments, runtimes, traffic
 from mlc.traffic import TrafficTable, describe_routes
 
@@ -124,6 +133,13 @@ def add_runtime(
             "a process each. Default: shared on local runtimes below PROD, else dedicated."
         ),
     ] = None,
+    model_network: Annotated[
+        ModelNetwork,
+        typer.Option(
+            help="Local runtimes under a root worker: none (model code reaches no network) or "
+            "outbound (other hosts, never this host's own addresses)."
+        ),
+    ] = ModelNetwork.NONE,
     kafka_bootstrap: Annotated[
         str | None, typer.Option(help="Streaming: Kafka brokers, host:port[,host:port].")
     ] = None,
@@ -249,6 +265,7 @@ def add_runtime(
                 kafka=kafka,
                 restart=restart,
                 hosting=hosting,
+                model_network=model_network,
                 gateway=gateway_settings,
             )
             await admin.add_runtime(pool, cfg, await signer(cfg, pool), runtime, replace=replace)
@@ -262,6 +279,10 @@ def add_runtime(
     run(go())
 
 
+RUNTIME_COLUMNS = ("name", "kind", "stage", "service_tags", "modes", "task_queue", "restart", "model_network")
+"""What ``mlc runtime list`` shows of each runtime."""
+
+
 @runtime_app.command("list")
 def list_runtimes(stage: Annotated[str | None, typer.Option()] = None, as_json: JSON = False) -> None:
     """List runtimes with their stage, service tags, modes and task queue."""
@@ -273,7 +294,7 @@ def list_runtimes(stage: Annotated[str | None, typer.Option()] = None, as_json: 
             found,
             as_json=as_json,
             title="Runtimes",
-            columns=["name", "kind", "stage", "service_tags", "modes", "task_queue", "restart"],
+            columns=[*RUNTIME_COLUMNS],
         )
 
     run(go())

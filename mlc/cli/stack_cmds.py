@@ -14,13 +14,12 @@ from typing import Annotated
 from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
-import httpx
 import typer
 from rich.markup import escape
 from rich.table import Table
 from temporalio.client import Client
 
-from mlc import admin
+from mlc import admin, endpoints
 from mlc.artifacts import ArtifactStore
 from mlc.cli.context import STATE, client, console, emit, local_user, settings
 from mlc.cli.lifecycle_cmds import render_status
@@ -178,14 +177,18 @@ async def _embedded_client(ready: Settings) -> Client:
 
 async def _remove_stale_local_leftovers(cfg: Settings, pool: asyncpg.Pool) -> None:
     """Stop model servers and remove folders of deployments that are no longer live (a
-    crash can leave them); serving ones are the reconciler's, batch outputs are kept."""
+    crash can leave them); serving ones are the reconciler's, batch outputs are kept.
+    Whatever a killed stack's models left running (a daemon their code started) ends here,
+    before the reconciler starts them again."""
     from activities.runtimes import driver_for
     from activities.runtimes.base import CleanupRequest
+    from activities.runtimes.local import LocalDriver
     from mlc.domain import RuntimeKind
 
     keep = await deployments.kept_ids(pool)
     for runtime in await runtimes.read_runtimes(pool):
         if runtime.kind is RuntimeKind.LOCAL:
+            await LocalDriver(cfg).stop_servers(runtime)
             removed = await driver_for(runtime, cfg).cleanup(CleanupRequest(runtime=runtime, keep=keep))
             if removed.removed:
                 console.print(f"runtime {runtime.name}: removed leftovers of {', '.join(removed.removed)}")
@@ -497,10 +500,10 @@ async def _walk(cfg: Settings, *, yes: bool, ui: str | None) -> int:
         last = current.stages[-1]
         tables = await traffic.read_traffic(pool, model=ref.model, stage=last)
         stable = [t.endpoint for t in tables if t.routes]
-        async with httpx.AsyncClient() as http:
-            # consumers call the stable endpoint where the runtime has a gateway
-            for endpoint in stable or [d.endpoint for d in live if d.stage == last and d.endpoint]:
-                health = await http.get(f"{endpoint}/health")
+        # consumers call the stable endpoint where the runtime has a gateway
+        for endpoint in stable or [d.endpoint for d in live if d.stage == last and d.endpoint]:
+            async with endpoints.connect(endpoint, timeout=5.0) as (http, url):
+                health = await http.get(f"{url}/health")
                 health.raise_for_status()
                 kind = "its stable endpoint " if stable else ""
                 console.print(f"[green]{ref} serves in {last} at {kind}{endpoint}[/green]")

@@ -11,8 +11,10 @@ from __future__ import annotations
 import argparse
 import gc
 import logging
+import os
 import sys
 from pathlib import Path
+from typing import Any
 
 import orjson
 
@@ -45,6 +47,7 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--package", type=Path, required=True, help="model package directory")
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8080)
+    serve.add_argument("--uds", type=Path, help="serve on this unix socket instead of --host/--port")
     serve.add_argument(
         "--max-batch",
         type=_positive,
@@ -74,11 +77,30 @@ def _parser() -> argparse.ArgumentParser:
     many.add_argument("--models-dir", type=Path, required=True, help="one model package per sub-folder")
     many.add_argument("--host", default="127.0.0.1")
     many.add_argument("--port", type=int, default=8080)
+    many.add_argument("--uds", type=Path, help="serve on this unix socket instead of --host/--port")
     many.add_argument("--memory-budget-mb", type=float, help="evict models above this RSS (default 4096)")
     forks = commands.add_parser("forkserver", help="import once, then fork model servers on request")
     forks.add_argument("--socket", type=Path, required=True, help="unix socket to listen on")
     forks.add_argument("--title-room", default="", help="padding: room for the children's command lines")
     return parser
+
+
+SOCKET_PATH_MAX = 100
+"""Longest socket path bound as given (``sun_path`` holds 108 bytes); a longer one is
+bound by its name from its folder."""
+
+
+def listen_on(args: argparse.Namespace) -> dict[str, Any]:
+    """uvicorn's keywords for where to listen: ``--uds`` (a stale socket file of an earlier
+    server removed first; a long path bound relative to its folder) or ``--host``/``--port``."""
+    if args.uds is None:
+        return {"host": args.host, "port": args.port}
+    path = Path(args.uds)
+    path.unlink(missing_ok=True)
+    if len(str(path).encode()) > SOCKET_PATH_MAX:
+        os.chdir(path.parent)
+        return {"uds": path.name}
+    return {"uds": str(path)}
 
 
 def freeze_heap() -> None:
@@ -122,8 +144,7 @@ def main(argv: list[str] | None = None) -> int:
             freeze_heap()
             uvicorn.run(
                 create_host_app(host),
-                host=args.host,
-                port=args.port,
+                **listen_on(args),
                 access_log=False,
                 log_level="info",
                 timeout_graceful_shutdown=5,
@@ -146,8 +167,7 @@ def main(argv: list[str] | None = None) -> int:
 
             uvicorn.run(
                 app,
-                host=args.host,
-                port=args.port,
+                **listen_on(args),
                 access_log=False,
                 log_level="info",
                 timeout_graceful_shutdown=5,

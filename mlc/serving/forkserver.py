@@ -14,7 +14,7 @@ would a spawned server's.
 Requests come over a unix socket in a private folder (0700, the forkserver's user: root
 when the worker is root, so no model process can ask it for anything), one JSON line each:
 ``{"argv": [...], "cwd": ..., "env": {...}, "log": ..., "die_with_parent": bool,
-"user": {"uid": N, "gid": N, "reach": [...]} | null, "stdout": PATH | null}``
+"user": {"uid": N, "gid": N, "reach": [...], "own_network": bool} | null, "stdout": PATH | null}``
 (``stdout``: a file the child's standard output goes to instead of the log, opened as
 the child's user; a batch job prints its summary there), answered with ``{"pid": N}`` or ``{"error": "..."}``.
 Children are reaped as they exit, so a dead server never looks alive to the runtime, and
@@ -115,7 +115,14 @@ def _child(request: dict[str, Any], main: Any) -> None:
 
         if request.get("user"):  # before anything of the model's: its folder, its log, its code
             user = request["user"]
-            enter(ModelUser(int(user["uid"]), int(user["gid"]), tuple(user.get("reach", ()))))
+            enter(
+                ModelUser(
+                    int(user["uid"]),
+                    int(user["gid"]),
+                    tuple(user.get("reach", ())),
+                    own_network=bool(user.get("own_network", False)),
+                )
+            )
         no_new_privs()
         if request.get("die_with_parent"):  # after the drop, which clears the signal
             from mlc.processes import die_with_parent_now

@@ -8,7 +8,10 @@ from mlc.domain import Runtime
 from mlc.errors import ConflictError, NotFoundError
 from mlc.store.db import row_dict
 
-_COLUMNS = "name, kind, stage, service_tags, modes, task_queue, docker, restart, kafka, gateway, hosting"
+_COLUMNS = (
+    "name, kind, stage, service_tags, modes, task_queue, docker, restart, kafka, gateway, hosting, "
+    "model_network"
+)
 
 
 def _runtime(row: asyncpg.Record) -> Runtime:
@@ -22,12 +25,14 @@ async def create_runtime(pool: asyncpg.Pool, runtime: Runtime, *, replace: bool 
         "ON CONFLICT (name) DO UPDATE SET kind = EXCLUDED.kind, stage = EXCLUDED.stage, "
         "service_tags = EXCLUDED.service_tags, modes = EXCLUDED.modes, "
         "task_queue = EXCLUDED.task_queue, docker = EXCLUDED.docker, restart = EXCLUDED.restart, "
-        "kafka = EXCLUDED.kafka, gateway = EXCLUDED.gateway, hosting = EXCLUDED.hosting"
+        "kafka = EXCLUDED.kafka, gateway = EXCLUDED.gateway, hosting = EXCLUDED.hosting, "
+        "model_network = EXCLUDED.model_network"
         if replace
         else "ON CONFLICT (name) DO NOTHING"
     )
     row = await pool.fetchrow(
-        f"INSERT INTO runtimes ({_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11) {conflict} "
+        f"INSERT INTO runtimes ({_COLUMNS}) "
+        f"VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12) {conflict} "
         f"RETURNING {_COLUMNS}",
         data["name"],
         data["kind"],
@@ -40,6 +45,7 @@ async def create_runtime(pool: asyncpg.Pool, runtime: Runtime, *, replace: bool 
         data["kafka"],
         data["gateway"],
         data["hosting"],
+        data["model_network"],
     )
     if row is None:
         raise ConflictError(f"runtime {runtime.name} already exists; use --replace to overwrite it")

@@ -26,6 +26,11 @@ def main(argv: list[str] | None = None) -> int:
     commands = parser.add_subparsers(dest="command", required=True)
     consume = commands.add_parser("consume", help="score the deployment's topics until stopped")
     consume.add_argument("--package", type=Path, required=True, help="model package directory")
+    consume.add_argument(
+        "--score-socket",
+        type=Path,
+        help="score through the model server on this unix socket instead of loading the model",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     raw = os.environ.get(STREAM_CONFIG_ENV)
@@ -37,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         config = StreamConfig.model_validate_json(raw)
-        serve(args.package, config)
+        serve(args.package, config, score_socket=args.score_socket)
     except ValidationError as exc:
         print(
             f"mlc.streaming consume: {STREAM_CONFIG_ENV} is not a valid configuration: {exc}", file=sys.stderr

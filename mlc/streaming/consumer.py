@@ -17,13 +17,23 @@ uncommitted records: a clean stop or a version switch neither loses nor repeats 
 The consumer also scores its deployment's own test topics (assigned directly, no group)
 so stage tests never write to business topics; in ``standby`` it scores only those,
 because another version still owns the input topic until this one is promoted.
+
+The consumer must reach the broker, but model code must reach no network. So on a local
+runtime (``--score-socket``) the consumer imports no model code at all: it reads only the
+manifest (to validate records) and sends each batch to the deployment's model server,
+which runs in a network namespace of its own, over its unix socket
+(:class:`RemoteModel`). It also makes itself non-dumpable, so the model's processes
+(the same user) cannot attach to it and borrow its network. In a container the network is
+the container's and the model is loaded in-process.
 """
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 import signal
+import sys
 import threading
 import time
 from collections.abc import Mapping
@@ -31,6 +41,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import httpx
 import orjson
 from confluent_kafka import (
     OFFSET_STORED,
@@ -42,6 +53,7 @@ from confluent_kafka import (
     TopicPartition,
 )
 
+from mlc.manifest import load_manifest
 from mlc.serving.loader import LoadedModel, load_model
 from mlc.serving.validation import RecordValidator
 from mlc.streaming.settings import StreamConfig, with_secret
@@ -66,6 +78,8 @@ FETCH_WAIT_MS = 20
 POLL_WAIT_SECONDS = 0.05
 """How long a poll waits to fill a batch: the most batching adds to a record's latency."""
 STATS_INTERVAL_SECONDS = 10.0
+READY_TIMEOUT_SECONDS = 60.0
+"""How long a consumer waits for its model server at start."""
 _ERROR_LIMIT = 1000
 
 log = logging.getLogger("mlc.streaming")
@@ -75,6 +89,70 @@ Headers = list[tuple[str, str | bytes | None]]
 
 class DeliveryFailedError(Exception):
     """Some output of a batch was not acknowledged; the batch is not committed."""
+
+
+class ScorerUnavailableError(DeliveryFailedError):
+    """The model server did not answer; the batch is not committed and is scored again."""
+
+
+SCORE_TIMEOUT_SECONDS = 300.0
+_PR_SET_DUMPABLE = 4
+
+
+class RemoteModel:
+    """A model scored by its model server over a unix socket (see the module's docstring):
+    what :class:`StreamScorer` needs of a :class:`LoadedModel`, without its code."""
+
+    def __init__(self, package_dir: Path, socket_path: Path) -> None:
+        self.manifest = load_manifest(package_dir)
+        transport = httpx.HTTPTransport(uds=str(socket_path))
+        self._http = httpx.Client(
+            transport=transport, base_url="http://model", timeout=SCORE_TIMEOUT_SECONDS, trust_env=False
+        )
+
+    def wait_ready(self, timeout: float) -> None:
+        """Return once the server answers ``/health``.
+
+        Raises:
+            ScorerUnavailableError: it did not within ``timeout`` seconds.
+        """
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                if self._http.get("/health").status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                raise ScorerUnavailableError(f"the model server did not answer within {timeout:.0f} s")
+            time.sleep(0.05)
+
+    def score_batch(self, records: list[dict[str, Any]]) -> list[Any]:
+        """The server's outputs for ``records``.
+
+        Raises:
+            ScorerUnavailableError: the server cannot be reached (nothing was scored).
+            ValueError: the server refused or the model failed (its message).
+        """
+        try:
+            response = self._http.post(
+                "/score", content=orjson.dumps(records), headers={"content-type": "application/json"}
+            )
+        except httpx.TransportError as exc:
+            raise ScorerUnavailableError(f"the model server is unreachable: {type(exc).__name__}") from exc
+        if response.status_code in (502, 503):
+            raise ScorerUnavailableError(f"the model server answered {response.status_code}")
+        body = orjson.loads(response.content)
+        if response.status_code != 200:
+            raise ValueError(body.get("error") if isinstance(body, dict) else response.text[:500])
+        return list(body)
+
+
+def not_dumpable() -> None:
+    """``PR_SET_DUMPABLE`` 0: processes of the same user cannot ptrace this one or read its
+    memory (Linux; a no-op elsewhere)."""
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_DUMPABLE, 0, 0, 0, 0)
 
 
 @dataclass
@@ -103,7 +181,11 @@ class StreamScorer:
     """Scores a deployment's streams until told to stop."""
 
     def __init__(
-        self, config: StreamConfig, model: LoadedModel, *, environ: Mapping[str, str] | None = None
+        self,
+        config: StreamConfig,
+        model: LoadedModel | RemoteModel,
+        *,
+        environ: Mapping[str, str] | None = None,
     ) -> None:
         self.config = config
         self.model = model
@@ -279,6 +361,8 @@ class StreamScorer:
                 type(outputs).__name__,
                 len(records),
             )
+        except ScorerUnavailableError:
+            raise  # nothing was scored: the batch is scored again, not dead-lettered
         except Exception as exc:  # model code: anything can happen; isolate the culprit below
             log.warning("score_batch raised %s: %s; scoring one by one", type(exc).__name__, exc)
         return [self._score_one(record) for record in records]
@@ -286,6 +370,12 @@ class StreamScorer:
     def _score_one(self, record: dict[str, Any]) -> bytes | str:
         try:
             outputs = self.model.score_batch([record])
+        except ScorerUnavailableError:
+            raise
+        except ValueError as exc:
+            if isinstance(self.model, RemoteModel):  # the server's message names the model and its error
+                return str(exc)
+            return f"model {self.config.model} raised {type(exc).__name__}: {exc}"
         except Exception as exc:
             return f"model {self.config.model} raised {type(exc).__name__}: {exc}"
         if type(outputs) is not list or len(outputs) != 1:
@@ -364,9 +454,16 @@ def _position(message: Message) -> tuple[str, int, int]:
     return topic, partition, offset
 
 
-def serve(package_dir: Path, config: StreamConfig) -> StreamStats:
-    """Load the model, start scoring, and stop cleanly on SIGTERM or SIGINT."""
-    model = load_model(package_dir)
+def serve(package_dir: Path, config: StreamConfig, *, score_socket: Path | None = None) -> StreamStats:
+    """Load the model (or, with ``score_socket``, reach its server there), start scoring,
+    and stop cleanly on SIGTERM or SIGINT."""
+    model: LoadedModel | RemoteModel
+    if score_socket is not None:
+        not_dumpable()
+        model = RemoteModel(package_dir, score_socket)
+        model.wait_ready(READY_TIMEOUT_SECONDS)
+    else:
+        model = load_model(package_dir)
     scorer = StreamScorer(config, model)
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):

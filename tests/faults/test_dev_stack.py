@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -13,11 +15,11 @@ from typing import IO, Any
 
 import httpx
 
-from mlc import dev_temporal, processes
+from mlc import dev_temporal, isolation, processes
 from mlc.config import Settings
 from mlc.dev_postgres import DevPostgres
 from mlc.devstack import DevStack, dev_running, port_open, read_state
-from tests.conftest import FIXTURES
+from tests.conftest import FIXTURES, call_model
 from tests.faults.harness import (
     PROJECT,
     WAIT_SECONDS,
@@ -118,14 +120,13 @@ async def _serving_again(dev: Dev, deployment_id: str, old_pid: int) -> None:
     await wait_until(back, what="the reconciler to restart the model server", timeout=60)
     (deployment,) = await dev.json("deployments")
     assert deployment["state"] == "serving" and deployment["id"] == deployment_id
-    async with httpx.AsyncClient() as http:
-        health = await wait_until(lambda: _health(http, deployment["endpoint"]), what="health", timeout=30)
+    health = await wait_until(lambda: _health(deployment["endpoint"]), what="health", timeout=30)
     assert health
 
 
-async def _health(http: httpx.AsyncClient, endpoint: str) -> bool:
+async def _health(endpoint: str) -> bool:
     try:
-        return (await http.get(f"{endpoint}/health")).status_code == 200
+        return (await call_model(endpoint, "/health")).status_code == 200
     except httpx.HTTPError:
         return False
 
@@ -308,6 +309,136 @@ async def test_dev_without_nginx_or_bubblewrap_runs_without_gateways_or_uploaded
             dev.process.kill()
             await dev.process.wait()
         await wait_until(dev.nothing_left, what="nothing left", timeout=30)
+
+
+HOSTILE_CODE = """
+
+import os as _os
+import sys as _sys
+
+_MARKER = {marker!r}
+_SLEEP = "import signal, time\\nsignal.signal(signal.SIGTERM, signal.SIG_IGN)\\ntime.sleep(3600)"
+
+
+def _daemon(when):
+    middle = _os.fork()
+    if middle == 0:
+        _os.setsid()
+        if _os.fork() == 0:
+            _os.execv(_sys.executable, [_sys.executable, "-c", _SLEEP, _MARKER + "-" + when])
+        _os._exit(0)
+    _os.waitpid(middle, 0)
+
+
+_daemon("import")
+_score = score
+
+
+def score(record):
+    _daemon("request")
+    return _score(record)
+"""
+
+
+def hostile_package(root: Path, marker: str, version: int) -> Path:
+    """weak-model, named ``hostile``, whose code double-forks a ``setsid`` daemon (SIGTERM
+    ignored, the marker in its command line) when imported and on every request."""
+    package = root / f"hostile-{version}"
+    shutil.copytree(MODEL, package)
+    manifest = package / "manifest.yaml"
+    manifest.write_text(manifest.read_text().replace("name: weak-model", "name: hostile"))
+    with (package / "score.py").open("a") as code:
+        code.write(HOSTILE_CODE.format(marker=marker) + f"# version {version}\n")
+    return package
+
+
+def uid_of(pid: int) -> int | None:
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return None
+    return int(next(line for line in status.splitlines() if line.startswith("Uid:")).split()[1])
+
+
+async def test_a_hostile_models_daemons_end_with_reject_and_with_the_stack(tmp_path: Path) -> None:
+    """DEV's shared host: ``mlc reject`` ends the model's daemons; a dedicated runtime: a
+    restart of ``mlc dev`` after ``kill -9`` and its SIGTERM end them. Found by a marker in
+    their command line and by uid."""
+    assert isolation.isolating(), "mlc dev gives models their own user only as root"
+    marker = f"mlc-dev-daemon-{os.urandom(8).hex()}"
+    dev = Dev(tmp_path)
+    await dev.start()
+
+    async def at_gate(ref: str) -> bool:
+        status = await dev.mlc("status", ref, "--json")
+        return status.returncode == 0 and '"pending_gate": {' in status.stdout
+
+    async def deployed_with_daemons(version: int) -> set[int]:
+        registered = await dev.mlc("model", "register", str(hostile_package(tmp_path, marker, version)))
+        assert registered.returncode == 0, registered.stdout + registered.stderr
+        started = await dev.mlc("lifecycle", "start", f"hostile@{version}", "--spec", str(spec))
+        assert started.returncode == 0, started.stderr
+        await wait_until(lambda: at_gate(f"hostile@{version}"), what="the DEV gate", timeout=WAIT_SECONDS)
+        found = processes.find_processes(marker)  # the smoke test asked it: both daemons run
+        commands = " ".join(processes.command_line(pid) for pid in found)
+        assert f"{marker}-import" in commands and f"{marker}-request" in commands, commands
+        uids = {uid_of(pid) for pid in found}
+        assert len(uids) == 1 and None not in uids and 0 not in uids
+        return {uid for uid in uids if uid is not None}
+
+    def nothing_of(uids: set[int], *, but_a_host: bool = False) -> bool:
+        """No process carries the marker, and none runs as ``uids`` (but one shared host)."""
+        left = [processes.command_line(pid) for uid in uids for pid in isolation.processes_of(uid)]
+        hosts = [command for command in left if "serve-many" in command]
+        return not processes.find_processes(marker) and (left == hosts if but_a_host else not left)
+
+    spec = tmp_path / "spec.json"
+    spec.write_text(json.dumps(SPEC))
+    try:
+        # a bystander in DEV's shared host, so the host outlives the rejected model
+        registered = await dev.mlc("model", "register", str(MODEL))
+        assert registered.returncode == 0, registered.stderr
+        started = await dev.mlc("lifecycle", "start", "weak-model@1", "--spec", str(spec))
+        assert started.returncode == 0, started.stderr
+        await wait_until(lambda: at_gate("weak-model@1"), what="the DEV gate", timeout=WAIT_SECONDS)
+        shared = await deployed_with_daemons(1)
+        rejected = await dev.mlc("reject", "hostile@1", "--stage", "DEV", "--comment", "daemons")
+        assert rejected.returncode == 0, rejected.stdout + rejected.stderr
+
+        await wait_until(
+            lambda: nothing_of(shared, but_a_host=True),
+            what="reject to end every process of the model",
+            timeout=60,
+        )
+        (bystander,) = [d for d in await dev.json("deployments") if d["model"] == "weak-model"]
+        assert await wait_until(lambda: _health(bystander["endpoint"]), what="health", timeout=30)
+
+        hosting = await dev.mlc(
+            "runtime", "add", "local-dev", "--stage", "DEV", "--replace", "--hosting", "dedicated"
+        )
+        assert hosting.returncode == 0, hosting.stdout + hosting.stderr
+        dedicated = await deployed_with_daemons(2)
+        assert dedicated != shared
+
+        # kill -9: the servers die with the stack, their daemons do not; the next start ends them
+        survivors = set(processes.find_processes(marker))
+        assert dev.process is not None
+        dev.process.kill()
+        await dev.process.wait()
+        await dev.start()
+        assert not survivors & set(processes.find_processes(marker)), "a killed stack's daemons live on"
+
+        assert await dev.stop(signal.SIGTERM) == 0
+        assert nothing_of(shared | dedicated), [
+            processes.command_line(pid) for pid in processes.find_processes(marker)
+        ]
+        await wait_until(dev.nothing_left, what="SIGTERM to stop everything", timeout=30)
+    finally:
+        if dev.process is not None and dev.process.returncode is None:
+            dev.process.kill()
+            await dev.process.wait()
+        for pid in processes.find_processes(marker):
+            os.kill(pid, signal.SIGKILL)
 
 
 def _survivor(stack: DevStack, log: IO[bytes]) -> subprocess.Popen[bytes]:

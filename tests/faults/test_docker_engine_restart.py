@@ -20,7 +20,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 
 from mlc import processes
@@ -34,7 +33,7 @@ from mlc.domain import (
     TestKind,
 )
 from mlc.store import deployments, trail
-from tests.conftest import DOCKER_BASE_IMAGE, FIXTURES
+from tests.conftest import DOCKER_BASE_IMAGE, FIXTURES, call_model
 from tests.faults.harness import WAIT_SECONDS, FaultStack, assert_consistent, wait_until
 
 MODEL = FIXTURES / "models" / "weak-model"
@@ -157,8 +156,7 @@ async def test_engine_restarted_while_a_container_serves(
     assert after.details["container_id"] == before.details["container_id"], (
         "the same container, started again"
     )
-    async with httpx.AsyncClient() as http:
-        assert (await http.get(f"{after.endpoint}/health")).status_code == 200
+    assert (await call_model(after.endpoint, "/health")).status_code == 200
     events = [
         e.data().get("event") for e in await trail.read_entries(fs.stack.pool, kinds=(trail.DEPLOYMENT,))
     ]

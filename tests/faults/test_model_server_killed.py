@@ -1,30 +1,43 @@
 """A model server killed while it serves: the runtime's reconciler notices within its
-interval (1 s here) and restarts it on the same endpoint, or, when the runtime says
+interval (1 s here) and restarts it on the same endpoint, and the model's stable endpoint
+on the runtime's gateway answers again within that round; or, when the runtime says
 ``--restart no``, marks the deployment failed with the server's last log lines and
 tells the lifecycle's followers."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
+import time
 
 import httpx
 
+from mlc import endpoints
 from mlc.domain import DeploymentState, LifecycleSpec, Runtime, StageSpec, TestKind
-from mlc.store import deployments, trail
-from tests.conftest import FIXTURES
+from mlc.store import deployments, runtimes, trail
+from tests.conftest import FIXTURES, gateway_settings
 from tests.faults.harness import WAIT_SECONDS, FaultStack, assert_consistent, model_servers, wait_until
 from tests.lifecycle_helpers import keep_history
 
 MODEL = FIXTURES / "models" / "weak-model"
+ROUND_SECONDS = 1.0
+"""The reconcile interval of the fault stack's workers (``MLC_RECONCILE_SECONDS``)."""
 ONE_STAGE = LifecycleSpec(stages=(StageSpec(name="DEV", tests=(TestKind.SMOKE,)),))
 
 
 async def _serving(fs: FaultStack, restart: str) -> tuple[str, int, str]:
-    """Run a one-stage lifecycle to completion; return its deployment id, server pid, endpoint."""
+    """Run a one-stage lifecycle to completion on a runtime with a gateway; return its
+    deployment id, server pid and endpoint."""
     await fs.stack.add_runtime(
-        Runtime(name="local-dev", stage="DEV", task_queue=fs.stack.task_queue, restart=restart)
+        Runtime(
+            name="local-dev",
+            stage="DEV",
+            task_queue=fs.stack.task_queue,
+            restart=restart,
+            gateway=gateway_settings(),
+        )
     )
     snap = await fs.stack.register(MODEL)
     await fs.start_worker()
@@ -38,20 +51,38 @@ async def _serving(fs: FaultStack, restart: str) -> tuple[str, int, str]:
 async def test_killed_server_is_restarted_on_its_endpoint(fault_stack: FaultStack) -> None:
     fs = fault_stack
     deployment_id, pid, endpoint = await _serving(fs, "on-failure:3")
-    os.kill(pid, signal.SIGKILL)
+    runtime = await runtimes.read_runtime(fs.stack.pool, "local-dev")
+    assert runtime.gateway is not None
+    stable = runtime.gateway.endpoint("weak-model")
+    async with httpx.AsyncClient(timeout=5, trust_env=False) as http:
+        assert (await http.get(f"{stable}/health")).status_code == 200
+        os.kill(pid, signal.SIGKILL)
 
-    async def restarted() -> bool:
-        found = await deployments.read_deployment(fs.stack.pool, deployment_id)
-        return found is not None and "restarted_at" in found.details
+        async def restarted() -> bool:
+            found = await deployments.read_deployment(fs.stack.pool, deployment_id)
+            return found is not None and "restarted_at" in found.details
 
-    await wait_until(restarted, what="the reconciler to restart the server", timeout=60)
+        await wait_until(restarted, what="the reconciler to restart the server", timeout=60)
+        # The round that restarted it also pointed the gateway at the new server: the
+        # stable endpoint answers before another round could have repaired it.
+        answered = False
+        deadline = time.monotonic() + ROUND_SECONDS + 0.5
+        while not answered and time.monotonic() < deadline:
+            with contextlib.suppress(httpx.HTTPError):
+                answered = (await http.get(f"{stable}/health")).status_code == 200
+            await asyncio.sleep(0.05)
+        assert answered, f"the stable endpoint {stable} does not answer after the restart"
+        sample = {"amount": 12.5, "hour": 14, "merchant_risk": 0.05, "distance_from_home": 2.0}
+        sample |= {"foreign": False, "card_present": True, "velocity_24h": 1}
+        scored = await http.post(f"{stable}/score", json=sample)
+        assert scored.json()["is_fraud"] == 0
+        assert scored.headers["X-MLC-Deployment"] == deployment_id
     found = await deployments.read_deployment(fs.stack.pool, deployment_id)
     assert found is not None and found.state is DeploymentState.SERVING
-    assert found.endpoint == endpoint, "the restarted server keeps its port"
+    assert found.endpoint == endpoint, "the restarted server keeps its endpoint (its socket)"
     assert found.details["restarts"] == 1 and "not running" in found.details["last_failure"]
     assert model_servers(fs.home)[deployment_id] != pid
-    async with httpx.AsyncClient() as http:
-        assert (await http.get(f"{endpoint}/health")).status_code == 200
+    assert (await endpoints.get(endpoint, "/health", timeout=5)).status_code == 200
     events = [
         e.data().get("event") for e in await trail.read_entries(fs.stack.pool, kinds=(trail.DEPLOYMENT,))
     ]
