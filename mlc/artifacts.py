@@ -7,6 +7,12 @@ same package twice return the same snapshot.
 Archives hold regular files only, read from inside the package: a symbolic link that
 leads out of it (``data.csv -> /etc/passwd``) or a FIFO or device would otherwise put
 the registering host's files into the archive, or hang the registration.
+
+Packages are bounded (:class:`PackageLimits`): the archive's size, what it unpacks to and
+how many files it holds are checked when a package is registered (before anything is read
+past the limit) and again before an archive is unpacked (member by member, before the
+content of one past the limit is even decompressed), so a sparse 1 TB file or a gzip bomb
+of zeros is refused with the limit's name instead of filling memory or a disk.
 """
 
 from __future__ import annotations
@@ -17,31 +23,91 @@ import io
 import os
 import stat
 import tarfile
+from dataclasses import dataclass
 from pathlib import Path
 
 from mlc.errors import InvalidPackageError, NotFoundError
 
 _SKIP_DIRS = {"__pycache__", ".git", ".ipynb_checkpoints", ".venv"}
+GIB = 1 << 30
 
 
-def build_archive(package_dir: Path) -> bytes:
+@dataclass(frozen=True)
+class PackageLimits:
+    """How big a model package may be (``MLC_MAX_PACKAGE_*`` variables, in bytes and files)."""
+
+    archive_bytes: int = 1 * GIB
+    """The stored ``.tar.gz`` (``MLC_MAX_PACKAGE_ARCHIVE_BYTES``)."""
+    unpacked_bytes: int = 4 * GIB
+    """What it unpacks to, all files together (``MLC_MAX_PACKAGE_UNPACKED_BYTES``)."""
+    files: int = 20_000
+    """Files and folders in it (``MLC_MAX_PACKAGE_FILES``)."""
+
+    @classmethod
+    def from_env(cls) -> PackageLimits:
+        """The defaults, overridden by the variables that are set."""
+        default = cls()
+        return cls(
+            archive_bytes=_env_int("MLC_MAX_PACKAGE_ARCHIVE_BYTES", default.archive_bytes),
+            unpacked_bytes=_env_int("MLC_MAX_PACKAGE_UNPACKED_BYTES", default.unpacked_bytes),
+            files=_env_int("MLC_MAX_PACKAGE_FILES", default.files),
+        )
+
+    def check(self, where: str, *, files: int, unpacked: int, archive: int = 0) -> None:
+        """Refuse (:class:`InvalidPackageError` naming ``where`` and the variable) what is over."""
+        for value, limit, variable, what in (
+            (archive, self.archive_bytes, "MLC_MAX_PACKAGE_ARCHIVE_BYTES", "its archive is"),
+            (unpacked, self.unpacked_bytes, "MLC_MAX_PACKAGE_UNPACKED_BYTES", "it unpacks to"),
+            (files, self.files, "MLC_MAX_PACKAGE_FILES", "it holds"),
+        ):
+            if value > limit:
+                unit = "files and folders" if variable == "MLC_MAX_PACKAGE_FILES" else "bytes"
+                raise InvalidPackageError(
+                    f"{where}: {what} more than {limit:,} {unit} (the limit, {variable}); "
+                    "leave data and caches out of the package, or raise the limit on the workers "
+                    "and the registering host"
+                )
+
+
+def _env_int(name: str, default: int) -> int:
+    raw = os.environ.get(name)
+    if not raw:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise InvalidPackageError(f"{name}={raw!r} is not a whole number of bytes or files") from None
+    if value <= 0:
+        raise InvalidPackageError(f"{name}={raw!r} must be positive")
+    return value
+
+
+def build_archive(package_dir: Path, *, limits: PackageLimits | None = None) -> bytes:
     """Return a deterministic ``.tar.gz`` of ``package_dir`` (caches and VCS dirs left out).
 
     Raises:
-        InvalidPackageError: a symbolic link leads outside the package, or an entry is not
-            a regular file or folder; the message names it.
+        InvalidPackageError: a symbolic link leads outside the package, an entry is not a
+            regular file or folder, or the package is over ``limits`` (default: from the
+            environment); the message names it.
     """
+    limits = limits or PackageLimits.from_env()
     inside = package_dir.resolve()
+    files = _walk(package_dir, inside)
+    limits.check(str(package_dir), files=len(files), unpacked=0)
+    unpacked = 0
     buffer = io.BytesIO()
     with gzip.GzipFile(fileobj=buffer, mode="wb", mtime=0) as gz:
         with tarfile.open(fileobj=gz, mode="w", format=tarfile.PAX_FORMAT) as tar:
-            for path in _walk(package_dir, inside):
+            for path in files:
                 rel = path.relative_to(package_dir).as_posix()
                 with _open_regular(path, package_dir, inside) as fh:
                     info = tarfile.TarInfo(rel)
                     info.size = os.fstat(fh.fileno()).st_size
                     info.mode = 0o755 if os.access(path, os.X_OK) else 0o644
+                    unpacked += info.size  # checked before the file is read
+                    limits.check(str(package_dir), files=len(files), unpacked=unpacked, archive=buffer.tell())
                     tar.addfile(info, fh)
+    limits.check(str(package_dir), files=len(files), unpacked=unpacked, archive=buffer.tell())
     return buffer.getvalue()
 
 
@@ -105,8 +171,9 @@ def sha256_of(data: bytes) -> str:
 class ArtifactStore:
     """A directory of archives named by their sha256; writes are atomic, never overwritten."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, *, limits: PackageLimits | None = None) -> None:
         self.root = root
+        self.limits = limits or PackageLimits.from_env()
 
     def path_for(self, sha256: str) -> Path:
         """Where the archive with this digest lives (whether or not it exists)."""
@@ -134,28 +201,42 @@ class ArtifactStore:
         marker = dest / ".mlc-sha256"
         if marker.is_file() and marker.read_text() == sha256:
             return dest
+        where = f"artifact {sha256[:12]}"
+        self.limits.check(where, files=0, unpacked=0, archive=path.stat().st_size)
         data = path.read_bytes()
         if sha256_of(data) != sha256:
             raise InvalidPackageError(f"artifact {path} is corrupt: its sha256 does not match")
         dest.mkdir(parents=True, exist_ok=True)
         with tarfile.open(fileobj=io.BytesIO(data), mode="r:gz") as tar:
-            _safe_extract(tar, dest)
+            _safe_extract(tar, dest, _bounded_members(tar, self.limits, where))
         marker.write_text(sha256)
         return dest
 
 
-def _safe_extract(tar: tarfile.TarFile, dest: Path) -> None:
+def _bounded_members(tar: tarfile.TarFile, limits: PackageLimits, where: str) -> list[tarfile.TarInfo]:
+    """The archive's members, refused as soon as their count or declared sizes pass
+    ``limits``: each header is checked before the content behind it is decompressed."""
+    members: list[tarfile.TarInfo] = []
+    unpacked = 0
+    for member in tar:
+        members.append(member)
+        unpacked += max(member.size, 0)
+        limits.check(where, files=len(members), unpacked=unpacked)
+    return members
+
+
+def _safe_extract(tar: tarfile.TarFile, dest: Path, members: list[tarfile.TarInfo]) -> None:
     """Extract only regular files and folders that stay inside ``dest``.
 
     Uses tarfile's "data" filter where it exists (Python >= 3.11.4); older 3.11 builds
     (Debian bookworm's python3 in model images) get the same checks done here.
     """
     if hasattr(tarfile, "data_filter"):
-        tar.extractall(dest, filter="data")
+        tar.extractall(dest, members=members, filter="data")
         return
     root = dest.resolve()
-    for member in tar.getmembers():
+    for member in members:
         target = (root / member.name).resolve()
         if not (member.isfile() or member.isdir()) or not target.is_relative_to(root):
             raise InvalidPackageError(f"archive member {member.name!r} is not allowed in a model package")
-    tar.extractall(dest)
+    tar.extractall(dest, members=members)

@@ -33,6 +33,17 @@ def _read(path: Path) -> str | None:
 
 
 @dataclass(frozen=True)
+class TemporalTLS:
+    """Mutual TLS to the Temporal of ``mlc dev`` (its files under ``MLC_HOME/tls``)."""
+
+    ca: Path
+    """The CA that signed the server's certificate (and the client's)."""
+    cert: Path
+    key: Path
+    server_name: str = "localhost"
+
+
+@dataclass(frozen=True)
 class Settings:
     """Where state lives and which servers to talk to."""
 
@@ -59,6 +70,9 @@ class Settings:
     """Workflow runs a worker keeps in memory (``MLC_WORKFLOW_CACHE``); the others are
     replayed from their history when they next act. Bounds a worker's memory however
     many runs wait at gates (see bench/README.md, bench_load.py)."""
+    temporal_tls: TemporalTLS | None = None
+    """Client certificate for the Temporal of a running ``mlc dev`` (read from its
+    ``dev.json``); when set it is used instead of ``TEMPORAL_TLS_*`` and profiles."""
     servers_die_with_worker: bool = False
     """Local model servers get a parent-death signal: ``mlc dev`` sets it, so they stop
     with it however it stops. A standalone ``mlc worker`` leaves them serving when it

@@ -13,19 +13,18 @@ It is not open to anyone who reaches the host: every connection needs a password
 superuser's password is generated once and kept in ``<data dir>.password`` (0600, beside
 the data folder under ``MLC_HOME``) and is part of the URI :meth:`DevPostgres.start`
 returns; the server listens on no TCP address at all, and its unix socket (0700) lies in
-a folder only the server's user may enter (the data folder, or a private one under the
-temporary folder when that path is too long for a socket). A data folder an older
+a folder only the server's user may enter (the data folder, or when that path is too long
+for a socket a private one with a random name in the temporary folder, recorded in
+``<data dir>.socket-dir``: no other user can take its name first). A data folder an older
 ``mlc dev`` made with trust authentication gets the password on its next start.
 """
 
 from __future__ import annotations
 
-import hashlib
 import os
 import secrets
 import signal
 import subprocess
-import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -46,6 +45,8 @@ local all all scram-sha-256
 host all all 127.0.0.1/32 scram-sha-256
 host all all ::1/128 scram-sha-256
 """
+SOCKET_PATH_LIMIT = 108
+"""Bytes of a unix socket path, its final NUL included (``sun_path`` on Linux)."""
 SERVER_SETTINGS = ("unix_socket_permissions=0700", "password_encryption=scram-sha-256")
 
 
@@ -105,11 +106,11 @@ class DevPostgres:
         if not had_password:  # made by an older mlc dev, with trust: give it the password now
             self._set_password(bin_dir, password)
         self._private_file(self.data_dir / "pg_hba.conf", HBA)
-        socket_dir = utils.find_suitable_socket_dir(self.data_dir, Path(tempfile.gettempdir()) / "mlc-pg")
-        if socket_dir != self.data_dir:  # a private folder of the server's user, not a shared one
-            digest = hashlib.sha256(str(self.data_dir).encode()).hexdigest()[:16]
-            socket_dir = Path(tempfile.gettempdir()) / f"mlc-pg-{digest}"
-            isolation.shared_temp_folder(socket_dir, owners=self._server_uids())
+        socket_dir = self.data_dir
+        if len(str(socket_dir / ".s.PGSQL.5432").encode()) >= SOCKET_PATH_LIMIT:
+            # too long for a unix socket: a private folder with a random name
+            record = self.data_dir.with_name(f"{self.data_dir.name}.socket-dir")
+            socket_dir = isolation.private_temp_folder(record, prefix="mlc-pg-", owners=self._server_uids())
             self._own(socket_dir)
             socket_dir.chmod(0o700)
         # -h "": no TCP listener at all; the socket is the only way in.

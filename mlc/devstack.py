@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from mlc import processes
-from mlc.config import Settings
+from mlc.config import Settings, TemporalTLS
 from mlc.dev_postgres import DevPostgres
 from mlc.errors import ConflictError, RuntimeUnavailableError
 
@@ -148,12 +148,17 @@ class DevStack:
     """What was found running from a previous stack and kept (for the start banner)."""
     stopped: list[str] = field(default_factory=list)
     """What a previous stack left running that did not fit and was stopped."""
+    notes: list[str] = field(default_factory=list)
+    """What the start banner must say (what stays open when Temporal cannot be closed)."""
 
     def __post_init__(self) -> None:
         self._lock = HomeLock(self.settings.home)
         self._temporal: subprocess.Popen[bytes] | None = None
         self._temporal_pid: int | None = None
         self._postgres: DevPostgres | None = None
+        self._proxy: Any = None
+        """The mutual-TLS proxy of a guarded Temporal (:mod:`mlc.dev_temporal`)."""
+        self._tls: TemporalTLS | None = None
 
     async def start(self) -> Settings:
         """Take the home's lock, start or reuse the servers; return settings pointing at them.
@@ -172,7 +177,8 @@ class DevStack:
             previous = read_state(home)
             settings = self.settings
             if "TEMPORAL_ADDRESS" not in os.environ:
-                settings = replace(settings, temporal_address=await self._start_temporal(previous))
+                address = await self._start_temporal(previous)
+                settings = replace(settings, temporal_address=address, temporal_tls=self._tls)
             if settings.database_url is None:
                 settings = replace(settings, database_url=self._start_postgres())
             self._write_state(settings)
@@ -210,23 +216,44 @@ class DevStack:
         return args
 
     async def _start_temporal(self, previous: dict[str, Any]) -> str:
+        """Start (or reuse) the dev server: where it can, in a network namespace of its own
+        behind the mutual-TLS proxy (:mod:`mlc.dev_temporal`), else in plain text on loopback."""
+        from mlc import dev_temporal
+
         address = f"127.0.0.1:{self.temporal_port}"
         args = self.temporal_args()
+        unguarded = dev_temporal.unguarded_because()
+        guarded = unguarded is None
         for pid in self._previous_temporal(previous):
-            if processes.command_line(pid) == " ".join(args) and port_open("127.0.0.1", self.temporal_port):
+            answering = (
+                dev_temporal.listening(pid, self.temporal_port)
+                if guarded
+                else port_open("127.0.0.1", self.temporal_port)
+            )
+            same = processes.command_line(pid) == " ".join(args)
+            if same and answering and dev_temporal.in_own_network(pid) == guarded:
                 self._temporal_pid = pid
                 self.reused.append(f"Temporal dev server (pid {pid})")
-                return address
+                break
             self._replace_previous_temporal(pid, args)
-        if port_open("127.0.0.1", self.temporal_port):
-            raise RuntimeUnavailableError(
-                f"port {self.temporal_port} is taken by another program (not this home's Temporal); "
-                f"set TEMPORAL_ADDRESS={address} to use a server running there, or pick --temporal-port"
-            )
+        if self._temporal_pid is None:
+            self._check_ports_free(address, guarded)
+            with (self.settings.home / TEMPORAL_LOG).open("ab") as log:
+                if guarded:
+                    self._temporal = dev_temporal.spawn_in_own_network(args, log=log, die_with_parent=True)
+                else:
+                    self._temporal = processes.spawn(args, log=log)
+            self._temporal_pid = self._temporal.pid
+        if guarded:
+            await self._guard(address, dev_temporal)
+            return address
+        self.notes.append(
+            f"Temporal listens in plain text on {address}, open to every local process: "
+            f"{unguarded} to put it behind mutual TLS in a network namespace of its own"
+        )
+        if self._temporal is None:
+            return address  # reused, its port answers
         log_path = self.settings.home / TEMPORAL_LOG
-        with log_path.open("ab") as log:
-            self._temporal = processes.spawn(args, log=log)
-        self._temporal_pid = self._temporal.pid
         for _ in range(300):
             if self._temporal.poll() is not None:
                 raise RuntimeUnavailableError(
@@ -251,6 +278,37 @@ class DevStack:
             reason = "started with other options"
         processes.stop(pid)
         self.stopped.append(f"Temporal dev server (pid {pid}, {reason})")
+
+    def _check_ports_free(self, address: str, guarded: bool) -> None:
+        """The host ports ``mlc dev`` opens are free (with a guard: the proxy's, Web UI's too)."""
+        ports = [self.temporal_port] + ([self.ui_port] if guarded and not self.headless else [])
+        for port in ports:
+            if port_open("127.0.0.1", port):
+                raise RuntimeUnavailableError(
+                    f"port {port} is taken by another program (not this home's Temporal); "
+                    f"set TEMPORAL_ADDRESS={address} to use a server running there, or pick "
+                    "--temporal-port / --ui-port"
+                )
+
+    async def _guard(self, address: str, dev_temporal: Any) -> None:
+        """Put the mutual-TLS proxy in front of the dev server and wait until it answers."""
+        credentials = dev_temporal.ensure_credentials(self.settings.home)
+        self._tls = credentials.client
+        self._proxy = dev_temporal.TemporalProxy(
+            self.settings.home, self.temporal_port, self.ui_port, self.headless
+        )
+        assert self._temporal_pid is not None
+        self._proxy.start(self._temporal_pid, credentials)
+        child, pid, log = self._temporal, self._temporal_pid, self.settings.home / TEMPORAL_LOG
+
+        def failed() -> str | None:
+            if child is not None and child.poll() is not None:
+                return f"the Temporal dev server exited at start (code {child.returncode}); see {log}"
+            if not processes.alive(pid):
+                return f"the Temporal dev server (pid {pid}) exited; see {log}"
+            return self._proxy.failed()  # type: ignore[no-any-return]
+
+        await dev_temporal.wait_ready(address, credentials.client, failed)
 
     def _previous_temporal(self, previous: dict[str, Any]) -> list[int]:
         """Live Temporal servers of this home's database file: the one the last stack recorded,
@@ -287,6 +345,7 @@ class DevStack:
             "temporal": {"pid": self._temporal_pid, "port": self.temporal_port, "ui_port": self.ui_port}
             if self._temporal_pid
             else None,
+            "temporal_tls": {k: str(v) for k, v in vars(self._tls).items()} if self._tls else None,
             "postgres": {"pid": self._postgres.pid, "data_dir": str(self._postgres.data_dir)}
             if self._postgres
             else None,
@@ -302,6 +361,9 @@ class DevStack:
     def stop(self) -> None:
         """Stop what this stack runs (Temporal first, so no task hits a closed database),
         then release the home."""
+        if self._proxy is not None:
+            self._proxy.stop()
+            self._proxy = None
         if self._temporal_pid is not None:
             processes.stop(self._temporal_pid, child=self._temporal)
             self._temporal_pid, self._temporal = None, None
@@ -336,6 +398,17 @@ def discover(settings: Settings) -> Settings:
     state = read_state(settings.home)
     if "TEMPORAL_ADDRESS" not in os.environ and state.get("temporal_address"):
         settings = replace(settings, temporal_address=state["temporal_address"])
+        tls = state.get("temporal_tls")
+        if isinstance(tls, dict):  # mutual TLS: the client certificate mlc dev made
+            settings = replace(
+                settings,
+                temporal_tls=TemporalTLS(
+                    ca=Path(tls["ca"]),
+                    cert=Path(tls["cert"]),
+                    key=Path(tls["key"]),
+                    server_name=tls.get("server_name", "localhost"),
+                ),
+            )
     if settings.database_url is None and state.get("database_url"):
         settings = replace(settings, database_url=state["database_url"])
     return settings

@@ -55,6 +55,7 @@ import signal
 import stat
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -220,24 +221,24 @@ def holds_package(package: Path, sha256: str) -> bool:
     return marker.read_text() == sha256
 
 
-def shared_temp_folder(path: Path, *, owners: Iterable[int] = ()) -> Path:
-    """Create ``path`` (a predictable name in the shared temp folder) or make sure the one
-    there is a real folder of this process's user (or of ``owners``), not a link or a
-    folder another local user made first to read or replace what goes in it.
-
-    Raises:
-        DeploymentFailedError: naming who owns what is there.
+def private_temp_folder(record: Path, *, prefix: str, owners: Iterable[int] = ()) -> Path:
+    """A folder in the system temp dir under a random name (``mkdtemp``, 0700), the same one
+    on every call while it stays a real folder of this process's user (or of ``owners``)
+    that nobody else can write: its path is kept in ``record`` (a file in a private folder,
+    say under ``MLC_HOME``). No name is guessable before it exists, and one that another
+    local user made after ours was gone (say after a reboot) is never used: a new one is.
+    Short, for unix socket paths (108 bytes).
     """
-    with contextlib.suppress(FileExistsError):
-        os.mkdir(path, 0o700)
-    info = os.lstat(path)
-    allowed = {os.geteuid(), *owners}
-    if not stat.S_ISDIR(info.st_mode) or info.st_uid not in allowed:
-        kind = "a link" if stat.S_ISLNK(info.st_mode) else f"owned by uid {info.st_uid}"
-        raise DeploymentFailedError(
-            f"{path} is {kind}, not a private folder of this process: someone else made it first. "
-            "Remove it, or set TMPDIR to a folder only this user can write"
-        )
+    recorded = read_own_file(record)
+    if recorded:
+        path = Path(recorded.strip())
+        with contextlib.suppress(OSError):
+            info = os.lstat(path)
+            mine = info.st_uid in {os.geteuid(), *owners}
+            if stat.S_ISDIR(info.st_mode) and mine and not stat.S_IMODE(info.st_mode) & 0o022:
+                return path
+    path = Path(tempfile.mkdtemp(prefix=prefix))
+    write_file(record, str(path))
     return path
 
 

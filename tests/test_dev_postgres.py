@@ -3,9 +3,12 @@ connection, no TCP listener, and a socket no other user can reach. Real servers.
 
 from __future__ import annotations
 
+import hashlib
 import os
+import shutil
 import socket
 import stat
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
@@ -90,3 +93,60 @@ async def test_a_trust_data_folder_from_an_older_mlc_dev_gets_the_password(tmp_p
             await asyncpg.connect(host=host, user="postgres", database="postgres", password="x")
     finally:
         postgres.stop()
+
+
+def _as_stranger(make: Path) -> None:
+    """Create the folder ``make`` as another local user (a model's uid), as a squatter would."""
+    stranger = isolation.ModelUser(isolation.UID_RANGE[0] + 8, isolation.UID_RANGE[0] + 8)
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            isolation.drop_privileges(stranger)
+            make.mkdir(mode=0o777, parents=True)
+            code = 0
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+
+
+async def test_a_long_data_path_gets_a_socket_folder_nobody_could_take_first(tmp_path: Path) -> None:
+    """Too long a path for a socket: the folder has a random name, not the old guessable
+    ``/tmp/mlc-pg-<digest>`` (or the wheel's ``/tmp/mlc-pg/<hash>``), which a local user
+    made first changes nothing; a replaced recorded folder is not used either."""
+    if not isolation.isolating():
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail("CI=true: squatting as another user needs root")
+        pytest.skip("squatting as another user needs root (skipped outside CI only)")
+    data_dir = tmp_path / ("d" * 90) / "postgres"
+    data_dir.parent.mkdir()
+    digest = hashlib.sha256(str(data_dir).encode()).hexdigest()[:16]
+    squatted = [Path(tempfile.gettempdir()) / f"mlc-pg-{digest}", Path(tempfile.gettempdir()) / "mlc-pg"]
+    made = [folder for folder in squatted if not folder.exists()]
+    for folder in made:
+        _as_stranger(folder)
+    postgres = DevPostgres(data_dir, tmp_path / "pg.log")
+    first = socket_of(postgres.start(die_with_parent=False)).parent
+    try:
+        assert first not in squatted and first.parent not in squatted, first
+        info = first.stat()
+        assert info.st_uid != isolation.UID_RANGE[0] + 8 and stat.S_IMODE(info.st_mode) == 0o700
+        assert len(first.name) > len("mlc-pg-") + 6, "a random name"
+        conn = await asyncpg.connect(host=str(first), user="postgres", password=postgres.password())
+        await conn.close()
+    finally:
+        postgres.stop()
+    assert socket_of(postgres.start(die_with_parent=False)).parent == first, "the recorded one, reused"
+    postgres.stop()
+    # someone replaces it (after a reboot cleared /tmp, say): a new random folder, not theirs
+    shutil.rmtree(first)
+    _as_stranger(first)
+    again = first
+    try:
+        again = socket_of(postgres.start(die_with_parent=False)).parent
+        assert again != first and stat.S_IMODE(again.stat().st_mode) == 0o700
+    finally:
+        postgres.stop()
+        for folder in (first, again, *made):
+            shutil.rmtree(folder, ignore_errors=True)

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import socket
+import tempfile
 import time
 import uuid
 from collections import Counter
@@ -35,7 +37,7 @@ from activities.runtimes.gateway_nginx import (
     render_model,
 )
 from activities.runtimes.local import LocalDriver
-from mlc import processes
+from mlc import isolation, processes
 from mlc.artifacts import ArtifactStore, build_archive
 from mlc.config import Settings
 from mlc.contracts.traffic import ObserveTrafficInput
@@ -293,6 +295,39 @@ async def test_local_errors_no_routes_and_worker_restart(
     await local_driver.cleanup(CleanupRequest(runtime=local_runtime))
     assert processes.alive(pid)
     assert (gateway_root(settings, local_runtime) / "conf" / "nginx.conf").is_file()
+
+
+async def test_a_squatted_scratch_name_changes_nothing(
+    settings: Settings, local_runtime: Runtime, local_driver: LocalDriver
+) -> None:
+    """A local user making the gateway's old scratch folder ``/tmp/mlc-gateway-<key>`` first
+    (its key is derived from a path a model can infer) neither blocks nor joins it: the
+    scratch folder has a random name, recorded under the gateway's root-only folder."""
+    if not isolation.isolating():
+        pytest.skip("squatting as another user needs root")
+    root = gateway_root(settings, local_runtime)
+    old = Path(tempfile.gettempdir()) / f"mlc-gateway-{uuid.uuid5(uuid.NAMESPACE_URL, str(root)).hex[:12]}"
+    stranger = isolation.ModelUser(isolation.UID_RANGE[0] + 9, isolation.UID_RANGE[0] + 9)
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            isolation.drop_privileges(stranger)
+            old.mkdir(mode=0o777)
+            code = 0
+        finally:
+            os._exit(code)
+    assert os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) == 0
+    try:
+        v1 = await _deploy(local_driver, local_runtime, _snapshot(settings, WEAK, 1))
+        result = await local_driver.route(local_runtime, "weak-model", _routes((v1, 100)), lambda _n: None)
+        async with httpx.AsyncClient(trust_env=False) as http:
+            assert (await http.post(f"{result.endpoint}/score", json=RECORD)).status_code == 200
+        scratch = Path((root / "scratch").read_text())
+        assert scratch != old and scratch.name.startswith("mlc-gateway-") and scratch.stat().st_uid == 0
+        assert list(old.iterdir()) == [], "nothing of the gateway went into the squatted folder"
+    finally:
+        old.rmdir()
 
 
 async def test_refusals(settings: Settings, local_runtime: Runtime, local_driver: LocalDriver) -> None:

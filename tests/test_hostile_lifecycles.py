@@ -24,12 +24,19 @@ from pathlib import Path
 import pytest
 from temporalio.worker import Worker
 
-from mlc import admin
+from mlc import admin, isolation
 from mlc.store import lifecycle_definitions
 from mlc.trust.governance import LIFECYCLE_UPLOAD
 from tests.conftest import AUTHOR, FIXTURES, Stack, require_sandbox
 from tests.hostile_workflow import HostilePayloads
-from workers.sandbox import SandboxedWorker, bwrap_command
+from workers.sandbox import (
+    SANDBOX_HOST_UID,
+    SandboxedWorker,
+    bwrap_command,
+    host_user,
+    launch_options,
+    read_only_roots,
+)
 
 HOSTILE = FIXTURES / "lifecycles" / "hostile"
 SECRET_VARIABLE = "MLC_CANARY_SECRET"
@@ -372,12 +379,18 @@ print(json.dumps({
     "uid": os.getuid(),
     "processes": len([p for p in os.listdir("/proc") if p.isdigit()]),
     "home": attempt(lambda: os.listdir(sys.argv[1].rsplit("/", 1)[0])),
+    "root-only": attempt(lambda: open(os.environ["BOUND"] + "/root-only").read()),
+    "public": attempt(lambda: open(os.environ["BOUND"] + "/public").read()),
 }))
 """
 
 
 def test_the_sandbox_holds_for_code_that_escaped_python(
-    canary_file: Path, tmp_path: Path, postgres_dsn: str, monkeypatch: pytest.MonkeyPatch
+    canary_file: Path,
+    tmp_path: Path,
+    tmp_path_factory: pytest.TempPathFactory,
+    postgres_dsn: str,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """Arbitrary Python in the lifecycle worker's exact sandbox: no secret, file, socket or write."""
     require_sandbox()
@@ -388,6 +401,11 @@ def test_the_sandbox_holds_for_code_that_escaped_python(
     assert pg_socket.is_socket()
     bridge = tmp_path / "bridge"
     bridge.mkdir()
+    bound = tmp_path_factory.mktemp("bound")  # a folder the sandbox reads, with a root-only file
+    bound.chmod(0o755)
+    (bound / "public").write_text("public")
+    (bound / "root-only").write_text("root only")
+    (bound / "root-only").chmod(0o600)
     command = bwrap_command(
         [
             sys.executable,
@@ -398,24 +416,31 @@ def test_the_sandbox_holds_for_code_that_escaped_python(
             str(pg_socket),
             str(listener.getsockname()[1]),
         ],
-        env={"PATH": "/usr/bin:/bin", "PYTHONDONTWRITEBYTECODE": "1"},
+        env={"PATH": "/usr/bin:/bin", "PYTHONDONTWRITEBYTECODE": "1", "BOUND": str(bound)},
         bridge_dir=bridge,
+        read_only=[bound],
     )
+    user = host_user([*read_only_roots(), bound, bridge])
     try:
-        done = subprocess.run(command, capture_output=True, text=True, timeout=60, check=False)
+        done = subprocess.run(
+            command, capture_output=True, text=True, timeout=60, check=False, **launch_options(user)
+        )
     finally:
         listener.close()
     assert done.returncode == 0, done.stderr
     seen = json.loads(done.stdout)
     # Only what the launcher passed, plus PWD (bwrap's --chdir) and LC_CTYPE (Python's locale coercion).
     assert seen["secret"] == "absent", seen
-    assert set(seen["environment"]) <= {"PATH", "PYTHONDONTWRITEBYTECODE", "PWD", "LC_CTYPE"}, seen
+    assert set(seen["environment"]) <= {"PATH", "PYTHONDONTWRITEBYTECODE", "BOUND", "PWD", "LC_CTYPE"}, seen
     assert seen["canary"].startswith("refused"), seen
     assert all(c.startswith("refused") for c in seen["connections"]), "no loopback service is reachable"
     assert seen["docker"].startswith("refused") and seen["postgres"].startswith("refused"), seen
     assert seen["write project"].startswith("refused") and seen["write root"].startswith("refused"), seen
     assert seen["uid"] == 65534 and seen["processes"] <= 3, seen
     assert seen["home"].startswith("refused"), seen
+    # 65534 inside is an unprivileged host user, not root: a root-only file stays unreadable
+    assert seen["public"] == "reached: 'public'", seen
+    assert seen["root-only"] == "refused: PermissionError", seen
     assert canary_file.read_text() == "canary" and not (Path(sys.prefix) / "pwned").exists()
 
 
@@ -480,6 +505,17 @@ async def test_mlc_worker_lifecycles_sandboxes_itself(temporal_env: object, tmp_
         assert f"serving uploaded lifecycles on {queue}-lifecycles, sandboxed" in one_line(line.decode())
         inside = [c for _, c in descendants(proc.pid) if "--no-sandbox" in c and "bwrap" not in c]
         assert inside, "the worker runs as a child, inside bwrap"
+        if isolation.isolating():  # seen from the host: its 65534 is an unprivileged user, not root
+            for pid, command in descendants(proc.pid):
+                if "--no-sandbox" not in command or "bwrap" in command:
+                    continue
+                status = Path(f"/proc/{pid}/status").read_text()
+                assert f"Uid:\t{SANDBOX_HOST_UID}\t{SANDBOX_HOST_UID}\t" in status, status
+                assert Path(f"/proc/{pid}/uid_map").read_text().split() == [
+                    "65534",
+                    str(SANDBOX_HOST_UID),
+                    "1",
+                ]
         log = (tmp_path / "lifecycle-worker.log").read_text()
         assert f"lifecycle worker polling task queue {queue}-lifecycles" in log
     finally:

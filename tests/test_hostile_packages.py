@@ -8,11 +8,15 @@ model server's ``/proc/<pid>/environ``.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import shutil
+import tarfile
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -25,7 +29,7 @@ from activities.runtimes.docker_images import (
     server_requirements,
 )
 from activities.runtimes.local import HOST_DIR, LocalDriver
-from mlc.artifacts import ArtifactStore, build_archive
+from mlc.artifacts import ArtifactStore, PackageLimits, build_archive
 from mlc.config import Settings
 from mlc.domain import HostingMode, ModelSnapshot, Runtime
 from mlc.errors import DeploymentFailedError, InvalidPackageError
@@ -144,6 +148,88 @@ async def test_fifo_is_refused_without_hanging(stack: Stack, tmp_path: Path) -> 
     os.mkfifo(package / "data" / "pipe")
     message = await refused(stack, package)
     assert "data/pipe is not a regular file" in message
+
+
+async def test_a_sparse_file_past_the_unpacked_limit_is_refused_without_being_read(
+    stack: Stack, tmp_path: Path
+) -> None:
+    """8 GiB of holes (no disk, gzip would make it a few MB): refused by its size alone."""
+    package = write_package(tmp_path / "pkg")
+    with (package / "data" / "huge.bin").open("wb") as huge:
+        huge.truncate(8 << 30)
+    started = time.monotonic()
+    message = await refused(stack, package)
+    assert (
+        "it unpacks to more than 4,294,967,296 bytes (the limit, MLC_MAX_PACKAGE_UNPACKED_BYTES)" in message
+    )
+    assert time.monotonic() - started < 5, "refused before reading the file"
+
+
+@pytest.mark.parametrize(
+    ("variable", "expected"),
+    [
+        ("MLC_MAX_PACKAGE_ARCHIVE_BYTES", "its archive is more than 20,000 bytes"),
+        ("MLC_MAX_PACKAGE_UNPACKED_BYTES", "it unpacks to more than 20,000 bytes"),
+        ("MLC_MAX_PACKAGE_FILES", "it holds more than 5 files and folders"),
+    ],
+)
+async def test_packages_over_a_configured_limit_are_refused(
+    stack: Stack, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, variable: str, expected: str
+) -> None:
+    package = write_package(tmp_path / "pkg")
+    (package / "data" / "noise.bin").write_bytes(os.urandom(30_000))  # incompressible
+    for i in range(5):
+        (package / "data" / f"extra-{i}.txt").write_text("x")
+    monkeypatch.setenv(variable, "5" if variable == "MLC_MAX_PACKAGE_FILES" else "20000")
+    message = await refused(stack, package)
+    assert message.startswith(f"{package}: {expected}") and variable in message, message
+
+
+def _archive(*members: tuple[str, int, bytes | None]) -> bytes:
+    """A ``.tar.gz`` of (name, declared size, content): content None writes the header only."""
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
+        for name, size, content in members:
+            info = tarfile.TarInfo(name)
+            info.size = size
+            tar.addfile(info, None if content is None else io.BytesIO(content))
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize(
+    ("archive", "expected"),
+    [
+        # 64 MiB of zeros: a 64 KiB gzip bomb
+        (
+            lambda: _archive(("score.py", 1, b"x"), ("zeros.bin", 64 << 20, bytes(64 << 20))),
+            "unpacks to more",
+        ),
+        # a header claiming a terabyte, with nothing behind it
+        (lambda: _archive(("score.py", 1, b"x"), ("tera.bin", 1 << 40, None)), "unpacks to more"),
+        # an inode bomb: many empty files
+        (lambda: _archive(*[(f"f{i}", 0, b"") for i in range(200)]), "holds more than 100 files"),
+    ],
+)
+def test_an_archive_bomb_in_the_store_is_refused_before_it_is_unpacked(
+    tmp_path: Path, archive: Any, expected: str
+) -> None:
+    """An archive no registration here would have made (a host with higher limits, a
+    store written by hand): the runtime refuses it member by member, writing nothing big."""
+    limits = PackageLimits(archive_bytes=1 << 20, unpacked_bytes=1 << 20, files=100)
+    store = ArtifactStore(tmp_path / "artifacts", limits=limits)
+    sha = store.put(archive())
+    dest = tmp_path / "deployment"
+    with pytest.raises(InvalidPackageError, match=expected) as caught:
+        store.unpack(sha, dest)
+    assert str(caught.value).startswith(f"artifact {sha[:12]}: ")
+    assert not dest.exists() or sum(f.stat().st_size for f in dest.rglob("*") if f.is_file()) == 0
+
+
+def test_an_archive_over_the_size_limit_is_not_even_read(tmp_path: Path) -> None:
+    store = ArtifactStore(tmp_path / "artifacts", limits=PackageLimits(archive_bytes=1000))
+    sha = store.put(_archive(("noise.bin", 5000, os.urandom(5000))))
+    with pytest.raises(InvalidPackageError, match="its archive is more than 1,000 bytes"):
+        store.unpack(sha, tmp_path / "deployment")
 
 
 @pytest.mark.parametrize(

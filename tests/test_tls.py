@@ -11,20 +11,24 @@ that need it; elsewhere they are skipped with the reason.
 from __future__ import annotations
 
 import asyncio
+import base64
 import datetime
 import os
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, replace
 from ipaddress import IPv4Address
 from pathlib import Path
+from typing import Any
 
+import httpx
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -38,10 +42,14 @@ from temporalio.service import TLSConfig
 from temporalio.testing import WorkflowEnvironment
 from temporalio.worker import Worker
 
+from mlc import dev_temporal, isolation, processes
 from mlc.config import Settings
+from mlc.devstack import DevStack, discover, read_state
 from mlc.errors import RuntimeUnavailableError
+from tests.faults.harness import leftover_processes
 from tests.tls_workflow import TlsGreeting, greet
 from workers.client import connect, connect_options
+from workers.sandbox import start_lifecycle_worker
 
 CLIENT_CN = "mlc-test-worker"
 RPC = "/temporal.api.workflowservice.v1.WorkflowService/"
@@ -443,6 +451,55 @@ async def test_the_mlc_worker_command_polls_through_mtls(
         assert lines and all(f'verify=SUCCESS dn="CN={CLIENT_CN},' in line for line in lines), rpc
 
 
+def _environments() -> list[bytes]:
+    """Every readable process environment of the host."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                found.append((entry / "environ").read_bytes())
+            except OSError:
+                continue
+    return found
+
+
+async def test_the_sandboxed_lifecycle_worker_polls_through_mtls_without_the_key(
+    proxy: Proxy, temporal_env: WorkflowEnvironment, tmp_path: Path
+) -> None:
+    """The launcher's bridge speaks mutual TLS for the sandbox: the worker inside polls
+    through nginx with the client certificate, and no certificate or key enters it."""
+    if shutil.which("bwrap") is None:
+        pytest.skip("bubblewrap is not installed")
+    queue = f"tls-{uuid.uuid4().hex[:8]}"
+    probe = uuid.uuid4().hex  # sent as gRPC metadata by the worker inside, logged by nginx
+    log = tmp_path / "lifecycle-worker.log"
+    started = await start_lifecycle_worker(
+        main_queue=queue,
+        temporal_address=proxy.address,
+        log_path=log,
+        environ={**proxy.tls_env(client=proxy.client), "TEMPORAL_GRPC_META_X_MLC_PROBE": probe},
+    )
+    try:
+        assert [p.name for p in started.bridge_dir.iterdir()] == ["temporal.sock"], "no key beside the socket"
+        inside = [env for env in _environments() if f"MLC_TASK_QUEUE={queue}".encode() in env.split(b"\0")]
+        assert inside and all(b"TEMPORAL_TLS" not in env for env in inside), "no TLS setting inside"
+        request = DescribeTaskQueueRequest(
+            namespace=temporal_env.client.namespace,
+            task_queue=TaskQueue(name=f"{queue}-lifecycles"),
+            task_queue_type=TaskQueueType.TASK_QUEUE_TYPE_WORKFLOW,
+        )
+        for _ in range(100):  # its long poll is open (nginx logs it once the stop ends it)
+            if (await temporal_env.client.workflow_service.describe_task_queue(request)).pollers:
+                break
+            await asyncio.sleep(0.1)
+    finally:
+        await started.stop()
+    assert f"lifecycle worker polling task queue {queue}-lifecycles" in log.read_text()
+    for rpc in ("GetSystemInfo", "PollWorkflowTaskQueue"):  # the poll is logged once the stop cuts it
+        lines = await proxy.logged(rpc, probe=probe)
+        assert lines and all(f'verify=SUCCESS dn="CN={CLIENT_CN},' in line for line in lines), (rpc, lines)
+
+
 @pytest.mark.parametrize("which", ["no client certificate", "a certificate from another CA"])
 async def test_a_client_without_a_trusted_certificate_is_refused(
     proxy: Proxy, clean_env: pytest.MonkeyPatch, tmp_path: Path, which: str
@@ -539,3 +596,133 @@ async def test_plain_ignores_tls_settings(
     client = await connect(settings, plain=True, identity="mlc-dev-embedded")
     assert client.identity == "mlc-dev-embedded"
     assert client.service_client.config.tls is None or client.service_client.config.tls is False
+
+
+# --- mlc dev's own Temporal: closed to everything but its certificate --------------------
+
+
+def _root_only(what: str) -> None:
+    if not isolation.isolating():
+        message = f"{what} needs root (a network namespace, another user)"
+        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+            pytest.fail(message)
+        pytest.skip(f"{message} (skipped outside CI only)")
+
+
+def _as_stranger(action: Callable[[], object]) -> str:
+    """Run ``action`` in a child as another local user; what happened, in a word."""
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(read)
+        try:
+            isolation.drop_privileges(
+                isolation.ModelUser(isolation.UID_RANGE[0] + 11, isolation.UID_RANGE[0] + 11)
+            )
+            action()
+            outcome = "reached"
+        except Exception as exc:  # noqa: BLE001 - the outcome is the test's subject
+            outcome = type(exc).__name__
+        os.write(write, outcome.encode())
+        os._exit(0)
+    os.close(write)
+    os.waitpid(pid, 0)
+    with os.fdopen(read) as out:
+        return out.read()
+
+
+async def _ui(http: httpx.AsyncClient, method: str, url: str, **kwargs: Any) -> httpx.Response:
+    """A Web UI API call, retried while the UI server's own connection to the frontend is
+    still in its first backoff (it dials at start, before the frontend listens)."""
+    for _ in range(60):
+        response = await http.request(method, url, **kwargs)
+        if response.status_code != 503:
+            return response
+        await asyncio.sleep(0.5)
+    return response
+
+
+async def test_mlc_dev_temporal_takes_only_its_client_certificate(
+    clean_env: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """As root, ``mlc dev``'s dev server runs in a network namespace of its own: the host's
+    loopback has only the mutual-TLS proxy and the Web UI (behind a password) on its ports;
+    the CLI and workers find the client certificate through ``dev.json``; the Web UI still
+    starts lifecycles; no other local user reaches the sockets behind the proxy."""
+    _root_only("closing mlc dev's Temporal")
+    _nginx()
+    home = tmp_path / "home"
+    stack = DevStack(Settings.from_env(home=home), temporal_port=_free_port(), ui_port=_free_port())
+    ready = await stack.start()
+    try:
+        address, ui = ready.temporal_address, f"http://127.0.0.1:{stack.ui_port}"
+        assert ready.temporal_tls is not None and address == f"127.0.0.1:{stack.temporal_port}"
+        tls_dir = home / dev_temporal.TLS_DIR
+        assert stat.S_IMODE(tls_dir.stat().st_mode) == 0o700
+        assert all(stat.S_IMODE(f.stat().st_mode) == 0o600 for f in tls_dir.iterdir()), list(
+            tls_dir.iterdir()
+        )
+
+        # the CLI (any `mlc` command) finds the certificate while mlc dev runs
+        found = discover(Settings.from_env(home=home))
+        assert found.temporal_tls == ready.temporal_tls and found.temporal_address == address
+        cli = await connect(found)
+        workflow_id = f"mtls-{uuid.uuid4().hex[:8]}"
+        await cli.start_workflow("TlsGreeting", "x", id=workflow_id, task_queue=f"q-{uuid.uuid4().hex[:6]}")
+
+        # the dev server itself is in a network namespace of its own: its ports on the host
+        # are nginx's, which takes TLS with the home's client certificate only
+        temporal_pid = read_state(home)["temporal"]["pid"]
+        assert dev_temporal.in_own_network(temporal_pid)
+        with pytest.raises(RuntimeUnavailableError):
+            await connect(replace(ready, temporal_tls=None), plain=True)  # plain text
+        for name, value in {
+            "TEMPORAL_ADDRESS": address,
+            "TEMPORAL_TLS_SERVER_CA_CERT_PATH": str(ready.temporal_tls.ca),
+            "TEMPORAL_TLS_SERVER_NAME": "localhost",
+        }.items():
+            clean_env.setenv(name, value)
+        with pytest.raises(RuntimeUnavailableError, match="TLS is on"):  # TLS, no client certificate
+            await connect(Settings.from_env(home=tmp_path / "elsewhere"))
+
+        # another local user reaches neither the sockets behind the proxy nor the certificates
+        sockets = Path(dev_temporal.isolation.read_own_file(home / dev_temporal.SOCKETS_RECORD) or "")
+        assert (sockets / dev_temporal.GRPC_SOCKET).is_socket()
+        for target in (dev_temporal.GRPC_SOCKET, dev_temporal.UI_SOCKET):
+            reached = _as_stranger(lambda t=target: socket.socket(socket.AF_UNIX).connect(str(sockets / t)))
+            assert reached == "PermissionError", (target, reached)
+        assert _as_stranger(lambda: ready.temporal_tls.key.read_bytes()) == "PermissionError"  # type: ignore[union-attr]
+
+        # people: the Web UI asks for its password, then reaches the server and starts a lifecycle
+        password = (tls_dir / "ui-password").read_text().strip()
+        async with httpx.AsyncClient(trust_env=False) as http:
+            assert (await http.get(f"{ui}/")).status_code == 401
+            assert (await http.get(f"{ui}/", auth=("mlc", "wrong"))).status_code == 401
+        async with httpx.AsyncClient(trust_env=False, auth=("mlc", password)) as http:
+            page = await http.get(f"{ui}/")
+            assert page.status_code == 200 and "<html" in page.text.lower()
+            listed = await _ui(http, "GET", f"{ui}/api/v1/namespaces/default/workflows/{workflow_id}")
+            assert listed.status_code == 200 and workflow_id in listed.text, listed.text[:300]
+            started_id = f"ui-{uuid.uuid4().hex[:8]}"
+            payload = {"metadata": {"encoding": base64.b64encode(b"json/plain").decode()},
+                       "data": base64.b64encode(b'{"model": "cc-fraud", "version": 1}').decode()}  # fmt: skip
+            started = await _ui(
+                http,
+                "POST",
+                f"{ui}/api/v1/namespaces/default/workflows/{started_id}",
+                json={
+                    "workflowId": started_id,
+                    "workflowType": {"name": "ModelLifecycle"},
+                    "taskQueue": {"name": "mlc"},
+                    "input": {"payloads": [payload]},
+                },  # fmt: skip
+                headers={"X-CSRF-TOKEN": http.cookies.get("_csrf") or ""},
+            )
+            assert started.status_code == 200, started.text[:300]
+        described = await cli.get_workflow_handle(started_id).describe()
+        assert (described.workflow_type, described.task_queue) == ("ModelLifecycle", "mlc")
+    finally:
+        stack.stop()
+    assert not processes.alive(temporal_pid)
+    assert leftover_processes(str(home)) == [], "the proxies stop with the stack"
+    assert not sockets.exists(), "and their sockets folder goes with them"

@@ -28,7 +28,7 @@ from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.envconfig import ClientConfigProfile
 from temporalio.service import RPCError, RPCStatusCode, TLSConfig
 
-from mlc.config import Settings
+from mlc.config import Settings, TemporalTLS
 from mlc.errors import RuntimeUnavailableError
 from mlc.names import SEARCH_ATTRIBUTES
 
@@ -43,6 +43,8 @@ def connect_options(settings: Settings, *, environ: Mapping[str, str] | None = N
     Raises :class:`RuntimeUnavailableError` when the configuration or a file it names
     cannot be read.
     """
+    if settings.temporal_tls is not None:  # a running mlc dev's own certificate: nothing else applies
+        return {**_embedded_options(settings), "tls": tls_config(settings.temporal_tls)}
     env = dict(os.environ if environ is None else environ)
     use_file = any(env.get(name) for name in _PROFILE_VARS)
     try:
@@ -79,14 +81,14 @@ async def connect(settings: Settings, *, identity: str | None = None, plain: boo
     raise a readable :class:`RuntimeUnavailableError`.
 
     ``identity`` names this client (and its workers) in Temporal; the SDK's default is
-    ``pid@host``. ``plain=True`` ignores TLS, API key and profiles and connects in plain
-    text to ``settings.temporal_address``: the embedded server ``mlc dev`` just started.
+    ``pid@host``. ``plain=True`` ignores ``TEMPORAL_TLS_*``, API key and profiles and connects
+    to ``settings.temporal_address``: the embedded server ``mlc dev`` just started (through
+    its mutual-TLS proxy when ``settings.temporal_tls`` is set, else in plain text).
     """
     if plain:
-        options: dict[str, Any] = {
-            "target_host": settings.temporal_address,
-            "namespace": settings.temporal_namespace,
-        }
+        options = _embedded_options(settings)
+        if settings.temporal_tls is not None:
+            options["tls"] = tls_config(settings.temporal_tls)
     else:
         options = connect_options(settings)
     if identity is not None:
@@ -96,6 +98,44 @@ async def connect(settings: Settings, *, identity: str | None = None, plain: boo
         return await Client.connect(target, data_converter=pydantic_data_converter, **options)
     except RuntimeError as exc:
         raise RuntimeUnavailableError(f"cannot reach Temporal at {target}: {exc}; {_hint(options)}") from exc
+
+
+def _embedded_options(settings: Settings) -> dict[str, Any]:
+    return {"target_host": settings.temporal_address, "namespace": settings.temporal_namespace}
+
+
+def tls_config(tls: TemporalTLS) -> TLSConfig:
+    """The SDK's TLS settings for ``mlc dev``'s client certificate (files read now).
+
+    Raises:
+        RuntimeUnavailableError: a file cannot be read (naming it).
+    """
+    try:
+        return TLSConfig(
+            server_root_ca_cert=tls.ca.read_bytes(),
+            domain=tls.server_name,
+            client_cert=tls.cert.read_bytes(),
+            client_private_key=tls.key.read_bytes(),
+        )
+    except OSError as exc:
+        raise RuntimeUnavailableError(
+            f"cannot read mlc dev's Temporal client certificate: {exc}; Temporal's port takes only "
+            "clients with that certificate (run as the user who started `mlc dev`)"
+        ) from exc
+
+
+def tls_environ(settings: Settings) -> dict[str, str]:
+    """``TEMPORAL_TLS_*`` variables naming ``settings``' client certificate ({} without one):
+    how a worker started as another process (the lifecycle sandbox) gets it."""
+    tls = settings.temporal_tls
+    if tls is None:
+        return {}
+    return {
+        "TEMPORAL_TLS_SERVER_CA_CERT_PATH": str(tls.ca),
+        "TEMPORAL_TLS_CLIENT_CERT_PATH": str(tls.cert),
+        "TEMPORAL_TLS_CLIENT_KEY_PATH": str(tls.key),
+        "TEMPORAL_TLS_SERVER_NAME": tls.server_name,
+    }
 
 
 def _hint(options: Mapping[str, Any]) -> str:

@@ -7,13 +7,18 @@ process runs under Debian's ``bubblewrap``:
 - ``--unshare-all`` (user, pid, ipc, uts, cgroup and **network** namespaces), uid/gid
   65534, every capability dropped, no nested user namespaces, ``--new-session``,
   ``--die-with-parent``;
+- started by root, bubblewrap itself runs as an unprivileged host user of its own
+  (:data:`SANDBOX_HOST_UID`, see :func:`launch_options`), so the sandbox's 65534 is that
+  user on the host, not root: a root-only file in a bound folder stays unreadable;
 - ``--clearenv``: the environment is rebuilt from a short list (Temporal's address,
   namespace and client TLS settings, the task queue); no database URL, key or password;
 - a read-only filesystem of exactly the system libraries, the Python installation and
   the project's packages, plus an empty private ``/tmp``; no home, no ``MLC_HOME``, no
   PostgreSQL socket folder, no Docker socket;
 - its own empty network namespace, whose only way out is one unix socket bound into it
-  (``/run/mlc/temporal.sock``), which this process forwards to Temporal's address. So the
+  (``/run/mlc/temporal.sock``), which this process forwards to Temporal's address. With
+  a client certificate (mutual TLS, as ``mlc dev`` has), this process speaks TLS with it
+  and the sandbox plain HTTP/2 to the socket: the key never enters the sandbox. So the
   sandbox reaches Temporal and nothing else: not PostgreSQL, not model servers, not the
   host's loopback services (with a shared network it would reach all of them).
 
@@ -29,14 +34,17 @@ import importlib.util
 import os
 import shutil
 import signal
+import ssl
 import sys
 import tempfile
 import time
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from mlc.errors import RuntimeUnavailableError
+from mlc.isolation import UID_RANGE, ModelUser, enter, isolating
 
 BRIDGE_ENV = "MLC_TEMPORAL_BRIDGE"
 """Inside the sandbox: the unix socket that leads to Temporal."""
@@ -46,6 +54,9 @@ READY_MARKER = "lifecycle worker polling task queue"
 """The line the worker prints once it polls; the launcher waits for it."""
 SANDBOX_UID = 65534
 """``nobody``: the worker's user inside the sandbox."""
+SANDBOX_HOST_UID = UID_RANGE[0] - 1
+"""The host uid (= gid) the sandbox runs as when started by root: just below the model
+users' range, the only user of that id, never root (so never ``65534 0 1`` in uid_map)."""
 TMP_SIZE = 64 * 1024 * 1024
 """Bytes of the sandbox's private ``/tmp``."""
 PACKAGES = ("mlc", "workflows", "activities", "workers", "lifecycles")
@@ -90,6 +101,24 @@ def read_only_roots() -> list[Path]:
         if not any(root.is_relative_to(u) for u in unique) and root.exists():
             unique.append(root)
     return unique
+
+
+def host_user(reach: Sequence[Path]) -> ModelUser | None:
+    """Who bubblewrap runs as: :data:`SANDBOX_HOST_UID` when started by root (reaching the
+    folders ``reach`` it binds), else None (the caller's own, already unprivileged, user)."""
+    if not isolating():
+        return None
+    return ModelUser(SANDBOX_HOST_UID, SANDBOX_HOST_UID, reach=tuple(str(p) for p in reach))
+
+
+def launch_options(user: ModelUser | None) -> dict[str, Any]:
+    """Subprocess keywords that start ``bwrap`` as ``user``: a private mount view of what it
+    binds (those behind a 0700 folder such as ``/root``), then groups, gid and uid dropped
+    for good, no new privileges (:func:`mlc.isolation.enter`). The unprivileged bubblewrap
+    then maps the sandbox's 65534 onto that user, never onto root."""
+    if user is None:
+        return {}
+    return {"preexec_fn": lambda: enter(user)}
 
 
 def client_env(environ: Mapping[str, str], *, address: str) -> dict[str, str]:
@@ -176,13 +205,45 @@ async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> N
             writer.close()
 
 
+@dataclass(frozen=True)
+class BridgeTLS:
+    """Mutual TLS the launcher's bridge speaks to Temporal for the sandbox (which then
+    speaks plain HTTP/2 to the bridge and never holds the client key)."""
+
+    context: ssl.SSLContext
+    server_name: str
+
+
+def bridge_tls(env: Mapping[str, str]) -> BridgeTLS | None:
+    """The bridge's TLS when Temporal's client settings ``env`` are a client certificate
+    (and no API key, which the worker inside must send itself); else None."""
+    cert, key = env.get("TEMPORAL_TLS_CLIENT_CERT_PATH"), env.get("TEMPORAL_TLS_CLIENT_KEY_PATH")
+    if not (cert and key) or env.get("TEMPORAL_API_KEY"):
+        return None
+    try:
+        context = ssl.create_default_context(cafile=env.get("TEMPORAL_TLS_SERVER_CA_CERT_PATH") or None)
+        context.load_cert_chain(cert, key)
+    except (OSError, ssl.SSLError) as exc:
+        raise RuntimeUnavailableError(f"cannot load the Temporal client certificate {cert}: {exc}") from exc
+    context.set_alpn_protocols(["h2"])  # gRPC: nginx and Temporal speak HTTP/2 only when asked
+    return BridgeTLS(context, env.get("TEMPORAL_TLS_SERVER_NAME") or "localhost")
+
+
 async def forward(
-    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, target: tuple[str, int] | str
+    reader: asyncio.StreamReader,
+    writer: asyncio.StreamWriter,
+    target: tuple[str, int] | str,
+    tls: BridgeTLS | None = None,
 ) -> None:
-    """Pipe one connection both ways to ``target`` (``(host, port)`` or a unix socket path)."""
+    """Pipe one connection both ways to ``target`` (``(host, port)`` or a unix socket path),
+    over ``tls`` to a ``(host, port)`` when given."""
     try:
         if isinstance(target, str):
             up_reader, up_writer = await asyncio.open_unix_connection(target)
+        elif tls is not None:
+            up_reader, up_writer = await asyncio.open_connection(
+                *target, ssl=tls.context, server_hostname=tls.server_name
+            )
         else:
             up_reader, up_writer = await asyncio.open_connection(*target)
     except OSError:
@@ -259,26 +320,35 @@ async def start_lifecycle_worker(
     """
     bwrap_path()
     target = _host_port(temporal_address)
-    bridge_dir = Path(tempfile.mkdtemp(prefix="mlc-bridge-"))
-    os.chmod(bridge_dir, 0o755)
+    bridge_dir = Path(tempfile.mkdtemp(prefix="mlc-bridge-"))  # 0700, a random name
+    user = host_user([*read_only_roots(), bridge_dir])
     socket_path = bridge_dir / BRIDGE_SOCKET
-    bridge = await asyncio.start_unix_server(lambda r, w: forward(r, w, target), path=str(socket_path))
+    client = client_env(environ or {}, address=temporal_address)
+    tls = bridge_tls(client)
+    if tls is not None:  # the bridge holds the certificate: nothing of it enters the sandbox
+        client = {k: v for k, v in client.items() if not k.startswith("TEMPORAL_TLS")}
+    client = _copy_tls_files(client, bridge_dir, user)
+    bridge = await asyncio.start_unix_server(lambda r, w: forward(r, w, target, tls), path=str(socket_path))
     os.chmod(socket_path, 0o777)
+    if user is not None:
+        os.chown(bridge_dir, user.uid, user.gid)
     env = worker_env(
         main_queue=main_queue,
         address=temporal_address,
         namespace=namespace,
-        extra={**client_env(environ or {}, address=temporal_address), **(extra_env or {})},
+        extra={**client, **(extra_env or {})},
     )
-    tls_files = [Path(v) for k, v in env.items() if k.startswith("TEMPORAL_TLS_") and k.endswith("_PATH")]
     argv = [sys.executable, "-m", "mlc", "worker", "--lifecycles", "--no-sandbox"]
-    command = bwrap_command(
-        argv, env=env, bridge_dir=bridge_dir, read_only=[p for p in tls_files if p.exists()]
-    )
+    command = bwrap_command(argv, env=env, bridge_dir=bridge_dir)
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with log_path.open("ab") as log:
         process = await asyncio.create_subprocess_exec(
-            *command, stdin=asyncio.subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True
+            *command,
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=log,
+            stderr=log,
+            start_new_session=True,
+            **launch_options(user),
         )
     started = SandboxedWorker(process, bridge, bridge_dir, log_path, f"{main_queue}-lifecycles")
     offset = log_path.stat().st_size if log_path.exists() else 0
@@ -298,6 +368,28 @@ async def start_lifecycle_worker(
                 f"last lines of {log_path}:\n{started.log_tail()}"
             )
         await asyncio.sleep(0.05)
+
+
+def _copy_tls_files(env: Mapping[str, str], bridge_dir: Path, user: ModelUser | None) -> dict[str, str]:
+    """``env`` with each ``TEMPORAL_TLS_*_PATH`` file copied into the bridge folder (0400, the
+    sandbox's user's: the originals may be root-only) and the variable naming the copy as
+    the sandbox sees it."""
+    copied = dict(env)
+    for name, value in env.items():
+        if not (name.startswith("TEMPORAL_TLS_") and name.endswith("_PATH")):
+            continue
+        copy = bridge_dir / f"{name.lower()}.pem"
+        try:
+            shutil.copyfile(value, copy)
+        except OSError as exc:
+            raise RuntimeUnavailableError(
+                f"cannot read {name}={value} for the lifecycle worker: {exc}"
+            ) from exc
+        copy.chmod(0o400)
+        if user is not None:
+            os.chown(copy, user.uid, user.gid)
+        copied[name] = str(BRIDGE_INSIDE / copy.name)
+    return copied
 
 
 def _printed(path: Path, offset: int, marker: str) -> bool:

@@ -46,7 +46,6 @@ import pwd
 import re
 import signal
 import subprocess
-import tempfile
 import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
@@ -411,12 +410,13 @@ class LocalGateway(Gateway):
         return f"nobody {grp.getgrgid(entry.pw_gid).gr_name}"
 
     def _scratch(self) -> Path:
-        """Request-body buffers and the tier socket: ``root/run``, or a folder in the system
-        temp dir when workers drop to ``nobody`` (who may not traverse ``MLC_HOME``)."""
+        """Request-body buffers and the tier socket: ``root/run``, or a folder of root's with a
+        random name in the system temp dir when workers drop to ``nobody`` (who may not
+        traverse ``MLC_HOME``), recorded in ``root/scratch`` (see
+        :func:`mlc.isolation.private_temp_folder`: nobody can take its name first)."""
         if self.worker_user() is None:
             return self.root / "run"
-        key = uuid.uuid5(uuid.NAMESPACE_URL, str(self.root)).hex[:12]
-        return Path(tempfile.gettempdir()) / f"mlc-gateway-{key}"
+        return isolation.private_temp_folder(self.root / "scratch", prefix="mlc-gateway-")
 
     @property
     def paths(self) -> NginxPaths:
@@ -432,7 +432,7 @@ class LocalGateway(Gateway):
 
     def _prepare(self) -> None:
         super()._prepare()
-        scratch = isolation.shared_temp_folder(self._scratch())
+        scratch = self._scratch()
         # A real folder of ours (checked), searchable by nginx's workers' group only: the
         # tier socket and the links to model sockets in it are no one else's way in (a
         # model could otherwise reach other models through them: unix sockets do not

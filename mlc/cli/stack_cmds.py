@@ -77,6 +77,8 @@ async def embedded(
             console.print(f"reusing {note}, left running by the previous `mlc dev` of {ready.home}")
         for note in stack.stopped:
             console.print(f"stopped {note}, left running by the previous `mlc dev` of {ready.home}")
+        for note in stack.notes:
+            console.print(f"[yellow]{note}[/yellow]")
         try:
             await _check_served(pool, ready.task_queue, embedded_kafka=True)
             ready = await admin.bootstrap_dev(
@@ -152,18 +154,22 @@ async def _sandboxed_lifecycles(ready: Settings) -> AsyncIterator[None]:
         console.print(f"[yellow]{escape(note)}[/yellow]", highlight=False)
         yield
         return
+    from workers.client import tls_environ
+
     async with lifecycle_worker(
         main_queue=ready.task_queue,
         temporal_address=ready.temporal_address,
         namespace=ready.temporal_namespace,
         log_path=ready.home / "lifecycle-worker.log",
+        environ=tls_environ(ready),
     ):
         yield
 
 
 async def _embedded_client(ready: Settings) -> Client:
-    """A plain-text client of the server ``embedded`` started: TEMPORAL_TLS_*, TEMPORAL_API_KEY
-    and TEMPORAL_PROFILE describe some other cluster, never this one."""
+    """A client of the server ``embedded`` started (through its mutual-TLS proxy when it has
+    one): TEMPORAL_TLS_*, TEMPORAL_API_KEY and TEMPORAL_PROFILE describe some other cluster,
+    never this one."""
     from workers.client import connect as connect_temporal
 
     return await connect_temporal(ready, plain=True)
@@ -222,6 +228,8 @@ def dev(
     prints it here too).
     """
 
+    from mlc import dev_temporal
+
     async def go() -> None:
         stop = _stop_event()
         cfg = settings()
@@ -229,9 +237,14 @@ def dev(
         embedded_postgres = cfg.database_url is None
         async with embedded(cfg, temporal_port=temporal_port, ui_port=ui_port, headless=headless) as ready:
             table = Table(title="mlc dev is running (Ctrl-C stops it)", show_header=False)
-            table.add_row("Temporal", ready.temporal_address)
+            guarded = ready.temporal_tls is not None
+            tls = (
+                f" (mutual TLS, client certificate in {ready.home / dev_temporal.TLS_DIR})" if guarded else ""
+            )
+            table.add_row("Temporal", ready.temporal_address + tls)
             if not headless:
-                table.add_row("Web UI", f"http://127.0.0.1:{ui_port}")
+                login = dev_temporal.ui_login(ready.home) if guarded else None
+                table.add_row("Web UI", f"http://127.0.0.1:{ui_port}" + (f" ({login})" if login else ""))
             table.add_row("Task queue", ready.task_queue)
             uploaded = lifecycles_task_queue(ready.task_queue)
             sandboxed = "off: no bubblewrap" if _sandbox_missing() else "uploaded code, sandboxed"
@@ -371,6 +384,7 @@ async def _lifecycle_worker(*, sandbox: bool) -> None:
     """``mlc worker --lifecycles``: the sandboxed worker of uploaded code, or (``--no-sandbox``)
     that worker itself, as the sandbox and containers run it."""
     from workers import lifecycle_worker, prerequisites
+    from workers.client import tls_environ
     from workers.sandbox import start_lifecycle_worker
 
     cfg = settings()
@@ -385,7 +399,7 @@ async def _lifecycle_worker(*, sandbox: bool) -> None:
         temporal_address=cfg.temporal_address,
         namespace=cfg.temporal_namespace,
         log_path=log_path,
-        environ=os.environ,
+        environ={**os.environ, **tls_environ(cfg)},
     )
     console.print(f"serving uploaded lifecycles on {started.task_queue}, sandboxed (log {log_path})")
     exited = asyncio.ensure_future(started.process.wait())
@@ -409,6 +423,7 @@ def demo(
     debug: DEBUG = False,
 ) -> None:
     """Register the example fraud model and walk it DEV -> PROD on an embedded stack."""
+    from mlc import dev_temporal
 
     async def go() -> int:
         cfg = settings()
@@ -418,7 +433,9 @@ def demo(
             return await _walk(cfg, yes=yes, ui=None)
         log_path = worker_logging(cfg.home, debug=STATE.debug or debug)
         async with embedded(cfg, temporal_port=temporal_port, ui_port=ui_port, headless=False) as ready:
-            code = await _walk(ready, yes=yes, ui=f"http://127.0.0.1:{ui_port}")
+            login = dev_temporal.ui_login(ready.home) if ready.temporal_tls else None
+            ui = f"http://127.0.0.1:{ui_port}" + (f" ({login})" if login else "")
+            code = await _walk(ready, yes=yes, ui=ui)
         if code:
             console.print(f"the worker's log, with the tracebacks of failed activities: {log_path}")
         return code

@@ -11,11 +11,11 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import httpx
 
-from mlc import isolation, processes
+from mlc import dev_temporal, isolation, processes
 from mlc.config import Settings
 from mlc.dev_postgres import DevPostgres
 from mlc.devstack import DevStack, dev_running, port_open, read_state
@@ -197,10 +197,10 @@ async def test_servers_a_previous_stack_left_are_reused_when_they_fit_and_stoppe
     settings.home.mkdir(parents=True)
     ports = {"temporal_port": free_port(), "ui_port": free_port(), "headless": True}
     log = (tmp_path / "survivors.log").open("ab")
-    temporal = processes.spawn(DevStack(settings, **ports).temporal_args(), log=log, die_with_parent=False)
+    temporal = _survivor(DevStack(settings, **ports), log)
     postgres = DevPostgres(settings.home / "postgres", settings.home / "postgres.log")
     postgres.start(die_with_parent=False)
-    await wait_until(lambda: port_open("127.0.0.1", ports["temporal_port"]), what="the survivor's port")
+    await _survivor_up(temporal, ports["temporal_port"])
 
     stack = DevStack(settings, **ports)
     ready = await stack.start()
@@ -216,8 +216,8 @@ async def test_servers_a_previous_stack_left_are_reused_when_they_fit_and_stoppe
     assert not processes.alive(temporal.pid) and not processes.alive(postgres.pid or 0)
 
     other = {**ports, "ui_port": free_port()}
-    odd = processes.spawn(DevStack(settings, **other).temporal_args(), log=log, die_with_parent=False)
-    await wait_until(lambda: port_open("127.0.0.1", ports["temporal_port"]), what="the odd survivor's port")
+    odd = _survivor(DevStack(settings, **other), log)
+    await _survivor_up(odd, ports["temporal_port"])
     stack = DevStack(settings, **ports)
     await stack.start()
     try:
@@ -439,3 +439,19 @@ async def test_a_hostile_models_daemons_end_with_reject_and_with_the_stack(tmp_p
             await dev.process.wait()
         for pid in processes.find_processes(marker):
             os.kill(pid, signal.SIGKILL)
+
+
+def _survivor(stack: DevStack, log: IO[bytes]) -> subprocess.Popen[bytes]:
+    """A dev server started as ``stack`` starts it (as root: in a network namespace of its
+    own), with no parent-death signal: what a killed stack leaves where none exists."""
+    if dev_temporal.unguarded_because() is None:
+        return dev_temporal.spawn_in_own_network(stack.temporal_args(), log=log, die_with_parent=False)
+    return processes.spawn(stack.temporal_args(), log=log, die_with_parent=False)
+
+
+async def _survivor_up(survivor: subprocess.Popen[bytes], port: int) -> None:
+    """Wait for a survivor's port (in its own network namespace where it has one)."""
+    if dev_temporal.unguarded_because() is None:
+        await wait_until(lambda: dev_temporal.listening(survivor.pid, port), what="the survivor's port")
+    else:
+        await wait_until(lambda: port_open("127.0.0.1", port), what="the survivor's port")
