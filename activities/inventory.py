@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from datetime import UTC, datetime
+from typing import Any
 
 import asyncpg
 from temporalio import activity
@@ -30,6 +31,8 @@ from mlc.domain import (
     Mode,
     Runtime,
     StageTestReport,
+    TestKind,
+    TestResult,
     TrafficRoute,
 )
 from mlc.errors import NoRuntimeError, NotFoundError, RefusedError
@@ -49,6 +52,7 @@ from mlc.payloads import (
     RecordDeploymentResult,
     RecordRunInput,
     RecordTestsInput,
+    RecordTestsResult,
     ResolveApproversInput,
     ResolveApproversResult,
     ResolveRuntimesInput,
@@ -59,7 +63,7 @@ from mlc.payloads import (
 )
 from mlc.store import audit, deployments, lifecycle_definitions, runs, snapshots, traffic, trail
 from mlc.store.governance import GovernanceCache
-from mlc.trust import grants
+from mlc.trust import evidence, grants
 from mlc.trust.governance import Governance
 from mlc.trust.statements import Envelope, digest
 
@@ -288,21 +292,67 @@ class InventoryActivities:
         run = await self._run()
         retiring = request.state is DeploymentState.RETIRED
         current = await self._owned(run, deployment_id, retiring=retiring)
+        endpoint, details, signed = request.endpoint or current.endpoint, dict(request.details), None
+        if request.state in (DeploymentState.SERVING, DeploymentState.COMPLETED):
+            facts = await self._deployed(run, current, request)
+            endpoint = facts.get("endpoint") or current.endpoint
+            details.update(facts.get("details") or {})
+            details.update({k: facts[k] for k in ("output_path", "records", "seconds") if k in facts})
+            signed = request.evidence
         updated = await deployments.upsert_deployment(
             self.pool,
             current.model_copy(
                 update={
                     "state": request.state,
-                    "endpoint": request.endpoint or current.endpoint,
-                    "details": {**request.details, "run_id": current.details.get("run_id")},
+                    "endpoint": endpoint,
+                    "details": {**details, "run_id": current.details.get("run_id")},
                 }
             ),
         )
-        await self._append(trail.DEPLOYMENT, _deployment_body(updated), run=run)
+        body = _deployment_body(updated)
+        if signed is not None:
+            body["evidence"] = signed.to_json()
+        await self._append(trail.DEPLOYMENT, body, run=run)
         if updated.state is DeploymentState.SERVING and updated.mode is Mode.ONLINE:
             # its runtime's reconciler watches it from now on
             await ensure_reconciler(activity.client(), self.settings, self.pool, updated.runtime)
         return RecordDeploymentResult(deployment=updated, test_grant=await self._test_grant(run, updated))
+
+    async def _deployed(
+        self, run: RunContext, current: Deployment, request: RecordDeploymentInput
+    ) -> dict[str, Any]:
+        """The deploy result its runtime signed (endpoint, output, facts), or a refusal.
+
+        A refused result is recorded (the deployment failed, the trail says why) before
+        the RefusedError ends the deploy: a made-up endpoint is never recorded.
+        """
+        try:
+            claim = evidence.check_evidence(
+                request.evidence,
+                await self._state(),
+                kind="deploy",
+                workflow_id=run.workflow_id,
+                run_id=run.run_id,
+                runtime=current.runtime,
+                deployment_id=current.id,
+                stage=current.stage,
+                snapshot_sha256=run.snapshot.sha256,
+            )
+        except RefusedError as exc:
+            failed = await deployments.upsert_deployment(
+                self.pool,
+                current.model_copy(
+                    update={
+                        "state": DeploymentState.FAILED,
+                        "details": {**current.details, "error": f"refused: {exc}"},
+                    }
+                ),
+            )
+            await self._append(trail.DEPLOYMENT, {**_deployment_body(failed), "refused": str(exc)}, run=run)
+            raise RefusedError(f"the deploy result of {current.id} is refused: {exc}") from None
+        if not isinstance(claim.results, dict):
+            raise RefusedError(f"the signed deploy result of {current.id} is not a deploy result")
+        return claim.results
 
     @inv.FIND_DEPLOYMENTS.implement
     @mlc_errors
@@ -336,13 +386,97 @@ class InventoryActivities:
 
     @inv.RECORD_TESTS.implement
     @mlc_errors
-    async def record_test_report(self, request: RecordTestsInput) -> None:
-        """Append a stage's test results to the audit trail."""
-        run = await self._run()
+    async def record_test_report(self, request: RecordTestsInput) -> RecordTestsResult:
+        """Append a stage's test results to the audit trail, counting only signed ones.
+
+        Each envelope must verify (:func:`mlc.trust.evidence.check_evidence`) for this run,
+        stage and snapshot, from the runtime of a deployment of this run; a passing result
+        no verified envelope carries is refused: recorded (and returned, for the gate and
+        ``mlc status``) as a failed result saying why. Failed results count as they are.
+        """
+        run, state = await self._run(), await self._state()
+        stage = request.report.stage
+        claims: list[evidence.EvidencePredicate] = []
+        kept: list[Envelope] = []
+        refused: list[str] = []
+        for envelope in request.evidence:
+            try:
+                claims.append(await self._check_result(envelope, run, state, stage))
+                kept.append(envelope)
+            except RefusedError as exc:
+                refused.append(str(exc))
+        results = []
+        for result in request.report.results:
+            if result.passed and not (
+                evidence.vouches_for(result, claims) or await self._nothing_to_shadow(result)
+            ):
+                why = f"{result.test.value} of {result.deployment_id}: no runtime signed this passing result"
+                refused.append(why)
+                result = TestResult(
+                    test=result.test,
+                    deployment_id=result.deployment_id,
+                    passed=False,
+                    summary=f"refused: {why}",
+                )
+            results.append(result)
+        report = StageTestReport(stage=stage, results=tuple(results))
         await self._append(
             trail.TEST_REPORT,
-            {"stage": request.report.stage, "report": request.report.model_dump(mode="json")},
+            {
+                "stage": stage,
+                "report": report.model_dump(mode="json"),
+                "evidence": [e.to_json() for e in kept],
+                "refused": refused,
+            },
             run=run,
+        )
+        if refused:
+            activity.logger.warning("%s %s: refused evidence: %s", run.ref, stage, "; ".join(refused))
+        return RecordTestsResult(report=report, refused=tuple(refused))
+
+    async def _check_result(
+        self, envelope: Envelope, run: RunContext, state: Governance, stage: str
+    ) -> evidence.EvidencePredicate:
+        """A verified test or observation of this run and stage (RefusedError naming why not)."""
+        kind = evidence.evidence_of(envelope).kind
+        if kind == "traffic_observation":
+            return evidence.check_evidence(
+                envelope, state, kind=kind, workflow_id=run.workflow_id, run_id=run.run_id, stage=stage
+            )
+        claim = evidence.check_evidence(
+            envelope,
+            state,
+            kind="stage_tests",
+            workflow_id=run.workflow_id,
+            run_id=run.run_id,
+            stage=stage,
+            snapshot_sha256=run.snapshot.sha256,
+        )
+        deployment = await deployments.read_deployment(self.pool, claim.deployment_id)
+        if deployment is None or deployment.details.get("run_id") != run.run_id:
+            raise RefusedError(
+                f"the evidence names deployment {claim.deployment_id}, which is not this run's"
+            )
+        if deployment.runtime != claim.runtime:
+            raise RefusedError(
+                f"deployment {deployment.id} runs on {deployment.runtime}, "
+                f"but runtime {claim.runtime} signed its tests"
+            )
+        return claim
+
+    async def _nothing_to_shadow(self, result: TestResult) -> bool:
+        """A passing shadow result with no numbers: true when nothing else answers the
+        deployment's stable endpoint (the inventory's own traffic table), so there was
+        no current version to compare with."""
+        if result.test is not TestKind.SHADOW or result.metrics:
+            return False
+        found = await deployments.read_deployment(self.pool, result.deployment_id)
+        if found is None:
+            return False
+        table = await traffic.read_one(self.pool, found.runtime, found.model)
+        return not any(
+            r.weight > 0 and not r.shadow and r.deployment_id != found.id
+            for r in (table.routes if table else ())
         )
 
     @inv.VERIFY_DECISION.implement

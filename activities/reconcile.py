@@ -61,7 +61,7 @@ from mlc.errors import DeploymentFailedError, RefusedError, RuntimeUnavailableEr
 from mlc.store import audit, deployments, runs, runtimes, traffic, trail
 from mlc.store.governance import GovernanceCache
 from mlc.traffic import TrafficTable
-from mlc.trust import grants
+from mlc.trust import evidence, grants
 from mlc.trust.governance import Governance
 from mlc.trust.statements import Envelope
 
@@ -349,13 +349,14 @@ class ReconcileInventory:
         endpoint are a probe's through the driver, not what was reported (a runtime that
         cannot be asked now judges nothing). On a runtime served by its own worker, the
         finding is that worker's observation as its activity returned it: where a runtime
-        signs its results, its signature is to be checked here.
+        signs its results, which must verify: signed by the runtime's evidence key for this
+        run and deployment, number for number (else nothing is judged).
         """
         if claimed.restarted and deployment.details.get(RESTART_GRANTED) != caller.run_id:
             activity.logger.warning("reconciler: ignored a restart of %s it never granted", deployment.id)
             return None
         if runtime.task_queue != self.settings.task_queue:
-            return claimed
+            return await self._signed_finding(claimed, deployment, runtime, caller)
         request = ProbeRequest(deployment_id=deployment.id, runtime=runtime)
         try:
             probed = await driver_for(runtime, self.settings).probe(request)
@@ -370,6 +371,27 @@ class ReconcileInventory:
             endpoint=probed.endpoint,
             details=claimed.details,
         )
+
+    async def _signed_finding(
+        self, claimed: Finding, deployment: Deployment, runtime: Runtime, caller: CallingRun
+    ) -> Finding | None:
+        """``claimed`` when its runtime's evidence key signed exactly it for this run, else None."""
+        try:
+            claim = evidence.check_evidence(
+                claimed.evidence,
+                await self._state(),
+                kind="restart" if claimed.restarted else "probe",
+                workflow_id=caller.workflow_id,
+                run_id=caller.run_id,
+                runtime=runtime.name,
+                deployment_id=deployment.id,
+            )
+            if claim.results != claimed.model_dump(mode="json", exclude={"evidence"}):
+                raise RefusedError(f"the finding is not what runtime {runtime.name} signed")
+        except RefusedError as exc:
+            activity.logger.warning("reconciler: ignored a finding for %s: %s", deployment.id, exc)
+            return None
+        return claimed
 
     async def _judge(
         self,
@@ -590,12 +612,15 @@ class ReconcileRuntime:
                     ProbeRequest(deployment_id=grant.deployment_id, runtime=grant.runtime)
                 )
                 activity.heartbeat(grant.deployment_id)
-            return Finding(
-                deployment_id=grant.deployment_id,
-                healthy=result.healthy,
-                detail=result.detail,
-                log_tail=result.log_tail,
-                endpoint=result.endpoint,
+            return self._signed(
+                grant,
+                Finding(
+                    deployment_id=grant.deployment_id,
+                    healthy=result.healthy,
+                    detail=result.detail,
+                    log_tail=result.log_tail,
+                    endpoint=result.endpoint,
+                ),
             )
 
         return Findings(findings=tuple(await asyncio.gather(*(probe(g) for g in checked))))
@@ -619,20 +644,28 @@ class ReconcileRuntime:
             try:
                 result = await driver_for(grant.runtime, self.settings).restart(deploy, activity.heartbeat)
             except DeploymentFailedError as exc:
-                findings.append(
-                    Finding(deployment_id=grant.deployment_id, healthy=False, restarted=True, detail=str(exc))
+                failed = Finding(
+                    deployment_id=grant.deployment_id, healthy=False, restarted=True, detail=str(exc)
                 )
+                findings.append(self._signed(grant, failed))
                 continue
-            findings.append(
-                Finding(
-                    deployment_id=grant.deployment_id,
-                    healthy=True,
-                    restarted=True,
-                    endpoint=result.endpoint,
-                    details=result.details,
-                )
+            back = Finding(
+                deployment_id=grant.deployment_id,
+                healthy=True,
+                restarted=True,
+                endpoint=result.endpoint,
+                details=result.details,
             )
+            findings.append(self._signed(grant, back))
         return Findings(findings=tuple(findings))
+
+    def _signed(self, grant: grants.RuntimeGrant, finding: Finding) -> Finding:
+        """``finding`` signed by the granted runtime's evidence key (what the inventory verifies)."""
+        facts = finding.model_dump(mode="json", exclude={"evidence"})
+        kind: evidence.EvidenceKind = "restart" if finding.restarted else "probe"
+        return finding.model_copy(
+            update={"evidence": evidence.sign_granted(self.settings.home, grant, kind, facts)}
+        )
 
     def _granted(self, envelope: Envelope, action: grants.RuntimeAction) -> grants.RuntimeGrant:
         if self._public is None:

@@ -10,6 +10,8 @@ workflow's payload.
 
 from __future__ import annotations
 
+from typing import TypeVar
+
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from temporalio import activity
 
@@ -30,12 +32,27 @@ from mlc.contracts import traffic
 from mlc.domain import TrafficRoute, check_routes
 from mlc.errors import RefusedError
 from mlc.payloads import RuntimeActionInput
-from mlc.trust import grants
+from mlc.trust import evidence, grants
 from mlc.trust.statements import Envelope
 
 
 def _heartbeat(note: str) -> None:
     activity.heartbeat(note)
+
+
+_Signable = TypeVar("_Signable", OnlineDeployResult, BatchJobResult, StreamingDeployResult)
+
+
+def _deploy(grant: grants.RuntimeGrant) -> OnlineDeployRequest:
+    """The granted deployment as the drivers take it (online, batch and streaming alike)."""
+    if grant.snapshot is None:
+        raise RefusedError("the grant names no snapshot")
+    return OnlineDeployRequest(
+        deployment_id=grant.deployment_id,
+        snapshot=grant.snapshot,
+        runtime=grant.runtime,
+        stage=grant.stage,
+    )
 
 
 class RuntimeActivities:
@@ -50,33 +67,27 @@ class RuntimeActivities:
             self._public = grants.platform_public_key(self.settings.platform_key_path)
         return grants.check(request.grant, self._public, action=action, run_id=calling_run().run_id)
 
-    def _deploy_request(
-        self, request: RuntimeActionInput, action: grants.RuntimeAction
-    ) -> OnlineDeployRequest:
-        """The granted deployment as the drivers take it (online and batch alike)."""
-        grant = self._granted(request, action)
-        if grant.snapshot is None:
-            raise RefusedError("the grant names no snapshot")
-        return OnlineDeployRequest(
-            deployment_id=grant.deployment_id,
-            snapshot=grant.snapshot,
-            runtime=grant.runtime,
-            stage=grant.stage,
-        )
+    def _signed(self, grant: grants.RuntimeGrant, result: _Signable) -> _Signable:
+        """``result`` with its evidence: signed by the granted runtime's evidence key."""
+        facts = result.model_dump(mode="json", exclude={"evidence"})
+        signed = evidence.sign_granted(self.settings.home, grant, "deploy", facts)
+        return result.model_copy(update={"evidence": signed})
 
     @rt.DEPLOY_ONLINE.implement
     @mlc_errors
     async def deploy_online(self, request: RuntimeActionInput) -> OnlineDeployResult:
         """Bring up (or find) the granted deployment's endpoint and return when it is healthy."""
-        deploy = self._deploy_request(request, "deploy_online")
-        return await driver_for(deploy.runtime, self.settings).deploy_online(deploy, _heartbeat)
+        grant = self._granted(request, "deploy_online")
+        result = await driver_for(grant.runtime, self.settings).deploy_online(_deploy(grant), _heartbeat)
+        return self._signed(grant, result)
 
     @rt.RUN_BATCH_JOB.implement
     @mlc_errors
     async def run_batch_job(self, request: RuntimeActionInput) -> BatchJobResult:
         """Run the granted ephemeral scoring job to completion; the runtime is cleared afterwards."""
-        job = BatchJobRequest(**self._deploy_request(request, "run_batch_job").model_dump())
-        return await driver_for(job.runtime, self.settings).run_batch(job, _heartbeat)
+        grant = self._granted(request, "run_batch_job")
+        job = BatchJobRequest(**_deploy(grant).model_dump())
+        return self._signed(grant, await driver_for(job.runtime, self.settings).run_batch(job, _heartbeat))
 
     @rt.DEPLOY_STREAMING.implement
     @mlc_errors
@@ -87,10 +98,9 @@ class RuntimeActivities:
         input topic) is the grant's, decided by the inventory.
         """
         grant = self._granted(request, "deploy_streaming")
-        deploy = StreamingDeployRequest(
-            **self._deploy_request(request, "deploy_streaming").model_dump(), standby=grant.standby
-        )
-        return await driver_for(deploy.runtime, self.settings).deploy_streaming(deploy, _heartbeat)
+        deploy = StreamingDeployRequest(**_deploy(grant).model_dump(), standby=grant.standby)
+        result = await driver_for(deploy.runtime, self.settings).deploy_streaming(deploy, _heartbeat)
+        return self._signed(grant, result)
 
     @rt.UNDEPLOY.implement
     @mlc_errors
@@ -136,6 +146,9 @@ class RuntimeActivities:
         grant, model, routes = self._traffic_grant(request.grant, "observe_traffic")
         if request.until < request.since:
             raise RefusedError(f"the window ends ({request.until}) before it starts ({request.since})")
-        return await driver_for(grant.runtime, self.settings).observe(
+        seen = await driver_for(grant.runtime, self.settings).observe(
             grant.runtime, model, routes, request.since, request.until
         )
+        facts = seen.model_dump(mode="json", exclude={"evidence"})
+        signed = evidence.sign_granted(self.settings.home, grant, "traffic_observation", facts)
+        return seen.model_copy(update={"evidence": signed})

@@ -37,7 +37,7 @@ from mlc.evaluation import (
 )
 from mlc.manifest import ModelManifest, load_manifest
 from mlc.test_payloads import RunStageTestsInput, RunStageTestsResult
-from mlc.trust import grants
+from mlc.trust import evidence, grants
 
 METRICS_CHUNK_SIZE = 500
 """Evaluation records per ``POST /score`` array."""
@@ -82,9 +82,15 @@ class TestingActivities:
                 runtime; retryable when the endpoint cannot be reached.
         """
         try:
-            input = await self._granted(input)
+            input, grant = await self._granted(input)
         except MLCError as exc:
             raise _final(exc, f"stage {input.stage}: ") from exc
+        result = await self._run_tests(input)
+        signed = evidence.sign_granted(self.settings.home, grant, "stage_tests", list(result.results))
+        return result.model_copy(update={"evidence": signed})
+
+    async def _run_tests(self, input: RunStageTestsInput) -> RunStageTestsResult:
+        """The granted tests' results (signed by the caller)."""
         deployment = input.deployment
         manifest, evaluation = await asyncio.to_thread(self._prepare, input)
         if deployment.mode is Mode.STREAMING:
@@ -122,7 +128,7 @@ class TestingActivities:
                     )
             return await self._online(links, input, manifest, evaluation.records, evaluation.labels)
 
-    async def _granted(self, request: RunStageTestsInput) -> RunStageTestsInput:
+    async def _granted(self, request: RunStageTestsInput) -> tuple[RunStageTestsInput, grants.RuntimeGrant]:
         """The request rebuilt from its verified grant and the driver's view of the deployment."""
         if request.grant is None:
             raise RefusedError(
@@ -163,7 +169,7 @@ class TestingActivities:
             state=DeploymentState.COMPLETED if grant.mode is Mode.BATCH else DeploymentState.SERVING,
             endpoint=await driver.locate(grant.runtime, grant.deployment_id) if online else None,
         )
-        return RunStageTestsInput(
+        rebuilt = RunStageTestsInput(
             stage=grant.stage,
             snapshot=grant.snapshot,
             deployment=deployment,
@@ -176,6 +182,7 @@ class TestingActivities:
             max_auc_drop=request.max_auc_drop,
             champion=champion,
         )
+        return rebuilt, grant
 
     async def _streaming(
         self, input: RunStageTestsInput, manifest: ModelManifest, evaluation: EvaluationSet

@@ -36,7 +36,7 @@ from mlc.errors import RefusedError
 from mlc.payloads import RuntimeGrantResult
 from mlc.store import deployments, traffic, trail
 from mlc.traffic import TrafficTable, describe_routes
-from mlc.trust import grants
+from mlc.trust import evidence, grants
 from mlc.trust.governance import Governance
 
 RETIRE_AFTER = "retire_after"
@@ -77,6 +77,31 @@ class TrafficInventory(InventoryActivities):
             expires_at=datetime.now(UTC) + grants.GRANT_LIFETIME,
         )
         return RuntimeGrantResult(grant=grants.issue(self._platform_key, grant))
+
+    @tr.VERIFY_OBSERVATIONS.implement
+    @mlc_errors
+    async def verify_observations(self, request: tr.VerifyObservationsInput) -> None:
+        """Refuse unless each observation is, number for number, what a gateway runtime of
+        ``stage`` signed for this run (a Temporal client answering ``observe_traffic``
+        cannot make a canary step pass).
+
+        Raises:
+            RefusedError: naming the first observation that does not verify.
+        """
+        run, state = await self._run(), await self._state()
+        for seen in request.observations:
+            claim = evidence.check_evidence(
+                seen.evidence,
+                state,
+                kind="traffic_observation",
+                workflow_id=run.workflow_id,
+                run_id=run.run_id,
+                stage=request.stage,
+            )
+            if claim.results != seen.model_dump(mode="json", exclude={"evidence"}):
+                raise RefusedError(
+                    f"the observation of {seen.endpoint} is not what runtime {claim.runtime} signed"
+                )
 
     @tr.RECORD_TRAFFIC.implement
     @mlc_errors

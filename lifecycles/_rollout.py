@@ -18,7 +18,6 @@ from lifecycles._run import LifecycleFailure, LifecycleRun, cause_message
 
 with workflow.unsafe.imports_passed_through():
     from mlc.contracts import traffic as tr
-    from mlc.contracts.inventory import RECORD_TESTS
     from mlc.domain import (
         Deployment,
         LifecycleState,
@@ -29,7 +28,7 @@ with workflow.unsafe.imports_passed_through():
         TestResult,
         TrafficRoute,
     )
-    from mlc.payloads import RecordTestsInput
+    from mlc.trust.statements import Envelope
 
 Routes = dict[str, tuple[TrafficRoute, ...]]
 
@@ -37,6 +36,11 @@ GIVE_BACK_PATCH = "rollout-gives-traffic-back"
 """``workflow.patched`` id: a canary step or shadow window that fails (an observation or a
 traffic change refused or failing) gives the traffic back to the current version before
 the run fails, instead of leaving routes to a version the failed run then undeploys."""
+
+
+VERIFIED_OBSERVATIONS_PATCH = "canary-judges-verified-observations"
+"""``workflow.patched`` id: a canary step is judged only once the inventory verified that its
+observations are what the gateway runtime signed; a refusal gives the traffic back."""
 
 
 def plan_of(run: LifecycleRun, stage: str) -> Rollout:
@@ -73,6 +77,7 @@ async def shadow(run: LifecycleRun, stage: str, deployments: Sequence[Deployment
     plan = plan_of(run, stage)
     pairs = await _pairs(run, stage, deployments, "shadow")
     results: list[TestResult] = []
+    observed: list[Envelope] = []  # the gateway runtimes' signed observations judged on
     if not pairs:
         results = [
             TestResult(
@@ -107,12 +112,11 @@ async def shadow(run: LifecycleRun, stage: str, deployments: Sequence[Deployment
         await run.route(stage, back, "shadow ended")
         for name, observation in zip(sorted(mirrored), seen, strict=True):
             results.append(_shadow_verdict(plan, pairs[name][0], observation))
+            observed.extend(() if observation.evidence is None else (observation.evidence,))
     previous = run._reports.get(stage)
     kept = tuple(r for r in previous.results if r.test is not TestKind.SHADOW) if previous else ()
     report = StageTestReport(stage=stage, results=(*kept, *results))
-    run._reports[stage] = report
-    await run._inventory(RECORD_TESTS, RecordTestsInput(report=report))
-    return report
+    return await run.record_report(report, (*run._evidence.get(stage, ()), *observed))
 
 
 async def _pairs(
@@ -198,6 +202,8 @@ async def _canary(
             await workflow.sleep(plan.window)
             until = workflow.now()
             seen = await asyncio.gather(*(run.observe(stage, n, step[n], since, until) for n in names_))
+            if workflow.patched(VERIFIED_OBSERVATIONS_PATCH):
+                await run.verified(stage, seen)
         except (LifecycleFailure, ActivityError, asyncio.CancelledError) as exc:
             await _give_back(run, stage, back, f"canary stopped at {share}%", exc)
             raise
@@ -272,14 +278,7 @@ def _shadow_verdict(plan: Rollout, new: TrafficRoute, seen: tr.TrafficObservatio
             passed=False,
             summary="no mirrored request was answered by both versions in the window",
         )
-    metrics: dict[str, float] = {
-        "pairs": float(comparison.pairs),
-        "shadow_errors": float(comparison.shadow_errors),
-    }
-    for key in ("agreement_rate", "mean_abs_diff", "max_abs_diff"):
-        value = getattr(comparison, key)
-        if value is not None:
-            metrics[key] = float(value)
+    metrics = comparison.metrics()
     problems: list[str] = []
     if comparison.pairs < plan.min_pairs:
         problems.append(f"{comparison.pairs} pairs < min_pairs {plan.min_pairs}")

@@ -45,6 +45,7 @@ with workflow.unsafe.imports_passed_through():
         TrafficRoute,
     )
     from mlc.payloads import (
+        EVIDENCE_NOTE,
         AuthorizeDeploymentInput,
         AuthorizeUndeployInput,
         FindDeploymentsInput,
@@ -55,6 +56,7 @@ with workflow.unsafe.imports_passed_through():
         RecordDeploymentInput,
         RecordRunInput,
         RecordTestsInput,
+        RecordTestsResult,
         ResolveApproversInput,
         ResolveRuntimesInput,
         RuntimeActionInput,
@@ -132,6 +134,8 @@ class LifecycleRun:
         self._reports: dict[str, StageTestReport] = {}
         self._deployments: dict[str, Deployment] = {}
         self._test_grants: dict[str, Envelope] = {}
+        self._evidence: dict[str, tuple[Envelope, ...]] = {}
+        """Per stage: the runtimes' signed results behind its report."""
         self._refused: list[str] = []
         self._runtimes: dict[str, Runtime] = {}
 
@@ -239,9 +243,21 @@ class LifecycleRun:
         report = StageTestReport(
             stage=stage, results=tuple(r for outcome in outcomes for r in outcome.results)
         )
-        self._reports[stage] = report
-        await self._inventory(inv.RECORD_TESTS, RecordTestsInput(report=report))
-        return report
+        signed = tuple(o.evidence for o in outcomes if o.evidence is not None)
+        self._evidence[stage] = signed
+        return await self.record_report(report, signed)
+
+    async def record_report(self, report: StageTestReport, signed: tuple[Envelope, ...]) -> StageTestReport:
+        """Record ``report`` with the runtimes' signed results behind it; keep what the
+        inventory recorded (results nobody signed come back refused) for the gate."""
+        self._reports[report.stage] = report
+        recorded: RecordTestsResult | None = await self._inventory(
+            inv.RECORD_TESTS, RecordTestsInput(report=report, evidence=signed)
+        )
+        if recorded is not None:  # None in histories from before signed evidence
+            self._reports[report.stage] = recorded.report
+            self._refused.extend(f"{EVIDENCE_NOTE}{why}" for why in recorded.refused)
+        return self._reports[report.stage]
 
     async def approval(self, stage: str) -> ApprovalRecord:
         """Wait at ``stage``'s gate for a decision; an unanswered gate expires.
@@ -380,6 +396,19 @@ class LifecycleRun:
             tr.ObserveTrafficInput(grant=granted.grant, since=since, until=until),
             task_queue=target.task_queue,
         )
+
+    async def verified(self, stage: str, observations: Sequence[tr.TrafficObservation]) -> None:
+        """Have the inventory verify that ``observations`` are what the gateway runtimes
+        signed; a refusal fails the run (callers give the traffic back first)."""
+        try:
+            await self._inventory(
+                tr.VERIFY_OBSERVATIONS,
+                tr.VerifyObservationsInput(stage=stage, observations=tuple(observations)),
+            )
+        except ActivityError as exc:
+            raise LifecycleFailure(
+                f"the traffic observed in {stage} is refused: {cause_message(exc)}", kind="EvidenceRefused"
+            ) from exc
 
     async def _route_one(self, stage: str, runtime: str, routes: tuple[TrafficRoute, ...], cause: str) -> str:
         """Authorize, apply and record one runtime's routes; a failure fails the run, naming them."""
@@ -598,12 +627,18 @@ class LifecycleRun:
         *,
         endpoint: str | None = None,
         details: dict[str, Any] | None = None,
+        evidence: Envelope | None = None,
     ) -> Deployment:
-        """Record a deployment's new state; the inventory decides whether this run may."""
+        """Record a deployment's new state; the inventory decides whether this run may
+        (and records a serving or completed one only with its runtime's signed result)."""
         recorded = await self._inventory(
             inv.RECORD_DEPLOYMENT,
             RecordDeploymentInput(
-                deployment_id=deployment.id, state=state, endpoint=endpoint, details=details or {}
+                deployment_id=deployment.id,
+                state=state,
+                endpoint=endpoint,
+                details=details or {},
+                evidence=evidence,
             ),
         )
         self._deployments[recorded.deployment.id] = recorded.deployment
@@ -626,6 +661,7 @@ class LifecycleRun:
                     DeploymentState.SERVING,
                     endpoint=online.endpoint,
                     details={**deployment.details, **online.details},
+                    evidence=online.evidence,
                 )
             if mode is Mode.STREAMING:
                 streaming = await rt.DEPLOY_STREAMING.execute(granted, task_queue=runtime.task_queue)
@@ -634,6 +670,7 @@ class LifecycleRun:
                     DeploymentState.SERVING,
                     endpoint=streaming.endpoint,
                     details={**deployment.details, **streaming.details},
+                    evidence=streaming.evidence,
                 )
             batch = await rt.RUN_BATCH_JOB.execute(granted, task_queue=runtime.task_queue)
         except ActivityError as exc:
@@ -657,6 +694,7 @@ class LifecycleRun:
                 "records": batch.records,
                 "seconds": batch.seconds,
             },
+            evidence=batch.evidence,
         )
 
     async def _test_one(

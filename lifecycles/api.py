@@ -111,8 +111,9 @@ class Lifecycle:
     ) -> StageTestReport:
         """Run the stage's tests (or ``tests``) against each of this run's ``deployments``.
 
-        The report is recorded in the audit trail; a deployment this run did not make is
-        refused (ValueError).
+        The report is recorded in the audit trail and returned as recorded: each result
+        counts only as its runtime signed it (a passing result no runtime signed comes back
+        failed, ``refused: ...``); a deployment this run did not make is refused (ValueError).
         """
         return _copy(await _run_of(self).test(stage, deployments, tests=tests))
 

@@ -21,9 +21,10 @@ from mlc.errors import ConflictError, RefusedError
 from mlc.store import governance, runtimes
 from mlc.store.governance import AfterApply
 from mlc.traffic import pick_gateway_port
+from mlc.trust import evidence
 from mlc.trust import governance as actions
 from mlc.trust.governance import Governance
-from mlc.trust.keys import key_id, parse_public_key
+from mlc.trust.keys import key_id, parse_public_key, public_text
 from mlc.trust.policy import StagePolicy
 from mlc.trust.signer import Signer
 from mlc.trust.statements import GovernancePredicate
@@ -118,10 +119,30 @@ async def set_policy(pool: asyncpg.Pool, settings: Settings, signer: Signer, pol
 
 
 async def add_runtime(
-    pool: asyncpg.Pool, settings: Settings, signer: Signer, runtime: Runtime, *, replace: bool = False
+    pool: asyncpg.Pool,
+    settings: Settings,
+    signer: Signer,
+    runtime: Runtime,
+    *,
+    replace: bool = False,
+    evidence_key: str | None = None,
 ) -> Runtime:
-    """Register a runtime (admins only); ``replace`` signs its removal first."""
+    """Register a runtime (admins only); ``replace`` signs its removal first.
+
+    The same statement registers the runtime's evidence key (the key its worker signs
+    results with): ``evidence_key`` (an ``ssh-ed25519`` line from the worker's
+    ``mlc runtime key show``), else the key of a worker running with this ``MLC_HOME``
+    (created when missing), which is how ``mlc dev`` and one-host installations work.
+    A replaced runtime keeps the evidence keys it had.
+    """
     current = await state(pool, settings)
+    args: dict[str, Any] = {"runtime": runtime.model_dump(mode="json")}
+    if not current.evidence_keys_of(runtime.name):
+        args["evidence_key"] = evidence_key or local_evidence_key(settings, runtime.name)
+    elif evidence_key:
+        raise ConflictError(
+            f"runtime {runtime.name} already has an evidence key; rotate it with `mlc runtime key add`"
+        )
     if runtime.name in current.runtimes:
         if not replace:
             raise ConflictError(f"runtime {runtime.name} already exists; use --replace to overwrite it")
@@ -135,10 +156,32 @@ async def add_runtime(
         settings,
         signer,
         actions.RUNTIME_ADD,
-        {"runtime": runtime.model_dump(mode="json")},
+        args,
         then=write_row,
     )
     return runtime
+
+
+def local_evidence_key(settings: Settings, runtime: str) -> str:
+    """The public line of ``runtime``'s evidence key under this home (created when missing)."""
+    return public_text(evidence.evidence_key(settings.home, runtime).public_key(), f"mlc-runtime-{runtime}")
+
+
+async def add_runtime_key(
+    pool: asyncpg.Pool, settings: Settings, signer: Signer, runtime: str, public_key: str
+) -> str:
+    """Register another evidence key of ``runtime`` (admins only: rotation); return its key id."""
+    public = parse_public_key(public_key)
+    args = {"runtime": runtime, "public_key": public_text(public, f"mlc-runtime-{runtime}")}
+    await submit(pool, settings, signer, actions.RUNTIME_KEY_ADD, args)
+    return key_id(public)
+
+
+async def revoke_runtime_key(
+    pool: asyncpg.Pool, settings: Settings, signer: Signer, runtime: str, kid: str
+) -> None:
+    """Revoke one of ``runtime``'s evidence keys (admins only): results it signs no longer count."""
+    await submit(pool, settings, signer, actions.RUNTIME_KEY_REVOKE, {"runtime": runtime, "keyid": kid})
 
 
 async def remove_runtime(
@@ -193,6 +236,8 @@ async def bootstrap_dev(
             gateway = GatewaySettings(port=port) if gateways else None
             runtime = Runtime(name=name, stage=stage, task_queue=task_queue, gateway=gateway)
             await add_runtime(pool, settings, signer, runtime)
+        elif not current.evidence_keys_of(name):  # a home from before signed evidence
+            await add_runtime_key(pool, settings, signer, name, local_evidence_key(settings, name))
         if stage not in current.policies:
             base = current.policy(stage)
             solo = base.model_copy(

@@ -15,10 +15,18 @@ from temporalio.exceptions import WorkflowAlreadyStartedError
 from temporalio.service import RPCError
 
 from mlc import names
-from mlc.domain import ApprovalRecord, Decision, LifecycleSpec, LifecycleState, ModelRef, SignedDecision
+from mlc.domain import (
+    ApprovalRecord,
+    Decision,
+    LifecycleSpec,
+    LifecycleState,
+    ModelRef,
+    SignedDecision,
+    StageTestReport,
+)
 from mlc.errors import ConflictError, MLCError, NotFoundError
 from mlc.payloads import LifecycleStatus, StartLifecycleInput
-from mlc.store import runs, snapshots
+from mlc.store import runs, snapshots, trail
 from mlc.trust.signer import Signer
 from mlc.trust.statements import Envelope
 
@@ -68,6 +76,30 @@ async def read_status(handle: WorkflowHandle[object, object]) -> LifecycleStatus
     return status
 
 
+async def recorded_status(
+    pool: asyncpg.Pool, handle: WorkflowHandle[object, object]
+) -> LifecycleStatus | None:
+    """The run's status with the test reports the inventory recorded in the trail.
+
+    Those hold only results a runtime signed and the inventory verified (others show as
+    refused); the run's own ``status`` query is what its workflow code says, which for
+    uploaded lifecycle code is not evidence. Approvals are signed on these reports.
+    """
+    status = await read_status(handle)
+    if status is None:
+        return None
+    run_id = handle.run_id or (await handle.describe()).run_id
+    if run_id is None:
+        return status
+    latest: dict[str, StageTestReport] = {}
+    for entry in await trail.read_entries(
+        pool, kinds=(trail.TEST_REPORT,), workflow_id=handle.id, run_id=run_id
+    ):
+        body = entry.data()
+        latest[str(body.get("stage"))] = StageTestReport.model_validate(body.get("report"))
+    return status.model_copy(update={"reports": tuple(latest.values())})
+
+
 async def sign_decision(
     client: Client,
     pool: asyncpg.Pool,
@@ -84,7 +116,7 @@ async def sign_decision(
         ConflictError: the run is not waiting at ``stage``.
     """
     handle = await find_handle(client, pool, ref)
-    status = await read_status(handle)
+    status = await recorded_status(pool, handle)
     gate = status.pending_gate if status else None
     if status is not None and status.state in (LifecycleState.SUCCEEDED, LifecycleState.FAILED):
         raise ConflictError(f"{ref}: the lifecycle has already finished ({status.state.value})")

@@ -60,6 +60,10 @@ class PendingGate(Frozen):
     """Who has approved so far (verified)."""
 
 
+EVIDENCE_NOTE = "evidence: "
+"""Prefix of a run's ``refused`` note about a runtime result the inventory refused."""
+
+
 class LifecycleStatus(Frozen):
     """Everything the ``status`` query tells about a run."""
 
@@ -75,7 +79,8 @@ class LifecycleStatus(Frozen):
     deployments: tuple[Deployment, ...] = ()
     reason: str | None = None
     refused: tuple[str, ...] = ()
-    """Signals that were ignored, with why (signals cannot be refused to their sender)."""
+    """Signals that were ignored, with why (signals cannot be refused to their sender), and
+    runtime results the inventory refused (prefixed :data:`EVIDENCE_NOTE`)."""
 
 
 class SignalDecision(Frozen):
@@ -169,6 +174,9 @@ class RecordDeploymentInput(Frozen):
     state: DeploymentState
     endpoint: str | None = None
     details: dict[str, Any] = Field(default_factory=dict)
+    evidence: Envelope | None = None
+    """Serving or completed: the deploy result signed by the runtime's evidence key; its
+    endpoint and facts are what gets recorded."""
 
 
 class RecordDeploymentResult(Frozen):
@@ -197,6 +205,17 @@ class RecordTestsInput(Frozen):
     """A stage's test report for the audit trail."""
 
     report: StageTestReport
+    evidence: tuple[Envelope, ...] = ()
+    """The runtimes' signed results behind ``report`` (``run_stage_tests`` results, traffic
+    observations); a passing result no verified envelope vouches for is refused."""
+
+
+class RecordTestsResult(Frozen):
+    """The report as recorded: passing results without verified evidence replaced by refusals."""
+
+    report: StageTestReport
+    refused: tuple[str, ...] = ()
+    """Why each refused result or envelope was refused."""
 
 
 class RecordDecisionInput(Frozen):

@@ -37,3 +37,6 @@ class RunStageTestsResult(Frozen):
     """One result per requested test, in the requested order; failures are results too."""
 
     results: tuple[TestResult, ...]
+    evidence: Envelope | None = None
+    """``results`` signed by the runtime's evidence key (:mod:`mlc.trust.evidence`); the
+    inventory records no result without it."""

@@ -78,6 +78,7 @@ from mlc.payloads import (
     RecordDeploymentResult,
     RecordRunInput,
     RecordTestsInput,
+    RecordTestsResult,
     ResolveApproversInput,
     ResolveApproversResult,
     ResolveRuntimesInput,
@@ -372,8 +373,9 @@ class StandInActivities:
         return FindDeploymentsResult()
 
     @inv.RECORD_TESTS.implement
-    async def record_test_report(self, request: RecordTestsInput) -> None:
-        """Nothing to record."""
+    async def record_test_report(self, request: RecordTestsInput) -> RecordTestsResult:
+        """Nothing to record: the report stands as the stand-in tests made it."""
+        return RecordTestsResult(report=request.report)
 
     @inv.RECORD_DECISION.implement
     async def record_decision(self, request: RecordDecisionInput) -> None:
@@ -408,6 +410,10 @@ class StandInActivities:
         """The model's stable endpoint on the stand-in gateway."""
         endpoint = domain.GatewaySettings(port=STAND_IN_GATEWAY_PORT).endpoint(self.world.snapshot.model)
         return tr.RouteTrafficResult(endpoint=endpoint)
+
+    @tr.VERIFY_OBSERVATIONS.implement
+    async def verify_observations(self, request: tr.VerifyObservationsInput) -> None:
+        """The stand-in gateway's observations are taken as they are."""
 
     @tr.RECORD_TRAFFIC.implement
     async def record_traffic(self, request: tr.RecordTrafficInput) -> None:

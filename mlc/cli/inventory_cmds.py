@@ -183,11 +183,20 @@ def add_runtime(
             help="Address the gateway binds and reports (default 127.0.0.1, or docker's publish host)."
         ),
     ] = None,
+    evidence_key: Annotated[
+        str | None,
+        typer.Option(
+            help="The runtime worker's evidence key (`mlc runtime key show NAME` on its host: an "
+            "ssh-ed25519 line or a .pub file); default: the key of a worker using this MLC_HOME."
+        ),
+    ] = None,
 ) -> None:
     """Add a runtime tagged with a stage and the service tags it serves.
 
     A runtime serving online models gets a gateway by default: each model's stable endpoint
     ``http://HOST:PORT/models/MODEL`` never changes while versions come and go behind it.
+    Its worker signs every test report and deploy result with the runtime's evidence key,
+    registered by the same signed statement.
     """
     kafka = None
     if kafka_bootstrap is not None or Mode.STREAMING in (mode or []):
@@ -268,7 +277,14 @@ def add_runtime(
                 model_network=model_network,
                 gateway=gateway_settings,
             )
-            await admin.add_runtime(pool, cfg, await signer(cfg, pool), runtime, replace=replace)
+            await admin.add_runtime(
+                pool,
+                cfg,
+                await signer(cfg, pool),
+                runtime,
+                replace=replace,
+                evidence_key=admin.read_public_key(evidence_key) if evidence_key else None,
+            )
         console.print(
             f"runtime {name} ({kind.value}) serves {stage} for tags "
             f"{', '.join(runtime.service_tags)} on task queue {runtime.task_queue}"
@@ -296,6 +312,76 @@ def list_runtimes(stage: Annotated[str | None, typer.Option()] = None, as_json: 
             title="Runtimes",
             columns=[*RUNTIME_COLUMNS],
         )
+
+    run(go())
+
+
+runtime_key_app = typer.Typer(
+    help="A runtime's evidence keys: the keys its worker signs test reports and deploy results with.",
+    no_args_is_help=True,
+)
+runtime_app.add_typer(runtime_key_app, name="key")
+
+
+@runtime_key_app.command("show")
+def show_runtime_key(name: str) -> None:
+    """Print the evidence key of runtime NAME's worker on this host (created on first use, 0600).
+
+    Run it where the runtime's worker runs, with its MLC_HOME, and give the line to an admin.
+    """
+    from mlc import admin
+
+    print(admin.local_evidence_key(settings(), name))
+
+
+@runtime_key_app.command("add")
+def add_runtime_key(
+    name: str,
+    public_key: Annotated[str, typer.Argument(help="An ssh-ed25519 line or a .pub/PEM file.")],
+) -> None:
+    """Register another evidence key of runtime NAME (admins only; rotate, then revoke the old one)."""
+    from mlc import admin
+
+    async def go() -> None:
+        cfg = settings()
+        async with inventory(cfg) as pool:
+            kid = await admin.add_runtime_key(
+                pool, cfg, await signer(cfg, pool), name, admin.read_public_key(public_key)
+            )
+        console.print(f"runtime {name}: evidence key {kid} registered")
+
+    run(go())
+
+
+@runtime_key_app.command("revoke")
+def revoke_runtime_key(name: str, keyid: Annotated[str, typer.Argument(help="SHA256:... key id.")]) -> None:
+    """Revoke an evidence key of runtime NAME (admins only): results it signs are refused from now on."""
+    from mlc import admin
+
+    async def go() -> None:
+        cfg = settings()
+        async with inventory(cfg) as pool:
+            await admin.revoke_runtime_key(pool, cfg, await signer(cfg, pool), name, keyid)
+        console.print(f"runtime {name}: evidence key {keyid} revoked")
+
+    run(go())
+
+
+@runtime_key_app.command("list")
+def list_runtime_keys(as_json: JSON = False) -> None:
+    """List the runtimes' evidence keys as the verified governance state has them."""
+    from mlc import admin
+    from mlc.trust.keys import public_text
+
+    async def go() -> None:
+        cfg = settings()
+        async with inventory(cfg) as pool:
+            current = await admin.state(pool, cfg)
+        rows = [
+            {"runtime": k.runtime, "keyid": kid, "revoked": k.revoked, "public_key": public_text(k.public)}
+            for kid, k in sorted(current.evidence_keys.items(), key=lambda item: (item[1].runtime, item[0]))
+        ]
+        emit(rows, as_json=as_json, title="Runtime evidence keys", columns=["runtime", "keyid", "revoked"])
 
     run(go())
 

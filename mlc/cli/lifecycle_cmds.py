@@ -208,11 +208,11 @@ def status(
                     columns=["model", "version", "lifecycle", "state", "stage", "reason", "workflow_id"],
                 )
                 return
-            from mlc.operations import find_handle, read_status
+            from mlc.operations import find_handle, recorded_status
 
             model_ref = ModelRef.parse(ref)
             handle = await find_handle(await client(cfg), pool, model_ref)
-        current = await read_status(handle)
+            current = await recorded_status(pool, handle)
         if current is None:
             console.print(f"{model_ref}: starting")
         elif as_json:
@@ -253,8 +253,11 @@ def render_status(current: LifecycleStatus) -> None:
             + (f" ({d.comment})" if d.comment else ""),
             markup=False,
         )
+    from mlc.payloads import EVIDENCE_NOTE
+
     for note in current.refused:
-        console.print(f"  [yellow]refused signal:[/yellow] {escape(note)}")
+        what = "evidence" if note.startswith(EVIDENCE_NOTE) else "signal"
+        console.print(f"  [yellow]refused {what}:[/yellow] {escape(note.removeprefix(EVIDENCE_NOTE))}")
 
 
 def _decide(ref: str, stage: str, comment: str, *, decision: Decision, print_statement: bool) -> None:

@@ -353,6 +353,15 @@ def worker(
         else:
             queue = f"runtime-{runtime}"
         console.print(f"serving runtime {runtime} on task queue {queue}{log_note}")
+        from mlc.admin import local_evidence_key
+
+        line = local_evidence_key(cfg, runtime)  # created now (0600) when missing
+        console.print(
+            f"it signs results with evidence key {line}; an admin registers it once: "
+            f"`mlc runtime key add {runtime} '{line}'` (or `mlc runtime add ... --evidence-key`)",
+            soft_wrap=True,
+            markup=False,
+        )
         await run_until(build_runtime_worker(temporal, cfg, queue), stop)
 
     asyncio.run(go())

@@ -301,6 +301,7 @@ def audit_verify(
                     "ok": result.ok,
                     "entries": result.entries,
                     "signed": result.signed,
+                    "evidence": result.evidence,
                     "head": result.head,
                     "problems": result.problems,
                 }
@@ -308,7 +309,8 @@ def audit_verify(
         )
     elif result.ok:
         console.print(
-            f"audit trail verified: {result.entries} entries ({result.signed} signed), head {result.head}"
+            f"audit trail verified: {result.entries} entries ({result.signed} signed by people, "
+            f"{result.evidence} runtime results signed by their runtimes), head {result.head}"
         )
     else:
         console.print(

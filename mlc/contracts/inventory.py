@@ -26,6 +26,7 @@ from mlc.payloads import (
     RecordDeploymentResult,
     RecordRunInput,
     RecordTestsInput,
+    RecordTestsResult,
     ResolveApproversInput,
     ResolveApproversResult,
     ResolveRuntimesInput,
@@ -58,7 +59,8 @@ RECORD_DEPLOYMENT = ActivityContract(
 FIND_DEPLOYMENTS = ActivityContract(
     names.FIND_DEPLOYMENTS, FindDeploymentsInput, FindDeploymentsResult, INVENTORY_TIMEOUT
 )
-RECORD_TESTS = ActivityContract(names.RECORD_TESTS, RecordTestsInput, type(None), INVENTORY_TIMEOUT)
+RECORD_TESTS = ActivityContract(names.RECORD_TESTS, RecordTestsInput, RecordTestsResult, INVENTORY_TIMEOUT)
+"""Histories from before signed evidence hold no result (None) for it."""
 RECORD_DECISION = ActivityContract(names.RECORD_DECISION, RecordDecisionInput, type(None), INVENTORY_TIMEOUT)
 RESOLVE_APPROVERS = ActivityContract(
     names.RESOLVE_APPROVERS, ResolveApproversInput, ResolveApproversResult, INVENTORY_TIMEOUT

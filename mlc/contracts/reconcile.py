@@ -103,6 +103,10 @@ class Finding(Frozen):
     endpoint: str | None = None
     details: dict[str, Any] = Field(default_factory=dict)
     """Driver facts after a restart (pid, container id), recorded with the deployment."""
+    evidence: Envelope | None = None
+    """This finding (without this field) signed by the runtime's evidence key
+    (:mod:`mlc.trust.evidence`, kind ``probe`` or ``restart``): the inventory acts on a
+    finding of a runtime served by its own worker only when it verifies."""
 
 
 class Findings(Frozen):

@@ -17,6 +17,7 @@ from mlc.contracts.base import ActivityContract
 from mlc.domain import Frozen
 from mlc.payloads import RuntimeActionInput
 from mlc.test_payloads import RunStageTestsInput, RunStageTestsResult
+from mlc.trust.statements import Envelope
 
 DEPLOY_TIMEOUT = timedelta(minutes=30)
 """Generous: a first docker deployment builds an image; heartbeats catch a dead worker."""
@@ -32,6 +33,9 @@ class OnlineDeployResult(Frozen):
 
     endpoint: str
     details: dict[str, Any] = Field(default_factory=dict)
+    evidence: Envelope | None = None
+    """The result signed by the runtime's evidence key (:mod:`mlc.trust.evidence`); the
+    inventory records nothing without it."""
 
 
 class BatchJobResult(Frozen):
@@ -41,6 +45,9 @@ class BatchJobResult(Frozen):
     records: int
     seconds: float
     details: dict[str, Any] = Field(default_factory=dict)
+    evidence: Envelope | None = None
+    """The result signed by the runtime's evidence key (:mod:`mlc.trust.evidence`); the
+    inventory records nothing without it."""
 
 
 class StreamingDeployResult(Frozen):
@@ -49,6 +56,9 @@ class StreamingDeployResult(Frozen):
 
     endpoint: str
     details: dict[str, Any] = Field(default_factory=dict)
+    evidence: Envelope | None = None
+    """The result signed by the runtime's evidence key (:mod:`mlc.trust.evidence`); the
+    inventory records nothing without it."""
 
 
 DEPLOY_ONLINE = ActivityContract(

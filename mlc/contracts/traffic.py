@@ -127,6 +127,18 @@ class ShadowComparison(Frozen):
     max_abs_diff: float | None = None
     shadow_errors: int = 0
 
+    def metrics(self) -> dict[str, float]:
+        """The numbers a shadow verdict records (what the inventory matches with the
+        gateway runtime's signed observation); none when no pair was compared."""
+        if self.pairs == 0:
+            return {}
+        found: dict[str, float] = {"pairs": float(self.pairs), "shadow_errors": float(self.shadow_errors)}
+        for key in ("agreement_rate", "mean_abs_diff", "max_abs_diff"):
+            value = getattr(self, key)
+            if value is not None:
+                found[key] = float(value)
+        return found
+
 
 class TrafficObservation(Frozen):
     """The gateway's view of one model's endpoint over a window."""
@@ -136,12 +148,26 @@ class TrafficObservation(Frozen):
     until: datetime
     routes: tuple[RouteStats, ...] = ()
     shadow: ShadowComparison | None = None
+    evidence: Envelope | None = None
+    """This observation (without this field) signed by the gateway runtime's evidence key:
+    the numbers a shadow verdict recorded as evidence is judged on."""
+
+
+class VerifyObservationsInput(Frozen):
+    """Observations of this run's model in ``stage`` that a traffic decision is about to rest on."""
+
+    stage: str
+    observations: tuple[TrafficObservation, ...]
 
 
 AUTHORIZE_TRAFFIC = ActivityContract(
     names.AUTHORIZE_TRAFFIC, AuthorizeTrafficInput, RuntimeGrantResult, INVENTORY_TIMEOUT
 )
 RECORD_TRAFFIC = ActivityContract(names.RECORD_TRAFFIC, RecordTrafficInput, type(None), INVENTORY_TIMEOUT)
+VERIFY_OBSERVATIONS = ActivityContract(
+    "verify_observations", VerifyObservationsInput, type(None), INVENTORY_TIMEOUT
+)
+"""A canary step is judged only on observations its gateway runtime signed (verified here)."""
 READ_TRAFFIC = ActivityContract("read_traffic", ReadTrafficInput, ReadTrafficResult, INVENTORY_TIMEOUT)
 ROUTE_TRAFFIC = ActivityContract(
     names.ROUTE_TRAFFIC, RuntimeActionInput, RouteTrafficResult, TRAFFIC_TIMEOUT, TRAFFIC_HEARTBEAT
@@ -150,7 +176,7 @@ OBSERVE_TRAFFIC = ActivityContract(
     names.OBSERVE_TRAFFIC, ObserveTrafficInput, TrafficObservation, TRAFFIC_TIMEOUT, TRAFFIC_HEARTBEAT
 )
 
-INVENTORY_CONTRACTS = (AUTHORIZE_TRAFFIC, RECORD_TRAFFIC, READ_TRAFFIC)
+INVENTORY_CONTRACTS = (AUTHORIZE_TRAFFIC, RECORD_TRAFFIC, READ_TRAFFIC, VERIFY_OBSERVATIONS)
 """Served by the trusted main worker."""
 RUNTIME_CONTRACTS = (ROUTE_TRAFFIC, OBSERVE_TRAFFIC)
 """Served on each runtime's task queue."""

@@ -16,8 +16,10 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from mlc.domain import StageTestReport, TestKind
 from mlc.errors import RefusedError
-from mlc.store.trail import DECISION, GENESIS, GOVERNANCE, Entry
+from mlc.store.trail import DECISION, DEPLOYMENT, GENESIS, GOVERNANCE, RUN, TEST_REPORT, Entry
+from mlc.trust.evidence import check_evidence, evidence_of, vouches_for
 from mlc.trust.governance import Governance
 from mlc.trust.keys import public_text
 from mlc.trust.statements import Envelope, decision_of, is_rollback, rollback_of
@@ -31,6 +33,8 @@ class Verification:
 
     entries: int = 0
     signed: int = 0
+    evidence: int = 0
+    """Runtime-signed results (test reports, deploy results, observations) verified."""
     head: str = GENESIS
     problems: list[str] = field(default_factory=list)
 
@@ -50,6 +54,7 @@ def verify_entries(
     """
     result = Verification()
     state = Governance(pinned_root=trust_root, author_role=author_role)
+    snapshots: dict[tuple[str, str], str] = {}  # (workflow id, run id) -> the sha256 it started on
     previous = GENESIS
     for expected_seq, entry in enumerate(entries, start=1):
         where = f"entry {entry.seq} ({_label(entry)})"
@@ -70,13 +75,17 @@ def verify_entries(
                 f"the chain recorded {entry.hash[:16]}...{_what_changed(entry)}"
             )
             break
-        problem = _check_signed(entry, state)
+        problem = _check_signed(entry, state, snapshots)
         if problem:
             result.problems.append(f"{where}: {problem}")
             break
         result.signed += entry.envelope is not None
+        result.evidence += _evidence_count(entry)
         result.entries += 1
         previous = entry.hash
+        body = entry.data() if entry.kind == RUN else {}
+        if body.get("event") == "started" and entry.workflow_id and entry.run_id:
+            snapshots[(entry.workflow_id, entry.run_id)] = str(body.get("sha256"))
     result.head = previous
     if anchor is not None and result.ok:
         seq, expected = anchor
@@ -97,7 +106,7 @@ def _label(entry: Entry) -> str:
     return f"{entry.kind}{subject}"
 
 
-def _check_signed(entry: Entry, state: Governance) -> str | None:
+def _check_signed(entry: Entry, state: Governance, snapshots: dict[tuple[str, str], str]) -> str | None:
     """Verify a signed entry and that its stored body says what was signed."""
     try:
         envelope = entry.signed()
@@ -114,6 +123,8 @@ def _check_signed(entry: Entry, state: Governance) -> str | None:
         if body.get("action") != predicate.action or body.get("args") != predicate.args:
             return f"the stored action differs from the signed one ({predicate.action})"
         return None
+    if entry.kind in (TEST_REPORT, DEPLOYMENT):
+        return _check_evidence(entry, state, snapshots.get((entry.workflow_id or "", entry.run_id or "")))
     if envelope is None:
         return None
     if is_rollback(envelope):
@@ -137,6 +148,64 @@ def _check_signed(entry: Entry, state: Governance) -> str | None:
         if entry.nonce != claim.nonce:
             return "the stored nonce differs from the signed one"
     return None
+
+
+def _check_evidence(entry: Entry, state: Governance, sha256: str | None) -> str | None:
+    """Verify the runtime evidence a test report or deployment entry was recorded on.
+
+    Every stored envelope must verify against the evidence keys valid at this point of
+    the trail; every passing result of a report must be carried by one of them (a shadow
+    verdict without numbers excepted: the inventory found nothing to compare with); a
+    serving deployment's endpoint must be the one its runtime signed; test and deploy
+    results must name the snapshot ``sha256`` the run started on. Entries from before
+    signed evidence carry none and are not checked.
+    """
+    body = entry.data()
+    if "evidence" not in body:
+        return None
+    run = {"workflow_id": entry.workflow_id or "", "run_id": entry.run_id or ""}
+    try:
+        if entry.kind == DEPLOYMENT:
+            signed = Envelope.model_validate(body["evidence"])
+            claim = check_evidence(
+                signed,
+                state,
+                kind="deploy",
+                **run,
+                runtime=body.get("runtime"),
+                deployment_id=body.get("id"),
+                stage=body.get("stage"),
+                snapshot_sha256=sha256,
+            )
+            endpoint = claim.results.get("endpoint") if isinstance(claim.results, dict) else None
+            if endpoint and body.get("endpoint") != endpoint:
+                stored = body.get("endpoint")
+                return f"the stored endpoint is {stored!r}, but runtime {claim.runtime} signed {endpoint!r}"
+            return None
+        envelopes = [Envelope.model_validate(e) for e in body["evidence"]]
+        stage = body.get("stage")
+        claims = [check_evidence(e, state, kind=evidence_of(e).kind, stage=stage, **run) for e in envelopes]
+        for claim in claims:
+            if claim.kind == "stage_tests" and sha256 is not None and claim.snapshot_sha256 != sha256:
+                named = claim.snapshot_sha256[:12]
+                return f"runtime {claim.runtime} signed tests of snapshot {named}..., not the run's"
+        report = StageTestReport.model_validate(body.get("report"))
+    except (RefusedError, ValidationError, ValueError) as exc:
+        return f"its runtime evidence does not verify: {exc}"
+    for result in report.results:
+        if result.passed and not vouches_for(result, claims):
+            if result.test is TestKind.SHADOW and not result.metrics:
+                continue
+            return f"the passing {result.test.value} result of {result.deployment_id} is signed by no runtime"
+    return None
+
+
+def _evidence_count(entry: Entry) -> int:
+    """How many runtime-signed envelopes a (verified) entry carries."""
+    if entry.kind not in (TEST_REPORT, DEPLOYMENT):
+        return 0
+    signed = entry.data().get("evidence")
+    return len(signed) if isinstance(signed, list) else int(signed is not None)
 
 
 def _check_rollback(entry: Entry, envelope: Envelope, state: Governance) -> str | None:
@@ -180,7 +249,12 @@ def _what_changed(entry: Entry) -> str:
 
 
 def bundle(entries: list[Entry], *, trust_root: str | None, author_role: str) -> dict[str, Any]:
-    """A self-contained export: every entry plus the public keys and trust root to verify it."""
+    """A self-contained export: every entry plus the public keys and trust root to verify it.
+
+    ``evidence_keys`` are the runtimes' keys that signed test reports and deploy results;
+    an auditor need not trust them: the governance entries that registered them are in
+    ``entries``, and verifying replays them.
+    """
     state = Governance(pinned_root=trust_root, author_role=author_role)
     for entry in entries:
         envelope = entry.signed() if entry.kind == GOVERNANCE else None
@@ -194,6 +268,10 @@ def bundle(entries: list[Entry], *, trust_root: str | None, author_role: str) ->
         for p in state.principals.values()
         for kid, key in p.keys.items()
     }
+    evidence_keys = {
+        kid: {"runtime": k.runtime, "public_key": public_text(k.public), "revoked": k.revoked}
+        for kid, k in state.evidence_keys.items()
+    }
     return {
         "format": BUNDLE_FORMAT,
         "exported_at": datetime.now(UTC).isoformat(),
@@ -201,6 +279,7 @@ def bundle(entries: list[Entry], *, trust_root: str | None, author_role: str) ->
         "author_role": author_role,
         "head": {"seq": entries[-1].seq, "hash": entries[-1].hash} if entries else None,
         "keys": keys,
+        "evidence_keys": evidence_keys,
         "entries": [e.to_json() for e in entries],
     }
 

@@ -43,7 +43,19 @@ RUNTIME_ADD = "runtime.add"
 RUNTIME_REMOVE = "runtime.remove"
 LIFECYCLE_UPLOAD = "lifecycle.upload"
 SNAPSHOT_REGISTER = "snapshot.register"
-ADMIN_ACTIONS = {KEY_ADD, ROLE_GRANT, ROLE_REVOKE, POLICY_SET, RUNTIME_ADD, RUNTIME_REMOVE}
+RUNTIME_KEY_ADD = "runtime.key.add"
+"""Register an evidence key of a runtime (the key its worker signs results with)."""
+RUNTIME_KEY_REVOKE = "runtime.key.revoke"
+ADMIN_ACTIONS = {
+    KEY_ADD,
+    ROLE_GRANT,
+    ROLE_REVOKE,
+    POLICY_SET,
+    RUNTIME_ADD,
+    RUNTIME_REMOVE,
+    RUNTIME_KEY_ADD,
+    RUNTIME_KEY_REVOKE,
+}
 
 
 @dataclass
@@ -61,6 +73,15 @@ class Principal:
 
 
 @dataclass
+class EvidenceKey:
+    """A runtime's evidence key: results it signs count while it is not revoked."""
+
+    runtime: str
+    public: Ed25519PublicKey
+    revoked: bool = False
+
+
+@dataclass
 class Governance:
     """The verified state: principals, keys, roles, policies, runtimes, uploads, registrants."""
 
@@ -74,6 +95,8 @@ class Governance:
     """(lifecycle name, source sha256) -> uploader."""
     registrants: dict[str, str] = field(default_factory=dict)
     """snapshot sha256 -> who registered it."""
+    evidence_keys: dict[str, EvidenceKey] = field(default_factory=dict)
+    """key id -> the runtime whose worker signs results with it (see :mod:`mlc.trust.evidence`)."""
     nonces: set[str] = field(default_factory=set)
     initialized: bool = False
 
@@ -180,7 +203,7 @@ class Governance:
         if p.action == KEY_ADD:
             name, public = _principal_key(args)
             kid = key_id(public)
-            if self._owner(kid) is not None:
+            if self._owner(kid) is not None or kid in self.evidence_keys:
                 raise RefusedError(f"key {kid} is already registered")
             self.principals.setdefault(name, Principal(name=name)).keys[kid] = public
         elif p.action == KEY_REVOKE:
@@ -206,7 +229,17 @@ class Governance:
             runtime = _model(Runtime, args.get("runtime"))
             if runtime.name in self.runtimes:
                 raise RefusedError(f"runtime {runtime.name} already exists; remove it first")
+            if args.get("evidence_key"):  # checked first: a refused entry changes nothing
+                self._add_evidence_key(runtime.name, str(args["evidence_key"]))
             self.runtimes[runtime.name] = runtime
+        elif p.action == RUNTIME_KEY_ADD:
+            self._add_evidence_key(self._runtime(args), _name(args, "public_key"))
+        elif p.action == RUNTIME_KEY_REVOKE:
+            name, kid = self._runtime(args), _name(args, "keyid")
+            found = self.evidence_keys.get(kid)
+            if found is None or found.runtime != name:
+                raise RefusedError(f"runtime {name} has no evidence key {kid}")
+            found.revoked = True
         elif p.action == RUNTIME_REMOVE:
             if self.runtimes.pop(_name(args, "name"), None) is None:
                 raise RefusedError(f"no runtime {args.get('name')!r}")
@@ -214,6 +247,26 @@ class Governance:
             self.uploads[(_name(args, "name"), _sha(args))] = signer.name
         elif p.action == SNAPSHOT_REGISTER:
             self.registrants.setdefault(_sha(args), signer.name)
+
+    def _runtime(self, args: dict[str, Any]) -> str:
+        name = _name(args, "runtime")
+        if name not in self.runtimes:
+            raise RefusedError(f"no runtime {name!r}; register it with `mlc runtime add` first")
+        return name
+
+    def _add_evidence_key(self, runtime: str, text: str) -> None:
+        try:
+            public = parse_public_key(text)
+        except InvalidKeyError as exc:
+            raise RefusedError(str(exc)) from None
+        kid = key_id(public)
+        if self._owner(kid) is not None or kid in self.evidence_keys:
+            raise RefusedError(f"key {kid} is already registered")
+        self.evidence_keys[kid] = EvidenceKey(runtime=runtime, public=public)
+
+    def evidence_keys_of(self, runtime: str) -> dict[str, EvidenceKey]:
+        """``runtime``'s evidence keys (active and revoked), by key id."""
+        return {k: v for k, v in self.evidence_keys.items() if v.runtime == runtime}
 
     def _existing(self, args: dict[str, Any]) -> Principal:
         name = _name(args)
