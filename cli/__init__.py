@@ -2,6 +2,6 @@
 
 from __future__ import annotations
 
-from mlc.cli.app import main
+from cli.app import main
 
 __all__ = ["main"]
