@@ -49,7 +49,7 @@ RUN set -eu; \
         /opt/mlc/bin/python "$pip_wheel/pip" install --quiet $index_opts pip; \
     fi; \
     /opt/mlc/bin/pip install --quiet $index_opts "/src${EXTRAS:+[$EXTRAS]}"; \
-    /opt/mlc/bin/mlc --help >/dev/null 2>&1 || echo "note: 'mlc --help' failed (is mlc.cli written yet?)"; \
+    /opt/mlc/bin/mlc --help >/dev/null 2>&1 || echo "note: 'mlc --help' failed (is the cli package in the image?)"; \
     install -m 0644 /src/deploy/worker/healthcheck.py /opt/mlc/healthcheck.py; \
     mkdir -p /opt/mlc/examples; \
     if [ -d /src/examples/models ]; then cp -r /src/examples/models /opt/mlc/examples/; fi
@@ -80,7 +80,7 @@ RUN set -eu; \
     mkdir -p /var/lib/mlc; \
     chown mlc:mlc /var/lib/mlc
 COPY --from=build /opt/mlc /opt/mlc
-# The example models for `mlc demo`: mlc.examples looks for examples/models next to the
+# The example models for `mlc demo`: cli.examples looks for examples/models next to the
 # installed packages, and trains the example in place, so its folder belongs to mlc.
 RUN set -eu; \
     site="$(/opt/mlc/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"; \

@@ -41,7 +41,7 @@ import pyarrow.parquet as pq
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from mlc.examples import prepare_example_model  # noqa: E402 (after the path setup)
+from cli.examples import prepare_example_model  # noqa: E402 (after the path setup)
 from mlc.serving import load_model  # noqa: E402
 from mlc.serving.batch import _records  # noqa: E402
 

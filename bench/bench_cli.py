@@ -23,7 +23,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from mlc.dev_postgres import DevPostgres  # noqa: E402 (after the path setup)
+from cli.stack.dev_postgres import DevPostgres  # noqa: E402 (after the path setup)
 
 COMMANDS = (["status"], ["deployments"], ["--help"])
 

@@ -43,7 +43,7 @@ import httpx
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from mlc.examples import prepare_example_model  # noqa: E402 (after the path setup)
+from cli.examples import prepare_example_model  # noqa: E402 (after the path setup)
 
 RECORD = {
     "amount": 48.9,

@@ -47,11 +47,11 @@ from activities.runtimes.base import (  # noqa: E402 (after the path setup)
 )
 from activities.runtimes.docker import DockerDriver  # noqa: E402
 from activities.runtimes.local import LocalDriver  # noqa: E402
+from cli.examples import prepare_example_model  # noqa: E402
 from mlc.artifacts import ArtifactStore, build_archive  # noqa: E402
 from mlc.config import Settings  # noqa: E402
 from mlc.domain import DockerSettings, HostingMode, ModelSnapshot, Runtime, RuntimeKind  # noqa: E402
 from mlc.evaluation import load_evaluation  # noqa: E402
-from mlc.examples import prepare_example_model  # noqa: E402
 from mlc.manifest import load_manifest  # noqa: E402
 
 BASE_IMAGE = "mlc-python:3.11-bookworm"

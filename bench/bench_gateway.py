@@ -32,10 +32,10 @@ from activities.runtimes.base import CleanupRequest, OnlineDeployRequest  # noqa
 from activities.runtimes.gateway import LocalGateway  # noqa: E402
 from activities.runtimes.local import LocalDriver  # noqa: E402
 from bench.bench_scoring import Load, ensure_wrk, wrk_run  # noqa: E402
+from cli.examples import prepare_example_model  # noqa: E402
 from mlc.artifacts import ArtifactStore, build_archive  # noqa: E402
 from mlc.config import Settings  # noqa: E402
 from mlc.domain import GatewaySettings, ModelSnapshot, Runtime, TrafficRoute  # noqa: E402
-from mlc.examples import prepare_example_model  # noqa: E402
 from mlc.manifest import load_manifest  # noqa: E402
 
 RECORD = {

@@ -62,12 +62,14 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.bare_workflow import BareLifecycle, BarePhase, RunBareInput, noop  # noqa: E402
-from mlc import admin, names, processes  # noqa: E402
+from cli import admin  # noqa: E402
+from cli.registration import register_package  # noqa: E402
+from cli.stack.dev_postgres import DevPostgres  # noqa: E402
+from cli.stack.devstack import port_open, temporal_cli  # noqa: E402
+from mlc import names, processes  # noqa: E402
 from mlc.artifacts import ArtifactStore  # noqa: E402
 from mlc.config import DEFAULT_WORKFLOW_CACHE, Settings  # noqa: E402
 from mlc.contracts.runtime import BatchJobResult  # noqa: E402
-from mlc.dev_postgres import DevPostgres  # noqa: E402
-from mlc.devstack import port_open, temporal_cli  # noqa: E402
 from mlc.domain import (  # noqa: E402
     ApprovalGate,
     Decision,
@@ -81,7 +83,6 @@ from mlc.domain import (  # noqa: E402
 )
 from mlc.operations import read_status, send_decision, sign_decision, start_lifecycle  # noqa: E402
 from mlc.payloads import LifecycleStatus, RuntimeActionInput  # noqa: E402
-from mlc.registry import register_package  # noqa: E402
 from mlc.store import connect, trail  # noqa: E402
 from mlc.store.db import enable_worker_login  # noqa: E402
 from mlc.test_payloads import RunStageTestsInput, RunStageTestsResult  # noqa: E402

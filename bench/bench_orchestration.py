@@ -56,12 +56,13 @@ sys.path.insert(0, str(ROOT))
 from activities.runtimes import driver_for  # noqa: E402 (after the path setup)
 from activities.runtimes.base import CleanupRequest  # noqa: E402
 from bench.bare_workflow import BareLifecycle, BarePhase, RunBareInput, noop  # noqa: E402
-from mlc import admin  # noqa: E402
+from cli import admin  # noqa: E402
+from cli.examples import prepare_example_model  # noqa: E402
+from cli.registration import register_package  # noqa: E402
+from cli.stack.devstack import temporal_cli  # noqa: E402
 from mlc.artifacts import ArtifactStore  # noqa: E402
 from mlc.config import Settings  # noqa: E402
-from mlc.devstack import temporal_cli  # noqa: E402
 from mlc.domain import DEFAULT_STAGES, Decision, ModelRef, Runtime, SignedDecision  # noqa: E402
-from mlc.examples import prepare_example_model  # noqa: E402
 from mlc.names import (  # noqa: E402
     DEPLOY_ONLINE,
     RUN_STAGE_TESTS,
@@ -73,7 +74,6 @@ from mlc.names import (  # noqa: E402
 )
 from mlc.operations import read_status, send_decision, sign_decision, start_lifecycle  # noqa: E402
 from mlc.payloads import LifecycleStatus  # noqa: E402
-from mlc.registry import register_package  # noqa: E402
 from mlc.store import connect, runtimes  # noqa: E402
 from mlc.trust.keys import create_key, public_text  # noqa: E402
 from mlc.trust.signer import Signer  # noqa: E402

@@ -50,7 +50,7 @@ import sklearn
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from mlc.examples import prepare_example_model  # noqa: E402 (after the path setup)
+from cli.examples import prepare_example_model  # noqa: E402 (after the path setup)
 from mlc.manifest import load_manifest  # noqa: E402
 
 BENCH = Path(__file__).resolve().parent

@@ -41,8 +41,8 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from mlc.examples import prepare_example_model  # noqa: E402 (after the path setup)
-from mlc.kafka_broker import EmbeddedBroker  # noqa: E402
+from cli.examples import prepare_example_model  # noqa: E402 (after the path setup)
+from cli.stack.kafka_broker import EmbeddedBroker  # noqa: E402
 from mlc.serving.loader import load_model  # noqa: E402
 from mlc.streaming.consumer import READY_LINE, STREAM_CONFIG_ENV  # noqa: E402
 from mlc.streaming.settings import KafkaSettings, StreamConfig  # noqa: E402

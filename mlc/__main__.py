@@ -1,5 +1,9 @@
-"""``python -m mlc``: the same as the ``mlc`` command."""
+"""``python -m mlc``: the same as the ``mlc`` command (the lifecycle sandbox and the tests run it).
 
-from mlc.cli import main
+The program's entry script, not part of the core: nothing imports it, so its import of the
+CLI above the core is the one the import rules allow (``tests/test_import_rules.py``).
+"""
+
+from cli import main
 
 main()

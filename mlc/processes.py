@@ -4,7 +4,7 @@
 after a ``kill -9`` nobody is left to stop them, and the next start would find their
 ports and files taken. On Linux the kernel can send a child a signal when its parent
 dies (``PR_SET_PDEATHSIG``); elsewhere each child gets its own process group, so it can
-at least be stopped as a whole by the next start (see :mod:`mlc.devstack`).
+at least be stopped as a whole by the next start (see :mod:`cli.stack.devstack`).
 
 ``PR_SET_PDEATHSIG`` fires when the *thread* that forked the child ends, not the
 process: spawn from a thread that lives as long as the process (the event loop's).

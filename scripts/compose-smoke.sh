@@ -10,7 +10,7 @@
 #      warm) and creates the host folder behind the mlc-home volume;
 #   2. builds every image (`docker-compose build`, the first half of `up -d --build`);
 #   3. starts everything but the worker (`up -d`): postgres, temporal-schema, temporal,
-#      temporal-init and (with mlc.cli in the image) migrate;
+#      temporal-init and (with the cli package in the image) migrate;
 #   4. waits until every started service is healthy and the one-shots exited 0;
 #   5. bootstraps trust the way docs/team.md tells a team to: a throwaway admin key under
 #      MLC_HOME, `mlc admin init smoke-admin` with the owner's DSN in a one-off container of
@@ -122,14 +122,14 @@ compose build --progress plain >/tmp/mlc-compose-smoke-build.log 2>&1 \
 step_end "build images"
 
 worker_image="$(compose config | awk '/^  worker:/ { w = 1 } w && /^    image:/ { print $2; exit }')"
-if docker run --rm --network none --entrypoint /opt/mlc/bin/python "$worker_image" -c "import mlc.cli" \
+if docker run --rm --network none --entrypoint /opt/mlc/bin/python "$worker_image" -c "import cli" \
     >/dev/null 2>&1; then
     have_cli=1
     services=(postgres temporal-schema temporal temporal-init migrate)
 else
     have_cli=0
     services=(postgres temporal-schema temporal temporal-init)
-    say "mlc.cli is not in $worker_image yet: starting the stack without migrate and the worker"
+    say "the cli package is not in $worker_image yet: starting the stack without migrate and the worker"
 fi
 
 # --- 3. up ------------------------------------------------------------------------
@@ -256,6 +256,6 @@ if [ "$have_cli" -eq 1 ]; then
         || die "the audit trail does not verify against $MLC_TRUST_ROOT"
     step_end "mlc audit verify"
 else
-    say "skipped the lifecycle run: no mlc.cli yet"
+    say "skipped the lifecycle run: no cli package yet"
 fi
 say "OK"

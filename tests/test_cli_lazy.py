@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from mlc.cli.app import COMMAND_MODULES, app, register_commands
+from cli.app import COMMAND_MODULES, app, register_commands
 
 
 def test_the_command_map_names_every_registered_command() -> None:
@@ -20,7 +20,7 @@ def test_the_command_map_names_every_registered_command() -> None:
 def test_inventory_reads_do_not_import_temporal_or_kafka(argv: list[str]) -> None:
     probe = (
         "import sys\n"
-        "from mlc.cli.app import register_commands\n"
+        "from cli.app import register_commands\n"
         f"register_commands({argv!r})\n"
         "heavy = ('temporalio', 'confluent_kafka', 'cryptography', 'httpx')\n"
         "print(','.join(m for m in heavy if m in sys.modules))\n"

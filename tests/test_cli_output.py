@@ -19,7 +19,7 @@ import pytest
 import typer
 from typer.main import get_command
 
-from mlc.cli.app import app, register_commands
+from cli.app import app, register_commands
 from mlc.domain import Runtime
 from tests.conftest import FIXTURES, Stack
 from tests.faults.harness import PROJECT, free_port
@@ -137,7 +137,7 @@ def test_piped_output_is_never_wrapped(stream: str, tmp_path: Path) -> None:
     ], "the error line a script greps is one line"
     sentence = " ".join(["a long sentence with [brackets] in it"] * 20)
     printed = subprocess.run(
-        [sys.executable, "-c", f"from mlc.cli.context import console, err_console\n"
+        [sys.executable, "-c", f"from cli.context import console, err_console\n"
          f"({stream == 'stderr'} and err_console or console).print({sentence!r}, markup=False)"],
         capture_output=True, text=True, timeout=60, cwd=PROJECT,
     )  # fmt: skip

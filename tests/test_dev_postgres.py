@@ -16,8 +16,8 @@ from urllib.parse import parse_qs, urlsplit
 import asyncpg
 import pytest
 
+from cli.stack.dev_postgres import DevPostgres
 from mlc import isolation
-from mlc.dev_postgres import DevPostgres
 
 
 @pytest.fixture

@@ -30,6 +30,7 @@ from activities.runtimes.base import (
 from activities.runtimes.docker import SOCKET_NAME, DockerDriver, container_name
 from activities.runtimes.docker_images import manylinux_platforms
 from activities.runtimes.gateway import remove as remove_gateway
+from cli.examples import prepare_example_model
 from mlc import endpoints, evaluation
 from mlc.artifacts import ArtifactStore, build_archive
 from mlc.config import Settings
@@ -43,7 +44,6 @@ from mlc.domain import (
     TrafficRoute,
 )
 from mlc.errors import DeploymentFailedError, RuntimeUnavailableError
-from mlc.examples import prepare_example_model
 from mlc.manifest import load_manifest
 from tests.conftest import call_model, gateway_settings
 

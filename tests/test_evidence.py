@@ -53,7 +53,7 @@ from mlc.trust.statements import Envelope
 from tests.conftest import ADMIN, Stack, gateway_settings
 from tests.faults.harness import wait_until
 from tests.lifecycle_helpers import keep_history, wait_for_gate
-from workers.registry import runtime_activities
+from workers.catalog import runtime_activities
 from workers.worker import build_runtime_worker
 
 DEV_GATE = LifecycleSpec(stages=(StageSpec(name="DEV", tests=(TestKind.SMOKE,), gate=ApprovalGate()),))

@@ -14,7 +14,7 @@ from temporalio.client import WorkflowFailureError
 from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.testing import WorkflowEnvironment
 
-from mlc import admin
+from cli import admin
 from mlc.domain import ApprovalGate, DeploymentState, LifecycleSpec, StageSpec, TestKind
 from mlc.payloads import StartLifecycleInput
 from mlc.store import audit, connect, deployments, traffic

@@ -24,7 +24,8 @@ from pathlib import Path
 import pytest
 from temporalio.worker import Worker
 
-from mlc import admin, isolation
+from cli import admin
+from mlc import isolation
 from mlc.store import lifecycle_definitions
 from mlc.trust.governance import LIFECYCLE_UPLOAD
 from tests.conftest import AUTHOR, FIXTURES, Stack, require_sandbox

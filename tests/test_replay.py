@@ -19,7 +19,7 @@ from temporalio.workflow import NondeterminismError
 
 from tests.changed_workflow import ReorderedLifecycle
 from tests.lifecycle_helpers import HISTORIES
-from workers.registry import ALL_WORKFLOWS
+from workers.catalog import ALL_WORKFLOWS
 
 RECORDED = sorted(HISTORIES.glob("*/*.json"))
 

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 
+from cli.rollbacks import roll_back
 from mlc.domain import (
     ApprovalGate,
     Decision,
@@ -33,7 +34,6 @@ from mlc.domain import (
 )
 from mlc.errors import RefusedError
 from mlc.operations import send_decision, sign_decision
-from mlc.rollbacks import roll_back
 from mlc.store import deployments, runs, traffic, trail
 from mlc.trust.statements import Envelope
 from tests.conftest import APPROVER, Stack

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
+from cli.lifecycle_uploads import upload_lifecycle
 from lifecycles._rollout import _scaled, _shadow_verdict, canary_breach, rollout_in_progress
 from mlc.contracts.traffic import RouteStats, ShadowComparison, TrafficObservation
 from mlc.domain import (
@@ -23,7 +24,6 @@ from mlc.domain import (
     TrafficRoute,
     check_routes,
 )
-from mlc.lifecycle_uploads import upload_lifecycle
 from tests.conftest import AUTHOR, FIXTURES, Stack, require_sandbox
 
 NOW = datetime(2026, 11, 28, tzinfo=UTC)

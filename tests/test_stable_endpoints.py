@@ -300,7 +300,7 @@ async def _dev_deployment(stack: Stack, snap: ModelSnapshot) -> str:
 
 
 async def _unprotect_prod(stack: Stack) -> None:
-    from mlc import admin
+    from cli import admin
     from mlc.trust.policy import StagePolicy
     from tests.conftest import ADMIN
 

@@ -220,7 +220,7 @@ def _running(pid: int) -> bool:
 async def test_mlc_dev_starts_a_broker_for_streaming_runtimes_on_loopback(
     database_url: str, tmp_path: Path, kafka_broker: str
 ) -> None:
-    from mlc.kafka_broker import dev_brokers, free_port, listening
+    from cli.stack.kafka_broker import dev_brokers, free_port, listening
     from mlc.store import connect, runtimes
 
     port = free_port()

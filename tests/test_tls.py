@@ -42,9 +42,10 @@ from temporalio.service import TLSConfig
 from temporalio.testing import WorkflowEnvironment
 from temporalio.worker import Worker
 
-from mlc import dev_temporal, isolation, processes
+from cli.stack import dev_temporal
+from cli.stack.devstack import DevStack, discover, read_state
+from mlc import isolation, processes
 from mlc.config import Settings
-from mlc.devstack import DevStack, discover, read_state
 from mlc.errors import RuntimeUnavailableError
 from tests.faults.harness import leftover_processes
 from tests.tls_workflow import TlsGreeting, greet

@@ -22,9 +22,10 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from temporalio.client import WorkflowFailureError, WorkflowHandle, WorkflowUpdateFailedError
 
-from mlc import admin
+from cli import admin
+from cli.registration import register_package
+from cli.stack.devstack import temporal_cli
 from mlc.artifacts import ArtifactStore
-from mlc.devstack import temporal_cli
 from mlc.domain import (
     ApprovalGate,
     Decision,
@@ -36,7 +37,6 @@ from mlc.domain import (
     TestKind,
 )
 from mlc.operations import read_status
-from mlc.registry import register_package
 from mlc.store import audit, deployments, trail
 from mlc.trust.keys import public_text
 from mlc.trust.policy import StagePolicy

@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import os
 import subprocess
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from activities.runtimes.gateway_docker import NGINX_ENV, nginx_binary
@@ -113,24 +113,27 @@ async def docker_engine(runtime: Runtime) -> None:
     raise DockerEngineUnreachableError(message)
 
 
-async def kafka_broker(runtime: Runtime, *, embedded: bool = False) -> None:
-    """A broker of streaming runtime ``runtime`` answers; with ``embedded`` (``mlc dev``,
-    which starts a broker for a loopback address nobody listens on) the embedded broker
-    is installed instead.
+EmbeddedKafka = Callable[[str], bool]
+"""Whether an embedded broker serves a bootstrap address (``mlc dev`` starts one for a
+loopback address nobody listens on); raises ``RuntimeUnavailableError`` when it would but is
+not installed. The embedded stack (``cli.stack.kafka_broker.serves``) passes it down, so
+workers need not import the stack above them."""
+
+
+async def kafka_broker(runtime: Runtime, *, embedded: EmbeddedKafka | None = None) -> None:
+    """A broker of streaming runtime ``runtime`` answers, or ``embedded`` serves its address.
 
     Raises:
         KafkaBrokerUnreachableError: no broker answers, or the embedded one is not installed.
     """
-    from mlc.kafka_broker import broker_binary, loopback_address
-
     assert runtime.kafka is not None
     bootstrap = runtime.kafka.bootstrap_servers
-    if embedded and loopback_address(bootstrap) is not None:
+    if embedded is not None:
         try:
-            broker_binary()
+            if embedded(bootstrap):
+                return
         except RuntimeUnavailableError as exc:
             raise KafkaBrokerUnreachableError(f"runtime {runtime.name}: {exc}") from None
-        return
     for address in bootstrap.split(","):
         host, _, port = address.strip().rpartition(":")
         try:
@@ -147,7 +150,7 @@ async def kafka_broker(runtime: Runtime, *, embedded: bool = False) -> None:
     )
 
 
-async def check_runtimes(runtimes: Iterable[Runtime], *, embedded_kafka: bool = False) -> None:
+async def check_runtimes(runtimes: Iterable[Runtime], *, embedded_kafka: EmbeddedKafka | None = None) -> None:
     """Check what the runtimes a worker serves need from its host, first failure raised.
 
     Raises:

@@ -13,7 +13,7 @@ from temporalio.worker import Worker
 
 from mlc.config import Settings
 from mlc.names import lifecycles_task_queue
-from workers.registry import LIFECYCLE_WORKFLOWS, MAIN_WORKFLOWS, inventory_activities, runtime_activities
+from workers.catalog import LIFECYCLE_WORKFLOWS, MAIN_WORKFLOWS, inventory_activities, runtime_activities
 
 log = logging.getLogger(__name__)
 

@@ -13,8 +13,8 @@ import pytest
 from activities.runtimes import driver_for
 from activities.runtimes.base import CleanupRequest
 from activities.runtimes.gateway import remove as stop_gateway
+from cli.stack.dev_postgres import DevPostgres
 from mlc.config import Settings
-from mlc.dev_postgres import DevPostgres
 from mlc.store import connect, runtimes
 from mlc.store.db import enable_worker_login
 from tests.conftest import make_database, trusted_stack

@@ -25,9 +25,9 @@ from temporalio.contrib.pydantic import pydantic_data_converter
 
 from activities.runtimes import driver_for
 from activities.runtimes.base import ProbeRequest
+from cli.stack.dev_postgres import DevPostgres
+from cli.stack.devstack import port_open, temporal_cli
 from mlc import processes
-from mlc.dev_postgres import DevPostgres
-from mlc.devstack import port_open, temporal_cli
 from mlc.domain import DeploymentState, RuntimeKind
 from mlc.names import SEARCH_ATTRIBUTES
 from mlc.store import deployments, runtimes, trail

@@ -67,7 +67,7 @@ def _install() -> None:
 
 if __name__ == "__main__":
     _install()
-    from mlc.cli import main
+    from cli import main
 
     sys.argv = ["mlc", "worker", *sys.argv[1:]]
     main()

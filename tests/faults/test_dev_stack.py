@@ -15,10 +15,11 @@ from typing import IO, Any
 
 import httpx
 
-from mlc import dev_temporal, isolation, processes
+from cli.stack import dev_temporal
+from cli.stack.dev_postgres import DevPostgres
+from cli.stack.devstack import DevStack, dev_running, port_open, read_state
+from mlc import isolation, processes
 from mlc.config import Settings
-from mlc.dev_postgres import DevPostgres
-from mlc.devstack import DevStack, dev_running, port_open, read_state
 from tests.conftest import FIXTURES, call_model
 from tests.faults.harness import (
     PROJECT,

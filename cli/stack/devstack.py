@@ -31,9 +31,9 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from cli.stack.dev_postgres import DevPostgres
 from mlc import processes
 from mlc.config import Settings, TemporalTLS
-from mlc.dev_postgres import DevPostgres
 from mlc.errors import ConflictError, RuntimeUnavailableError
 
 STATE_FILE = "dev.json"
@@ -157,7 +157,7 @@ class DevStack:
         self._temporal_pid: int | None = None
         self._postgres: DevPostgres | None = None
         self._proxy: Any = None
-        """The mutual-TLS proxy of a guarded Temporal (:mod:`mlc.dev_temporal`)."""
+        """The mutual-TLS proxy of a guarded Temporal (:mod:`cli.stack.dev_temporal`)."""
         self._tls: TemporalTLS | None = None
 
     async def start(self) -> Settings:
@@ -217,8 +217,8 @@ class DevStack:
 
     async def _start_temporal(self, previous: dict[str, Any]) -> str:
         """Start (or reuse) the dev server: where it can, in a network namespace of its own
-        behind the mutual-TLS proxy (:mod:`mlc.dev_temporal`), else in plain text on loopback."""
-        from mlc import dev_temporal
+        behind the mutual-TLS proxy (:mod:`cli.stack.dev_temporal`), else in plain text on loopback."""
+        from cli.stack import dev_temporal
 
         address = f"127.0.0.1:{self.temporal_port}"
         args = self.temporal_args()

@@ -8,8 +8,8 @@ from typing import Annotated
 
 import typer
 
-from mlc import admin
-from mlc.cli.context import console, emit, inventory, run, settings, signer
+from cli import admin
+from cli.context import console, emit, inventory, run, settings, signer
 from mlc.domain import ModelRef
 from mlc.errors import RefusedError
 from mlc.store import audit, trail

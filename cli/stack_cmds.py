@@ -10,7 +10,7 @@ import sys
 from collections.abc import AsyncIterator
 from dataclasses import replace
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
@@ -19,21 +19,25 @@ from rich.markup import escape
 from rich.table import Table
 from temporalio.client import Client
 
-from mlc import admin, endpoints
+from cli import admin
+from cli.context import STATE, client, console, emit, local_user, settings
+from cli.lifecycle_cmds import render_status
+from cli.logs import service_logging, worker_logging
+from cli.registration import register_package
+from cli.stack.devstack import DevStack, dev_running, postgres_password_file
+from mlc import endpoints
 from mlc.artifacts import ArtifactStore
-from mlc.cli.context import STATE, client, console, emit, local_user, settings
-from mlc.cli.lifecycle_cmds import render_status
-from mlc.cli.logs import service_logging, worker_logging
 from mlc.config import Settings
-from mlc.devstack import DevStack, dev_running, postgres_password_file
 from mlc.domain import Decision, LifecycleState, ModelRef, SignedDecision
 from mlc.errors import BubblewrapMissingError, NginxMissingError, RuntimeUnavailableError
 from mlc.names import lifecycles_task_queue
 from mlc.operations import read_status, send_decision, sign_decision, start_lifecycle
-from mlc.registry import register_package
 from mlc.store import connect, deployments, runtimes, traffic
 from mlc.store.db import enable_worker_login
 from mlc.trust.keys import default_key_path, ensure_key
+
+if TYPE_CHECKING:
+    from workers.prerequisites import EmbeddedKafka
 
 
 def register(app: typer.Typer) -> None:
@@ -58,12 +62,12 @@ async def embedded(
     """Start the embedded servers, a migrated inventory with dev runtimes, and a worker.
 
     A previous stack of the home is picked up where it stopped, however it stopped (see
-    :mod:`mlc.devstack`): leftovers of deployments that are no longer live are removed,
+    :mod:`cli.stack.devstack`): leftovers of deployments that are no longer live are removed,
     and each runtime's reconciler checks the serving ones at once, restarting the model
     servers that stopped with the previous stack.
     """
     from activities.reconcile import keeping_reconcilers
-    from mlc.kafka_broker import dev_brokers
+    from cli.stack.kafka_broker import dev_brokers, serves
     from workers.client import ensure_search_attributes
     from workers.worker import build_main_worker
 
@@ -80,7 +84,7 @@ async def embedded(
         for note in stack.notes:
             console.print(f"[yellow]{note}[/yellow]")
         try:
-            await _check_served(pool, ready.task_queue, embedded_kafka=True)
+            await _check_served(pool, ready.task_queue, embedded_kafka=serves)
             ready = await admin.bootstrap_dev(
                 pool,
                 ready,
@@ -228,7 +232,7 @@ def dev(
     prints it here too).
     """
 
-    from mlc import dev_temporal
+    from cli.stack import dev_temporal
 
     async def go() -> None:
         stop = _stop_event()
@@ -353,7 +357,7 @@ def worker(
         else:
             queue = f"runtime-{runtime}"
         console.print(f"serving runtime {runtime} on task queue {queue}{log_note}")
-        from mlc.admin import local_evidence_key
+        from cli.admin import local_evidence_key
 
         line = local_evidence_key(cfg, runtime)  # created now (0600) when missing
         console.print(
@@ -367,7 +371,9 @@ def worker(
     asyncio.run(go())
 
 
-async def _check_served(pool: asyncpg.Pool, task_queue: str, *, embedded_kafka: bool = False) -> None:
+async def _check_served(
+    pool: asyncpg.Pool, task_queue: str, *, embedded_kafka: EmbeddedKafka | None = None
+) -> None:
     """What the runtimes on ``task_queue`` (the worker's) need from this host, before it starts
     (``embedded_kafka``: ``mlc dev`` starts brokers for loopback addresses).
 
@@ -423,7 +429,7 @@ def demo(
     debug: DEBUG = False,
 ) -> None:
     """Register the example fraud model and walk it DEV -> PROD on an embedded stack."""
-    from mlc import dev_temporal
+    from cli.stack import dev_temporal
 
     async def go() -> int:
         cfg = settings()
@@ -444,7 +450,7 @@ def demo(
 
 
 async def _walk(cfg: Settings, *, yes: bool, ui: str | None) -> int:
-    from mlc.examples import prepare_example_model
+    from cli.examples import prepare_example_model
 
     assert cfg.database_url
     with console.status("training the example credit-card-fraud model"):

@@ -14,7 +14,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from mlc.cli.context import err_console
+from cli.context import err_console
 
 LOG_FILE = "worker.log"
 """The worker's log under ``MLC_HOME`` (``mlc dev``, ``mlc demo``, ``mlc worker`` in a terminal)."""

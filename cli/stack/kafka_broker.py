@@ -84,6 +84,19 @@ def loopback_address(bootstrap: str) -> tuple[str, int] | None:
     return "127.0.0.1", int(port)
 
 
+def serves(bootstrap: str) -> bool:
+    """Whether ``mlc dev`` serves ``bootstrap`` with an embedded broker (a single loopback
+    address); the ``EmbeddedKafka`` check of :mod:`workers.prerequisites`.
+
+    Raises:
+        RuntimeUnavailableError: it would, but the broker is not installed.
+    """
+    if loopback_address(bootstrap) is None:
+        return False
+    broker_binary()
+    return True
+
+
 class EmbeddedBroker:
     """One Tansu process on ``127.0.0.1:port``; ``start`` returns its bootstrap address."""
 

@@ -10,7 +10,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from mlc.cli.context import client, console, emit, inventory, run, settings, signer
+from cli.context import client, console, emit, inventory, run, settings, signer
 from mlc.domain import Decision, LifecycleDefinition, LifecycleSpec, ModelRef, SignedDecision
 from mlc.store import runs
 
@@ -113,7 +113,7 @@ def upload(
     async def go() -> None:
         cfg = settings()
         async with inventory(cfg) as pool:
-            from mlc.lifecycle_uploads import upload_lifecycle
+            from cli.lifecycle_uploads import upload_lifecycle
 
             stored, created = await upload_lifecycle(
                 pool, file, signer=await signer(cfg, pool), settings=cfg, name=name
@@ -311,7 +311,7 @@ def rollback(
     """
     import time
 
-    from mlc.rollbacks import roll_back, sign_rollback
+    from cli.rollbacks import roll_back, sign_rollback
 
     if not reason.strip():
         raise ValueError("a rollback needs a reason: pass --reason TEXT (it is kept in the audit trail)")

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from mlc.cli.context import STATE, err_console
+from cli.context import STATE, err_console
 from mlc.errors import MLCError
 
 if TYPE_CHECKING:
@@ -100,7 +100,7 @@ def register_commands(argv: list[str]) -> None:
     needs_all = command not in COMMAND_MODULES or "--help" in argv
     for module in sorted(set(COMMAND_MODULES.values())):
         if needs_all or COMMAND_MODULES[command or ""] == module:
-            import_module(f"mlc.cli.{module}").register(app)
+            import_module(f"cli.{module}").register(app)
 
 
 def main() -> None:

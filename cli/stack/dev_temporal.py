@@ -20,7 +20,7 @@ server's for ``localhost``/``127.0.0.1``; one client's for the CLI and the worke
 X.509 v3: the SDK's rustls refuses v1) and the UI password are made once into
 ``MLC_HOME/tls`` (0700, files 0600) by :func:`ensure_credentials`. ``mlc dev`` records
 their paths in ``dev.json``, which is how the CLI and ``mlc worker`` find them
-(:func:`mlc.devstack.discover`).
+(:func:`cli.stack.devstack.discover`).
 
 Without root there is no network namespace to give, and without nginx no proxy: the dev
 server then listens in plain text on ``127.0.0.1:<temporal port>`` as before, open to

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 from pydantic import BaseModel
 
-from mlc.cli.context import console, emit, inventory, run, settings, signer
+from cli.context import console, emit, inventory, run, settings, signer
 from mlc.domain import (
     DEFAULT_RESTART,
     Deployment,
@@ -24,7 +24,7 @@ from mlc.store import deployments, runtimes, traffic
 from mlc.traffic import TrafficTable, describe_routes
 
 if TYPE_CHECKING:
-    from mlc import admin
+    from cli import admin
 
 # Governance (cryptography, payload models), registration and Kafka settings load inside
 # the commands that use them: `mlc deployments` only reads the inventory.
@@ -55,8 +55,8 @@ def register_model(
 ) -> None:
     """Snapshot a model package: an immutable, numbered, content-addressed version."""
 
+    from cli.registration import register_package
     from mlc.artifacts import ArtifactStore
-    from mlc.registry import register_package
 
     async def go() -> None:
         cfg = settings()
@@ -247,7 +247,7 @@ def add_runtime(
 
     async def go() -> None:
         cfg = settings()
-        from mlc import admin
+        from cli import admin
 
         async with inventory(cfg) as pool:
             gateway_settings = None
@@ -329,7 +329,7 @@ def show_runtime_key(name: str) -> None:
 
     Run it where the runtime's worker runs, with its MLC_HOME, and give the line to an admin.
     """
-    from mlc import admin
+    from cli import admin
 
     print(admin.local_evidence_key(settings(), name))
 
@@ -340,7 +340,7 @@ def add_runtime_key(
     public_key: Annotated[str, typer.Argument(help="An ssh-ed25519 line or a .pub/PEM file.")],
 ) -> None:
     """Register another evidence key of runtime NAME (admins only; rotate, then revoke the old one)."""
-    from mlc import admin
+    from cli import admin
 
     async def go() -> None:
         cfg = settings()
@@ -356,7 +356,7 @@ def add_runtime_key(
 @runtime_key_app.command("revoke")
 def revoke_runtime_key(name: str, keyid: Annotated[str, typer.Argument(help="SHA256:... key id.")]) -> None:
     """Revoke an evidence key of runtime NAME (admins only): results it signs are refused from now on."""
-    from mlc import admin
+    from cli import admin
 
     async def go() -> None:
         cfg = settings()
@@ -370,7 +370,7 @@ def revoke_runtime_key(name: str, keyid: Annotated[str, typer.Argument(help="SHA
 @runtime_key_app.command("list")
 def list_runtime_keys(as_json: JSON = False) -> None:
     """List the runtimes' evidence keys as the verified governance state has them."""
-    from mlc import admin
+    from cli import admin
     from mlc.trust.keys import public_text
 
     async def go() -> None:
@@ -390,7 +390,7 @@ def list_runtime_keys(as_json: JSON = False) -> None:
 def remove_runtime(name: str) -> None:
     """Remove a runtime that has no live deployments."""
 
-    from mlc import admin
+    from cli import admin
 
     async def go() -> None:
         cfg = settings()
@@ -430,7 +430,7 @@ def grant(
     role: Annotated[list[str], typer.Option("--role", help="Role to grant (repeatable).")],
 ) -> None:
     """Grant roles, e.g. ``approver`` (default gates), ``lifecycle-author`` (uploads), ``admin``."""
-    from mlc import admin
+    from cli import admin
 
     _change_roles(name, role, admin.grant_role)
 
@@ -441,13 +441,13 @@ def revoke(
     role: Annotated[list[str], typer.Option("--role", help="Role to take away (repeatable).")],
 ) -> None:
     """Take roles away (a signed statement; the last admin keeps admin)."""
-    from mlc import admin
+    from cli import admin
 
     _change_roles(name, role, admin.revoke_role)
 
 
 def _change_roles(name: str, roles: list[str], change: admin.RoleChange) -> None:
-    from mlc import admin
+    from cli import admin
 
     async def go() -> None:
         cfg = settings()
@@ -464,7 +464,7 @@ def _change_roles(name: str, roles: list[str], change: admin.RoleChange) -> None
 @user_app.command("list")
 def list_users(as_json: JSON = False) -> None:
     """People and automations, their roles and keys, as the verified trail says."""
-    from mlc import admin
+    from cli import admin
 
     async def go() -> None:
         cfg = settings()

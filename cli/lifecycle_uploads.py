@@ -11,8 +11,9 @@ from pathlib import Path
 
 import asyncpg
 
+from cli import admin
 from lifecycles.validation import check_lifecycle_name, check_source, default_name, format_problems
-from mlc import admin, names
+from mlc import names
 from mlc.config import Settings
 from mlc.domain import LifecycleDefinition
 from mlc.errors import InvalidLifecycleError, PermissionDeniedError

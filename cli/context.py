@@ -16,8 +16,8 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from cli.stack.devstack import discover
 from mlc.config import Settings
-from mlc.devstack import discover
 from mlc.errors import RuntimeUnavailableError
 from mlc.store import connect
 
@@ -72,7 +72,7 @@ async def signer(cfg: Settings, pool: asyncpg.Pool) -> Signer:
 
     Nobody can act as someone else by typing a name: the key decides.
     """
-    from mlc.admin import identify
+    from cli.admin import identify
     from mlc.trust.keys import load_private_key
 
     return await identify(pool, cfg, load_private_key())

@@ -40,7 +40,7 @@ START_TIMEOUT_SECONDS = 30.0
 STOP_TIMEOUT_SECONDS = 15.0
 POSTGRES_USER = "postgres"
 HBA = """\
-# Written by mlc (mlc/dev_postgres.py) at every start: a password for every connection.
+# Written by mlc (cli/stack/dev_postgres.py) at every start: a password for every connection.
 local all all scram-sha-256
 host all all 127.0.0.1/32 scram-sha-256
 host all all ::1/128 scram-sha-256

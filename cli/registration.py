@@ -11,7 +11,7 @@ from pathlib import Path
 
 import asyncpg
 
-from mlc import admin
+from cli import admin
 from mlc.artifacts import ArtifactStore, build_archive
 from mlc.config import Settings
 from mlc.domain import ModelSnapshot

@@ -1,7 +1,0 @@
-"""The ``mlc`` command line: thin commands over the Temporal client and the inventory."""
-
-from __future__ import annotations
-
-from mlc.cli.app import main
-
-__all__ = ["main"]
