@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 from pydantic import BaseModel
 
-from activities.runtimes.registry import kind_spec
+from activities.runtimes.registry import kind_spec, kinds
 from mlc.cli.context import console, emit, inventory, run, settings, signer
 from mlc.domain import (
     DEFAULT_RESTART,
@@ -281,8 +281,6 @@ def add_runtime(
 def _with_kind_options(command: Callable[..., None], *, after: str) -> inspect.Signature:
     """``command``'s signature with every runtime kind's own options (``--docker-host``...)
     after parameter ``after``, for typer to parse; they reach ``command`` as keywords."""
-    from activities.runtimes.registry import kinds
-
     params = [
         p
         for p in inspect.signature(command, eval_str=True).parameters.values()

@@ -77,7 +77,9 @@ logger = logging.getLogger(__name__)
 
 
 class LocalHosting(LocalPackages):
-    """TODO"""
+    """The local driver's shared model host: one ``serve-many`` process per runtime, in
+    ``<runtime_dir>/<runtime>/.host/``, that online deployments join and leave (see
+    :mod:`activities.runtimes.local.driver`)."""
 
     def _host_dir(self, runtime: Runtime) -> Path:
         return (self.settings.runtime_dir / runtime.name).resolve() / HOST_DIR

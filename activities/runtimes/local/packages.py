@@ -22,7 +22,8 @@ from mlc.isolation import ModelUser
 
 
 class LocalPackages(RuntimeDriver):
-    """TODO"""
+    """How the local driver puts a snapshot's package into a deployment folder, owned by
+    the deployment's own user when the worker is root (see :mod:`mlc.isolation`)."""
 
     def model_user(self, runtime: Runtime, workdir: Path) -> ModelUser | None:
         """The user the deployment's processes run as: its own when the worker is root
