@@ -277,7 +277,7 @@ class Runtime(Frozen):
     hosts and batch jobs off every network; ``outbound`` lets them reach other hosts (a
     model calling an external service), never the worker's host itself. On a docker
     runtime: ``none`` runs model containers with no network; ``outbound`` puts them on
-    ``docker.network_mode``, refused for ``host`` (see :mod:`activities.runtimes.docker.driver`)."""
+    ``docker.network_mode``, refused for ``host`` (see :mod:`activities.runtimes.docker`)."""
 
     @field_validator("name")
     @classmethod

@@ -31,7 +31,7 @@ and :func:`read_tail`, which never follow a symbolic link, never open a FIFO or 
 refuse hard links and (for the runtime's own records) files it did not write itself.
 
 A runtime's shared model host (``hosting: shared``, the default of local runtimes below
-PROD, see :mod:`activities.runtimes.local.driver`) is one process with one such user for the host
+PROD, see :mod:`activities.runtimes.local`) is one process with one such user for the host
 as a whole, which owns the folder of every deployment hosted in it: models hosted together
 can read and disturb each other (their packages, folders, requests and answers), a weaker
 boundary than a user per deployment. They are still kept from everything above, and from
