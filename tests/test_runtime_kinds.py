@@ -45,14 +45,24 @@ def test_each_kinds_options_are_mlc_runtime_add_options(tmp_path: Path) -> None:
 
 
 def _imports() -> dict[str, set[str]]:
-    """Runtime module -> the runtime modules it imports (anywhere in it, by name)."""
+    """Runtime module -> the runtime modules it imports when loaded or called (anywhere
+    in it but ``if TYPE_CHECKING:`` blocks, by name)."""
     modules = {}
     for path in RUNTIMES.rglob("*.py"):
         parts = path.relative_to(RUNTIMES.parent.parent).with_suffix("").parts
         modules[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
     graph: dict[str, set[str]] = {name: set() for name in modules}
     for name, path in modules.items():
-        for node in ast.walk(ast.parse(path.read_text())):
+        tree = ast.parse(path.read_text())
+        typing_only = {
+            id(n)
+            for block in ast.walk(tree)
+            if isinstance(block, ast.If) and ast.unparse(block.test) == "TYPE_CHECKING"
+            for n in ast.walk(block)
+        }
+        for node in ast.walk(tree):
+            if id(node) in typing_only:
+                continue
             if isinstance(node, ast.ImportFrom) and node.module:
                 targets = [node.module, *(f"{node.module}.{a.name}" for a in node.names)]
             elif isinstance(node, ast.Import):

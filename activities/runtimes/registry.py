@@ -1,11 +1,12 @@
 """Runtime kinds, found by their :class:`~mlc.domain.RuntimeKind` rather than an if/elif.
 
 Each kind package declares one :class:`RuntimeKindSpec` in its ``kind`` module and
-registers it: the driver that acts on its runtimes, the settings model it keeps in the
-runtime's record, the ``mlc runtime add`` options that fill it, and what those settings
-must satisfy. :data:`KIND_MODULES` lists the kind modules; they are imported on first
-lookup, so the CLI and the workers name no kind. Adding a kind (Spark, SageMaker) means a
-new package with a ``kind`` module, its name here and its member in ``RuntimeKind``.
+registers it: the driver that acts on its runtimes, the gateway it puts in front of
+their online deployments, the settings model it keeps in the runtime's record and the
+``mlc runtime add`` options that fill it. :data:`KIND_MODULES` lists the kind modules;
+they are imported on first lookup, so the CLI and the workers name no kind. Adding a
+kind (Spark, SageMaker) means a new package with a ``kind`` module, its name here and its
+member in ``RuntimeKind``.
 """
 
 from __future__ import annotations
@@ -13,13 +14,16 @@ from __future__ import annotations
 import importlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel
 
 from activities.runtimes.base import RuntimeDriver
 from mlc.config import Settings
 from mlc.domain import Runtime, RuntimeKind
+
+if TYPE_CHECKING:  # the gateway's package imports this registry
+    from activities.runtimes.gateway.tier import Gateway
 
 KIND_MODULES: tuple[str, ...] = ("activities.runtimes.local.kind", "activities.runtimes.docker.kind")
 """The modules that register a runtime kind (each calls :func:`register` on import)."""
@@ -55,6 +59,8 @@ class RuntimeKindSpec:
     """The :class:`~mlc.domain.Runtime` field holding the kind's settings (``docker``), if any."""
     settings_model: type[BaseModel] | None = None
     options: tuple[KindOption, ...] = ()
+    gateway: Callable[[Settings, Runtime], Gateway] | None = None
+    """Makes the gateway in front of a runtime's online deployments (None: the kind has none)."""
     gateway_host: Callable[[Any], str] = field(default=lambda _settings: DEFAULT_GATEWAY_HOST)
     """Where a runtime of this kind binds its gateway by default, given its settings."""
 

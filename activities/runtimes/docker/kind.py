@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from activities.runtimes.base import RuntimeDriver
+from activities.runtimes.gateway.tier import Gateway
 from activities.runtimes.registry import KindOption, RuntimeKindSpec, register
 from mlc.config import Settings
-from mlc.domain import DockerSettings, RuntimeKind
+from mlc.domain import DockerSettings, Runtime, RuntimeKind
 
 
 def _driver(settings: Settings) -> RuntimeDriver:
@@ -14,6 +15,13 @@ def _driver(settings: Settings) -> RuntimeDriver:
     from activities.runtimes.docker.driver import DockerDriver
 
     return DockerDriver(settings)
+
+
+def _gateway(settings: Settings, runtime: Runtime) -> Gateway:
+    """The kind's gateway tier, imported when first needed (like its driver)."""
+    from activities.runtimes.gateway.docker import DockerGateway
+
+    return DockerGateway(settings, runtime)
 
 
 def _publish_host(settings: DockerSettings | None) -> str:
@@ -25,6 +33,7 @@ KIND = register(
     RuntimeKindSpec(
         kind=RuntimeKind.DOCKER,
         driver=_driver,
+        gateway=_gateway,
         settings_field="docker",
         settings_model=DockerSettings,
         options=(

@@ -12,8 +12,6 @@ from pathlib import Path
 from typing import Any
 
 from activities.runtimes.base import Heartbeat, RuntimeDriver, check_deployment_id
-from activities.runtimes.gateway.docker import DockerGateway
-from activities.runtimes.gateway.local import LocalGateway
 from activities.runtimes.gateway.nginx import (
     LOG_FLUSH_SECONDS,
     Backend,
@@ -24,21 +22,20 @@ from activities.runtimes.gateway.nginx import (
     route_stats,
 )
 from activities.runtimes.gateway.tier import Gateway, gateway_settings
+from activities.runtimes.registry import kind_spec
 from mlc.config import Settings
 from mlc.contracts.traffic import RouteStats, RouteTrafficResult, ShadowComparison, TrafficObservation
-from mlc.domain import GatewaySettings, Runtime, RuntimeKind, TrafficRoute, check_name, check_routes
+from mlc.domain import GatewaySettings, Runtime, TrafficRoute, check_name, check_routes
 from mlc.errors import DeploymentFailedError, NotFoundError, RefusedError
-
-TIER_KINDS: dict[RuntimeKind, type[Gateway]] = {
-    RuntimeKind.LOCAL: LocalGateway,
-    RuntimeKind.DOCKER: DockerGateway,
-}
-"""Which gateway runs in front of each runtime kind (a local process, or containers)."""
 
 
 def gateway_for(settings: Settings, runtime: Runtime) -> Gateway:
-    """The gateway of ``runtime`` (local process or docker container by its kind)."""
-    tier = TIER_KINDS.get(runtime.kind)
+    """The gateway of ``runtime``, as its kind runs it (a local process, containers...).
+
+    Raises:
+        RefusedError: the runtime's kind runs no gateway.
+    """
+    tier = kind_spec(runtime.kind).gateway
     if tier is None:
         raise RefusedError(f"runtime {runtime.name} ({runtime.kind.value}) has no gateway driver")
     return tier(settings, runtime)

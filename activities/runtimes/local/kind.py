@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from activities.runtimes.base import RuntimeDriver
+from activities.runtimes.gateway.tier import Gateway
 from activities.runtimes.registry import RuntimeKindSpec, register
 from mlc.config import Settings
-from mlc.domain import RuntimeKind
+from mlc.domain import Runtime, RuntimeKind
 
 
 def _driver(settings: Settings) -> RuntimeDriver:
@@ -16,5 +17,12 @@ def _driver(settings: Settings) -> RuntimeDriver:
     return LocalDriver(settings)
 
 
-KIND = register(RuntimeKindSpec(kind=RuntimeKind.LOCAL, driver=_driver))
+def _gateway(settings: Settings, runtime: Runtime) -> Gateway:
+    """The kind's gateway tier, imported when first needed (like its driver)."""
+    from activities.runtimes.gateway.local import LocalGateway
+
+    return LocalGateway(settings, runtime)
+
+
+KIND = register(RuntimeKindSpec(kind=RuntimeKind.LOCAL, driver=_driver, gateway=_gateway))
 """Local runtimes keep no settings of their own."""
