@@ -40,7 +40,8 @@ from activities import admission
 from activities.boundary import CallingRun, calling_run, mlc_errors
 from activities.inventory import RETIRING, load_run
 from activities.reconciler_runs import check_reconciler, ensure_reconciler
-from activities.runtimes.base import OnlineDeployRequest, ProbeRequest, driver_for
+from activities.runtimes.base import OnlineDeployRequest, ProbeRequest
+from activities.runtimes.registry import driver_for
 from activities.traffic import RETIRE_AFTER
 from mlc.config import Settings
 from mlc.contracts.reconcile import PLAN as PLAN_CONTRACT

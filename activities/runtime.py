@@ -24,8 +24,8 @@ from activities.runtimes.base import (
     StreamingDeployRequest,
     StreamingDeployResult,
     UndeployRequest,
-    driver_for,
 )
+from activities.runtimes.registry import driver_for
 from mlc.config import Settings
 from mlc.contracts import runtime as rt
 from mlc.contracts import traffic

@@ -20,7 +20,7 @@ from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
 from activities.boundary import calling_run
-from activities.runtimes.base import driver_for
+from activities.runtimes.registry import driver_for
 from activities.streaming_tests import run_streaming_tests
 from mlc import endpoints
 from mlc.artifacts import ArtifactStore

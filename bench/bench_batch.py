@@ -103,7 +103,9 @@ def run_job(package: Path, source: Path, target: Path) -> tuple[float, dict[str,
 async def through_runtime(package: Path, inputs: dict[str, Path], work: Path, count: int, runs: int) -> None:
     """``LocalDriver.run_batch`` per input format, forked and spawned, alternating; print both."""
     from activities.runtimes.base import BatchJobRequest
-    from activities.runtimes.local import FORKSERVER_ENV, LocalDriver, _fork_client
+    from activities.runtimes.local.driver import LocalDriver
+    from activities.runtimes.local.servers import FORKSERVER_ENV
+    from activities.runtimes.local.servers import fork_client as _fork_client
     from mlc.artifacts import ArtifactStore, build_archive
     from mlc.config import Settings
     from mlc.domain import ModelSnapshot, Runtime

@@ -135,7 +135,7 @@ async def load(urls: list[str], concurrency: int, seconds: float) -> float:
 async def through_runtime(args: argparse.Namespace, work: Path, source: Path) -> None:
     """N deployments into the local runtime's shared host vs N dedicated ones; print both."""
     from activities.runtimes.base import OnlineDeployRequest, UndeployRequest
-    from activities.runtimes.local import LocalDriver
+    from activities.runtimes.local.driver import LocalDriver
     from mlc.artifacts import ArtifactStore, build_archive
     from mlc.config import Settings
     from mlc.domain import HostingMode, ModelSnapshot, Runtime

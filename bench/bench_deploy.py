@@ -45,8 +45,8 @@ from activities.runtimes.base import (  # noqa: E402 (after the path setup)
     RuntimeDriver,
     UndeployRequest,
 )
-from activities.runtimes.docker import DockerDriver  # noqa: E402
-from activities.runtimes.local import LocalDriver  # noqa: E402
+from activities.runtimes.docker.driver import DockerDriver  # noqa: E402
+from activities.runtimes.local.driver import LocalDriver  # noqa: E402
 from cli.examples import prepare_example_model  # noqa: E402
 from mlc.artifacts import ArtifactStore, build_archive  # noqa: E402
 from mlc.config import Settings  # noqa: E402

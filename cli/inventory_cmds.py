@@ -3,17 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+import inspect
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from pydantic import BaseModel
 
+from activities.runtimes.registry import kind_spec, kinds
 from cli.context import console, emit, inventory, run, settings, signer
 from mlc.domain import (
     DEFAULT_RESTART,
     Deployment,
-    DockerSettings,
     HostingMode,
     Mode,
     ModelNetwork,
@@ -99,7 +101,6 @@ def list_models(model: Annotated[str | None, typer.Argument()] = None, as_json: 
     run(go())
 
 
-@runtime_app.command("add")
 def add_runtime(
     name: str,
     stage: Annotated[str, typer.Option(help="Stage this runtime serves (DEV, SIT, UAT, PROD, ...).")],
@@ -109,15 +110,6 @@ def add_runtime(
     kind: Annotated[RuntimeKind, typer.Option(help="Driver kind.")] = RuntimeKind.LOCAL,
     mode: Annotated[list[Mode] | None, typer.Option("--mode", help="Supported modes (repeatable).")] = None,
     task_queue: Annotated[str | None, typer.Option(help="Task queue of the worker acting on it.")] = None,
-    docker_host: Annotated[
-        str | None, typer.Option(help="Docker engine URL (unix://, tcp://, ssh://).")
-    ] = None,
-    base_image: Annotated[str | None, typer.Option(help="Base image for model images.")] = None,
-    network_mode: Annotated[str | None, typer.Option(help="host, or a Docker network name.")] = None,
-    tls_verify: Annotated[bool, typer.Option(help="Verify the engine's TLS certificate.")] = False,
-    tls_ca_cert: Annotated[str | None, typer.Option()] = None,
-    tls_client_cert: Annotated[str | None, typer.Option()] = None,
-    tls_client_key: Annotated[str | None, typer.Option()] = None,
     replace: Annotated[bool, typer.Option(help="Overwrite a runtime of the same name.")] = False,
     restart: Annotated[
         str,
@@ -190,6 +182,7 @@ def add_runtime(
             "ssh-ed25519 line or a .pub file); default: the key of a worker using this MLC_HOME."
         ),
     ] = None,
+    **kind_options: Any,
 ) -> None:
     """Add a runtime tagged with a stage and the service tags it serves.
 
@@ -226,18 +219,8 @@ def add_runtime(
         from mlc.streaming.settings import KafkaSettings
 
         kafka = KafkaSettings.model_validate({k: v for k, v in given.items() if v is not None})
-    docker = None
-    if kind is RuntimeKind.DOCKER:
-        options: dict[str, object] = {
-            "base_url": docker_host,
-            "base_image": base_image,
-            "network_mode": network_mode,
-            "tls_ca_cert": tls_ca_cert,
-            "tls_client_cert": tls_client_cert,
-            "tls_client_key": tls_client_key,
-            "tls_verify": tls_verify,
-        }
-        docker = DockerSettings.model_validate({k: v for k, v in options.items() if v is not None})
+    spec = kind_spec(kind)  # the kind's own options (--docker-host...) fill its settings
+    kind_settings = spec.settings_from(kind_options)
 
     modes = tuple(mode or [Mode.ONLINE, Mode.BATCH])
     if (gateway_port is not None or gateway_host is not None) and not gateway:
@@ -255,7 +238,7 @@ def add_runtime(
                 from mlc.domain import GatewaySettings
                 from mlc.traffic import pick_gateway_port
 
-                host = gateway_host or (docker.publish_host if docker else "127.0.0.1")
+                host = gateway_host or spec.gateway_host(kind_settings)
                 taken = {
                     r.gateway.port for r in await runtimes.read_runtimes(pool) if r.gateway and r.name != name
                 }
@@ -270,12 +253,12 @@ def add_runtime(
                 service_tags=tuple(tag or ["*"]),
                 modes=modes,
                 task_queue=task_queue or cfg.task_queue,
-                docker=docker,
                 kafka=kafka,
                 restart=restart,
                 hosting=hosting,
                 model_network=model_network,
                 gateway=gateway_settings,
+                **spec.runtime_fields(kind_settings),
             )
             await admin.add_runtime(
                 pool,
@@ -294,6 +277,31 @@ def add_runtime(
 
     run(go())
 
+
+def _with_kind_options(command: Callable[..., None], *, after: str) -> inspect.Signature:
+    """``command``'s signature with every runtime kind's own options (``--docker-host``...)
+    after parameter ``after``, for typer to parse; they reach ``command`` as keywords."""
+    params = [
+        p
+        for p in inspect.signature(command, eval_str=True).parameters.values()
+        if p.kind is not p.VAR_KEYWORD
+    ]
+    at = [p.name for p in params].index(after) + 1
+    options = [
+        inspect.Parameter(
+            option.name,
+            inspect.Parameter.POSITIONAL_OR_KEYWORD,
+            default=option.default,
+            annotation=Annotated[option.type, typer.Option(help=option.help)],
+        )
+        for spec in kinds().values()
+        for option in spec.options
+    ]
+    return inspect.Signature([*params[:at], *options, *params[at:]], return_annotation=None)
+
+
+add_runtime.__signature__ = _with_kind_options(add_runtime, after="task_queue")  # type: ignore[attr-defined]
+runtime_app.command("add")(add_runtime)
 
 RUNTIME_COLUMNS = ("name", "kind", "stage", "service_tags", "modes", "task_queue", "restart", "model_network")
 """What ``mlc runtime list`` shows of each runtime."""

@@ -186,7 +186,7 @@ async def _remove_stale_local_leftovers(cfg: Settings, pool: asyncpg.Pool) -> No
     before the reconciler starts them again."""
     from activities.runtimes import driver_for
     from activities.runtimes.base import CleanupRequest
-    from activities.runtimes.local import LocalDriver
+    from activities.runtimes.local.driver import LocalDriver
     from mlc.domain import RuntimeKind
 
     keep = await deployments.kept_ids(pool)
@@ -201,7 +201,7 @@ async def _remove_stale_local_leftovers(cfg: Settings, pool: asyncpg.Pool) -> No
 async def _stop_local_servers(cfg: Settings, pool: asyncpg.Pool) -> None:
     """Stop the local model servers with the stack, keeping their records: the inventory
     still says what should serve, and the next ``mlc dev`` brings it back."""
-    from activities.runtimes.local import LocalDriver
+    from activities.runtimes.local.driver import LocalDriver
     from mlc.domain import RuntimeKind
 
     for runtime in await runtimes.read_runtimes(pool):

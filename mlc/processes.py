@@ -191,3 +191,43 @@ async def file_lock(path: Path) -> AsyncIterator[None]:
         yield
     finally:
         os.close(fd)  # releases the lock
+
+
+class Children:
+    """Detached processes of one kind this process started (model servers, streaming
+    consumers), kept so their exits are reaped: an exited child is a zombie that looks
+    alive until reaped. A pid that is not one of them is ours only while its command line
+    holds ``marker`` (see :func:`alive`)."""
+
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+        self._started: dict[int, subprocess.Popen[bytes]] = {}
+
+    def add(self, process: subprocess.Popen[bytes]) -> int:
+        """Keep ``process`` (just started) and return its pid."""
+        self._started[process.pid] = process
+        return process.pid
+
+    def alive(self, pid: int) -> bool:
+        """True when ``pid`` runs (reaping it first if it is our exited child)."""
+        child = self._started.get(pid)
+        if child is not None:
+            return child.poll() is None
+        return alive(pid, marker=self.marker)
+
+    def returncode(self, pid: int) -> int | None:
+        """The exit code of our exited child ``pid`` (None: running, or not ours)."""
+        child = self._started.get(pid)
+        return None if child is None else child.returncode
+
+    def started(self, pid: int) -> bool:
+        """Whether ``pid`` is a child this process started (and has not stopped)."""
+        return pid in self._started
+
+    async def stop(self, pid: int, *, timeout: float) -> None:
+        """SIGTERM ``pid``'s process group, SIGKILL it after ``timeout`` seconds (see
+        :func:`stop`), and forget it."""
+        if self.alive(pid):
+            child = self._started.get(pid)
+            await asyncio.to_thread(stop, pid, timeout=timeout, child=child, marker=self.marker)
+        self._started.pop(pid, None)

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from temporalio.client import WorkflowFailureError
 
-from activities.runtimes.local import STATE_FILE
+from activities.runtimes.local.layout import STATE_FILE
 from cli.lifecycle_uploads import upload_lifecycle
 from lifecycles.loader import load_lifecycle
 from mlc.domain import DeploymentState, LifecycleDefinition, Mode, ModelSnapshot

@@ -27,8 +27,9 @@ from activities.runtimes.base import (
     ProbeRequest,
     UndeployRequest,
 )
-from activities.runtimes.docker import SOCKET_NAME, DockerDriver, container_name
-from activities.runtimes.docker_images import manylinux_platforms
+from activities.runtimes.docker.containers import SOCKET_NAME, container_name
+from activities.runtimes.docker.driver import DockerDriver
+from activities.runtimes.docker.images import manylinux_platforms
 from activities.runtimes.gateway import remove as remove_gateway
 from cli.examples import prepare_example_model
 from mlc import endpoints, evaluation

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from activities.runtimes.base import StreamingDeployRequest, UndeployRequest
-from activities.runtimes.docker import DockerDriver
+from activities.runtimes.docker.driver import DockerDriver
 from mlc.artifacts import ArtifactStore, build_archive
 from mlc.config import Settings
 from mlc.domain import DockerSettings, ModelSnapshot, RuntimeKind

@@ -27,16 +27,16 @@ from temporalio.testing import ActivityEnvironment
 
 from activities.runtime import RuntimeActivities
 from activities.runtimes.base import CleanupRequest, OnlineDeployRequest, RuntimeDriver
-from activities.runtimes.docker import DockerDriver
+from activities.runtimes.docker.driver import DockerDriver
 from activities.runtimes.gateway import DockerGateway, LocalGateway, gateway_root
-from activities.runtimes.gateway_nginx import (
+from activities.runtimes.gateway.nginx import (
     DEPLOYMENT_HEADER,
     Backend,
     compare,
     endpoint_parts,
     render_model,
 )
-from activities.runtimes.local import LocalDriver
+from activities.runtimes.local.driver import LocalDriver
 from mlc import isolation, processes
 from mlc.artifacts import ArtifactStore, build_archive
 from mlc.config import Settings

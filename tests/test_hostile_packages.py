@@ -21,14 +21,15 @@ from typing import Any
 import pytest
 
 from activities.runtimes.base import BatchJobRequest, CleanupRequest, OnlineDeployRequest, UndeployRequest
-from activities.runtimes.docker_images import (
+from activities.runtimes.docker.images import (
     PythonTarget,
     download_wheelhouse,
     environment_scrubber,
     render_dockerfile,
     server_requirements,
 )
-from activities.runtimes.local import HOST_DIR, LocalDriver
+from activities.runtimes.local.driver import LocalDriver
+from activities.runtimes.local.layout import HOST_DIR
 from mlc.artifacts import ArtifactStore, PackageLimits, build_archive
 from mlc.config import Settings
 from mlc.domain import HostingMode, ModelSnapshot, Runtime

@@ -26,7 +26,8 @@ from activities.runtimes.base import (
     ProbeRequest,
     UndeployRequest,
 )
-from activities.runtimes.local import STATE_FILE, LocalDriver
+from activities.runtimes.local.driver import LocalDriver
+from activities.runtimes.local.layout import STATE_FILE
 from activities.testing import TestingActivities
 from mlc import endpoints, processes
 from mlc.artifacts import ArtifactStore, build_archive
@@ -486,7 +487,8 @@ async def test_hosted_model_failures_and_refusals(settings: Settings, tmp_path: 
 async def test_batch_jobs_fork_from_the_warm_forkserver(
     driver: LocalDriver, settings: Settings, runtime: Runtime, tmp_path: Path
 ) -> None:
-    from activities.runtimes.local import BATCH_SUMMARY, _fork_client
+    from activities.runtimes.local.layout import BATCH_SUMMARY
+    from activities.runtimes.local.servers import fork_client as _fork_client
 
     for _ in range(600):  # the first call starts it; it is ready after its imports
         if _fork_client() is not None:

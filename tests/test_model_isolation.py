@@ -18,7 +18,8 @@ from pathlib import Path
 import pytest
 
 from activities.runtimes.base import BatchJobRequest, CleanupRequest, OnlineDeployRequest, ProbeRequest
-from activities.runtimes.local import SERVER_LOG, LocalDriver
+from activities.runtimes.local.driver import LocalDriver
+from activities.runtimes.local.layout import SERVER_LOG
 from mlc import endpoints, isolation
 from mlc.artifacts import ArtifactStore, build_archive
 from mlc.config import Settings

@@ -20,7 +20,8 @@ from pathlib import Path
 import pytest
 
 from activities.runtimes.base import BatchJobRequest, CleanupRequest, OnlineDeployRequest, UndeployRequest
-from activities.runtimes.local import HOST_DIR, LocalDriver
+from activities.runtimes.local.driver import LocalDriver
+from activities.runtimes.local.layout import HOST_DIR
 from mlc import cgroups, isolation, processes
 from mlc.artifacts import ArtifactStore, build_archive
 from mlc.config import Settings

@@ -32,7 +32,7 @@ from activities.runtimes.base import (
     OnlineDeployRequest,
     StreamingDeployRequest,
 )
-from activities.runtimes.local import LocalDriver
+from activities.runtimes.local.driver import LocalDriver
 from mlc import endpoints, isolation
 from mlc.artifacts import ArtifactStore, build_archive
 from mlc.config import Settings

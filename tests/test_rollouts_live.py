@@ -25,7 +25,7 @@ import pytest
 from temporalio.client import WorkflowFailureError, WorkflowHandle
 
 from activities.inventory import RETIRING
-from activities.runtimes.gateway_nginx import DEPLOYMENT_HEADER
+from activities.runtimes.gateway.nginx import DEPLOYMENT_HEADER
 from mlc.domain import (
     ApprovalGate,
     DeploymentState,

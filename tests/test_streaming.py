@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 from activities.runtimes.base import CleanupRequest, StreamingDeployRequest, UndeployRequest
-from activities.runtimes.local import LocalDriver
-from activities.runtimes.streaming import local_consumer_pids
+from activities.runtimes.local.driver import LocalDriver
+from activities.runtimes.local.streaming import local_consumer_pids
 from mlc.config import Settings
 from mlc.domain import ModelSnapshot, Runtime
 from mlc.manifest import load_manifest

@@ -16,7 +16,7 @@ import subprocess
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
-from activities.runtimes.gateway_docker import NGINX_ENV, nginx_binary
+from activities.runtimes.gateway.image import NGINX_ENV, nginx_binary
 from mlc.domain import Mode, Runtime, RuntimeKind
 from mlc.errors import (
     BubblewrapMissingError,
@@ -97,7 +97,7 @@ async def docker_engine(runtime: Runtime) -> None:
     Raises:
         DockerEngineUnreachableError: it does not (its address, and how to start one).
     """
-    from activities.runtimes.docker_engine import connect, engine_url
+    from activities.runtimes.docker.engine import connect, engine_url
 
     try:
         async with asyncio.timeout(CHECK_TIMEOUT_SECONDS), connect(runtime, "check its engine at start"):

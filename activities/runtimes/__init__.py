@@ -1,11 +1,16 @@
-"""Runtime drivers: one per runtime kind, behind :class:`RuntimeDriver`.
+"""Runtime drivers: one package per runtime kind, behind :class:`RuntimeDriver`.
 
-Adding a kind means adding a driver and registering it in :func:`driver_for`; no
+``base`` holds the interface and its requests; ``registry`` finds a kind's driver,
+settings and CLI options by :class:`~mlc.domain.RuntimeKind`; ``local/`` and ``docker/``
+are the kinds, ``gateway/`` the stable endpoints both put in front of their deployments,
+``streams`` what their streaming deployments share. Adding a kind means a package with a
+``kind`` module registered in :data:`~activities.runtimes.registry.KIND_MODULES`; no
 workflow changes, because workflows only ask "deploy this snapshot to that runtime".
 """
 
 from __future__ import annotations
 
-from activities.runtimes.base import RuntimeDriver, driver_for
+from activities.runtimes.base import RuntimeDriver
+from activities.runtimes.registry import driver_for
 
 __all__ = ["RuntimeDriver", "driver_for"]

@@ -21,7 +21,7 @@ from mlc.contracts.runtime import BatchJobResult as BatchJobResult
 from mlc.contracts.runtime import OnlineDeployResult as OnlineDeployResult
 from mlc.contracts.runtime import StreamingDeployResult as StreamingDeployResult
 from mlc.contracts.traffic import RouteTrafficResult, TrafficObservation
-from mlc.domain import Frozen, ModelSnapshot, Runtime, RuntimeKind, TrafficRoute
+from mlc.domain import Frozen, ModelSnapshot, Runtime, TrafficRoute
 from mlc.errors import DeploymentFailedError, NotFoundError, RefusedError
 
 Heartbeat = Callable[[str], None]
@@ -214,6 +214,7 @@ class RuntimeDriver(abc.ABC):
         await self.undeploy(UndeployRequest(deployment_id=request.deployment_id, runtime=request.runtime))
         return await self.deploy_online(request, heartbeat)
 
+    @abc.abstractmethod
     async def route(
         self,
         runtime: Runtime,
@@ -234,10 +235,8 @@ class RuntimeDriver(abc.ABC):
             NotFoundError: a routed deployment does not run on this runtime.
             DeploymentFailedError: the proxy refused the configuration or did not reload.
         """
-        from activities.runtimes import gateway
 
-        return await gateway.route(self, runtime, model, routes, heartbeat, repair=repair, as_of=as_of)
-
+    @abc.abstractmethod
     async def observe(
         self,
         runtime: Runtime,
@@ -248,19 +247,3 @@ class RuntimeDriver(abc.ABC):
     ) -> TrafficObservation:
         """What the runtime's gateway saw for ``routes`` of ``model`` between ``since`` and
         ``until``: requests, errors and latency per deployment, and a shadow's comparison."""
-        from activities.runtimes import gateway
-
-        return await gateway.observe(self, runtime, model, routes, since, until)
-
-
-def driver_for(runtime: Runtime, settings: Settings) -> RuntimeDriver:
-    """Return the driver for ``runtime.kind``."""
-    if runtime.kind is RuntimeKind.LOCAL:
-        from activities.runtimes.local import LocalDriver
-
-        return LocalDriver(settings)
-    if runtime.kind is RuntimeKind.DOCKER:
-        from activities.runtimes.docker import DockerDriver
-
-        return DockerDriver(settings)
-    raise ValueError(f"runtime {runtime.name}: unknown kind {runtime.kind!r}")

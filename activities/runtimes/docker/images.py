@@ -41,7 +41,7 @@ import docker.errors
 
 import mlc
 from activities.runtimes.base import Heartbeat
-from activities.runtimes.docker_engine import (
+from activities.runtimes.docker.engine import (
     Progress,
     docker_settings,
     engine_url,

@@ -28,19 +28,34 @@ import hashlib
 import os
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import docker.errors
 
 from activities.runtimes.base import (
     Heartbeat,
     OnlineDeployRequest,
+    RuntimeDriver,
     StreamingDeployRequest,
     StreamingDeployResult,
 )
-from activities.runtimes.docker_engine import HEARTBEAT_SECONDS, connect, docker_settings
-from activities.runtimes.docker_images import PACKAGE_DIR, ensure_image
-from activities.runtimes.streaming import (
+from activities.runtimes.docker.containers import (
+    CONTAINER_SOCKET_DIR,
+    SOCKET_NAME,
+    container_name,
+    container_options,
+    log_tail,
+    model_labels,
+    model_network,
+    run_model_container,
+    socket_folder,
+    socket_key,
+    socket_options,
+    wait_healthy,
+)
+from activities.runtimes.docker.engine import HEARTBEAT_SECONDS, connect, docker_settings
+from activities.runtimes.docker.images import PACKAGE_DIR, ensure_image
+from activities.runtimes.streams import (
     READY_TIMEOUT_SECONDS,
     STOP_TIMEOUT_SECONDS,
     Stop,
@@ -54,9 +69,6 @@ from activities.runtimes.streaming import (
 from mlc.errors import DeploymentFailedError
 from mlc.streaming.consumer import READY_LINE, STREAM_CONFIG_ENV
 from mlc.streaming.settings import StreamConfig
-
-if TYPE_CHECKING:
-    from activities.runtimes.docker import DockerDriver
 
 MODE = "streaming"
 SCORER_MODE = "stream-scorer"
@@ -102,7 +114,7 @@ def _env(container: Any) -> dict[str, str]:
 
 
 async def deploy_docker(
-    driver: DockerDriver, request: StreamingDeployRequest, heartbeat: Heartbeat
+    driver: RuntimeDriver, request: StreamingDeployRequest, heartbeat: Heartbeat
 ) -> StreamingDeployResult:
     """Start (or keep) one container per consumer instance and wait until each is ready.
 
@@ -111,17 +123,6 @@ async def deploy_docker(
             container exited or stayed silent at start (with its last log lines).
         RuntimeUnavailableError: the engine or the broker cannot be reached.
     """
-    from activities.runtimes.docker import (
-        CONTAINER_SOCKET_DIR,
-        SOCKET_NAME,
-        _container_options,
-        _labels,
-        _restart_policy,
-        _tail,
-        container_name,
-        socket_folder,
-        socket_key,
-    )
 
     runtime, snapshot = request.runtime, request.snapshot
     kafka = kafka_of(runtime)
@@ -172,8 +173,8 @@ async def deploy_docker(
         if scorer is None:
             await _start_scorer(driver, client, request, image.id, folder, heartbeat)
         if missing:
-            options = _container_options(settings, snapshot)
-            environment = {**options.pop("environment"), STREAM_CONFIG_ENV: config.model_dump_json()}
+            identity = container_options(settings, snapshot)["environment"]
+            environment = {**identity, STREAM_CONFIG_ENV: config.model_dump_json()}
             if kafka.sasl_password_env and kafka.sasl_password_env in os.environ:
                 environment[kafka.sasl_password_env] = os.environ[kafka.sasl_password_env]
             volumes = {
@@ -183,7 +184,7 @@ async def deploy_docker(
             }
             volumes[str(folder)] = {"bind": CONTAINER_SOCKET_DIR, "mode": "ro"}  # the scorer's socket
             labels = {
-                **_labels(
+                **model_labels(
                     deployment_id=request.deployment_id,
                     runtime=runtime,
                     snapshot=snapshot,
@@ -200,7 +201,8 @@ async def deploy_docker(
                         stop_gracefully, await asyncio.to_thread(client.containers.get, name)
                     )
                 running[index] = await asyncio.to_thread(
-                    client.containers.run,
+                    run_model_container,
+                    client,
                     image.id,
                     [
                         "python3",
@@ -216,15 +218,14 @@ async def deploy_docker(
                     ],  # fmt: skip
                     name=name,
                     labels={**labels, "mlc.instance": str(index)},
-                    detach=True,
+                    settings=settings,
+                    snapshot=snapshot,
                     network_mode=settings.network_mode,
-                    restart_policy=_restart_policy(settings.restart_policy),
                     environment=environment,
                     volumes=volumes,
-                    **options,
                 )
             for index in missing:
-                await _wait_ready(running[index], request, index, heartbeat, _tail)
+                await _wait_ready(running[index], request, index, heartbeat, log_tail)
         containers = [running[i] for i in sorted(running)]
         return StreamingDeployResult(
             endpoint=endpoint_of(config),
@@ -241,7 +242,6 @@ async def deploy_docker(
 async def _running_scorer(client: Any, request: StreamingDeployRequest) -> Any:
     """The deployment's running scorer of this snapshot on the network its runtime allows
     (none by default); others are removed."""
-    from activities.runtimes.docker import model_network
 
     found = await asyncio.to_thread(
         client.containers.list,
@@ -264,7 +264,7 @@ async def _running_scorer(client: Any, request: StreamingDeployRequest) -> Any:
 
 
 async def _start_scorer(
-    driver: DockerDriver,
+    driver: RuntimeDriver,
     client: Any,
     request: StreamingDeployRequest,
     image_id: str,
@@ -274,42 +274,35 @@ async def _start_scorer(
     """Start the deployment's model server on ``folder``'s socket, on the network its runtime
     allows (none by default); return once it answers ``/health`` (removed, with its log,
     when it does not)."""
-    from activities.runtimes.docker import (
-        _container_options,
-        _labels,
-        _restart_policy,
-        _socket_options,
-        container_name,
-    )
 
     runtime, snapshot = request.runtime, request.snapshot
     settings = docker_settings(runtime)
     name = container_name(request.deployment_id, suffix="-stream-scorer")
     with contextlib.suppress(docker.errors.NotFound):  # a stopped leftover of the same name
         await asyncio.to_thread((await asyncio.to_thread(client.containers.get, name)).remove, force=True)
-    labels = _labels(
+    labels = model_labels(
         deployment_id=request.deployment_id,
         runtime=runtime,
         snapshot=snapshot,
         stage=request.stage,
         mode=SCORER_MODE,
     )
-    uds, options, socket_labels = _socket_options(folder, runtime)  # no network, unless outbound
+    uds, options, socket_labels = socket_options(folder, runtime)  # no network, unless outbound
     container = await asyncio.to_thread(
-        client.containers.run,
+        run_model_container,
+        client,
         image_id,
         ["python3", "-m", "mlc.serving", "serve", "--package", PACKAGE_DIR, *uds],
         name=name,
         labels={**labels, **socket_labels},
-        detach=True,
-        restart_policy=_restart_policy(settings.restart_policy),
-        **_container_options(settings, snapshot),
+        settings=settings,
+        snapshot=snapshot,
         **options,
     )
     online = OnlineDeployRequest(
         deployment_id=request.deployment_id, snapshot=snapshot, runtime=runtime, stage=request.stage
     )
-    await driver._wait_healthy(container, socket_labels["mlc.endpoint"], online, heartbeat)
+    await wait_healthy(container, socket_labels["mlc.endpoint"], online, heartbeat)
 
 
 async def _wait_ready(

@@ -1,0 +1,28 @@
+"""The local runtime kind: model servers and batch jobs as processes on the worker's host."""
+
+from __future__ import annotations
+
+from activities.runtimes.base import RuntimeDriver
+from activities.runtimes.gateway.tier import Gateway
+from activities.runtimes.registry import RuntimeKindSpec, register
+from mlc.config import Settings
+from mlc.domain import Runtime, RuntimeKind
+
+
+def _driver(settings: Settings) -> RuntimeDriver:
+    """The kind's driver, imported when first needed: the CLI reads a kind's options
+    without loading its engine libraries."""
+    from activities.runtimes.local.driver import LocalDriver
+
+    return LocalDriver(settings)
+
+
+def _gateway(settings: Settings, runtime: Runtime) -> Gateway:
+    """The kind's gateway tier, imported when first needed (like its driver)."""
+    from activities.runtimes.gateway.local import LocalGateway
+
+    return LocalGateway(settings, runtime)
+
+
+KIND = register(RuntimeKindSpec(kind=RuntimeKind.LOCAL, driver=_driver, gateway=_gateway))
+"""Local runtimes keep no settings of their own."""
