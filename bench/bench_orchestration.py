@@ -59,8 +59,9 @@ from bench.bare_workflow import BareLifecycle, BarePhase, RunBareInput, noop  # 
 from mlc import admin  # noqa: E402
 from mlc.artifacts import ArtifactStore  # noqa: E402
 from mlc.config import Settings  # noqa: E402
+from mlc.contracts.lifecycle import LifecycleStatus, SignedDecision  # noqa: E402
 from mlc.devstack import temporal_cli  # noqa: E402
-from mlc.domain import DEFAULT_STAGES, Decision, ModelRef, Runtime, SignedDecision  # noqa: E402
+from mlc.domain import DEFAULT_STAGES, Decision, ModelRef, Runtime  # noqa: E402
 from mlc.examples import prepare_example_model  # noqa: E402
 from mlc.names import (  # noqa: E402
     DEPLOY_ONLINE,
@@ -72,7 +73,6 @@ from mlc.names import (  # noqa: E402
     UNDEPLOY,
 )
 from mlc.operations import read_status, send_decision, sign_decision, start_lifecycle  # noqa: E402
-from mlc.payloads import LifecycleStatus  # noqa: E402
 from mlc.registry import register_package  # noqa: E402
 from mlc.store import connect, runtimes  # noqa: E402
 from mlc.trust.keys import create_key, public_text  # noqa: E402

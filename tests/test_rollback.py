@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 
+from mlc.contracts.lifecycle import SignedDecision
 from mlc.domain import (
     ApprovalGate,
     Decision,
@@ -27,7 +28,6 @@ from mlc.domain import (
     LifecycleSpec,
     ModelRef,
     ModelSnapshot,
-    SignedDecision,
     StageSpec,
     TestKind,
 )

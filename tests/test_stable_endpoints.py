@@ -25,6 +25,7 @@ from temporalio.testing import ActivityEnvironment
 
 from activities.reconciler_runs import ensure_reconciler
 from activities.traffic import RETIRE_AFTER, TrafficInventory
+from mlc.contracts.lifecycle import SignedDecision
 from mlc.contracts.traffic import AuthorizeTrafficInput, RecordTrafficInput
 from mlc.domain import (
     ApprovalGate,
@@ -38,7 +39,6 @@ from mlc.domain import (
     ModelSnapshot,
     Runtime,
     RuntimeKind,
-    SignedDecision,
     StageSpec,
     TestKind,
     TrafficRoute,

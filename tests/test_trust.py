@@ -24,6 +24,7 @@ from temporalio.client import WorkflowFailureError, WorkflowHandle, WorkflowUpda
 
 from mlc import admin
 from mlc.artifacts import ArtifactStore
+from mlc.contracts.lifecycle import SignedDecision
 from mlc.devstack import temporal_cli
 from mlc.domain import (
     ApprovalGate,
@@ -31,7 +32,6 @@ from mlc.domain import (
     DeploymentState,
     LifecycleSpec,
     ModelSnapshot,
-    SignedDecision,
     StageSpec,
     TestKind,
 )

@@ -20,14 +20,14 @@ with workflow.unsafe.imports_passed_through():
     from lifecycles.api import Lifecycle
     from mlc import names
     from mlc.contracts import inventory as inv
-    from mlc.domain import ApprovalRecord, Decision, LifecycleSpec, LifecycleState, SignedDecision
-    from mlc.payloads import (
-        BeginRunInput,
+    from mlc.contracts.lifecycle import (
         LifecycleResult,
         LifecycleStatus,
         SignalDecision,
+        SignedDecision,
         StartLifecycleInput,
     )
+    from mlc.domain import ApprovalRecord, Decision, LifecycleSpec, LifecycleState
     from mlc.trust.statements import decision_of
 
 LifecycleFunction = Callable[[Lifecycle], Awaitable[None]]
@@ -128,7 +128,7 @@ class LifecycleWorkflow:
         )
         try:
             begun = await inv.BEGIN_RUN.execute(
-                BeginRunInput(model=request.model, version=request.version),
+                inv.BeginRunInput(model=request.model, version=request.version),
                 task_queue=names.main_task_queue(workflow.info().task_queue),
             )
         except ActivityError as exc:

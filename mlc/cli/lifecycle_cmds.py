@@ -11,11 +11,12 @@ from rich.markup import escape
 from rich.table import Table
 
 from mlc.cli.context import client, console, emit, inventory, run, settings, signer
-from mlc.domain import Decision, LifecycleDefinition, LifecycleSpec, ModelRef, SignedDecision
+from mlc.contracts.lifecycle import SignedDecision
+from mlc.domain import Decision, LifecycleDefinition, LifecycleSpec, ModelRef
 from mlc.store import runs
 
 if TYPE_CHECKING:
-    from mlc.payloads import LifecycleStatus
+    from mlc.contracts.lifecycle import LifecycleStatus
 
 # Temporal, the payload models and the upload checks load inside the commands that use
 # them: `mlc status` without a run reads only the inventory (see register_commands).
@@ -253,7 +254,7 @@ def render_status(current: LifecycleStatus) -> None:
             + (f" ({d.comment})" if d.comment else ""),
             markup=False,
         )
-    from mlc.payloads import EVIDENCE_NOTE
+    from mlc.contracts.lifecycle import EVIDENCE_NOTE
 
     for note in current.refused:
         what = "evidence" if note.startswith(EVIDENCE_NOTE) else "signal"
@@ -261,8 +262,8 @@ def render_status(current: LifecycleStatus) -> None:
 
 
 def _decide(ref: str, stage: str, comment: str, *, decision: Decision, print_statement: bool) -> None:
+    from mlc.contracts.lifecycle import SignalDecision
     from mlc.operations import send_decision, sign_decision
-    from mlc.payloads import SignalDecision
 
     model_ref = ModelRef.parse(ref)
 

@@ -25,8 +25,9 @@ from mlc.cli.context import STATE, client, console, emit, local_user, settings
 from mlc.cli.lifecycle_cmds import render_status
 from mlc.cli.logs import service_logging, worker_logging
 from mlc.config import Settings
+from mlc.contracts.lifecycle import SignedDecision
 from mlc.devstack import DevStack, dev_running, postgres_password_file
-from mlc.domain import Decision, LifecycleState, ModelRef, SignedDecision
+from mlc.domain import Decision, LifecycleState, ModelRef
 from mlc.errors import BubblewrapMissingError, NginxMissingError, RuntimeUnavailableError
 from mlc.names import lifecycles_task_queue
 from mlc.operations import read_status, send_decision, sign_decision, start_lifecycle

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 from datetime import timedelta
 
-from mlc import names
 from mlc.contracts.base import ActivityContract
 from mlc.domain import Deployment, Frozen, ModelSnapshot, Runtime, TrafficRoute
 from mlc.trust.statements import Envelope
@@ -96,7 +95,7 @@ class RollbackResult(Frozen):
 
 
 VERIFY_ROLLBACK = ActivityContract(
-    names.VERIFY_ROLLBACK, VerifyRollbackInput, VerifyRollbackResult, INVENTORY_TIMEOUT
+    "verify_rollback", VerifyRollbackInput, VerifyRollbackResult, INVENTORY_TIMEOUT
 )
 
 INVENTORY_CONTRACTS = (VERIFY_ROLLBACK,)

@@ -13,8 +13,8 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from mlc.contracts.lifecycle import LifecycleStatus
 from mlc.domain import Decision
-from mlc.payloads import LifecycleStatus
 from mlc.trust.governance import sign_governance
 from mlc.trust.keys import key_id
 from mlc.trust.statements import (
