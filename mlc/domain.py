@@ -14,7 +14,7 @@ from typing import Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from mlc.streaming.settings import KafkaSettings
+from mlc.kafka_settings import KafkaSettings
 
 DEFAULT_STAGES: tuple[str, ...] = ("DEV", "SIT", "UAT", "PROD")
 """The standard promotion path; a lifecycle may declare another ordered list."""

@@ -41,8 +41,9 @@ from activities.runtimes.base import Heartbeat, StreamingDeployRequest, Streamin
 from mlc import isolation, processes
 from mlc.domain import Runtime
 from mlc.errors import DeploymentFailedError
+from mlc.kafka_settings import KafkaSettings
 from mlc.streaming.consumer import READY_LINE, STREAM_CONFIG_ENV
-from mlc.streaming.settings import KafkaSettings, StreamConfig, test_topics, with_secret
+from mlc.streaming.settings import StreamConfig, test_topics, with_secret
 from mlc.streaming.topics import delete_topics, ensure_topics, wait_until_settled
 
 if TYPE_CHECKING:

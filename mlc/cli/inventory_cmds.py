@@ -223,7 +223,7 @@ def add_runtime(
             raise typer.BadParameter(f"a streaming runtime needs {', '.join(missing)}")
         if Mode.STREAMING not in (mode or []):
             raise typer.BadParameter("kafka settings given without --mode streaming")
-        from mlc.streaming.settings import KafkaSettings
+        from mlc.kafka_settings import KafkaSettings
 
         kafka = KafkaSettings.model_validate({k: v for k, v in given.items() if v is not None})
     docker = None
