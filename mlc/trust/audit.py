@@ -18,7 +18,7 @@ from pydantic import ValidationError
 
 from mlc.domain import StageTestReport, TestKind
 from mlc.errors import RefusedError
-from mlc.store.trail import DECISION, DEPLOYMENT, GENESIS, GOVERNANCE, RUN, TEST_REPORT, Entry
+from mlc.trust.entries import DECISION, DEPLOYMENT, GENESIS, GOVERNANCE, RUN, TEST_REPORT, Entry
 from mlc.trust.evidence import check_evidence, evidence_of, vouches_for
 from mlc.trust.governance import Governance
 from mlc.trust.keys import public_text
