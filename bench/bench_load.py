@@ -12,7 +12,7 @@ What runs:
   -> UAT, batch mode, no tests, so two signed approvals per run;
 * N snapshots (one active run per snapshot), registered beforehand, untimed;
 * K approver clients (separate Temporal connections, each person with their own key)
-  sign each decision (``mlc.operations.sign_decision``) and send it as a Workflow Update
+  sign each decision (``mlc.lifecycle_client.sign_decision``) and send it as a Workflow Update
   (``send_decision``), then query until the run shows its next stage;
 * the bare baseline in the same run: N ``BenchBareLifecycle`` workflows
   (``bench/bare_workflow.py``) on a worker in this process, their gates approved by the
@@ -86,7 +86,7 @@ from mlc.domain import (  # noqa: E402
     SignedDecision,
     StageSpec,
 )
-from mlc.operations import read_status, send_decision, sign_decision, start_lifecycle  # noqa: E402
+from mlc.lifecycle_client import read_status, send_decision, sign_decision, start_lifecycle  # noqa: E402
 from mlc.registry import register_package  # noqa: E402
 from mlc.store import connect, trail  # noqa: E402
 from mlc.store.db import enable_worker_login  # noqa: E402

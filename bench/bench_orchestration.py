@@ -4,8 +4,8 @@ Both run in one process on one Temporal dev server and one embedded PostgreSQL:
 
 * (a) ``ModelLifecycle`` for cc-fraud through DEV -> SIT -> UAT -> PROD on four local
   runtimes (real model servers), each gate approved as soon as the status query shows it
-  pending: signed with ``mlc.operations.sign_decision`` (as ``mlc demo --yes`` does), then
-  sent through ``mlc.operations.send_decision``;
+  pending: signed with ``mlc.lifecycle_client.sign_decision`` (as ``mlc demo --yes`` does), then
+  sent through ``mlc.lifecycle_client.send_decision``;
 * (b) ``BenchBareLifecycle`` (``bench/bare_workflow.py``): the same number of activities,
   counted from (a)'s history and split into the same segments between gates, each a
   no-op, with the same update-driven gates driven the same way;
@@ -63,6 +63,7 @@ from mlc.contracts.lifecycle import LifecycleStatus, SignedDecision  # noqa: E40
 from mlc.devstack import temporal_cli  # noqa: E402
 from mlc.domain import DEFAULT_STAGES, Decision, ModelRef, Runtime  # noqa: E402
 from mlc.examples import prepare_example_model  # noqa: E402
+from mlc.lifecycle_client import read_status, send_decision, sign_decision, start_lifecycle  # noqa: E402
 from mlc.names import (  # noqa: E402
     DEPLOY_ONLINE,
     RUN_STAGE_TESTS,
@@ -72,7 +73,6 @@ from mlc.names import (  # noqa: E402
     SA_VERSION,
     UNDEPLOY,
 )
-from mlc.operations import read_status, send_decision, sign_decision, start_lifecycle  # noqa: E402
 from mlc.registry import register_package  # noqa: E402
 from mlc.store import connect, runtimes  # noqa: E402
 from mlc.trust.keys import create_key, public_text  # noqa: E402

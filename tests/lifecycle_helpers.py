@@ -14,7 +14,7 @@ from temporalio.common import RawValue
 
 from mlc.contracts.lifecycle import LifecycleResult, LifecycleStatus
 from mlc.domain import LifecycleState
-from mlc.operations import read_status
+from mlc.lifecycle_client import read_status
 
 
 async def start_like_ui(

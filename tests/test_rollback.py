@@ -32,7 +32,7 @@ from mlc.domain import (
     TestKind,
 )
 from mlc.errors import RefusedError
-from mlc.operations import send_decision, sign_decision
+from mlc.lifecycle_client import send_decision, sign_decision
 from mlc.rollbacks import roll_back
 from mlc.store import deployments, runs, traffic, trail
 from mlc.trust.statements import Envelope

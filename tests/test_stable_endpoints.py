@@ -43,7 +43,7 @@ from mlc.domain import (
     TestKind,
     TrafficRoute,
 )
-from mlc.operations import read_status, send_decision, sign_decision
+from mlc.lifecycle_client import read_status, send_decision, sign_decision
 from mlc.store import deployments, traffic, trail
 from mlc.trust import grants
 from tests.conftest import APPROVER, DOCKER_BASE_IMAGE, Stack, call_model, gateway_settings

@@ -35,7 +35,7 @@ from mlc.domain import (
     StageSpec,
     TestKind,
 )
-from mlc.operations import read_status
+from mlc.lifecycle_client import read_status
 from mlc.registry import register_package
 from mlc.store import audit, deployments, trail
 from mlc.trust.keys import public_text

@@ -39,7 +39,7 @@ from temporalio.runtime import LoggingConfig, Runtime, TelemetryConfig, Telemetr
 from temporalio.testing import WorkflowEnvironment
 from temporalio.worker import Worker
 
-from lifecycles.loader import code_filename
+from lifecycles.lifecycle_code import code_filename
 from mlc import domain
 from mlc.contracts import implementations
 from mlc.contracts import inventory as inv
@@ -59,8 +59,8 @@ from mlc.domain import (
     TestResult,
 )
 from mlc.errors import InvalidLifecycleError, RuntimeUnavailableError
+from mlc.lifecycle_client import read_status
 from mlc.names import lifecycles_task_queue, workflow_id_for
-from mlc.operations import read_status
 from mlc.store.lifecycle_definitions import source_sha256
 from mlc.traffic import TrafficTable
 from mlc.trust.signer import Signer

@@ -28,7 +28,7 @@ with workflow.unsafe.imports_passed_through():
     from lifecycles import standard
     from lifecycles._run import LifecycleFailure, cause_message
     from lifecycles.api import Lifecycle
-    from lifecycles.loader import code_filename, describe_error, load_lifecycle
+    from lifecycles.lifecycle_code import code_filename, describe_error, load_lifecycle
     from mlc import names
     from mlc.contracts import inventory as inv
     from mlc.contracts.inventory import LoadLifecycleInput

@@ -72,7 +72,7 @@ def start(
             # Temporal records the client identity as the run's starter, which segregation
             # of duties keeps from approving it.
             starter = (await signer(cfg, pool)).name
-        from mlc.operations import start_lifecycle
+        from mlc.lifecycle_client import start_lifecycle
 
         handle = await start_lifecycle(
             await client(cfg, identity=starter),
@@ -209,7 +209,7 @@ def status(
                     columns=["model", "version", "lifecycle", "state", "stage", "reason", "workflow_id"],
                 )
                 return
-            from mlc.operations import find_handle, recorded_status
+            from mlc.lifecycle_client import find_handle, recorded_status
 
             model_ref = ModelRef.parse(ref)
             handle = await find_handle(await client(cfg), pool, model_ref)
@@ -263,7 +263,7 @@ def render_status(current: LifecycleStatus) -> None:
 
 def _decide(ref: str, stage: str, comment: str, *, decision: Decision, print_statement: bool) -> None:
     from mlc.contracts.lifecycle import SignalDecision
-    from mlc.operations import send_decision, sign_decision
+    from mlc.lifecycle_client import send_decision, sign_decision
 
     model_ref = ModelRef.parse(ref)
 

@@ -29,8 +29,8 @@ from mlc.contracts.lifecycle import SignedDecision
 from mlc.devstack import DevStack, dev_running, postgres_password_file
 from mlc.domain import Decision, LifecycleState, ModelRef
 from mlc.errors import BubblewrapMissingError, NginxMissingError, RuntimeUnavailableError
+from mlc.lifecycle_client import read_status, send_decision, sign_decision, start_lifecycle
 from mlc.names import lifecycles_task_queue
-from mlc.operations import read_status, send_decision, sign_decision, start_lifecycle
 from mlc.registry import register_package
 from mlc.store import connect, deployments, runtimes, traffic
 from mlc.store.db import enable_worker_login
