@@ -10,9 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from mlc.contracts import ActivityContract, implementations, traffic
 from mlc.contracts import inventory as inv
 from mlc.contracts import runtime as rt
+from mlc.contracts import traffic
+from mlc.contracts.base import ActivityContract, implementations
 from workers.dry_run import DryRunWorld, StandInActivities, default_snapshot
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -41,10 +41,10 @@ from temporalio.worker import Worker
 
 from lifecycles.lifecycle_code import code_filename
 from mlc import domain
-from mlc.contracts import implementations
 from mlc.contracts import inventory as inv
 from mlc.contracts import runtime as rt
 from mlc.contracts import traffic as tr
+from mlc.contracts.base import implementations
 from mlc.contracts.lifecycle import LifecycleResult, SignedDecision, StartLifecycleInput
 from mlc.contracts.runtime import BatchJobResult, OnlineDeployResult, StreamingDeployResult
 from mlc.domain import (
