@@ -36,11 +36,11 @@ from mlc.domain import (
     TrafficRoute,
 )
 from mlc.errors import NoRuntimeError, NotFoundError, RefusedError
+from mlc.statements import Envelope, digest
 from mlc.store import audit, deployments, lifecycle_definitions, runs, snapshots, traffic, trail
 from mlc.store.governance import GovernanceCache
 from mlc.trust import evidence, grants
 from mlc.trust.governance import Governance
-from mlc.trust.statements import Envelope, digest
 
 CODE_EVENT = "code"
 """RUN trail event naming the uploaded lifecycle version a run executes."""

@@ -32,8 +32,8 @@ from mlc.contracts import traffic
 from mlc.contracts.runtime import RuntimeActionInput
 from mlc.domain import TrafficRoute, check_routes
 from mlc.errors import RefusedError
+from mlc.statements import Envelope
 from mlc.trust import evidence, grants
-from mlc.trust.statements import Envelope
 
 
 def _heartbeat(note: str) -> None:

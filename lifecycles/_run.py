@@ -45,7 +45,7 @@ with workflow.unsafe.imports_passed_through():
         TestResult,
         TrafficRoute,
     )
-    from mlc.trust.statements import Envelope, decision_of, digest
+    from mlc.statements import Envelope, decision_of, digest
 
 
 LOCAL_INVENTORY_PATCH = "local-inventory-activities"

@@ -25,9 +25,9 @@ from mlc.domain import (
     StageTestReport,
 )
 from mlc.errors import ConflictError, MLCError, NotFoundError
+from mlc.statements import Envelope
 from mlc.store import runs, snapshots, trail
 from mlc.trust.signer import Signer
-from mlc.trust.statements import Envelope
 
 
 async def start_lifecycle(

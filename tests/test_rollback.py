@@ -34,8 +34,8 @@ from mlc.domain import (
 from mlc.errors import RefusedError
 from mlc.lifecycle_client import send_decision, sign_decision
 from mlc.rollbacks import roll_back
+from mlc.statements import Envelope
 from mlc.store import deployments, runs, traffic, trail
-from mlc.trust.statements import Envelope
 from tests.conftest import APPROVER, Stack
 from tests.lifecycle_helpers import keep_history, wait_for_gate
 from tests.test_stable_endpoints import versions

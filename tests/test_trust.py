@@ -37,11 +37,11 @@ from mlc.domain import (
 )
 from mlc.lifecycle_client import read_status
 from mlc.registry import register_package
+from mlc.statements import Envelope
 from mlc.store import audit, deployments, trail
 from mlc.trust.keys import public_text
 from mlc.trust.policy import StagePolicy
 from mlc.trust.signer import Signer
-from mlc.trust.statements import Envelope
 from tests.conftest import ADMIN, APPROVER, AUTHOR, FIXTURES, REGISTRAR, Stack
 from tests.lifecycle_helpers import wait_for, wait_for_gate
 from workers.sandbox import SandboxedWorker

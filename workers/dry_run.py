@@ -61,10 +61,10 @@ from mlc.domain import (
 from mlc.errors import InvalidLifecycleError, RuntimeUnavailableError
 from mlc.lifecycle_client import read_status
 from mlc.names import lifecycles_task_queue, workflow_id_for
+from mlc.statements import PAYLOAD_TYPE, Envelope, decision_of
 from mlc.store.lifecycle_definitions import source_sha256
 from mlc.traffic import TrafficTable
 from mlc.trust.signer import Signer
-from mlc.trust.statements import PAYLOAD_TYPE, Envelope, decision_of
 from workers.client import ensure_search_attributes
 from workers.sandbox import start_lifecycle_worker
 

@@ -28,7 +28,7 @@ with workflow.unsafe.imports_passed_through():
         StartLifecycleInput,
     )
     from mlc.domain import ApprovalRecord, Decision, LifecycleSpec, LifecycleState
-    from mlc.trust.statements import decision_of
+    from mlc.statements import decision_of
 
 LifecycleFunction = Callable[[Lifecycle], Awaitable[None]]
 """A lifecycle's entry point: it gets the :class:`Lifecycle` facade, never the run itself."""

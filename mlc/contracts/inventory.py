@@ -23,7 +23,7 @@ from mlc.domain import (
     Runtime,
     StageTestReport,
 )
-from mlc.trust.statements import Envelope
+from mlc.statements import Envelope
 
 INVENTORY_TIMEOUT = timedelta(seconds=30)
 """Database reads and writes: short, retried on transient failures."""

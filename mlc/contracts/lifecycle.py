@@ -19,7 +19,7 @@ from mlc.domain import (
     LifecycleState,
     StageTestReport,
 )
-from mlc.trust.statements import Envelope
+from mlc.statements import Envelope
 
 
 class StartLifecycleInput(Frozen):

@@ -2,7 +2,7 @@
 stage's stable endpoints.
 
 ``mlc rollback MODEL --stage STAGE [--to VERSION] --reason TEXT`` signs a
-:class:`~mlc.trust.statements.RollbackPredicate` and starts the built-in ``Rollback``
+:class:`~mlc.statements.RollbackPredicate` and starts the built-in ``Rollback``
 workflow (:mod:`workflows.rollback`) on the main queue. Its first activity,
 :data:`VERIFY_ROLLBACK` (trusted), verifies the statement like an approval (signature, key,
 the stage gate's approvers, expiry, nonce), resolves the target version from the audit
@@ -18,7 +18,7 @@ from datetime import timedelta
 
 from mlc.contracts.base import ActivityContract
 from mlc.domain import Deployment, Frozen, ModelSnapshot, Runtime, TrafficRoute
-from mlc.trust.statements import Envelope
+from mlc.statements import Envelope
 
 INVENTORY_TIMEOUT = timedelta(seconds=30)
 

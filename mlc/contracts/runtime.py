@@ -14,7 +14,7 @@ from pydantic import Field
 
 from mlc.contracts.base import ActivityContract
 from mlc.domain import Deployment, Frozen, ModelSnapshot, Runtime, TestKind, TestResult
-from mlc.trust.statements import Envelope
+from mlc.statements import Envelope
 
 DEPLOY_TIMEOUT = timedelta(minutes=30)
 """Generous: a first docker deployment builds an image; heartbeats catch a dead worker."""

@@ -34,8 +34,8 @@ from mlc.contracts.base import ActivityContract
 from mlc.contracts.inventory import RuntimeGrantResult
 from mlc.contracts.runtime import RuntimeActionInput
 from mlc.domain import MAX_GRACE, Frozen, TrafficRoute
+from mlc.statements import Envelope
 from mlc.traffic import TrafficTable
-from mlc.trust.statements import Envelope
 
 TRAFFIC_TIMEOUT = timedelta(minutes=2)
 """Rewriting a configuration and reloading a proxy (starting it the first time)."""

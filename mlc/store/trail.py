@@ -15,6 +15,7 @@ from typing import Any
 import asyncpg
 
 from mlc.errors import RefusedError
+from mlc.statements import Envelope, canonical
 from mlc.trust.entries import (
     DECISION,
     DEPLOYMENT,
@@ -28,7 +29,6 @@ from mlc.trust.entries import (
     Entry,
     entry_hash,
 )
-from mlc.trust.statements import Envelope, canonical
 
 __all__ = [
     "DECISION",

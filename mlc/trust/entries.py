@@ -11,7 +11,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from mlc.trust.statements import Envelope, canonical
+from mlc.statements import Envelope, canonical
 
 GENESIS = "0" * 64
 """``prev_hash`` of the first entry."""
