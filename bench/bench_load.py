@@ -66,7 +66,7 @@ from mlc import admin, names, processes  # noqa: E402
 from mlc.artifacts import ArtifactStore  # noqa: E402
 from mlc.config import DEFAULT_WORKFLOW_CACHE, Settings  # noqa: E402
 from mlc.contracts import runtime as rt  # noqa: E402
-from mlc.contracts.lifecycle import LifecycleStatus  # noqa: E402
+from mlc.contracts.lifecycle import LifecycleStatus, SignedDecision  # noqa: E402
 from mlc.contracts.runtime import (  # noqa: E402
     BatchJobResult,  # noqa: E402
     RunStageTestsInput,
@@ -83,7 +83,6 @@ from mlc.domain import (  # noqa: E402
     Mode,
     ModelRef,
     Runtime,
-    SignedDecision,
     StageSpec,
 )
 from mlc.lifecycle_client import read_status, send_decision, sign_decision, start_lifecycle  # noqa: E402

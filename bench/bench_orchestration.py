@@ -59,20 +59,13 @@ from bench.bare_workflow import BareLifecycle, BarePhase, RunBareInput, noop  # 
 from mlc import admin  # noqa: E402
 from mlc.artifacts import ArtifactStore  # noqa: E402
 from mlc.config import Settings  # noqa: E402
+from mlc.contracts import runtime as rt  # noqa: E402
 from mlc.contracts.lifecycle import LifecycleStatus, SignedDecision  # noqa: E402
 from mlc.devstack import temporal_cli  # noqa: E402
 from mlc.domain import DEFAULT_STAGES, Decision, ModelRef, Runtime  # noqa: E402
 from mlc.examples import prepare_example_model  # noqa: E402
 from mlc.lifecycle_client import read_status, send_decision, sign_decision, start_lifecycle  # noqa: E402
-from mlc.names import (  # noqa: E402
-    DEPLOY_ONLINE,
-    RUN_STAGE_TESTS,
-    SA_MODEL,
-    SA_SERVICE_TAG,
-    SA_STAGE,
-    SA_VERSION,
-    UNDEPLOY,
-)
+from mlc.names import SA_MODEL, SA_SERVICE_TAG, SA_STAGE, SA_VERSION  # noqa: E402
 from mlc.registry import register_package  # noqa: E402
 from mlc.store import connect, runtimes  # noqa: E402
 from mlc.trust.keys import create_key, public_text  # noqa: E402
@@ -91,7 +84,7 @@ MAX_POLLS = 20_000
 """Upper bound on queries in one wait, whatever the timeout."""
 CACHED_WORKFLOWS = 1000
 """``build_main_worker``'s default, used by both workers unless ``--no-sticky``."""
-RUNTIME_WORK = (DEPLOY_ONLINE, RUN_STAGE_TESTS, UNDEPLOY)
+RUNTIME_WORK = (rt.DEPLOY_ONLINE.name, rt.RUN_STAGE_TESTS.name, rt.UNDEPLOY.name)
 """Activities that start, test or stop real model servers."""
 
 T = TypeVar("T")
