@@ -2,7 +2,9 @@
 
 Their only input is a grant the platform signed (see :mod:`mlc.trust.grants`): the
 runtime worker takes the deployment, runtime and snapshot from the grant and asks its
-driver where the deployment listens or wrote its output, never the payload.
+driver where the deployment listens or wrote its output, never the payload. The requests
+each activity then hands its runtime's driver (:class:`OnlineDeployRequest`...) are here
+too, next to the activity they serve.
 """
 
 from __future__ import annotations
