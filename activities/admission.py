@@ -14,10 +14,10 @@ from datetime import datetime
 from mlc import names
 from mlc.domain import ModelSnapshot
 from mlc.errors import RefusedError
+from mlc.statements import DecisionPredicate, Envelope, RollbackPredicate, decision_of, rollback_of
 from mlc.store.trail import Entry
 from mlc.trust.governance import Governance, Principal
 from mlc.trust.policy import StagePolicy, allowed_by, segregation_problem
-from mlc.trust.statements import DecisionPredicate, Envelope, RollbackPredicate, decision_of, rollback_of
 
 CLOCK_SKEW_SECONDS = 300
 """How far in the future a statement's issued-at may be (clocks of laptops drift)."""

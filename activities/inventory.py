@@ -36,36 +36,11 @@ from mlc.domain import (
     TrafficRoute,
 )
 from mlc.errors import NoRuntimeError, NotFoundError, RefusedError
-from mlc.payloads import (
-    AuthorizeDeploymentInput,
-    AuthorizeDeploymentResult,
-    AuthorizeUndeployInput,
-    BeginRunInput,
-    BeginRunResult,
-    FindDeploymentsInput,
-    FindDeploymentsResult,
-    LoadLifecycleInput,
-    LoadLifecycleResult,
-    NotifyInput,
-    RecordDecisionInput,
-    RecordDeploymentInput,
-    RecordDeploymentResult,
-    RecordRunInput,
-    RecordTestsInput,
-    RecordTestsResult,
-    ResolveApproversInput,
-    ResolveApproversResult,
-    ResolveRuntimesInput,
-    ResolveRuntimesResult,
-    RuntimeGrantResult,
-    VerifyDecisionInput,
-    VerifyDecisionResult,
-)
+from mlc.statements import Envelope, digest
 from mlc.store import audit, deployments, lifecycle_definitions, runs, snapshots, traffic, trail
 from mlc.store.governance import GovernanceCache
 from mlc.trust import evidence, grants
 from mlc.trust.governance import Governance
-from mlc.trust.statements import Envelope, digest
 
 CODE_EVENT = "code"
 """RUN trail event naming the uploaded lifecycle version a run executes."""
@@ -88,7 +63,7 @@ class InventoryActivities:
 
     @inv.BEGIN_RUN.implement
     @mlc_errors
-    async def begin_run(self, request: BeginRunInput) -> BeginRunResult:
+    async def begin_run(self, request: inv.BeginRunInput) -> inv.BeginRunResult:
         """Load the snapshot and claim it: a snapshot runs one lifecycle at a time.
 
         The run's lifecycle is its workflow type, with the version of uploaded code that
@@ -124,11 +99,11 @@ class InventoryActivities:
             model=snapshot.model,
             version=snapshot.version,
         )
-        return BeginRunResult(snapshot=snapshot)
+        return inv.BeginRunResult(snapshot=snapshot)
 
     @inv.RECORD_RUN.implement
     @mlc_errors
-    async def record_run(self, request: RecordRunInput) -> None:
+    async def record_run(self, request: inv.RecordRunInput) -> None:
         """Record this run's state and stage (and its end)."""
         run = await self._run()
         await runs.update_run(
@@ -164,7 +139,7 @@ class InventoryActivities:
 
     @inv.NOTIFY.implement
     @mlc_errors
-    async def notify(self, request: NotifyInput) -> None:
+    async def notify(self, request: inv.NotifyInput) -> None:
         """Store a notification and log it (a hook for mail or chat integrations).
 
         Keyed by the calling activity, so a retry after a lost result stores nothing twice.
@@ -186,7 +161,7 @@ class InventoryActivities:
 
     @inv.RESOLVE_RUNTIMES.implement
     @mlc_errors
-    async def resolve_runtimes(self, request: ResolveRuntimesInput) -> ResolveRuntimesResult:
+    async def resolve_runtimes(self, request: inv.ResolveRuntimesInput) -> inv.ResolveRuntimesResult:
         """The stage's registered runtimes serving this run's snapshot, or a clear error."""
         run, state = await self._run(), await self._state()
         snap = run.snapshot
@@ -200,11 +175,13 @@ class InventoryActivities:
         )
         if not matching:
             raise NoRuntimeError(_no_runtime_message(run, request.stage, request.mode, candidates))
-        return ResolveRuntimesResult(runtimes=matching)
+        return inv.ResolveRuntimesResult(runtimes=matching)
 
     @inv.AUTHORIZE_DEPLOYMENT.implement
     @mlc_errors
-    async def authorize_deployment(self, request: AuthorizeDeploymentInput) -> AuthorizeDeploymentResult:
+    async def authorize_deployment(
+        self, request: inv.AuthorizeDeploymentInput
+    ) -> inv.AuthorizeDeploymentResult:
         """The enforcement point: record the deployment and grant it, if the stage's policy allows.
 
         Into a protected stage only with verified approvals of this snapshot's sha256 in
@@ -254,11 +231,13 @@ class InventoryActivities:
             run_id=run.run_id,
             expires_at=datetime.now(UTC) + grants.GRANT_LIFETIME,
         )
-        return AuthorizeDeploymentResult(deployment=deployment, grant=grants.issue(self._platform_key, grant))
+        return inv.AuthorizeDeploymentResult(
+            deployment=deployment, grant=grants.issue(self._platform_key, grant)
+        )
 
     @inv.AUTHORIZE_UNDEPLOY.implement
     @mlc_errors
-    async def authorize_undeploy(self, request: AuthorizeUndeployInput) -> RuntimeGrantResult:
+    async def authorize_undeploy(self, request: inv.AuthorizeUndeployInput) -> inv.RuntimeGrantResult:
         """Grant removing a deployment: this run's own, or an older version this run replaces."""
         deployment_id = check_deployment_id(request.deployment_id)
         run, state = await self._run(), await self._state()
@@ -278,11 +257,11 @@ class InventoryActivities:
             run_id=run.run_id,
             expires_at=datetime.now(UTC) + grants.GRANT_LIFETIME,
         )
-        return RuntimeGrantResult(grant=grants.issue(self._platform_key, grant))
+        return inv.RuntimeGrantResult(grant=grants.issue(self._platform_key, grant))
 
     @inv.RECORD_DEPLOYMENT.implement
     @mlc_errors
-    async def record_deployment(self, request: RecordDeploymentInput) -> RecordDeploymentResult:
+    async def record_deployment(self, request: inv.RecordDeploymentInput) -> inv.RecordDeploymentResult:
         """Record a deployment's new state (this run's own, or retiring one it replaced).
 
         A serving or completed deployment of this run comes back with the platform's grant
@@ -316,10 +295,10 @@ class InventoryActivities:
         if updated.state is DeploymentState.SERVING and updated.mode is Mode.ONLINE:
             # its runtime's reconciler watches it from now on
             await ensure_reconciler(activity.client(), self.settings, self.pool, updated.runtime)
-        return RecordDeploymentResult(deployment=updated, test_grant=await self._test_grant(run, updated))
+        return inv.RecordDeploymentResult(deployment=updated, test_grant=await self._test_grant(run, updated))
 
     async def _deployed(
-        self, run: RunContext, current: Deployment, request: RecordDeploymentInput
+        self, run: RunContext, current: Deployment, request: inv.RecordDeploymentInput
     ) -> dict[str, Any]:
         """The deploy result its runtime signed (endpoint, output, facts), or a refusal.
 
@@ -356,7 +335,7 @@ class InventoryActivities:
 
     @inv.FIND_DEPLOYMENTS.implement
     @mlc_errors
-    async def find_live_deployments(self, request: FindDeploymentsInput) -> FindDeploymentsResult:
+    async def find_live_deployments(self, request: inv.FindDeploymentsInput) -> inv.FindDeploymentsResult:
         """Live deployments of this run's model in a stage (the versions a promotion replaces).
 
         Deployments of another run still in flight are not among them: that run owns them
@@ -380,13 +359,13 @@ class InventoryActivities:
                 if owner is not None and owner.get("ended_at") is None:
                     continue
             replaced.append(d)
-        return FindDeploymentsResult(deployments=tuple(replaced))
+        return inv.FindDeploymentsResult(deployments=tuple(replaced))
 
     # --- tests and decisions ------------------------------------------------------------
 
     @inv.RECORD_TESTS.implement
     @mlc_errors
-    async def record_test_report(self, request: RecordTestsInput) -> RecordTestsResult:
+    async def record_test_report(self, request: inv.RecordTestsInput) -> inv.RecordTestsResult:
         """Append a stage's test results to the audit trail, counting only signed ones.
 
         Each envelope must verify (:func:`mlc.trust.evidence.check_evidence`) for this run,
@@ -432,7 +411,7 @@ class InventoryActivities:
         )
         if refused:
             activity.logger.warning("%s %s: refused evidence: %s", run.ref, stage, "; ".join(refused))
-        return RecordTestsResult(report=report, refused=tuple(refused))
+        return inv.RecordTestsResult(report=report, refused=tuple(refused))
 
     async def _check_result(
         self, envelope: Envelope, run: RunContext, state: Governance, stage: str
@@ -481,7 +460,7 @@ class InventoryActivities:
 
     @inv.VERIFY_DECISION.implement
     @mlc_errors
-    async def verify_decision(self, request: VerifyDecisionInput) -> VerifyDecisionResult:
+    async def verify_decision(self, request: inv.VerifyDecisionInput) -> inv.VerifyDecisionResult:
         """Verify a signed decision (key, roles, policy, run, sha256, evidence, expiry) and record it.
 
         Raises:
@@ -521,11 +500,11 @@ class InventoryActivities:
         )
         counted, _ = admission.approvals(entries, run, state, stage=decision.stage)
         needed = state.policy(decision.stage).min_approvals
-        return VerifyDecisionResult(record=record, approvers=tuple(counted), needed=needed)
+        return inv.VerifyDecisionResult(record=record, approvers=tuple(counted), needed=needed)
 
     @inv.RECORD_DECISION.implement
     @mlc_errors
-    async def record_decision(self, request: RecordDecisionInput) -> None:
+    async def record_decision(self, request: inv.RecordDecisionInput) -> None:
         """Record a gate that expired (the only decision nobody signs)."""
         if request.record.decision is not Decision.EXPIRED:
             raise RefusedError("only an expired gate is recorded unsigned; approvals must be signed")
@@ -534,7 +513,7 @@ class InventoryActivities:
 
     @inv.RESOLVE_APPROVERS.implement
     @mlc_errors
-    async def resolve_approvers(self, request: ResolveApproversInput) -> ResolveApproversResult:
+    async def resolve_approvers(self, request: inv.ResolveApproversInput) -> inv.ResolveApproversResult:
         """Who may decide at a gate now: the policy narrowed by the run's entries, minus conflicts."""
         run, state = await self._run(), await self._state()
         policy = state.policy(request.stage)
@@ -544,13 +523,13 @@ class InventoryActivities:
             if p.active_keys()
             and admission.approver_problem(policy, p, run, state, gate_approvers=request.entries) is None
         )
-        return ResolveApproversResult(identities=tuple(eligible), needed=policy.min_approvals)
+        return inv.ResolveApproversResult(identities=tuple(eligible), needed=policy.min_approvals)
 
     # --- uploaded lifecycle code --------------------------------------------------------
 
     @inv.LOAD_LIFECYCLE.implement
     @mlc_errors
-    async def load_lifecycle_definition(self, request: LoadLifecycleInput) -> LoadLifecycleResult:
+    async def load_lifecycle_definition(self, request: inv.LoadLifecycleInput) -> inv.LoadLifecycleResult:
         """The newest verified upload of this run's lifecycle, read once per run.
 
         Its result is in the run's history, so replays and restarted workers run the
@@ -581,7 +560,7 @@ class InventoryActivities:
             workflow_id=info.workflow_id,
             run_id=info.run_id,
         )
-        return LoadLifecycleResult(
+        return inv.LoadLifecycleResult(
             name=found.name, version=found.version, sha256=found.sha256, source=found.source
         )
 

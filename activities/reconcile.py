@@ -59,12 +59,12 @@ from mlc.contracts.reconcile import (
 )
 from mlc.domain import Deployment, DeploymentState, LifecycleState, Mode, ModelSnapshot, Runtime
 from mlc.errors import DeploymentFailedError, RefusedError, RuntimeUnavailableError
+from mlc.statements import Envelope
 from mlc.store import audit, deployments, runs, runtimes, traffic, trail
 from mlc.store.governance import GovernanceCache
 from mlc.traffic import TrafficTable
 from mlc.trust import evidence, grants
 from mlc.trust.governance import Governance
-from mlc.trust.statements import Envelope
 
 RESTARTS = "restarts"
 """Deployment detail: restarts in a row without a healthy check in between."""

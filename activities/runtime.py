@@ -29,11 +29,11 @@ from activities.runtimes.registry import driver_for
 from mlc.config import Settings
 from mlc.contracts import runtime as rt
 from mlc.contracts import traffic
+from mlc.contracts.runtime import RuntimeActionInput
 from mlc.domain import TrafficRoute, check_routes
 from mlc.errors import RefusedError
-from mlc.payloads import RuntimeActionInput
+from mlc.statements import Envelope
 from mlc.trust import evidence, grants
-from mlc.trust.statements import Envelope
 
 
 def _heartbeat(note: str) -> None:

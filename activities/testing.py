@@ -26,6 +26,7 @@ from mlc import endpoints
 from mlc.artifacts import ArtifactStore
 from mlc.config import Settings
 from mlc.contracts import runtime as rt
+from mlc.contracts.runtime import RunStageTestsInput, RunStageTestsResult
 from mlc.domain import Deployment, DeploymentState, Mode, Runtime, TestKind, TestResult
 from mlc.errors import MLCError, RefusedError
 from mlc.evaluation import (
@@ -36,7 +37,6 @@ from mlc.evaluation import (
     load_evaluation,
 )
 from mlc.manifest import ModelManifest, load_manifest
-from mlc.test_payloads import RunStageTestsInput, RunStageTestsResult
 from mlc.trust import evidence, grants
 
 METRICS_CHUNK_SIZE = 500

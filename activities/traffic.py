@@ -31,9 +31,9 @@ from activities.inventory import RETIRING, InventoryActivities, _registered
 from activities.reconciler_runs import ensure_reconciler
 from activities.runtimes.base import check_deployment_id
 from mlc.contracts import traffic as tr
+from mlc.contracts.inventory import RuntimeGrantResult
 from mlc.domain import Deployment, DeploymentState, Mode, Runtime, TrafficRoute, check_routes
 from mlc.errors import RefusedError
-from mlc.payloads import RuntimeGrantResult
 from mlc.store import deployments, traffic, trail
 from mlc.traffic import TrafficTable, describe_routes
 from mlc.trust import evidence, grants

@@ -12,7 +12,7 @@ What runs:
   -> UAT, batch mode, no tests, so two signed approvals per run;
 * N snapshots (one active run per snapshot), registered beforehand, untimed;
 * K approver clients (separate Temporal connections, each person with their own key)
-  sign each decision (``mlc.operations.sign_decision``) and send it as a Workflow Update
+  sign each decision (``mlc.lifecycle_client.sign_decision``) and send it as a Workflow Update
   (``send_decision``), then query until the run shows its next stage;
 * the bare baseline in the same run: N ``BenchBareLifecycle`` workflows
   (``bench/bare_workflow.py``) on a worker in this process, their gates approved by the
@@ -69,7 +69,14 @@ from cli.stack.devstack import port_open, temporal_cli  # noqa: E402
 from mlc import names, processes  # noqa: E402
 from mlc.artifacts import ArtifactStore  # noqa: E402
 from mlc.config import DEFAULT_WORKFLOW_CACHE, Settings  # noqa: E402
-from mlc.contracts.runtime import BatchJobResult  # noqa: E402
+from mlc.contracts import runtime as rt  # noqa: E402
+from mlc.contracts.lifecycle import LifecycleStatus, SignedDecision  # noqa: E402
+from mlc.contracts.runtime import (  # noqa: E402
+    BatchJobResult,  # noqa: E402
+    RunStageTestsInput,
+    RunStageTestsResult,
+    RuntimeActionInput,  # noqa: E402
+)
 from mlc.domain import (  # noqa: E402
     ApprovalGate,
     Decision,
@@ -78,14 +85,11 @@ from mlc.domain import (  # noqa: E402
     Mode,
     ModelRef,
     Runtime,
-    SignedDecision,
     StageSpec,
 )
-from mlc.operations import read_status, send_decision, sign_decision, start_lifecycle  # noqa: E402
-from mlc.payloads import LifecycleStatus, RuntimeActionInput  # noqa: E402
+from mlc.lifecycle_client import read_status, send_decision, sign_decision, start_lifecycle  # noqa: E402
 from mlc.store import connect, trail  # noqa: E402
 from mlc.store.db import enable_worker_login  # noqa: E402
-from mlc.test_payloads import RunStageTestsInput, RunStageTestsResult  # noqa: E402
 from mlc.trust.keys import create_key, public_text  # noqa: E402
 from mlc.trust.signer import Signer  # noqa: E402
 
@@ -114,13 +118,13 @@ T = TypeVar("T")
 # --- the runtimes' stand-ins -----------------------------------------------------------
 
 
-@activity.defn(name=names.RUN_BATCH_JOB)
+@activity.defn(name=rt.RUN_BATCH_JOB.name)
 async def standin_batch_job(request: RuntimeActionInput) -> BatchJobResult:
     """A batch job that has nothing to score."""
     return BatchJobResult(output_path="/dev/null", records=0, seconds=0.0)
 
 
-@activity.defn(name=names.RUN_STAGE_TESTS)
+@activity.defn(name=rt.RUN_STAGE_TESTS.name)
 async def standin_stage_tests(request: RunStageTestsInput) -> RunStageTestsResult:
     """No tests were asked for."""
     return RunStageTestsResult(results=())

@@ -4,8 +4,8 @@ Both run in one process on one Temporal dev server and one embedded PostgreSQL:
 
 * (a) ``ModelLifecycle`` for cc-fraud through DEV -> SIT -> UAT -> PROD on four local
   runtimes (real model servers), each gate approved as soon as the status query shows it
-  pending: signed with ``mlc.operations.sign_decision`` (as ``mlc demo --yes`` does), then
-  sent through ``mlc.operations.send_decision``;
+  pending: signed with ``mlc.lifecycle_client.sign_decision`` (as ``mlc demo --yes`` does), then
+  sent through ``mlc.lifecycle_client.send_decision``;
 * (b) ``BenchBareLifecycle`` (``bench/bare_workflow.py``): the same number of activities,
   counted from (a)'s history and split into the same segments between gates, each a
   no-op, with the same update-driven gates driven the same way;
@@ -53,8 +53,8 @@ from temporalio.worker import Worker
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from activities.runtimes import driver_for  # noqa: E402 (after the path setup)
 from activities.runtimes.base import CleanupRequest  # noqa: E402
+from activities.runtimes.registry import driver_for  # noqa: E402 (after the path setup)
 from bench.bare_workflow import BareLifecycle, BarePhase, RunBareInput, noop  # noqa: E402
 from cli import admin  # noqa: E402
 from cli.examples import prepare_example_model  # noqa: E402
@@ -62,18 +62,11 @@ from cli.registration import register_package  # noqa: E402
 from cli.stack.devstack import temporal_cli  # noqa: E402
 from mlc.artifacts import ArtifactStore  # noqa: E402
 from mlc.config import Settings  # noqa: E402
-from mlc.domain import DEFAULT_STAGES, Decision, ModelRef, Runtime, SignedDecision  # noqa: E402
-from mlc.names import (  # noqa: E402
-    DEPLOY_ONLINE,
-    RUN_STAGE_TESTS,
-    SA_MODEL,
-    SA_SERVICE_TAG,
-    SA_STAGE,
-    SA_VERSION,
-    UNDEPLOY,
-)
-from mlc.operations import read_status, send_decision, sign_decision, start_lifecycle  # noqa: E402
-from mlc.payloads import LifecycleStatus  # noqa: E402
+from mlc.contracts import runtime as rt  # noqa: E402
+from mlc.contracts.lifecycle import LifecycleStatus, SignedDecision  # noqa: E402
+from mlc.domain import DEFAULT_STAGES, Decision, ModelRef, Runtime  # noqa: E402
+from mlc.lifecycle_client import read_status, send_decision, sign_decision, start_lifecycle  # noqa: E402
+from mlc.names import SA_MODEL, SA_SERVICE_TAG, SA_STAGE, SA_VERSION  # noqa: E402
 from mlc.store import connect, runtimes  # noqa: E402
 from mlc.trust.keys import create_key, public_text  # noqa: E402
 from mlc.trust.signer import Signer  # noqa: E402
@@ -91,7 +84,7 @@ MAX_POLLS = 20_000
 """Upper bound on queries in one wait, whatever the timeout."""
 CACHED_WORKFLOWS = 1000
 """``build_main_worker``'s default, used by both workers unless ``--no-sticky``."""
-RUNTIME_WORK = (DEPLOY_ONLINE, RUN_STAGE_TESTS, UNDEPLOY)
+RUNTIME_WORK = (rt.DEPLOY_ONLINE.name, rt.RUN_STAGE_TESTS.name, rt.UNDEPLOY.name)
 """Activities that start, test or stop real model servers."""
 
 T = TypeVar("T")

@@ -43,9 +43,10 @@ sys.path.insert(0, str(ROOT))
 
 from cli.examples import prepare_example_model  # noqa: E402 (after the path setup)
 from cli.stack.kafka_broker import EmbeddedBroker  # noqa: E402
-from mlc.serving.loader import load_model  # noqa: E402
+from mlc.kafka_settings import KafkaSettings  # noqa: E402
+from mlc.serving.model_code import load_model  # noqa: E402
 from mlc.streaming.consumer import READY_LINE, STREAM_CONFIG_ENV  # noqa: E402
-from mlc.streaming.settings import KafkaSettings, StreamConfig  # noqa: E402
+from mlc.streaming.settings import StreamConfig  # noqa: E402
 from mlc.streaming.topics import ensure_topics  # noqa: E402
 
 

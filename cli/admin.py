@@ -18,6 +18,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from mlc.config import TRUST_ROOT_FILE, Settings
 from mlc.domain import DEFAULT_STAGES, GatewaySettings, Runtime
 from mlc.errors import ConflictError, RefusedError
+from mlc.statements import GovernancePredicate
 from mlc.store import governance, runtimes
 from mlc.store.governance import AfterApply
 from mlc.traffic import pick_gateway_port
@@ -27,7 +28,6 @@ from mlc.trust.governance import Governance
 from mlc.trust.keys import key_id, parse_public_key, public_text
 from mlc.trust.policy import StagePolicy
 from mlc.trust.signer import Signer
-from mlc.trust.statements import GovernancePredicate
 
 
 async def state(pool: asyncpg.Pool, settings: Settings) -> Governance:

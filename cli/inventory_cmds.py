@@ -216,7 +216,7 @@ def add_runtime(
             raise typer.BadParameter(f"a streaming runtime needs {', '.join(missing)}")
         if Mode.STREAMING not in (mode or []):
             raise typer.BadParameter("kafka settings given without --mode streaming")
-        from mlc.streaming.settings import KafkaSettings
+        from mlc.kafka_settings import KafkaSettings
 
         kafka = KafkaSettings.model_validate({k: v for k, v in given.items() if v is not None})
     spec = kind_spec(kind)  # the kind's own options (--docker-host...) fill its settings
@@ -413,8 +413,8 @@ def remove_runtime(name: str) -> None:
 def cleanup_runtime(name: str, as_json: JSON = False) -> None:
     """Remove what a runtime still runs or holds for deployments the inventory no longer has
     live (finished batch jobs keep their output)."""
-    from activities.runtimes import driver_for
     from activities.runtimes.base import CleanupRequest
+    from activities.runtimes.registry import driver_for
 
     async def go() -> None:
         cfg = settings()

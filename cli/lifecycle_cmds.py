@@ -11,11 +11,12 @@ from rich.markup import escape
 from rich.table import Table
 
 from cli.context import client, console, emit, inventory, run, settings, signer
-from mlc.domain import Decision, LifecycleDefinition, LifecycleSpec, ModelRef, SignedDecision
+from mlc.contracts.lifecycle import SignedDecision
+from mlc.domain import Decision, LifecycleDefinition, LifecycleSpec, ModelRef
 from mlc.store import runs
 
 if TYPE_CHECKING:
-    from mlc.payloads import LifecycleStatus
+    from mlc.contracts.lifecycle import LifecycleStatus
 
 # Temporal, the payload models and the upload checks load inside the commands that use
 # them: `mlc status` without a run reads only the inventory (see register_commands).
@@ -71,7 +72,7 @@ def start(
             # Temporal records the client identity as the run's starter, which segregation
             # of duties keeps from approving it.
             starter = (await signer(cfg, pool)).name
-        from mlc.operations import start_lifecycle
+        from mlc.lifecycle_client import start_lifecycle
 
         handle = await start_lifecycle(
             await client(cfg, identity=starter),
@@ -208,7 +209,7 @@ def status(
                     columns=["model", "version", "lifecycle", "state", "stage", "reason", "workflow_id"],
                 )
                 return
-            from mlc.operations import find_handle, recorded_status
+            from mlc.lifecycle_client import find_handle, recorded_status
 
             model_ref = ModelRef.parse(ref)
             handle = await find_handle(await client(cfg), pool, model_ref)
@@ -253,7 +254,7 @@ def render_status(current: LifecycleStatus) -> None:
             + (f" ({d.comment})" if d.comment else ""),
             markup=False,
         )
-    from mlc.payloads import EVIDENCE_NOTE
+    from mlc.contracts.lifecycle import EVIDENCE_NOTE
 
     for note in current.refused:
         what = "evidence" if note.startswith(EVIDENCE_NOTE) else "signal"
@@ -261,8 +262,8 @@ def render_status(current: LifecycleStatus) -> None:
 
 
 def _decide(ref: str, stage: str, comment: str, *, decision: Decision, print_statement: bool) -> None:
-    from mlc.operations import send_decision, sign_decision
-    from mlc.payloads import SignalDecision
+    from mlc.contracts.lifecycle import SignalDecision
+    from mlc.lifecycle_client import send_decision, sign_decision
 
     model_ref = ModelRef.parse(ref)
 

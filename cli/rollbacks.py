@@ -12,9 +12,9 @@ from temporalio.exceptions import ApplicationError
 
 from mlc import errors, names
 from mlc.contracts.rollback import RollbackInput, RollbackResult
+from mlc.statements import Envelope, rollback_of
 from mlc.store import snapshots
 from mlc.trust.signer import Signer
-from mlc.trust.statements import Envelope, rollback_of
 
 _ERRORS: dict[str, type[errors.MLCError]] = {
     "RefusedError": errors.RefusedError,

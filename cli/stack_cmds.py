@@ -28,10 +28,11 @@ from cli.stack.devstack import DevStack, dev_running, postgres_password_file
 from mlc import endpoints
 from mlc.artifacts import ArtifactStore
 from mlc.config import Settings
-from mlc.domain import Decision, LifecycleState, ModelRef, SignedDecision
+from mlc.contracts.lifecycle import SignedDecision
+from mlc.domain import Decision, LifecycleState, ModelRef
 from mlc.errors import BubblewrapMissingError, NginxMissingError, RuntimeUnavailableError
+from mlc.lifecycle_client import read_status, send_decision, sign_decision, start_lifecycle
 from mlc.names import lifecycles_task_queue
-from mlc.operations import read_status, send_decision, sign_decision, start_lifecycle
 from mlc.store import connect, deployments, runtimes, traffic
 from mlc.store.db import enable_worker_login
 from mlc.trust.keys import default_key_path, ensure_key
@@ -184,9 +185,9 @@ async def _remove_stale_local_leftovers(cfg: Settings, pool: asyncpg.Pool) -> No
     crash can leave them); serving ones are the reconciler's, batch outputs are kept.
     Whatever a killed stack's models left running (a daemon their code started) ends here,
     before the reconciler starts them again."""
-    from activities.runtimes import driver_for
     from activities.runtimes.base import CleanupRequest
     from activities.runtimes.local.driver import LocalDriver
+    from activities.runtimes.registry import driver_for
     from mlc.domain import RuntimeKind
 
     keep = await deployments.kept_ids(pool)

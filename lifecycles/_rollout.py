@@ -28,7 +28,7 @@ with workflow.unsafe.imports_passed_through():
         TestResult,
         TrafficRoute,
     )
-    from mlc.trust.statements import Envelope
+    from mlc.statements import Envelope
 
 Routes = dict[str, tuple[TrafficRoute, ...]]
 

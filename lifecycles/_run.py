@@ -28,6 +28,7 @@ with workflow.unsafe.imports_passed_through():
     from mlc.contracts import runtime as rt
     from mlc.contracts import traffic as tr
     from mlc.contracts.base import ActivityContract, In, Out
+    from mlc.contracts.lifecycle import EVIDENCE_NOTE, LifecycleStatus, PendingGate
     from mlc.domain import (
         ApprovalRecord,
         Decision,
@@ -44,26 +45,7 @@ with workflow.unsafe.imports_passed_through():
         TestResult,
         TrafficRoute,
     )
-    from mlc.payloads import (
-        EVIDENCE_NOTE,
-        AuthorizeDeploymentInput,
-        AuthorizeUndeployInput,
-        FindDeploymentsInput,
-        LifecycleStatus,
-        NotifyInput,
-        PendingGate,
-        RecordDecisionInput,
-        RecordDeploymentInput,
-        RecordRunInput,
-        RecordTestsInput,
-        RecordTestsResult,
-        ResolveApproversInput,
-        ResolveRuntimesInput,
-        RuntimeActionInput,
-        VerifyDecisionInput,
-    )
-    from mlc.test_payloads import RunStageTestsInput, RunStageTestsResult
-    from mlc.trust.statements import Envelope, decision_of, digest
+    from mlc.statements import Envelope, decision_of, digest
 
 
 LOCAL_INVENTORY_PATCH = "local-inventory-activities"
@@ -191,7 +173,9 @@ class LifecycleRun:
         chosen = mode or spec.mode
         self._enter(stage, LifecycleState.DEPLOYING, f"Deploying to {stage} ({chosen.value})")
         await self.record_run(scheduled=True)  # ends the workflow task that entered the stage
-        resolved = await self._inventory(inv.RESOLVE_RUNTIMES, ResolveRuntimesInput(stage=stage, mode=chosen))
+        resolved = await self._inventory(
+            inv.RESOLVE_RUNTIMES, inv.ResolveRuntimesInput(stage=stage, mode=chosen)
+        )
         self._runtimes.update((r.name, r) for r in resolved.runtimes)
         return list(
             await asyncio.gather(*(self._deploy_one(stage, chosen, runtime) for runtime in resolved.runtimes))
@@ -214,7 +198,7 @@ class LifecycleRun:
         for mode in modes:
             try:
                 resolved = await self._inventory(
-                    inv.RESOLVE_RUNTIMES, ResolveRuntimesInput(stage=stage, mode=mode)
+                    inv.RESOLVE_RUNTIMES, inv.ResolveRuntimesInput(stage=stage, mode=mode)
                 )
             except ActivityError as exc:
                 if not isinstance(exc.cause, ApplicationError) or exc.cause.type != "NoRuntimeError":
@@ -251,8 +235,8 @@ class LifecycleRun:
         """Record ``report`` with the runtimes' signed results behind it; keep what the
         inventory recorded (results nobody signed come back refused) for the gate."""
         self._reports[report.stage] = report
-        recorded: RecordTestsResult | None = await self._inventory(
-            inv.RECORD_TESTS, RecordTestsInput(report=report, evidence=signed)
+        recorded: inv.RecordTestsResult | None = await self._inventory(
+            inv.RECORD_TESTS, inv.RecordTestsInput(report=report, evidence=signed)
         )
         if recorded is not None:  # None in histories from before signed evidence
             self._reports[report.stage] = recorded.report
@@ -271,7 +255,7 @@ class LifecycleRun:
         if gate is None:
             raise ValueError(f"stage {stage} has no approval gate")
         resolved = await self._inventory(
-            inv.RESOLVE_APPROVERS, ResolveApproversInput(stage=stage, entries=gate.approvers)
+            inv.RESOLVE_APPROVERS, inv.ResolveApproversInput(stage=stage, entries=gate.approvers)
         )
         who = ", ".join(resolved.identities) or f"nobody holds {', '.join(gate.approvers)}"
         deadline = workflow.now() + gate.timeout
@@ -303,7 +287,7 @@ class LifecycleRun:
                     decided_at=workflow.now(),
                     evidence=self._reports.get(stage),
                 )
-                await self._inventory(inv.RECORD_DECISION, RecordDecisionInput(record=record))
+                await self._inventory(inv.RECORD_DECISION, inv.RecordDecisionInput(record=record))
                 self._decisions.append(record)
                 break
             decided = self._decision
@@ -340,7 +324,7 @@ class LifecycleRun:
         self._enter(stage, LifecycleState.PROMOTING, f"Promoting in {stage}")
         found = await self._inventory(
             inv.FIND_DEPLOYMENTS,
-            FindDeploymentsInput(stage=stage, exclude_ids=tuple(d.id for d in deployments)),
+            inv.FindDeploymentsInput(stage=stage, exclude_ids=tuple(d.id for d in deployments)),
         )
         gated = self._gated(stage, deployments)
         if gated and workflow.patched(STABLE_ENDPOINTS_PATCH):
@@ -418,7 +402,7 @@ class LifecycleRun:
                 tr.AUTHORIZE_TRAFFIC, tr.AuthorizeTrafficInput(stage=stage, runtime=runtime, routes=routes)
             )
             applied = await tr.ROUTE_TRAFFIC.execute(
-                RuntimeActionInput(grant=granted.grant), task_queue=target.task_queue
+                rt.RuntimeActionInput(grant=granted.grant), task_queue=target.task_queue
             )
             await self._inventory(
                 tr.RECORD_TRAFFIC,
@@ -465,7 +449,7 @@ class LifecycleRun:
         runtime = self._runtimes.get(name)
         if runtime is None:
             resolved = await self._inventory(
-                inv.RESOLVE_RUNTIMES, ResolveRuntimesInput(stage=stage, mode=Mode.ONLINE)
+                inv.RESOLVE_RUNTIMES, inv.ResolveRuntimesInput(stage=stage, mode=Mode.ONLINE)
             )
             self._runtimes.update((r.name, r) for r in resolved.runtimes)
             runtime = self._runtimes.get(name)
@@ -479,7 +463,7 @@ class LifecycleRun:
 
     async def notify(self, message: str) -> None:
         """Tell the people following this lifecycle (stored and logged by an activity)."""
-        await self._inventory(inv.NOTIFY, NotifyInput(message=message))
+        await self._inventory(inv.NOTIFY, inv.NotifyInput(message=message))
 
     async def sleep(self, duration: timedelta) -> None:
         """A durable timer (survives worker restarts)."""
@@ -533,7 +517,7 @@ class LifecycleRun:
             try:
                 verified = await self._inventory(
                     inv.VERIFY_DECISION,
-                    VerifyDecisionInput(envelope=envelope, gate_approvers=self._gate_entries),
+                    inv.VerifyDecisionInput(envelope=envelope, gate_approvers=self._gate_entries),
                 )
             except ActivityError as exc:
                 raise ApplicationError(
@@ -580,7 +564,7 @@ class LifecycleRun:
         """Write the run's state and stage to the inventory (``ended`` frees the snapshot)."""
         await self._inventory(
             inv.RECORD_RUN,
-            RecordRunInput(state=self.state, stage=self.stage, reason=self.reason, ended=ended),
+            inv.RecordRunInput(state=self.state, stage=self.stage, reason=self.reason, ended=ended),
             scheduled=scheduled,
         )
 
@@ -633,7 +617,7 @@ class LifecycleRun:
         (and records a serving or completed one only with its runtime's signed result)."""
         recorded = await self._inventory(
             inv.RECORD_DEPLOYMENT,
-            RecordDeploymentInput(
+            inv.RecordDeploymentInput(
                 deployment_id=deployment.id,
                 state=state,
                 endpoint=endpoint,
@@ -648,11 +632,12 @@ class LifecycleRun:
 
     async def _deploy_one(self, stage: str, mode: Mode, runtime: Runtime) -> Deployment:
         authorized = await self._inventory(
-            inv.AUTHORIZE_DEPLOYMENT, AuthorizeDeploymentInput(stage=stage, runtime=runtime.name, mode=mode)
+            inv.AUTHORIZE_DEPLOYMENT,
+            inv.AuthorizeDeploymentInput(stage=stage, runtime=runtime.name, mode=mode),
         )
         deployment = authorized.deployment
         self._deployments[deployment.id] = deployment
-        granted = RuntimeActionInput(grant=authorized.grant)
+        granted = rt.RuntimeActionInput(grant=authorized.grant)
         try:
             if mode is Mode.ONLINE:
                 online = await rt.DEPLOY_ONLINE.execute(granted, task_queue=runtime.task_queue)
@@ -699,11 +684,11 @@ class LifecycleRun:
 
     async def _test_one(
         self, stage: str, deployment: Deployment, kinds: tuple[TestKind, ...]
-    ) -> RunStageTestsResult:
+    ) -> rt.RunStageTestsResult:
         runtime = await self._runtime_of(deployment)
         try:
             return await rt.RUN_STAGE_TESTS.execute(
-                RunStageTestsInput(
+                rt.RunStageTestsInput(
                     stage=stage,
                     snapshot=self._snap,
                     deployment=deployment,
@@ -715,7 +700,7 @@ class LifecycleRun:
                 task_queue=runtime.task_queue,
             )
         except ActivityError as exc:
-            return RunStageTestsResult(
+            return rt.RunStageTestsResult(
                 results=tuple(
                     TestResult(
                         test=k,
@@ -731,16 +716,18 @@ class LifecycleRun:
         if deployment.mode in (Mode.ONLINE, Mode.STREAMING):
             runtime = await self._runtime_of(deployment)
             granted = await self._inventory(
-                inv.AUTHORIZE_UNDEPLOY, AuthorizeUndeployInput(deployment_id=deployment.id)
+                inv.AUTHORIZE_UNDEPLOY, inv.AuthorizeUndeployInput(deployment_id=deployment.id)
             )
-            await rt.UNDEPLOY.execute(RuntimeActionInput(grant=granted.grant), task_queue=runtime.task_queue)
+            await rt.UNDEPLOY.execute(
+                rt.RuntimeActionInput(grant=granted.grant), task_queue=runtime.task_queue
+            )
         await self._record(deployment, DeploymentState.RETIRED)
 
     async def _runtime_of(self, deployment: Deployment) -> Runtime:
         if deployment.runtime in self._runtimes:
             return self._runtimes[deployment.runtime]
         resolved = await self._inventory(
-            inv.RESOLVE_RUNTIMES, ResolveRuntimesInput(stage=deployment.stage, mode=deployment.mode)
+            inv.RESOLVE_RUNTIMES, inv.ResolveRuntimesInput(stage=deployment.stage, mode=deployment.mode)
         )
         for runtime in resolved.runtimes:
             if runtime.name == deployment.runtime:

@@ -3,7 +3,7 @@
 Uploaded code runs on the sandboxed lifecycle worker and is replayed for as long as its
 runs live, so it may only compose the authoring API: no I/O, no clocks or randomness,
 no reaching into interpreter internals. These checks give the author every problem at
-once as ``file:line: reason``; :mod:`lifecycles.loader` runs them again on the worker and
+once as ``file:line: reason``; :mod:`lifecycles.lifecycle_code` runs them again on the worker and
 adds run-time guards. They are hardening, not the boundary: the boundary is the
 lifecycle worker's sandbox (a process with nothing to steal) and the trusted activities,
 which treat every payload from workflow code as hostile.

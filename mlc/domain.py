@@ -14,8 +14,7 @@ from typing import Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from mlc.streaming.settings import KafkaSettings
-from mlc.trust.statements import Envelope
+from mlc.kafka_settings import KafkaSettings
 
 DEFAULT_STAGES: tuple[str, ...] = ("DEV", "SIT", "UAT", "PROD")
 """The standard promotion path; a lifecycle may declare another ordered list."""
@@ -537,15 +536,6 @@ class StageTestReport(Frozen):
         return "; ".join(
             f"{r.test.value} on {r.deployment_id}: {r.summary}" for r in self.results if not r.passed
         )
-
-
-class SignedDecision(Frozen):
-    """A decision sent to a gate (the Workflow Update's input): a signed DSSE envelope.
-
-    The approver is whoever owns the signing key; nothing in the payload can claim it.
-    """
-
-    envelope: Envelope
 
 
 class ApprovalRecord(Frozen):

@@ -1,7 +1,6 @@
-"""Names that are part of the persisted contract: activities, workflows, search attributes.
+"""Names that are part of the persisted contract: workflows, task queues, search attributes.
 
-Workflows call activities by these names so that workflow modules never import activity
-code (asyncpg, docker, httpx) into Temporal's sandbox.
+Activity names live with their inputs and results in :mod:`mlc.contracts`.
 """
 
 from __future__ import annotations
@@ -46,33 +45,6 @@ def lifecycle_task_queue(lifecycle: str, main_queue: str) -> str:
     the lifecycles queue."""
     return main_queue if lifecycle in BUILT_IN_LIFECYCLES else lifecycles_task_queue(main_queue)
 
-
-# Inventory activities (main task queue).
-BEGIN_RUN = "begin_lifecycle_run"
-RECORD_RUN = "record_lifecycle_run"
-RESOLVE_RUNTIMES = "resolve_runtimes"
-RECORD_DEPLOYMENT = "record_deployment"
-FIND_DEPLOYMENTS = "find_live_deployments"
-RECORD_TESTS = "record_test_report"
-RECORD_DECISION = "record_decision"
-VERIFY_DECISION = "verify_decision"
-AUTHORIZE_DEPLOYMENT = "authorize_deployment"
-AUTHORIZE_UNDEPLOY = "authorize_undeploy"
-RESOLVE_APPROVERS = "resolve_approvers"
-NOTIFY = "notify"
-LOAD_LIFECYCLE = "load_lifecycle_definition"
-AUTHORIZE_TRAFFIC = "authorize_traffic"
-RECORD_TRAFFIC = "record_traffic"
-VERIFY_ROLLBACK = "verify_rollback"
-
-# Runtime activities (each runtime's task queue).
-DEPLOY_ONLINE = "deploy_online"
-RUN_BATCH_JOB = "run_batch_job"
-DEPLOY_STREAMING = "deploy_streaming"
-UNDEPLOY = "undeploy"
-RUN_STAGE_TESTS = "run_stage_tests"
-ROUTE_TRAFFIC = "route_traffic"
-OBSERVE_TRAFFIC = "observe_traffic"
 
 # Custom search attributes: filter lifecycles in the Web UI.
 SA_MODEL = SearchAttributeKey.for_keyword("MlcModel")

@@ -8,7 +8,7 @@ from temporalio import workflow
 with workflow.unsafe.imports_passed_through():
     from lifecycles import standard
     from lifecycles.api import Lifecycle
-    from mlc.payloads import LifecycleResult, StartLifecycleInput
+    from mlc.contracts.lifecycle import LifecycleResult, StartLifecycleInput
     from workflows.base import LifecycleWorkflow
 
 

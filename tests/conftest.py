@@ -25,9 +25,9 @@ from temporalio.client import Client, WorkflowHandle
 from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.testing import WorkflowEnvironment
 
-from activities.runtimes import driver_for
 from activities.runtimes.base import CleanupRequest
 from activities.runtimes.gateway import remove as stop_gateway
+from activities.runtimes.registry import driver_for
 from cli import admin
 from cli.examples import prepare_example_model
 from cli.registration import register_package

@@ -12,9 +12,9 @@ from temporalio.api.common.v1 import Payload
 from temporalio.client import Client, WorkflowHandle
 from temporalio.common import RawValue
 
+from mlc.contracts.lifecycle import LifecycleResult, LifecycleStatus
 from mlc.domain import LifecycleState
-from mlc.operations import read_status
-from mlc.payloads import LifecycleResult, LifecycleStatus
+from mlc.lifecycle_client import read_status
 
 
 async def start_like_ui(

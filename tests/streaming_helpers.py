@@ -13,7 +13,7 @@ import orjson
 from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
 
 from mlc.domain import Mode, Runtime
-from mlc.streaming.settings import KafkaSettings
+from mlc.kafka_settings import KafkaSettings
 
 
 def streaming_runtime(

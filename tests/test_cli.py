@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 from mlc.domain import ModelRef
-from mlc.operations import find_handle
+from mlc.lifecycle_client import find_handle
 from tests.conftest import ADMIN, Stack
 from tests.lifecycle_helpers import wait_for_gate
 

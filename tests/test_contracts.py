@@ -10,20 +10,20 @@ from pathlib import Path
 
 import pytest
 
-from mlc import names
-from mlc.contracts import ActivityContract, implementations, traffic
 from mlc.contracts import inventory as inv
 from mlc.contracts import runtime as rt
+from mlc.contracts import traffic
+from mlc.contracts.base import ActivityContract, implementations
 from workers.dry_run import DryRunWorld, StandInActivities, default_snapshot
 
 ROOT = Path(__file__).resolve().parent.parent
 
 PERSISTED = {
-    names.BEGIN_RUN: "begin_lifecycle_run",
-    names.RECORD_RUN: "record_lifecycle_run",
-    names.LOAD_LIFECYCLE: "load_lifecycle_definition",
-    names.DEPLOY_ONLINE: "deploy_online",
-    names.RUN_STAGE_TESTS: "run_stage_tests",
+    inv.BEGIN_RUN.name: "begin_lifecycle_run",
+    inv.RECORD_RUN.name: "record_lifecycle_run",
+    inv.LOAD_LIFECYCLE.name: "load_lifecycle_definition",
+    rt.DEPLOY_ONLINE.name: "deploy_online",
+    rt.RUN_STAGE_TESTS.name: "run_stage_tests",
 }
 
 
@@ -32,7 +32,11 @@ def test_contract_names_are_the_persisted_activity_names() -> None:
     assert len({c.name for c in contracts}) == len(contracts), "one contract per activity"
     for name, persisted in PERSISTED.items():
         assert name == persisted, "running histories hold these names: they never change"
-    assert {c.name for c in inv.CONTRACTS} >= {names.BEGIN_RUN, names.LOAD_LIFECYCLE, names.VERIFY_DECISION}
+    assert {c.name for c in inv.CONTRACTS} >= {
+        inv.BEGIN_RUN.name,
+        inv.LOAD_LIFECYCLE.name,
+        inv.VERIFY_DECISION.name,
+    }
 
 
 def test_stand_ins_implement_every_contract_the_workflows_call() -> None:
@@ -66,7 +70,7 @@ def test_mypy_refuses_an_implementation_or_call_that_disagrees(tmp_path: Path) -
         textwrap.dedent(
             '''
             from mlc.contracts import inventory as inv
-            from mlc.payloads import NotifyInput, RecordRunInput
+            from mlc.contracts.inventory import NotifyInput, RecordRunInput
 
 
             class Wrong:

@@ -17,11 +17,11 @@ from temporalio.client import WorkflowFailureError
 
 from activities.runtimes.local.layout import STATE_FILE
 from cli.lifecycle_uploads import upload_lifecycle
-from lifecycles.loader import load_lifecycle
+from lifecycles.lifecycle_code import load_lifecycle
 from mlc.domain import DeploymentState, LifecycleDefinition, Mode, ModelSnapshot
 from mlc.errors import InvalidLifecycleError, PermissionDeniedError
+from mlc.lifecycle_client import read_status
 from mlc.names import BUILT_IN_LIFECYCLES, BUILT_IN_WORKFLOWS, lifecycles_task_queue, workflow_id_for
-from mlc.operations import read_status
 from mlc.store import audit, deployments, lifecycle_definitions, runs, runtimes
 from tests.conftest import APPROVER, AUTHOR, FIXTURES, Stack, require_sandbox
 from tests.lifecycle_helpers import keep_history, start_like_ui, wait_for, wait_for_gate

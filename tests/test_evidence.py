@@ -28,7 +28,12 @@ from temporalio.worker import Worker
 from activities.reconcile import ReconcileInventory
 from activities.runtime import RuntimeActivities
 from mlc.contracts.reconcile import Finding, ReconcilerStatus, SettleInput, Settlement, reconciler_id
-from mlc.contracts.runtime import OnlineDeployResult
+from mlc.contracts.runtime import (
+    OnlineDeployResult,
+    RunStageTestsInput,
+    RunStageTestsResult,
+    RuntimeActionInput,
+)
 from mlc.contracts.traffic import ObserveTrafficInput, TrafficObservation
 from mlc.domain import (
     ApprovalGate,
@@ -41,15 +46,13 @@ from mlc.domain import (
     TestResult,
 )
 from mlc.errors import RefusedError
-from mlc.payloads import RuntimeActionInput
+from mlc.statements import Envelope
 from mlc.store import deployments, reconcilers, trail
-from mlc.test_payloads import RunStageTestsInput, RunStageTestsResult
 from mlc.trust import evidence
 from mlc.trust import governance as g
 from mlc.trust.audit import verify_entries
 from mlc.trust.keys import key_id, public_text
 from mlc.trust.signer import Signer
-from mlc.trust.statements import Envelope
 from tests.conftest import ADMIN, Stack, gateway_settings
 from tests.faults.harness import wait_until
 from tests.lifecycle_helpers import keep_history, wait_for_gate

@@ -15,8 +15,8 @@ from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.testing import WorkflowEnvironment
 
 from cli import admin
+from mlc.contracts.lifecycle import StartLifecycleInput
 from mlc.domain import ApprovalGate, DeploymentState, LifecycleSpec, StageSpec, TestKind
-from mlc.payloads import StartLifecycleInput
 from mlc.store import audit, connect, deployments, traffic
 from mlc.trust.policy import StagePolicy
 from tests.conftest import ADMIN, FIXTURES, Stack, call_model

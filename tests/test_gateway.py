@@ -40,6 +40,7 @@ from activities.runtimes.local.driver import LocalDriver
 from mlc import isolation, processes
 from mlc.artifacts import ArtifactStore, build_archive
 from mlc.config import Settings
+from mlc.contracts.runtime import RuntimeActionInput
 from mlc.contracts.traffic import ObserveTrafficInput
 from mlc.domain import (
     DockerSettings,
@@ -52,7 +53,6 @@ from mlc.domain import (
 )
 from mlc.errors import NotFoundError, RefusedError
 from mlc.manifest import load_manifest
-from mlc.payloads import RuntimeActionInput
 from mlc.serving.capture import AnswerCapture, read_answers
 from mlc.trust import grants
 

@@ -13,10 +13,10 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from mlc.domain import Runtime
 from mlc.errors import InvalidKeyError, RefusedError
+from mlc.statements import Envelope
 from mlc.trust import governance as g
 from mlc.trust.keys import create_key, key_id, load_private_key, parse_public_key, public_text
 from mlc.trust.signer import Signer
-from mlc.trust.statements import Envelope
 
 
 def signer(name: str) -> Signer:

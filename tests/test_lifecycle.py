@@ -9,7 +9,7 @@ import pytest
 from temporalio.client import WorkflowFailureError
 
 from mlc.domain import Decision, DeploymentState, LifecycleState
-from mlc.operations import read_status
+from mlc.lifecycle_client import read_status
 from mlc.store import audit, deployments, runs
 from tests.conftest import APPROVER, FIXTURES, REGISTRAR, Stack, call_model
 from tests.lifecycle_helpers import keep_history, start_like_ui, wait_for_gate

@@ -32,6 +32,7 @@ from activities.testing import TestingActivities
 from mlc import endpoints, processes
 from mlc.artifacts import ArtifactStore, build_archive
 from mlc.config import Settings
+from mlc.contracts.runtime import RunStageTestsInput
 from mlc.domain import (
     Deployment,
     DeploymentState,
@@ -44,7 +45,6 @@ from mlc.domain import (
 from mlc.errors import DeploymentFailedError
 from mlc.evaluation import load_evaluation
 from mlc.manifest import load_manifest
-from mlc.test_payloads import RunStageTestsInput
 from mlc.trust import grants
 
 FIXTURES = Path(__file__).parent / "fixtures" / "models"

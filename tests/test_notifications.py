@@ -7,8 +7,8 @@ import dataclasses
 from temporalio.testing import ActivityEnvironment
 
 from activities.inventory import InventoryActivities
+from mlc.contracts.inventory import NotifyInput
 from mlc.domain import ApprovalGate, LifecycleSpec, Runtime, StageSpec, TestKind
-from mlc.payloads import NotifyInput
 from tests.conftest import FIXTURES, Stack
 from tests.lifecycle_helpers import wait_for_gate
 

@@ -11,8 +11,8 @@ import sys
 from pathlib import Path
 
 from mlc.domain import DockerSettings, Mode, Runtime, RuntimeKind
+from mlc.kafka_settings import KafkaSettings
 from mlc.store import runtimes
-from mlc.streaming.settings import KafkaSettings
 from tests.conftest import Stack, gateway_settings
 
 

@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 
 from cli.rollbacks import roll_back
+from mlc.contracts.lifecycle import SignedDecision
 from mlc.domain import (
     ApprovalGate,
     Decision,
@@ -28,14 +29,13 @@ from mlc.domain import (
     LifecycleSpec,
     ModelRef,
     ModelSnapshot,
-    SignedDecision,
     StageSpec,
     TestKind,
 )
 from mlc.errors import RefusedError
-from mlc.operations import send_decision, sign_decision
+from mlc.lifecycle_client import send_decision, sign_decision
+from mlc.statements import Envelope
 from mlc.store import deployments, runs, traffic, trail
-from mlc.trust.statements import Envelope
 from tests.conftest import APPROVER, Stack
 from tests.lifecycle_helpers import keep_history, wait_for_gate
 from tests.test_stable_endpoints import versions

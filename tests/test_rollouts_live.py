@@ -39,7 +39,7 @@ from mlc.domain import (
     StageSpec,
     TestKind,
 )
-from mlc.operations import read_status
+from mlc.lifecycle_client import read_status
 from mlc.store import deployments, runs, traffic, trail
 from tests.conftest import DOCKER_BASE_IMAGE, FIXTURES, Stack, gateway_settings
 from tests.lifecycle_helpers import keep_history, wait_for_gate

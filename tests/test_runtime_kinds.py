@@ -11,7 +11,7 @@ from pathlib import Path
 
 import activities.runtimes
 from activities.runtimes.base import RuntimeDriver
-from activities.runtimes.registry import kinds
+from activities.runtimes.registry import driver_for, kinds
 from mlc.config import Settings
 from mlc.domain import Runtime, RuntimeKind
 
@@ -23,7 +23,7 @@ def test_every_kind_is_registered_with_its_driver(tmp_path: Path) -> None:
     assert set(found) == set(RuntimeKind)
     for kind in found:
         runtime = Runtime(name=f"r-{kind.value}", kind=kind, stage="DEV")
-        driver = activities.runtimes.driver_for(runtime, Settings.from_env(home=tmp_path))
+        driver = driver_for(runtime, Settings.from_env(home=tmp_path))
         assert isinstance(driver, RuntimeDriver)
         assert type(driver).__module__ == f"activities.runtimes.{kind.value}.driver"
 

@@ -25,6 +25,7 @@ from temporalio.testing import ActivityEnvironment
 
 from activities.reconciler_runs import ensure_reconciler
 from activities.traffic import RETIRE_AFTER, TrafficInventory
+from mlc.contracts.lifecycle import SignedDecision
 from mlc.contracts.traffic import AuthorizeTrafficInput, RecordTrafficInput
 from mlc.domain import (
     ApprovalGate,
@@ -38,12 +39,11 @@ from mlc.domain import (
     ModelSnapshot,
     Runtime,
     RuntimeKind,
-    SignedDecision,
     StageSpec,
     TestKind,
     TrafficRoute,
 )
-from mlc.operations import read_status, send_decision, sign_decision
+from mlc.lifecycle_client import read_status, send_decision, sign_decision
 from mlc.store import deployments, traffic, trail
 from mlc.trust import grants
 from tests.conftest import APPROVER, DOCKER_BASE_IMAGE, Stack, call_model, gateway_settings

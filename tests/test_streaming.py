@@ -247,7 +247,7 @@ def test_kafka_settings_refuse_what_cannot_work() -> None:
     import pydantic
 
     from mlc.domain import Mode
-    from mlc.streaming.settings import KafkaSettings
+    from mlc.kafka_settings import KafkaSettings
 
     with pytest.raises(
         pydantic.ValidationError, match="needs sasl_mechanism, sasl_username and sasl_password_env"

@@ -26,22 +26,22 @@ from cli import admin
 from cli.registration import register_package
 from cli.stack.devstack import temporal_cli
 from mlc.artifacts import ArtifactStore
+from mlc.contracts.lifecycle import SignedDecision
 from mlc.domain import (
     ApprovalGate,
     Decision,
     DeploymentState,
     LifecycleSpec,
     ModelSnapshot,
-    SignedDecision,
     StageSpec,
     TestKind,
 )
-from mlc.operations import read_status
+from mlc.lifecycle_client import read_status
+from mlc.statements import Envelope
 from mlc.store import audit, deployments, trail
 from mlc.trust.keys import public_text
 from mlc.trust.policy import StagePolicy
 from mlc.trust.signer import Signer
-from mlc.trust.statements import Envelope
 from tests.conftest import ADMIN, APPROVER, AUTHOR, FIXTURES, REGISTRAR, Stack
 from tests.lifecycle_helpers import wait_for, wait_for_gate
 from workers.sandbox import SandboxedWorker

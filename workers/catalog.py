@@ -26,8 +26,9 @@ from activities.rollback import RollbackInventory
 from activities.runtime import RuntimeActivities
 from activities.testing import TestingActivities
 from mlc.config import Settings
-from mlc.contracts import implementations, inventory, reconcile, rollback, traffic
+from mlc.contracts import inventory, reconcile, rollback, traffic
 from mlc.contracts import runtime as rt
+from mlc.contracts.base import implementations
 from workflows.batch_lifecycle import BatchPromotion
 from workflows.custom_lifecycle import CustomLifecycle
 from workflows.model_lifecycle import ModelLifecycle

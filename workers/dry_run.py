@@ -39,12 +39,13 @@ from temporalio.runtime import LoggingConfig, Runtime, TelemetryConfig, Telemetr
 from temporalio.testing import WorkflowEnvironment
 from temporalio.worker import Worker
 
-from lifecycles.loader import code_filename
+from lifecycles.lifecycle_code import code_filename
 from mlc import domain
-from mlc.contracts import implementations
 from mlc.contracts import inventory as inv
 from mlc.contracts import runtime as rt
 from mlc.contracts import traffic as tr
+from mlc.contracts.base import implementations
+from mlc.contracts.lifecycle import LifecycleResult, SignedDecision, StartLifecycleInput
 from mlc.contracts.runtime import BatchJobResult, OnlineDeployResult, StreamingDeployResult
 from mlc.domain import (
     ApprovalRecord,
@@ -54,46 +55,16 @@ from mlc.domain import (
     LifecycleState,
     Mode,
     ModelSnapshot,
-    SignedDecision,
     TestKind,
     TestResult,
 )
 from mlc.errors import InvalidLifecycleError, RuntimeUnavailableError
+from mlc.lifecycle_client import read_status
 from mlc.names import lifecycles_task_queue, workflow_id_for
-from mlc.operations import read_status
-from mlc.payloads import (
-    AuthorizeDeploymentInput,
-    AuthorizeDeploymentResult,
-    AuthorizeUndeployInput,
-    BeginRunInput,
-    BeginRunResult,
-    FindDeploymentsInput,
-    FindDeploymentsResult,
-    LifecycleResult,
-    LoadLifecycleInput,
-    LoadLifecycleResult,
-    NotifyInput,
-    RecordDecisionInput,
-    RecordDeploymentInput,
-    RecordDeploymentResult,
-    RecordRunInput,
-    RecordTestsInput,
-    RecordTestsResult,
-    ResolveApproversInput,
-    ResolveApproversResult,
-    ResolveRuntimesInput,
-    ResolveRuntimesResult,
-    RuntimeActionInput,
-    RuntimeGrantResult,
-    StartLifecycleInput,
-    VerifyDecisionInput,
-    VerifyDecisionResult,
-)
+from mlc.statements import PAYLOAD_TYPE, Envelope, decision_of
 from mlc.store.lifecycle_definitions import source_sha256
-from mlc.test_payloads import RunStageTestsInput, RunStageTestsResult
 from mlc.traffic import TrafficTable
 from mlc.trust.signer import Signer
-from mlc.trust.statements import PAYLOAD_TYPE, Envelope, decision_of
 from workers.client import ensure_search_attributes
 from workers.sandbox import start_lifecycle_worker
 
@@ -254,9 +225,9 @@ class StandInActivities:
         ]
 
     @inv.LOAD_LIFECYCLE.implement
-    async def load_lifecycle(self, request: LoadLifecycleInput) -> LoadLifecycleResult:
+    async def load_lifecycle(self, request: inv.LoadLifecycleInput) -> inv.LoadLifecycleResult:
         """The candidate source, as if it were stored as the next version."""
-        return LoadLifecycleResult(
+        return inv.LoadLifecycleResult(
             name=request.name,
             version=self.world.version,
             sha256=source_sha256(self.source),
@@ -264,12 +235,12 @@ class StandInActivities:
         )
 
     @inv.BEGIN_RUN.implement
-    async def begin_run(self, request: BeginRunInput) -> BeginRunResult:
+    async def begin_run(self, request: inv.BeginRunInput) -> inv.BeginRunResult:
         """The world's snapshot."""
-        return BeginRunResult(snapshot=self.world.snapshot)
+        return inv.BeginRunResult(snapshot=self.world.snapshot)
 
     @inv.RECORD_RUN.implement
-    async def record_run(self, request: RecordRunInput) -> None:
+    async def record_run(self, request: inv.RecordRunInput) -> None:
         """Approve a gate as soon as the run records that it waits at one.
 
         The run records the wait after opening the gate and before its timer starts, so
@@ -297,7 +268,7 @@ class StandInActivities:
         )
 
     @inv.RESOLVE_RUNTIMES.implement
-    async def resolve_runtimes(self, request: ResolveRuntimesInput) -> ResolveRuntimesResult:
+    async def resolve_runtimes(self, request: inv.ResolveRuntimesInput) -> inv.ResolveRuntimesResult:
         """One local runtime per stage, named as ``mlc dev`` names them."""
         runtime = domain.Runtime(
             name=_runtime_name(request.stage),
@@ -309,10 +280,12 @@ class StandInActivities:
             if request.mode is Mode.ONLINE
             else None,
         )
-        return ResolveRuntimesResult(runtimes=(runtime,))
+        return inv.ResolveRuntimesResult(runtimes=(runtime,))
 
     @inv.AUTHORIZE_DEPLOYMENT.implement
-    async def authorize_deployment(self, request: AuthorizeDeploymentInput) -> AuthorizeDeploymentResult:
+    async def authorize_deployment(
+        self, request: inv.AuthorizeDeploymentInput
+    ) -> inv.AuthorizeDeploymentResult:
         """Every deployment is allowed; it exists only in this stand-in's memory."""
         snap, info = self.world.snapshot, activity.info()
         run = (info.workflow_run_id or "").replace("-", "")[-10:]  # as activities/inventory.py tags runs
@@ -329,15 +302,15 @@ class StandInActivities:
             details={"runtime_kind": "local", "run_id": info.workflow_run_id},
         )
         self._deployments[deployment.id] = deployment
-        return AuthorizeDeploymentResult(deployment=deployment, grant=NO_GRANT)
+        return inv.AuthorizeDeploymentResult(deployment=deployment, grant=NO_GRANT)
 
     @inv.AUTHORIZE_UNDEPLOY.implement
-    async def authorize_undeploy(self, request: AuthorizeUndeployInput) -> RuntimeGrantResult:
+    async def authorize_undeploy(self, request: inv.AuthorizeUndeployInput) -> inv.RuntimeGrantResult:
         """Every undeploy is allowed."""
-        return RuntimeGrantResult(grant=NO_GRANT)
+        return inv.RuntimeGrantResult(grant=NO_GRANT)
 
     @inv.RECORD_DEPLOYMENT.implement
-    async def record_deployment(self, request: RecordDeploymentInput) -> RecordDeploymentResult:
+    async def record_deployment(self, request: inv.RecordDeploymentInput) -> inv.RecordDeploymentResult:
         """Remember the new state."""
         current = self._deployments[request.deployment_id]
         updated = current.model_copy(
@@ -348,10 +321,10 @@ class StandInActivities:
             }
         )
         self._deployments[updated.id] = updated
-        return RecordDeploymentResult(deployment=updated)
+        return inv.RecordDeploymentResult(deployment=updated)
 
     @inv.VERIFY_DECISION.implement
-    async def verify_decision(self, request: VerifyDecisionInput) -> VerifyDecisionResult:
+    async def verify_decision(self, request: inv.VerifyDecisionInput) -> inv.VerifyDecisionResult:
         """Accept the stand-in approvers' statements (the real activity verifies signatures)."""
         claim = decision_of(request.envelope)[1]
         approved = self._approved.setdefault(claim.stage, [])
@@ -365,29 +338,29 @@ class StandInActivities:
             decided_at=claim.issued_at,
             key_id=request.envelope.signatures[0].keyid if request.envelope.signatures else None,
         )
-        return VerifyDecisionResult(record=record, approvers=tuple(approved), needed=1)
+        return inv.VerifyDecisionResult(record=record, approvers=tuple(approved), needed=1)
 
     @inv.FIND_DEPLOYMENTS.implement
-    async def find_live_deployments(self, request: FindDeploymentsInput) -> FindDeploymentsResult:
+    async def find_live_deployments(self, request: inv.FindDeploymentsInput) -> inv.FindDeploymentsResult:
         """No older versions to retire."""
-        return FindDeploymentsResult()
+        return inv.FindDeploymentsResult()
 
     @inv.RECORD_TESTS.implement
-    async def record_test_report(self, request: RecordTestsInput) -> RecordTestsResult:
+    async def record_test_report(self, request: inv.RecordTestsInput) -> inv.RecordTestsResult:
         """Nothing to record: the report stands as the stand-in tests made it."""
-        return RecordTestsResult(report=request.report)
+        return inv.RecordTestsResult(report=request.report)
 
     @inv.RECORD_DECISION.implement
-    async def record_decision(self, request: RecordDecisionInput) -> None:
+    async def record_decision(self, request: inv.RecordDecisionInput) -> None:
         """Nothing to record."""
 
     @inv.RESOLVE_APPROVERS.implement
-    async def resolve_approvers(self, request: ResolveApproversInput) -> ResolveApproversResult:
+    async def resolve_approvers(self, request: inv.ResolveApproversInput) -> inv.ResolveApproversResult:
         """The world's approvers, whatever the gate names."""
-        return ResolveApproversResult(identities=self.world.approvers)
+        return inv.ResolveApproversResult(identities=self.world.approvers)
 
     @inv.NOTIFY.implement
-    async def notify(self, request: NotifyInput) -> None:
+    async def notify(self, request: inv.NotifyInput) -> None:
         """Nobody to tell."""
 
     # --- stable endpoints: a gateway whose traffic is always healthy -------------------
@@ -400,13 +373,13 @@ class StandInActivities:
         )
 
     @tr.AUTHORIZE_TRAFFIC.implement
-    async def authorize_traffic(self, request: tr.AuthorizeTrafficInput) -> RuntimeGrantResult:
+    async def authorize_traffic(self, request: tr.AuthorizeTrafficInput) -> inv.RuntimeGrantResult:
         """Every traffic change is allowed."""
         self._observed = request.routes
-        return RuntimeGrantResult(grant=NO_GRANT)
+        return inv.RuntimeGrantResult(grant=NO_GRANT)
 
     @tr.ROUTE_TRAFFIC.implement
-    async def route_traffic(self, request: RuntimeActionInput) -> tr.RouteTrafficResult:
+    async def route_traffic(self, request: rt.RuntimeActionInput) -> tr.RouteTrafficResult:
         """The model's stable endpoint on the stand-in gateway."""
         endpoint = domain.GatewaySettings(port=STAND_IN_GATEWAY_PORT).endpoint(self.world.snapshot.model)
         return tr.RouteTrafficResult(endpoint=endpoint)
@@ -460,7 +433,7 @@ class StandInActivities:
         )
 
     @rt.DEPLOY_ONLINE.implement
-    async def deploy_online(self, request: RuntimeActionInput) -> OnlineDeployResult:
+    async def deploy_online(self, request: rt.RuntimeActionInput) -> OnlineDeployResult:
         """A healthy endpoint on a loopback port, as a local runtime reports it."""
         latest = list(self._deployments.values())[-1]
         port = 40000 + 17 * len(self._deployments)
@@ -469,14 +442,14 @@ class StandInActivities:
         return OnlineDeployResult(endpoint=f"http://127.0.0.1:{port}", details=details)
 
     @rt.RUN_BATCH_JOB.implement
-    async def run_batch_job(self, request: RuntimeActionInput) -> BatchJobResult:
+    async def run_batch_job(self, request: rt.RuntimeActionInput) -> BatchJobResult:
         """A finished job, its output where a local runtime writes it."""
         latest = list(self._deployments.values())[-1]
         output = self.world.runtime_dir / latest.runtime / latest.id / "output.jsonl"
         return BatchJobResult(output_path=str(output), records=int(STAND_IN_METRICS["records"]), seconds=1.7)
 
     @rt.DEPLOY_STREAMING.implement
-    async def deploy_streaming(self, request: RuntimeActionInput) -> StreamingDeployResult:
+    async def deploy_streaming(self, request: rt.RuntimeActionInput) -> StreamingDeployResult:
         """Consumers that are ready, on topics that do not exist."""
         return StreamingDeployResult(
             endpoint="kafka://127.0.0.1:9092/dry-run.in",
@@ -484,13 +457,13 @@ class StandInActivities:
         )
 
     @rt.UNDEPLOY.implement
-    async def undeploy(self, request: RuntimeActionInput) -> None:
+    async def undeploy(self, request: rt.RuntimeActionInput) -> None:
         """Nothing to stop."""
 
     @rt.RUN_STAGE_TESTS.implement
-    async def run_stage_tests(self, request: RunStageTestsInput) -> RunStageTestsResult:
+    async def run_stage_tests(self, request: rt.RunStageTestsInput) -> rt.RunStageTestsResult:
         """Every requested test passes, with results shaped like the real ones."""
-        return RunStageTestsResult(
+        return rt.RunStageTestsResult(
             results=tuple(_passing(kind, request.deployment.id) for kind in request.tests)
         )
 

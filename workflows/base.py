@@ -20,15 +20,15 @@ with workflow.unsafe.imports_passed_through():
     from lifecycles.api import Lifecycle
     from mlc import names
     from mlc.contracts import inventory as inv
-    from mlc.domain import ApprovalRecord, Decision, LifecycleSpec, LifecycleState, SignedDecision
-    from mlc.payloads import (
-        BeginRunInput,
+    from mlc.contracts.lifecycle import (
         LifecycleResult,
         LifecycleStatus,
         SignalDecision,
+        SignedDecision,
         StartLifecycleInput,
     )
-    from mlc.trust.statements import decision_of
+    from mlc.domain import ApprovalRecord, Decision, LifecycleSpec, LifecycleState
+    from mlc.statements import decision_of
 
 LifecycleFunction = Callable[[Lifecycle], Awaitable[None]]
 """A lifecycle's entry point: it gets the :class:`Lifecycle` facade, never the run itself."""
@@ -128,7 +128,7 @@ class LifecycleWorkflow:
         )
         try:
             begun = await inv.BEGIN_RUN.execute(
-                BeginRunInput(model=request.model, version=request.version),
+                inv.BeginRunInput(model=request.model, version=request.version),
                 task_queue=names.main_task_queue(workflow.info().task_queue),
             )
         except ActivityError as exc:

@@ -9,7 +9,7 @@ from workflows.base import LifecycleWorkflow
 
 with workflow.unsafe.imports_passed_through():
     from lifecycles import batch_promotion
-    from mlc.payloads import LifecycleResult, StartLifecycleInput
+    from mlc.contracts.lifecycle import LifecycleResult, StartLifecycleInput
 
 
 @workflow.defn(name=batch_promotion.NAME, failure_exception_types=[ValidationError])

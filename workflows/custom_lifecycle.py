@@ -28,11 +28,12 @@ with workflow.unsafe.imports_passed_through():
     from lifecycles import standard
     from lifecycles._run import LifecycleFailure, cause_message
     from lifecycles.api import Lifecycle
-    from lifecycles.loader import code_filename, describe_error, load_lifecycle
+    from lifecycles.lifecycle_code import code_filename, describe_error, load_lifecycle
     from mlc import names
     from mlc.contracts import inventory as inv
+    from mlc.contracts.inventory import LoadLifecycleInput
+    from mlc.contracts.lifecycle import LifecycleResult, StartLifecycleInput
     from mlc.errors import InvalidLifecycleError
-    from mlc.payloads import LifecycleResult, LoadLifecycleInput, StartLifecycleInput
 
 START_INPUT_HINT = '{"model": "cc-fraud", "version": 1}'
 

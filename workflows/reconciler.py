@@ -43,7 +43,7 @@ with workflow.unsafe.imports_passed_through():
         SettleInput,
         Settlement,
     )
-    from mlc.payloads import RuntimeActionInput
+    from mlc.contracts.runtime import RuntimeActionInput
 
 REAPPLY_ROUTES = "reapply-routes"
 """Patch: rounds since this change end by applying the recorded stable-endpoint routes."""

@@ -6,11 +6,7 @@ are the kinds, ``gateway/`` the stable endpoints both put in front of their depl
 ``streams`` what their streaming deployments share. Adding a kind means a package with a
 ``kind`` module registered in :data:`~activities.runtimes.registry.KIND_MODULES`; no
 workflow changes, because workflows only ask "deploy this snapshot to that runtime".
+
+The package itself imports nothing, so the CLI can read the registry without loading the
+runtime interface (and Temporal with it).
 """
-
-from __future__ import annotations
-
-from activities.runtimes.base import RuntimeDriver
-from activities.runtimes.registry import driver_for
-
-__all__ = ["RuntimeDriver", "driver_for"]

@@ -1,6 +1,7 @@
 """The interface every runtime kind implements, and its request/result payloads.
 
-The activity results (:class:`OnlineDeployResult`, :class:`BatchJobResult`) belong to the
+The requests a runtime activity hands its driver (:class:`OnlineDeployRequest`...) and the
+activity results (:class:`OnlineDeployResult`, :class:`BatchJobResult`) belong to the
 runtime activity contracts (:mod:`mlc.contracts.runtime`) and are re-exported here.
 """
 
@@ -17,11 +18,15 @@ import httpx
 
 from mlc import endpoints
 from mlc.config import Settings
+from mlc.contracts.runtime import BatchJobRequest as BatchJobRequest
 from mlc.contracts.runtime import BatchJobResult as BatchJobResult
+from mlc.contracts.runtime import OnlineDeployRequest as OnlineDeployRequest
 from mlc.contracts.runtime import OnlineDeployResult as OnlineDeployResult
+from mlc.contracts.runtime import StreamingDeployRequest as StreamingDeployRequest
 from mlc.contracts.runtime import StreamingDeployResult as StreamingDeployResult
+from mlc.contracts.runtime import UndeployRequest as UndeployRequest
 from mlc.contracts.traffic import RouteTrafficResult, TrafficObservation
-from mlc.domain import Frozen, ModelSnapshot, Runtime, TrafficRoute
+from mlc.domain import Frozen, Runtime, TrafficRoute
 from mlc.errors import DeploymentFailedError, NotFoundError, RefusedError
 
 Heartbeat = Callable[[str], None]
@@ -67,45 +72,6 @@ def check_deployment_id(value: str) -> str:
             "`mlc deployments` lists"
         )
     return value
-
-
-class OnlineDeployRequest(Frozen):
-    """Bring up a persistent scoring endpoint for a snapshot on a runtime."""
-
-    deployment_id: str
-    snapshot: ModelSnapshot
-    runtime: Runtime
-    stage: str
-
-
-class BatchJobRequest(Frozen):
-    """Score a JSON-lines dataset with an ephemeral job, leaving nothing running."""
-
-    deployment_id: str
-    snapshot: ModelSnapshot
-    runtime: Runtime
-    stage: str
-    input_path: str | None = None
-    """JSON-lines input on the runtime's host; None scores the package's test dataset."""
-
-
-class StreamingDeployRequest(Frozen):
-    """Start (or keep) the long-running consumers of a streaming deployment."""
-
-    deployment_id: str
-    snapshot: ModelSnapshot
-    runtime: Runtime
-    stage: str
-    standby: bool = False
-    """Score only the deployment's test topics: an older version of the model still owns
-    the runtime's input topic until this one is promoted."""
-
-
-class UndeployRequest(Frozen):
-    """Remove a deployment from its runtime (a no-op when it is already gone)."""
-
-    deployment_id: str
-    runtime: Runtime
 
 
 class CleanupRequest(Frozen):

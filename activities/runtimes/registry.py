@@ -18,11 +18,11 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel
 
-from activities.runtimes.base import RuntimeDriver
 from mlc.config import Settings
 from mlc.domain import Runtime, RuntimeKind
 
-if TYPE_CHECKING:  # the gateway's package imports this registry
+if TYPE_CHECKING:  # the gateway's package imports this registry; base loads Temporal
+    from activities.runtimes.base import RuntimeDriver
     from activities.runtimes.gateway.tier import Gateway
 
 KIND_MODULES: tuple[str, ...] = ("activities.runtimes.local.kind", "activities.runtimes.docker.kind")

@@ -26,7 +26,8 @@ from typing import Any
 from activities.runtimes.base import StreamingDeployRequest
 from mlc.domain import Runtime
 from mlc.errors import DeploymentFailedError
-from mlc.streaming.settings import KafkaSettings, StreamConfig, test_topics, with_secret
+from mlc.kafka_settings import KafkaSettings
+from mlc.streaming.settings import StreamConfig, test_topics, with_secret
 from mlc.streaming.topics import delete_topics, ensure_topics, wait_until_settled
 
 READY_TIMEOUT_SECONDS = 60.0

@@ -19,7 +19,7 @@ from temporalio.common import RetryPolicy
 from mlc import names
 from mlc.contracts.base import ActivityContract
 from mlc.domain import Frozen, Runtime
-from mlc.trust.statements import Envelope
+from mlc.statements import Envelope
 
 RECONCILER = names.RUNTIME_RECONCILER
 """The workflow type; its id is :func:`reconciler_id` (one per runtime and main queue)."""

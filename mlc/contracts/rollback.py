@@ -2,7 +2,7 @@
 stage's stable endpoints.
 
 ``mlc rollback MODEL --stage STAGE [--to VERSION] --reason TEXT`` signs a
-:class:`~mlc.trust.statements.RollbackPredicate` and starts the built-in ``Rollback``
+:class:`~mlc.statements.RollbackPredicate` and starts the built-in ``Rollback``
 workflow (:mod:`workflows.rollback`) on the main queue. Its first activity,
 :data:`VERIFY_ROLLBACK` (trusted), verifies the statement like an approval (signature, key,
 the stage gate's approvers, expiry, nonce), resolves the target version from the audit
@@ -16,10 +16,9 @@ from __future__ import annotations
 
 from datetime import timedelta
 
-from mlc import names
 from mlc.contracts.base import ActivityContract
 from mlc.domain import Deployment, Frozen, ModelSnapshot, Runtime, TrafficRoute
-from mlc.trust.statements import Envelope
+from mlc.statements import Envelope
 
 INVENTORY_TIMEOUT = timedelta(seconds=30)
 
@@ -96,7 +95,7 @@ class RollbackResult(Frozen):
 
 
 VERIFY_ROLLBACK = ActivityContract(
-    names.VERIFY_ROLLBACK, VerifyRollbackInput, VerifyRollbackResult, INVENTORY_TIMEOUT
+    "verify_rollback", VerifyRollbackInput, VerifyRollbackResult, INVENTORY_TIMEOUT
 )
 
 INVENTORY_CONTRACTS = (VERIFY_ROLLBACK,)

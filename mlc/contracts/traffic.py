@@ -30,12 +30,12 @@ from typing import Any, Literal
 
 from pydantic import Field
 
-from mlc import names
 from mlc.contracts.base import ActivityContract
+from mlc.contracts.inventory import RuntimeGrantResult
+from mlc.contracts.runtime import RuntimeActionInput
 from mlc.domain import MAX_GRACE, Frozen, TrafficRoute
-from mlc.payloads import RuntimeActionInput, RuntimeGrantResult
+from mlc.statements import Envelope
 from mlc.traffic import TrafficTable
-from mlc.trust.statements import Envelope
 
 TRAFFIC_TIMEOUT = timedelta(minutes=2)
 """Rewriting a configuration and reloading a proxy (starting it the first time)."""
@@ -161,19 +161,19 @@ class VerifyObservationsInput(Frozen):
 
 
 AUTHORIZE_TRAFFIC = ActivityContract(
-    names.AUTHORIZE_TRAFFIC, AuthorizeTrafficInput, RuntimeGrantResult, INVENTORY_TIMEOUT
+    "authorize_traffic", AuthorizeTrafficInput, RuntimeGrantResult, INVENTORY_TIMEOUT
 )
-RECORD_TRAFFIC = ActivityContract(names.RECORD_TRAFFIC, RecordTrafficInput, type(None), INVENTORY_TIMEOUT)
+RECORD_TRAFFIC = ActivityContract("record_traffic", RecordTrafficInput, type(None), INVENTORY_TIMEOUT)
 VERIFY_OBSERVATIONS = ActivityContract(
     "verify_observations", VerifyObservationsInput, type(None), INVENTORY_TIMEOUT
 )
 """A canary step is judged only on observations its gateway runtime signed (verified here)."""
 READ_TRAFFIC = ActivityContract("read_traffic", ReadTrafficInput, ReadTrafficResult, INVENTORY_TIMEOUT)
 ROUTE_TRAFFIC = ActivityContract(
-    names.ROUTE_TRAFFIC, RuntimeActionInput, RouteTrafficResult, TRAFFIC_TIMEOUT, TRAFFIC_HEARTBEAT
+    "route_traffic", RuntimeActionInput, RouteTrafficResult, TRAFFIC_TIMEOUT, TRAFFIC_HEARTBEAT
 )
 OBSERVE_TRAFFIC = ActivityContract(
-    names.OBSERVE_TRAFFIC, ObserveTrafficInput, TrafficObservation, TRAFFIC_TIMEOUT, TRAFFIC_HEARTBEAT
+    "observe_traffic", ObserveTrafficInput, TrafficObservation, TRAFFIC_TIMEOUT, TRAFFIC_HEARTBEAT
 )
 
 INVENTORY_CONTRACTS = (AUTHORIZE_TRAFFIC, RECORD_TRAFFIC, READ_TRAFFIC, VERIFY_OBSERVATIONS)

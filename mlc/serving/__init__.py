@@ -11,7 +11,7 @@ from __future__ import annotations
 from mlc.serving.app import DEFAULT_MAX_BATCH, create_app
 from mlc.serving.batch import BatchSummary, run_batch
 from mlc.serving.limits import ServingLimits
-from mlc.serving.loader import LoadedModel, check_requirements, load_model
+from mlc.serving.model_code import LoadedModel, check_requirements, load_model
 from mlc.serving.validation import InvalidRecordsError, Problem, RecordValidator
 
 __all__ = [

@@ -32,8 +32,8 @@ from mlc.serving.limits import (
     read_body,
     too_many_records,
 )
-from mlc.serving.loader import LoadedModel, Record, load_model
 from mlc.serving.microbatch import BatchPolicy, MicroBatcher
+from mlc.serving.model_code import LoadedModel, Record, load_model
 from mlc.serving.validation import Problem, RecordValidator
 
 DEFAULT_MAX_BATCH = DEFAULT_MAX_RECORDS

@@ -39,7 +39,7 @@ import orjson
 
 from mlc.errors import MLCError, ScoringError
 from mlc.manifest import InputField
-from mlc.serving.loader import LoadedModel, Record, load_model
+from mlc.serving.model_code import LoadedModel, Record, load_model
 from mlc.serving.validation import InvalidRecordsError, RecordValidator
 
 DEFAULT_CHUNK_SIZE = 65_536

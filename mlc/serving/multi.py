@@ -49,8 +49,8 @@ from starlette.routing import Route
 from mlc.errors import InvalidPackageError, MLCError
 from mlc.serving.app import JSONResponse, _ScoringService
 from mlc.serving.limits import ServingLimits
-from mlc.serving.loader import load_model
 from mlc.serving.microbatch import BatchPolicy
+from mlc.serving.model_code import load_model
 
 MEMORY_BUDGET_ENV = "MLC_HOST_MEMORY_MB"
 DEFAULT_MEMORY_BUDGET_MB = 4096

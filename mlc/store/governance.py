@@ -16,9 +16,9 @@ import asyncpg
 from pydantic import ValidationError
 
 from mlc.errors import RefusedError
+from mlc.statements import Envelope, GovernancePredicate
 from mlc.store import trail
 from mlc.trust.governance import Governance
-from mlc.trust.statements import Envelope, GovernancePredicate
 
 log = logging.getLogger(__name__)
 

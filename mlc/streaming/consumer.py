@@ -54,7 +54,7 @@ from confluent_kafka import (
 )
 
 from mlc.manifest import load_manifest
-from mlc.serving.loader import LoadedModel, load_model
+from mlc.serving.model_code import LoadedModel, load_model
 from mlc.serving.validation import RecordValidator
 from mlc.streaming.settings import StreamConfig, with_secret
 

@@ -30,10 +30,10 @@ from pydantic import BaseModel, ValidationError
 from mlc.contracts.traffic import TrafficObservation
 from mlc.domain import Frozen, TestKind, TestResult, check_name
 from mlc.errors import RefusedError
+from mlc.statements import Envelope, digest, make_statement, seal
 from mlc.trust.governance import Governance
 from mlc.trust.grants import RuntimeGrant
 from mlc.trust.keys import ensure_key, key_id, verify
-from mlc.trust.statements import Envelope, digest, make_statement, seal
 
 EVIDENCE_TYPE = "urn:mlc:predicate:runtime-evidence:v1"
 """predicateType of a result signed by the runtime worker that produced it."""

@@ -20,9 +20,7 @@ from pydantic import ValidationError
 
 from mlc.domain import Runtime
 from mlc.errors import InvalidKeyError, RefusedError
-from mlc.trust.keys import key_id, parse_public_key, public_text, verify
-from mlc.trust.policy import DEFAULT_POLICIES, StagePolicy
-from mlc.trust.statements import (
+from mlc.statements import (
     GOVERNANCE_TYPE,
     Envelope,
     GovernancePredicate,
@@ -31,6 +29,8 @@ from mlc.trust.statements import (
     make_statement,
     seal,
 )
+from mlc.trust.keys import key_id, parse_public_key, public_text, verify
+from mlc.trust.policy import DEFAULT_POLICIES, StagePolicy
 
 ADMIN = "admin"
 INIT = "init"

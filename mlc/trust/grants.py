@@ -22,8 +22,8 @@ from pydantic import ValidationError
 
 from mlc.domain import Frozen, Mode, ModelSnapshot, Runtime, TrafficRoute
 from mlc.errors import InvalidKeyError, RefusedError
+from mlc.statements import GRANT_TYPE, Envelope, make_statement, seal
 from mlc.trust.keys import ensure_key, key_id, parse_public_key, public_text, verify
-from mlc.trust.statements import GRANT_TYPE, Envelope, make_statement, seal
 
 GRANT_LIFETIME = timedelta(hours=1)
 """Long enough for a deploy with its retries; short enough that a leaked grant soon expires."""

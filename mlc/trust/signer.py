@@ -13,11 +13,9 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from mlc.contracts.lifecycle import LifecycleStatus
 from mlc.domain import Decision
-from mlc.payloads import LifecycleStatus
-from mlc.trust.governance import sign_governance
-from mlc.trust.keys import key_id
-from mlc.trust.statements import (
+from mlc.statements import (
     DECISION_TYPE,
     ROLLBACK_TYPE,
     STATEMENT_TYPE,
@@ -29,6 +27,8 @@ from mlc.trust.statements import (
     make_statement,
     seal,
 )
+from mlc.trust.governance import sign_governance
+from mlc.trust.keys import key_id
 
 DECISION_LIFETIME = timedelta(minutes=15)
 """A signed decision must reach the platform within this time (limits replay of a leaked one)."""

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from activities.runtimes import driver_for
 from activities.runtimes.base import CleanupRequest
 from activities.runtimes.gateway import remove as stop_gateway
+from activities.runtimes.registry import driver_for
 from cli.stack.dev_postgres import DevPostgres
 from mlc.config import Settings
 from mlc.store import connect, runtimes

@@ -23,8 +23,8 @@ from typing import Any
 from temporalio.client import Client, WorkflowHandle
 from temporalio.contrib.pydantic import pydantic_data_converter
 
-from activities.runtimes import driver_for
 from activities.runtimes.base import ProbeRequest
+from activities.runtimes.registry import driver_for
 from cli.stack.dev_postgres import DevPostgres
 from cli.stack.devstack import port_open, temporal_cli
 from mlc import processes

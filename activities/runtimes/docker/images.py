@@ -65,11 +65,13 @@ requirement versions; ``confluent-kafka`` is the streaming consumer's client, ``
 how it reaches the model server that scores for it)."""
 
 MLC_SOURCES = (
-    "__init__.py", "domain.py", "errors.py", "manifest.py", "evaluation.py", "serving", "streaming",
-    "trust/__init__.py", "trust/statements.py",  # domain.py imports the statement envelope
+    "__init__.py", "domain.py", "errors.py", "kafka_settings.py", "manifest.py", "serving",
+    "cgroups.py", "isolation.py", "processes.py",  # what serving's fork server imports
+    "streaming/__init__.py", "streaming/__main__.py", "streaming/consumer.py", "streaming/settings.py",
 )  # fmt: skip
 """The parts of the ``mlc`` package the model server and the streaming consumer import; the
-rest stays out of images."""
+rest stays out of images. ``tests/test_image_sources.py`` checks it is exactly the import
+closure of the ``python -m`` commands the drivers run in containers."""
 
 _PIP_WHEEL = "pip.whl"
 """The pip wheel's name in the build context: fixed, so the Dockerfile does not depend on it."""

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
-from activities.runtimes.base import RuntimeDriver
-from activities.runtimes.gateway.tier import Gateway
+from typing import TYPE_CHECKING
+
 from activities.runtimes.registry import RuntimeKindSpec, register
 from mlc.config import Settings
 from mlc.domain import Runtime, RuntimeKind
+
+if TYPE_CHECKING:  # types only: the CLI reads a kind's options without loading Temporal
+    from activities.runtimes.base import RuntimeDriver
+    from activities.runtimes.gateway.tier import Gateway
 
 
 def _driver(settings: Settings) -> RuntimeDriver:

@@ -15,20 +15,19 @@ from temporalio.exceptions import WorkflowAlreadyStartedError
 from temporalio.service import RPCError
 
 from mlc import names
+from mlc.contracts.lifecycle import LifecycleStatus, SignedDecision, StartLifecycleInput
 from mlc.domain import (
     ApprovalRecord,
     Decision,
     LifecycleSpec,
     LifecycleState,
     ModelRef,
-    SignedDecision,
     StageTestReport,
 )
 from mlc.errors import ConflictError, MLCError, NotFoundError
-from mlc.payloads import LifecycleStatus, StartLifecycleInput
+from mlc.statements import Envelope
 from mlc.store import runs, snapshots, trail
 from mlc.trust.signer import Signer
-from mlc.trust.statements import Envelope
 
 
 async def start_lifecycle(

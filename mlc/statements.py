@@ -6,7 +6,9 @@ check our trail with standard in-toto tooling instead of trusting ours.
 
 Only pydantic and the standard library are imported here (keys are passed in as
 callables and verified elsewhere), so workflow code can decode an envelope inside
-Temporal's sandbox to refuse obvious misfits before any activity runs.
+Temporal's sandbox to refuse obvious misfits before any activity runs. The format sits
+below the activity contracts, whose payloads carry envelopes; signing and verifying them
+is :mod:`mlc.trust`'s job.
 """
 
 from __future__ import annotations
