@@ -8,6 +8,7 @@ import asyncio
 import os
 import re
 import select
+import shutil
 import signal
 import subprocess
 import sys
@@ -40,11 +41,17 @@ def _mlc(
 
 
 def _fake_nginx(folder: Path) -> Path:
-    """An "nginx" that passes the start-up check (``-v``) and fails everything else, so a
-    run fails in an activity (routing the stable endpoint), as a broken nginx would."""
+    """An "nginx" that passes the start-up check (``-v``) and fails every runtime gateway
+    (their files sit under ``_gateways``), so a run fails in an activity (routing the stable
+    endpoint), as a broken nginx would; anything else (the mutual-TLS proxy in front of
+    Temporal) runs the real nginx."""
+    real = shutil.which("nginx") or "/usr/sbin/nginx"
     path = folder / "nginx"
     path.write_text(
-        '#!/bin/sh\n[ "$1" = -v ] && exit 0\necho "nginx: [emerg] broken on purpose" >&2\nexit 1\n'
+        "#!/bin/sh\n"
+        '[ "$1" = -v ] && exit 0\n'
+        'case "$*" in *_gateways*) echo "nginx: [emerg] broken on purpose" >&2; exit 1 ;; esac\n'
+        f'exec {real} "$@"\n'
     )
     path.chmod(0o755)
     return path

@@ -82,9 +82,12 @@ class LocalGateway(Gateway):
         # model could otherwise reach other models through them: unix sockets do not
         # depend on its network namespace).
         group = self._worker_gid()
-        if group is not None:
+        if group is None:  # nginx's workers are the worker's own user: the folder is theirs alone
+            scratch.mkdir(mode=0o700, exist_ok=True)
+            os.chmod(scratch, 0o700)
+        else:
             os.chown(scratch, os.geteuid(), group)
-        os.chmod(scratch, 0o755 if group is None else 0o710)
+            os.chmod(scratch, 0o710)
 
     def _pid(self, tier: Tier) -> int | None:
         """The tier's live master: the one recorded in its state file or, failing that, in
