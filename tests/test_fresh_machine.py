@@ -208,6 +208,8 @@ def demo_ports_free() -> None:
     """The demo's fixed ports must be free: the container shares this host's network."""
     for port in DEMO_PORTS:
         with socket.socket() as probe:
+            # as servers bind: connections of an earlier demo in TIME_WAIT do not hold the port
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             try:
                 probe.bind(("127.0.0.1", port))
             except OSError:
