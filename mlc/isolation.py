@@ -36,7 +36,9 @@ as a whole, which owns the folder of every deployment hosted in it: models hoste
 can read and disturb each other (their packages, folders, requests and answers), a weaker
 boundary than a user per deployment. They are still kept from everything above, and from
 models outside their host. Nor can one of them be killed alone (one process has one uid
-and one cgroup): a model leaving the host ends with a restart of the host without it.
+and one cgroup): a model leaving the host is unloaded and every process of the host's
+user but the host's own is killed (:func:`kill_user` with ``spare``); threads it started
+inside the host's process run on until the host's next restart.
 
 When the worker is not root it cannot give a model another user: model processes then
 run as the worker's user, and what separates them from the worker's files is only the

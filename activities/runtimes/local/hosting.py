@@ -239,7 +239,7 @@ class LocalHosting(LocalPackages):
                     pass
             if problem is not None and (moved := await self._restarted(request.runtime, workdir, pid)):
                 pid, endpoint, problem = int(moved["pid"]), endpoint_of(moved), None
-                continue  # another model left the host, which was restarted: ask the new one
+                continue  # the host was restarted meanwhile (see _release_host): ask the new one
             if problem is None and time.monotonic() > deadline:
                 problem = (
                     f"{where} did not become healthy at {endpoint} within {HEALTH_TIMEOUT_SECONDS:.0f} s"
@@ -253,8 +253,8 @@ class LocalHosting(LocalPackages):
 
     async def _restarted(self, runtime: Runtime, workdir: Path, pid: int) -> dict[str, Any] | None:
         """The deployment's record with its host's new pid when the host ``pid`` was
-        restarted since (a model left it: its answers while stopping do not count), waiting
-        for a restart under way; else None."""
+        restarted since (it did not answer when a model left it: its answers while stopping
+        do not count), waiting for a restart under way; else None."""
         async with host_turn(self.settings, runtime):
             moved = self._state(runtime, workdir)
         if moved is not None and int(moved["pid"]) != pid and alive(int(moved["pid"])):
