@@ -104,6 +104,26 @@ class Hierarchy:
         with contextlib.suppress(OSError):  # gone already, or someone joined meanwhile: next time
             group.rmdir()
 
+    def kill_others(self, uid: int, spare: int, *, timeout: float) -> None:
+        """SIGKILL every process in ``uid``'s group but ``spare``, the whole group frozen
+        while they are killed (nothing forks meanwhile; ``spare`` only pauses), until no
+        other is left; the group stays, ``spare`` in it.
+
+        Raises:
+            DeploymentFailedError: others were still there after ``timeout`` seconds.
+        """
+        group = self.group(uid)
+        deadline = time.monotonic() + timeout
+        while pids := [pid for pid in self.members(uid) if pid != spare]:
+            if time.monotonic() > deadline:
+                raise DeploymentFailedError(f"processes {pids} in cgroup {group} do not die")
+            with self._frozen(group):
+                for pid in self.members(uid):
+                    if pid != spare:
+                        with contextlib.suppress(ProcessLookupError):
+                            os.kill(pid, signal.SIGKILL)
+            time.sleep(0.01)
+
     @contextlib.contextmanager
     def _frozen(self, group: Path) -> Iterator[None]:
         """Keep ``group`` frozen (no member runs, none forks) inside the block."""
@@ -181,6 +201,13 @@ def kill(uid: int, *, timeout: float) -> None:
     found = hierarchy()
     if found is not None:
         found.kill(uid, timeout=timeout)
+
+
+def kill_others(uid: int, spare: int, *, timeout: float) -> None:
+    """Kill every process in ``uid``'s group but ``spare`` (see :meth:`Hierarchy.kill_others`)."""
+    found = hierarchy()
+    if found is not None:
+        found.kill_others(uid, spare, timeout=timeout)
 
 
 def members(uid: int) -> list[int]:

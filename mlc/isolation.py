@@ -36,7 +36,9 @@ as a whole, which owns the folder of every deployment hosted in it: models hoste
 can read and disturb each other (their packages, folders, requests and answers), a weaker
 boundary than a user per deployment. They are still kept from everything above, and from
 models outside their host. Nor can one of them be killed alone (one process has one uid
-and one cgroup): a model leaving the host ends with a restart of the host without it.
+and one cgroup): a model leaving the host is unloaded and every process of the host's
+user but the host's own is killed (:func:`kill_user` with ``spare``); threads it started
+inside the host's process run on until the host's next restart.
 
 When the worker is not root it cannot give a model another user: model processes then
 run as the worker's user, and what separates them from the worker's files is only the
@@ -588,19 +590,24 @@ def processes_of(uid: int) -> list[int]:
     return found
 
 
-def kill_user(user: ModelUser | None) -> None:
+def kill_user(user: ModelUser | None, *, spare: int | None = None) -> None:
     """SIGKILL every process of a deployment's user, until none is left (only a
     deployment's own user: never the worker's): its cgroup first, frozen so nothing forks
     meanwhile (:func:`mlc.cgroups.kill`), then whatever ``/proc`` still shows of the uid.
+    With ``spare`` (a shared host's pid) every process but that one: the host serves on,
+    whatever its models started ends.
 
     Raises:
         DeploymentFailedError: some would not die within ``KILL_TIMEOUT_SECONDS``.
     """
     if user is None or not in_range(user.uid):
         return
-    cgroups.kill(user.uid, timeout=KILL_TIMEOUT_SECONDS)
+    if spare is None:
+        cgroups.kill(user.uid, timeout=KILL_TIMEOUT_SECONDS)
+    else:
+        cgroups.kill_others(user.uid, spare, timeout=KILL_TIMEOUT_SECONDS)
     deadline = time.monotonic() + KILL_TIMEOUT_SECONDS
-    while pids := processes_of(user.uid):
+    while pids := [pid for pid in processes_of(user.uid) if pid != spare]:
         for pid in pids:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)

@@ -97,3 +97,44 @@ def test_a_group_is_killed_whole_with_every_daemon(as_root: None, version: int, 
         breeder.wait()
         for pid in processes.find_processes(marker):
             os.kill(pid, 9)
+
+
+@pytest.mark.parametrize("version", [1, 2])
+def test_every_process_but_the_spared_one_is_killed(as_root: None, version: int, tmp_path: Path) -> None:
+    """What a shared host's user gets when a model leaves it: the host (spared) runs on,
+    whatever breeds beside it ends."""
+    found = [h for h in offered() if h.version == version]
+    if not found:
+        pytest.skip(f"this host offers no usable cgroup v{version} hierarchy")
+    hierarchy = found[0]
+    uid = 1_999_999_980 + version
+    marker = f"mlc-cgroup-test-{uuid.uuid4().hex}"
+    sleeper = "import signal, time\nsignal.signal(signal.SIGTERM, signal.SIG_IGN)\ntime.sleep(600)"
+    with (tmp_path / "breeder.log").open("ab") as log:
+        spared = subprocess.Popen(
+            [sys.executable, "-c", sleeper], preexec_fn=lambda: hierarchy.join(uid), stdout=log
+        )
+        breeder = subprocess.Popen(
+            [sys.executable, "-c", BREEDER, sleeper, marker],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            preexec_fn=lambda: hierarchy.join(uid),
+        )
+    try:
+        deadline = time.monotonic() + 20
+        while len(processes.find_processes(marker)) < 5:
+            assert time.monotonic() < deadline, "the breeder started no daemons"
+            time.sleep(0.05)
+        hierarchy.kill_others(uid, spared.pid, timeout=10)
+        breeder.wait(timeout=10)
+        assert processes.find_processes(marker) == []
+        assert spared.poll() is None and hierarchy.members(uid) == [spared.pid]
+        hierarchy.kill(uid, timeout=10)
+        spared.wait(timeout=10)
+        assert not hierarchy.group(uid).exists()
+    finally:
+        for child in (breeder, spared):
+            child.kill()
+            child.wait()
+        for pid in processes.find_processes(marker):
+            os.kill(pid, 9)

@@ -461,6 +461,25 @@ async def test_a_dead_host_is_brought_back_on_its_port(settings: Settings) -> No
     assert processes_mentioning(str(settings.runtime_dir / runtime.name)) == []
 
 
+async def test_a_host_that_does_not_answer_is_restarted_when_a_model_leaves(settings: Settings) -> None:
+    """A wedged host (stopped: it answers nothing) cannot unload a leaving model: it is
+    restarted on its socket instead, and the model that stays serves from the new one."""
+    runtime = Runtime(name="local-dev", stage="DEV")
+    driver = LocalDriver(settings)
+    try:
+        snapshot = snapshot_of(settings, FIXTURES / "weak-model")
+        _, details = await deploy(driver, snapshot, runtime, "dep-leaving")
+        staying, _ = await deploy(driver, snapshot, runtime, "dep-staying")
+        os.kill(details["pid"], signal.SIGSTOP)
+        await driver.undeploy(UndeployRequest(deployment_id="dep-leaving", runtime=runtime))
+        assert not alive(details["pid"])
+        assert (await endpoints.get(staying, "/health", timeout=10)).status_code == 200
+        moved = await driver.probe(ProbeRequest(deployment_id="dep-staying", runtime=runtime))
+        assert moved.healthy and moved.endpoint == staying
+    finally:
+        await driver.cleanup(CleanupRequest(runtime=runtime))
+
+
 async def test_hosted_model_failures_and_refusals(settings: Settings, tmp_path: Path) -> None:
     runtime = Runtime(name="local-dev", stage="DEV")
     driver = LocalDriver(settings)
@@ -478,8 +497,10 @@ async def test_hosted_model_failures_and_refusals(settings: Settings, tmp_path: 
         assert not (settings.runtime_dir / runtime.name / ".host" / "models" / "dep-odd").exists()
         health = await endpoints.get(endpoint, "/health", timeout=10)
         assert health.status_code == 200, "the others serve on"
-        # the failed models' code ran in the host's process: it was started again without them
-        assert not alive(details["pid"])
+        # the failed models left the host without restarting it: the others kept answering
+        assert alive(details["pid"])
+        models = await endpoints.get(endpoint.rsplit("/models/", 1)[0], "/models", timeout=10)
+        assert models.json()["models"] == ["dep-ok"]
     finally:
         await driver.cleanup(CleanupRequest(runtime=runtime))
 

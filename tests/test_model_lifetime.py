@@ -21,7 +21,7 @@ import pytest
 
 from activities.runtimes.base import BatchJobRequest, CleanupRequest, OnlineDeployRequest, UndeployRequest
 from activities.runtimes.local.driver import LocalDriver
-from activities.runtimes.local.layout import HOST_DIR
+from activities.runtimes.local.layout import HOST_DIR, HOST_STATE, read_state
 from mlc import cgroups, isolation, processes
 from mlc.artifacts import ArtifactStore, build_archive
 from mlc.config import Settings
@@ -172,30 +172,77 @@ async def hostile_serving(driver: LocalDriver, runtime: Runtime, tmp_path: Path,
     return uid
 
 
+def host_pid(driver: LocalDriver, runtime: Runtime) -> int:
+    """The pid the runtime's shared host is recorded with."""
+    state = read_state(driver.settings.runtime_dir / runtime.name / HOST_DIR, HOST_STATE)
+    assert state is not None
+    return int(state["pid"])
+
+
+async def answering(endpoint: str, stop: asyncio.Event) -> int:
+    """Score ``endpoint`` until ``stop``, each answer 200 with the bystander's output; the count."""
+    count = 0
+    while not stop.is_set() or count == 0:
+        assert (await score(endpoint)) == {"p": 0.25}
+        count += 1
+    return count
+
+
 @pytest.mark.parametrize("hosting", ["shared", "dedicated"])
 async def test_undeploy_leaves_no_process_of_the_model(
     driver: LocalDriver, tmp_path: Path, marker: str, hosting: str
 ) -> None:
+    """In a shared host the bystander answers throughout (no restart: the host keeps its
+    pid) and only the host's own process still runs as its user."""
     runtime = runtime_for(hosting)
     bystander = snapshot(driver.settings, tmp_path / "bystander", "bystander", BYSTANDER)
     other = await deploy(driver, runtime, "bystander", bystander)
     uid = await hostile_serving(driver, runtime, tmp_path, marker)
+    host = host_pid(driver, runtime) if hosting == "shared" else None
+    hostile_endpoint = await driver.locate(runtime, "hostile")
 
+    stop = asyncio.Event()
+    calls = asyncio.ensure_future(answering(other, stop))
     await driver.undeploy(UndeployRequest(deployment_id="hostile", runtime=runtime))
+    stop.set()
+    assert await calls > 0
 
     assert daemons(marker) == {}
-    left = isolation.processes_of(uid)
-    if hosting == "shared":  # the host started again without it: only its new process runs as the uid
-        assert [processes.command_line(pid) for pid in left] == [
-            processes.command_line(pid) for pid in left if "serve-many" in processes.command_line(pid)
-        ]
-        assert len(left) == 1
-    else:
-        assert left == []
+    assert isolation.processes_of(uid) == ([] if host is None else [host])
+    if host is not None:
+        assert host_pid(driver, runtime) == host, "the host was not restarted"
+        if cgroups.hierarchy() is not None:
+            assert cgroups.members(uid) == [host]
+        gone = await call_model(hostile_endpoint, "/score", json={"x": 1})
+        assert gone.status_code == 404, gone.text
     assert (await score(other)) == {"p": 0.25}, "the other model serves on"
 
     await driver.undeploy(UndeployRequest(deployment_id="bystander", runtime=runtime))
     assert isolation.processes_of(uid) == []
+
+
+async def test_a_new_snapshot_in_the_shared_host_leaves_no_process_of_the_old_one(
+    driver: LocalDriver, tmp_path: Path, marker: str
+) -> None:
+    """The same deployment redeployed with other code: the old code's daemons end, the
+    host keeps its pid and the bystander answers throughout."""
+    runtime = runtime_for("shared")
+    bystander = snapshot(driver.settings, tmp_path / "bystander", "bystander", BYSTANDER)
+    other = await deploy(driver, runtime, "bystander", bystander)
+    uid = await hostile_serving(driver, runtime, tmp_path, marker)
+    host = host_pid(driver, runtime)
+    tamed = snapshot(driver.settings, tmp_path / "tamed", "hostile", BYSTANDER)
+
+    stop = asyncio.Event()
+    calls = asyncio.ensure_future(answering(other, stop))
+    endpoint = await deploy(driver, runtime, "hostile", tamed)
+    stop.set()
+    assert await calls > 0
+
+    assert (await score(endpoint)) == {"p": 0.25}
+    assert daemons(marker) == {}
+    assert host_pid(driver, runtime) == host
+    assert isolation.processes_of(uid) == [host]
 
 
 @pytest.mark.parametrize("hosting", ["shared", "dedicated"])
@@ -222,14 +269,15 @@ async def test_a_batch_job_leaves_no_process_of_the_model(
     assert isolation.processes_of(os.stat(driver.workdir(runtime, "hostile-batch")).st_uid) == []
 
 
-async def test_a_deploy_waiting_in_the_shared_host_follows_its_restart(
+async def test_a_deploy_loading_in_the_shared_host_completes_while_another_model_leaves(
     driver: LocalDriver, tmp_path: Path, marker: str
 ) -> None:
-    """A model leaving restarts the host while another is loading there (its import waits
-    for a go, so the host's graceful stop gives up on it): that deploy waits for the
-    restarted host and succeeds there instead of failing."""
+    """A model leaves the host while another is loading there (its import waits for a go):
+    the host is not restarted, the leaving model's daemons end, and the loading deploy
+    succeeds in the same host process."""
     runtime = runtime_for("shared")
     uid = await hostile_serving(driver, runtime, tmp_path, marker)
+    host = host_pid(driver, runtime)
     wait_for_go = (
         "import os, time\nwhile not os.path.exists(os.environ['TMPDIR'] + '/go'):\n    time.sleep(0.05)\n"
     )
@@ -241,8 +289,9 @@ async def test_a_deploy_waiting_in_the_shared_host_follows_its_restart(
     await asyncio.sleep(0.5)
     await driver.undeploy(UndeployRequest(deployment_id="hostile", runtime=runtime))
     assert not loading.done()
+    assert daemons(marker) == {}
     (host_dir / "tmp" / "go").write_text("")
     endpoint = await loading
     assert (await score(endpoint)) == {"p": 0.25}
-    assert daemons(marker) == {}
-    assert len(isolation.processes_of(uid)) == 1, "only the restarted host runs as the host's user"
+    assert host_pid(driver, runtime) == host
+    assert isolation.processes_of(uid) == [host], "only the host runs as the host's user"

@@ -14,10 +14,11 @@ by default every stage but PROD) are served by one model-host process per runtim
 identity ``<deployment id>.json``. Such a deployment's endpoint is
 ``unix:<runtime_dir>/<runtime>/.host/host.sock/models/<deployment id>``; its folder keeps
 ``deployment.json`` (``"host": true``) and the package. The host starts on the first deploy
-(forked from the forkserver), is started again on its socket when found dead, is restarted
-without each deployment that leaves it (the model's code ran in its process: whatever
-that left running ends with the host's user), and stops when its last deployment is
-removed. A model the host refuses (409: requirements it does not meet)
+(forked from the forkserver), is started again on its socket when found dead, keeps
+serving when a deployment leaves it (the model is unloaded and, since its code ran in the
+host's process, every other process of the host's user is killed: whatever it left
+running ends; threads it started in the host run until the host's next restart), and
+stops when its last deployment is removed. A model the host refuses (409: requirements it does not meet)
 gets a dedicated process instead. Models hosted together share one process and, when
 the worker is root, one user (the host's): a crash or a hostile model reaches the other
 models of the same host, which is why PROD keeps a process and a user per deployment.

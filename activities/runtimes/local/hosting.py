@@ -56,6 +56,10 @@ from mlc.errors import DeploymentFailedError
 from mlc.isolation import ModelUser
 from mlc.serving.capture import CAPTURE_FILE
 
+SWEEP_TIMEOUT_SECONDS = 5.0
+"""How long a running shared host may take to answer ``/health`` when a model leaves it
+(any answer: it serves, 503 included) before it counts as wedged and is restarted."""
+
 _host_locks: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[str, asyncio.Lock]] = (
     weakref.WeakKeyDictionary()
 )
@@ -235,7 +239,7 @@ class LocalHosting(LocalPackages):
                     pass
             if problem is not None and (moved := await self._restarted(request.runtime, workdir, pid)):
                 pid, endpoint, problem = int(moved["pid"]), endpoint_of(moved), None
-                continue  # another model left the host, which was restarted: ask the new one
+                continue  # the host was restarted meanwhile (see _release_host): ask the new one
             if problem is None and time.monotonic() > deadline:
                 problem = (
                     f"{where} did not become healthy at {endpoint} within {HEALTH_TIMEOUT_SECONDS:.0f} s"
@@ -249,8 +253,8 @@ class LocalHosting(LocalPackages):
 
     async def _restarted(self, runtime: Runtime, workdir: Path, pid: int) -> dict[str, Any] | None:
         """The deployment's record with its host's new pid when the host ``pid`` was
-        restarted since (a model left it: its answers while stopping do not count), waiting
-        for a restart under way; else None."""
+        restarted since (it did not answer when a model left it: its answers while stopping
+        do not count), waiting for a restart under way; else None."""
         async with host_turn(self.settings, runtime):
             moved = self._state(runtime, workdir)
         if moved is not None and int(moved["pid"]) != pid and alive(int(moved["pid"])):
@@ -260,8 +264,8 @@ class LocalHosting(LocalPackages):
     async def _leave_host(self, runtime: Runtime, workdir: Path, *, fresh: bool) -> None:
         """Take the deployment out of the runtime's host (its link and identity); with
         ``fresh`` also its folder, which belongs to the host's user. The model's code ran in
-        the host's process, so whatever it left running is the host user's: the host ends
-        with every process of its user and starts again without the model (see
+        the host's process, so whatever it left running is the host user's: every process
+        of that user but the host's own ends, and the host serves on (see
         :meth:`_release_host`)."""
         models = self._host_dir(runtime) / MODELS_DIR
         for path in (models / workdir.name, models / f"{workdir.name}.json"):
@@ -269,26 +273,30 @@ class LocalHosting(LocalPackages):
                 path.unlink()
         if fresh:
             await asyncio.to_thread(self._forget_folder, runtime, workdir)
-        await self._release_host(runtime, restart=True)
+        await self._release_host(runtime, left=True)
 
     def _forget_folder(self, runtime: Runtime, workdir: Path) -> None:
         """Remove the deployment's folder, first killing what its user still runs unless
-        that user is the host's (the host's restart ends those)."""
+        that user is the host's (:meth:`_release_host` ends those)."""
         user = isolation.user_of(workdir)
         if user is not None and user != isolation.user_of(self._host_dir(runtime)):
             isolation.kill_user(user)
             forget_network(runtime, user)
         shutil.rmtree(workdir, True)
 
-    async def _release_host(self, runtime: Runtime, *, restart: bool = False) -> None:
+    async def _release_host(self, runtime: Runtime, *, left: bool = False) -> None:
         """Stop the runtime's host with every process of its user (its cgroup, its uid) and
         remove its folder when no deployment is linked in it any more.
 
-        With ``restart`` (a model just left it) and deployments still linked, the running
-        host is stopped the same way and started again on its socket: one process and one
-        user serve every hosted model, so a model leaving cannot be killed alone, and a
-        restart is what ends whatever its code left behind (a ``setsid`` daemon). The models
-        that stay load again on their next request. A dead host is only cleared of its
+        With ``left`` (a model just left it) and deployments still linked, the model is
+        unloaded (the host's ``/health`` sweeps out what is no longer linked) and every
+        process of the host's user but the host's own is killed: a model's code runs in
+        the host's process, so a ``setsid`` daemon it started is the host user's, and the
+        host itself runs no process of its own (uvicorn in one process). The others keep
+        answering. Threads the leaving model started inside the host's process run on until
+        the host's next restart. A host that does not answer, or whose user's processes
+        will not die (a thread forking on), is restarted on its socket instead (the models
+        that stay load again on their next request). A dead host is only cleared of its
         user's leftovers: the reconciler brings it back.
         """
         host_dir = self._host_dir(runtime)
@@ -296,12 +304,14 @@ class LocalHosting(LocalPackages):
             state = read_state(host_dir, HOST_STATE)
             models = host_dir / MODELS_DIR
             hosting = models.is_dir() and any(p.is_symlink() for p in models.iterdir())
-            if hosting and not restart:
+            if hosting and not left:
                 return
             running = state is not None and alive(int(state["pid"]))
+            user = isolation.user_of(host_dir)  # None once its folder is gone
+            if hosting and running and state is not None and await self._sweep(runtime, state, user):
+                return
             if state is not None:
                 await stop(int(state["pid"]))
-            user = isolation.user_of(host_dir)  # None once its folder is gone
             await asyncio.to_thread(isolation.kill_user, user)
             if not hosting:
                 await asyncio.to_thread(forget_network, runtime, user)
@@ -312,3 +322,22 @@ class LocalHosting(LocalPackages):
                     await self._ensure_host(runtime, prepared, lambda note: None)
                 except DeploymentFailedError as exc:  # the model left; the others' probes will say
                     logger.warning("the shared host of runtime %s did not start again: %s", runtime.name, exc)
+
+    async def _sweep(self, runtime: Runtime, state: dict[str, Any], user: ModelUser | None) -> bool:
+        """Have the running host unload what is no longer linked in it and kill every other
+        process of its user; False when it does not answer ``/health`` within
+        ``SWEEP_TIMEOUT_SECONDS`` or those processes do not die (it must be restarted)."""
+        pid = int(state["pid"])
+        try:
+            await endpoints.get(endpoint_of(state), "/health", timeout=SWEEP_TIMEOUT_SECONDS)
+        except httpx.TransportError:
+            logger.warning(
+                "the shared host of runtime %s (pid %d) does not answer: restarting it", runtime.name, pid
+            )
+            return False
+        try:
+            await asyncio.to_thread(isolation.kill_user, user, spare=pid)
+        except DeploymentFailedError as exc:
+            logger.warning("the shared host of runtime %s is restarted: %s", runtime.name, exc)
+            return False
+        return True
