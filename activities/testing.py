@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 from typing import Any, ClassVar
 
 import httpx
@@ -47,6 +48,10 @@ Link = tuple[httpx.AsyncClient, str]
 """A client reaching one deployment and its base URL (see :func:`mlc.endpoints.connect`)."""
 
 _UNAVAILABLE_STATUS = frozenset({502, 503, 504})
+TESTS_DIR = "_tests"
+"""``<runtime_dir>/_tests/<sha256>``: packages unpacked for their stage tests, which hold
+the model's weights and labelled evaluation data: the worker's alone (0700), never readable
+by a model's user or another local account through the runtimes' folder (0711)."""
 
 
 class TestingActivities:
@@ -204,9 +209,11 @@ class TestingActivities:
     def _prepare(self, input: RunStageTestsInput) -> tuple[ModelManifest, EvaluationSet]:
         """Unpack the snapshot's package and read its manifest and evaluation data."""
         sha = input.snapshot.sha256
-        dest = self.settings.runtime_dir / "_tests" / sha
+        tests_dir = self.settings.runtime_dir / TESTS_DIR
         try:
-            package_dir = ArtifactStore(self.settings.artifact_dir).unpack(sha, dest)
+            tests_dir.mkdir(parents=True, exist_ok=True)
+            os.chmod(tests_dir, 0o700)  # not 0755, even where an older worker made it so
+            package_dir = ArtifactStore(self.settings.artifact_dir).unpack(sha, tests_dir / sha)
             manifest = load_manifest(package_dir)
             return manifest, load_evaluation(manifest, package_dir)
         except MLCError as exc:

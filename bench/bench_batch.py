@@ -123,9 +123,9 @@ async def through_runtime(package: Path, inputs: dict[str, Path], work: Path, co
         requirements=manifest.requirements,
     )
     driver, runtime = LocalDriver(settings), Runtime(name="bench-batch", stage="DEV")
-    _fork_client()  # starts it in the background
+    _fork_client(settings.home)  # starts it in the background
     for _ in range(600):
-        if _fork_client() is not None:
+        if _fork_client(settings.home) is not None:
             break
         await asyncio.sleep(0.05)
     print(f"through the local runtime (run_batch, output JSON lines), best of {runs}:")

@@ -69,6 +69,7 @@ async def embedded(
     """
     from activities.reconcile import keeping_reconcilers
     from cli.stack.kafka_broker import dev_brokers, serves
+    from mlc import isolation
     from workers.client import ensure_search_attributes
     from workers.worker import build_main_worker
 
@@ -108,6 +109,7 @@ async def embedded(
                     dev_brokers(pool, ready.home, announce=console.print),
                     keeping_reconcilers(temporal, ready, worker_pool),
                 ):
+                    isolation.lock_home(ready.home, ready.runtime_dir)  # what the workers made (their logs)
                     yield ready
             finally:
                 await worker_pool.close()

@@ -94,6 +94,7 @@ teardown() {
         step_start "down -v"
         compose down -v --remove-orphans >/dev/null 2>&1 || true
         [ "$remove_home" -eq 0 ] || rm -rf "$MLC_HOME_PATH"
+        [ "$rc" -ne 0 ] || rm -rf "$LOGS"
         step_end "down -v"
     fi
     print_timings
@@ -106,9 +107,12 @@ command -v docker-compose >/dev/null || die "docker-compose is not installed (ap
 docker info >/dev/null 2>&1 || die "the Docker engine does not answer (scripts/docker-engine.sh starts it)"
 docker image inspect "$BASE_IMAGE" >/dev/null 2>&1 \
     || die "base image $BASE_IMAGE is missing; build it with scripts/docker-engine.sh"
+# Logs go to a folder of our own (mktemp: 0700, a random name), never to a fixed name in a
+# shared temp dir, where another account could have put a link to a file of root's.
+LOGS="$(mktemp -d -t mlc-compose-smoke-logs.XXXXXX)"
 step_start "wheelhouse (deploy/make-wheelhouse.sh)"
-deploy/make-wheelhouse.sh >/tmp/mlc-compose-smoke-wheelhouse.log 2>&1 \
-    || { tail -20 /tmp/mlc-compose-smoke-wheelhouse.log; die "deploy/make-wheelhouse.sh failed"; }
+deploy/make-wheelhouse.sh >"$LOGS/wheelhouse.log" 2>&1 \
+    || { tail -20 "$LOGS/wheelhouse.log"; die "deploy/make-wheelhouse.sh failed (log: $LOGS/wheelhouse.log)"; }
 step_end "wheelhouse"
 # The worker's unprivileged user (uid 10001 in the Dockerfile) owns MLC_HOME.
 install -d -o 10001 -g 10001 "$MLC_HOME_PATH"
@@ -116,9 +120,9 @@ trap teardown EXIT
 
 # --- 2. build ---------------------------------------------------------------------
 step_start "build images"
-compose build --progress plain >/tmp/mlc-compose-smoke-build.log 2>&1 \
-    || compose build >/tmp/mlc-compose-smoke-build.log 2>&1 \
-    || { tail -40 /tmp/mlc-compose-smoke-build.log; die "build failed (log: /tmp/mlc-compose-smoke-build.log)"; }
+compose build --progress plain >"$LOGS/build.log" 2>&1 \
+    || compose build >"$LOGS/build.log" 2>&1 \
+    || { tail -40 "$LOGS/build.log"; die "build failed (log: $LOGS/build.log)"; }
 step_end "build images"
 
 worker_image="$(compose config | awk '/^  worker:/ { w = 1 } w && /^    image:/ { print $2; exit }')"

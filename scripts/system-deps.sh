@@ -30,11 +30,17 @@ esac
 BASE_IMAGE="${MLC_BASE_IMAGE:-mlc-python:3.11-bookworm}"
 
 say() { echo "[system-deps] $*"; }
-have() { command -v "$1" >/dev/null 2>&1 || [ -x "/usr/sbin/$1" ] || [ -x "/sbin/$1" ]; }
+# A program that is there and executable (bash's `command -v` also names a file on PATH that
+# is not executable when it finds nothing better).
+have() {
+    local found
+    { found="$(command -v "$1" 2>/dev/null)" && [ -x "$found" ]; } || [ -x "/usr/sbin/$1" ] || [ -x "/sbin/$1" ]
+}
 
 packages=()   # Debian packages to install
 pieces=()     # one "what (package): why" per package
 engine=0      # 1: scripts/docker-engine.sh has work to do
+socket=""     # the Docker engine's socket, when it is there but this user may not use it
 
 # need WHAT PACKAGE WHY: WHAT is missing; Debian's PACKAGE provides it.
 need() { packages+=("$2"); pieces+=("$1 ($2): $3"); }
@@ -51,6 +57,10 @@ if [ "$profile" = test ]; then
     have debootstrap || need debootstrap debootstrap "builds the local base images (tests/test_fresh_machine.py's too)"
     if ! docker info >/dev/null 2>&1 || ! docker image inspect "$BASE_IMAGE" >/dev/null 2>&1; then
         engine=1
+        at="${DOCKER_HOST:-unix:///var/run/docker.sock}"
+        if [[ "$at" == unix://* ]] && [ -S "${at#unix://}" ] && [ ! -w "${at#unix://}" ]; then
+            socket="${at#unix://}"
+        fi
     fi
 fi
 
@@ -73,7 +83,11 @@ if [ -n "$sudo" ] || ! have apt-get; then
         fi
         echo "missing ${pieces[$i]}; install: ${how}" >&2
     done
-    if [ "$engine" -eq 1 ]; then
+    if [ -n "$socket" ]; then
+        group="$(stat -c %G "$socket")"
+        echo "missing access to the Docker engine's socket $socket (group $group) for $(id -un):" \
+            "${sudo}usermod -aG $group $(id -un), then log in again; or run the tests as root" >&2
+    elif [ "$engine" -eq 1 ]; then
         echo "missing a Docker engine answering \`docker info\` for this user, or the base image" \
             "$BASE_IMAGE; install: ${sudo}./scripts/docker-engine.sh" >&2
     fi

@@ -11,8 +11,10 @@ caches (the first build of the images takes a few more).
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import socket
+import stat
 import subprocess
 import uuid
 from contextlib import ExitStack
@@ -61,3 +63,32 @@ def test_compose_smoke_reaches_prod_through_the_worker_container(docker_engine: 
     assert "serves in PROD at its stable endpoint http://" in result.stdout, result.stdout[-6000:]
     assert "audit trail verified" in result.stdout, result.stdout[-6000:]
     assert "[compose-smoke] OK" in result.stdout
+
+
+def test_compose_smoke_logs_in_a_folder_of_its_own(tmp_path: Path) -> None:
+    """Its logs (written as root) go to a fresh 0700 folder, never to a fixed name in the
+    shared temp dir where another account could have left a link. A ``docker-compose`` that
+    fails stops it at the build, whose log it names."""
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "docker-compose").write_text("#!/bin/sh\nexit 1\n")
+    (fake / "docker-compose").chmod(0o755)
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    env = {**os.environ, "PATH": f"{fake}:{os.environ['PATH']}", "TMPDIR": str(temp), "MLC_HOME_PATH": ""}
+    env.pop("KEEP", None)
+    result = subprocess.run(
+        [str(ROOT / "scripts" / "compose-smoke.sh")],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 1, result.stdout[-4000:]
+    named = re.search(r"build failed \(log: (.+)\)", result.stdout)
+    assert named, result.stdout[-4000:]
+    log = Path(named.group(1))
+    assert log.parent.parent == temp and log.name == "build.log", result.stdout[-4000:]
+    assert stat.S_IMODE(log.parent.stat().st_mode) == 0o700

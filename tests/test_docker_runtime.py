@@ -7,6 +7,7 @@ that silently skipped the container tests would prove nothing.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import socket
 import stat
@@ -171,6 +172,34 @@ async def test_online_deploy_scores_in_a_hardened_container(
     await driver.undeploy(UndeployRequest(deployment_id=deployment_id, runtime=runtime))
     assert _containers(engine, deployment_id) == []
     assert not folder.exists(), "undeploy leaves the socket folder behind"
+
+
+async def test_captures_a_model_plants_as_links_are_skipped_and_reading_is_bounded(
+    engine: Any, settings: Settings, runtime: Runtime, cc_fraud: ModelSnapshot, notes: list[str]
+) -> None:
+    driver = DockerDriver(settings)
+    deployment_id = f"cc-fraud-1-dev-{uuid.uuid4().hex[:6]}"
+    request = OnlineDeployRequest(
+        deployment_id=deployment_id, snapshot=cc_fraud, runtime=runtime, stage="DEV"
+    )
+    result = await driver.deploy_online(request, notes.append)
+    container = engine.containers.get(result.details["container_id"])
+    try:
+        # as the model (the container's user, who owns /tmp): one real answer, a link to a file
+        # of forged answers, then a link to /dev/zero
+        plant = (
+            'echo \'{"t": 9, "id": "kept", "out": 1}\' > /tmp/mlc-capture.jsonl.1 && '
+            'echo \'{"t": 9, "id": "linked", "out": 2}\' > /tmp/forged.jsonl && '
+            "ln -s /tmp/forged.jsonl /tmp/mlc-capture.jsonl"
+        )
+        assert container.exec_run(["sh", "-c", plant]).exit_code == 0
+        assert await driver.read_captures(runtime, deployment_id, since=1.0) == {"kept": 1}
+        swap = "rm /tmp/mlc-capture.jsonl && ln -s /dev/zero /tmp/mlc-capture.jsonl"
+        assert container.exec_run(["sh", "-c", swap]).exit_code == 0
+        read = driver.read_captures(runtime, deployment_id, since=1.0)
+        assert await asyncio.wait_for(read, timeout=60) == {"kept": 1}
+    finally:
+        await driver.undeploy(UndeployRequest(deployment_id=deployment_id, runtime=runtime))
 
 
 async def test_outbound_models_join_the_runtime_network_and_serve_on_their_socket(

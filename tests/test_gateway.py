@@ -496,6 +496,11 @@ def test_capture_is_bounded_and_read_back(tmp_path: Path) -> None:
     assert "id-0" not in answers and "bad id with spaces" not in answers
 
 
+def test_capture_lines_a_model_forged_are_skipped() -> None:
+    lines = [b'{"t": "soon", "id": "a"}', b'{"t": [1], "id": "b", "out": 2}', b'{"t": 5, "id": "c"}']
+    assert read_answers(lines, since=1.0) == {"c": None}
+
+
 def test_model_config_without_routes_answers_503() -> None:
     http, server = render_model(runtime="r", model="cc-fraud.v2", backends=[], logs="/logs")
     assert "upstream" not in http

@@ -6,6 +6,7 @@ import asyncio
 import json
 import os
 import signal
+import stat
 import subprocess
 import sys
 import uuid
@@ -292,11 +293,17 @@ async def test_stage_tests_pass_for_the_example_online(
 ) -> None:
     snapshot = snapshot_of(settings, example_package)
     await deploy(driver, snapshot, runtime, "dep-tests")
+    tested = settings.runtime_dir / "_tests"
+    tested.mkdir()
+    tested.chmod(0o755)  # as older workers left it
     smoke, metrics = await run_tests(settings, granted(settings, snapshot, runtime, "dep-tests", Mode.ONLINE))
     assert (smoke.test, smoke.passed, smoke.summary) == (TestKind.SMOKE, True, "4/4 samples match")
     assert metrics.passed, metrics.summary
     assert metrics.metrics["auc"] >= 0.85
     assert metrics.metrics["records"] == 2_000
+    # the unpacked package (weights, labelled evaluation data) is the worker's alone
+    assert stat.S_IMODE(tested.stat().st_mode) == 0o700
+    assert (tested / snapshot.sha256 / "manifest.yaml").is_file()
 
 
 async def test_weak_model_fails_metrics_in_both_modes(
@@ -512,10 +519,10 @@ async def test_batch_jobs_fork_from_the_warm_forkserver(
     from activities.runtimes.local.servers import fork_client as _fork_client
 
     for _ in range(600):  # the first call starts it; it is ready after its imports
-        if _fork_client() is not None:
+        if _fork_client(settings.home) is not None:
             break
         await asyncio.sleep(0.05)
-    assert _fork_client() is not None
+    assert _fork_client(settings.home) is not None
     snapshot = snapshot_of(settings, FIXTURES / "weak-model")
     result = await driver.run_batch(
         BatchJobRequest(deployment_id="dep-forked", snapshot=snapshot, runtime=runtime, stage=runtime.stage),
@@ -538,3 +545,57 @@ async def test_batch_jobs_fork_from_the_warm_forkserver(
             ),
             lambda note: None,
         )
+
+
+async def _warm_forkserver(settings: Settings) -> None:
+    """Wait until this process's forkserver is ready: servers are forked from then on."""
+    from activities.runtimes.local.servers import fork_client
+
+    for _ in range(600):  # the first call starts it; it is ready after its imports
+        if fork_client(settings.home) is not None:
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError("the forkserver did not get ready")
+
+
+async def test_a_fifo_the_models_leave_at_the_host_log_does_not_stop_the_host(settings: Settings) -> None:
+    runtime = Runtime(name="local-dev", stage="DEV")
+    driver = LocalDriver(settings)
+    await _warm_forkserver(settings)
+    try:
+        snapshot = snapshot_of(settings, FIXTURES / "weak-model")
+        endpoint, details = await deploy(driver, snapshot, runtime, "dep-host")
+        host_dir = settings.runtime_dir.resolve() / runtime.name / ".host"
+        log = host_dir / "host.log"
+        owner = host_dir.stat()
+        # what the hosted models' code can do: it runs as the host's user, which owns the folder
+        log.unlink()
+        os.mkfifo(log, 0o600)
+        os.chown(log, owner.st_uid, owner.st_gid)
+        os.killpg(details["pid"], signal.SIGKILL)
+        request = OnlineDeployRequest(
+            deployment_id="dep-host", snapshot=snapshot, runtime=runtime, stage="DEV"
+        )
+        restarted = await asyncio.wait_for(driver.restart(request, lambda note: None), timeout=30)
+        assert restarted.endpoint == endpoint and restarted.details["pid"] != details["pid"]
+        assert (await driver.probe(ProbeRequest(deployment_id="dep-host", runtime=runtime))).healthy
+        info = log.lstat()
+        assert stat.S_ISREG(info.st_mode) and info.st_uid == owner.st_uid, "the FIFO was replaced by a log"
+    finally:
+        await driver.cleanup(CleanupRequest(runtime=runtime))
+
+
+async def test_a_host_that_does_not_start_is_logged_as_a_warning(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    runtime = Runtime(name="local-dev", stage="DEV")
+    driver = LocalDriver(settings)
+    monkeypatch.setenv("MLC_HOST_MEMORY_MB", "lots")  # the host exits at once: not a number
+    try:
+        with pytest.raises(DeploymentFailedError, match="exited during start"):
+            await deploy(driver, snapshot_of(settings, FIXTURES / "weak-model"), runtime, "dep-host")
+    finally:
+        await driver.cleanup(CleanupRequest(runtime=runtime))
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    expected = "the shared model host of runtime local-dev exited during start"
+    assert any(w.startswith(expected) for w in warnings), warnings

@@ -5,15 +5,19 @@ real CLI in a subprocess, against a real inventory and Temporal."""
 from __future__ import annotations
 
 import asyncio
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 from mlc.domain import DockerSettings, Mode, Runtime, RuntimeKind
 from mlc.kafka_settings import KafkaSettings
 from mlc.store import runtimes
 from tests.conftest import Stack, gateway_settings
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 async def _mlc(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
@@ -104,3 +108,36 @@ async def test_lifecycle_worker_without_bubblewrap_exit_11(stack: Stack) -> None
         "error: uploaded lifecycles run only in a sandbox, and bubblewrap (bwrap) is not installed: run "
         "scripts/system-deps.sh or apt-get install bubblewrap"
     ]
+
+
+def test_system_deps_for_a_user_names_a_program_that_cannot_run_and_the_docker_socket(
+    tmp_path: Path,
+) -> None:
+    """As a user other than root with the engine running: a ``bwrap`` on PATH that is not
+    executable is missing, and what docker lacks is access to the engine's socket."""
+    tools = Path(tempfile.mkdtemp(prefix="mlc-system-deps-"))  # nobody reaches it: not in tmp_path
+    try:
+        tools.chmod(0o755)
+        for name in ("bash", "dirname", "id", "stat", "docker", "apt-get"):
+            found = shutil.which(name)
+            assert found, name
+            (tools / name).symlink_to(found)
+        (tools / "bwrap").write_text("#!/bin/sh\n")  # there, but not a program anyone can run
+        (tools / "bwrap").chmod(0o644)
+        nobody = [str(shutil.which("setpriv")), "--reuid=65534", "--regid=65534", "--clear-groups"]
+        result = subprocess.run(
+            [*nobody, str(tools / "bash"), str(ROOT / "scripts" / "system-deps.sh"), "test"],
+            env={"PATH": str(tools), "HOME": str(tools)},
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    finally:
+        shutil.rmtree(tools)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "missing bwrap (bubblewrap)" in result.stderr, result.stderr
+    assert (
+        "missing access to the Docker engine's socket /var/run/docker.sock (group docker) for nobody"
+        in result.stderr
+    ), result.stderr
+    assert "docker-engine.sh" not in result.stderr, result.stderr

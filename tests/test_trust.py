@@ -36,10 +36,12 @@ from mlc.domain import (
     StageSpec,
     TestKind,
 )
+from mlc.errors import InvalidKeyError
 from mlc.lifecycle_client import read_status
 from mlc.statements import Envelope
 from mlc.store import audit, deployments, trail
-from mlc.trust.keys import public_text
+from mlc.trust import evidence
+from mlc.trust.keys import key_id, public_text
 from mlc.trust.policy import StagePolicy
 from mlc.trust.signer import Signer
 from tests.conftest import ADMIN, APPROVER, AUTHOR, FIXTURES, REGISTRAR, Stack
@@ -430,3 +432,25 @@ async def test_trail_is_append_only_and_verify_pinpoints_edits(
     assert proc.returncode == 0, err.decode()
     assert "audit trail verified" in out.decode()
     assert DeploymentState.SERVING.value in bundle.read_text()
+
+
+def test_an_evidence_key_file_someone_else_could_have_put_there_is_refused(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    made = evidence.evidence_key(home, "local-dev")  # created: 0600, this process's
+    assert key_id(evidence.evidence_key(home, "local-dev").public_key()) == key_id(made.public_key())
+    path = evidence.evidence_key_path(home, "local-dev")
+    other = tmp_path / "other.pem"
+    shutil.copy(path, other)
+    path.unlink()
+    path.symlink_to(other)
+    with pytest.raises(InvalidKeyError, match="is not a key file"):
+        evidence.evidence_key(home, "local-dev")
+    path.unlink()
+    shutil.copy(other, path)
+    path.chmod(0o644)
+    with pytest.raises(InvalidKeyError, match="chmod 600"):
+        evidence.evidence_key(home, "local-dev")
+    path.chmod(0o600)
+    os.chown(path, 65534, 65534)
+    with pytest.raises(InvalidKeyError, match="owner uid 65534"):
+        evidence.evidence_key(home, "local-dev")

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from cli.stack.dev_postgres import DevPostgres
-from mlc import processes
+from mlc import isolation, processes
 from mlc.config import Settings, TemporalTLS
 from mlc.errors import ConflictError, RuntimeUnavailableError
 
@@ -172,6 +172,7 @@ class DevStack:
         """
         home = self.settings.home
         home.mkdir(parents=True, exist_ok=True)
+        isolation.lock_home(home, self.settings.runtime_dir)  # its logs and keys are nobody else's
         self._lock.acquire()
         try:
             previous = read_state(home)
@@ -182,6 +183,7 @@ class DevStack:
             if settings.database_url is None:
                 settings = replace(settings, database_url=self._start_postgres())
             self._write_state(settings)
+            isolation.lock_home(home, self.settings.runtime_dir)  # what the servers made (temporal.db)
         except BaseException:
             self.stop()
             raise

@@ -81,6 +81,12 @@ def read_answers(lines: Iterable[bytes | str], *, since: float = 0.0) -> dict[st
             entry = orjson.loads(line)
         except orjson.JSONDecodeError:
             continue  # a line cut by rotation or still being written
-        if isinstance(entry, dict) and float(entry.get("t", 0)) >= since and "id" in entry:
+        if not isinstance(entry, dict) or "id" not in entry:
+            continue
+        try:
+            recorded = float(entry.get("t", 0))
+        except (TypeError, ValueError):
+            continue  # not a line a server wrote ("t" is the model's to forge): skipped, not fatal
+        if recorded >= since:
             answers[str(entry["id"])] = entry.get("out")
     return answers

@@ -111,7 +111,7 @@ def _child(request: dict[str, Any], main: Any) -> None:
     try:
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
         os.setsid()
-        from mlc.isolation import ModelUser, enter, no_new_privs
+        from mlc.isolation import ModelUser, enter, no_new_privs, open_log
 
         if request.get("user"):  # before anything of the model's: its folder, its log, its code
             user = request["user"]
@@ -131,17 +131,19 @@ def _child(request: dict[str, Any], main: Any) -> None:
         os.chdir(request["cwd"])
         os.environ.clear()
         os.environ.update(request["env"])
-        log = os.open(request["log"], os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+        # as a spawned server's: never blocked by a FIFO the model left there, never a link
+        # or another user's file (see open_log); opened as the child's user
+        log = open_log(Path(request["log"]), None)
         null = os.open(os.devnull, os.O_RDONLY)
         os.dup2(null, 0)
         if request.get("stdout"):
-            out = os.open(request["stdout"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
-            os.dup2(out, 1)
-            os.close(out)
+            with open_log(Path(request["stdout"]), None) as out:
+                os.ftruncate(out.fileno(), 0)
+                os.dup2(out.fileno(), 1)
         else:
-            os.dup2(log, 1)
-        os.dup2(log, 2)
-        os.close(log)
+            os.dup2(log.fileno(), 1)
+        os.dup2(log.fileno(), 2)
+        log.close()
         os.close(null)
         sys.argv = ["python -m mlc.serving", *request["argv"]]
         retitle([sys.executable, "-m", "mlc.serving", *request["argv"]])

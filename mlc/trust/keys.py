@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import os
+import stat
 from pathlib import Path
 
 from cryptography.exceptions import InvalidSignature
@@ -86,6 +87,11 @@ def load_private_key(path: Path | None = None) -> Ed25519PrivateKey:
             f"no signing key at {where}: create one with `mlc key create` (or point "
             f"{KEY_FILE_ENV} at your ssh-ed25519 private key)"
         ) from None
+    return _parse_private(data, where)
+
+
+def _parse_private(data: bytes, where: Path) -> Ed25519PrivateKey:
+    """The Ed25519 private key in ``data`` (PKCS#8 PEM or unencrypted OpenSSH), read from ``where``."""
     try:
         key: object = (
             serialization.load_ssh_private_key(data, password=None)
@@ -100,8 +106,31 @@ def load_private_key(path: Path | None = None) -> Ed25519PrivateKey:
 
 
 def ensure_key(path: Path) -> Ed25519PrivateKey:
-    """Load the key at ``path``, creating it first if it does not exist (service keys)."""
-    return load_private_key(path) if path.exists() else create_key(path)
+    """Load the key at ``path``, creating it first if it does not exist (service keys).
+
+    Whoever could put a key there (a link to another key, a file of another account, one
+    others may rewrite) could sign as its owner: an existing file is used only when it is a
+    regular file of this process's user that nobody else may read or write (0600, as made).
+
+    Raises:
+        InvalidKeyError: the file is not that, naming it and the fix.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return create_key(path)
+    except OSError as exc:  # ELOOP: a link
+        raise InvalidKeyError(
+            f"{path} is not a key file ({exc.strerror}): remove it or put the key there"
+        ) from None
+    with os.fdopen(fd, "rb") as fh:
+        info = os.fstat(fh.fileno())
+        if not stat.S_ISREG(info.st_mode) or info.st_uid != os.geteuid() or info.st_mode & 0o077:
+            raise InvalidKeyError(
+                f"{path} is not a private key file of uid {os.geteuid()} (owner uid {info.st_uid}, "
+                f"mode {stat.filemode(info.st_mode)}): make it one (chown, chmod 600) or remove it"
+            )
+        return _parse_private(fh.read(), path)
 
 
 def verify(public: Ed25519PublicKey, signature: bytes, message: bytes) -> bool:

@@ -8,6 +8,7 @@ import json
 import os
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -305,6 +306,33 @@ async def test_dev_without_nginx_or_bubblewrap_runs_without_gateways_or_uploaded
         assert sorted(r["name"] for r in listed) == ["local-dev", "local-prod", "local-sit", "local-uat"]
         assert all(r["gateway"] is None for r in listed), listed
         assert await dev.stop(signal.SIGINT) == 0
+    finally:
+        if dev.process is not None and dev.process.returncode is None:
+            dev.process.kill()
+            await dev.process.wait()
+        await wait_until(dev.nothing_left, what="nothing left", timeout=30)
+
+
+async def test_dev_keeps_its_home_to_itself_from_its_start(tmp_path: Path) -> None:
+    """Before any model runs: the home lists for nobody else (0711) and nothing directly
+    in it but the runtimes' folder is open to others (its logs, Temporal's database, keys)."""
+    dev = Dev(tmp_path)
+    dev.home.mkdir()
+    dev.home.chmod(0o755)  # as a umask of 022 makes it
+    (dev.home / "keys").mkdir(mode=0o755)
+    (dev.home / "keys").chmod(0o755)
+    await dev.start()
+    try:
+        assert stat.S_IMODE(dev.home.stat().st_mode) == 0o711
+        entries = {
+            e.name: e.lstat().st_mode
+            for e in dev.home.iterdir()
+            if e.name != "runtimes" and not e.is_symlink()
+        }
+        assert {"worker.log", "temporal.db", "keys"} <= entries.keys(), sorted(entries)
+        open_to_others = {name: oct(mode) for name, mode in entries.items() if mode & 0o007}
+        assert open_to_others == {}
+        assert await dev.stop(signal.SIGTERM) == 0
     finally:
         if dev.process is not None and dev.process.returncode is None:
             dev.process.kill()

@@ -94,7 +94,25 @@ from activities.runtimes.gateway.routing import GatewayRouted
 from activities.runtimes.streams import drop_test_topics
 from mlc.domain import DockerSettings, Runtime
 from mlc.errors import NotFoundError
-from mlc.serving.capture import CAPTURE_FILE, read_answers
+from mlc.serving.capture import CAPTURE_FILE, CAPTURE_MAX_BYTES, read_answers
+
+_READ_CAPTURES = f"""
+import os, stat, sys
+for path in ("/tmp/{CAPTURE_FILE}.1", "/tmp/{CAPTURE_FILE}"):
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError:
+        continue
+    info = os.fstat(fd)
+    if stat.S_ISREG(info.st_mode):
+        os.lseek(fd, max(0, info.st_size - int(sys.argv[1])), os.SEEK_SET)
+        sys.stdout.buffer.write(os.read(fd, int(sys.argv[1])))
+    os.close(fd)
+"""
+"""Prints the last bytes (at most ``argv[1]``) of each capture file in a container's ``/tmp``,
+which the model owns: a link (to ``/dev/zero``), a FIFO or a device there is skipped, never
+read, so what comes back is bounded (python3 is in every model image; ``-I``: nothing of the
+model's on its path)."""
 
 
 class DockerDriver(GatewayRouted):
@@ -341,6 +359,6 @@ class DockerDriver(GatewayRouted):
             found = await asyncio.to_thread(running_online, client, runtime, deployment_id)
             if not found:
                 return {}
-            command = ["sh", "-c", f"cat /tmp/{CAPTURE_FILE}.1 /tmp/{CAPTURE_FILE} 2>/dev/null; true"]
+            command = ["python3", "-I", "-c", _READ_CAPTURES, str(2 * CAPTURE_MAX_BYTES)]
             _, output = await asyncio.to_thread(found[0].exec_run, command, stderr=False)
         return read_answers(bytes(output).splitlines(), since=since)

@@ -77,12 +77,14 @@ async def run_job(
     log_path: Path,
     user: ModelUser | None,
     heartbeat: Heartbeat,
+    *,
+    home: Path,
 ) -> dict[str, Any]:
     """Run ``python -m mlc.serving batch`` (as ``user``) to completion, heartbeating; return
     its summary. Forked from the warm forkserver when it is ready (no interpreter start, no
     import of the model's libraries: most of a short job's time), else spawned."""
     argv = ["batch", "--package", str(package), "--input", str(input_path), "--output", str(output_path)]
-    forks = fork_client()
+    forks = fork_client(home)
     if forks is not None:
         summary_path = log_path.parent / BATCH_SUMMARY
         isolation.clear_for_root(summary_path)

@@ -219,7 +219,9 @@ class LocalDriver(LocalHosting, GatewayRouted):
                 input_path = workdir / "input.jsonl"
                 await asyncio.to_thread(write_test_dataset, package, input_path)
             log_path = workdir / BATCH_LOG
-            summary = await run_job(request, package, input_path, output_path, log_path, user, heartbeat)
+            summary = await run_job(
+                request, package, input_path, output_path, log_path, user, heartbeat, home=self.settings.home
+            )
         finally:
             # Nothing the job started outlives it, so nothing swaps its output once checked.
             await asyncio.to_thread(isolation.kill_user, user)

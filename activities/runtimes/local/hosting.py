@@ -80,6 +80,14 @@ async def host_turn(settings: Settings, runtime: Runtime) -> AsyncIterator[None]
 logger = logging.getLogger(__name__)
 
 
+def _host_failed(runtime: Runtime, problem: str) -> DeploymentFailedError:
+    """The error of a shared host that did not start, logged as a warning too: every model
+    it hosts is down until one does, and a restart's caller may not report it."""
+    message = f"the shared model host of runtime {runtime.name} {problem}"
+    logger.warning("%s", message)
+    return DeploymentFailedError(message)
+
+
 class LocalHosting(LocalPackages):
     """The local driver's shared model host: one ``serve-many`` process per runtime, in
     ``<runtime_dir>/<runtime>/.host/``, that online deployments join and leave (see
@@ -183,19 +191,17 @@ class LocalHosting(LocalPackages):
         while True:
             if not alive(pid):
                 log = host_dir / HOST_LOG
-                raise DeploymentFailedError(
-                    f"the shared model host of runtime {runtime.name} exited during start"
-                    f"{exit_code(pid)}; last lines of {log}:\n{tail(log)}"
-                )
+                problem = f"exited during start{exit_code(pid)}; last lines of {log}:\n{tail(log)}"
+                raise _host_failed(runtime, problem)
             with contextlib.suppress(httpx.TransportError):
                 if (await endpoints.get(endpoint, "/health", timeout=2.0)).status_code == 200:
                     return state
             if time.monotonic() > deadline:
                 await stop(pid)
-                raise DeploymentFailedError(
-                    f"the shared model host of runtime {runtime.name} did not answer {endpoint}/health "
-                    f"within {HEALTH_TIMEOUT_SECONDS:.0f} s and was stopped; last lines of "
-                    f"{host_dir / HOST_LOG}:\n{tail(host_dir / HOST_LOG)}"
+                raise _host_failed(
+                    runtime,
+                    f"did not answer {endpoint}/health within {HEALTH_TIMEOUT_SECONDS:.0f} s and was "
+                    f"stopped; last lines of {host_dir / HOST_LOG}:\n{tail(host_dir / HOST_LOG)}",
                 )
             heartbeat(f"waiting for the shared model host at {endpoint}")
             await asyncio.sleep(0.02)

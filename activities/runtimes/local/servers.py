@@ -8,7 +8,6 @@ import logging
 import os
 import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -56,21 +55,28 @@ SERVERS = processes.Children(SERVER_MARKER)
 FORKSERVER_ENV = "MLC_LOCAL_FORKSERVER"
 """``0`` turns the forkserver off: every model server is then a fresh interpreter."""
 _forkserver: tuple[subprocess.Popen[bytes], ForkClient] | None = None
+FORKSERVER_RECORD = "forkserver-folder"
+"""Under ``MLC_HOME``: the path of the forkserver's folder (see :func:`fork_client`)."""
 
 
-def fork_client() -> ForkClient | None:
+def fork_client(home: Path) -> ForkClient | None:
     """This worker's forkserver when it is ready; the first call starts it in the background.
 
     Deploys before it is ready (about a second of imports) spawn as before, so nothing
     waits for it. It runs with the model processes' allow-listed environment, never the
-    worker's: its memory is what every forked server starts from.
+    worker's: its memory is what every forked server starts from. Its socket's folder is
+    ``home``'s private temp folder (recorded under ``home``: the next start of its stack
+    reuses it, cleared, instead of leaving one more in the temp dir).
     """
     global _forkserver
     if os.environ.get(FORKSERVER_ENV, "1") == "0":
         return None
     if _forkserver is not None and _forkserver[0].poll() is None:
         return _forkserver[1] if _forkserver[1].ready() else None
-    folder = Path(tempfile.mkdtemp(prefix="mlc-forkserver-"))
+    home.mkdir(parents=True, exist_ok=True)
+    folder = isolation.private_temp_folder(home / FORKSERVER_RECORD, prefix="mlc-forkserver-")
+    for leftover in folder.iterdir():  # a previous forkserver's socket and exit codes
+        isolation.remove(leftover)
     env = {k: v for k, v in os.environ.items() if k in INHERITED_ENV or k.startswith("LC_")}
     with (folder / "forkserver.log").open("ab") as log:
         process = processes.spawn(
@@ -222,7 +228,7 @@ def start_process(
 ) -> int:
     """Run ``python -m mlc.serving ARGV`` detached (as ``user``): forked from the warm
     forkserver when it is ready, else spawned. Returns its pid."""
-    forks = fork_client()
+    forks = fork_client(settings.home)
     pid = None
     if forks is not None:  # a warm fork: no interpreter start, server and libraries imported
         pid = forks.fork(
