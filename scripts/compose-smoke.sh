@@ -10,7 +10,7 @@
 #      warm) and creates the host folder behind the mlc-home volume;
 #   2. builds every image (`docker-compose build`, the first half of `up -d --build`);
 #   3. starts everything but the worker (`up -d`): postgres, temporal-schema, temporal,
-#      temporal-init and (with the cli package in the image) migrate;
+#      temporal-init and migrate;
 #   4. waits until every started service is healthy and the one-shots exited 0;
 #   5. bootstraps trust the way docs/team.md tells a team to: a throwaway admin key under
 #      MLC_HOME, `mlc admin init smoke-admin` with the owner's DSN in a one-off container of
@@ -126,15 +126,9 @@ compose build --progress plain >"$LOGS/build.log" 2>&1 \
 step_end "build images"
 
 worker_image="$(compose config | awk '/^  worker:/ { w = 1 } w && /^    image:/ { print $2; exit }')"
-if docker run --rm --network none --entrypoint /opt/mlc/bin/python "$worker_image" -c "import cli" \
-    >/dev/null 2>&1; then
-    have_cli=1
-    services=(postgres temporal-schema temporal temporal-init migrate)
-else
-    have_cli=0
-    services=(postgres temporal-schema temporal temporal-init)
-    say "the cli package is not in $worker_image yet: starting the stack without migrate and the worker"
-fi
+docker run --rm --network none --entrypoint /opt/mlc/bin/python "$worker_image" -c "import cli" \
+    >/dev/null 2>&1 || die "the cli package is not in $worker_image: the image build missed it"
+services=(postgres temporal-schema temporal temporal-init migrate)
 
 # --- 3. up ------------------------------------------------------------------------
 step_start "up -d (${services[*]})"
@@ -183,29 +177,27 @@ wait_ready() {
 wait_ready "wait for health" "${services[@]}"
 
 # --- 5. trust root, then the worker -----------------------------------------------
-if [ "$have_cli" -eq 1 ]; then
-    step_start "admin key + mlc admin init"
-    # A one-off container of the worker image (its MLC_HOME volume, the host's network), with
-    # the owner's DSN that the worker itself never gets.
-    init_out="$(compose run --rm --no-deps -T \
-        -e MLC_DATABASE_URL="$OWNER_DSN" -e MLC_SIGNING_KEY="$ADMIN_KEY" \
-        --entrypoint sh worker -c '
-            [ -f "$MLC_SIGNING_KEY" ] || mlc key create >/dev/null || exit 1
-            # A stack kept from an earlier run (KEEP=1, same MLC_HOME_PATH) is initialised already.
-            mlc admin init smoke-admin || { echo "already initialised:"; cat "$MLC_HOME/trust-root"; }' 2>&1)" \
-        || { printf '%s\n' "$init_out"; die "mlc admin init failed"; }
-    printf '%s\n' "$init_out" | sed 's/^/  /'
-    MLC_TRUST_ROOT="$(printf '%s\n' "$init_out" | grep -o 'SHA256:[A-Za-z0-9+/]*' | head -n 1)"
-    [ -n "$MLC_TRUST_ROOT" ] || die "mlc admin init printed no trust root"
-    export MLC_TRUST_ROOT
-    say "trust root $MLC_TRUST_ROOT"
-    step_end "admin init"
+step_start "admin key + mlc admin init"
+# A one-off container of the worker image (its MLC_HOME volume, the host's network), with
+# the owner's DSN that the worker itself never gets.
+init_out="$(compose run --rm --no-deps -T \
+    -e MLC_DATABASE_URL="$OWNER_DSN" -e MLC_SIGNING_KEY="$ADMIN_KEY" \
+    --entrypoint sh worker -c '
+        [ -f "$MLC_SIGNING_KEY" ] || mlc key create >/dev/null || exit 1
+        # A stack kept from an earlier run (KEEP=1, same MLC_HOME_PATH) is initialised already.
+        mlc admin init smoke-admin || { echo "already initialised:"; cat "$MLC_HOME/trust-root"; }' 2>&1)" \
+    || { printf '%s\n' "$init_out"; die "mlc admin init failed"; }
+printf '%s\n' "$init_out" | sed 's/^/  /'
+MLC_TRUST_ROOT="$(printf '%s\n' "$init_out" | grep -o 'SHA256:[A-Za-z0-9+/]*' | head -n 1)"
+[ -n "$MLC_TRUST_ROOT" ] || die "mlc admin init printed no trust root"
+export MLC_TRUST_ROOT
+say "trust root $MLC_TRUST_ROOT"
+step_end "admin init"
 
-    step_start "up -d worker lifecycle-worker (MLC_TRUST_ROOT set)"
-    compose up -d --no-deps worker lifecycle-worker >/dev/null
-    step_end "up -d workers"
-    wait_ready "wait for the workers" worker lifecycle-worker
-fi
+step_start "up -d worker lifecycle-worker (MLC_TRUST_ROOT set)"
+compose up -d --no-deps worker lifecycle-worker >/dev/null
+step_end "up -d workers"
+wait_ready "wait for the workers" worker lifecycle-worker
 
 # --- 6. verify --------------------------------------------------------------------
 step_start "verify"
@@ -225,41 +217,35 @@ say "postgres: mlc database answers over TCP with the owner's credentials"
 ui_status="$(python3 -c "import urllib.request; print(urllib.request.urlopen('http://127.0.0.1:$MLC_TEMPORAL_UI_PORT/', timeout=5).status)" 2>/dev/null || echo none)"
 [ "$ui_status" = "200" ] || die "Web UI at 127.0.0.1:$MLC_TEMPORAL_UI_PORT answered $ui_status"
 say "Web UI answers 200 on 127.0.0.1:$MLC_TEMPORAL_UI_PORT"
-if [ "$have_cli" -eq 1 ]; then
-    # The worker holds the least-privilege DSN and the trust root, not the owner's DSN.
-    worker_env="$(compose exec -T worker env)"
-    printf '%s\n' "$worker_env" | grep -q "^MLC_WORKER_DATABASE_URL=postgresql://mlc_worker:" \
-        || die "the worker does not connect as mlc_worker"
-    printf '%s\n' "$worker_env" | grep -q "^MLC_DATABASE_URL=" && die "the worker holds the owner's DSN"
-    printf '%s\n' "$worker_env" | grep -qx "MLC_TRUST_ROOT=$MLC_TRUST_ROOT" \
-        || die "the worker's MLC_TRUST_ROOT is not $MLC_TRUST_ROOT"
-    as_worker() {
-        compose exec -T -e PGPASSWORD="$MLC_WORKER_DB_PASSWORD" postgres \
-            psql -h 127.0.0.1 -p "$MLC_PG_PORT" -U mlc_worker -d mlc -v ON_ERROR_STOP=1 -tAc "$1"
-    }
-    as_worker 'SELECT count(*) FROM audit_log' >/dev/null || die "mlc_worker cannot read the audit trail"
-    if as_worker 'DELETE FROM audit_log' >/dev/null 2>&1; then
-        die "mlc_worker may delete from the audit trail"
-    fi
-    say "worker: mlc_worker's DSN and MLC_TRUST_ROOT, no owner DSN; mlc_worker reads the trail, cannot delete"
+# The worker holds the least-privilege DSN and the trust root, not the owner's DSN.
+worker_env="$(compose exec -T worker env)"
+printf '%s\n' "$worker_env" | grep -q "^MLC_WORKER_DATABASE_URL=postgresql://mlc_worker:" \
+    || die "the worker does not connect as mlc_worker"
+printf '%s\n' "$worker_env" | grep -q "^MLC_DATABASE_URL=" && die "the worker holds the owner's DSN"
+printf '%s\n' "$worker_env" | grep -qx "MLC_TRUST_ROOT=$MLC_TRUST_ROOT" \
+    || die "the worker's MLC_TRUST_ROOT is not $MLC_TRUST_ROOT"
+as_worker() {
+    compose exec -T -e PGPASSWORD="$MLC_WORKER_DB_PASSWORD" postgres \
+        psql -h 127.0.0.1 -p "$MLC_PG_PORT" -U mlc_worker -d mlc -v ON_ERROR_STOP=1 -tAc "$1"
+}
+as_worker 'SELECT count(*) FROM audit_log' >/dev/null || die "mlc_worker cannot read the audit trail"
+if as_worker 'DELETE FROM audit_log' >/dev/null 2>&1; then
+    die "mlc_worker may delete from the audit trail"
 fi
+say "worker: mlc_worker's DSN and MLC_TRUST_ROOT, no owner DSN; mlc_worker reads the trail, cannot delete"
 step_end "verify"
 
-if [ "$have_cli" -eq 1 ]; then
-    # The CLI in the worker container, as the admin: the owner's DSN and the admin's key.
-    as_admin=(exec -T -e MLC_DATABASE_URL="$OWNER_DSN" -e MLC_SIGNING_KEY="$ADMIN_KEY" worker)
-    step_start "mlc demo --yes (worker container)"
-    # A failing activity is retried forever, so bound the demo: a hang is a failure.
-    timeout "${MLC_SMOKE_DEMO_TIMEOUT:-600}" \
-        docker-compose -p "$PROJECT" -f docker-compose.yml -f docker-compose.local.yml \
-        "${as_admin[@]}" mlc demo --yes \
-        || die "mlc demo --yes failed or took over ${MLC_SMOKE_DEMO_TIMEOUT:-600}s (worker logs below)"
-    step_end "mlc demo --yes"
-    step_start "mlc audit verify"
-    compose "${as_admin[@]}" mlc audit verify --trust-root "$MLC_TRUST_ROOT" \
-        || die "the audit trail does not verify against $MLC_TRUST_ROOT"
-    step_end "mlc audit verify"
-else
-    say "skipped the lifecycle run: no cli package yet"
-fi
+# The CLI in the worker container, as the admin: the owner's DSN and the admin's key.
+as_admin=(exec -T -e MLC_DATABASE_URL="$OWNER_DSN" -e MLC_SIGNING_KEY="$ADMIN_KEY" worker)
+step_start "mlc demo --yes (worker container)"
+# A failing activity is retried forever, so bound the demo: a hang is a failure.
+timeout "${MLC_SMOKE_DEMO_TIMEOUT:-600}" \
+    docker-compose -p "$PROJECT" -f docker-compose.yml -f docker-compose.local.yml \
+    "${as_admin[@]}" mlc demo --yes \
+    || die "mlc demo --yes failed or took over ${MLC_SMOKE_DEMO_TIMEOUT:-600}s (worker logs below)"
+step_end "mlc demo --yes"
+step_start "mlc audit verify"
+compose "${as_admin[@]}" mlc audit verify --trust-root "$MLC_TRUST_ROOT" \
+    || die "the audit trail does not verify against $MLC_TRUST_ROOT"
+step_end "mlc audit verify"
 say "OK"
