@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import socket
 import tempfile
 import time
@@ -51,7 +52,7 @@ from mlc.domain import (
     RuntimeKind,
     TrafficRoute,
 )
-from mlc.errors import NotFoundError, RefusedError
+from mlc.errors import DeploymentFailedError, NotFoundError, RefusedError
 from mlc.manifest import load_manifest
 from mlc.serving.capture import AnswerCapture, read_answers
 from mlc.trust import grants
@@ -75,6 +76,11 @@ def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+def _listening(port: int) -> bool:
+    with socket.socket() as sock:
+        return sock.connect_ex(("127.0.0.1", port)) == 0
 
 
 def _snapshot(settings: Settings, package: Path, version: int) -> ModelSnapshot:
@@ -328,6 +334,66 @@ async def test_a_squatted_scratch_name_changes_nothing(
         assert list(old.iterdir()) == [], "nothing of the gateway went into the squatted folder"
     finally:
         old.rmdir()
+
+
+SQUATTER = """
+import http.server, json, sys
+class Echo(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):  # the live generation, and the key it was asked with as the "proof"
+        key = self.path.rsplit("/", 1)[-1]
+        body = json.dumps({"runtime": sys.argv[3], "generation": sys.argv[2], "proof": key}).encode()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+    do_POST = do_GET
+    def log_message(self, *args):
+        pass
+http.server.HTTPServer(("127.0.0.1", int(sys.argv[1])), Echo).serve_forever()
+"""
+
+
+async def test_a_port_held_by_another_program_is_never_the_gateway(
+    settings: Settings, local_runtime: Runtime, local_driver: LocalDriver
+) -> None:
+    """``nobody`` listening on the gateway's port while it is down (knowing the live
+    generation, echoing the status key) does not pass for the gateway: it shows as down,
+    naming the holder, and routing fails saying so; once it is gone the gateway starts."""
+    if not isolation.isolating():
+        pytest.skip("a squatter of another user needs root")
+    v1 = await _deploy(local_driver, local_runtime, _snapshot(settings, WEAK, 1))
+    routes = _routes((v1, 100))
+    await local_driver.route(local_runtime, "weak-model", routes, lambda _n: None)
+    gateway = LocalGateway(settings, local_runtime)
+    assert await gateway.health() is None
+    generation = gateway.live_generation_file()
+    assert generation is not None
+    await gateway.stop()
+    port = local_runtime.gateway.port  # type: ignore[union-attr]
+    squatter = await asyncio.create_subprocess_exec(
+        "setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+        "/usr/bin/python3", "-c", SQUATTER, str(port), generation, local_runtime.name,
+        cwd="/",
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 10
+        while not _listening(port) and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        held = f"port {port} of the gateway of runtime {local_runtime.name} is held by pid {squatter.pid} "
+        held += "(python3, user nobody), not by the gateway"
+        why = await gateway.health()
+        assert why is not None and why.startswith(held), why
+        started = time.monotonic()
+        with pytest.raises(DeploymentFailedError, match=re.escape(held)):
+            await local_driver.route(local_runtime, "weak-model", routes, lambda _n: None)
+        assert time.monotonic() - started < 5, "refused at once, not after the start timeout"
+    finally:
+        squatter.kill()
+        await squatter.wait()
+    result = await local_driver.route(local_runtime, "weak-model", routes, lambda _n: None)
+    assert result.details["started"] is True and await gateway.health() is None
+    async with httpx.AsyncClient(trust_env=False) as http:
+        assert (await http.post(f"{result.endpoint}/score", json=RECORD)).status_code == 200
 
 
 async def test_refusals(settings: Settings, local_runtime: Runtime, local_driver: LocalDriver) -> None:
