@@ -8,6 +8,7 @@ them they are skipped locally and fail under ``CI=true``, like the other docker 
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
 import os
 import re
@@ -334,6 +335,69 @@ async def test_a_squatted_scratch_name_changes_nothing(
         assert list(old.iterdir()) == [], "nothing of the gateway went into the squatted folder"
     finally:
         old.rmdir()
+
+
+async def test_gateway_workers_have_a_user_of_their_own(
+    settings: Settings, local_runtime: Runtime, local_driver: LocalDriver
+) -> None:
+    """As root, the gateway's nginx workers run as the installation's gateway user (not
+    ``nobody``, not the Temporal proxy's group): ``nobody`` and models reach neither the
+    links to model sockets in ``backends/`` nor the routing tier's socket."""
+    if not isolation.isolating():
+        pytest.skip("worker users need root")
+    v1 = await _deploy(local_driver, local_runtime, _snapshot(settings, WEAK, 1))
+    result = await local_driver.route(local_runtime, "weak-model", _routes((v1, 100)), lambda _n: None)
+    async with httpx.AsyncClient(trust_env=False) as http:
+        assert (await http.post(f"{result.endpoint}/score", json=RECORD)).status_code == 200
+    user = isolation.service_user(settings.home, "gateway")
+    assert user.gid != isolation.service_user(settings.home, "temporal-proxy").gid
+    assert not isolation.in_range(user.uid) and user.uid != 65534
+    masters = {result.details["pid"], result.details["routes_pid"]}
+    workers = [p for p in _children_of(masters) if processes.command_line(p).startswith("nginx: worker")]
+    assert len(workers) == 2 and all(_ids(p) == (user.uid, user.gid) for p in workers), workers
+    scratch = Path((gateway_root(settings, local_runtime) / "scratch").read_text())
+    (link,) = (scratch / "backends").glob("*.sock")
+    for folder in (scratch, scratch / "backends"):
+        info = folder.stat()
+        assert (info.st_uid, info.st_gid, info.st_mode & 0o777) == (0, user.gid, 0o710), folder
+    for stranger in (
+        isolation.ModelUser(65534, 65534),
+        isolation.ModelUser(*[isolation.UID_RANGE[0] + 12] * 2),
+    ):
+        for target in (link, scratch / "routes.sock"):
+            assert _connect_as(stranger, target) == errno.EACCES, (stranger, target)
+
+
+def _children_of(parents: set[int]) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+            if parent in parents:
+                found.append(int(entry.name))
+    return found
+
+
+def _ids(pid: int) -> tuple[int, int]:
+    status = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines())
+    return int(status["Uid"].split()[1]), int(status["Gid"].split()[1])
+
+
+def _connect_as(user: isolation.ModelUser, path: Path) -> int:
+    """Connect to the unix socket ``path`` as ``user`` (groups cleared): 0 or the errno."""
+    pid = os.fork()
+    if pid == 0:
+        code = 99
+        try:
+            isolation.drop_privileges(user)
+            with socket.socket(socket.AF_UNIX) as sock:
+                code = sock.connect_ex(str(path))
+        finally:
+            os._exit(code)
+    return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
 
 
 SQUATTER = """
