@@ -419,8 +419,13 @@ class InventoryActivities:
         """A verified test or observation of this run and stage (RefusedError naming why not)."""
         kind = evidence.evidence_of(envelope).kind
         if kind == "traffic_observation":
-            return evidence.check_evidence(
-                envelope, state, kind=kind, workflow_id=run.workflow_id, run_id=run.run_id, stage=stage
+            return evidence.check_observation(
+                envelope,
+                state,
+                model=run.snapshot.model,
+                workflow_id=run.workflow_id,
+                run_id=run.run_id,
+                stage=stage,
             )
         claim = evidence.check_evidence(
             envelope,

@@ -81,19 +81,20 @@ class TrafficInventory(InventoryActivities):
     @tr.VERIFY_OBSERVATIONS.implement
     @mlc_errors
     async def verify_observations(self, request: tr.VerifyObservationsInput) -> None:
-        """Refuse unless each observation is, number for number, what a gateway runtime of
-        ``stage`` signed for this run (a Temporal client answering ``observe_traffic``
-        cannot make a canary step pass).
+        """Refuse unless each observation is, number for number, what the runtime of
+        ``stage`` whose gateway serves its endpoint signed for this run (a Temporal client
+        answering ``observe_traffic``, or another runtime's key, cannot make a canary step
+        pass).
 
         Raises:
             RefusedError: naming the first observation that does not verify.
         """
         run, state = await self._run(), await self._state()
         for seen in request.observations:
-            claim = evidence.check_evidence(
+            claim = evidence.check_observation(
                 seen.evidence,
                 state,
-                kind="traffic_observation",
+                model=run.snapshot.model,
                 workflow_id=run.workflow_id,
                 run_id=run.run_id,
                 stage=request.stage,

@@ -22,10 +22,13 @@ from mlc.domain import (
     Runtime,
     RuntimeKind,
 )
+from mlc.errors import MLCError
 from mlc.store import deployments, runtimes, traffic
 from mlc.traffic import TrafficTable, describe_routes
 
 if TYPE_CHECKING:
+    import asyncpg
+
     from cli import admin
 
 # Governance (cryptography, payload models), registration and Kafka settings load inside
@@ -516,8 +519,9 @@ def list_deployments(
     async def go() -> None:
         async with inventory(settings()) as pool:
             tables = await traffic.read_traffic(pool, model=model, stage=stage)
+            gateways = await _gateways_state(pool, tables)
             if endpoints:
-                rows_: list[BaseModel | dict[str, object]] = [_endpoint_row(t) for t in tables]
+                rows_: list[BaseModel | dict[str, object]] = [_endpoint_row(t, gateways) for t in tables]
                 emit(rows_, as_json=as_json, title="Stable endpoints", columns=_ENDPOINT_COLUMNS)
                 return
             found = await deployments.read_deployments(pool, live_only=not all_, model=model, stage=stage)
@@ -538,7 +542,7 @@ def list_deployments(
             columns[-1:-1] = ["topics", "lag"]
         if tables and not as_json:
             emit(
-                [_endpoint_row(t) for t in tables],
+                [_endpoint_row(t, gateways) for t in tables],
                 as_json=False,
                 title="Stable endpoints",
                 columns=_ENDPOINT_COLUMNS,
@@ -548,13 +552,34 @@ def list_deployments(
     run(go())
 
 
-_ENDPOINT_COLUMNS = ["endpoint", "model", "stage", "runtime", "versions", "updated_at"]
+_ENDPOINT_COLUMNS = ["endpoint", "model", "stage", "runtime", "gateway", "versions", "updated_at"]
 
 
-def _endpoint_row(table: TrafficTable) -> dict[str, object]:
-    """One stable endpoint as listed: its versions' shares, and the routes themselves."""
+async def _gateways_state(pool: asyncpg.Pool, tables: list[TrafficTable]) -> dict[str, str]:
+    """Runtime -> ``up``, or ``down: WHY`` (checked on this host: the gateway must answer
+    with its own proof, so a program holding its port shows as down, naming it)."""
+    if not tables:
+        return {}
+    from activities.runtimes.gateway import gateway_for
+
+    wanted = {t.runtime for t in tables}
+    state = {}
+    for runtime in await runtimes.read_runtimes(pool):
+        if runtime.name in wanted and runtime.gateway is not None:
+            try:
+                why = await gateway_for(settings(), runtime).health()
+            except (MLCError, OSError) as exc:
+                why = f"cannot be checked here ({exc})"
+            state[runtime.name] = "up" if why is None else f"down: {why}"
+    return state
+
+
+def _endpoint_row(table: TrafficTable, gateways: dict[str, str]) -> dict[str, object]:
+    """One stable endpoint as listed: its gateway's state, its versions' shares, and the
+    routes themselves."""
     return {
         **table.model_dump(mode="json"),
+        "gateway": gateways.get(table.runtime, "down: the runtime has no gateway"),
         "versions": describe_routes(table.routes),
         "shares": {f"v{r.version}": ("shadow" if r.shadow else r.weight) for r in table.routes},
     }

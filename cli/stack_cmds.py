@@ -97,6 +97,7 @@ async def embedded(
             )
             worker_dsn = await enable_worker_login(pool, ready.database_url or "")
             ready = replace(ready, worker_database_url=worker_dsn, servers_die_with_worker=True)
+            await _check_gateway_ports(ready, pool)
             await _remove_stale_local_leftovers(ready, pool)
             worker_pool = await connect(ready.worker_database_url or "", migrate_schema=False)
             temporal = await _embedded_client(ready)
@@ -182,6 +183,24 @@ async def _embedded_client(ready: Settings) -> Client:
     return await connect_temporal(ready, plain=True)
 
 
+async def _check_gateway_ports(cfg: Settings, pool: asyncpg.Pool) -> None:
+    """Refuse to start when a local gateway's port is held by another program: while the
+    stack was down any local account could listen there, and consumers of the stable
+    endpoint would send it their requests (the reconciler could only fail to start it).
+
+    Raises:
+        RuntimeUnavailableError: naming the port, the runtime and the holder.
+    """
+    from activities.runtimes.gateway import gateway_for
+    from mlc.domain import RuntimeKind
+
+    for runtime in await runtimes.read_runtimes(pool):
+        if runtime.kind is RuntimeKind.LOCAL and runtime.gateway is not None:
+            problem = await gateway_for(cfg, runtime).port_problem()
+            if problem is not None:
+                raise RuntimeUnavailableError(problem)
+
+
 async def _remove_stale_local_leftovers(cfg: Settings, pool: asyncpg.Pool) -> None:
     """Stop model servers and remove folders of deployments that are no longer live (a
     crash can leave them); serving ones are the reconciler's, batch outputs are kept.
@@ -227,7 +246,8 @@ def dev(
     What its worker needs from this host is checked before it starts: a missing piece is
     one line naming it and its fix, with an exit code of its own: 10 nginx (gateways of
     runtimes that have one), 12 the Docker engine of a docker runtime, 13 the Kafka broker
-    of a streaming runtime; 4 another mlc dev runs on this home, 5 a server did not start.
+    of a streaming runtime; 4 another mlc dev runs on this home, 5 a server did not start
+    or a port it needs (Temporal's, the Web UI's, a gateway's) is held by another program.
     Without nginx the runtimes it creates get no gateway (consumers call each deployment's
     own endpoint), and without bubblewrap uploaded lifecycles are off: it says so once.
 

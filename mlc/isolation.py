@@ -614,3 +614,57 @@ def kill_user(user: ModelUser | None, *, spare: int | None = None) -> None:
         if time.monotonic() > deadline:
             raise DeploymentFailedError(f"processes {pids} of model user {user.uid} do not die")
         time.sleep(0.02)
+
+
+# --- MLC's own unprivileged services ------------------------------------------------------
+
+SERVICE_UID_RANGE = (UID_RANGE[0] + UID_RANGE[1], 1_000_000)
+"""uids (= gids) of MLC's own unprivileged services, right above the models' range."""
+
+
+def service_user(home: Path, role: str) -> ModelUser:
+    """The user (and group, ``uid = gid``) one of an installation's services runs as:
+    ``temporal-proxy`` (the nginx workers in front of ``mlc dev``'s Temporal) or
+    ``gateway`` (the nginx workers of its local gateways). One per home and role, in
+    :data:`SERVICE_UID_RANGE`: not ``nobody`` (every local account's fallback), not a
+    model's, and the two roles share no group, so neither reaches the other's sockets."""
+    first, count = SERVICE_UID_RANGE
+    key = f"{home.resolve()}\0{role}".encode()
+    uid = first + int.from_bytes(hashlib.sha256(key).digest()[:8], "big") % count
+    return ModelUser(uid, uid)
+
+
+def service_name(user: ModelUser) -> str:
+    """The name ``user`` has for a program that takes names only (:func:`naming`)."""
+    return f"mlc-{user.uid}"
+
+
+def naming(users: Sequence[ModelUser], folder: Path) -> Callable[[], None]:
+    """For a child still root whose program takes user names only (nginx's ``user``):
+    write ``folder/names.passwd`` and ``folder/names.group`` (the host's, plus
+    :func:`service_name` for each of ``users``) and return what the child runs before
+    exec: a mount namespace of its own in which they cover ``/etc/passwd`` and
+    ``/etc/group``. Nothing of the host changes; the child's children (nginx's workers)
+    inherit the view.
+    """
+    lines = {
+        "passwd": "{n}:x:{u}:{g}::/nonexistent:/usr/sbin/nologin\n",
+        "group": "{n}:x:{g}:\n",
+    }
+    files = {}
+    for name, line in lines.items():
+        host = Path("/etc", name).read_text()
+        extra = "".join(line.format(n=service_name(u), u=u.uid, g=u.gid) for u in users)
+        target = folder / f"names.{name}"
+        write_file(target, host + ("" if host.endswith("\n") else "\n") + extra, mode=0o644)
+        files[f"/etc/{name}".encode()] = str(target).encode()
+    libc = ctypes.CDLL(None, use_errno=True)
+
+    def enter_names() -> None:
+        if libc.unshare(_CLONE_NEWNS) != 0 or libc.mount(b"none", b"/", None, _MS_REC | _MS_PRIVATE, None):
+            raise OSError(ctypes.get_errno(), "cannot make a mount namespace for the service's user names")
+        for path, source in files.items():
+            if libc.mount(source, path, None, _MS_BIND, None) != 0:
+                raise OSError(ctypes.get_errno(), f"cannot bind {source.decode()} on {path.decode()}")
+
+    return enter_names

@@ -66,21 +66,29 @@ def spawn(
     log: IO[bytes] | int,
     die_with_parent: bool = True,
     death_signal: int = signal.SIGTERM,
+    setup: Callable[[], None] | None = None,
     **options: Any,
 ) -> subprocess.Popen[bytes]:
     """Start ``args`` in its own process group, stdin closed, output to ``log``.
 
     With ``die_with_parent`` the child gets ``death_signal`` when this process dies
-    (Linux), whatever killed it; ``options`` go to :class:`subprocess.Popen`.
+    (Linux), whatever killed it; ``setup`` runs in the child before exec; ``options`` go
+    to :class:`subprocess.Popen`.
     """
-    preexec = parent_death_signal(death_signal) if die_with_parent else None
+    death = parent_death_signal(death_signal) if die_with_parent else None
+    steps = [step for step in (setup, death) if step is not None]
+
+    def preexec() -> None:
+        for step in steps:
+            step()
+
     return subprocess.Popen(
         list(args),
         stdin=subprocess.DEVNULL,
         stdout=log,
         stderr=subprocess.STDOUT,
         start_new_session=True,
-        preexec_fn=preexec,
+        preexec_fn=preexec if steps else None,
         **options,
     )
 

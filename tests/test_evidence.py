@@ -367,6 +367,69 @@ async def test_a_canary_is_not_judged_on_a_forged_observation(
     assert shown[2]["cause"].startswith("canary stopped at 25%: "), shown[2]
 
 
+async def test_an_observation_signed_by_another_stages_runtime_is_refused_and_fails_audit(
+    stack: Stack, example_package: Path, tmp_path: Path
+) -> None:
+    queue = f"isolated-{uuid.uuid4().hex[:8]}"
+    await stack.add_runtime(Runtime(name="gw-dev", stage="DEV", task_queue=queue, gateway=gateway_settings()))
+    other = await stack.add_runtime(
+        Runtime(name="gw-prd", stage="PROD", task_queue=f"{queue}-prd", gateway=gateway_settings())
+    )
+    copies = []
+    for name in ("v1", "v2"):
+        copy = tmp_path / name
+        shutil.copytree(example_package, copy)
+        (copy / "NOTES.md").write_text(name)
+        copies.append(await stack.register(copy))
+    v1, v2 = copies
+    async with build_runtime_worker(stack.client, stack.settings, queue):
+        await (await stack.start(v1, spec=CANARY)).result()
+
+    real = RuntimeActivities(stack.settings)
+    forged: list[Envelope] = []
+
+    @activity.defn(name="observe_traffic")
+    async def resigned(request: ObserveTrafficInput) -> TrafficObservation:
+        """The real numbers, signed again by PROD's runtime key claiming stage DEV."""
+        seen = await real.observe_traffic(request)
+        claim = evidence.evidence_of(seen.evidence)  # type: ignore[arg-type]
+        signed = evidence.sign_evidence(
+            evidence.evidence_key(stack.settings.home, other.name),
+            kind="traffic_observation",
+            runtime=other.name,
+            stage="DEV",
+            deployment_id=claim.deployment_id,
+            workflow_id=claim.workflow_id,
+            run_id=claim.run_id,
+            snapshot_sha256=claim.snapshot_sha256,
+            results=seen.model_dump(mode="json", exclude={"evidence"}),
+        )
+        forged.append(signed)
+        return seen.model_copy(update={"evidence": signed})
+
+    served = [
+        a for a in runtime_activities(stack.settings) if getattr(a, "__name__", "") != "observe_traffic"
+    ]
+    async with Worker(stack.client, task_queue=queue, activities=[*served, resigned]):
+        handle = await stack.start(v2, spec=CANARY)
+        with pytest.raises(WorkflowFailureError) as failure:
+            await handle.result()
+    message = str(failure.value.cause)
+    assert "the traffic observed in DEV is refused" in message, message
+    assert "signed by runtime gw-prd, which is no runtime of stage DEV" in message, message
+
+    entries = await trail.read_entries(stack.pool)  # in a stored report, audit verify says so too
+    report = next(e for e in entries if e.kind == trail.TEST_REPORT and e.workflow_id == handle.id)
+    body = report.data()
+    body["evidence"].append(forged[0].to_json())
+    root = stack.settings.trust_root
+    assert verify_entries(entries, trust_root=root, author_role="lifecycle-author").ok
+    broken = verify_entries(
+        rechained(entries, report.seq, body), trust_root=root, author_role="lifecycle-author"
+    )
+    assert not broken.ok and "which is no runtime of stage DEV" in broken.problems[0], broken.problems
+
+
 async def test_the_reconciler_acts_only_on_findings_their_runtime_signed(
     stack: Stack, example_package: Path
 ) -> None:

@@ -8,8 +8,10 @@ them they are skipped locally and fail under ``CI=true``, like the other docker 
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
 import os
+import re
 import socket
 import tempfile
 import time
@@ -51,7 +53,7 @@ from mlc.domain import (
     RuntimeKind,
     TrafficRoute,
 )
-from mlc.errors import NotFoundError, RefusedError
+from mlc.errors import DeploymentFailedError, NotFoundError, RefusedError
 from mlc.manifest import load_manifest
 from mlc.serving.capture import AnswerCapture, read_answers
 from mlc.trust import grants
@@ -75,6 +77,11 @@ def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+def _listening(port: int) -> bool:
+    with socket.socket() as sock:
+        return sock.connect_ex(("127.0.0.1", port)) == 0
 
 
 def _snapshot(settings: Settings, package: Path, version: int) -> ModelSnapshot:
@@ -328,6 +335,129 @@ async def test_a_squatted_scratch_name_changes_nothing(
         assert list(old.iterdir()) == [], "nothing of the gateway went into the squatted folder"
     finally:
         old.rmdir()
+
+
+async def test_gateway_workers_have_a_user_of_their_own(
+    settings: Settings, local_runtime: Runtime, local_driver: LocalDriver
+) -> None:
+    """As root, the gateway's nginx workers run as the installation's gateway user (not
+    ``nobody``, not the Temporal proxy's group): ``nobody`` and models reach neither the
+    links to model sockets in ``backends/`` nor the routing tier's socket."""
+    if not isolation.isolating():
+        pytest.skip("worker users need root")
+    v1 = await _deploy(local_driver, local_runtime, _snapshot(settings, WEAK, 1))
+    result = await local_driver.route(local_runtime, "weak-model", _routes((v1, 100)), lambda _n: None)
+    async with httpx.AsyncClient(trust_env=False) as http:
+        assert (await http.post(f"{result.endpoint}/score", json=RECORD)).status_code == 200
+    user = isolation.service_user(settings.home, "gateway")
+    assert user.gid != isolation.service_user(settings.home, "temporal-proxy").gid
+    assert not isolation.in_range(user.uid) and user.uid != 65534
+    masters = {result.details["pid"], result.details["routes_pid"]}
+    workers = [p for p in _children_of(masters) if processes.command_line(p).startswith("nginx: worker")]
+    assert len(workers) == 2 and all(_ids(p) == (user.uid, user.gid) for p in workers), workers
+    scratch = Path((gateway_root(settings, local_runtime) / "scratch").read_text())
+    (link,) = (scratch / "backends").glob("*.sock")
+    for folder in (scratch, scratch / "backends"):
+        info = folder.stat()
+        assert (info.st_uid, info.st_gid, info.st_mode & 0o777) == (0, user.gid, 0o710), folder
+    for stranger in (
+        isolation.ModelUser(65534, 65534),
+        isolation.ModelUser(*[isolation.UID_RANGE[0] + 12] * 2),
+    ):
+        for target in (link, scratch / "routes.sock"):
+            assert _connect_as(stranger, target) == errno.EACCES, (stranger, target)
+
+
+def _children_of(parents: set[int]) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+            if parent in parents:
+                found.append(int(entry.name))
+    return found
+
+
+def _ids(pid: int) -> tuple[int, int]:
+    status = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines())
+    return int(status["Uid"].split()[1]), int(status["Gid"].split()[1])
+
+
+def _connect_as(user: isolation.ModelUser, path: Path) -> int:
+    """Connect to the unix socket ``path`` as ``user`` (groups cleared): 0 or the errno."""
+    pid = os.fork()
+    if pid == 0:
+        code = 99
+        try:
+            isolation.drop_privileges(user)
+            with socket.socket(socket.AF_UNIX) as sock:
+                code = sock.connect_ex(str(path))
+        finally:
+            os._exit(code)
+    return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+
+
+SQUATTER = """
+import http.server, json, sys
+class Echo(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):  # the live generation, and the key it was asked with as the "proof"
+        key = self.path.rsplit("/", 1)[-1]
+        body = json.dumps({"runtime": sys.argv[3], "generation": sys.argv[2], "proof": key}).encode()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+    do_POST = do_GET
+    def log_message(self, *args):
+        pass
+http.server.HTTPServer(("127.0.0.1", int(sys.argv[1])), Echo).serve_forever()
+"""
+
+
+async def test_a_port_held_by_another_program_is_never_the_gateway(
+    settings: Settings, local_runtime: Runtime, local_driver: LocalDriver
+) -> None:
+    """``nobody`` listening on the gateway's port while it is down (knowing the live
+    generation, echoing the status key) does not pass for the gateway: it shows as down,
+    naming the holder, and routing fails saying so; once it is gone the gateway starts."""
+    if not isolation.isolating():
+        pytest.skip("a squatter of another user needs root")
+    v1 = await _deploy(local_driver, local_runtime, _snapshot(settings, WEAK, 1))
+    routes = _routes((v1, 100))
+    await local_driver.route(local_runtime, "weak-model", routes, lambda _n: None)
+    gateway = LocalGateway(settings, local_runtime)
+    assert await gateway.health() is None
+    generation = gateway.live_generation_file()
+    assert generation is not None
+    await gateway.stop()
+    port = local_runtime.gateway.port  # type: ignore[union-attr]
+    squatter = await asyncio.create_subprocess_exec(
+        "setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+        "/usr/bin/python3", "-c", SQUATTER, str(port), generation, local_runtime.name,
+        cwd="/",
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 10
+        while not _listening(port) and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        held = f"port {port} of the gateway of runtime {local_runtime.name} is held by pid {squatter.pid} "
+        held += "(python3, user nobody), not by the gateway"
+        why = await gateway.health()
+        assert why is not None and why.startswith(held), why
+        started = time.monotonic()
+        with pytest.raises(DeploymentFailedError, match=re.escape(held)):
+            await local_driver.route(local_runtime, "weak-model", routes, lambda _n: None)
+        assert time.monotonic() - started < 5, "refused at once, not after the start timeout"
+    finally:
+        squatter.kill()
+        await squatter.wait()
+    result = await local_driver.route(local_runtime, "weak-model", routes, lambda _n: None)
+    assert result.details["started"] is True and await gateway.health() is None
+    async with httpx.AsyncClient(trust_env=False) as http:
+        assert (await http.post(f"{result.endpoint}/score", json=RECORD)).status_code == 200
 
 
 async def test_refusals(settings: Settings, local_runtime: Runtime, local_driver: LocalDriver) -> None:

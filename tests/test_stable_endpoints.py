@@ -24,6 +24,7 @@ from temporalio.exceptions import ApplicationError
 from temporalio.testing import ActivityEnvironment
 
 from activities.reconciler_runs import ensure_reconciler
+from activities.runtimes.gateway import LocalGateway
 from activities.traffic import RETIRE_AFTER, TrafficInventory
 from mlc.contracts.lifecycle import SignedDecision
 from mlc.contracts.traffic import AuthorizeTrafficInput, RecordTrafficInput
@@ -44,10 +45,11 @@ from mlc.domain import (
     TrafficRoute,
 )
 from mlc.lifecycle_client import read_status, send_decision, sign_decision
-from mlc.store import deployments, traffic, trail
+from mlc.store import deployments, runtimes, traffic, trail
 from mlc.trust import grants
 from tests.conftest import APPROVER, DOCKER_BASE_IMAGE, Stack, call_model, gateway_settings
 from tests.lifecycle_helpers import keep_history, wait_for_gate
+from tests.test_gateway import SQUATTER
 
 NO_GRACE = timedelta(0)
 
@@ -212,6 +214,28 @@ async def test_previous_version_stays_warm_for_the_grace(
         v1.version: (0, True),
         v2.version: (100, False),
     }
+
+    # a program of another user holding the port while the gateway is down: shown as down
+    (listed,) = json.loads((await stack.mlc("deployments", "--endpoints", "--json")).stdout)
+    assert listed["gateway"] == "up", listed
+    runtime = await runtimes.read_runtime(stack.pool, listed["runtime"])
+    assert runtime is not None and runtime.gateway is not None
+    gateway = LocalGateway(stack.settings, runtime)
+    await gateway.stop()
+    squatter = await asyncio.create_subprocess_exec(
+        "setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+        "/usr/bin/python3", "-c", SQUATTER, str(runtime.gateway.port), "0", runtime.name, cwd="/",
+    )  # fmt: skip
+    try:
+        await asyncio.sleep(1.0)
+        (listed,) = json.loads((await stack.mlc("deployments", "--endpoints", "--json")).stdout)
+        held = f"down: port {runtime.gateway.port} of the gateway of runtime {runtime.name} is held by "
+        assert listed["gateway"].startswith(f"{held}pid {squatter.pid} (python3, user nobody)"), listed
+        human = await stack.mlc("deployments")
+        assert "down: port" in human.stdout, human.stdout
+    finally:
+        squatter.kill()
+        await squatter.wait()
 
 
 # --- versions in flight at once ---------------------------------------------------------

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import datetime
 import os
 import shutil
@@ -610,15 +611,20 @@ def _root_only(what: str) -> None:
         pytest.skip(f"{message} (skipped outside CI only)")
 
 
-def _as_stranger(action: Callable[[], object]) -> str:
-    """Run ``action`` in a child as another local user; what happened, in a word."""
+NOBODY = isolation.ModelUser(65534, 65534)
+"""``nobody``/``nogroup``: the account every local service falls back to."""
+
+
+def _as_stranger(action: Callable[[], object], user: isolation.ModelUser | None = None) -> str:
+    """Run ``action`` in a child as another local user (a model's by default, groups
+    cleared); what happened, in a word."""
     read, write = os.pipe()
     pid = os.fork()
     if pid == 0:
         os.close(read)
         try:
             isolation.drop_privileges(
-                isolation.ModelUser(isolation.UID_RANGE[0] + 11, isolation.UID_RANGE[0] + 11)
+                user or isolation.ModelUser(isolation.UID_RANGE[0] + 11, isolation.UID_RANGE[0] + 11)
             )
             action()
             outcome = "reached"
@@ -630,6 +636,26 @@ def _as_stranger(action: Callable[[], object]) -> str:
     os.waitpid(pid, 0)
     with os.fdopen(read) as out:
         return out.read()
+
+
+def _nginx_workers() -> list[int]:
+    """Pids of every nginx worker process of the host."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        with contextlib.suppress(OSError):
+            if entry.name.isdigit() and (entry / "cmdline").read_bytes().startswith(b"nginx: worker"):
+                found.append(int(entry.name))
+    return found
+
+
+def _parent(pid: int) -> int:
+    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+
+
+def _ids(pid: int) -> tuple[int, int]:
+    """Effective uid and gid of ``pid``."""
+    status = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines())
+    return int(status["Uid"].split()[1]), int(status["Gid"].split()[1])
 
 
 async def _ui(http: httpx.AsyncClient, method: str, url: str, **kwargs: Any) -> httpx.Response:
@@ -689,9 +715,19 @@ async def test_mlc_dev_temporal_takes_only_its_client_certificate(
         # another local user reaches neither the sockets behind the proxy nor the certificates
         sockets = Path(dev_temporal.isolation.read_own_file(home / dev_temporal.SOCKETS_RECORD) or "")
         assert (sockets / dev_temporal.GRPC_SOCKET).is_socket()
+        proxy = isolation.service_user(home, "temporal-proxy")
+        folder = sockets.stat()
+        assert (folder.st_uid, folder.st_gid, stat.S_IMODE(folder.st_mode)) == (0, proxy.gid, 0o750)
         for target in (dev_temporal.GRPC_SOCKET, dev_temporal.UI_SOCKET):
-            reached = _as_stranger(lambda t=target: socket.socket(socket.AF_UNIX).connect(str(sockets / t)))
-            assert reached == "PermissionError", (target, reached)
+            made = (sockets / target).stat()
+            assert (made.st_gid, stat.S_IMODE(made.st_mode)) == (proxy.gid, 0o660), target
+            for user in (None, NOBODY):  # nobody too: the proxy's workers are not nobody
+                reached = _as_stranger(
+                    lambda t=target: socket.socket(socket.AF_UNIX).connect(str(sockets / t)), user
+                )
+                assert reached == "PermissionError", (target, user, reached)
+        workers = [pid for pid in _nginx_workers() if str(home) in processes.command_line(_parent(pid))]
+        assert len(workers) == 2 and all(_ids(pid) == (proxy.uid, proxy.gid) for pid in workers), workers
         assert _as_stranger(lambda: ready.temporal_tls.key.read_bytes()) == "PermissionError"  # type: ignore[union-attr]
 
         # people: the Web UI asks for its password, then reaches the server and starts a lifecycle

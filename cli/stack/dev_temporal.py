@@ -8,8 +8,10 @@ installed:
   gRPC and Web UI ports exist only on that namespace's loopback, which no other process
   of the host reaches;
 - an nginx inside that namespace (:func:`join_network`) passes them on to two unix
-  sockets in a folder of root's with a random name (0750, group of nginx's workers);
-  path-named sockets are not bound to a network namespace;
+  sockets (0660) in a folder of root's with a random name (0750), both of the group of
+  nginx's workers: the installation's ``temporal-proxy`` user and group
+  (:func:`mlc.isolation.service_user`), which no other account, model or gateway worker
+  has (not ``nobody``); path-named sockets are not bound to a network namespace;
 - the host's nginx listens on ``127.0.0.1:<temporal port>`` with **mutual TLS** (a
   client certificate signed by the home's CA, checked by nginx) and passes gRPC to the
   first socket; on ``127.0.0.1:<ui port>`` it asks for the Web UI's password (HTTP basic
@@ -35,17 +37,16 @@ import contextlib
 import ctypes
 import datetime
 import fcntl
-import grp
 import hashlib
 import ipaddress
 import os
-import pwd
 import secrets
 import shutil
 import signal
 import socket
 import struct
 import subprocess
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -67,6 +68,8 @@ PROXY_DIR = "temporal-proxy"
 SOCKETS_RECORD = "temporal-sockets"
 """Under ``MLC_HOME``: the path of the sockets folder (a random name, see
 :func:`mlc.isolation.private_temp_folder`)."""
+SOCKETS_TIMEOUT_SECONDS = 10.0
+"""How long the inner nginx may take to make its sockets."""
 GRPC_SOCKET = "grpc.sock"
 UI_SOCKET = "ui.sock"
 UI_USER = "mlc"
@@ -402,10 +405,27 @@ class TemporalProxy:
             isolation.write_file(
                 self.folder / f"{name}.conf", _COMMON.format(**common, name=name, servers=servers)
             )
-        self._spawn("inner", join_network(temporal_pid))
-        self._spawn("outer", None)
+        names = isolation.naming([self._user()], self.folder)
+        self._spawn("inner", join_network(temporal_pid), names)
+        self._lock_sockets(sockets)
+        self._spawn("outer", None, names)
 
-    def _spawn(self, name: str, enter: Callable[[], None] | None) -> None:
+    def _lock_sockets(self, sockets: Path) -> None:
+        """Once the inner nginx made its sockets (nginx makes them 0666): 0660, of the
+        proxy's group, so only the outer nginx's workers connect (the folder is that
+        group's too). Returns early if the inner nginx exits (:meth:`failed` says why)."""
+        names = [GRPC_SOCKET] + ([] if self.headless else [UI_SOCKET])
+        deadline = time.monotonic() + SOCKETS_TIMEOUT_SECONDS
+        while not all((sockets / n).is_socket() for n in names) and time.monotonic() < deadline:
+            if self.failed() is not None:
+                return
+            time.sleep(0.02)
+        for name in names:
+            with contextlib.suppress(FileNotFoundError):
+                os.chown(sockets / name, 0, self._worker_gid(), follow_symlinks=False)
+                os.chmod(sockets / name, 0o660, follow_symlinks=False)
+
+    def _spawn(self, name: str, enter: Callable[[], None] | None, names: Callable[[], None]) -> None:
         command = [nginx(), "-p", f"{self.folder}/", "-c", str(self.folder / f"{name}.conf"),
                    "-e", str(self.folder / f"{name}.error.log"), "-g", "daemon off;"]  # fmt: skip
         death = processes.parent_death_signal(signal.SIGTERM)
@@ -413,6 +433,7 @@ class TemporalProxy:
         def preexec() -> None:
             if enter is not None:
                 enter()
+            names()
             if death is not None:
                 death()
 
@@ -454,14 +475,16 @@ class TemporalProxy:
         folder.chmod(0o750)  # root, and nginx's workers (the group): nobody else
         return folder
 
-    @staticmethod
-    def _worker_user() -> str:
-        entry = pwd.getpwnam("nobody")
-        return f"nobody {grp.getgrgid(entry.pw_gid).gr_name}"
+    def _user(self) -> isolation.ModelUser:
+        """The user and group of the proxy's nginx workers (one per installation)."""
+        return isolation.service_user(self.home, "temporal-proxy")
 
-    @staticmethod
-    def _worker_gid() -> int:
-        return pwd.getpwnam("nobody").pw_gid
+    def _worker_user(self) -> str:
+        name = isolation.service_name(self._user())
+        return f"{name} {name}"
+
+    def _worker_gid(self) -> int:
+        return self._user().gid
 
 
 def _pid_of(path: Path) -> int:

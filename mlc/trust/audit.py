@@ -20,7 +20,7 @@ from mlc.domain import StageTestReport, TestKind
 from mlc.errors import RefusedError
 from mlc.statements import Envelope, decision_of, is_rollback, rollback_of
 from mlc.trust.entries import DECISION, DEPLOYMENT, GENESIS, GOVERNANCE, RUN, TEST_REPORT, Entry
-from mlc.trust.evidence import check_evidence, evidence_of, vouches_for
+from mlc.trust.evidence import check_evidence, check_observation, evidence_of, vouches_for
 from mlc.trust.governance import Governance
 from mlc.trust.keys import public_text
 
@@ -184,7 +184,12 @@ def _check_evidence(entry: Entry, state: Governance, sha256: str | None) -> str 
             return None
         envelopes = [Envelope.model_validate(e) for e in body["evidence"]]
         stage = body.get("stage")
-        claims = [check_evidence(e, state, kind=evidence_of(e).kind, stage=stage, **run) for e in envelopes]
+        claims = [
+            check_observation(e, state, model=entry.model or "", stage=stage, **run)
+            if evidence_of(e).kind == "traffic_observation"
+            else check_evidence(e, state, kind=evidence_of(e).kind, stage=stage, **run)
+            for e in envelopes
+        ]
         for claim in claims:
             if claim.kind == "stage_tests" and sha256 is not None and claim.snapshot_sha256 != sha256:
                 named = claim.snapshot_sha256[:12]

@@ -205,6 +205,42 @@ def check_evidence(
     return claim
 
 
+def check_observation(
+    envelope: Envelope | None,
+    state: Governance,
+    *,
+    model: str,
+    workflow_id: str,
+    run_id: str,
+    stage: str | None,
+) -> EvidencePredicate:
+    """Verify a ``traffic_observation`` (:func:`check_evidence`) and that its signer is the
+    runtime whose gateway saw the traffic: a registered runtime of ``stage`` (the
+    claim's stage when None) whose stable endpoint for ``model`` is the observation's.
+    Another runtime's key (of this stage or another) cannot vouch for a gateway it does
+    not run.
+
+    Raises:
+        RefusedError: naming the first check that failed.
+    """
+    claim = check_evidence(
+        envelope, state, kind="traffic_observation", workflow_id=workflow_id, run_id=run_id, stage=stage
+    )
+    runtime = state.runtimes.get(claim.runtime)
+    seen = claim.results.get("endpoint") if isinstance(claim.results, dict) else None
+    if runtime is None or runtime.stage != claim.stage:
+        raise RefusedError(
+            f"the traffic observation is signed by runtime {claim.runtime}, which is no runtime of "
+            f"stage {claim.stage}"
+        )
+    if runtime.gateway is None or seen != runtime.gateway.endpoint(model):
+        raise RefusedError(
+            f"the observation of {seen} is signed by runtime {claim.runtime}, whose gateway does "
+            f"not serve that endpoint"
+        )
+    return claim
+
+
 def sign_granted(home: Path, grant: RuntimeGrant, kind: EvidenceKind, results: Any) -> Envelope:
     """Sign ``results`` of the action ``grant`` allowed, with its runtime's key under ``home``.
 

@@ -253,8 +253,39 @@ async def test_dev_restarts_after_kill_9_quietly_and_checks_nginx_for_its_gatewa
         restarted = _output(dev)
         assert "started with other options" not in restarted, restarted
         assert "stopped Temporal" not in restarted, restarted
+        prod = next(r for r in await dev.json("runtime", "list") if r["name"] == "local-prod")
         assert await dev.stop(signal.SIGINT) == 0
         await wait_until(dev.nothing_left, what="SIGINT to stop everything", timeout=30)
+
+        # another account listening on PROD's gateway port while the stack is down: refused
+        port = prod["gateway"]["port"]
+        squatter = await asyncio.create_subprocess_exec(
+            "setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+            "/usr/bin/python3", "-m", "http.server", "--bind", "127.0.0.1", str(port), cwd="/",
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        try:
+            await wait_until(lambda: port_open("127.0.0.1", port), what="the squatter", timeout=10)
+            squatted = await asyncio.to_thread(
+                subprocess.run,
+                dev.command(),
+                env=dev.env,
+                cwd=PROJECT,
+                capture_output=True,
+                text=True,
+                timeout=120,
+            )
+        finally:
+            squatter.kill()
+            await squatter.wait()
+        assert squatted.returncode == 5, squatted.stdout + squatted.stderr
+        assert squatted.stderr.splitlines() == [
+            f"error: port {port} of the gateway of runtime local-prod is held by pid {squatter.pid} "
+            "(python3, user nobody), not by the gateway: stop it, or give the runtime another port "
+            "(`mlc runtime add local-prod ... --gateway-port PORT --replace`)"
+        ], squatted.stderr
+        assert "mlc dev is running" not in squatted.stdout
+        await wait_until(dev.nothing_left, what="a refused start to leave nothing running", timeout=30)
 
         missing = tmp_path / "no-nginx"
         refused = await asyncio.to_thread(

@@ -11,8 +11,9 @@ runtime folders, so a runtime's cleanup, which removes every folder of
 :mod:`activities.runtimes.gateway.nginx`), ``logs/`` (access, mirror and error logs) and
 ``gateway.json`` (the local master's pid).
 
-- **local** runtimes run nginx as a detached process (its workers as ``nobody`` when the
-  worker is root), found again from ``gateway.json``: a worker restart keeps the endpoint.
+- **local** runtimes run nginx as a detached process (its workers as the installation's
+  gateway user, :func:`mlc.isolation.service_user`, when the worker is root), found again
+  from ``gateway.json``: a worker restart keeps the endpoint.
 - **docker** runtimes run it as the container ``mlc-gateway-<runtime>`` of an image made
   from the host's nginx (:mod:`activities.runtimes.gateway.image`), ``conf/`` mounted
   read-only and ``logs/`` read-write, hardened like model containers. With

@@ -5,14 +5,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
-import grp
 import hashlib
 import json
 import os
-import pwd
 import signal
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -43,20 +42,26 @@ class LocalGateway(Gateway):
     def _state_path(self, tier: Tier) -> Path:
         return self.root / f"{tier}.json"
 
+    def _service_user(self) -> isolation.ModelUser | None:
+        """The installation's gateway user when the worker runs as root (see
+        :func:`mlc.isolation.service_user`: not ``nobody``, which every local account
+        falls back to, nor the Temporal proxy's), else None (workers run as the worker)."""
+        return isolation.service_user(self.settings.home, "gateway") if os.geteuid() == 0 else None
+
     def worker_user(self) -> str | None:
-        """``nobody GROUP`` when the worker runs as root, else None (workers run as it)."""
-        if os.geteuid() != 0:
-            return None
-        try:
-            entry = pwd.getpwnam("nobody")
-        except KeyError:
-            return None
-        return f"nobody {grp.getgrgid(entry.pw_gid).gr_name}"
+        """``NAME NAME`` of the gateway user (see :meth:`_service_user`), or None."""
+        user = self._service_user()
+        return None if user is None else f"{isolation.service_name(user)} {isolation.service_name(user)}"
+
+    def _names(self) -> Callable[[], None] | None:
+        """What nginx runs before exec so that it finds the gateway user by name."""
+        user = self._service_user()
+        return None if user is None else isolation.naming([user], self.root)
 
     def _scratch(self) -> Path:
         """Request-body buffers and the tier socket: ``root/run``, or a folder of root's with a
-        random name in the system temp dir when workers drop to ``nobody`` (who may not
-        traverse ``MLC_HOME``), recorded in ``root/scratch`` (see
+        random name in the system temp dir when workers drop to the gateway user (who may
+        not traverse ``MLC_HOME``), recorded in ``root/scratch`` (see
         :func:`mlc.isolation.private_temp_folder`: nobody can take its name first)."""
         if self.worker_user() is None:
             return self.root / "run"
@@ -119,7 +124,7 @@ class LocalGateway(Gateway):
         """``unix:LINK``: a hard link, in the gateway's scratch folder, to the server's socket.
 
         The socket sits in the deployment's folder (0700, the model user's), under folders
-        nginx's workers (``nobody``) may not search, and its path may be longer than a
+        nginx's workers (the gateway user) may not search, and its path may be longer than a
         socket address holds; a link to the same socket (a socket is found by its inode)
         in ``backends/`` (root's, searchable by the workers' group only, so no model
         reaches another's socket there) is neither. The link is made from the socket the
@@ -161,8 +166,8 @@ class LocalGateway(Gateway):
 
     def _worker_gid(self) -> int | None:
         """The group of nginx's workers when they are not the worker's own user."""
-        user = self.worker_user()
-        return None if user is None else grp.getgrnam(user.split()[1]).gr_gid
+        user = self._service_user()
+        return None if user is None else user.gid
 
     def _command(self, tier: Tier, *extra: str) -> list[str]:
         error_log = self.logs / ("error.log" if tier == "routes" else "edge.error.log")
@@ -181,6 +186,7 @@ class LocalGateway(Gateway):
                 self._command(tier),
                 log=log,
                 die_with_parent=self.settings.servers_die_with_worker,
+                setup=self._names(),
                 cwd=self.root,
             )
         _children[process.pid] = process
@@ -189,8 +195,14 @@ class LocalGateway(Gateway):
 
     async def test(self, tier: Tier) -> str | None:
         """``nginx -t`` of the tier's files as written."""
+        names = self._names()
         result = await asyncio.to_thread(
-            subprocess.run, self._command(tier, "-t", "-q"), capture_output=True, text=True, check=False
+            subprocess.run,
+            self._command(tier, "-t", "-q"),
+            capture_output=True,
+            text=True,
+            check=False,
+            preexec_fn=names,
         )
         return None if result.returncode == 0 else (result.stderr or result.stdout).strip()
 

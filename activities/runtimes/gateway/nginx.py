@@ -41,7 +41,8 @@ answer to this request (see :mod:`mlc.serving.capture`)."""
 DEPLOYMENT_HEADER = "X-MLC-Deployment"
 """Response header naming the deployment that answered (for consumers' debugging)."""
 STATUS_PATH = "/_mlc/gateway"
-"""Answers the configuration generation: the gateway polls it to know a reload took effect."""
+"""Answers the configuration generation; ``STATUS_PATH/KEY`` adds the gateway's proof (see
+:func:`render_generation`): the gateway polls it to know a reload took effect."""
 
 ROUTES_SOCKET = "routes.sock"
 """The routing tier's unix socket, in :attr:`NginxPaths.run`."""
@@ -250,10 +251,21 @@ def _temp_paths(temp: str, *, prefix: str = "") -> str:
     )
 
 
-def render_generation(runtime: str, generation: str) -> str:
-    """``generation.conf``: the status location answering which configuration is live."""
+def render_generation(runtime: str, generation: str, *, key: str, proof: str) -> str:
+    """``generation.conf``: the status locations answering which configuration is live.
+
+    ``STATUS_PATH/KEY`` answers with ``proof`` too: the gateway's own check that the
+    answer comes from its nginx, not from a program that took its port while it was down
+    (which sees ``key`` in the request, never ``proof``; both are random and root's).
+    """
     body = json.dumps({"runtime": runtime, "generation": generation})
-    return f"location = {STATUS_PATH} {{\n    access_log off;\n    return 200 {_q(body)};\n}}\n"
+    proven = json.dumps({"runtime": runtime, "generation": generation, "proof": proof})
+    if not re.fullmatch(r"[0-9a-f]{16,64}", key):
+        raise ValueError("the gateway's probe key is not hex")
+    return (
+        f"location = {STATUS_PATH} {{\n    access_log off;\n    return 200 {_q(body)};\n}}\n"
+        f"location = {STATUS_PATH}/{key} {{\n    access_log off;\n    return 200 {_q(proven)};\n}}\n"
+    )
 
 
 def render_model(*, runtime: str, model: str, backends: Sequence[Backend], logs: str) -> tuple[str, str]:

@@ -5,8 +5,10 @@ from __future__ import annotations
 import abc
 import asyncio
 import contextlib
+import json
 import os
 import re
+import secrets
 import signal
 import time
 import uuid
@@ -17,6 +19,7 @@ from typing import Any, Literal
 import httpx
 
 from activities.runtimes.base import Heartbeat
+from activities.runtimes.gateway import port
 from activities.runtimes.gateway.nginx import (
     STATUS_PATH,
     NginxPaths,
@@ -32,6 +35,9 @@ from mlc.errors import DeploymentFailedError, RefusedError
 GATEWAYS_DIR = "_gateways"
 """Under ``runtime_dir``; runtime names cannot start with ``_``, so it names no runtime."""
 STATE_FILE = "gateway.json"
+PROBE_FILE = "probe.json"
+"""In the gateway's folder (root's, 0600): the key and proof of its status check (see
+:func:`activities.runtimes.gateway.nginx.render_generation`)."""
 READY_TIMEOUT_SECONDS = 30.0
 """How long a start or reload may take before the gateway counts as failed."""
 LOG_ROTATE_BYTES = 64 * 1024 * 1024
@@ -200,16 +206,74 @@ class Gateway(abc.ABC):
         match = re.search(r'"generation": "([0-9a-f]+)"', text)
         return match.group(1) if match else None
 
+    def probe_secrets(self, *, create: bool = False) -> tuple[str, str] | None:
+        """The key and proof of the gateway's status check (made with ``create`` when
+        missing; None when there are none, or this user may not read them)."""
+        path = self.root / PROBE_FILE
+        try:
+            found = json.loads(path.read_text())
+            return str(found["key"]), str(found["proof"])
+        except PermissionError:
+            return None
+        except (FileNotFoundError, ValueError, KeyError, TypeError):
+            if not create:
+                return None
+        made = secrets.token_hex(16), secrets.token_hex(16)
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.unlink(missing_ok=True)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        with os.fdopen(fd, "w") as out:
+            json.dump({"key": made[0], "proof": made[1]}, out)
+        tmp.replace(path)
+        return made
+
+    def _generation_file(self, generation: str) -> str:
+        key, proof = self.probe_secrets(create=True) or ("", "")
+        return render_generation(self.runtime.name, generation, key=key, proof=proof)
+
     async def served_generation(self) -> str | None:
-        """The generation the gateway answers on a fresh connection (None: no answer)."""
+        """The generation this gateway answers on a fresh connection: None when nothing
+        answers, or something that cannot give the gateway's proof (another program
+        holding its port)."""
+        found = self.probe_secrets()
+        if found is None:
+            return None
+        key, proof = found
         try:
             async with httpx.AsyncClient(timeout=2.0, trust_env=False) as client:
-                response = await client.get(self.status_url, headers={"Connection": "close"})
-            if response.status_code == 200:
-                return str(response.json().get("generation"))
+                response = await client.get(f"{self.status_url}/{key}", headers={"Connection": "close"})
+            answer = response.json() if response.status_code == 200 else None
+            if isinstance(answer, dict) and secrets.compare_digest(str(answer.get("proof")), proof):
+                return str(answer.get("generation"))
         except (httpx.HTTPError, ValueError):
             pass
         return None
+
+    async def port_problem(self) -> str | None:
+        """Why the gateway's port is not its own: another program holds it (None: free, or
+        the edge tier runs, which holds it)."""
+        if await self.running("edge"):
+            return None
+        host = listen_host(self.config.host)
+        if not await asyncio.to_thread(port.taken, host, self.config.port):
+            return None
+        holder = await asyncio.to_thread(port.holder, self.config.port)
+        return (
+            f"port {self.config.port} of the gateway of runtime {self.runtime.name} is held by "
+            f"{holder or 'another program'}, not by the gateway: stop it, or give the runtime "
+            f"another port (`mlc runtime add {self.runtime.name} ... --gateway-port PORT --replace`)"
+        )
+
+    async def health(self) -> str | None:
+        """None when the gateway answers with its proof, else why it is down."""
+        if await self.served_generation() is not None:
+            return None
+        if self.probe_secrets() is None and (self.root / PROBE_FILE).exists():
+            return "its files are not readable by this user"
+        problem = await self.port_problem()
+        if problem is not None:
+            return problem
+        return "not running" if not await self.running("edge") else f"not answering at {self.status_url}"
 
     async def wait_generation(self, generation: str, heartbeat: Heartbeat, what: str) -> None:
         """Return once the gateway serves ``generation``; raise with its error logs if not."""
@@ -220,6 +284,11 @@ class Gateway(abc.ABC):
             down = [t for t in TIERS if not await self.running(t)]
             if time.monotonic() > deadline or down:
                 state = f" ({' and '.join(down)} tier not running)" if down else ""
+                held = await self.port_problem()
+                if held is not None:
+                    raise DeploymentFailedError(
+                        f"the gateway of runtime {self.runtime.name} did not {what}: {held}"
+                    )
                 raise DeploymentFailedError(
                     f"the gateway of runtime {self.runtime.name} did not {what} at "
                     f"{self.status_url} within {READY_TIMEOUT_SECONDS:.0f} s{state}; last lines of "
@@ -251,8 +320,17 @@ class Gateway(abc.ABC):
                 self._write(path, main)
                 self._changed.add(tier)
         if self.live_generation_file() is None:
-            self._write(self.conf / "generation.conf", render_generation(self.runtime.name, uuid.uuid4().hex))
+            self._write(self.conf / "generation.conf", self._generation_file(uuid.uuid4().hex))
+        elif self.probe_secrets() is None:  # files written before the gateway had a proof
+            generation = self.live_generation_file()
+            assert generation is not None
+            self._write(self.conf / "generation.conf", self._generation_file(generation))
+            if await self.running("routes"):
+                await self.signal("routes", signal.SIGHUP)
         started = False
+        held = await self.port_problem()
+        if held is not None:
+            raise DeploymentFailedError(held)
         for tier in TIERS:
             if await self.running(tier):
                 continue
@@ -288,7 +366,7 @@ class Gateway(abc.ABC):
         ):
             return generation
         generation = uuid.uuid4().hex
-        files = {**files, self.conf / "generation.conf": render_generation(self.runtime.name, generation)}
+        files = {**files, self.conf / "generation.conf": self._generation_file(generation)}
         previous = {p: p.read_text() if p.exists() else None for p in files}
         for path, text in files.items():
             self._write(path, text)
