@@ -30,10 +30,6 @@ ALLOWED_UPWARD = {
 }
 
 KNOWN_CYCLES = {
-    # The registry loads each kind's package on first lookup; a kind's driver routes through the
-    # shared gateway code, and the gateway asks the registry for a kind's tier (and its docker tier
-    # drives the docker engine). Next step: the docker and local tiers move into their kinds.
-    "runtime kinds, gateway and registry": ("activities.runtimes", {"docker", "gateway", "registry"}),
     # The fork server runs `python -m mlc.serving`'s main in each forked child.
     "model server entry <-> fork server": ("mlc.serving", {"__main__", "forkserver"}),
 }  # fmt: skip
