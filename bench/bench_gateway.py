@@ -29,8 +29,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from activities.runtimes.base import CleanupRequest, OnlineDeployRequest  # noqa: E402 (after the path setup)
-from activities.runtimes.gateway import LocalGateway  # noqa: E402
 from activities.runtimes.local.driver import LocalDriver  # noqa: E402
+from activities.runtimes.local.gateway import LocalGateway  # noqa: E402
 from bench.bench_scoring import Load, ensure_wrk, wrk_run  # noqa: E402
 from cli.examples import prepare_example_model  # noqa: E402
 from mlc.artifacts import ArtifactStore, build_archive  # noqa: E402

@@ -560,7 +560,7 @@ async def _gateways_state(pool: asyncpg.Pool, tables: list[TrafficTable]) -> dic
     with its own proof, so a program holding its port shows as down, naming it)."""
     if not tables:
         return {}
-    from activities.runtimes.gateway import gateway_for
+    from activities.runtimes.registry import gateway_for
 
     wanted = {t.runtime for t in tables}
     state = {}

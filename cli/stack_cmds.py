@@ -191,7 +191,7 @@ async def _check_gateway_ports(cfg: Settings, pool: asyncpg.Pool) -> None:
     Raises:
         RuntimeUnavailableError: naming the port, the runtime and the holder.
     """
-    from activities.runtimes.gateway import gateway_for
+    from activities.runtimes.registry import gateway_for
     from mlc.domain import RuntimeKind
 
     for runtime in await runtimes.read_runtimes(pool):

@@ -26,8 +26,8 @@ from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.testing import WorkflowEnvironment
 
 from activities.runtimes.base import CleanupRequest
-from activities.runtimes.gateway import remove as stop_gateway
 from activities.runtimes.registry import driver_for
+from activities.runtimes.registry import remove_gateway as stop_gateway
 from cli import admin
 from cli.examples import prepare_example_model
 from cli.registration import register_package

@@ -31,7 +31,7 @@ from activities.runtimes.base import (
 from activities.runtimes.docker.containers import SOCKET_NAME, container_name
 from activities.runtimes.docker.driver import DockerDriver
 from activities.runtimes.docker.images import manylinux_platforms
-from activities.runtimes.gateway import remove as remove_gateway
+from activities.runtimes.registry import remove_gateway as remove_gateway
 from cli.examples import prepare_example_model
 from mlc import endpoints, evaluation
 from mlc.artifacts import ArtifactStore, build_archive

@@ -30,7 +30,8 @@ from temporalio.testing import ActivityEnvironment
 from activities.runtime import RuntimeActivities
 from activities.runtimes.base import CleanupRequest, OnlineDeployRequest, RuntimeDriver
 from activities.runtimes.docker.driver import DockerDriver
-from activities.runtimes.gateway import DockerGateway, LocalGateway, gateway_root
+from activities.runtimes.docker.gateway import DockerGateway
+from activities.runtimes.gateway import gateway_root
 from activities.runtimes.gateway.nginx import (
     DEPLOYMENT_HEADER,
     Backend,
@@ -39,6 +40,7 @@ from activities.runtimes.gateway.nginx import (
     render_model,
 )
 from activities.runtimes.local.driver import LocalDriver
+from activities.runtimes.local.gateway import LocalGateway
 from mlc import isolation, processes
 from mlc.artifacts import ArtifactStore, build_archive
 from mlc.config import Settings

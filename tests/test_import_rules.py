@@ -2,8 +2,7 @@
 
 Every ``import`` counts, including those inside functions and under ``TYPE_CHECKING``: an
 import hidden in a function is still a dependency (``docs/architecture.md`` explains the
-layers). Known cycles that other changes are removing are listed by name below; a new
-cycle, or a known one that grew, fails, and so does a listed one that is gone (delete it).
+layers). There is no list of tolerated cycles: any cycle fails.
 """
 
 from __future__ import annotations
@@ -28,16 +27,6 @@ ALLOWED_UPWARD = {
     ("mlc.__main__", "cli"): "`python -m mlc` (the sandbox and the tests run it) is the program's "
     "entry script: nothing imports it",
 }
-
-KNOWN_CYCLES = {
-    # The registry loads each kind's package on first lookup; a kind's driver routes through the
-    # shared gateway code, and the gateway asks the registry for a kind's tier (and its docker tier
-    # drives the docker engine). Next step: the docker and local tiers move into their kinds.
-    "runtime kinds, gateway and registry": ("activities.runtimes", {"docker", "gateway", "registry"}),
-    # The fork server runs `python -m mlc.serving`'s main in each forked child.
-    "model server entry <-> fork server": ("mlc.serving", {"__main__", "forkserver"}),
-}  # fmt: skip
-"""Cycles that exist today, each a package and the children of it that import each other."""
 
 
 def modules() -> dict[str, Path]:
@@ -117,21 +106,15 @@ def test_no_package_imports_a_layer_above_it() -> None:
     assert upward == [], "imports of a higher layer (see docs/architecture.md):\n" + "\n".join(upward)
 
 
-def test_no_import_cycle_beyond_the_known_ones() -> None:
+def test_no_import_cycle() -> None:
     graph = import_graph()
     packages = {""} | {m for m in graph if modules()[m].name == "__init__.py"}
-    unexplained, still_there = [], set()
-    for package in sorted(packages):
-        for cycle in cycles_among_children(graph, package):
-            known = [n for n, (p, members) in KNOWN_CYCLES.items() if p == package and cycle <= members]
-            still_there.update(known)
-            if not known:
-                unexplained.append(f"{package or '<top>'}: {', '.join(sorted(cycle))}")
-    assert unexplained == [], "import cycles (break them, see docs/architecture.md):\n" + "\n".join(
-        unexplained
-    )
-    gone = sorted(set(KNOWN_CYCLES) - still_there)
-    assert gone == [], f"known cycles that are gone: delete them from KNOWN_CYCLES: {gone}"
+    found = [
+        f"{package or '<top>'}: {', '.join(sorted(cycle))}"
+        for package in sorted(packages)
+        for cycle in cycles_among_children(graph, package)
+    ]
+    assert found == [], "import cycles (break them, see docs/architecture.md):\n" + "\n".join(found)
 
 
 def test_the_rules_see_imports_inside_functions(tmp_path: Path) -> None:

@@ -25,7 +25,7 @@ from urllib.parse import urlsplit
 import httpx
 import pytest
 
-from activities.runtimes import gateway
+from activities.runtimes import gateway, registry
 from activities.runtimes.base import (
     BatchJobRequest,
     CleanupRequest,
@@ -144,7 +144,7 @@ async def prod(stack: Stack, as_root: None) -> AsyncIterator[tuple[LocalDriver, 
         yield driver, runtime, result.endpoint
     finally:
         await driver.cleanup(CleanupRequest(runtime=runtime))
-        await gateway.remove(settings, runtime)
+        await registry.remove_gateway(settings, runtime)
 
 
 VICTIM = "def score(record):\n    return {'p': 1.0, 'who': 'prod'}\n"
@@ -192,7 +192,7 @@ async def test_a_hostile_model_in_dev_reaches_no_port_and_no_other_model(
     driver, prod_runtime, prod_endpoint = prod
     gateway_config = prod_runtime.gateway
     assert gateway_config is not None
-    local_gateway = gateway.gateway_for(stack.settings, prod_runtime)
+    local_gateway = registry.gateway_for(stack.settings, prod_runtime)
     run_folder = Path(local_gateway.paths.run)
     free = free_port()
     ports = [

@@ -24,7 +24,7 @@ from temporalio.exceptions import ApplicationError
 from temporalio.testing import ActivityEnvironment
 
 from activities.reconciler_runs import ensure_reconciler
-from activities.runtimes.gateway import LocalGateway
+from activities.runtimes.local.gateway import LocalGateway
 from activities.traffic import RETIRE_AFTER, TrafficInventory
 from mlc.contracts.lifecycle import SignedDecision
 from mlc.contracts.traffic import AuthorizeTrafficInput, RecordTrafficInput

@@ -20,6 +20,7 @@ from pydantic import BaseModel
 
 from mlc.config import Settings
 from mlc.domain import Runtime, RuntimeKind
+from mlc.errors import RefusedError
 
 if TYPE_CHECKING:  # the gateway's package imports this registry; base loads Temporal
     from activities.runtimes.base import RuntimeDriver
@@ -112,3 +113,21 @@ def driver_for(runtime: Runtime, settings: Settings) -> RuntimeDriver:
     if spec is None:
         raise ValueError(f"runtime {runtime.name}: unknown kind {runtime.kind!r}")
     return spec.driver(settings)
+
+
+def gateway_for(settings: Settings, runtime: Runtime) -> Gateway:
+    """The gateway of ``runtime``, as its kind runs it (a local process, containers...).
+
+    Raises:
+        RefusedError: the runtime's kind runs no gateway.
+    """
+    tier = kind_spec(runtime.kind).gateway
+    if tier is None:
+        raise RefusedError(f"runtime {runtime.name} ({runtime.kind.value}) has no gateway driver")
+    return tier(settings, runtime)
+
+
+async def remove_gateway(settings: Settings, runtime: Runtime) -> None:
+    """Stop the runtime's gateway (process or container); its files stay for inspection."""
+    if runtime.gateway is not None:
+        await gateway_for(settings, runtime).stop()

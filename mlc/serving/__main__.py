@@ -133,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "forkserver":
             from mlc.serving.forkserver import preload_modules, serve_forks
 
-            serve_forks(args.socket, preload_modules())
+            serve_forks(args.socket, preload_modules(), main)
             return 0
         if args.command == "serve-many":
             import uvicorn

@@ -33,7 +33,7 @@ import signal
 import socket
 import sys
 import traceback
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from importlib import import_module
 from pathlib import Path
 from typing import Any
@@ -48,15 +48,17 @@ PRELOAD_ENV = "MLC_FORKSERVER_PRELOAD"
 """Comma-separated module names that replace :data:`DEFAULT_PRELOAD`."""
 
 
-def serve_forks(socket_path: Path, preload: Sequence[str]) -> None:
-    """Import the server and ``preload``, then fork a model server per request until killed."""
+def serve_forks(socket_path: Path, preload: Sequence[str], main: Callable[[list[str]], int]) -> None:
+    """Import the server and ``preload``, then fork a model server per request until killed.
+
+    ``main`` is ``python -m mlc.serving``'s, which each child runs with its request's
+    arguments (passed in by that entry point, so this module does not import it back)."""
     for name in preload:
         with contextlib.suppress(Exception):  # a missing or broken library is the child's problem
             import_module(name)
     import uvicorn  # noqa: F401 (warm: the children run it)
 
     import mlc.serving.app  # noqa: F401
-    from mlc.serving.__main__ import main
 
     for name in ("uvloop", "httptools", "uvicorn.loops.auto", "uvicorn.protocols.http.auto"):
         with contextlib.suppress(Exception):
@@ -105,7 +107,7 @@ def _reap(signum: int, frame: Any) -> None:
             os.waitpid(info.si_pid, 0)
 
 
-def _child(request: dict[str, Any], main: Any) -> None:
+def _child(request: dict[str, Any], main: Callable[[list[str]], int]) -> None:
     """Become the requested server (never returns)."""
     code = 1
     try:

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from activities.runtimes.base import CleanupRequest
-from activities.runtimes.gateway import remove as stop_gateway
 from activities.runtimes.registry import driver_for
+from activities.runtimes.registry import remove_gateway as stop_gateway
 from cli.stack.dev_postgres import DevPostgres
 from mlc.config import Settings
 from mlc.store import connect, runtimes

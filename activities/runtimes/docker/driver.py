@@ -87,6 +87,7 @@ from activities.runtimes.docker.containers import (
     wait_healthy,
 )
 from activities.runtimes.docker.engine import connect, docker_settings, engine_url
+from activities.runtimes.docker.gateway import DockerGateway
 from activities.runtimes.docker.hosting import deploy_hosted, host_containers, running_host, unhost
 from activities.runtimes.docker.images import PACKAGE_DIR, ModelImage, ensure_image
 from activities.runtimes.docker.streaming import MODE, deploy_docker, stop_containers
@@ -352,6 +353,10 @@ class DockerDriver(GatewayRouted):
     async def run_batch(self, request: BatchJobRequest, heartbeat: Heartbeat) -> BatchJobResult:
         """One container per job (see :func:`activities.runtimes.docker.batch.run_batch`)."""
         return await batch.run_batch(self, request, heartbeat)
+
+    def gateway(self, runtime: Runtime) -> DockerGateway:
+        """The runtime's gateway, as this kind runs it."""
+        return DockerGateway(self.settings, runtime)
 
     async def read_captures(self, runtime: Runtime, deployment_id: str, *, since: float) -> dict[str, Any]:
         """The answers the deployment's container recorded in its ``/tmp``."""

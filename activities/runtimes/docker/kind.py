@@ -23,7 +23,7 @@ def _driver(settings: Settings) -> RuntimeDriver:
 
 def _gateway(settings: Settings, runtime: Runtime) -> Gateway:
     """The kind's gateway tier, imported when first needed (like its driver)."""
-    from activities.runtimes.gateway.docker import DockerGateway
+    from activities.runtimes.docker.gateway import DockerGateway
 
     return DockerGateway(settings, runtime)
 

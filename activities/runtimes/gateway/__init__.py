@@ -32,27 +32,24 @@ gracefully (SIGHUP): new connections get the new routes while the old workers fi
 requests they hold, and the old deployments stay up until the caller retires them. It
 returns only once the gateway serves the new configuration's generation marker.
 
-Modules: ``tier`` (what both tiers share), ``local`` and ``docker`` (the two tiers),
-``nginx`` (configuration rendering and log parsing), ``image`` (the docker tier's image),
-``routing`` (route, observe, and :class:`GatewayRouted`, the drivers' side).
+Modules: ``tier`` (what every tier shares), ``nginx`` (configuration rendering and log
+parsing), ``image`` (the nginx binary and the docker tier's image), ``port`` (who holds a
+gateway's port), ``routing`` (route, observe, and :class:`GatewayRouted`, the drivers'
+side). Each kind keeps its own tier: :mod:`activities.runtimes.local.gateway` (nginx
+processes) and :mod:`activities.runtimes.docker.gateway` (containers); the registry
+(:func:`activities.runtimes.registry.gateway_for`) finds a runtime's.
 """
 
 from __future__ import annotations
 
-from activities.runtimes.gateway.docker import DockerGateway
-from activities.runtimes.gateway.local import LocalGateway
-from activities.runtimes.gateway.routing import GatewayRouted, gateway_for, observe, remove, route
+from activities.runtimes.gateway.routing import GatewayRouted, observe, route
 from activities.runtimes.gateway.tier import GATEWAYS_DIR, Gateway, gateway_root
 
 __all__ = [
     "GATEWAYS_DIR",
-    "DockerGateway",
     "Gateway",
     "GatewayRouted",
-    "LocalGateway",
-    "gateway_for",
     "gateway_root",
     "observe",
-    "remove",
     "route",
 ]

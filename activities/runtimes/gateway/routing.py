@@ -22,23 +22,9 @@ from activities.runtimes.gateway.nginx import (
     route_stats,
 )
 from activities.runtimes.gateway.tier import Gateway, gateway_settings
-from activities.runtimes.registry import kind_spec
-from mlc.config import Settings
 from mlc.contracts.traffic import RouteStats, RouteTrafficResult, ShadowComparison, TrafficObservation
 from mlc.domain import GatewaySettings, Runtime, TrafficRoute, check_name, check_routes
 from mlc.errors import DeploymentFailedError, NotFoundError, RefusedError
-
-
-def gateway_for(settings: Settings, runtime: Runtime) -> Gateway:
-    """The gateway of ``runtime``, as its kind runs it (a local process, containers...).
-
-    Raises:
-        RefusedError: the runtime's kind runs no gateway.
-    """
-    tier = kind_spec(runtime.kind).gateway
-    if tier is None:
-        raise RefusedError(f"runtime {runtime.name} ({runtime.kind.value}) has no gateway driver")
-    return tier(settings, runtime)
 
 
 def _model_files(gateway: Gateway, model: str) -> tuple[Path, Path]:
@@ -46,7 +32,7 @@ def _model_files(gateway: Gateway, model: str) -> tuple[Path, Path]:
 
 
 async def route(
-    driver: RuntimeDriver,
+    driver: GatewayRouted,
     runtime: Runtime,
     model: str,
     routes: Sequence[TrafficRoute],
@@ -81,7 +67,7 @@ async def route(
         raise RefusedError(f"routes of model {model} on runtime {runtime.name}: {exc}") from None
     for item in routes:
         check_deployment_id(item.deployment_id)
-    gateway = gateway_for(driver.settings, runtime)
+    gateway = driver.gateway(runtime)
     async with gateway.locked():
         started = await gateway.ensure(heartbeat)
         http_path, server_path = _model_files(gateway, model)
@@ -197,7 +183,7 @@ async def observe(
     check_name(model, "model name")
     for item in routes:
         check_deployment_id(item.deployment_id)
-    gateway = gateway_for(driver.settings, runtime)
+    gateway = driver.gateway(runtime)
     pending = until.timestamp() + LOG_FLUSH_SECONDS + 0.2 - time.time()
     if pending > 0:  # entries of the window's last second may still sit in nginx's log buffer
         await asyncio.sleep(min(pending, LOG_FLUSH_SECONDS + 0.2))
@@ -227,16 +213,14 @@ async def observe(
     )
 
 
-async def remove(settings: Settings, runtime: Runtime) -> None:
-    """Stop the runtime's gateway (process or container); its files stay for inspection."""
-    if runtime.gateway is not None:
-        await gateway_for(settings, runtime).stop()
-
-
 class GatewayRouted(RuntimeDriver):
     """A driver whose runtimes put the gateway in front of their online deployments: it
     routes and observes through :func:`route` and :func:`observe`, and reads what its
     deployments' servers recorded for the shadow comparison."""
+
+    @abc.abstractmethod
+    def gateway(self, runtime: Runtime) -> Gateway:
+        """The kind's gateway tier in front of ``runtime`` (a process, containers...)."""
 
     async def route(
         self,

@@ -19,7 +19,6 @@ from typing import Any, Literal
 import httpx
 
 from activities.runtimes.base import Heartbeat
-from activities.runtimes.gateway import port
 from activities.runtimes.gateway.nginx import (
     STATUS_PATH,
     NginxPaths,
@@ -27,6 +26,8 @@ from activities.runtimes.gateway.nginx import (
     render_generation,
     render_routes_main,
 )
+from activities.runtimes.gateway.port import holder as port_holder
+from activities.runtimes.gateway.port import taken as port_taken
 from mlc import endpoints, processes
 from mlc.config import Settings
 from mlc.domain import GatewaySettings, Runtime, check_name
@@ -255,9 +256,9 @@ class Gateway(abc.ABC):
         if await self.running("edge"):
             return None
         host = listen_host(self.config.host)
-        if not await asyncio.to_thread(port.taken, host, self.config.port):
+        if not await asyncio.to_thread(port_taken, host, self.config.port):
             return None
-        holder = await asyncio.to_thread(port.holder, self.config.port)
+        holder = await asyncio.to_thread(port_holder, self.config.port)
         return (
             f"port {self.config.port} of the gateway of runtime {self.runtime.name} is held by "
             f"{holder or 'another program'}, not by the gateway: stop it, or give the runtime "

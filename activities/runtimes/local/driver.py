@@ -64,6 +64,7 @@ from activities.runtimes.base import (
 from activities.runtimes.gateway.routing import GatewayRouted
 from activities.runtimes.local import streaming
 from activities.runtimes.local.batch import input_for, run_job, write_test_dataset
+from activities.runtimes.local.gateway import LocalGateway
 from activities.runtimes.local.hosting import LocalHosting
 from activities.runtimes.local.layout import (
     BATCH_LOG,
@@ -325,6 +326,10 @@ class LocalDriver(LocalHosting, GatewayRouted):
             await self.undeploy(UndeployRequest(deployment_id=deployment_id, runtime=request.runtime))
         await self._release_host(request.runtime)  # a host left hosting nothing goes too
         return CleanupResult(removed=tuple(orphans))
+
+    def gateway(self, runtime: Runtime) -> LocalGateway:
+        """The runtime's gateway, as this kind runs it."""
+        return LocalGateway(self.settings, runtime)
 
     async def read_captures(self, runtime: Runtime, deployment_id: str, *, since: float) -> dict[str, Any]:
         """The answers the deployment's server recorded in its folder's ``tmp/``."""
