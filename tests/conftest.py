@@ -16,7 +16,7 @@ import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import asyncpg
 import httpx
@@ -95,6 +95,14 @@ def example_package(tmp_path_factory: pytest.TempPathFactory) -> Path:
 DOCKER_BASE_IMAGE = "mlc-python:3.11-bookworm"
 
 
+def missing(reason: str) -> NoReturn:
+    """A prerequisite of the test is missing: under CI=true that fails the test (a CI run that
+    skipped it would hide a missing install step and prove nothing); elsewhere it skips."""
+    if os.environ.get("CI", "").lower() == "true":
+        pytest.fail(f"CI=true: {reason}")
+    pytest.skip(f"{reason} (skipped outside CI only)")
+
+
 @pytest.fixture(scope="session")
 def docker_engine() -> Iterator[Any]:
     """A client of the local Docker engine that has the base image.
@@ -108,12 +116,9 @@ def docker_engine() -> Iterator[Any]:
         client = docker.from_env(version="auto")
         client.images.get(DOCKER_BASE_IMAGE)
     except docker.errors.DockerException as exc:
-        reason = (
+        missing(
             f"docker engine or image {DOCKER_BASE_IMAGE} unavailable ({exc}); run scripts/docker-engine.sh"
         )
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail(f"CI=true: {reason}")
-        pytest.skip(f"{reason} (skipped outside CI only)")
     yield client
     client.close()
 
@@ -344,12 +349,9 @@ def require_sandbox() -> None:
     test (a CI run that skipped the sandbox would prove nothing); elsewhere it skips."""
     if sandbox_available():
         return
-    reason = (
+    missing(
         "bubblewrap (bwrap) is not installed, so uploaded lifecycles cannot run; apt-get install bubblewrap"
     )
-    if os.environ.get("CI", "").lower() == "true":
-        pytest.fail(f"CI=true: {reason}")
-    pytest.skip(f"{reason} (skipped outside CI only)")
 
 
 @pytest.fixture
@@ -374,8 +376,6 @@ def kafka_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     try:
         broker.start()
     except RuntimeUnavailableError as exc:
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail(f"CI=true: {exc}")
-        pytest.skip(f"{exc} (skipped outside CI only)")
+        missing(str(exc))
     yield broker.bootstrap
     broker.stop()

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from mlc import cgroups, processes
+from tests.conftest import missing
 
 # A daemon that double-forks a fresh daemon every few milliseconds and ignores SIGTERM:
 # a uid scan alone races it; a frozen group does not.
@@ -38,10 +39,7 @@ while True:
 def as_root() -> None:
     if os.geteuid() == 0:
         return
-    reason = "cgroups are made by root"
-    if os.environ.get("CI", "").lower() == "true":
-        pytest.fail(f"CI=true: {reason}")
-    pytest.skip(f"{reason} (skipped outside CI only)")
+    missing("cgroups are made by root")
 
 
 def offered() -> list[cgroups.Hierarchy]:
@@ -69,7 +67,7 @@ def test_candidates_prefer_the_main_hierarchy() -> None:
 def test_a_group_is_killed_whole_with_every_daemon(as_root: None, version: int, tmp_path: Path) -> None:
     found = [h for h in offered() if h.version == version]
     if not found:
-        pytest.skip(f"this host offers no usable cgroup v{version} hierarchy")
+        missing(f"this host offers no usable cgroup v{version} hierarchy")
     hierarchy = found[0]
     uid = 1_999_999_990 + version  # below the model users: a group of its own, no process runs as it
     marker = f"mlc-cgroup-test-{uuid.uuid4().hex}"
@@ -105,7 +103,7 @@ def test_every_process_but_the_spared_one_is_killed(as_root: None, version: int,
     whatever breeds beside it ends."""
     found = [h for h in offered() if h.version == version]
     if not found:
-        pytest.skip(f"this host offers no usable cgroup v{version} hierarchy")
+        missing(f"this host offers no usable cgroup v{version} hierarchy")
     hierarchy = found[0]
     uid = 1_999_999_980 + version
     marker = f"mlc-cgroup-test-{uuid.uuid4().hex}"

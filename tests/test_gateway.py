@@ -59,6 +59,7 @@ from mlc.errors import DeploymentFailedError, NotFoundError, RefusedError
 from mlc.manifest import load_manifest
 from mlc.serving.capture import AnswerCapture, read_answers
 from mlc.trust import grants
+from tests.conftest import missing
 
 FIXTURES = Path(__file__).parent / "fixtures" / "models"
 WEAK = FIXTURES / "weak-model"
@@ -313,7 +314,7 @@ async def test_a_squatted_scratch_name_changes_nothing(
     (its key is derived from a path a model can infer) neither blocks nor joins it: the
     scratch folder has a random name, recorded under the gateway's root-only folder."""
     if not isolation.isolating():
-        pytest.skip("squatting as another user needs root")
+        missing("squatting as another user needs root")
     root = gateway_root(settings, local_runtime)
     old = Path(tempfile.gettempdir()) / f"mlc-gateway-{uuid.uuid5(uuid.NAMESPACE_URL, str(root)).hex[:12]}"
     stranger = isolation.ModelUser(isolation.UID_RANGE[0] + 9, isolation.UID_RANGE[0] + 9)
@@ -346,7 +347,7 @@ async def test_gateway_workers_have_a_user_of_their_own(
     ``nobody``, not the Temporal proxy's group): ``nobody`` and models reach neither the
     links to model sockets in ``backends/`` nor the routing tier's socket."""
     if not isolation.isolating():
-        pytest.skip("worker users need root")
+        missing("worker users need root")
     v1 = await _deploy(local_driver, local_runtime, _snapshot(settings, WEAK, 1))
     result = await local_driver.route(local_runtime, "weak-model", _routes((v1, 100)), lambda _n: None)
     async with httpx.AsyncClient(trust_env=False) as http:
@@ -426,7 +427,7 @@ async def test_a_port_held_by_another_program_is_never_the_gateway(
     generation, echoing the status key) does not pass for the gateway: it shows as down,
     naming the holder, and routing fails saying so; once it is gone the gateway starts."""
     if not isolation.isolating():
-        pytest.skip("a squatter of another user needs root")
+        missing("a squatter of another user needs root")
     v1 = await _deploy(local_driver, local_runtime, _snapshot(settings, WEAK, 1))
     routes = _routes((v1, 100))
     await local_driver.route(local_runtime, "weak-model", routes, lambda _n: None)

@@ -13,13 +13,15 @@ from pathlib import Path
 import pytest
 
 from mlc import processes
+from tests.conftest import missing
 
-# Off Linux there is no parent-death signal to test; under CI=true (always Linux here) the
-# tests run, so a CI machine without it would fail instead of skipping.
-pytestmark = pytest.mark.skipif(
-    not sys.platform.startswith("linux") and os.environ.get("CI", "").lower() != "true",
-    reason="parent-death signals are Linux's",
-)
+
+@pytest.fixture(autouse=True)
+def _linux() -> None:
+    """Parent-death signals are Linux's: off Linux the tests skip (under CI=true they fail)."""
+    if not sys.platform.startswith("linux"):
+        missing("parent-death signals are Linux's")
+
 
 PARENT = """
 import os, signal, sys, time

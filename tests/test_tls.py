@@ -48,6 +48,7 @@ from cli.stack.devstack import DevStack, discover, read_state
 from mlc import isolation, processes
 from mlc.config import Settings
 from mlc.errors import RuntimeUnavailableError
+from tests.conftest import missing, require_sandbox
 from tests.faults.harness import leftover_processes
 from tests.tls_workflow import TlsGreeting, greet
 from workers.client import connect, connect_options
@@ -220,12 +221,7 @@ class Proxy:
 def _nginx() -> str:
     exe = shutil.which("nginx")
     if exe is None:
-        message = (
-            "nginx is not installed, so mTLS to Temporal cannot be tested: apt-get install -y nginx-light"
-        )
-        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
-            pytest.fail(message)
-        pytest.skip(f"{message} (skipped outside CI only)")
+        missing("nginx is not installed, so mTLS to Temporal cannot be tested: apt-get install nginx-light")
     return exe
 
 
@@ -470,8 +466,7 @@ async def test_the_sandboxed_lifecycle_worker_polls_through_mtls_without_the_key
 ) -> None:
     """The launcher's bridge speaks mutual TLS for the sandbox: the worker inside polls
     through nginx with the client certificate, and no certificate or key enters it."""
-    if shutil.which("bwrap") is None:
-        pytest.skip("bubblewrap is not installed")
+    require_sandbox()
     queue = f"tls-{uuid.uuid4().hex[:8]}"
     probe = uuid.uuid4().hex  # sent as gRPC metadata by the worker inside, logged by nginx
     log = tmp_path / "lifecycle-worker.log"
@@ -605,10 +600,7 @@ async def test_plain_ignores_tls_settings(
 
 def _root_only(what: str) -> None:
     if not isolation.isolating():
-        message = f"{what} needs root (a network namespace, another user)"
-        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
-            pytest.fail(message)
-        pytest.skip(f"{message} (skipped outside CI only)")
+        missing(f"{what} needs root (a network namespace, another user)")
 
 
 NOBODY = isolation.ModelUser(65534, 65534)

@@ -87,7 +87,7 @@ def stop_gracefully(container: Any) -> None:
 
 async def stop_containers(containers: list[Any], *, leaving: bool = False) -> None:
     """Stop a deployment's consumer containers one at a time, letting the group settle in
-    between (see :func:`activities.runtimes.streaming.stop_in_turn`); ``leaving``: others
+    between (see :func:`activities.runtimes.streams.stop_in_turn`); ``leaving``: others
     of the deployment keep running."""
     by_config: dict[str, list[Any]] = {}
     for container in containers:

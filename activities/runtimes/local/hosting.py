@@ -324,10 +324,10 @@ class LocalHosting(LocalPackages):
                 await asyncio.to_thread(shutil.rmtree, host_dir, True)
             elif running:
                 prepared = await asyncio.to_thread(self._prepare_host, runtime)
-                try:
+                # the model left; a host that does not start is logged by _host_failed, and
+                # the others' probes will say
+                with contextlib.suppress(DeploymentFailedError):
                     await self._ensure_host(runtime, prepared, lambda note: None)
-                except DeploymentFailedError as exc:  # the model left; the others' probes will say
-                    logger.warning("the shared host of runtime %s did not start again: %s", runtime.name, exc)
 
     async def _sweep(self, runtime: Runtime, state: dict[str, Any], user: ModelUser | None) -> bool:
         """Have the running host unload what is no longer linked in it and kill every other
