@@ -25,10 +25,14 @@ Fairness rules (a flattering ratio is a bug):
   measurement makes the bench exit non-zero after printing what it measured.
 - **Where the load generator runs.** By default ``wrk`` shares all cores with nginx and
   the server, as on a small host; then part of the "gateway cost" is ``wrk`` and nginx
-  competing for the same cores. ``--pin LOAD:SERVERS`` (e.g. ``--pin 0:1``) runs ``wrk``
-  on the ``LOAD`` cores and the server and both nginx tiers on the ``SERVERS`` cores, for
-  both sides alike: the measurement on a machine where the load generator does not share
-  the servers' cores. Reports say which was used.
+  competing for the same cores. ``--pin LOAD:SERVER[:GATEWAY]`` runs ``wrk`` on the
+  ``LOAD`` cores, the model server on the ``SERVER`` cores and both nginx tiers on the
+  ``GATEWAY`` cores (default: the server's), for both sides alike: ``--pin 0:1`` is a
+  machine where the load generator does not share the servers' cores and the gateway
+  competes with the model server for its core (nginx's whole CPU cost shows as lost
+  throughput); ``--pin 0:1:0`` gives the model server a core of its own, as on a host
+  with a core to spare for the gateway (nginx then competes with ``wrk`` instead). Reports
+  say which was used.
 
 With ``--shadow`` a second server receives a mirrored copy of every gateway request (the
 shadow strategy's cost; the direct side still calls one server).
@@ -117,12 +121,14 @@ class ServersOnTcp(LocalDriver):
         return self.servers[deployment_id]
 
 
-async def _start_server(package: Path, version: int, work: Path) -> tuple[subprocess.Popen[bytes], str]:
+async def _start_server(
+    pin: list[str], package: Path, version: int, work: Path
+) -> tuple[subprocess.Popen[bytes], str]:
     """The model server on a TCP port of its own, once it answers ``/health``."""
     port = _free_port()
     log = (work / f"server-{version}.log").open("wb")
     process = subprocess.Popen(
-        [sys.executable, "-m", "mlc.serving", "serve", "--package", str(package), "--port", str(port)],
+        [*pin, sys.executable, "-m", "mlc.serving", "serve", "--package", str(package), "--port", str(port)],
         env={**os.environ, VERSION_ENV: str(version), "PYTHONPATH": str(Path(__file__).resolve().parents[1])},
         stdout=log,
         stderr=subprocess.STDOUT,
@@ -131,7 +137,9 @@ async def _start_server(package: Path, version: int, work: Path) -> tuple[subpro
     async with httpx.AsyncClient(trust_env=False) as http:
         for _ in range(600):
             if process.poll() is not None:
-                raise SystemExit(f"model server exited: {(work / f'server-{version}.log').read_text()[-2000:]}")
+                raise SystemExit(
+                    f"model server exited: {(work / f'server-{version}.log').read_text()[-2000:]}"
+                )
             try:
                 if (await http.get(f"{endpoint}/health")).status_code == 200:
                     return process, endpoint
@@ -169,10 +177,12 @@ def wrk_run(wrk: list[str], url: str, body: Path, args: argparse.Namespace, seco
 async def run(args: argparse.Namespace) -> int:
     """Start the server(s) and the gateway, measure both sides interleaved, report."""
     wrk = [ensure_wrk()]
+    server_pin: list[str] = []
     if args.pin:
-        load_cores, server_cores = (_cores(x) for x in args.pin.split(":"))
-        os.sched_setaffinity(0, server_cores)  # the server and nginx inherit it
-        wrk = ["taskset", "-c", ",".join(map(str, sorted(load_cores))), *wrk]
+        load, server, *gateway = args.pin.split(":")
+        wrk = ["taskset", "-c", ",".join(map(str, sorted(_cores(load)))), *wrk]
+        server_pin = ["taskset", "-c", ",".join(map(str, sorted(_cores(server))))]
+        os.sched_setaffinity(0, _cores(gateway[0] if gateway else server))  # nginx inherits it
     work = Path(tempfile.mkdtemp(prefix="mlc-bench-gateway-"))
     settings = Settings.from_env(home=work / "home")
     runtime = Runtime(name="bench-gateway", stage="DEV", gateway=GatewaySettings(port=_free_port()))
@@ -184,7 +194,7 @@ async def run(args: argparse.Namespace) -> int:
     load_before = os.getloadavg()
     try:
         for version in (1, 2) if args.shadow else (1,):
-            process, endpoint = await _start_server(package, version, work)
+            process, endpoint = await _start_server(server_pin, package, version, work)
             processes.append(process)
             driver.servers[f"{MODEL}-v{version}"] = endpoint
         routes = [TrafficRoute(deployment_id=f"{MODEL}-v1", version=1)]
@@ -209,17 +219,20 @@ async def run(args: argparse.Namespace) -> int:
 
 def report(results: dict[str, list[Load]], args: argparse.Namespace, load_before: tuple[float, ...]) -> int:
     """Median, spread and rounds per side, the gateway's ratios; 1 when any run had errors."""
-    where = (
-        f"wrk on cores {args.pin.split(':')[0]}, server and nginx on cores {args.pin.split(':')[1]}"
-        if args.pin
-        else "wrk, server and nginx sharing all cores"
+    where = "wrk, server and nginx sharing all cores"
+    if args.pin:
+        load, server, *gateway = args.pin.split(":")
+        where = f"wrk on cores {load}, model server on {server}, nginx on {gateway[0] if gateway else server}"
+    print(
+        f"date {datetime.now(UTC):%Y-%m-%d %H:%M} UTC; {os.cpu_count()} cores ({where}); "
+        f"wrk -t{args.threads} -c{args.connections} -d{args.duration}s x {args.rounds} rounds, interleaved; "
+        "1 record per request" + ("; shadow mirrored" if args.shadow else "")
     )
     print(
-        f"date {datetime.now(UTC):%Y-%m-%d %H:%M} UTC; {os.cpu_count()} cores ({where}); wrk -t{args.threads} "
-        f"-c{args.connections} -d{args.duration}s x {args.rounds} rounds, interleaved; 1 record per request"
-        + ("; shadow mirrored" if args.shadow else "")
+        "load average before {:.2f} {:.2f} {:.2f}, after {:.2f} {:.2f} {:.2f}".format(
+            *load_before, *os.getloadavg()
+        )
     )
-    print("load average before {:.2f} {:.2f} {:.2f}, after {:.2f} {:.2f} {:.2f}".format(*load_before, *os.getloadavg()))
     median: dict[str, tuple[float, float]] = {}
     errors = 0
     for name, loads in results.items():
@@ -254,7 +267,7 @@ def main() -> None:
     parser.add_argument("--connections", type=int, default=8)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument(
-        "--pin", metavar="LOAD:SERVERS", help="cores for wrk : cores for the server and nginx, e.g. 0:1"
+        "--pin", metavar="LOAD:SERVER[:GATEWAY]", help="cores of wrk, the model server and nginx, e.g. 0:1"
     )
     parser.add_argument("--shadow", action="store_true", help="mirror every request to a second server")
     started = time.monotonic()
