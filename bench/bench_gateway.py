@@ -34,6 +34,11 @@ Fairness rules (a flattering ratio is a bug):
   with a core to spare for the gateway (nginx then competes with ``wrk`` instead). Reports
   say which was used.
 
+Under each side's numbers the bench prints the CPU time (user + system, from ``/proc``) that
+the model server and each nginx tier spent per request, medians of the rounds: where the
+cost goes (nginx's own work, or the model server's, which merges fewer concurrent requests
+into one call when they reach it through the gateway; see ``docs/gateway.md``).
+
 With ``--shadow`` a second server receives a mirrored copy of every gateway request (the
 shadow strategy's cost; the direct side still calls one server).
 
@@ -53,7 +58,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -91,6 +96,31 @@ class Load:
     p50_ms: float
     p99_ms: float
     errors: int
+    cpu_us: dict[str, float] = field(default_factory=dict)
+    """CPU time (user + system) per request of each serving process, in microseconds."""
+
+
+_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def _cpu_seconds(pids: dict[str, list[int]]) -> dict[str, float]:
+    """User + system CPU seconds so far of each named group of processes."""
+    spent = {}
+    for name, group in pids.items():
+        total = 0
+        for pid in group:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])  # utime, stime
+        spent[name] = total / _TICKS
+    return spent
+
+
+def _workers(master: int | None) -> list[int]:
+    """The nginx worker processes of ``master``."""
+    if master is None:
+        return []
+    children = Path(f"/proc/{master}/task/{master}/children").read_text().split()
+    return [int(x) for x in children]
 
 
 def _free_port() -> int:
@@ -150,9 +180,19 @@ async def _start_server(
     raise SystemExit("model server did not answer /health within 60 s")
 
 
-def wrk_run(wrk: list[str], url: str, body: Path, args: argparse.Namespace, seconds: int, work: Path) -> Load:
-    """One bounded wrk run against ``url`` posting ``body``."""
+def wrk_run(
+    wrk: list[str],
+    url: str,
+    body: Path,
+    args: argparse.Namespace,
+    seconds: int,
+    work: Path,
+    pids: dict[str, list[int]] | None = None,
+) -> Load:
+    """One bounded wrk run against ``url`` posting ``body``, with the CPU time ``pids``
+    spent per request meanwhile."""
     script = work / "post.lua"
+    before = _cpu_seconds(pids or {})
     script.write_text(LUA.format(body=body))
     command = [*wrk, f"-t{args.threads}", f"-c{args.connections}", f"-d{seconds}s", "--timeout", "5s"]
     out = subprocess.run(
@@ -166,11 +206,13 @@ def wrk_run(wrk: list[str], url: str, body: Path, args: argparse.Namespace, seco
     if line is None:
         raise SystemExit(f"wrk printed no summary:\n{out.stdout}\n{out.stderr}")
     data = json.loads(line.removeprefix("WRK_JSON "))
+    after, requests = _cpu_seconds(pids or {}), max(1, data["requests"])
     return Load(
         rps=data["requests"] / (data["duration_us"] / 1e6),
         p50_ms=data["p50_us"] / 1000,
         p99_ms=data["p99_us"] / 1000,
         errors=sum(data[k] for k in ("non2xx", "connect", "read", "write", "timeout")),
+        cpu_us={name: 1e6 * (after[name] - before[name]) / requests for name in after},
     )
 
 
@@ -202,12 +244,18 @@ async def run(args: argparse.Namespace) -> int:
             routes.append(TrafficRoute(deployment_id=f"{MODEL}-v2", version=2, weight=0, shadow=True))
         routed = await driver.route(runtime, MODEL, routes, lambda _note: None)
         targets = {"direct": f"{driver.servers[f'{MODEL}-v1']}/score", "gateway": f"{routed.endpoint}/score"}
+        gateway = LocalGateway(settings, runtime)
+        pids = {
+            "server": [p.pid for p in processes],
+            "edge": _workers(gateway._pid("edge")),
+            "routing": _workers(gateway._pid("routes")),
+        }
         results: dict[str, list[Load]] = {name: [] for name in targets}
         for round_ in range(args.rounds):
             order = list(targets) if round_ % 2 == 0 else list(reversed(targets))
             for name in order:
                 wrk_run(wrk, targets[name], body, args, args.warmup, work)
-                results[name].append(wrk_run(wrk, targets[name], body, args, args.duration, work))
+                results[name].append(wrk_run(wrk, targets[name], body, args, args.duration, work, pids))
         return report(results, args, load_before)
     finally:
         await driver.cleanup(CleanupRequest(runtime=runtime))
@@ -245,6 +293,8 @@ def report(results: dict[str, list[Load]], args: argparse.Namespace, load_before
             f"p99 {median[name][1]:6.2f} ms (spread {min(p99):.2f}-{max(p99):.2f})  "
             f"errors {sum(x.errors for x in loads)}  rounds: {', '.join(f'{x:.0f}' for x in rps)}"
         )
+        cpu = {k: statistics.median(x.cpu_us[k] for x in loads) for k in loads[0].cpu_us}
+        print("         CPU per request (median): " + ", ".join(f"{k} {v:.0f} us" for k, v in cpu.items()))
     (direct_rps, direct_p99), (gateway_rps, gateway_p99) = median["direct"], median["gateway"]
     pairs = [g.rps / d.rps for d, g in zip(results["direct"], results["gateway"], strict=True)]
     print(
