@@ -32,7 +32,10 @@ Fairness rules (a flattering ratio is a bug):
   competes with the model server for its core (nginx's whole CPU cost shows as lost
   throughput); ``--pin 0:1:0`` gives the model server a core of its own, as on a host
   with a core to spare for the gateway (nginx then competes with ``wrk`` instead). Reports
-  say which was used.
+  say which was used. Pinning means something only where nothing else runs on those cores:
+  on a core shared with other work, the scheduler gives each runnable process its share,
+  so the gateway side's three processes get more of the core than the direct side's one
+  (on the shared machine of issue 20 the gateway side came out faster than direct).
 
 Under each side's numbers the bench prints the CPU time (user + system, from ``/proc``) that
 the model server and each nginx tier spent per request, medians of the rounds: where the
