@@ -55,6 +55,7 @@ import argparse
 import asyncio
 import json
 import os
+import shutil
 import socket
 import statistics
 import subprocess
@@ -266,6 +267,7 @@ async def run(args: argparse.Namespace) -> int:
         for process in processes:
             process.terminate()
             process.wait(timeout=10)
+        shutil.rmtree(work, ignore_errors=True)
 
 
 def report(results: dict[str, list[Load]], args: argparse.Namespace, load_before: tuple[float, ...]) -> int:
