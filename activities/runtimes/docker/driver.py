@@ -24,6 +24,13 @@ on ``docker.network_mode`` as well (still serving on their socket); that is refu
 otherwise only places the gateway and the streaming consumers (see
 :mod:`activities.runtimes.docker.streaming`).
 
+A dedicated deploy claims the runtime's warm spare of its snapshot when there is one: a
+container started after the previous deploy of that snapshot there, exactly as this one
+would be, that has imported its libraries and loaded its package already; it is renamed to
+the deployment's container name and serves that deployment only (see
+:mod:`activities.runtimes.docker.spares`). The deployment's containers are therefore those
+labelled with its id and the spare named for it (:func:`online_containers`).
+
 A runtime with ``hosting: shared`` (docker runtimes default to ``dedicated``) serves its
 online deployments from one host container per runtime instead (``mlc.mode=host``,
 ``python -m mlc.serving serve-many``, see :mod:`mlc.serving.multi`), started from the
@@ -97,7 +104,7 @@ from activities.runtimes.docker.streaming import MODE, deploy_docker, stop_conta
 from activities.runtimes.gateway.routing import GatewayRouted
 from activities.runtimes.streams import drop_test_topics
 from mlc.domain import DockerSettings, Runtime
-from mlc.errors import NotFoundError
+from mlc.errors import DeploymentFailedError, NotFoundError
 from mlc.serving.capture import CAPTURE_FILE, CAPTURE_MAX_BYTES, read_answers
 
 _READ_CAPTURES = f"""
@@ -158,7 +165,12 @@ class DockerDriver(GatewayRouted):
                 if not claimed:
                     container = await self._start_online(client, request, settings, image)
             endpoint = await asyncio.to_thread(endpoint_of, container)
-            await wait_healthy(container, endpoint, request, heartbeat)
+            try:
+                await wait_healthy(container, endpoint, request, heartbeat)
+            except DeploymentFailedError:
+                if claimed:  # the container is gone; its socket folder is named for no one
+                    await asyncio.to_thread(spares.drop, client, self.settings, runtime, container)
+                raise
             details: dict[str, Any] = {
                 "container_id": container.id,
                 "container_name": container.name,
