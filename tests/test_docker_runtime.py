@@ -238,6 +238,7 @@ async def test_outbound_models_join_the_runtime_network_and_serve_on_their_socke
         assert json.loads(output)[f"tcp {port}"] == "ConnectionRefusedError"
     finally:
         await driver.undeploy(UndeployRequest(deployment_id="cc-fraud-net", runtime=runtime))
+        await driver.cleanup(CleanupRequest(runtime=runtime))  # its warm spare is on the network too
         network.remove()
 
 

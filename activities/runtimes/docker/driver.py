@@ -159,7 +159,7 @@ class DockerDriver(GatewayRouted):
                 )
                 wanted = spares.shape(runtime, snapshot, image.id, request.stage)
                 container = await asyncio.to_thread(
-                    spares.claim, client, runtime, wanted, request.deployment_id
+                    spares.claim, client, self.settings, runtime, wanted, request.deployment_id
                 )
                 claimed = container is not None
                 if not claimed:

@@ -10,14 +10,16 @@ socket folder created fresh for it (a random name under the runtime's sockets fo
 owned by the containers' user, 0700). The next deploy of that snapshot on that runtime
 claims it and finds its imports done and its package loaded.
 
-Claiming is one engine call: renaming the spare from its spare name (``mlcspare-<random>``,
-a name no deployment's ``mlc-<id>`` can be) to the deployment's container name. The engine
-renames atomically, so of two deploys reaching for one spare one wins (the other gets 404
-and tries the next or starts cold), and a deploy racing another of the same deployment
-gets 409 and uses the container holding the name. Labels cannot change, so a claimed
-container keeps its spare labels (``mlc.mode=spare``, no ``mlc.deployment-id``): its name
-ties it to its deployment (:func:`~activities.runtimes.docker.containers.online_containers`
-finds it), its socket folder stays the one it was started with (its ``mlc.endpoint``).
+Claiming a spare is unlinking its claim token, an empty file only the worker's user can
+reach (see :func:`_claims`): of two deploys reaching for one spare exactly one unlink
+succeeds (the other tries the next spare or starts cold). The claimant then renames the
+container from its spare name (``mlcspare-<random>``, a name no deployment's ``mlc-<id>``
+can be) to the deployment's container name; a deploy racing another of the same
+deployment gets 409 there, drops the spare it claimed and uses the container holding the
+name. Labels cannot change, so a claimed container keeps its spare labels
+(``mlc.mode=spare``, no ``mlc.deployment-id``): its name ties it to its deployment
+(:func:`~activities.runtimes.docker.containers.online_containers` finds it), and its
+socket folder stays the one it was started with (its ``mlc.endpoint``).
 
 A spare serves one deployment, ever: undeploy removes it like any deployment container
 and nothing returns to the pool, so no model sees another's leftovers. The pool is
@@ -34,7 +36,9 @@ import contextlib
 import hashlib
 import json
 import logging
+import os
 import secrets
+from pathlib import Path
 from typing import Any
 
 import docker.errors
@@ -55,6 +59,8 @@ from activities.runtimes.docker.images import PACKAGE_DIR
 from mlc.config import Settings
 from mlc.domain import ModelSnapshot, Runtime
 
+CLAIMS_DIR = "_spares"
+"""Under ``runtime_dir``: the claim tokens of each runtime's spares (no runtime is named so)."""
 SPARES_PER_RUNTIME = 2
 """At most this many unclaimed spares per runtime (each holds an interpreter with the
 model's libraries imported: ~100-200 MB)."""
@@ -95,22 +101,30 @@ def _spares(client: Any, runtime: Runtime) -> list[Any]:
     return sorted(spares, key=lambda c: str(c.attrs.get("Created", "")))
 
 
-def claim(client: Any, runtime: Runtime, wanted: str, deployment_id: str) -> Any:
-    """Rename a running spare of shape ``wanted`` to the deployment's container name and
-    return it (None: no spare to claim). On a name clash, the container holding the name.
+def claim(client: Any, settings: Settings, runtime: Runtime, wanted: str, deployment_id: str) -> Any:
+    """Claim a running spare of shape ``wanted`` for the deployment and return it, renamed to
+    the deployment's container name (None: no spare to claim). When a concurrent deploy of
+    the same deployment holds that name already, the container holding it.
 
     Raises:
         docker.errors.APIError: the engine refused otherwise.
     """
     name = container_name(deployment_id)
     for spare in _spares(client, runtime):
-        if spare.status != "running" or spare.labels.get("mlc.spare-shape") != wanted:
+        key = spare.labels.get("mlc.socket-key", "")
+        if spare.status != "running" or spare.labels.get("mlc.spare-shape") != wanted or not key:
             continue
         try:
-            client.api.rename(spare.name, name)  # by its spare name: only one claim succeeds
+            (_claims(settings, runtime) / key).unlink()  # one unlink succeeds: the claim
+        except FileNotFoundError:
+            continue  # claimed by another deploy, or not a spare of this home
+        try:
+            client.api.rename(spare.id, name)
         except docker.errors.NotFound:
-            continue  # another deploy claimed it first
+            drop(client, settings, runtime, spare)  # removed meanwhile (a cleanup)
+            continue
         except docker.errors.APIError as exc:
+            drop(client, settings, runtime, spare)  # claimed, never served: it goes
             if exc.status_code != 409:
                 raise
             return client.containers.get(name)  # a concurrent deploy of this deployment
@@ -156,19 +170,24 @@ def _ensure_spare(
             spare.labels.get("mlc.spare-shape") != wanted  # another image of this snapshot
         )
         if obsolete or spare.status not in ("running", "created", "restarting"):
-            drop(client, settings, runtime, spare)
+            retire(client, settings, runtime, spare)
         else:
             spares.append(spare)
+    live = {spare.labels.get("mlc.socket-key") for spare in spares}
+    for token in _claims(settings, runtime).iterdir():  # of spares removed behind our back
+        if token.name not in live:
+            token.unlink(missing_ok=True)
     if any(spare.labels.get("mlc.spare-shape") == wanted for spare in spares):
         return
     for surplus in spares[: max(0, len(spares) - SPARES_PER_RUNTIME + 1)]:  # oldest first
-        drop(client, settings, runtime, surplus)
+        retire(client, settings, runtime, surplus)
     key = f"_{secrets.token_hex(8)[:15]}"  # never a deployment's key (hex only), never guessable
     folder = socket_folder(settings, runtime, key)
     uds, options, socket_labels = socket_options(folder, runtime)
     labels = model_labels(deployment_id="", runtime=runtime, snapshot=snapshot, stage=stage, mode=SPARE_MODE)
     del labels["mlc.deployment-id"]  # a spare belongs to no deployment until its name says so
     labels |= socket_labels | {"mlc.spare-shape": wanted, "mlc.socket-key": key}
+    token = _claims(settings, runtime) / key
     try:
         run_model_container(
             client,
@@ -183,21 +202,47 @@ def _ensure_spare(
     except BaseException:
         drop_socket_folder(settings, runtime, key)
         raise
+    token.touch(mode=0o600, exist_ok=False)  # claimable from now on
 
 
 def drop(client: Any, settings: Settings, runtime: Runtime, container: Any) -> None:
-    """Remove a spare (or a claimed one) and its socket folder."""
+    """Remove a spare (or a claimed one), its claim token and its socket folder."""
     remove(container)
     if key := container.labels.get("mlc.socket-key"):
+        (_claims(settings, runtime) / key).unlink(missing_ok=True)
         drop_socket_folder(settings, runtime, key)
 
 
+def retire(client: Any, settings: Settings, runtime: Runtime, spare: Any) -> bool:
+    """Remove an unclaimed spare this home started, claiming it first so no deploy gets it
+    meanwhile; False when it was claimed already (or is another home's)."""
+    try:
+        (_claims(settings, runtime) / spare.labels.get("mlc.socket-key", "-")).unlink()
+    except FileNotFoundError:
+        return False
+    drop(client, settings, runtime, spare)
+    return True
+
+
+def _claims(settings: Settings, runtime: Runtime) -> Path:
+    """``<runtime_dir>/_spares/<runtime>``: one empty file per unclaimed spare this home
+    started, named by its socket key (root's, 0700: no model reaches it). Unlinking it is
+    the claim: the engine has no compare-and-set (two renames of one container by its old
+    name both succeed), the filesystem has."""
+    folder = (settings.runtime_dir / CLAIMS_DIR / runtime.name).resolve()
+    folder.mkdir(parents=True, exist_ok=True)
+    os.chmod(folder.parent, 0o700)
+    return folder
+
+
 async def drop_spares(settings: Settings, runtime: Runtime) -> int:
-    """Remove the runtime's unclaimed spares (``mlc dev`` stopping); how many there were."""
+    """Remove the runtime's unclaimed spares this home started (``mlc dev`` stopping); how
+    many."""
     await settled()
     async with connect(runtime, "remove spare containers") as client:
         spares = await asyncio.to_thread(_spares, client, runtime)
+        retired = 0
         for spare in spares:
             with contextlib.suppress(docker.errors.APIError):
-                await asyncio.to_thread(drop, client, settings, runtime, spare)
-    return len(spares)
+                retired += await asyncio.to_thread(retire, client, settings, runtime, spare)
+    return retired
