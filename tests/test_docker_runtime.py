@@ -566,6 +566,11 @@ async def test_a_spare_serves_one_deployment_only_and_cleanup_leaves_nothing(
         assert last_spare.id in {r.details["container_id"] for r in raced}
         await spares.settled()
 
+        assert await driver.drop_spares(runtime) >= 1  # what `mlc dev` does when it stops
+        assert _spares(engine, runtime) == []
+        for result in raced:  # claimed ones are deployments: they stay
+            assert engine.containers.get(result.details["container_id"]).status == "running"
+
         cleaned = await driver.cleanup(CleanupRequest(runtime=runtime, keep=(cold_id,)))
 
         assert cleaned.removed == tuple(sorted([next_id, *racing]))
