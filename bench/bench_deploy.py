@@ -1,23 +1,36 @@
-"""Local vs docker runtime: deploy-to-healthy time and batch throughput, side by side.
+"""Deploy-to-healthy time of every way a model can be deployed here, and batch throughput.
 
-Both runtimes are measured in one run on the same snapshot of the cc-fraud example, so
-the ratios compare like with like on this machine:
+What is measured, on one snapshot of the cc-fraud example, with its docker image built
+already (the first docker deploy, which may build it, is reported apart):
 
-* deploy-to-healthy: median of N deploys (new deployment id each, undeployed after), with
-  the docker image already built; the first docker deploy, which may build the image, is
-  reported separately. Local deploys are measured both ways: into the runtime's shared
-  model host (the default of non-PROD local runtimes; a resident deployment keeps the host
-  up, as any serving non-PROD model does; the deploy that started it is reported apart)
-  and as a dedicated process (``hosting: dedicated``, what PROD gets). Docker deploys are
-  measured as containers of their own (the docker default) and into a runtime with
-  ``hosting: shared`` (one host container, a resident deployment keeping it up);
-* batch: the cc-fraud evaluation records repeated up to ``--records``, scored by each
-  runtime's batch job; records/second from the job's own timing (scoring only) and from
-  wall time (including process or container start and model loading).
+* ``local shared``: into the local runtime's running shared model host (non-PROD local
+  default; a resident deployment keeps the host up, as any serving model does);
+* ``local dedicated``: a process of its own (``hosting: dedicated``, what PROD gets);
+* ``docker dedicated``: a container of its own (the docker default, PROD's), claiming the
+  runtime's warm spare when one is there (see ``activities/runtimes/docker/spares.py``):
+  what a redeploy, restart or rollback of a snapshot that ran on the runtime before costs;
+* ``docker dedicated cold``: the same with the runtime's spares removed first (untimed):
+  what a snapshot's first deploy on a runtime costs;
+* ``docker shared``: into a docker runtime's running host container (``hosting: shared``).
+
+Fairness rules:
+
+* every variant is timed from the same point to the same point: from the driver's
+  ``deploy_online`` call to its return, which each driver makes only after the
+  deployment's own ``/health`` answered 200 (engine and package work included; the
+  workflow's bookkeeping around it excluded for all alike); the undeploy after each deploy
+  is not timed;
+* the variants are interleaved, in an order rotated every round (so none always runs
+  right after another's leftover work, e.g. a spare starting in the background), and
+  repeated ``--runs`` times; each is reported as median and spread (min-max), with the
+  machine's load average at start and end;
+* a deploy or undeploy that raises fails the run (no sample is dropped);
+* the docker containers run with the limits a runtime gives them (``--cpus``, default 1);
+* batch jobs (local and docker) are interleaved the same way and reported as medians.
 
 Needs the engine and base image of ``scripts/docker-engine.sh``.
 
-    .venv/bin/python bench/bench_deploy.py --runs 5 --records 50000
+    .venv/bin/python bench/bench_deploy.py --runs 7 --records 50000
 """
 
 from __future__ import annotations
@@ -31,7 +44,7 @@ import sys
 import tempfile
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import docker
@@ -45,6 +58,7 @@ from activities.runtimes.base import (  # noqa: E402 (after the path setup)
     RuntimeDriver,
     UndeployRequest,
 )
+from activities.runtimes.docker import spares  # noqa: E402
 from activities.runtimes.docker.driver import DockerDriver  # noqa: E402
 from activities.runtimes.local.driver import LocalDriver  # noqa: E402
 from cli.examples import prepare_example_model  # noqa: E402
@@ -58,13 +72,26 @@ BASE_IMAGE = "mlc-python:3.11-bookworm"
 
 
 @dataclass
-class KindResult:
-    """What one runtime kind measured."""
+class Variant:
+    """One way of deploying, and what it measured."""
 
-    deploy_seconds: list[float]
-    batch_wall_seconds: list[float]
-    batch_job_seconds: list[float]
-    records: int
+    label: str
+    driver: RuntimeDriver
+    runtime: Runtime
+    cold: bool = False
+    """Remove the runtime's spare containers before each deploy (untimed)."""
+    seconds: list[float] = field(default_factory=list)
+    claimed: int = 0
+    """Deploys that claimed a spare container."""
+
+
+@dataclass
+class BatchResult:
+    """What one runtime kind's batch jobs measured."""
+
+    wall_seconds: list[float] = field(default_factory=list)
+    job_seconds: list[float] = field(default_factory=list)
+    records: int = 0
 
 
 def _ignore(_note: str) -> None:
@@ -93,30 +120,33 @@ def _scaled_input(package: Path, records: int, dest: Path) -> Path:
     return dest
 
 
-async def _deploy_once(
-    driver: RuntimeDriver, runtime: Runtime, snapshot: ModelSnapshot, image_seconds: list[float] | None = None
-) -> float:
-    """Seconds from deploy call to healthy endpoint; the deployment is removed afterwards.
+async def _deploy_once(variant: Variant, snapshot: ModelSnapshot) -> float:
+    """Seconds from the ``deploy_online`` call to its return (the driver returns once the
+    deployment's own ``/health`` answered 200); the deployment is removed afterwards, untimed.
 
-    ``image_seconds`` receives the docker driver's image lookup time (``details["image_seconds"]``).
+    Raises whatever the deploy or the undeploy raised: a run with an error fails.
     """
-    deployment_id = f"bench-{runtime.kind.value}-{uuid.uuid4().hex[:8]}"
+    if variant.cold:  # untimed: no spare to claim, as on a snapshot's first deploy here
+        await spares.drop_spares(variant.driver.settings, variant.runtime)
+    deployment_id = f"bench-{variant.runtime.name}-{uuid.uuid4().hex[:8]}"
     started = time.perf_counter()
-    result = await driver.deploy_online(
-        OnlineDeployRequest(deployment_id=deployment_id, snapshot=snapshot, runtime=runtime, stage="DEV"),
+    result = await variant.driver.deploy_online(
+        OnlineDeployRequest(
+            deployment_id=deployment_id, snapshot=snapshot, runtime=variant.runtime, stage="DEV"
+        ),
         _ignore,
     )
     elapsed = time.perf_counter() - started
-    if image_seconds is not None and "image_seconds" in result.details:
-        image_seconds.append(float(result.details["image_seconds"]))
-    await driver.undeploy(UndeployRequest(deployment_id=deployment_id, runtime=runtime))
+    if result.details.get("spare"):
+        variant.claimed += 1
+    await variant.driver.undeploy(UndeployRequest(deployment_id=deployment_id, runtime=variant.runtime))
     return elapsed
 
 
 async def _batch_once(
-    driver: RuntimeDriver, runtime: Runtime, snapshot: ModelSnapshot, input_path: Path, result: KindResult
-) -> None:
-    """Run one batch job over ``input_path`` and record its wall and job times."""
+    driver: RuntimeDriver, runtime: Runtime, snapshot: ModelSnapshot, input_path: Path
+) -> tuple[float, float, int]:
+    """Run one batch job over ``input_path``: (wall seconds, job seconds, records)."""
     started = time.perf_counter()
     job = await driver.run_batch(
         BatchJobRequest(
@@ -128,23 +158,25 @@ async def _batch_once(
         ),
         _ignore,
     )
-    result.batch_wall_seconds.append(time.perf_counter() - started)
-    result.batch_job_seconds.append(job.seconds)
-    result.records = job.records
+    return time.perf_counter() - started, job.seconds, job.records
 
 
-def _row(label: str, local: float, docker_value: float, unit: str) -> str:
-    ratio = docker_value / local if local else float("nan")
-    return f"{label:<40} {local:>10.3f} {docker_value:>10.3f} {ratio:>12.2f}  {unit}"
+def _spread(values: list[float]) -> str:
+    return f"{statistics.median(values):8.3f} s  ({min(values):.3f}-{max(values):.3f})"
+
+
+def _rotated(items: list[Variant], by: int) -> list[Variant]:
+    by %= len(items)
+    return items[by:] + items[:by]
 
 
 async def main() -> None:
-    """Measure both runtimes and print the table."""
+    """Measure every variant, interleaved, and print the table."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--runs", type=int, default=5, help="deploys per runtime (median)")
-    parser.add_argument("--batch-runs", type=int, default=3, help="batch jobs per runtime (median)")
+    parser.add_argument("--runs", type=int, default=7, help="deploys per variant (median, spread)")
+    parser.add_argument("--batch-runs", type=int, default=3, help="batch jobs per runtime kind (median)")
     parser.add_argument("--records", type=int, default=50_000, help="batch input size")
-    parser.add_argument("--cpus", type=float, default=1.0, help="docker.cpus of the container")
+    parser.add_argument("--cpus", type=float, default=1.0, help="docker.cpus of the containers")
     parser.add_argument(
         "--rebuild",
         action="store_true",
@@ -152,6 +184,7 @@ async def main() -> None:
     )
     parser.add_argument("--home", type=Path, help="MLC_HOME to use (default: a temporary one)")
     args = parser.parse_args()
+    load_start = os.getloadavg()
 
     with tempfile.TemporaryDirectory(prefix="mlc-bench-") as tmp:
         settings = Settings.from_env(home=args.home or Path(tmp))
@@ -171,7 +204,26 @@ async def main() -> None:
                 engine.images.remove(image.id, force=True)
             engine.close()
 
-        docker_driver = DockerDriver(settings)
+        local_driver, docker_driver = LocalDriver(settings), DockerDriver(settings)
+        shared_docker_rt = docker_rt.model_copy(
+            update={"name": "bench-docker-shared", "hosting": HostingMode.SHARED}
+        )
+        variants = [
+            Variant("local shared", local_driver, local_rt),
+            Variant(
+                "local dedicated",
+                local_driver,
+                local_rt.model_copy(update={"name": "bench-local-own", "hosting": HostingMode.DEDICATED}),
+            ),
+            Variant("docker dedicated (spare)", docker_driver, docker_rt),
+            Variant(
+                "docker dedicated cold",
+                docker_driver,
+                docker_rt.model_copy(update={"name": "bench-docker-cold"}),
+                cold=True,
+            ),
+            Variant("docker shared", docker_driver, shared_docker_rt),
+        ]
         first_id = f"bench-docker-first-{uuid.uuid4().hex[:8]}"
         started = time.perf_counter()
         first = await docker_driver.deploy_online(
@@ -181,103 +233,72 @@ async def main() -> None:
         first_seconds = time.perf_counter() - started
         await docker_driver.undeploy(UndeployRequest(deployment_id=first_id, runtime=docker_rt))
 
-        # Interleaved, so a change in machine load during the run hits both kinds alike.
-        local_driver = LocalDriver(settings)
-        own_rt = local_rt.model_copy(update={"name": "bench-local-own", "hosting": HostingMode.DEDICATED})
-        local, dock = KindResult([], [], [], 0), KindResult([], [], [], 0)
-        own: list[float] = []
-        docker_shared: list[float] = []
-        shared_rt = docker_rt.model_copy(
-            update={"name": "bench-docker-shared", "hosting": HostingMode.SHARED}
-        )
-        image_seconds: list[float] = []
-        started = time.perf_counter()
         resident = OnlineDeployRequest(
             deployment_id="bench-resident", snapshot=snapshot, runtime=local_rt, stage="DEV"
         )
+        docker_resident = resident.model_copy(update={"runtime": shared_docker_rt})
+        started = time.perf_counter()
         await local_driver.deploy_online(resident, _ignore)  # starts the runtime's shared host
         host_start_seconds = time.perf_counter() - started
         started = time.perf_counter()
-        docker_resident = resident.model_copy(update={"runtime": shared_rt})
         await docker_driver.deploy_online(docker_resident, _ignore)  # starts its host container
         docker_host_seconds = time.perf_counter() - started
-        for _ in range(args.runs):
-            local.deploy_seconds.append(await _deploy_once(local_driver, local_rt, snapshot))
-            own.append(await _deploy_once(local_driver, own_rt, snapshot))
-            dock.deploy_seconds.append(await _deploy_once(docker_driver, docker_rt, snapshot, image_seconds))
-            docker_shared.append(await _deploy_once(docker_driver, shared_rt, snapshot))
-        await local_driver.undeploy(UndeployRequest(deployment_id="bench-resident", runtime=local_rt))
-        await docker_driver.undeploy(UndeployRequest(deployment_id="bench-resident", runtime=shared_rt))
-        for _ in range(args.batch_runs):
-            await _batch_once(local_driver, local_rt, snapshot, input_path, local)
-            await _batch_once(docker_driver, docker_rt, snapshot, input_path, dock)
+        batches = {"local": BatchResult(), "docker": BatchResult()}
+        try:
+            for round_ in range(args.runs):
+                for variant in _rotated(variants, round_):
+                    variant.seconds.append(await _deploy_once(variant, snapshot))
+            kinds = [("local", local_driver, local_rt), ("docker", docker_driver, docker_rt)]
+            for round_ in range(args.batch_runs):
+                for name, driver, runtime in kinds[round_ % 2 :] + kinds[: round_ % 2]:
+                    wall, job, records = await _batch_once(driver, runtime, snapshot, input_path)
+                    batches[name].wall_seconds.append(wall)
+                    batches[name].job_seconds.append(job)
+                    batches[name].records = records
+        finally:
+            await local_driver.undeploy(UndeployRequest(deployment_id="bench-resident", runtime=local_rt))
+            await docker_driver.undeploy(
+                UndeployRequest(deployment_id="bench-resident", runtime=shared_docker_rt)
+            )
+            for variant in variants:
+                if variant.runtime.kind is RuntimeKind.DOCKER:
+                    await spares.drop_spares(settings, variant.runtime)
+            await spares.settled()
 
     built = "built the image" if first.details.get("image_built") else "image was cached"
-    print(f"cc-fraud@1 sha256 {snapshot.sha256[:12]}, docker base {BASE_IMAGE}, cpus={args.cpus}")
+    print(
+        f"cc-fraud@1 sha256 {snapshot.sha256[:12]}, docker base {BASE_IMAGE}, "
+        f"cpus={args.cpus}, {os.cpu_count()} cores"
+    )
+    print(f"load average (1 min) at start {load_start[0]:.1f}, at end {os.getloadavg()[0]:.1f}")
     print(
         f"first docker deploy ({built}): {first_seconds:.2f} s, of which image "
         f"{first.details.get('image_seconds', 0.0):.2f} s"
     )
-    print()
-    print(f"{'metric':<40} {'local':>10} {'docker':>10} {'docker/local':>12}")
-    print(
-        _row(
-            f"deploy to healthy, median of {args.runs}",
-            statistics.median(local.deploy_seconds),
-            statistics.median(dock.deploy_seconds),
-            "s (local: into the running shared host)",
-        )
-    )
-    print(
-        _row(
-            "  local as a dedicated process",
-            statistics.median(own),
-            statistics.median(dock.deploy_seconds),
-            "s",
-        )
-    )
-    print(
-        _row(
-            "  docker into a shared host container",
-            statistics.median(local.deploy_seconds),
-            statistics.median(docker_shared),
-            "s (hosting: shared)",
-        )
-    )
-    print(
-        _row(
-            f"batch wall time, {local.records} records",
-            statistics.median(local.batch_wall_seconds),
-            statistics.median(dock.batch_wall_seconds),
-            "s",
-        )
-    )
-    print(
-        _row(
-            "batch records/s (job scoring time)",
-            local.records / statistics.median(local.batch_job_seconds),
-            dock.records / statistics.median(dock.batch_job_seconds),
-            "rec/s",
-        )
-    )
-    print(
-        _row(
-            "batch records/s (wall, incl. start+load)",
-            local.records / statistics.median(local.batch_wall_seconds),
-            dock.records / statistics.median(dock.batch_wall_seconds),
-            "rec/s",
-        )
-    )
-    print()
     print(f"first local deploy (started the shared host): {host_start_seconds:.2f} s")
     print(f"first shared docker deploy (started the host container): {docker_host_seconds:.2f} s")
-    print("      docker shared", [round(s, 2) for s in docker_shared])
-    print("deploy samples (s): local", [round(s, 2) for s in local.deploy_seconds])
-    print("      local dedicated", [round(s, 2) for s in own])
-    print("                    docker", [round(s, 2) for s in dock.deploy_seconds])
-    if image_seconds:
-        print(f"docker image lookup per deploy, median: {statistics.median(image_seconds):.3f} s")
-    print(f"load average at the end: {os.getloadavg()[0]:.1f} ({os.cpu_count()} cores)")
+    print()
+    print(f"deploy to healthy (deploy_online call to return), {args.runs} runs interleaved: median (min-max)")
+    for variant in variants:
+        note = (
+            f"  [{variant.claimed}/{len(variant.seconds)} claimed a spare]"
+            if variant.runtime.kind is RuntimeKind.DOCKER and not variant.runtime.shares_hosts("DEV")
+            else ""
+        )
+        print(f"  {variant.label:<28} {_spread(variant.seconds)}{note}")
+        print(f"  {'':<28} samples {[round(s, 3) for s in variant.seconds]}")
+    if args.batch_runs:
+        print()
+        print(
+            f"batch, {batches['local'].records} records, {args.batch_runs} jobs each interleaved: "
+            "median (min-max)"
+        )
+        for name, result in batches.items():
+            rate = result.records / statistics.median(result.job_seconds)
+            print(
+                f"  {name:<8} wall {_spread(result.wall_seconds)}   "
+                f"scoring {rate:,.0f} rec/s (job's own timing)"
+            )
 
 
 if __name__ == "__main__":

@@ -399,15 +399,26 @@ def list_runtime_keys(as_json: JSON = False) -> None:
 
 @runtime_app.command("remove")
 def remove_runtime(name: str) -> None:
-    """Remove a runtime that has no live deployments."""
+    """Remove a runtime that has no live deployments (a docker runtime's warm spare
+    containers go with it)."""
 
+    from activities.runtimes.docker.driver import DockerDriver
     from cli import admin
 
     async def go() -> None:
         cfg = settings()
         async with inventory(cfg) as pool:
+            runtime = await runtimes.read_runtime(pool, name)
             await admin.remove_runtime(pool, cfg, await signer(cfg, pool), name)
         console.print(f"runtime {name} removed")
+        if runtime.kind is RuntimeKind.DOCKER:
+            try:
+                await DockerDriver(cfg).drop_spares(runtime)
+            except MLCError as exc:
+                console.print(
+                    f"its spare containers stay ({exc}): `docker rm -f` those labelled "
+                    f"mlc.runtime={name} and mlc.mode=spare"
+                )
 
     run(go())
 

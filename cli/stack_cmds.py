@@ -30,7 +30,12 @@ from mlc.artifacts import ArtifactStore
 from mlc.config import Settings
 from mlc.contracts.lifecycle import SignedDecision
 from mlc.domain import Decision, LifecycleState, ModelRef
-from mlc.errors import BubblewrapMissingError, NginxMissingError, RuntimeUnavailableError
+from mlc.errors import (
+    BubblewrapMissingError,
+    DeploymentFailedError,
+    NginxMissingError,
+    RuntimeUnavailableError,
+)
 from mlc.lifecycle_client import read_status, send_decision, sign_decision, start_lifecycle
 from mlc.names import lifecycles_task_queue
 from mlc.store import connect, deployments, runtimes, traffic
@@ -222,13 +227,18 @@ async def _remove_stale_local_leftovers(cfg: Settings, pool: asyncpg.Pool) -> No
 
 async def _stop_local_servers(cfg: Settings, pool: asyncpg.Pool) -> None:
     """Stop the local model servers with the stack, keeping their records: the inventory
-    still says what should serve, and the next ``mlc dev`` brings it back."""
+    still says what should serve, and the next ``mlc dev`` brings it back. Docker runtimes'
+    warm spare containers go too (deployments' containers stay, the engine runs them)."""
+    from activities.runtimes.docker.driver import DockerDriver
     from activities.runtimes.local.driver import LocalDriver
     from mlc.domain import RuntimeKind
 
     for runtime in await runtimes.read_runtimes(pool):
         if runtime.kind is RuntimeKind.LOCAL:
             await LocalDriver(cfg).stop_servers(runtime)
+        elif runtime.kind is RuntimeKind.DOCKER:
+            with contextlib.suppress(RuntimeUnavailableError, DeploymentFailedError):
+                await DockerDriver(cfg).drop_spares(runtime)
 
 
 DEBUG = Annotated[bool, typer.Option("--debug", help="Print tracebacks in the terminal too (mlc --debug).")]

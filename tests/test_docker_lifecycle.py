@@ -13,8 +13,9 @@ from typing import Any
 import pytest
 from temporalio.client import WorkflowFailureError
 
+from activities.runtimes.docker import spares
 from mlc.domain import DockerSettings, Runtime, RuntimeKind
-from mlc.store import deployments
+from mlc.store import deployments, runtimes
 from tests.conftest import DOCKER_BASE_IMAGE, FIXTURES, Stack, call_model
 from tests.lifecycle_helpers import start_like_ui, wait_for_gate
 
@@ -78,6 +79,9 @@ async def test_local_dev_then_docker_stages_reach_prod(
     for deployment in live.values():
         if deployment.details.get("container_id"):
             docker_engine.containers.get(deployment.details["container_id"]).remove(force=True)
+    for runtime in await runtimes.read_runtimes(stack.pool):
+        if runtime.kind is RuntimeKind.DOCKER:  # the warm spares each deploy left
+            await spares.drop_spares(stack.settings, runtime)
 
 
 async def test_container_crashing_at_start_fails_its_stage_with_the_log(

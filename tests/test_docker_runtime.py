@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import docker.errors
 import httpx
 import pytest
 from pydantic import ValidationError
@@ -28,7 +29,8 @@ from activities.runtimes.base import (
     ProbeRequest,
     UndeployRequest,
 )
-from activities.runtimes.docker.containers import SOCKET_NAME, container_name
+from activities.runtimes.docker import spares
+from activities.runtimes.docker.containers import SOCKET_NAME, SPARE_PREFIX, container_name, sockets_root
 from activities.runtimes.docker.driver import DockerDriver
 from activities.runtimes.docker.images import manylinux_platforms
 from activities.runtimes.registry import remove_gateway as remove_gateway
@@ -236,6 +238,7 @@ async def test_outbound_models_join_the_runtime_network_and_serve_on_their_socke
         assert json.loads(output)[f"tcp {port}"] == "ConnectionRefusedError"
     finally:
         await driver.undeploy(UndeployRequest(deployment_id="cc-fraud-net", runtime=runtime))
+        await driver.cleanup(CleanupRequest(runtime=runtime))  # its warm spare is on the network too
         network.remove()
 
 
@@ -491,3 +494,92 @@ async def test_a_model_container_reaches_neither_the_host_loopback_nor_another_m
         host_server.close()
         for i in ids:
             await driver.undeploy(UndeployRequest(deployment_id=i, runtime=runtime))
+
+
+def _spares(engine: Any, runtime: Runtime) -> list[Any]:
+    """The runtime's unclaimed spare containers."""
+    found = engine.containers.list(
+        all=True, filters={"label": [f"mlc.runtime={runtime.name}", "mlc.mode=spare"]}
+    )
+    return [c for c in found if c.name.startswith(SPARE_PREFIX)]
+
+
+async def test_a_spare_serves_one_deployment_only_and_cleanup_leaves_nothing(
+    engine: Any, settings: Settings, cc_fraud: ModelSnapshot, notes: list[str]
+) -> None:
+    runtime = _runtime(f"docker-spare-{uuid.uuid4().hex[:8]}", memory="512m")
+    driver = DockerDriver(settings)
+    ids = [f"cc-fraud-1-{n}-{uuid.uuid4().hex[:6]}" for n in ("cold", "warm", "next", "race1", "race2")]
+    cold_id, warm_id, next_id, *racing = ids
+
+    def request(deployment_id: str) -> OnlineDeployRequest:
+        return OnlineDeployRequest(
+            deployment_id=deployment_id, snapshot=cc_fraud, runtime=runtime, stage="DEV"
+        )
+
+    try:
+        cold = await driver.deploy_online(request(cold_id), notes.append)
+        await spares.settled()
+        (spare,) = _spares(engine, runtime)
+        cold_container = engine.containers.get(cold.details["container_id"])
+
+        assert cold.details["spare"] is False
+        assert spare.id != cold_container.id
+        for key in ("NetworkMode", "ReadonlyRootfs", "Memory", "NanoCpus", "CapDrop", "SecurityOpt"):
+            assert spare.attrs["HostConfig"][key] == cold_container.attrs["HostConfig"][key], key
+        assert spare.attrs["Config"]["User"] == cold_container.attrs["Config"]["User"] == "65534:65534"
+        spare_socket = endpoints.parse(spare.labels["mlc.endpoint"]).socket
+        assert spare_socket is not None and spare_socket.parent.parent == sockets_root(settings, runtime)
+        info = spare_socket.parent.stat()
+        assert (info.st_uid, stat.S_IMODE(info.st_mode)) == (65534, 0o700)
+
+        warm = await driver.deploy_online(request(warm_id), notes.append)
+
+        assert warm.details["spare"] is True
+        assert warm.details["container_id"] == spare.id
+        assert warm.endpoint == spare.labels["mlc.endpoint"] != cold.endpoint
+        assert engine.containers.get(spare.id).name == container_name(warm_id)
+        response = await call_model(warm.endpoint, "/score", json=CC_FRAUD_SAMPLE)
+        assert response.status_code == 200, response.text
+        assert await driver.locate(runtime, warm_id) == warm.endpoint
+        assert (await driver.probe(ProbeRequest(deployment_id=warm_id, runtime=runtime))).healthy
+        again = await driver.deploy_online(request(warm_id), notes.append)
+        assert (again.details["container_id"], again.details["reused"]) == (spare.id, True)
+        await spares.settled()
+        (refill,) = _spares(engine, runtime)
+        assert refill.id not in {spare.id, cold_container.id}
+
+        await driver.undeploy(UndeployRequest(deployment_id=warm_id, runtime=runtime))
+
+        with pytest.raises(docker.errors.NotFound):
+            engine.containers.get(spare.id)
+        assert not spare_socket.parent.exists(), "undeploy leaves the spare's socket folder behind"
+        following = await driver.deploy_online(request(next_id), notes.append)
+        assert following.details["container_id"] == refill.id, "the next deploy gets a fresh spare"
+        await spares.settled()
+
+        (last_spare,) = _spares(engine, runtime)
+        raced = await asyncio.gather(*(driver.deploy_online(request(i), notes.append) for i in racing))
+
+        assert [r.details["spare"] for r in raced].count(True) == 1, "one spare, claimed once"
+        assert len({r.details["container_id"] for r in raced}) == 2
+        assert last_spare.id in {r.details["container_id"] for r in raced}
+        await spares.settled()
+
+        assert await driver.drop_spares(runtime) >= 1  # what `mlc dev` does when it stops
+        assert _spares(engine, runtime) == []
+        for result in raced:  # claimed ones are deployments: they stay
+            assert engine.containers.get(result.details["container_id"]).status == "running"
+
+        cleaned = await driver.cleanup(CleanupRequest(runtime=runtime, keep=(cold_id,)))
+
+        assert cleaned.removed == tuple(sorted([next_id, *racing]))
+        left = engine.containers.list(all=True, filters={"label": f"mlc.runtime={runtime.name}"})
+        assert [c.id for c in left] == [cold_container.id]
+        cold_socket = endpoints.parse(cold.endpoint).socket
+        assert cold_socket is not None
+        assert list(sockets_root(settings, runtime).iterdir()) == [cold_socket.parent]
+    finally:
+        await spares.settled()
+        for container in engine.containers.list(all=True, filters={"label": f"mlc.runtime={runtime.name}"}):
+            container.remove(force=True)

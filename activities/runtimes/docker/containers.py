@@ -50,6 +50,11 @@ HOST_MODE = "host"
 """``mlc.mode`` of a runtime's shared model-host container."""
 HOST_MODELS_DIR = "/models"
 """Where a host container's models are (a volume of its own)."""
+SPARE_MODE = "spare"
+"""``mlc.mode`` of a warm spare container (see :mod:`activities.runtimes.docker.spares`),
+claimed or not."""
+SPARE_PREFIX = "mlcspare-"
+"""The name of an unclaimed spare starts so (no :func:`container_name` does)."""
 _UNSAFE_NAME_CHARS = re.compile(r"[^a-zA-Z0-9_.-]+")
 
 
@@ -63,6 +68,13 @@ def container_name(deployment_id: str, *, suffix: str = "") -> str:
     if safe != deployment_id:
         safe = f"{safe[:100]}-{hashlib.sha256(deployment_id.encode()).hexdigest()[:8]}"
     return f"mlc-{safe}{suffix}"
+
+
+def claimant(name: str) -> str:
+    """The deployment id a container named ``name`` was named for, when the name spells it
+    whole (else the name: :func:`container_name` hashed what it replaced)."""
+    candidate = name.removeprefix("mlc-")
+    return candidate if container_name(candidate) == name else name
 
 
 def model_labels(
@@ -195,9 +207,11 @@ def log_tail(container: Any, *, lines: int = LOG_TAIL_LINES) -> str:
 
 def running_online(client: Any, runtime: Runtime, deployment_id: str) -> list[Any]:
     """The deployment's running online containers of its own on ``runtime`` (not a shared host)."""
-    labels = [f"mlc.deployment-id={deployment_id}", "mlc.mode=online", f"mlc.runtime={runtime.name}"]
-    found: list[Any] = client.containers.list(filters={"label": labels})
-    return found
+    return [
+        c
+        for c in online_containers(client, deployment_id, running=True)
+        if c.labels.get("mlc.runtime") == runtime.name
+    ]
 
 
 def remove(container: Any) -> None:
@@ -235,11 +249,17 @@ async def fail(container: Any, message: str) -> None:
     raise DeploymentFailedError(f"{message}; container removed. Last log lines:\n{tail}")
 
 
-def online_containers(client: Any, deployment_id: str) -> list[Any]:
-    """The deployment's online containers, running ones first."""
-    found = client.containers.list(
-        all=True, filters={"label": [f"mlc.deployment-id={deployment_id}", "mlc.mode=online"]}
+def online_containers(client: Any, deployment_id: str, *, running: bool = False) -> list[Any]:
+    """The deployment's online containers (only running ones if ``running``), running ones
+    first: those started for it (labelled with its id) and the spare it claimed (named for
+    it, see :mod:`activities.runtimes.docker.spares`)."""
+    found: list[Any] = client.containers.list(
+        all=not running, filters={"label": [f"mlc.deployment-id={deployment_id}", "mlc.mode=online"]}
     )
+    with contextlib.suppress(docker.errors.NotFound):
+        named = client.containers.get(container_name(deployment_id))
+        if named.labels.get("mlc.mode") == SPARE_MODE and (named.status == "running" or not running):
+            found.append(named)
     return sorted(found, key=lambda c: c.status != "running")
 
 

@@ -24,6 +24,13 @@ on ``docker.network_mode`` as well (still serving on their socket); that is refu
 otherwise only places the gateway and the streaming consumers (see
 :mod:`activities.runtimes.docker.streaming`).
 
+A dedicated deploy claims the runtime's warm spare of its snapshot when there is one: a
+container started after the previous deploy of that snapshot there, exactly as this one
+would be, that has imported its libraries and loaded its package already; it is renamed to
+the deployment's container name and serves that deployment only (see
+:mod:`activities.runtimes.docker.spares`). The deployment's containers are therefore those
+labelled with its id and the spare named for it (:func:`online_containers`).
+
 A runtime with ``hosting: shared`` (docker runtimes default to ``dedicated``) serves its
 online deployments from one host container per runtime instead (``mlc.mode=host``,
 ``python -m mlc.serving serve-many``, see :mod:`mlc.serving.multi`), started from the
@@ -65,10 +72,13 @@ from activities.runtimes.base import (
     UndeployRequest,
     ask_health,
 )
-from activities.runtimes.docker import batch
+from activities.runtimes.docker import batch, spares
 from activities.runtimes.docker.containers import (
     HOST_MODE,
     HOST_SOCKET_KEY,
+    SPARE_MODE,
+    SPARE_PREFIX,
+    claimant,
     container_name,
     drop_socket_folder,
     endpoint_of,
@@ -89,12 +99,12 @@ from activities.runtimes.docker.containers import (
 from activities.runtimes.docker.engine import connect, docker_settings, engine_url
 from activities.runtimes.docker.gateway import DockerGateway
 from activities.runtimes.docker.hosting import deploy_hosted, host_containers, running_host, unhost
-from activities.runtimes.docker.images import PACKAGE_DIR, ModelImage, ensure_image
+from activities.runtimes.docker.images import ModelImage, ensure_image
 from activities.runtimes.docker.streaming import MODE, deploy_docker, stop_containers
 from activities.runtimes.gateway.routing import GatewayRouted
 from activities.runtimes.streams import drop_test_topics
 from mlc.domain import DockerSettings, Runtime
-from mlc.errors import NotFoundError
+from mlc.errors import DeploymentFailedError, NotFoundError
 from mlc.serving.capture import CAPTURE_FILE, CAPTURE_MAX_BYTES, read_answers
 
 _READ_CAPTURES = f"""
@@ -137,6 +147,7 @@ class DockerDriver(GatewayRouted):
                 if hosted is not None:
                     return hosted
             image: ModelImage | None = None
+            claimed = False
             if container is None:
                 image = await ensure_image(
                     client,
@@ -146,9 +157,20 @@ class DockerDriver(GatewayRouted):
                     heartbeat=heartbeat,
                     log_path=self.workdir(runtime, request.deployment_id) / "build.log",
                 )
-                container = await self._start_online(client, request, settings, image)
+                wanted = spares.shape(runtime, snapshot, image.id, request.stage)
+                container = await asyncio.to_thread(
+                    spares.claim, client, self.settings, runtime, wanted, request.deployment_id
+                )
+                claimed = container is not None
+                if not claimed:
+                    container = await self._start_online(client, request, settings, image)
             endpoint = await asyncio.to_thread(endpoint_of, container)
-            await wait_healthy(container, endpoint, request, heartbeat)
+            try:
+                await wait_healthy(container, endpoint, request, heartbeat)
+            except DeploymentFailedError:
+                if claimed:  # the container is gone; its socket folder is named for no one
+                    await asyncio.to_thread(spares.drop, client, self.settings, runtime, container)
+                raise
             details: dict[str, Any] = {
                 "container_id": container.id,
                 "container_name": container.name,
@@ -159,15 +181,14 @@ class DockerDriver(GatewayRouted):
             if image is not None:
                 details["image_built"] = image.built
                 details["image_seconds"] = round(image.seconds, 3)
+                details["spare"] = claimed
+                # The next deploy of this snapshot here finds a container warm (off this one's path).
+                spares.start_later(self.settings, runtime, snapshot, image.id, request.stage)
             return OnlineDeployResult(endpoint=endpoint, details=details)
 
     async def _reusable(self, client: Any, request: OnlineDeployRequest) -> Any:
         """The deployment's running container of this snapshot, after removing stale ones."""
-        found = await asyncio.to_thread(
-            client.containers.list,
-            all=True,
-            filters={"label": [f"mlc.deployment-id={request.deployment_id}", "mlc.mode=online"]},
-        )
+        found = await asyncio.to_thread(online_containers, client, request.deployment_id)
         keep = None
         network = model_network(request.runtime)
         for container in found:
@@ -181,7 +202,7 @@ class DockerDriver(GatewayRouted):
             ):
                 keep = container
             else:
-                await asyncio.to_thread(remove, container)
+                await asyncio.to_thread(spares.drop, client, self.settings, request.runtime, container)
         return keep
 
     async def _start_online(
@@ -199,7 +220,7 @@ class DockerDriver(GatewayRouted):
             socket_folder, self.settings, request.runtime, socket_key(request.deployment_id)
         )
         uds, options, socket_labels = socket_options(folder, request.runtime)
-        command = ["python3", "-m", "mlc.serving", "serve", "--package", PACKAGE_DIR, *uds]
+        command = [*spares.serve_command(), *uds]
         name = container_name(request.deployment_id)
         try:
             return await asyncio.to_thread(
@@ -302,8 +323,9 @@ class DockerDriver(GatewayRouted):
         return await deploy_docker(self, request, heartbeat)
 
     async def undeploy(self, request: UndeployRequest) -> None:
-        """Remove every container labelled with the deployment id (none is fine); streaming
-        consumers are stopped first so they commit and leave their group."""
+        """Remove every container labelled with the deployment id and the spare it claimed
+        (none is fine), with their socket folders; streaming consumers are stopped first so
+        they commit and leave their group."""
 
         async with connect(request.runtime, f"undeploy {request.deployment_id}") as client:
             found = await asyncio.to_thread(
@@ -311,10 +333,12 @@ class DockerDriver(GatewayRouted):
                 all=True,
                 filters={"label": f"mlc.deployment-id={request.deployment_id}"},
             )
+            claimed = await asyncio.to_thread(online_containers, client, request.deployment_id)
+            found += [c for c in claimed if c.labels.get("mlc.mode") == SPARE_MODE]
             await stop_containers([c for c in found if c.labels.get("mlc.mode") == MODE])
             for container in found:
                 if container.labels.get("mlc.mode") != MODE:
-                    await asyncio.to_thread(remove, container)
+                    await asyncio.to_thread(spares.drop, client, self.settings, request.runtime, container)
             await unhost(self, client, request.runtime, keep=None, only=request.deployment_id)
         await asyncio.to_thread(
             drop_socket_folder, self.settings, request.runtime, socket_key(request.deployment_id)
@@ -322,10 +346,14 @@ class DockerDriver(GatewayRouted):
         await drop_test_topics(request.runtime, request.deployment_id)
 
     async def cleanup(self, request: CleanupRequest) -> CleanupResult:
-        """Remove the runtime's containers whose deployment is not in ``request.keep``."""
+        """Remove the runtime's containers whose deployment is not in ``request.keep``, and
+        its unclaimed spares."""
         runtime = request.runtime
         keep = set(request.keep)
+        kept_names = {container_name(i): i for i in keep}
         removed: set[str] = set()
+        kept_keys: set[str] = set()
+        await spares.settled()  # a spare still starting would outlive this cleanup
         async with connect(runtime, "clean up leftover containers") as client:
             found = await asyncio.to_thread(
                 client.containers.list, all=True, filters={"label": f"mlc.runtime={runtime.name}"}
@@ -333,15 +361,27 @@ class DockerDriver(GatewayRouted):
             for container in found:
                 if container.labels.get("mlc.mode") == HOST_MODE:
                     continue  # below: it goes when it hosts nothing kept
+                if container.labels.get("mlc.mode") == SPARE_MODE:
+                    if container.name in kept_names:  # claimed by a kept deployment
+                        kept_keys.add(container.labels.get("mlc.socket-key", ""))
+                        continue
+                    await asyncio.to_thread(spares.drop, client, self.settings, runtime, container)
+                    if not container.name.startswith(SPARE_PREFIX):
+                        removed.add(claimant(container.name))
+                    continue
                 deployment_id = container.labels.get("mlc.deployment-id", "")
                 if deployment_id not in keep:
                     await asyncio.to_thread(remove, container)
                     removed.add(deployment_id)
             removed.update(await unhost(self, client, runtime, keep=keep, only=None))
             hosts = await asyncio.to_thread(host_containers, client, runtime)
-        kept = {socket_key(i) for i in keep} | ({HOST_SOCKET_KEY} if hosts else set())
+        kept = {socket_key(i) for i in keep} | kept_keys | ({HOST_SOCKET_KEY} if hosts else set())
         await asyncio.to_thread(self._drop_socket_folders, runtime, kept)
         return CleanupResult(removed=tuple(sorted(removed)))
+
+    async def drop_spares(self, runtime: Runtime) -> int:
+        """Remove the runtime's unclaimed spare containers (``mlc dev`` stopping)."""
+        return await spares.drop_spares(self.settings, runtime)
 
     def _drop_socket_folders(self, runtime: Runtime, keep: set[str]) -> None:
         """Remove the runtime's socket folders but those of ``keep``."""

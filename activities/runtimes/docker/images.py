@@ -262,12 +262,14 @@ async def ensure_image(
         "mlc.service-tags": ",".join(snapshot.service_tags),
         "mlc.base-image": base,
     }
-    # Two engine round trips at once (a deploy with a cached image waits for nothing else).
-    base_id, candidates = await asyncio.gather(
-        _base_image_id(client, runtime, base), _find_images(client, labels)
-    )
+    # Two inspects at once: the base image, and the image the snapshot's tag names, which
+    # is the one to use when its labels match (a deploy with a cached image waits for
+    # nothing else; listing images by label scans them all: 0.2-0.5 s with a thousand).
+    base_id, tagged = await asyncio.gather(_base_image_id(client, runtime, base), _tagged(client, tag))
     labels["mlc.build-digest"] = build_digest(base_image_id=base_id, dockerfile=dockerfile)
-    found = _newest(candidates, labels)
+    found = _newest([tagged] if tagged is not None else [], labels)
+    if found is None:
+        found = _newest(await _find_images(client, labels), labels)
     if found is not None:
         if tag not in found.tags:
             repository, _, version = tag.partition(":")
@@ -313,6 +315,14 @@ async def _base_image_id(client: Any, runtime: Runtime, base: str) -> str:
             f"or `docker pull`/`docker build` an image with python3 and tag it {base!r}."
         ) from None
     return str(image.id)
+
+
+async def _tagged(client: Any, tag: str) -> Any:
+    """The image ``tag`` names, or None."""
+    try:
+        return await asyncio.to_thread(client.images.get, tag)
+    except docker.errors.ImageNotFound:
+        return None
 
 
 async def _find_images(client: Any, labels: dict[str, str]) -> list[Any]:
