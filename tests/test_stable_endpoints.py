@@ -317,6 +317,45 @@ async def test_ten_versions_in_flight(stack: Stack, example_package: Path, tmp_p
         await stop(*handles)
 
 
+async def test_twenty_versions_promoted_at_once(stack: Stack, example_package: Path, tmp_path: Path) -> None:
+    """Twenty runs of one model approved at DEV together: twenty traffic changes of one
+    endpoint queue behind each other, none fails for waiting its turn, each is recorded
+    with its own run, and the endpoint answers with the newest decision, as the table says."""
+    await stack.add_local_runtimes(("DEV",), gateway=True)
+    snaps = await versions(stack, example_package, tmp_path, 20)
+    handles = [await stack.start(s, spec=spec("DEV")) for s in snaps]
+    try:
+        begun = asyncio.get_running_loop().time()
+        await asyncio.gather(*(wait_for_gate(h, "DEV") for h in handles))
+        started = asyncio.get_running_loop().time()
+        print(f"20 runs at the DEV gate: {started - begun:.1f} s")
+        await asyncio.gather(*(approve(stack, s, "DEV") for s in snaps))
+        results = await asyncio.gather(*(h.result() for h in handles), return_exceptions=True)
+        failed = [r for r in results if isinstance(r, BaseException)]
+        assert not failed, f"{len(failed)} of 20 runs failed: {failed[0]!r}"
+        print(f"20 approvals -> 20 runs done: {asyncio.get_running_loop().time() - started:.1f} s")
+
+        table = await traffic.read_one(stack.pool, "local-dev", snaps[0].model)
+        assert table is not None and table.decided_at is not None
+        (live,) = table.routes
+        assert await answering_version(table.endpoint) == live.version, "the gateway serves the table"
+        entries = [e.data() | {"run": e.run_id} for e in await trail.read_entries(
+            stack.pool, kinds=(trail.TRAFFIC,), model=snaps[0].model
+        )]  # fmt: skip
+        assert sorted(r["version"] for e in entries for r in e["routes"]) == [s.version for s in snaps]
+        assert len({e["run"] for e in entries}) == 20 and all(e["actor"] for e in entries)
+        newest = max(entries, key=lambda e: e["decided"])
+        assert newest["run"] == table.run_id and newest["routes"][0]["version"] == live.version
+        assert "superseded_by" not in newest, "the newest decision is the one live"
+        for entry in entries:  # a change replaced before it was recorded names what replaced it
+            replaced = entry.get("superseded_by")
+            if replaced is not None:
+                assert replaced["decided"] > entry["decided"], entry
+                assert replaced["run_id"] != entry["run"], entry
+    finally:
+        await stop(*handles)
+
+
 async def _dev_deployment(stack: Stack, snap: ModelSnapshot) -> str:
     found = await deployments.read_deployments(stack.pool, model=snap.model, stage="DEV")
     (mine,) = [d for d in found if d.version == snap.version and d.runtime == "local-dev"]
