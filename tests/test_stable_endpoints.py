@@ -13,7 +13,7 @@ import asyncio
 import dataclasses
 import json
 import shutil
-from datetime import timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -344,13 +344,13 @@ async def test_twenty_versions_promoted_at_once(stack: Stack, example_package: P
         )]  # fmt: skip
         assert sorted(r["version"] for e in entries for r in e["routes"]) == [s.version for s in snaps]
         assert len({e["run"] for e in entries}) == 20 and all(e["actor"] for e in entries)
-        newest = max(entries, key=lambda e: e["decided"])
+        newest = max(entries, key=lambda e: datetime.fromisoformat(e["decided"]))
         assert newest["run"] == table.run_id and newest["routes"][0]["version"] == live.version
         assert "superseded_by" not in newest, "the newest decision is the one live"
         for entry in entries:  # a change replaced before it was recorded names what replaced it
             replaced = entry.get("superseded_by")
             if replaced is not None:
-                assert replaced["decided"] > entry["decided"], entry
+                assert datetime.fromisoformat(replaced["decided"]) > datetime.fromisoformat(entry["decided"])
                 assert replaced["run_id"] != entry["run"], entry
     finally:
         await stop(*handles)
