@@ -356,6 +356,80 @@ async def test_twenty_versions_promoted_at_once(stack: Stack, example_package: P
         await stop(*handles)
 
 
+async def test_a_change_recorded_after_a_newer_one_leaves_the_table(
+    stack: Stack, example_package: Path, tmp_path: Path
+) -> None:
+    """Two runs' changes of one endpoint recorded in the opposite order they were decided
+    (authorized): the table keeps the newer one, the live version gets no retirement mark
+    from the older, and the older is in the trail, superseded by the newer's run."""
+    await stack.add_local_runtimes(("DEV",), gateway=True)
+    v1, v2 = await versions(stack, example_package, tmp_path, 2)
+    handles = {
+        v1.version: await stack.start(v1, spec=spec("DEV")),
+        v2.version: await stack.start(v2, spec=spec("DEV")),
+    }
+    try:
+        assert stack.worker_pool is not None
+        inventory = TrafficInventory(stack.worker_pool, stack.settings)
+        runtime = await runtimes.read_runtime(stack.pool, "local-dev")
+        assert runtime is not None and runtime.gateway is not None
+        envs, routes, granted, run_ids = {}, {}, {}, {}
+        for snap in (v1, v2):  # v1's change is decided first
+            handle = handles[snap.version]
+            await wait_for_gate(handle, "DEV")
+            run_ids[snap.version] = (await handle.describe()).run_id
+            env = ActivityEnvironment(client=stack.client)
+            env.info = dataclasses.replace(
+                env.info,
+                workflow_id=handle.id,
+                workflow_run_id=run_ids[snap.version],
+                workflow_type="ModelLifecycle",
+            )
+            routes[snap.version] = (
+                TrafficRoute(deployment_id=await _dev_deployment(stack, snap), version=snap.version),
+            )
+            granted[snap.version] = await env.run(
+                inventory.authorize_traffic,
+                AuthorizeTrafficInput(stage="DEV", runtime="local-dev", routes=routes[snap.version]),
+            )
+            envs[snap.version] = env
+
+        def record(version: int, routed: int) -> Any:
+            return envs[version].run(
+                inventory.record_traffic,
+                RecordTrafficInput(
+                    stage="DEV",
+                    runtime="local-dev",
+                    routes=routes[routed],
+                    endpoint=runtime.gateway.endpoint(v1.model),  # type: ignore[union-attr]
+                    cause="promote",
+                    grant=granted[routed].grant,
+                ),
+            )
+
+        await record(v2.version, v2.version)
+        await record(v1.version, v1.version)
+        table = await traffic.read_one(stack.pool, "local-dev", v1.model)
+        assert (
+            table is not None and table.routes == routes[v2.version] and table.run_id == run_ids[v2.version]
+        )
+        entries = [
+            e.data() for e in await trail.read_entries(stack.pool, kinds=(trail.TRAFFIC,), model=v1.model)
+        ]
+        assert [e["routes"][0]["version"] for e in entries] == [v2.version, v1.version]
+        assert "superseded_by" not in entries[0]
+        assert entries[1]["superseded_by"]["run_id"] == run_ids[v2.version]
+        assert entries[1]["superseded_by"]["shares"] == f"v{v2.version} 100%"
+        live = await deployments.read_deployment(stack.pool, routes[v2.version][0].deployment_id)
+        assert live is not None and live.details.get(RETIRE_AFTER) is None, "the older change marks nothing"
+
+        # the grant sent with a record must be the run's own
+        with pytest.raises(ApplicationError, match="another lifecycle run"):
+            await record(v1.version, v2.version)
+    finally:
+        await stop(*handles.values())
+
+
 async def _dev_deployment(stack: Stack, snap: ModelSnapshot) -> str:
     found = await deployments.read_deployments(stack.pool, model=snap.model, stage="DEV")
     (mine,) = [d for d in found if d.version == snap.version and d.runtime == "local-dev"]
