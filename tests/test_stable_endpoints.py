@@ -347,6 +347,7 @@ async def test_twenty_versions_promoted_at_once(stack: Stack, example_package: P
         newest = max(entries, key=lambda e: datetime.fromisoformat(e["decided"]))
         assert newest["run"] == table.run_id and newest["routes"][0]["version"] == live.version
         assert "superseded_by" not in newest, "the newest decision is the one live"
+        print(f"recorded as superseded: {sum('superseded_by' in e for e in entries)} of 20")
         for entry in entries:  # a change replaced before it was recorded names what replaced it
             replaced = entry.get("superseded_by")
             if replaced is not None:

@@ -9,7 +9,7 @@ import contextvars
 import json
 import time
 import weakref
-from collections.abc import Sequence
+from collections.abc import Coroutine, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -89,7 +89,8 @@ async def route(
     gateway = driver.gateway(runtime)
     if repair:
         async with gateway.locked(lambda: heartbeat(f"waiting for the gateway of {runtime.name}")):
-            return await _repair(driver, gateway, config, runtime, model, routes, heartbeat, as_of)
+            repair_ = _repair(driver, gateway, config, runtime, model, routes, heartbeat, as_of)
+            return await _bounded(repair_, gateway)
     loop = asyncio.get_running_loop()
     change = _Change(
         driver, gateway, runtime, tuple(routes), as_of or datetime.now(UTC), loop.create_future()
@@ -195,21 +196,10 @@ class _Queue:
             newest = batch.pop()
             self.note = f"changing the gateway of {newest.runtime.name}"
             try:
-                result = await asyncio.wait_for(
-                    _apply(newest, self.model, self._noted), APPLY_TIMEOUT_SECONDS
-                )
+                result = await _bounded(_apply(newest, self.model, self._noted), newest.gateway)
             except (NotFoundError, RefusedError) as exc:
                 newest.settle(exc)
                 continue
-            except TimeoutError:
-                failed = DeploymentFailedError(
-                    f"changing the gateway of runtime {newest.runtime.name} took longer than "
-                    f"{APPLY_TIMEOUT_SECONDS:.0f} s; last lines of its error logs:\n"
-                    f"{newest.gateway.error_tail()}"
-                )
-                for change in (*batch, newest):
-                    change.settle(failed)
-                return
             except Exception as exc:
                 for change in (*batch, newest):
                     change.settle(exc)
@@ -234,6 +224,21 @@ async def _apply(change: _Change, model: str, heartbeat: Heartbeat) -> RouteTraf
         return _superseded(_routed(gateway, config, model, started, []), held[0], held[1])
     backends = await _backends(change.driver, gateway, change.runtime, change.routes)
     return await _write(gateway, config, model, change.routes, change.decided, backends, started, heartbeat)
+
+
+async def _bounded(work: Coroutine[Any, Any, RouteTrafficResult], gateway: Gateway) -> RouteTrafficResult:
+    """``work`` on the gateway (its lock held), failed after :data:`APPLY_TIMEOUT_SECONDS`.
+
+    Raises:
+        DeploymentFailedError: it took longer (with the gateway's error logs).
+    """
+    try:
+        return await asyncio.wait_for(work, APPLY_TIMEOUT_SECONDS)
+    except TimeoutError:
+        raise DeploymentFailedError(
+            f"changing the gateway of runtime {gateway.runtime.name} took longer than "
+            f"{APPLY_TIMEOUT_SECONDS:.0f} s; last lines of its error logs:\n{gateway.error_tail()}"
+        ) from None
 
 
 def _superseded(
