@@ -191,7 +191,7 @@ class ReconcileInventory:
                 model=table.model,
                 routes=table.routes,
                 repair=True,
-                as_of=table.updated_at,
+                as_of=table.decided_at or table.updated_at,
                 workflow_id=caller.workflow_id,
                 run_id=caller.run_id,
                 expires_at=datetime.now(UTC) + grants.GRANT_LIFETIME,

@@ -21,7 +21,9 @@ them once it has passed, unless they answer again or their own lifecycle still r
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from typing import Any
 
+import asyncpg
 from temporalio import activity
 
 from activities import admission
@@ -111,6 +113,11 @@ class TrafficInventory(InventoryActivities):
 
         Deployments of the model on the runtime that stop answering stay warm for
         ``grace``; those answering lose any ``retire_after`` mark.
+
+        Changes of one endpoint are ordered by when they were decided (the ``as_of`` of the
+        grant they were applied with, verified here): one recorded after a newer decision
+        leaves the table and the marks as they are, and its trail entry says which change
+        superseded it (the gateway did the same: it applies the newest decision).
         """
         run, state = await self._run(), await self._state()
         model = run.snapshot.model
@@ -118,57 +125,101 @@ class TrafficInventory(InventoryActivities):
             run, state, request.stage, request.runtime, request.routes, "route_traffic"
         )
         assert runtime.gateway is not None  # checked
+        decided = self._decided(request, run, model)
         endpoint = runtime.gateway.endpoint(model)
-        previous = await traffic.read_one(self.pool, runtime.name, model)
-        await traffic.upsert_traffic(
-            self.pool,
-            runtime=runtime.name,
-            model=model,
-            stage=request.stage,
-            routes=request.routes,
-            endpoint=endpoint,
-            workflow_id=run.workflow_id,
+        async with self.pool.acquire() as conn, conn.transaction():
+            previous = await traffic.read_one(conn, runtime.name, model, lock=True)
+            stored = await traffic.upsert_traffic(
+                conn,
+                runtime=runtime.name,
+                model=model,
+                stage=request.stage,
+                routes=request.routes,
+                endpoint=endpoint,
+                workflow_id=run.workflow_id,
+                run_id=run.run_id,
+                decided_at=decided,
+            )
+            if stored is not None:
+                await self._mark_standbys(conn, model, runtime, request)
+            elif previous is None:  # both first changes of the endpoint at once: the other's row
+                previous = await traffic.read_one(conn, runtime.name, model)
+        cause, shares = request.cause[:CAUSE_LIMIT], describe_routes(request.routes)
+        entry: dict[str, Any] = {
+            "event": "routed",
+            "stage": request.stage,
+            "runtime": runtime.name,
+            "endpoint": endpoint,
+            "routes": [r.model_dump(mode="json") for r in request.routes],
+            "previous": [r.model_dump(mode="json") for r in (previous.routes if previous else ())],
+            "shares": shares,
+            "cause": cause,
+            "actor": self._actor(run, request),
+            "grace_seconds": request.grace.total_seconds(),
+            "decided": (stored and stored.decided_at or decided or datetime.now(UTC)).isoformat(),
+        }
+        if stored is None and previous is not None:
+            newer = {
+                "workflow_id": previous.workflow_id,
+                "run_id": previous.run_id,
+                "shares": describe_routes(previous.routes),
+                "decided": previous.decided_at.isoformat() if previous.decided_at else None,
+            }
+            entry["superseded_by"] = newer
+        await self._append(trail.TRAFFIC, entry, run=run)
+        if stored is None:
+            activity.logger.info(
+                "traffic %s on %s: %s (%s), superseded by the newer %s",
+                model, runtime.name, shares, cause, entry.get("superseded_by", {}).get("shares"),
+            )  # fmt: skip
+            return
+        activity.logger.info("traffic %s on %s: %s (%s)", model, runtime.name, shares, cause)
+        # its reconciler retires what stopped answering once the grace has passed
+        await ensure_reconciler(activity.client(), self.settings, self.pool, runtime.name)
+
+    def _decided(self, request: tr.RecordTrafficInput, run: RunContext, model: str) -> datetime | None:
+        """When the change was authorized: the ``as_of`` of its verified ``route_traffic``
+        grant, which must be this run's for these routes (None: no grant sent, as by runs
+        started before it was).
+
+        Raises:
+            RefusedError: the grant does not verify or is for another change.
+        """
+        if request.grant is None:
+            return None
+        grant = grants.check(
+            request.grant,
+            self._platform_key.public_key(),
+            action="route_traffic",
             run_id=run.run_id,
         )
+        if grant.model != model or grant.runtime.name != request.runtime or grant.routes != request.routes:
+            raise RefusedError("the route_traffic grant sent with the record is for another change")
+        return grant.as_of
+
+    async def _mark_standbys(
+        self, conn: asyncpg.Connection, model: str, runtime: Runtime, request: tr.RecordTrafficInput
+    ) -> None:
+        """``retire_after`` on the model's deployments here that stop answering; cleared on
+        those answering (in the transaction holding the table's row: marks follow the
+        table's order)."""
         answering = {r.deployment_id for r in request.routes}
         retire_after = datetime.now(UTC) + request.grace
-        for d in await deployments.read_deployments(self.pool, model=model, runtime=runtime.name):
+        for d in await deployments.read_deployments(conn, model=model, runtime=runtime.name):
             if d.mode is not Mode.ONLINE or d.state is not DeploymentState.SERVING:
                 continue
             marked = d.details.get(RETIRE_AFTER)
             if d.id in answering and marked is not None:
                 await deployments.update_serving(
-                    self.pool, d.id, state=DeploymentState.SERVING, details={RETIRE_AFTER: None}
+                    conn, d.id, state=DeploymentState.SERVING, details={RETIRE_AFTER: None}
                 )
             elif d.id not in answering and marked is None:
                 await deployments.update_serving(
-                    self.pool,
+                    conn,
                     d.id,
                     state=DeploymentState.SERVING,
                     details={RETIRE_AFTER: retire_after.isoformat()},
                 )
-        cause = request.cause[:CAUSE_LIMIT]
-        await self._append(
-            trail.TRAFFIC,
-            {
-                "event": "routed",
-                "stage": request.stage,
-                "runtime": runtime.name,
-                "endpoint": endpoint,
-                "routes": [r.model_dump(mode="json") for r in request.routes],
-                "previous": [r.model_dump(mode="json") for r in (previous.routes if previous else ())],
-                "shares": describe_routes(request.routes),
-                "cause": cause,
-                "actor": self._actor(run, request),
-                "grace_seconds": request.grace.total_seconds(),
-            },
-            run=run,
-        )
-        activity.logger.info(
-            "traffic %s on %s: %s (%s)", model, runtime.name, describe_routes(request.routes), cause
-        )
-        # its reconciler retires what stopped answering once the grace has passed
-        await ensure_reconciler(activity.client(), self.settings, self.pool, runtime.name)
 
     @tr.READ_TRAFFIC.implement
     @mlc_errors

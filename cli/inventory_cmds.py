@@ -646,6 +646,7 @@ def traffic_history(
                     "previous": body.get("previous"),
                     "cause": body.get("cause"),
                     "actor": body.get("actor"),
+                    "superseded_by": body.get("superseded_by"),
                     "version": entry.version,
                     "workflow_id": entry.workflow_id,
                     "run_id": entry.run_id,

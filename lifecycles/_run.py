@@ -413,6 +413,7 @@ class LifecycleRun:
                     endpoint=applied.endpoint,
                     cause=cause,
                     grace=self._grace(stage),
+                    grant=granted.grant,
                 ),
             )
         except ActivityError as exc:

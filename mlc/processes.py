@@ -188,14 +188,32 @@ def stop(
             time.sleep(0.05)
 
 
+LOCK_POLL_SECONDS = 0.1
+"""Longest pause between two tries of a :func:`file_lock` another process holds."""
+
+
 @contextlib.asynccontextmanager
 async def file_lock(path: Path) -> AsyncIterator[None]:
     """Hold an exclusive ``flock`` on ``path`` (created 0600 if missing): one holder at a
-    time across processes (two workers serving one runtime's queue on one host)."""
+    time across processes (two workers serving one runtime's queue on one host).
+
+    Waiting never blocks a thread: a blocking ``flock`` in ``asyncio.to_thread`` holds one
+    of the loop's few default executor threads (``min(32, cores + 4)``) until the lock
+    frees, so a handful of waiters starve the holder of the thread it needs for its own
+    work (``nginx -t``) and nobody moves until activities time out. Instead the lock is
+    tried without blocking, and again after a short sleep.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
     try:
-        await asyncio.to_thread(fcntl.flock, fd, fcntl.LOCK_EX)
+        pause = 0.005
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                await asyncio.sleep(pause)
+                pause = min(pause * 2, LOCK_POLL_SECONDS)
         yield
     finally:
         os.close(fd)  # releases the lock

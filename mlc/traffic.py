@@ -33,6 +33,8 @@ class TrafficTable(Frozen):
     workflow_id: str | None = None
     run_id: str | None = None
     """The run that made the last change."""
+    decided_at: datetime | None = None
+    """When that change was authorized (the order of changes; None: recorded before it was kept)."""
 
     @property
     def routed_ids(self) -> frozenset[str]:

@@ -31,7 +31,7 @@ from activities.runtime import RuntimeActivities
 from activities.runtimes.base import CleanupRequest, OnlineDeployRequest, RuntimeDriver
 from activities.runtimes.docker.driver import DockerDriver
 from activities.runtimes.docker.gateway import DockerGateway
-from activities.runtimes.gateway import gateway_root
+from activities.runtimes.gateway import gateway_root, routing
 from activities.runtimes.gateway.nginx import (
     DEPLOYMENT_HEADER,
     Backend,
@@ -210,6 +210,68 @@ async def test_local_switches_under_load_drop_no_request(
         assert health.status_code == 200 and health.json()["version"] == "1"
         unknown = await http.get(f"http://127.0.0.1:{local_runtime.gateway.port}/models/nope/score")  # type: ignore[union-attr]
         assert unknown.status_code == 404
+
+
+async def test_changes_of_one_endpoint_at_once_are_applied_once_newest_first(
+    settings: Settings, local_runtime: Runtime, local_driver: LocalDriver
+) -> None:
+    """Twelve changes of one endpoint at once (decided in another order than they arrive):
+    one reload applies the newest decision; the others succeed, superseded by it; a change
+    decided before what the gateway holds changes nothing, a newer one is applied."""
+    v1 = await _deploy(local_driver, local_runtime, _snapshot(settings, WEAK, 1))
+    v2 = await _deploy(local_driver, local_runtime, _snapshot(settings, WEAK, 2))
+    v3 = await _deploy(local_driver, local_runtime, _snapshot(settings, WEAK, 3))
+    base = datetime.now(UTC) - timedelta(minutes=1)
+    decided = [base + timedelta(seconds=s) for s in (5, 2, 11, 0, 7, 3, 9, 1, 10, 4, 8, 6)]
+    targets = [(v1, v2, v3)[i % 3] for i in range(len(decided))]
+    results = await asyncio.gather(*(
+        local_driver.route(local_runtime, "weak-model", _routes((t, 100)), lambda _n: None, as_of=at)
+        for t, at in zip(targets, decided, strict=True)
+    ))  # fmt: skip
+    newest = decided.index(max(decided))
+    assert len({r.details["generation"] for r in results}) == 1, "one reload for all of them"
+    assert "superseded_by" not in results[newest].details
+    for i, result in enumerate(results):
+        if i != newest:
+            assert result.details["superseded_by"] == {
+                "decided": max(decided).isoformat(),
+                "shares": f"v{targets[newest].version} 100%",
+            }
+    async with httpx.AsyncClient(trust_env=False) as http:
+        answer = await http.get(f"{results[0].endpoint}/health")
+        assert answer.json()["version"] == str(targets[newest].version)
+
+        late = await local_driver.route(
+            local_runtime, "weak-model", _routes((v1, 100)), lambda _n: None, as_of=base
+        )
+        assert late.details["superseded_by"]["decided"] == max(decided).isoformat()
+        assert (await http.get(f"{results[0].endpoint}/health")).json()["version"] == str(
+            targets[newest].version
+        ), "an older decision arriving late changes nothing"
+        fresh = await local_driver.route(local_runtime, "weak-model", _routes((v1, 100)), lambda _n: None)
+        assert "superseded_by" not in fresh.details
+        assert (await http.get(f"{results[0].endpoint}/health")).json()["version"] == "1"
+
+
+async def test_a_change_waiting_its_turn_heartbeats(
+    settings: Settings, local_runtime: Runtime, local_driver: LocalDriver, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """While another change holds the gateway, a queued one keeps heartbeating (its activity
+    is not cancelled for waiting) and is applied once the gateway is free."""
+    monkeypatch.setattr(routing, "QUEUE_BEAT_SECONDS", 0.05)
+    v1 = await _deploy(local_driver, local_runtime, _snapshot(settings, WEAK, 1))
+    beats: list[str] = []
+    gateway = local_driver.gateway(local_runtime)
+    async with gateway.locked():
+        queued = asyncio.create_task(
+            local_driver.route(local_runtime, "weak-model", _routes((v1, 100)), beats.append)
+        )
+        await asyncio.sleep(0.5)
+        assert not queued.done(), "it waits for the gateway"
+        assert len(beats) >= 3 and all("waiting for the gateway" in b for b in beats), beats
+    result = await asyncio.wait_for(queued, 60)
+    async with httpx.AsyncClient(trust_env=False) as http:
+        assert (await http.get(f"{result.endpoint}/health")).json()["version"] == "1"
 
 
 async def test_local_weighted_split_and_observed_stats(

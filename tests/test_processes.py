@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import subprocess
 import sys
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -95,3 +97,24 @@ def test_processes_exiting_while_looked_at_are_gone_never_an_error() -> None:
             pass
         processes.stop(short.pid, marker="sleep", timeout=1)
         short.wait()
+
+
+async def test_waiting_for_a_file_lock_holds_no_thread(tmp_path: Path) -> None:
+    """Waiters of a held file lock leave the loop's executor free: the holder's own work in
+    a thread (``nginx -t`` of a gateway change) runs while three changes wait their turn."""
+    loop = asyncio.get_running_loop()
+    loop.set_default_executor(ThreadPoolExecutor(max_workers=1))
+    lock = tmp_path / ".lock"
+    order: list[str] = []
+
+    async def wait_turn(name: str) -> None:
+        async with processes.file_lock(lock):
+            order.append(name)
+
+    async with processes.file_lock(lock):
+        waiters = [asyncio.create_task(wait_turn(f"w{i}")) for i in range(3)]
+        await asyncio.sleep(0.2)
+        assert await asyncio.wait_for(asyncio.to_thread(os.getpid), 5) == os.getpid()
+        assert order == [], "nobody got the lock while it was held"
+    await asyncio.wait_for(asyncio.gather(*waiters), 5)
+    assert sorted(order) == ["w0", "w1", "w2"]

@@ -13,7 +13,7 @@ import asyncio
 import dataclasses
 import json
 import shutil
-from datetime import timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -315,6 +315,120 @@ async def test_ten_versions_in_flight(stack: Stack, example_package: Path, tmp_p
         assert [d.version for d in live] == [order[-1].version]
     finally:
         await stop(*handles)
+
+
+async def test_twenty_versions_promoted_at_once(stack: Stack, example_package: Path, tmp_path: Path) -> None:
+    """Twenty runs of one model approved at DEV together: twenty traffic changes of one
+    endpoint queue behind each other, none fails for waiting its turn, each is recorded
+    with its own run, and the endpoint answers with the newest decision, as the table says."""
+    await stack.add_local_runtimes(("DEV",), gateway=True)
+    snaps = await versions(stack, example_package, tmp_path, 20)
+    handles = [await stack.start(s, spec=spec("DEV")) for s in snaps]
+    try:
+        begun = asyncio.get_running_loop().time()
+        await asyncio.gather(*(wait_for_gate(h, "DEV") for h in handles))
+        started = asyncio.get_running_loop().time()
+        print(f"20 runs at the DEV gate: {started - begun:.1f} s")
+        await asyncio.gather(*(approve(stack, s, "DEV") for s in snaps))
+        results = await asyncio.gather(*(h.result() for h in handles), return_exceptions=True)
+        failed = [r for r in results if isinstance(r, BaseException)]
+        assert not failed, f"{len(failed)} of 20 runs failed: {failed[0]!r}"
+        print(f"20 approvals -> 20 runs done: {asyncio.get_running_loop().time() - started:.1f} s")
+
+        table = await traffic.read_one(stack.pool, "local-dev", snaps[0].model)
+        assert table is not None and table.decided_at is not None
+        (live,) = table.routes
+        assert await answering_version(table.endpoint) == live.version, "the gateway serves the table"
+        entries = [e.data() | {"run": e.run_id} for e in await trail.read_entries(
+            stack.pool, kinds=(trail.TRAFFIC,), model=snaps[0].model
+        )]  # fmt: skip
+        assert sorted(r["version"] for e in entries for r in e["routes"]) == [s.version for s in snaps]
+        assert len({e["run"] for e in entries}) == 20 and all(e["actor"] for e in entries)
+        newest = max(entries, key=lambda e: datetime.fromisoformat(e["decided"]))
+        assert newest["run"] == table.run_id and newest["routes"][0]["version"] == live.version
+        assert "superseded_by" not in newest, "the newest decision is the one live"
+        print(f"recorded as superseded: {sum('superseded_by' in e for e in entries)} of 20")
+        for entry in entries:  # a change replaced before it was recorded names what replaced it
+            replaced = entry.get("superseded_by")
+            if replaced is not None:
+                assert datetime.fromisoformat(replaced["decided"]) > datetime.fromisoformat(entry["decided"])
+                assert replaced["run_id"] != entry["run"], entry
+    finally:
+        await stop(*handles)
+
+
+async def test_a_change_recorded_after_a_newer_one_leaves_the_table(
+    stack: Stack, example_package: Path, tmp_path: Path
+) -> None:
+    """Two runs' changes of one endpoint recorded in the opposite order they were decided
+    (authorized): the table keeps the newer one, the live version gets no retirement mark
+    from the older, and the older is in the trail, superseded by the newer's run."""
+    await stack.add_local_runtimes(("DEV",), gateway=True)
+    v1, v2 = await versions(stack, example_package, tmp_path, 2)
+    handles = {
+        v1.version: await stack.start(v1, spec=spec("DEV")),
+        v2.version: await stack.start(v2, spec=spec("DEV")),
+    }
+    try:
+        assert stack.worker_pool is not None
+        inventory = TrafficInventory(stack.worker_pool, stack.settings)
+        runtime = await runtimes.read_runtime(stack.pool, "local-dev")
+        assert runtime is not None and runtime.gateway is not None
+        envs, routes, granted, run_ids = {}, {}, {}, {}
+        for snap in (v1, v2):  # v1's change is decided first
+            handle = handles[snap.version]
+            await wait_for_gate(handle, "DEV")
+            run_ids[snap.version] = (await handle.describe()).run_id
+            env = ActivityEnvironment(client=stack.client)
+            env.info = dataclasses.replace(
+                env.info,
+                workflow_id=handle.id,
+                workflow_run_id=run_ids[snap.version],
+                workflow_type="ModelLifecycle",
+            )
+            routes[snap.version] = (
+                TrafficRoute(deployment_id=await _dev_deployment(stack, snap), version=snap.version),
+            )
+            granted[snap.version] = await env.run(
+                inventory.authorize_traffic,
+                AuthorizeTrafficInput(stage="DEV", runtime="local-dev", routes=routes[snap.version]),
+            )
+            envs[snap.version] = env
+
+        def record(version: int, routed: int) -> Any:
+            return envs[version].run(
+                inventory.record_traffic,
+                RecordTrafficInput(
+                    stage="DEV",
+                    runtime="local-dev",
+                    routes=routes[routed],
+                    endpoint=runtime.gateway.endpoint(v1.model),  # type: ignore[union-attr]
+                    cause="promote",
+                    grant=granted[routed].grant,
+                ),
+            )
+
+        await record(v2.version, v2.version)
+        await record(v1.version, v1.version)
+        table = await traffic.read_one(stack.pool, "local-dev", v1.model)
+        assert (
+            table is not None and table.routes == routes[v2.version] and table.run_id == run_ids[v2.version]
+        )
+        entries = [
+            e.data() for e in await trail.read_entries(stack.pool, kinds=(trail.TRAFFIC,), model=v1.model)
+        ]
+        assert [e["routes"][0]["version"] for e in entries] == [v2.version, v1.version]
+        assert "superseded_by" not in entries[0]
+        assert entries[1]["superseded_by"]["run_id"] == run_ids[v2.version]
+        assert entries[1]["superseded_by"]["shares"] == f"v{v2.version} 100%"
+        live = await deployments.read_deployment(stack.pool, routes[v2.version][0].deployment_id)
+        assert live is not None and live.details.get(RETIRE_AFTER) is None, "the older change marks nothing"
+
+        # the grant sent with a record must be the run's own
+        with pytest.raises(ApplicationError, match="another lifecycle run"):
+            await record(v1.version, v2.version)
+    finally:
+        await stop(*handles.values())
 
 
 async def _dev_deployment(stack: Stack, snap: ModelSnapshot) -> str:

@@ -40,6 +40,11 @@ from mlc.traffic import TrafficTable
 TRAFFIC_TIMEOUT = timedelta(minutes=2)
 """Rewriting a configuration and reloading a proxy (starting it the first time)."""
 TRAFFIC_HEARTBEAT = timedelta(seconds=30)
+ROUTE_TIMEOUT = timedelta(minutes=10)
+"""A traffic change's whole time, its turn included: changes of one endpoint (and of one
+gateway) take turns, and a waiting change heartbeats, so a change is failed by
+:data:`TRAFFIC_HEARTBEAT` when its worker is gone, never for waiting. The work itself, once
+it holds the gateway, is bounded on the worker (2 x 30 s reload waits and ``nginx -t``)."""
 INVENTORY_TIMEOUT = timedelta(seconds=30)
 DEFAULT_GRACE = timedelta(minutes=10)
 """How long a version moved off a stable endpoint stays warm, unless the stage says otherwise."""
@@ -74,6 +79,11 @@ class RecordTrafficInput(Frozen):
     grace: timedelta = Field(default=DEFAULT_GRACE, ge=timedelta(0), le=MAX_GRACE)
     """How long deployments that stop answering stay warm (standby) before the runtime's
     reconciler retires them (0: at its next round); see :attr:`mlc.domain.StageSpec.grace`."""
+    grant: Envelope | None = None
+    """The ``route_traffic`` grant the change was applied with: its ``as_of`` (when the
+    inventory authorized it) orders changes of one endpoint, so an older decision recorded
+    after a newer one does not replace it in the table (it is recorded as superseded).
+    None (runs started before it was sent): the change counts as decided when recorded."""
 
 
 class ReadTrafficInput(Frozen):
@@ -170,7 +180,7 @@ VERIFY_OBSERVATIONS = ActivityContract(
 """A canary step is judged only on observations its gateway runtime signed (verified here)."""
 READ_TRAFFIC = ActivityContract("read_traffic", ReadTrafficInput, ReadTrafficResult, INVENTORY_TIMEOUT)
 ROUTE_TRAFFIC = ActivityContract(
-    "route_traffic", RuntimeActionInput, RouteTrafficResult, TRAFFIC_TIMEOUT, TRAFFIC_HEARTBEAT
+    "route_traffic", RuntimeActionInput, RouteTrafficResult, ROUTE_TIMEOUT, TRAFFIC_HEARTBEAT
 )
 OBSERVE_TRAFFIC = ActivityContract(
     "observe_traffic", ObserveTrafficInput, TrafficObservation, TRAFFIC_TIMEOUT, TRAFFIC_HEARTBEAT

@@ -57,7 +57,7 @@ async def read_deployment(pool: asyncpg.Pool, deployment_id: str) -> Deployment 
 
 
 async def read_deployments(
-    pool: asyncpg.Pool,
+    pool: asyncpg.Connection | asyncpg.Pool,
     *,
     live_only: bool = True,
     model: str | None = None,
@@ -82,7 +82,7 @@ async def read_deployments(
 
 
 async def update_serving(
-    pool: asyncpg.Pool,
+    pool: asyncpg.Connection | asyncpg.Pool,
     deployment_id: str,
     *,
     state: DeploymentState,

@@ -6,13 +6,15 @@ was authorized and applied; what served when is in the audit trail (kind ``traff
 
 from __future__ import annotations
 
+from datetime import datetime
+
 import asyncpg
 
 from mlc.domain import TrafficRoute
 from mlc.store.db import row_dict
 from mlc.traffic import TrafficTable
 
-_COLUMNS = "runtime, model, stage, routes, endpoint, workflow_id, run_id, updated_at"
+_COLUMNS = "runtime, model, stage, routes, endpoint, workflow_id, run_id, updated_at, decided_at"
 
 
 def _table(row: asyncpg.Record) -> TrafficTable:
@@ -29,14 +31,19 @@ async def upsert_traffic(
     endpoint: str,
     workflow_id: str | None,
     run_id: str | None,
-) -> TrafficTable:
-    """Set the routes live behind ``model``'s endpoint on ``runtime`` (idempotent)."""
+    decided_at: datetime | None = None,
+) -> TrafficTable | None:
+    """Set the routes live behind ``model``'s endpoint on ``runtime`` (idempotent), unless
+    the table holds a change decided after ``decided_at`` (None: now): then nothing changes
+    and None is returned. The row stays locked until ``conn``'s transaction ends."""
     row = await conn.fetchrow(
-        f"""INSERT INTO traffic (runtime, model, stage, routes, endpoint, workflow_id, run_id)
-            VALUES ($1, $2, $3, $4, $5, $6, $7)
+        f"""INSERT INTO traffic (runtime, model, stage, routes, endpoint, workflow_id, run_id, decided_at)
+            VALUES ($1, $2, $3, $4, $5, $6, $7, coalesce($8, now()))
             ON CONFLICT (runtime, model) DO UPDATE SET stage = EXCLUDED.stage,
                 routes = EXCLUDED.routes, endpoint = EXCLUDED.endpoint,
-                workflow_id = EXCLUDED.workflow_id, run_id = EXCLUDED.run_id, updated_at = now()
+                workflow_id = EXCLUDED.workflow_id, run_id = EXCLUDED.run_id, updated_at = now(),
+                decided_at = EXCLUDED.decided_at
+            WHERE traffic.decided_at IS NULL OR traffic.decided_at <= EXCLUDED.decided_at
             RETURNING {_COLUMNS}""",
         runtime,
         model,
@@ -45,8 +52,9 @@ async def upsert_traffic(
         endpoint,
         workflow_id,
         run_id,
+        decided_at,
     )
-    return _table(row)
+    return None if row is None else _table(row)
 
 
 async def read_traffic(
@@ -69,7 +77,15 @@ async def read_traffic(
     return [_table(r) for r in rows]
 
 
-async def read_one(conn: asyncpg.Connection | asyncpg.Pool, runtime: str, model: str) -> TrafficTable | None:
-    """The stable endpoint of ``model`` on ``runtime``, if anything was ever routed there."""
-    found = await read_traffic(conn, runtime=runtime, model=model)
-    return found[0] if found else None
+async def read_one(
+    conn: asyncpg.Connection | asyncpg.Pool, runtime: str, model: str, *, lock: bool = False
+) -> TrafficTable | None:
+    """The stable endpoint of ``model`` on ``runtime``, if anything was ever routed there
+    (``lock``: the row stays locked until ``conn``'s transaction ends)."""
+    if not lock:
+        found = await read_traffic(conn, runtime=runtime, model=model)
+        return found[0] if found else None
+    row = await conn.fetchrow(
+        f"SELECT {_COLUMNS} FROM traffic WHERE runtime = $1 AND model = $2 FOR UPDATE", runtime, model
+    )
+    return None if row is None else _table(row)

@@ -30,7 +30,9 @@ A traffic change writes the model's files (temp file, then rename), checks the w
 configuration with ``nginx -t`` (restoring the previous files if it fails), then reloads
 gracefully (SIGHUP): new connections get the new routes while the old workers finish the
 requests they hold, and the old deployments stay up until the caller retires them. It
-returns only once the gateway serves the new configuration's generation marker.
+returns only once the gateway serves the new configuration's generation marker. Changes of
+one endpoint take turns, and the newest decision waiting is applied once for all that
+waited with it (see ``routing._Queue``).
 
 Modules: ``tier`` (what every tier shares), ``nginx`` (configuration rendering and log
 parsing), ``image`` (the nginx binary and the docker tier's image), ``port`` (who holds a

@@ -12,7 +12,8 @@ import secrets
 import signal
 import time
 import uuid
-from collections.abc import AsyncIterator
+import weakref
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -44,6 +45,8 @@ READY_TIMEOUT_SECONDS = 30.0
 LOG_ROTATE_BYTES = 64 * 1024 * 1024
 """An access or mirror log past this is renamed ``.1`` (replacing the older) and reopened."""
 STOP_TIMEOUT_SECONDS = 10.0
+WAIT_BEAT_SECONDS = 5.0
+"""How often a change waiting for the gateway's lock says so (well inside a heartbeat timeout)."""
 
 _UNSAFE_PATH = re.compile(r"[\s;{}'\"\\$#]")
 
@@ -176,10 +179,22 @@ class Gateway(abc.ABC):
         return f"http://{listen_host(host)}:{self.config.port}{STATUS_PATH}"
 
     @contextlib.asynccontextmanager
-    async def locked(self) -> AsyncIterator[None]:
-        """Hold the gateway's file lock: one configuration change at a time, across workers."""
-        async with processes.file_lock(self.root / ".lock"):
-            yield
+    async def locked(self, waiting: Callable[[], None] | None = None) -> AsyncIterator[None]:
+        """Hold the gateway's lock: one configuration change at a time, in this process (an
+        asyncio lock per event loop and gateway, so waiters hold no thread) and across
+        workers on this host (a file lock). ``waiting`` is called every
+        :data:`WAIT_BEAT_SECONDS` until it is held (an activity heartbeats: it waits its
+        turn, it is not stuck)."""
+        lock = _locks.setdefault(asyncio.get_running_loop(), {}).setdefault(self.root, asyncio.Lock())
+        beat = asyncio.create_task(_every(WAIT_BEAT_SECONDS, waiting)) if waiting is not None else None
+        try:
+            async with lock, processes.file_lock(self.root / ".lock"):
+                if beat is not None:
+                    beat.cancel()
+                yield
+        finally:
+            if beat is not None:
+                beat.cancel()
 
     def _prepare(self) -> None:
         for folder in (self.conf / "http", self.conf / "models", self.logs):
@@ -409,6 +424,19 @@ class Gateway(abc.ABC):
             with contextlib.suppress(FileNotFoundError):
                 lines.extend(path.read_text(errors="replace").splitlines())
         return lines
+
+
+_locks: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[Path, asyncio.Lock]] = (
+    weakref.WeakKeyDictionary()
+)
+"""Per event loop, one per gateway folder: see :meth:`Gateway.locked`."""
+
+
+async def _every(seconds: float, call: Callable[[], None]) -> None:
+    """Call ``call`` now and every ``seconds`` until cancelled."""
+    while True:
+        call()
+        await asyncio.sleep(seconds)
 
 
 def listen_host(host: str) -> str:
