@@ -96,12 +96,39 @@ async def segments_of(handle: Any) -> tuple[str, ...]:
     return tuple(segments)
 
 
+async def gate_tasks(handle: Any) -> list[tuple[float, float]]:
+    """For each accepted Workflow Update (a gate decision) in a finished run's history: the
+    workflow task that accepted it, as (scheduled -> started: the server handing it to a
+    worker; started -> completed: the worker running the handler, its local activities and
+    the code the decision unblocked, until the task's first scheduled activity), seconds."""
+    from temporalio.api.enums.v1 import EventType
+
+    scheduled = started = completed = None
+    spans: list[tuple[float, float]] = []
+    async for event in handle.fetch_history_events():
+        at = event.event_time.ToDatetime()
+        if event.event_type == EventType.EVENT_TYPE_WORKFLOW_TASK_SCHEDULED:
+            scheduled = at
+        elif event.event_type == EventType.EVENT_TYPE_WORKFLOW_TASK_STARTED:
+            started = at
+        elif event.event_type == EventType.EVENT_TYPE_WORKFLOW_TASK_COMPLETED:
+            completed = at
+        elif event.event_type == EventType.EVENT_TYPE_WORKFLOW_EXECUTION_UPDATE_ACCEPTED:
+            if scheduled and started and completed:
+                spans.append(((started - scheduled).total_seconds(), (completed - started).total_seconds()))
+    return spans
+
+
 def describe(segments: tuple[str, ...]) -> str:
     """``segments`` as counts: "13 scheduled + 38 local (segments a/l: 4/10, 3/9, ...)"."""
     scheduled = sum(s.count(SCHEDULED) for s in segments)
     local = sum(s.count(LOCAL) for s in segments)
     split = ", ".join(f"{s.count(SCHEDULED)}/{s.count(LOCAL)}" for s in segments)
-    return f"{scheduled} scheduled + {local} local activities (per segment, scheduled/local: {split})"
+    gated = ", ".join(str(len(s) - len(s.lstrip(LOCAL))) for s in segments[1:])
+    return (
+        f"{scheduled} scheduled + {local} local activities (per segment, scheduled/local: {split}; "
+        f"local activities between each gate's decision and the next scheduled one: {gated})"
+    )
 
 
 @activity.defn(name=NOOP_ACTIVITY)

@@ -92,6 +92,7 @@ from bench.bare_workflow import (  # noqa: E402
     RunBareInput,
     RunBareResult,
     describe,
+    gate_tasks,
     segments_of,
 )
 from cli import admin  # noqa: E402
@@ -461,6 +462,9 @@ class Round:
 
     ours: list[float] = field(default_factory=list)
     bare: list[float] = field(default_factory=list)
+    ours_tasks: list[tuple[float, float]] = field(default_factory=list)
+    """Per decision, its workflow task's (dispatch wait, worker time), from history."""
+    bare_tasks: list[tuple[float, float]] = field(default_factory=list)
 
     @property
     def ratio(self) -> float:
@@ -538,6 +542,17 @@ async def check_nothing_lost(
     if wrong:
         raise RuntimeError(f"{len(wrong)} of {len(bare)} bare runs failed or did other work: {wrong[:3]}")
     return len(decisions)
+
+
+async def all_gate_tasks(handles: list[WorkflowHandle[Any, Any]]) -> list[tuple[float, float]]:
+    """Every decision's workflow task in ``handles``' histories (``gate_tasks``)."""
+    limit = asyncio.Semaphore(16)
+
+    async def one(handle: WorkflowHandle[Any, Any]) -> list[tuple[float, float]]:
+        async with limit:
+            return await gate_tasks(handle)
+
+    return [span for spans in await asyncio.gather(*(one(h) for h in handles)) for span in spans]
 
 
 async def rss_with_cache(
@@ -662,6 +677,8 @@ async def run(args: argparse.Namespace) -> None:
                 for gate in range(len(STAGES) - 1):
                     await gate_round(bench, clients, refs, bare, gate, sample)
                 decisions += await check_nothing_lost(bench, handles, bare, segments)
+                sample.ours_tasks = await all_gate_tasks(handles)
+                sample.bare_tasks = await all_gate_tasks(bare)
                 samples.append(sample)
                 print(
                     f"round {index + 1}/{rounds}: p50 {1000 * statistics.median(sample.ours):.1f} ms vs bare "
@@ -724,6 +741,10 @@ def report(
     bare = [x for s in samples for x in s.bare]
     print(row("approve -> next stage, ModelLifecycle", ours))
     print(row("approve -> next segment, bare update", bare))
+    for label, side in (("ModelLifecycle", "ours_tasks"), ("bare", "bare_tasks")):
+        spans = [x for s in samples for x in getattr(s, side)]
+        print(row(f"{label}: decision's task dispatch wait", [d for d, _ in spans]))
+        print(row(f"{label}: decision's task on the worker", [w for _, w in spans]))
     ratios = [s.ratio for s in samples]
     median = statistics.median(ratios)
     verdict = "met" if median <= GOAL_RATIO else "NOT met"
