@@ -17,6 +17,7 @@ sandbox re-imports it.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
@@ -96,15 +97,27 @@ async def segments_of(handle: Any) -> tuple[str, ...]:
     return tuple(segments)
 
 
-async def gate_tasks(handle: Any) -> list[tuple[float, float]]:
-    """For each accepted Workflow Update (a gate decision) in a finished run's history: the
-    workflow task that accepted it, as (scheduled -> started: the server handing it to a
-    worker; started -> completed: the worker running the handler, its local activities and
-    the code the decision unblocked, until the task's first scheduled activity), seconds."""
+@dataclass(frozen=True)
+class GateTask:
+    """The workflow task that accepted one gate decision, from the run's history (seconds).
+
+    Local activities run inside it; their markers hold no wall-clock durations (their times
+    are workflow time), so what the handler and the code it unblocks cost is ``worker``
+    as a whole, compared with the bare run's."""
+
+    dispatch: float
+    """Scheduled -> started: the server handing the task to a worker."""
+    worker: float
+    """Started -> completed: the worker running the update handler, its local activities and
+    the code the decision unblocked, until the task's first scheduled activity."""
+
+
+async def gate_tasks(handle: Any) -> list[GateTask]:
+    """The workflow task that accepted each Workflow Update (a gate decision) in a run's history."""
     from temporalio.api.enums.v1 import EventType
 
     scheduled = started = completed = None
-    spans: list[tuple[float, float]] = []
+    tasks: list[GateTask] = []
     async for event in handle.fetch_history_events():
         at = event.event_time.ToDatetime()
         if event.event_type == EventType.EVENT_TYPE_WORKFLOW_TASK_SCHEDULED:
@@ -115,8 +128,25 @@ async def gate_tasks(handle: Any) -> list[tuple[float, float]]:
             completed = at
         elif event.event_type == EventType.EVENT_TYPE_WORKFLOW_EXECUTION_UPDATE_ACCEPTED:
             if scheduled and started and completed:
-                spans.append(((started - scheduled).total_seconds(), (completed - started).total_seconds()))
-    return spans
+                tasks.append(
+                    GateTask((started - scheduled).total_seconds(), (completed - started).total_seconds())
+                )
+    return tasks
+
+
+def update_only(segments: tuple[str, ...]) -> tuple[str, ...]:
+    """The same steps, with the local activities that follow each gate moved behind the
+    segment's first scheduled activity: a gate's decision then costs a bare Workflow Update
+    and nothing else (the baseline a skeptic would pick; same work per run)."""
+    moved = [segments[0]]
+    for steps in segments[1:]:
+        rest = steps.lstrip(LOCAL)
+        ahead = len(steps) - len(rest)
+        if rest.startswith(SCHEDULED):
+            moved.append(SCHEDULED + LOCAL * ahead + rest[1:])
+        else:
+            moved.append(steps)
+    return tuple(moved)
 
 
 def describe(segments: tuple[str, ...]) -> str:

@@ -74,9 +74,11 @@ from activities.runtimes.registry import driver_for  # noqa: E402 (after the pat
 from bench.bare_workflow import (  # noqa: E402
     BareLifecycle,
     BarePhase,
+    GateTask,
     RunBareInput,
     RunBareResult,
     describe,
+    gate_tasks,
     noop,
     segments_of,
 )
@@ -121,6 +123,8 @@ class RunSample:
     activities: int = 0
     activity_seconds: dict[str, float] = field(default_factory=dict)
     segments: tuple[str, ...] = ()
+    gates: list[GateTask] = field(default_factory=list)
+    """The workflow task that accepted each gate decision (from history)."""
     task_waits: float = 0.0
     """Sum of workflow tasks' scheduled-to-started time: the server handing tasks to the worker."""
 
@@ -293,6 +297,7 @@ async def _drive_lifecycle(
         activities=profile.activities,
         activity_seconds=profile.activity_seconds,
         segments=await segments_of(handle),
+        gates=await gate_tasks(handle),
         task_waits=profile.task_waits,
     )
 
@@ -345,6 +350,7 @@ async def run_bare_once(client: Client, task_queue: str, segments: tuple[str, ..
         activities=profile.activities,
         activity_seconds=profile.activity_seconds,
         segments=seen,
+        gates=await gate_tasks(handle),
         task_waits=profile.task_waits,
     )
 
@@ -431,6 +437,25 @@ def report(ours: list[RunSample], bare: list[RunSample], args: argparse.Namespac
         f" {spread(per_bare, digits=1):>22}"
     )
     print(f"{'  samples':<48} {len(ours_lat):>22} {len(bare_lat):>22}")
+    ours_gates = [g for s in ours for g in s.gates]
+    bare_gates = [g for s in bare for g in s.gates]
+    print("  the workflow task that accepts a decision, p50 (ms):")
+    rows = [
+        (
+            "dispatch (scheduled -> started)",
+            [g.dispatch for g in ours_gates],
+            [g.dispatch for g in bare_gates],
+        ),
+        (
+            "on the worker (started -> completed)",
+            [g.worker for g in ours_gates],
+            [g.worker for g in bare_gates],
+        ),
+    ]
+    for label, a, b in rows:
+        left = f"{1000 * statistics.median(a):.1f}" if a else ""
+        right = f"{1000 * statistics.median(b):.1f}" if b else ""
+        print(f"{'    ' + label:<48} {left:>22} {right:>22}")
     print(
         "  ours: the update returns after verify_decision (checks and records it, a local activity);\n"
         "  then promote (find_live_deployments) and the next stage's DEPLOYING state. bare: the update\n"
