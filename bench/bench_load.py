@@ -7,7 +7,7 @@ What runs:
 * the worker under measurement: a real ``mlc worker`` process (every built-in workflow
   and inventory activity: PostgreSQL, signed grants, the hash-chained trail), with
   ``MLC_WORKFLOW_CACHE`` = ``--cache`` (default: the product default, 100);
-* the bare baseline's worker: ``python -m bench.bare_workflow``, a process of its own with
+* the bare baselines' workers: ``python -m bench.bare_workflow``, one process per baseline, with
   the same ``max_cached_workflows``, serving ``BenchBareLifecycle`` (``bench/bare_workflow.py``);
 * the runtimes' side is a stand-in worker in this process on the runtimes' own task
   queue: batch jobs and stage tests that return at once, signed with the runtime's
@@ -30,7 +30,8 @@ Fairness rules:
   the local activities right after each gate run behind the next scheduled one
   (``bench.bare_workflow.update_only``), so their decision costs a Workflow Update alone;
   the ratio against them is printed too (the goal is judged against same-work bare runs);
-* same conditions: both workers are separate processes with the same workflow cache;
+* same conditions: every worker is a process of its own with the same workflow cache and
+  N runs to serve (the bare and the update-only bare runs have one worker each);
   N lifecycles and N bare runs are parked at their gates at the same time, and each gate
   round is one shared queue of jobs alternating lifecycle, bare, bare update-only, ..., taken
   by the same K clients: both kinds of update run in the same time window under the same
@@ -84,6 +85,7 @@ from temporalio.api.taskqueue.v1 import TaskQueue
 from temporalio.api.workflowservice.v1 import DescribeTaskQueueRequest
 from temporalio.client import Client, WorkflowHandle
 from temporalio.contrib.pydantic import pydantic_data_converter
+from temporalio.service import RPCError, RPCStatusCode
 from temporalio.worker import Worker
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -145,6 +147,11 @@ SPEC = LifecycleSpec(
 MAIN_QUEUE = "bench-load"
 RUNTIME_QUEUE = "bench-load-runtimes"
 BARE_QUEUE = "bench-load-bare"
+UPDATE_QUEUE = "bench-load-bare-update"
+"""The update-only bare runs' queue, served by a third worker process (N runs each, like ours)."""
+QUERY_TIMEOUTS: dict[str, int] = {}
+"""Status queries the server gave up on (the worker too busy to answer in time), by what
+was waited for; the poll asks again, so the sample includes that time."""
 POLL_SECONDS = 0.005
 """Between queries while waiting for a gate or the next stage (the same for both workflows)."""
 STEP_TIMEOUT_SECONDS = 600.0
@@ -210,7 +217,7 @@ class Bench:
     refs: list[ModelRef]
     """Snapshots not yet used by a run, taken in order."""
     worker: subprocess.Popen[bytes] | None = None
-    bare_worker: subprocess.Popen[bytes] | None = None
+    bare_workers: list[subprocess.Popen[bytes]] = field(default_factory=list)
 
     def take(self, count: int) -> list[ModelRef]:
         """The next ``count`` unused snapshots."""
@@ -257,12 +264,12 @@ class Bench:
             client, [sys.executable, "-m", "mlc", "worker"], self.worker_env(cache), MAIN_QUEUE, "worker.log"
         )
 
-    async def start_bare_worker(self, client: Client, cache: int) -> None:
-        """Start the bare workflow's worker process with the same cache."""
+    async def start_bare_worker(self, client: Client, cache: int, queue: str) -> None:
+        """Start a bare workflow worker process for ``queue`` with the same cache."""
         args = [sys.executable, "-m", "bench.bare_workflow", "--address", self.settings.temporal_address]
-        args += ["--task-queue", BARE_QUEUE, "--cache", str(cache)]
+        args += ["--task-queue", queue, "--cache", str(cache)]
         env = {**os.environ, "PYTHONPATH": str(ROOT)}
-        self.bare_worker = await self._spawn(client, args, env, BARE_QUEUE, "bare-worker.log")
+        self.bare_workers.append(await self._spawn(client, args, env, queue, f"{queue}.log"))
 
     def stop_worker(self) -> None:
         """SIGTERM the measured worker and wait for it."""
@@ -270,11 +277,11 @@ class Bench:
             processes.stop(self.worker.pid, signum=signal.SIGTERM, timeout=60, child=self.worker)
             self.worker = None
 
-    def stop_bare_worker(self) -> None:
-        """SIGTERM the bare worker and wait for it."""
-        if self.bare_worker is not None:
-            processes.stop(self.bare_worker.pid, signum=signal.SIGTERM, timeout=60, child=self.bare_worker)
-            self.bare_worker = None
+    def stop_bare_workers(self) -> None:
+        """SIGTERM the bare workers and wait for them."""
+        while self.bare_workers:
+            child = self.bare_workers.pop()
+            processes.stop(child.pid, signum=signal.SIGTERM, timeout=60, child=child)
 
     def rss_mb(self) -> float:
         """The worker process's resident set size (``VmRSS``), in MB."""
@@ -336,11 +343,21 @@ async def setup(work: Path, address: str, dsn: str, snapshots: int, approvers: i
 # --- driving runs ----------------------------------------------------------------------
 
 
-async def poll(query: Callable[[], Awaitable[T]], done: Callable[[T], bool], *, what: str) -> T:
-    """Query until ``done`` (bounded)."""
+async def poll(
+    query: Callable[[], Awaitable[T]], done: Callable[[T], bool], *, what: str, side: str = "ModelLifecycle"
+) -> T:
+    """Query until ``done`` (bounded); a query the server timed out is asked again (counted)."""
     deadline = time.perf_counter() + STEP_TIMEOUT_SECONDS
     while True:
-        last = await query()
+        try:
+            last = await query()
+        except RPCError as exc:
+            if exc.status not in (RPCStatusCode.DEADLINE_EXCEEDED, RPCStatusCode.CANCELLED):
+                raise
+            if time.perf_counter() > deadline:
+                raise TimeoutError(f"gave up waiting for {what}: {exc}") from exc
+            QUERY_TIMEOUTS[side] = QUERY_TIMEOUTS.get(side, 0) + 1
+            continue
         if done(last):
             return last
         if time.perf_counter() > deadline:
@@ -374,7 +391,7 @@ async def approve_lifecycle(
     return time.perf_counter() - sent
 
 
-async def approve_bare(client: Client, workflow_id: str, segment: int) -> float:
+async def approve_bare(client: Client, workflow_id: str, segment: int, side: str = "bare") -> float:
     """Wait for the bare run's gate after ``segment``, send the update; seconds until the
     run shows the next segment."""
     handle: WorkflowHandle[Any, Any] = client.get_workflow_handle(workflow_id)
@@ -383,11 +400,19 @@ async def approve_bare(client: Client, workflow_id: str, segment: int) -> float:
         return await handle.query(BareLifecycle.phase)
 
     await poll(
-        phase, lambda p: p.segment == segment and p.waiting, what=f"bare {workflow_id} at gate {segment}"
+        phase,
+        lambda p: p.segment == segment and p.waiting,
+        what=f"bare {workflow_id} at gate {segment}",
+        side=side,
     )
     sent = time.perf_counter()
     await handle.execute_update(BareLifecycle.approve, segment)
-    await poll(phase, lambda p: p.segment == segment + 1, what=f"bare {workflow_id} in segment {segment + 1}")
+    await poll(
+        phase,
+        lambda p: p.segment == segment + 1,
+        what=f"bare {workflow_id} in segment {segment + 1}",
+        side=side,
+    )
     return time.perf_counter() - sent
 
 
@@ -407,8 +432,10 @@ async def start_all(
     return list(handles), starts
 
 
-async def start_bare(client: Client, count: int, segments: tuple[str, ...]) -> list[WorkflowHandle[Any, Any]]:
-    """Start ``count`` bare runs of ``segments``."""
+async def start_bare(
+    client: Client, count: int, segments: tuple[str, ...], queue: str
+) -> list[WorkflowHandle[Any, Any]]:
+    """Start ``count`` bare runs of ``segments`` on ``queue``."""
     limit = asyncio.Semaphore(64)
 
     async def one() -> WorkflowHandle[Any, Any]:
@@ -417,7 +444,7 @@ async def start_bare(client: Client, count: int, segments: tuple[str, ...]) -> l
                 BareLifecycle.run,
                 RunBareInput(segments=segments),
                 id=f"bare-{uuid.uuid4().hex}",
-                task_queue=BARE_QUEUE,
+                task_queue=queue,
             )
 
     return list(await asyncio.gather(*(one() for _ in range(count))))
@@ -452,13 +479,14 @@ async def warm_up(bench: Bench, client: Client) -> tuple[str, ...]:
         await approve_lifecycle(bench, client, bench.approvers[0], ref, stage, following)
     await handle.result()
     segments = await segments_of(handle)
-    bare = (await start_bare(client, 1, segments))[0]
-    for segment in range(len(segments) - 1):
-        await approve_bare(client, bare.id, segment)
-    await bare.result()
-    seen = await segments_of(bare)
-    if seen != segments:
-        raise RuntimeError(f"the bare run did other work than the lifecycle: {seen} != {segments}")
+    for steps, queue in ((segments, BARE_QUEUE), (update_only(segments), UPDATE_QUEUE)):
+        bare = (await start_bare(client, 1, steps, queue))[0]
+        for segment in range(len(steps) - 1):
+            await approve_bare(client, bare.id, segment)
+        await bare.result()
+        seen = await segments_of(bare)
+        if seen != steps:
+            raise RuntimeError(f"the bare run did other work than asked: {seen} != {steps}")
     return segments
 
 
@@ -517,7 +545,7 @@ async def gate_round(
             elif kind == "bare":
                 sample.bare.append(await approve_bare(client, bare[index].id, gate))
             else:
-                sample.update.append(await approve_bare(client, update[index].id, gate))
+                sample.update.append(await approve_bare(client, update[index].id, gate, "update only"))
 
     await asyncio.gather(*(approver(c, p) for c, p in zip(clients, bench.approvers, strict=True)))
 
@@ -657,7 +685,8 @@ async def run(args: argparse.Namespace) -> None:
             address, data_converter=pydantic_data_converter, identity="bench-starter"
         )
         await bench.start_worker(starter, args.cache)
-        await bench.start_bare_worker(starter, args.cache)
+        await bench.start_bare_worker(starter, args.cache, BARE_QUEUE)
+        await bench.start_bare_worker(starter, args.cache, UPDATE_QUEUE)
         standin = StandinRuntime(bench.settings)
         async with Worker(
             starter, task_queue=RUNTIME_QUEUE, activities=[standin.batch_job, standin.stage_tests]
@@ -691,8 +720,8 @@ async def run(args: argparse.Namespace) -> None:
                         )
                     report_park(args, to_gate, rss_parked, caches, parked_in)
                     return
-                bare = await start_bare(starter, args.runs, segments)
-                update = await start_bare(starter, args.runs, update_only(segments))
+                bare = await start_bare(starter, args.runs, segments, BARE_QUEUE)
+                update = await start_bare(starter, args.runs, update_only(segments), UPDATE_QUEUE)
                 sample = Round()
                 for gate in range(len(STAGES) - 1):
                     await gate_round(bench, clients, refs, bare, update, gate, sample)
@@ -712,7 +741,7 @@ async def run(args: argparse.Namespace) -> None:
     finally:
         if bench is not None:
             bench.stop_worker()
-            bench.stop_bare_worker()
+            bench.stop_bare_workers()
             await bench.pool.close()
         processes.stop(temporal.pid, child=temporal)
         postgres.stop()
@@ -753,7 +782,7 @@ def report(
     print(
         f"date {datetime.now(UTC):%Y-%m-%d %H:%M} UTC; N={args.runs} lifecycles (DEV gate, SIT gate, UAT) of "
         f"{models} model(s) and N bare runs per round, {len(samples)} rounds, K={args.approvers} approver "
-        f"clients; both workers in their own process, workflow cache {args.cache}; {os.cpu_count()} cores, "
+        f"clients; every worker in its own process, workflow cache {args.cache}; {os.cpu_count()} cores, "
         f"load {load_average()}"
     )
     print(f"  each run: {describe(segments)}")
@@ -784,6 +813,7 @@ def report(
         f"spread {min(alone):.2f}-{max(alone):.2f}x"
     )
     print(f"  worker RSS with {args.runs} runs parked at DEV: {rss_parked:.0f} MB")
+    print(f"  status queries the server timed out (asked again, time included): {QUERY_TIMEOUTS or 'none'}")
     print(
         f"  nothing lost: {args.runs * len(samples)} runs succeeded, {decisions} decisions in the trail, "
         f"each once; {2 * args.runs * len(samples)} bare runs finished their activities"
@@ -806,7 +836,7 @@ def main() -> None:
         "--cache",
         type=int,
         default=DEFAULT_WORKFLOW_CACHE,
-        help="both workers' workflow cache (MLC_WORKFLOW_CACHE, max_cached_workflows)",
+        help="every worker's workflow cache (MLC_WORKFLOW_CACHE, max_cached_workflows)",
     )
     parser.add_argument(
         "--rss-caches",
