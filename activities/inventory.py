@@ -346,20 +346,20 @@ class InventoryActivities:
         """
         run, state = await self._run(), await self._state()
         found = await deployments.read_deployments(self.pool, model=run.snapshot.model, stage=request.stage)
-        replaced = []
+        candidates = []
         for d in found:
             if d.id in request.exclude_ids:
                 continue
             runtime = state.runtimes.get(d.runtime)
             if d.mode is Mode.ONLINE and runtime is not None and runtime.gateway is not None:
                 continue
-            other = d.details.get("run_id")
-            if other and other != run.run_id and d.workflow_id:
-                owner = await runs.read_run(self.pool, d.workflow_id, str(other))
-                if owner is not None and owner.get("ended_at") is None:
-                    continue
-            replaced.append(d)
-        return inv.FindDeploymentsResult(deployments=tuple(replaced))
+            candidates.append(d)
+        # One query for every other run's state, not one per deployment: with many versions
+        # of one model in a stage this sits on the path from a decision to the next stage.
+        others = {key for d in candidates if (key := _other_run(d, run.run_id)) is not None}
+        flying = await runs.in_flight(self.pool, others)
+        replaced = tuple(d for d in candidates if _other_run(d, run.run_id) not in flying)
+        return inv.FindDeploymentsResult(deployments=replaced)
 
     # --- tests and decisions ------------------------------------------------------------
 
@@ -704,6 +704,14 @@ class InventoryActivities:
             nonce=nonce,
             idempotency_key=f"{info.workflow_id}/{info.run_id}/{info.activity_id}",
         )
+
+
+def _other_run(deployment: Deployment, run_id: str) -> tuple[str, str] | None:
+    """(workflow id, run id) of the run that made ``deployment`` when that is another run."""
+    other = deployment.details.get("run_id")
+    if other and other != run_id and deployment.workflow_id:
+        return deployment.workflow_id, str(other)
+    return None
 
 
 _RUNS: OrderedDict[tuple[str, str], RunContext] = OrderedDict()

@@ -1,31 +1,60 @@
-"""Load: N lifecycles at once on one worker, every gate approved by concurrent clients.
+"""Load: N lifecycles at once on one worker, every gate approved by concurrent clients,
+against the same number of bare Temporal workflows approved the same way, interleaved.
 
 What runs:
 
 * one Temporal dev server (in memory) and one embedded PostgreSQL;
 * the worker under measurement: a real ``mlc worker`` process (every built-in workflow
   and inventory activity: PostgreSQL, signed grants, the hash-chained trail), with
-  ``MLC_WORKFLOW_CACHE`` as given;
+  ``MLC_WORKFLOW_CACHE`` = ``--cache`` (default: the product default, 100);
+* the bare baselines' workers: ``python -m bench.bare_workflow``, one process per baseline, with
+  the same ``max_cached_workflows``, serving ``BenchBareLifecycle`` (``bench/bare_workflow.py``);
 * the runtimes' side is a stand-in worker in this process on the runtimes' own task
-  queue: batch jobs and stage tests that return at once. The load is the orchestration,
-  not model code: each run is ``ModelLifecycle`` with the spec DEV (gate) -> SIT (gate)
-  -> UAT, batch mode, no tests, so two signed approvals per run;
-* N snapshots (one active run per snapshot), registered beforehand, untimed;
-* K approver clients (separate Temporal connections, each person with their own key)
-  sign each decision (``mlc.lifecycle_client.sign_decision``) and send it as a Workflow Update
-  (``send_decision``), then query until the run shows its next stage;
-* the bare baseline in the same run: N ``BenchBareLifecycle`` workflows
-  (``bench/bare_workflow.py``) on a worker in this process, their gates approved by the
-  same K clients the same way (update, then query until the next segment shows).
+  queue: batch jobs and stage tests that return at once, signed with the runtime's
+  evidence key as a real runtime worker signs them (the inventory records nothing
+  unsigned). The load is the orchestration, not model code: each run is
+  ``ModelLifecycle`` with the spec DEV (gate) -> SIT (gate) -> UAT, batch mode, no tests,
+  so two signed approvals per run;
+* N snapshots per round, registered beforehand, untimed, of ``--models`` distinct models
+  (default: one model each; ``--models 1``: N versions of one model, all in flight at once);
+* K approver clients (separate Temporal connections, each person with their own key).
 
-It prints start-to-waiting (start call -> the run's "waits for approval at DEV"
-notification row), approve-to-next-stage p50/p99 for both, the worker's RSS with the N
-runs parked at gates, and checks that nothing was lost: every run succeeded and every
-decision is in the trail exactly once. ``--rss-caches`` then restarts the worker with
-each cache size, queries every parked run (which loads it into the cache) and measures
-RSS again: the memory of N parked runs when the cache is full.
+Fairness rules:
 
-    .venv/bin/python bench/bench_load.py                       # N=200, K=8
+* same work: the bare workflow runs the activities a real lifecycle run of this spec ran,
+  read from its history (a warm-up run, not counted): as many scheduled activities and as
+  many local activities, in the same order, in the same segments between the same number
+  of update-driven gates (``bench.bare_workflow.segments_of``); the bench checks that a bare
+  run's history has exactly those;
+* and a second baseline for a skeptic: N more bare runs with the same steps, except that
+  the local activities right after each gate run behind the next scheduled one
+  (``bench.bare_workflow.update_only``), so their decision costs a Workflow Update alone;
+  the ratio against them is printed too (the goal is judged against same-work bare runs);
+* same conditions: every worker is a process of its own with the same workflow cache and
+  N runs to serve (the bare and the update-only bare runs have one worker each);
+  N lifecycles and N bare runs are parked at their gates at the same time, and each gate
+  round is one shared queue of jobs alternating lifecycle, bare, bare update-only, ..., taken
+  by the same K clients: both kinds of update run in the same time window under the same
+  load;
+* same measurement: a client waits (untimed) until the run waits at the gate, signs the
+  decision (lifecycles only: ``mlc.lifecycle_client.sign_decision``, untimed, as a person
+  signs before sending), stamps the time, sends the Workflow Update (``send_decision`` /
+  ``approve``) and queries every ``POLL_SECONDS`` until the run shows its next stage
+  (segment): that is one approve -> next stage sample;
+* repeated: ``--rounds`` rounds, each with fresh runs on the same servers; the report gives
+  each round's p50 ratio and their median and spread (min-max), and the pooled
+  percentiles (2N samples per side per round);
+* nothing lost: every run must succeed, every decision be in the trail exactly once, and
+  every bare run finish with its activities; anything else fails the bench (exit status 1).
+
+It also prints start-to-waiting (start call -> the run's "waits for approval at DEV"
+notification row) and the worker's RSS with the N runs parked at gates. ``--park-only``
+parks N runs and measures RSS only; ``--rss-caches`` then restarts the worker with each
+cache size, queries every parked run (which loads it into the cache) and measures RSS
+again: the memory of N parked runs when the cache is full.
+
+    .venv/bin/python bench/bench_load.py                       # N=200, K=8, 3 rounds, N models
+    .venv/bin/python bench/bench_load.py --models 1            # N versions of one model
     .venv/bin/python bench/bench_load.py --runs 10000 --park-only            # RSS with 10,000 parked
     .venv/bin/python bench/bench_load.py --runs 2000 --park-only --rss-caches 1000,250,100
 """
@@ -44,7 +73,7 @@ import tempfile
 import time
 import uuid
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
@@ -56,12 +85,24 @@ from temporalio.api.taskqueue.v1 import TaskQueue
 from temporalio.api.workflowservice.v1 import DescribeTaskQueueRequest
 from temporalio.client import Client, WorkflowHandle
 from temporalio.contrib.pydantic import pydantic_data_converter
+from temporalio.service import RPCError, RPCStatusCode
 from temporalio.worker import Worker
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.bare_workflow import BareLifecycle, BarePhase, RunBareInput, noop  # noqa: E402
+from activities.boundary import calling_run  # noqa: E402
+from bench.bare_workflow import (  # noqa: E402
+    BareLifecycle,
+    BarePhase,
+    GateTask,
+    RunBareInput,
+    RunBareResult,
+    describe,
+    gate_tasks,
+    segments_of,
+    update_only,
+)
 from cli import admin  # noqa: E402
 from cli.registration import register_package  # noqa: E402
 from cli.stack.dev_postgres import DevPostgres  # noqa: E402
@@ -72,10 +113,10 @@ from mlc.config import DEFAULT_WORKFLOW_CACHE, Settings  # noqa: E402
 from mlc.contracts import runtime as rt  # noqa: E402
 from mlc.contracts.lifecycle import LifecycleStatus, SignedDecision  # noqa: E402
 from mlc.contracts.runtime import (  # noqa: E402
-    BatchJobResult,  # noqa: E402
+    BatchJobResult,
     RunStageTestsInput,
     RunStageTestsResult,
-    RuntimeActionInput,  # noqa: E402
+    RuntimeActionInput,
 )
 from mlc.domain import (  # noqa: E402
     ApprovalGate,
@@ -90,6 +131,7 @@ from mlc.domain import (  # noqa: E402
 from mlc.lifecycle_client import read_status, send_decision, sign_decision, start_lifecycle  # noqa: E402
 from mlc.store import connect, trail  # noqa: E402
 from mlc.store.db import enable_worker_login  # noqa: E402
+from mlc.trust import evidence, grants  # noqa: E402
 from mlc.trust.keys import create_key, public_text  # noqa: E402
 from mlc.trust.signer import Signer  # noqa: E402
 
@@ -105,8 +147,13 @@ SPEC = LifecycleSpec(
 MAIN_QUEUE = "bench-load"
 RUNTIME_QUEUE = "bench-load-runtimes"
 BARE_QUEUE = "bench-load-bare"
+UPDATE_QUEUE = "bench-load-bare-update"
+"""The update-only bare runs' queue, served by a third worker process (N runs each, like ours)."""
+QUERY_TIMEOUTS: dict[str, int] = {}
+"""Status queries the server gave up on (the worker too busy to answer in time), by what
+was waited for; the poll asks again, so the sample includes that time."""
 POLL_SECONDS = 0.005
-"""Between status queries while waiting for the next stage (the same for both workflows)."""
+"""Between queries while waiting for a gate or the next stage (the same for both workflows)."""
 STEP_TIMEOUT_SECONDS = 600.0
 GOAL_PARKED = 10_000
 GOAL_RSS_MB = 200.0
@@ -118,16 +165,32 @@ T = TypeVar("T")
 # --- the runtimes' stand-ins -----------------------------------------------------------
 
 
-@activity.defn(name=rt.RUN_BATCH_JOB.name)
-async def standin_batch_job(request: RuntimeActionInput) -> BatchJobResult:
-    """A batch job that has nothing to score."""
-    return BatchJobResult(output_path="/dev/null", records=0, seconds=0.0)
+class StandinRuntime:
+    """Batch jobs and stage tests that do nothing, signed as a runtime worker signs them:
+    the grant is verified with the platform key, the result signed with the runtime's
+    evidence key (created under the shared ``MLC_HOME`` when the runtime was registered)."""
 
+    def __init__(self, settings: Settings) -> None:
+        self.home = settings.home
+        self.public = grants.platform_public_key(settings.platform_key_path)
 
-@activity.defn(name=rt.RUN_STAGE_TESTS.name)
-async def standin_stage_tests(request: RunStageTestsInput) -> RunStageTestsResult:
-    """No tests were asked for."""
-    return RunStageTestsResult(results=())
+    def _grant(self, envelope: Any, action: grants.RuntimeAction) -> grants.RuntimeGrant:
+        return grants.check(envelope, self.public, action=action, run_id=calling_run().run_id)
+
+    @activity.defn(name=rt.RUN_BATCH_JOB.name)
+    async def batch_job(self, request: RuntimeActionInput) -> BatchJobResult:
+        """A batch job that has nothing to score."""
+        grant = self._grant(request.grant, "run_batch_job")
+        result = BatchJobResult(output_path="/dev/null", records=0, seconds=0.0)
+        facts = result.model_dump(mode="json", exclude={"evidence"})
+        return result.model_copy(
+            update={"evidence": evidence.sign_granted(self.home, grant, "deploy", facts)}
+        )
+
+    @activity.defn(name=rt.RUN_STAGE_TESTS.name)
+    async def stage_tests(self, request: RunStageTestsInput) -> RunStageTestsResult:
+        """No tests were asked for."""
+        return RunStageTestsResult(results=())
 
 
 # --- servers and setup -----------------------------------------------------------------
@@ -152,7 +215,16 @@ class Bench:
     worker_dsn: str
     approvers: list[Signer]
     refs: list[ModelRef]
+    """Snapshots not yet used by a run, taken in order."""
     worker: subprocess.Popen[bytes] | None = None
+    bare_workers: list[subprocess.Popen[bytes]] = field(default_factory=list)
+
+    def take(self, count: int) -> list[ModelRef]:
+        """The next ``count`` unused snapshots."""
+        taken, self.refs = self.refs[:count], self.refs[count:]
+        if len(taken) < count:
+            raise RuntimeError(f"only {len(taken)} snapshots left, {count} needed")
+        return taken
 
     def worker_env(self, cache: int) -> dict[str, str]:
         """The measured worker's environment."""
@@ -168,27 +240,48 @@ class Bench:
             "PYTHONPATH": str(ROOT),
         }
 
-    async def start_worker(self, client: Client, cache: int) -> None:
-        """Start ``mlc worker`` and wait until it polls the main queue."""
-        log = (self.work / "worker.log").open("ab")
-        self.worker = processes.spawn(
-            [sys.executable, "-m", "mlc", "worker"], log=log, env=self.worker_env(cache), cwd=ROOT
-        )
-        log.close()
+    async def _spawn(
+        self, client: Client, args: list[str], env: dict[str, str], queue: str, log_name: str
+    ) -> subprocess.Popen[bytes]:
+        """Start a worker process and wait until it polls ``queue``."""
+        log_path = self.work / log_name
+        with log_path.open("ab") as log:
+            child = processes.spawn(args, log=log, env=env, cwd=ROOT)
         request = DescribeTaskQueueRequest(
             namespace=client.namespace,
-            task_queue=TaskQueue(name=MAIN_QUEUE),
+            task_queue=TaskQueue(name=queue),
             task_queue_type=TaskQueueType.TASK_QUEUE_TYPE_WORKFLOW,
         )
         while not (await client.workflow_service.describe_task_queue(request)).pollers:
-            assert self.worker.poll() is None, (self.work / "worker.log").read_text()[-3000:]
+            if child.poll() is not None:
+                raise RuntimeError(f"{args[2]} exited: {log_path.read_text()[-3000:]}")
             await asyncio.sleep(0.1)
+        return child
+
+    async def start_worker(self, client: Client, cache: int) -> None:
+        """Start ``mlc worker`` and wait until it polls the main queue."""
+        self.worker = await self._spawn(
+            client, [sys.executable, "-m", "mlc", "worker"], self.worker_env(cache), MAIN_QUEUE, "worker.log"
+        )
+
+    async def start_bare_worker(self, client: Client, cache: int, queue: str) -> None:
+        """Start a bare workflow worker process for ``queue`` with the same cache."""
+        args = [sys.executable, "-m", "bench.bare_workflow", "--address", self.settings.temporal_address]
+        args += ["--task-queue", queue, "--cache", str(cache)]
+        env = {**os.environ, "PYTHONPATH": str(ROOT)}
+        self.bare_workers.append(await self._spawn(client, args, env, queue, f"{queue}.log"))
 
     def stop_worker(self) -> None:
-        """SIGTERM the worker and wait for it."""
+        """SIGTERM the measured worker and wait for it."""
         if self.worker is not None:
             processes.stop(self.worker.pid, signum=signal.SIGTERM, timeout=60, child=self.worker)
             self.worker = None
+
+    def stop_bare_workers(self) -> None:
+        """SIGTERM the bare workers and wait for them."""
+        while self.bare_workers:
+            child = self.bare_workers.pop()
+            processes.stop(child.pid, signum=signal.SIGTERM, timeout=60, child=child)
 
     def rss_mb(self) -> float:
         """The worker process's resident set size (``VmRSS``), in MB."""
@@ -199,8 +292,8 @@ class Bench:
         raise RuntimeError("no VmRSS")
 
 
-async def setup(work: Path, address: str, dsn: str, runs: int, approvers: int) -> Bench:
-    """Trust root, people, runtimes and N snapshots (untimed)."""
+async def setup(work: Path, address: str, dsn: str, snapshots: int, approvers: int, models: int) -> Bench:
+    """Trust root, people, runtimes and the snapshots, of ``models`` models (untimed)."""
     settings = replace(
         Settings.from_env(home=work / "home"),
         database_url=dsn,
@@ -228,26 +321,43 @@ async def setup(work: Path, address: str, dsn: str, runs: int, approvers: int) -
     store, registrar = ArtifactStore(settings.artifact_dir), Signer("bench-registrar", registrar_key)
     refs: list[ModelRef] = []
     packages = work / "packages"
+    manifest = (MODEL / "manifest.yaml").read_text()
     started = time.perf_counter()
-    for index in range(runs):
+    for index in range(snapshots):
         package = packages / f"p{index}"
         shutil.copytree(MODEL, package)
+        name = f"load-{index % models}"
+        (package / "manifest.yaml").write_text(manifest.replace("name: weak-model", f"name: {name}", 1))
         (package / "bench.txt").write_text(f"copy {index}\n")  # new content: a new snapshot
         snap, _ = await register_package(pool, store, package, signer=registrar, settings=settings)
         refs.append(ModelRef(model=snap.model, version=snap.version))
         shutil.rmtree(package)
-    print(f"setup: {runs} snapshots registered in {time.perf_counter() - started:.1f} s", flush=True)
+    print(
+        f"setup: {snapshots} snapshots of {min(models, snapshots)} model(s) registered "
+        f"in {time.perf_counter() - started:.1f} s",
+        flush=True,
+    )
     return Bench(work, settings, pool, await enable_worker_login(pool, dsn), people, refs)
 
 
-# --- phases ----------------------------------------------------------------------------
+# --- driving runs ----------------------------------------------------------------------
 
 
-async def poll(query: Callable[[], Awaitable[T]], done: Callable[[T], bool], *, what: str) -> T:
-    """Query until ``done`` (bounded)."""
+async def poll(
+    query: Callable[[], Awaitable[T]], done: Callable[[T], bool], *, what: str, side: str = "ModelLifecycle"
+) -> T:
+    """Query until ``done`` (bounded); a query the server timed out is asked again (counted)."""
     deadline = time.perf_counter() + STEP_TIMEOUT_SECONDS
     while True:
-        last = await query()
+        try:
+            last = await query()
+        except RPCError as exc:
+            if exc.status not in (RPCStatusCode.DEADLINE_EXCEEDED, RPCStatusCode.CANCELLED):
+                raise
+            if time.perf_counter() > deadline:
+                raise TimeoutError(f"gave up waiting for {what}: {exc}") from exc
+            QUERY_TIMEOUTS[side] = QUERY_TIMEOUTS.get(side, 0) + 1
+            continue
         if done(last):
             return last
         if time.perf_counter() > deadline:
@@ -255,18 +365,89 @@ async def poll(query: Callable[[], Awaitable[T]], done: Callable[[T], bool], *, 
         await asyncio.sleep(POLL_SECONDS)
 
 
-async def start_all(bench: Bench, client: Client) -> tuple[list[WorkflowHandle[Any, Any]], list[float]]:
+async def approve_lifecycle(
+    bench: Bench, client: Client, person: Signer, ref: ModelRef, stage: str, following: str
+) -> float:
+    """Wait for ``ref``'s gate at ``stage``, sign, send; seconds from the update until the
+    run shows ``following``."""
+    handle: WorkflowHandle[Any, Any] = client.get_workflow_handle(
+        names.workflow_id_for(ref.model, ref.version)
+    )
+
+    async def status() -> LifecycleStatus | None:
+        return await read_status(handle)
+
+    await poll(
+        status,
+        lambda s: s is not None and s.pending_gate is not None and s.pending_gate.stage == stage,
+        what=f"{ref} at the {stage} gate",
+    )
+    gate, envelope = await sign_decision(
+        client, bench.pool, person, ref, stage=stage, decision=Decision.APPROVED, comment="load"
+    )
+    sent = time.perf_counter()
+    await send_decision(gate, ref, SignedDecision(envelope=envelope), approve=True)
+    await poll(status, lambda s: s is not None and s.stage == following, what=f"{ref} in {following}")
+    return time.perf_counter() - sent
+
+
+async def approve_bare(client: Client, workflow_id: str, segment: int, side: str = "bare") -> float:
+    """Wait for the bare run's gate after ``segment``, send the update; seconds until the
+    run shows the next segment."""
+    handle: WorkflowHandle[Any, Any] = client.get_workflow_handle(workflow_id)
+
+    async def phase() -> BarePhase:
+        return await handle.query(BareLifecycle.phase)
+
+    await poll(
+        phase,
+        lambda p: p.segment == segment and p.waiting,
+        what=f"bare {workflow_id} at gate {segment}",
+        side=side,
+    )
+    sent = time.perf_counter()
+    await handle.execute_update(BareLifecycle.approve, segment)
+    await poll(
+        phase,
+        lambda p: p.segment == segment + 1,
+        what=f"bare {workflow_id} in segment {segment + 1}",
+        side=side,
+    )
+    return time.perf_counter() - sent
+
+
+async def start_all(
+    client: Client, refs: list[ModelRef]
+) -> tuple[list[WorkflowHandle[Any, Any]], list[float]]:
     """Start every lifecycle as fast as the client allows; return handles and start times."""
     limit = asyncio.Semaphore(64)
-    starts: list[float] = [0.0] * len(bench.refs)
+    starts: list[float] = [0.0] * len(refs)
 
     async def one(index: int) -> WorkflowHandle[Any, Any]:
         async with limit:
             starts[index] = time.time()
-            return await start_lifecycle(client, bench.refs[index], task_queue=MAIN_QUEUE, spec=SPEC)
+            return await start_lifecycle(client, refs[index], task_queue=MAIN_QUEUE, spec=SPEC)
 
-    handles = await asyncio.gather(*(one(i) for i in range(len(bench.refs))))
+    handles = await asyncio.gather(*(one(i) for i in range(len(refs))))
     return list(handles), starts
+
+
+async def start_bare(
+    client: Client, count: int, segments: tuple[str, ...], queue: str
+) -> list[WorkflowHandle[Any, Any]]:
+    """Start ``count`` bare runs of ``segments`` on ``queue``."""
+    limit = asyncio.Semaphore(64)
+
+    async def one() -> WorkflowHandle[Any, Any]:
+        async with limit:
+            return await client.start_workflow(
+                BareLifecycle.run,
+                RunBareInput(segments=segments),
+                id=f"bare-{uuid.uuid4().hex}",
+                task_queue=queue,
+            )
+
+    return list(await asyncio.gather(*(one() for _ in range(count))))
 
 
 async def wait_parked(
@@ -278,7 +459,9 @@ async def wait_parked(
     while True:
         rows = await bench.pool.fetch(
             "SELECT workflow_id, min(created_at) AS at FROM notifications "
-            "WHERE message LIKE '%waits for approval at DEV%' GROUP BY workflow_id"
+            "WHERE message LIKE '%waits for approval at DEV%' AND workflow_id = ANY($1::text[]) "
+            "GROUP BY workflow_id",
+            list(ids),
         )
         if len(rows) >= len(handles):
             break
@@ -288,95 +471,135 @@ async def wait_parked(
     return [r["at"].timestamp() - starts[ids[r["workflow_id"]]] for r in rows]
 
 
-async def approve_all(
+async def warm_up(bench: Bench, client: Client) -> tuple[str, ...]:
+    """One lifecycle through every gate, alone (not counted): its history sizes the bare runs."""
+    ref = bench.take(1)[0]
+    handle = await start_lifecycle(client, ref, task_queue=MAIN_QUEUE, spec=SPEC)
+    for stage, following in zip(STAGES, STAGES[1:], strict=False):
+        await approve_lifecycle(bench, client, bench.approvers[0], ref, stage, following)
+    await handle.result()
+    segments = await segments_of(handle)
+    for steps, queue in ((segments, BARE_QUEUE), (update_only(segments), UPDATE_QUEUE)):
+        bare = (await start_bare(client, 1, steps, queue))[0]
+        for segment in range(len(steps) - 1):
+            await approve_bare(client, bare.id, segment)
+        await bare.result()
+        seen = await segments_of(bare)
+        if seen != steps:
+            raise RuntimeError(f"the bare run did other work than asked: {seen} != {steps}")
+    return segments
+
+
+@dataclass
+class Round:
+    """One round's samples (seconds)."""
+
+    ours: list[float] = field(default_factory=list)
+    bare: list[float] = field(default_factory=list)
+    update: list[float] = field(default_factory=list)
+    """Bare runs whose decisions unblock no local activity (``update_only``)."""
+    ours_tasks: list[GateTask] = field(default_factory=list)
+    """Per decision, the workflow task that accepted it, from history."""
+    bare_tasks: list[GateTask] = field(default_factory=list)
+    update_tasks: list[GateTask] = field(default_factory=list)
+
+    @property
+    def ratio(self) -> float:
+        """p50 approve -> next stage, lifecycle over bare."""
+        return statistics.median(self.ours) / statistics.median(self.bare)
+
+    @property
+    def update_ratio(self) -> float:
+        """p50 approve -> next stage, lifecycle over a bare update alone."""
+        return statistics.median(self.ours) / statistics.median(self.update)
+
+
+async def gate_round(
     bench: Bench,
     clients: list[Client],
-    handles: list[WorkflowHandle[Any, Any]],
-    stage: str,
-    following: str,
-) -> list[float]:
-    """Each approver client takes runs from a shared queue: sign, update, query until the
-    run shows ``following``. Returns the update-to-next-stage seconds."""
-    queue: asyncio.Queue[int] = asyncio.Queue()
-    for index in range(len(handles)):
-        queue.put_nowait(index)
-    latencies: list[float] = []
+    refs: list[ModelRef],
+    bare: list[WorkflowHandle[Any, Any]],
+    update: list[WorkflowHandle[Any, Any]],
+    gate: int,
+    sample: Round,
+) -> None:
+    """Approve gate ``gate`` of every lifecycle and every bare run: one queue alternating
+    lifecycle, bare, bare update-only, lifecycle, ..., taken by the K clients."""
+    stage, following = STAGES[gate], STAGES[gate + 1]
+    jobs: asyncio.Queue[tuple[str, int]] = asyncio.Queue()
+    for index in range(max(len(refs), len(bare), len(update))):
+        if index < len(refs):
+            jobs.put_nowait(("ours", index))
+        if index < len(bare):
+            jobs.put_nowait(("bare", index))
+        if index < len(update):
+            jobs.put_nowait(("update", index))
 
     async def approver(client: Client, person: Signer) -> None:
-        while not queue.empty():
-            index = queue.get_nowait()
-            ref = bench.refs[index]
-            handle, envelope = await sign_decision(
-                client, bench.pool, person, ref, stage=stage, decision=Decision.APPROVED, comment="load"
-            )
-            sent = time.perf_counter()
-            await send_decision(handle, ref, SignedDecision(envelope=envelope), approve=True)
-
-            async def status(handle: WorkflowHandle[Any, Any] = handle) -> LifecycleStatus | None:
-                return await read_status(handle)
-
-            await poll(status, lambda s: s is not None and s.stage == following, what=f"{ref} in {following}")
-            latencies.append(time.perf_counter() - sent)
+        while not jobs.empty():
+            kind, index = jobs.get_nowait()
+            if kind == "ours":
+                sample.ours.append(
+                    await approve_lifecycle(bench, client, person, refs[index], stage, following)
+                )
+            elif kind == "bare":
+                sample.bare.append(await approve_bare(client, bare[index].id, gate))
+            else:
+                sample.update.append(await approve_bare(client, update[index].id, gate, "update only"))
 
     await asyncio.gather(*(approver(c, p) for c, p in zip(clients, bench.approvers, strict=True)))
-    return latencies
 
 
-async def bare_all(clients: list[Client], runs: int) -> list[float]:
-    """N bare workflows with two gates, approved by the K clients like the lifecycles."""
-    starter = clients[0]
-    handles = [
-        await starter.start_workflow(
-            BareLifecycle.run,
-            RunBareInput(segments=(1, 1, 1)),
-            id=f"bare-{uuid.uuid4().hex}",
-            task_queue=BARE_QUEUE,
-        )
-        for _ in range(runs)
-    ]
-    latencies: list[float] = []
-    for segment in (0, 1):
-        queue: asyncio.Queue[WorkflowHandle[Any, Any]] = asyncio.Queue()
-        for handle in handles:
-            queue.put_nowait(handle)
-
-        async def approver(
-            client: Client, segment: int = segment, queue: asyncio.Queue[WorkflowHandle[Any, Any]] = queue
-        ) -> None:
-            while not queue.empty():
-                handle = client.get_workflow_handle(queue.get_nowait().id)
-
-                async def phase(handle: WorkflowHandle[Any, Any] = handle) -> BarePhase:
-                    return await handle.query(BareLifecycle.phase)
-
-                await poll(phase, lambda p: p.segment == segment and p.waiting, what="a bare gate")
-                sent = time.perf_counter()
-                await handle.execute_update(BareLifecycle.approve, segment)
-                await poll(phase, lambda p: p.segment == segment + 1, what="the next bare segment")
-                latencies.append(time.perf_counter() - sent)
-
-        await asyncio.gather(*(approver(c) for c in clients))
-    await asyncio.gather(*(h.result() for h in handles))
-    return latencies
-
-
-async def check_nothing_lost(bench: Bench, handles: list[WorkflowHandle[Any, Any]]) -> tuple[int, int]:
-    """Every run succeeded and holds exactly two decisions in the trail; returns counts."""
+async def check_nothing_lost(
+    bench: Bench,
+    handles: list[WorkflowHandle[Any, Any]],
+    bare: list[WorkflowHandle[Any, Any]],
+    segments: tuple[str, ...],
+) -> int:
+    """Every run succeeded and holds exactly two decisions in the trail, every bare run
+    finished its activities; raises otherwise. Returns the decisions counted."""
     results = await asyncio.gather(*(h.result() for h in handles), return_exceptions=True)
-    failed = [r for r in results if isinstance(r, BaseException)]
-    assert not failed, failed[:3]
+    failed = [f"{h.id}: {r}" for h, r in zip(handles, results, strict=True) if isinstance(r, BaseException)]
+    if failed:
+        raise RuntimeError(f"{len(failed)} of {len(handles)} lifecycles failed: {failed[:3]}")
+    ids = [h.id for h in handles]
     ended = await bench.pool.fetchval(
-        "SELECT count(*) FROM lifecycle_runs WHERE state = $1 AND ended_at IS NOT NULL",
+        "SELECT count(*) FROM lifecycle_runs WHERE state = $1 AND ended_at IS NOT NULL "
+        "AND workflow_id = ANY($2::text[])",
         LifecycleState.SUCCEEDED.value,
+        ids,
     )
-    decisions = await trail.read_entries(bench.pool, kinds=(trail.DECISION,))
+    if ended != len(handles):
+        raise RuntimeError(f"{ended} of {len(handles)} runs recorded as succeeded")
+    decisions = [
+        e for e in await trail.read_entries(bench.pool, kinds=(trail.DECISION,)) if e.workflow_id in set(ids)
+    ]
     per_run: dict[str | None, int] = {}
     for entry in decisions:
         per_run[entry.workflow_id] = per_run.get(entry.workflow_id, 0) + 1
-    assert ended == len(handles), f"{ended} of {len(handles)} runs recorded as succeeded"
-    assert all(per_run.get(h.id) == 2 for h in handles), "a decision is missing or recorded twice"
-    assert len({e.nonce for e in decisions}) == len(decisions)
-    return int(ended), len(decisions)
+    if not all(per_run.get(i) == len(STAGES) - 1 for i in ids) or len({e.nonce for e in decisions}) != len(
+        decisions
+    ):
+        raise RuntimeError("a decision is missing or recorded twice")
+    want = RunBareResult(
+        scheduled=sum(s.count("a") for s in segments), local=sum(s.count("l") for s in segments)
+    )
+    done = await asyncio.gather(*(h.result() for h in bare), return_exceptions=True)
+    wrong = [r for r in done if r != want]
+    if wrong:
+        raise RuntimeError(f"{len(wrong)} of {len(bare)} bare runs failed or did other work: {wrong[:3]}")
+    return len(decisions)
+
+
+async def all_gate_tasks(handles: list[WorkflowHandle[Any, Any]]) -> list[GateTask]:
+    """Every decision's workflow task in ``handles``' histories (``gate_tasks``)."""
+    limit = asyncio.Semaphore(16)
+
+    async def one(handle: WorkflowHandle[Any, Any]) -> list[GateTask]:
+        async with limit:
+            return await gate_tasks(handle)
+
+    return [span for spans in await asyncio.gather(*(one(h) for h in handles)) for span in spans]
 
 
 async def rss_with_cache(
@@ -415,6 +638,11 @@ def row(label: str, values: list[float], *, unit: float = 1000.0) -> str:
     )
 
 
+def load_average() -> str:
+    """The 1-minute load average now."""
+    return f"{os.getloadavg()[0]:.2f}"
+
+
 # --- main ------------------------------------------------------------------------------
 
 
@@ -439,12 +667,14 @@ async def run(args: argparse.Namespace) -> None:
         temporal = processes.spawn(temporal_args, log=log)
     postgres = DevPostgres(work / "pg", work / "pg.log")
     bench: Bench | None = None
+    models = args.models or args.runs
+    rounds = 1 if args.park_only else args.rounds
     try:
         while not port_open("127.0.0.1", port):
             await asyncio.sleep(0.1)
         dsn = postgres.start()
         address = f"127.0.0.1:{port}"
-        bench = await setup(work, address, dsn, args.runs, args.approvers)
+        bench = await setup(work, address, dsn, args.runs * rounds + 1, args.approvers, models)
         clients = [
             await Client.connect(
                 address, data_converter=pydantic_data_converter, identity=f"bench-client-{i}"
@@ -455,38 +685,63 @@ async def run(args: argparse.Namespace) -> None:
             address, data_converter=pydantic_data_converter, identity="bench-starter"
         )
         await bench.start_worker(starter, args.cache)
-        async with (
-            Worker(starter, task_queue=RUNTIME_QUEUE, activities=[standin_batch_job, standin_stage_tests]),
-            Worker(starter, task_queue=BARE_QUEUE, workflows=[BareLifecycle], activities=[noop]),
+        await bench.start_bare_worker(starter, args.cache, BARE_QUEUE)
+        await bench.start_bare_worker(starter, args.cache, UPDATE_QUEUE)
+        standin = StandinRuntime(bench.settings)
+        async with Worker(
+            starter, task_queue=RUNTIME_QUEUE, activities=[standin.batch_job, standin.stage_tests]
         ):
-            began = time.perf_counter()
-            handles, starts = await start_all(bench, starter)
-            to_gate = await wait_parked(bench, handles, starts)
-            parked_in = time.perf_counter() - began
-            await asyncio.sleep(2)
-            rss_parked = bench.rss_mb()
-            print(
-                f"{args.runs} runs parked at DEV in {parked_in:.1f} s; worker RSS {rss_parked:.0f} MB",
-                flush=True,
-            )
-            caches: dict[int, float] = {}
-            if args.park_only:
-                for cache in args.rss_caches:
-                    caches[cache] = await rss_with_cache(bench, starter, handles, cache)
+            segments = await warm_up(bench, starter)
+            print(f"a lifecycle run (and each bare run): {describe(segments)}", flush=True)
+            samples: list[Round] = []
+            to_gate: list[float] = []
+            rss_parked, parked_in, decisions = 0.0, 0.0, 0
+            for index in range(rounds):
+                refs = bench.take(args.runs)
+                began = time.perf_counter()
+                handles, starts = await start_all(starter, refs)
+                parked = await wait_parked(bench, handles, starts)
+                if index == 0:
+                    to_gate, parked_in = parked, time.perf_counter() - began
+                    await asyncio.sleep(2)
+                    rss_parked = bench.rss_mb()
                     print(
-                        f"  cache {cache}: RSS {caches[cache]:.0f} MB with {args.runs} parked runs",
+                        f"{args.runs} runs parked at DEV in {parked_in:.1f} s; "
+                        f"worker RSS {rss_parked:.0f} MB",
                         flush=True,
                     )
-                report(args, to_gate, [], [], rss_parked, caches, None, parked_in)
-                return
-            ours = await approve_all(bench, clients, handles, "DEV", "SIT")
-            ours += await approve_all(bench, clients, handles, "SIT", "UAT")
-            lost = await check_nothing_lost(bench, handles)
-            bare = await bare_all(clients, args.runs)
-            report(args, to_gate, ours, bare, rss_parked, caches, lost, parked_in)
+                if args.park_only:
+                    caches: dict[int, float] = {}
+                    for cache in args.rss_caches:
+                        caches[cache] = await rss_with_cache(bench, starter, handles, cache)
+                        print(
+                            f"  cache {cache}: RSS {caches[cache]:.0f} MB with {args.runs} parked runs",
+                            flush=True,
+                        )
+                    report_park(args, to_gate, rss_parked, caches, parked_in)
+                    return
+                bare = await start_bare(starter, args.runs, segments, BARE_QUEUE)
+                update = await start_bare(starter, args.runs, update_only(segments), UPDATE_QUEUE)
+                sample = Round()
+                for gate in range(len(STAGES) - 1):
+                    await gate_round(bench, clients, refs, bare, update, gate, sample)
+                decisions += await check_nothing_lost(bench, handles, bare + update, segments)
+                sample.ours_tasks = await all_gate_tasks(handles)
+                sample.bare_tasks = await all_gate_tasks(bare)
+                sample.update_tasks = await all_gate_tasks(update)
+                samples.append(sample)
+                print(
+                    f"round {index + 1}/{rounds}: p50 {1000 * statistics.median(sample.ours):.1f} ms vs bare "
+                    f"{1000 * statistics.median(sample.bare):.1f} ms ({sample.ratio:.2f}x), bare update "
+                    f"only {1000 * statistics.median(sample.update):.1f} ms ({sample.update_ratio:.2f}x), "
+                    f"load {load_average()}",
+                    flush=True,
+                )
+            report(args, models, segments, to_gate, samples, rss_parked, parked_in, decisions)
     finally:
         if bench is not None:
             bench.stop_worker()
+            bench.stop_bare_workers()
             await bench.pool.close()
         processes.stop(temporal.pid, child=temporal)
         postgres.stop()
@@ -494,50 +749,94 @@ async def run(args: argparse.Namespace) -> None:
             shutil.rmtree(work, ignore_errors=True)
 
 
-def report(
+def report_park(
     args: argparse.Namespace,
     to_gate: list[float],
-    ours: list[float],
-    bare: list[float],
     rss_parked: float,
     caches: dict[int, float],
-    lost: tuple[int, int] | None,
     parked_in: float,
+) -> None:
+    """Print the parking numbers."""
+    print()
+    print(f"date {datetime.now(UTC):%Y-%m-%d %H:%M} UTC; N={args.runs}, MLC_WORKFLOW_CACHE={args.cache}")
+    print(row("start -> waiting at DEV (ms)", to_gate))
+    print(f"  all {args.runs} parked after {parked_in:.1f} s ({args.runs / parked_in:.1f} runs/s)")
+    print(f"  worker RSS with {args.runs} runs parked at DEV: {rss_parked:.0f} MB")
+    for cache, rss in caches.items():
+        print(f"  worker RSS, cache {cache}, every parked run queried into the cache: {rss:.0f} MB")
+    print(f"  goal: {GOAL_PARKED} parked runs under {GOAL_RSS_MB:.0f} MB of worker RSS")
+
+
+def report(
+    args: argparse.Namespace,
+    models: int,
+    segments: tuple[str, ...],
+    to_gate: list[float],
+    samples: list[Round],
+    rss_parked: float,
+    parked_in: float,
+    decisions: int,
 ) -> None:
     """Print the table, with the goals next to the measurements."""
     print()
     print(
-        f"date {datetime.now(UTC):%Y-%m-%d %H:%M} UTC; N={args.runs} lifecycles (DEV gate, SIT gate, UAT), "
-        f"K={args.approvers} approver clients, one worker (MLC_WORKFLOW_CACHE={args.cache}), "
-        f"{os.cpu_count()} cores"
+        f"date {datetime.now(UTC):%Y-%m-%d %H:%M} UTC; N={args.runs} lifecycles (DEV gate, SIT gate, UAT) of "
+        f"{models} model(s) and N bare runs per round, {len(samples)} rounds, K={args.approvers} approver "
+        f"clients; every worker in its own process, workflow cache {args.cache}; {os.cpu_count()} cores, "
+        f"load {load_average()}"
     )
+    print(f"  each run: {describe(segments)}")
     print(row("start -> waiting at DEV (ms)", to_gate))
     print(f"  all {args.runs} parked after {parked_in:.1f} s ({args.runs / parked_in:.1f} runs/s)")
-    if ours and bare:
-        ratio = statistics.median(ours) / statistics.median(bare)
-        print(row("approve -> next stage, ModelLifecycle", ours))
-        print(row("approve -> next segment, bare update", bare))
-        verdict = "met" if ratio <= GOAL_RATIO else "NOT met"
-        print(f"  p50 ratio {ratio:.2f}x (goal <= {GOAL_RATIO}x: {verdict})")
+    ours = [x for s in samples for x in s.ours]
+    bare = [x for s in samples for x in s.bare]
+    print(row("approve -> next stage, ModelLifecycle", ours))
+    print(row("approve -> next segment, bare", bare))
+    print(row("approve -> next segment, bare update only", [x for s in samples for x in s.update]))
+    sides = (("ModelLifecycle", "ours_tasks"), ("bare", "bare_tasks"), ("bare update only", "update_tasks"))
+    for label, side in sides:
+        tasks: list[GateTask] = [x for s in samples for x in getattr(s, side)]
+        print(f"  {label}, the workflow task that accepts a decision (from history):")
+        print(row("  dispatch (scheduled -> started)", [t.dispatch for t in tasks]))
+        print(row("  on the worker (started -> completed)", [t.worker for t in tasks]))
+    ratios = [s.ratio for s in samples]
+    median = statistics.median(ratios)
+    verdict = "met" if median <= GOAL_RATIO else "NOT met"
+    print(
+        f"  p50 ratio per round: {', '.join(f'{r:.2f}x' for r in ratios)}; median {median:.2f}x, "
+        f"spread {min(ratios):.2f}-{max(ratios):.2f}x (goal <= {GOAL_RATIO}x: {verdict})"
+    )
+    alone = [s.update_ratio for s in samples]
+    print(
+        f"  against a bare update alone (no local activity after the gate), per round: "
+        f"{', '.join(f'{r:.2f}x' for r in alone)}; median {statistics.median(alone):.2f}x, "
+        f"spread {min(alone):.2f}-{max(alone):.2f}x"
+    )
     print(f"  worker RSS with {args.runs} runs parked at DEV: {rss_parked:.0f} MB")
-    for cache, rss in caches.items():
-        print(f"  worker RSS, cache {cache}, every parked run queried into the cache: {rss:.0f} MB")
-    if lost is not None:
-        ended, decisions = lost
-        print(
-            f"  nothing lost: {ended}/{args.runs} runs succeeded, "
-            f"{decisions} decisions in the trail, each once"
-        )
-    print(f"  goal: {GOAL_PARKED} parked runs under {GOAL_RSS_MB:.0f} MB of worker RSS (see --park-only)")
+    print(f"  status queries the server timed out (asked again, time included): {QUERY_TIMEOUTS or 'none'}")
+    print(
+        f"  nothing lost: {args.runs * len(samples)} runs succeeded, {decisions} decisions in the trail, "
+        f"each once; {2 * args.runs * len(samples)} bare runs finished their activities"
+    )
 
 
 def main() -> None:
     """Parse arguments and run."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--runs", type=int, default=200, help="lifecycles at once (N)")
+    parser.add_argument("--runs", type=int, default=200, help="lifecycles at once (N), and as many bare runs")
     parser.add_argument("--approvers", type=int, default=8, help="concurrent approver clients (K)")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds of N + N runs (median and spread)")
     parser.add_argument(
-        "--cache", type=int, default=DEFAULT_WORKFLOW_CACHE, help="the worker's MLC_WORKFLOW_CACHE"
+        "--models",
+        type=int,
+        default=0,
+        help="distinct models the N snapshots belong to (default: N, one each)",
+    )
+    parser.add_argument(
+        "--cache",
+        type=int,
+        default=DEFAULT_WORKFLOW_CACHE,
+        help="every worker's workflow cache (MLC_WORKFLOW_CACHE, max_cached_workflows)",
     )
     parser.add_argument(
         "--rss-caches",

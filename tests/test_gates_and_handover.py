@@ -17,7 +17,7 @@ from temporalio.testing import WorkflowEnvironment
 from cli import admin
 from mlc.contracts.lifecycle import StartLifecycleInput
 from mlc.domain import ApprovalGate, DeploymentState, LifecycleSpec, StageSpec, TestKind
-from mlc.store import audit, connect, deployments, traffic
+from mlc.store import audit, connect, deployments, runs, traffic
 from mlc.trust.policy import StagePolicy
 from tests.conftest import ADMIN, FIXTURES, Stack, call_model
 from tests.lifecycle_helpers import start_like_ui, wait_for, wait_for_gate
@@ -147,3 +147,31 @@ async def test_a_decide_signal_that_does_not_decode_is_listed_as_refused(stack: 
     assert "takes one signed statement as its input, not 0" in status.refused[1], status.refused
     assert status.pending_gate is not None and status.decisions == ()
     await handle.terminate()
+
+
+async def test_in_flight_names_the_runs_that_began_and_have_not_ended(
+    stack: Stack, example_package: Path
+) -> None:
+    """What a promotion asks in one query: which other runs still own their deployments."""
+    snap = await stack.register(example_package)
+    for workflow_id in ("ended", "running"):
+        await runs.start_run(
+            stack.pool,
+            workflow_id=workflow_id,
+            run_id=f"{workflow_id}-run",
+            model=snap.model,
+            version=snap.version,
+            lifecycle="ModelLifecycle",
+        )
+        if workflow_id == "ended":
+            await runs.update_run(
+                stack.pool,
+                workflow_id="ended",
+                run_id="ended-run",
+                state="succeeded",
+                stage="DEV",
+                ended=True,
+            )
+    asked = [("ended", "ended-run"), ("running", "running-run"), ("never", "began"), ("running", "other-run")]
+    assert await runs.in_flight(stack.pool, asked) == {("running", "running-run")}
+    assert await runs.in_flight(stack.pool, []) == set()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 import asyncpg
@@ -72,6 +73,22 @@ async def read_run(pool: asyncpg.Pool, workflow_id: str, run_id: str) -> dict[st
         "SELECT * FROM lifecycle_runs WHERE workflow_id = $1 AND run_id = $2", workflow_id, run_id
     )
     return row_dict(row)
+
+
+async def in_flight(pool: asyncpg.Pool, keys: Iterable[tuple[str, str]]) -> set[tuple[str, str]]:
+    """Which of the runs ``keys`` (workflow id, run id) have begun and not ended, in one query."""
+    wanted = sorted(set(keys))
+    if not wanted:
+        return set()
+    rows = await pool.fetch(
+        """SELECT r.workflow_id, r.run_id FROM lifecycle_runs r
+           JOIN unnest($1::text[], $2::text[]) AS k(workflow_id, run_id)
+             ON r.workflow_id = k.workflow_id AND r.run_id = k.run_id
+           WHERE r.ended_at IS NULL""",
+        [w for w, _ in wanted],
+        [r for _, r in wanted],
+    )
+    return {(row["workflow_id"], row["run_id"]) for row in rows}
 
 
 async def find_active_run(pool: asyncpg.Pool, model: str, version: int) -> dict[str, Any] | None:
