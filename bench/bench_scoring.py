@@ -38,6 +38,10 @@ Every server serves the same trained cc-fraud package (``examples/models/cc-frau
   records per request) every server gets a warm-up and a measured ``wrk`` run in turn
   (ours, then each peer), so slow drifts in the shared machine's load hit all alike.
   The table shows the median and the spread (min–max) of req/s, p50 and p99 over rounds.
+* **CPU per request** (user + system time of all the server's processes during a measured
+  run, over its requests) is shown next to req/s: on a shared, busy machine the scheduler
+  gives a server with more processes a bigger share of the cores, so req/s there measures
+  process count as much as efficiency; CPU per request does not depend on that share.
 * **Errors fail the run.** Any non-2xx answer, socket error or timeout in a measured or
   warm-up run stops the benchmark with the server, size and counts.
 
@@ -123,6 +127,8 @@ class Load:
     rps: float
     p50_ms: float
     p99_ms: float
+    cpu_us: float = 0.0
+    """CPU time (user + system) the server's processes spent per request, in microseconds."""
 
 
 @dataclass
@@ -141,6 +147,8 @@ class Server:
     processes: str
     env: dict[str, str] | None = None
     cwd: Path | None = None
+    group: int = 0
+    """Process group of the running server (all its processes: workers included)."""
     loads: dict[int, list[Load]] = field(default_factory=dict)
     """Measured runs per records-per-request, one per round."""
 
@@ -362,6 +370,7 @@ def running(server: Server, log: Path) -> Iterator[subprocess.Popen[bytes]]:
                             f"{server.label} not ready in {READY_TIMEOUT_SECONDS:.0f} s; see {log}"
                         )
                     time.sleep(0.2)
+            server.group = proc.pid
             yield proc
         finally:
             with contextlib.suppress(ProcessLookupError):
@@ -401,6 +410,20 @@ def check_outputs(server: Server, body: Path, expected: list[float]) -> None:
         raise SystemExit(f"{server.label}: probabilities differ from the package's by up to {worst}")
 
 
+_TICK = os.sysconf("SC_CLK_TCK")
+
+
+def group_cpu_seconds(group: int) -> float:
+    """User + system CPU of every live process in process group ``group``."""
+    total = 0
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError):
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            if int(fields[2]) == group:  # fields after the name: state, ppid, pgrp, ...
+                total += int(fields[11]) + int(fields[12])
+    return total / _TICK
+
+
 def wrk_run(
     wrk: str, server: Server, body: Path, *, threads: int, connections: int, seconds: int, work: Path
 ) -> Load:
@@ -419,7 +442,9 @@ def wrk_run(
         str(script),
         url,
     ]
+    cpu_before = group_cpu_seconds(server.group)
     out = subprocess.run(command, capture_output=True, text=True, timeout=seconds + WRK_SLACK_SECONDS)
+    cpu = group_cpu_seconds(server.group) - cpu_before
     line = next((x for x in out.stdout.splitlines() if x.startswith("WRK_JSON ")), None)
     if out.returncode != 0 or line is None:
         raise SystemExit(f"wrk against {server.label} failed ({out.returncode}):\n{out.stdout}\n{out.stderr}")
@@ -434,6 +459,7 @@ def wrk_run(
         rps=data["requests"] / (data["duration_us"] / 1e6),
         p50_ms=data["p50_us"] / 1000,
         p99_ms=data["p99_us"] / 1000,
+        cpu_us=cpu / data["requests"] * 1e6,
     )
 
 
@@ -530,6 +556,8 @@ def main() -> None:
     if args.rounds < 1:
         raise SystemExit("--rounds must be at least 1")
 
+    # A plain kill must still stop every server: raise SystemExit, so the ExitStack unwinds.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     wrk = ensure_wrk()
     with tempfile.TemporaryDirectory(prefix="mlc-bench-scoring-") as tmp, contextlib.ExitStack() as stack:
         work = args.keep or Path(tmp)
@@ -556,7 +584,7 @@ def main() -> None:
                     server.loads.setdefault(size, []).append(load)
                     print(
                         f"round {round_no} {server.label:<24} {size:>4} records: {load.rps:8.0f} req/s "
-                        f"p50 {load.p50_ms:6.2f} ms p99 {load.p99_ms:6.2f} ms",
+                        f"p50 {load.p50_ms:6.2f} ms p99 {load.p99_ms:6.2f} ms, {load.cpu_us:6.0f} CPU-µs/req",
                         flush=True,
                     )
                 loads.append(os.getloadavg()[0])
@@ -589,12 +617,16 @@ def report(servers: list[Server], args: argparse.Namespace, started: datetime, l
     )
     print("median (min–max) over rounds; every server gets raw records and runs the package's score.py")
     print()
-    print(f"{'server':<24} {'processes':<28} {'records':>7} {'req/s':>22} {'p50 ms':>20} {'p99 ms':>20}")
+    print(
+        f"{'server':<24} {'processes':<28} {'records':>7} {'req/s':>22} {'p50 ms':>20} {'p99 ms':>20} "
+        f"{'CPU µs/req':>20}"
+    )
     for server in servers:
         for size, runs in sorted(server.loads.items()):
             print(
                 f"{server.label:<24} {server.processes:<28} {size:>7} {_cell([r.rps for r in runs], 0):>22} "
-                f"{_cell([r.p50_ms for r in runs], 2):>20} {_cell([r.p99_ms for r in runs], 2):>20}"
+                f"{_cell([r.p50_ms for r in runs], 2):>20} {_cell([r.p99_ms for r in runs], 2):>20} "
+                f"{_cell([r.cpu_us for r in runs], 0):>20}"
             )
     ours = next((s for s in servers if s.name == "ours"), None)
     if ours is None:
@@ -612,9 +644,11 @@ def report(servers: list[Server], args: argparse.Namespace, started: datetime, l
             ratio = _median([r.rps for r in runs]) / _median([r.rps for r in theirs])
             p99, their_p99 = _median([r.p99_ms for r in runs]), _median([r.p99_ms for r in theirs])
             met = ratio >= 2.0 and p99 <= their_p99
+            cpu_ratio = _median([r.cpu_us for r in theirs]) / _median([r.cpu_us for r in runs])
             print(
                 f"  {peer:<28} ({best.label:<22}) {size:>4} records: {ratio:5.2f}x req/s, "
-                f"p99 {p99:.2f} vs {their_p99:.2f} ms: {'met' if met else 'NOT met'}"
+                f"p99 {p99:.2f} vs {their_p99:.2f} ms: {'met' if met else 'NOT met'} "
+                f"(they use {cpu_ratio:.2f}x our CPU per request)"
             )
 
 
