@@ -27,8 +27,8 @@ Every server serves the same trained cc-fraud package (``examples/models/cc-frau
   (``metrics_endpoint: null``, no Prometheus middleware), gzip off (no client here asks
   for it), measured with ``parallel_workers`` 0, 1 (its default) and 2 (one per core, as
   Seldon's tuning guide suggests); the best of those per size is its "tuned" figure. A
-  further MLServer row has adaptive batching on (``max_batch_size`` = the connection
-  count, ``max_batch_time`` 2 ms, our micro-batcher's delay). mlflow 3.17.2 runs its
+  further MLServer row has adaptive batching on (``parallel_workers`` 1, ``max_batch_size``
+  = the connection count, ``max_batch_time`` 2 ms, our micro-batcher's delay). mlflow 3.17.2 runs its
   FastAPI app under uvicorn (uvloop and httptools installed), access log off
   (``UVICORN_ACCESS_LOG=false``), with 1 and 2 workers (``-w``); the best is "tuned".
   Ours is one process (``python -m mlc.serving serve``, uvicorn with uvloop/httptools, no
@@ -41,7 +41,8 @@ Every server serves the same trained cc-fraud package (``examples/models/cc-frau
 * **CPU per request** (user + system time of all the server's processes during a measured
   run, over its requests) is shown next to req/s: on a shared, busy machine the scheduler
   gives a server with more processes a bigger share of the cores, so req/s there measures
-  process count as much as efficiency; CPU per request does not depend on that share.
+  process count as much as efficiency; CPU per request does not depend on that share
+  (contention still inflates it for every server alike: compare ratios, not absolutes).
 * **Errors fail the run.** Any non-2xx answer, socket error or timeout in a measured or
   warm-up run stops the benchmark with the server, size and counts.
 
