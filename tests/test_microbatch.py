@@ -139,3 +139,56 @@ def test_validator_shape_cache_still_reports_bad_records() -> None:
     assert [p["problem"] for p in problems] == ["expected number, got boolean"]
     assert [p["field"] for p in validator.problems([{"x": 1.0, "y": 1}])] == ["y"]
     assert [p["field"] for p in validator.problems([{"note": "a"}])] == ["x"]
+
+
+def test_validator_column_check_of_batches_finds_what_the_record_check_finds() -> None:
+    """Batches big enough for the by-column check: every kind of bad record is still reported
+    (with its index), and well-formed ones, optional fields null or absent, still pass."""
+    schema = [
+        InputField(name="x", type="number"),
+        InputField(name="n", type="integer"),
+        InputField(name="note", type="string", required=False),
+    ]
+    good = [{"x": float(i), "n": i, "note": "a" if i % 2 else None} for i in range(40)]
+    assert RecordValidator(schema).problems(good) == []
+    mixed_numbers = [{**r, "x": i} for i, r in enumerate(good)]  # ints are numbers too
+    assert RecordValidator(schema).problems(mixed_numbers) == []
+    without_note = [{"x": 1.0, "n": 1}] * 20 + good
+    assert RecordValidator(schema).problems(without_note) == []
+
+    def first_problem(records: list[Any]) -> tuple[int, str | None, str]:
+        problems = RecordValidator(schema).problems(records)
+        assert len(problems) == 1, problems
+        return problems[0]["record"], problems[0]["field"], problems[0]["problem"]
+
+    def with_record(index: int, record: Any) -> list[Any]:
+        return [*good[:index], record, *good[index + 1 :]]
+
+    assert first_problem(with_record(7, {"x": True, "n": 1, "note": None})) == (
+        7,
+        "x",
+        "expected number, got boolean",
+    )
+    assert first_problem(with_record(30, {"x": 1.0, "n": 1.0, "note": None})) == (
+        30,
+        "n",
+        "expected integer, got number",
+    )
+    assert first_problem(with_record(3, {"x": None, "n": 1, "note": None})) == (
+        3,
+        "x",
+        "expected number, got null",
+    )
+    # Same number of fields as the schema, but one unknown in place of a known one.
+    assert first_problem(with_record(12, {"x": 1.0, "n": 1, "other": "a"})) == (
+        12,
+        "other",
+        "unknown field (not in the input schema)",
+    )
+    assert first_problem(with_record(5, {"x": 1.0, "n": 1, "note": None, "other": 2})) == (
+        5,
+        "other",
+        "unknown field (not in the input schema)",
+    )
+    assert first_problem(with_record(20, {"x": 1.0, "note": None})) == (20, "n", "required field is missing")
+    assert first_problem(with_record(39, ["x", 1.0])) == (39, None, "expected an object, got array")

@@ -224,3 +224,42 @@ async def test_concurrent_requests_are_micro_batched_and_isolated(tmp_path: Path
     assert responses[21].json() == [{"double": 200}, {"double": 400}]
     calls = [int(n) for n in (package / "calls.txt").read_text().split()]
     assert max(calls) > 1, f"concurrent requests share score_batch calls: {calls}"
+
+
+async def test_score_route_keeps_http_semantics_off_starlettes_router(client: httpx.AsyncClient) -> None:
+    """POST /score bypasses Starlette's router; other methods and paths still get its answers."""
+    record = {
+        "amount": 12.5,
+        "hour": 14,
+        "merchant_risk": 0.05,
+        "distance_from_home": 2.0,
+        "foreign": False,
+        "card_present": True,
+        "velocity_24h": 1,
+    }
+    scored = await client.post("/score", json=record)
+    assert scored.status_code == 200 and scored.headers["content-type"] == "application/json"
+    assert set(scored.json()) == {"probability", "is_fraud"}
+    wrong_method = await client.get("/score")
+    assert wrong_method.status_code == 405 and "POST" in wrong_method.headers["allow"]
+    assert (await client.post("/score/")).status_code in (307, 404)  # never scored
+    assert (await client.post("/scores", json=record)).status_code == 404
+
+
+async def test_an_exception_escaping_the_score_handler_still_answers_500(cc_fraud: Path) -> None:
+    """The fast /score lane has no ServerErrorMiddleware: it must answer 500 itself, then re-raise."""
+    app = create_app(cc_fraud)
+
+    async def broken(request: object) -> None:
+        raise RuntimeError("handler bug")
+
+    app.service.score = broken  # type: ignore[method-assign,assignment]
+    transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+    async with httpx.AsyncClient(transport=transport, base_url="http://model") as c:
+        answer = await c.post("/score", json={})
+    assert answer.status_code == 500
+    assert answer.json() == {"error": "Internal Server Error"}
+    strict = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=strict, base_url="http://model") as c:
+        with pytest.raises(RuntimeError, match="handler bug"):
+            await c.post("/score", json={})

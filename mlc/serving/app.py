@@ -22,6 +22,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
+from starlette.types import Receive, Scope, Send
 
 from mlc.serving.capture import CAPTURE_HEADER, REQUEST_ID_HEADER, AnswerCapture, capture_path
 from mlc.serving.limits import (
@@ -249,6 +250,33 @@ def _describe(value: Any) -> str:
     return type(value).__name__
 
 
+class ScoringApp:
+    """The ASGI app of one model: ``POST /score`` straight to its handler, the rest via Starlette.
+
+    Scoring is the one hot path, so it skips Starlette's middleware and route matching
+    (measured at about a fifth of a small request's CPU); everything else, and every
+    other method or path (404, 405), is Starlette's. An exception escaping the handler
+    gets a 500 when nothing was sent yet, then propagates to the server, as Starlette's
+    ``ServerErrorMiddleware`` does.
+    """
+
+    def __init__(self, service: _ScoringService, routes: list[Route]) -> None:
+        self.service = service
+        self.starlette = Starlette(routes=routes)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Serve one ASGI connection scope."""
+        if scope["type"] != "http" or scope["path"] != "/score" or scope["method"] != "POST":
+            await self.starlette(scope, receive, send)
+            return
+        try:
+            response = await self.service.score(Request(scope, receive))
+        except Exception:
+            await _error(500, "Internal Server Error")(scope, receive, send)
+            raise
+        await response(scope, receive, send)
+
+
 def create_app(
     package_dir: Path,
     *,
@@ -256,7 +284,7 @@ def create_app(
     max_body_bytes: int | None = None,
     limits: ServingLimits | None = None,
     batching: BatchPolicy | None = None,
-) -> Starlette:
+) -> ScoringApp:
     """Load the package at ``package_dir`` (calling its ``init()`` once) and return the app.
 
     Loading happens here, not on startup, so a broken package fails before the server
@@ -289,4 +317,4 @@ def create_app(
         Route("/score", service.score, methods=["POST"]),
         Route("/metrics", service.metrics, methods=["POST"]),
     ]
-    return Starlette(routes=routes)
+    return ScoringApp(service, routes)

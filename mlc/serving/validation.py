@@ -1,12 +1,18 @@
 """Fast checks of scoring records against a manifest's ``input_schema``.
 
 Runs on every request, so the schema is compiled once into per-field type checks and a
-record costs a few dict and ``type()`` look-ups; no pydantic model per request.
+record costs a few dict and ``type()`` look-ups; no pydantic model per request. Batches
+are checked column by column first, in C-level loops (``map`` over the records with one
+field's ``itemgetter``, then the set of ``type()`` it yields): that shows a well-formed
+batch valid in about half the time of a record-by-record pass. Anything it cannot show
+valid (a missing optional field, a wrong type) goes record by record, which also says
+what is wrong and where.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from operator import itemgetter
 from typing import Any, TypedDict
 
 from mlc.errors import MLCError
@@ -19,6 +25,9 @@ _TYPES: dict[FieldType, tuple[type, ...]] = {
     "string": (str,),
     "boolean": (bool,),
 }
+_COLUMN_CHECK_RECORDS = 16
+"""Batches of at least this many records are checked by column first (below, the fixed
+cost of one pass per field outweighs what it saves)."""
 _MAX_SHAPES = 1024
 """Valid record shapes remembered per validator (optional fields multiply them; memory stays bounded)."""
 _JSON_NAMES: dict[type, str] = {
@@ -58,6 +67,25 @@ class RecordValidator:
         self._enabled = bool(schema)
         self._valid_shapes: set[tuple[Any, ...]] = set()
         """Key orders plus value types seen valid: a record's validity depends on nothing else."""
+        self._columns = [
+            (itemgetter(f.name), frozenset(self._types[f.name] + (() if f.required else (type(None),))))
+            for f in schema
+        ]
+        """Per field: how to read it from a record, and every ``type()`` a valid value may have."""
+
+    def _complete_and_valid(self, records: Sequence[Any]) -> bool:
+        """True when every record is an object holding exactly the schema's fields, each well typed.
+
+        False means "not shown valid this way" (a missing optional field, say), not "invalid".
+        """
+        if not set(map(type, records)) <= {dict}:
+            return False
+        if set(map(len, records)) != {len(self._columns)}:
+            return False  # with every field present (checked below), no record has unknown ones
+        try:
+            return all(set(map(type, map(field, records))) <= allowed for field, allowed in self._columns)
+        except KeyError:  # a field is missing from some record
+            return False
 
     def problems(
         self, records: Sequence[Any], *, first_index: int = 0, limit: int | None = None
@@ -70,6 +98,8 @@ class RecordValidator:
             limit: Stop after about this many problems: one record with a million unknown
                 fields would otherwise make a million problem entries.
         """
+        if self._enabled and len(records) >= _COLUMN_CHECK_RECORDS and self._complete_and_valid(records):
+            return []  # the common case for batches: whole columns checked in C loops
         shapes = self._valid_shapes
         if all(type(r) is dict and (*r, *map(type, r.values())) in shapes for r in records):
             return []  # the common case: records shaped like ones already checked

@@ -8,8 +8,9 @@ can never disagree on the feature order or transforms.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
+from itertools import chain
+from operator import itemgetter
 from pathlib import Path
 from typing import Any
 
@@ -33,21 +34,23 @@ _model: Any = None
 _threshold = 0.5
 
 
+_RAW = itemgetter(*FEATURES)
+"""A record's raw fields in feature order (booleans become 1.0/0.0 as floats)."""
+
+
 def features(records: Sequence[dict[str, Any]]) -> np.ndarray:
-    """Turn records into the model's feature matrix (log amounts, a night flag, 0/1 flags)."""
-    rows = [
-        (
-            math.log1p(r["amount"]),
-            1.0 if r["hour"] < 6 else 0.0,
-            r["merchant_risk"],
-            math.log1p(r["distance_from_home"]),
-            1.0 if r["foreign"] else 0.0,
-            1.0 if r["card_present"] else 0.0,
-            r["velocity_24h"],
-        )
-        for r in records
-    ]
-    return np.asarray(rows, dtype=np.float64).reshape(len(rows), 7)
+    """Turn records into the model's feature matrix (log amounts, a night flag, 0/1 flags).
+
+    The raw fields go into one float matrix in a C loop (``fromiter``), then the transforms
+    run per column in numpy: per record, only one ``itemgetter`` call runs in Python.
+    """
+    n = len(records)
+    matrix = np.fromiter(chain.from_iterable(map(_RAW, records)), dtype=np.float64, count=n * 7)
+    matrix = matrix.reshape(n, 7)
+    np.log1p(matrix[:, 0], out=matrix[:, 0])
+    np.less(matrix[:, 1], 6, out=matrix[:, 1])
+    np.log1p(matrix[:, 3], out=matrix[:, 3])
+    return matrix
 
 
 def init() -> None:
@@ -67,8 +70,9 @@ def score_batch(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Score many transactions with one ``predict_proba`` call."""
     if not records:
         return []
-    probabilities = _model.predict_proba(features(records))[:, 1].tolist()
-    return [{"probability": p, "is_fraud": int(p >= _threshold)} for p in probabilities]
+    probabilities = _model.predict_proba(features(records))[:, 1]
+    decisions = (probabilities >= _threshold).astype(np.int64).tolist()
+    return [{"probability": p, "is_fraud": d} for p, d in zip(probabilities.tolist(), decisions, strict=True)]
 
 
 def score_columns(columns: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
