@@ -51,7 +51,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -86,6 +86,18 @@ class Result:
     records_per_second: float
     p50_ms: float
     p99_ms: float
+    cpu_us: dict[str, float] = field(default_factory=dict)
+    """CPU microseconds per record, per part: in-process, this process; end to end, the
+    consumer, the model server, the broker and this process (the producer and reader)."""
+
+
+def cpu_seconds(pids: Sequence[int]) -> float:
+    """User plus system CPU seconds the processes have used so far (``/proc/PID/stat``)."""
+    total = 0
+    for pid in pids:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        total += int(fields[11]) + int(fields[12])
+    return total / os.sysconf("SC_CLK_TCK")
 
 
 def percentile(values: Sequence[float], q: float) -> float:
@@ -107,6 +119,7 @@ def in_process(
 ) -> Result:
     """The consumer's work per poll, without Kafka: parse, validate, score, serialise."""
     latencies: list[float] = []
+    cpu = time.process_time()
     started = time.perf_counter()
     for start in range(0, len(values), batch):
         t0 = time.perf_counter()
@@ -120,7 +133,13 @@ def in_process(
             raise RunFailedError(f"in-process: {len(messages)} outputs for {len(records)} records")
         latencies += [took] * len(records)
     seconds = time.perf_counter() - started
-    return Result(len(values) / seconds, percentile(latencies, 0.5) * 1e3, percentile(latencies, 0.99) * 1e3)
+    cpu_us = (time.process_time() - cpu) / len(values) * 1e6
+    return Result(
+        len(values) / seconds,
+        percentile(latencies, 0.5) * 1e3,
+        percentile(latencies, 0.99) * 1e3,
+        {"scoring": cpu_us},
+    )
 
 
 class Reader:
@@ -154,10 +173,20 @@ class Reader:
         self.consumer.close()
 
 
-def end_to_end(config: StreamConfig, values: list[bytes], run: int, *, rate: float | None = None) -> Result:
+def end_to_end(
+    config: StreamConfig,
+    values: list[bytes],
+    run: int,
+    parts: dict[str, int],
+    *,
+    rate: float | None = None,
+) -> Result:
     """Produce ``values`` (as fast as possible, or paced at ``rate`` records/s) and read
-    every output back; raise :class:`RunFailedError` on any error."""
+    every output back; raise :class:`RunFailedError` on any error. ``parts`` names the
+    processes whose CPU time is counted, besides this one."""
     reader = Reader(config, run)
+    cpu = {name: cpu_seconds([pid]) for name, pid in parts.items()}
+    own = time.process_time()
     prefix = f"{run}/".encode()
     sent = [0.0] * len(values)
     latencies: list[float] = []
@@ -169,7 +198,7 @@ def end_to_end(config: StreamConfig, values: list[bytes], run: int, *, rate: flo
             failures.append(str(error))
 
     def produce() -> None:
-        producer = Producer({**config.client, "acks": "all", "linger.ms": 1})
+        producer = Producer({**config.client, "acks": "all"})  # librdkafka's defaults otherwise
         for i, value in enumerate(values):
             key = prefix + str(i).encode()
             sent[i] = time.perf_counter()
@@ -228,7 +257,13 @@ def end_to_end(config: StreamConfig, values: list[bytes], run: int, *, rate: flo
             f"only {received} of {len(values)} outputs arrived within {DEADLINE_SECONDS:.0f} s"
         )
     return Result(
-        len(values) / (last - first), percentile(latencies, 0.5) * 1e3, percentile(latencies, 0.99) * 1e3
+        len(values) / (last - first),
+        percentile(latencies, 0.5) * 1e3,
+        percentile(latencies, 0.99) * 1e3,
+        {
+            **{name: (cpu_seconds([pid]) - cpu[name]) / len(values) * 1e6 for name, pid in parts.items()},
+            "bench producer + reader": (time.process_time() - own) / len(values) * 1e6,
+        },
     )
 
 
@@ -359,12 +394,16 @@ def main() -> None:
                 )
             wait_for(consumer_log, READY_LINE, children[-1])
             in_process(model.score_batch, validator, values[:5000], args.batch)  # warm-up
-            end_to_end(config, values[: min(5000, len(values))], run=0)  # warm-up, group join
+            assert broker._process is not None
+            parts = {"broker": broker._process.pid, "consumer": children[-1].pid}
+            if not args.model_in_consumer:
+                parts["model server"] = children[0].pid
+            end_to_end(config, values[: min(5000, len(values))], 0, parts)  # warm-up, group join
             for run in range(1, args.runs + 1):
                 load.append(os.getloadavg()[0])
                 local.append(in_process(model.score_batch, validator, values, args.batch))
-                flood.append(end_to_end(config, values, run=2 * run - 1))
-                paced.append(end_to_end(config, paced_values, run=2 * run, rate=args.rate))
+                flood.append(end_to_end(config, values, 2 * run - 1, parts))
+                paced.append(end_to_end(config, paced_values, 2 * run, parts, rate=args.rate))
                 print(
                     f"round {run}: in-process {local[-1].records_per_second:.0f}/s, flood "
                     f"{flood[-1].records_per_second:.0f}/s p99 {flood[-1].p99_ms:.1f} ms, paced p99 "
@@ -401,6 +440,13 @@ def main() -> None:
             f"{f'{name} ms per record ({args.rate:.0f}/s)':36} {'':>26} "
             f"{spread([pick(r) for r in paced], '.1f'):>26}"
         )
+    scoring = [r.cpu_us["consumer"] + r.cpu_us.get("model server", 0.0) for r in flood]
+    print(
+        f"{'CPU us/record: scoring (flood)':36} {spread([r.cpu_us['scoring'] for r in local], '.1f'):>26} "
+        f"{spread(scoring, '.1f'):>26}"
+    )
+    for part in flood[0].cpu_us:
+        print(f"{'  ' + part:36} {'':>26} {spread([r.cpu_us[part] for r in flood], '.1f'):>26}")
     print(f"consumer: {stats}")
 
 

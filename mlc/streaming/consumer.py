@@ -88,8 +88,14 @@ even when records are there, so it is part of every record's latency there; else
 only paces an idle consumer's fetches."""
 IDLE_POLL_SECONDS = 0.05
 """How long a poll that found nothing waits for the first record (it returns with it at once)."""
+TEST_FETCH_WAIT_MS = 100
+"""The test lane's fetch wait: stage tests do not need 10 ms, and an idle lane fetches less."""
 MAX_IN_FLIGHT = 4
 """Batches per lane whose outputs may await acknowledgement while the next is scored."""
+COMMIT_INTERVAL_SECONDS = 0.1
+"""Acknowledged offsets are committed at most this often (all at once): small batches at a
+modest rate would otherwise send the broker a commit each. A later commit only means more
+records scored again after a crash; a rebalance or stop commits at once."""
 STATS_INTERVAL_SECONDS = 10.0
 READY_TIMEOUT_SECONDS = 60.0
 """How long a consumer waits for its model server at start."""
@@ -188,6 +194,11 @@ class Lane:
     output_topic: str
     dead_letter_topic: str
     inflight: InFlight = field(default_factory=InFlight)
+    acknowledged: dict[Position, int] = field(default_factory=dict)
+    """The offsets safe to commit, per partition, since the lane's partitions were assigned."""
+    uncommitted: bool = False
+    """Something was acknowledged since the last commit."""
+    committed_at: float = 0.0
 
 
 class StreamScorer:
@@ -217,7 +228,7 @@ class StreamScorer:
                 **self.client,
                 "acks": "all",
                 "enable.idempotence": True,
-                "linger.ms": 2,
+                "linger.ms": 5,
                 # An output not acknowledged by then is reported failed, and its batch scored again.
                 "message.timeout.ms": int(DELIVERY_TIMEOUT_SECONDS * 1000),
                 "client.id": f"mlc-{config.deployment_id}",
@@ -225,7 +236,7 @@ class StreamScorer:
         )
         self.lanes: list[Lane] = []
         if not config.standby:
-            main = Consumer(self._consumer_config(config.group))
+            main = Consumer(self._consumer_config(config.group, FETCH_WAIT_MS))
             lane = Lane("input", main, config.output_topic, config.dead_letter_topic)
             main.subscribe(
                 [config.input_topic],
@@ -233,19 +244,19 @@ class StreamScorer:
                 on_revoke=lambda consumer, partitions: self._revoked(lane, partitions),
             )
             self.lanes.append(lane)
-        test = Consumer(self._consumer_config(f"mlc-test.{config.deployment_id}"))
+        test = Consumer(self._consumer_config(f"mlc-test.{config.deployment_id}", TEST_FETCH_WAIT_MS))
         test.assign([TopicPartition(config.test_input_topic, 0, OFFSET_STORED)])
         # Test records that fail go to the test output topic too, marked with HEADER_ERROR,
         # so a stage test can quote the reason next to the sample.
         self.lanes.append(Lane("test", test, config.test_output_topic, config.test_output_topic))
 
-    def _consumer_config(self, group: str) -> dict[str, Any]:
+    def _consumer_config(self, group: str, fetch_wait_ms: int) -> dict[str, Any]:
         return {
             **self.client,
             "group.id": group,
             "enable.auto.commit": False,
             "auto.offset.reset": "earliest",
-            "fetch.wait.max.ms": FETCH_WAIT_MS,
+            "fetch.wait.max.ms": fetch_wait_ms,
             "session.timeout.ms": self.config.session_timeout_ms,
             "heartbeat.interval.ms": self.config.heartbeat_interval_ms,
             "client.id": f"mlc-{self.config.deployment_id}",
@@ -259,6 +270,7 @@ class StreamScorer:
     def _revoked(self, lane: Lane, partitions: list[TopicPartition]) -> None:
         """Before partitions go: wait for every output in flight and commit what was acknowledged."""
         self._drain(lane)
+        lane.acknowledged.clear()  # their next owner commits them from now on
         log.info("revoked %s", ", ".join(f"{p.topic}[{p.partition}]" for p in partitions) or "nothing")
 
     def run(self, stop: threading.Event) -> StreamStats:
@@ -308,7 +320,7 @@ class StreamScorer:
         )  # fmt: skip
 
     def _handle(self, lane: Lane, messages: list[Message]) -> None:
-        records = [m for m in messages if self._usable(m)]
+        records = [m for m in messages if m.error() is None or self._usable(m)]
         if not records:
             return
         batch = Batch.of(records)
@@ -340,18 +352,30 @@ class StreamScorer:
         valid, records = self._decode_all(lane, messages, batch)
         if valid:
             outputs = self._score(records)
+            # The hot loop (once per record): no call that is not needed, one counter update.
+            produce, topic, ours, delivered = (
+                self.producer.produce,
+                lane.output_topic,
+                self._headers,
+                batch.delivered,
+            )
+            batch.outstanding += len(valid)
+            scored = 0
             for message, output in zip(valid, outputs, strict=True):
-                if isinstance(output, str):
+                if type(output) is str:
+                    batch.outstanding -= 1
                     self._dead_letter(lane, message, output, batch)
                     continue
-                self._produce(
-                    lane.output_topic,
-                    key=message.key(),
-                    value=output,
-                    headers=[*(message.headers() or []), *self._headers],
-                    batch=batch,
-                )
-                self.stats.scored += 1
+                theirs = message.headers()
+                headers = ours if theirs is None else [*theirs, *ours]
+                while True:
+                    try:
+                        produce(topic, output, message.key(), headers=headers, on_delivery=delivered)
+                        break
+                    except BufferError:  # the local queue is full: let deliveries drain
+                        self.producer.poll(0.05)
+                scored += 1
+            self.stats.scored += scored
         batch.sealed = True
         self.stats.batches += 1
 
@@ -472,7 +496,16 @@ class StreamScorer:
         """Commit what the lane's acknowledged batches hold; score failed ones again."""
         done = lane.inflight.settle()
         if done.commit:
-            self._commit(lane.consumer, done.commit, synchronous=synchronous)
+            lane.acknowledged.update(done.commit)
+            lane.uncommitted = True
+        now = time.monotonic()
+        # A synchronous commit repeats every offset, so none is left to an asynchronous
+        # commit that may still be on its way when the consumer closes or its partitions go.
+        if lane.acknowledged and (
+            synchronous or (lane.uncommitted and now - lane.committed_at >= COMMIT_INTERVAL_SECONDS)
+        ):
+            self._commit(lane.consumer, lane.acknowledged, synchronous=synchronous)
+            lane.uncommitted, lane.committed_at = False, now
         if done.failure is not None:
             self._retry(lane, f"{done.batches} {lane.name} batches failed: {done.failure}", done.rewind)
 
