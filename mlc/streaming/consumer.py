@@ -90,6 +90,9 @@ IDLE_POLL_SECONDS = 0.05
 """How long a poll that found nothing waits for the first record (it returns with it at once)."""
 TEST_FETCH_WAIT_MS = 100
 """The test lane's fetch wait: stage tests do not need 10 ms, and an idle lane fetches less."""
+REPORT_WAIT_SECONDS = 0.005
+"""How long an idle loop with outputs in flight waits for a delivery report (it returns with
+the first) before it polls for records again."""
 MAX_IN_FLIGHT = 4
 """Batches per lane whose outputs may await acknowledgement while the next is scored."""
 COMMIT_INTERVAL_SECONDS = 0.1
@@ -286,8 +289,9 @@ class StreamScorer:
                     if messages:
                         polled = True
                         self._handle(lane, messages)
-                # Nothing new but outputs in flight: wait a moment for their reports, not spin.
-                self.producer.poll(0.001 if busy and not polled else 0)
+                # Nothing new but outputs in flight: wait for their reports (poll returns
+                # with the first), not spin.
+                self.producer.poll(REPORT_WAIT_SECONDS if busy and not polled else 0)
                 for lane in self.lanes:
                     self._settle(lane)
                 if time.monotonic() >= next_stats:
