@@ -33,6 +33,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # httpx logs every request at INFO: one line per batch sent to the model server.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
     raw = os.environ.get(STREAM_CONFIG_ENV)
     if not raw:
         print(

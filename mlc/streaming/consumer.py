@@ -7,12 +7,19 @@ each output to the output topic with the input's key and headers naming model, v
 and deployment. A record that is not JSON, fails the schema or makes the model raise
 goes to the dead-letter topic with the reason, and the stream goes on.
 
-Delivery is at-least-once: offsets are committed synchronously only after the producer
-has every output and dead letter of the batch acknowledged (``acks=all``). A consumer
-killed between the two leaves the batch uncommitted, so whoever takes its partitions
-scores it again (duplicates, never loss). Because each batch is committed before the
-next poll, a rebalance, which only happens inside a poll, never finds scored but
-uncommitted records: a clean stop or a version switch neither loses nor repeats any.
+Delivery is at-least-once: a batch's offsets are committed only after the producer has
+every output and dead letter of it, and of every earlier batch, acknowledged
+(``acks=all``; see :mod:`mlc.streaming.inflight`). The next batch is polled and scored
+while earlier outputs are in flight, and commits are asynchronous (a lost commit only
+means records are scored again). A consumer killed before a commit leaves its batches
+uncommitted, so whoever takes its partitions scores them again (duplicates, never loss).
+A rebalance, which only happens inside a poll, first waits for every output in flight and
+commits synchronously (``on_revoke``), and so does a stop: a clean stop or a version
+switch neither loses nor repeats any record.
+
+Nothing waits for company: a poll returns as soon as one record is there, with whatever
+else has been fetched, so a lone record is scored at once and batches grow by themselves
+when records arrive faster than one batch takes.
 
 The consumer also scores its deployment's own test topics (assigned directly, no group)
 so stage tests never write to business topics; in ``standby`` it scores only those,
@@ -56,6 +63,7 @@ from confluent_kafka import (
 from mlc.manifest import load_manifest
 from mlc.serving.model_code import LoadedModel, load_model
 from mlc.serving.validation import RecordValidator
+from mlc.streaming.inflight import Batch, InFlight, Position
 from mlc.streaming.settings import StreamConfig, with_secret
 
 STREAM_CONFIG_ENV = "MLC_STREAM_CONFIG"
@@ -74,9 +82,23 @@ HEADER_SOURCE = "mlc-source"
 DELIVERY_TIMEOUT_SECONDS = 30.0
 """How long one batch's outputs may take to be acknowledged before the batch is retried."""
 RETRY_PAUSE_SECONDS = 1.0
-FETCH_WAIT_MS = 20
-POLL_WAIT_SECONDS = 0.05
-"""How long a poll waits to fill a batch: the most batching adds to a record's latency."""
+FETCH_WAIT_MS = 10
+"""The longest a fetch waits for records. Some brokers (Tansu) hold a fetch for all of it
+even when records are there, so it is part of every record's latency there; elsewhere it
+only paces an idle consumer's fetches."""
+IDLE_POLL_SECONDS = 0.05
+"""How long a poll that found nothing waits for the first record (it returns with it at once)."""
+TEST_FETCH_WAIT_MS = 100
+"""The test lane's fetch wait: stage tests do not need 10 ms, and an idle lane fetches less."""
+REPORT_WAIT_SECONDS = 0.005
+"""How long an idle loop with outputs in flight waits for a delivery report (it returns with
+the first) before it polls for records again."""
+MAX_IN_FLIGHT = 4
+"""Batches per lane whose outputs may await acknowledgement while the next is scored."""
+COMMIT_INTERVAL_SECONDS = 0.1
+"""Acknowledged offsets are committed at most this often (all at once): small batches at a
+modest rate would otherwise send the broker a commit each. A later commit only means more
+records scored again after a crash; a rebalance or stop commits at once."""
 STATS_INTERVAL_SECONDS = 10.0
 READY_TIMEOUT_SECONDS = 60.0
 """How long a consumer waits for its model server at start."""
@@ -174,7 +196,12 @@ class Lane:
     consumer: Consumer
     output_topic: str
     dead_letter_topic: str
-    pending: list[Message] = field(default_factory=list)
+    inflight: InFlight = field(default_factory=InFlight)
+    acknowledged: dict[Position, int] = field(default_factory=dict)
+    """The offsets safe to commit, per partition, since the lane's partitions were assigned."""
+    uncommitted: bool = False
+    """Something was acknowledged since the last commit."""
+    committed_at: float = 0.0
 
 
 class StreamScorer:
@@ -199,47 +226,54 @@ class StreamScorer:
             (HEADER_VERSION, str(config.version).encode()),
             (HEADER_DEPLOYMENT, config.deployment_id.encode()),
         ]
-        self._failures: list[str] = []
         self.producer = Producer(
             {
                 **self.client,
                 "acks": "all",
                 "enable.idempotence": True,
-                "linger.ms": 2,
+                "linger.ms": 5,
+                # An output not acknowledged by then is reported failed, and its batch scored again.
+                "message.timeout.ms": int(DELIVERY_TIMEOUT_SECONDS * 1000),
                 "client.id": f"mlc-{config.deployment_id}",
             }
         )
         self.lanes: list[Lane] = []
         if not config.standby:
-            main = Consumer(self._consumer_config(config.group))
-            main.subscribe([config.input_topic], on_assign=self._assigned, on_revoke=self._revoked)
-            self.lanes.append(Lane("input", main, config.output_topic, config.dead_letter_topic))
-        test = Consumer(self._consumer_config(f"mlc-test.{config.deployment_id}"))
+            main = Consumer(self._consumer_config(config.group, FETCH_WAIT_MS))
+            lane = Lane("input", main, config.output_topic, config.dead_letter_topic)
+            main.subscribe(
+                [config.input_topic],
+                on_assign=self._assigned,
+                on_revoke=lambda consumer, partitions: self._revoked(lane, partitions),
+            )
+            self.lanes.append(lane)
+        test = Consumer(self._consumer_config(f"mlc-test.{config.deployment_id}", TEST_FETCH_WAIT_MS))
         test.assign([TopicPartition(config.test_input_topic, 0, OFFSET_STORED)])
         # Test records that fail go to the test output topic too, marked with HEADER_ERROR,
         # so a stage test can quote the reason next to the sample.
         self.lanes.append(Lane("test", test, config.test_output_topic, config.test_output_topic))
 
-    def _consumer_config(self, group: str) -> dict[str, Any]:
+    def _consumer_config(self, group: str, fetch_wait_ms: int) -> dict[str, Any]:
         return {
             **self.client,
             "group.id": group,
             "enable.auto.commit": False,
             "auto.offset.reset": "earliest",
-            # Some brokers (Tansu) hold a fetch for its full wait even when records are
-            # there; 500 ms (librdkafka's default) would then be every record's latency.
-            "fetch.wait.max.ms": FETCH_WAIT_MS,
+            "fetch.wait.max.ms": fetch_wait_ms,
             "session.timeout.ms": self.config.session_timeout_ms,
             "heartbeat.interval.ms": self.config.heartbeat_interval_ms,
             "client.id": f"mlc-{self.config.deployment_id}",
+            "on_commit": self._committed,
         }
 
     @staticmethod
     def _assigned(consumer: Consumer, partitions: list[TopicPartition]) -> None:
         log.info("assigned %s", ", ".join(f"{p.topic}[{p.partition}]" for p in partitions) or "nothing")
 
-    @staticmethod
-    def _revoked(consumer: Consumer, partitions: list[TopicPartition]) -> None:
+    def _revoked(self, lane: Lane, partitions: list[TopicPartition]) -> None:
+        """Before partitions go: wait for every output in flight and commit what was acknowledged."""
+        self._drain(lane)
+        lane.acknowledged.clear()  # their next owner commits them from now on
         log.info("revoked %s", ", ".join(f"{p.topic}[{p.partition}]" for p in partitions) or "nothing")
 
     def run(self, stop: threading.Event) -> StreamStats:
@@ -247,21 +281,40 @@ class StreamScorer:
         next_stats = time.monotonic() + STATS_INTERVAL_SECONDS
         try:
             while not stop.is_set():
+                busy = any(lane.inflight for lane in self.lanes)
+                polled = False
                 for index, lane in enumerate(self.lanes):
-                    wait = POLL_WAIT_SECONDS if index == 0 else 0.0
-                    messages = lane.consumer.consume(self.config.max_poll_records, wait)
+                    # Only the first lane waits, and not while outputs await acknowledgement.
+                    messages = self._poll(lane, IDLE_POLL_SECONDS if index == 0 and not busy else 0.0)
                     if messages:
+                        polled = True
                         self._handle(lane, messages)
-                self.producer.poll(0)
+                # Nothing new but outputs in flight: wait for their reports (poll returns
+                # with the first), not spin.
+                self.producer.poll(REPORT_WAIT_SECONDS if busy and not polled else 0)
+                for lane in self.lanes:
+                    self._settle(lane)
                 if time.monotonic() >= next_stats:
                     self._log_stats()
                     next_stats = time.monotonic() + STATS_INTERVAL_SECONDS
         finally:
             for lane in self.lanes:
+                self._drain(lane)
                 lane.consumer.close()  # nothing is uncommitted here; leaves the group at once
             self.producer.flush(DELIVERY_TIMEOUT_SECONDS)
             self._log_stats()
         return self.stats
+
+    def _poll(self, lane: Lane, wait: float) -> list[Message]:
+        """What has been fetched (at most ``max_poll_records``); when nothing has, the first
+        record to arrive within ``wait`` and whatever came with it."""
+        limit = self.config.max_poll_records
+        messages = lane.consumer.consume(limit, 0)
+        if not messages and wait > 0:
+            messages = lane.consumer.consume(1, wait)
+            if messages and limit > 1:
+                messages += lane.consumer.consume(limit - 1, 0)
+        return messages
 
     def _log_stats(self) -> None:
         s = self.stats
@@ -271,18 +324,18 @@ class StreamScorer:
         )  # fmt: skip
 
     def _handle(self, lane: Lane, messages: list[Message]) -> None:
-        records = [m for m in messages if self._usable(m)]
+        records = [m for m in messages if m.error() is None or self._usable(m)]
         if not records:
             return
+        batch = Batch.of(records)
         try:
-            self.process(lane, records)
-        except DeliveryFailedError as exc:
-            self.stats.retried_batches += 1
-            log.warning("%s; scoring the batch again in %.0f s", exc, RETRY_PAUSE_SECONDS)
-            self._rewind(lane.consumer, records)
-            time.sleep(RETRY_PAUSE_SECONDS)
+            self.process(lane, records, batch)
+        except ScorerUnavailableError as exc:  # nothing of it was scored: score it again
+            self._retry(lane, f"{exc}; nothing of a {lane.name} batch was scored", batch.starts)
             return
-        self._commit(lane.consumer, records)
+        lane.inflight.add(batch)
+        if len(lane.inflight) > MAX_IN_FLIGHT:
+            self._await_oldest(lane)
 
     @staticmethod
     def _usable(message: Message) -> bool:
@@ -293,58 +346,82 @@ class StreamScorer:
             log.warning("consumer error on %s: %s", message.topic(), error)
         return False
 
-    def process(self, lane: Lane, messages: list[Message]) -> None:
-        """Score ``messages`` and produce every output and dead letter, acknowledged.
+    def process(self, lane: Lane, messages: list[Message], batch: Batch) -> None:
+        """Score ``messages`` and hand every output and dead letter to the producer, each
+        reporting its delivery to ``batch`` (sealed once all are handed over).
 
         Raises:
-            DeliveryFailedError: an output or dead letter was not acknowledged in time.
+            ScorerUnavailableError: the model server did not answer; nothing was scored.
         """
-        valid: list[tuple[Message, dict[str, Any]]] = []
-        for message in messages:
-            record, problem = self._decode(message)
-            if problem is not None:
-                self._dead_letter(lane, message, problem)
-            else:
-                assert record is not None
-                valid.append((message, record))
+        valid, records = self._decode_all(lane, messages, batch)
         if valid:
-            outputs = self._score([r for _, r in valid])
-            for (message, _), output in zip(valid, outputs, strict=True):
-                if isinstance(output, str):
-                    self._dead_letter(lane, message, output)
+            outputs = self._score(records)
+            # The hot loop (once per record): no call that is not needed, one counter update.
+            produce, topic, ours, delivered = (
+                self.producer.produce,
+                lane.output_topic,
+                self._headers,
+                batch.delivered,
+            )
+            batch.outstanding += len(valid)
+            scored = 0
+            for message, output in zip(valid, outputs, strict=True):
+                if type(output) is str:
+                    batch.outstanding -= 1
+                    self._dead_letter(lane, message, output, batch)
                     continue
-                self._produce(
-                    lane.output_topic,
-                    key=message.key(),
-                    value=output,
-                    headers=[*(message.headers() or []), *self._headers],
-                )
-                self.stats.scored += 1
+                theirs = message.headers()
+                headers = ours if theirs is None else [*theirs, *ours]
+                while True:
+                    try:
+                        produce(topic, output, message.key(), headers=headers, on_delivery=delivered)
+                        break
+                    except BufferError:  # the local queue is full: let deliveries drain
+                        self.producer.poll(0.05)
+                scored += 1
+            self.stats.scored += scored
+        batch.sealed = True
         self.stats.batches += 1
-        remaining = self.producer.flush(DELIVERY_TIMEOUT_SECONDS)
-        failures, self._failures = self._failures, []
-        if remaining or failures:
-            why = (
-                failures[0]
-                if failures
-                else f"{remaining} still unacknowledged after {DELIVERY_TIMEOUT_SECONDS:.0f} s"
-            )
-            raise DeliveryFailedError(
-                f"{len(failures) or remaining} outputs of a {lane.name} batch failed: {why}"
-            )
 
-    def _decode(self, message: Message) -> tuple[dict[str, Any] | None, str | None]:
-        """The record in ``message``, or why it cannot be scored."""
-        try:
-            record = orjson.loads(message.value() or b"")
-        except orjson.JSONDecodeError as exc:
-            return None, f"not valid JSON: {exc}"
+    def _decode_all(
+        self, lane: Lane, messages: list[Message], batch: Batch
+    ) -> tuple[list[Message], list[dict[str, Any]]]:
+        """The messages holding valid records, and their records; the rest dead-lettered.
+
+        Records shaped like ones already checked pass the schema as a whole (one
+        :meth:`RecordValidator.problems` call); only a batch with a problem is checked
+        record by record, to say which records and why."""
+        valid: list[Message] = []
+        records: list[dict[str, Any]] = []
+        for message in messages:
+            try:
+                records.append(orjson.loads(message.value() or b""))
+                valid.append(message)
+            except orjson.JSONDecodeError as exc:
+                self._dead_letter(lane, message, f"not valid JSON: {exc}", batch)
+        if not self.validator.problems(records, limit=1):
+            return valid, records
+        checked: tuple[list[Message], list[dict[str, Any]]] = ([], [])
+        for message, record in zip(valid, records, strict=True):
+            problem = self._problem(record)
+            if problem is None:
+                checked[0].append(message)
+                checked[1].append(record)
+            else:
+                self._dead_letter(lane, message, problem, batch)
+        return checked
+
+    def _problem(self, record: Any) -> str | None:
+        """Why ``record`` does not match the input schema, or None."""
         problems = self.validator.problems([record], limit=5)
-        if problems:
-            return None, "; ".join(
+        if not problems:
+            return None
+        return (
+            "; ".join(
                 f"field {p['field']!r}: {p['problem']}" if p["field"] else p["problem"] for p in problems
-            ) + f" (input schema of model {self.config.model})"
-        return record, None
+            )
+            + f" (input schema of model {self.config.model})"
+        )
 
     def _score(self, records: list[dict[str, Any]]) -> list[bytes | str]:
         """Serialized outputs, one per record, or a reason for each record that failed.
@@ -390,7 +467,7 @@ class StreamScorer:
         except TypeError as exc:
             return f"model {self.config.model} returned an output that is not JSON: {exc}"
 
-    def _dead_letter(self, lane: Lane, message: Message, reason: str) -> None:
+    def _dead_letter(self, lane: Lane, message: Message, reason: str, batch: Batch) -> None:
         source = f"{message.topic()}/{message.partition()}/{message.offset()}"
         self._produce(
             lane.dead_letter_topic,
@@ -402,56 +479,90 @@ class StreamScorer:
                 (HEADER_ERROR, reason[:_ERROR_LIMIT].encode()),
                 (HEADER_SOURCE, source.encode()),
             ],
+            batch=batch,
         )
         self.stats.dead_lettered += 1
 
-    def _produce(self, topic: str, *, key: str | bytes | None, value: bytes, headers: Headers) -> None:
+    def _produce(
+        self, topic: str, *, key: str | bytes | None, value: bytes, headers: Headers, batch: Batch
+    ) -> None:
+        batch.expect()
         while True:
             try:
                 self.producer.produce(
-                    topic, value=value, key=key, headers=headers, on_delivery=self._delivered
+                    topic, value=value, key=key, headers=headers, on_delivery=batch.delivered
                 )
                 return
             except BufferError:  # the local queue is full: let deliveries drain
                 self.producer.poll(0.05)
 
-    def _delivered(self, error: KafkaError | None, message: Message) -> None:
-        if error is not None:
-            self._failures.append(f"{message.topic()}: {error}")
+    def _settle(self, lane: Lane, *, synchronous: bool = False) -> None:
+        """Commit what the lane's acknowledged batches hold; score failed ones again."""
+        done = lane.inflight.settle()
+        if done.commit:
+            lane.acknowledged.update(done.commit)
+            lane.uncommitted = True
+        now = time.monotonic()
+        # A synchronous commit repeats every offset, so none is left to an asynchronous
+        # commit that may still be on its way when the consumer closes or its partitions go.
+        if lane.acknowledged and (
+            synchronous or (lane.uncommitted and now - lane.committed_at >= COMMIT_INTERVAL_SECONDS)
+        ):
+            self._commit(lane.consumer, lane.acknowledged, synchronous=synchronous)
+            lane.uncommitted, lane.committed_at = False, now
+        if done.failure is not None:
+            self._retry(lane, f"{done.batches} {lane.name} batches failed: {done.failure}", done.rewind)
 
-    def _commit(self, consumer: Consumer, messages: list[Message]) -> None:
-        """Commit past the batch, synchronously; a refused commit means redelivery, not loss."""
-        offsets: dict[tuple[str, int], int] = {}
-        for m in messages:
-            topic, partition, offset = _position(m)
-            offsets[(topic, partition)] = max(offsets.get((topic, partition), -1), offset + 1)
-        try:
-            consumer.commit(
-                offsets=[TopicPartition(t, p, o) for (t, p), o in offsets.items()], asynchronous=False
-            )
-        except KafkaException as exc:
-            self.stats.commit_failures += 1
-            log.warning("commit refused (%s): the batch will be scored again by the partition's owner", exc)
+    def _await_oldest(self, lane: Lane) -> None:
+        """Serve delivery reports until the lane's oldest batch is settled (or given up on)."""
+        oldest = lane.inflight.oldest()
+        deadline = time.monotonic() + DELIVERY_TIMEOUT_SECONDS
+        while oldest is not None and not oldest.settled:
+            if time.monotonic() > deadline:
+                oldest.fail(f"still unacknowledged after {DELIVERY_TIMEOUT_SECONDS:.0f} s")
+                break
+            self.producer.poll(0.01)
+        self._settle(lane)
 
-    @staticmethod
-    def _rewind(consumer: Consumer, messages: list[Message]) -> None:
-        """Seek each partition of an unacknowledged batch back to its first record."""
-        first: dict[tuple[str, int], int] = {}
-        for m in messages:
-            topic, partition, offset = _position(m)
-            first[(topic, partition)] = min(first.get((topic, partition), offset), offset)
-        for (topic, partition), offset in first.items():
+    def _drain(self, lane: Lane) -> None:
+        """Wait for every output of the lane in flight and commit synchronously (before its
+        partitions are revoked, or the consumer stops)."""
+        while lane.inflight:
+            self._await_oldest(lane)
+        self._settle(lane, synchronous=True)
+
+    def _retry(self, lane: Lane, why: str, rewind: dict[Position, int]) -> None:
+        self.stats.retried_batches += 1
+        log.warning("%s; scoring them again in %.0f s", why, RETRY_PAUSE_SECONDS)
+        for (topic, partition), offset in rewind.items():
             try:
-                consumer.seek(TopicPartition(topic, partition, offset))
+                lane.consumer.seek(TopicPartition(topic, partition, offset))
             except KafkaException as exc:  # revoked meanwhile: its new owner starts from the commit
                 log.warning("could not rewind %s[%d]: %s", topic, partition, exc)
+        time.sleep(RETRY_PAUSE_SECONDS)
 
+    def _commit(self, consumer: Consumer, offsets: dict[Position, int], *, synchronous: bool) -> None:
+        """Commit acknowledged offsets; a refused commit means redelivery, not loss."""
+        partitions = [TopicPartition(t, p, o) for (t, p), o in offsets.items()]
+        try:
+            if not synchronous:
+                consumer.commit(offsets=partitions, asynchronous=True)
+                return
+            refused = [p for p in consumer.commit(offsets=partitions, asynchronous=False) if p.error]
+        except KafkaException as exc:
+            self._commit_refused(exc)
+            return
+        if refused:
+            self._commit_refused(refused[0].error)
 
-def _position(message: Message) -> tuple[str, int, int]:
-    """Topic, partition and offset of a consumed record (always set when it has no error)."""
-    topic, partition, offset = message.topic(), message.partition(), message.offset()
-    assert topic is not None and partition is not None and offset is not None
-    return topic, partition, offset
+    def _committed(self, error: KafkaError | None, partitions: list[TopicPartition]) -> None:
+        """The outcome of an asynchronous commit (librdkafka calls this for those only)."""
+        if error is not None:
+            self._commit_refused(error)
+
+    def _commit_refused(self, error: object) -> None:
+        self.stats.commit_failures += 1
+        log.warning("commit refused (%s): the records will be scored again by the partition's owner", error)
 
 
 def serve(package_dir: Path, config: StreamConfig, *, score_socket: Path | None = None) -> StreamStats:

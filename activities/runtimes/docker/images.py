@@ -67,7 +67,8 @@ how it reaches the model server that scores for it)."""
 MLC_SOURCES = (
     "__init__.py", "domain.py", "errors.py", "kafka_settings.py", "manifest.py", "serving",
     "cgroups.py", "isolation.py", "processes.py",  # what serving's fork server imports
-    "streaming/__init__.py", "streaming/__main__.py", "streaming/consumer.py", "streaming/settings.py",
+    "streaming/__init__.py", "streaming/__main__.py", "streaming/consumer.py", "streaming/inflight.py",
+    "streaming/settings.py",
 )  # fmt: skip
 """The parts of the ``mlc`` package the model server and the streaming consumer import; the
 rest stays out of images. ``tests/test_image_sources.py`` checks it is exactly the import
