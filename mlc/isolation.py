@@ -639,32 +639,34 @@ def service_name(user: ModelUser) -> str:
     return f"mlc-{user.uid}"
 
 
-def naming(users: Sequence[ModelUser], folder: Path) -> Callable[[], None]:
+NAMING_SCRIPT = 'mount --bind "$1" /etc/passwd && mount --bind "$2" /etc/group && shift 2 && exec "$@"'
+"""Run by :func:`naming`'s prefix inside its new mount namespace (arguments, never text)."""
+
+
+def naming(users: Sequence[ModelUser], folder: Path) -> list[str]:
     """For a child still root whose program takes user names only (nginx's ``user``):
     write ``folder/names.passwd`` and ``folder/names.group`` (the host's, plus
-    :func:`service_name` for each of ``users``) and return what the child runs before
-    exec: a mount namespace of its own in which they cover ``/etc/passwd`` and
-    ``/etc/group``. Nothing of the host changes; the child's children (nginx's workers)
+    :func:`service_name` for each of ``users``) and return the command prefix that runs
+    the program in a mount namespace of its own in which they cover ``/etc/passwd`` and
+    ``/etc/group``. Nothing of the host changes; the program's children (nginx's workers)
     inherit the view.
+
+    A prefix of programs (util-linux's ``unshare``, ``mount``, ``sh``), not Python run
+    between fork and exec: the worker forks from threads, and a child of a threaded
+    process that runs Python before exec can deadlock on a lock another thread held at
+    the fork, holding every file lock it inherited (the gateway's, so no traffic change
+    of that runtime would ever run again). The pid stays the program's (each step execs).
     """
     lines = {
         "passwd": "{n}:x:{u}:{g}::/nonexistent:/usr/sbin/nologin\n",
         "group": "{n}:x:{g}:\n",
     }
-    files = {}
+    files = []
     for name, line in lines.items():
         host = Path("/etc", name).read_text()
         extra = "".join(line.format(n=service_name(u), u=u.uid, g=u.gid) for u in users)
         target = folder / f"names.{name}"
         write_file(target, host + ("" if host.endswith("\n") else "\n") + extra, mode=0o644)
-        files[f"/etc/{name}".encode()] = str(target).encode()
-    libc = ctypes.CDLL(None, use_errno=True)
-
-    def enter_names() -> None:
-        if libc.unshare(_CLONE_NEWNS) != 0 or libc.mount(b"none", b"/", None, _MS_REC | _MS_PRIVATE, None):
-            raise OSError(ctypes.get_errno(), "cannot make a mount namespace for the service's user names")
-        for path, source in files.items():
-            if libc.mount(source, path, None, _MS_BIND, None) != 0:
-                raise OSError(ctypes.get_errno(), f"cannot bind {source.decode()} on {path.decode()}")
-
-    return enter_names
+        files.append(str(target))
+    # unshare --mount makes every mount private to the new namespace (its default propagation)
+    return ["unshare", "--mount", "--propagation", "private", "sh", "-c", NAMING_SCRIPT, "naming", *files]

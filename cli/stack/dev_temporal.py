@@ -425,15 +425,14 @@ class TemporalProxy:
                 os.chown(sockets / name, 0, self._worker_gid(), follow_symlinks=False)
                 os.chmod(sockets / name, 0o660, follow_symlinks=False)
 
-    def _spawn(self, name: str, enter: Callable[[], None] | None, names: Callable[[], None]) -> None:
-        command = [nginx(), "-p", f"{self.folder}/", "-c", str(self.folder / f"{name}.conf"),
+    def _spawn(self, name: str, enter: Callable[[], None] | None, names: list[str]) -> None:
+        command = [*names, nginx(), "-p", f"{self.folder}/", "-c", str(self.folder / f"{name}.conf"),
                    "-e", str(self.folder / f"{name}.error.log"), "-g", "daemon off;"]  # fmt: skip
         death = processes.parent_death_signal(signal.SIGTERM)
 
         def preexec() -> None:
             if enter is not None:
                 enter()
-            names()
             if death is not None:
                 death()
 

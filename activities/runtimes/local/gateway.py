@@ -11,7 +11,6 @@ import os
 import signal
 import subprocess
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -53,10 +52,11 @@ class LocalGateway(Gateway):
         user = self._service_user()
         return None if user is None else f"{isolation.service_name(user)} {isolation.service_name(user)}"
 
-    def _names(self) -> Callable[[], None] | None:
-        """What nginx runs before exec so that it finds the gateway user by name."""
+    def _names(self) -> list[str]:
+        """The prefix nginx runs under so that it finds the gateway user by name (none
+        when it runs as the worker's user)."""
         user = self._service_user()
-        return None if user is None else isolation.naming([user], self.root)
+        return [] if user is None else isolation.naming([user], self.root)
 
     def _scratch(self) -> Path:
         """Request-body buffers and the tier socket: ``root/run``, or a folder of root's with a
@@ -172,8 +172,8 @@ class LocalGateway(Gateway):
     def _command(self, tier: Tier, *extra: str) -> list[str]:
         error_log = self.logs / ("error.log" if tier == "routes" else "edge.error.log")
         return [
-            str(nginx_binary()), "-p", f"{self.root}/", "-c", str(self.conf / MAIN_FILES[tier]),
-            "-e", str(error_log), *extra,
+            *self._names(), str(nginx_binary()), "-p", f"{self.root}/",
+            "-c", str(self.conf / MAIN_FILES[tier]), "-e", str(error_log), *extra,
         ]  # fmt: skip
 
     async def start(self, tier: Tier, heartbeat: Heartbeat) -> None:
@@ -186,7 +186,6 @@ class LocalGateway(Gateway):
                 self._command(tier),
                 log=log,
                 die_with_parent=self.settings.servers_die_with_worker,
-                setup=self._names(),
                 cwd=self.root,
             )
         _children[process.pid] = process
@@ -195,14 +194,8 @@ class LocalGateway(Gateway):
 
     async def test(self, tier: Tier) -> str | None:
         """``nginx -t`` of the tier's files as written."""
-        names = self._names()
         result = await asyncio.to_thread(
-            subprocess.run,
-            self._command(tier, "-t", "-q"),
-            capture_output=True,
-            text=True,
-            check=False,
-            preexec_fn=names,
+            subprocess.run, self._command(tier, "-t", "-q"), capture_output=True, text=True, check=False
         )
         return None if result.returncode == 0 else (result.stderr or result.stdout).strip()
 
