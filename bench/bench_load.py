@@ -62,10 +62,10 @@ changes hit one endpoint at once. Its fairness rules, on top of the ones above:
 * every decision of a gate at once: K defaults to 3N clients, so each lifecycle, bare and
   update-only bare run has its own and all 3N decisions of a gate go out together
   (``--approvers`` lower makes some wait for a free client, on both sides alike);
-* the status queries every ``ONLINE_POLL_SECONDS`` (50 ms, both sides; ``--poll``): 3N
-  clients querying every 5 ms saturate the workers' event loops. A sample is late by up to
-  one interval on both sides, which pulls the ratio toward 1 by at most that much: compare
-  p50s of hundreds of ms or more only;
+* status queried every ``POLL_SECONDS`` (5 ms) by all 3N clients, as in batch mode: at
+  N=20 a 50 ms interval (``--poll 0.05``) left the bare p50 where it was (1.4-1.7 s
+  against 1.4 s), so the queries are not what makes a bare update slow here, and a longer
+  interval would only add up to one interval to both sides (a ratio pulled toward 1);
 * reported per round (median, spread): the time until all N wait at the DEV gate (start
   call of the first -> the last "waits for approval at DEV" row; every deployment started
   and healthy), DEV approve -> SIT p50/p99 against bare approve -> next segment of the same
@@ -197,11 +197,8 @@ QUERY_TIMEOUTS: dict[str, int] = {}
 """Status queries the server gave up on (the worker too busy to answer in time), by what
 was waited for; the poll asks again, so the sample includes that time."""
 POLL_SECONDS = 0.005
-"""Between queries while waiting for a gate or the next stage (the same for both workflows);
-``--poll`` sets it (``--online``: ``ONLINE_POLL_SECONDS`` unless given)."""
-ONLINE_POLL_SECONDS = 0.05
-"""``--online`` sends every decision of a gate at once, so 3N clients poll: at 5 ms they
-saturate the workers' event loops with queries (N=20: a bare update took 1.3 s at p50)."""
+"""Between queries while waiting for a gate or the next stage (the same for both workflows;
+``--poll`` sets it)."""
 STEP_TIMEOUT_SECONDS = 600.0
 GOAL_PARKED = 10_000
 GOAL_RSS_MB = 200.0
@@ -773,7 +770,7 @@ async def run(args: argparse.Namespace) -> None:
     postgres = DevPostgres(work / "pg", work / "pg.log")
     bench: Bench | None = None
     global POLL_SECONDS
-    POLL_SECONDS = args.poll or (ONLINE_POLL_SECONDS if args.online else POLL_SECONDS)
+    POLL_SECONDS = args.poll or POLL_SECONDS
     models = args.models or args.runs
     args.approvers = args.approvers or (3 * args.runs if args.online else 8)
     rounds = 1 if args.park_only else args.rounds
@@ -1008,7 +1005,7 @@ def main() -> None:
         "--poll",
         type=float,
         default=0.0,
-        help="seconds between status queries, both sides (default 0.005, with --online 0.05)",
+        help="seconds between status queries, both sides (default 0.005)",
     )
     parser.add_argument(
         "--online",
