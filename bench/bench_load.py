@@ -47,6 +47,35 @@ Fairness rules:
 * nothing lost: every run must succeed, every decision be in the trail exactly once, and
   every bare run finish with its activities; anything else fails the bench (exit status 1).
 
+``--online``: the same, except that DEV deploys online to a real local runtime with its
+nginx gateway (``bench-dev``: shared hosting, the default of a local runtime below PROD,
+served by the measured ``mlc worker`` on its own queue, as the default local runtimes are,
+and as ``tests/test_stable_endpoints.py::test_twenty_versions_promoted_at_once`` sets it
+up); SIT and UAT stay batch on the stand-in runtime. Approving DEV promotes: the model's
+stable endpoint moves to the new version (one traffic change, applied by nginx) and older
+versions there are retired, then the run enters SIT. With ``--models 1`` all N versions'
+changes hit one endpoint at once. Its fairness rules, on top of the ones above:
+
+* same work: the warm-up is an ``--online`` run, so the bare runs have its activities
+  (the deploy, the traffic change, the retirements as no-ops: the bare side is what
+  Temporal alone costs, the lifecycle's extra is the real runtime's work and ours);
+* every decision of a gate at once: K defaults to 3N clients, so each lifecycle, bare and
+  update-only bare run has its own and all 3N decisions of a gate go out together
+  (``--approvers`` lower makes some wait for a free client, on both sides alike);
+* status queried every ``POLL_SECONDS`` (5 ms) by all 3N clients, as in batch mode: at
+  N=20 a 50 ms interval (``--poll 0.05``) left the bare p50 where it was (1.4-1.7 s
+  against 1.4 s), so the queries are not what makes a bare update slow here, and a longer
+  interval would only add up to one interval to both sides (a ratio pulled toward 1);
+* reported per round (median, spread): the time until all N wait at the DEV gate (start
+  call of the first -> the last "waits for approval at DEV" row; every deployment started
+  and healthy), DEV approve -> SIT p50/p99 against bare approve -> next segment of the same
+  gate, and the time until all N passed DEV (first DEV decision sent -> the last run shown
+  in SIT): the stage where, with ``--models 1``, they share the endpoint;
+* nothing lost, besides the above: every run's DEV traffic change is in the trail exactly
+  once, and each model's stable endpoint answers ``/health`` with the version its traffic
+  table says is live; a run that fails (a route change that timed out) fails the bench;
+* the runtime's model host, servers and both nginx tiers are stopped when the bench ends.
+
 It also prints start-to-waiting (start call -> the run's "waits for approval at DEV"
 notification row) and the worker's RSS with the N runs parked at gates. ``--park-only``
 parks N runs and measures RSS only; ``--rss-caches`` then restarts the worker with each
@@ -55,6 +84,8 @@ again: the memory of N parked runs when the cache is full.
 
     .venv/bin/python bench/bench_load.py                       # N=200, K=8, 3 rounds, N models
     .venv/bin/python bench/bench_load.py --models 1            # N versions of one model
+    .venv/bin/python bench/bench_load.py --online --runs 20 --models 1  # 20 versions, one endpoint
+    .venv/bin/python bench/bench_load.py --online --runs 20             # 20 models behind one gateway
     .venv/bin/python bench/bench_load.py --runs 10000 --park-only            # RSS with 10,000 parked
     .venv/bin/python bench/bench_load.py --runs 2000 --park-only --rss-caches 1000,250,100
 """
@@ -79,6 +110,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import asyncpg
+import httpx
 from temporalio import activity
 from temporalio.api.enums.v1 import TaskQueueType
 from temporalio.api.taskqueue.v1 import TaskQueue
@@ -92,6 +124,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from activities.boundary import calling_run  # noqa: E402
+from activities.runtimes.base import CleanupRequest  # noqa: E402
+from activities.runtimes.registry import driver_for, remove_gateway  # noqa: E402
 from bench.bare_workflow import (  # noqa: E402
     BareLifecycle,
     BarePhase,
@@ -121,6 +155,7 @@ from mlc.contracts.runtime import (  # noqa: E402
 from mlc.domain import (  # noqa: E402
     ApprovalGate,
     Decision,
+    GatewaySettings,
     LifecycleSpec,
     LifecycleState,
     Mode,
@@ -129,8 +164,9 @@ from mlc.domain import (  # noqa: E402
     StageSpec,
 )
 from mlc.lifecycle_client import read_status, send_decision, sign_decision, start_lifecycle  # noqa: E402
-from mlc.store import connect, trail  # noqa: E402
+from mlc.store import connect, runtimes, traffic, trail  # noqa: E402
 from mlc.store.db import enable_worker_login  # noqa: E402
+from mlc.traffic import pick_gateway_port  # noqa: E402
 from mlc.trust import evidence, grants  # noqa: E402
 from mlc.trust.keys import create_key, public_text  # noqa: E402
 from mlc.trust.signer import Signer  # noqa: E402
@@ -144,6 +180,14 @@ SPEC = LifecycleSpec(
         StageSpec(name="UAT", mode=Mode.BATCH, tests=()),
     )
 )
+ONLINE_SPEC = LifecycleSpec(
+    stages=(
+        StageSpec(name="DEV", mode=Mode.ONLINE, tests=(), gate=ApprovalGate()),
+        *SPEC.stages[1:],
+    )
+)
+"""``--online``: DEV deploys online to a local runtime with a gateway (its stable endpoint
+moves on approval), SIT and UAT as in batch mode."""
 MAIN_QUEUE = "bench-load"
 RUNTIME_QUEUE = "bench-load-runtimes"
 BARE_QUEUE = "bench-load-bare"
@@ -153,7 +197,8 @@ QUERY_TIMEOUTS: dict[str, int] = {}
 """Status queries the server gave up on (the worker too busy to answer in time), by what
 was waited for; the poll asks again, so the sample includes that time."""
 POLL_SECONDS = 0.005
-"""Between queries while waiting for a gate or the next stage (the same for both workflows)."""
+"""Between queries while waiting for a gate or the next stage (the same for both workflows;
+``--poll`` sets it)."""
 STEP_TIMEOUT_SECONDS = 600.0
 GOAL_PARKED = 10_000
 GOAL_RSS_MB = 200.0
@@ -216,6 +261,7 @@ class Bench:
     approvers: list[Signer]
     refs: list[ModelRef]
     """Snapshots not yet used by a run, taken in order."""
+    spec: LifecycleSpec = SPEC
     worker: subprocess.Popen[bytes] | None = None
     bare_workers: list[subprocess.Popen[bytes]] = field(default_factory=list)
 
@@ -292,8 +338,12 @@ class Bench:
         raise RuntimeError("no VmRSS")
 
 
-async def setup(work: Path, address: str, dsn: str, snapshots: int, approvers: int, models: int) -> Bench:
-    """Trust root, people, runtimes and the snapshots, of ``models`` models (untimed)."""
+async def setup(
+    work: Path, address: str, dsn: str, snapshots: int, approvers: int, models: int, *, online: bool
+) -> Bench:
+    """Trust root, people, runtimes and the snapshots, of ``models`` models (untimed).
+    ``online``: DEV is a local runtime with a gateway on the measured worker's own queue
+    (as the default local runtimes are), shared hosting (the default below PROD)."""
     settings = replace(
         Settings.from_env(home=work / "home"),
         database_url=dsn,
@@ -317,6 +367,11 @@ async def setup(work: Path, address: str, dsn: str, snapshots: int, approvers: i
         runtime = Runtime(
             name=f"bench-{stage.lower()}", stage=stage, modes=(Mode.BATCH,), task_queue=RUNTIME_QUEUE
         )
+        if online and stage == STAGES[0]:
+            gateway = GatewaySettings(port=pick_gateway_port())
+            runtime = Runtime(
+                name="bench-dev", stage=stage, modes=(Mode.ONLINE,), gateway=gateway, task_queue=MAIN_QUEUE
+            )
         await admin.add_runtime(pool, settings, root, runtime)
     store, registrar = ArtifactStore(settings.artifact_dir), Signer("bench-registrar", registrar_key)
     refs: list[ModelRef] = []
@@ -337,7 +392,8 @@ async def setup(work: Path, address: str, dsn: str, snapshots: int, approvers: i
         f"in {time.perf_counter() - started:.1f} s",
         flush=True,
     )
-    return Bench(work, settings, pool, await enable_worker_login(pool, dsn), people, refs)
+    spec = ONLINE_SPEC if online else SPEC
+    return Bench(work, settings, pool, await enable_worker_login(pool, dsn), people, refs, spec)
 
 
 # --- driving runs ----------------------------------------------------------------------
@@ -375,7 +431,10 @@ async def approve_lifecycle(
     )
 
     async def status() -> LifecycleStatus | None:
-        return await read_status(handle)
+        found = await read_status(handle)
+        if found is not None and found.state is LifecycleState.FAILED:
+            raise RuntimeError(f"{ref} failed in {found.stage}: {found.reason}")
+        return found
 
     await poll(
         status,
@@ -417,7 +476,7 @@ async def approve_bare(client: Client, workflow_id: str, segment: int, side: str
 
 
 async def start_all(
-    client: Client, refs: list[ModelRef]
+    client: Client, refs: list[ModelRef], spec: LifecycleSpec
 ) -> tuple[list[WorkflowHandle[Any, Any]], list[float]]:
     """Start every lifecycle as fast as the client allows; return handles and start times."""
     limit = asyncio.Semaphore(64)
@@ -426,7 +485,7 @@ async def start_all(
     async def one(index: int) -> WorkflowHandle[Any, Any]:
         async with limit:
             starts[index] = time.time()
-            return await start_lifecycle(client, refs[index], task_queue=MAIN_QUEUE, spec=SPEC)
+            return await start_lifecycle(client, refs[index], task_queue=MAIN_QUEUE, spec=spec)
 
     handles = await asyncio.gather(*(one(i) for i in range(len(refs))))
     return list(handles), starts
@@ -474,7 +533,7 @@ async def wait_parked(
 async def warm_up(bench: Bench, client: Client) -> tuple[str, ...]:
     """One lifecycle through every gate, alone (not counted): its history sizes the bare runs."""
     ref = bench.take(1)[0]
-    handle = await start_lifecycle(client, ref, task_queue=MAIN_QUEUE, spec=SPEC)
+    handle = await start_lifecycle(client, ref, task_queue=MAIN_QUEUE, spec=bench.spec)
     for stage, following in zip(STAGES, STAGES[1:], strict=False):
         await approve_lifecycle(bench, client, bench.approvers[0], ref, stage, following)
     await handle.result()
@@ -502,6 +561,18 @@ class Round:
     """Per decision, the workflow task that accepted it, from history."""
     bare_tasks: list[GateTask] = field(default_factory=list)
     update_tasks: list[GateTask] = field(default_factory=list)
+    by_gate: dict[tuple[str, int], list[float]] = field(default_factory=dict)
+    """(side, gate) -> that gate's approve -> next stage samples (side ``ours``, ``bare``, ``update``)."""
+    parked_in: float = 0.0
+    """From the first start call until all N lifecycles waited at the DEV gate."""
+    first_stage_passed: float = 0.0
+    """From the first DEV decision sent until the last lifecycle showed SIT: all N passed
+    the stage where (with ``--online``) their versions share the stable endpoint."""
+
+    def add(self, side: str, gate: int, seconds: float) -> None:
+        """One approve -> next stage sample."""
+        getattr(self, side).append(seconds)
+        self.by_gate.setdefault((side, gate), []).append(seconds)
 
     @property
     def ratio(self) -> float:
@@ -535,19 +606,25 @@ async def gate_round(
         if index < len(update):
             jobs.put_nowait(("update", index))
 
+    sent: list[float] = []
+    passed: list[float] = []
+
     async def approver(client: Client, person: Signer) -> None:
         while not jobs.empty():
             kind, index = jobs.get_nowait()
             if kind == "ours":
-                sample.ours.append(
-                    await approve_lifecycle(bench, client, person, refs[index], stage, following)
-                )
+                seconds = await approve_lifecycle(bench, client, person, refs[index], stage, following)
+                passed.append(time.perf_counter())
+                sent.append(passed[-1] - seconds)
+                sample.add(kind, gate, seconds)
             elif kind == "bare":
-                sample.bare.append(await approve_bare(client, bare[index].id, gate))
+                sample.add(kind, gate, await approve_bare(client, bare[index].id, gate))
             else:
-                sample.update.append(await approve_bare(client, update[index].id, gate, "update only"))
+                sample.add(kind, gate, await approve_bare(client, update[index].id, gate, "update only"))
 
     await asyncio.gather(*(approver(c, p) for c, p in zip(clients, bench.approvers, strict=True)))
+    if gate == 0 and passed:
+        sample.first_stage_passed = max(passed) - min(sent)
 
 
 async def check_nothing_lost(
@@ -589,6 +666,31 @@ async def check_nothing_lost(
     if wrong:
         raise RuntimeError(f"{len(wrong)} of {len(bare)} bare runs failed or did other work: {wrong[:3]}")
     return len(decisions)
+
+
+async def check_traffic(bench: Bench, refs: list[ModelRef]) -> int:
+    """``--online``: every run's DEV traffic change is in the trail exactly once, with its
+    own run, and each model's stable endpoint answers with the version its table says is
+    live; raises otherwise. Returns the changes counted."""
+    ids = {names.workflow_id_for(r.model, r.version) for r in refs}
+    per_run: dict[str | None, int] = {}
+    for entry in await trail.read_entries(bench.pool, kinds=(trail.TRAFFIC,)):
+        if entry.workflow_id in ids:
+            per_run[entry.workflow_id] = per_run.get(entry.workflow_id, 0) + 1
+    if any(per_run.get(i) != 1 for i in ids):
+        raise RuntimeError(
+            f"a traffic change is missing or recorded twice: {len(per_run)} of {len(ids)} runs"
+        )
+    async with httpx.AsyncClient() as http:
+        for model in sorted({r.model for r in refs}):
+            table = await traffic.read_one(bench.pool, "bench-dev", model)
+            if table is None or len(table.routes) != 1:
+                raise RuntimeError(f"{model}: no single live version at the DEV endpoint: {table}")
+            answer = await http.get(f"{table.endpoint}/health", timeout=30)
+            version = answer.json().get("version") if answer.status_code == 200 else None
+            if version is None or int(version) != table.routes[0].version:
+                raise RuntimeError(f"{model}: the endpoint answered {answer.status_code} {answer.text[:200]}")
+    return sum(per_run.values())
 
 
 async def all_gate_tasks(handles: list[WorkflowHandle[Any, Any]]) -> list[GateTask]:
@@ -667,14 +769,19 @@ async def run(args: argparse.Namespace) -> None:
         temporal = processes.spawn(temporal_args, log=log)
     postgres = DevPostgres(work / "pg", work / "pg.log")
     bench: Bench | None = None
+    global POLL_SECONDS
+    POLL_SECONDS = args.poll or POLL_SECONDS
     models = args.models or args.runs
+    args.approvers = args.approvers or (3 * args.runs if args.online else 8)
     rounds = 1 if args.park_only else args.rounds
     try:
         while not port_open("127.0.0.1", port):
             await asyncio.sleep(0.1)
         dsn = postgres.start()
         address = f"127.0.0.1:{port}"
-        bench = await setup(work, address, dsn, args.runs * rounds + 1, args.approvers, models)
+        bench = await setup(
+            work, address, dsn, args.runs * rounds + 1, args.approvers, models, online=args.online
+        )
         clients = [
             await Client.connect(
                 address, data_converter=pydantic_data_converter, identity=f"bench-client-{i}"
@@ -695,12 +802,13 @@ async def run(args: argparse.Namespace) -> None:
             print(f"a lifecycle run (and each bare run): {describe(segments)}", flush=True)
             samples: list[Round] = []
             to_gate: list[float] = []
-            rss_parked, parked_in, decisions = 0.0, 0.0, 0
+            rss_parked, parked_in, decisions, changes = 0.0, 0.0, 0, 0
             for index in range(rounds):
                 refs = bench.take(args.runs)
                 began = time.perf_counter()
-                handles, starts = await start_all(starter, refs)
+                handles, starts = await start_all(starter, refs, bench.spec)
                 parked = await wait_parked(bench, handles, starts)
+                sample = Round(parked_in=time.perf_counter() - began)
                 if index == 0:
                     to_gate, parked_in = parked, time.perf_counter() - began
                     await asyncio.sleep(2)
@@ -722,10 +830,11 @@ async def run(args: argparse.Namespace) -> None:
                     return
                 bare = await start_bare(starter, args.runs, segments, BARE_QUEUE)
                 update = await start_bare(starter, args.runs, update_only(segments), UPDATE_QUEUE)
-                sample = Round()
                 for gate in range(len(STAGES) - 1):
                     await gate_round(bench, clients, refs, bare, update, gate, sample)
                 decisions += await check_nothing_lost(bench, handles, bare + update, segments)
+                if args.online:
+                    changes += await check_traffic(bench, refs)
                 sample.ours_tasks = await all_gate_tasks(handles)
                 sample.bare_tasks = await all_gate_tasks(bare)
                 sample.update_tasks = await all_gate_tasks(update)
@@ -737,16 +846,36 @@ async def run(args: argparse.Namespace) -> None:
                     f"load {load_average()}",
                     flush=True,
                 )
+                if args.online:
+                    print(
+                        f"  all {args.runs} at the DEV gate after {sample.parked_in:.1f} s; DEV approve->SIT "
+                        f"p50 {1000 * statistics.median(sample.by_gate['ours', 0]):.1f} ms vs bare "
+                        f"{1000 * statistics.median(sample.by_gate['bare', 0]):.1f} ms; all {args.runs} "
+                        f"past DEV {sample.first_stage_passed:.1f} s after the first DEV decision",
+                        flush=True,
+                    )
             report(args, models, segments, to_gate, samples, rss_parked, parked_in, decisions)
+            if args.online:
+                report_online(args, samples, changes)
     finally:
         if bench is not None:
             bench.stop_worker()
             bench.stop_bare_workers()
+            await remove_runtimes(bench)
             await bench.pool.close()
         processes.stop(temporal.pid, child=temporal)
         postgres.stop()
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
+
+
+async def remove_runtimes(bench: Bench) -> None:
+    """Stop what the measured worker's runtimes still run: model hosts and servers, and
+    the gateway's nginx (which outlives a runtime's cleanup)."""
+    for runtime in await runtimes.read_runtimes(bench.pool):
+        if runtime.task_queue == MAIN_QUEUE:
+            await driver_for(runtime, bench.settings).cleanup(CleanupRequest(runtime=runtime))
+            await remove_gateway(bench.settings, runtime)
 
 
 def report_park(
@@ -820,11 +949,69 @@ def report(
     )
 
 
+def spread(label: str, values: list[float], unit: str = " s", scale: float = 1.0, digits: int = 1) -> str:
+    """Median and min-max of per-round values."""
+    shown = [f"{scale * v:.{digits}f}" for v in values]
+    middle = f"{scale * statistics.median(values):.{digits}f}"
+    return (
+        f"  {label}: {', '.join(shown)}{unit}; median {middle}{unit}, "
+        f"spread {min(shown, key=float)}-{max(shown, key=float)}{unit}"
+    )
+
+
+def report_online(args: argparse.Namespace, samples: list[Round], changes: int) -> None:
+    """``--online``: the shared stage's numbers, per round and pooled."""
+    print(
+        "  --online: DEV online on a local runtime (shared hosting) behind its nginx gateway; status "
+        f"queried every {1000 * POLL_SECONDS:.0f} ms (a sample is late by up to that, both sides); per round:"
+    )
+    print(
+        spread(
+            f"all {args.runs} at the DEV gate (first start -> last waiting)", [s.parked_in for s in samples]
+        )
+    )
+    print(
+        spread(
+            f"all {args.runs} past DEV (first DEV decision sent -> last run in SIT)",
+            [s.first_stage_passed for s in samples],
+        )
+    )
+    for side, label in (("ours", "ModelLifecycle"), ("bare", "bare"), ("update", "bare update only")):
+        for gate, stage in enumerate(STAGES[:-1]):
+            pooled = [x for s in samples for x in s.by_gate.get((side, gate), [])]
+            print(row(f"{stage} approve -> next, {label}", pooled))
+    p50s = [
+        statistics.median(s.by_gate["ours", 0]) / statistics.median(s.by_gate["bare", 0]) for s in samples
+    ]
+    print(spread("DEV gate p50 ratio ModelLifecycle / bare", p50s, unit="x", digits=2))
+    p99s = [percentile(s.by_gate["ours", 0], 99) for s in samples]
+    print(spread("DEV gate p99, ModelLifecycle", p99s, unit=" ms", scale=1000))
+    p99b = [percentile(s.by_gate["bare", 0], 99) for s in samples]
+    print(spread("DEV gate p99, bare", p99b, unit=" ms", scale=1000))
+    print(f"  traffic changes in the trail, one per run, each endpoint serving its table: {changes}")
+
+
 def main() -> None:
     """Parse arguments and run."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", type=int, default=200, help="lifecycles at once (N), and as many bare runs")
-    parser.add_argument("--approvers", type=int, default=8, help="concurrent approver clients (K)")
+    parser.add_argument(
+        "--approvers",
+        type=int,
+        default=0,
+        help="concurrent approver clients (K; default 8, with --online 3N: every decision of a gate at once)",
+    )
+    parser.add_argument(
+        "--poll",
+        type=float,
+        default=0.0,
+        help="seconds between status queries, both sides (default 0.005)",
+    )
+    parser.add_argument(
+        "--online",
+        action="store_true",
+        help="DEV deploys online to a real local runtime with its nginx gateway (stable endpoints)",
+    )
     parser.add_argument("--rounds", type=int, default=3, help="rounds of N + N runs (median and spread)")
     parser.add_argument(
         "--models",
