@@ -52,6 +52,7 @@ async def run_batch(driver: RuntimeDriver, request: BatchJobRequest, heartbeat: 
         name = container_name(request.deployment_id, suffix="-batch")
         leftovers = await asyncio.to_thread(
             client.containers.list,
+            ignore_removed=True,
             all=True,
             filters={"label": [f"mlc.deployment-id={request.deployment_id}", "mlc.mode=batch"]},
         )

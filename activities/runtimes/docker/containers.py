@@ -254,7 +254,9 @@ def online_containers(client: Any, deployment_id: str, *, running: bool = False)
     first: those started for it (labelled with its id) and the spare it claimed (named for
     it, see :mod:`activities.runtimes.docker.spares`)."""
     found: list[Any] = client.containers.list(
-        all=not running, filters={"label": [f"mlc.deployment-id={deployment_id}", "mlc.mode=online"]}
+        ignore_removed=True,
+        all=not running,
+        filters={"label": [f"mlc.deployment-id={deployment_id}", "mlc.mode=online"]},
     )
     with contextlib.suppress(docker.errors.NotFound):
         named = client.containers.get(container_name(deployment_id))

@@ -330,6 +330,7 @@ class DockerDriver(GatewayRouted):
         async with connect(request.runtime, f"undeploy {request.deployment_id}") as client:
             found = await asyncio.to_thread(
                 client.containers.list,
+                ignore_removed=True,
                 all=True,
                 filters={"label": f"mlc.deployment-id={request.deployment_id}"},
             )
@@ -356,7 +357,10 @@ class DockerDriver(GatewayRouted):
         await spares.settled()  # a spare still starting would outlive this cleanup
         async with connect(runtime, "clean up leftover containers") as client:
             found = await asyncio.to_thread(
-                client.containers.list, all=True, filters={"label": f"mlc.runtime={runtime.name}"}
+                client.containers.list,
+                ignore_removed=True,
+                all=True,
+                filters={"label": f"mlc.runtime={runtime.name}"},
             )
             for container in found:
                 if container.labels.get("mlc.mode") == HOST_MODE:

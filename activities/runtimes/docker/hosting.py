@@ -228,7 +228,9 @@ def remove_hosted(host: Any, deployment_id: str) -> None:
 def host_containers(client: Any, runtime: Runtime) -> list[Any]:
     """The runtime's host containers, running ones first."""
     found = client.containers.list(
-        all=True, filters={"label": [f"mlc.runtime={runtime.name}", f"mlc.mode={HOST_MODE}"]}
+        ignore_removed=True,
+        all=True,
+        filters={"label": [f"mlc.runtime={runtime.name}", f"mlc.mode={HOST_MODE}"]},
     )
     return sorted(found, key=lambda c: c.status != "running")
 

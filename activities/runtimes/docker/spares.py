@@ -95,7 +95,9 @@ def shape(runtime: Runtime, snapshot: ModelSnapshot, image_id: str, stage: str) 
 def _spares(client: Any, runtime: Runtime) -> list[Any]:
     """The runtime's unclaimed spares, oldest first (claimed ones carry a deployment's name)."""
     found = client.containers.list(
-        all=True, filters={"label": [f"mlc.runtime={runtime.name}", f"mlc.mode={SPARE_MODE}"]}
+        ignore_removed=True,
+        all=True,
+        filters={"label": [f"mlc.runtime={runtime.name}", f"mlc.mode={SPARE_MODE}"]},
     )
     spares = [c for c in found if c.name.startswith(SPARE_PREFIX)]
     return sorted(spares, key=lambda c: str(c.attrs.get("Created", "")))

@@ -134,6 +134,7 @@ async def deploy_docker(
     async with connect(runtime, f"deploy {snapshot.ref} (streaming)") as client:
         found = await asyncio.to_thread(
             client.containers.list,
+            ignore_removed=True,
             all=True,
             filters={"label": [f"mlc.deployment-id={request.deployment_id}", f"mlc.mode={MODE}"]},
         )
@@ -245,6 +246,7 @@ async def _running_scorer(client: Any, request: StreamingDeployRequest) -> Any:
 
     found = await asyncio.to_thread(
         client.containers.list,
+        ignore_removed=True,
         all=True,
         filters={"label": [f"mlc.deployment-id={request.deployment_id}", f"mlc.mode={SCORER_MODE}"]},
     )
