@@ -10,6 +10,6 @@ cd "$(dirname "$0")/.."
 echo "==> ruff"
 .venv/bin/ruff check .
 echo "==> mypy"
-.venv/bin/mypy mlc workflows activities workers lifecycles cli
+.venv/bin/mypy mlc workflows activities workers lifecycles server cli
 echo "==> pytest"
 exec .venv/bin/pytest "$@"

@@ -14,7 +14,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 MAY_IMPORT = {
-    "cli": {"workers", "workflows", "activities", "lifecycles", "mlc"},
+    "cli": {"server", "workers", "workflows", "activities", "lifecycles", "mlc"},
+    "server": {"workers", "workflows", "activities", "lifecycles", "mlc"},
     "workers": {"workflows", "activities", "lifecycles", "mlc"},
     "workflows": {"lifecycles", "mlc"},
     "activities": {"mlc"},
