@@ -5,7 +5,7 @@
 # machine's load before and after. Run it on a quiet machine: nothing else should use the
 # cores (each bench interleaves its sides, but a busy neighbour still widens the spread).
 #
-#   ./bench/run-all.sh              # everything (~35 min on 2 cores)
+#   ./bench/run-all.sh              # everything (~40 min on 2 cores)
 #   ./bench/run-all.sh scoring load # only those (names below)
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -111,6 +111,11 @@ async def embedded(
             await ensure_search_attributes(temporal)
             with console.status("starting the API (mlc server)"):
                 ready = await stack.start_server(ready)
+            if api_port and ready.api_url != f"http://127.0.0.1:{api_port}":
+                console.print(
+                    f"[yellow]port {api_port} is taken by another program: the API listens on "
+                    f"{ready.api_url} instead (--api-port picks another)[/yellow]"
+                )
             try:
                 main = build_main_worker(temporal, ready, worker_pool)
                 async with (

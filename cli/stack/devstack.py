@@ -366,11 +366,7 @@ class DevStack:
         home = ready.home
         port = self.api_port
         if port and port_open("127.0.0.1", port):
-            self.notes.append(
-                f"port {port} is taken by another program: the API listens on a free port instead "
-                "(--api-port picks another)"
-            )
-            port = 0
+            port = 0  # taken by another program: any free one (the start banner says so)
         port_file = home / SERVER_PORT_FILE
         port_file.unlink(missing_ok=True)
         args = [sys.executable, "-m", "mlc", "server", "--host", "127.0.0.1", "--port", str(port)]

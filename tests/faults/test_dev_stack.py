@@ -6,8 +6,10 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import shutil
 import signal
+import socket
 import stat
 import subprocess
 import sys
@@ -16,11 +18,13 @@ from typing import IO, Any
 
 import httpx
 
+from cli.api_client import ApiClient
 from cli.stack import dev_temporal
 from cli.stack.dev_postgres import DevPostgres
 from cli.stack.devstack import DevStack, dev_running, port_open, read_state
 from mlc import isolation, processes
 from mlc.config import Settings
+from mlc.trust.keys import load_private_key
 from tests.conftest import FIXTURES, call_model
 from tests.faults.harness import (
     PROJECT,
@@ -43,6 +47,7 @@ class Dev:
         self.root = root
         self.home = root / "home"
         self.ports = [str(free_port()), str(free_port())]
+        self.api_port = free_port()
         self.env = {
             **environ_without_servers(),
             "MLC_HOME": str(self.home),
@@ -78,6 +83,8 @@ class Dev:
             temporal,
             "--ui-port",
             ui,
+            "--api-port",
+            str(self.api_port),
         ]
 
     def _ready(self, out: Path) -> bool:
@@ -190,6 +197,67 @@ async def test_dev_killed_restarted_and_stopped_needs_no_cleanup(tmp_path: Path)
         await wait_until(dev.nothing_left, what="nothing left", timeout=30)
 
 
+async def test_dev_serves_the_api_and_keeps_the_owner_dsn_to_its_server(tmp_path: Path) -> None:
+    """``mlc dev`` starts ``mlc server`` (on a free port when its own is taken) with the owner's
+    DSN in the server's environment only: ``dev.json`` and the start-up table hold the API's
+    URL, not the DSN or its password; the home's commands get the URL; signed reads answer;
+    the server stops with the stack."""
+    dev = Dev(tmp_path)
+    with socket.socket() as taken:  # another program on the API port: a free one instead
+        taken.bind(("127.0.0.1", dev.api_port))
+        taken.listen()
+        await dev.start()
+    try:
+        out = _output(dev)
+        state = read_state(dev.home)
+        api_url = state["api_url"]
+        assert api_url.startswith("http://127.0.0.1:") and api_url != f"http://127.0.0.1:{dev.api_port}"
+        assert f"port {dev.api_port} is taken by another program" in out, out
+        assert re.search(rf"API +│ {re.escape(api_url)} \(mlc server", out), out
+        password = (dev.home / "postgres.password").read_text().strip()
+        written = (dev.home / "dev.json").read_text()
+        assert "database_url" not in state and password not in written and "postgresql://" not in written
+        assert password not in out and "(server only; password in" in out, out
+
+        server = state["server"]["pid"]
+        environ = Path(f"/proc/{server}/environ").read_bytes().split(b"\0")
+        assert any(v.startswith(b"MLC_DATABASE_URL=postgresql://") for v in environ), "the server has the DSN"
+        assert not any(v.startswith(b"MLC_API_URL=") for v in environ)
+
+        # a command of the home is pointed at the API, not at the database
+        probe = "from cli.context import settings; s = settings(); print(s.api_url, s.database_url)"
+        seen = await _python(dev, probe)
+        assert seen.split() == [api_url, "None"], seen
+
+        async with httpx.AsyncClient() as http:
+            assert (await http.get(f"{api_url}/healthz")).json() == {"ok": True}
+            assert (await http.get(f"{api_url}/v1/me")).status_code == 401  # unsigned
+        async with ApiClient(api_url, load_private_key(Path(dev.env["MLC_SIGNING_KEY"]))) as api:
+            me = await api.get("/v1/me")
+            assert (me["name"], me["role"]) == ("tester", "admin")
+            assert await api.get("/v1/snapshots") == {"items": [], "next": None}
+
+        assert await dev.stop(signal.SIGINT) == 0
+        assert not processes.alive(server) and not port_open("127.0.0.1", int(api_url.rsplit(":", 1)[1]))
+        await wait_until(dev.nothing_left, what="SIGINT to stop everything", timeout=30)
+    finally:
+        if dev.process is not None and dev.process.returncode is None:
+            dev.process.kill()
+            await dev.process.wait()
+        await wait_until(dev.nothing_left, what="nothing left", timeout=30)
+
+
+async def _python(dev: Dev, code: str) -> str:
+    """Run ``code`` in a fresh Python with the home's environment, as an ``mlc`` command runs."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", code, env=dev.env, cwd=PROJECT,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    out, err = await asyncio.wait_for(proc.communicate(), timeout=60)
+    assert proc.returncode == 0, err.decode()
+    return out.decode()
+
+
 async def test_servers_a_previous_stack_left_are_reused_when_they_fit_and_stopped_otherwise(
     tmp_path: Path,
 ) -> None:
@@ -243,7 +311,7 @@ async def test_dev_restarts_after_kill_9_quietly_and_checks_nginx_for_its_gatewa
         first = _output(dev)
         password = (dev.home / "postgres.password").read_text().strip()
         assert password not in first, "the start-up table shows no password"
-        assert f"(password in {dev.home / 'postgres.password'})" in first, first
+        assert f"(server only; password in {dev.home / 'postgres.password'})" in first, first
         assert f"{dev.home / 'worker.log'} (tracebacks of failed activities)" in first, first
 
         assert dev.process is not None
