@@ -4,9 +4,9 @@ The script builds every image (the worker's with nginx and bubblewrap), brings e
 up healthy (both workers and ``mlc server`` included), bootstraps trust, checks that the API
 answers ``/healthz`` and a signed ``/v1/me`` (and refuses an unsigned one), runs ``mlc demo
 --yes`` in the worker container through DEV..PROD with the runtimes' gateways, verifies the
-audit trail and tears everything down. Here it runs on free loopback ports under a compose project of its own, so
-it does not meet a stack someone keeps on the defaults. About two minutes with warm build
-caches (the first build of the images takes a few more).
+audit trail and tears everything down. Here it runs on free loopback ports under a compose
+project of its own, so it does not meet a stack someone keeps on the defaults. About two
+minutes with warm build caches (the first build of the images takes a few more).
 """
 
 from __future__ import annotations
