@@ -4,18 +4,22 @@ lifecycle started, watched and (``--yes``) approved over signed HTTP requests to
 
 Statements are signed here with the user's key and forwarded by the server, as every CLI
 command does under ``MLC_API_URL``. Routes used (docs/design/control-plane.md §2):
-``GET /v1/me``; ``PUT /v1/artifacts/{sha256}`` and ``POST /v1/snapshots``; ``POST /v1/runs``;
-``GET /v1/runs/{model}/{version}/status``; ``GET .../decision-context`` and
-``POST .../decisions``; ``GET /v1/deployments``.
+``GET /v1/me``; ``PUT /v1/artifacts/{sha256}`` and ``POST /v1/snapshots`` (answer
+``{"snapshot", "new"}``); ``POST /v1/runs``; ``GET /v1/runs/{model}/{version}/status``
+(answer ``{"status": ...}``, null while starting); ``GET .../decision-context?stage=``
+(``status``, ``sha256``, ``workflow_id``, ``run_id``) and ``POST .../decisions``;
+``GET /v1/deployments?model=`` (rows with ``stable_endpoint``).
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import hashlib
 import time
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 from cli.api_client import ApiClient
 from cli.context import console, emit
@@ -35,24 +39,30 @@ FIRST_STATUS_SECONDS = 60.0
 
 
 async def register(api: ApiClient, me: Signer, package: Path) -> ModelRef:
-    """Upload the package's archive, then the signed ``snapshot.register`` statement."""
+    """Upload the package's archive by its digest, then the signed ``snapshot.register``."""
     manifest = load_manifest(package)
     archive = await asyncio.to_thread(build_archive, package)
-    sha = hashlib.sha256(archive).hexdigest()
-    upload = api.request(
-        "PUT", f"/v1/artifacts/{sha}", content=archive, headers={"content-type": "application/gzip"}
-    )
-    await api.send(upload)
+    digest = hashlib.sha256(archive).digest()
+    sha = digest.hex()
+    headers = {
+        "content-type": "application/gzip",
+        "content-digest": f"sha-256=:{base64.b64encode(digest).decode()}:",
+    }
+    await api.send(api.request("PUT", f"/v1/artifacts/{sha}", content=archive, headers=headers))
     statement = {"model": manifest.name, "sha256": sha}
     envelope = me.governance(SNAPSHOT_REGISTER, statement, subject=manifest.name)
-    snap = await api.post("/v1/snapshots", {"envelope": envelope.to_json()})
+    snap = (await api.post("/v1/snapshots", {"envelope": envelope.to_json()}))["snapshot"]
     console.print(f"registered {snap['model']}@{snap['version']} (sha256 {sha[:12]})")
     return ModelRef(model=snap["model"], version=int(snap["version"]))
 
 
+def _run_path(ref: ModelRef) -> str:
+    return f"/v1/runs/{quote(ref.model, safe='')}/{ref.version}"
+
+
 async def approve(api: ApiClient, me: Signer, ref: ModelRef, stage: str) -> None:
     """Sign an approval of ``stage`` on the evidence the server shows now, and send it."""
-    base = f"/v1/runs/{ref.model}/{ref.version}"
+    base = _run_path(ref)
     context = await api.get(f"{base}/decision-context", stage=stage)
     envelope = me.decision(
         LifecycleStatus.model_validate(context["status"]),
@@ -68,9 +78,9 @@ async def approve(api: ApiClient, me: Signer, ref: ModelRef, stage: str) -> None
 
 
 async def status(api: ApiClient, ref: ModelRef) -> LifecycleStatus | None:
-    """The run's recorded status; None until the worker has recorded one."""
+    """The run's status; None while it is starting."""
     try:
-        found = await api.get(f"/v1/runs/{ref.model}/{ref.version}/status")
+        found = (await api.get(f"{_run_path(ref)}/status"))["status"]
     except NotFoundError:
         return None
     return LifecycleStatus.model_validate(found) if found else None
@@ -82,7 +92,7 @@ async def walk(api: ApiClient, me: Signer, package: Path, *, yes: bool, ui: str 
     if ui:
         console.print(f"watch it in the Web UI: {ui}")
     started = await api.post("/v1/runs", {"model": ref.model, "version": ref.version})
-    console.print(f"started ModelLifecycle {started.get('workflow_id', ref)}")
+    console.print(f"started ModelLifecycle {started['workflow_id']}")
     announced: set[str] = set()
     since = time.monotonic()
     with console.status("lifecycle running") as spinner:
