@@ -17,8 +17,9 @@ What runs:
 * the reads: ``GET /v1/snapshots?limit=50`` and, when the server has it,
   ``GET /v1/audit/entries?limit=50`` alternate; the direct side runs the same store function
   the route runs (``read_snapshots(limit=51)``, ``read_entries(limit=51)``: one more row tells
-  the route whether there is a next page), rows parsed into the same pydantic models, from a
-  pool of the server's size in the generator process.
+  the route whether there is a next page), rows parsed into the same pydantic models (trail
+  entries turned into the JSON dicts the route lists), from a pool of the server's size in
+  the generator process.
 
 Fairness rules:
 
@@ -48,6 +49,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import hashlib
 import inspect
 import json
@@ -145,11 +147,15 @@ def start_server(work: Path, settings: Settings) -> tuple[subprocess.Popen[bytes
 # --- the generator (its own process) ----------------------------------------------------
 
 
+Job = Callable[[], Awaitable[None]]
+"""One request (or direct query), ready to run at its scheduled time."""
+
+
 class Failed(Exception):
     """A request failed: the run fails."""
 
 
-async def open_loop(jobs: list[Callable[[], Awaitable[None]]], rate: float) -> list[float]:
+async def open_loop(jobs: list[Job], rate: float) -> list[float]:
     """Run ``jobs[i]`` at ``start + i / rate``; each one's latency in seconds from that time."""
     start = time.perf_counter() + 0.05
     latencies: list[float] = [0.0] * len(jobs)
@@ -230,46 +236,53 @@ class Generator:
             )
         return response
 
-    def api_jobs(self, count: int) -> tuple[list[Callable[[], Awaitable[None]]], list[str]]:
+    def api_jobs(self, count: int) -> tuple[list[Job], list[str]]:
         """``count`` signed requests (fresh nonces), principals and reads in turn."""
-        jobs, names = [], []
+        jobs: list[Job] = []
+        names: list[str] = []
         for index in range(count):
             read = self.reads[index % len(self.reads)]
             request = self.http.build_request("GET", f"{self.url}{read}", params={"limit": PAGE})
             sign_request(request, self.keys[index % len(self.keys)])
 
-            async def send(request: httpx.Request = request) -> None:
+            async def send(request: httpx.Request) -> None:
                 await self._ok(self.http.send(request))
 
-            jobs.append(send)
+            jobs.append(functools.partial(send, request))
             names.append(read)
         return jobs, names
 
-    def direct_jobs(self, count: int) -> tuple[list[Callable[[], Awaitable[None]]], list[str]]:
+    def direct_jobs(self, count: int) -> tuple[list[Job], list[str]]:
         """The same reads as the store functions the routes call, on a pool of the server's size."""
+
+        async def entries() -> list[dict[str, Any]]:
+            rows = await trail.read_entries(self.pool, after=0, limit=PAGE + 1)  # type: ignore[call-arg,unused-ignore]
+            return [row.to_json() for row in rows]  # as the route lists them
+
         queries: dict[str, Callable[[], Awaitable[Any]]] = {
             "/v1/snapshots": lambda: snapshots.read_snapshots(self.pool, None, after=None, limit=PAGE + 1),
-            "/v1/audit/entries": lambda: trail.read_entries(self.pool, after=0, limit=PAGE + 1),  # type: ignore[call-arg]
+            "/v1/audit/entries": entries,
         }
-        jobs, names = [], []
+        jobs: list[Job] = []
+        names: list[str] = []
         for index in range(count):
             read = self.reads[index % len(self.reads)]
             query = queries[read]
 
-            async def run(query: Callable[[], Awaitable[Any]] = query) -> None:
+            async def run(query: Callable[[], Awaitable[Any]]) -> None:
                 try:
                     await query()
                 except Exception as exc:
                     raise Failed(f"direct query failed: {exc!r}") from exc
 
-            jobs.append(run)
+            jobs.append(functools.partial(run, query))
             names.append(read)
         return jobs, names
 
-    def page_jobs(self, count: int, *, api: bool) -> tuple[list[Callable[[], Awaitable[None]]], list[str]]:
+    def page_jobs(self, count: int, *, api: bool) -> tuple[list[Job], list[str]]:
         from server.web import inventory
 
-        jobs: list[Callable[[], Awaitable[None]]] = []
+        jobs: list[Job] = []
         for index in range(count):
             if api:
                 cookies = self.cookies[index % len(self.cookies)]
