@@ -43,7 +43,7 @@ __all__ = [
     "Entry",
     "entry_hash",
     "append",
-    "iter_entries",
+    "entry_pages",
     "lock",
     "read_entries",
 ]
@@ -171,15 +171,15 @@ async def read_entries(
     return [_entry(r) for r in rows]
 
 
-async def iter_entries(pool: asyncpg.Pool, *, batch: int = 500) -> AsyncIterator[Entry]:
-    """The whole trail in chain order, read ``batch`` entries at a time (exports stream it
-    without holding it; entries appended meanwhile come at the end, so what was read is
-    always a prefix of the chain)."""
+async def entry_pages(pool: asyncpg.Pool, *, batch: int = 500) -> AsyncIterator[list[Entry]]:
+    """The whole trail in chain order, ``batch`` entries at a time (exports stream it without
+    holding it; entries appended meanwhile come at the end, so what was read is always a
+    prefix of the chain)."""
     after = 0
     while True:
         page = await read_entries(pool, after=after, limit=batch)
-        for entry in page:
-            yield entry
+        if page:
+            yield page
         if len(page) < batch:
             return
         after = page[-1].seq
