@@ -310,6 +310,8 @@ def audit_verify(
     async def go() -> verification.Verification:
         cfg = settings()
         root = trust_root or cfg.trust_root
+        if root is None:
+            raise RefusedError("give the trust root to verify against: --trust-root KEY_ID or MLC_TRUST_ROOT")
         if bundle is not None:
             data = json.loads(bundle.read_text())
             entries = verification.entries_of(data)
@@ -323,8 +325,6 @@ def audit_verify(
             async with inventory(cfg) as pool:
                 entries = await trail.read_entries(pool)
             author = cfg.author_role
-        if root is None:
-            raise RefusedError("give the trust root to verify against: --trust-root KEY_ID or MLC_TRUST_ROOT")
         return verification.verify_entries(
             entries, trust_root=root, author_role=author, anchor=(int(seq), head) if anchor else None
         )
