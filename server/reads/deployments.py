@@ -72,9 +72,7 @@ async def endpoint_rows(
 ) -> list[dict[str, Any]]:
     """Stable endpoints by stage, model and runtime, with their gateway's state and their
     versions' shares."""
-    tables = await traffic.read_traffic(pool, model=model, stage=stage)
-    tables = [t for t in tables if after is None or (t.stage, t.model, t.runtime) > after]
-    tables = tables if limit is None else tables[:limit]
+    tables = await traffic.read_traffic(pool, model=model, stage=stage, after=after, limit=limit)
     gateways = await _gateways_state(pool, settings, tables)
     return [_endpoint_row(t, gateways) for t in tables]
 
