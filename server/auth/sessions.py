@@ -22,7 +22,7 @@ from starlette.responses import Response
 from mlc.store import web_sessions
 from server.context import ServerContext
 from server.errors import ApiError, unauthenticated
-from server.principal import Principal, Role
+from server.principal import Principal, Role, role_of
 
 COOKIE = "mlc_session"
 COOKIE_BYTES = 32
@@ -69,7 +69,11 @@ async def create_link(ctx: ServerContext, principal: Principal) -> tuple[str, da
         )
     token = secrets.token_urlsafe(COOKIE_BYTES)
     expires = await web_sessions.create_link(
-        ctx.pool, link_hash=_hash(token), principal=principal.name, role=int(principal.role), made_by=principal.method
+        ctx.pool,
+        link_hash=_hash(token),
+        principal=principal.name,
+        role=int(principal.role),
+        made_by=principal.method,
     )
     return ctx.config.public_url.rstrip("/") + LINK_PATH + token, expires
 
@@ -110,11 +114,15 @@ async def authenticate(request: Request, ctx: ServerContext) -> Principal:
         raise unauthenticated(
             "no-session", "the browser session expired or is unknown: run `mlc login --web` again"
         )
+    role = Role(found.role)
     if found.made_by == "signature":
-        # Made with a key: it ends when its owner has no active key left (revoked within 1 s).
-        who = (await ctx.governance()).principals.get(found.principal)
+        # Made with a key: it ends when its owner has no active key left (revoked within
+        # a second), and its role follows the owner's governance roles as they are now.
+        state = await ctx.governance()
+        who = state.principals.get(found.principal)
         if who is None or not who.active_keys():
             raise unauthenticated(
                 "revoked-key", f"{found.principal} has no active key any more: the session ended"
             )
-    return Principal(name=found.principal, role=Role(found.role), method="session")
+        role = min(role, role_of(state, found.principal))
+    return Principal(name=found.principal, role=role, method="session")

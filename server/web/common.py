@@ -88,7 +88,7 @@ def render(
     response = TEMPLATES.TemplateResponse(
         request,
         name,
-        {"principal": principal, "role": principal.role.name.lower() if principal else None, **context},
+        {"principal": principal, **context},
         status_code=status_code,
     )
     response.headers.update(SECURITY_HEADERS)

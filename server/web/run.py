@@ -13,6 +13,7 @@ from urllib.parse import quote
 
 from starlette.requests import Request
 from starlette.responses import Response
+from temporalio.client import WorkflowQueryFailedError, WorkflowQueryRejectedError
 from temporalio.service import RPCError
 
 from activities.admission import RunContext, approver_problem, check_decision
@@ -231,8 +232,8 @@ async def build(ctx: ServerContext, ref: ModelRef, principal: Principal) -> RunV
     try:
         handle = (await ctx.temporal()).get_workflow_handle(workflow_id, run_id=run_id)
         status = await recorded_status(ctx.pool, handle)
-    except RPCError as exc:
-        unavailable = f"the run's status could not be read from Temporal ({exc.message})"
+    except (RPCError, WorkflowQueryFailedError, WorkflowQueryRejectedError) as exc:
+        unavailable = f"the run's status could not be read from Temporal ({exc})"
     entries = await trail.read_entries(
         ctx.pool, kinds=(trail.DECISION,), workflow_id=workflow_id, run_id=run_id, limit=DECISIONS_SHOWN
     )
