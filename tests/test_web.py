@@ -107,7 +107,7 @@ async def test_decide_from_what_the_page_shows(
 
     assert isinstance(browser, Browser)
     await stack.add_principal(READER, "read-only")
-    await stack.add_local_runtimes(("DEV", "SIT"))
+    await stack.add_local_runtimes(("DEV", "SIT"), gateway=True)
     snap = await stack.register(example_package)
     ref = f"{snap.model}@{snap.version}"
     handle = await stack.start(snap, spec=GATE_THEN_SIT)
@@ -129,7 +129,7 @@ async def test_decide_from_what_the_page_shows(
     page = await (await browser.new_context()).new_page()
     await page.goto(await login_link(stack, APPROVER))
     row = page.locator(f"#snapshot-{snap.model}-{snap.version}")
-    await expect(row).to_contain_text("DEV · local-dev · online")
+    await expect(row).to_contain_text("DEV · local-dev · online")  # behind no endpoint before the gate
     await page.screenshot(path=str(tmp_path / "inventory.png"), full_page=True)
     await row.locator("a.run-link").click()
     await expect(page.locator("#run-state")).to_have_text("awaiting_approval")
@@ -141,6 +141,9 @@ async def test_decide_from_what_the_page_shows(
     assert words == ["mlc", "approve", ref, "--stage", "DEV", "--evidence", evidence]
     assert shlex.split(await page.text_content("#reject-command") or "")[1] == "reject"
     await page.screenshot(path=str(tmp_path / "run-at-gate.png"), full_page=True)
+    await page.goto(f"{api_server}/waiting")
+    await expect(page.locator("#waiting")).to_contain_text(f"{ref}")
+    await page.locator("#waiting a", has_text=ref).click()
     await page.evaluate("window.loadedOnce = true")  # gone if the page reloads instead of swapping
 
     # Evidence other than what the page showed: nothing is signed.
@@ -157,6 +160,7 @@ async def test_decide_from_what_the_page_shows(
     await expect(page.locator("#run-state")).to_have_text("succeeded", timeout=120_000)
     assert await page.evaluate("window.loadedOnce === true"), "htmx swaps the fragment; no reload"
     await expect(page.locator('.stages li[data-stage="SIT"]')).to_have_class("done")
+    assert await page.text_content("#run-stage") == "SIT"
     decision = page.locator("tr.decision")
     await expect(decision).to_contain_text(APPROVER)
     await expect(decision).to_contain_text("verified")
@@ -166,9 +170,15 @@ async def test_decide_from_what_the_page_shows(
     assert verified.returncode == 0 and "audit trail verified" in verified.stdout, verified.stdout
     await page.goto(f"{api_server}/audit")
     await expect(page.locator("#audit-status")).to_have_text("verified")
+    await page.goto(f"{api_server}/")
+    await expect(row).to_contain_text("SIT · local-sit · online · 100%")
+    endpoints = page.locator(f"#model-{snap.model} table.endpoints")
+    await expect(endpoints).to_contain_text("SIT")
+    await expect(endpoints).to_contain_text("v1 100%")
     await page.goto(f"{api_server}/history/{snap.model}")
     await expect(page.locator("#runs")).to_contain_text("succeeded")
-    waiting = await (await browser.new_context()).new_page()
-    await waiting.goto(await login_link(stack, APPROVER))
-    await waiting.goto(f"{api_server}/waiting")
-    await expect(waiting.locator("#none-waiting")).to_be_visible()
+    await expect(page.locator("#changes")).to_contain_text("v1 100%")
+    await page.goto(f"{api_server}/waiting")
+    await expect(page.locator("#none-waiting")).to_be_visible()
+    await reader.goto(f"{api_server}/waiting")
+    await expect(reader.locator("#why-none")).to_contain_text("read-only")
