@@ -5,19 +5,23 @@ approver, and watch htmx bring the run's new state into the open page."""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import re
 import shlex
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import httpx
 import pytest
+from playwright.async_api import Browser, async_playwright, expect
 
+from cli import admin
 from mlc.contracts.lifecycle import evidence_digest
 from mlc.domain import ApprovalGate, LifecycleSpec, StageSpec, TestKind
 from mlc.lifecycle_client import EVIDENCE_PREFIX, recorded_status
-from tests.conftest import APPROVER, Stack, missing
+from tests.conftest import ADMIN, APPROVER, Stack, missing
 from tests.lifecycle_helpers import wait_for_gate
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -41,12 +45,10 @@ READER = "reader"
 
 
 @pytest.fixture
-async def browser() -> AsyncIterator[object]:
+async def browser() -> AsyncIterator[Browser]:
     """Headless Debian chromium (scripts/system-deps.sh test installs it)."""
     if not CHROMIUM.exists():
         missing(f"{CHROMIUM} is not installed: scripts/system-deps.sh test (apt-get install chromium)")
-    from playwright.async_api import async_playwright
-
     async with async_playwright() as playwright:
         launched = await playwright.chromium.launch(
             executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS
@@ -73,11 +75,8 @@ def test_vendored_htmx_is_the_recorded_release() -> None:
 
 
 async def test_pages_need_a_session_and_a_link_works_once(
-    stack: Stack, api_server: str, browser: object
+    stack: Stack, api_server: str, browser: Browser
 ) -> None:
-    from playwright.async_api import Browser
-
-    assert isinstance(browser, Browser)
     async with httpx.AsyncClient() as http:
         bare = await http.get(f"{api_server}/waiting")
         assert bare.status_code == 303 and bare.headers["location"] == "/session"
@@ -97,15 +96,24 @@ async def test_pages_need_a_session_and_a_link_works_once(
     assert "used already" in (await again.text_content("#link-problem") or "")
     await again.goto(f"{api_server}/audit")
     assert again.url == f"{api_server}/session", "a used link must not have opened a session"
+
+    # A session made with a key ends when its owner's keys are revoked.
+    await page.goto(f"{api_server}/audit")
+    assert page.url == f"{api_server}/audit"
+    await admin.revoke_key(
+        stack.pool, stack.settings, stack.signers[ADMIN], APPROVER, stack.signers[APPROVER].key_id
+    )
+    deadline = time.monotonic() + 5  # the server re-reads governance at most once a second
+    while page.url != f"{api_server}/session" and time.monotonic() < deadline:
+        await asyncio.sleep(0.2)
+        await page.goto(f"{api_server}/audit")
+    assert page.url == f"{api_server}/session", "a revoked key's session still reads"
     await context.close()
 
 
 async def test_decide_from_what_the_page_shows(
-    stack: Stack, api_server: str, browser: object, example_package: Path, tmp_path: Path
+    stack: Stack, api_server: str, browser: Browser, example_package: Path, tmp_path: Path
 ) -> None:
-    from playwright.async_api import Browser, expect
-
-    assert isinstance(browser, Browser)
     await stack.add_principal(READER, "read-only")
     await stack.add_local_runtimes(("DEV", "SIT"), gateway=True)
     snap = await stack.register(example_package)

@@ -192,7 +192,7 @@ def _gate(
             why_not = approver_problem(
                 state.policy(pending.stage), who, run, state, gate_approvers=pending.approvers
             )
-    words = ("mlc", "{}", str(ref), "--stage", pending.stage, "--evidence", evidence)
+    arguments = (str(ref), "--stage", pending.stage, "--evidence", evidence)
     return Gate(
         stage=pending.stage,
         approvers=pending.approvers,
@@ -200,8 +200,8 @@ def _gate(
         approved_by=pending.approved_by,
         deadline=pending.deadline,
         evidence=evidence,
-        approve=None if why_not else command(*(w.format("approve") for w in words)),
-        reject=None if why_not else command(*(w.format("reject") for w in words)),
+        approve=None if why_not else command("mlc", "approve", *arguments),
+        reject=None if why_not else command("mlc", "reject", *arguments),
         why_not=why_not,
     )
 
