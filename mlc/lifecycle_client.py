@@ -129,7 +129,7 @@ async def sign_decision(
         raise ConflictError(f"{ref} is not waiting for a decision (it is {doing})")
     if gate.stage != stage:
         raise ConflictError(f"{ref} is waiting for a decision at {gate.stage}, not {stage}")
-    check_evidence_seen(status, ref, stage=stage, seen=evidence)
+    check_evidence_seen(status, stage=stage, seen=evidence)
     snapshot = await snapshots.read_snapshot(pool, ref.model, ref.version)
     run_id = handle.run_id or (await handle.describe()).run_id
     envelope = signer.decision(
@@ -148,7 +148,7 @@ EVIDENCE_PREFIX = "sha256:"
 """How the web page and ``--evidence`` write an evidence digest."""
 
 
-def check_evidence_seen(status: LifecycleStatus, ref: ModelRef, *, stage: str, seen: str | None) -> None:
+def check_evidence_seen(status: LifecycleStatus, *, stage: str, seen: str | None) -> None:
     """Refuse to sign when the run's evidence at ``stage`` is not the ``seen`` digest
     (``sha256:HEX``; None: nothing to compare, as before ``--evidence`` existed).
 
@@ -160,6 +160,7 @@ def check_evidence_seen(status: LifecycleStatus, ref: ModelRef, *, stage: str, s
     """
     if seen is None:
         return
+    ref = f"{status.model}@{status.version}"
     now = EVIDENCE_PREFIX + evidence_digest(status, stage)
     if seen.lower() != now:
         raise ConflictError(
