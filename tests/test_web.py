@@ -21,6 +21,7 @@ from cli import admin
 from mlc.contracts.lifecycle import evidence_digest
 from mlc.domain import ApprovalGate, LifecycleSpec, StageSpec, TestKind
 from mlc.lifecycle_client import EVIDENCE_PREFIX, recorded_status
+from server.auth.sessions import secure_cookie
 from tests.conftest import ADMIN, APPROVER, Stack, missing
 from tests.lifecycle_helpers import wait_for_gate
 
@@ -68,6 +69,22 @@ async def login_link(stack: Stack, user: str) -> str:
     return link
 
 
+@pytest.mark.parametrize(
+    ("public_url", "secure"),
+    [
+        ("http://127.0.0.1:8280", False),
+        ("http://localhost:8280", False),
+        ("http://[::1]:8280", False),
+        ("http://mlc.example:8280", True),
+        ("http://10.0.0.5:8280", True),
+        ("https://127.0.0.1:8280", True),
+        ("https://mlc.example", True),
+    ],
+)
+def test_the_cookie_is_secure_unless_plain_http_on_loopback(public_url: str, secure: bool) -> None:
+    assert secure_cookie(public_url) is secure
+
+
 def test_vendored_htmx_is_the_recorded_release() -> None:
     recorded = (STATIC / "README.md").read_text()
     digest = hashlib.sha256((STATIC / "htmx.min.js").read_bytes()).hexdigest()
@@ -82,6 +99,10 @@ async def test_pages_need_a_session_and_a_link_works_once(
         assert bare.status_code == 303 and bare.headers["location"] == "/session"
         forged = await http.get(f"{api_server}/", cookies={"mlc_session": "A" * 43})
         assert forged.status_code == 303
+        for path in ("/", "/runs/m/1", "/waiting", "/history/m", "/audit", "/session/x"):
+            assert (await http.post(f"{api_server}{path}")).status_code == 405, (
+                f"POST {path}: pages only read"
+            )
     link = await login_link(stack, APPROVER)
     context = await browser.new_context()
     page = await context.new_page()
@@ -186,6 +207,9 @@ async def test_decide_from_what_the_page_shows(
     await page.goto(f"{api_server}/history/{snap.model}")
     await expect(page.locator("#runs")).to_contain_text("succeeded")
     await expect(page.locator("#changes")).to_contain_text("v1 100%")
+    await page.goto(f"{api_server}/history/{snap.model}?stage=DEV")
+    await expect(page.locator("#changes")).to_contain_text("DEV")
+    await expect(page.locator("#changes")).not_to_contain_text("SIT")
     await page.goto(f"{api_server}/waiting")
     await expect(page.locator("#none-waiting")).to_be_visible()
     await reader.goto(f"{api_server}/waiting")

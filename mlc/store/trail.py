@@ -174,16 +174,20 @@ async def read_recent(
     before: int | None = None,
     kinds: tuple[str, ...] | None = None,
     model: str | None = None,
+    stage: str | None = None,
 ) -> list[Entry]:
-    """The newest ``limit`` entries before ``before`` (a ``seq``; None: the head), newest first."""
+    """The newest ``limit`` entries before ``before`` (a ``seq``; None: the head), newest
+    first (``stage``: only those whose body names that stage)."""
     rows = await conn.fetch(
         f"""SELECT {_COLUMNS} FROM audit_log
             WHERE ($1::bigint IS NULL OR seq < $1) AND ($2::text[] IS NULL OR kind = ANY($2))
               AND ($3::text IS NULL OR model = $3)
-            ORDER BY seq DESC LIMIT $4""",
+              AND ($4::text IS NULL OR body::jsonb ->> 'stage' = $4)
+            ORDER BY seq DESC LIMIT $5""",
         before,
         list(kinds) if kinds else None,
         model,
+        stage,
         limit,
     )
     return [_entry(r) for r in rows]

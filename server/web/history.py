@@ -53,13 +53,11 @@ class HistoryView(View):
 async def build(ctx: ServerContext, model: str, *, stage: str | None, before: int | None) -> HistoryView:
     """Up to :data:`PAGE_SIZE` traffic changes before ``before`` (a trail ``seq``)."""
     entries = await trail.read_recent(
-        ctx.pool, limit=PAGE_SIZE, before=before, kinds=(trail.TRAFFIC,), model=model
+        ctx.pool, limit=PAGE_SIZE, before=before, kinds=(trail.TRAFFIC,), model=model, stage=stage
     )
     changes = []
     for entry in entries:
         body = entry.data()
-        if stage is not None and body.get("stage") != stage:
-            continue
         changes.append(
             Change(
                 seq=entry.seq,
