@@ -109,6 +109,11 @@ async def test_pages_need_a_session_and_a_link_works_once(
     await page.goto(link)
     assert page.url == f"{api_server}/"
     assert await page.text_content("#who") == f"{APPROVER} (member)"
+    missing_run = await page.goto(f"{api_server}/runs/nope/1")
+    assert missing_run is not None and missing_run.status == 404
+    assert "nope@1 has no lifecycle run" in (await page.text_content("main") or "")
+    bad_cursor = await page.goto(f"{api_server}/audit?before=1;DROP")
+    assert bad_cursor is not None and bad_cursor.status == 400
     cookie = next(c for c in await context.cookies() if c["name"] == "mlc_session")
     assert cookie["httpOnly"] and cookie["sameSite"] == "Strict" and not cookie["secure"]  # loopback http
     again = await (await browser.new_context()).new_page()

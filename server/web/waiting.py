@@ -17,6 +17,7 @@ from starlette.responses import Response
 from activities.admission import approver_problem
 from activities.inventory import load_run
 from mlc.store import runs
+from mlc.trust.policy import allowed_by
 from server.context import ServerContext
 from server.principal import Principal
 from server.web.common import PAGE_SIZE, View, may_decide, page, render
@@ -62,8 +63,11 @@ async def build(ctx: ServerContext, principal: Principal) -> WaitingView:
     for row in rows:
         if row["stage"] is None:
             continue
-        run = await load_run(ctx.pool, row["workflow_id"], row["run_id"])
-        if approver_problem(state.policy(row["stage"]), who, run, state) is None:
+        policy = state.policy(row["stage"])
+        if not allowed_by(policy.approvers, who.name, who.roles):
+            continue  # not an approver there: no need to load the run
+        run = await load_run(ctx.pool, row["workflow_id"], row["run_id"])  # cached per process
+        if approver_problem(policy, who, run, state) is None:
             gates.append(
                 Waiting(
                     model=row["model"],
