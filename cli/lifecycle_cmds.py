@@ -51,6 +51,7 @@ EVIDENCE = Annotated[
         help="sha256:... of the evidence you looked at (the run's web page shows it): refuse to "
         "sign if the run now shows other evidence.",
         callback=_evidence_option,
+        metavar="sha256:HEX",
     ),
 ]
 PRINT = Annotated[
