@@ -46,6 +46,7 @@ __all__ = [
     "entry_pages",
     "lock",
     "read_entries",
+    "read_recent",
 ]
 """The trail's storage, and the entry format it stores (:mod:`mlc.trust.entries`, where its
 verification lives)."""
@@ -151,7 +152,7 @@ async def read_entries(
     limit: int | None = None,
 ) -> list[Entry]:
     """Entries in chain order, filtered (``stage``: the body's); ``after`` a ``seq`` and
-    ``limit`` read one page of them."""
+    ``limit`` read one page of them (None: all)."""
     rows = await conn.fetch(
         f"""SELECT {_COLUMNS} FROM audit_log
             WHERE seq > $1 AND ($2::text[] IS NULL OR kind = ANY($2))
@@ -165,6 +166,32 @@ async def read_entries(
         version,
         workflow_id,
         run_id,
+        stage,
+        limit,
+    )
+    return [_entry(r) for r in rows]
+
+
+async def read_recent(
+    conn: asyncpg.Connection | asyncpg.Pool,
+    *,
+    limit: int,
+    before: int | None = None,
+    kinds: tuple[str, ...] | None = None,
+    model: str | None = None,
+    stage: str | None = None,
+) -> list[Entry]:
+    """The newest ``limit`` entries before ``before`` (a ``seq``; None: the head), newest
+    first (``stage``: only those whose body names that stage)."""
+    rows = await conn.fetch(
+        f"""SELECT {_COLUMNS} FROM audit_log
+            WHERE ($1::bigint IS NULL OR seq < $1) AND ($2::text[] IS NULL OR kind = ANY($2))
+              AND ($3::text IS NULL OR model = $3)
+              AND ($4::text IS NULL OR body::jsonb ->> 'stage' = $4)
+            ORDER BY seq DESC LIMIT $5""",
+        before,
+        list(kinds) if kinds else None,
+        model,
         stage,
         limit,
     )

@@ -11,6 +11,19 @@ from server.routes import (
     runtimes,
     snapshots,
     users,
+    web_sessions,
 )
 
-MODULES = (me, snapshots, runtimes, users, policies, deployments, history, lifecycles, runs, audit)
+MODULES = (
+    me,
+    snapshots,
+    web_sessions,
+    runtimes,
+    users,
+    policies,
+    deployments,
+    history,
+    lifecycles,
+    runs,
+    audit,
+)
