@@ -5,17 +5,18 @@ from __future__ import annotations
 import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
+from urllib.parse import quote
 
 import typer
 from rich.markup import escape
 from rich.table import Table
 
-from cli.context import client, console, emit, inventory, run, settings, signer
+from cli.context import api, client, console, emit, inventory, rows, run, settings, signer
 from mlc.contracts.lifecycle import SignedDecision
 from mlc.domain import Decision, LifecycleDefinition, LifecycleSpec, ModelRef
-from mlc.store import runs
 
 if TYPE_CHECKING:
+    from mlc.config import Settings
     from mlc.contracts.lifecycle import LifecycleStatus
 
 # Temporal, the payload models and the upload checks load inside the commands that use
@@ -27,6 +28,33 @@ REF = Annotated[str, typer.Argument(help="MODEL@VERSION, e.g. cc-fraud@1.")]
 JSON = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
 STAGE = Annotated[str, typer.Option(help="The gate's stage (guards against deciding at the wrong one).")]
 COMMENT = Annotated[str, typer.Option(help="Why; kept in the audit trail.")]
+
+
+def _evidence_option(value: str | None) -> str | None:
+    """``--evidence`` must be ``sha256:`` and 64 hex digits, as the web page prints it."""
+    if value is None:
+        return None
+    digits = value.lower().removeprefix("sha256:")
+    if (
+        not value.lower().startswith("sha256:")
+        or len(digits) != 64
+        or any(c not in "0123456789abcdef" for c in digits)
+    ):
+        raise typer.BadParameter(
+            f"expected sha256: and 64 hex digits (as the run's web page shows it), not {value!r}"
+        )
+    return value.lower()
+
+
+EVIDENCE = Annotated[
+    str | None,
+    typer.Option(
+        help="sha256:... of the evidence you looked at (the run's web page shows it): refuse to "
+        "sign if the run now shows other evidence.",
+        callback=_evidence_option,
+        metavar="sha256:HEX",
+    ),
+]
 PRINT = Annotated[
     bool,
     typer.Option(
@@ -142,11 +170,10 @@ def list_lifecycles(as_json: JSON = False) -> None:
     from mlc.store import lifecycle_definitions
 
     async def go() -> None:
-        async with inventory(settings()) as pool:
-            found = await lifecycle_definitions.read_lifecycle_definitions(pool)
-        rows = [_summary(d) for d in found] if not as_json else found
+        listed = await rows(settings(), "/v1/lifecycles", lifecycle_definitions.read_lifecycle_definitions)
+        found = [LifecycleDefinition.model_validate(d) for d in listed]
         emit(
-            rows,
+            [_summary(d) for d in found] if not as_json else found,
             as_json=as_json,
             title="Uploaded lifecycles",
             columns=["name", "version", "sha256", "uploaded_by", "uploaded_at"],
@@ -168,10 +195,17 @@ def show(
     from mlc.store import lifecycle_definitions
 
     async def go() -> None:
-        async with inventory(settings()) as pool:
-            found = await lifecycle_definitions.read_lifecycle_definition(
-                pool, name, int(version) if version else None
-            )
+        cfg = settings()
+        remote = api(cfg)
+        if remote is not None:
+            async with remote:
+                answer = await remote.get(f"/v1/lifecycles/{quote(name, safe='')}", version=version or None)
+            found = LifecycleDefinition.model_validate(answer)
+        else:
+            async with inventory(cfg) as pool:
+                found = await lifecycle_definitions.read_lifecycle_definition(
+                    pool, name, int(version) if version else None
+                )
         if as_json:
             print(found.model_dump_json(indent=2))
             return
@@ -199,21 +233,14 @@ def status(
 
     async def go() -> None:
         cfg = settings()
-        async with inventory(cfg) as pool:
-            if ref is None:
-                rows = await runs.read_runs(pool)
-                emit(
-                    rows,
-                    as_json=as_json,
-                    title="Lifecycle runs",
-                    columns=["model", "version", "lifecycle", "state", "stage", "reason", "workflow_id"],
-                )
-                return
-            from mlc.lifecycle_client import find_handle, recorded_status
+        if ref is None:
+            from server.reads.runs import RUN_COLUMNS, run_rows
 
-            model_ref = ModelRef.parse(ref)
-            handle = await find_handle(await client(cfg), pool, model_ref)
-            current = await recorded_status(pool, handle)
+            found = await rows(cfg, "/v1/runs", run_rows)
+            emit(found, as_json=as_json, title="Lifecycle runs", columns=RUN_COLUMNS)
+            return
+        model_ref = ModelRef.parse(ref)
+        current = await _status(cfg, model_ref)
         if current is None:
             console.print(f"{model_ref}: starting")
         elif as_json:
@@ -222,6 +249,21 @@ def status(
             render_status(current)
 
     run(go())
+
+
+async def _status(cfg: Settings, ref: ModelRef) -> LifecycleStatus | None:
+    """``ref``'s newest run's status, from the server or from the inventory and Temporal."""
+    from mlc.contracts.lifecycle import LifecycleStatus
+
+    remote = api(cfg)
+    if remote is not None:
+        async with remote:
+            answer = await remote.get(f"/v1/runs/{quote(ref.model, safe='')}/{ref.version}/status")
+        return None if answer["status"] is None else LifecycleStatus.model_validate(answer["status"])
+    from server.reads.runs import run_status
+
+    async with inventory(cfg) as pool:
+        return await run_status(pool, await client(cfg), ref)
 
 
 def render_status(current: LifecycleStatus) -> None:
@@ -261,7 +303,9 @@ def render_status(current: LifecycleStatus) -> None:
         console.print(f"  [yellow]refused {what}:[/yellow] {escape(note.removeprefix(EVIDENCE_NOTE))}")
 
 
-def _decide(ref: str, stage: str, comment: str, *, decision: Decision, print_statement: bool) -> None:
+def _decide(
+    ref: str, stage: str, comment: str, *, decision: Decision, print_statement: bool, evidence: str | None
+) -> None:
     from mlc.contracts.lifecycle import SignalDecision
     from mlc.lifecycle_client import send_decision, sign_decision
 
@@ -272,7 +316,14 @@ def _decide(ref: str, stage: str, comment: str, *, decision: Decision, print_sta
         async with inventory(cfg) as pool:
             me = await signer(cfg, pool)
             handle, envelope = await sign_decision(
-                await client(cfg), pool, me, model_ref, stage=stage, decision=decision, comment=comment
+                await client(cfg),
+                pool,
+                me,
+                model_ref,
+                stage=stage,
+                decision=decision,
+                comment=comment,
+                evidence=evidence,
             )
         if print_statement:
             print(json.dumps(SignalDecision(envelope=envelope).model_dump(mode="json", by_alias=True)))
@@ -285,14 +336,22 @@ def _decide(ref: str, stage: str, comment: str, *, decision: Decision, print_sta
     run(go())
 
 
-def approve(ref: REF, stage: STAGE, comment: COMMENT = "", print_statement: PRINT = False) -> None:
+def approve(
+    ref: REF, stage: STAGE, comment: COMMENT = "", evidence: EVIDENCE = None, print_statement: PRINT = False
+) -> None:
     """Sign and send an approval for the gate a lifecycle is waiting at."""
-    _decide(ref, stage, comment, decision=Decision.APPROVED, print_statement=print_statement)
+    _decide(
+        ref, stage, comment, decision=Decision.APPROVED, print_statement=print_statement, evidence=evidence
+    )
 
 
-def reject(ref: REF, stage: STAGE, comment: COMMENT = "", print_statement: PRINT = False) -> None:
+def reject(
+    ref: REF, stage: STAGE, comment: COMMENT = "", evidence: EVIDENCE = None, print_statement: PRINT = False
+) -> None:
     """Sign and send a rejection: the lifecycle undeploys that stage and ends as failed."""
-    _decide(ref, stage, comment, decision=Decision.REJECTED, print_statement=print_statement)
+    _decide(
+        ref, stage, comment, decision=Decision.REJECTED, print_statement=print_statement, evidence=evidence
+    )
 
 
 def rollback(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
+from datetime import datetime
 from typing import Any
 
 import asyncpg
@@ -102,14 +103,56 @@ async def find_active_run(pool: asyncpg.Pool, model: str, version: int) -> dict[
 
 
 async def read_runs(
-    pool: asyncpg.Pool, *, model: str | None = None, version: int | None = None
+    pool: asyncpg.Pool,
+    *,
+    model: str | None = None,
+    version: int | None = None,
+    after: tuple[datetime, str, str] | None = None,
+    limit: int | None = None,
 ) -> list[dict[str, Any]]:
-    """Runs, newest first, optionally of one model or snapshot."""
+    """Runs, newest first, optionally of one model or snapshot; ``after`` a (started_at,
+    workflow id, run id) cursor and ``limit`` for pages."""
     rows = await pool.fetch(
         """SELECT * FROM lifecycle_runs
            WHERE ($1::text IS NULL OR model = $1) AND ($2::int IS NULL OR version = $2)
-           ORDER BY started_at DESC""",
+             AND ($3::timestamptz IS NULL OR (started_at, workflow_id, run_id) < ($3, $4, $5))
+           ORDER BY started_at DESC, workflow_id DESC, run_id DESC LIMIT $6""",
         model,
         version,
+        after[0] if after else None,
+        after[1] if after else "",
+        after[2] if after else "",
+        limit,
+    )
+    return [r for r in (row_dict(x) for x in rows) if r is not None]
+
+
+async def read_latest_of(pool: asyncpg.Pool, refs: list[tuple[str, int]]) -> list[dict[str, Any]]:
+    """The newest run of each snapshot in ``refs`` (model, version) that has one, in one query."""
+    rows = await pool.fetch(
+        """SELECT DISTINCT ON (model, version) * FROM lifecycle_runs
+           WHERE (model, version) IN (SELECT * FROM unnest($1::text[], $2::int[]))
+           ORDER BY model, version, started_at DESC LIMIT $3""",
+        [m for m, _ in refs],
+        [v for _, v in refs],
+        len(refs),
+    )
+    return [r for r in (row_dict(x) for x in rows) if r is not None]
+
+
+async def read_waiting(pool: asyncpg.Pool, *, limit: int) -> list[dict[str, Any]]:
+    """Runs waiting at a gate, the longest-waiting first (by when the run began), at most ``limit``."""
+    rows = await pool.fetch(
+        """SELECT * FROM lifecycle_runs WHERE state = 'awaiting_approval' AND ended_at IS NULL
+           ORDER BY started_at, workflow_id LIMIT $1""",
+        limit,
+    )
+    return [r for r in (row_dict(x) for x in rows) if r is not None]
+
+
+async def read_recent(pool: asyncpg.Pool, *, model: str, limit: int) -> list[dict[str, Any]]:
+    """A model's newest runs first, at most ``limit``."""
+    rows = await pool.fetch(
+        "SELECT * FROM lifecycle_runs WHERE model = $1 ORDER BY started_at DESC LIMIT $2", model, limit
     )
     return [r for r in (row_dict(x) for x in rows) if r is not None]
