@@ -236,6 +236,11 @@ async def test_dev_serves_the_api_and_keeps_the_owner_dsn_to_its_server(tmp_path
             me = await api.get("/v1/me")
             assert (me["name"], me["role"]) == ("tester", "admin")
             assert await api.get("/v1/snapshots") == {"items": [], "next": None}
+        # and the home's read commands work through it, with no DSN in their environment
+        listed = {r["name"]: r["stage"] for r in await dev.json("runtime", "list")}
+        assert listed == {"local-dev": "DEV", "local-sit": "SIT", "local-uat": "UAT", "local-prod": "PROD"}
+        assert await dev.json("model", "list") == []
+        assert (await dev.mlc("audit", "verify")).returncode == 0
 
         assert await dev.stop(signal.SIGINT) == 0
         assert not processes.alive(server) and not port_open("127.0.0.1", int(api_url.rsplit(":", 1)[1]))
