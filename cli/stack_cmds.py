@@ -378,7 +378,9 @@ def worker(
     from workers.worker import build_main_worker, build_runtime_worker, run_until
 
     async def go() -> None:
-        cfg = settings()
+        # A worker is a server-side process with credentials of its own: the API that a
+        # running `mlc dev` names for people's commands of its home is not its way in.
+        cfg = replace(settings(), api_url=None)
         stop = _stop_event()
         temporal = await client(cfg)
         dsn = cfg.worker_database_url or cfg.database_url
