@@ -131,8 +131,8 @@ step_end "build images"
 
 # awk reads to the end: leaving early would kill docker-compose with SIGPIPE (exit 141 under pipefail).
 worker_image="$(compose config | awk '/^  worker:/ { w = 1 } w && /^    image:/ && !found { print $2; found = 1 }')"
-docker run --rm --network none --entrypoint /opt/mlc/bin/python "$worker_image" -c "import cli" \
-    >/dev/null 2>&1 || die "the cli package is not in $worker_image: the image build missed it"
+docker run --rm --network none --entrypoint /opt/mlc/bin/python "$worker_image" -c "import cli, server" \
+    >/dev/null 2>&1 || die "the cli or server package is not in $worker_image: the image build missed it"
 services=(postgres temporal-schema temporal temporal-init migrate)
 
 # --- 3. up ------------------------------------------------------------------------

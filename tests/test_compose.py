@@ -522,6 +522,18 @@ def test_files_referenced_by_compose_exist() -> None:
     assert (ROOT / ".dockerignore").is_file()
 
 
+def test_every_package_reaches_the_image_build() -> None:
+    """.dockerignore is an allow-list: a package pyproject.toml installs but the list leaves out
+    is missing from the image (``mlc server`` died in compose with ``No module named 'server'``)."""
+    import tomllib
+
+    found = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"]
+    packages = {pattern.rstrip("*") for pattern in found["include"]}
+    allowed = {line[1:] for line in (ROOT / ".dockerignore").read_text().splitlines() if line.startswith("!")}
+    missing_ones = sorted(packages - allowed)
+    assert packages and not missing_ones, f"not in .dockerignore's allow-list: {missing_ones}"
+
+
 @pytest.mark.parametrize("profile", sorted(PROFILES))
 def test_lifecycle_worker_runs_uploaded_code_with_nothing_to_steal(profile: str) -> None:
     services = _merged(profile)["services"]
