@@ -230,8 +230,10 @@ class Generator:
         except httpx.HTTPError as exc:
             raise Failed(f"socket error: {exc!r}") from exc
         if not response.is_success:
+            request = response.request
             raise Failed(
-                f"{response.request.method} {response.request.url.path} answered {response.status_code}"
+                f"{request.method} {request.url.path} answered {response.status_code}: {response.text[:300]}"
+                " (401 `stale`: it waited over a minute after it was signed, the server fell behind)"
             )
         return response
 
