@@ -212,7 +212,10 @@ class RawHttp:
         reader, writer = connection
         try:
             writer.write(raw)
-            status = int((await reader.readline()).split()[1])
+            line = await reader.readline()
+            if not line:
+                raise Failed("the server closed a kept-alive connection without answering")
+            status = int(line.split()[1])
             length, close = 0, False
             while (line := await reader.readline()) not in (b"\r\n", b""):
                 name, _, value = line.partition(b":")
@@ -236,9 +239,12 @@ class RawHttp:
         return status, body
 
     async def close(self) -> None:
+        """Close the idle connections (all of them between phases: the server closes a
+        connection idle for 5 s, and a phase must not meet one it closed)."""
         while not self.free.empty():
             _, writer = self.free.get_nowait()
             writer.close()
+            self.opened -= 1
 
 
 def cpu_seconds(pid: int) -> float:
@@ -384,6 +390,7 @@ class Generator:
             jobs, names = self.api_jobs(count) if side == "api" else self.direct_jobs(count)
         cpu = cpu_seconds(self.config["server_pid"])
         latencies = await open_loop(jobs, rate)
+        await self.raw.close()
         self.server_cpu_ms = (cpu_seconds(self.config["server_pid"]) - cpu) * 1000 / count
         found: dict[str, list[float]] = {}
         for name, latency in list(zip(names, latencies, strict=True))[warm:]:
