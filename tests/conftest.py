@@ -50,6 +50,7 @@ from mlc.traffic import pick_gateway_port
 from mlc.trust.keys import create_key, load_private_key, public_text
 from mlc.trust.signer import Signer
 from tests.lifecycle_helpers import start_like_ui
+from tests.oidc_provider import OidcProvider
 from workers.sandbox import SandboxedWorker, sandbox_available, start_lifecycle_worker
 from workers.worker import build_main_worker
 
@@ -379,3 +380,15 @@ def kafka_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         missing(str(exc))
     yield broker.bootstrap
     broker.stop()
+
+
+@pytest.fixture
+async def oidc_provider() -> AsyncIterator[OidcProvider]:
+    """A real OIDC provider process on loopback (``tests/oidc_provider.py``); ``restart()``
+    rotates its signing key at the same issuer URL."""
+    provider = OidcProvider()
+    await provider.start()
+    try:
+        yield provider
+    finally:
+        await provider.stop()
