@@ -76,6 +76,7 @@ COMMAND_MODULES = {
     "policy": "trust_cmds",
     "audit": "trust_cmds",
     "db": "trust_cmds",
+    "server": "server_cmds",
 }
 """Top-level command -> the module that defines it (``tests/test_cli_usage.py`` checks it)."""
 

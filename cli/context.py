@@ -25,6 +25,7 @@ if TYPE_CHECKING:  # Temporal and the signer load only in the commands that use 
     import asyncpg
     from temporalio.client import Client
 
+    from cli.api_client import ApiClient
     from mlc.trust.signer import Signer
 
 _PIPE_WIDTH = 100_000
@@ -83,9 +84,30 @@ def run(coro: Coroutine[Any, Any, T]) -> T:
     return asyncio.run(coro)
 
 
+def api(cfg: Settings) -> ApiClient | None:
+    """The control plane's client when ``MLC_API_URL`` is set (signing with the user's key)."""
+    if not cfg.api_url:
+        return None
+    from cli.api_client import ApiClient
+    from mlc.trust.keys import load_private_key
+
+    return ApiClient(cfg.api_url, load_private_key())
+
+
+def _direct(cfg: Settings, what: str) -> None:
+    """A command that would open the database or Temporal itself refuses under the API: it
+    must not silently bypass the server's authentication and trail."""
+    if cfg.api_url:
+        raise RuntimeUnavailableError(
+            f"this command needs {what} directly, but MLC_API_URL is set ({cfg.api_url}): run it on a "
+            "server or worker host without MLC_API_URL"
+        )
+
+
 @asynccontextmanager
 async def inventory(cfg: Settings) -> AsyncIterator[asyncpg.Pool]:
     """A migrated pool for the command's duration."""
+    _direct(cfg, "the inventory database")
     if not cfg.database_url:
         raise RuntimeUnavailableError(
             "no inventory database: start `mlc dev` (in another terminal) or set MLC_DATABASE_URL"
@@ -99,6 +121,7 @@ async def inventory(cfg: Settings) -> AsyncIterator[asyncpg.Pool]:
 
 async def client(cfg: Settings, *, identity: str | None = None) -> Client:
     """A Temporal client with the project's data converter (``identity``: who is acting)."""
+    _direct(cfg, "Temporal")
     from workers.client import connect as connect_client
 
     return await connect_client(cfg, identity=identity)

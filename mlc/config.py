@@ -73,6 +73,9 @@ class Settings:
     temporal_tls: TemporalTLS | None = None
     """Client certificate for the Temporal of a running ``mlc dev`` (read from its
     ``dev.json``); when set it is used instead of ``TEMPORAL_TLS_*`` and profiles."""
+    api_url: str | None = None
+    """The control plane (``MLC_API_URL``): when set, the CLI talks only to ``mlc server`` and
+    never opens the database or Temporal itself."""
     servers_die_with_worker: bool = False
     """Local model servers get a parent-death signal: ``mlc dev`` sets it, so they stop
     with it however it stops. A standalone ``mlc worker`` leaves them serving when it
@@ -94,6 +97,7 @@ class Settings:
             worker_database_url=os.environ.get("MLC_WORKER_DATABASE_URL") or None,
             reconcile_seconds=float(os.environ.get("MLC_RECONCILE_SECONDS") or DEFAULT_RECONCILE_SECONDS),
             workflow_cache=int(os.environ.get("MLC_WORKFLOW_CACHE") or DEFAULT_WORKFLOW_CACHE),
+            api_url=os.environ.get("MLC_API_URL") or None,
         )
 
     @property

@@ -144,6 +144,8 @@ class Stack:
     signers: dict[str, Signer]
     worker_pool: asyncpg.Pool | None = None
     """The workers' least-privilege pool (role mlc_worker)."""
+    api_url: str | None = None
+    """The ``mlc server`` of this test (fixture ``api_server``), when it runs one."""
 
     @property
     def cli_env(self) -> dict[str, str]:
@@ -178,8 +180,24 @@ class Stack:
         """Register a runtime (signed by the admin)."""
         return await admin.add_runtime(self.pool, self.settings, self.signers[ADMIN], runtime)
 
-    async def mlc(self, *args: str, user: str = APPROVER) -> subprocess.CompletedProcess[str]:
-        """Run the real `mlc` CLI in a subprocess as ``user`` (signing with their key).
+    def api_env(self) -> dict[str, str]:
+        """What a person with only the API's URL and a key has: no DSN, no Temporal address,
+        a home of their own."""
+        assert self.api_url, "this test needs the api_server fixture"
+        home = self.keys.parent / "api-client-home"
+        home.mkdir(exist_ok=True)
+        hidden = ("MLC_DATABASE_URL", "MLC_WORKER_DATABASE_URL", "TEMPORAL_ADDRESS", "MLC_TRUST_ROOT")
+        return {
+            **{k: v for k, v in os.environ.items() if k not in hidden},
+            "MLC_API_URL": self.api_url,
+            "MLC_HOME": str(home),
+        }
+
+    async def mlc(
+        self, *args: str, user: str = APPROVER, api: bool = False
+    ) -> subprocess.CompletedProcess[str]:
+        """Run the real `mlc` CLI in a subprocess as ``user`` (signing with their key);
+        ``api``: through this test's ``mlc server`` only (:meth:`api_env`).
 
         Async, because the worker shares this event loop.
         """
@@ -188,7 +206,7 @@ class Stack:
             "-m",
             "mlc",
             *args,
-            env={**self.cli_env, "MLC_SIGNING_KEY": str(self.key_file(user))},
+            env={**(self.api_env() if api else self.cli_env), "MLC_SIGNING_KEY": str(self.key_file(user))},
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE,
         )
@@ -205,6 +223,16 @@ class Stack:
             settings=self.settings,
         )
         return snap
+
+    async def register_versions(self, package: Path, dest: Path, count: int) -> list[ModelSnapshot]:
+        """``count`` snapshots of ``package``'s model (same model, new content each)."""
+        snaps = []
+        for n in range(count):
+            copy = dest / f"{package.name}-{n}"
+            shutil.copytree(package, copy)
+            (copy / "NOTES.md").write_text(f"snapshot {n}\n")
+            snaps.append(await self.register(copy))
+        return snaps
 
     async def start(
         self, snap: ModelSnapshot, *, workflow: str = "ModelLifecycle", spec: LifecycleSpec | None = None
@@ -343,6 +371,50 @@ async def stack(temporal_env: WorkflowEnvironment, database_url: str, tmp_path: 
         await worker_pool.close()
         await pool.close()
         shutil.rmtree(settings.runtime_dir, ignore_errors=True)
+
+
+@pytest.fixture
+async def api_server(stack: Stack) -> AsyncIterator[str]:
+    """A real ``mlc server`` subprocess for this test's inventory and Temporal; its URL.
+
+    It holds the owner DSN and shares the test's home (artifacts) like a server next to the
+    workers; clients reach it with :meth:`Stack.mlc` ``api=True``.
+    """
+    port_file = stack.keys.parent / "api.port"
+    log = (stack.keys.parent / "server.log").open("wb")
+    env = {
+        **stack.cli_env,
+        "MLC_TRUST_ROOT": stack.settings.trust_root or "",
+        "PYTHONUNBUFFERED": "1",
+    }
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "mlc",
+        "server",
+        "--port",
+        "0",
+        "--port-file",
+        str(port_file),
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        for _ in range(300):
+            if port_file.exists() or proc.returncode is not None:
+                break
+            await asyncio.sleep(0.05)
+        assert port_file.exists(), (
+            f"mlc server did not start: {(stack.keys.parent / 'server.log').read_text()}"
+        )
+        stack.api_url = f"http://127.0.0.1:{port_file.read_text()}"
+        yield stack.api_url
+    finally:
+        if proc.returncode is None:
+            proc.terminate()
+            await proc.wait()
+        log.close()
 
 
 def require_sandbox() -> None:

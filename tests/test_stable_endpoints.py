@@ -69,17 +69,6 @@ def spec(*stages: str, gate_last: bool = True, grace: timedelta = NO_GRACE) -> L
     )
 
 
-async def versions(stack: Stack, package: Path, tmp_path: Path, count: int) -> list[ModelSnapshot]:
-    """``count`` snapshots of the example model (same model, new content each)."""
-    snaps = []
-    for n in range(count):
-        copy = tmp_path / f"cc-fraud-{n}"
-        shutil.copytree(package, copy)
-        (copy / "NOTES.md").write_text(f"snapshot {n}\n")
-        snaps.append(await stack.register(copy))
-    return snaps
-
-
 async def approve(stack: Stack, snap: ModelSnapshot, stage: str) -> None:
     """Sign and send an approval in process (what `mlc approve` does, without a subprocess)."""
     ref = ModelRef(model=snap.model, version=snap.version)
@@ -133,7 +122,7 @@ async def test_endpoint_unchanged_across_promotions_in_every_stage(
     stack: Stack, example_package: Path, tmp_path: Path
 ) -> None:
     await stack.add_local_runtimes(gateway=True)
-    v1, v2 = await versions(stack, example_package, tmp_path, 2)
+    v1, v2 = await stack.register_versions(example_package, tmp_path, 2)
     stages = ("DEV", "SIT", "UAT", "PROD")
     for snap in (v1, v2):
         handle = await stack.start(snap, spec=spec(*stages, gate_last=False))
@@ -196,7 +185,7 @@ async def test_previous_version_stays_warm_for_the_grace(
 ) -> None:
     await stack.add_local_runtimes(("PROD",), gateway=True)
     await _unprotect_prod(stack)
-    v1, v2 = await versions(stack, example_package, tmp_path, 2)
+    v1, v2 = await stack.register_versions(example_package, tmp_path, 2)
     prod = spec("PROD", gate_last=False, grace=timedelta(hours=1))
     await (await stack.start(v1, spec=prod)).result()
     (old,) = await deployments.read_deployments(stack.pool, model=v1.model, stage="PROD")
@@ -245,7 +234,7 @@ async def test_two_versions_in_flight_keep_their_own_deployments(
     stack: Stack, example_package: Path, tmp_path: Path
 ) -> None:
     await stack.add_local_runtimes(("DEV", "SIT"), gateway=True)
-    v1, v2 = await versions(stack, example_package, tmp_path, 2)
+    v1, v2 = await stack.register_versions(example_package, tmp_path, 2)
     two = spec("DEV", "SIT")
     h1, h2 = await stack.start(v1, spec=two), await stack.start(v2, spec=two)
     try:
@@ -286,7 +275,7 @@ async def test_two_versions_in_flight_keep_their_own_deployments(
 
 async def test_ten_versions_in_flight(stack: Stack, example_package: Path, tmp_path: Path) -> None:
     await stack.add_local_runtimes(("DEV",), gateway=True)
-    snaps = await versions(stack, example_package, tmp_path, 10)
+    snaps = await stack.register_versions(example_package, tmp_path, 10)
     dev = spec("DEV")
     handles = [await stack.start(s, spec=dev) for s in snaps]
     try:
@@ -322,7 +311,7 @@ async def test_twenty_versions_promoted_at_once(stack: Stack, example_package: P
     endpoint queue behind each other, none fails for waiting its turn, each is recorded
     with its own run, and the endpoint answers with the newest decision, as the table says."""
     await stack.add_local_runtimes(("DEV",), gateway=True)
-    snaps = await versions(stack, example_package, tmp_path, 20)
+    snaps = await stack.register_versions(example_package, tmp_path, 20)
     handles = [await stack.start(s, spec=spec("DEV")) for s in snaps]
     try:
         begun = asyncio.get_running_loop().time()
@@ -364,7 +353,7 @@ async def test_a_change_recorded_after_a_newer_one_leaves_the_table(
     (authorized): the table keeps the newer one, the live version gets no retirement mark
     from the older, and the older is in the trail, superseded by the newer's run."""
     await stack.add_local_runtimes(("DEV",), gateway=True)
-    v1, v2 = await versions(stack, example_package, tmp_path, 2)
+    v1, v2 = await stack.register_versions(example_package, tmp_path, 2)
     handles = {
         v1.version: await stack.start(v1, spec=spec("DEV")),
         v2.version: await stack.start(v2, spec=spec("DEV")),
@@ -465,7 +454,7 @@ async def test_hostile_traffic_requests_are_refused(
     plain = await stack.add_runtime(
         Runtime(name="plain-dev", stage="DEV", service_tags=("elsewhere",), task_queue=stack.task_queue)
     )
-    v1, v2 = await versions(stack, example_package, tmp_path, 2)
+    v1, v2 = await stack.register_versions(example_package, tmp_path, 2)
     other_model = tmp_path / "other-model"
     shutil.copytree(example_package, other_model)
     manifest = other_model / "manifest.yaml"
@@ -574,7 +563,7 @@ async def test_a_recorded_change_never_applied_is_applied_by_the_reconciler(
     leaves the trail and the gateway apart only until the runtime's reconciler repairs it:
     the table is newer than what the gateway holds, so the gateway takes it."""
     await stack.add_local_runtimes(("DEV",), gateway=True)
-    v1, v2 = await versions(stack, example_package, tmp_path, 2)
+    v1, v2 = await stack.register_versions(example_package, tmp_path, 2)
     await (await stack.start(v1, spec=spec("DEV", gate_last=False))).result()
     (table,) = await traffic.read_traffic(stack.pool, model=v1.model)
     assert await answering_version(table.endpoint) == v1.version
@@ -626,7 +615,7 @@ async def test_docker_endpoint_unchanged_across_promotions(
         )
     )
     await _unprotect_prod(stack)
-    v1, v2 = await versions(stack, example_package, tmp_path, 2)
+    v1, v2 = await stack.register_versions(example_package, tmp_path, 2)
     prod = spec("PROD", gate_last=False)
     await (await stack.start(v1, spec=prod)).result()
     (endpoint,) = (await stable_endpoints(stack, v1.model)).values()

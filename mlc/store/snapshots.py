@@ -67,10 +67,22 @@ async def read_snapshot(pool: asyncpg.Pool, model: str, version: int) -> ModelSn
     return ModelSnapshot.model_validate(row_dict(row))
 
 
-async def read_snapshots(pool: asyncpg.Pool, model: str | None = None) -> list[ModelSnapshot]:
-    """All snapshots, optionally of one model, oldest first."""
+async def read_snapshots(
+    pool: asyncpg.Pool,
+    model: str | None = None,
+    *,
+    after: tuple[str, int] | None = None,
+    limit: int | None = None,
+) -> list[ModelSnapshot]:
+    """Snapshots, optionally of one model, by model and version; ``after`` a (model, version)
+    cursor and ``limit`` for pages."""
     rows = await pool.fetch(
-        f"SELECT {_COLUMNS} FROM snapshots WHERE $1::text IS NULL OR model = $1 ORDER BY model, version",
+        f"""SELECT {_COLUMNS} FROM snapshots
+            WHERE ($1::text IS NULL OR model = $1) AND ($2::text IS NULL OR (model, version) > ($2, $3))
+            ORDER BY model, version LIMIT $4""",
         model,
+        after[0] if after else None,
+        after[1] if after else 0,
+        limit,
     )
     return [ModelSnapshot.model_validate(row_dict(r)) for r in rows]

@@ -1,0 +1,154 @@
+"""One way to declare an endpoint: its route, the role it needs, its body and answer types.
+
+Every endpoint goes through the same wrapper (authenticate, check the role, read a bounded
+body, turn core errors into answers), and the OpenAPI schema is built from the same
+declarations, so the documentation cannot drift from what is enforced.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any, Generic, TypeVar
+
+from pydantic import BaseModel
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from server.auth import authenticate
+from server.context import ServerContext
+from server.errors import ApiError, from_exception
+from server.principal import Principal, Role
+
+log = logging.getLogger(__name__)
+
+JSON_BODY_LIMIT = 64 * 1024
+"""Largest JSON body (signed statements are under 4 KiB)."""
+MAX_PAGE = 500
+DEFAULT_PAGE = 50
+
+T = TypeVar("T")
+
+
+class Page(BaseModel, Generic[T]):
+    """One page of a list; ``next`` is the ``after`` cursor of the following page, if any."""
+
+    items: list[T]
+    next: str | None = None
+
+
+@dataclass
+class Call:
+    """One authenticated request as a handler sees it."""
+
+    request: Request
+    principal: Principal
+    ctx: ServerContext
+    body: Any = None
+
+    def path(self, name: str) -> str:
+        return str(self.request.path_params[name])
+
+    def query(self, name: str, default: str | None = None) -> str | None:
+        return self.request.query_params.get(name, default)
+
+    def limit(self) -> int:
+        """The page size asked for (``?limit=``), bounded."""
+        raw = self.query("limit") or str(DEFAULT_PAGE)
+        if not raw.isdigit() or not 1 <= int(raw) <= MAX_PAGE:
+            raise ApiError(422, f"limit must be a whole number from 1 to {MAX_PAGE}", "invalid")
+        return int(raw)
+
+
+Handler = Callable[[Call], Awaitable[BaseModel | Response]]
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    method: str
+    path: str
+    role: Role
+    handler: Handler
+    summary: str
+    body: type[BaseModel] | None = None
+    response: Any = None
+    streamed: bool = False
+    """The handler reads the body itself (uploads): the wrapper checks no digest."""
+    params: tuple[str, ...] = field(default=())
+
+
+ENDPOINTS: list[Endpoint] = []
+
+
+def endpoint(
+    method: str,
+    path: str,
+    *,
+    role: Role,
+    summary: str,
+    body: type[BaseModel] | None = None,
+    response: Any = None,
+    streamed: bool = False,
+    params: tuple[str, ...] = (),
+) -> Callable[[Handler], Handler]:
+    """Declare ``handler`` as the answer to ``method path`` for principals with ``role`` or more."""
+
+    def register(handler: Handler) -> Handler:
+        ENDPOINTS.append(Endpoint(method, path, role, handler, summary, body, response, streamed, params))
+        return handler
+
+    return register
+
+
+def error_response(error: ApiError) -> JSONResponse:
+    headers = {"WWW-Authenticate": 'Signature, Bearer realm="mlc"'} if error.status == 401 else None
+    return JSONResponse(error.body(), status_code=error.status, headers=headers)
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request body, refused with 413 past ``limit`` (declared length first, then counted)."""
+    declared = request.headers.get("content-length")
+    if declared is not None and (not declared.isdigit() or int(declared) > limit):
+        raise ApiError(413, f"the body is larger than this endpoint's limit of {limit} bytes", "too-large")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise ApiError(
+                413, f"the body is larger than this endpoint's limit of {limit} bytes", "too-large"
+            )
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def route(spec: Endpoint) -> Route:
+    """The Starlette route running ``spec`` behind authentication and error mapping."""
+
+    async def run(request: Request) -> Response:
+        ctx: ServerContext = request.app.state.ctx
+        try:
+            raw = None if spec.streamed else await read_body(request, JSON_BODY_LIMIT)
+            principal = await authenticate(request, ctx, raw)
+            if principal.role < spec.role:
+                raise ApiError(
+                    403, f"{principal.name} is {principal.role.label}; this needs {spec.role.label}", "role"
+                )
+            call = Call(request, principal, ctx)
+            if spec.body is not None:
+                if not raw:
+                    raise ApiError(422, "this endpoint needs a JSON body", "invalid")
+                call.body = spec.body.model_validate_json(raw)
+            answer = await spec.handler(call)
+        except Exception as exc:  # every error becomes an answer; unexpected ones are logged
+            mapped = from_exception(exc)
+            if mapped is None:
+                log.exception("%s %s failed", request.method, spec.path)
+                mapped = ApiError(500, "internal error (logged on the server)", "internal")
+            return error_response(mapped)
+        if isinstance(answer, Response):
+            return answer
+        return Response(answer.model_dump_json(), media_type="application/json")
+
+    return Route(spec.path, run, methods=[spec.method], name=f"{spec.method} {spec.path}")

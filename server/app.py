@@ -1,0 +1,59 @@
+"""The Starlette application: the declared endpoints, the OpenAPI document, health."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from importlib import metadata
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from mlc.store import connect
+from server import openapi
+from server.api import ENDPOINTS, route
+from server.config import ServerConfig
+from server.context import ServerContext
+from server.routes import MODULES
+
+OPENAPI_PATH = "/v1/openapi.json"
+POOL_SIZE = 10
+
+
+def _version() -> str:
+    try:
+        return metadata.version("mlc-orchestrator")
+    except metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def create_app(config: ServerConfig) -> Starlette:
+    """The server for ``config``; the pool opens when the app starts and closes when it stops."""
+    assert MODULES and config.settings.database_url
+    document = openapi.document(_version())
+
+    async def schema(request: Request) -> Response:
+        return JSONResponse(document)
+
+    async def health(request: Request) -> Response:
+        await request.app.state.ctx.pool.fetchval("SELECT 1")
+        return JSONResponse({"ok": True})
+
+    @asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        assert config.settings.database_url
+        pool = await connect(config.settings.database_url, max_size=POOL_SIZE)
+        app.state.ctx = ServerContext(config, pool)
+        try:
+            yield
+        finally:
+            await pool.close()
+
+    routes = [
+        Route(OPENAPI_PATH, schema, methods=["GET"]),
+        Route("/healthz", health, methods=["GET"]),
+        *(route(spec) for spec in ENDPOINTS),
+    ]
+    return Starlette(routes=routes, lifespan=lifespan)

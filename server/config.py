@@ -1,0 +1,36 @@
+"""What ``mlc server`` needs to know, read once at start."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from mlc.config import Settings
+from mlc.errors import PrerequisiteError
+
+DEFAULT_PORT = 8280
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """The server's settings: the inventory owner's DSN lives only here and on workers."""
+
+    settings: Settings
+    public_url: str
+    """The URL clients sign requests for (``MLC_API_PUBLIC_URL``): the server rebuilds each
+    request's ``@target-uri`` from it, never from the ``Host`` header, so a request signed for
+    another server or behind another proxy path does not verify here."""
+
+    @classmethod
+    def from_env(cls, settings: Settings, *, host: str, port: int) -> ServerConfig:
+        if not settings.database_url:
+            raise PrerequisiteError(
+                "`mlc server` needs the inventory owner's DSN in MLC_DATABASE_URL "
+                "(it is the only process besides the workers that holds it)"
+            )
+        public = os.environ.get("MLC_API_PUBLIC_URL") or f"http://{_url_host(host)}:{port}"
+        return cls(settings=settings, public_url=public.rstrip("/"))
+
+
+def _url_host(host: str) -> str:
+    return f"[{host}]" if ":" in host else host

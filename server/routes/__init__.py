@@ -1,0 +1,5 @@
+"""The API's resources, one module each; importing a module declares its endpoints."""
+
+from server.routes import me, snapshots
+
+MODULES = (me, snapshots)
