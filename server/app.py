@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from importlib import metadata
@@ -14,6 +16,8 @@ from starlette.routing import Route
 from mlc.store import connect
 from server import openapi
 from server.api import ENDPOINTS, route
+from server.auth.nonces import sweep_nonces
+from server.auth.oidc import OidcVerifier
 from server.config import ServerConfig
 from server.context import ServerContext
 from server.routes import MODULES
@@ -44,11 +48,17 @@ def create_app(config: ServerConfig) -> Starlette:
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         assert config.settings.database_url
+        # Discovery first: a server that cannot check its provider's tokens does not start.
+        oidc = await OidcVerifier.start(config.oidc) if config.oidc else None
         pool = await connect(config.settings.database_url, max_size=POOL_SIZE)
-        app.state.ctx = ServerContext(config, pool)
+        app.state.ctx = ServerContext(config, pool, oidc=oidc)
+        sweeper = asyncio.create_task(sweep_nonces(pool), name="sweep api_nonces")
         try:
             yield
         finally:
+            sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await sweeper
             await pool.close()
 
     routes = [

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 from mlc.config import Settings
 from mlc.errors import PrerequisiteError
+from server.oidc_config import OidcConfig
 
 DEFAULT_PORT = 8280
 
@@ -20,6 +21,9 @@ class ServerConfig:
     """The URL clients sign requests for (``MLC_API_PUBLIC_URL``): the server rebuilds each
     request's ``@target-uri`` from it, never from the ``Host`` header, so a request signed for
     another server or behind another proxy path does not verify here."""
+    oidc: OidcConfig | None = None
+    """The identity provider whose ID tokens are accepted as bearer tokens (``MLC_OIDC_*``);
+    None: only signed requests and sessions."""
 
     @classmethod
     def from_env(cls, settings: Settings, *, host: str, port: int) -> ServerConfig:
@@ -29,7 +33,7 @@ class ServerConfig:
                 "(it is the only process besides the workers that holds it)"
             )
         public = os.environ.get("MLC_API_PUBLIC_URL") or f"http://{_url_host(host)}:{port}"
-        return cls(settings=settings, public_url=public.rstrip("/"))
+        return cls(settings=settings, public_url=public.rstrip("/"), oidc=OidcConfig.from_env())
 
 
 def _url_host(host: str) -> str:

@@ -37,7 +37,7 @@ AUTH_FAILURES = Rate(per_second=10, burst=20)
 MAX_BUCKETS = 50_000
 """Buckets kept per kind; the least recently used beyond it are forgotten (they start full
 again), so a flood of client addresses cannot grow the process without bound."""
-JSON_BODY_BYTES = 64 * 1024
+JSON_BODY_LIMIT = 64 * 1024
 """Routes taking a JSON body (envelopes are < 4 KiB)."""
 READ_METHODS = frozenset({"GET", "HEAD"})
 
@@ -89,11 +89,12 @@ class TokenBuckets:
 def too_many(wait: float, what: str) -> ApiError:
     """429 whose ``Retry-After`` (whole seconds, at least 1) says when to come back."""
     seconds = max(1, math.ceil(wait))
-    error = ApiError(
-        429, f"too many {what}: retry in {seconds} s (limits are per server process)", "rate-limited"
+    return ApiError(
+        429,
+        f"too many {what}: retry in {seconds} s (limits are per server process)",
+        "rate-limited",
+        headers={"Retry-After": str(seconds)},
     )
-    error.headers = {"Retry-After": str(seconds)}
-    return error
 
 
 class RateLimits:
@@ -145,9 +146,7 @@ def declared_length(request: Request, limit: int) -> int | None:
 
 def body_too_large(limit: int) -> ApiError:
     """413 naming the limit, so the caller knows what would pass."""
-    return ApiError(
-        413, f"the request body is larger than this route's limit of {limit} bytes", "body-too-large"
-    )
+    return ApiError(413, f"the request body is larger than this route's limit of {limit} bytes", "too-large")
 
 
 async def stream_body(request: Request, limit: int) -> AsyncIterator[bytes]:
@@ -161,6 +160,6 @@ async def stream_body(request: Request, limit: int) -> AsyncIterator[bytes]:
         yield chunk
 
 
-async def read_body(request: Request, limit: int = JSON_BODY_BYTES) -> bytes:
+async def read_body(request: Request, limit: int = JSON_BODY_LIMIT) -> bytes:
     """The whole body, bounded by ``limit`` (Content-Length first, then the bytes streamed)."""
     return b"".join([chunk async for chunk in stream_body(request, limit)])

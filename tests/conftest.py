@@ -374,7 +374,13 @@ async def stack(temporal_env: WorkflowEnvironment, database_url: str, tmp_path: 
 
 
 @pytest.fixture
-async def api_server(stack: Stack) -> AsyncIterator[str]:
+def api_server_env() -> dict[str, str]:
+    """Extra environment of the test's ``mlc server`` (a module overrides it, e.g. for OIDC)."""
+    return {}
+
+
+@pytest.fixture
+async def api_server(stack: Stack, api_server_env: dict[str, str]) -> AsyncIterator[str]:
     """A real ``mlc server`` subprocess for this test's inventory and Temporal; its URL.
 
     It holds the owner DSN and shares the test's home (artifacts) like a server next to the
@@ -386,6 +392,7 @@ async def api_server(stack: Stack) -> AsyncIterator[str]:
         **stack.cli_env,
         "MLC_TRUST_ROOT": stack.settings.trust_root or "",
         "PYTHONUNBUFFERED": "1",
+        **api_server_env,
     }
     proc = await asyncio.create_subprocess_exec(
         sys.executable,

@@ -91,6 +91,12 @@ class OidcProvider:
         await self.stop()
         await self.start()
 
+    @staticmethod
+    def kid(token: str) -> str:
+        """The key id in ``token``'s header."""
+        kid: str = jwt.get_unverified_header(token)["kid"]
+        return kid
+
     async def token(
         self,
         sub: str,

@@ -17,15 +17,9 @@ import jwt
 import pytest
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from server.auth.oidc import (
-    Discovery,
-    OidcConfig,
-    OidcSetupError,
-    OidcVerifier,
-    discover,
-    parse_discovery,
-)
+from server.auth.oidc import Discovery, OidcVerifier, discover, parse_discovery
 from server.errors import ApiError
+from server.oidc_config import OidcConfig, OidcSetupError
 from server.principal import Role
 from tests.oidc_provider import CLIENT_ID, OidcProvider
 
