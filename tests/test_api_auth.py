@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import re
 import secrets
 import time
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -289,3 +291,13 @@ async def test_expired_nonces_are_swept(stack: Stack, api_server: str, http: htt
     finally:
         sweeper.cancel()
     assert await stack.pool.fetchval("SELECT count(*) FROM api_nonces") == 1
+
+
+def test_every_refusal_reason_is_documented() -> None:
+    """docs/api.md's table lists every 401 reason the server can give, and the others of auth and limits."""
+    root = Path(__file__).parent.parent
+    source = "\n".join(p.read_text() for p in (root / "server").rglob("*.py"))
+    raised = set(re.findall(r'unauthenticated\(\s*"([a-z-]+)"', source))
+    assert {"no-credentials", "replay", "unknown-kid", "expired-token"} <= raised
+    documented = set(re.findall(r"^\| \d{3} \| `([a-z-]+)` \|", (root / "docs" / "api.md").read_text(), re.M))
+    assert raised | {"no-role", "role", "too-large", "rate-limited"} <= documented
