@@ -17,9 +17,8 @@ from mlc.store import connect
 from server import openapi
 from server.api import ENDPOINTS, route
 from server.auth.nonces import sweep_nonces
-from server.auth.oidc import OidcVerifier
 from server.config import ServerConfig
-from server.context import ServerContext
+from server.context import ServerContext, TokenVerifier
 from server.routes import MODULES
 
 OPENAPI_PATH = "/v1/openapi.json"
@@ -33,8 +32,10 @@ def _version() -> str:
         return "unknown"
 
 
-def create_app(config: ServerConfig) -> Starlette:
-    """The server for ``config``; the pool opens when the app starts and closes when it stops."""
+def create_app(config: ServerConfig, *, oidc: TokenVerifier | None = None) -> Starlette:
+    """The server for ``config``; the pool opens when the app starts and closes when it stops.
+    ``oidc`` checks bearer tokens (made after discovery, before the server starts); without it
+    tokens are refused."""
     assert MODULES and config.settings.database_url
     document = openapi.document(_version())
 
@@ -48,8 +49,6 @@ def create_app(config: ServerConfig) -> Starlette:
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         assert config.settings.database_url
-        # Discovery first: a server that cannot check its provider's tokens does not start.
-        oidc = await OidcVerifier.start(config.oidc) if config.oidc else None
         pool = await connect(config.settings.database_url, max_size=POOL_SIZE)
         app.state.ctx = ServerContext(config, pool, oidc=oidc)
         sweeper = asyncio.create_task(sweep_nonces(pool), name="sweep api_nonces")
