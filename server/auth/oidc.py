@@ -44,8 +44,6 @@ class Discovery:
     jwks_uri: str
     algorithms: tuple[str, ...]
     """Its ID token signing algorithms minus ``none`` and HMAC (a shared secret is no proof)."""
-    authorization_endpoint: str | None = None
-    token_endpoint: str | None = None
 
 
 def _usable_algorithms(document: Mapping[str, Any]) -> tuple[str, ...]:
@@ -73,12 +71,7 @@ def parse_discovery(config: OidcConfig, document: Any) -> Discovery:
     jwks_uri = document.get("jwks_uri")
     if not isinstance(jwks_uri, str) or not jwks_uri.startswith(("https://", "http://")):
         raise OidcSetupError(f"discovery: jwks_uri {jwks_uri!r} is not an http(s) URL")
-    endpoints = {k: document.get(k) for k in ("authorization_endpoint", "token_endpoint")}
-    return Discovery(
-        jwks_uri=jwks_uri,
-        algorithms=_usable_algorithms(document),
-        **{k: v if isinstance(v, str) else None for k, v in endpoints.items()},
-    )
+    return Discovery(jwks_uri=jwks_uri, algorithms=_usable_algorithms(document))
 
 
 async def discover(config: OidcConfig, *, attempts: int = DISCOVERY_ATTEMPTS) -> Discovery:
