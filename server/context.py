@@ -58,10 +58,12 @@ class ServerContext:
         return self.config.settings
 
     async def governance(self) -> Governance:
-        """The verified governance state, at most a second old."""
-        if time.monotonic() - self._governance_at >= GOVERNANCE_REFRESH_SECONDS:
+        """The verified governance state, at most a second old (stamped when the read began:
+        a revocation committed while it ran is seen by the next refresh within the second)."""
+        started = time.monotonic()
+        if started - self._governance_at >= GOVERNANCE_REFRESH_SECONDS:
             state = await self._governance.current(self.pool)
-            self._governance_at = time.monotonic()
+            self._governance_at = started
             return state
         return self._governance.state
 
