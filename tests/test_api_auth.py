@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import os
 import re
 import secrets
+import sys
 import time
+from asyncio.subprocess import PIPE, STDOUT
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -215,6 +218,11 @@ async def test_tokens_are_accepted_by_role_and_refused_with_their_reason(
     answer = await http.get(me, headers=bearer(expired))
     assert refused(answer) == (401, "expired-token")
 
+    # With the provider down, a kid we do not have cannot be looked up: 503, not a refusal.
+    await oidc_provider.stop()
+    answer = await http.get(me, headers=bearer(first))
+    assert answer.status_code == 503 and "identity provider" in answer.json()["error"]
+
 
 async def test_rates_past_the_burst_get_429_with_retry_after(
     stack: Stack, api_server: str, http: httpx.AsyncClient, oidc_provider: OidcProvider
@@ -301,3 +309,23 @@ def test_every_refusal_reason_is_documented() -> None:
     assert {"no-credentials", "replay", "unknown-kid", "expired-token"} <= raised
     documented = set(re.findall(r"^\| \d{3} \| `([a-z-]+)` \|", (root / "docs" / "api.md").read_text(), re.M))
     assert raised | {"no-role", "role", "too-large", "rate-limited"} <= documented
+
+
+async def test_a_server_whose_provider_names_another_issuer_does_not_start(
+    oidc_provider: OidcProvider, tmp_path: Path
+) -> None:
+    dsn = "postgresql://owner:s3cret-password@127.0.0.1:1/inventory"
+    env = {
+        **os.environ,
+        "MLC_HOME": str(tmp_path),
+        "MLC_DATABASE_URL": dsn,
+        "MLC_OIDC_ISSUER": oidc_provider.issuer + "/",
+        "MLC_OIDC_AUDIENCE": CLIENT_ID,
+    }
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "mlc", "server", "--port", "0", env=env, stdout=PIPE, stderr=STDOUT
+    )
+    out, _ = await asyncio.wait_for(proc.communicate(), timeout=60)
+    text = out.decode()
+    assert proc.returncode == 1 and "must be equal, character for character" in text, text
+    assert "s3cret-password" not in text
