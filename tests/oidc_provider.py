@@ -38,6 +38,7 @@ class OidcProvider:
         self.port = port or free_port()
         self.token_max_age = token_max_age
         self.process: asyncio.subprocess.Process | None = None
+        self._drain: asyncio.Task[None] | None = None
 
     @property
     def issuer(self) -> str:
@@ -70,7 +71,7 @@ class OidcProvider:
             await self.stop()
             raise
         # Keep draining stderr so the provider never blocks on a full pipe.
-        self._drain = asyncio.ensure_future(self._discard(self.process.stderr))
+        self._drain = asyncio.create_task(self._discard(self.process.stderr))
 
     @staticmethod
     async def _discard(stream: asyncio.StreamReader) -> None:
@@ -84,7 +85,9 @@ class OidcProvider:
         if self.process.returncode is None:
             self.process.terminate()
             await self.process.wait()
-        self.process = None
+        if self._drain is not None:
+            await self._drain  # ends at the closed pipe's EOF
+        self.process, self._drain = None, None
 
     async def restart(self) -> None:
         """Stop and start on the same port: a new signing key (and kid) at the same issuer."""
