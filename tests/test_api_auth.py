@@ -324,7 +324,7 @@ def test_every_refusal_reason_is_documented() -> None:
     raised = set(re.findall(r'unauthenticated\(\s*"([a-z-]+)"', source))
     assert {"no-credentials", "replay", "unknown-kid", "expired-token"} <= raised
     documented = set(re.findall(r"^\| \d{3} \| `([a-z-]+)` \|", (root / "docs" / "api.md").read_text(), re.M))
-    assert raised | {"no-role", "role", "too-large", "rate-limited"} <= documented
+    assert raised | {"no-role", "role", "bad-request", "too-large", "rate-limited"} <= documented
 
 
 async def test_a_server_whose_provider_names_another_issuer_does_not_start(
