@@ -15,7 +15,7 @@ from temporalio.exceptions import WorkflowAlreadyStartedError
 from temporalio.service import RPCError
 
 from mlc import names
-from mlc.contracts.lifecycle import LifecycleStatus, SignedDecision, StartLifecycleInput
+from mlc.contracts.lifecycle import LifecycleStatus, SignedDecision, StartLifecycleInput, evidence_digest
 from mlc.domain import (
     ApprovalRecord,
     Decision,
@@ -108,11 +108,16 @@ async def sign_decision(
     stage: str,
     decision: Decision,
     comment: str = "",
+    evidence: str | None = None,
 ) -> tuple[WorkflowHandle[object, object], Envelope]:
     """Sign a decision at the gate the snapshot's run waits at, on the evidence it shows now.
 
+    ``evidence`` (``sha256:HEX``, as the web page shows it) is the evidence the person
+    looked at: nothing is signed unless the run shows exactly that now.
+
     Raises:
-        ConflictError: the run is not waiting at ``stage``.
+        ConflictError: the run is not waiting at ``stage``, or shows other evidence than
+            ``evidence``.
     """
     handle = await find_handle(client, pool, ref)
     status = await recorded_status(pool, handle)
@@ -124,6 +129,7 @@ async def sign_decision(
         raise ConflictError(f"{ref} is not waiting for a decision (it is {doing})")
     if gate.stage != stage:
         raise ConflictError(f"{ref} is waiting for a decision at {gate.stage}, not {stage}")
+    check_evidence_seen(status, stage=stage, seen=evidence)
     snapshot = await snapshots.read_snapshot(pool, ref.model, ref.version)
     run_id = handle.run_id or (await handle.describe()).run_id
     envelope = signer.decision(
@@ -136,6 +142,31 @@ async def sign_decision(
         comment=comment,
     )
     return handle, envelope
+
+
+EVIDENCE_PREFIX = "sha256:"
+"""How the web page and ``--evidence`` write an evidence digest."""
+
+
+def check_evidence_seen(status: LifecycleStatus, *, stage: str, seen: str | None) -> None:
+    """Refuse to sign when the run's evidence at ``stage`` is not the ``seen`` digest
+    (``sha256:HEX``; None: nothing to compare, as before ``--evidence`` existed).
+
+    Between reading the page and running the command a stage can be tested again; a
+    decision must be about what the person read, so a changed report means looking again.
+
+    Raises:
+        ConflictError: the evidence differs, naming both digests and where to look.
+    """
+    if seen is None:
+        return
+    ref = f"{status.model}@{status.version}"
+    now = EVIDENCE_PREFIX + evidence_digest(status, stage)
+    if seen.lower() != now:
+        raise ConflictError(
+            f"{ref}: the evidence at {stage} is now {now}, not the {seen} you were shown; nothing was "
+            f"signed: look at it again (`mlc status {ref}` or the run's web page) and decide on that"
+        )
 
 
 async def send_decision(

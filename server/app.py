@@ -20,6 +20,7 @@ from server.auth.nonces import sweep_nonces
 from server.config import ServerConfig
 from server.context import ServerContext, TokenVerifier
 from server.routes import MODULES
+from server.web import routes as web_routes
 
 OPENAPI_PATH = "/v1/openapi.json"
 POOL_SIZE = 10
@@ -64,5 +65,6 @@ def create_app(config: ServerConfig, *, oidc: TokenVerifier | None = None) -> St
         Route(OPENAPI_PATH, schema, methods=["GET"]),
         Route("/healthz", health, methods=["GET"]),
         *(route(spec) for spec in ENDPOINTS),
+        *web_routes(),
     ]
     return Starlette(routes=routes, lifespan=lifespan)

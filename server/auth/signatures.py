@@ -54,7 +54,7 @@ class _Keys(HTTPSignatureKeyResolver):
         for principal in governance.principals.values():
             if isinstance(keyid, str) and keyid in principal.keys:
                 if keyid in principal.revoked:
-                    raise unauthenticated("revoked-key", f"key {keyid} ({principal.name}) has been revoked")
+                    raise unauthenticated("revoked-key", f"key {keyid} has been revoked")
                 self.owner = principal.name
                 self.key = principal.keys[keyid]
                 return
