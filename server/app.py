@@ -17,10 +17,12 @@ from mlc.store import connect
 from server import openapi
 from server.api import ENDPOINTS, route
 from server.auth.nonces import sweep_nonces
+from server.auth.oidc import OidcVerifier
 from server.config import ServerConfig
-from server.context import ServerContext, TokenVerifier
+from server.context import ServerContext
 from server.routes import MODULES
 from server.web import routes as web_routes
+from server.web.login import OidcLogin
 
 OPENAPI_PATH = "/v1/openapi.json"
 POOL_SIZE = 10
@@ -33,11 +35,12 @@ def _version() -> str:
         return "unknown"
 
 
-def create_app(config: ServerConfig, *, oidc: TokenVerifier | None = None) -> Starlette:
+def create_app(config: ServerConfig, *, oidc: OidcVerifier | None = None) -> Starlette:
     """The server for ``config``; the pool opens when the app starts and closes when it stops.
     ``oidc`` checks bearer tokens (made after discovery, before the server starts); without it
-    tokens are refused."""
+    tokens are refused. With its client secret it also signs browsers in (``/login``)."""
     assert MODULES and config.settings.database_url
+    login = oidc is not None and OidcLogin.available(oidc)
     document = openapi.document(_version())
 
     async def schema(request: Request) -> Response:
@@ -66,5 +69,8 @@ def create_app(config: ServerConfig, *, oidc: TokenVerifier | None = None) -> St
         Route("/healthz", health, methods=["GET"]),
         *(route(spec) for spec in ENDPOINTS),
         *web_routes(),
+        *(OidcLogin(oidc, config.public_url).routes() if oidc is not None and login else []),
     ]
-    return Starlette(routes=routes, lifespan=lifespan)
+    app = Starlette(routes=routes, lifespan=lifespan)
+    app.state.oidc_login = login
+    return app

@@ -57,6 +57,9 @@ class OidcConfig:
     role_map: tuple[tuple[str, Role], ...] = field(default_factory=lambda: parse_role_map(DEFAULT_ROLE_MAP))
     """Group → API role; the highest mapped group wins, no mapped group is refused (403)."""
     jwks_cooldown: float = DEFAULT_JWKS_COOLDOWN
+    client_secret: str | None = field(default=None, repr=False)
+    """Our secret as the provider's confidential client (``MLC_OIDC_CLIENT_SECRET``): set,
+    the web page offers ``/login`` through the provider; never logged or shown."""
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> OidcConfig | None:
@@ -82,4 +85,5 @@ class OidcConfig:
             roles_claim=env.get("MLC_OIDC_ROLES_CLAIM", "").strip() or "groups",
             role_map=parse_role_map(env.get("MLC_OIDC_ROLE_MAP", DEFAULT_ROLE_MAP)),
             jwks_cooldown=cooldown,
+            client_secret=env.get("MLC_OIDC_CLIENT_SECRET") or None,
         )

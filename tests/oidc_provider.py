@@ -100,6 +100,16 @@ class OidcProvider:
         kid: str = jwt.get_unverified_header(token)["kid"]
         return kid
 
+    async def set_user(
+        self, sub: str, *, groups: list[str] | None = None, username: str | None = None, **extra: Any
+    ) -> None:
+        """Set the claims the provider puts in ``sub``'s ID tokens."""
+        claims: dict[str, Any] = {"preferred_username": username or sub, **extra}
+        if groups is not None:
+            claims["groups"] = groups
+        async with httpx.AsyncClient(base_url=self.issuer, timeout=10) as http:
+            (await http.put(f"/users/{urllib.parse.quote(sub, safe='')}", json=claims)).raise_for_status()
+
     async def token(
         self,
         sub: str,
@@ -110,10 +120,7 @@ class OidcProvider:
         extra: dict[str, Any] | None = None,
     ) -> str:
         """An ID token for ``sub`` with the given claims, via the authorization-code flow."""
-        claims: dict[str, Any] = {"preferred_username": username or sub, **(extra or {})}
-        if groups is not None:
-            claims["groups"] = groups
-        quoted = urllib.parse.quote(sub, safe="")
+        await self.set_user(sub, groups=groups, username=username, **(extra or {}))
         query = {
             "client_id": client_id,
             "redirect_uri": REDIRECT_URI,
@@ -122,7 +129,6 @@ class OidcProvider:
             "state": "s",
         }
         async with httpx.AsyncClient(base_url=self.issuer, timeout=10) as http:
-            (await http.put(f"/users/{quoted}", json=claims)).raise_for_status()
             authorized = await http.post(
                 "/oauth2/authorize?" + urllib.parse.urlencode(query), data={"sub": sub}
             )

@@ -18,6 +18,7 @@ from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qs, urlsplit
 
 import httpx
 import pytest
@@ -35,6 +36,8 @@ from server.routes import MODULES
 from tests.conftest import ADMIN, APPROVER, Stack, missing
 from tests.oidc_provider import CLIENT_ID, OidcProvider
 
+CLIENT_SECRET = "test-client-secret"
+
 
 @pytest.fixture
 def api_server_env(oidc_provider: OidcProvider) -> dict[str, str]:
@@ -44,6 +47,7 @@ def api_server_env(oidc_provider: OidcProvider) -> dict[str, str]:
         "MLC_OIDC_ISSUER": oidc_provider.issuer,
         "MLC_OIDC_AUDIENCE": CLIENT_ID,
         "MLC_OIDC_JWKS_COOLDOWN": "0",
+        "MLC_OIDC_CLIENT_SECRET": CLIENT_SECRET,
     }
 
 
@@ -324,7 +328,20 @@ def test_every_refusal_reason_is_documented() -> None:
     raised = set(re.findall(r'unauthenticated\(\s*"([a-z-]+)"', source))
     assert {"no-credentials", "replay", "unknown-kid", "expired-token"} <= raised
     documented = set(re.findall(r"^\| \d{3} \| `([a-z-]+)` \|", (root / "docs" / "api.md").read_text(), re.M))
-    assert raised | {"no-role", "role", "bad-request", "too-large", "rate-limited"} <= documented
+    assert (
+        raised
+        | {
+            "no-role",
+            "role",
+            "bad-request",
+            "too-large",
+            "rate-limited",
+            "login-state",
+            "login-refused",
+            "login-failed",
+        }
+        <= documented
+    )
 
 
 async def test_a_server_whose_provider_names_another_issuer_does_not_start(
@@ -345,3 +362,42 @@ async def test_a_server_whose_provider_names_another_issuer_does_not_start(
     text = out.decode()
     assert proc.returncode == 1 and "must be equal, character for character" in text, text
     assert "s3cret-password" not in text
+
+
+async def test_a_browser_signs_in_through_the_provider(
+    stack: Stack, api_server: str, oidc_provider: OidcProvider
+) -> None:
+    """``/login`` → the provider (a person picks who they are) → ``/login/callback`` →
+    a browser session with the role the token's groups map to."""
+    await oidc_provider.set_user("u-7", username="carol", groups=["mlc-approvers"])
+    async with httpx.AsyncClient(timeout=30) as browser:
+        assert 'href="/login"' in (await browser.get(f"{api_server}/session")).text
+        started = await browser.get(f"{api_server}/login")
+        assert started.status_code == 302
+        at_provider = started.headers["location"]
+        asked = parse_qs(urlsplit(at_provider).query)
+        assert at_provider.startswith(oidc_provider.issuer + "/")
+        assert asked["redirect_uri"] == [f"{api_server}/login/callback"] and asked["client_id"] == [CLIENT_ID]
+        assert asked["code_challenge_method"] == ["S256"] and "nonce" in asked and "state" in asked
+
+        back = (await browser.post(at_provider, data={"sub": "u-7"})).headers["location"]
+        assert back.startswith(f"{api_server}/login/callback?")
+        # Another browser (without this one's state cookie) cannot use the code.
+        async with httpx.AsyncClient(timeout=30) as elsewhere:
+            stolen = await elsewhere.get(back)
+        assert stolen.status_code == 400 and "mlc_session" not in stolen.cookies
+
+        signed_in = await browser.get(back)
+        assert signed_in.status_code == 200 and signed_in.headers["refresh"] == "0; url=/"
+        assert "carol (member)" in signed_in.text and "mlc_session" in browser.cookies
+        page = await browser.get(f"{api_server}/")
+        assert page.status_code == 200 and "carol (member)" in page.text
+        assert (await browser.get(back)).status_code == 400  # the state cookie is spent
+
+        await oidc_provider.set_user("u-8", username="eve", groups=["staff"])
+        async with httpx.AsyncClient(timeout=30) as stranger:
+            at_provider = (await stranger.get(f"{api_server}/login")).headers["location"]
+            back = (await stranger.post(at_provider, data={"sub": "u-8"})).headers["location"]
+            refused_page = await stranger.get(back)
+            assert refused_page.status_code == 403 and "mlc_session" not in stranger.cookies
+            assert "mlc-readers" in refused_page.text

@@ -54,6 +54,10 @@ def test_settings_from_env() -> None:
         }
     )
     assert custom is not None and dict(custom.role_map) == {"ops": Role.ADMIN, "qa": Role.READ_ONLY}
+    secret = OidcConfig.from_env(
+        {"MLC_OIDC_ISSUER": "https://i", "MLC_OIDC_AUDIENCE": "a", "MLC_OIDC_CLIENT_SECRET": "s3"}
+    )
+    assert secret is not None and secret.client_secret == "s3" and "s3" not in repr(secret)
     with pytest.raises(OidcSetupError, match="MLC_OIDC_AUDIENCE"):
         OidcConfig.from_env({"MLC_OIDC_ISSUER": "https://i"})
     with pytest.raises(OidcSetupError, match="'ops=root' is not group=role"):

@@ -44,6 +44,10 @@ class Discovery:
     jwks_uri: str
     algorithms: tuple[str, ...]
     """Its ID token signing algorithms minus ``none`` and HMAC (a shared secret is no proof)."""
+    authorization_endpoint: str | None = None
+    """Where a browser signs in (``/login``); None: the provider offers no browser sign-in."""
+    token_endpoint: str | None = None
+    """Where ``/login/callback`` exchanges the code for an ID token."""
 
 
 def _usable_algorithms(document: Mapping[str, Any]) -> tuple[str, ...]:
@@ -71,7 +75,16 @@ def parse_discovery(config: OidcConfig, document: Any) -> Discovery:
     jwks_uri = document.get("jwks_uri")
     if not isinstance(jwks_uri, str) or not jwks_uri.startswith(("https://", "http://")):
         raise OidcSetupError(f"discovery: jwks_uri {jwks_uri!r} is not an http(s) URL")
-    return Discovery(jwks_uri=jwks_uri, algorithms=_usable_algorithms(document))
+    endpoints = {name: document.get(name) for name in ("authorization_endpoint", "token_endpoint")}
+    for name, url in endpoints.items():
+        if url is not None and not (isinstance(url, str) and url.startswith(("https://", "http://"))):
+            raise OidcSetupError(f"discovery: {name} {url!r} is not an http(s) URL")
+    return Discovery(
+        jwks_uri=jwks_uri,
+        algorithms=_usable_algorithms(document),
+        authorization_endpoint=endpoints["authorization_endpoint"],
+        token_endpoint=endpoints["token_endpoint"],
+    )
 
 
 async def discover(config: OidcConfig, *, attempts: int = DISCOVERY_ATTEMPTS) -> Discovery:
