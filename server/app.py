@@ -40,7 +40,7 @@ def create_app(config: ServerConfig, *, oidc: OidcVerifier | None = None) -> Sta
     ``oidc`` checks bearer tokens (made after discovery, before the server starts); without it
     tokens are refused. With its client secret it also signs browsers in (``/login``)."""
     assert MODULES and config.settings.database_url
-    login = oidc is not None and OidcLogin.available(oidc)
+    login = OidcLogin(oidc, config.public_url) if oidc is not None and OidcLogin.available(oidc) else None
     document = openapi.document(_version())
 
     async def schema(request: Request) -> Response:
@@ -69,8 +69,8 @@ def create_app(config: ServerConfig, *, oidc: OidcVerifier | None = None) -> Sta
         Route("/healthz", health, methods=["GET"]),
         *(route(spec) for spec in ENDPOINTS),
         *web_routes(),
-        *(OidcLogin(oidc, config.public_url).routes() if oidc is not None and login else []),
+        *(login.routes() if login else []),
     ]
     app = Starlette(routes=routes, lifespan=lifespan)
-    app.state.oidc_login = login
+    app.state.oidc_login = login is not None
     return app

@@ -61,11 +61,10 @@ class OidcLogin:
         self.redirect_uri = self.public_url + CALLBACK_PATH
 
     @staticmethod
-    def available(verifier: OidcVerifier | None) -> bool:
+    def available(verifier: OidcVerifier) -> bool:
         """Whether ``verifier``'s provider can sign browsers in for us."""
         return bool(
-            verifier is not None
-            and verifier.config.client_secret
+            verifier.config.client_secret
             and verifier.discovery.authorization_endpoint
             and verifier.discovery.token_endpoint
         )
