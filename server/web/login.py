@@ -168,4 +168,8 @@ class OidcLogin:
         claims = await anyio.to_thread.run_sync(self.verifier.verify, token)
         if not _same(str(claims.get("nonce", "")), nonce):
             raise ApiError(401, "the ID token was not issued for this sign-in (nonce)", "bad-token")
+        audiences = claims["aud"] if isinstance(claims["aud"], list) else [claims["aud"]]
+        if len(audiences) > 1 and claims.get("azp") != self.client_id:
+            # OIDC Core 3.1.3.7: a token for several audiences must name us as its party.
+            raise ApiError(401, "the ID token was issued to another client (azp)", "bad-token")
         return self.verifier.principal(claims)
