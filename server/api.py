@@ -20,11 +20,13 @@ from starlette.routing import Route
 from server.auth import authenticate
 from server.context import ServerContext
 from server.errors import ApiError, from_exception
-from server.limits import JSON_BODY_LIMIT, read_body
+from server.limits import read_body
 from server.principal import Principal, Role
 
 log = logging.getLogger(__name__)
 
+JSON_BODY_LIMIT = 64 * 1024
+"""Largest JSON body (signed statements are under 4 KiB)."""
 MAX_PAGE = 500
 DEFAULT_PAGE = 50
 

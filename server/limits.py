@@ -37,8 +37,6 @@ AUTH_FAILURES = Rate(per_second=10, burst=20)
 MAX_BUCKETS = 50_000
 """Buckets kept per kind; the least recently used beyond it are forgotten (they start full
 again), so a flood of client addresses cannot grow the process without bound."""
-JSON_BODY_LIMIT = 64 * 1024
-"""Routes taking a JSON body (envelopes are < 4 KiB)."""
 READ_METHODS = frozenset({"GET", "HEAD"})
 
 
@@ -160,6 +158,6 @@ async def stream_body(request: Request, limit: int) -> AsyncIterator[bytes]:
         yield chunk
 
 
-async def read_body(request: Request, limit: int = JSON_BODY_LIMIT) -> bytes:
+async def read_body(request: Request, limit: int) -> bytes:
     """The whole body, bounded by ``limit`` (Content-Length first, then the bytes streamed)."""
     return b"".join([chunk async for chunk in stream_body(request, limit)])

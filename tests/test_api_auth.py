@@ -28,9 +28,9 @@ from http_message_signatures import HTTPMessageSigner, HTTPSignatureKeyResolver,
 from cli import admin
 from mlc.trust.keys import key_id, load_private_key
 from mlc.trust.requests import CLOCK_SKEW, COVERED, COVERED_WITH_BODY, LABEL, MAX_AGE, TAG, sign_request
-from server.api import ENDPOINTS
+from server.api import ENDPOINTS, JSON_BODY_LIMIT
 from server.auth.nonces import purge_expired_nonces, sweep_nonces
-from server.limits import JSON_BODY_LIMIT, READS
+from server.limits import READS
 from server.principal import Role
 from server.routes import MODULES
 from tests.conftest import ADMIN, APPROVER, Stack, missing
