@@ -1,9 +1,10 @@
 """Signed administration: the trust root, keys, roles, policies and runtimes.
 
-Each function builds a governance statement with the caller's :class:`Signer`, has the
-inventory verify it against the current verified state (refusing with a message when
-the signer lacks the role), and records it in the trail. The CLI, ``mlc dev``'s
-bootstrap and the tests all go through here.
+Each function builds a governance statement with the caller's :class:`Signer` (the half
+that stays with the person) and submits it with :mod:`server.operations.governance` (the
+half ``mlc server`` runs too), which verifies it against the current verified state
+(refusing with a message when the signer lacks the role) and records it in the trail.
+The CLI's direct mode, ``mlc dev``'s bootstrap and the tests all go through here.
 """
 
 from __future__ import annotations
@@ -19,8 +20,7 @@ from mlc.config import TRUST_ROOT_FILE, Settings
 from mlc.domain import DEFAULT_STAGES, GatewaySettings, Runtime
 from mlc.errors import ConflictError, RefusedError
 from mlc.statements import GovernancePredicate
-from mlc.store import governance, runtimes
-from mlc.store.governance import AfterApply
+from mlc.store import governance
 from mlc.traffic import pick_gateway_port
 from mlc.trust import evidence
 from mlc.trust import governance as actions
@@ -28,6 +28,7 @@ from mlc.trust.governance import Governance
 from mlc.trust.keys import key_id, parse_public_key, public_text
 from mlc.trust.policy import StagePolicy
 from mlc.trust.signer import Signer
+from server.operations import governance as submission
 
 
 async def state(pool: asyncpg.Pool, settings: Settings) -> Governance:
@@ -60,13 +61,11 @@ async def submit(
     args: dict[str, Any],
     *,
     subject: str | None = None,
-    then: AfterApply | None = None,
+    keep_runtime_row: bool = False,
 ) -> GovernancePredicate:
-    """Sign, verify and record one governance statement."""
+    """Sign, verify and record one governance statement (and apply its effect)."""
     envelope = signer.governance(action, args, subject=subject)
-    return await governance.submit(
-        pool, envelope, pinned_root=settings.trust_root, author_role=settings.author_role, then=then
-    )
+    return await submission.submit(pool, settings, envelope, keep_runtime_row=keep_runtime_row)
 
 
 async def init_admin(pool: asyncpg.Pool, settings: Settings, name: str, key: Ed25519PrivateKey) -> str:
@@ -136,7 +135,7 @@ async def add_runtime(
     A replaced runtime keeps the evidence keys it had.
     """
     current = await state(pool, settings)
-    args: dict[str, Any] = {"runtime": runtime.model_dump(mode="json")}
+    args = runtime_args(runtime)
     if not current.evidence_keys_of(runtime.name):
         args["evidence_key"] = evidence_key or local_evidence_key(settings, runtime.name)
     elif evidence_key:
@@ -147,19 +146,13 @@ async def add_runtime(
         if not replace:
             raise ConflictError(f"runtime {runtime.name} already exists; use --replace to overwrite it")
         await remove_runtime(pool, settings, signer, runtime.name, keep_row=True)
-
-    async def write_row(conn: asyncpg.Connection, _: GovernancePredicate) -> None:
-        await runtimes.create_runtime(conn, runtime, replace=True)
-
-    await submit(
-        pool,
-        settings,
-        signer,
-        actions.RUNTIME_ADD,
-        args,
-        then=write_row,
-    )
+    await submit(pool, settings, signer, actions.RUNTIME_ADD, args)
     return runtime
+
+
+def runtime_args(runtime: Runtime) -> dict[str, Any]:
+    """A ``runtime.add`` statement's arguments (the evidence key is added by the caller)."""
+    return {"runtime": runtime.model_dump(mode="json")}
 
 
 def local_evidence_key(settings: Settings, runtime: str) -> str:
@@ -188,12 +181,7 @@ async def remove_runtime(
     pool: asyncpg.Pool, settings: Settings, signer: Signer, name: str, *, keep_row: bool = False
 ) -> None:
     """Remove a runtime with no live deployments (admins only)."""
-
-    async def delete_row(conn: asyncpg.Connection, _: GovernancePredicate) -> None:
-        if not keep_row:
-            await runtimes.delete_runtime(conn, name)
-
-    await submit(pool, settings, signer, actions.RUNTIME_REMOVE, {"name": name}, then=delete_row)
+    await submit(pool, settings, signer, actions.RUNTIME_REMOVE, {"name": name}, keep_runtime_row=keep_row)
 
 
 DEV_ROLES = ("approver", "lifecycle-author")
