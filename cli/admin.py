@@ -88,9 +88,15 @@ async def init_admin(pool: asyncpg.Pool, settings: Settings, name: str, key: Ed2
 
 async def add_key(pool: asyncpg.Pool, settings: Settings, signer: Signer, name: str, public_key: str) -> str:
     """Register ``public_key`` (ssh-ed25519 or PEM) for principal ``name``; return its key id."""
+    args, kid = key_args(name, public_key)
+    await submit(pool, settings, signer, actions.KEY_ADD, args)
+    return kid
+
+
+def key_args(name: str, public_key: str) -> tuple[dict[str, Any], str]:
+    """A ``key.add`` statement's arguments, and the key's id."""
     public = parse_public_key(public_key)
-    await submit(pool, settings, signer, actions.KEY_ADD, actions.registration_args(name, public))
-    return key_id(public)
+    return actions.registration_args(name, public), key_id(public)
 
 
 async def revoke_key(pool: asyncpg.Pool, settings: Settings, signer: Signer, name: str, kid: str) -> None:
@@ -164,10 +170,15 @@ async def add_runtime_key(
     pool: asyncpg.Pool, settings: Settings, signer: Signer, runtime: str, public_key: str
 ) -> str:
     """Register another evidence key of ``runtime`` (admins only: rotation); return its key id."""
-    public = parse_public_key(public_key)
-    args = {"runtime": runtime, "public_key": public_text(public, f"mlc-runtime-{runtime}")}
+    args, kid = runtime_key_args(runtime, public_key)
     await submit(pool, settings, signer, actions.RUNTIME_KEY_ADD, args)
-    return key_id(public)
+    return kid
+
+
+def runtime_key_args(runtime: str, public_key: str) -> tuple[dict[str, Any], str]:
+    """A ``runtime.key.add`` statement's arguments, and the key's id."""
+    public = parse_public_key(public_key)
+    return {"runtime": runtime, "public_key": public_text(public, f"mlc-runtime-{runtime}")}, key_id(public)
 
 
 async def revoke_runtime_key(

@@ -78,6 +78,11 @@ class ApiClient:
     async def post(self, path: str, body: Any) -> Any:
         return (await self.send(self.request("POST", path, json=body))).json()
 
+    async def put(self, path: str, content: bytes, headers: dict[str, str]) -> Any:
+        """Upload ``content`` as a raw body; ``headers`` carry its ``Content-Digest``, which the
+        signature covers (the server hashes the stream against it)."""
+        return (await self.send(self.request("PUT", path, content=content, headers=headers))).json()
+
     async def pages(self, path: str, **params: Any) -> AsyncIterator[Any]:
         """Every item of a paged list, following ``next`` cursors."""
         after = None
