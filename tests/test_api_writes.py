@@ -20,10 +20,10 @@ import pytest
 
 from cli import admin
 from cli.api_client import ApiClient
-from mlc.contracts.lifecycle import SignedDecision
+from mlc.contracts.lifecycle import LifecycleResult, SignedDecision
 from mlc.domain import ApprovalGate, Decision, LifecycleSpec, ModelRef, StageSpec, TestKind
 from mlc.errors import InvalidPackageError, PermissionDeniedError, RefusedError
-from mlc.lifecycle_client import find_handle, send_decision, sign_decision
+from mlc.lifecycle_client import send_decision, sign_decision
 from mlc.store import runs, runtimes, trail
 from mlc.trust.keys import key_id, load_private_key, public_text
 from server.routes.lifecycle_runs import API_START
@@ -130,8 +130,7 @@ async def test_register_promote_through_every_stage_and_roll_back(
     assert started.returncode == 0, started.stderr
     workflow_id = json.loads(started.stdout)["workflow_id"]
     ref = ModelRef(model="cc-fraud", version=2)
-    v2 = await find_handle(stack.client, stack.pool, ref)
-    assert v2.id == workflow_id
+    v2 = stack.client.get_workflow_handle(workflow_id, result_type=LifecycleResult)
 
     await wait_for_gate(v2, "DEV")
     no = await out.mlc("approve", "cc-fraud@2", "--stage", "DEV", user=READER)
@@ -153,7 +152,7 @@ async def test_register_promote_through_every_stage_and_roll_back(
         decided = await out.mlc("approve", "cc-fraud@2", "--stage", stage, "--comment", "fine")
         assert decided.returncode == 0, decided.stderr
         assert f"cc-fraud@2: {stage} approved by alice (signed, verified)" in decided.stdout
-    assert (await v2.result()).state.value == "succeeded"
+    assert (await v2.result()).stages == STAGES
 
     # the starter is the caller the server authenticated, in Temporal and in the trail
     describe = await v2.describe()
