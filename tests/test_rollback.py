@@ -38,7 +38,6 @@ from mlc.statements import Envelope
 from mlc.store import deployments, runs, traffic, trail
 from tests.conftest import APPROVER, Stack
 from tests.lifecycle_helpers import keep_history, wait_for_gate
-from tests.test_stable_endpoints import versions
 
 REASON = "error rate doubled after v2"
 
@@ -102,7 +101,7 @@ async def rollback_decisions(stack: Stack, model: str) -> list[dict[str, object]
 
 async def test_rollback_to_a_warm_version(stack: Stack, example_package: Path, tmp_path: Path) -> None:
     await stack.add_local_runtimes(("UAT", "PROD"), gateway=True)
-    v1, v2 = await versions(stack, example_package, tmp_path, 2)
+    v1, v2 = await stack.register_versions(example_package, tmp_path, 2)
     spec = uat_prod(timedelta(hours=1))
     await promote(stack, v1, spec)
     await promote(stack, v2, spec)
@@ -162,7 +161,7 @@ async def test_rollback_to_a_warm_version(stack: Stack, example_package: Path, t
 
 async def test_rollback_to_a_cold_version(stack: Stack, example_package: Path, tmp_path: Path) -> None:
     await stack.add_local_runtimes(("UAT", "PROD"), gateway=True)
-    v1, v2, v3 = await versions(stack, example_package, tmp_path, 3)
+    v1, v2, v3 = await stack.register_versions(example_package, tmp_path, 3)
     spec = uat_prod(timedelta(0))  # what stops answering is retired at once
     await promote(stack, v1, spec)
     await promote(stack, v2, spec)
