@@ -17,6 +17,7 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 import pytest
+from temporalio.client import WorkflowFailureError
 
 from cli import admin
 from cli.api_client import ApiClient
@@ -77,9 +78,11 @@ class Outputs:
         return done
 
     def assert_no_dsn(self) -> None:
+        """Not in what the clients printed, nor in the server's own log."""
         dsn = self.stack.settings.database_url or ""
         secret = urlparse(dsn).password or dsn
-        assert dsn and all(dsn not in text and secret not in text for text in self.seen)
+        log = (self.stack.keys.parent / "server.log").read_text()
+        assert dsn and all(dsn not in text and secret not in text for text in [*self.seen, log])
 
 
 async def test_register_promote_through_every_stage_and_roll_back(
@@ -175,6 +178,21 @@ async def test_register_promote_through_every_stage_and_roll_back(
     assert [r["warm"] for r in result["runtimes"]] == [True]
     back = await runs.read_run(stack.pool, result["workflow_id"], result["run_id"])
     assert back is not None and back["started_by"] == APPROVER
+
+    # a rejection through the API ends its run as failed
+    (third,) = await stack.register_versions(example_package, tmp_path / "third", 1)
+    ref = ModelRef(model="cc-fraud", version=third.version)
+    started = await out.mlc(
+        "lifecycle", "start", str(ref), "--spec", str(spec_file), "--json", user=REGISTRAR
+    )
+    assert started.returncode == 0, started.stderr
+    v3 = stack.client.get_workflow_handle(json.loads(started.stdout)["workflow_id"])
+    await wait_for_gate(v3, "DEV")
+    rejected = await out.mlc("reject", str(ref), "--stage", "DEV", "--comment", "not this one")
+    assert f"{ref}: DEV rejected by alice (signed, verified)" in rejected.stdout, rejected.stderr
+    with pytest.raises(WorkflowFailureError) as failure:
+        await v3.result()
+    assert "DEV gate rejected by alice: not this one" in str(failure.value.cause)
 
     verified = await stack.mlc("audit", "verify")  # on the server's host, against the trust root
     assert verified.returncode == 0 and "audit trail verified" in verified.stdout, verified.stdout
