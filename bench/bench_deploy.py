@@ -7,10 +7,12 @@ already (the first docker deploy, which may build it, is reported apart):
   default; a resident deployment keeps the host up, as any serving model does);
 * ``local dedicated``: a process of its own (``hosting: dedicated``, what PROD gets);
 * ``docker dedicated``: a container of its own (the docker default, PROD's), claiming the
-  runtime's warm spare when one is there (see ``activities/runtimes/docker/spares.py``):
-  what a redeploy, restart or rollback of a snapshot that ran on the runtime before costs;
+  runtime's warm spare when one is there (see ``activities/runtimes/docker/spares.py``).
+  Spares live only while their snapshot serves on the runtime, so a resident deployment of
+  the snapshot stays up during the run: what a restart, a reconciler's repair or another
+  deployment of a serving snapshot costs;
 * ``docker dedicated cold``: the same with the runtime's spares removed first (untimed):
-  what a snapshot's first deploy on a runtime costs;
+  what a snapshot's first deploy on a runtime costs, or one after all its deployments left;
 * ``docker shared``: into a docker runtime's running host container (``hosting: shared``).
 
 Fairness rules:
@@ -230,8 +232,7 @@ async def main() -> None:
             OnlineDeployRequest(deployment_id=first_id, snapshot=snapshot, runtime=docker_rt, stage="DEV"),
             _ignore,
         )
-        first_seconds = time.perf_counter() - started
-        await docker_driver.undeploy(UndeployRequest(deployment_id=first_id, runtime=docker_rt))
+        first_seconds = time.perf_counter() - started  # it stays: the snapshot serves here
 
         resident = OnlineDeployRequest(
             deployment_id="bench-resident", snapshot=snapshot, runtime=local_rt, stage="DEV"
@@ -256,6 +257,7 @@ async def main() -> None:
                     batches[name].job_seconds.append(job)
                     batches[name].records = records
         finally:
+            await docker_driver.undeploy(UndeployRequest(deployment_id=first_id, runtime=docker_rt))
             await local_driver.undeploy(UndeployRequest(deployment_id="bench-resident", runtime=local_rt))
             await docker_driver.undeploy(
                 UndeployRequest(deployment_id="bench-resident", runtime=shared_docker_rt)

@@ -77,6 +77,7 @@ COMMAND_MODULES = {
     "audit": "trust_cmds",
     "db": "trust_cmds",
     "server": "server_cmds",
+    "login": "server_cmds",
 }
 """Top-level command -> the module that defines it (``tests/test_cli_usage.py`` checks it)."""
 

@@ -29,6 +29,33 @@ REF = Annotated[str, typer.Argument(help="MODEL@VERSION, e.g. cc-fraud@1.")]
 JSON = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
 STAGE = Annotated[str, typer.Option(help="The gate's stage (guards against deciding at the wrong one).")]
 COMMENT = Annotated[str, typer.Option(help="Why; kept in the audit trail.")]
+
+
+def _evidence_option(value: str | None) -> str | None:
+    """``--evidence`` must be ``sha256:`` and 64 hex digits, as the web page prints it."""
+    if value is None:
+        return None
+    digits = value.lower().removeprefix("sha256:")
+    if (
+        not value.lower().startswith("sha256:")
+        or len(digits) != 64
+        or any(c not in "0123456789abcdef" for c in digits)
+    ):
+        raise typer.BadParameter(
+            f"expected sha256: and 64 hex digits (as the run's web page shows it), not {value!r}"
+        )
+    return value.lower()
+
+
+EVIDENCE = Annotated[
+    str | None,
+    typer.Option(
+        help="sha256:... of the evidence you looked at (the run's web page shows it): refuse to "
+        "sign if the run now shows other evidence.",
+        callback=_evidence_option,
+        metavar="sha256:HEX",
+    ),
+]
 PRINT = Annotated[
     bool,
     typer.Option(
@@ -282,7 +309,9 @@ def render_status(current: LifecycleStatus) -> None:
         console.print(f"  [yellow]refused {what}:[/yellow] {escape(note.removeprefix(EVIDENCE_NOTE))}")
 
 
-def _decide(ref: str, stage: str, comment: str, *, decision: Decision, print_statement: bool) -> None:
+def _decide(
+    ref: str, stage: str, comment: str, *, decision: Decision, print_statement: bool, evidence: str | None
+) -> None:
     from mlc.contracts.lifecycle import SignalDecision
     from mlc.lifecycle_client import send_decision, sign_decision
 
@@ -296,7 +325,7 @@ def _decide(ref: str, stage: str, comment: str, *, decision: Decision, print_sta
 
             async with remote:
                 envelope = await through.sign_decision(
-                    remote, model_ref, stage=stage, decision=decision, comment=comment
+                    remote, model_ref, stage=stage, decision=decision, comment=comment, evidence=evidence
                 )
                 if print_statement:
                     return show(envelope)
@@ -305,7 +334,14 @@ def _decide(ref: str, stage: str, comment: str, *, decision: Decision, print_sta
         async with inventory(cfg) as pool:
             me = await signer(cfg, pool)
             handle, envelope = await sign_decision(
-                await client(cfg), pool, me, model_ref, stage=stage, decision=decision, comment=comment
+                await client(cfg),
+                pool,
+                me,
+                model_ref,
+                stage=stage,
+                decision=decision,
+                comment=comment,
+                evidence=evidence,
             )
         if print_statement:
             return show(envelope)
@@ -324,14 +360,22 @@ def _decide(ref: str, stage: str, comment: str, *, decision: Decision, print_sta
     run(go())
 
 
-def approve(ref: REF, stage: STAGE, comment: COMMENT = "", print_statement: PRINT = False) -> None:
+def approve(
+    ref: REF, stage: STAGE, comment: COMMENT = "", evidence: EVIDENCE = None, print_statement: PRINT = False
+) -> None:
     """Sign and send an approval for the gate a lifecycle is waiting at."""
-    _decide(ref, stage, comment, decision=Decision.APPROVED, print_statement=print_statement)
+    _decide(
+        ref, stage, comment, decision=Decision.APPROVED, print_statement=print_statement, evidence=evidence
+    )
 
 
-def reject(ref: REF, stage: STAGE, comment: COMMENT = "", print_statement: PRINT = False) -> None:
+def reject(
+    ref: REF, stage: STAGE, comment: COMMENT = "", evidence: EVIDENCE = None, print_statement: PRINT = False
+) -> None:
     """Sign and send a rejection: the lifecycle undeploys that stage and ends as failed."""
-    _decide(ref, stage, comment, decision=Decision.REJECTED, print_statement=print_statement)
+    _decide(
+        ref, stage, comment, decision=Decision.REJECTED, print_statement=print_statement, evidence=evidence
+    )
 
 
 def rollback(

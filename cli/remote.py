@@ -61,11 +61,14 @@ def _run_path(ref: ModelRef) -> str:
 
 
 async def sign_decision(
-    api: ApiClient, ref: ModelRef, *, stage: str, decision: Decision, comment: str
+    api: ApiClient, ref: ModelRef, *, stage: str, decision: Decision, comment: str, evidence: str | None
 ) -> Envelope:
-    """A decision signed here on the evidence the server says the gate shows."""
+    """A decision signed here on the evidence the server says the gate shows (refused
+    unless it is ``evidence``, the digest the person was shown, when given)."""
     context = DecisionContext.model_validate(await api.get(f"{_run_path(ref)}/decision-context", stage=stage))
-    return sign_in_context(await me(api), context, stage=stage, decision=decision, comment=comment)
+    return sign_in_context(
+        await me(api), context, stage=stage, decision=decision, comment=comment, evidence=evidence
+    )
 
 
 async def send_decision(api: ApiClient, ref: ModelRef, envelope: Envelope) -> ApprovalRecord:

@@ -16,7 +16,7 @@ from temporalio.exceptions import WorkflowAlreadyStartedError
 from temporalio.service import RPCError
 
 from mlc import names
-from mlc.contracts.lifecycle import LifecycleStatus, SignedDecision, StartLifecycleInput
+from mlc.contracts.lifecycle import LifecycleStatus, SignedDecision, StartLifecycleInput, evidence_digest
 from mlc.domain import (
     ApprovalRecord,
     Decision,
@@ -138,9 +138,23 @@ async def decision_context(
 
 
 def sign_in_context(
-    signer: Signer, context: DecisionContext, *, stage: str, decision: Decision, comment: str = ""
+    signer: Signer,
+    context: DecisionContext,
+    *,
+    stage: str,
+    decision: Decision,
+    comment: str = "",
+    evidence: str | None = None,
 ) -> Envelope:
-    """``signer``'s decision at ``stage`` on exactly the evidence ``context`` shows."""
+    """``signer``'s decision at ``stage`` on exactly the evidence ``context`` shows.
+
+    ``evidence`` (``sha256:HEX``, as the web page shows it) is the evidence the person
+    looked at: nothing is signed unless ``context`` shows exactly that.
+
+    Raises:
+        ConflictError: ``context`` shows other evidence than ``evidence``.
+    """
+    check_evidence_seen(context.status, stage=stage, seen=evidence)
     return signer.decision(
         context.status,
         stage=stage,
@@ -161,14 +175,45 @@ async def sign_decision(
     stage: str,
     decision: Decision,
     comment: str = "",
+    evidence: str | None = None,
 ) -> tuple[WorkflowHandle[object, object], Envelope]:
-    """Sign a decision at the gate the snapshot's run waits at, on the evidence it shows now.
+    """Sign a decision at the gate the snapshot's run waits at, on the evidence it shows now
+    (and only if that is ``evidence``, when given: see :func:`sign_in_context`).
 
     Raises:
-        ConflictError: the run is not waiting at ``stage``.
+        ConflictError: the run is not waiting at ``stage``, or shows other evidence than
+            ``evidence``.
     """
     handle, context = await decision_context(client, pool, ref, stage=stage)
-    return handle, sign_in_context(signer, context, stage=stage, decision=decision, comment=comment)
+    envelope = sign_in_context(
+        signer, context, stage=stage, decision=decision, comment=comment, evidence=evidence
+    )
+    return handle, envelope
+
+
+EVIDENCE_PREFIX = "sha256:"
+"""How the web page and ``--evidence`` write an evidence digest."""
+
+
+def check_evidence_seen(status: LifecycleStatus, *, stage: str, seen: str | None) -> None:
+    """Refuse to sign when the run's evidence at ``stage`` is not the ``seen`` digest
+    (``sha256:HEX``; None: nothing to compare, as before ``--evidence`` existed).
+
+    Between reading the page and running the command a stage can be tested again; a
+    decision must be about what the person read, so a changed report means looking again.
+
+    Raises:
+        ConflictError: the evidence differs, naming both digests and where to look.
+    """
+    if seen is None:
+        return
+    ref = f"{status.model}@{status.version}"
+    now = EVIDENCE_PREFIX + evidence_digest(status, stage)
+    if seen.lower() != now:
+        raise ConflictError(
+            f"{ref}: the evidence at {stage} is now {now}, not the {seen} you were shown; nothing was "
+            f"signed: look at it again (`mlc status {ref}` or the run's web page) and decide on that"
+        )
 
 
 async def send_decision(

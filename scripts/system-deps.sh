@@ -9,6 +9,7 @@
 #         bubblewrap     uploaded lifecycle code runs only in a bubblewrap sandbox
 #   test: docker-compose tests/test_compose.py and scripts/compose-smoke.sh
 #         debootstrap    builds the local base images (tests/test_fresh_machine.py's too)
+#         chromium       tests/test_web.py drives the web page with Playwright (/usr/bin/chromium)
 #         a Docker engine and the base image mlc-python:3.11-bookworm: scripts/docker-engine.sh
 #
 # Every piece already present is left alone, so a second run only checks (a fraction of a
@@ -55,6 +56,7 @@ have bwrap || need bwrap bubblewrap "uploaded lifecycle code runs only in a bubb
 if [ "$profile" = test ]; then
     have docker-compose || need docker-compose docker-compose "tests/test_compose.py and scripts/compose-smoke.sh"
     have debootstrap || need debootstrap debootstrap "builds the local base images (tests/test_fresh_machine.py's too)"
+    [ -x /usr/bin/chromium ] || need chromium chromium "tests/test_web.py drives the web page with Playwright"
     if ! docker info >/dev/null 2>&1 || ! docker image inspect "$BASE_IMAGE" >/dev/null 2>&1; then
         engine=1
         at="${DOCKER_HOST:-unix:///var/run/docker.sock}"

@@ -17,6 +17,7 @@ from server.api import ENDPOINTS, route
 from server.config import ServerConfig
 from server.context import ServerContext
 from server.routes import MODULES
+from server.web import routes as web_routes
 
 OPENAPI_PATH = "/v1/openapi.json"
 POOL_SIZE = 10
@@ -55,5 +56,6 @@ def create_app(config: ServerConfig) -> Starlette:
         Route(OPENAPI_PATH, schema, methods=["GET"]),
         Route("/healthz", health, methods=["GET"]),
         *(route(spec) for spec in ENDPOINTS),
+        *web_routes(),
     ]
     return Starlette(routes=routes, lifespan=lifespan)

@@ -9,6 +9,8 @@ from mlc.config import Settings
 from mlc.errors import PrerequisiteError
 
 DEFAULT_PORT = 8280
+DEFAULT_TEMPORAL_UI = "http://127.0.0.1:8233"
+"""The Temporal Web UI of ``mlc dev`` (the run page links each run there)."""
 
 
 @dataclass(frozen=True)
@@ -20,6 +22,8 @@ class ServerConfig:
     """The URL clients sign requests for (``MLC_API_PUBLIC_URL``): the server rebuilds each
     request's ``@target-uri`` from it, never from the ``Host`` header, so a request signed for
     another server or behind another proxy path does not verify here."""
+    temporal_ui_url: str = DEFAULT_TEMPORAL_UI
+    """The Temporal Web UI people open (``MLC_TEMPORAL_UI_URL``): the run page links there."""
 
     @classmethod
     def from_env(cls, settings: Settings, *, host: str, port: int) -> ServerConfig:
@@ -29,7 +33,8 @@ class ServerConfig:
                 "(it is the only process besides the workers that holds it)"
             )
         public = os.environ.get("MLC_API_PUBLIC_URL") or f"http://{_url_host(host)}:{port}"
-        return cls(settings=settings, public_url=public.rstrip("/"))
+        ui = os.environ.get("MLC_TEMPORAL_UI_URL") or DEFAULT_TEMPORAL_UI
+        return cls(settings=settings, public_url=public.rstrip("/"), temporal_ui_url=ui.rstrip("/"))
 
 
 def _url_host(host: str) -> str:

@@ -150,6 +150,8 @@ async def test_register_promote_through_every_stage_and_roll_back(
             PermissionDeniedError, match="signed by root's key, but the request comes from alice"
         ):
             await api.post(path, {"envelope": roots.to_json()})
+    unseen = await out.mlc("approve", "cc-fraud@2", "--stage", "DEV", "--evidence", "sha256:" + "0" * 64)
+    assert unseen.returncode == 4 and "nothing was signed" in unseen.stderr, unseen.stderr
     for stage in STAGES[:-1]:
         await wait_for_gate(v2, stage)
         decided = await out.mlc("approve", "cc-fraud@2", "--stage", stage, "--comment", "fine")

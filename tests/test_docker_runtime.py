@@ -504,6 +504,40 @@ def _spares(engine: Any, runtime: Runtime) -> list[Any]:
     return [c for c in found if c.name.startswith(SPARE_PREFIX)]
 
 
+async def test_a_snapshots_spare_goes_with_its_last_deployment(
+    engine: Any, settings: Settings, cc_fraud: ModelSnapshot, notes: list[str]
+) -> None:
+    """A spare keeps a serving snapshot's next container warm; once nothing of the snapshot
+    serves on the runtime (undeployed, rejected, retired), its model code stops running."""
+    runtime = _runtime(f"docker-spare-{uuid.uuid4().hex[:8]}", memory="512m")
+    driver = DockerDriver(settings)
+    first, second = (f"cc-fraud-1-{n}-{uuid.uuid4().hex[:6]}" for n in ("a", "b"))
+
+    def request(deployment_id: str) -> OnlineDeployRequest:
+        return OnlineDeployRequest(
+            deployment_id=deployment_id, snapshot=cc_fraud, runtime=runtime, stage="DEV"
+        )
+
+    try:
+        await driver.deploy_online(request(first), notes.append)
+        await driver.deploy_online(request(second), notes.append)
+        await spares.settled()
+        (spare,) = _spares(engine, runtime)
+        await driver.undeploy(UndeployRequest(deployment_id=first, runtime=runtime))
+        assert [s.id for s in _spares(engine, runtime)] == [spare.id], "the snapshot still serves here"
+
+        await driver.undeploy(UndeployRequest(deployment_id=second, runtime=runtime))
+
+        assert _spares(engine, runtime) == []
+        assert engine.containers.list(all=True, filters={"label": f"mlc.runtime={runtime.name}"}) == []
+        spare_socket = endpoints.parse(spare.labels["mlc.endpoint"]).socket
+        assert spare_socket is not None and not spare_socket.parent.exists()
+    finally:
+        await spares.settled()
+        for container in engine.containers.list(all=True, filters={"label": f"mlc.runtime={runtime.name}"}):
+            container.remove(force=True)
+
+
 async def test_a_spare_serves_one_deployment_only_and_cleanup_leaves_nothing(
     engine: Any, settings: Settings, cc_fraud: ModelSnapshot, notes: list[str]
 ) -> None:

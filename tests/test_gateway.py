@@ -41,14 +41,15 @@ from activities.runtimes.gateway.nginx import (
 )
 from activities.runtimes.local.driver import LocalDriver
 from activities.runtimes.local.gateway import LocalGateway
-from mlc import isolation, processes
+from mlc import endpoints, isolation, processes
 from mlc.artifacts import ArtifactStore, build_archive
 from mlc.config import Settings
 from mlc.contracts.runtime import RuntimeActionInput
-from mlc.contracts.traffic import ObserveTrafficInput
+from mlc.contracts.traffic import ObserveTrafficInput, RouteTrafficResult
 from mlc.domain import (
     DockerSettings,
     GatewaySettings,
+    HostingMode,
     Mode,
     ModelSnapshot,
     Runtime,
@@ -251,6 +252,37 @@ async def test_changes_of_one_endpoint_at_once_are_applied_once_newest_first(
         fresh = await local_driver.route(local_runtime, "weak-model", _routes((v1, 100)), lambda _n: None)
         assert "superseded_by" not in fresh.details
         assert (await http.get(f"{results[0].endpoint}/health")).json()["version"] == "1"
+
+
+async def test_a_model_off_its_socket_fails_only_its_own_change(
+    settings: Settings, local_runtime: Runtime, local_driver: LocalDriver
+) -> None:
+    """A model can remove its own socket. Its change, the newest of a turn, then fails
+    alone: the older change waiting in the same turn (a rollback, another version's
+    promotion) is applied, not failed with an error about someone else's deployment."""
+    runtime = local_runtime.model_copy(update={"hosting": HostingMode.DEDICATED})  # a socket each
+    v1 = await _deploy(local_driver, runtime, _snapshot(settings, WEAK, 1))
+    v2 = await _deploy(local_driver, runtime, _snapshot(settings, WEAK, 2))
+    v2_socket = endpoints.parse(await local_driver.locate(runtime, v2.deployment_id)).socket
+    assert v2_socket is not None
+    v2_socket.unlink()  # what v2's own code may do: it runs as the deployment's user
+    base = datetime.now(UTC)
+    older, newer = await asyncio.gather(
+        local_driver.route(local_runtime, "weak-model", _routes((v1, 100)), lambda _n: None, as_of=base),
+        local_driver.route(
+            local_runtime,
+            "weak-model",
+            _routes((v2, 100)),
+            lambda _n: None,
+            as_of=base + timedelta(seconds=1),
+        ),
+        return_exceptions=True,
+    )
+    assert isinstance(newer, DeploymentFailedError), newer
+    assert isinstance(older, RouteTrafficResult), older
+    assert "superseded_by" not in older.details
+    async with httpx.AsyncClient(trust_env=False) as http:
+        assert (await http.get(f"{older.endpoint}/health")).json()["version"] == "1"
 
 
 async def test_a_change_waiting_its_turn_heartbeats(

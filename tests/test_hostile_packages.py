@@ -12,6 +12,8 @@ import io
 import json
 import os
 import shutil
+import subprocess
+import sys
 import tarfile
 import time
 from collections.abc import AsyncIterator
@@ -22,7 +24,11 @@ import pytest
 
 from activities.runtimes.base import BatchJobRequest, CleanupRequest, OnlineDeployRequest, UndeployRequest
 from activities.runtimes.docker.images import (
+    CONSUMER_PATH,
+    MODEL_SITE,
+    PLATFORM_SITE,
     PythonTarget,
+    consumer_command,
     download_wheelhouse,
     environment_scrubber,
     render_dockerfile,
@@ -285,6 +291,35 @@ def test_image_build_refuses_unchecked_requirements_and_ends_pip_options() -> No
     assert "--only-binary=:all:" in install
     assert "--no-index" in install
     assert install[install.index("--") + 1 :] == requirements
+
+
+def test_streaming_consumers_never_import_the_models_packages(tmp_path: Path) -> None:
+    """A model's wheels may ship modules named like the standard library's; in the image they
+    sit in MODEL_SITE on PYTHONPATH, and the consumer (broker credentials, network) must not
+    run them. The image's consumer command, pointed at this checkout instead of /opt, with
+    the hostile folder where the image's PYTHONPATH would put MODEL_SITE."""
+    lines = render_dockerfile("base", server_requirements(snapshot_with(("orjson>=3",)))).splitlines()
+    assert f"COPY --from=deps {PLATFORM_SITE} {PLATFORM_SITE}" in lines
+    assert MODEL_SITE not in CONSUMER_PATH
+    hostile = tmp_path / "site"
+    ran = tmp_path / "ran"
+    for module in ("ctypes", "logging", "argparse", "json"):
+        (hostile / module).mkdir(parents=True)
+        (hostile / module / "__init__.py").write_text(f"open({str(ran)!r}, 'a').write({module!r})\n")
+    checkout = Path(__file__).resolve().parent.parent
+    site = next(p for p in map(Path, sys.path) if p.name == "site-packages")
+    command = consumer_command("consume", "--help", path=(str(checkout), str(site)))
+    done = subprocess.run(
+        [sys.executable, *command[1:]],
+        env={**os.environ, "PYTHONPATH": str(hostile)},
+        cwd=hostile,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "--score-socket" in done.stdout
+    assert not ran.exists(), f"model code ran in the consumer: {ran.read_text()}"
 
 
 @pytest.fixture

@@ -19,7 +19,7 @@ from mlc.domain import (
     LifecycleState,
     StageTestReport,
 )
-from mlc.statements import Envelope
+from mlc.statements import Envelope, digest
 
 
 class StartLifecycleInput(Frozen):
@@ -74,6 +74,18 @@ class LifecycleStatus(Frozen):
     refused: tuple[str, ...] = ()
     """Signals that were ignored, with why (signals cannot be refused to their sender), and
     runtime results the inventory refused (prefixed :data:`EVIDENCE_NOTE`)."""
+
+
+def evidence_digest(status: LifecycleStatus, stage: str) -> str:
+    """The sha256 a decision at ``stage`` signs as the evidence shown: the stage's newest
+    test report (canonical JSON), or ``null`` when the stage has none.
+
+    The web page shows it beside the report and in the ``mlc approve --evidence`` command it
+    prints, so the CLI can refuse to sign when the evidence it fetched is not what the person
+    saw on the page.
+    """
+    shown = [r for r in status.reports if r.stage == stage]
+    return digest(shown[-1].model_dump(mode="json") if shown else None)
 
 
 class SignalDecision(Frozen):

@@ -108,3 +108,21 @@ async def update_serving(
         [s.value for s in while_in],
     )
     return Deployment.model_validate(row_dict(row)) if row else None
+
+
+async def read_live_of(
+    pool: asyncpg.Connection | asyncpg.Pool, refs: list[tuple[str, int]], *, limit: int = 1000
+) -> list[Deployment]:
+    """The live deployments of the snapshots ``refs`` (model, version), at most ``limit``,
+    in one query (a page of snapshots asks once, not once per snapshot)."""
+    rows = await pool.fetch(
+        f"""SELECT {_COLUMNS} FROM deployments
+            WHERE state = ANY($1::text[])
+              AND (model, version) IN (SELECT * FROM unnest($2::text[], $3::int[]))
+            ORDER BY model, version, stage, runtime LIMIT $4""",
+        list(LIVE),
+        [m for m, _ in refs],
+        [v for _, v in refs],
+        limit,
+    )
+    return [Deployment.model_validate(row_dict(r)) for r in rows]

@@ -113,3 +113,34 @@ async def read_runs(
         version,
     )
     return [r for r in (row_dict(x) for x in rows) if r is not None]
+
+
+async def read_latest_of(pool: asyncpg.Pool, refs: list[tuple[str, int]]) -> list[dict[str, Any]]:
+    """The newest run of each snapshot in ``refs`` (model, version) that has one, in one query."""
+    rows = await pool.fetch(
+        """SELECT DISTINCT ON (model, version) * FROM lifecycle_runs
+           WHERE (model, version) IN (SELECT * FROM unnest($1::text[], $2::int[]))
+           ORDER BY model, version, started_at DESC LIMIT $3""",
+        [m for m, _ in refs],
+        [v for _, v in refs],
+        len(refs),
+    )
+    return [r for r in (row_dict(x) for x in rows) if r is not None]
+
+
+async def read_waiting(pool: asyncpg.Pool, *, limit: int) -> list[dict[str, Any]]:
+    """Runs waiting at a gate, the longest-waiting first (by when the run began), at most ``limit``."""
+    rows = await pool.fetch(
+        """SELECT * FROM lifecycle_runs WHERE state = 'awaiting_approval' AND ended_at IS NULL
+           ORDER BY started_at, workflow_id LIMIT $1""",
+        limit,
+    )
+    return [r for r in (row_dict(x) for x in rows) if r is not None]
+
+
+async def read_recent(pool: asyncpg.Pool, *, model: str, limit: int) -> list[dict[str, Any]]:
+    """A model's newest runs first, at most ``limit``."""
+    rows = await pool.fetch(
+        "SELECT * FROM lifecycle_runs WHERE model = $1 ORDER BY started_at DESC LIMIT $2", model, limit
+    )
+    return [r for r in (row_dict(x) for x in rows) if r is not None]

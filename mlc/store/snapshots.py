@@ -86,3 +86,22 @@ async def read_snapshots(
         limit,
     )
     return [ModelSnapshot.model_validate(row_dict(r)) for r in rows]
+
+
+async def read_snapshot_page(
+    pool: asyncpg.Pool, *, limit: int, after: tuple[str, int] | None = None, model: str | None = None
+) -> list[ModelSnapshot]:
+    """At most ``limit`` snapshots by model, newest version first, from after ``after``
+    (the last ``(model, version)`` of the previous page): one index range, however many exist."""
+    last_model, last_version = after if after is not None else (None, None)
+    rows = await pool.fetch(
+        f"""SELECT {_COLUMNS} FROM snapshots
+            WHERE ($1::text IS NULL OR model = $1)
+              AND ($2::text IS NULL OR model > $2 OR (model = $2 AND version < $3))
+            ORDER BY model, version DESC LIMIT $4""",
+        model,
+        last_model,
+        last_version,
+        limit,
+    )
+    return [ModelSnapshot.model_validate(row_dict(r)) for r in rows]

@@ -89,3 +89,16 @@ async def read_one(
         f"SELECT {_COLUMNS} FROM traffic WHERE runtime = $1 AND model = $2 FOR UPDATE", runtime, model
     )
     return None if row is None else _table(row)
+
+
+async def read_traffic_of(
+    conn: asyncpg.Connection | asyncpg.Pool, models: list[str], *, limit: int = 500
+) -> list[TrafficTable]:
+    """The stable endpoints of ``models``, at most ``limit``, ordered by model, stage, runtime."""
+    rows = await conn.fetch(
+        f"""SELECT {_COLUMNS} FROM traffic WHERE model = ANY($1::text[])
+            ORDER BY model, stage, runtime LIMIT $2""",
+        models,
+        limit,
+    )
+    return [_table(r) for r in rows]

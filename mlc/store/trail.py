@@ -45,6 +45,7 @@ __all__ = [
     "append",
     "lock",
     "read_entries",
+    "read_recent",
 ]
 """The trail's storage, and the entry format it stores (:mod:`mlc.trust.entries`, where its
 verification lives)."""
@@ -146,19 +147,47 @@ async def read_entries(
     version: int | None = None,
     workflow_id: str | None = None,
     run_id: str | None = None,
+    limit: int | None = None,
 ) -> list[Entry]:
-    """Entries in chain order, filtered."""
+    """Entries in chain order, filtered; the first ``limit`` of them (None: all)."""
     rows = await conn.fetch(
         f"""SELECT {_COLUMNS} FROM audit_log
             WHERE seq > $1 AND ($2::text[] IS NULL OR kind = ANY($2))
               AND ($3::text IS NULL OR model = $3) AND ($4::int IS NULL OR version = $4)
               AND ($5::text IS NULL OR workflow_id = $5) AND ($6::text IS NULL OR run_id = $6)
-            ORDER BY seq""",
+            ORDER BY seq LIMIT $7""",
         after,
         list(kinds) if kinds else None,
         model,
         version,
         workflow_id,
         run_id,
+        limit,
+    )
+    return [_entry(r) for r in rows]
+
+
+async def read_recent(
+    conn: asyncpg.Connection | asyncpg.Pool,
+    *,
+    limit: int,
+    before: int | None = None,
+    kinds: tuple[str, ...] | None = None,
+    model: str | None = None,
+    stage: str | None = None,
+) -> list[Entry]:
+    """The newest ``limit`` entries before ``before`` (a ``seq``; None: the head), newest
+    first (``stage``: only those whose body names that stage)."""
+    rows = await conn.fetch(
+        f"""SELECT {_COLUMNS} FROM audit_log
+            WHERE ($1::bigint IS NULL OR seq < $1) AND ($2::text[] IS NULL OR kind = ANY($2))
+              AND ($3::text IS NULL OR model = $3)
+              AND ($4::text IS NULL OR body::jsonb ->> 'stage' = $4)
+            ORDER BY seq DESC LIMIT $5""",
+        before,
+        list(kinds) if kinds else None,
+        model,
+        stage,
+        limit,
     )
     return [_entry(r) for r in rows]

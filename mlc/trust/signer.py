@@ -13,7 +13,7 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from mlc.contracts.lifecycle import LifecycleStatus
+from mlc.contracts.lifecycle import LifecycleStatus, evidence_digest
 from mlc.domain import Decision
 from mlc.statements import (
     DECISION_TYPE,
@@ -23,7 +23,6 @@ from mlc.statements import (
     Envelope,
     RollbackPredicate,
     Statement,
-    digest,
     make_statement,
     seal,
 )
@@ -72,7 +71,6 @@ class Signer:
         lifetime: timedelta = DECISION_LIFETIME,
     ) -> Envelope:
         """Sign a decision at ``stage`` of the run ``status`` describes, on the evidence it shows."""
-        shown = [r for r in status.reports if r.stage == stage]
         issued = issued_at or datetime.now(UTC)
         predicate = DecisionPredicate(
             model=status.model,
@@ -81,7 +79,7 @@ class Signer:
             decision=decision.value,
             workflow_id=workflow_id,
             run_id=run_id,
-            evidence_sha256=digest(shown[-1].model_dump(mode="json") if shown else None),
+            evidence_sha256=evidence_digest(status, stage),
             comment=comment,
             signer=self.name,
             issued_at=issued,

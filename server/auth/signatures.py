@@ -54,7 +54,7 @@ class _Keys(HTTPSignatureKeyResolver):
         for principal in governance.principals.values():
             if isinstance(keyid, str) and keyid in principal.keys:
                 if keyid in principal.revoked:
-                    raise unauthenticated("revoked-key", f"key {keyid} ({principal.name}) has been revoked")
+                    raise unauthenticated("revoked-key", f"key {keyid} has been revoked")
                 self.owner = principal.name
                 self.key = principal.keys[keyid]
                 return
@@ -113,7 +113,9 @@ async def verify_request(
     ``body=None``: the caller checks the streamed body against ``content-digest`` itself
     (uploads too large to hold); the signature must still cover the digest.
     """
-    lookup = {name.lower(): value for name, value in headers}
+    lookup: dict[str, str] = {}
+    for name, value in headers:  # repeated fields combine, as the library reads them
+        lookup[name.lower()] = f"{lookup[name.lower()]}, {value}" if name.lower() in lookup else value
     params = _parameters(lookup)
     _check_times(params, datetime.now(UTC))
     if params.get("tag") != TAG:

@@ -8,6 +8,16 @@ from server.routes import (
     me,
     rollbacks,
     snapshots,
+    web_sessions,
 )
 
-MODULES = (me, snapshots, artifacts, governance, lifecycle_runs, lifecycle_uploads, rollbacks)
+MODULES = (
+    me,
+    snapshots,
+    web_sessions,
+    artifacts,
+    governance,
+    lifecycle_runs,
+    lifecycle_uploads,
+    rollbacks,
+)

@@ -133,6 +133,19 @@ def socket_key(deployment_id: str) -> str:
     return hashlib.sha256(deployment_id.encode()).hexdigest()[:16]
 
 
+_SOCKET_KEY = re.compile(r"_?[0-9a-f]{15,16}")
+"""A deployment's key (:func:`socket_key`) or a spare's (``_`` and 15 hex digits)."""
+
+
+def label_key(container: Any) -> str | None:
+    """A container's ``mlc.socket-key`` label when it is a key this code makes, else None.
+
+    Labels are inherited from the image, and an image's from its base: a base image
+    labelled ``mlc.socket-key=../../..`` must not name a path the worker removes as root."""
+    key = container.labels.get("mlc.socket-key", "")
+    return key if _SOCKET_KEY.fullmatch(key) else None
+
+
 def socket_folder(settings: Settings, runtime: Runtime, key: str) -> Path:
     """Create (or take back) the socket folder ``key`` of ``runtime``: owned by the
     containers' user, 0700; its parents root's, 0711 (traversable, not listable)."""

@@ -82,6 +82,7 @@ from activities.runtimes.docker.containers import (
     container_name,
     drop_socket_folder,
     endpoint_of,
+    label_key,
     log_tail,
     model_labels,
     model_network,
@@ -325,7 +326,8 @@ class DockerDriver(GatewayRouted):
     async def undeploy(self, request: UndeployRequest) -> None:
         """Remove every container labelled with the deployment id and the spare it claimed
         (none is fine), with their socket folders; streaming consumers are stopped first so
-        they commit and leave their group."""
+        they commit and leave their group. The snapshot's spares go too once nothing of it
+        serves on the runtime (see :func:`spares.retire_unserved`)."""
 
         async with connect(request.runtime, f"undeploy {request.deployment_id}") as client:
             found = await asyncio.to_thread(
@@ -341,6 +343,9 @@ class DockerDriver(GatewayRouted):
                 if container.labels.get("mlc.mode") != MODE:
                     await asyncio.to_thread(spares.drop, client, self.settings, request.runtime, container)
             await unhost(self, client, request.runtime, keep=None, only=request.deployment_id)
+            if shas := {c.labels.get("mlc.sha256", "") for c in found} - {""}:
+                await spares.settled()  # a spare this process is starting for it
+                await asyncio.to_thread(spares.retire_unserved, client, self.settings, request.runtime, shas)
         await asyncio.to_thread(
             drop_socket_folder, self.settings, request.runtime, socket_key(request.deployment_id)
         )
@@ -367,7 +372,7 @@ class DockerDriver(GatewayRouted):
                     continue  # below: it goes when it hosts nothing kept
                 if container.labels.get("mlc.mode") == SPARE_MODE:
                     if container.name in kept_names:  # claimed by a kept deployment
-                        kept_keys.add(container.labels.get("mlc.socket-key", ""))
+                        kept_keys.add(label_key(container) or "")
                         continue
                     await asyncio.to_thread(spares.drop, client, self.settings, runtime, container)
                     if not container.name.startswith(SPARE_PREFIX):

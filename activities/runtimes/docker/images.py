@@ -146,14 +146,11 @@ def image_tag(snapshot: ModelSnapshot) -> str:
     return f"mlc-model/{snapshot.model}:{snapshot.version}-{snapshot.sha256[:12]}"
 
 
-def server_requirements(snapshot: ModelSnapshot) -> list[str]:
-    """What the image installs: the server's dependencies, pinned to this host's versions.
+def platform_requirements() -> list[str]:
+    """The server's and consumer's dependencies, pinned to this host's versions.
 
     Pinning makes the container run the versions the orchestrator was tested with, and
     keeps the wheelhouse key stable while the host environment is unchanged.
-
-    Raises:
-        DeploymentFailedError: a requirement of the snapshot is not a plain index requirement.
     """
     pinned = []
     for name in SERVER_DISTRIBUTIONS:
@@ -161,6 +158,16 @@ def server_requirements(snapshot: ModelSnapshot) -> list[str]:
             pinned.append(f"{name}=={importlib.metadata.version(name)}")
         except importlib.metadata.PackageNotFoundError:
             pinned.append(name)
+    return pinned
+
+
+def server_requirements(snapshot: ModelSnapshot) -> list[str]:
+    """What the model server's environment installs: :func:`platform_requirements` and the
+    snapshot's own requirements, resolved together so the model gets versions that agree.
+
+    Raises:
+        DeploymentFailedError: a requirement of the snapshot is not a plain index requirement.
+    """
     for entry in snapshot.requirements:
         try:
             check_requirement(entry)
@@ -168,33 +175,60 @@ def server_requirements(snapshot: ModelSnapshot) -> list[str]:
             raise DeploymentFailedError(
                 f"{snapshot.ref}: {exc}. Fix manifest.yaml and register a new version."
             ) from None
-    return [*pinned, *snapshot.requirements]
+    return [*platform_requirements(), *snapshot.requirements]
 
 
-def render_dockerfile(base_image: str, requirements: list[str]) -> str:
-    """The model image's Dockerfile (two stages, so the wheels stay out of the final image)."""
+MODEL_SITE = "/opt/site"
+"""The model server's packages: the platform's and the model's, resolved together."""
+PLATFORM_SITE = "/opt/mlc-site"
+"""The platform's packages only: what the streaming consumer imports. A model's wheels can
+ship modules named like the standard library's (``ctypes/``, ``logging/``) and would run
+first from ``MODEL_SITE``; the consumer, which holds the broker's credentials and network,
+never has that folder on its path."""
+CONSUMER_PATH = ("/opt/mlc", PLATFORM_SITE)
+
+
+def consumer_command(*args: str, path: tuple[str, ...] = CONSUMER_PATH) -> list[str]:
+    """``python -m mlc.streaming ARGS`` isolated from the image's ``PYTHONPATH`` (``-I``:
+    no environment variables, user site or working directory on the path) with only
+    ``path`` in front of the standard library."""
+    boot = (
+        f"import sys; sys.path[:0] = {list(path)!r}; import runpy; "
+        "runpy.run_module('mlc.streaming', run_name='__main__', alter_sys=True)"
+    )
+    return ["python3", "-I", "-B", "-u", "-c", boot, *args]
+
+
+def _pip_install(requirements: list[str], target: str) -> str:
     install = [
         "python3", f"/build/{_PIP_WHEEL}/pip", "install",
-        "--no-index", "--find-links", "/build/wheels", "--only-binary=:all:", "--target", "/opt/site",
+        "--no-index", "--find-links", "/build/wheels", "--only-binary=:all:", "--target", target,
         "--no-warn-script-location", "--disable-pip-version-check", "--no-cache-dir",
         "--root-user-action=ignore",
         "--", *requirements,
     ]  # fmt: skip
+    return f"RUN {json.dumps(install)}"
+
+
+def render_dockerfile(base_image: str, requirements: list[str]) -> str:
+    """The model image's Dockerfile (two stages, so the wheels stay out of the final image)."""
     compile_sources = ["python3", "-m", "compileall", "-q", "/opt/mlc", PACKAGE_DIR]
     return "\n".join(
         [
             f"FROM {base_image} AS deps",
             f"COPY {_PIP_WHEEL} /build/{_PIP_WHEEL}",
             "COPY wheels /build/wheels",
-            f"RUN {json.dumps(install)}",
+            _pip_install(requirements, MODEL_SITE),
+            _pip_install(platform_requirements(), PLATFORM_SITE),
             "",
             f"FROM {base_image}",
-            "COPY --from=deps /opt/site /opt/site",
+            f"COPY --from=deps {MODEL_SITE} {MODEL_SITE}",
+            f"COPY --from=deps {PLATFORM_SITE} {PLATFORM_SITE}",
             "COPY mlc /opt/mlc/mlc",
             f"COPY model {PACKAGE_DIR}",
             # Containers run with a read-only root: compile now, never write bytecode later.
             f"RUN {json.dumps(compile_sources)}",
-            "ENV PYTHONPATH=/opt/mlc:/opt/site HOME=/tmp PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1",
+            f"ENV PYTHONPATH=/opt/mlc:{MODEL_SITE} HOME=/tmp PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1",
             "USER 65534:65534",
             "WORKDIR /tmp",
             "",

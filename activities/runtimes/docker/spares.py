@@ -22,7 +22,10 @@ name. Labels cannot change, so a claimed container keeps its spare labels
 socket folder stays the one it was started with (its ``mlc.endpoint``).
 
 A spare serves one deployment, ever: undeploy removes it like any deployment container
-and nothing returns to the pool, so no model sees another's leftovers. The pool is
+and nothing returns to the pool, so no model sees another's leftovers. Unclaimed spares
+live only while their snapshot serves on the runtime (:func:`retire_unserved` at undeploy;
+a refill checks under the runtime's lock that it still serves): a rejected or retired
+version's code never keeps running where the inventory shows nothing. The pool is
 bounded (one spare per runtime and shape, at most :data:`SPARES_PER_RUNTIME` per runtime,
 the oldest removed first); a runtime's cleanup (``mlc runtime cleanup``) removes its
 spares, and ``mlc dev`` removes them when it stops. A spare that could not be started costs
@@ -33,11 +36,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import hashlib
 import json
 import logging
 import os
 import secrets
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +53,7 @@ from activities.runtimes.docker.containers import (
     SPARE_PREFIX,
     container_name,
     drop_socket_folder,
+    label_key,
     model_labels,
     remove,
     run_model_container,
@@ -113,7 +119,7 @@ def claim(client: Any, settings: Settings, runtime: Runtime, wanted: str, deploy
     """
     name = container_name(deployment_id)
     for spare in _spares(client, runtime):
-        key = spare.labels.get("mlc.socket-key", "")
+        key = label_key(spare)
         if spare.status != "running" or spare.labels.get("mlc.spare-shape") != wanted or not key:
             continue
         try:
@@ -161,10 +167,55 @@ async def _refill(
         log.warning("runtime %s: could not start a spare of %s", runtime.name, snapshot.ref, exc_info=True)
 
 
+@contextlib.contextmanager
+def _locked(settings: Settings, runtime: Runtime) -> Iterator[None]:
+    """Hold the runtime's spare lock (across this host's workers): listing spares, clearing
+    stale tokens and starting or retiring a spare happen as one step, so two refills cannot
+    delete each other's fresh token and a retire cannot miss a spare being started. Held
+    in a worker thread (``asyncio.to_thread``) that needs no other thread meanwhile."""
+    path = settings.runtime_dir / CLAIMS_DIR / f"{runtime.name}.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _serving(client: Any, runtime: Runtime) -> set[str]:
+    """sha256 of every snapshot a running deployment container on ``runtime`` serves
+    (claimed spares included: they carry their deployment's name)."""
+    running = client.containers.list(ignore_removed=True, filters={"label": f"mlc.runtime={runtime.name}"})
+    return {c.labels.get("mlc.sha256", "") for c in running if not c.name.startswith(SPARE_PREFIX)}
+
+
+def retire_unserved(client: Any, settings: Settings, runtime: Runtime, sha256s: set[str]) -> None:
+    """Remove the unclaimed spares of each snapshot in ``sha256s`` that no deployment on
+    ``runtime`` serves any more: a spare exists to make a running snapshot's next container
+    (a restart, a second deployment) warm; a rejected or retired version's model code must
+    not keep running where nothing in the inventory shows it."""
+    with _locked(settings, runtime):
+        serving = _serving(client, runtime)
+        for spare in _spares(client, runtime):
+            if spare.labels.get("mlc.sha256") in sha256s - serving:
+                retire(client, settings, runtime, spare)
+
+
 def _ensure_spare(
     client: Any, settings: Settings, runtime: Runtime, snapshot: ModelSnapshot, image_id: str, stage: str
 ) -> None:
-    """Start one spare of this shape when there is none; drop obsolete and surplus ones."""
+    """Start one spare of this shape when there is none and the snapshot still serves here
+    (its deployment may have been undeployed while this refill waited); drop obsolete and
+    surplus ones."""
+    with _locked(settings, runtime):
+        if snapshot.sha256 in _serving(client, runtime):
+            _refill_locked(client, settings, runtime, snapshot, image_id, stage)
+
+
+def _refill_locked(
+    client: Any, settings: Settings, runtime: Runtime, snapshot: ModelSnapshot, image_id: str, stage: str
+) -> None:
     wanted = shape(runtime, snapshot, image_id, stage)
     spares = []
     for spare in _spares(client, runtime):
@@ -175,7 +226,7 @@ def _ensure_spare(
             retire(client, settings, runtime, spare)
         else:
             spares.append(spare)
-    live = {spare.labels.get("mlc.socket-key") for spare in spares}
+    live = {label_key(spare) for spare in spares}
     for token in _claims(settings, runtime).iterdir():  # of spares removed behind our back
         if token.name not in live:
             token.unlink(missing_ok=True)
@@ -210,7 +261,7 @@ def _ensure_spare(
 def drop(client: Any, settings: Settings, runtime: Runtime, container: Any) -> None:
     """Remove a spare (or a claimed one), its claim token and its socket folder."""
     remove(container)
-    if key := container.labels.get("mlc.socket-key"):
+    if key := label_key(container):
         (_claims(settings, runtime) / key).unlink(missing_ok=True)
         drop_socket_folder(settings, runtime, key)
 
@@ -218,8 +269,11 @@ def drop(client: Any, settings: Settings, runtime: Runtime, container: Any) -> N
 def retire(client: Any, settings: Settings, runtime: Runtime, spare: Any) -> bool:
     """Remove an unclaimed spare this home started, claiming it first so no deploy gets it
     meanwhile; False when it was claimed already (or is another home's)."""
+    key = label_key(spare)
+    if key is None:
+        return False
     try:
-        (_claims(settings, runtime) / spare.labels.get("mlc.socket-key", "-")).unlink()
+        (_claims(settings, runtime) / key).unlink()
     except FileNotFoundError:
         return False
     drop(client, settings, runtime, spare)

@@ -54,7 +54,7 @@ from activities.runtimes.docker.containers import (
     wait_healthy,
 )
 from activities.runtimes.docker.engine import HEARTBEAT_SECONDS, connect, docker_settings
-from activities.runtimes.docker.images import PACKAGE_DIR, ensure_image
+from activities.runtimes.docker.images import PACKAGE_DIR, consumer_command, ensure_image
 from activities.runtimes.streams import (
     READY_TIMEOUT_SECONDS,
     STOP_TIMEOUT_SECONDS,
@@ -205,18 +205,13 @@ async def deploy_docker(
                     run_model_container,
                     client,
                     image.id,
-                    [
-                        "python3",
-                        "-s",
-                        "-P",
-                        "-m",
-                        "mlc.streaming",
+                    consumer_command(
                         "consume",
                         "--package",
                         PACKAGE_DIR,
                         "--score-socket",
                         f"{CONTAINER_SOCKET_DIR}/{SOCKET_NAME}",
-                    ],  # fmt: skip
+                    ),
                     name=name,
                     labels={**labels, "mlc.instance": str(index)},
                     settings=settings,

@@ -190,15 +190,17 @@ class _Queue:
 
     async def _turn(self, batch: list[_Change]) -> None:
         """Apply the newest change of ``batch`` (oldest first); the others are superseded by
-        it. A change refused on its own (a deployment gone) fails alone and the next newest
-        gets the turn; a gateway that fails fails them all (each caller retries)."""
+        it. A change refused on its own (a deployment gone, or one not answering on its
+        socket: a model can remove its own) fails alone and the next newest gets the turn,
+        so no model can fail another's change by being newer; a gateway that fails fails
+        them all (each caller retries)."""
         while batch:
             newest = batch.pop()
             self.note = f"changing the gateway of {newest.runtime.name}"
             try:
                 result = await _bounded(_apply(newest, self.model, self._noted), newest.gateway)
-            except (NotFoundError, RefusedError) as exc:
-                newest.settle(exc)
+            except (NotFoundError, RefusedError, _ChangeFailed) as exc:
+                newest.settle(exc.error if isinstance(exc, _ChangeFailed) else exc)
                 continue
             except Exception as exc:
                 for change in (*batch, newest):
@@ -222,8 +224,19 @@ async def _apply(change: _Change, model: str, heartbeat: Heartbeat) -> RouteTraf
     held = _held(gateway.root / "routes" / f"{model}.json")
     if held is not None and held[1] > change.decided:
         return _superseded(_routed(gateway, config, model, started, []), held[0], held[1])
-    backends = await _backends(change.driver, gateway, change.runtime, change.routes)
+    try:
+        backends = await _backends(change.driver, gateway, change.runtime, change.routes)
+    except DeploymentFailedError as exc:
+        raise _ChangeFailed(exc) from exc
     return await _write(gateway, config, model, change.routes, change.decided, backends, started, heartbeat)
+
+
+class _ChangeFailed(Exception):
+    """A change failed for its own deployments (locating them), not for the gateway."""
+
+    def __init__(self, error: DeploymentFailedError) -> None:
+        super().__init__(str(error))
+        self.error = error
 
 
 async def _bounded(work: Coroutine[Any, Any, RouteTrafficResult], gateway: Gateway) -> RouteTrafficResult:
