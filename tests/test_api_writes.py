@@ -9,9 +9,13 @@ signed) is refused; decisions sent this way verify in `mlc audit verify`.
 
 from __future__ import annotations
 
+import asyncio
+import base64
+import hashlib
 import json
 import shutil
 import subprocess
+from collections.abc import AsyncIterator
 from datetime import timedelta
 from pathlib import Path
 from urllib.parse import urlparse
@@ -21,11 +25,13 @@ from temporalio.client import WorkflowFailureError
 
 from cli import admin
 from cli.api_client import ApiClient
+from mlc.artifacts import ArtifactStore, build_archive, sha256_of
 from mlc.contracts.lifecycle import LifecycleResult, SignedDecision
 from mlc.domain import ApprovalGate, Decision, LifecycleSpec, ModelRef, StageSpec, TestKind
-from mlc.errors import InvalidPackageError, PermissionDeniedError, RefusedError
+from mlc.errors import InvalidPackageError, PermissionDeniedError, RefusedError, RuntimeUnavailableError
 from mlc.lifecycle_client import send_decision, sign_decision
 from mlc.store import runs, runtimes, trail
+from mlc.trust.governance import SNAPSHOT_REGISTER
 from mlc.trust.keys import key_id, load_private_key, public_text
 from server.routes.lifecycle_runs import API_START
 from tests.conftest import (
@@ -264,47 +270,66 @@ async def test_governance_commands_through_the_api(stack: Stack, api_server: str
     out.assert_no_dsn()
 
 
+def upload_headers(data: bytes) -> dict[str, str]:
+    digest = base64.b64encode(hashlib.sha256(data).digest()).decode()
+    return {"content-type": "application/gzip", "content-digest": f"sha-256=:{digest}:"}
+
+
 async def test_an_upload_must_be_the_bytes_its_url_and_digest_name(
     stack: Stack, api_server: str, example_package: Path
 ) -> None:
-    import base64
-    import hashlib
-
-    from mlc.artifacts import ArtifactStore, build_archive, sha256_of
-
     data = build_archive(example_package)
     sha = sha256_of(data)
-    signed = f"sha-256=:{base64.b64encode(hashlib.sha256(data).digest()).decode()}:"
-    tampered = data[:-1] + bytes([data[-1] ^ 1])
+    headers = upload_headers(data)
     store = ArtifactStore(stack.settings.artifact_dir)
     async with client_of(stack, REGISTRAR) as api:
+        tampered = data[:-1] + bytes([data[-1] ^ 1])
         with pytest.raises(RefusedError, match="digest-mismatch"):
-            await api.put(
-                f"/v1/artifacts/{sha}",
-                tampered,
-                {"content-type": "application/gzip", "content-digest": signed},
-            )
+            await api.put(f"/v1/artifacts/{sha}", tampered, headers)
         assert not store.path_for(sha).exists()
-        other = "0" * 64
         with pytest.raises(
             InvalidPackageError, match="the URL names archive 000000000000, but Content-Digest"
         ):
-            await api.put(
-                f"/v1/artifacts/{other}", data, {"content-type": "application/gzip", "content-digest": signed}
-            )
-        receipt = await api.put(
-            f"/v1/artifacts/{sha}", data, {"content-type": "application/gzip", "content-digest": signed}
-        )
+            await api.put(f"/v1/artifacts/{'0' * 64}", data, headers)
+        receipt = await api.put(f"/v1/artifacts/{sha}", data, headers)
         assert receipt == {"sha256": sha, "bytes": len(data), "new": True}
         assert store.path_for(sha).read_bytes() == data
+        assert list(store.incoming().iterdir()) == [], "no scratch file is left behind"
+
         # a registration naming another model than the archive holds is refused
-        me = await api.get("/v1/me")
         wrong = stack.signers[REGISTRAR].governance(
-            "snapshot.register", {"model": "not-cc-fraud", "sha256": sha}, subject="not-cc-fraud"
+            SNAPSHOT_REGISTER, {"model": "not-cc-fraud", "sha256": sha}, subject="not-cc-fraud"
         )
-        assert me["name"] == REGISTRAR
         with pytest.raises(PermissionDeniedError, match="the archive holds cc-fraud"):
             await api.post("/v1/snapshots", {"envelope": wrong.to_json()})
+
+
+async def test_one_upload_at_a_time_per_principal(
+    stack: Stack, api_server: str, example_package: Path
+) -> None:
+    data = build_archive(example_package)
+    sha, headers = sha256_of(data), upload_headers(data)
+    store = ArtifactStore(stack.settings.artifact_dir)
+    release = asyncio.Event()
+
+    async def slowly() -> AsyncIterator[bytes]:
+        yield data[:1024]
+        await release.wait()
+        yield data[1024:]
+
+    async with client_of(stack, REGISTRAR) as api, client_of(stack, APPROVER) as other:
+        first = asyncio.create_task(api.put(f"/v1/artifacts/{sha}", slowly(), headers))  # type: ignore[arg-type]
+        while not list(store.incoming().glob("*.upload")):  # the server is receiving it
+            assert not first.done(), first
+            await asyncio.sleep(0.05)
+        with pytest.raises(RuntimeUnavailableError, match="registrar has an upload under way already"):
+            await api.put(f"/v1/artifacts/{sha}", data, headers)
+        assert (await other.put(f"/v1/artifacts/{sha}", data, headers))["new"] is True, (
+            "another principal may"
+        )
+        release.set()
+        assert (await first)["sha256"] == sha
+    assert store.path_for(sha).read_bytes() == data and list(store.incoming().iterdir()) == []
 
 
 async def test_lifecycle_upload_through_the_api(stack: Stack, api_server: str) -> None:

@@ -29,8 +29,10 @@ from server.principal import Role
 from server.signed import check_signer
 
 UPLOADS_AT_ONCE = 2
-"""Archives received at the same time per server (each may be up to a GiB)."""
+"""Archives received (or unpacked to read their manifest) at the same time per server; one
+per principal (each may be up to a GiB)."""
 _uploads = asyncio.Semaphore(UPLOADS_AT_ONCE)
+_uploading: set[str] = set()
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _DIGEST = re.compile(r"^sha-256=:([A-Za-z0-9+/=]+):$")
 
@@ -92,10 +94,17 @@ async def put_artifact(call: Call) -> ArtifactReceipt:
         )
     if store.path_for(sha256).is_file():
         return ArtifactReceipt(sha256=sha256, bytes=store.path_for(sha256).stat().st_size, new=False)
+    who = call.principal.name
+    if who in _uploading:
+        raise ApiError(429, f"{who} has an upload under way already; one at a time", "busy")
     if _uploads.locked():
         raise ApiError(429, f"{UPLOADS_AT_ONCE} uploads are under way; try again shortly", "busy")
-    async with _uploads:
-        size = await _receive(call, store, sha256, expected, limit)
+    _uploading.add(who)
+    try:
+        async with _uploads:
+            size = await _receive(call, store, sha256, expected, limit)
+    finally:
+        _uploading.discard(who)
     return ArtifactReceipt(sha256=sha256, bytes=size, new=True)
 
 
@@ -141,6 +150,7 @@ async def register_snapshot(call: Call) -> Registered:
     sha256 = str(args.get("sha256", ""))
     if not _SHA256.match(sha256):
         raise ApiError(422, "the statement's sha256 is not an archive digest", "invalid")
-    manifest = await registration.manifest_in_store(_store(call), sha256)
+    async with _uploads:  # unpacking may write up to MLC_MAX_PACKAGE_UNPACKED_BYTES
+        manifest = await registration.manifest_in_store(_store(call), sha256)
     snapshot, new = await registration.register(call.ctx.pool, call.ctx.settings, envelope, manifest, sha256)
     return Registered(snapshot=snapshot, new=new)
