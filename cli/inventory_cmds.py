@@ -192,7 +192,8 @@ def add_runtime(
         str | None,
         typer.Option(
             help="The runtime worker's evidence key (`mlc runtime key show NAME` on its host: an "
-            "ssh-ed25519 line or a .pub file); default: the key of a worker using this MLC_HOME."
+            "ssh-ed25519 line or a .pub file); default: the key of a worker using this MLC_HOME "
+            "(through MLC_API_URL it must be given)."
         ),
     ] = None,
     **kind_options: Any,
