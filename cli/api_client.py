@@ -52,15 +52,19 @@ class ApiClient:
     async def __aexit__(self, *exc: object) -> None:
         await self._http.aclose()
 
-    async def send(self, request: httpx.Request) -> httpx.Response:
-        """Sign and send ``request``; a refusal raises with the server's message."""
+    async def send(self, request: httpx.Request, *, stream: bool = False) -> httpx.Response:
+        """Sign and send ``request``; a refusal raises with the server's message (``stream``:
+        the body of a success is read by the caller, who closes the response)."""
         sign_request(request, self.key)
         try:
-            response = await self._http.send(request)
+            response = await self._http.send(request, stream=stream)
         except httpx.HTTPError as exc:
             raise RuntimeUnavailableError(f"cannot reach the mlc server at {self.base_url}: {exc}") from exc
         if response.is_success:
             return response
+        if stream:
+            await response.aread()
+            await response.aclose()
         try:
             problem = response.json()
             message = f"{problem['error']} ({problem.get('reason') or response.status_code})"
@@ -82,6 +86,18 @@ class ApiClient:
         """Upload ``content`` as a raw body; ``headers`` carry its ``Content-Digest``, which the
         signature covers (the server hashes the stream against it)."""
         return (await self.send(self.request("PUT", path, content=content, headers=headers))).json()
+
+    async def stream(self, path: str, **params: Any) -> AsyncIterator[bytes]:
+        """The body of a ``GET`` as it arrives (exports), never held whole."""
+        query = {k: v for k, v in params.items() if v is not None}
+        response = await self.send(self.request("GET", path, params=query), stream=True)
+        try:
+            async for chunk in response.aiter_bytes():
+                yield chunk
+        except httpx.HTTPError as exc:
+            raise RuntimeUnavailableError(f"the mlc server's answer broke off: {exc}") from exc
+        finally:
+            await response.aclose()
 
     async def pages(self, path: str, **params: Any) -> AsyncIterator[Any]:
         """Every item of a paged list, following ``next`` cursors."""

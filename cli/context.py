@@ -7,7 +7,7 @@ import getpass
 import json
 import os
 import sys
-from collections.abc import AsyncIterator, Coroutine, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -102,6 +102,19 @@ def _direct(cfg: Settings, what: str) -> None:
             f"this command needs {what} directly, but MLC_API_URL is set ({cfg.api_url}): run it on a "
             "server or worker host without MLC_API_URL"
         )
+
+
+async def rows(
+    cfg: Settings, path: str, direct: Callable[[asyncpg.Pool], Awaitable[Sequence[T]]], **params: Any
+) -> Sequence[T] | list[Any]:
+    """A list command's rows: every page of ``path`` when ``MLC_API_URL`` is set, else
+    ``direct`` over the inventory (the query the server's route runs, so both print alike)."""
+    remote = api(cfg)
+    if remote is not None:
+        async with remote:
+            return [item async for item in remote.pages(path, **params)]
+    async with inventory(cfg) as pool:
+        return await direct(pool)
 
 
 @asynccontextmanager

@@ -2,29 +2,27 @@
 
 from __future__ import annotations
 
-import asyncio
 import inspect
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
+from urllib.parse import quote
 
 import typer
-from pydantic import BaseModel
 
 from activities.runtimes.registry import kind_spec, kinds
-from cli.context import api, console, emit, inventory, run, settings, signer
+from cli.context import api, console, emit, inventory, rows, run, settings, signer
 from mlc.domain import (
     DEFAULT_RESTART,
-    Deployment,
     HostingMode,
     Mode,
     ModelNetwork,
     Runtime,
     RuntimeKind,
 )
-from mlc.errors import MLCError
-from mlc.store import deployments, runtimes, traffic
-from mlc.traffic import TrafficTable, describe_routes
+from mlc.errors import MLCError, RuntimeUnavailableError
+from mlc.store import deployments, runtimes
+from server.reads import deployments as reads
 
 if TYPE_CHECKING:
     import asyncpg
@@ -100,10 +98,11 @@ def list_models(model: Annotated[str | None, typer.Argument()] = None, as_json: 
     """List snapshots (of one model, or all)."""
 
     async def go() -> None:
-        async with inventory(settings()) as pool:
-            from mlc.store import snapshots  # manifests (yaml): not for `mlc deployments`
+        from mlc.store import snapshots  # manifests (yaml): not for `mlc deployments`
 
-            found = await snapshots.read_snapshots(pool, model)
+        found = await rows(
+            settings(), "/v1/snapshots", lambda pool: snapshots.read_snapshots(pool, model), model=model
+        )
         emit(
             found,
             as_json=as_json,
@@ -369,8 +368,9 @@ def list_runtimes(stage: Annotated[str | None, typer.Option()] = None, as_json: 
     """List runtimes with their stage, service tags, modes and task queue."""
 
     async def go() -> None:
-        async with inventory(settings()) as pool:
-            found = await runtimes.read_runtimes(pool, stage=stage)
+        found = await rows(
+            settings(), "/v1/runtimes", lambda pool: runtimes.read_runtimes(pool, stage=stage), stage=stage
+        )
         emit(
             found,
             as_json=as_json,
@@ -452,17 +452,16 @@ def revoke_runtime_key(name: str, keyid: Annotated[str, typer.Argument(help="SHA
 def list_runtime_keys(as_json: JSON = False) -> None:
     """List the runtimes' evidence keys as the verified governance state has them."""
     from cli import admin
-    from mlc.trust.keys import public_text
+    from server.reads.governance import runtime_key_rows
 
     async def go() -> None:
         cfg = settings()
-        async with inventory(cfg) as pool:
-            current = await admin.state(pool, cfg)
-        rows = [
-            {"runtime": k.runtime, "keyid": kid, "revoked": k.revoked, "public_key": public_text(k.public)}
-            for kid, k in sorted(current.evidence_keys.items(), key=lambda item: (item[1].runtime, item[0]))
-        ]
-        emit(rows, as_json=as_json, title="Runtime evidence keys", columns=["runtime", "keyid", "revoked"])
+
+        async def direct(pool: asyncpg.Pool) -> list[dict[str, Any]]:
+            return runtime_key_rows(await admin.state(pool, cfg))
+
+        found = await rows(cfg, "/v1/runtimes/keys", direct)
+        emit(found, as_json=as_json, title="Runtime evidence keys", columns=["runtime", "keyid", "revoked"])
 
     run(go())
 
@@ -511,6 +510,12 @@ def cleanup_runtime(name: str, as_json: JSON = False) -> None:
 
     async def go() -> None:
         cfg = settings()
+        if cfg.api_url:  # the driver acts on the runtime's engine with the worker host's settings
+            raise RuntimeUnavailableError(
+                f"`mlc runtime cleanup` removes containers and processes through runtime {name}'s engine, "
+                "which only its worker's host reaches (with that host's MLC_HOME): run it there, without "
+                "MLC_API_URL; `mlc deployments --all --json` lists what the inventory keeps"
+            )
         async with inventory(cfg) as pool:
             runtime = await runtimes.read_runtime(pool, name)
             keep = await deployments.kept_ids(pool, runtime=name)
@@ -579,21 +584,16 @@ def _change_roles(name: str, roles: list[str], change: admin.RoleChange) -> None
 def list_users(as_json: JSON = False) -> None:
     """People and automations, their roles and keys, as the verified trail says."""
     from cli import admin
+    from server.reads.governance import user_rows
 
     async def go() -> None:
         cfg = settings()
-        async with inventory(cfg) as pool:
-            current = await admin.state(pool, cfg)
+
+        async def direct(pool: asyncpg.Pool) -> list[dict[str, Any]]:
+            return user_rows(await admin.state(pool, cfg))
+
         emit(
-            [
-                {
-                    "name": p.name,
-                    "roles": sorted(p.roles),
-                    "keys": sorted(p.active_keys()),
-                    "revoked_keys": sorted(p.revoked),
-                }
-                for p in sorted(current.principals.values(), key=lambda p: p.name)
-            ],
+            await rows(cfg, "/v1/users", direct),
             as_json=as_json,
             title="People",
             columns=["name", "roles", "keys", "revoked_keys"],
@@ -620,93 +620,38 @@ def list_deployments(
     """
 
     async def go() -> None:
-        async with inventory(settings()) as pool:
-            tables = await traffic.read_traffic(pool, model=model, stage=stage)
-            gateways = await _gateways_state(pool, tables)
-            if endpoints:
-                rows_: list[BaseModel | dict[str, object]] = [_endpoint_row(t, gateways) for t in tables]
-                emit(rows_, as_json=as_json, title="Stable endpoints", columns=_ENDPOINT_COLUMNS)
-                return
-            found = await deployments.read_deployments(pool, live_only=not all_, model=model, stage=stage)
-            streams = [d for d in found if d.mode is Mode.STREAMING]
-            known = {r.name: r for r in await runtimes.read_runtimes(pool)} if streams else {}
-        columns = ["model", "version", "stage", "runtime", "mode", "state", "traffic", "endpoint", "id"]
-        served = {(t.runtime, t.model): t for t in tables}
-        rows: list[BaseModel | dict[str, object]] = [
-            {**d.model_dump(mode="json"), **_traffic_view(d, served.get((d.runtime, d.model)))} for d in found
-        ]
-        if streams:
-            from mlc.streaming.report import streaming_view  # Kafka's client: only when needed
+        cfg = settings()
+        where = {"model": model, "stage": stage}
 
-            views = await asyncio.gather(
-                *(asyncio.to_thread(streaming_view, d, known.get(d.runtime)) for d in found)
-            )
-            rows = [{**row, **view} for row, view in zip(rows, views, strict=True)]  # type: ignore[dict-item]
-            columns[-1:-1] = ["topics", "lag"]
-        if tables and not as_json:
+        async def endpoint_list() -> list[dict[str, Any]]:
+            async def direct(pool: asyncpg.Pool) -> list[dict[str, Any]]:
+                return await reads.endpoint_rows(pool, cfg, model=model, stage=stage)
+
+            return list(await rows(cfg, "/v1/endpoints", direct, **where))
+
+        if endpoints:
             emit(
-                [_endpoint_row(t, gateways) for t in tables],
-                as_json=False,
+                await endpoint_list(),
+                as_json=as_json,
                 title="Stable endpoints",
-                columns=_ENDPOINT_COLUMNS,
+                columns=reads.ENDPOINT_COLUMNS,
             )
-        emit(rows, as_json=as_json, title="Deployments", columns=columns)
+            return
+        found = list(
+            await rows(
+                cfg,
+                "/v1/deployments",
+                lambda pool: reads.deployment_rows(pool, model=model, stage=stage, all_=all_),
+                **where,
+                all="true" if all_ else None,
+            )
+        )
+        tables = [] if as_json else await endpoint_list()
+        if tables:
+            emit(tables, as_json=False, title="Stable endpoints", columns=reads.ENDPOINT_COLUMNS)
+        emit(found, as_json=as_json, title="Deployments", columns=reads.deployment_columns(found))
 
     run(go())
-
-
-_ENDPOINT_COLUMNS = ["endpoint", "model", "stage", "runtime", "gateway", "versions", "updated_at"]
-
-
-async def _gateways_state(pool: asyncpg.Pool, tables: list[TrafficTable]) -> dict[str, str]:
-    """Runtime -> ``up``, or ``down: WHY`` (checked on this host: the gateway must answer
-    with its own proof, so a program holding its port shows as down, naming it)."""
-    if not tables:
-        return {}
-    from activities.runtimes.registry import gateway_for
-
-    wanted = {t.runtime for t in tables}
-    state = {}
-    for runtime in await runtimes.read_runtimes(pool):
-        if runtime.name in wanted and runtime.gateway is not None:
-            try:
-                why = await gateway_for(settings(), runtime).health()
-            except (MLCError, OSError) as exc:
-                why = f"cannot be checked here ({exc})"
-            state[runtime.name] = "up" if why is None else f"down: {why}"
-    return state
-
-
-def _endpoint_row(table: TrafficTable, gateways: dict[str, str]) -> dict[str, object]:
-    """One stable endpoint as listed: its gateway's state, its versions' shares, and the
-    routes themselves."""
-    return {
-        **table.model_dump(mode="json"),
-        "gateway": gateways.get(table.runtime, "down: the runtime has no gateway"),
-        "versions": describe_routes(table.routes),
-        "shares": {f"v{r.version}": ("shadow" if r.shadow else r.weight) for r in table.routes},
-    }
-
-
-def _traffic_view(deployment: Deployment, table: TrafficTable | None) -> dict[str, object]:
-    """A deployment's place behind its model's stable endpoint on its runtime (if it has one)."""
-    if table is None or deployment.mode is not Mode.ONLINE:
-        return {"stable_endpoint": None, "share": None, "shadow": False, "traffic": None}
-    route = next((r for r in table.routes if r.deployment_id == deployment.id), None)
-    standby = deployment.details.get("retire_after")
-    if route is not None:
-        shown = "shadow" if route.shadow else f"{route.weight}%"
-    elif deployment.state.value == "serving":
-        shown = f"standby until {str(standby)[:19]}" if standby else "0%"
-    else:
-        shown = None
-    return {
-        "stable_endpoint": table.endpoint,
-        "share": route.weight if route is not None else 0,
-        "shadow": bool(route and route.shadow),
-        "standby_until": standby if route is None else None,
-        "traffic": shown,
-    }
 
 
 def traffic_history(
@@ -718,39 +663,20 @@ def traffic_history(
     with the versions' shares, the cause and who or what caused it (from the audit trail)."""
 
     async def go() -> None:
-        from mlc.store import trail
+        from server.reads.history import HISTORY_COLUMNS, traffic_rows
 
-        async with inventory(settings()) as pool:
-            entries = await trail.read_entries(pool, kinds=(trail.TRAFFIC,), model=model)
-        rows: list[BaseModel | dict[str, object]] = []
-        for entry in entries:
-            body = entry.data()
-            if stage is not None and body.get("stage") != stage:
-                continue
-            rows.append(
-                {
-                    "when": body.get("recorded_at"),
-                    "stage": body.get("stage"),
-                    "runtime": body.get("runtime"),
-                    "endpoint": body.get("endpoint"),
-                    "versions": body.get("shares"),
-                    "routes": body.get("routes"),
-                    "previous": body.get("previous"),
-                    "cause": body.get("cause"),
-                    "actor": body.get("actor"),
-                    "superseded_by": body.get("superseded_by"),
-                    "version": entry.version,
-                    "workflow_id": entry.workflow_id,
-                    "run_id": entry.run_id,
-                    "seq": entry.seq,
-                }
-            )
+        found = await rows(
+            settings(),
+            f"/v1/history/{quote(model, safe='')}",
+            lambda pool: traffic_rows(pool, model, stage=stage),
+            stage=stage,
+        )
         where = f" in {stage}" if stage else ""
         emit(
-            rows,
+            found,
             as_json=as_json,
             title=f"Traffic of {model}{where}",
-            columns=["when", "stage", "runtime", "versions", "cause", "actor", "workflow_id"],
+            columns=HISTORY_COLUMNS,
         )
 
     run(go())

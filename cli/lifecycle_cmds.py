@@ -5,17 +5,18 @@ from __future__ import annotations
 import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
+from urllib.parse import quote
 
 import typer
 from rich.markup import escape
 from rich.table import Table
 
-from cli.context import api, client, console, emit, inventory, run, settings, signer
+from cli.context import api, client, console, emit, inventory, rows, run, settings, signer
 from mlc.contracts.lifecycle import SignedDecision
 from mlc.domain import Decision, LifecycleDefinition, LifecycleSpec, ModelRef
-from mlc.store import runs
 
 if TYPE_CHECKING:
+    from mlc.config import Settings
     from mlc.contracts.lifecycle import LifecycleStatus
     from mlc.domain import ApprovalRecord
     from mlc.statements import Envelope
@@ -190,11 +191,10 @@ def list_lifecycles(as_json: JSON = False) -> None:
     from mlc.store import lifecycle_definitions
 
     async def go() -> None:
-        async with inventory(settings()) as pool:
-            found = await lifecycle_definitions.read_lifecycle_definitions(pool)
-        rows = [_summary(d) for d in found] if not as_json else found
+        listed = await rows(settings(), "/v1/lifecycles", lifecycle_definitions.read_lifecycle_definitions)
+        found = [LifecycleDefinition.model_validate(d) for d in listed]
         emit(
-            rows,
+            [_summary(d) for d in found] if not as_json else found,
             as_json=as_json,
             title="Uploaded lifecycles",
             columns=["name", "version", "sha256", "uploaded_by", "uploaded_at"],
@@ -216,10 +216,17 @@ def show(
     from mlc.store import lifecycle_definitions
 
     async def go() -> None:
-        async with inventory(settings()) as pool:
-            found = await lifecycle_definitions.read_lifecycle_definition(
-                pool, name, int(version) if version else None
-            )
+        cfg = settings()
+        remote = api(cfg)
+        if remote is not None:
+            async with remote:
+                answer = await remote.get(f"/v1/lifecycles/{quote(name, safe='')}", version=version or None)
+            found = LifecycleDefinition.model_validate(answer)
+        else:
+            async with inventory(cfg) as pool:
+                found = await lifecycle_definitions.read_lifecycle_definition(
+                    pool, name, int(version) if version else None
+                )
         if as_json:
             print(found.model_dump_json(indent=2))
             return
@@ -247,21 +254,14 @@ def status(
 
     async def go() -> None:
         cfg = settings()
-        async with inventory(cfg) as pool:
-            if ref is None:
-                rows = await runs.read_runs(pool)
-                emit(
-                    rows,
-                    as_json=as_json,
-                    title="Lifecycle runs",
-                    columns=["model", "version", "lifecycle", "state", "stage", "reason", "workflow_id"],
-                )
-                return
-            from mlc.lifecycle_client import find_handle, recorded_status
+        if ref is None:
+            from server.reads.runs import RUN_COLUMNS, run_rows
 
-            model_ref = ModelRef.parse(ref)
-            handle = await find_handle(await client(cfg), pool, model_ref)
-            current = await recorded_status(pool, handle)
+            found = await rows(cfg, "/v1/runs", run_rows)
+            emit(found, as_json=as_json, title="Lifecycle runs", columns=RUN_COLUMNS)
+            return
+        model_ref = ModelRef.parse(ref)
+        current = await _status(cfg, model_ref)
         if current is None:
             console.print(f"{model_ref}: starting")
         elif as_json:
@@ -270,6 +270,21 @@ def status(
             render_status(current)
 
     run(go())
+
+
+async def _status(cfg: Settings, ref: ModelRef) -> LifecycleStatus | None:
+    """``ref``'s newest run's status, from the server or from the inventory and Temporal."""
+    from mlc.contracts.lifecycle import LifecycleStatus
+
+    remote = api(cfg)
+    if remote is not None:
+        async with remote:
+            answer = await remote.get(f"/v1/runs/{quote(ref.model, safe='')}/{ref.version}/status")
+        return None if answer["status"] is None else LifecycleStatus.model_validate(answer["status"])
+    from server.reads.runs import run_status
+
+    async with inventory(cfg) as pool:
+        return await run_status(pool, await client(cfg), ref)
 
 
 def render_status(current: LifecycleStatus) -> None:

@@ -3,19 +3,26 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated, Any
+from urllib.parse import quote
 
 import typer
 
 from cli import admin
-from cli.context import api, console, emit, inventory, run, settings, signer
+from cli.context import api, console, emit, inventory, rows, run, settings, signer
 from mlc.domain import ModelRef
 from mlc.errors import RefusedError
-from mlc.store import audit, trail
+from mlc.store import trail
 from mlc.trust import audit as verification
 from mlc.trust.keys import create_key, default_key_path, key_id, load_private_key, public_text
 from mlc.trust.policy import StagePolicy
+
+if TYPE_CHECKING:
+    import asyncpg
+
+    from mlc.config import Settings
 
 JSON = Annotated[bool, typer.Option("--json", help="Print JSON instead of text.")]
 
@@ -236,13 +243,16 @@ def policy_set(
 def policy_list(as_json: JSON = False) -> None:
     """The policies in force (signed ones, else the defaults) for every stage that has one."""
 
+    from server.reads.governance import policies
+
     async def go() -> None:
         cfg = settings()
-        async with inventory(cfg) as pool:
-            current = await admin.state(pool, cfg)
-        stages = sorted({*current.policies, *(r.stage for r in current.runtimes.values()), "PROD"})
+
+        async def direct(pool: asyncpg.Pool) -> list[StagePolicy]:
+            return policies(await admin.state(pool, cfg))
+
         emit(
-            [current.policy(s) for s in stages],
+            await rows(cfg, "/v1/policies", direct),
             as_json=as_json,
             title="Stage policies",
             columns=[
@@ -271,9 +281,7 @@ def audit_show(
     model_ref = ModelRef.parse(ref)
 
     async def go() -> None:
-        async with inventory(settings()) as pool:
-            tests = await audit.read_test_results(pool, model_ref.model, model_ref.version)
-            decisions = await audit.read_decisions(pool, model_ref.model, model_ref.version)
+        tests, decisions = await _snapshot_audit(settings(), model_ref)
         if as_json:
             print(json.dumps({"tests": tests, "decisions": decisions}, indent=2, default=str))
             return
@@ -291,6 +299,29 @@ def audit_show(
         )
 
     run(go())
+
+
+async def _snapshot_audit(cfg: Settings, ref: ModelRef) -> tuple[list[Any], list[Any]]:
+    """``ref``'s test results and decisions: every page from the server, or from the trail."""
+    from server.reads.audit import snapshot_audit
+
+    remote = api(cfg)
+    if remote is None:
+        async with inventory(cfg) as pool:
+            found = await snapshot_audit(pool, ref.model, ref.version)
+        return found.tests, found.decisions
+    tests: list[Any] = []
+    decisions: list[Any] = []
+    after = None
+    async with remote:
+        while True:
+            page = await remote.get(
+                f"/v1/audit/{quote(ref.model, safe='')}/{ref.version}", after=after, limit=500
+            )
+            tests += page["tests"]
+            decisions += page["decisions"]
+            if not (after := page.get("next")):
+                return tests, decisions
 
 
 @audit_app.command("verify")
@@ -314,34 +345,28 @@ def audit_verify(
     async def go() -> verification.Verification:
         cfg = settings()
         root = trust_root or cfg.trust_root
+        if root is None:
+            raise RefusedError("give the trust root to verify against: --trust-root KEY_ID or MLC_TRUST_ROOT")
         if bundle is not None:
             data = json.loads(bundle.read_text())
             entries = verification.entries_of(data)
             author = str(data.get("author_role") or cfg.author_role)
+        elif (remote := api(cfg)) is not None:  # the server's export, checked here, not by it
+            async with remote:
+                text = b"".join([chunk async for chunk in remote.stream("/v1/audit/export", format="json")])
+            entries = verification.entries_of(json.loads(text))
+            author = cfg.author_role
         else:
             async with inventory(cfg) as pool:
                 entries = await trail.read_entries(pool)
             author = cfg.author_role
-        if root is None:
-            raise RefusedError("give the trust root to verify against: --trust-root KEY_ID or MLC_TRUST_ROOT")
         return verification.verify_entries(
             entries, trust_root=root, author_role=author, anchor=(int(seq), head) if anchor else None
         )
 
     result = run(go())
     if as_json:
-        print(
-            json.dumps(
-                {
-                    "ok": result.ok,
-                    "entries": result.entries,
-                    "signed": result.signed,
-                    "evidence": result.evidence,
-                    "head": result.head,
-                    "problems": result.problems,
-                }
-            )
-        )
+        print(json.dumps(result.summary()))
     elif result.ok:
         console.print(
             f"audit trail verified: {result.entries} entries ({result.signed} signed by people, "
@@ -364,18 +389,31 @@ def audit_export(
     if fmt not in ("json", "csv"):
         raise ValueError(f"--format must be json or csv, not {fmt!r}")
 
-    async def go() -> str:
+    async def go() -> None:
         cfg = settings()
-        async with inventory(cfg) as pool:
-            entries = await trail.read_entries(pool)
-        if fmt == "csv":
-            return verification.to_csv(entries)
-        exported = verification.bundle(entries, trust_root=cfg.trust_root, author_role=cfg.author_role)
-        return json.dumps(exported, indent=2)
+        out = sys.stdout.buffer if output is None else output.open("wb")
+        try:
+            remote = api(cfg)
+            if remote is not None:
+                async with remote:
+                    async for chunk in remote.stream("/v1/audit/export", format=fmt):
+                        out.write(chunk)
+                return
+            from server.reads import audit as reads
 
-    text = run(go())
-    if output is None:
-        print(text)
-    else:
-        output.write_text(text)
+            async with inventory(cfg) as pool:
+                chunks = (
+                    reads.export_csv(pool)
+                    if fmt == "csv"
+                    else reads.export_json(pool, trust_root=cfg.trust_root, author_role=cfg.author_role)
+                )
+                async for text in chunks:
+                    out.write(text.encode())
+        finally:
+            out.flush()
+            if output is not None:
+                out.close()
+
+    run(go())
+    if output is not None:
         console.print(f"wrote {output}")

@@ -23,7 +23,7 @@ from mlc.domain import ApprovalGate, LifecycleSpec, StageSpec, TestKind
 from mlc.lifecycle_client import EVIDENCE_PREFIX, recorded_status
 from server.auth.sessions import secure_cookie
 from tests.conftest import ADMIN, APPROVER, Stack, missing
-from tests.lifecycle_helpers import wait_for_gate
+from tests.lifecycle_helpers import tamper_with_registration, wait_for_gate
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = [
@@ -203,6 +203,9 @@ async def test_decide_from_what_the_page_shows(
     assert verified.returncode == 0 and "audit trail verified" in verified.stdout, verified.stdout
     await page.goto(f"{api_server}/audit")
     await expect(page.locator("#audit-status")).to_have_text("verified")
+    await tamper_with_registration(stack.pool, snap)  # a row in the middle: the head stays as it was
+    await page.goto(f"{api_server}/audit")
+    await expect(page.locator("#audit-status")).not_to_have_text("verified")
     await page.goto(f"{api_server}/")
     await expect(row).to_contain_text("SIT · local-sit · online · 100%")
     endpoints = page.locator(f"#model-{snap.model} table.endpoints")

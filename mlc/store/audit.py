@@ -12,16 +12,32 @@ from mlc.store import trail
 async def read_decisions(pool: asyncpg.Pool, model: str, version: int) -> list[dict[str, Any]]:
     """Every decision about a snapshot, oldest first (signed ones carry ``key_id``)."""
     entries = await trail.read_entries(pool, kinds=(trail.DECISION,), model=model, version=version)
-    return [{**e.data(), "seq": e.seq, "workflow_id": e.workflow_id, "run_id": e.run_id} for e in entries]
+    return [decision_row(e) for e in entries]
 
 
 async def read_test_results(pool: asyncpg.Pool, model: str, version: int) -> list[dict[str, Any]]:
     """Every test result of a snapshot, oldest first, one row per test and deployment."""
     entries = await trail.read_entries(pool, kinds=(trail.TEST_REPORT,), model=model, version=version)
+    return [row for e in entries for row in test_rows(e)]
+
+
+def decision_row(entry: trail.Entry) -> dict[str, Any]:
+    """A decision entry as ``mlc audit show`` lists it."""
+    return {**entry.data(), "seq": entry.seq, "workflow_id": entry.workflow_id, "run_id": entry.run_id}
+
+
+def test_rows(entry: trail.Entry) -> list[dict[str, Any]]:
+    """A test report entry as ``mlc audit show`` lists it: one row per test and deployment."""
+    body = entry.data()
     return [
-        {**result, "stage": e.data()["stage"], "seq": e.seq, "workflow_id": e.workflow_id, "run_id": e.run_id}
-        for e in entries
-        for result in e.data()["report"]["results"]
+        {
+            **result,
+            "stage": body["stage"],
+            "seq": entry.seq,
+            "workflow_id": entry.workflow_id,
+            "run_id": entry.run_id,
+        }
+        for result in body["report"]["results"]
     ]
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from datetime import datetime
+
 import asyncpg
 
 from mlc.domain import Deployment, DeploymentState
@@ -63,20 +65,27 @@ async def read_deployments(
     model: str | None = None,
     stage: str | None = None,
     runtime: str | None = None,
+    after: tuple[datetime, str] | None = None,
+    limit: int | None = None,
 ) -> list[Deployment]:
-    """Deployments, newest last; by default only those deploying or serving."""
+    """Deployments, newest last; by default only those deploying or serving; ``after`` a
+    (created_at, id) cursor and ``limit`` for pages."""
     rows = await pool.fetch(
         f"""SELECT {_COLUMNS} FROM deployments
             WHERE (NOT $1 OR state = ANY($2::text[]))
               AND ($3::text IS NULL OR model = $3)
               AND ($4::text IS NULL OR stage = $4)
               AND ($5::text IS NULL OR runtime = $5)
-            ORDER BY created_at, id""",
+              AND ($6::timestamptz IS NULL OR (created_at, id) > ($6, $7))
+            ORDER BY created_at, id LIMIT $8""",
         live_only,
         list(LIVE),
         model,
         stage,
         runtime,
+        after[0] if after else None,
+        after[1] if after else "",
+        limit,
     )
     return [Deployment.model_validate(row_dict(r)) for r in rows]
 

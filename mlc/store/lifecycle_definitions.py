@@ -91,9 +91,19 @@ async def next_version(pool: asyncpg.Pool, name: str) -> int:
     return int(newest or 0) + 1
 
 
-async def read_lifecycle_definitions(pool: asyncpg.Pool) -> list[LifecycleDefinition]:
-    """Every stored version, by name and version."""
-    rows = await pool.fetch(f"SELECT {_COLUMNS} FROM lifecycle_definitions ORDER BY name, version")
+async def read_lifecycle_definitions(
+    pool: asyncpg.Pool, *, after: tuple[str, int] | None = None, limit: int | None = None
+) -> list[LifecycleDefinition]:
+    """Stored versions by name and version; ``after`` a (name, version) cursor and ``limit``
+    for pages."""
+    rows = await pool.fetch(
+        f"""SELECT {_COLUMNS} FROM lifecycle_definitions
+            WHERE $1::text IS NULL OR (name, version) > ($1, $2)
+            ORDER BY name, version LIMIT $3""",
+        after[0] if after else None,
+        after[1] if after else 0,
+        limit,
+    )
     return [LifecycleDefinition.model_validate(row_dict(r)) for r in rows]
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
+from datetime import datetime
 from typing import Any
 
 import asyncpg
@@ -102,15 +103,26 @@ async def find_active_run(pool: asyncpg.Pool, model: str, version: int) -> dict[
 
 
 async def read_runs(
-    pool: asyncpg.Pool, *, model: str | None = None, version: int | None = None
+    pool: asyncpg.Pool,
+    *,
+    model: str | None = None,
+    version: int | None = None,
+    after: tuple[datetime, str, str] | None = None,
+    limit: int | None = None,
 ) -> list[dict[str, Any]]:
-    """Runs, newest first, optionally of one model or snapshot."""
+    """Runs, newest first, optionally of one model or snapshot; ``after`` a (started_at,
+    workflow id, run id) cursor and ``limit`` for pages."""
     rows = await pool.fetch(
         """SELECT * FROM lifecycle_runs
            WHERE ($1::text IS NULL OR model = $1) AND ($2::int IS NULL OR version = $2)
-           ORDER BY started_at DESC""",
+             AND ($3::timestamptz IS NULL OR (started_at, workflow_id, run_id) < ($3, $4, $5))
+           ORDER BY started_at DESC, workflow_id DESC, run_id DESC LIMIT $6""",
         model,
         version,
+        after[0] if after else None,
+        after[1] if after else "",
+        after[2] if after else "",
+        limit,
     )
     return [r for r in (row_dict(x) for x in rows) if r is not None]
 

@@ -60,11 +60,23 @@ async def read_runtime(pool: asyncpg.Pool, name: str) -> Runtime:
     return _runtime(row)
 
 
-async def read_runtimes(pool: asyncpg.Pool, *, stage: str | None = None) -> list[Runtime]:
-    """All runtimes, optionally only those of one stage."""
+async def read_runtimes(
+    pool: asyncpg.Pool,
+    *,
+    stage: str | None = None,
+    after: tuple[str, str] | None = None,
+    limit: int | None = None,
+) -> list[Runtime]:
+    """Runtimes by stage and name, optionally only those of one stage; ``after`` a (stage,
+    name) cursor and ``limit`` for pages."""
     rows = await pool.fetch(
-        f"SELECT {_COLUMNS} FROM runtimes WHERE $1::text IS NULL OR stage = $1 ORDER BY stage, name",
+        f"""SELECT {_COLUMNS} FROM runtimes
+            WHERE ($1::text IS NULL OR stage = $1) AND ($2::text IS NULL OR (stage, name) > ($2, $3))
+            ORDER BY stage, name LIMIT $4""",
         stage,
+        after[0] if after else None,
+        after[1] if after else "",
+        limit,
     )
     return [_runtime(r) for r in rows]
 

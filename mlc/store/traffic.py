@@ -63,16 +63,22 @@ async def read_traffic(
     runtime: str | None = None,
     model: str | None = None,
     stage: str | None = None,
+    after: tuple[str, str, str] | None = None,
+    limit: int | None = None,
 ) -> list[TrafficTable]:
-    """Stable endpoints, filtered, ordered by stage, model and runtime."""
+    """Stable endpoints, filtered, ordered by stage, model and runtime; ``after`` a (stage,
+    model, runtime) cursor and ``limit`` for pages."""
     rows = await conn.fetch(
         f"""SELECT {_COLUMNS} FROM traffic
             WHERE ($1::text IS NULL OR runtime = $1) AND ($2::text IS NULL OR model = $2)
               AND ($3::text IS NULL OR stage = $3)
-            ORDER BY stage, model, runtime""",
+              AND ($4::text IS NULL OR (stage, model, runtime) > ($4, $5, $6))
+            ORDER BY stage, model, runtime LIMIT $7""",
         runtime,
         model,
         stage,
+        *(after or (None, "", "")),
+        limit,
     )
     return [_table(r) for r in rows]
 

@@ -43,6 +43,7 @@ __all__ = [
     "Entry",
     "entry_hash",
     "append",
+    "entry_pages",
     "lock",
     "read_entries",
     "read_recent",
@@ -147,21 +148,25 @@ async def read_entries(
     version: int | None = None,
     workflow_id: str | None = None,
     run_id: str | None = None,
+    stage: str | None = None,
     limit: int | None = None,
 ) -> list[Entry]:
-    """Entries in chain order, filtered; the first ``limit`` of them (None: all)."""
+    """Entries in chain order, filtered (``stage``: the body's); ``after`` a ``seq`` and
+    ``limit`` read one page of them (None: all)."""
     rows = await conn.fetch(
         f"""SELECT {_COLUMNS} FROM audit_log
             WHERE seq > $1 AND ($2::text[] IS NULL OR kind = ANY($2))
               AND ($3::text IS NULL OR model = $3) AND ($4::int IS NULL OR version = $4)
               AND ($5::text IS NULL OR workflow_id = $5) AND ($6::text IS NULL OR run_id = $6)
-            ORDER BY seq LIMIT $7""",
+              AND ($7::text IS NULL OR body::jsonb ->> 'stage' = $7)
+            ORDER BY seq LIMIT $8""",
         after,
         list(kinds) if kinds else None,
         model,
         version,
         workflow_id,
         run_id,
+        stage,
         limit,
     )
     return [_entry(r) for r in rows]
@@ -191,3 +196,17 @@ async def read_recent(
         limit,
     )
     return [_entry(r) for r in rows]
+
+
+async def entry_pages(pool: asyncpg.Pool, *, batch: int = 500) -> AsyncIterator[list[Entry]]:
+    """The whole trail in chain order, ``batch`` entries at a time (exports stream it without
+    holding it; entries appended meanwhile come at the end, so what was read is always a
+    prefix of the chain)."""
+    after = 0
+    while True:
+        page = await read_entries(pool, after=after, limit=batch)
+        if page:
+            yield page
+        if len(page) < batch:
+            return
+        after = page[-1].seq

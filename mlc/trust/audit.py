@@ -43,6 +43,17 @@ class Verification:
         """True when the chain is whole and every signature verifies."""
         return not self.problems
 
+    def summary(self) -> dict[str, Any]:
+        """What ``mlc audit verify --json`` prints."""
+        return {
+            "ok": self.ok,
+            "entries": self.entries,
+            "signed": self.signed,
+            "evidence": self.evidence,
+            "head": self.head,
+            "problems": self.problems,
+        }
+
 
 def verify_entries(
     entries: list[Entry], *, trust_root: str | None, author_role: str, anchor: tuple[int, str] | None = None
@@ -253,39 +264,42 @@ def _what_changed(entry: Entry) -> str:
 # --- export -------------------------------------------------------------------------------
 
 
-def bundle(entries: list[Entry], *, trust_root: str | None, author_role: str) -> dict[str, Any]:
-    """A self-contained export: every entry plus the public keys and trust root to verify it.
-
-    ``evidence_keys`` are the runtimes' keys that signed test reports and deploy results;
-    an auditor need not trust them: the governance entries that registered them are in
-    ``entries``, and verifying replays them.
-    """
-    state = Governance(pinned_root=trust_root, author_role=author_role)
-    for entry in entries:
-        envelope = entry.signed() if entry.kind == GOVERNANCE else None
-        if envelope is not None:
-            try:
-                state.apply(envelope)
-            except (RefusedError, ValueError):
-                continue
-    keys = {
-        kid: {"principal": p.name, "public_key": public_text(key), "revoked": kid in p.revoked}
-        for p in state.principals.values()
-        for kid, key in p.keys.items()
-    }
-    evidence_keys = {
-        kid: {"runtime": k.runtime, "public_key": public_text(k.public), "revoked": k.revoked}
-        for kid, k in state.evidence_keys.items()
-    }
+def bundle_header(*, trust_root: str | None, author_role: str) -> dict[str, Any]:
+    """The fields of an export that come before its entries."""
     return {
         "format": BUNDLE_FORMAT,
         "exported_at": datetime.now(UTC).isoformat(),
         "trust_root": trust_root,
         "author_role": author_role,
-        "head": {"seq": entries[-1].seq, "hash": entries[-1].hash} if entries else None,
-        "keys": keys,
-        "evidence_keys": evidence_keys,
-        "entries": [e.to_json() for e in entries],
+    }
+
+
+def learn_keys(state: Governance, entry: Entry) -> None:
+    """Apply ``entry``'s governance statement to ``state`` if it verifies: an export lists
+    every key its governance entries registered (verifying replays them, so an auditor need
+    not trust the list)."""
+    envelope = entry.signed() if entry.kind == GOVERNANCE else None
+    if envelope is not None:
+        try:
+            state.apply(envelope)
+        except (RefusedError, ValueError):
+            return
+
+
+def bundle_keys(state: Governance, last: Entry | None) -> dict[str, Any]:
+    """The fields of an export that come after its entries: its head, the people's public
+    keys and the runtimes' evidence keys (those that signed test reports and deploy results)."""
+    return {
+        "head": {"seq": last.seq, "hash": last.hash} if last else None,
+        "keys": {
+            kid: {"principal": p.name, "public_key": public_text(key), "revoked": kid in p.revoked}
+            for p in state.principals.values()
+            for kid, key in p.keys.items()
+        },
+        "evidence_keys": {
+            kid: {"runtime": k.runtime, "public_key": public_text(k.public), "revoked": k.revoked}
+            for kid, k in state.evidence_keys.items()
+        },
     }
 
 
@@ -309,11 +323,13 @@ CSV_COLUMNS = (
 )
 
 
-def to_csv(entries: list[Entry]) -> str:
-    """One row per entry, for spreadsheets (verify with the JSON bundle, which keeps everything)."""
+def to_csv(entries: list[Entry], *, header: bool = True) -> str:
+    """One row per entry, for spreadsheets (verify with the JSON bundle, which keeps everything);
+    ``header``: begin with the column names (an export streamed in batches writes them once)."""
     out = io.StringIO()
     writer = csv.writer(out)
-    writer.writerow([*CSV_COLUMNS, "prev_hash", "hash"])
+    if header:
+        writer.writerow([*CSV_COLUMNS, "prev_hash", "hash"])
     for e in entries:
         body = e.data()
         envelope = e.signed()
