@@ -202,8 +202,13 @@ async def test_register_promote_through_every_stage_and_roll_back(
         await v3.result()
     assert "DEV gate rejected by alice: not this one" in str(failure.value.cause)
 
-    verified = await stack.mlc("audit", "verify")  # on the server's host, against the trust root
+    # the decisions sent through the API verify: on the server's host, and on the client
+    # against its own trust root (over the export)
+    verified = await stack.mlc("audit", "verify")
     assert verified.returncode == 0 and "audit trail verified" in verified.stdout, verified.stdout
+    assert stack.settings.trust_root
+    remote = await out.mlc("audit", "verify", "--trust-root", stack.settings.trust_root, "--json")
+    assert remote.returncode == 0 and json.loads(remote.stdout)["ok"] is True, remote.stdout + remote.stderr
     out.assert_no_dsn()
 
 
