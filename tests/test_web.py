@@ -182,13 +182,12 @@ async def test_decide_from_what_the_page_shows(
 
     # Evidence other than what the page showed: nothing is signed.
     other = [*words[1:-1], EVIDENCE_PREFIX + "0" * 64]
-    refused = await stack.mlc(*other)
+    refused = await stack.mlc(*other, api=True)
     assert refused.returncode == 4 and "nothing was signed" in refused.stderr, refused.stderr
-    malformed = await stack.mlc(*words[1:-1], "deadbeef")
+    malformed = await stack.mlc(*words[1:-1], "deadbeef", api=True)
     assert malformed.returncode == 2 and "sha256:" in malformed.stderr
 
-    # TODO(integrator): api=True once the decision route is on main.
-    decided = await stack.mlc(*words[1:])
+    decided = await stack.mlc(*words[1:], api=True)  # as the approver has it: the URL and a key
     assert decided.returncode == 0, decided.stderr
 
     await expect(page.locator("#run-state")).to_have_text("succeeded", timeout=120_000)
