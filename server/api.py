@@ -78,6 +78,8 @@ class Endpoint:
     streamed: bool = False
     """The handler reads the body itself (uploads): the wrapper checks no digest."""
     params: tuple[str, ...] = field(default=())
+    limit: int = JSON_BODY_LIMIT
+    """Largest JSON body this endpoint reads (lifecycle sources need more than a statement)."""
 
 
 ENDPOINTS: list[Endpoint] = []
@@ -93,11 +95,14 @@ def endpoint(
     response: Any = None,
     streamed: bool = False,
     params: tuple[str, ...] = (),
+    limit: int = JSON_BODY_LIMIT,
 ) -> Callable[[Handler], Handler]:
     """Declare ``handler`` as the answer to ``method path`` for principals with ``role`` or more."""
 
     def register(handler: Handler) -> Handler:
-        ENDPOINTS.append(Endpoint(method, path, role, handler, summary, body, response, streamed, params))
+        ENDPOINTS.append(
+            Endpoint(method, path, role, handler, summary, body, response, streamed, params, limit)
+        )
         return handler
 
     return register
@@ -131,7 +136,7 @@ def route(spec: Endpoint) -> Route:
     async def run(request: Request) -> Response:
         ctx: ServerContext = request.app.state.ctx
         try:
-            raw = None if spec.streamed else await read_body(request, JSON_BODY_LIMIT)
+            raw = None if spec.streamed else await read_body(request, spec.limit)
             principal = await _caller(request, ctx, raw)
             if principal.role < spec.role:
                 raise ApiError(
