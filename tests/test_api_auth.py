@@ -30,7 +30,7 @@ from mlc.trust.keys import key_id, load_private_key
 from mlc.trust.requests import CLOCK_SKEW, COVERED, COVERED_WITH_BODY, LABEL, MAX_AGE, TAG, sign_request
 from server.api import ENDPOINTS, JSON_BODY_LIMIT
 from server.auth.nonces import purge_expired_nonces, sweep_nonces
-from server.limits import READS
+from server.limits import READS, WRITES
 from server.principal import Role
 from server.routes import MODULES
 from tests.conftest import ADMIN, APPROVER, Stack, missing
@@ -261,6 +261,17 @@ async def test_rates_past_the_burst_get_429_with_retry_after(
     assert refused(limited) == (429, "rate-limited") and limited.headers["retry-after"] == "1"
     # The burst and what the rate refilled meanwhile were granted, and not much more.
     assert READS.burst <= statuses.count(200) <= READS.burst + READS.per_second * elapsed + 25
+
+    # Writes have their own, smaller bucket (a web-session link is a cheap write).
+    started = time.monotonic()
+    writes = await asyncio.gather(
+        *(http.post(f"{api_server}/v1/web-sessions", headers=bearer(token)) for _ in range(WRITES.burst + 10))
+    )
+    elapsed = time.monotonic() - started
+    granted = [a.status_code for a in writes].count(200)
+    assert WRITES.burst <= granted <= WRITES.burst + WRITES.per_second * elapsed + 1
+    limited = next(a for a in writes if a.status_code == 429)
+    assert "writes by carol" in limited.json()["error"] and int(limited.headers["retry-after"]) >= 1
 
     failures = await asyncio.gather(*(http.get(me, headers=bearer("forged")) for _ in range(60)))
     assert {a.status_code for a in failures} == {401, 429}
