@@ -20,6 +20,7 @@ from starlette.routing import Route
 from server.auth import authenticate
 from server.context import ServerContext
 from server.errors import ApiError, from_exception
+from server.limits import read_body
 from server.principal import Principal, Role
 
 log = logging.getLogger(__name__)
@@ -108,24 +109,25 @@ def endpoint(
 
 
 def error_response(error: ApiError) -> JSONResponse:
-    headers = {"WWW-Authenticate": 'Signature, Bearer realm="mlc"'} if error.status == 401 else None
+    headers = dict(error.headers)
+    if error.status == 401:
+        headers["WWW-Authenticate"] = 'Signature, Bearer realm="mlc"'
     return JSONResponse(error.body(), status_code=error.status, headers=headers)
 
 
-async def read_body(request: Request, limit: int) -> bytes:
-    """The request body, refused with 413 past ``limit`` (declared length first, then counted)."""
-    declared = request.headers.get("content-length")
-    if declared is not None and (not declared.isdigit() or int(declared) > limit):
-        raise ApiError(413, f"the body is larger than this endpoint's limit of {limit} bytes", "too-large")
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise ApiError(
-                413, f"the body is larger than this endpoint's limit of {limit} bytes", "too-large"
-            )
-        chunks.append(chunk)
-    return b"".join(chunks)
+async def _caller(request: Request, ctx: ServerContext, raw: bytes | None) -> Principal:
+    """Authenticate within the rate limits: a client address that keeps failing is slowed
+    down before its next attempt is even checked; a principal pays a read or write token."""
+    address = request.client.host if request.client else "unknown"
+    ctx.limits.before_authentication(address)
+    try:
+        principal = await authenticate(request, ctx, raw)
+    except ApiError as exc:
+        if exc.status == 401:
+            ctx.limits.authentication_failed(address)
+        raise
+    ctx.limits.charge(principal.name, request.method)
+    return principal
 
 
 def route(spec: Endpoint) -> Route:
@@ -135,7 +137,7 @@ def route(spec: Endpoint) -> Route:
         ctx: ServerContext = request.app.state.ctx
         try:
             raw = None if spec.streamed else await read_body(request, spec.limit)
-            principal = await authenticate(request, ctx, raw)
+            principal = await _caller(request, ctx, raw)
             if principal.role < spec.role:
                 raise ApiError(
                     403, f"{principal.name} is {principal.role.label}; this needs {spec.role.label}", "role"
