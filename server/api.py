@@ -80,6 +80,8 @@ class Endpoint:
     params: tuple[str, ...] = field(default=())
     limit: int = JSON_BODY_LIMIT
     """Largest JSON body this endpoint reads (lifecycle sources need more than a statement)."""
+    status: int = 200
+    """The success status it answers with (the schema says so; 202 for work that continues)."""
 
 
 ENDPOINTS: list[Endpoint] = []
@@ -96,12 +98,13 @@ def endpoint(
     streamed: bool = False,
     params: tuple[str, ...] = (),
     limit: int = JSON_BODY_LIMIT,
+    status: int = 200,
 ) -> Callable[[Handler], Handler]:
     """Declare ``handler`` as the answer to ``method path`` for principals with ``role`` or more."""
 
     def register(handler: Handler) -> Handler:
         ENDPOINTS.append(
-            Endpoint(method, path, role, handler, summary, body, response, streamed, params, limit)
+            Endpoint(method, path, role, handler, summary, body, response, streamed, params, limit, status)
         )
         return handler
 
@@ -156,6 +159,6 @@ def route(spec: Endpoint) -> Route:
             return error_response(mapped)
         if isinstance(answer, Response):
             return answer
-        return Response(answer.model_dump_json(), media_type="application/json")
+        return Response(answer.model_dump_json(), status_code=spec.status, media_type="application/json")
 
     return Route(spec.path, run, methods=[spec.method], name=f"{spec.method} {spec.path}")

@@ -9,7 +9,6 @@ import asyncio
 from typing import Literal
 
 from pydantic import BaseModel
-from starlette.responses import Response
 from temporalio.service import RPCError, RPCStatusCode
 
 from mlc.contracts.rollback import RollbackResult
@@ -41,9 +40,10 @@ class RollbackState(BaseModel):
     role=Role.MEMBER,
     body=RollbackRequest,
     response=RollbackState,
+    status=202,
     summary="Start a signed rollback as the caller; 202 with its id (`mlc rollback`)",
 )
-async def start_rollback(call: Call) -> Response:
+async def start_rollback(call: Call) -> RollbackState:
     envelope = call.body.envelope
     try:
         rollback_of(envelope)
@@ -54,7 +54,7 @@ async def start_rollback(call: Call) -> Response:
         await call.ctx.temporal_as(signer), envelope, task_queue=call.ctx.settings.task_queue
     )
     state = RollbackState(id=handle.id, state="running")
-    return Response(state.model_dump_json(), status_code=202, media_type="application/json")
+    return state
 
 
 @endpoint(
