@@ -1,9 +1,10 @@
 """Signed administration: the trust root, keys, roles, policies and runtimes.
 
-Each function builds a governance statement with the caller's :class:`Signer`, has the
-inventory verify it against the current verified state (refusing with a message when
-the signer lacks the role), and records it in the trail. The CLI, ``mlc dev``'s
-bootstrap and the tests all go through here.
+Each function builds a governance statement with the caller's :class:`Signer` (the half
+that stays with the person) and submits it with :mod:`server.operations.governance` (the
+half ``mlc server`` runs too), which verifies it against the current verified state
+(refusing with a message when the signer lacks the role) and records it in the trail.
+The CLI's direct mode, ``mlc dev``'s bootstrap and the tests all go through here.
 """
 
 from __future__ import annotations
@@ -19,8 +20,7 @@ from mlc.config import TRUST_ROOT_FILE, Settings
 from mlc.domain import DEFAULT_STAGES, GatewaySettings, Runtime
 from mlc.errors import ConflictError, RefusedError
 from mlc.statements import GovernancePredicate
-from mlc.store import governance, runtimes
-from mlc.store.governance import AfterApply
+from mlc.store import governance
 from mlc.traffic import pick_gateway_port
 from mlc.trust import evidence
 from mlc.trust import governance as actions
@@ -28,6 +28,7 @@ from mlc.trust.governance import Governance
 from mlc.trust.keys import key_id, parse_public_key, public_text
 from mlc.trust.policy import StagePolicy
 from mlc.trust.signer import Signer
+from server.operations import governance as submission
 
 
 async def state(pool: asyncpg.Pool, settings: Settings) -> Governance:
@@ -60,13 +61,11 @@ async def submit(
     args: dict[str, Any],
     *,
     subject: str | None = None,
-    then: AfterApply | None = None,
+    keep_runtime_row: bool = False,
 ) -> GovernancePredicate:
-    """Sign, verify and record one governance statement."""
+    """Sign, verify and record one governance statement (and apply its effect)."""
     envelope = signer.governance(action, args, subject=subject)
-    return await governance.submit(
-        pool, envelope, pinned_root=settings.trust_root, author_role=settings.author_role, then=then
-    )
+    return await submission.submit(pool, settings, envelope, keep_runtime_row=keep_runtime_row)
 
 
 async def init_admin(pool: asyncpg.Pool, settings: Settings, name: str, key: Ed25519PrivateKey) -> str:
@@ -89,9 +88,15 @@ async def init_admin(pool: asyncpg.Pool, settings: Settings, name: str, key: Ed2
 
 async def add_key(pool: asyncpg.Pool, settings: Settings, signer: Signer, name: str, public_key: str) -> str:
     """Register ``public_key`` (ssh-ed25519 or PEM) for principal ``name``; return its key id."""
+    args, kid = key_args(name, public_key)
+    await submit(pool, settings, signer, actions.KEY_ADD, args)
+    return kid
+
+
+def key_args(name: str, public_key: str) -> tuple[dict[str, Any], str]:
+    """A ``key.add`` statement's arguments, and the key's id."""
     public = parse_public_key(public_key)
-    await submit(pool, settings, signer, actions.KEY_ADD, actions.registration_args(name, public))
-    return key_id(public)
+    return actions.registration_args(name, public), key_id(public)
 
 
 async def revoke_key(pool: asyncpg.Pool, settings: Settings, signer: Signer, name: str, kid: str) -> None:
@@ -136,7 +141,7 @@ async def add_runtime(
     A replaced runtime keeps the evidence keys it had.
     """
     current = await state(pool, settings)
-    args: dict[str, Any] = {"runtime": runtime.model_dump(mode="json")}
+    args = runtime_args(runtime)
     if not current.evidence_keys_of(runtime.name):
         args["evidence_key"] = evidence_key or local_evidence_key(settings, runtime.name)
     elif evidence_key:
@@ -147,19 +152,13 @@ async def add_runtime(
         if not replace:
             raise ConflictError(f"runtime {runtime.name} already exists; use --replace to overwrite it")
         await remove_runtime(pool, settings, signer, runtime.name, keep_row=True)
-
-    async def write_row(conn: asyncpg.Connection, _: GovernancePredicate) -> None:
-        await runtimes.create_runtime(conn, runtime, replace=True)
-
-    await submit(
-        pool,
-        settings,
-        signer,
-        actions.RUNTIME_ADD,
-        args,
-        then=write_row,
-    )
+    await submit(pool, settings, signer, actions.RUNTIME_ADD, args)
     return runtime
+
+
+def runtime_args(runtime: Runtime) -> dict[str, Any]:
+    """A ``runtime.add`` statement's arguments (the evidence key is added by the caller)."""
+    return {"runtime": runtime.model_dump(mode="json")}
 
 
 def local_evidence_key(settings: Settings, runtime: str) -> str:
@@ -171,10 +170,15 @@ async def add_runtime_key(
     pool: asyncpg.Pool, settings: Settings, signer: Signer, runtime: str, public_key: str
 ) -> str:
     """Register another evidence key of ``runtime`` (admins only: rotation); return its key id."""
-    public = parse_public_key(public_key)
-    args = {"runtime": runtime, "public_key": public_text(public, f"mlc-runtime-{runtime}")}
+    args, kid = runtime_key_args(runtime, public_key)
     await submit(pool, settings, signer, actions.RUNTIME_KEY_ADD, args)
-    return key_id(public)
+    return kid
+
+
+def runtime_key_args(runtime: str, public_key: str) -> tuple[dict[str, Any], str]:
+    """A ``runtime.key.add`` statement's arguments, and the key's id."""
+    public = parse_public_key(public_key)
+    return {"runtime": runtime, "public_key": public_text(public, f"mlc-runtime-{runtime}")}, key_id(public)
 
 
 async def revoke_runtime_key(
@@ -188,12 +192,7 @@ async def remove_runtime(
     pool: asyncpg.Pool, settings: Settings, signer: Signer, name: str, *, keep_row: bool = False
 ) -> None:
     """Remove a runtime with no live deployments (admins only)."""
-
-    async def delete_row(conn: asyncpg.Connection, _: GovernancePredicate) -> None:
-        if not keep_row:
-            await runtimes.delete_runtime(conn, name)
-
-    await submit(pool, settings, signer, actions.RUNTIME_REMOVE, {"name": name}, then=delete_row)
+    await submit(pool, settings, signer, actions.RUNTIME_REMOVE, {"name": name}, keep_runtime_row=keep_row)
 
 
 DEV_ROLES = ("approver", "lifecycle-author")

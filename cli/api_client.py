@@ -82,6 +82,11 @@ class ApiClient:
     async def post(self, path: str, body: Any) -> Any:
         return (await self.send(self.request("POST", path, json=body))).json()
 
+    async def put(self, path: str, content: bytes, headers: dict[str, str]) -> Any:
+        """Upload ``content`` as a raw body; ``headers`` carry its ``Content-Digest``, which the
+        signature covers (the server hashes the stream against it)."""
+        return (await self.send(self.request("PUT", path, content=content, headers=headers))).json()
+
     async def stream(self, path: str, **params: Any) -> AsyncIterator[bytes]:
         """The body of a ``GET`` as it arrives (exports), never held whole."""
         query = {k: v for k, v in params.items() if v is not None}

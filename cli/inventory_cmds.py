@@ -11,7 +11,7 @@ from urllib.parse import quote
 import typer
 
 from activities.runtimes.registry import kind_spec, kinds
-from cli.context import console, emit, inventory, rows, run, settings, signer
+from cli.context import api, console, emit, inventory, rows, run, settings, signer
 from mlc.domain import (
     DEFAULT_RESTART,
     HostingMode,
@@ -28,6 +28,9 @@ if TYPE_CHECKING:
     import asyncpg
 
     from cli import admin
+    from cli.api_client import ApiClient
+    from mlc.config import Settings
+    from mlc.domain import GatewaySettings
 
 # Governance (cryptography, payload models), registration and Kafka settings load inside
 # the commands that use them: `mlc deployments` only reads the inventory.
@@ -63,14 +66,21 @@ def register_model(
 
     async def go() -> None:
         cfg = settings()
-        async with inventory(cfg) as pool:
-            snap, new = await register_package(
-                pool,
-                ArtifactStore(cfg.artifact_dir),
-                directory.resolve(),
-                signer=await signer(cfg, pool),
-                settings=cfg,
-            )
+        remote = api(cfg)
+        if remote is not None:
+            from cli import remote as through
+
+            async with remote:
+                snap, new = await through.register(remote, directory.resolve())
+        else:
+            async with inventory(cfg) as pool:
+                snap, new = await register_package(
+                    pool,
+                    ArtifactStore(cfg.artifact_dir),
+                    directory.resolve(),
+                    signer=await signer(cfg, pool),
+                    settings=cfg,
+                )
         if as_json:
             emit([snap], as_json=True, columns=[], title="")
         else:
@@ -181,7 +191,8 @@ def add_runtime(
         str | None,
         typer.Option(
             help="The runtime worker's evidence key (`mlc runtime key show NAME` on its host: an "
-            "ssh-ed25519 line or a .pub file); default: the key of a worker using this MLC_HOME."
+            "ssh-ed25519 line or a .pub file); default: the key of a worker using this MLC_HOME "
+            "(through MLC_API_URL it must be given)."
         ),
     ] = None,
     **kind_options: Any,
@@ -230,10 +241,63 @@ def add_runtime(
     if gateway_port is not None and gateway and Mode.ONLINE not in modes:
         raise typer.BadParameter("a gateway serves online models: add --mode online, or drop --gateway-port")
 
+    def runtime_of(cfg: Settings, gateway_settings: GatewaySettings | None) -> Runtime:
+        return Runtime(
+            name=name,
+            kind=kind,
+            stage=stage,
+            service_tags=tuple(tag or ["*"]),
+            modes=modes,
+            task_queue=task_queue or cfg.task_queue,
+            kafka=kafka,
+            restart=restart,
+            hosting=hosting,
+            model_network=model_network,
+            gateway=gateway_settings,
+            **spec.runtime_fields(kind_settings),
+        )
+
+    async def through_api(cfg: Settings, remote: ApiClient) -> Runtime:
+        """Sign ``runtime.add`` here; the evidence key and the gateway port must be given,
+        since this host is not the runtime's (see the errors)."""
+        from cli import admin
+        from cli.remote import govern
+        from mlc.trust.governance import RUNTIME_ADD
+
+        if evidence_key is None:
+            raise typer.BadParameter(
+                "through the API, give the runtime worker's evidence key: --evidence-key 'ssh-ed25519 ...' "
+                f"(`mlc runtime key show {name}` on the worker's host). It is not read from the server: "
+                "a compromised server could substitute its own key and sign test results"
+            )
+        if replace:
+            raise typer.BadParameter("--replace is not available through the API: `mlc runtime remove` first")
+        gateway_settings = None
+        if gateway and Mode.ONLINE in modes:
+            if gateway_port is None:
+                raise typer.BadParameter(
+                    "through the API, give --gateway-port (a port free on the runtime's host, which this "
+                    "host cannot check) or --no-gateway"
+                )
+            from mlc.domain import GatewaySettings
+
+            gateway_settings = GatewaySettings(
+                port=gateway_port, host=gateway_host or spec.gateway_host(kind_settings)
+            )
+        runtime = runtime_of(cfg, gateway_settings)
+        args = {**admin.runtime_args(runtime), "evidence_key": admin.read_public_key(evidence_key)}
+        async with remote:
+            await govern(remote, RUNTIME_ADD, args)
+        return runtime
+
     async def go() -> None:
         cfg = settings()
         from cli import admin
 
+        remote = api(cfg)
+        if remote is not None:
+            runtime = await through_api(cfg, remote)
+            return report(runtime)
         async with inventory(cfg) as pool:
             gateway_settings = None
             if gateway and Mode.ONLINE in modes:
@@ -248,20 +312,7 @@ def add_runtime(
                     raise typer.BadParameter(f"gateway port {gateway_port} is another runtime's already")
                 port = gateway_port or pick_gateway_port(host, taken=taken)
                 gateway_settings = GatewaySettings(port=port, host=host)
-            runtime = Runtime(
-                name=name,
-                kind=kind,
-                stage=stage,
-                service_tags=tuple(tag or ["*"]),
-                modes=modes,
-                task_queue=task_queue or cfg.task_queue,
-                kafka=kafka,
-                restart=restart,
-                hosting=hosting,
-                model_network=model_network,
-                gateway=gateway_settings,
-                **spec.runtime_fields(kind_settings),
-            )
+            runtime = runtime_of(cfg, gateway_settings)
             await admin.add_runtime(
                 pool,
                 cfg,
@@ -270,6 +321,9 @@ def add_runtime(
                 replace=replace,
                 evidence_key=admin.read_public_key(evidence_key) if evidence_key else None,
             )
+        report(runtime)
+
+    def report(runtime: Runtime) -> None:
         console.print(
             f"runtime {name} ({kind.value}) serves {stage} for tags "
             f"{', '.join(runtime.service_tags)} on task queue {runtime.task_queue}"
@@ -355,10 +409,18 @@ def add_runtime_key(
 
     async def go() -> None:
         cfg = settings()
-        async with inventory(cfg) as pool:
-            kid = await admin.add_runtime_key(
-                pool, cfg, await signer(cfg, pool), name, admin.read_public_key(public_key)
-            )
+        text = admin.read_public_key(public_key)
+        remote = api(cfg)
+        if remote is not None:
+            from cli.remote import govern
+            from mlc.trust.governance import RUNTIME_KEY_ADD
+
+            async with remote:
+                args, kid = admin.runtime_key_args(name, text)
+                await govern(remote, RUNTIME_KEY_ADD, args)
+        else:
+            async with inventory(cfg) as pool:
+                kid = await admin.add_runtime_key(pool, cfg, await signer(cfg, pool), name, text)
         console.print(f"runtime {name}: evidence key {kid} registered")
 
     run(go())
@@ -371,8 +433,16 @@ def revoke_runtime_key(name: str, keyid: Annotated[str, typer.Argument(help="SHA
 
     async def go() -> None:
         cfg = settings()
-        async with inventory(cfg) as pool:
-            await admin.revoke_runtime_key(pool, cfg, await signer(cfg, pool), name, keyid)
+        remote = api(cfg)
+        if remote is not None:
+            from cli.remote import govern
+            from mlc.trust.governance import RUNTIME_KEY_REVOKE
+
+            async with remote:
+                await govern(remote, RUNTIME_KEY_REVOKE, {"runtime": name, "keyid": keyid})
+        else:
+            async with inventory(cfg) as pool:
+                await admin.revoke_runtime_key(pool, cfg, await signer(cfg, pool), name, keyid)
         console.print(f"runtime {name}: evidence key {keyid} revoked")
 
     run(go())
@@ -406,6 +476,15 @@ def remove_runtime(name: str) -> None:
 
     async def go() -> None:
         cfg = settings()
+        remote = api(cfg)
+        if remote is not None:  # a docker runtime's spares are its worker host's to drop
+            from cli.remote import govern
+            from mlc.trust.governance import RUNTIME_REMOVE
+
+            async with remote:
+                await govern(remote, RUNTIME_REMOVE, {"name": name})
+            console.print(f"runtime {name} removed")
+            return
         async with inventory(cfg) as pool:
             runtime = await runtimes.read_runtime(pool, name)
             await admin.remove_runtime(pool, cfg, await signer(cfg, pool), name)
@@ -478,6 +557,19 @@ def _change_roles(name: str, roles: list[str], change: admin.RoleChange) -> None
 
     async def go() -> None:
         cfg = settings()
+        remote = api(cfg)
+        if remote is not None:
+            from cli import remote as through
+            from mlc.trust.governance import ROLE_GRANT, ROLE_REVOKE
+
+            action = ROLE_GRANT if change is admin.grant_role else ROLE_REVOKE
+            async with remote:
+                signed_by = (await through.me(remote)).name
+                for role in roles:
+                    answer = await through.govern(remote, action, {"principal": name, "role": role})
+            now = ", ".join(answer["roles"] or []) or "none"
+            console.print(f"{name} now has roles: {now} (signed by {signed_by})")
+            return
         async with inventory(cfg) as pool:
             me = await signer(cfg, pool)
             for role in roles:

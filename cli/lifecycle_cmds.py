@@ -18,6 +18,8 @@ from mlc.domain import Decision, LifecycleDefinition, LifecycleSpec, ModelRef
 if TYPE_CHECKING:
     from mlc.config import Settings
     from mlc.contracts.lifecycle import LifecycleStatus
+    from mlc.domain import ApprovalRecord
+    from mlc.statements import Envelope
 
 # Temporal, the payload models and the upload checks load inside the commands that use
 # them: `mlc status` without a run reads only the inventory (see register_commands).
@@ -91,6 +93,15 @@ def start(
 
     async def go() -> None:
         cfg = settings()
+        remote = api(cfg)
+        if remote is not None:  # the server starts it as the principal this key belongs to
+            body = {"model": model_ref.model, "version": model_ref.version, "lifecycle": workflow_type}
+            async with remote:
+                answer = await remote.post(
+                    "/v1/runs", {**body, "spec": override.model_dump(mode="json") if override else None}
+                )
+            started = {k: answer[k] for k in ("workflow_id", "run_id", "model", "version", "lifecycle")}
+            return report({**started, "task_queue": answer["task_queue"]})
         async with inventory(cfg) as pool:
             # A run for a snapshot that does not exist could only fail: refuse it here
             # (NotFoundError names the versions there are and `mlc model register DIR`).
@@ -109,8 +120,8 @@ def start(
             lifecycle=workflow_type,
             spec=override,
         )
-        if as_json:
-            started = {
+        report(
+            {
                 "workflow_id": handle.id,
                 "run_id": handle.result_run_id,
                 "model": model_ref.model,
@@ -118,12 +129,15 @@ def start(
                 "lifecycle": workflow_type,
                 "task_queue": names.lifecycle_task_queue(workflow_type, cfg.task_queue),
             }
+        )
+
+    def report(started: dict[str, object]) -> None:
+        if as_json:
             print(json.dumps(started, indent=2))
             return
         console.print(
-            f"started {workflow_type} for {model_ref} on task queue "
-            f"{names.lifecycle_task_queue(workflow_type, cfg.task_queue)}: workflow {handle.id}; "
-            f"follow it with `mlc status {model_ref}`"
+            f"started {workflow_type} for {model_ref} on task queue {started['task_queue']}: "
+            f"workflow {started['workflow_id']}; follow it with `mlc status {model_ref}`"
         )
 
     run(go())
@@ -141,12 +155,19 @@ def upload(
 
     async def go() -> None:
         cfg = settings()
-        async with inventory(cfg) as pool:
-            from cli.lifecycle_uploads import upload_lifecycle
+        remote = api(cfg)
+        if remote is not None:
+            from cli import remote as through
 
-            stored, created = await upload_lifecycle(
-                pool, file, signer=await signer(cfg, pool), settings=cfg, name=name
-            )
+            async with remote:
+                stored, created = await through.upload_lifecycle(remote, file, name)
+        else:
+            async with inventory(cfg) as pool:
+                from cli.lifecycle_uploads import upload_lifecycle
+
+                stored, created = await upload_lifecycle(
+                    pool, file, signer=await signer(cfg, pool), settings=cfg, name=name
+                )
         if not created:
             console.print(
                 f"{stored.name} version {stored.version} already has this source; nothing new was stored"
@@ -313,6 +334,18 @@ def _decide(
 
     async def go() -> None:
         cfg = settings()
+        remote = api(cfg)
+        if remote is not None:  # signed here on what the server shows; verified by the run
+            from cli import remote as through
+
+            async with remote:
+                envelope = await through.sign_decision(
+                    remote, model_ref, stage=stage, decision=decision, comment=comment, evidence=evidence
+                )
+                if print_statement:
+                    return show(envelope)
+                record = await through.send_decision(remote, model_ref, envelope)
+            return done(record)
         async with inventory(cfg) as pool:
             me = await signer(cfg, pool)
             handle, envelope = await sign_decision(
@@ -326,11 +359,17 @@ def _decide(
                 evidence=evidence,
             )
         if print_statement:
-            print(json.dumps(SignalDecision(envelope=envelope).model_dump(mode="json", by_alias=True)))
-            return
-        record = await send_decision(
-            handle, model_ref, SignedDecision(envelope=envelope), approve=decision is Decision.APPROVED
+            return show(envelope)
+        done(
+            await send_decision(
+                handle, model_ref, SignedDecision(envelope=envelope), approve=decision is Decision.APPROVED
+            )
         )
+
+    def show(envelope: Envelope) -> None:
+        print(json.dumps(SignalDecision(envelope=envelope).model_dump(mode="json", by_alias=True)))
+
+    def done(record: ApprovalRecord) -> None:
         console.print(f"{model_ref}: {stage} {record.decision.value} by {record.approver} (signed, verified)")
 
     run(go())
@@ -379,10 +418,17 @@ def rollback(
     async def go() -> None:
         cfg = settings()
         began = time.monotonic()
-        async with inventory(cfg) as pool:
-            me = await signer(cfg, pool)
-            envelope = await sign_rollback(pool, me, model=model, stage=stage, reason=reason, version=to)
-        done = await roll_back(await client(cfg, identity=me.name), envelope, task_queue=cfg.task_queue)
+        remote = api(cfg)
+        if remote is not None:  # signed here; started as this key's principal by the server
+            from cli import remote as through
+
+            async with remote:
+                done = await through.roll_back(remote, model=model, stage=stage, reason=reason, version=to)
+        else:
+            async with inventory(cfg) as pool:
+                me = await signer(cfg, pool)
+                envelope = await sign_rollback(pool, me, model=model, stage=stage, reason=reason, version=to)
+            done = await roll_back(await client(cfg, identity=me.name), envelope, task_queue=cfg.task_queue)
         took = time.monotonic() - began
         if as_json:
             print(json.dumps({**done.model_dump(mode="json"), "wall_seconds": round(took, 3)}, indent=2))

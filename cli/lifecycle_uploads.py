@@ -1,8 +1,9 @@
-"""Uploading lifecycle code: who may, what passes, and what is stored.
+"""Uploading lifecycle code: read the file, sign the upload, have it checked and stored.
 
-Shared by ``mlc lifecycle upload`` and tests. The checks run cheapest first (role,
-name, static validation) and the dry run last, and nothing is stored unless all pass.
-The dry run executes the code in the lifecycle worker's sandbox, never in this process.
+Shared by ``mlc lifecycle upload`` and tests. Signing happens here, with the uploader's
+key; the checks (role, name, static validation, the dry run in the lifecycle worker's
+sandbox) and storing are :mod:`server.operations.lifecycles`, which ``mlc server`` runs
+for API clients too.
 """
 
 from __future__ import annotations
@@ -11,18 +12,33 @@ from pathlib import Path
 
 import asyncpg
 
-from cli import admin
-from lifecycles.validation import check_lifecycle_name, check_source, default_name, format_problems
-from mlc import names
+from lifecycles.validation import default_name
 from mlc.config import Settings
 from mlc.domain import LifecycleDefinition
-from mlc.errors import InvalidLifecycleError, PermissionDeniedError
-from mlc.store import lifecycle_definitions, snapshots
+from mlc.errors import InvalidLifecycleError
+from mlc.statements import Envelope
+from mlc.store import lifecycle_definitions
 from mlc.trust.governance import LIFECYCLE_UPLOAD
 from mlc.trust.signer import Signer
+from server.operations import lifecycles
 
-DRY_RUN_APPROVERS = ("alice", "bob")
-"""Approvers the dry run adds when fewer than two people hold the approver role."""
+
+def read_lifecycle(path: Path, name: str | None) -> tuple[str, str]:
+    """The workflow type to run ``path`` as (default: its stem in CamelCase) and its source.
+
+    Raises:
+        InvalidLifecycleError: the file cannot be read as UTF-8 text.
+    """
+    try:
+        return name or default_name(path.stem), path.read_text(encoding="utf-8")
+    except (ValueError, OSError) as exc:
+        raise InvalidLifecycleError(f"{path}: {exc}") from None
+
+
+def sign_upload(signer: Signer, name: str, source: str) -> Envelope:
+    """``signer``'s ``lifecycle.upload`` statement for ``source`` as lifecycle ``name``."""
+    sha256 = lifecycle_definitions.source_sha256(source)
+    return signer.governance(LIFECYCLE_UPLOAD, {"name": name, "sha256": sha256}, subject=name)
 
 
 async def upload_lifecycle(
@@ -34,9 +50,6 @@ async def upload_lifecycle(
     name: str | None = None,
 ) -> tuple[LifecycleDefinition, bool]:
     """Validate, dry-run, sign and store ``path`` as the next version of a lifecycle.
-
-    Workers run only versions whose ``lifecycle.upload`` statement verifies, so a row
-    written straight into the database is never executed.
 
     Args:
         pool: The inventory.
@@ -53,45 +66,8 @@ async def upload_lifecycle(
         InvalidLifecycleError: bad name, unreadable file, a static problem or a failed
             dry run; the message carries ``file:line: reason``.
     """
-    role = settings.author_role
-    state = await admin.state(pool, settings)
-    held = state.roles_of(signer.name)
-    if role not in held:
-        has = ", ".join(sorted(held)) or "no roles"
-        raise PermissionDeniedError(
-            f"{signer.name} may not upload lifecycle code: it needs role {role} (has {has}); "
-            f"an admin can grant it with `mlc user grant {signer.name} --role {role}`"
-        )
-    try:
-        lifecycle = check_lifecycle_name(name or default_name(path.stem), built_in=names.BUILT_IN_WORKFLOWS)
-        source = path.read_text(encoding="utf-8")
-    except (ValueError, OSError) as exc:
-        raise InvalidLifecycleError(f"{path}: {exc}") from None
-    problems = check_source(source, filename=str(path))
-    if problems:
-        raise InvalidLifecycleError(
-            f"{path} is not a valid lifecycle; nothing was stored:\n{format_problems(str(path), problems)}"
-        )
-    sha256 = lifecycle_definitions.source_sha256(source)
-    existing = await lifecycle_definitions.find_lifecycle_definition(pool, lifecycle, sha256)
-    if existing is not None:
-        return existing, False
-    from workers.dry_run import DryRunWorld, default_snapshot, dry_run  # lazily: worker machinery
-
-    registered = await snapshots.read_snapshots(pool)
-    approvers = sorted(p.name for p in state.principals.values() if "approver" in p.roles)
-    while len(approvers) < len(DRY_RUN_APPROVERS):
-        approvers.append(next(n for n in DRY_RUN_APPROVERS if n not in approvers))
-    world = DryRunWorld(
-        snapshot=registered[-1] if registered else default_snapshot(),
-        version=await lifecycle_definitions.next_version(pool, lifecycle),
-        approvers=tuple(approvers),
-        runtime_dir=settings.runtime_dir,
-    )
-    await dry_run(source, name=lifecycle, path=str(path), world=world)
-    await admin.submit(
-        pool, settings, signer, LIFECYCLE_UPLOAD, {"name": lifecycle, "sha256": sha256}, subject=lifecycle
-    )
-    return await lifecycle_definitions.create_lifecycle_definition(
-        pool, lifecycle, source, uploaded_by=signer.name
+    lifecycle, source = read_lifecycle(path, name)
+    envelope = sign_upload(signer, lifecycle, source)
+    return await lifecycles.upload(
+        pool, settings, envelope, name=lifecycle, source=source, filename=str(path)
     )

@@ -2,7 +2,8 @@
 
 Who registered a snapshot matters for segregation of duties (by default a registrant may
 not approve their own snapshot), so it is taken from the signed ``snapshot.register``
-statement, never from the ``registered_by`` column.
+statement, never from the ``registered_by`` column. The CLI signs; recording is
+:mod:`server.operations.registration`, which ``mlc server`` runs for API clients.
 """
 
 from __future__ import annotations
@@ -11,14 +12,19 @@ from pathlib import Path
 
 import asyncpg
 
-from cli import admin
 from mlc.artifacts import ArtifactStore, build_archive
 from mlc.config import Settings
 from mlc.domain import ModelSnapshot
 from mlc.manifest import load_manifest
-from mlc.store import snapshots
+from mlc.statements import Envelope
 from mlc.trust.governance import SNAPSHOT_REGISTER
 from mlc.trust.signer import Signer
+from server.operations import registration
+
+
+def sign_registration(signer: Signer, model: str, sha256: str) -> Envelope:
+    """``signer``'s ``snapshot.register`` statement for one archive of ``model``."""
+    return signer.governance(SNAPSHOT_REGISTER, {"model": model, "sha256": sha256}, subject=model)
 
 
 async def register_package(
@@ -36,12 +42,5 @@ async def register_package(
     """
     manifest = load_manifest(package_dir)
     sha = artifacts.put(build_archive(package_dir))
-    await admin.submit(
-        pool,
-        settings,
-        signer,
-        SNAPSHOT_REGISTER,
-        {"model": manifest.name, "sha256": sha},
-        subject=manifest.name,
-    )
-    return await snapshots.register_snapshot(pool, manifest, sha, registered_by=signer.name)
+    envelope = sign_registration(signer, manifest.name, sha)
+    return await registration.register(pool, settings, envelope, manifest, sha)

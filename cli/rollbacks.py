@@ -1,30 +1,20 @@
 """Client side of ``mlc rollback``: sign the decision, start the ``Rollback`` workflow, wait.
 
 Shared by the CLI and tests. The workflow (``workflows/rollback.py``) and the trusted
-``verify_rollback`` activity decide; this module only signs and reports.
+``verify_rollback`` activity decide; this module signs, and starts and waits through
+:mod:`server.operations.rollbacks` (which ``mlc server`` runs for API clients).
 """
 
 from __future__ import annotations
 
 import asyncpg
-from temporalio.client import Client, WorkflowFailureError
-from temporalio.exceptions import ApplicationError
+from temporalio.client import Client
 
-from mlc import errors, names
-from mlc.contracts.rollback import RollbackInput, RollbackResult
-from mlc.statements import Envelope, rollback_of
+from mlc.contracts.rollback import RollbackResult
+from mlc.statements import Envelope
 from mlc.store import snapshots
 from mlc.trust.signer import Signer
-
-_ERRORS: dict[str, type[errors.MLCError]] = {
-    "RefusedError": errors.RefusedError,
-    "ConflictError": errors.ConflictError,
-    "NotFoundError": errors.NotFoundError,
-    "NoRuntimeError": errors.NoRuntimeError,
-    "PermissionDeniedError": errors.PermissionDeniedError,
-    "DeploymentFailed": errors.DeploymentFailedError,
-}
-"""The workflow's failure type -> the error the CLI exits with (refusals exit 4)."""
+from server.operations import rollbacks
 
 
 async def sign_rollback(
@@ -50,24 +40,5 @@ async def roll_back(client: Client, envelope: Envelope, *, task_queue: str) -> R
     Raises:
         MLCError: the rollback was refused or failed (typed: refusals are ``RefusedError``).
     """
-    _, claim = rollback_of(envelope)
-    try:
-        result: RollbackResult = await client.execute_workflow(
-            names.ROLLBACK,
-            RollbackInput(envelope=envelope),
-            id=names.rollback_workflow_id(claim.model, claim.stage, claim.nonce),
-            task_queue=task_queue,
-            result_type=RollbackResult,
-        )
-    except WorkflowFailureError as exc:
-        cause = exc.cause
-        while isinstance(cause, ApplicationError) and cause.cause is not None and not cause.type:
-            cause = cause.cause
-        message = cause.message if isinstance(cause, ApplicationError) else str(cause or exc)
-        kind = cause.type if isinstance(cause, ApplicationError) else None
-        raise _ERRORS.get(kind or "", errors.MLCError)(
-            f"rollback of {claim.model} in {claim.stage} refused: {message}"
-            if kind in ("RefusedError", "ConflictError", "PermissionDeniedError")
-            else f"rollback of {claim.model} in {claim.stage} failed: {message}"
-        ) from None
-    return result
+    handle = await rollbacks.start(client, envelope, task_queue=task_queue)
+    return await rollbacks.outcome(handle, rollbacks.described(envelope))

@@ -60,6 +60,7 @@ def db_migrate(
 
     async def go() -> None:
         cfg = settings()
+        _host_only(cfg.api_url, "db migrate", "migrations need the owner's MLC_DATABASE_URL")
         async with inventory(cfg) as pool:  # opening the inventory as its owner migrates it
             if worker_password_env:
                 password = os.environ.get(worker_password_env, "")
@@ -72,6 +73,15 @@ def db_migrate(
         )
 
     run(go())
+
+
+def _host_only(api_url: str | None, command: str, why: str) -> None:
+    """Refuse ``command`` under ``MLC_API_URL``: it runs on the server's host only."""
+    if api_url:
+        raise RefusedError(
+            f"`mlc {command}` runs only on the server's host with the owner's MLC_DATABASE_URL, never "
+            f"through the API ({why}); MLC_API_URL is set ({api_url})"
+        )
 
 
 def _literal(text: str) -> str:
@@ -122,10 +132,18 @@ def key_add(
 
     async def go() -> None:
         cfg = settings()
-        async with inventory(cfg) as pool:
-            kid = await admin.add_key(
-                pool, cfg, await signer(cfg, pool), name, admin.read_public_key(public_key)
-            )
+        text = admin.read_public_key(public_key)
+        remote = api(cfg)
+        if remote is not None:
+            from cli.remote import govern
+            from mlc.trust.governance import KEY_ADD
+
+            args, kid = admin.key_args(name, text)
+            async with remote:
+                await govern(remote, KEY_ADD, args)
+        else:
+            async with inventory(cfg) as pool:
+                kid = await admin.add_key(pool, cfg, await signer(cfg, pool), name, text)
         console.print(f"registered key {kid} for {name}")
 
     run(go())
@@ -137,8 +155,16 @@ def key_revoke(name: str, kid: Annotated[str, typer.Argument(metavar="KEY_ID")])
 
     async def go() -> None:
         cfg = settings()
-        async with inventory(cfg) as pool:
-            await admin.revoke_key(pool, cfg, await signer(cfg, pool), name, kid)
+        remote = api(cfg)
+        if remote is not None:
+            from cli.remote import govern
+            from mlc.trust.governance import KEY_REVOKE
+
+            async with remote:
+                await govern(remote, KEY_REVOKE, {"principal": name, "keyid": kid})
+        else:
+            async with inventory(cfg) as pool:
+                await admin.revoke_key(pool, cfg, await signer(cfg, pool), name, kid)
         console.print(f"revoked key {kid} of {name}")
 
     run(go())
@@ -153,6 +179,7 @@ def admin_init(name: Annotated[str, typer.Argument(help="Your principal name, e.
 
     async def go() -> None:
         cfg = settings()
+        _host_only(cfg.api_url, "admin init", "over HTTP the first caller would own the installation")
         async with inventory(cfg) as pool:
             kid = await admin.init_admin(pool, cfg, name, load_private_key())
         console.print(
@@ -197,8 +224,16 @@ def policy_set(
 
     async def go() -> None:
         cfg = settings()
-        async with inventory(cfg) as pool:
-            await admin.set_policy(pool, cfg, await signer(cfg, pool), policy)
+        remote = api(cfg)
+        if remote is not None:
+            from cli.remote import govern
+            from mlc.trust.governance import POLICY_SET
+
+            async with remote:
+                await govern(remote, POLICY_SET, {"policy": policy.model_dump(mode="json")})
+        else:
+            async with inventory(cfg) as pool:
+                await admin.set_policy(pool, cfg, await signer(cfg, pool), policy)
         console.print(f"policy for {stage}: {policy.model_dump_json()}")
 
     run(go())

@@ -190,6 +190,22 @@ class ArtifactStore:
             os.replace(tmp, path)
         return digest
 
+    def incoming(self) -> Path:
+        """A folder on the store's file system for archives being received (then moved in)."""
+        folder = self.root / "incoming"
+        folder.mkdir(parents=True, exist_ok=True)
+        return folder
+
+    def put_file(self, received: Path, sha256: str) -> None:
+        """Move an archive received into :meth:`incoming` (its ``sha256`` checked by the
+        receiver while it was written) into place, without reading it into memory."""
+        path = self.path_for(sha256)
+        if path.exists():
+            received.unlink(missing_ok=True)
+            return
+        path.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(received, path)
+
     def unpack(self, sha256: str, dest: Path) -> Path:
         """Extract the archive into ``dest`` (idempotent) after checking its digest."""
         path = self.path_for(sha256)

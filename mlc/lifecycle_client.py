@@ -4,6 +4,7 @@ start a run, find it, query it, and send decisions to its gates."""
 from __future__ import annotations
 
 import asyncpg
+from pydantic import BaseModel
 from temporalio.client import (
     Client,
     WorkflowExecutionStatus,
@@ -99,25 +100,23 @@ async def recorded_status(
     return status.model_copy(update={"reports": tuple(latest.values())})
 
 
-async def sign_decision(
-    client: Client,
-    pool: asyncpg.Pool,
-    signer: Signer,
-    ref: ModelRef,
-    *,
-    stage: str,
-    decision: Decision,
-    comment: str = "",
-    evidence: str | None = None,
-) -> tuple[WorkflowHandle[object, object], Envelope]:
-    """Sign a decision at the gate the snapshot's run waits at, on the evidence it shows now.
+class DecisionContext(BaseModel):
+    """What an approver signs a decision on: the gate's run, its snapshot and the evidence
+    the inventory recorded (``GET .../decision-context`` hands it to API clients)."""
 
-    ``evidence`` (``sha256:HEX``, as the web page shows it) is the evidence the person
-    looked at: nothing is signed unless the run shows exactly that now.
+    status: LifecycleStatus
+    sha256: str
+    workflow_id: str
+    run_id: str
+
+
+async def decision_context(
+    client: Client, pool: asyncpg.Pool, ref: ModelRef, *, stage: str
+) -> tuple[WorkflowHandle[object, object], DecisionContext]:
+    """The run of ``ref`` waiting at ``stage``, and what a decision there is signed on.
 
     Raises:
-        ConflictError: the run is not waiting at ``stage``, or shows other evidence than
-            ``evidence``.
+        ConflictError: the run is not waiting at ``stage``.
     """
     handle = await find_handle(client, pool, ref)
     status = await recorded_status(pool, handle)
@@ -129,17 +128,65 @@ async def sign_decision(
         raise ConflictError(f"{ref} is not waiting for a decision (it is {doing})")
     if gate.stage != stage:
         raise ConflictError(f"{ref} is waiting for a decision at {gate.stage}, not {stage}")
-    check_evidence_seen(status, stage=stage, seen=evidence)
     snapshot = await snapshots.read_snapshot(pool, ref.model, ref.version)
     run_id = handle.run_id or (await handle.describe()).run_id
-    envelope = signer.decision(
-        status,
+    if run_id is None:
+        raise ConflictError(f"{ref}'s run has not begun yet")
+    return handle, DecisionContext(
+        status=status, sha256=snapshot.sha256, workflow_id=handle.id, run_id=run_id
+    )
+
+
+def sign_in_context(
+    signer: Signer,
+    context: DecisionContext,
+    *,
+    stage: str,
+    decision: Decision,
+    comment: str = "",
+    evidence: str | None = None,
+) -> Envelope:
+    """``signer``'s decision at ``stage`` on exactly the evidence ``context`` shows.
+
+    ``evidence`` (``sha256:HEX``, as the web page shows it) is the evidence the person
+    looked at: nothing is signed unless ``context`` shows exactly that.
+
+    Raises:
+        ConflictError: ``context`` shows other evidence than ``evidence``.
+    """
+    check_evidence_seen(context.status, stage=stage, seen=evidence)
+    return signer.decision(
+        context.status,
         stage=stage,
         decision=decision,
-        sha256=snapshot.sha256,
-        workflow_id=handle.id,
-        run_id=run_id,
+        sha256=context.sha256,
+        workflow_id=context.workflow_id,
+        run_id=context.run_id,
         comment=comment,
+    )
+
+
+async def sign_decision(
+    client: Client,
+    pool: asyncpg.Pool,
+    signer: Signer,
+    ref: ModelRef,
+    *,
+    stage: str,
+    decision: Decision,
+    comment: str = "",
+    evidence: str | None = None,
+) -> tuple[WorkflowHandle[object, object], Envelope]:
+    """Sign a decision at the gate the snapshot's run waits at, on the evidence it shows now
+    (and only if that is ``evidence``, when given: see :func:`sign_in_context`).
+
+    Raises:
+        ConflictError: the run is not waiting at ``stage``, or shows other evidence than
+            ``evidence``.
+    """
+    handle, context = await decision_context(client, pool, ref, stage=stage)
+    envelope = sign_in_context(
+        signer, context, stage=stage, decision=decision, comment=comment, evidence=evidence
     )
     return handle, envelope
 

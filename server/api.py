@@ -20,6 +20,7 @@ from starlette.routing import Route
 from server.auth import authenticate
 from server.context import ServerContext
 from server.errors import ApiError, from_exception
+from server.limits import read_body
 from server.principal import Principal, Role
 
 log = logging.getLogger(__name__)
@@ -77,6 +78,10 @@ class Endpoint:
     streamed: bool = False
     """The handler reads the body itself (uploads): the wrapper checks no digest."""
     params: tuple[str, ...] = field(default=())
+    limit: int = JSON_BODY_LIMIT
+    """Largest JSON body this endpoint reads (lifecycle sources need more than a statement)."""
+    status: int = 200
+    """The success status it answers with (the schema says so; 202 for work that continues)."""
 
 
 ENDPOINTS: list[Endpoint] = []
@@ -92,35 +97,40 @@ def endpoint(
     response: Any = None,
     streamed: bool = False,
     params: tuple[str, ...] = (),
+    limit: int = JSON_BODY_LIMIT,
+    status: int = 200,
 ) -> Callable[[Handler], Handler]:
     """Declare ``handler`` as the answer to ``method path`` for principals with ``role`` or more."""
 
     def register(handler: Handler) -> Handler:
-        ENDPOINTS.append(Endpoint(method, path, role, handler, summary, body, response, streamed, params))
+        ENDPOINTS.append(
+            Endpoint(method, path, role, handler, summary, body, response, streamed, params, limit, status)
+        )
         return handler
 
     return register
 
 
 def error_response(error: ApiError) -> JSONResponse:
-    headers = {"WWW-Authenticate": 'Signature, Bearer realm="mlc"'} if error.status == 401 else None
+    headers = dict(error.headers)
+    if error.status == 401:
+        headers["WWW-Authenticate"] = 'Signature, Bearer realm="mlc"'
     return JSONResponse(error.body(), status_code=error.status, headers=headers)
 
 
-async def read_body(request: Request, limit: int) -> bytes:
-    """The request body, refused with 413 past ``limit`` (declared length first, then counted)."""
-    declared = request.headers.get("content-length")
-    if declared is not None and (not declared.isdigit() or int(declared) > limit):
-        raise ApiError(413, f"the body is larger than this endpoint's limit of {limit} bytes", "too-large")
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise ApiError(
-                413, f"the body is larger than this endpoint's limit of {limit} bytes", "too-large"
-            )
-        chunks.append(chunk)
-    return b"".join(chunks)
+async def _caller(request: Request, ctx: ServerContext, raw: bytes | None) -> Principal:
+    """Authenticate within the rate limits: a client address that keeps failing is slowed
+    down before its next attempt is even checked; a principal pays a read or write token."""
+    address = request.client.host if request.client else "unknown"
+    ctx.limits.before_authentication(address)
+    try:
+        principal = await authenticate(request, ctx, raw)
+    except ApiError as exc:
+        if exc.status == 401:
+            ctx.limits.authentication_failed(address)
+        raise
+    ctx.limits.charge(principal.name, request.method)
+    return principal
 
 
 def route(spec: Endpoint) -> Route:
@@ -129,8 +139,8 @@ def route(spec: Endpoint) -> Route:
     async def run(request: Request) -> Response:
         ctx: ServerContext = request.app.state.ctx
         try:
-            raw = None if spec.streamed else await read_body(request, JSON_BODY_LIMIT)
-            principal = await authenticate(request, ctx, raw)
+            raw = None if spec.streamed else await read_body(request, spec.limit)
+            principal = await _caller(request, ctx, raw)
             if principal.role < spec.role:
                 raise ApiError(
                     403, f"{principal.name} is {principal.role.label}; this needs {spec.role.label}", "role"
@@ -149,6 +159,6 @@ def route(spec: Endpoint) -> Route:
             return error_response(mapped)
         if isinstance(answer, Response):
             return answer
-        return Response(answer.model_dump_json(), media_type="application/json")
+        return Response(answer.model_dump_json(), status_code=spec.status, media_type="application/json")
 
     return Route(spec.path, run, methods=[spec.method], name=f"{spec.method} {spec.path}")

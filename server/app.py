@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from importlib import metadata
@@ -14,10 +16,13 @@ from starlette.routing import Route
 from mlc.store import connect
 from server import openapi
 from server.api import ENDPOINTS, route
+from server.auth.nonces import sweep_nonces
+from server.auth.oidc import OidcVerifier
 from server.config import ServerConfig
 from server.context import ServerContext
 from server.routes import MODULES
 from server.web import routes as web_routes
+from server.web.login import OidcLogin
 
 OPENAPI_PATH = "/v1/openapi.json"
 POOL_SIZE = 10
@@ -30,9 +35,12 @@ def _version() -> str:
         return "unknown"
 
 
-def create_app(config: ServerConfig) -> Starlette:
-    """The server for ``config``; the pool opens when the app starts and closes when it stops."""
+def create_app(config: ServerConfig, *, oidc: OidcVerifier | None = None) -> Starlette:
+    """The server for ``config``; the pool opens when the app starts and closes when it stops.
+    ``oidc`` checks bearer tokens (made after discovery, before the server starts); without it
+    tokens are refused. With its client secret it also signs browsers in (``/login``)."""
     assert MODULES and config.settings.database_url
+    login = OidcLogin(oidc, config.public_url) if oidc is not None and OidcLogin.available(oidc) else None
     document = openapi.document(_version())
 
     async def schema(request: Request) -> Response:
@@ -46,10 +54,14 @@ def create_app(config: ServerConfig) -> Starlette:
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         assert config.settings.database_url
         pool = await connect(config.settings.database_url, max_size=POOL_SIZE)
-        app.state.ctx = ServerContext(config, pool)
+        app.state.ctx = ServerContext(config, pool, oidc=oidc)
+        sweeper = asyncio.create_task(sweep_nonces(pool), name="sweep api_nonces")
         try:
             yield
         finally:
+            sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await sweeper
             await pool.close()
 
     routes = [
@@ -57,5 +69,8 @@ def create_app(config: ServerConfig) -> Starlette:
         Route("/healthz", health, methods=["GET"]),
         *(route(spec) for spec in ENDPOINTS),
         *web_routes(),
+        *(login.routes() if login else []),
     ]
-    return Starlette(routes=routes, lifespan=lifespan)
+    app = Starlette(routes=routes, lifespan=lifespan)
+    app.state.oidc_login = login is not None
+    return app

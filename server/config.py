@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 from mlc.config import Settings
 from mlc.errors import PrerequisiteError
+from server.oidc_config import OidcConfig
 
 DEFAULT_PORT = 8280
 DEFAULT_TEMPORAL_UI = "http://127.0.0.1:8233"
@@ -24,6 +25,9 @@ class ServerConfig:
     another server or behind another proxy path does not verify here."""
     temporal_ui_url: str = DEFAULT_TEMPORAL_UI
     """The Temporal Web UI people open (``MLC_TEMPORAL_UI_URL``): the run page links there."""
+    oidc: OidcConfig | None = None
+    """The identity provider whose ID tokens are accepted as bearer tokens (``MLC_OIDC_*``);
+    None: only signed requests and sessions."""
 
     @classmethod
     def from_env(cls, settings: Settings, *, host: str, port: int) -> ServerConfig:
@@ -34,7 +38,12 @@ class ServerConfig:
             )
         public = os.environ.get("MLC_API_PUBLIC_URL") or f"http://{_url_host(host)}:{port}"
         ui = os.environ.get("MLC_TEMPORAL_UI_URL") or DEFAULT_TEMPORAL_UI
-        return cls(settings=settings, public_url=public.rstrip("/"), temporal_ui_url=ui.rstrip("/"))
+        return cls(
+            settings=settings,
+            public_url=public.rstrip("/"),
+            temporal_ui_url=ui.rstrip("/"),
+            oidc=OidcConfig.from_env(),
+        )
 
 
 def _url_host(host: str) -> str:

@@ -19,11 +19,15 @@ from mlc.errors import (
 class ApiError(Exception):
     """An answer other than success: ``{"error": message, "reason": code}`` with ``status``."""
 
-    def __init__(self, status: int, error: str, reason: str | None = None) -> None:
+    def __init__(
+        self, status: int, error: str, reason: str | None = None, *, headers: dict[str, str] | None = None
+    ) -> None:
         super().__init__(error)
         self.status = status
         self.error = error
         self.reason = reason
+        self.headers = headers or {}
+        """Sent with the answer (``Retry-After`` on 429)."""
 
     def body(self) -> dict[str, str | None]:
         return {"error": self.error, "reason": self.reason}

@@ -12,6 +12,7 @@ import uvicorn
 
 from mlc.config import Settings
 from server.app import create_app
+from server.auth.oidc import OidcVerifier
 from server.config import ServerConfig
 
 log = logging.getLogger(__name__)
@@ -37,9 +38,11 @@ async def serve(settings: Settings, *, host: str, port: int, port_file: Path | N
     sock = bind(host, port)
     bound = sock.getsockname()[1]
     config = ServerConfig.from_env(settings, host=host, port=bound)
+    # Discovery before serving: a server that cannot check its provider's tokens does not start.
+    oidc = await OidcVerifier.start(config.oidc) if config.oidc else None
     server = uvicorn.Server(
         uvicorn.Config(
-            create_app(config),
+            create_app(config, oidc=oidc),
             log_level="warning",
             access_log=False,  # request lines can carry cursors and names; never bodies or settings
             server_header=False,

@@ -42,8 +42,8 @@ def document(version: str) -> dict[str, Any]:
                 *({"name": n, "in": "query", "schema": {"type": "string"}} for n in spec.params),
             ],
             "responses": {
-                "200": {
-                    "description": "OK",
+                str(spec.status): {
+                    "description": "OK" if spec.status == 200 else "Accepted: continues after the answer",
                     "content": {"application/json": {"schema": _schema(spec.response, defs)}},
                 },
                 **{

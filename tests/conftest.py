@@ -50,6 +50,7 @@ from mlc.traffic import pick_gateway_port
 from mlc.trust.keys import create_key, load_private_key, public_text
 from mlc.trust.signer import Signer
 from tests.lifecycle_helpers import start_like_ui
+from tests.oidc_provider import OidcProvider
 from workers.sandbox import SandboxedWorker, sandbox_available, start_lifecycle_worker
 from workers.worker import build_main_worker
 
@@ -373,7 +374,13 @@ async def stack(temporal_env: WorkflowEnvironment, database_url: str, tmp_path: 
 
 
 @pytest.fixture
-async def api_server(stack: Stack) -> AsyncIterator[str]:
+def api_server_env() -> dict[str, str]:
+    """Extra environment of the test's ``mlc server`` (a module overrides it, e.g. for OIDC)."""
+    return {}
+
+
+@pytest.fixture
+async def api_server(stack: Stack, api_server_env: dict[str, str]) -> AsyncIterator[str]:
     """A real ``mlc server`` subprocess for this test's inventory and Temporal; its URL.
 
     It holds the owner DSN and shares the test's home (artifacts) like a server next to the
@@ -385,6 +392,7 @@ async def api_server(stack: Stack) -> AsyncIterator[str]:
         **stack.cli_env,
         "MLC_TRUST_ROOT": stack.settings.trust_root or "",
         "PYTHONUNBUFFERED": "1",
+        **api_server_env,
     }
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
@@ -451,3 +459,15 @@ def kafka_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         missing(str(exc))
     yield broker.bootstrap
     broker.stop()
+
+
+@pytest.fixture
+async def oidc_provider() -> AsyncIterator[OidcProvider]:
+    """A real OIDC provider process on loopback (``tests/oidc_provider.py``); ``restart()``
+    rotates its signing key at the same issuer URL."""
+    provider = OidcProvider()
+    await provider.start()
+    try:
+        yield provider
+    finally:
+        await provider.stop()

@@ -8,13 +8,15 @@ import os
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 from temporalio.api.common.v1 import Payload
 from temporalio.client import Client, WorkflowHandle
 from temporalio.common import RawValue
 
 from mlc.contracts.lifecycle import LifecycleResult, LifecycleStatus
-from mlc.domain import LifecycleState
+from mlc.domain import LifecycleState, ModelSnapshot
 from mlc.lifecycle_client import read_status
+from mlc.store import trail
 
 
 async def start_like_ui(
@@ -67,3 +69,18 @@ async def keep_history(handle: WorkflowHandle[Any, Any], workflow: str, name: st
     target = HISTORIES / workflow / f"{name}.json"
     target.parent.mkdir(parents=True, exist_ok=True)
     target.write_text((await handle.fetch_history()).to_json())
+
+
+async def tamper_with_registration(pool: asyncpg.Pool, snap: ModelSnapshot) -> int:
+    """Change ``snap``'s registration entry in the trail as a superuser can (triggers off);
+    return its seq. The chain's head stays as it was: only a full check notices."""
+    registered = next(e for e in await trail.read_entries(pool) if snap.sha256 in e.body)  # the first
+    async with pool.acquire() as conn:
+        await conn.execute("SET session_replication_role = replica")
+        await conn.execute(
+            "UPDATE audit_log SET body = replace(body, $2, 'forged') WHERE seq = $1",
+            registered.seq,
+            snap.sha256,
+        )
+        await conn.execute("SET session_replication_role = DEFAULT")
+    return registered.seq

@@ -10,6 +10,8 @@ import pytest
 from cli.api_client import ApiClient
 from mlc.errors import RefusedError
 from mlc.trust.keys import load_private_key
+from server.api import ENDPOINTS
+from server.routes import MODULES
 from tests.conftest import ADMIN, APPROVER, Stack
 
 
@@ -55,3 +57,9 @@ async def test_the_schema_lists_every_endpoint_with_its_role(stack: Stack, api_s
     assert document["openapi"].startswith("3.1")
     assert "member" not in document["paths"]["/v1/snapshots"]["get"]["description"]
     assert "read-only" in document["paths"]["/v1/snapshots"]["get"]["description"]
+    started = document["paths"]["/v1/rollbacks"]["post"]["responses"]
+    assert "202" in started and "200" not in started, "the schema says what the route answers"
+    assert MODULES  # importing them declared every endpoint in this process too
+    served = {(e.path, e.method.lower()) for e in ENDPOINTS}
+    documented = {(path, method) for path, ops in document["paths"].items() for method in ops}
+    assert served == documented

@@ -19,10 +19,10 @@ import pytest
 from cli.api_client import ApiClient
 from mlc.domain import ApprovalGate, LifecycleSpec, StageSpec, TestKind
 from mlc.errors import InvalidPackageError, NotFoundError
-from mlc.store import lifecycle_definitions, trail
+from mlc.store import lifecycle_definitions
 from mlc.trust.keys import load_private_key
 from tests.conftest import ADMIN, APPROVER, Stack
-from tests.lifecycle_helpers import wait_for_gate
+from tests.lifecycle_helpers import tamper_with_registration, wait_for_gate
 
 AUDITOR = "auditor"
 
@@ -221,19 +221,11 @@ async def test_audit_verify_through_the_api_catches_a_changed_row(
     no_root = await stack.mlc("audit", "verify", user=AUDITOR, api=True)
     assert no_root.returncode == 4 and "--trust-root" in no_root.stderr, "the client brings its own root"
 
-    (registered,) = [e for e in await trail.read_entries(stack.pool) if snap.sha256 in e.body]
-    async with stack.pool.acquire() as conn:  # a superuser can switch triggers off: verify still catches it
-        await conn.execute("SET session_replication_role = replica")
-        await conn.execute(
-            "UPDATE audit_log SET body = replace(body, $2, 'forged') WHERE seq = $1",
-            registered.seq,
-            snap.sha256,
-        )
-        await conn.execute("SET session_replication_role = DEFAULT")
+    seq = await tamper_with_registration(stack.pool, snap)  # a superuser can: verify still catches it
     broken = await stack.mlc(*verify, user=AUDITOR, api=True)
     assert broken.returncode == 4
     problems = json.loads(broken.stdout)["problems"]
-    assert f"entry {registered.seq}" in problems[0] and "was changed after it was recorded" in problems[0]
+    assert f"entry {seq}" in problems[0] and "was changed after it was recorded" in problems[0]
     async with client_of(stack, AUDITOR) as api:
         server_says = await api.get("/v1/audit/verify")
     assert not server_says["ok"] and server_says["problems"] == problems

@@ -23,7 +23,7 @@ from mlc.domain import ApprovalGate, LifecycleSpec, StageSpec, TestKind
 from mlc.lifecycle_client import EVIDENCE_PREFIX, recorded_status
 from server.auth.sessions import secure_cookie
 from tests.conftest import ADMIN, APPROVER, Stack, missing
-from tests.lifecycle_helpers import wait_for_gate
+from tests.lifecycle_helpers import tamper_with_registration, wait_for_gate
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = [
@@ -182,13 +182,12 @@ async def test_decide_from_what_the_page_shows(
 
     # Evidence other than what the page showed: nothing is signed.
     other = [*words[1:-1], EVIDENCE_PREFIX + "0" * 64]
-    refused = await stack.mlc(*other)
+    refused = await stack.mlc(*other, api=True)
     assert refused.returncode == 4 and "nothing was signed" in refused.stderr, refused.stderr
-    malformed = await stack.mlc(*words[1:-1], "deadbeef")
+    malformed = await stack.mlc(*words[1:-1], "deadbeef", api=True)
     assert malformed.returncode == 2 and "sha256:" in malformed.stderr
 
-    # TODO(integrator): api=True once the decision route is on main.
-    decided = await stack.mlc(*words[1:])
+    decided = await stack.mlc(*words[1:], api=True)  # as the approver has it: the URL and a key
     assert decided.returncode == 0, decided.stderr
 
     await expect(page.locator("#run-state")).to_have_text("succeeded", timeout=120_000)
@@ -204,6 +203,9 @@ async def test_decide_from_what_the_page_shows(
     assert verified.returncode == 0 and "audit trail verified" in verified.stdout, verified.stdout
     await page.goto(f"{api_server}/audit")
     await expect(page.locator("#audit-status")).to_have_text("verified")
+    await tamper_with_registration(stack.pool, snap)  # a row in the middle: the head stays as it was
+    await page.goto(f"{api_server}/audit")
+    await expect(page.locator("#audit-status")).not_to_have_text("verified")
     await page.goto(f"{api_server}/")
     await expect(row).to_contain_text("SIT · local-sit · online · 100%")
     endpoints = page.locator(f"#model-{snap.model} table.endpoints")

@@ -59,8 +59,9 @@ SANDBOX_HOST_UID = UID_RANGE[0] - 1
 users' range, the only user of that id, never root (so never ``65534 0 1`` in uid_map)."""
 TMP_SIZE = 64 * 1024 * 1024
 """Bytes of the sandbox's private ``/tmp``."""
-PACKAGES = ("mlc", "workflows", "activities", "workers", "lifecycles", "cli")
-"""The project's packages the worker imports (bound read-only when outside the venv)."""
+PACKAGES = ("mlc", "workflows", "activities", "workers", "lifecycles", "cli", "server")
+"""The project's packages the worker imports (bound read-only when outside the venv); the
+CLI that starts it imports ``server`` (the server-side halves of its writes)."""
 CLIENT_ENV_PREFIXES = ("TEMPORAL_TLS", "TEMPORAL_GRPC_META_")
 CLIENT_ENV = ("TEMPORAL_API_KEY",)
 """Temporal client settings the worker may take in: what it needs to reach Temporal."""

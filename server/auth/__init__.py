@@ -36,6 +36,13 @@ async def authenticate(request: Request, ctx: ServerContext, body: bytes | None)
             governance=await ctx.governance(),
             pool=ctx.pool,
         )
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() == "bearer":
+        if ctx.oidc is None:
+            raise unauthenticated(
+                "bad-token", "this server accepts no bearer tokens (no MLC_OIDC_ISSUER): sign the request"
+            )
+        return await ctx.oidc.authenticate(token.strip())
     raise unauthenticated(
         "no-credentials", "sign the request with your mlc key (the CLI does) or send an OIDC bearer token"
     )

@@ -1,12 +1,17 @@
 """The API's resources, one module each; importing a module declares its endpoints."""
 
 from server.routes import (
+    artifacts,
     audit,
     deployments,
+    governance,
     history,
+    lifecycle_runs,
+    lifecycle_uploads,
     lifecycles,
     me,
     policies,
+    rollbacks,
     runs,
     runtimes,
     snapshots,
@@ -26,4 +31,9 @@ MODULES = (
     lifecycles,
     runs,
     audit,
+    artifacts,
+    governance,
+    lifecycle_runs,
+    lifecycle_uploads,
+    rollbacks,
 )

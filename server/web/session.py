@@ -13,7 +13,7 @@ from server.web.common import render
 
 async def explain(request: Request) -> Response:
     """``GET /session``: how to get a browser session (no session needed to read it)."""
-    return render(request, "session.html", None, used_link=False)
+    return render(request, "session.html", None, used_link=False, oidc_login=request.app.state.oidc_login)
 
 
 async def open_session(request: Request) -> Response:
@@ -26,5 +26,6 @@ async def open_session(request: Request) -> Response:
     response = RedirectResponse("/", status_code=303)
     principal = await sessions.redeem_link(ctx, str(request.path_params["token"]), response)
     if principal is None:
-        return render(request, "session.html", None, used_link=True, status_code=400)
+        login = request.app.state.oidc_login
+        return render(request, "session.html", None, used_link=True, oidc_login=login, status_code=400)
     return response
