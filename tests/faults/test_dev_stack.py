@@ -108,6 +108,20 @@ class Dev:
         assert done.returncode == 0, done.stdout + done.stderr
         return json.loads(done.stdout)
 
+    async def on_server_host(self, *args: str) -> subprocess.CompletedProcess[str]:
+        """An ``mlc`` command run as on the server's host, with the owner's DSN taken from the
+        stack's server (the home's commands otherwise have only the API): what acts on this
+        host's runtimes (``runtime cleanup``) or the API does not offer (``runtime add --replace``)."""
+        server = read_state(self.home)["server"]["pid"]
+        variables = Path(f"/proc/{server}/environ").read_text().split("\0")
+        environ = dict(item.split("=", 1) for item in variables if "=" in item)
+        saved = self.env
+        self.env = {**saved, "MLC_DATABASE_URL": environ["MLC_DATABASE_URL"]}
+        try:
+            return await self.mlc(*args)
+        finally:
+            self.env = saved
+
     async def stop(self, signum: int) -> int:
         """Send ``signum`` to ``mlc dev`` and return its exit code."""
         assert self.process is not None
@@ -184,7 +198,9 @@ async def test_dev_killed_restarted_and_stopped_needs_no_cleanup(tmp_path: Path)
             return '"state": "succeeded"' in (await dev.mlc("status", "weak-model@1", "--json")).stdout
 
         await wait_until(succeeded, what="the lifecycle to complete", timeout=WAIT_SECONDS)
-        (cleaned,) = await dev.json("runtime", "cleanup", "local-dev")
+        cleanup = await dev.on_server_host("runtime", "cleanup", "local-dev", "--json")
+        assert cleanup.returncode == 0, cleanup.stdout + cleanup.stderr
+        (cleaned,) = json.loads(cleanup.stdout)
         assert cleaned["removed"] == []
         verified = await dev.mlc("audit", "verify")
         assert verified.returncode == 0, verified.stdout + verified.stderr
@@ -546,7 +562,7 @@ async def test_a_hostile_models_daemons_end_with_reject_and_with_the_stack(tmp_p
         (bystander,) = [d for d in await dev.json("deployments") if d["model"] == "weak-model"]
         assert await wait_until(lambda: _health(bystander["endpoint"]), what="health", timeout=30)
 
-        hosting = await dev.mlc(
+        hosting = await dev.on_server_host(  # --replace is not offered through the API
             "runtime", "add", "local-dev", "--stage", "DEV", "--replace", "--hosting", "dedicated"
         )
         assert hosting.returncode == 0, hosting.stdout + hosting.stderr
