@@ -518,15 +518,12 @@ async def _walk_api(cfg: Settings, *, yes: bool, ui: str | None) -> int:
     from cli import demo_api
     from cli.api_client import ApiClient
     from cli.examples import prepare_example_model
-    from mlc.trust.signer import Signer
 
     assert cfg.api_url
     with console.status("training the example credit-card-fraud model"):
         package = await asyncio.to_thread(prepare_example_model)
-    key = ensure_key(default_key_path())
-    async with ApiClient(cfg.api_url, key) as api:
-        me = Signer(name=(await api.get("/v1/me"))["name"], key=key)
-        return await demo_api.walk(api, me, package, yes=yes, ui=ui)
+    async with ApiClient(cfg.api_url, ensure_key(default_key_path())) as api:
+        return await demo_api.walk(api, package, yes=yes, ui=ui)
 
 
 async def _walk(cfg: Settings, *, yes: bool) -> int:
