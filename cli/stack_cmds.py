@@ -125,7 +125,13 @@ async def embedded(
                     keeping_reconcilers(temporal, ready, worker_pool),
                 ):
                     isolation.lock_home(ready.home, ready.runtime_dir)  # what the workers made (their logs)
-                    yield ready
+                    supervisor = asyncio.create_task(stack.supervise_server(ready, _warn))
+                    try:
+                        yield ready
+                    finally:
+                        supervisor.cancel()
+                        with contextlib.suppress(asyncio.CancelledError):
+                            await supervisor
             finally:
                 await worker_pool.close()
             await _stop_local_servers(ready, pool)
@@ -133,6 +139,10 @@ async def embedded(
             await pool.close()
     finally:
         stack.stop()
+
+
+def _warn(line: str) -> None:
+    console.print(f"[yellow]{escape(line)}[/yellow]", highlight=False)
 
 
 def _gateways_available() -> bool:

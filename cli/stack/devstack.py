@@ -31,6 +31,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -54,6 +55,10 @@ SERVER_PORT_FILE = "server.port"
 API_PORT = 8280
 SERVER_START_SECONDS = 60.0
 """How long the API may take to serve (imports and the pool; seconds on a loaded host)."""
+SERVER_POLL_SECONDS = 0.5
+"""How often the stack looks whether its ``mlc server`` still runs."""
+SERVER_RESTART_SECONDS = 5.0
+"""How long the stack waits before starting a server again whose last start failed."""
 LOCK_WAIT_SECONDS = 1.0
 """A command probing the lock holds it for microseconds; a start waits this long for it."""
 SHUTDOWN_GRACE_SECONDS = 10.0
@@ -352,9 +357,10 @@ class DevStack:
 
     # --- the API ------------------------------------------------------------------------
 
-    async def start_server(self, ready: Settings) -> Settings:
-        """Start ``mlc server`` for the migrated, bootstrapped inventory of ``ready`` and record
-        its URL in ``dev.json``; return ``ready`` with ``api_url`` set.
+    async def start_server(self, ready: Settings, *, port: int | None = None) -> Settings:
+        """Start ``mlc server`` for the migrated, bootstrapped inventory of ``ready`` (on
+        ``port``, default :attr:`api_port`) and record its URL in ``dev.json``; return
+        ``ready`` with ``api_url`` set.
 
         The server is a child like the other servers (it dies with the stack) and the only one
         given the owner's DSN, in its own environment. Nothing of it is reused from a previous
@@ -364,7 +370,7 @@ class DevStack:
             RuntimeUnavailableError: it exited or did not serve in time (its log's last lines).
         """
         home = ready.home
-        port = self.api_port
+        port = self.api_port if port is None else port
         if port and port_open("127.0.0.1", port):
             port = 0  # taken by another program: any free one (the start banner says so)
         port_file = home / SERVER_PORT_FILE
@@ -389,6 +395,30 @@ class DevStack:
         self._api_url = f"http://127.0.0.1:{int(port_file.read_text())}"
         self._write_state(ready)
         return replace(ready, api_url=self._api_url)
+
+    async def supervise_server(self, ready: Settings, announce: Callable[[str], None]) -> None:
+        """Keep ``mlc server`` serving while the stack runs (until cancelled): one that exits
+        is started again on its port (a free one if another program took it meanwhile, which
+        ``dev.json`` then names), and ``announce`` says so with its log's last lines; a start
+        that fails is tried again every :data:`SERVER_RESTART_SECONDS`."""
+        while True:
+            assert self._server is not None and self._api_url is not None
+            while self._server.poll() is None:
+                await asyncio.sleep(SERVER_POLL_SECONDS)
+            log_path = ready.home / SERVER_LOG
+            announce(
+                f"mlc server exited (code {self._server.returncode}); starting it again. Last lines of "
+                f"{log_path}:\n{_tail(log_path, 5)}"
+            )
+            port = int(self._api_url.rsplit(":", 1)[1])
+            while True:
+                try:
+                    await self.start_server(ready, port=port)
+                    break
+                except RuntimeUnavailableError as exc:
+                    announce(f"{exc}; trying again in {SERVER_RESTART_SECONDS:.0f} s")
+                    await asyncio.sleep(SERVER_RESTART_SECONDS)
+            announce(f"mlc server serves again at {self._api_url}")
 
     # --- state and stop ---------------------------------------------------------------
 

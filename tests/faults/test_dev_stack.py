@@ -258,6 +258,19 @@ async def test_dev_serves_the_api_and_keeps_the_owner_dsn_to_its_server(tmp_path
         assert await dev.json("model", "list") == []
         assert (await dev.mlc("audit", "verify")).returncode == 0
 
+        # supervised: a server that dies is started again, at the same URL
+        os.kill(server, signal.SIGKILL)
+        await wait_until(
+            lambda: read_state(dev.home)["server"]["pid"] != server, what="a new server", timeout=60
+        )
+        server = read_state(dev.home)["server"]["pid"]
+        assert read_state(dev.home)["api_url"] == api_url
+        async with httpx.AsyncClient() as http:
+            assert (await http.get(f"{api_url}/healthz")).json() == {"ok": True}
+        again = f"mlc server serves again at {api_url}"
+        said = await wait_until(lambda: again in _output(dev) and _output(dev), what="the notice")
+        assert "mlc server exited (code -9); starting it again" in said, said
+
         assert await dev.stop(signal.SIGINT) == 0
         assert not processes.alive(server) and not port_open("127.0.0.1", int(api_url.rsplit(":", 1)[1]))
         await wait_until(dev.nothing_left, what="SIGINT to stop everything", timeout=30)
