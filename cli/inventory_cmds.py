@@ -429,20 +429,12 @@ def add_runtime_key(
 @runtime_key_app.command("revoke")
 def revoke_runtime_key(name: str, keyid: Annotated[str, typer.Argument(help="SHA256:... key id.")]) -> None:
     """Revoke an evidence key of runtime NAME (admins only): results it signs are refused from now on."""
-    from cli import admin
 
     async def go() -> None:
-        cfg = settings()
-        remote = api(cfg)
-        if remote is not None:
-            from cli.remote import govern
-            from mlc.trust.governance import RUNTIME_KEY_REVOKE
+        from cli.remote import statement
+        from mlc.trust.governance import RUNTIME_KEY_REVOKE
 
-            async with remote:
-                await govern(remote, RUNTIME_KEY_REVOKE, {"runtime": name, "keyid": keyid})
-        else:
-            async with inventory(cfg) as pool:
-                await admin.revoke_runtime_key(pool, cfg, await signer(cfg, pool), name, keyid)
+        await statement(settings(), RUNTIME_KEY_REVOKE, {"runtime": name, "keyid": keyid})
         console.print(f"runtime {name}: evidence key {keyid} revoked")
 
     run(go())

@@ -17,6 +17,7 @@ from cli.api_client import ApiClient
 from cli.lifecycle_uploads import read_lifecycle, sign_upload
 from cli.registration import sign_registration
 from mlc.artifacts import build_archive
+from mlc.config import Settings
 from mlc.contracts.rollback import RollbackResult
 from mlc.domain import ApprovalRecord, Decision, LifecycleDefinition, ModelRef, ModelSnapshot
 from mlc.errors import NotFoundError
@@ -38,6 +39,21 @@ async def govern(
     envelope = (await me(api)).governance(action, args, subject=subject)
     answer: dict[str, Any] = await api.post("/v1/governance", {"envelope": envelope.to_json()})
     return answer
+
+
+async def statement(cfg: Settings, action: str, args: dict[str, Any]) -> None:
+    """Sign one governance statement with the user's key and have it verified and recorded:
+    by ``mlc server`` when ``MLC_API_URL`` is set, else directly in the inventory."""
+    from cli import admin
+    from cli.context import api, inventory, signer
+
+    remote = api(cfg)
+    if remote is not None:
+        async with remote:
+            await govern(remote, action, args)
+        return
+    async with inventory(cfg) as pool:
+        await admin.submit(pool, cfg, await signer(cfg, pool), action, args)
 
 
 async def register(api: ApiClient, package_dir: Path) -> tuple[ModelSnapshot, bool]:

@@ -154,17 +154,10 @@ def key_revoke(name: str, kid: Annotated[str, typer.Argument(metavar="KEY_ID")])
     """Revoke one of NAME's keys (admins, or the key's owner): its signatures stop counting at once."""
 
     async def go() -> None:
-        cfg = settings()
-        remote = api(cfg)
-        if remote is not None:
-            from cli.remote import govern
-            from mlc.trust.governance import KEY_REVOKE
+        from cli.remote import statement
+        from mlc.trust.governance import KEY_REVOKE
 
-            async with remote:
-                await govern(remote, KEY_REVOKE, {"principal": name, "keyid": kid})
-        else:
-            async with inventory(cfg) as pool:
-                await admin.revoke_key(pool, cfg, await signer(cfg, pool), name, kid)
+        await statement(settings(), KEY_REVOKE, {"principal": name, "keyid": kid})
         console.print(f"revoked key {kid} of {name}")
 
     run(go())
@@ -223,17 +216,10 @@ def policy_set(
     )
 
     async def go() -> None:
-        cfg = settings()
-        remote = api(cfg)
-        if remote is not None:
-            from cli.remote import govern
-            from mlc.trust.governance import POLICY_SET
+        from cli.remote import statement
+        from mlc.trust.governance import POLICY_SET
 
-            async with remote:
-                await govern(remote, POLICY_SET, {"policy": policy.model_dump(mode="json")})
-        else:
-            async with inventory(cfg) as pool:
-                await admin.set_policy(pool, cfg, await signer(cfg, pool), policy)
+        await statement(settings(), POLICY_SET, {"policy": policy.model_dump(mode="json")})
         console.print(f"policy for {stage}: {policy.model_dump_json()}")
 
     run(go())

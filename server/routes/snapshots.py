@@ -4,19 +4,9 @@ from __future__ import annotations
 
 from mlc.domain import ModelSnapshot
 from mlc.store import snapshots
+from server import paging
 from server.api import Call, Page, endpoint
-from server.errors import ApiError
 from server.principal import Role
-
-
-def _cursor(after: str | None) -> tuple[str, int] | None:
-    """``model@version`` of the last snapshot of the previous page."""
-    if after is None:
-        return None
-    model, _, version = after.rpartition("@")
-    if not model or not version.isdigit():
-        raise ApiError(422, "after must be the `next` value of the previous page", "invalid")
-    return model, int(version)
 
 
 @endpoint(
@@ -29,9 +19,11 @@ def _cursor(after: str | None) -> tuple[str, int] | None:
 )
 async def list_snapshots(call: Call) -> Page[ModelSnapshot]:
     limit = call.limit()
+    after = paging.decode(call.query("after"), str, int)
     rows = await snapshots.read_snapshots(
-        call.ctx.pool, call.query("model"), after=_cursor(call.query("after")), limit=limit + 1
+        call.ctx.pool,
+        call.query("model"),
+        after=(str(after[0]), int(after[1])) if after else None,
+        limit=limit + 1,
     )
-    more = len(rows) > limit
-    rows = rows[:limit]
-    return Page[ModelSnapshot](items=rows, next=f"{rows[-1].model}@{rows[-1].version}" if more else None)
+    return paging.cut(rows, limit, lambda s: (s.model, s.version))
