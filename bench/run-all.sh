@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
-# Every benchmark behind issue 20's goals, one after the other, at the settings
+# Every benchmark behind issue 20's (and 21's: api) goals, one after the other, at the settings
 # bench/README.md's table was measured with. Each bench's own output (its ratios side by
 # side) goes to the terminal and to bench/.work/results/<UTC time>/<bench>.txt, with the
 # machine's load before and after. Run it on a quiet machine: nothing else should use the
 # cores (each bench interleaves its sides, but a busy neighbour still widens the spread).
 #
-#   ./bench/run-all.sh              # everything (~35 min on 2 cores)
+#   ./bench/run-all.sh              # everything (~40 min on 2 cores)
 #   ./bench/run-all.sh scoring load # only those (names below)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -23,8 +23,9 @@ declare -A commands=(
   [batch]="$py bench/bench_batch.py --records 1000000 --runs 3"
   [density]="$py bench/bench_density.py --models 50"
   [cli]="$py bench/bench_cli.py --runs 20"
+  [api]="$py bench/bench_api.py --rate 200 --rounds 5 --warmup 5 --duration 20"
 )
-order=(scoring gateway deploy orchestration load load-online load-online-one-model streaming batch density cli)
+order=(scoring gateway deploy orchestration load load-online load-online-one-model streaming batch density cli api)
 (($#)) && order=("$@")
 out="bench/.work/results/$(date -u +%Y%m%dT%H%M%SZ)"
 mkdir -p "$out"

@@ -24,7 +24,7 @@ from cli.context import STATE, client, console, emit, local_user, settings
 from cli.lifecycle_cmds import render_status
 from cli.logs import service_logging, worker_logging
 from cli.registration import register_package
-from cli.stack.devstack import DevStack, dev_running, postgres_password_file
+from cli.stack.devstack import API_PORT, DevStack, dev_running, postgres_password_file
 from mlc import endpoints
 from mlc.artifacts import ArtifactStore
 from mlc.config import Settings
@@ -63,9 +63,11 @@ def _stop_event() -> asyncio.Event:
 
 @contextlib.asynccontextmanager
 async def embedded(
-    cfg: Settings, *, temporal_port: int, ui_port: int, headless: bool
+    cfg: Settings, *, temporal_port: int, ui_port: int, api_port: int, headless: bool
 ) -> AsyncIterator[Settings]:
-    """Start the embedded servers, a migrated inventory with dev runtimes, and a worker.
+    """Start the embedded servers, a migrated inventory with dev runtimes, ``mlc server`` and
+    a worker; the settings yielded name the API (``api_url``) besides the owner's DSN, which
+    only this process, the worker and the server hold.
 
     A previous stack of the home is picked up where it stopped, however it stopped (see
     :mod:`cli.stack.devstack`): leftovers of deployments that are no longer live are removed,
@@ -78,7 +80,7 @@ async def embedded(
     from workers.client import ensure_search_attributes
     from workers.worker import build_main_worker
 
-    stack = DevStack(cfg, temporal_port=temporal_port, ui_port=ui_port, headless=headless)
+    stack = DevStack(cfg, temporal_port=temporal_port, ui_port=ui_port, api_port=api_port, headless=headless)
     try:
         with console.status("starting Temporal and PostgreSQL"):
             ready = await stack.start()
@@ -107,6 +109,13 @@ async def embedded(
             worker_pool = await connect(ready.worker_database_url or "", migrate_schema=False)
             temporal = await _embedded_client(ready)
             await ensure_search_attributes(temporal)
+            with console.status("starting the API (mlc server)"):
+                ready = await stack.start_server(ready)
+            if api_port and ready.api_url != f"http://127.0.0.1:{api_port}":
+                console.print(
+                    f"[yellow]port {api_port} is taken by another program: the API listens on "
+                    f"{ready.api_url} instead (--api-port picks another)[/yellow]"
+                )
             try:
                 main = build_main_worker(temporal, ready, worker_pool)
                 async with (
@@ -116,7 +125,13 @@ async def embedded(
                     keeping_reconcilers(temporal, ready, worker_pool),
                 ):
                     isolation.lock_home(ready.home, ready.runtime_dir)  # what the workers made (their logs)
-                    yield ready
+                    supervisor = asyncio.create_task(stack.supervise_server(ready, _warn))
+                    try:
+                        yield ready
+                    finally:
+                        supervisor.cancel()
+                        with contextlib.suppress(asyncio.CancelledError):
+                            await supervisor
             finally:
                 await worker_pool.close()
             await _stop_local_servers(ready, pool)
@@ -124,6 +139,10 @@ async def embedded(
             await pool.close()
     finally:
         stack.stop()
+
+
+def _warn(line: str) -> None:
+    console.print(f"[yellow]{escape(line)}[/yellow]", highlight=False)
 
 
 def _gateways_available() -> bool:
@@ -242,16 +261,21 @@ async def _stop_local_servers(cfg: Settings, pool: asyncpg.Pool) -> None:
 
 
 DEBUG = Annotated[bool, typer.Option("--debug", help="Print tracebacks in the terminal too (mlc --debug).")]
+API_PORT_HELP = "Port of the API (mlc server, 127.0.0.1); a free one when another program has it."
 
 
 def dev(
     temporal_port: Annotated[int, typer.Option(help="Temporal frontend port.")] = 7233,
     ui_port: Annotated[int, typer.Option(help="Temporal Web UI port.")] = 8233,
+    api_port: Annotated[int, typer.Option(help=API_PORT_HELP)] = API_PORT,
     headless: Annotated[bool, typer.Option(help="No Web UI.")] = False,
     debug: DEBUG = False,
 ) -> None:
-    """Run Temporal (with its Web UI), PostgreSQL, a worker and local runtimes for every
-    stage, all state under --home. Ctrl-C stops everything.
+    """Run Temporal (with its Web UI), PostgreSQL, the API (mlc server), a worker and local
+    runtimes for every stage, all state under --home. Ctrl-C stops everything.
+
+    Other mlc commands of the home act through the API, signed with your key, as a team
+    member would: the database owner's DSN stays with the server and the worker.
 
     What its worker needs from this host is checked before it starts: a missing piece is
     one line naming it and its fix, with an exit code of its own: 10 nginx (gateways of
@@ -272,7 +296,9 @@ def dev(
         cfg = settings()
         log_path = worker_logging(cfg.home, debug=STATE.debug or debug)
         embedded_postgres = cfg.database_url is None
-        async with embedded(cfg, temporal_port=temporal_port, ui_port=ui_port, headless=headless) as ready:
+        async with embedded(
+            cfg, temporal_port=temporal_port, ui_port=ui_port, api_port=api_port, headless=headless
+        ) as ready:
             table = Table(title="mlc dev is running (Ctrl-C stops it)", show_header=False)
             guarded = ready.temporal_tls is not None
             tls = (
@@ -282,6 +308,7 @@ def dev(
             if not headless:
                 login = dev_temporal.ui_login(ready.home) if guarded else None
                 table.add_row("Web UI", f"http://127.0.0.1:{ui_port}" + (f" ({login})" if login else ""))
+            table.add_row("API", f"{ready.api_url} (mlc server; other mlc commands of this home use it)")
             table.add_row("Task queue", ready.task_queue)
             uploaded = lifecycles_task_queue(ready.task_queue)
             sandboxed = "off: no bubblewrap" if _sandbox_missing() else "uploaded code, sandboxed"
@@ -300,16 +327,17 @@ def dev(
 
 def _inventory_row(url: str | None, embedded_postgres: bool, home: Path) -> str:
     """The inventory's URL for the start-up table: never its password (a screen is shared,
-    a terminal is logged), but where the password is kept."""
+    a terminal is logged), but where the password is kept and who holds the DSN (the server
+    and the worker only)."""
     if url is None:
         return "-"
     parts = urlsplit(url)
     if parts.password is None:
-        return url
+        return f"{url} (server only)"
     host = parts.netloc.rpartition("@")[2]
     shown = urlunsplit(parts._replace(netloc=f"{parts.username or ''}@{host}"))
     kept = postgres_password_file(home) if embedded_postgres else "MLC_DATABASE_URL"
-    return f"{shown} (password in {kept})"
+    return f"{shown} (server only; password in {kept})"
 
 
 def worker(
@@ -360,7 +388,9 @@ def worker(
     from workers.worker import build_main_worker, build_runtime_worker, run_until
 
     async def go() -> None:
-        cfg = settings()
+        # A worker is a server-side process with credentials of its own: the API that a
+        # running `mlc dev` names for people's commands of its home is not its way in.
+        cfg = replace(settings(), api_url=None)
         stop = _stop_event()
         temporal = await client(cfg)
         dsn = cfg.worker_database_url or cfg.database_url
@@ -459,22 +489,33 @@ def demo(
     yes: Annotated[bool, typer.Option("--yes", help="Approve every gate automatically.")] = False,
     temporal_port: Annotated[int, typer.Option(help="Temporal port of the embedded stack.")] = 7233,
     ui_port: Annotated[int, typer.Option(help="Web UI port of the embedded stack.")] = 8233,
+    api_port: Annotated[int, typer.Option(help=API_PORT_HELP)] = API_PORT,
     debug: DEBUG = False,
 ) -> None:
-    """Register the example fraud model and walk it DEV -> PROD on an embedded stack."""
+    """Register the example fraud model and walk it DEV -> PROD on an embedded stack.
+
+    It acts through the stack's API (mlc server), signed with your key, as a team member
+    would; on a server or worker host (MLC_DATABASE_URL and TEMPORAL_ADDRESS set, no running
+    mlc dev) it uses the database and Temporal directly.
+    """
     from cli.stack import dev_temporal
 
     async def go() -> int:
         cfg = settings()
         external = "TEMPORAL_ADDRESS" in os.environ and cfg.database_url is not None
+        if cfg.api_url:
+            console.print(f"using the running stack's API at {cfg.api_url} and its workers")
+            return await _walk_api(cfg, yes=yes, ui=None)
         if dev_running(cfg) or external:
             console.print(f"using the running stack at {cfg.temporal_address} and its workers")
-            return await _walk(cfg, yes=yes, ui=None)
+            return await _walk(cfg, yes=yes)
         log_path = worker_logging(cfg.home, debug=STATE.debug or debug)
-        async with embedded(cfg, temporal_port=temporal_port, ui_port=ui_port, headless=False) as ready:
+        async with embedded(
+            cfg, temporal_port=temporal_port, ui_port=ui_port, api_port=api_port, headless=False
+        ) as ready:
             login = dev_temporal.ui_login(ready.home) if ready.temporal_tls else None
             ui = f"http://127.0.0.1:{ui_port}" + (f" ({login})" if login else "")
-            code = await _walk(ready, yes=yes, ui=ui)
+            code = await _walk_api(ready, yes=yes, ui=ui)
         if code:
             console.print(f"the worker's log, with the tracebacks of failed activities: {log_path}")
         return code
@@ -482,7 +523,21 @@ def demo(
     raise typer.Exit(asyncio.run(go()))
 
 
-async def _walk(cfg: Settings, *, yes: bool, ui: str | None) -> int:
+async def _walk_api(cfg: Settings, *, yes: bool, ui: str | None) -> int:
+    """The demo as a team member runs it: through the API, signed with the user's key."""
+    from cli import demo_api
+    from cli.api_client import ApiClient
+    from cli.examples import prepare_example_model
+
+    assert cfg.api_url
+    with console.status("training the example credit-card-fraud model"):
+        package = await asyncio.to_thread(prepare_example_model)
+    async with ApiClient(cfg.api_url, ensure_key(default_key_path())) as api:
+        return await demo_api.walk(api, package, yes=yes, ui=ui)
+
+
+async def _walk(cfg: Settings, *, yes: bool) -> int:
+    """The demo on a server or worker host, with the owner's DSN and Temporal directly."""
     from cli.examples import prepare_example_model
 
     assert cfg.database_url
@@ -498,12 +553,8 @@ async def _walk(cfg: Settings, *, yes: bool, ui: str | None) -> int:
             pool, ArtifactStore(cfg.artifact_dir), package, signer=me, settings=cfg
         )
         ref = ModelRef(model=snap.model, version=snap.version)
-        console.print(
-            f"registered {ref} (sha256 {snap.sha256[:12]})"
-            + (f"; watch it in the Web UI: {ui}" if ui else "")
-        )
-        # ui is set only when _walk runs on the embedded stack
-        temporal = await (_embedded_client(cfg) if ui else client(cfg))
+        console.print(f"registered {ref} (sha256 {snap.sha256[:12]})")
+        temporal = await client(cfg)
         handle = await start_lifecycle(temporal, ref, task_queue=cfg.task_queue)
         console.print(f"started ModelLifecycle {handle.id}")
         announced: set[str] = set()

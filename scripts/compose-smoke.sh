@@ -15,11 +15,12 @@
 #   5. bootstraps trust the way docs/team.md tells a team to: a throwaway admin key under
 #      MLC_HOME, `mlc admin init smoke-admin` with the owner's DSN in a one-off container of
 #      the worker image, then starts the worker with MLC_TRUST_ROOT set to the key id it
-#      printed, and the lifecycle worker, and waits until both are healthy;
+#      printed, the lifecycle worker and `mlc server`, and waits until all three are healthy;
 #   6. verifies from inside the containers: `temporal operator cluster health`,
 #      `pg_isready`, the four Mlc* search attributes, the Web UI, that the worker holds
 #      mlc_worker's DSN and the trust root (not the owner's DSN), and that mlc_worker may
-#      read the audit trail but not delete from it;
+#      read the audit trail but not delete from it; that the server answers /healthz, refuses
+#      an unsigned /v1/me and answers a signed one as the admin;
 #   7. `mlc demo --yes` in the worker container, signing every approval with the admin key,
 #      then `mlc audit verify` of the whole trail against the trust root;
 #   8. `down -v` (this project's containers and volumes only) unless KEEP=1.
@@ -27,8 +28,8 @@
 # Environment:
 #   MLC_SMOKE_PROJECT     compose project name (default mlc-smoke; volumes are per project)
 #   MLC_BASE_IMAGE        base image (default mlc-python:3.11-bookworm)
-#   MLC_PG_PORT, MLC_TEMPORAL_PORT, MLC_TEMPORAL_UI_PORT
-#                         127.0.0.1 ports (defaults 55432, 17233, 18233)
+#   MLC_PG_PORT, MLC_TEMPORAL_PORT, MLC_TEMPORAL_UI_PORT, MLC_API_PORT
+#                         127.0.0.1 ports (defaults 55432, 17233, 18233, 18280)
 #   MLC_HOME_PATH         host folder behind mlc-home (default: a fresh folder under /tmp,
 #                         removed at the end unless KEEP=1)
 #   MLC_SMOKE_TIMEOUT     seconds to wait for health (default 300)
@@ -45,6 +46,9 @@ TIMEOUT="${MLC_SMOKE_TIMEOUT:-300}"
 export MLC_PG_PORT="${MLC_PG_PORT:-55432}"
 export MLC_TEMPORAL_PORT="${MLC_TEMPORAL_PORT:-17233}"
 export MLC_TEMPORAL_UI_PORT="${MLC_TEMPORAL_UI_PORT:-18233}"
+export MLC_API_PORT="${MLC_API_PORT:-18280}"
+# Clients sign for the URL they call: the server must know it is this one.
+export MLC_API_PUBLIC_URL="http://127.0.0.1:$MLC_API_PORT"
 if [ -z "${MLC_HOME_PATH:-}" ]; then
     MLC_HOME_PATH="$(mktemp -d /tmp/mlc-compose-smoke-home.XXXXXX)"
     remove_home=1
@@ -125,9 +129,10 @@ compose build --progress plain >"$LOGS/build.log" 2>&1 \
     || { tail -40 "$LOGS/build.log"; die "build failed (log: $LOGS/build.log)"; }
 step_end "build images"
 
-worker_image="$(compose config | awk '/^  worker:/ { w = 1 } w && /^    image:/ { print $2; exit }')"
-docker run --rm --network none --entrypoint /opt/mlc/bin/python "$worker_image" -c "import cli" \
-    >/dev/null 2>&1 || die "the cli package is not in $worker_image: the image build missed it"
+# awk reads to the end: leaving early would kill docker-compose with SIGPIPE (exit 141 under pipefail).
+worker_image="$(compose config | awk '/^  worker:/ { w = 1 } w && /^    image:/ && !found { print $2; found = 1 }')"
+docker run --rm --network none --entrypoint /opt/mlc/bin/python "$worker_image" -c "import cli, server" \
+    >/dev/null 2>&1 || die "the cli or server package is not in $worker_image: the image build missed it"
 services=(postgres temporal-schema temporal temporal-init migrate)
 
 # --- 3. up ------------------------------------------------------------------------
@@ -194,10 +199,10 @@ export MLC_TRUST_ROOT
 say "trust root $MLC_TRUST_ROOT"
 step_end "admin init"
 
-step_start "up -d worker lifecycle-worker (MLC_TRUST_ROOT set)"
-compose up -d --no-deps worker lifecycle-worker >/dev/null
-step_end "up -d workers"
-wait_ready "wait for the workers" worker lifecycle-worker
+step_start "up -d worker lifecycle-worker server (MLC_TRUST_ROOT set)"
+compose up -d --no-deps worker lifecycle-worker server >/dev/null
+step_end "up -d workers, server"
+wait_ready "wait for the workers and the server" worker lifecycle-worker server
 
 # --- 6. verify --------------------------------------------------------------------
 step_start "verify"
@@ -233,6 +238,32 @@ if as_worker 'DELETE FROM audit_log' >/dev/null 2>&1; then
     die "mlc_worker may delete from the audit trail"
 fi
 say "worker: mlc_worker's DSN and MLC_TRUST_ROOT, no owner DSN; mlc_worker reads the trail, cannot delete"
+# The API: health, an unsigned request refused, a signed one answered as the admin (the
+# worker container as a client: the host network of the local profile, the admin's key).
+api_url="$MLC_API_PUBLIC_URL"
+python3 - "$api_url" <<'PY' || die "the server at $api_url does not answer /healthz, or answers an unsigned /v1/me"
+import json, sys, urllib.error, urllib.request
+url = sys.argv[1]
+assert json.load(urllib.request.urlopen(f"{url}/healthz", timeout=5)) == {"ok": True}
+try:
+    urllib.request.urlopen(f"{url}/v1/me", timeout=5)
+    sys.exit("an unsigned /v1/me was answered")
+except urllib.error.HTTPError as exc:
+    assert exc.code == 401, exc.code
+PY
+me="$(compose exec -T -e MLC_API_URL="$api_url" -e MLC_SIGNING_KEY="$ADMIN_KEY" worker python -c '
+import asyncio, os
+from cli.api_client import ApiClient
+from mlc.trust.keys import load_private_key
+
+async def main():
+    async with ApiClient(os.environ["MLC_API_URL"], load_private_key()) as api:
+        me = await api.get("/v1/me")
+    print(me["name"], me["role"], me["method"])
+
+asyncio.run(main())')" || die "a signed /v1/me failed: $me"
+[ "$me" = "smoke-admin admin signature" ] || die "a signed /v1/me answered: $me"
+say "server: /healthz ok, unsigned /v1/me 401, signed /v1/me answers smoke-admin (admin)"
 step_end "verify"
 
 # The CLI in the worker container, as the admin: the owner's DSN and the admin's key.

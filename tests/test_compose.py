@@ -189,6 +189,31 @@ def test_worker_mounts_docker_and_sets_env(profile: str) -> None:
 
 
 @pytest.mark.parametrize("profile", sorted(PROFILES))
+def test_server_holds_the_owner_dsn_and_shares_the_workers_artifacts(profile: str) -> None:
+    """``mlc server`` is the people-facing holder of the owner's DSN: migrated schema first,
+    the worker's trust root, the mlc-home volume at the worker's path (uploaded packages go to
+    the artifact store the worker deploys from), health from ``/healthz``."""
+    services = _merged(profile)["services"]
+    server, worker = services["server"], services["worker"]
+    command = server["command"]
+    assert command[:2] == ["server", "--host"] and "--port" in command, command
+    env, worker_env = _env(server), _env(worker)
+    assert urlsplit(env["MLC_DATABASE_URL"]).username == "mlc", "the server reads as the inventory's owner"
+    assert env["MLC_DATABASE_URL"] == _env(services["migrate"])["MLC_DATABASE_URL"]
+    for key in ("MLC_TRUST_ROOT", "TEMPORAL_ADDRESS", "TEMPORAL_NAMESPACE", "MLC_TASK_QUEUE", "MLC_HOME"):
+        assert env[key] == worker_env[key], key
+    assert dict(_volume_sources(server)) == {"mlc-home": worker_env["MLC_HOME"]}
+    assert server["image"] == worker["image"] and "build" in server
+    assert server["depends_on"]["migrate"]["condition"] == "service_completed_successfully"
+    port = command[command.index("--port") + 1]
+    assert env["MLC_SERVER_PORT"] == port and "/healthz" in " ".join(server["healthcheck"]["test"])
+    assert urlsplit(env["MLC_API_PUBLIC_URL"]).port == (8280 if profile != "local" else int(port))
+    if profile == "production":
+        ports = [_port_text(p) for p in server["ports"]]
+        assert any(p.startswith("127.0.0.1:8280:8280") for p in ports), ports
+
+
+@pytest.mark.parametrize("profile", sorted(PROFILES))
 def test_migrate_runs_as_owner_and_enables_the_worker_role(profile: str) -> None:
     services = _merged(profile)["services"]
     migrate, worker = services["migrate"], services["worker"]
@@ -495,6 +520,18 @@ def test_files_referenced_by_compose_exist() -> None:
                     assert (ROOT / source).exists(), f"{name}: {source}"
     assert (ROOT / "Dockerfile").is_file()
     assert (ROOT / ".dockerignore").is_file()
+
+
+def test_every_package_reaches_the_image_build() -> None:
+    """.dockerignore is an allow-list: a package pyproject.toml installs but the list leaves out
+    is missing from the image (``mlc server`` died in compose with ``No module named 'server'``)."""
+    import tomllib
+
+    found = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"]
+    packages = {pattern.rstrip("*") for pattern in found["include"]}
+    allowed = {line[1:] for line in (ROOT / ".dockerignore").read_text().splitlines() if line.startswith("!")}
+    missing_ones = sorted(packages - allowed)
+    assert packages and not missing_ones, f"not in .dockerignore's allow-list: {missing_ones}"
 
 
 @pytest.mark.parametrize("profile", sorted(PROFILES))

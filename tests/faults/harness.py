@@ -244,5 +244,12 @@ def leftover_processes(marker: str) -> list[str]:
 
 def environ_without_servers() -> dict[str, str]:
     """This process's environment minus anything pointing ``mlc`` at other servers."""
-    drop = ("MLC_DATABASE_URL", "MLC_WORKER_DATABASE_URL", "TEMPORAL_ADDRESS", "MLC_HOME", "MLC_TRUST_ROOT")
+    drop = (
+        "MLC_DATABASE_URL",
+        "MLC_WORKER_DATABASE_URL",
+        "TEMPORAL_ADDRESS",
+        "MLC_HOME",
+        "MLC_TRUST_ROOT",
+        "MLC_API_URL",
+    )
     return {k: v for k, v in os.environ.items() if k not in drop}

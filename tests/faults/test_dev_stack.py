@@ -6,8 +6,10 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import shutil
 import signal
+import socket
 import stat
 import subprocess
 import sys
@@ -16,11 +18,13 @@ from typing import IO, Any
 
 import httpx
 
+from cli.api_client import ApiClient
 from cli.stack import dev_temporal
 from cli.stack.dev_postgres import DevPostgres
 from cli.stack.devstack import DevStack, dev_running, port_open, read_state
 from mlc import isolation, processes
 from mlc.config import Settings
+from mlc.trust.keys import load_private_key
 from tests.conftest import FIXTURES, call_model
 from tests.faults.harness import (
     PROJECT,
@@ -43,6 +47,7 @@ class Dev:
         self.root = root
         self.home = root / "home"
         self.ports = [str(free_port()), str(free_port())]
+        self.api_port = free_port()
         self.env = {
             **environ_without_servers(),
             "MLC_HOME": str(self.home),
@@ -78,6 +83,8 @@ class Dev:
             temporal,
             "--ui-port",
             ui,
+            "--api-port",
+            str(self.api_port),
         ]
 
     def _ready(self, out: Path) -> bool:
@@ -100,6 +107,20 @@ class Dev:
         done = await self.mlc(*args, "--json")
         assert done.returncode == 0, done.stdout + done.stderr
         return json.loads(done.stdout)
+
+    async def on_server_host(self, *args: str) -> subprocess.CompletedProcess[str]:
+        """An ``mlc`` command run as on the server's host, with the owner's DSN taken from the
+        stack's server (the home's commands otherwise have only the API): what acts on this
+        host's runtimes (``runtime cleanup``) or the API does not offer (``runtime add --replace``)."""
+        server = read_state(self.home)["server"]["pid"]
+        variables = Path(f"/proc/{server}/environ").read_text().split("\0")
+        environ = dict(item.split("=", 1) for item in variables if "=" in item)
+        saved = self.env
+        self.env = {**saved, "MLC_DATABASE_URL": environ["MLC_DATABASE_URL"]}
+        try:
+            return await self.mlc(*args)
+        finally:
+            self.env = saved
 
     async def stop(self, signum: int) -> int:
         """Send ``signum`` to ``mlc dev`` and return its exit code."""
@@ -177,7 +198,9 @@ async def test_dev_killed_restarted_and_stopped_needs_no_cleanup(tmp_path: Path)
             return '"state": "succeeded"' in (await dev.mlc("status", "weak-model@1", "--json")).stdout
 
         await wait_until(succeeded, what="the lifecycle to complete", timeout=WAIT_SECONDS)
-        (cleaned,) = await dev.json("runtime", "cleanup", "local-dev")
+        cleanup = await dev.on_server_host("runtime", "cleanup", "local-dev", "--json")
+        assert cleanup.returncode == 0, cleanup.stdout + cleanup.stderr
+        (cleaned,) = json.loads(cleanup.stdout)
         assert cleaned["removed"] == []
         verified = await dev.mlc("audit", "verify")
         assert verified.returncode == 0, verified.stdout + verified.stderr
@@ -188,6 +211,85 @@ async def test_dev_killed_restarted_and_stopped_needs_no_cleanup(tmp_path: Path)
             dev.process.kill()
             await dev.process.wait()
         await wait_until(dev.nothing_left, what="nothing left", timeout=30)
+
+
+async def test_dev_serves_the_api_and_keeps_the_owner_dsn_to_its_server(tmp_path: Path) -> None:
+    """``mlc dev`` starts ``mlc server`` (on a free port when its own is taken) with the owner's
+    DSN in the server's environment only: ``dev.json`` and the start-up table hold the API's
+    URL, not the DSN or its password; the home's commands get the URL; signed reads answer;
+    the server stops with the stack."""
+    dev = Dev(tmp_path)
+    with socket.socket() as taken:  # another program on the API port: a free one instead
+        taken.bind(("127.0.0.1", dev.api_port))
+        taken.listen()
+        await dev.start()
+    try:
+        out = _output(dev)
+        state = read_state(dev.home)
+        api_url = state["api_url"]
+        assert api_url.startswith("http://127.0.0.1:") and api_url != f"http://127.0.0.1:{dev.api_port}"
+        assert f"port {dev.api_port} is taken by another program" in out, out
+        assert re.search(rf"API +│ {re.escape(api_url)} \(mlc server", out), out
+        password = (dev.home / "postgres.password").read_text().strip()
+        written = (dev.home / "dev.json").read_text()
+        assert "database_url" not in state and password not in written and "postgresql://" not in written
+        assert password not in out and "(server only; password in" in out, out
+
+        server = state["server"]["pid"]
+        environ = Path(f"/proc/{server}/environ").read_bytes().split(b"\0")
+        assert any(v.startswith(b"MLC_DATABASE_URL=postgresql://") for v in environ), "the server has the DSN"
+        assert not any(v.startswith(b"MLC_API_URL=") for v in environ)
+
+        # a command of the home is pointed at the API, not at the database
+        probe = "from cli.context import settings; s = settings(); print(s.api_url, s.database_url)"
+        seen = await _python(dev, probe)
+        assert seen.split() == [api_url, "None"], seen
+
+        async with httpx.AsyncClient() as http:
+            assert (await http.get(f"{api_url}/healthz")).json() == {"ok": True}
+            assert (await http.get(f"{api_url}/v1/me")).status_code == 401  # unsigned
+        async with ApiClient(api_url, load_private_key(Path(dev.env["MLC_SIGNING_KEY"]))) as api:
+            me = await api.get("/v1/me")
+            assert (me["name"], me["role"]) == ("tester", "admin")
+            assert await api.get("/v1/snapshots") == {"items": [], "next": None}
+        # and the home's read commands work through it, with no DSN in their environment
+        listed = {r["name"]: r["stage"] for r in await dev.json("runtime", "list")}
+        assert listed == {"local-dev": "DEV", "local-sit": "SIT", "local-uat": "UAT", "local-prod": "PROD"}
+        assert await dev.json("model", "list") == []
+        assert (await dev.mlc("audit", "verify")).returncode == 0
+
+        # supervised: a server that dies is started again, at the same URL
+        os.kill(server, signal.SIGKILL)
+        await wait_until(
+            lambda: read_state(dev.home)["server"]["pid"] != server, what="a new server", timeout=60
+        )
+        server = read_state(dev.home)["server"]["pid"]
+        assert read_state(dev.home)["api_url"] == api_url
+        async with httpx.AsyncClient() as http:
+            assert (await http.get(f"{api_url}/healthz")).json() == {"ok": True}
+        again = f"mlc server serves again at {api_url}"
+        said = await wait_until(lambda: again in _output(dev) and _output(dev), what="the notice")
+        assert "mlc server exited (code -9); starting it again" in said, said
+
+        assert await dev.stop(signal.SIGINT) == 0
+        assert not processes.alive(server) and not port_open("127.0.0.1", int(api_url.rsplit(":", 1)[1]))
+        await wait_until(dev.nothing_left, what="SIGINT to stop everything", timeout=30)
+    finally:
+        if dev.process is not None and dev.process.returncode is None:
+            dev.process.kill()
+            await dev.process.wait()
+        await wait_until(dev.nothing_left, what="nothing left", timeout=30)
+
+
+async def _python(dev: Dev, code: str) -> str:
+    """Run ``code`` in a fresh Python with the home's environment, as an ``mlc`` command runs."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", code, env=dev.env, cwd=PROJECT,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    out, err = await asyncio.wait_for(proc.communicate(), timeout=60)
+    assert proc.returncode == 0, err.decode()
+    return out.decode()
 
 
 async def test_servers_a_previous_stack_left_are_reused_when_they_fit_and_stopped_otherwise(
@@ -243,7 +345,7 @@ async def test_dev_restarts_after_kill_9_quietly_and_checks_nginx_for_its_gatewa
         first = _output(dev)
         password = (dev.home / "postgres.password").read_text().strip()
         assert password not in first, "the start-up table shows no password"
-        assert f"(password in {dev.home / 'postgres.password'})" in first, first
+        assert f"(server only; password in {dev.home / 'postgres.password'})" in first, first
         assert f"{dev.home / 'worker.log'} (tracebacks of failed activities)" in first, first
 
         assert dev.process is not None
@@ -473,7 +575,7 @@ async def test_a_hostile_models_daemons_end_with_reject_and_with_the_stack(tmp_p
         (bystander,) = [d for d in await dev.json("deployments") if d["model"] == "weak-model"]
         assert await wait_until(lambda: _health(bystander["endpoint"]), what="health", timeout=30)
 
-        hosting = await dev.mlc(
+        hosting = await dev.on_server_host(  # --replace is not offered through the API
             "runtime", "add", "local-dev", "--stage", "DEV", "--replace", "--hosting", "dedicated"
         )
         assert hosting.returncode == 0, hosting.stdout + hosting.stderr
