@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Bring up the local compose profile, check it is healthy, run one lifecycle, tear down.
+# Bring up the local compose profile, check it is healthy, run one lifecycle from the host
+# through the API, tear down.
 #
 #   scripts/compose-smoke.sh            # build, up, check, (demo), down -v
 #   KEEP=1 scripts/compose-smoke.sh     # leave the stack running afterwards
@@ -21,8 +22,14 @@
 #      mlc_worker's DSN and the trust root (not the owner's DSN), and that mlc_worker may
 #      read the audit trail but not delete from it; that the server answers /healthz, refuses
 #      an unsigned /v1/me and answers a signed one as the admin;
-#   7. `mlc demo --yes` in the worker container, signing every approval with the admin key,
-#      then `mlc audit verify` of the whole trail against the trust root;
+#   7. a team member on the HOST, with only the server's URL (MLC_API_URL), the admin's key
+#      (MLC_SIGNING_KEY) and a fresh MLC_HOME (`env -i`: no DSN, no TEMPORAL_ADDRESS), does
+#      everything through the API: adds one local runtime per stage (the evidence key that
+#      `mlc runtime key show` prints in the worker container, a free gateway port), grants
+#      itself the approver role, signs policies that let one person approve (as `mlc dev`
+#      does), runs `mlc demo --yes` (register, start, approve every gate, serve in PROD at
+#      the stable endpoint), checks `mlc status MODEL@VERSION` and runs `mlc audit verify`
+#      of the whole trail against the trust root;
 #   8. `down -v` (this project's containers and volumes only) unless KEEP=1.
 #
 # Environment:
@@ -36,6 +43,7 @@
 #   MLC_SMOKE_DEMO_TIMEOUT  seconds `mlc demo --yes` may take (default 600)
 #   POSTGRES_PASSWORD, MLC_WORKER_DB_PASSWORD
 #                         as in docker-compose.yml (defaults mlc-dev-only, mlc-worker-dev-only)
+#   MLC_CLI               the host client's mlc (default .venv/bin/mlc of this checkout)
 #   KEEP                  1 keeps the stack up at the end
 set -euo pipefail
 
@@ -98,6 +106,7 @@ teardown() {
         step_start "down -v"
         compose down -v --remove-orphans >/dev/null 2>&1 || true
         [ "$remove_home" -eq 0 ] || rm -rf "$MLC_HOME_PATH"
+        [ -z "${CLIENT_HOME:-}" ] || rm -rf "$CLIENT_HOME"
         [ "$rc" -ne 0 ] || rm -rf "$LOGS"
         step_end "down -v"
     fi
@@ -111,6 +120,8 @@ command -v docker-compose >/dev/null || die "docker-compose is not installed (ap
 docker info >/dev/null 2>&1 || die "the Docker engine does not answer (scripts/docker-engine.sh starts it)"
 docker image inspect "$BASE_IMAGE" >/dev/null 2>&1 \
     || die "base image $BASE_IMAGE is missing; build it with scripts/docker-engine.sh"
+MLC_CLI="${MLC_CLI:-$PWD/.venv/bin/mlc}"
+[ -x "$MLC_CLI" ] || die "no mlc at $MLC_CLI for the host client: ./scripts/setup.sh makes .venv (or set MLC_CLI)"
 # Logs go to a folder of our own (mktemp: 0700, a random name), never to a fixed name in a
 # shared temp dir, where another account could have put a link to a file of root's.
 LOGS="$(mktemp -d -t mlc-compose-smoke-logs.XXXXXX)"
@@ -266,17 +277,66 @@ asyncio.run(main())')" || die "a signed /v1/me failed: $me"
 say "server: /healthz ok, unsigned /v1/me 401, signed /v1/me answers smoke-admin (admin)"
 step_end "verify"
 
-# The CLI in the worker container, as the admin: the owner's DSN and the admin's key.
-as_admin=(exec -T -e MLC_DATABASE_URL="$OWNER_DSN" -e MLC_SIGNING_KEY="$ADMIN_KEY" worker)
-step_start "mlc demo --yes (worker container)"
+# --- 7. a team member on the host: only the API's URL and a key --------------------------
+# `mlc` from this checkout's .venv, in an environment emptied by `env -i`: no DSN, no
+# TEMPORAL_ADDRESS, a fresh MLC_HOME; everything it does is a signed request to the server.
+CLIENT_HOME="$(mktemp -d -t mlc-compose-smoke-client.XXXXXX)"
+install -m 600 "$ADMIN_KEY" "$CLIENT_HOME/signing-key.pem"
+client_env=(env -i PATH="$(dirname "$MLC_CLI"):/usr/local/bin:/usr/bin:/bin" HOME="$CLIENT_HOME"
+    LANG=C.UTF-8 MLC_HOME="$CLIENT_HOME/home" MLC_API_URL="$MLC_API_PUBLIC_URL"
+    MLC_SIGNING_KEY="$CLIENT_HOME/signing-key.pem")
+client() { "${client_env[@]}" "$MLC_CLI" "$@"; }
+step_start "runtimes, roles, policies through the API"
+# What `mlc dev` sets up for its user (cli/admin.py bootstrap_dev): one local runtime per
+# stage on the worker's queue, each with a gateway and the evidence key its worker shows.
+read -r -a gateway_ports <<<"$(python3 -c '
+import socket
+from contextlib import ExitStack
+with ExitStack() as stack:
+    socks = [stack.enter_context(socket.socket()) for _ in range(4)]
+    for s in socks:
+        s.bind(("127.0.0.1", 0))
+    print(*(s.getsockname()[1] for s in socks))')"
+i=0
+for stage in DEV SIT UAT PROD; do
+    runtime="local-${stage,,}"
+    evidence="$(compose exec -T worker mlc runtime key show "$runtime" | tail -n 1)"
+    [[ "$evidence" == ssh-ed25519\ * ]] || die "the worker showed no evidence key for $runtime: $evidence"
+    client runtime add "$runtime" --stage "$stage" --task-queue "${MLC_TASK_QUEUE:-mlc}" \
+        --gateway-port "${gateway_ports[$i]}" --evidence-key "$evidence" \
+        || die "mlc runtime add $runtime through the API failed"
+    i=$((i + 1))
+done
+# One person plays every role here, as on `mlc dev`: the approver role, and policies that let
+# the registrant and starter approve (PROD keeps its default: protected, admitted by UAT).
+client user grant smoke-admin --role approver || die "mlc user grant through the API failed"
+for stage in DEV SIT UAT; do
+    client policy set "$stage" --allow-registrant --allow-starter --allow-uploader \
+        || die "mlc policy set $stage through the API failed"
+done
+client policy set PROD --protected --admitted-by UAT --allow-registrant --allow-starter --allow-uploader \
+    || die "mlc policy set PROD through the API failed"
+say "host client (MLC_API_URL and a key only): 4 runtimes, the approver role and 4 policies signed over the API"
+step_end "runtimes, roles, policies (API)"
+
+step_start "mlc demo --yes (host, through the API)"
 # A failing activity is retried forever, so bound the demo: a hang is a failure.
-timeout "${MLC_SMOKE_DEMO_TIMEOUT:-600}" \
-    docker-compose -p "$PROJECT" -f docker-compose.yml -f docker-compose.local.yml \
-    "${as_admin[@]}" mlc demo --yes \
+timeout "${MLC_SMOKE_DEMO_TIMEOUT:-600}" "${client_env[@]}" "$MLC_CLI" demo --yes \
+    | tee "$LOGS/demo.log" \
     || die "mlc demo --yes failed or took over ${MLC_SMOKE_DEMO_TIMEOUT:-600}s (worker logs below)"
-step_end "mlc demo --yes"
-step_start "mlc audit verify"
-compose "${as_admin[@]}" mlc audit verify --trust-root "$MLC_TRUST_ROOT" \
+grep -q "using the running stack's API at $MLC_API_PUBLIC_URL" "$LOGS/demo.log" \
+    || die "mlc demo did not go through the API at $MLC_API_PUBLIC_URL"
+step_end "mlc demo --yes (API)"
+step_start "mlc status, mlc audit verify (API)"
+ref="$(grep -o 'registered [^ ]*@[0-9]*' "$LOGS/demo.log" | head -n 1 | cut -d' ' -f2)"
+[ -n "$ref" ] || die "mlc demo registered no model"
+client status "$ref" --json | python3 -c '
+import json, sys
+found = json.load(sys.stdin)
+assert found["state"] == "succeeded" and found["stage"] == "PROD", found
+' || die "mlc status $ref does not show it succeeded in PROD"
+say "mlc status $ref (API): succeeded in PROD"
+client audit verify --trust-root "$MLC_TRUST_ROOT" \
     || die "the audit trail does not verify against $MLC_TRUST_ROOT"
-step_end "mlc audit verify"
+step_end "mlc status, audit verify (API)"
 say "OK"

@@ -2,11 +2,13 @@
 
 The script builds every image (the worker's with nginx and bubblewrap), brings every service
 up healthy (both workers and ``mlc server`` included), bootstraps trust, checks that the API
-answers ``/healthz`` and a signed ``/v1/me`` (and refuses an unsigned one), runs ``mlc demo
---yes`` in the worker container through DEV..PROD with the runtimes' gateways, verifies the
-audit trail and tears everything down. Here it runs on free loopback ports under a compose
-project of its own, so it does not meet a stack someone keeps on the defaults. About two
-minutes with warm build caches (the first build of the images takes a few more).
+answers ``/healthz`` and a signed ``/v1/me`` (and refuses an unsigned one). Then a client on
+the host with only ``MLC_API_URL``, a key and a fresh ``MLC_HOME`` (no DSN, no Temporal) adds
+the runtimes, grants the approver role and signs the policies over the API, runs ``mlc demo
+--yes`` through DEV..PROD with the runtimes' gateways, reads ``mlc status`` and verifies the
+audit trail, and the stack is torn down. Here it runs on free loopback ports under a compose
+project of its own, so it does not meet a stack someone keeps on the defaults. A few minutes
+with warm build caches (the first build of the images takes a few more).
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ def free_ports(count: int) -> list[int]:
 
 
 @pytest.mark.timeout(SMOKE_SECONDS + 60)
-def test_compose_smoke_reaches_prod_through_the_worker_container(docker_engine: Any) -> None:
+def test_compose_smoke_reaches_prod_through_the_api_from_the_host(docker_engine: Any) -> None:
     assert shutil.which("docker-compose"), "no docker-compose: ./scripts/system-deps.sh test installs it"
     pg, temporal, ui, api = free_ports(4)
     env = {
@@ -65,6 +67,9 @@ def test_compose_smoke_reaches_prod_through_the_worker_container(docker_engine: 
     assert "serves in PROD at its stable endpoint http://" in result.stdout, result.stdout[-6000:]
     assert "audit trail verified" in result.stdout, result.stdout[-6000:]
     assert "signed /v1/me answers smoke-admin (admin)" in result.stdout, result.stdout[-6000:]
+    assert "host client (MLC_API_URL and a key only)" in result.stdout, result.stdout[-6000:]
+    assert "using the running stack's API at http://127.0.0.1:" in result.stdout, result.stdout[-6000:]
+    assert re.search(r"mlc status \S+@\d+ \(API\): succeeded in PROD", result.stdout), result.stdout[-6000:]
     assert "[compose-smoke] OK" in result.stdout
 
 
