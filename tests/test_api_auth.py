@@ -17,17 +17,25 @@ from asyncio.subprocess import PIPE, STDOUT
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 import httpx
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from http_message_signatures import HTTPMessageSigner, HTTPSignatureKeyResolver, algorithms
+from http_message_signatures import HTTPMessageSigner, algorithms
 
 from cli import admin
 from mlc.trust.keys import key_id, load_private_key
-from mlc.trust.requests import CLOCK_SKEW, COVERED, COVERED_WITH_BODY, LABEL, MAX_AGE, TAG, sign_request
+from mlc.trust.requests import (
+    CLOCK_SKEW,
+    COVERED,
+    COVERED_WITH_BODY,
+    LABEL,
+    MAX_AGE,
+    TAG,
+    KeyResolver,
+    sign_request,
+)
 from server.api import ENDPOINTS, JSON_BODY_LIMIT
 from server.auth.nonces import purge_expired_nonces, sweep_nonces
 from server.limits import READS, WRITES
@@ -57,17 +65,6 @@ async def http() -> AsyncIterator[httpx.AsyncClient]:
         yield client
 
 
-class _Key(HTTPSignatureKeyResolver):
-    def __init__(self, key: Ed25519PrivateKey) -> None:
-        self.key = key
-
-    def resolve_private_key(self, key_id: str) -> Any:
-        return self.key
-
-    def resolve_public_key(self, key_id: str) -> Any:
-        return self.key.public_key()
-
-
 def signed(
     method: str,
     url: str,
@@ -84,7 +81,7 @@ def signed(
         sign_request(request, key)
         return request
     when = created or datetime.now(UTC)
-    HTTPMessageSigner(signature_algorithm=algorithms.ED25519, key_resolver=_Key(key)).sign(
+    HTTPMessageSigner(signature_algorithm=algorithms.ED25519, key_resolver=KeyResolver(key)).sign(
         request,
         key_id=keyid or key_id(key.public_key()),
         created=when,

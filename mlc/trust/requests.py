@@ -31,7 +31,9 @@ COVERED = ("@method", "@target-uri")
 COVERED_WITH_BODY = (*COVERED, "content-type", "content-digest")
 
 
-class _Key(HTTPSignatureKeyResolver):
+class KeyResolver(HTTPSignatureKeyResolver):
+    """The one key a client signs with (the library asks a resolver by key id)."""
+
     def __init__(self, key: Ed25519PrivateKey) -> None:
         self.key = key
 
@@ -52,7 +54,7 @@ def sign_request(request: httpx.Request, key: Ed25519PrivateKey) -> None:
     streamed = "content-digest" in request.headers
     content = b"" if streamed else request.content
     covered = COVERED_WITH_BODY if streamed else COVERED_WITH_BODY[:3] if content else COVERED
-    HTTPMessageSigner(signature_algorithm=algorithms.ED25519, key_resolver=_Key(key)).sign(
+    HTTPMessageSigner(signature_algorithm=algorithms.ED25519, key_resolver=KeyResolver(key)).sign(
         request,
         key_id=key_id(key.public_key()),
         created=now,
