@@ -42,11 +42,11 @@ def test_reads_writes_and_failures_are_separate_buckets() -> None:
     assert "writes by alice" in caught.value.error
     limits.charge("alice", "HEAD")
 
-    limits.before_authentication("10.0.0.1")
-    limits.authentication_failed("10.0.0.1")
-    limits.authentication_failed("10.0.0.1")
+    limits.before_authentication("127.0.0.2")
+    limits.authentication_failed("127.0.0.2")
+    limits.authentication_failed("127.0.0.2")
     with pytest.raises(ApiError, match="failed authentications"):
-        limits.before_authentication("10.0.0.1")
-    limits.before_authentication("10.0.0.2")
+        limits.before_authentication("127.0.0.2")
+    limits.before_authentication("127.0.0.3")
     clock.now += 0.1
-    limits.before_authentication("10.0.0.1")
+    limits.before_authentication("127.0.0.2")

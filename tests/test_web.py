@@ -76,7 +76,7 @@ async def login_link(stack: Stack, user: str) -> str:
         ("http://localhost:8280", False),
         ("http://[::1]:8280", False),
         ("http://mlc.example:8280", True),
-        ("http://10.0.0.5:8280", True),
+        ("http://192.0.2.5:8280", True),  # a documentation address (RFC 5737): never contacted
         ("https://127.0.0.1:8280", True),
         ("https://mlc.example", True),
     ],
