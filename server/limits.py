@@ -129,8 +129,9 @@ class RateLimits:
             raise too_many(wait, f"{'reads' if read else 'writes'} by {principal}")
 
 
-def declared_length(request: Request, limit: int) -> int | None:
-    """The body's ``Content-Length`` (None if chunked), 413 past ``limit`` before reading a byte."""
+def declared_length(request: Request, limit: int, setting: str | None = None) -> int | None:
+    """The body's ``Content-Length`` (None if chunked), 413 past ``limit`` before reading a byte
+    (``setting``: the variable that sets the limit, named in the refusal)."""
     text = request.headers.get("content-length")
     if text is None:
         return None
@@ -138,23 +139,26 @@ def declared_length(request: Request, limit: int) -> int | None:
         raise ApiError(400, f"Content-Length {text[:40]!r} is not a byte count", "bad-request")
     length = int(text)
     if length > limit:
-        raise body_too_large(limit)
+        raise body_too_large(limit, setting)
     return length
 
 
-def body_too_large(limit: int) -> ApiError:
-    """413 naming the limit, so the caller knows what would pass."""
-    return ApiError(413, f"the request body is larger than this route's limit of {limit} bytes", "too-large")
+def body_too_large(limit: int, setting: str | None = None) -> ApiError:
+    """413 naming the limit (and what sets it), so the caller knows what would pass."""
+    where = f" ({setting})" if setting else ""
+    return ApiError(
+        413, f"the request body is larger than this route's limit of {limit} bytes{where}", "too-large"
+    )
 
 
-async def stream_body(request: Request, limit: int) -> AsyncIterator[bytes]:
+async def stream_body(request: Request, limit: int, setting: str | None = None) -> AsyncIterator[bytes]:
     """The body's chunks, 413 as soon as more than ``limit`` bytes arrived (for uploads)."""
-    declared_length(request, limit)
+    declared_length(request, limit, setting)
     seen = 0
     async for chunk in request.stream():
         seen += len(chunk)
         if seen > limit:
-            raise body_too_large(limit)
+            raise body_too_large(limit, setting)
         yield chunk
 
 

@@ -24,10 +24,12 @@ from mlc.statements import Envelope
 from mlc.trust.governance import SNAPSHOT_REGISTER
 from server.api import Call, endpoint
 from server.errors import ApiError, unauthenticated
+from server.limits import declared_length, stream_body
 from server.operations import governance, registration
 from server.principal import Role
 from server.signed import check_signer
 
+ARCHIVE_LIMIT_SETTING = "MLC_MAX_PACKAGE_ARCHIVE_BYTES"
 UPLOADS_AT_ONCE = 2
 """Archives received (or unpacked to read their manifest) at the same time per server; one
 per principal (each may be up to a GiB)."""
@@ -87,11 +89,7 @@ async def put_artifact(call: Call) -> ArtifactReceipt:
     expected = _signed_digest(call, sha256)
     store = _store(call)
     limit = store.limits.archive_bytes
-    declared = call.request.headers.get("content-length")
-    if declared is not None and (not declared.isdigit() or int(declared) > limit):
-        raise ApiError(
-            413, f"archives may have at most {limit:,} bytes (MLC_MAX_PACKAGE_ARCHIVE_BYTES)", "too-large"
-        )
+    declared_length(call.request, limit, ARCHIVE_LIMIT_SETTING)  # refused before anything is read
     if store.path_for(sha256).is_file():
         return ArtifactReceipt(sha256=sha256, bytes=store.path_for(sha256).stat().st_size, new=False)
     who = call.principal.name
@@ -115,14 +113,8 @@ async def _receive(call: Call, store: ArtifactStore, sha256: str, expected: byte
     try:
         hasher, size = hashlib.sha256(), 0
         with os.fdopen(fd, "wb") as out:
-            async for chunk in call.request.stream():
+            async for chunk in stream_body(call.request, limit, ARCHIVE_LIMIT_SETTING):
                 size += len(chunk)
-                if size > limit:
-                    raise ApiError(
-                        413,
-                        f"archives may have at most {limit:,} bytes (MLC_MAX_PACKAGE_ARCHIVE_BYTES)",
-                        "too-large",
-                    )
                 hasher.update(chunk)
                 out.write(chunk)
         if not hmac.compare_digest(hasher.digest(), expected):
